@@ -1,0 +1,241 @@
+"""The adapter contract, and ProbedModel: an adapter bound to a loaded model.
+
+An :class:`Adapter` knows one library's ViTs: how to build them from a spec (with their own
+preprocessing), the token layout of an input, and how to tap each layer's attention while
+the model runs its own fast path. A tap calls the engine's :class:`Sink` once per layer,
+during the forward pass, so nothing of a layer outlives it.
+
+Capabilities are class constants that ``probekit.testing`` reads as scikit-learn reads
+estimator tags.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from typing import Any, ClassVar, Iterator, Protocol
+
+import torch
+from torch import nn
+
+from .attention import LayerAttention
+from .tokens import TokenLayout
+
+__all__ = ["Adapter", "ProbedModel", "Sink", "CollectSink"]
+
+
+class Sink(Protocol):
+    """What a tap reports to while the model runs.
+
+    ``layers``: the layer indices wanted (None: all). A tap calls :meth:`attention` for each
+    wanted layer when ``wants_attention``, and :meth:`hidden` with the block's output tokens
+    ``[B, T, D]`` when ``wants_hidden``.
+    """
+
+    layers: frozenset[int] | None
+    wants_attention: bool
+    wants_hidden: bool
+
+    def attention(self, layer: int, attn: LayerAttention) -> None: ...
+
+    def hidden(self, layer: int, tokens: torch.Tensor) -> None: ...
+
+
+class CollectSink:
+    """A sink that keeps what it is given (small inputs, tests, ``ProbedModel.attention``)."""
+
+    def __init__(self, layers=None, attention: bool = True, hidden: bool = False):
+        self.layers = None if layers is None else frozenset(int(i) for i in layers)
+        self.wants_attention, self.wants_hidden = attention, hidden
+        self.probs: dict[int, torch.Tensor] = {}
+        self.hiddens: dict[int, torch.Tensor] = {}
+
+    def attention(self, layer: int, attn: LayerAttention) -> None:
+        self.probs[layer] = attn.probs()
+
+    def hidden(self, layer: int, tokens: torch.Tensor) -> None:
+        self.hiddens[layer] = tokens.detach().clone()
+
+
+def wants(sink: Sink, layer: int) -> bool:
+    """Whether ``sink`` asked for ``layer``."""
+    return sink.layers is None or layer in sink.layers
+
+
+class Adapter(ABC):
+    """One library's ViTs, bound to one loaded model.
+
+    Subclasses set ``name`` (the spec prefix, e.g. ``"timm"``), ``library`` and ``extra``
+    (what to ``pip install`` when the library is missing), and implement the abstract methods.
+    """
+
+    name: ClassVar[str] = ""
+    library: ClassVar[str] = ""
+    extra: ClassVar[str] = ""
+    #: every query attends to every token (False: windowed, e.g. Swin); MAD refuses False
+    global_attention: ClassVar[bool] = True
+    #: the tap can report each block's output tokens (hidden-state metrics)
+    provides_hidden: ClassVar[bool] = True
+    #: what :meth:`reference_attention` compares against, in words
+    reference: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module, preprocess: Any = None, **info: Any):
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.info: dict[str, Any] = dict(info)
+
+    # -- building ------------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def from_spec(
+        cls,
+        name: str,
+        *,
+        pretrained: bool = True,
+        checkpoint: str | None = None,
+        image_size: int | tuple[int, int] | None = None,
+        **options: Any,
+    ) -> "Adapter":
+        """Build the model named ``name`` (the part of the spec after ``prefix:``)."""
+
+    @classmethod
+    def can_wrap(cls, module: nn.Module) -> bool:
+        """Whether this adapter understands ``module`` (for :func:`probekit.wrap`)."""
+        return False
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **options: Any) -> "Adapter":
+        """Bind to a user's own module."""
+        raise NotImplementedError(f"{cls.__name__} cannot wrap modules")
+
+    @classmethod
+    def model_names(cls) -> list[str]:
+        """Names this backend can build (for close-name suggestions); may be empty."""
+        return []
+
+    # -- describing ----------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def num_layers(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def num_heads(self) -> int: ...
+
+    @abstractmethod
+    def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
+        """The token layout the model produces for ``pixel_values`` ``[B, 3, H, W]``."""
+
+    @property
+    def default_image_size(self) -> tuple[int, int]:
+        """The model's native input size ``(H, W)``."""
+        return tuple(self.info.get("image_size", (224, 224)))
+
+    # -- running -------------------------------------------------------------------------------
+    def forward(self, pixel_values: torch.Tensor) -> Any:
+        """The model's own forward pass (what a tap watches)."""
+        return self.model(pixel_values)
+
+    @abstractmethod
+    @contextmanager
+    def tap(self, sink: Sink) -> Iterator[None]:
+        """While active, every :meth:`forward` reports each wanted layer to ``sink``."""
+
+    def reference_attention(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The library's own attention probabilities ``{layer: [B, H, T, T]}`` (conformance)."""
+        raise NotImplementedError(f"{type(self).__name__} has no reference attention")
+
+    def parameters_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def to(self, device=None, dtype=None) -> "Adapter":
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+
+class ProbedModel:
+    """An adapter bound to a loaded model, with its spec and metadata: what users hold.
+
+    >>> import probekit as pk                                      # doctest: +SKIP
+    >>> pm = pk.load("timm:vit_small_patch16_224", pretrained=False)  # doctest: +SKIP
+    >>> pm.attention(torch.randn(1, 3, 224, 224))[0].shape          # doctest: +SKIP
+    torch.Size([1, 6, 197, 197])
+    """
+
+    def __init__(self, adapter: Adapter, spec: str, label: str | None = None, **meta: Any):
+        self.adapter = adapter
+        self.spec = spec
+        self.label = label or spec
+        self.meta = dict(meta)
+
+    # delegation
+    model = property(lambda self: self.adapter.model)
+    preprocess = property(lambda self: self.adapter.preprocess)
+    num_layers = property(lambda self: self.adapter.num_layers)
+    num_heads = property(lambda self: self.adapter.num_heads)
+    device = property(lambda self: self.adapter.device)
+
+    def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
+        return self.adapter.layout(pixel_values)
+
+    def to(self, device=None, dtype=None) -> "ProbedModel":
+        self.adapter.to(device, dtype)
+        return self
+
+    def example_input(self, batch: int = 1, image_size=None, seed: int = 0) -> torch.Tensor:
+        """A seeded random input of the model's native (or the given) size."""
+        h, w = image_size or self.adapter.default_image_size
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(batch, 3, h, w, generator=g).to(self.device)
+
+    @torch.inference_mode()
+    def forward(self, pixel_values: torch.Tensor) -> Any:
+        return self.adapter.forward(pixel_values)
+
+    @torch.inference_mode()
+    def attention(self, pixel_values: torch.Tensor, layers=None) -> dict[int, torch.Tensor]:
+        """Per-layer attention probabilities ``{layer: [B, H, T, T]}`` in float32 (small inputs).
+
+        For image sets use :func:`probekit.probe`, which never holds more than one layer.
+        """
+        sink = CollectSink(layers)
+        with self.adapter.tap(sink):
+            self.adapter.forward(pixel_values)
+        return dict(sorted(sink.probs.items()))
+
+    @torch.inference_mode()
+    def hidden_states(self, pixel_values: torch.Tensor, layers=None) -> dict[int, torch.Tensor]:
+        """Per-layer output tokens ``{layer: [B, T, D]}``."""
+        sink = CollectSink(layers, attention=False, hidden=True)
+        with self.adapter.tap(sink):
+            self.adapter.forward(pixel_values)
+        return dict(sorted(sink.hiddens.items()))
+
+    def describe(self, pixel_values: torch.Tensor | None = None) -> dict[str, Any]:
+        """What ``probekit inspect`` prints: layers, heads, layout, parameters, metadata."""
+        x = pixel_values if pixel_values is not None else self.example_input()
+        lay = self.layout(x)
+        return {
+            "spec": self.spec,
+            "label": self.label,
+            "adapter": self.adapter.name,
+            "layers": self.num_layers,
+            "heads": self.num_heads,
+            "prefix_tokens": lay.num_prefix,
+            "prefix_kinds": list(lay.prefix_kinds),
+            "grid": list(lay.grid),
+            "patch_size": list(lay.patch_size),
+            "image_size": list(x.shape[-2:]),
+            "tokens": lay.num_tokens,
+            "parameters": self.adapter.parameters_count(),
+            "global_attention": self.adapter.global_attention,
+            **{k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, bool))},
+        }
+
+    def __repr__(self) -> str:
+        return f"ProbedModel({self.spec!r}, adapter={self.adapter.name!r}, layers={self.num_layers}, heads={self.num_heads})"

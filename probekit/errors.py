@@ -1,0 +1,90 @@
+"""The error family of probekit.
+
+Every error says what was given, what is allowed and what to do next. The CLI turns
+these into one short line (tracebacks only with ``PROBEKIT_DEBUG=1``); anything that is
+not a :class:`ProbekitError` is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "ProbekitError",
+    "UnknownNameError",
+    "PluginLoadError",
+    "PluginClashError",
+    "LayoutError",
+    "WeightsUnavailableError",
+    "UnsupportedArchitectureError",
+    "ImageError",
+    "ConfigError",
+    "close_matches",
+]
+
+
+class ProbekitError(Exception):
+    """Base class of every error probekit raises on purpose."""
+
+
+def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    """Up to ``n`` names from ``candidates`` that look like ``name`` (difflib, then substrings)."""
+    candidates = list(candidates)
+    found = difflib.get_close_matches(name, candidates, n=n, cutoff=0.5)
+    if len(found) < n:
+        low = name.lower()
+        found += [c for c in candidates if low in c.lower() and c not in found][: n - len(found)]
+    return found
+
+
+class UnknownNameError(ProbekitError, KeyError):
+    """A model, adapter, metric or alias that is not registered, with close names."""
+
+    def __init__(self, kind: str, name: str, candidates: Iterable[str], hint: str = ""):
+        self.kind, self.name = kind, name
+        self.suggestions = close_matches(name, candidates)
+        msg = f"Unknown {kind} {name!r}."
+        if self.suggestions:
+            msg += " Did you mean: " + ", ".join(repr(s) for s in self.suggestions) + "?"
+        if hint:
+            msg += " " + hint
+        super().__init__(msg)
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class PluginLoadError(ProbekitError):
+    """A plugin's entry point failed to import or gave something that is not a plugin."""
+
+    def __init__(self, display_name: str, cause: BaseException | str):
+        self.display_name, self.cause = display_name, cause
+        super().__init__(
+            f"Error loading plugin {display_name}: {cause!s}. Fix or uninstall that distribution; "
+            "other plugins are unaffected."
+        )
+
+
+class PluginClashError(ProbekitError, ValueError):
+    """Two plugins claim the same name."""
+
+
+class LayoutError(ProbekitError, ValueError):
+    """A token layout that does not match the tokens the model produced."""
+
+
+class WeightsUnavailableError(ProbekitError):
+    """Pretrained weights that are not on this machine and cannot be downloaded now."""
+
+
+class UnsupportedArchitectureError(ProbekitError, TypeError):
+    """A model no adapter understands, or a metric whose meaning the model's attention lacks."""
+
+
+class ImageError(ProbekitError, ValueError):
+    """Images that cannot be read, or an image set that is empty."""
+
+
+class ConfigError(ProbekitError, ValueError):
+    """A run file or option with a bad value."""

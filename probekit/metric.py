@@ -1,0 +1,191 @@
+"""The metric contract: reducers over one layer's attention (or hidden states).
+
+A metric's heart is a pure function from one layer's probabilities ``[B, H, T, T]`` and its
+:class:`~probekit.tokens.TokenLayout` to per-image values (``[B, H]`` for a per-head scalar,
+``[B, H, ...]`` for a map, ``[B]`` or ``[B, ...]`` when not per head). The engine records
+every image's value (results carry confidence intervals over images) and, as torchmetrics
+does, a metric also keeps explicit, mergeable state: per-layer sums and counts, so partial
+runs combine exactly across batches, processes and machines.
+
+Row-wise metrics (the default) define :meth:`Metric.row_values`, a value per query row; the
+engine then feeds them blocks of query rows, so long sequences never hold a full
+``[B, H, T, T]`` tensor, and computes each block's probabilities once for all metrics.
+Metrics that need whole matrices set ``rowwise = False`` and override :meth:`compute`;
+metrics whose state spans layers (rollout, CKA) override the ``on_*`` hooks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any, ClassVar
+
+import torch
+
+from .attention import LayerAttention
+from .errors import ConfigError, UnsupportedArchitectureError
+from .tokens import TokenLayout
+
+__all__ = ["Metric"]
+
+
+class Metric:
+    """Base class of attention and hidden-state metrics.
+
+    Class constants (read by the engine, ``probekit metrics`` and ``probekit.testing``):
+
+    - ``name``: registry key; ``description``: one-line definition; ``citation``.
+    - ``needs``: ``"attention"`` or ``"hidden"`` (output tokens of each block).
+    - ``rowwise``: values are means over query rows of :meth:`row_values`.
+    - ``per_head``: values have a head axis after the batch axis.
+    - ``is_map``: values have further axes (stored as arrays, not table rows).
+    - ``requires_global_attention``: refuse windowed/local attention (meaningless there).
+    - ``cross_layer``: state spans the layers of a batch (:meth:`on_batch_end` returns values).
+    - ``unit``: unit of the values, for axis labels (see :meth:`value_unit`).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    citation: ClassVar[str] = ""
+    needs: ClassVar[str] = "attention"
+    rowwise: ClassVar[bool] = True
+    per_head: ClassVar[bool] = True
+    is_map: ClassVar[bool] = False
+    requires_global_attention: ClassVar[bool] = True
+    cross_layer: ClassVar[bool] = False
+    unit: ClassVar[str] = ""
+
+    _CONSTANTS = (
+        "name", "needs", "rowwise", "per_head", "is_map", "requires_global_attention", "cross_layer",
+    )
+
+    def __init__(self, **options: Any):
+        if options:
+            raise ConfigError(f"Metric {self.name!r} takes no options; got {sorted(options)}.")
+        self.reset()
+
+    def __setattr__(self, key, value):
+        if key in Metric._CONSTANTS:
+            raise AttributeError(f"{key!r} is a class constant of {type(self).__name__}; subclass to change it.")
+        super().__setattr__(key, value)
+
+    # -- identity ---------------------------------------------------------------------------
+    def options(self) -> dict[str, Any]:
+        """The constructor options and their current values (for labels and provenance)."""
+        sig = inspect.signature(type(self).__init__)
+        return {p: getattr(self, p) for p in sig.parameters if p != "self" and hasattr(self, p)}
+
+    def default_options(self) -> dict[str, Any]:
+        sig = inspect.signature(type(self).__init__)
+        return {
+            p.name: p.default
+            for p in sig.parameters.values()
+            if p.name != "self" and p.default is not inspect.Parameter.empty
+        }
+
+    def value_unit(self) -> str:
+        """Unit of this instance's values (options may change it)."""
+        return self.unit
+
+    @property
+    def label(self) -> str:
+        """``name``, plus the options that differ from their defaults: ``mad[units=patch]``."""
+        defaults = self.default_options()
+        diff = {k: v for k, v in self.options().items() if defaults.get(k, object()) != v}
+        if not diff:
+            return self.name
+        return f"{self.name}[" + ",".join(f"{k}={v}" for k, v in sorted(diff.items())) + "]"
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
+
+    # -- the maths ------------------------------------------------------------------------------
+    def check_model(self, adapter) -> None:
+        """Refuse a model (an :class:`~probekit.adapter.Adapter`) this metric cannot describe."""
+        if self.requires_global_attention and not adapter.global_attention:
+            raise UnsupportedArchitectureError(
+                f"Metric {self.name!r} needs global attention (every query sees every patch); this "
+                "model attends within local windows, where the metric has no meaning. Use it on "
+                "global-attention ViTs only."
+            )
+        if self.needs == "hidden" and not adapter.provides_hidden:
+            raise UnsupportedArchitectureError(
+                f"Metric {self.name!r} needs each block's output tokens, which the {adapter.name!r} "
+                "adapter cannot tap."
+            )
+
+    def query_rows(self, layout: TokenLayout) -> slice:
+        """Query rows the value is averaged over: the patch tokens by default."""
+        return slice(layout.num_prefix, layout.num_tokens)
+
+    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
+        """Per-query-row values of a block of rows: ``[B, H, R, T]`` -> ``[B, H, R, ...]``."""
+        raise NotImplementedError(f"{type(self).__name__} must define row_values or compute")
+
+    def compute(self, probs: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """One layer's per-image values from full probabilities ``[B, H, T, T]``."""
+        layout.check(probs.shape[-1], where="attention")
+        rows = self.query_rows(layout)
+        return self.row_values(probs[:, :, rows].float(), layout, rows).mean(dim=2)
+
+    def compute_hidden(self, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """One layer's per-image values from its output tokens ``[B, T, D]`` (hidden metrics)."""
+        raise NotImplementedError(f"{type(self).__name__} must define compute_hidden")
+
+    # -- engine hooks (override for metrics that are not row-wise reductions) -------------------
+    def on_batch_start(self, layout: TokenLayout) -> None:
+        """Called before each batch's forward pass."""
+
+    def on_attention(self, layer: int, attn: LayerAttention, layout: TokenLayout) -> torch.Tensor | None:
+        """Per-image values of one layer, or None (cross-layer metrics keep state instead)."""
+        return self.compute(attn.probs(), layout)
+
+    def on_hidden(self, layer: int, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor | None:
+        return self.compute_hidden(hidden, layout)
+
+    def on_batch_end(self) -> dict[int, torch.Tensor]:
+        """Cross-layer metrics: per-image values keyed by layer (or -1 for the whole model)."""
+        return {}
+
+    # -- explicit, mergeable state ------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget all accumulated state."""
+        object.__setattr__(self, "_sums", {})
+        object.__setattr__(self, "_counts", {})
+
+    def update(self, layer: int, values: torch.Tensor) -> None:
+        """Add one batch of per-image values of ``layer`` to the running sums."""
+        values = values.detach().double().cpu()
+        s = self._sums.get(layer)
+        self._sums[layer] = values.sum(0) if s is None else s + values.sum(0)
+        self._counts[layer] = self._counts.get(layer, 0) + values.shape[0]
+
+    def result(self) -> dict[int, torch.Tensor]:
+        """Mean per-image value per layer over everything seen (``{layer: [H, ...]}``)."""
+        if not self._counts:
+            warnings.warn(f"{type(self).__name__}.result() called before any update.", stacklevel=2)
+        return {layer: (self._sums[layer] / self._counts[layer]).float() for layer in sorted(self._sums)}
+
+    def merge(self, other: "Metric | dict") -> "Metric":
+        """Fold another instance's state (or its ``state_dict``) into this one; returns self."""
+        if isinstance(other, Metric):
+            if type(other) is not type(self) or other.options() != self.options():
+                raise ConfigError(f"Cannot merge {other!r} into {self!r}: different metrics or options.")
+            other = other.state_dict()
+        for layer, s in other["sums"].items():
+            layer = int(layer)
+            self._sums[layer] = s.double() + self._sums[layer] if layer in self._sums else s.double().clone()
+            self._counts[layer] = self._counts.get(layer, 0) + int(other["counts"][layer])
+        return self
+
+    def state_dict(self) -> dict:
+        return {
+            "sums": {k: v.clone() for k, v in self._sums.items()},
+            "counts": dict(self._counts),
+            "options": self.options(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reset()
+        self.merge(state)

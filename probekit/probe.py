@@ -1,0 +1,286 @@
+"""The engine: batches in, each layer's attention streamed to the metrics, Results out.
+
+Each layer is reduced inside the tap, during the forward pass, and its probabilities are
+dropped before the next layer runs: memory grows with one layer, never with depth. Row-wise
+metrics share one pass over blocks of query rows sized to ``block_mb``, so long sequences
+never hold a whole ``[B, H, T, T]`` tensor. The engine prints nothing; ``progress`` takes a
+callback (the CLI passes a rich progress bar).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .adapter import ProbedModel
+from .attention import LayerAttention, row_blocks
+from .errors import ConfigError
+from .images import ImageSet, resolve_images
+from .metric import Metric
+from .registry import metrics as metric_registry
+from .results import Results
+from .tokens import TokenLayout
+
+__all__ = ["probe", "build_metrics", "MetricSink"]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def build_metrics(metrics: Any) -> list[Metric]:
+    """Metric instances from names, ``{name: options}``, ``(name, options)`` pairs or instances."""
+    if isinstance(metrics, (str, Metric)):
+        metrics = [metrics]
+    if isinstance(metrics, Mapping):
+        metrics = list(metrics.items())
+    out = []
+    for m in metrics:
+        if isinstance(m, Metric):
+            out.append(m)
+        elif isinstance(m, str):
+            out.append(metric_registry.get(m)())
+        elif isinstance(m, tuple) and len(m) == 2:
+            out.append(metric_registry.get(m[0])(**(m[1] or {})))
+        else:
+            raise ConfigError(f"Cannot make a metric from {m!r}; give a name, (name, options) or a Metric.")
+    labels = [m.label for m in out]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"The same metric is asked for twice: {labels}.")
+    if not out:
+        raise ConfigError("No metric given. See `probekit metrics` for the list.")
+    return out
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).replace("torch.", "")]
+    except KeyError:
+        raise ConfigError(f"Unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}.") from None
+
+
+def _is_rowwise(m: Metric) -> bool:
+    return m.needs == "attention" and m.rowwise and type(m).on_attention is Metric.on_attention
+
+
+class MetricSink:
+    """Receives each layer from a tap and reduces it with every metric at once."""
+
+    def __init__(self, metrics: list[Metric], layers=None, block_mb: float = 256):
+        self.metrics = metrics
+        self.layers = None if layers is None else frozenset(int(i) for i in layers)
+        self.wants_attention = any(m.needs == "attention" for m in metrics)
+        self.wants_hidden = any(m.needs == "hidden" for m in metrics)
+        self.budget = int(block_mb * 2**20)
+        self._rowwise = [m for m in metrics if _is_rowwise(m)]
+        self._other_attn = [m for m in metrics if m.needs == "attention" and not _is_rowwise(m)]
+        self._hidden = [m for m in metrics if m.needs == "hidden"]
+        self.layout: TokenLayout | None = None
+        self.values: dict[str, dict[int, torch.Tensor]] = {}
+
+    def start(self, layout: TokenLayout) -> None:
+        self.layout = layout
+        self.values = {m.label: {} for m in self.metrics}
+        for m in self.metrics:
+            m.on_batch_start(layout)
+
+    def _keep(self, m: Metric, layer: int, v: torch.Tensor | None) -> None:
+        if v is None:
+            return
+        v = v.detach().float().cpu()
+        self.values[m.label][layer] = v
+        m.update(layer, v)
+
+    def attention(self, layer: int, attn: LayerAttention) -> None:
+        lay = self.layout
+        b, h, t = attn.shape
+        lay.check(t)
+        if self._rowwise:
+            spans = {m.label: m.query_rows(lay) for m in self._rowwise}
+            lo = min(s.start for s in spans.values())
+            hi = max(s.stop for s in spans.values())
+            acc: dict[str, torch.Tensor] = {}
+            for blk in row_blocks(lo, hi, b, h, t, self.budget):
+                p = attn.probs(blk)
+                for m in self._rowwise:
+                    q = spans[m.label]
+                    s, e = max(blk.start, q.start), min(blk.stop, q.stop)
+                    if s >= e:
+                        continue
+                    part = m.row_values(p[:, :, s - blk.start : e - blk.start], lay, slice(s, e)).sum(2)
+                    acc[m.label] = part if m.label not in acc else acc[m.label] + part
+                del p
+            for m in self._rowwise:
+                q = spans[m.label]
+                self._keep(m, layer, acc[m.label] / max(q.stop - q.start, 1))
+        for m in self._other_attn:
+            self._keep(m, layer, m.on_attention(layer, attn, lay))
+
+    def hidden(self, layer: int, tokens: torch.Tensor) -> None:
+        for m in self._hidden:
+            self._keep(m, layer, m.on_hidden(layer, tokens, self.layout))
+
+    def finish(self) -> dict[str, dict[int, torch.Tensor]]:
+        for m in self.metrics:
+            for layer, v in m.on_batch_end().items():
+                self._keep(m, layer, v)
+        return self.values
+
+
+def _loader(pm: ProbedModel, images: ImageSet, batch_size: int, num_workers: int, pin: bool):
+    ds = images.dataset(pm.preprocess)
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin,
+        persistent_workers=False,
+    )
+
+
+def _to_table(model: str, names: list[str], metrics: list[Metric], values: dict[str, dict[int, list]]):
+    """Long table rows for scalar metrics; arrays ``[N, L, ...]`` for maps."""
+    frames, arrays = [], {}
+    img = np.asarray(names, dtype=object)
+    for m in metrics:
+        per_layer = values[m.label]
+        if not per_layer:
+            continue
+        layers = sorted(per_layer)
+        stacked = np.stack([torch.cat(per_layer[layer]).numpy() for layer in layers], axis=1)  # [N, L, ...]
+        if m.is_map:
+            arrays[f"{model}/{m.label}"] = stacked
+            continue
+        if stacked.ndim == 2:
+            stacked = stacked[:, :, None]
+            heads = np.array([-1])
+        else:
+            heads = np.arange(stacked.shape[2])
+        n, nl, nh = stacked.shape
+        frames.append(
+            pd.DataFrame(
+                {
+                    "model": model,
+                    "image": np.repeat(img, nl * nh),
+                    "layer": np.tile(np.repeat(np.asarray(layers), nh), n),
+                    "head": np.tile(heads, n * nl),
+                    "metric": m.label,
+                    "value": stacked.reshape(-1).astype(np.float64),
+                }
+            )
+        )
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["model", "image", "layer", "head", "metric", "value"]
+    )
+    return table, arrays
+
+
+def probe(
+    model: ProbedModel | str,
+    images: Any,
+    metrics: Any = ("mad",),
+    *,
+    batch_size: int = 32,
+    layers: Iterable[int] | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    num_workers: int = 0,
+    block_mb: float = 256,
+    strict: bool = False,
+    label: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Results:
+    """Probe a model's attention over an image set.
+
+    Args:
+        model: a :class:`ProbedModel`, or an alias/spec passed to :func:`probekit.load`.
+        images: paths, a folder, ``"sample"``, PIL images, or a preprocessed ``[N, 3, H, W]`` tensor.
+        metrics: names, ``{name: options}`` or Metric instances.
+        batch_size: images per forward pass.
+        layers: layer indices to probe (default: all).
+        device: where to run (default: where the model is). The model is moved there.
+        dtype: compute dtype (``"bf16"``/``"fp16"`` autocast); probabilities are always float32.
+        num_workers: DataLoader workers that decode and preprocess images.
+        block_mb: memory budget for one block of query rows' probabilities.
+        strict: stop on an unreadable image instead of skipping it.
+        label: the model's name in the table (default: ``model.label``).
+        progress: called with ``(images done, images total)`` after each batch.
+
+    Returns:
+        :class:`Results` with one row per image x layer x head x metric.
+    """
+    from .models import load
+
+    pm = load(model) if isinstance(model, str) else model
+    if device is not None:
+        pm.to(device)
+    dev = pm.device
+    cdtype = resolve_dtype(dtype)
+    mets = build_metrics(metrics)
+    imgs = resolve_images(images, strict=strict)
+    x0 = imgs.tensor[:1] if imgs.tensor is not None else None
+    for m in mets:
+        m.reset()
+        m.check_model(pm.adapter)
+    name = label or pm.label
+    sink = MetricSink(mets, layers=layers, block_mb=block_mb)
+    collected: dict[str, dict[int, list]] = {m.label: {} for m in mets}
+    autocast = (
+        torch.autocast(dev.type, dtype=cdtype) if cdtype not in (None, torch.float32) else contextlib.nullcontext()
+    )
+    t0 = time.perf_counter()
+    done, total = 0, len(imgs)
+    loader = _loader(pm, imgs, batch_size, num_workers, pin=dev.type == "cuda")
+    with torch.inference_mode(), pm.adapter.tap(sink), autocast:
+        for _, x in loader:
+            x = x.to(dev, non_blocking=True)
+            if x0 is None:
+                x0 = x[:1]
+            sink.start(pm.layout(x))
+            pm.adapter.forward(x)
+            for lbl, per_layer in sink.finish().items():
+                for layer, v in per_layer.items():
+                    collected[lbl].setdefault(layer, []).append(v)
+            done += x.shape[0]
+            if progress is not None:
+                progress(done, total)
+    seconds = time.perf_counter() - t0
+    table, arrays = _to_table(name, imgs.names, mets, collected)
+    lay = sink.layout
+    meta = {
+        "model": name,
+        "spec": pm.spec,
+        "model_meta": {k: v for k, v in pm.meta.items() if isinstance(v, (str, int, float, bool, dict, list))},
+        "adapter": pm.adapter.name,
+        "layout": None if lay is None else {"num_prefix": lay.num_prefix, "grid": list(lay.grid),
+                                            "patch_size": list(lay.patch_size),
+                                            "prefix_kinds": list(lay.prefix_kinds)},
+        "metrics": {m.label: {"name": m.name, "options": m.options(), "unit": m.value_unit()} for m in mets},
+        "images": {"count": len(imgs), "fingerprint": imgs.fingerprint(), "skipped": imgs.skipped},
+        "batch_size": batch_size,
+        "device": str(dev),
+        "dtype": str(cdtype or torch.float32),
+        "seconds": seconds,
+        "versions": _versions(),
+    }
+    return Results(table, arrays, meta)
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("probekit", "torch", "transformers", "timm", "open_clip_torch", "onnxruntime"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,218 @@
+"""Name -> plugin tables for adapters and metrics, filled from entry points.
+
+Built-in plugins register through the same entry-point groups as anyone's
+(``probekit.adapters`` and ``probekit.metrics``), as pytest and flake8 do: finding an
+entry point imports nothing, loading happens when a name is first asked for. A broken
+plugin raises :class:`~probekit.errors.PluginLoadError` when it is requested (or at once
+with ``strict=True``), and never breaks its neighbours. Plugins defined in a session
+register with the :func:`register` decorator, which returns its argument.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable
+
+from .errors import PluginClashError, PluginLoadError, UnknownNameError
+
+__all__ = ["Registry", "PluginRecord", "register", "GROUPS", "adapters", "metrics"]
+
+GROUPS = {"adapter": "probekit.adapters", "metric": "probekit.metrics"}
+
+
+@dataclass
+class PluginRecord:
+    """One found plugin: where it comes from, and the loaded object once asked for."""
+
+    name: str
+    dist: str  # "package version", or "module" for in-session registrations
+    entry_point: metadata.EntryPoint | None = None
+    obj: Any = None
+    error: PluginLoadError | None = None
+    clashes: list[str] = field(default_factory=list)  # other distributions claiming the name
+
+    @property
+    def display_name(self) -> str:
+        return f"{self.name!r} from {self.dist}"
+
+
+def _natural_key(name: str) -> list:
+    """Sort ``patch8`` before ``patch16``, as timm lists models."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def _dist_label(ep: metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return f"module {ep.value.split(':')[0]}"
+    return f"{dist.metadata['Name']} {dist.version}"
+
+
+class Registry:
+    """The plugins of one kind (``"adapter"`` or ``"metric"``).
+
+    >>> from probekit import metrics
+    >>> "mad" in metrics.names()
+    True
+    """
+
+    def __init__(self, kind: str, group: str, validate: Callable[[Any], None] | None = None):
+        self.kind, self.group = kind, group
+        self._records: dict[str, PluginRecord] = {}  # name -> record
+        self._discovered = False
+        self._validate = validate
+
+    # -- finding ---------------------------------------------------------------------------
+    def _discover(self) -> None:
+        if self._discovered:
+            return
+        self._discovered = True
+        found = sorted(metadata.entry_points(group=self.group), key=lambda e: (e.name, e.value))
+        seen_values: dict[str, str] = {}
+        for ep in found:
+            label = _dist_label(ep)
+            if seen_values.get(ep.name) == ep.value:
+                continue  # the same distribution seen twice on sys.path (editable + site)
+            seen_values.setdefault(ep.name, ep.value)
+            rec = self._records.get(ep.name)
+            if rec is None:
+                self._records[ep.name] = PluginRecord(ep.name, label, entry_point=ep)
+            elif rec.dist != label:
+                rec.clashes.append(label)
+
+    def refresh(self) -> None:
+        """Find entry points again (after installing a plugin in a running session)."""
+        self._records = {n: r for n, r in self._records.items() if r.entry_point is None}
+        self._discovered = False
+
+    # -- listing -----------------------------------------------------------------------------
+    def names(self, filter: str | None = None) -> list[str]:
+        """Registered names, naturally sorted, optionally filtered by a glob pattern."""
+        self._discover()
+        names = list(self._records)
+        if filter:
+            names = [n for n in names if fnmatch.fnmatch(n, filter)]
+        return sorted(names, key=_natural_key)
+
+    def records(self) -> list[PluginRecord]:
+        self._discover()
+        return [self._records[n] for n in self.names()]
+
+    def is_registered(self, name: str) -> bool:
+        self._discover()
+        return name in self._records
+
+    def __contains__(self, name: str) -> bool:
+        return self.is_registered(name)
+
+    def __iter__(self):
+        return iter(self.names())
+
+    # -- loading -----------------------------------------------------------------------------
+    def get(self, name: str) -> Any:
+        """The plugin registered as ``name``; loads its entry point on first use.
+
+        Raises:
+            UnknownNameError: no such name (close names are listed).
+            PluginClashError: two distributions claim the name.
+            PluginLoadError: the plugin failed to import or is not a valid plugin.
+        """
+        self._discover()
+        rec = self._records.get(name)
+        if rec is None:
+            raise UnknownNameError(
+                self.kind, name, self._records, hint=f"Registered {self.kind}s: {', '.join(self.names())}."
+            )
+        if rec.clashes:
+            raise PluginClashError(
+                f"The {self.kind} name {name!r} is claimed by more than one distribution: "
+                f"{', '.join([rec.dist, *rec.clashes])}. Uninstall one of them."
+            )
+        return self._load(rec)
+
+    def _load(self, rec: PluginRecord) -> Any:
+        if rec.obj is not None:
+            return rec.obj
+        if rec.error is not None:
+            raise rec.error
+        try:
+            obj = rec.entry_point.load()
+            if self._validate is not None:
+                self._validate(obj)
+        except Exception as exc:  # any failure of third-party code becomes one error type
+            rec.error = PluginLoadError(rec.display_name, exc)
+            rec.error.__cause__ = exc
+            raise rec.error from exc
+        rec.obj = obj
+        return obj
+
+    def load_all(self, strict: bool = False) -> list[PluginLoadError]:
+        """Load every plugin; return the failures, or raise the first with ``strict=True``."""
+        errors = []
+        for rec in self.records():
+            try:
+                self.get(rec.name)
+            except (PluginLoadError, PluginClashError) as exc:
+                if strict:
+                    raise
+                errors.append(exc)
+        return errors
+
+    # -- in-session registration ---------------------------------------------------------
+    def register(self, obj: Any = None, *, name: str | None = None):
+        """Register ``obj`` under ``name`` (default: its ``name`` attribute); usable as a decorator.
+
+        A name already taken warns, naming both modules, and the new object wins.
+        """
+
+        def _do(o):
+            key = name or getattr(o, "name", None) or o.__name__
+            if self._validate is not None:
+                self._validate(o)
+            self._discover()
+            old = self._records.get(key)
+            label = f"module {getattr(o, '__module__', '?')}"
+            if old is not None and old.obj is not o:
+                warnings.warn(
+                    f"{self.kind} {key!r} from {label} replaces the one from {old.dist}.", stacklevel=3
+                )
+            self._records[key] = PluginRecord(key, label, obj=o)
+            return o
+
+        return _do if obj is None else _do(obj)
+
+    def unregister(self, name: str) -> None:
+        self._records.pop(name, None)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.names()})"
+
+
+def _validate_adapter(obj: Any) -> None:
+    from .adapter import Adapter
+
+    if not (isinstance(obj, type) and issubclass(obj, Adapter)):
+        raise TypeError(f"expected a subclass of probekit.Adapter, got {obj!r}")
+
+
+def _validate_metric(obj: Any) -> None:
+    from .metric import Metric
+
+    if not (isinstance(obj, type) and issubclass(obj, Metric)):
+        raise TypeError(f"expected a subclass of probekit.Metric, got {obj!r}")
+
+
+adapters = Registry("adapter", GROUPS["adapter"], _validate_adapter)
+metrics = Registry("metric", GROUPS["metric"], _validate_metric)
+_BY_KIND = {"adapter": adapters, "metric": metrics}
+
+
+def register(kind: str, name: str | None = None):
+    """Decorator: ``@register("metric")`` puts a class in the registry of that kind."""
+    if kind not in _BY_KIND:
+        raise UnknownNameError("plugin kind", kind, _BY_KIND)
+    return _BY_KIND[kind].register(name=name)

@@ -1,0 +1,163 @@
+"""Results: the long table of per-image values, map arrays, and provenance.
+
+One row per model x image x layer x head x metric (``head = -1`` for values that are not per
+head). Every image's value is kept, so any comparison carries a confidence interval over
+images. Map metrics (values with further axes) live in ``arrays`` keyed ``"model/metric"``,
+shaped ``[images, layers, ...]``. Parquet and CSV round-trip without loss.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["Results", "COLUMNS", "summarize"]
+
+COLUMNS = ["model", "image", "layer", "head", "metric", "value"]
+_DTYPES = {"model": "category", "image": "string", "layer": "int16", "head": "int16", "metric": "category"}
+_META_KEY = b"probekit"
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    df = df[COLUMNS + [c for c in df.columns if c not in COLUMNS]].reset_index(drop=True)
+    for col, dt in _DTYPES.items():
+        df[col] = df[col].astype(str).astype(dt) if dt in ("category", "string") else df[col].astype(dt)
+    df["value"] = df["value"].astype("float64")
+    return df
+
+
+def _t95(n: np.ndarray) -> np.ndarray:
+    """Two-sided 95% Student t quantile for n - 1 degrees of freedom (normal beyond 30)."""
+    from scipy import stats  # scipy comes with seaborn
+
+    out = np.full(n.shape, np.nan)
+    ok = n > 1
+    out[ok] = stats.t.ppf(0.975, n[ok] - 1)
+    return out
+
+
+def summarize(table: pd.DataFrame, by=("model", "metric", "layer", "head")) -> pd.DataFrame:
+    """Mean, standard deviation, count and 95% CI (t) over images for each group."""
+    g = table.groupby(list(by), observed=True, sort=True)["value"]
+    out = g.agg(mean="mean", std="std", n="count").reset_index()
+    half = _t95(out["n"].to_numpy()) * out["std"].to_numpy() / np.sqrt(out["n"].to_numpy())
+    out["ci_low"] = out["mean"] - half
+    out["ci_high"] = out["mean"] + half
+    return out
+
+
+class Results:
+    """What :func:`probekit.probe` returns.
+
+    Attributes:
+        table: the long table (:data:`COLUMNS`).
+        arrays: ``{"model/metric": ndarray [images, layers, ...]}`` for map metrics.
+        meta: provenance (specs, options, image fingerprint, versions, timings).
+    """
+
+    def __init__(self, table: pd.DataFrame, arrays: dict[str, np.ndarray] | None = None, meta: dict | None = None):
+        self.table = _typed(table) if len(table.columns) else pd.DataFrame(columns=COLUMNS)
+        self.arrays = dict(arrays or {})
+        self.meta = dict(meta or {})
+
+    # -- views -----------------------------------------------------------------------------
+    @property
+    def models(self) -> list[str]:
+        return list(dict.fromkeys(self.table["model"].astype(str)))
+
+    @property
+    def metrics(self) -> list[str]:
+        return list(dict.fromkeys(self.table["metric"].astype(str)))
+
+    def summary(self, by=("model", "metric", "layer", "head")) -> pd.DataFrame:
+        """Mean and 95% CI over images per model x metric x layer x head."""
+        return summarize(self.table, by)
+
+    def layer_means(self, metric: str = "mad") -> pd.DataFrame:
+        """Per model and layer, the mean over heads and images (``model x layer`` frame)."""
+        t = self.table[self.table["metric"] == metric]
+        return t.groupby(["model", "layer"], observed=True)["value"].mean().unstack("layer")
+
+    @classmethod
+    def concat(cls, parts: list["Results"]) -> "Results":
+        """One Results from several (models, batches or machines)."""
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            return cls(pd.DataFrame(columns=COLUMNS))
+        table = pd.concat([p.table.astype({"model": str, "metric": str}) for p in parts], ignore_index=True)
+        arrays, meta = {}, {"parts": [p.meta for p in parts]}
+        for p in parts:
+            for k, v in p.arrays.items():
+                arrays[k] = np.concatenate([arrays[k], v]) if k in arrays else v
+        return cls(table, arrays, meta)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __repr__(self) -> str:
+        return f"Results({len(self.table)} rows, models={self.models}, metrics={self.metrics})"
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, Results) and self.table.equals(other.table)
+
+    # -- files -------------------------------------------------------------------------------
+    def to_parquet(self, path) -> Path:
+        """Write the table with provenance in the file's metadata (atomically)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        tbl = pa.Table.from_pandas(self.table, preserve_index=False)
+        md = dict(tbl.schema.metadata or {})
+        md[_META_KEY] = json.dumps(self.meta, default=str).encode()
+        tbl = tbl.replace_schema_metadata(md)
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(tbl, tmp)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def read_parquet(cls, path) -> "Results":
+        import pyarrow.parquet as pq
+
+        tbl = pq.read_table(path)
+        meta = json.loads((tbl.schema.metadata or {}).get(_META_KEY, b"{}"))
+        return cls(tbl.to_pandas(), meta=meta)
+
+    def to_csv(self, path) -> Path:
+        """Write the table (17 significant digits: floats round-trip exactly) and a .json sidecar."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        self.table.to_csv(tmp, index=False, float_format="%.17g")
+        tmp.replace(path)
+        side = path.with_suffix(".meta.json")
+        side.write_text(json.dumps(self.meta, indent=1, default=str))
+        return path
+
+    @classmethod
+    def read_csv(cls, path) -> "Results":
+        path = Path(path)
+        df = pd.read_csv(path, dtype={"model": str, "image": str, "metric": str}, keep_default_na=False)
+        side = path.with_suffix(".meta.json")
+        meta = json.loads(side.read_text()) if side.exists() else {}
+        return cls(df, meta=meta)
+
+    def save_arrays(self, path) -> Path | None:
+        """Map arrays as one compressed .npz (atomically); None if there are none."""
+        if not self.arrays:
+            return None
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez_compressed(tmp, **{k.replace("/", "__"): v for k, v in self.arrays.items()})
+        tmp.replace(path)
+        return path
+
+    @staticmethod
+    def read_arrays(path) -> dict[str, np.ndarray]:
+        with np.load(path) as z:
+            return {k.replace("__", "/"): z[k] for k in z.files}
+
