@@ -1,0 +1,64 @@
+"""Image sources: folders (recursive), files, the bundled set, tensors; bad input is clear."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import probekit as pk
+from probekit.errors import ImageError
+from probekit.images import resolve_images, to_rgb
+
+
+@pytest.fixture
+def folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((20, 30), 128, np.uint8)).save(tmp_path / "sub" / "gray.jpg")
+    Image.fromarray(np.zeros((20, 30, 4), np.uint8)).save(tmp_path / "sub" / "rgba.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (tmp_path / "notes.txt").write_text("hello")
+    return tmp_path
+
+
+def test_folder_is_recursive_and_skips_unreadable_with_names(folder, caplog):
+    with caplog.at_level(logging.WARNING, logger="probekit.images"):
+        s = resolve_images(folder)
+    assert s.names == ["a.png", "sub/gray.jpg", "sub/rgba.png"]
+    assert dict(s.skipped) .keys() == {"broken.jpg", "notes.txt"}
+    assert "Skipped 1 unreadable file(s): broken.jpg" in caplog.text
+
+
+def test_strict_stops_at_unreadable(folder):
+    with pytest.raises(ImageError, match=r"broken\.jpg is not a readable image.*drop --strict"):
+        resolve_images(folder, strict=True)
+
+
+def test_grayscale_and_rgba_become_rgb(folder):
+    s = resolve_images(folder)
+    ds = s.dataset(lambda im: torch.from_numpy(np.array(im)).permute(2, 0, 1))
+    for i in range(len(s)):
+        assert ds[i][1].shape == (3, 20, 30)
+    assert to_rgb(Image.new("L", (2, 2))).mode == "RGB"
+
+
+def test_bundled_samples_and_seeded_subsets():
+    s = resolve_images("sample")
+    assert len(s) == len(pk.sample_images()) >= 5
+    assert "camera.jpg" in s.names
+    a, b = resolve_images("sample", count=3, seed=1), resolve_images("sample", count=3, seed=1)
+    assert a.names == b.names and len(a) == 3
+    assert a.fingerprint() == b.fingerprint() != s.fingerprint()
+
+
+def test_bad_inputs_say_what_to_do(tmp_path):
+    with pytest.raises(ImageError, match="No such file or folder"):
+        resolve_images(tmp_path / "missing")
+    with pytest.raises(ImageError, match="empty"):
+        resolve_images(tmp_path)
+    with pytest.raises(ImageError, match=r"\[N, 3, H, W\].*\(2, 1, 8, 8\)"):
+        resolve_images(torch.zeros(2, 1, 8, 8))
+    s = resolve_images(torch.zeros(2, 3, 8, 8))
+    assert s.names == ["0", "1"]
