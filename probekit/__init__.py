@@ -22,6 +22,7 @@ from .errors import (
 from .images import resolve_images, sample_images
 from .metric import Metric
 from .models import aliases, load, wrap
+from .compare import compare
 from .probe import probe
 from .registry import adapters, metrics, register
 from .results import Results
@@ -36,7 +37,7 @@ except Exception:  # running from a source tree that is not installed
 
 __all__ = [
     "Adapter", "ProbedModel", "LayerAttention", "Metric", "TokenLayout", "Results",
-    "load", "wrap", "probe", "aliases", "adapters", "metrics", "register",
+    "load", "wrap", "probe", "compare", "aliases", "adapters", "metrics", "register",
     "resolve_images", "sample_images",
     "ProbekitError", "ConfigError", "ImageError", "LayoutError", "PluginLoadError",
     "UnknownNameError", "UnsupportedArchitectureError", "WeightsUnavailableError",

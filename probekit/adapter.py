@@ -76,6 +76,9 @@ class Adapter(ABC):
     global_attention: ClassVar[bool] = True
     #: the tap can report each block's output tokens (hidden-state metrics)
     provides_hidden: ClassVar[bool] = True
+    #: the bound model runs inputs of other sizes than its native one (False: a fixed position
+    #: table or a fixed ONNX input; an instance may override it); probekit.testing reads it
+    variable_image_size: ClassVar[bool] = True
     #: what :meth:`reference_attention` compares against, in words
     reference: ClassVar[str] = ""
 
@@ -220,7 +223,7 @@ class ProbedModel:
         """What ``probekit inspect`` prints: layers, heads, layout, parameters, metadata."""
         x = pixel_values if pixel_values is not None else self.example_input()
         lay = self.layout(x)
-        return {
+        info = {
             "spec": self.spec,
             "label": self.label,
             "adapter": self.adapter.name,
@@ -234,8 +237,10 @@ class ProbedModel:
             "tokens": lay.num_tokens,
             "parameters": self.adapter.parameters_count(),
             "global_attention": self.adapter.global_attention,
-            **{k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, bool))},
         }
+        # alias metadata (family, training kind, weights) never overrides what was measured
+        extra = {k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, bool)) and k not in info}
+        return {**info, **extra}
 
     def __repr__(self) -> str:
         return f"ProbedModel({self.spec!r}, adapter={self.adapter.name!r}, layers={self.num_layers}, heads={self.num_heads})"

@@ -9,11 +9,13 @@ query rows at a time, so long sequences never hold a whole [B, H, T, T] tensor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import math
+from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["LayerAttention", "row_blocks"]
+__all__ = ["LayerAttention", "Workspace", "no_autocast", "row_blocks"]
 
 
 @dataclass
@@ -29,6 +31,8 @@ class LayerAttention:
     scale: float = 1.0
     bias: torch.Tensor | None = None
     probs_given: torch.Tensor | None = None
+    _kt: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _qs: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.probs_given is None and (self.q is None or self.k is None):
@@ -44,24 +48,108 @@ class LayerAttention:
     def device(self) -> torch.device:
         return (self.probs_given if self.probs_given is not None else self.q).device
 
-    def probs(self, rows: slice | None = None) -> torch.Tensor:
-        """Float32 probabilities of the query rows ``rows`` (all by default): ``[B, H, R, T]``."""
+    def key_t(self) -> torch.Tensor:
+        """Float32 keys as ``[B, H, d, T]`` for ``q @ key_t()``, made contiguous once per layer.
+
+        Why: a tap's k is usually a strided view into the fused qkv projection, and a matmul on
+        it copies k again for every block of rows (3x slower on CPU); one copy serves them all.
+        """
+        if self._kt is None:
+            self._kt = self.k.float().contiguous().transpose(-1, -2)
+        return self._kt
+
+    def scaled_queries(self) -> torch.Tensor:
+        """Float32 ``q * scale``, contiguous, made once per layer (blocks of it are then views).
+
+        The scale multiplies the ``[T, d]`` queries rather than the ``[T, T]`` logits: fewer
+        multiplies, the same numbers to float32 rounding.
+        """
+        if self._qs is None:  # into a contiguous tensor: ``q * s`` would keep q's strided layout
+            qs = torch.empty(self.q.shape, dtype=torch.float32, device=self.q.device)
+            self._qs = torch.mul(self.q.float(), self.scale, out=qs)
+        return self._qs
+
+    def logits(self, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 softmax inputs ``q k^T * scale + bias`` of the query rows ``rows``: ``[B, H, R, T]``.
+
+        ``out``: a contiguous buffer to write to.
+        """
+        rows = rows or slice(None)
+        with no_autocast(self.q.device):
+            logits = torch.matmul(self.scaled_queries()[:, :, rows], self.key_t(), out=out)
+            if self.bias is not None:
+                b = self.bias
+                if b.dim() >= 2 and b.shape[-2] != 1:
+                    b = b[..., rows, :]
+                logits.add_(b.float())
+        return logits
+
+    def probs(self, rows: slice | None = None, workspace: "Workspace | None" = None) -> torch.Tensor:
+        """Float32 probabilities of the query rows ``rows`` (all by default): ``[B, H, R, T]``.
+
+        Always float32, also under bf16/fp16 autocast (the engine runs taps inside it).
+
+        Args:
+            rows: query rows to compute (a slice of ``range(T)``).
+            workspace: reuse its buffers instead of allocating; the result is then a view into
+                the workspace, valid only until the next call with the same workspace.
+        """
         rows = rows or slice(None)
         if self.probs_given is not None:
             return self.probs_given[:, :, rows].float()
-        q = self.q[:, :, rows].float()
-        logits = torch.matmul(q, self.k.float().transpose(-1, -2))
-        logits.mul_(self.scale)
-        if self.bias is not None:
-            b = self.bias
-            if b.dim() >= 2 and b.shape[-2] != 1:
-                b = b[..., rows, :]
-            logits.add_(b.float())
-        return torch.softmax(logits, dim=-1)
+        if workspace is None:
+            return torch.softmax(self.logits(rows), dim=-1)
+        b, h, _ = self.shape
+        n = len(range(*rows.indices(self.q.shape[2])))
+        shape = (b, h, n, self.k.shape[2])
+        logits = self.logits(rows, out=workspace.get("logits", shape, self.q.device))
+        return torch.ops.aten._softmax.out(logits, -1, False, out=workspace.get("probs", shape, self.q.device))
+
+
+class Workspace:
+    """Reusable float32 buffers for blocks of logits and probabilities, one set per engine sink.
+
+    Why: every block of every layer needs the same few multi-MB buffers. Allocating them afresh
+    page-faults and zero-fills on CPU (large blocks are mmap'ed anew each time) and churns the
+    CUDA caching allocator; reusing one set also keeps memory flat across layers and batches.
+    """
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], device) -> torch.Tensor:
+        """A contiguous float32 view of ``shape`` on ``device`` (contents undefined)."""
+        n = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.device != torch.device(device):
+            self._buffers.pop(name, None)
+            buf = self._buffers[name] = torch.empty(n, dtype=torch.float32, device=device)
+        return buf[:n].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (what the engine adds to the model's own peak memory)."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+def no_autocast(device: torch.device):
+    """Autocast off (probabilities must be float32 even when the model runs bf16/fp16)."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.autocast(device.type, enabled=False)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        pass
+    return contextlib.nullcontext()
 
 
 def row_blocks(start: int, stop: int, batch: int, heads: int, tokens: int, budget_bytes: int):
-    """Slices of query rows in ``[start, stop)`` whose float32 probabilities fit ``budget_bytes``."""
+    """Slices of query rows in ``[start, stop)`` whose float32 logits and probabilities fit ``budget_bytes``.
+
+    Always at least one row per block: a budget below one row's size is rounded up to it.
+    """
     per_row = max(1, batch * heads * tokens * 4 * 2)  # logits and softmax output alive together
     step = max(1, min(stop - start, budget_bytes // per_row))
     for r in range(start, stop, step):

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from .adapter import ProbedModel
-from .errors import UnknownNameError, UnsupportedArchitectureError
+from .errors import ProbekitError, UnknownNameError, UnsupportedArchitectureError
 from .registry import adapters
 
 __all__ = ["load", "wrap", "aliases", "resolve"]
@@ -77,7 +77,11 @@ def wrap(module: nn.Module, *, label: str | None = None, **options: Any) -> Prob
     """
     tried = []
     for name in adapters.names():
-        cls = adapters.get(name)
+        try:
+            cls = adapters.get(name)
+        except ProbekitError:  # a broken or absent plugin must not stop the others from wrapping
+            tried.append(f"{name} (failed to load)")
+            continue
         tried.append(name)
         if cls.can_wrap(module):
             adapter = cls.from_module(module, **options)

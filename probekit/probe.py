@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from .adapter import ProbedModel
-from .attention import LayerAttention, row_blocks
+from .attention import LayerAttention, Workspace, no_autocast, row_blocks
 from .errors import ConfigError
 from .images import ImageSet, resolve_images
 from .metric import Metric
@@ -33,8 +33,21 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
+def _make_metric(name: str, options: Mapping | None) -> Metric:
+    cls = metric_registry.get(name)
+    try:
+        return cls(**dict(options or {}))
+    except TypeError as exc:
+        allowed = ", ".join(f"{k}={v!r}" for k, v in cls().default_options().items()) or "none"
+        raise ConfigError(f"Bad options {dict(options or {})} for metric {name!r} ({exc}). Its options: {allowed}.") from None
+
+
 def build_metrics(metrics: Any) -> list[Metric]:
-    """Metric instances from names, ``{name: options}``, ``(name, options)`` pairs or instances."""
+    """Metric instances from names, ``{name: options}``, ``(name, options)`` pairs or instances.
+
+    >>> [m.label for m in build_metrics(["mad", {"mad": {"units": "patch"}}])]
+    ['mad', 'mad[units=patch]']
+    """
     if isinstance(metrics, (str, Metric)):
         metrics = [metrics]
     if isinstance(metrics, Mapping):
@@ -44,9 +57,11 @@ def build_metrics(metrics: Any) -> list[Metric]:
         if isinstance(m, Metric):
             out.append(m)
         elif isinstance(m, str):
-            out.append(metric_registry.get(m)())
+            out.append(_make_metric(m, None))
         elif isinstance(m, tuple) and len(m) == 2:
-            out.append(metric_registry.get(m[0])(**(m[1] or {})))
+            out.append(_make_metric(m[0], m[1]))
+        elif isinstance(m, Mapping):
+            out.extend(_make_metric(k, v) for k, v in m.items())
         else:
             raise ConfigError(f"Cannot make a metric from {m!r}; give a name, (name, options) or a Metric.")
     labels = [m.label for m in out]
@@ -71,14 +86,30 @@ def _is_rowwise(m: Metric) -> bool:
 
 
 class MetricSink:
-    """Receives each layer from a tap and reduces it with every metric at once."""
+    """Receives each layer from a tap and reduces it with every metric at once.
 
-    def __init__(self, metrics: list[Metric], layers=None, block_mb: float = 256):
+    Row-wise metrics share one pass over blocks of query rows: each block's float32
+    probabilities are computed once, into buffers reused for every block, layer and batch
+    (a :class:`~probekit.attention.Workspace`), and each metric folds the block into a
+    ``[B, H, ...]`` running sum (:meth:`Metric.row_sum`). Nothing of a layer outlives its
+    :meth:`attention` call except these small sums, so memory is one block, whatever the depth.
+    Per-layer values stay on the model's device until :meth:`finish` (one host sync per batch).
+
+    Args:
+        metrics: the metric instances.
+        layers: layer indices wanted (None: all).
+        block_mb: budget in MiB for one block's logits and probabilities together. None: 32 MiB
+            on CPU (blocks that stay in cache run up to 2x faster than larger ones) and 256 MiB
+            on accelerators (fewer, larger kernels).
+    """
+
+    def __init__(self, metrics: list[Metric], layers=None, block_mb: float | None = None):
         self.metrics = metrics
         self.layers = None if layers is None else frozenset(int(i) for i in layers)
         self.wants_attention = any(m.needs == "attention" for m in metrics)
         self.wants_hidden = any(m.needs == "hidden" for m in metrics)
-        self.budget = int(block_mb * 2**20)
+        self.budget = None if block_mb is None else int(block_mb * 2**20)
+        self.workspace = Workspace()
         self._rowwise = [m for m in metrics if _is_rowwise(m)]
         self._other_attn = [m for m in metrics if m.needs == "attention" and not _is_rowwise(m)]
         self._hidden = [m for m in metrics if m.needs == "hidden"]
@@ -92,29 +123,36 @@ class MetricSink:
             m.on_batch_start(layout)
 
     def _keep(self, m: Metric, layer: int, v: torch.Tensor | None) -> None:
-        if v is None:
-            return
-        v = v.detach().float().cpu()
-        self.values[m.label][layer] = v
-        m.update(layer, v)
+        if v is not None:
+            self.values[m.label][layer] = v.detach().float()  # to the host in finish()
+
+    def block_budget(self, device: torch.device) -> int:
+        """Bytes for one block's logits and probabilities on ``device``."""
+        if self.budget is not None:
+            return self.budget
+        return (32 if device.type == "cpu" else 256) * 2**20
 
     def attention(self, layer: int, attn: LayerAttention) -> None:
         lay = self.layout
         b, h, t = attn.shape
         lay.check(t)
+        with no_autocast(attn.device):  # metric maths in float32 under a bf16/fp16 forward
+            self._reduce(layer, attn, lay, b, h, t)
+
+    def _reduce(self, layer: int, attn: LayerAttention, lay: TokenLayout, b: int, h: int, t: int) -> None:
         if self._rowwise:
             spans = {m.label: m.query_rows(lay) for m in self._rowwise}
             lo = min(s.start for s in spans.values())
             hi = max(s.stop for s in spans.values())
             acc: dict[str, torch.Tensor] = {}
-            for blk in row_blocks(lo, hi, b, h, t, self.budget):
-                p = attn.probs(blk)
+            for blk in row_blocks(lo, hi, b, h, t, self.block_budget(attn.device)):
+                p = attn.probs(blk, workspace=self.workspace)
                 for m in self._rowwise:
                     q = spans[m.label]
                     s, e = max(blk.start, q.start), min(blk.stop, q.stop)
                     if s >= e:
                         continue
-                    part = m.row_values(p[:, :, s - blk.start : e - blk.start], lay, slice(s, e)).sum(2)
+                    part = m.row_sum(p[:, :, s - blk.start : e - blk.start], lay, slice(s, e))
                     acc[m.label] = part if m.label not in acc else acc[m.label] + part
                 del p
             for m in self._rowwise:
@@ -128,9 +166,15 @@ class MetricSink:
             self._keep(m, layer, m.on_hidden(layer, tokens, self.layout))
 
     def finish(self) -> dict[str, dict[int, torch.Tensor]]:
+        """The batch's per-layer values on the host (``{label: {layer: tensor}}``); updates metric state."""
         for m in self.metrics:
             for layer, v in m.on_batch_end().items():
                 self._keep(m, layer, v)
+        for m in self.metrics:
+            per_layer = self.values[m.label]
+            for layer in list(per_layer):
+                v = per_layer[layer] = per_layer[layer].cpu()
+                m.update(layer, v)
         return self.values
 
 
@@ -193,7 +237,7 @@ def probe(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     num_workers: int = 0,
-    block_mb: float = 256,
+    block_mb: float | None = None,
     strict: bool = False,
     label: str | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -209,7 +253,8 @@ def probe(
         device: where to run (default: where the model is). The model is moved there.
         dtype: compute dtype (``"bf16"``/``"fp16"`` autocast); probabilities are always float32.
         num_workers: DataLoader workers that decode and preprocess images.
-        block_mb: memory budget for one block of query rows' probabilities.
+        block_mb: memory budget (MiB) for one block of query rows' logits and probabilities
+            (default: 32 on CPU, 256 on accelerators).
         strict: stop on an unreadable image instead of skipping it.
         label: the model's name in the table (default: ``model.label``).
         progress: called with ``(images done, images total)`` after each batch.
@@ -254,6 +299,10 @@ def probe(
                 progress(done, total)
     seconds = time.perf_counter() - t0
     table, arrays = _to_table(name, imgs.names, mets, collected)
+    for m in mets:  # dataset-level metrics (e.g. CKA): one array for the whole image set
+        whole = m.dataset_result() if hasattr(m, "dataset_result") else None
+        if whole is not None:
+            arrays[f"{name}/{m.label}"] = whole
     lay = sink.layout
     meta = {
         "model": name,

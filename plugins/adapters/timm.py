@@ -1,0 +1,444 @@
+"""timm ViTs: VisionTransformer (ViT, DeiT, DINO, DINOv2 with registers, CLIP and SigLIP
+towers, MAE encoders), the distilled DeiT, EVA/EVA-02 and BEiT; Swin is recognised and refused
+by metrics that need global attention.
+
+How the tap works. timm fixes ``fused_attn`` at build time and, when fused, never calls the
+modules a hook could watch; EVA and BEiT project q/k/v with ``F.linear`` and add rotary
+embeddings or a relative-position table after any module boundary. Rather than re-implement
+each family's attention, the tap watches the one call every fused path makes:
+``F.scaled_dot_product_attention``. While a watched attention module runs, a thread-local
+spy on that function hands the sink exactly what the softmax sees (q and k after q/k-norm and
+rotary embedding, the scale, the mask or relative-position bias as an additive bias) and then
+lets the original kernel run. A module running unfused (``fused_attn=False``) never calls
+SDPA; its ``attn_drop`` input-output is then the probabilities, and the tap passes those on.
+Calls made outside a watched module (e.g. SigLIP's attention-pool head) pass straight through.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from probekit.adapter import Adapter, Sink, wants
+from probekit.attention import LayerAttention
+from probekit.errors import (
+    LayoutError,
+    UnknownNameError,
+    UnsupportedArchitectureError,
+    WeightsUnavailableError,
+)
+from probekit.tokens import TokenLayout
+
+__all__ = ["TimmAdapter", "TimmWindowedAdapter", "FAMILIES", "watch_sdpa", "attention_report"]
+
+
+# -- families: data, not if-chains ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    """One kind of timm model the adapter knows.
+
+    Args:
+        name: short family name (recorded in ``info["family"]``).
+        modules: timm model modules whose entrypoints build this family (``timm.models.<module>``).
+        classes: model class names (matched along the MRO, so subclasses are understood).
+        blocks: attribute holding the transformer blocks, in order.
+        dynamic_size: accepts ``dynamic_img_size=True`` (any input size, position embeddings
+            resampled per forward); False: the size is fixed when building (``image_size=``).
+        global_attention: every query sees every token (False: windowed, e.g. Swin).
+    """
+
+    name: str
+    modules: tuple[str, ...]
+    classes: tuple[str, ...]
+    blocks: str = "blocks"
+    dynamic_size: bool = True
+    global_attention: bool = True
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("deit-distilled", ("deit",), ("VisionTransformerDistilled",)),
+    Family("vit", ("vision_transformer", "deit"), ("VisionTransformer",)),
+    Family("eva", ("eva",), ("Eva",)),
+    Family("beit", ("beit",), ("Beit",), dynamic_size=False),
+    Family("swin", ("swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr"),
+           ("SwinTransformer", "SwinTransformerV2", "SwinTransformerV2Cr"),
+           blocks="layers", dynamic_size=False, global_attention=False),
+)
+
+
+def family_of(module: nn.Module) -> Family | None:
+    """The family of a timm model instance (first match along its class's MRO)."""
+    for klass in type(module).__mro__:
+        if not klass.__module__.startswith("timm."):
+            continue
+        for fam in FAMILIES:
+            if klass.__name__ in fam.classes:
+                return fam
+    return None
+
+
+def _family_of_arch(arch: str) -> Family | None:
+    import timm
+
+    module = timm.models.model_entrypoint(arch).__module__.rsplit(".", 1)[-1]
+    return next((f for f in FAMILIES if module in f.modules), None)
+
+
+# -- the SDPA spy ----------------------------------------------------------------------------------
+class _Pending(threading.local):
+    """Per thread: the report function of the watched attention module now running, if any."""
+
+    report: Callable[..., None] | None = None
+
+
+_PENDING = _Pending()
+_SPY_LOCK = threading.Lock()
+_SPY_USERS = 0
+_ORIGINAL_SDPA = F.scaled_dot_product_attention
+
+
+def _additive_bias(mask, is_causal: bool, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """SDPA's ``attn_mask``/``is_causal`` as one additive float bias (None when there is none)."""
+    bias = None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+        else:
+            bias = mask
+    if is_causal:
+        t, s = q.shape[-2], k.shape[-2]
+        causal = torch.full((t, s), float("-inf"), device=q.device).triu_(1)
+        bias = causal if bias is None else bias + causal
+    return bias
+
+
+def _sdpa_spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    report = _PENDING.report
+    if report is not None:
+        _PENDING.report = None  # one report per watched call, and none from inside the sink
+        report(q=query, k=key, scale=scale, bias=_additive_bias(attn_mask, is_causal, query, key))
+    return _ORIGINAL_SDPA(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw
+    )
+
+
+@contextmanager
+def watch_sdpa() -> Iterator[None]:
+    """Install the SDPA spy for the duration (reference counted; inert outside watched modules)."""
+    global _SPY_USERS
+    with _SPY_LOCK:
+        if _SPY_USERS == 0:
+            F.scaled_dot_product_attention = _sdpa_spy
+        _SPY_USERS += 1
+    try:
+        yield
+    finally:
+        with _SPY_LOCK:
+            _SPY_USERS -= 1
+            if _SPY_USERS == 0:
+                F.scaled_dot_product_attention = _ORIGINAL_SDPA
+
+
+def attention_report(sink: Sink, layer: int) -> Callable[..., None]:
+    """A function that turns what the spy (or ``attn_drop``) saw into ``sink.attention(layer, ...)``."""
+
+    def report(q=None, k=None, scale=None, bias=None, probs=None) -> None:
+        if probs is not None:
+            sink.attention(layer, LayerAttention(probs_given=probs))
+            return
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: share each k head
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        s = float(scale) if scale is not None else q.shape[-1] ** -0.5
+        sink.attention(layer, LayerAttention(q=q, k=k, scale=s, bias=bias))
+
+    return report
+
+
+def watch_attention(attn: nn.Module, report: Callable[..., None], where: str) -> list:
+    """Hooks on one attention module: arm the spy on entry, read ``attn_drop`` when unfused,
+    and fail loudly on exit if neither path reported (an attention we do not understand)."""
+
+    def arm(module, args):
+        _PENDING.report = report
+
+    def unfused(module, args, out):
+        if _PENDING.report is report:
+            _PENDING.report = None
+            report(probs=out)
+
+    def check(module, args, out):
+        if _PENDING.report is report:
+            _PENDING.report = None
+            raise UnsupportedArchitectureError(
+                f"{where} ({type(attn).__name__}) computed its attention without "
+                "F.scaled_dot_product_attention or an attn_drop module, so probekit cannot tap it. "
+                "Report the model name; a family entry in plugins/adapters/timm.py may be needed."
+            )
+
+    handles = [attn.register_forward_pre_hook(arm), attn.register_forward_hook(check)]
+    drop = getattr(attn, "attn_drop", None)
+    if isinstance(drop, nn.Module):
+        handles.append(drop.register_forward_hook(unfused))
+    return handles
+
+
+# -- building helpers ----------------------------------------------------------------------------
+def _pair(x) -> tuple[int, int]:
+    return (int(x), int(x)) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+def _weights_error(name: str, cause: BaseException) -> WeightsUnavailableError:
+    from huggingface_hub import constants
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None) or "(no Hugging Face repo; URL " + str(getattr(cfg, "url", "?")) + ")"
+    return WeightsUnavailableError(
+        f"Pretrained weights for timm model {name!r} are not on this machine and cannot be downloaded "
+        f"now ({type(cause).__name__}). timm looks for them in the Hugging Face cache "
+        f"{constants.HF_HUB_CACHE} (repo {repo}) or torch hub's {torch.hub.get_dir()}/checkpoints. On a "
+        f"connected machine run `python -c \"import timm; timm.create_model('{name}', pretrained=True)\"` "
+        "and copy that cache directory here (or set HF_HOME), or pass checkpoint=<local file>, or "
+        "pretrained=False for random init."
+    )
+
+
+def _create(name: str, pretrained: bool, checkpoint: str | None, kwargs: dict) -> nn.Module:
+    import timm
+    from timm.models import split_model_name_tag
+
+    arch, tag = split_model_name_tag(name)
+    if not timm.is_model(arch):
+        raise UnknownNameError(
+            "timm model", name, timm.list_models(), hint="List them with timm.list_models('*vit*')."
+        )
+    fam = _family_of_arch(arch)
+    if fam is not None and fam.dynamic_size:
+        kwargs.setdefault("dynamic_img_size", True)
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise WeightsUnavailableError(f"checkpoint={checkpoint!r} is not a file. Give a local weights file.")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint))
+        pretrained = True
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as exc:
+        if "Invalid pretrained tag" in str(exc):
+            tags = timm.list_pretrained(f"{arch}.*")
+            hint = f"Tags of {arch}: {', '.join(tags) or 'none'}."
+            raise UnknownNameError("timm pretrained tag", name, tags, hint=hint) from None
+        raise
+    except (OSError, ConnectionError) as exc:
+        if checkpoint is None and pretrained:
+            raise _weights_error(name, exc) from exc
+        raise
+
+
+def _preprocess(model: nn.Module, image_size: tuple[int, int]):
+    from timm.data import create_transform, resolve_data_config
+
+    cfg = resolve_data_config(model=model)
+    cfg["input_size"] = (3, *image_size)
+    return create_transform(**cfg, is_training=False)
+
+
+# -- the adapter -----------------------------------------------------------------------------------
+class TimmAdapter(Adapter):
+    """timm's global-attention ViTs. Spec ``timm:<model name>[.<pretrained tag>]``.
+
+    >>> import probekit as pk                                                 # doctest: +SKIP
+    >>> pm = pk.load("timm:vit_small_patch14_reg4_dinov2", pretrained=False)  # doctest: +SKIP
+    >>> pm.layout(pm.example_input()).prefix_kinds                           # doctest: +SKIP
+    ('cls', 'reg', 'reg', 'reg', 'reg')
+    """
+
+    name = "timm"
+    library = "timm"
+    extra = "timm"
+    reference = "timm.utils.AttentionExtract on attn_drop, on a copy with fused attention off"
+
+    def __init__(self, model: nn.Module, preprocess: Any = None, **info: Any):
+        super().__init__(model, preprocess, **info)
+        self.family = family_of(model)
+        if self.family is None:
+            raise UnsupportedArchitectureError(
+                f"The timm adapter does not understand {type(model).__name__}; it knows "
+                f"{', '.join(c for f in FAMILIES for c in f.classes)}."
+            )
+        self.info.setdefault("family", self.family.name)
+        # dynamic_img_size models resample position embeddings per forward; others are fixed
+        self.variable_image_size = bool(getattr(model, "dynamic_img_size", False))
+
+    # -- building --------------------------------------------------------------------------------
+    @classmethod
+    def from_spec(cls, name, *, pretrained=True, checkpoint=None, image_size=None, **options) -> "TimmAdapter":
+        """Build ``name`` with timm; extra ``options`` go to ``timm.create_model``.
+
+        Args:
+            name: a timm model name, optionally with a pretrained tag (``vit_base_patch16_224.dino``).
+            pretrained: load the tag's weights (False: random init, a control).
+            checkpoint: a local weights file (converted by timm's own checkpoint filter).
+            image_size: native input size (``img_size`` is accepted too); position embeddings are
+                resampled by timm.
+            **options: passed to ``timm.create_model`` (``embed_dim=32, depth=2`` for tiny models).
+
+        Raises:
+            UnknownNameError: unknown model name or pretrained tag (close names listed).
+            WeightsUnavailableError: weights not cached and no network.
+            UnsupportedArchitectureError: a timm model that is not a ViT this adapter knows.
+        """
+        kwargs = dict(options)
+        size = kwargs.pop("img_size", None) or image_size
+        if size is not None:
+            kwargs["img_size"] = _pair(size)
+        model = _create(name, bool(pretrained), checkpoint, kwargs)
+        return cls._bind(model, name=name, pretrained=bool(pretrained) or checkpoint is not None)
+
+    @classmethod
+    def _bind(cls, model: nn.Module, **info: Any) -> "TimmAdapter":
+        fam = family_of(model)
+        if fam is None:
+            raise UnsupportedArchitectureError(
+                f"The timm adapter knows ViT-style models ({', '.join(c for f in FAMILIES for c in f.classes)}); "
+                f"got a {type(model).__name__}, which has no token attention to probe."
+            )
+        klass = TimmAdapter if fam.global_attention else TimmWindowedAdapter
+        size = _pair(model.patch_embed.img_size)
+        return klass(model, _preprocess(model, size), image_size=size, **info)
+
+    @classmethod
+    def can_wrap(cls, module: nn.Module) -> bool:
+        return family_of(module) is not None
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **options: Any) -> "TimmAdapter":
+        """Bind a timm model instance (e.g. a fine-tuned one); preprocessing from its pretrained_cfg."""
+        return cls._bind(module, name=type(module).__name__, **options)
+
+    @classmethod
+    def model_names(cls) -> list[str]:
+        import timm
+
+        return timm.list_models()
+
+    # -- describing ------------------------------------------------------------------------------
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return list(getattr(self.model, self.family.blocks))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.blocks[0].attn.num_heads)
+
+    def _prefix_kinds(self) -> tuple[str, ...]:
+        n = int(getattr(self.model, "num_prefix_tokens", 0))
+        kinds = ["cls"] * (getattr(self.model, "cls_token", None) is not None)
+        kinds += ["dist"] * (getattr(self.model, "dist_token", None) is not None)
+        return tuple(kinds + ["reg"] * (n - len(kinds)))
+
+    def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
+        pe = self.model.patch_embed
+        size = tuple(pixel_values.shape[-2:])
+        if not getattr(self.model, "dynamic_img_size", False) and size != _pair(pe.img_size):
+            raise LayoutError(
+                f"This {type(self.model).__name__} was built for {_pair(pe.img_size)} inputs and got {size}. "
+                f"Load it with image_size={size} (timm resamples position tables), or resize the images."
+            )
+        patch = _pair(pe.patch_size)
+        if not getattr(pe, "dynamic_img_pad", False) and (size[0] % patch[0] or size[1] % patch[1]):
+            raise LayoutError(
+                f"timm needs input sizes divisible by the patch size {patch}; got {size}. Resize or crop "
+                "the images, or load with dynamic_img_pad=True (timm then pads the border patches)."
+            )
+        kinds = self._prefix_kinds()
+        return TokenLayout(len(kinds), pe.dynamic_feat_size(size), patch, kinds)
+
+    # -- running ---------------------------------------------------------------------------------
+    @contextmanager
+    def tap(self, sink: Sink) -> Iterator[None]:
+        handles = []
+        try:
+            with watch_sdpa():
+                for i, block in enumerate(self.blocks):
+                    if not wants(sink, i):
+                        continue
+                    if sink.wants_attention:
+                        handles += watch_attention(block.attn, attention_report(sink, i), f"layer {i}")
+                    if sink.wants_hidden:
+                        handles.append(block.register_forward_hook(_hidden_hook(sink, i)))
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+            _PENDING.report = None
+
+    def reference_attention(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
+        """timm's own unfused softmax output, read by ``AttentionExtract`` on ``attn_drop``."""
+        from timm.utils import AttentionExtract
+
+        ref = copy.deepcopy(self.model).eval()
+        for m in ref.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
+        names = [f"{self.family.blocks}.{i}.attn.attn_drop" for i in range(self.num_layers)]
+        with torch.inference_mode():
+            out = AttentionExtract(ref, names=names, method="hook")(pixel_values)
+        return {i: out[n].float() for i, n in enumerate(names)}
+
+
+def _hidden_hook(sink: Sink, layer: int):
+    def hook(module, args, out):
+        sink.hidden(layer, out)
+
+    return hook
+
+
+class TimmWindowedAdapter(TimmAdapter):
+    """Swin-style models: attention within local windows, so no ``[T, T]`` matrix to report.
+
+    Metrics that need global attention (MAD, ...) refuse these models through
+    ``global_attention = False``; the tap refuses attention requests with the same reason.
+    """
+
+    global_attention = False
+    provides_hidden = False
+
+    def _window_attentions(self) -> list[nn.Module]:
+        return [m for m in self.model.modules() if type(m).__name__.endswith("WindowAttention")]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._window_attentions())
+
+    @property
+    def num_heads(self) -> int:
+        return int(self._window_attentions()[0].num_heads)
+
+    def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
+        pe = self.model.patch_embed
+        return TokenLayout(0, pe.dynamic_feat_size(tuple(pixel_values.shape[-2:])), _pair(pe.patch_size))
+
+    @contextmanager
+    def tap(self, sink: Sink) -> Iterator[None]:
+        if sink.wants_attention or sink.wants_hidden:
+            raise UnsupportedArchitectureError(
+                f"{type(self.model).__name__} uses windowed attention (each token attends within a local "
+                "window, shifted between blocks), so it has no image-wide attention matrix to probe. Use a "
+                "global-attention ViT (ViT, DeiT, DINO, EVA, BEiT)."
+            )
+        yield
+
+    def reference_attention(self, pixel_values):
+        raise UnsupportedArchitectureError(f"{type(self.model).__name__} uses windowed attention; no [T, T] reference.")

@@ -1,0 +1,71 @@
+"""Attention entropy: how spread out each head's attention over the patches is."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from probekit.metric import Metric
+from probekit.tokens import TokenLayout
+
+
+def patch_rows(probs: torch.Tensor, layout: TokenLayout, renormalize: bool = True) -> torch.Tensor:
+    """The patch-key part of attention rows ``[..., T]`` -> ``[..., N]``, rescaled to sum to 1.
+
+    Rows that put all their mass on prefix tokens stay all-zero rather than dividing by zero.
+    """
+    a = probs[..., layout.num_prefix :]
+    if renormalize:
+        a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+    return a
+
+
+def row_entropy(a: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats of each row of ``a`` ``[..., N]`` (``0 ln 0 = 0``)."""
+    return -torch.special.xlogy(a, a).sum(-1)
+
+
+class AttentionEntropy(Metric):
+    """Shannon entropy of each head's attention over patch keys, averaged over query patches.
+
+    For a query patch ``q`` with attention ``A[q, k]`` renormalized over the ``N`` patch keys
+    (prefix tokens dropped from queries and keys)::
+
+        H_q = - sum_k A[q, k] ln A[q, k]            (nats; 0 for one key, ln N for uniform)
+
+    then the mean over query patches. Low entropy means a head attends to few patches; the
+    entropy of attention is used to diagnose attention collapse and to compare heads (e.g.
+    Zhai et al. 2023, "Stabilizing Transformer Training by Preventing Attention Entropy
+    Collapse"; Walmer et al. 2023 use the same per-head spread with MAD).
+
+    Args:
+        normalized: divide by ``ln N`` so values lie in ``[0, 1]`` whatever the grid size.
+
+    Returns:
+        ``[B, H]`` per image and head.
+
+    >>> import torch, probekit as pk
+    >>> lay = pk.TokenLayout(num_prefix=1, grid=(14, 14), patch_size=(16, 16))
+    >>> uniform = torch.full((1, 1, 197, 197), 1 / 197)
+    >>> round(AttentionEntropy().compute(uniform, lay).item(), 3)
+    5.278
+    """
+
+    name = "entropy"
+    description = "entropy of attention over patch keys (nats; rows renormalized), mean over query patches"
+    citation = "Zhai et al. 2023, Stabilizing Transformer Training by Preventing Attention Entropy Collapse"
+    unit = "nats"
+
+    def __init__(self, normalized: bool = False):
+        self.normalized = bool(normalized)
+        super().__init__()
+
+    def value_unit(self) -> str:
+        return "fraction of ln N" if self.normalized else "nats"
+
+    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
+        h = row_entropy(patch_rows(probs, layout))
+        if self.normalized:
+            h = h / max(math.log(layout.num_patches), torch.finfo(h.dtype).tiny)
+        return h

@@ -1,0 +1,66 @@
+"""Prefix mass: how much attention patch queries pay to CLS, distillation and register tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from probekit.errors import ConfigError
+from probekit.metric import Metric
+from probekit.tokens import TokenLayout
+
+KINDS = ("all", "cls", "dist", "reg")
+
+
+def prefix_mask(layout: TokenLayout, kind: str, device=None) -> torch.Tensor:
+    """Float mask ``[num_prefix]`` of the prefix tokens of ``kind`` (``"all"``: every one)."""
+    sel = [kind == "all" or k == kind for k in layout.prefix_kinds]
+    return torch.tensor(sel, dtype=torch.float32, device=device)
+
+
+class PrefixMass(Metric):
+    """Attention mass each head puts on prefix tokens, averaged over query patches.
+
+    For a query patch ``q`` and the set ``S`` of prefix tokens of the chosen kind::
+
+        m_q = sum_{k in S} A[q, k]            (raw softmax rows, not renormalized)
+
+    then the mean over query patches. A model without prefix tokens of that kind gets 0.
+    Heads that park attention on CLS or register tokens are the "attention sinks" of Darcet
+    et al. 2024 (registers) and Xiao et al. 2024.
+
+    Relation to MAD: with ``m_q`` over all prefix tokens (``kind="all"``), each row's
+    un-renormalized MAD is ``(1 - m_q)`` times its renormalized MAD, so
+    ``MAD(renormalize=False) = mean_q (1 - m_q) * MAD_q(renormalize=True)``: prefix mass counts
+    as distance 0 in the reference definition.
+
+    Args:
+        kind: which prefix tokens count, from ``layout.prefix_kinds``: ``"all"`` (default),
+            ``"cls"``, ``"dist"`` (DeiT distillation token) or ``"reg"`` (registers). One kind
+            per instance; ask for several instances to split the mass by kind.
+
+    Returns:
+        ``[B, H]`` per image and head, in ``[0, 1]``.
+
+    >>> import torch, probekit as pk
+    >>> lay = pk.TokenLayout(num_prefix=1, grid=(2, 2), patch_size=(16, 16))
+    >>> uniform = torch.full((1, 1, 5, 5), 1 / 5)
+    >>> round(PrefixMass().compute(uniform, lay).item(), 2)
+    0.2
+    """
+
+    name = "prefix_mass"
+    description = "attention mass patch queries put on prefix tokens (cls/dist/reg or all)"
+    citation = "Darcet et al. 2024, Vision Transformers Need Registers"
+    unit = "fraction of attention"
+
+    def __init__(self, kind: str = "all"):
+        if kind not in KINDS:
+            raise ConfigError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}.")
+        self.kind = kind
+        super().__init__()
+
+    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
+        p = layout.num_prefix
+        if p == 0:
+            return probs.new_zeros(probs.shape[:-1])
+        return probs[..., :p] @ prefix_mask(layout, self.kind, probs.device)

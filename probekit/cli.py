@@ -1,0 +1,390 @@
+"""The ``probekit`` command: list models and metrics, inspect a model, run and plot comparisons.
+
+Each command is a small function over the Python API. Data goes to stdout, messages and
+progress to stderr. An expected failure (any :class:`~probekit.errors.ProbekitError`)
+prints one short red line, plus one bullet per bad field, and exits with code 1; a
+traceback is shown only with ``PROBEKIT_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import (
+    ConfigError,
+    ImageError,
+    PluginLoadError,
+    ProbekitError,
+    UnknownNameError,
+    UnsupportedArchitectureError,
+    WeightsUnavailableError,
+)
+
+__all__ = ["app", "main"]
+
+
+class _Consoles:
+    """Data to stdout, messages to stderr; tables are never cut when stdout is a pipe or file."""
+
+    @property
+    def out(self) -> Console:
+        return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+
+    @property
+    def err(self) -> Console:
+        return Console(stderr=True, soft_wrap=True)
+
+
+_consoles = _Consoles()
+
+app = typer.Typer(
+    name="probekit",
+    help="Measure what the attention heads of Vision Transformers do, the same way across libraries.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# One table from error type to the hint that follows its message (most specific first).
+CLI_ERROR_HINTS: list[tuple[type[BaseException], str]] = [
+    (UnknownNameError, "List what exists with `probekit models` or `probekit metrics`."),
+    (WeightsUnavailableError, "Connect once to download the weights, or pass --no-pretrained for a random-init control."),
+    (PluginLoadError, "Run `probekit metrics` to see which plugins load."),
+    (UnsupportedArchitectureError, ""),
+    (ImageError, ""),
+    (ConfigError, ""),
+    (ProbekitError, ""),
+]
+
+
+def _fail(exc: BaseException, code: int = 1) -> None:
+    """Print ``exc`` as one red line (bullets below it) with its hint, then exit."""
+    first, *rest = str(exc).splitlines() or [type(exc).__name__]
+    hint = next((h for t, h in CLI_ERROR_HINTS if isinstance(exc, t)), "")
+    if hint and hint in str(exc):
+        hint = ""
+    _consoles.err.print(f"[bold red]Error:[/] [red]{escape(first)}[/]", highlight=False)
+    for line in rest:
+        _consoles.err.print(line, highlight=False, markup=False)
+    if hint:
+        _consoles.err.print(f"[dim]{hint}[/]", highlight=False)
+    _consoles.err.print("[dim]Set PROBEKIT_DEBUG=1 for a traceback.[/]", highlight=False)
+    raise typer.Exit(code=code)
+
+
+def _handled(fn):
+    """Expected errors become one message and exit code 1 (tracebacks with PROBEKIT_DEBUG=1)."""
+
+    @wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ProbekitError as exc:
+            if os.environ.get("PROBEKIT_DEBUG"):
+                raise
+            _fail(exc)
+
+    return run
+
+
+def _parse_options(pairs: list[str] | None, what: str) -> dict[str, Any]:
+    """``["k=v", ...]`` -> dict; values read as YAML (``false``, ``8``, ``[224, 160]``)."""
+    import yaml
+
+    opts = {}
+    for pair in pairs or []:
+        key, sep, val = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE.", param_hint=what)
+        try:
+            opts[key.strip()] = yaml.safe_load(val)
+        except yaml.YAMLError:
+            opts[key.strip()] = val
+    return opts
+
+
+FormatOpt = Annotated[
+    str, typer.Option("--format", "-f", help="Output format: [bold]human[/] (a table) or [bold]json[/].",
+                      case_sensitive=False)
+]
+
+
+def _check_format(fmt: str) -> str:
+    fmt = fmt.lower()
+    if fmt not in ("human", "json"):
+        raise typer.BadParameter(f"{fmt!r} is not one of human, json.", param_hint="--format")
+    return fmt
+
+
+# -- models, metrics, inspect --------------------------------------------------------------------
+@app.command("models", epilog="Examples:\n\n  probekit models\n\n  probekit models --format json")
+@_handled
+def models_cmd(
+    format: FormatOpt = "human",
+    filter: Annotated[Optional[str], typer.Option(help="Only aliases matching this glob, e.g. 'dino*'.")] = None,
+):
+    """List the model aliases: their spec, training kind, family and patch size.
+
+    Any spec works too: hf:<repo id>, timm:<model name>, open_clip:<arch>/<tag>, onnx:<path>.
+    """
+    import fnmatch
+
+    from .models import aliases
+
+    fmt = _check_format(format)
+    rows = [
+        {"alias": a, "spec": e.get("spec"), "training": e.get("training"), "family": e.get("family"),
+         "patch": e.get("patch_size")}
+        for a, e in aliases().items() if not filter or fnmatch.fnmatch(a, filter)
+    ]
+    if fmt == "json":
+        _consoles.out.print_json(json.dumps(rows))
+        return
+    table = Table("alias", "spec", "training", "family", "patch", box=None, header_style="bold")
+    for r in rows:
+        table.add_row(*(escape(str(r[k] if r[k] is not None else "")) for k in ("alias", "spec", "training", "family", "patch")))
+    _consoles.out.print(table)
+
+
+@app.command("metrics", epilog="Examples:\n\n  probekit metrics\n\n  probekit metrics --format json")
+@_handled
+def metrics_cmd(format: FormatOpt = "human"):
+    """List the registered metrics, built-in and third-party, with a one-line description."""
+    from .registry import metrics
+
+    fmt = _check_format(format)
+    rows = []
+    for rec in metrics.records():
+        try:
+            cls = metrics.get(rec.name)
+            rows.append({"name": rec.name, "description": cls.description, "unit": cls.unit, "source": rec.dist})
+        except ProbekitError as exc:
+            rows.append({"name": rec.name, "description": None, "error": str(getattr(exc, "cause", exc)),
+                         "source": rec.dist})
+    if fmt == "json":
+        _consoles.out.print_json(json.dumps(rows))
+        return
+    table = Table("metric", "description", box=None, header_style="bold")
+    for r in rows:
+        desc = escape(r["description"] or "") if "error" not in r else f"[red](failed to load: {escape(r['error'])})[/]"
+        table.add_row(r["name"], desc or "")
+    _consoles.out.print(table)
+
+
+@app.command("inspect", epilog="Examples:\n\n  probekit inspect dino-s16\n\n"
+             "  probekit inspect timm:vit_small_patch16_224 --no-pretrained --image-size 384")
+@_handled
+def inspect_cmd(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="An alias from `probekit models`, or a spec such as timm:vit_small_patch16_224.")],
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights, or build the architecture at random init.")] = True,
+    image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels (default: the model's native size).")] = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="A backend option KEY=VALUE; repeat for several.")] = None,
+    format: FormatOpt = "human",
+):
+    """Show a model's layers, heads, prefix tokens, patch grid, patch size and parameter count."""
+    from . import models
+
+    fmt = _check_format(format)
+    opts = _parse_options(option, "--option")
+    if not pretrained:
+        opts["pretrained"] = False
+    if image_size is not None:
+        opts["image_size"] = image_size
+    pm = models.load(model, **opts)
+    info = pm.describe(pm.example_input(image_size=(image_size, image_size) if image_size else None))
+    if fmt == "json":
+        _consoles.out.print_json(json.dumps(info, default=str))
+        return
+    table = Table(box=None, show_header=False)
+    for k, v in info.items():
+        table.add_row(f"[bold]{k}[/]", escape(", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)))
+    _consoles.out.print(table)
+
+
+# -- run, compare, plot ------------------------------------------------------------------------
+class _Progress:
+    """A rich progress bar on stderr: one task per model (a Reporter for probekit.compare)."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=_consoles.err, transient=False)
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def model_started(self, label, images, cached):
+        desc = f"{escape(label)} [dim](cached)[/]" if cached else escape(label)
+        self.tasks[label] = self.bar.add_task(desc, total=images, completed=images if cached else 0)
+
+    def images_done(self, label, done, total):
+        self.bar.update(self.tasks[label], completed=done, total=total)
+
+    def model_finished(self, label, seconds, cached):
+        self.bar.stop_task(self.tasks[label])
+
+    def model_failed(self, label, message):
+        self.bar.update(self.tasks[label], description=f"[red]{escape(label)} failed[/]")
+        self.bar.stop_task(self.tasks[label])
+
+
+def _run_comparison(cfg_or_path: Any, out_dir: Optional[str], figures: bool, **flags) -> None:
+    from .compare import compare
+
+    try:
+        with _Progress() as bar:
+            cmp = compare(cfg_or_path, out=out_dir, reporter=bar, figures=figures, **flags)
+    except KeyboardInterrupt:
+        _consoles.err.print("[yellow]Interrupted.[/] Finished parts are kept; run the same command again to resume.")
+        raise typer.Exit(code=130) from None
+    res = cmp.results
+    if len(res):
+        for metric in res.metrics:
+            means = res.layer_means(metric)
+            table = Table("model", *[str(c) for c in means.columns], title=escape(f"{metric}: mean over heads and images per layer"),
+                          box=None, header_style="bold")
+            for model, row in means.iterrows():
+                table.add_row(escape(str(model)), *[f"{v:.4g}" for v in row])
+            _consoles.out.print(table)
+    _consoles.err.print(f"Wrote {cmp.run_dir}/ (results.parquet, summary.csv, run.json, {len(cmp.figures)} figure files).")
+    if cmp.figure_error:
+        _consoles.err.print(f"[yellow]No figures:[/] {cmp.figure_error}", highlight=False)
+    if cmp.cached:
+        _consoles.err.print(f"[dim]Served from cache: {escape(', '.join(cmp.cached))}.[/]")
+    _consoles.out.print(str(cmp.run_dir))
+    if cmp.failures:
+        _consoles.err.print(f"[bold red]Error:[/] [red]{len(cmp.failures)} model(s) failed; the others' results are kept:[/]")
+        for f in cmp.failures:
+            _consoles.err.print(f"  - {f['model']} ({f['stage']}): {f['error']}: {f['message']}", markup=False, highlight=False)
+        raise typer.Exit(code=1)
+
+
+@app.command("run", epilog="Examples:\n\n  probekit run dino-s16 deit-s --images sample\n\n"
+             "  probekit run timm:vit_small_patch16_224 --no-pretrained --metric mad --metric-option units=patch "
+             "--images ./photos --out runs/control")
+@_handled
+def run_cmd(
+    models: Annotated[list[str], typer.Argument(metavar="MODEL", help="One or more aliases or specs to probe on the same images.")],
+    images: Annotated[list[str], typer.Option("--images", "-i", help="A folder, an image file, or [bold]sample[/] for the bundled photos; repeat for several.")] = ["sample"],
+    metric: Annotated[list[str], typer.Option("--metric", "-m", help="A metric from `probekit metrics`; repeat for several.")] = ["mad"],
+    metric_option: Annotated[Optional[list[str]], typer.Option("--metric-option", help="A metric option KEY=VALUE (or METRIC.KEY=VALUE for one metric); repeat for several.")] = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="A model option KEY=VALUE for every model, e.g. img_size=224; repeat for several.")] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", help="The run directory (default: runs/run). Rerunning into it reuses finished parts.")] = None,
+    count: Annotated[Optional[int], typer.Option(help="Probe a seeded random subset of this many images.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels (default: each model's native size).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    device: Annotated[Optional[str], typer.Option(help="Where to run: cpu, cuda, cuda:1 (default: cpu).")] = None,
+    dtype: Annotated[str, typer.Option(help="Compute dtype: float32, bf16 or fp16 (probabilities stay float32).")] = "float32",
+    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Force pretrained weights or random init for every model (default: each alias's own).")] = None,
+    strict: Annotated[bool, typer.Option(help="Stop at an unreadable image instead of skipping it.")] = False,
+    workers: Annotated[int, typer.Option(help="DataLoader workers that decode images.")] = 0,
+    figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the figures (needs seaborn).")] = True,
+):
+    """Probe MODELS on one image set and write a run directory with results, summary and figures.
+
+    A run directory holds results.parquet, summary.csv (mean and 95% CI), run.json and figures/.
+    Finished parts are cached: an interrupted run resumes when you run the same command again.
+    """
+    from .compare import _as_config
+
+    model_opts = _parse_options(option, "--option")
+    if pretrained is not None:
+        model_opts["pretrained"] = pretrained
+    cfg = _as_config({
+        "name": "run",
+        "models": [{"model": m, "options": dict(model_opts)} for m in models],
+        "images": {"path": images, "count": count},
+        "metrics": [{"name": m, "options": _metric_options(m, metric, metric_option)} for m in metric],
+        "image_size": image_size, "batch_size": batch_size, "device": device, "dtype": dtype,
+        "strict": strict, "workers": workers, "out": out_dir or "runs/run",
+    })
+    _run_comparison(cfg, None, figures)
+
+
+def _metric_options(name: str, all_names: list[str], pairs: list[str] | None) -> dict[str, Any]:
+    """Options for metric ``name``: ``KEY=VALUE`` applies to all, ``NAME.KEY=VALUE`` to one."""
+    opts = {}
+    for key, val in _parse_options(pairs, "--metric-option").items():
+        target, dot, k = key.rpartition(".")
+        if dot and target not in all_names:
+            raise typer.BadParameter(f"{key!r} names metric {target!r}, which is not among --metric {all_names}.",
+                                     param_hint="--metric-option")
+        if not dot or target == name:
+            opts[k] = val
+    return opts
+
+
+@app.command("compare", epilog="Examples:\n\n  probekit compare configs/quickstart.yaml\n\n"
+             "  probekit compare my-run.yaml --out runs/today --device cuda --batch-size 64")
+@_handled
+def compare_cmd(
+    run_file: Annotated[Path, typer.Argument(metavar="RUN.yaml", help="A YAML run file (see configs/quickstart.yaml).")],
+    out_dir: Annotated[Optional[str], typer.Option("--out", help="The run directory (default: the file's `out`, else runs/<name>).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass (over the file's value).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Where to run: cpu, cuda (over the file's value).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Compute dtype: float32, bf16 or fp16 (over the file's value).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers (over the file's value).")] = None,
+    figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the figures (needs seaborn).")] = True,
+):
+    """Run the comparison a run file describes; the file is checked fully before any model loads.
+
+    Flags given here win over the file's values. Finished parts are cached in the run
+    directory, so running the same file again only computes what is missing.
+    """
+    from .config import load_run
+
+    cfg = load_run(run_file)
+    _run_comparison(cfg, out_dir, figures, batch_size=batch_size, device=device, dtype=dtype, workers=workers)
+
+
+@app.command("plot", epilog="Examples:\n\n  probekit plot runs/quickstart\n\n  probekit plot runs/run --kind depth --kind overlay")
+@_handled
+def plot_cmd(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory written by `probekit run` or `probekit compare`.")],
+    kind: Annotated[Optional[list[str]], typer.Option("--kind", "-k", help="depth, overlay, heatmap, summary or maps; repeat for several (default: all).")] = None,
+    metric: Annotated[Optional[list[str]], typer.Option("--metric", "-m", help="Metric labels to draw (default: all).")] = None,
+):
+    """Draw figures (PNG and SVG) from a run directory's results.parquet into its figures/ folder."""
+    from . import plots
+    from .compare import load_run_dir
+
+    res = load_run_dir(run_dir)
+    image_paths = None
+    rj = run_dir / "run.json"
+    if rj.exists():
+        images = json.loads(rj.read_text()).get("images") or {}
+        image_paths = dict(zip(images.get("names") or [], images.get("paths") or []))
+    if metric:
+        missing = [m for m in metric if m not in res.metrics]
+        if missing:
+            raise ConfigError(f"No metric {', '.join(missing)} in {run_dir}; it holds: {', '.join(res.metrics)}.")
+    paths = plots.render_all(res, run_dir / "figures", kinds=kind, metrics=metric, image_paths=image_paths)
+    for p in paths:
+        _consoles.out.print(str(p), highlight=False)
+    _consoles.err.print(f"Wrote {len(paths)} figure files to {run_dir / 'figures'}.")
+
+
+def main() -> None:
+    """Console-script entry point (``probekit``)."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,162 @@
+"""The probekit command: listings, inspect, run, compare, plot, and errors without tracebacks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import probekit as pk
+from probekit.cli import app
+
+
+def _toy():
+    name = "probekit_tests_toy"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_toy.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    sys.modules[name].load_toy()
+    return sys.modules[name]
+
+
+@pytest.fixture(autouse=True)
+def _toy_adapter():
+    """The toy backend is registered for each test of this file only (other files see none)."""
+    _toy()
+    yield
+    pk.adapters.unregister("toy")
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    _toy()
+    monkeypatch.delenv("PROBEKIT_DEBUG", raising=False)
+    runner = CliRunner()
+    return lambda *args, **kw: runner.invoke(app, [str(a) for a in args], **kw)
+
+
+def test_models_lists_aliases_as_table_and_json(cli):
+    r = cli("models")
+    assert r.exit_code == 0, r.output
+    first = next(iter(pk.aliases().items()))
+    assert first[0] in r.stdout and first[1]["spec"] in r.stdout
+    r = cli("models", "--format", "json")
+    rows = json.loads(r.stdout)
+    assert {row["alias"]: row["spec"] for row in rows} == {a: e["spec"] for a, e in pk.aliases().items()}
+    assert set(rows[0]) == {"alias", "spec", "training", "family", "patch"}
+    assert cli("models", "--format", "yaml").exit_code != 0
+
+
+def test_metrics_lists_names_and_descriptions(cli):
+    r = cli("metrics", "--format", "json")
+    assert r.exit_code == 0, r.output
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    assert rows["mad"]["description"] == pk.metrics.get("mad").description
+    assert "mad" in cli("metrics").stdout
+
+
+def test_inspect_describes_layers_heads_and_layout(cli):
+    r = cli("inspect", "toy:vit", "--no-pretrained", "--image-size", "40", "-o", "depth=3", "-o", "patch_size=10",
+            "--format", "json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert (info["layers"], info["heads"], info["prefix_tokens"]) == (3, 2, 1)
+    assert (info["grid"], info["patch_size"], info["tokens"]) == ([4, 4], [10, 10], 17)
+    pm = pk.load("toy:vit", pretrained=False, image_size=40, depth=3, patch_size=10)
+    assert info["parameters"] == sum(p.numel() for p in pm.model.parameters())
+    human = cli("inspect", "toy:vit")
+    assert "layers" in human.stdout and "grid" in human.stdout
+
+
+def test_run_writes_a_run_directory_and_prints_it(cli, tmp_path):
+    out = tmp_path / "run"
+    r = cli("run", "toy:vit", "--images", "sample", "--count", "3", "--metric", "mad", "--metric", "mad",
+            "--metric-option", "mad.units=patch", "--out", out, "--batch-size", "2", "--no-figures")
+    # the same metric twice with different options is fine; with the same options it is refused
+    assert r.exit_code != 0 and "asked for twice" in r.stderr
+    r = cli("run", "toy:vit", "--images", "sample", "--count", "3", "--metric", "mad",
+            "--metric-option", "units=patch", "--out", out, "--batch-size", "2", "--no-figures")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip().splitlines()[-1] == str(out)
+    assert "mad[units=patch]: mean over heads and images per layer" in r.stdout  # labels are not markup
+    table = pd.read_parquet(out / "results.parquet")
+    assert set(table["metric"]) == {"mad[units=patch]"} and table["image"].nunique() == 3
+    run = json.loads((out / "run.json").read_text())
+    assert run["metrics"]["mad[units=patch]"]["options"]["units"] == "patch"
+    again = cli("run", "toy:vit", "--images", "sample", "--count", "3", "--metric", "mad",
+                "--metric-option", "units=patch", "--out", out, "--no-figures")
+    assert again.exit_code == 0 and "Served from cache: toy:vit" in again.stderr
+
+
+def test_unknown_model_says_close_names_and_exits_1_without_traceback(cli):
+    r = cli("run", "vit-b1", "--images", "sample")
+    assert r.exit_code == 1
+    assert "Unknown model 'vit-b1'" in r.stderr and "Did you mean: 'vit-b16'" in r.stderr
+    assert "Traceback" not in r.output and r.stdout == ""
+    r = cli("inspect", "toy:vit", "-o", "oops")
+    assert r.exit_code == 2 and "KEY=VALUE" in r.output
+
+
+def test_debug_env_shows_the_exception(cli, monkeypatch):
+    monkeypatch.setenv("PROBEKIT_DEBUG", "1")
+    r = cli("inspect", "nosuch-model")
+    assert r.exit_code == 1 and isinstance(r.exception, pk.UnknownNameError)
+
+
+def test_compare_bad_run_file_points_at_the_line(cli, tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("models:\n  - model: toy:vit\n    pretrained: false\nmetrics: [mad]\n")
+    r = cli("compare", p)
+    assert r.exit_code == 1
+    lines = r.stderr.splitlines()
+    assert lines[0] == "Error: bad.yaml has 1 problem:"
+    assert lines[1].strip() == "- bad.yaml line 3, models[0].pretrained: Extra inputs are not permitted (got False)"
+    assert "Traceback" not in r.output
+
+
+def test_failed_model_exits_1_and_keeps_the_others(cli, tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text(f"models: [toy:vit, toy:missing]\nimages: {{path: sample, count: 2}}\nout: {tmp_path / 'o'}\n"
+                 "figures: []\n")
+    r = cli("compare", p)
+    assert r.exit_code == 1
+    assert "1 model(s) failed" in r.stderr and "toy:missing (load): WeightsUnavailableError" in r.stderr
+    assert set(pd.read_parquet(tmp_path / "o" / "results.parquet")["model"]) == {"toy:vit"}
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(cli, tmp_path, monkeypatch):
+    import probekit.models
+
+    def interrupted(name, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(probekit.models, "load", interrupted)
+    r = cli("run", "toy:vit", "--count", "2", "--out", tmp_path / "o", "--no-figures")
+    assert r.exit_code == 130 and "run the same command again to resume" in r.stderr
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["status"] == "interrupted"
+
+
+def test_plot_draws_from_the_run_directory(cli, tmp_path):
+    out = tmp_path / "run"
+    assert cli("run", "toy:vit", "--count", "2", "--out", out, "--no-figures").exit_code == 0
+    (out / "run.json").unlink()  # the parquet alone is enough
+    r = cli("plot", out, "--kind", "depth", "--kind", "overlay")
+    assert r.exit_code == 0, r.output
+    files = sorted(Path(line).name for line in r.stdout.split())
+    assert files == ["depth_mad.png", "depth_mad.svg", "overlay_mad.png", "overlay_mad.svg"]
+    assert all((out / "figures" / f).stat().st_size > 0 for f in files)
+    r = cli("plot", tmp_path / "nowhere")
+    assert r.exit_code == 1 and "No results.parquet" in r.stderr
+
+
+def test_every_command_has_help_with_examples(cli):
+    for cmd in ("models", "metrics", "inspect", "run", "compare", "plot"):
+        r = cli(cmd, "--help")
+        assert r.exit_code == 0 and "Examples" in r.stdout, cmd

