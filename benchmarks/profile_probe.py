@@ -83,16 +83,17 @@ def main(argv=None) -> int:
         if e.name not in total and _in_region(e.cpu_parent, "probekit.sink"):
             ops[e.name] += e.self_cpu_time_total / 1e6
     sink_s, fwd_s, all_s = total.get("probekit.sink", 0), total.get("model.forward", 0), total["probekit.probe"]
+    if not sink_s:
+        print("The sink never ran: does this adapter's tap call MetricSink.attention?", file=sys.stderr)
 
     print(f"{args.model} {args.image_size}px, batch {args.batch}, metrics {metrics}, {args.threads} threads")
     print(f"plain forward (no profiler)      {plain_s:7.3f} s")
-    print(f"pk.probe      (no profiler)      {probe_s:7.3f} s  ({probe_s / plain_s:.2f}x plain; the profiler adds some)")
-    print(f"under the profiler: pk.probe     {all_s:7.3f} s")
+    print(f"pk.probe (under the profiler)    {probe_s:7.3f} s  ({probe_s / plain_s:.2f}x plain; the profiler adds a little)")
     print(f"  model forward without the sink {fwd_s - sink_s:7.3f} s")
     print(f"  sink (per-layer engine work)   {sink_s:7.3f} s  {100 * sink_s / all_s:5.1f}%")
     print(f"  around the forward             {all_s - fwd_s:7.3f} s  {100 * (all_s - fwd_s) / all_s:5.1f}%  "
           "(image set, DataLoader, table)")
-    print(f"inside the sink, by op (self time):")
+    print("inside the sink, by op (self time):")
     for name, s in sorted(ops.items(), key=lambda kv: -kv[1])[: args.top]:
         print(f"  {name:<36} {s:7.3f} s  {100 * s / max(sink_s, 1e-9):5.1f}% of sink")
     print(f"  {'Python (no op)':<36} {sink_s - sum(ops.values()):7.3f} s")

@@ -64,9 +64,12 @@ class LayerAttention:
         The scale multiplies the ``[T, d]`` queries rather than the ``[T, T]`` logits: fewer
         multiplies, the same numbers to float32 rounding.
         """
-        if self._qs is None:  # into a contiguous tensor: ``q * s`` would keep q's strided layout
-            qs = torch.empty(self.q.shape, dtype=torch.float32, device=self.q.device)
-            self._qs = torch.mul(self.q.float(), self.scale, out=qs)
+        if self._qs is None:  # contiguous: ``q * s`` alone would keep q's strided layout
+            if self.q.requires_grad and torch.is_grad_enabled():  # out= cannot record gradients
+                self._qs = (self.q.float() * self.scale).contiguous()
+            else:
+                qs = torch.empty(self.q.shape, dtype=torch.float32, device=self.q.device)
+                self._qs = torch.mul(self.q.float(), self.scale, out=qs)
         return self._qs
 
     def logits(self, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,16 +97,29 @@ class LayerAttention:
             workspace: reuse its buffers instead of allocating; the result is then a view into
                 the workspace, valid only until the next call with the same workspace.
         """
+        return self.block(rows, workspace)[1]
+
+    def block(
+        self, rows: slice | None = None, workspace: "Workspace | None" = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(logits, probs)`` of the query rows, both float32 ``[B, H, R, T]``.
+
+        The logits come free with the probabilities (the softmax writes to another buffer);
+        they are None where the tap handed over probabilities. With ``workspace``, both are
+        views into it, valid until its next use.
+        """
         rows = rows or slice(None)
         if self.probs_given is not None:
-            return self.probs_given[:, :, rows].float()
+            return None, self.probs_given[:, :, rows].float()
         if workspace is None:
-            return torch.softmax(self.logits(rows), dim=-1)
+            logits = self.logits(rows)
+            return logits, torch.softmax(logits, dim=-1)
         b, h, _ = self.shape
         n = len(range(*rows.indices(self.q.shape[2])))
         shape = (b, h, n, self.k.shape[2])
         logits = self.logits(rows, out=workspace.get("logits", shape, self.q.device))
-        return torch.ops.aten._softmax.out(logits, -1, False, out=workspace.get("probs", shape, self.q.device))
+        probs = torch.ops.aten._softmax.out(logits, -1, False, out=workspace.get("probs", shape, self.q.device))
+        return logits, probs
 
 
 class Workspace:

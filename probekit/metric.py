@@ -37,6 +37,7 @@ class Metric:
     - ``name``: registry key; ``description``: one-line definition; ``citation``.
     - ``needs``: ``"attention"`` or ``"hidden"`` (output tokens of each block).
     - ``rowwise``: values are means over query rows of :meth:`row_values`.
+    - ``uses_logits``: :meth:`row_sum` also receives the block's logits (``logits=``).
     - ``per_head``: values have a head axis after the batch axis.
     - ``is_map``: values have further axes (stored as arrays, not table rows).
     - ``requires_global_attention``: refuse windowed/local attention (meaningless there).
@@ -49,6 +50,7 @@ class Metric:
     citation: ClassVar[str] = ""
     needs: ClassVar[str] = "attention"
     rowwise: ClassVar[bool] = True
+    uses_logits: ClassVar[bool] = False
     per_head: ClassVar[bool] = True
     is_map: ClassVar[bool] = False
     requires_global_attention: ClassVar[bool] = True
@@ -57,6 +59,7 @@ class Metric:
 
     _CONSTANTS = (
         "name", "needs", "rowwise", "per_head", "is_map", "requires_global_attention", "cross_layer",
+        "uses_logits",
     )
 
     def __init__(self, **options: Any):
@@ -129,6 +132,9 @@ class Metric:
 
         What the engine calls per block (it divides by the row count at the end). Override it
         when the sum has a faster form than the rows one by one (MAD: one matrix-vector product).
+        A metric with ``uses_logits = True`` also gets ``logits=``: the block's float32 softmax
+        inputs (same shape; None when the tap handed over probabilities), e.g. for entropy
+        without a logarithm per element.
         """
         return self.row_values(probs, layout, rows).sum(dim=2)
 

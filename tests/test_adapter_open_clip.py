@@ -6,24 +6,24 @@ a tap that forgets them.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import probekit as pk
 from probekit.errors import LayoutError, UnknownNameError, WeightsUnavailableError
 from probekit.plugins.adapters.open_clip import OpenClipAdapter, OpenClipTimmAdapter
+from probekit.testing import randomize_parameters
 
 TEXT = dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
 VISION = dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16)
 TOL = 1e-5
 
 
-def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
+# seeded noise on every parameter (biases, norms, layer scale, position tables): bugs that random
+# init hides (zero biases, zero tables) then change the numbers
+randomize = functools.partial(randomize_parameters, scale=0.2)
 
 
 def tiny(spec: str = "open_clip:ViT-B-16", vision=None, **options) -> pk.ProbedModel:

@@ -7,6 +7,8 @@ Models are tiny (width 32, 2 layers, patch 8) so the whole file runs in seconds.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 import probekit as pk
 from probekit.errors import LayoutError, UnknownNameError, UnsupportedArchitectureError, WeightsUnavailableError
 from probekit.plugins.adapters.timm import TimmAdapter, TimmWindowedAdapter
+from probekit.testing import randomize_parameters
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=32)
 TOL = 1e-5
@@ -34,13 +37,9 @@ FAMILIES = {
 }
 
 
-def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
-    """Seeded noise on every parameter (biases, norms, layer scale, position tables)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
+# seeded noise on every parameter (biases, norms, layer scale, position tables): bugs that random
+# init hides (zero biases, zero tables) then change the numbers
+randomize = functools.partial(randomize_parameters, scale=0.2)
 
 
 def _load(family: str, **extra) -> pk.ProbedModel:

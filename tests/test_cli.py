@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,28 +13,12 @@ import probekit as pk
 from probekit.cli import app
 
 
-def _toy():
-    name = "probekit_tests_toy"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_toy.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    sys.modules[name].load_toy()
-    return sys.modules[name]
-
-
-@pytest.fixture(autouse=True)
-def _toy_adapter():
-    """The toy backend is registered for each test of this file only (other files see none)."""
-    _toy()
-    yield
-    pk.adapters.unregister("toy")
+# the toy backend (tests/_toy.py) is registered for each test of this file only (other files see none)
+pytestmark = pytest.mark.usefixtures("toy_backend")
 
 
 @pytest.fixture
-def cli(monkeypatch):
-    _toy()
+def cli(monkeypatch, toy_backend):
     monkeypatch.delenv("PROBEKIT_DEBUG", raising=False)
     runner = CliRunner()
     return lambda *args, **kw: runner.invoke(app, [str(a) for a in args], **kw)

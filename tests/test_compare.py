@@ -22,23 +22,8 @@ from probekit.config import load_run
 from probekit.errors import ConfigError
 
 
-def _toy():
-    name = "probekit_tests_toy"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_toy.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    sys.modules[name].load_toy()
-    return sys.modules[name]
-
-
-@pytest.fixture(autouse=True)
-def _toy_adapter():
-    """The toy backend is registered for each test of this file only (other files see none)."""
-    _toy()
-    yield
-    pk.adapters.unregister("toy")
+# the toy backend (tests/_toy.py) is registered for each test of this file only (other files see none)
+pytestmark = pytest.mark.usefixtures("toy_backend")
 
 
 RUN = """\
@@ -61,9 +46,8 @@ figures: [depth]
 
 
 @pytest.fixture
-def loads(monkeypatch):
+def loads(monkeypatch, toy_backend):
     """Count (and optionally sabotage) model loads: wraps probekit.models.load."""
-    _toy()
     real = probekit.models.load
     calls: list[str] = []
     state = {"interrupt_at": None}

@@ -270,3 +270,42 @@ def test_a_full_layer_of_attention_is_visible_to_the_watch():
         sink.start(pm.layout(x))
         pm.adapter.forward(x)
     assert sink.big == [1, 2, 3, 4]
+
+
+class _LogitSpy(pk.Metric):
+    """A metric that asks for logits and checks them against the probabilities it is given."""
+
+    name = "logit_spy"
+    requires_global_attention = False
+    uses_logits = True
+
+    def row_values(self, probs, layout, rows):
+        return probs.sum(-1)
+
+    def row_sum(self, probs, layout, rows, logits=None):
+        seen = self.__dict__.setdefault("seen", [])
+        seen.append(None if logits is None else (logits.clone(), probs.clone(), rows))
+        return super().row_sum(probs, layout, rows)
+
+
+def test_metrics_that_ask_for_logits_get_the_softmax_inputs():
+    q, k = _qk(t=11)
+    spy = _LogitSpy()
+    sink = MetricSink([spy], block_mb=2 * 3 * 11 * 8 * 4 / 2**20)  # blocks of 4 rows
+    sink.start(pk.TokenLayout(num_prefix=1, grid=(2, 5), patch_size=8))
+    sink.attention(0, LayerAttention(q=q, k=k, scale=0.3))
+    exact = q.double() @ k.double().transpose(-1, -2) * 0.3
+    assert [r for _, _, r in spy.seen] == [slice(1, 5), slice(5, 9), slice(9, 11)]
+    for logits, probs, rows in spy.seen:
+        torch.testing.assert_close(logits.double(), exact[:, :, rows], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.softmax(logits, -1), probs)
+    spy.seen.clear()  # a tap that hands over probabilities has no logits to give
+    sink.attention(1, LayerAttention(probs_given=torch.softmax(exact.float(), -1)))
+    assert spy.seen and all(s is None for s in spy.seen)
+
+
+def test_probabilities_keep_gradients_outside_the_engine():
+    q, k = _qk(t=7)
+    q = q.clone().requires_grad_(True)
+    LayerAttention(q=q, k=k, scale=0.5).probs(slice(1, 7))[..., 0].sum().backward()
+    assert q.grad is not None and q.grad[:, :, 1:].abs().sum() > 0 and q.grad[:, :, 0].abs().sum() == 0

@@ -18,6 +18,7 @@ from probekit.testing import (
     parametrize_with_checks,
     randomize_parameters,
 )
+from probekit_tests_helpers import LastHidden, export_onnx, tiny_dinov2  # tests/_helpers.py, via conftest
 
 MAD_CHECKS = {
     "check_merged_halves", "check_reset_restores_defaults", "check_batch_size_invariance",
@@ -146,26 +147,9 @@ def test_check_metric_catches_broken_metrics(metric, broken):
 # -- adapters -----------------------------------------------------------------------------------
 def _export_dinov2(path, image_size=28, layers=2):
     """A tiny randomized transformers DINOv2 (eager) as ONNX with a dynamic input size."""
-    tr = pytest.importorskip("transformers")
     pytest.importorskip("onnxruntime")
-    cfg = tr.Dinov2Config(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
-                          image_size=image_size, patch_size=7, attn_implementation="eager")
-    m = randomize_parameters(tr.Dinov2Model(cfg).eval(), seed=0, scale=0.3)
-
-    class Out(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            return self.model(pixel_values=x).last_hidden_state
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Out(m), (torch.randn(1, 3, image_size, image_size),), str(path), dynamo=False,
-                          opset_version=17, input_names=["pixel_values"],
-                          dynamic_axes={"pixel_values": {0: "batch", 2: "height", 3: "width"}})
-    return path
+    m = tiny_dinov2(image_size=image_size, layers=layers, seed=0, scale=0.3)
+    return export_onnx(LastHidden(m), torch.randn(1, 3, image_size, image_size), path, dynamic_size=True)
 
 
 @pytest.fixture(scope="module")

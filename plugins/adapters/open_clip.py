@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probekit.adapter import Adapter, Sink, wants
+from probekit.adapter import Adapter, Sink
 from probekit.attention import LayerAttention
 from probekit.errors import LayoutError, UnknownNameError, UnsupportedArchitectureError, WeightsUnavailableError
 from probekit.tokens import TokenLayout
 
-from .timm import TimmAdapter, _hidden_hook, _pair, attention_report, watch_attention, watch_sdpa
+from ._sdpa_spy import attention_report, tap_blocks, watch_attention
+from .timm import TimmAdapter, _pair
 
 __all__ = ["OpenClipAdapter", "OpenClipTimmAdapter"]
 
@@ -77,6 +78,13 @@ def _watch_mha(mha: nn.MultiheadAttention, sink: Sink, layer: int):
         sink.attention(layer, mha_qk(module, args, kwargs))
 
     return [mha.register_forward_pre_hook(hook, with_kwargs=True)]
+
+
+def _watch_block(attn: nn.Module, sink: Sink, layer: int) -> list:
+    """torch MHA blocks report q/k from their inputs; open_clip ``Attention`` through the SDPA spy."""
+    if isinstance(attn, nn.MultiheadAttention):
+        return _watch_mha(attn, sink, layer)
+    return watch_attention(attn, attention_report(sink, layer), f"layer {layer}")
 
 
 def _mha_reference(mha: nn.MultiheadAttention, store: dict, layer: int):
@@ -268,24 +276,8 @@ class OpenClipAdapter(Adapter):
 
     @contextmanager
     def tap(self, sink: Sink) -> Iterator[None]:
-        handles = []
-        seq_first = self._tokens_first()
-        try:
-            with watch_sdpa():
-                for i, block in enumerate(self.blocks):
-                    if not wants(sink, i):
-                        continue
-                    if sink.wants_attention:
-                        if isinstance(block.attn, nn.MultiheadAttention):
-                            handles += _watch_mha(block.attn, sink, i)
-                        else:
-                            handles += watch_attention(block.attn, attention_report(sink, i), f"layer {i}")
-                    if sink.wants_hidden:
-                        handles.append(block.register_forward_hook(_hidden_hook(_BatchFirst(sink, seq_first), i)))
-                yield
-        finally:
-            for h in handles:
-                h.remove()
+        with tap_blocks(self.blocks, sink, watch=_watch_block, hidden=_BatchFirst(sink, self._tokens_first())):
+            yield
 
     def reference_attention(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
         """MHA's own per-head weights (``need_weights=True, average_attn_weights=False``).

@@ -17,18 +17,16 @@ Calls made outside a watched module (e.g. SigLIP's attention-pool head) pass str
 from __future__ import annotations
 
 import copy
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probekit.adapter import Adapter, Sink, wants
-from probekit.attention import LayerAttention
+from probekit.adapter import Adapter, Sink
 from probekit.errors import (
     LayoutError,
     UnknownNameError,
@@ -36,6 +34,16 @@ from probekit.errors import (
     WeightsUnavailableError,
 )
 from probekit.tokens import TokenLayout
+
+from ._sdpa_spy import (  # noqa: F401  (re-exported: the spy used to live here)
+    _ORIGINAL_SDPA,
+    _PENDING,
+    _hidden_hook,
+    attention_report,
+    tap_blocks,
+    watch_attention,
+    watch_sdpa,
+)
 
 __all__ = ["TimmAdapter", "TimmWindowedAdapter", "FAMILIES", "watch_sdpa", "attention_report"]
 
@@ -91,103 +99,6 @@ def _family_of_arch(arch: str) -> Family | None:
     module = timm.models.model_entrypoint(arch).__module__.rsplit(".", 1)[-1]
     return next((f for f in FAMILIES if module in f.modules), None)
 
-
-# -- the SDPA spy ----------------------------------------------------------------------------------
-class _Pending(threading.local):
-    """Per thread: the report function of the watched attention module now running, if any."""
-
-    report: Callable[..., None] | None = None
-
-
-_PENDING = _Pending()
-_SPY_LOCK = threading.Lock()
-_SPY_USERS = 0
-_ORIGINAL_SDPA = F.scaled_dot_product_attention
-
-
-def _additive_bias(mask, is_causal: bool, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
-    """SDPA's ``attn_mask``/``is_causal`` as one additive float bias (None when there is none)."""
-    bias = None
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
-        else:
-            bias = mask
-    if is_causal:
-        t, s = q.shape[-2], k.shape[-2]
-        causal = torch.full((t, s), float("-inf"), device=q.device).triu_(1)
-        bias = causal if bias is None else bias + causal
-    return bias
-
-
-def _sdpa_spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-    report = _PENDING.report
-    if report is not None:
-        _PENDING.report = None  # one report per watched call, and none from inside the sink
-        report(q=query, k=key, scale=scale, bias=_additive_bias(attn_mask, is_causal, query, key))
-    return _ORIGINAL_SDPA(
-        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw
-    )
-
-
-@contextmanager
-def watch_sdpa() -> Iterator[None]:
-    """Install the SDPA spy for the duration (reference counted; inert outside watched modules)."""
-    global _SPY_USERS
-    with _SPY_LOCK:
-        if _SPY_USERS == 0:
-            F.scaled_dot_product_attention = _sdpa_spy
-        _SPY_USERS += 1
-    try:
-        yield
-    finally:
-        with _SPY_LOCK:
-            _SPY_USERS -= 1
-            if _SPY_USERS == 0:
-                F.scaled_dot_product_attention = _ORIGINAL_SDPA
-
-
-def attention_report(sink: Sink, layer: int) -> Callable[..., None]:
-    """A function that turns what the spy (or ``attn_drop``) saw into ``sink.attention(layer, ...)``."""
-
-    def report(q=None, k=None, scale=None, bias=None, probs=None) -> None:
-        if probs is not None:
-            sink.attention(layer, LayerAttention(probs_given=probs))
-            return
-        if k.shape[1] != q.shape[1]:  # grouped-query attention: share each k head
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        s = float(scale) if scale is not None else q.shape[-1] ** -0.5
-        sink.attention(layer, LayerAttention(q=q, k=k, scale=s, bias=bias))
-
-    return report
-
-
-def watch_attention(attn: nn.Module, report: Callable[..., None], where: str) -> list:
-    """Hooks on one attention module: arm the spy on entry, read ``attn_drop`` when unfused,
-    and fail loudly on exit if neither path reported (an attention we do not understand)."""
-
-    def arm(module, args):
-        _PENDING.report = report
-
-    def unfused(module, args, out):
-        if _PENDING.report is report:
-            _PENDING.report = None
-            report(probs=out)
-
-    def check(module, args, out):
-        if _PENDING.report is report:
-            _PENDING.report = None
-            raise UnsupportedArchitectureError(
-                f"{where} ({type(attn).__name__}) computed its attention without "
-                "F.scaled_dot_product_attention or an attn_drop module, so probekit cannot tap it. "
-                "Report the model name; a family entry in plugins/adapters/timm.py may be needed."
-            )
-
-    handles = [attn.register_forward_pre_hook(arm), attn.register_forward_hook(check)]
-    drop = getattr(attn, "attn_drop", None)
-    if isinstance(drop, nn.Module):
-        handles.append(drop.register_forward_hook(unfused))
-    return handles
 
 
 # -- building helpers ----------------------------------------------------------------------------
@@ -368,20 +279,10 @@ class TimmAdapter(Adapter):
     # -- running ---------------------------------------------------------------------------------
     @contextmanager
     def tap(self, sink: Sink) -> Iterator[None]:
-        handles = []
         try:
-            with watch_sdpa():
-                for i, block in enumerate(self.blocks):
-                    if not wants(sink, i):
-                        continue
-                    if sink.wants_attention:
-                        handles += watch_attention(block.attn, attention_report(sink, i), f"layer {i}")
-                    if sink.wants_hidden:
-                        handles.append(block.register_forward_hook(_hidden_hook(sink, i)))
+            with tap_blocks(self.blocks, sink):
                 yield
         finally:
-            for h in handles:
-                h.remove()
             _PENDING.report = None
 
     def reference_attention(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -396,13 +297,6 @@ class TimmAdapter(Adapter):
         with torch.inference_mode():
             out = AttentionExtract(ref, names=names, method="hook")(pixel_values)
         return {i: out[n].float() for i, n in enumerate(names)}
-
-
-def _hidden_hook(sink: Sink, layer: int):
-    def hook(module, args, out):
-        sink.hidden(layer, out)
-
-    return hook
 
 
 class TimmWindowedAdapter(TimmAdapter):

@@ -1,0 +1,168 @@
+"""The SDPA spy: how the timm and open_clip taps see what a fused attention's softmax sees.
+
+timm (and open_clip's timm towers) fix ``fused_attn`` at build time and, when fused, never call
+the modules a hook could watch. Every fused path calls ``F.scaled_dot_product_attention``, so
+while a watched attention module runs, a thread-local spy on that function hands the sink q and
+k (after q/k-norm and rotary embedding), the scale and the mask or relative-position bias as an
+additive bias, then lets the original kernel run. An unfused module's ``attn_drop`` input-output
+is the probabilities themselves; :func:`watch_attention` passes those on instead. Calls made
+outside a watched module pass straight through. :func:`tap_blocks` puts these hooks (and the
+hidden-state hooks) on the blocks of a tower: both adapters' taps are that one loop.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from probekit.adapter import Sink, wants
+from probekit.attention import LayerAttention
+from probekit.errors import UnsupportedArchitectureError
+
+__all__ = ["watch_sdpa", "attention_report", "watch_attention", "tap_blocks"]
+
+
+class _Pending(threading.local):
+    """Per thread: the report function of the watched attention module now running, if any."""
+
+    report: Callable[..., None] | None = None
+
+
+_PENDING = _Pending()
+_SPY_LOCK = threading.Lock()
+_SPY_USERS = 0
+_ORIGINAL_SDPA = F.scaled_dot_product_attention
+
+
+def _additive_bias(mask, is_causal: bool, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """SDPA's ``attn_mask``/``is_causal`` as one additive float bias (None when there is none)."""
+    bias = None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+        else:
+            bias = mask
+    if is_causal:
+        t, s = q.shape[-2], k.shape[-2]
+        causal = torch.full((t, s), float("-inf"), device=q.device).triu_(1)
+        bias = causal if bias is None else bias + causal
+    return bias
+
+
+def _sdpa_spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    report = _PENDING.report
+    if report is not None:
+        _PENDING.report = None  # one report per watched call, and none from inside the sink
+        report(q=query, k=key, scale=scale, bias=_additive_bias(attn_mask, is_causal, query, key))
+    return _ORIGINAL_SDPA(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw
+    )
+
+
+@contextmanager
+def watch_sdpa() -> Iterator[None]:
+    """Install the SDPA spy for the duration (reference counted; inert outside watched modules)."""
+    global _SPY_USERS
+    with _SPY_LOCK:
+        if _SPY_USERS == 0:
+            F.scaled_dot_product_attention = _sdpa_spy
+        _SPY_USERS += 1
+    try:
+        yield
+    finally:
+        with _SPY_LOCK:
+            _SPY_USERS -= 1
+            if _SPY_USERS == 0:
+                F.scaled_dot_product_attention = _ORIGINAL_SDPA
+
+
+def attention_report(sink: Sink, layer: int) -> Callable[..., None]:
+    """A function that turns what the spy (or ``attn_drop``) saw into ``sink.attention(layer, ...)``."""
+
+    def report(q=None, k=None, scale=None, bias=None, probs=None) -> None:
+        if probs is not None:
+            sink.attention(layer, LayerAttention(probs_given=probs))
+            return
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: share each k head
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        s = float(scale) if scale is not None else q.shape[-1] ** -0.5
+        sink.attention(layer, LayerAttention(q=q, k=k, scale=s, bias=bias))
+
+    return report
+
+
+def watch_attention(attn: nn.Module, report: Callable[..., None], where: str) -> list:
+    """Hooks on one attention module: arm the spy on entry, read ``attn_drop`` when unfused,
+    and fail loudly on exit if neither path reported (an attention we do not understand)."""
+
+    def arm(module, args):
+        _PENDING.report = report
+
+    def unfused(module, args, out):
+        if _PENDING.report is report:
+            _PENDING.report = None
+            report(probs=out)
+
+    def check(module, args, out):
+        if _PENDING.report is report:
+            _PENDING.report = None
+            raise UnsupportedArchitectureError(
+                f"{where} ({type(attn).__name__}) computed its attention without "
+                "F.scaled_dot_product_attention or an attn_drop module, so probekit cannot tap it. "
+                "Report the model name; a family entry in plugins/adapters/timm.py may be needed."
+            )
+
+    handles = [attn.register_forward_pre_hook(arm), attn.register_forward_hook(check)]
+    drop = getattr(attn, "attn_drop", None)
+    if isinstance(drop, nn.Module):
+        handles.append(drop.register_forward_hook(unfused))
+    return handles
+
+
+def _hidden_hook(sink, layer: int):
+    """A forward hook that hands a block's output to ``sink.hidden(layer, ...)``."""
+
+    def hook(module, args, out):
+        sink.hidden(layer, out)
+
+    return hook
+
+
+def _watch_block_attention(attn: nn.Module, sink: Sink, layer: int) -> list:
+    return watch_attention(attn, attention_report(sink, layer), f"layer {layer}")
+
+
+@contextmanager
+def tap_blocks(blocks: list[nn.Module], sink: Sink, watch: Callable[[nn.Module, Sink, int], list] | None = None,
+               hidden=None) -> Iterator[None]:
+    """The SDPA spy installed and hooks on each block ``sink`` wants, for the duration.
+
+    Args:
+        blocks: transformer blocks in order, each with its attention module at ``.attn``.
+        sink: the tap's sink (``wants_attention``, ``wants_hidden``, wanted layers).
+        watch: ``(attention module, sink, layer) -> hook handles`` (default: the spy through
+            :func:`watch_attention`); a tower with other attention modules passes its own.
+        hidden: where block outputs go (an object with ``hidden(layer, tokens)``; default ``sink``),
+            e.g. a wrapper that turns tokens-first outputs batch-first.
+    """
+    watch = watch or _watch_block_attention
+    hidden = sink if hidden is None else hidden
+    handles = []
+    try:
+        with watch_sdpa():
+            for i, block in enumerate(blocks):
+                if not wants(sink, i):
+                    continue
+                if sink.wants_attention:
+                    handles += watch(block.attn, sink, i)
+                if sink.wants_hidden:
+                    handles.append(block.register_forward_hook(_hidden_hook(hidden, i)))
+            yield
+    finally:
+        for h in handles:
+            h.remove()

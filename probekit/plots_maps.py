@@ -1,0 +1,86 @@
+"""Map metrics (``cls_map``, ``rollout``) drawn over the images they were computed on: a row per
+model, a column per image, the patch grid upsampled to the image and laid over it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError
+from .plots_common import WIDTH, _layout, _sns
+from .results import Results
+
+__all__ = ["attention_maps"]
+
+
+def _to_grid(m: np.ndarray, layout: dict | None) -> np.ndarray:
+    """One image's map as a 2-D patch grid (extra leading axes such as heads are averaged)."""
+    m = np.asarray(m, dtype=np.float64)
+    while m.ndim > 2 or (m.ndim == 2 and layout and tuple(m.shape) != tuple(layout["grid"]) and m.shape[-1] == 1):
+        m = m.mean(0)
+    if m.ndim == 1:
+        if layout and m.size == layout["grid"][0] * layout["grid"][1]:
+            return m.reshape(layout["grid"])
+        side = int(round(math.sqrt(m.size)))
+        return m.reshape(side, -1) if side * side == m.size else m[None]
+    return m
+
+
+def attention_maps(results: Results, metric: str | None = None, *, image_paths: dict | None = None,
+                   images: int = 4, layer: int = -1, ax=None):
+    """Map metrics over the images: a row per model, a column per image, at one layer.
+
+    Args:
+        metric: a map metric label (``cls_map``, ``rollout``); default the first in ``arrays``.
+        image_paths: ``{image name: path}`` to draw under the maps (run.json has them).
+        images: how many images to show.
+        layer: which stored layer (``-1``: the last).
+
+    Returns:
+        ``(fig, axes)``.
+    """
+    _, plt = _sns()
+    if not results.arrays:
+        raise ConfigError("These results hold no map arrays (run a map metric such as cls_map or rollout).")
+    labels = list(dict.fromkeys(k.rsplit("/", 1)[1] for k in results.arrays))
+    metric = metric or labels[0]
+    keys = [k for k in results.arrays if k.rsplit("/", 1)[1] == metric]
+    if not keys:
+        raise ConfigError(f"No map arrays for {metric!r}; there are: {', '.join(labels)}.")
+    names = (results.meta.get("images") or {}).get("names") or []
+    n_img = min(images, min(results.arrays[k].shape[0] for k in keys))
+    if ax is None:
+        fig, axes = plt.subplots(len(keys), n_img, figsize=(WIDTH, WIDTH / n_img * len(keys) + 0.3),
+                                 squeeze=False, layout="constrained")
+    else:
+        fig, axes = ax.figure, np.array([[ax]])
+        keys, n_img = keys[:1], 1
+    for r, key in enumerate(keys):
+        model = key.rsplit("/", 1)[0]
+        lay = _layout(results, model)
+        for c in range(n_img):
+            a = axes[r, c]
+            grid = _to_grid(results.arrays[key][c, layer], lay)
+            path = (image_paths or {}).get(names[c]) if c < len(names) else None
+            extent = None
+            if path and Path(path).exists():
+                from PIL import Image
+
+                with Image.open(path) as im:
+                    size = tuple(lay["grid"][i] * lay["patch_size"][i] for i in (1, 0)) if lay else (224, 224)
+                    img = np.asarray(im.convert("RGB").resize(size))
+                a.imshow(img)
+                extent = (0, size[0], size[1], 0)
+            a.imshow(grid, cmap="inferno", alpha=0.6 if extent else 1.0, extent=extent, interpolation="nearest")
+            a.set_xticks([])
+            a.set_yticks([])
+            if r == 0 and c < len(names):
+                a.set_title(names[c], fontsize=7)
+            if c == 0:
+                a.set_ylabel(model, fontsize=7)
+    if ax is None:
+        n_layers = results.arrays[keys[0]].shape[1]
+        fig.suptitle(f"{metric}, layer {layer % n_layers} of 0..{n_layers - 1}", fontsize=8)
+    return fig, axes

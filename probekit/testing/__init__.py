@@ -1,0 +1,58 @@
+"""Conformance checks that an adapter or metric plugin runs on itself (after scikit-learn's).
+
+Each requirement is one module-level ``check_<property>(name, obj, **kw)`` function that opens
+with a comment on why it matters, builds tiny seeded inputs, and fails with an
+``AssertionError`` naming the plugin. Generators pick the checks that apply from the plugin's
+capability constants (``provides_hidden``, ``rowwise``, ...), so no check branches on types.
+Two front doors run them:
+
+- :func:`check_adapter` / :func:`check_metric` run every check and return records
+  ``(check, status, exception, reason)``; ``on_fail`` sets strictness, and
+  ``expected_failed_checks={check name: reason}`` marks known failures as ``xfail``.
+- :func:`parametrize_with_checks` makes each check a pytest case (select with ``-k``).
+
+>>> from probekit.testing import check_metric
+>>> records = check_metric("mad")
+>>> sorted({r.status for r in records})
+['passed']
+"""
+
+from __future__ import annotations
+
+from .adapters import (
+    ATOL,
+    adapter_checks,
+    check_batch_independence,
+    check_hidden_states,
+    check_layout_matches_tokens,
+    check_reference_attention,
+    check_rows_sum_to_one,
+    check_tap_detaches,
+    check_tap_keeps_outputs,
+    check_wanted_layers,
+    randomize_parameters,
+)
+from .metrics import (
+    check_batch_order_invariance,
+    check_batch_size_invariance,
+    check_blockwise_rows,
+    check_finite_on_random_attention,
+    check_merged_halves,
+    check_reset_restores_defaults,
+    check_result_before_update_warns,
+    check_state_dict_round_trip,
+    metric_checks,
+)
+from .records import CheckRecord, SkipCheck
+from .runner import check_adapter, check_metric, parametrize_with_checks
+
+__all__ = [
+    "CheckRecord", "SkipCheck", "randomize_parameters",
+    "adapter_checks", "metric_checks", "check_adapter", "check_metric", "parametrize_with_checks",
+    "check_rows_sum_to_one", "check_layout_matches_tokens", "check_reference_attention",
+    "check_batch_independence", "check_tap_keeps_outputs", "check_tap_detaches", "check_wanted_layers",
+    "check_hidden_states",
+    "check_merged_halves", "check_reset_restores_defaults", "check_batch_size_invariance",
+    "check_batch_order_invariance", "check_result_before_update_warns", "check_state_dict_round_trip",
+    "check_finite_on_random_attention", "check_blockwise_rows",
+]

@@ -1,0 +1,225 @@
+"""Adapter conformance checks: the tap's probabilities against the library's reference, the
+layout against the token count, batch independence, detaching, wanted layers, hidden states.
+
+Each ``check_<property>(name, pm, **kw)`` takes a :class:`~probekit.adapter.ProbedModel` or an
+:class:`~probekit.adapter.Adapter`; :func:`adapter_checks` yields those that apply.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Iterator
+
+import torch
+
+from ..adapter import Adapter, CollectSink, ProbedModel
+from ..tokens import TokenLayout
+from .records import SkipCheck
+
+__all__ = [
+    "ATOL", "randomize_parameters", "adapter_checks",
+    "check_rows_sum_to_one", "check_layout_matches_tokens", "check_reference_attention",
+    "check_batch_independence", "check_tap_keeps_outputs", "check_tap_detaches", "check_wanted_layers",
+    "check_hidden_states",
+]
+
+ATOL = 1e-5  # probabilities: float32 softmax of the same logits agree to ~1e-7
+
+
+def randomize_parameters(model: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> torch.nn.Module:
+    """Add seeded Gaussian noise ``scale * N(0, 1)`` to every parameter, in place.
+
+    Random init zeroes biases and relative-position tables and sets layer scales to 1e-5, which
+    hides bugs (a dropped bias or a misplaced table changes nothing); noise makes them count.
+
+    Args:
+        model: the module to perturb (its floating-point parameters and buffers named like tables).
+        seed: generator seed; the same seed gives the same noise.
+        scale: noise standard deviation.
+
+    Returns:
+        ``model``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.add_((torch.randn(p.shape, generator=g) * scale).to(p.device, p.dtype))
+    return model
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _adapter(pm: ProbedModel | Adapter) -> Adapter:
+    return pm.adapter if isinstance(pm, ProbedModel) else pm
+
+
+def _input(pm, batch: int = 2, image_size=None, seed: int = 0) -> torch.Tensor:
+    ad = _adapter(pm)
+    h, w = image_size or ad.default_image_size
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, h, w, generator=g).to(ad.device)
+
+
+@torch.inference_mode()
+def _tapped(ad: Adapter, x: torch.Tensor, layers=None, hidden: bool = False):
+    sink = CollectSink(layers, attention=not hidden, hidden=hidden)
+    with ad.tap(sink):
+        out = ad.forward(x)
+    return sink, out
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    """Every tensor in a model's output (tensors, tuples, lists, dicts, ModelOutput)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def _non_native_size(ad: Adapter) -> tuple[int, int]:
+    """A non-square size, other than the native one, in whole patches."""
+    h, w = ad.default_image_size
+    ph, pw = ad.layout(_input(ad, 1)).patch_size
+    return (max(ph, h - ph), w + 2 * pw)
+
+
+def _assert_close(name: str, what: str, got: torch.Tensor, want: torch.Tensor, atol: float) -> float:
+    assert got.shape == want.shape, f"{name}: {what}: shape {tuple(got.shape)} != reference {tuple(want.shape)}"
+    dev = (got.float().cpu() - want.float().cpu()).abs().max().item()
+    assert dev <= atol, f"{name}: {what} deviates by {dev:.3g} (allowed {atol:g})"
+    return dev
+
+
+# -- adapter checks ------------------------------------------------------------------------------
+def check_rows_sum_to_one(name: str, pm, image_size=None, atol: float = ATOL) -> None:
+    # Metrics treat each query row as a distribution: probabilities must be float32, non-negative,
+    # sum to 1 over keys, and cover every layer with num_heads heads.
+    ad = _adapter(pm)
+    x = _input(ad, 2, image_size)
+    probs = _tapped(ad, x)[0].probs
+    assert sorted(probs) == list(range(ad.num_layers)), f"{name}: tapped layers {sorted(probs)}, expected 0..{ad.num_layers - 1}"
+    for layer, p in probs.items():
+        assert p.dtype == torch.float32, f"{name}: layer {layer} probabilities are {p.dtype}, not float32"
+        assert p.dim() == 4 and p.shape[:2] == (2, ad.num_heads), f"{name}: layer {layer} shape {tuple(p.shape)}"
+        assert p.min().item() >= 0, f"{name}: layer {layer} has negative probabilities"
+        _assert_close(name, f"layer {layer} row sums", p.sum(-1), torch.ones(p.shape[:-1]), atol)
+
+
+def check_layout_matches_tokens(name: str, pm, image_size=None) -> None:
+    # Distances come from the layout: a wrong prefix count or grid shifts every position.
+    ad = _adapter(pm)
+    x = _input(ad, 1, image_size)
+    lay = ad.layout(x)
+    assert isinstance(lay, TokenLayout), f"{name}: layout() returned {type(lay).__name__}, not TokenLayout"
+    for layer, p in _tapped(ad, x)[0].probs.items():
+        assert p.shape[-1] == p.shape[-2] == lay.num_tokens, (
+            f"{name}: layer {layer} has {p.shape[-1]} tokens at {tuple(x.shape[-2:])}, layout says "
+            f"{lay.describe()}"
+        )
+
+
+def check_reference_attention(name: str, pm, reference: Callable | None = None, image_size=None,
+                              atol: float = ATOL) -> str:
+    # The tap recomputes (or reads) probabilities; they must equal the library's own reference
+    # attention (eager / need_weights / AttentionExtract), layer by layer and head by head.
+    ad = _adapter(pm)
+    x = _input(ad, 2, image_size, seed=1)
+    ref_fn = reference or ad.reference_attention
+    with torch.inference_mode():
+        try:
+            ref = ref_fn(x)
+        except NotImplementedError as exc:
+            raise SkipCheck(f"{name}: no reference attention ({exc})") from exc
+    got = _tapped(ad, x)[0].probs
+    assert sorted(ref) == sorted(got), f"{name}: reference layers {sorted(ref)} != tapped {sorted(got)}"
+    dev = max(_assert_close(name, f"layer {i} attention vs reference", got[i], ref[i], atol) for i in ref)
+    # near-uniform rows (random init) agree whatever the bug: report how peaked they were
+    top = min(p.amax(-1).mean().item() * p.shape[-1] for p in got.values())
+    return f"max |tap - reference| = {dev:.2e}; mean top probability {top:.1f}x uniform"
+
+
+def check_batch_independence(name: str, pm, atol: float = ATOL) -> None:
+    # Images must not see each other (padding masks, batch-norm, shuffled tokens): image i alone
+    # gives the same attention as image i inside a batch.
+    ad = _adapter(pm)
+    x = _input(ad, 3, seed=2)
+    full = _tapped(ad, x)[0].probs
+    for i in (0, 2):
+        alone = _tapped(ad, x[i : i + 1])[0].probs
+        for layer in full:
+            _assert_close(name, f"image {i} layer {layer} alone vs in a batch", alone[layer][0], full[layer][i], atol)
+
+
+def check_tap_keeps_outputs(name: str, pm, atol: float = 1e-5) -> None:
+    # The model must keep its own fast path under the tap: outputs with and without it agree.
+    ad = _adapter(pm)
+    x = _input(ad, 2, seed=3)
+    with torch.inference_mode():
+        plain = _tensors(ad.forward(x))
+    tapped = _tensors(_tapped(ad, x)[1])
+    assert plain and len(plain) == len(tapped), f"{name}: forward returned {len(plain)} tensors, {len(tapped)} under the tap"
+    for i, (a, b) in enumerate(zip(plain, tapped)):
+        scale = max(1.0, a.abs().max().item())
+        _assert_close(name, f"output {i} under the tap (relative)", b / scale, a / scale, atol)
+
+
+def check_tap_detaches(name: str, pm) -> None:
+    # A tap that outlives its `with` block leaks hooks: later forwards would still call the sink.
+    ad = _adapter(pm)
+    sink = CollectSink()
+    with torch.inference_mode():
+        with ad.tap(sink):
+            pass
+        ad.forward(_input(ad, 1))
+    assert not sink.probs, f"{name}: the sink was called after its tap exited (layers {sorted(sink.probs)})"
+
+
+def check_wanted_layers(name: str, pm) -> None:
+    # The engine asks for a subset of layers (--layers); a tap must report only those.
+    ad = _adapter(pm)
+    want = {ad.num_layers - 1}
+    got = _tapped(ad, _input(ad, 1), layers=want)[0].probs
+    assert set(got) == want, f"{name}: asked for layers {sorted(want)}, the tap reported {sorted(got)}"
+
+
+def check_hidden_states(name: str, pm) -> None:
+    # Hidden-state metrics (token norms, CKA) need each block's output tokens [B, T, D].
+    ad = _adapter(pm)
+    if not ad.provides_hidden:
+        raise SkipCheck(f"{name}: provides_hidden is False")
+    x = _input(ad, 2)
+    hid = _tapped(ad, x, hidden=True)[0].hiddens
+    t = ad.layout(x).num_tokens
+    assert sorted(hid) == list(range(ad.num_layers)), f"{name}: hidden layers {sorted(hid)}"
+    dims = {h.shape[-1] for h in hid.values()}
+    for layer, h in hid.items():
+        assert h.dim() == 3 and h.shape[:2] == (2, t), f"{name}: layer {layer} hidden shape {tuple(h.shape)}, expected [2, {t}, D]"
+        assert torch.isfinite(h).all(), f"{name}: layer {layer} hidden states are not finite"
+    assert len(dims) == 1, f"{name}: hidden widths differ across layers: {sorted(dims)}"
+
+
+def adapter_checks(pm, reference: Callable | None = None) -> Iterator[Callable]:
+    """The checks that apply to ``pm``, each a ``partial`` taking the model.
+
+    The non-native size variants run when the adapter's ``variable_image_size`` is True (an
+    ONNX graph with a fixed input size, or a wrapped tower with a fixed position table, sets
+    it False on the instance); the hidden-state check runs when ``provides_hidden``.
+    """
+    ad = _adapter(pm)
+    yield check_rows_sum_to_one
+    yield check_layout_matches_tokens
+    yield functools.partial(check_reference_attention, reference=reference)
+    if ad.variable_image_size:
+        size = _non_native_size(ad)
+        yield functools.partial(check_rows_sum_to_one, image_size=size)
+        yield functools.partial(check_layout_matches_tokens, image_size=size)
+        yield functools.partial(check_reference_attention, reference=reference, image_size=size)
+    yield check_batch_independence
+    yield check_tap_keeps_outputs
+    yield check_tap_detaches
+    yield check_wanted_layers
+    if ad.provides_hidden:
+        yield check_hidden_states

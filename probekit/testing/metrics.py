@@ -1,0 +1,160 @@
+"""Metric conformance checks on seeded random attention: merge, reset, batch size and order
+invariance, the empty-result warning, state round trips, finiteness and row blocks.
+
+Each ``check_<property>(name, metric)`` clones the metric it is given; :func:`metric_checks`
+yields those that apply.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..attention import LayerAttention
+from ..metric import Metric
+from ..probe import MetricSink
+from ..tokens import TokenLayout
+from .records import SkipCheck
+
+__all__ = [
+    "metric_checks",
+    "check_merged_halves", "check_reset_restores_defaults", "check_batch_size_invariance",
+    "check_batch_order_invariance", "check_result_before_update_warns", "check_state_dict_round_trip",
+    "check_finite_on_random_attention", "check_blockwise_rows",
+]
+
+_LAYOUT = TokenLayout(num_prefix=1, grid=(3, 4), patch_size=(8, 8))  # non-square on purpose
+_LAYERS, _HEADS, _WIDTH = 3, 2, 16
+
+
+def _clone(metric: Metric) -> Metric:
+    return type(metric)(**metric.options())
+
+
+def _batch(n: int = 6, seed: int = 0, layout: TokenLayout = _LAYOUT) -> dict[str, Any]:
+    """Seeded random attention (peaked rows, like trained heads) and hidden states per layer."""
+    g = torch.Generator().manual_seed(seed)
+    t = layout.num_tokens
+    probs = [torch.softmax(3 * torch.randn(n, _HEADS, t, t, generator=g), -1) for _ in range(_LAYERS)]
+    hidden = [torch.randn(n, t, _WIDTH, generator=g) for _ in range(_LAYERS)]
+    return {"probs": probs, "hidden": hidden, "layout": layout}
+
+
+def _take(batch: dict, idx) -> dict:
+    idx = torch.as_tensor(idx)
+    return {"probs": [p[idx] for p in batch["probs"]], "hidden": [h[idx] for h in batch["hidden"]],
+            "layout": batch["layout"]}
+
+
+def _run(metric: Metric, batch: dict, block_mb: float | None = None) -> dict[int, torch.Tensor]:
+    """Feed one batch through the engine's sink, as a forward pass would; per-image values by layer."""
+    sink = MetricSink([metric], block_mb=block_mb)
+    sink.start(batch["layout"])
+    for layer in range(_LAYERS):
+        if sink.wants_attention:
+            sink.attention(layer, LayerAttention(probs_given=batch["probs"][layer]))
+        if sink.wants_hidden:
+            sink.hidden(layer, batch["hidden"][layer])
+    return sink.finish()[metric.label]
+
+
+def _same(name: str, what: str, a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert sorted(a) == sorted(b), f"{name}: {what}: layers {sorted(a)} != {sorted(b)}"
+    for layer in a:
+        assert a[layer].shape == b[layer].shape, f"{name}: {what}: layer {layer} shapes {tuple(a[layer].shape)} != {tuple(b[layer].shape)}"
+        dev = (a[layer].double() - b[layer].double()).abs().max().item()
+        assert dev <= atol, f"{name}: {what}: layer {layer} differs by {dev:.3g}"
+
+
+def check_merged_halves(name: str, metric: Metric) -> None:
+    # Partial runs (processes, machines, resumed runs) combine by merge: two halves merged
+    # must equal one pass over the whole batch.
+    batch = _batch()
+    one, a, b = _clone(metric), _clone(metric), _clone(metric)
+    _run(one, batch)
+    _run(a, _take(batch, range(0, 2)))
+    _run(b, _take(batch, range(2, 6)))
+    _same(name, "merged halves vs one pass", a.merge(b).result(), one.result())
+
+
+def check_reset_restores_defaults(name: str, metric: Metric) -> None:
+    # A metric instance is reused across models by the engine; reset must forget everything.
+    used, fresh = _clone(metric), _clone(metric)
+    _run(used, _batch())
+    used.reset()
+    s, f = used.state_dict(), fresh.state_dict()
+    assert s.keys() == f.keys(), f"{name}: state keys after reset {sorted(s)} != fresh {sorted(f)}"
+    for k in s:
+        if isinstance(s[k], dict) and k != "options":
+            assert not s[k] and not f[k], f"{name}: state {k!r} not empty after reset"
+    assert used.options() == fresh.options(), f"{name}: reset changed options"
+
+
+def check_batch_size_invariance(name: str, metric: Metric) -> None:
+    # Values are per image: the batch size used to run must not change any image's value.
+    batch = _batch()
+    whole = _run(_clone(metric), batch)
+    parts = [_run(_clone(metric), _take(batch, [i])) for i in range(6)]
+    single = {layer: torch.cat([p[layer] for p in parts]) for layer in whole}
+    _same(name, "batch of 6 vs 6 batches of 1", whole, single)
+
+
+def check_batch_order_invariance(name: str, metric: Metric) -> None:
+    # Shuffled loaders or sharded runs reorder images; each image's value must follow it.
+    batch = _batch()
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    whole = _run(_clone(metric), batch)
+    shuffled = _run(_clone(metric), _take(batch, perm))
+    _same(name, "permuted batch", {k: v[perm] for k, v in whole.items()}, shuffled)
+
+
+def check_result_before_update_warns(name: str, metric: Metric) -> None:
+    # An empty result is almost always a wiring bug (wrong layers, wrong needs); say so.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _clone(metric).result()
+    assert caught, f"{name}: result() before any update did not warn"
+
+
+def check_state_dict_round_trip(name: str, metric: Metric) -> None:
+    # Saved state (checkpointed runs) must reload to the same result.
+    a = _clone(metric)
+    _run(a, _batch())
+    b = _clone(metric)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    _same(name, "state_dict round trip", b.result(), a.result(), atol=0)
+
+
+def check_finite_on_random_attention(name: str, metric: Metric) -> None:
+    # Random, peaked rows (and rows with exact zeros) must give finite values, not NaN from log(0).
+    batch = _batch(seed=5)
+    batch["probs"][0] = torch.softmax(40 * torch.randn(batch["probs"][0].shape, generator=torch.Generator().manual_seed(6)), -1)
+    for layer, v in _run(_clone(metric), batch).items():
+        assert torch.isfinite(v).all(), f"{name}: non-finite values at layer {layer}"
+
+
+def check_blockwise_rows(name: str, metric: Metric) -> None:
+    # The engine feeds row-wise metrics blocks of query rows (long sequences never hold [B,H,T,T]);
+    # one row at a time must equal compute() on the whole matrix.
+    if not metric.rowwise or metric.needs != "attention":
+        raise SkipCheck(f"{name}: not a row-wise attention metric")
+    batch = _batch()
+    tiny = _run(_clone(metric), batch, block_mb=1e-9)  # one query row per block
+    whole = {layer: _clone(metric).compute(batch["probs"][layer], batch["layout"]).float() for layer in tiny}
+    _same(name, "row blocks vs compute()", tiny, whole)
+
+
+def metric_checks(metric: Metric) -> Iterator[Callable]:
+    """The checks that apply to ``metric``."""
+    yield check_merged_halves
+    yield check_reset_restores_defaults
+    yield check_batch_size_invariance
+    yield check_batch_order_invariance
+    yield check_result_before_update_warns
+    yield check_state_dict_round_trip
+    yield check_finite_on_random_attention
+    if metric.rowwise and metric.needs == "attention":
+        yield check_blockwise_rows

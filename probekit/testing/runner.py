@@ -1,0 +1,119 @@
+"""The front doors: :func:`check_adapter` / :func:`check_metric` return one record per check;
+:func:`parametrize_with_checks` makes each check a pytest case."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable, Iterable
+
+from ..adapter import ProbedModel
+from ..metric import Metric
+from .adapters import adapter_checks
+from .metrics import metric_checks
+from .records import CheckRecord, SkipCheck
+
+__all__ = ["check_adapter", "check_metric", "parametrize_with_checks"]
+
+
+def _check_name(check: Callable) -> str:
+    """``check_x`` or ``check_x(image_size=(24, 40))``: variants keep their arguments in the ID."""
+    if isinstance(check, functools.partial):
+        kw = {k: v for k, v in check.keywords.items() if v is not None and not callable(v)}
+        base = _check_name(check.func)
+        return f"{base}({', '.join(f'{k}={v}' for k, v in kw.items())})" if kw else base
+    return check.__name__
+
+
+def _label(obj) -> str:
+    if isinstance(obj, (ProbedModel, Metric)):
+        return obj.label
+    return type(obj).__name__
+
+
+def _as_metric(metric) -> Metric:
+    if isinstance(metric, str):
+        from ..registry import metrics
+
+        return metrics.get(metric)()
+    return metric() if isinstance(metric, type) else metric
+
+
+def _run_checks(obj, checks: Iterable[Callable], expected_failed_checks, on_fail) -> list[CheckRecord]:
+    if on_fail not in ("raise", "warn", None):
+        raise ValueError(f"on_fail must be 'raise', 'warn' or None; got {on_fail!r}")
+    expected = dict(expected_failed_checks or {})
+    name, records = _label(obj), []
+    for check in checks:
+        cname = _check_name(check)
+        reason = expected.get(cname, expected.get(_check_name(getattr(check, "func", check)), ""))
+        try:
+            detail = check(name, obj)
+            rec = CheckRecord(cname, "xpass" if reason else "passed", None, reason or (detail or ""))
+        except SkipCheck as exc:
+            rec = CheckRecord(cname, "skipped", exc, str(exc))
+        except Exception as exc:  # a failing check is data here, reported per check
+            rec = CheckRecord(cname, "xfail" if reason else "failed", exc, reason or f"{type(exc).__name__}: {exc}")
+        records.append(rec)
+    failed = [r for r in records if r.status == "failed"]
+    if failed and on_fail == "warn":
+        for r in failed:
+            warnings.warn(f"{name}: {r.check} failed: {r.reason}", stacklevel=3)
+    if failed and on_fail == "raise":
+        lines = "\n".join(f"  {r.check}: {r.reason}" for r in failed)
+        raise AssertionError(f"{name} failed {len(failed)} conformance check(s):\n{lines}") from failed[0].exception
+    return records
+
+
+def check_adapter(pm, reference: Callable | None = None, expected_failed_checks: dict[str, str] | None = None,
+                  on_fail: str | None = "raise") -> list[CheckRecord]:
+    """Run every adapter check on ``pm`` (a :class:`ProbedModel` or an :class:`Adapter`).
+
+    Args:
+        pm: the model under test; randomize it first (:func:`randomize_parameters`).
+        reference: ``x -> {layer: [B, H, T, T]}``; default ``pm.adapter.reference_attention``.
+        expected_failed_checks: ``{check name: reason}``; those failures are recorded as xfail.
+        on_fail: ``"raise"`` (an AssertionError listing every failure), ``"warn"`` or None.
+
+    Returns:
+        One :class:`CheckRecord` per check.
+    """
+    return _run_checks(pm, adapter_checks(pm, reference), expected_failed_checks, on_fail)
+
+
+def check_metric(metric, expected_failed_checks: dict[str, str] | None = None,
+                 on_fail: str | None = "raise") -> list[CheckRecord]:
+    """Run every metric check on ``metric`` (an instance, a class or a registered name).
+
+    Returns:
+        One :class:`CheckRecord` per check (see :func:`check_adapter` for the arguments).
+    """
+    metric = _as_metric(metric)
+    return _run_checks(metric, metric_checks(metric), expected_failed_checks, on_fail)
+
+
+def parametrize_with_checks(objs: list, expected_failed_checks: Callable[[Any], dict] | None = None):
+    """A ``pytest.mark.parametrize`` over every (object, check) pair; the test calls ``check(obj)``.
+
+    >>> from probekit.testing import parametrize_with_checks   # doctest: +SKIP
+    >>> @parametrize_with_checks([pk.load("onnx:vit.onnx"), "mad"])  # doctest: +SKIP
+    ... def test_conformance(obj, check):
+    ...     check(obj)
+    """
+    import pytest
+
+    params = []
+    for obj in objs:
+        obj = _as_metric(obj) if isinstance(obj, (str, type)) else obj
+        gen = metric_checks(obj) if isinstance(obj, Metric) else adapter_checks(obj)
+        expected = expected_failed_checks(obj) if expected_failed_checks else {}
+        for check in gen:
+            cname = _check_name(check)
+            bound = functools.partial(_call, check, _label(obj))
+            marks = [pytest.mark.xfail(reason=expected[cname])] if cname in expected else []
+            params.append(pytest.param(obj, bound, id=f"{_label(obj)}-{cname}", marks=marks))
+    return pytest.mark.parametrize("obj, check", params)
+
+
+def _call(check: Callable, name: str, obj) -> None:
+    check(name, obj)
