@@ -7,10 +7,6 @@ puts them: full float64 softmax(q k^T * scale + bias), then MAD over the whole m
 from __future__ import annotations
 
 import gc
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -21,22 +17,7 @@ from probekit.probe import MetricSink, build_metrics
 MAD = pk.metrics.get("mad")
 
 
-def _toy():
-    name = "probekit_tests_toy"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_toy.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    sys.modules[name].load_toy()
-    return sys.modules[name]
-
-
-@pytest.fixture(autouse=True)
-def _toy_adapter():
-    _toy()
-    yield
-    pk.adapters.unregister("toy")
+pytestmark = pytest.mark.usefixtures("toy_backend")
 
 
 def _model(depth=3, heads=3, size=40, patch=8, prefix=1, seed=0):
@@ -309,3 +290,28 @@ def test_probabilities_keep_gradients_outside_the_engine():
     q = q.clone().requires_grad_(True)
     LayerAttention(q=q, k=k, scale=0.5).probs(slice(1, 7))[..., 0].sum().backward()
     assert q.grad is not None and q.grad[:, :, 1:].abs().sum() > 0 and q.grad[:, :, 0].abs().sum() == 0
+
+
+@pytest.mark.parametrize("sharpness", [0.1, 5.0, 40.0])
+@pytest.mark.parametrize("masked", [False, True])
+def test_entropy_from_logits_equals_the_float64_formula(sharpness, masked):
+    # the engine hands entropy its logits (no log per element); sharp heads and masked keys
+    # (-inf logits, where the dot product is undefined) must still give the direct value
+    lay = pk.TokenLayout(num_prefix=1, grid=(5, 6), patch_size=14)
+    t = lay.num_tokens
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 3, t, 8, generator=g) * sharpness, torch.randn(2, 3, t, 8, generator=g)
+    bias = torch.zeros(t, t)
+    if masked:
+        bias[:, 4:9] = float("-inf")
+    p = torch.softmax(q.double() @ k.double().transpose(-1, -2) * 0.35 + bias.double(), -1)[:, :, 1:, 1:]
+    a = p / p.sum(-1, keepdim=True)
+    exact = (-torch.special.xlogy(a, a).sum(-1)).mean(-1)
+    for options in ({}, {"normalized": True}):
+        sink = MetricSink(build_metrics([("entropy", options)]), block_mb=0.001)
+        assert sink.metrics[0].uses_logits
+        sink.start(lay)
+        sink.attention(0, LayerAttention(q=q, k=k, scale=0.35, bias=bias))
+        want = exact / torch.log(torch.tensor(30.0, dtype=torch.float64)) if options else exact
+        got = sink.finish()[sink.metrics[0].label][0].double()
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
