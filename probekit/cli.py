@@ -372,9 +372,10 @@ def plot_cmd(
         images = json.loads(rj.read_text()).get("images") or {}
         image_paths = dict(zip(images.get("names") or [], images.get("paths") or []))
     if metric:
-        missing = [m for m in metric if m not in res.metrics]
+        have = list(dict.fromkeys([*res.metrics, *(k.rsplit("/", 1)[1] for k in res.arrays)]))  # maps too
+        missing = [m for m in metric if m not in have]
         if missing:
-            raise ConfigError(f"No metric {', '.join(missing)} in {run_dir}; it holds: {', '.join(res.metrics)}.")
+            raise ConfigError(f"No metric {', '.join(missing)} in {run_dir}; it holds: {', '.join(have)}.")
     paths = plots.render_all(res, run_dir / "figures", kinds=kind, metrics=metric, image_paths=image_paths)
     for p in paths:
         _consoles.out.print(str(p), highlight=False)

@@ -101,11 +101,32 @@ def _json(obj: Any) -> str:
 
 
 # -- part cache --------------------------------------------------------------------------------
-def part_key(spec: str, options: dict, fingerprint: str, metric: Any, dtype: str) -> str:
+def _file_stamps(spec: str, options: dict) -> dict[str, list[int]]:
+    """Size and mtime of the local weights files a model is built from (a checkpoint, an ONNX file).
+
+    Why: the same path with new contents (a checkpoint overwritten by more training) must not
+    serve the parts computed from the old file.
+    """
+    files = {}
+    if options.get("checkpoint") is not None:
+        files["checkpoint"] = Path(str(options["checkpoint"])).expanduser()
+    prefix, _, rest = spec.partition(":")
+    if prefix == "onnx" and not rest.startswith("pkg:"):
+        files["onnx"] = Path(rest).expanduser()
+    out = {}
+    for what, path in files.items():
+        if path.is_file():
+            st = path.stat()
+            out[what] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def part_key(spec: str, options: dict, fingerprint: str, metric: Any, dtype: str, seed: int | None = None) -> str:
     """The cache key of one finished part: model spec and options, image set, metric, dtype.
 
     The model's label is not part of the key (renaming a model reuses its parts); the probekit
-    version is.
+    version is, and so are the run's ``seed`` for a random-init model (it draws the weights) and
+    the size and mtime of a local checkpoint or ONNX file.
     """
     from . import __version__
 
@@ -119,6 +140,11 @@ def part_key(spec: str, options: dict, fingerprint: str, metric: Any, dtype: str
         "metric_options": metric.options(),
         "dtype": str(dtype),
     }
+    if seed is not None:
+        ident["seed"] = int(seed)
+    stamps = _file_stamps(spec, options)
+    if stamps:
+        ident["files"] = stamps
     blob = json.dumps(ident, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
 
@@ -144,7 +170,10 @@ def _read_part(parts: Path, key: str) -> Results | None:
         return None
     npz = parts / f"{key}.npz"
     if npz.exists():
-        res.arrays = Results.read_arrays(npz)
+        try:
+            res.arrays = Results.read_arrays(npz)
+        except Exception:  # damaged arrays too: recompute the part
+            return None
     return res
 
 
@@ -289,7 +318,8 @@ def compare(config_or_path: Any, out: str | Path | None = None, *, reporter: Rep
     try:
         for entry, (spec, opts, alias_meta) in zip(cfg.models, run.specs):
             label = entry.name
-            keys = {m.label: part_key(spec, opts, fp, m, dtype) for m in run.metrics}
+            seed = cfg.seed if opts.get("pretrained", True) is False else None  # it draws random-init weights
+            keys = {m.label: part_key(spec, opts, fp, m, dtype, seed) for m in run.metrics}
             have = {lbl: _read_part(parts, k) for lbl, k in keys.items()}
             have = {lbl: r for lbl, r in have.items() if r is not None}
             missing = [m for m in run.metrics if m.label not in have]

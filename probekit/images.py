@@ -69,6 +69,10 @@ class ImageSet:
             h.update(self.tensor.detach().cpu().contiguous().numpy().tobytes())
         for i, name in enumerate(self.names):
             h.update(name.encode())
+            if self.pil is not None:  # in-memory images are named image0, image1...: hash their pixels
+                im = self.pil[i]
+                h.update(f"{im.mode}{im.size}".encode())
+                h.update(hashlib.sha256(im.tobytes()).digest())
             if self.paths is not None:
                 st = self.paths[i].stat()
                 h.update(f"{st.st_size}".encode())

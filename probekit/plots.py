@@ -31,6 +31,7 @@ from .plots_common import (  # noqa: F401  (uniform_attention_value, WIDTH: publ
     _as_results,
     _axis_label,
     _grid,
+    _layout,
     _palette,
     _pick_metric,
     _reference,
@@ -251,13 +252,20 @@ def save(fig, stem: Path) -> list[Path]:
     return out
 
 
+def _is_image_map(results: Results, key: str) -> bool:
+    """Whether ``results.arrays[key]`` is ``[images, layers, ..., h, w]`` over the model's patch grid."""
+    arr = results.arrays[key]
+    lay = _layout(results, key.rsplit("/", 1)[0])
+    return arr.ndim >= 4 and (not lay or tuple(arr.shape[-2:]) == tuple(lay["grid"]))
+
+
 def render_all(results: Results, out_dir: str | Path, *, kinds: Iterable[str] | None = None,
                metrics: Iterable[str] | None = None, image_paths: dict | None = None) -> list[Path]:
     """Draw every figure that fits the results into ``out_dir``; returns the files written.
 
     Args:
         kinds: a subset of :data:`KINDS` (default: all).
-        metrics: metric labels to draw (default: all in the table).
+        metrics: metric labels to draw, table or map metrics (default: all).
         image_paths: ``{image name: path}`` for map overlays.
 
     Raises:
@@ -272,7 +280,8 @@ def render_all(results: Results, out_dir: str | Path, *, kinds: Iterable[str] | 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     per_kind = {"depth": depth_profile, "overlay": layer_overlay, "heatmap": head_heatmap, "summary": summary_points}
-    for metric in list(metrics or results.metrics):
+    wanted = None if metrics is None else list(metrics)
+    for metric in [m for m in (wanted or results.metrics) if m in results.metrics]:  # maps: below
         per_head = bool((results.table.loc[results.table["metric"].astype(str) == metric, "head"] >= 0).any())
         for kind, fn in per_kind.items():
             if kind not in kinds or (kind in ("depth", "heatmap") and not per_head):
@@ -281,7 +290,9 @@ def render_all(results: Results, out_dir: str | Path, *, kinds: Iterable[str] | 
             paths += save(fig, out_dir / f"{kind}_{_safe(metric)}")
             plt.close(fig)
     if "maps" in kinds and results.arrays:
-        for metric in dict.fromkeys(k.rsplit("/", 1)[1] for k in results.arrays):
+        # per-image maps over the patch grid only: not dataset-level arrays such as CKA's [L, L]
+        labels = dict.fromkeys(k.rsplit("/", 1)[1] for k in results.arrays if _is_image_map(results, k))
+        for metric in [m for m in labels if wanted is None or m in wanted]:
             fig, _ = attention_maps(results, metric, image_paths=image_paths)
             paths += save(fig, out_dir / f"maps_{_safe(metric)}")
             plt.close(fig)

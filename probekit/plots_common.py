@@ -121,7 +121,8 @@ def _grid(n: int, ax, sharey: bool = True, row_height: float = 2.4):
 
 
 # -- the uniform-attention reference ------------------------------------------------------------
-def uniform_attention_value(layout: dict | Any, renormalize: bool = False, units: str = "px") -> float:
+def uniform_attention_value(layout: dict | Any, renormalize: bool = False, units: str = "px",
+                            queries: str = "patches") -> float:
     """MAD of uniform attention over every token for a layout (the "no locality" level).
 
     Uniform attention gives each of the ``N + prefix`` keys ``1 / (N + prefix)``, so MAD is the
@@ -131,7 +132,8 @@ def uniform_attention_value(layout: dict | Any, renormalize: bool = False, units
     Args:
         layout: a :class:`~probekit.tokens.TokenLayout` or its dict (``num_prefix``, ``grid``,
             ``patch_size``), as in ``Results.meta``.
-        renormalize, units: the MAD options the values were computed with.
+        renormalize, units, queries: the MAD options the values were computed with (``queries="cls"``:
+            the mean distance of the patches from the image centre, as MAD measures CLS queries).
 
     >>> round(uniform_attention_value({"num_prefix": 0, "grid": [14, 14], "patch_size": [16, 16]}), 2)
     116.49
@@ -141,8 +143,11 @@ def uniform_attention_value(layout: dict | Any, renormalize: bool = False, units
     h, w = layout["grid"]
     ph, pw = layout["patch_size"] if units == "px" else (1, 1)
     ys, xs = np.divmod(np.arange(h * w), w)
-    dy = (ys[:, None] - ys[None, :]) * float(ph)
-    dx = (xs[:, None] - xs[None, :]) * float(pw)
+    if queries == "cls":
+        dy, dx = (ys - (h - 1) / 2) * float(ph), (xs - (w - 1) / 2) * float(pw)
+    else:
+        dy = (ys[:, None] - ys[None, :]) * float(ph)
+        dx = (xs[:, None] - xs[None, :]) * float(pw)
     mean = float(np.sqrt(dy**2 + dx**2).mean())
     if units == "fraction":
         mean /= max(max(h, w) - 1, 1)
@@ -156,4 +161,5 @@ def _reference(res: Results, model: str, metric: str) -> float | None:
     if mm.get("name", metric) != "mad" or not lay:
         return None
     opts = mm.get("options") or {}
-    return uniform_attention_value(lay, bool(opts.get("renormalize", False)), opts.get("units", "px"))
+    return uniform_attention_value(lay, bool(opts.get("renormalize", False)), opts.get("units", "px"),
+                                   opts.get("queries", "patches"))

@@ -183,6 +183,9 @@ class MetricSink:
 
 def _loader(pm: ProbedModel, images: ImageSet, batch_size: int, num_workers: int, pin: bool):
     ds = images.dataset(pm.preprocess)
+    if images.tensor is not None and images.tensor.device.type != "cpu":
+        # a tensor already on the device cannot be pinned (DataLoader raises), nor read by worker processes
+        pin, num_workers = False, 0
     return torch.utils.data.DataLoader(
         ds,
         batch_size=batch_size,
@@ -268,6 +271,14 @@ def probe(
     from .models import load
 
     pm = load(model) if isinstance(model, str) else model
+    if layers is not None:
+        layers = [int(i) for i in layers]
+        bad = [i for i in layers if not 0 <= i < pm.num_layers]
+        if bad:
+            raise ConfigError(
+                f"layers={bad} do not exist: {pm.label} has {pm.num_layers} layers, numbered 0 to "
+                f"{pm.num_layers - 1}. Pass indices in that range, or leave layers out for all of them."
+            )
     if device is not None:
         pm.to(device)
     dev = pm.device

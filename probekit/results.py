@@ -145,7 +145,9 @@ class Results:
     @classmethod
     def read_csv(cls, path) -> "Results":
         path = Path(path)
-        df = pd.read_csv(path, dtype={"model": str, "image": str, "metric": str}, keep_default_na=False)
+        # names such as "NA" stay strings; an empty value is a NaN (e.g. head_similarity of one head)
+        df = pd.read_csv(path, dtype={"model": str, "image": str, "metric": str}, keep_default_na=False,
+                         na_values={"value": ["", "nan", "NaN"]})
         side = path.with_suffix(".meta.json")
         meta = json.loads(side.read_text()) if side.exists() else {}
         return cls(df, meta=meta)

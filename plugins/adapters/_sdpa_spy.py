@@ -164,5 +164,6 @@ def tap_blocks(blocks: list[nn.Module], sink: Sink, watch: Callable[[nn.Module, 
                     handles.append(block.register_forward_hook(_hidden_hook(hidden, i)))
             yield
     finally:
+        _PENDING.report = None  # an attention that raised before its SDPA call must not stay armed
         for h in handles:
             h.remove()
