@@ -129,10 +129,12 @@ def part_key(spec: str, options: dict, fingerprint: str, metric: Any, dtype: str
     the size and mtime of a local checkpoint or ONNX file.
     """
     from . import __version__
+    from .probe import _versions
 
     ident = {
         "format": _PART_FORMAT,
         "probekit": __version__,  # a new release may compute differently: never reuse across versions
+        "libraries": _versions(),  # nor across torch/timm/transformers/... upgrades (defaults, kernels)
         "spec": spec,
         "options": options,
         "images": fingerprint,

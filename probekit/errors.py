@@ -20,6 +20,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "ImageError",
     "ConfigError",
+    "MissingDependencyError",
     "close_matches",
 ]
 
@@ -88,3 +89,7 @@ class ImageError(ProbekitError, ValueError):
 
 class ConfigError(ProbekitError, ValueError):
     """A run file or option with a bad value."""
+
+
+class MissingDependencyError(ProbekitError, ImportError):
+    """An optional library a backend needs is not installed; the message names the extra."""

@@ -26,7 +26,12 @@ from torch import nn
 
 from probekit.adapter import Adapter, Sink, wants
 from probekit.attention import LayerAttention
-from probekit.errors import ConfigError, UnsupportedArchitectureError, WeightsUnavailableError
+from probekit.errors import (
+    ConfigError,
+    MissingDependencyError,
+    UnsupportedArchitectureError,
+    WeightsUnavailableError,
+)
 from probekit.tokens import TokenLayout
 
 __all__ = ["OnnxAdapter", "resolve_onnx_path", "find_attention_softmaxes"]
@@ -43,7 +48,9 @@ def _require_backends():
         import onnx
         import onnxruntime
     except ImportError as exc:
-        raise ImportError(f"The ONNX adapter needs onnx and onnxruntime ({exc}). Install them: {_INSTALL}") from exc
+        raise MissingDependencyError(
+            f"The ONNX adapter needs onnx and onnxruntime ({exc}). Install them: {_INSTALL}"
+        ) from exc
     return onnx, onnxruntime
 
 
