@@ -233,11 +233,13 @@ def _probe_model(run: CheckedRun, entry: ModelEntry, spec: str, opts: dict, miss
     from .probe import probe
 
     cfg = run.config
-    torch.manual_seed(cfg.seed)  # random-init controls are the same model on every run
     t0 = time.perf_counter()
     stage = "load"
     try:
-        pm = _models.load(entry.model, label=entry.name, device=cfg.device, **opts)
+        # random-init controls are the same model on every run; the caller's RNG is left alone
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            pm = _models.load(entry.model, label=entry.name, device=cfg.device, **opts)
         t_load = time.perf_counter() - t0
         stage = "run"
         res = probe(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
@@ -45,7 +45,9 @@ def _readable(path: Path) -> str | None:
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Grayscale, palette and RGBA images become RGB (alpha composited on black, as PIL does)."""
+    """Upright RGB: the EXIF orientation applied (phone photos), then grayscale, palette and RGBA
+    converted (alpha dropped, as PIL's convert does)."""
+    im = ImageOps.exif_transpose(im)
     return im if im.mode == "RGB" else im.convert("RGB")
 
 

@@ -285,7 +285,6 @@ def probe(
     cdtype = resolve_dtype(dtype)
     mets = build_metrics(metrics)
     imgs = resolve_images(images, strict=strict)
-    x0 = imgs.tensor[:1] if imgs.tensor is not None else None
     for m in mets:
         m.reset()
         m.check_model(pm.adapter)
@@ -301,8 +300,6 @@ def probe(
     with torch.inference_mode(), pm.adapter.tap(sink), autocast:
         for _, x in loader:
             x = x.to(dev, non_blocking=True)
-            if x0 is None:
-                x0 = x[:1]
             sink.start(pm.layout(x))
             pm.adapter.forward(x)
             for lbl, per_layer in sink.finish().items():

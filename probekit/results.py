@@ -31,7 +31,7 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _t95(n: np.ndarray) -> np.ndarray:
-    """Two-sided 95% Student t quantile for n - 1 degrees of freedom (normal beyond 30)."""
+    """Two-sided 95% Student t quantile for n - 1 degrees of freedom (NaN for a single image)."""
     from scipy import stats  # scipy comes with seaborn
 
     out = np.full(n.shape, np.nan)

@@ -12,9 +12,11 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import probekit as pk
 from probekit.errors import LayoutError, UnknownNameError, UnsupportedArchitectureError, WeightsUnavailableError
+from probekit.plugins.adapters._sdpa_spy import _PENDING, tap_blocks
 from probekit.plugins.adapters.timm import TimmAdapter, TimmWindowedAdapter
 from probekit.testing import randomize_parameters
 
@@ -241,6 +243,55 @@ def test_sdpa_spy_reports_what_the_softmax_sees(case):
     # the probabilities, applied to v, give back SDPA's own output
     vv = v.repeat_interleave(2, dim=1) if case == "gqa" else v
     assert torch.allclose(sink.probs[0] @ vv, out, atol=1e-5)
+
+
+class _FailingAttention(nn.Module):
+    """Raises before its SDPA call while ``fail`` is set (as an out-of-memory error would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fail = True
+
+    def forward(self, x):
+        if self.fail:
+            raise RuntimeError("out of memory (simulated)")
+        q = x[:, None]
+        return F.scaled_dot_product_attention(q, q, q)[:, 0]
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = _FailingAttention()
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+class _Sink:
+    layers = None
+    wants_attention, wants_hidden = True, False
+
+    def __init__(self):
+        self.got = []
+
+    def attention(self, layer, attn):
+        self.got.append(layer)
+
+
+# regression: a tap whose attention raised before its SDPA call left the spy armed, so a later
+# SDPA call in the thread reported to the old sink
+def test_spy_is_disarmed_after_an_attention_that_raised():
+    blocks, old = [_Block()], _Sink()
+    with pytest.raises(RuntimeError, match="simulated"):
+        with tap_blocks(blocks, old):
+            blocks[0](torch.randn(2, 5, 4))
+    assert _PENDING.report is None
+    new = _Sink()
+    with tap_blocks([], new):  # the spy is installed again; this SDPA call is outside any watched module
+        q = torch.randn(1, 1, 5, 4)
+        F.scaled_dot_product_attention(q, q, q)
+    assert old.got == [] and new.got == []
 
 
 @pytest.mark.parametrize("family", ["dinov2-reg", "eva02", "beit"])

@@ -138,6 +138,20 @@ def test_plot_draws_from_the_run_directory(cli, tmp_path):
     assert r.exit_code == 1 and "No results.parquet" in r.stderr
 
 
+# regression: ``probekit plot --metric`` refused map metrics
+def test_plot_command_selects_a_map_metric(tmp_path, toy_backend, monkeypatch):
+    pytest.importorskip("seaborn")
+    monkeypatch.delenv("PROBEKIT_DEBUG", raising=False)
+    run = CliRunner()
+    out = tmp_path / "run"
+    r = run.invoke(app, ["run", "toy:vit", "--count", "2", "--metric", "mad", "--metric", "cls_map",
+                         "--out", str(out), "--no-figures"])
+    assert r.exit_code == 0, r.output
+    r = run.invoke(app, ["plot", str(out), "--metric", "cls_map"])
+    assert r.exit_code == 0, r.output
+    assert sorted(Path(line).name for line in r.stdout.split()) == ["maps_cls_map.png", "maps_cls_map.svg"]
+
+
 def test_every_command_has_help_with_examples(cli):
     for cmd in ("models", "metrics", "inspect", "run", "compare", "plot"):
         r = cli(cmd, "--help")

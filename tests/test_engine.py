@@ -7,12 +7,16 @@ puts them: full float64 softmax(q k^T * scale + bias), then MAD over the whole m
 from __future__ import annotations
 
 import gc
+import types
+
 import pytest
 import torch
 
 import probekit as pk
 from probekit.attention import LayerAttention, Workspace, row_blocks
-from probekit.probe import MetricSink, build_metrics
+from probekit.errors import ConfigError
+from probekit.images import ImageSet
+from probekit.probe import MetricSink, _loader, build_metrics
 
 MAD = pk.metrics.get("mad")
 
@@ -315,3 +319,25 @@ def test_entropy_from_logits_equals_the_float64_formula(sharpness, masked):
         want = exact / torch.log(torch.tensor(30.0, dtype=torch.float64)) if options else exact
         got = sink.finish()[sink.metrics[0].label][0].double()
         torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+
+
+# regression: a preprocessed tensor already on the accelerator was handed to a pinning DataLoader
+def test_loader_does_not_pin_a_tensor_already_on_a_device():
+    pm = types.SimpleNamespace(preprocess=None)
+    on_device = ImageSet(names=["0", "1"], tensor=torch.empty(2, 3, 8, 8, device="meta"))
+    on_host = ImageSet(names=["0", "1"], tensor=torch.zeros(2, 3, 8, 8))
+    loader = _loader(pm, on_device, 2, 2, pin=True)
+    assert loader.pin_memory is False and loader.num_workers == 0
+    loader = _loader(pm, on_host, 2, 2, pin=True)
+    assert loader.pin_memory is True and loader.num_workers == 2
+
+
+# regression: ``probe(layers=...)`` with indices the model does not have returned an empty table
+def test_probe_refuses_layers_the_model_does_not_have(toy_backend):
+    pm = pk.load("toy:vit", depth=2)
+    x = torch.randn(2, 3, 32, 32)
+    for bad in ([2], [0, -1]):
+        with pytest.raises(ConfigError, match=r"has 2 layers, numbered 0 to 1"):
+            pk.probe(pm, x, metrics=["mad"], layers=bad)
+    res = pk.probe(pm, x, metrics=["mad"], layers=[1])
+    assert sorted(res.table["layer"].unique()) == [1]

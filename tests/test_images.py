@@ -62,3 +62,25 @@ def test_bad_inputs_say_what_to_do(tmp_path):
         resolve_images(torch.zeros(2, 1, 8, 8))
     s = resolve_images(torch.zeros(2, 3, 8, 8))
     assert s.names == ["0", "1"]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # a phone photo stored landscape with "rotate 90" in its EXIF must reach the model upright
+    a = np.zeros((20, 30, 3), np.uint8)
+    a[:, :5] = 255  # a white band on the left edge
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
+    im.save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    s = resolve_images(tmp_path)
+    x = s.dataset(lambda im: torch.from_numpy(np.array(im)).permute(2, 0, 1))[0][1]
+    assert x.shape == (3, 30, 20)
+    assert x[0, :5].float().mean() > 200 and x[0, -5:].float().mean() < 50  # the band is now on top
+
+
+# regression: in-memory (PIL) image sets all had the same fingerprint whatever their pixels
+def test_fingerprint_of_in_memory_images_follows_their_pixels():
+    black = pk.resolve_images([Image.new("RGB", (8, 8), (0, 0, 0))]).fingerprint()
+    white = pk.resolve_images([Image.new("RGB", (8, 8), (255, 255, 255))]).fingerprint()
+    assert black != white
+    assert pk.resolve_images([Image.new("RGB", (8, 8), (0, 0, 0))]).fingerprint() == black

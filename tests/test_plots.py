@@ -10,6 +10,7 @@ import torch
 
 import probekit as pk
 from probekit import plots
+from probekit.compare import compare
 from probekit.errors import ProbekitError
 from probekit.results import Results
 
@@ -143,3 +144,62 @@ def test_unknown_metric_and_kind_say_what_exists():
         plots.depth_profile(_results(), "entropy")
     with pytest.raises(ProbekitError, match="choose from depth, overlay"):
         plots.render_all(_results(), "/tmp/unused", kinds=["violin"])
+
+
+# regression: the depth profile's uniform-attention line of ``mad[queries=cls]`` was the patch-query value
+@pytest.mark.parametrize("units", ["px", "fraction"])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_uniform_reference_line_matches_mad_of_uniform_attention_for_cls_queries(units, renormalize):
+    from probekit.plots_common import _reference
+
+    lay = pk.TokenLayout(num_prefix=2, grid=(3, 5), patch_size=(8, 16), prefix_kinds=("cls", "dist"))
+    mad = pk.metrics.get("mad")(queries="cls", units=units, renormalize=renormalize)
+    t = lay.num_tokens
+    expected = mad.compute(torch.full((1, 1, t, t), 1 / t), lay).item()
+    meta = {"model": "m", "layout": {"num_prefix": 2, "grid": [3, 5], "patch_size": [8, 16]},
+            "metrics": {mad.label: {"name": "mad", "options": mad.options()}}}
+    table = {"model": ["m"], "image": ["a"], "layer": [0], "head": [0], "metric": [mad.label], "value": [1.0]}
+
+    assert _reference(Results(pd.DataFrame(table), meta=meta), "m", mad.label) == pytest.approx(expected, rel=1e-6)
+
+
+CKA_RUN = """\
+name: cka
+models: [toy:vit]
+images: {path: sample, count: 4}
+metrics: [mad, cka]
+batch_size: 4
+figures: [depth, maps]
+"""
+
+
+# regression: a dataset-level array (CKA's [L, L]) crashed the map figures, costing a run all its figures
+def test_a_dataset_level_array_does_not_cost_the_figures(tmp_path, toy_backend):
+    pytest.importorskip("seaborn")
+    p = tmp_path / "run.yaml"
+    p.write_text(CKA_RUN)
+    cmp = compare(p, out=tmp_path / "out")
+    assert cmp.figure_error is None
+    assert sorted(f.name for f in cmp.figures) == ["depth_mad.png", "depth_mad.svg"]
+    assert cmp.results.arrays["toy:vit/cka"].shape == (2, 2)
+
+
+# regression: ``render_all(metrics=...)`` ignored map metrics
+def test_render_all_draws_only_the_metrics_asked_for(tmp_path, toy_backend):
+    pytest.importorskip("seaborn")
+
+    res = pk.probe(pk.load("toy:vit", depth=2), torch.randn(2, 3, 32, 32), metrics=["mad", "cls_map"])
+    only_mad = plots.render_all(res, tmp_path / "a", kinds=["depth", "maps"], metrics=["mad"])
+    assert sorted(f.name for f in only_mad) == ["depth_mad.png", "depth_mad.svg"]
+    only_map = plots.render_all(res, tmp_path / "b", kinds=["depth", "maps"], metrics=["cls_map"])
+    assert sorted(f.name for f in only_map) == ["maps_cls_map.png", "maps_cls_map.svg"]
+
+
+def test_map_figures_are_drawn_for_patch_grid_maps_only(tmp_path, toy_backend):
+    pytest.importorskip("seaborn")
+
+    res = pk.probe(pk.load("toy:vit", depth=2), torch.randn(4, 3, 32, 32),
+                   metrics=["cls_map", "distance_profile", "cka"], batch_size=4)
+    assert res.arrays["toy:vit/distance_profile"].ndim == 4  # [images, layers, heads, bins]: no image
+    paths = plots.render_all(res, tmp_path, kinds=["maps"])
+    assert sorted(p.name for p in paths) == ["maps_cls_map.png", "maps_cls_map.svg"]

@@ -46,6 +46,15 @@ def test_csv_round_trip_is_exact(tmp_path):
     assert (back.table["value"].to_numpy() == res.table["value"].to_numpy()).all()
 
 
+# regression: CSV round trips failed on NaN values (head_similarity of a one-head layer)
+def test_csv_round_trips_nan_values_and_na_names(tmp_path):
+    table = pd.DataFrame({"model": ["NA", "NA"], "image": ["a", "None"], "layer": [0, 0], "head": [0, 1],
+                          "metric": ["head_similarity"] * 2, "value": [np.nan, 0.25]})
+    res = Results(table)
+    back = Results.read_csv(res.to_csv(tmp_path / "r.csv"))
+    pd.testing.assert_frame_equal(back.table, res.table)
+
+
 def test_arrays_round_trip(tmp_path):
     res = _results()
     back = Results.read_arrays(res.save_arrays(tmp_path / "arrays.npz"))
