@@ -212,3 +212,14 @@ def test_preprocess_covers_input_size_and_normalizes(timm_vit):
     assert torch.allclose(x.mean((1, 2)), want, atol=1e-4) and x.std((1, 2)).max() < 1e-4
     mine = pk.load(f"onnx:{timm_vit[1]}", mean=(0.5,) * 3, std=(0.5,) * 3)
     assert torch.allclose(mine.preprocess(gray), torch.full((3, 24, 40), (128 / 255 - 0.5) / 0.5), atol=1e-4)
+
+
+def test_prefix_kinds_can_be_named(timm_vit):
+    # the graph cannot tell a distillation token from a register: the user can
+    _, path = timm_vit
+    x = torch.randn(1, 3, 24, 40)
+    assert pk.load(f"onnx:{path}").layout(x).prefix_kinds == ("cls", "reg", "reg")
+    pm = pk.load(f"onnx:{path}", prefix_kinds=("cls", "dist", "reg"))
+    assert pm.layout(x).prefix_kinds == ("cls", "dist", "reg")
+    with pytest.raises(pk.LayoutError, match="prefix_kinds has 2 entries for 3"):
+        pk.load(f"onnx:{path}", prefix_kinds=("cls", "dist"))

@@ -239,6 +239,8 @@ class OnnxAdapter(Adapter):
         image_size: input size when the graph's is symbolic (or to check a fixed one).
         patch_size: when the patch-embedding Conv cannot be found.
         num_prefix: prefix tokens, when not ``T - h * w`` at the native size.
+        prefix_kinds: what each prefix token is (default ``cls`` then ``reg``; a distilled DeiT
+            is ``("cls", "dist")``), for ``prefix_mass(kind=...)``.
         input_name: the image input, when the graph has several inputs.
         mean, std, resize: preprocessing (default ImageNet mean/std, resize to the input size).
         providers: onnxruntime execution providers (default CPU).
@@ -250,7 +252,8 @@ class OnnxAdapter(Adapter):
     reference = "float32 softmax of each attention Softmax node's own input logits, read from the same graph"
 
     def __init__(self, onnx_model, *, source: str = "<ModelProto>", image_size=None, patch_size=None,
-                 num_prefix: int | None = None, input_name: str | None = None, mean=_IMAGENET_MEAN,
+                 num_prefix: int | None = None, prefix_kinds=None, input_name: str | None = None,
+                 mean=_IMAGENET_MEAN,
                  std=_IMAGENET_STD, resize: int | None = None, providers=None):
         onnx, ort = _require_backends()
         softmaxes, shapes = find_attention_softmaxes(onnx_model)
@@ -307,6 +310,8 @@ class OnnxAdapter(Adapter):
         self._num_params = sum(int(np.prod(i.dims)) for i in onnx_model.graph.initializer)
         self._sink: Sink | None = None
         self._num_prefix = num_prefix if num_prefix is not None else self._prefix_at(size, shapes)
+        self._prefix_kinds = None if prefix_kinds is None else tuple(prefix_kinds)
+        TokenLayout(num_prefix=self._num_prefix, grid=(1, 1), patch_size=1, prefix_kinds=self._prefix_kinds)
 
     def _prefix_at(self, size, shapes) -> int:
         """``T - h * w`` at the native size (T and H from shape inference, or from one dry run)."""
@@ -374,7 +379,8 @@ class OnnxAdapter(Adapter):
     def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
         h, w = pixel_values.shape[-2:]
         grid = (h // self._patch[0], w // self._patch[1])
-        return TokenLayout(num_prefix=self._num_prefix, grid=grid, patch_size=self._patch)
+        return TokenLayout(num_prefix=self._num_prefix, grid=grid, patch_size=self._patch,
+                           prefix_kinds=self._prefix_kinds)
 
     def parameters_count(self) -> int:
         return self._num_params
