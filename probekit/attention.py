@@ -147,9 +147,6 @@ class Workspace:
         """Bytes held (what the engine adds to the model's own peak memory)."""
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
-    def clear(self) -> None:
-        self._buffers.clear()
-
 
 def no_autocast(device: torch.device):
     """Autocast off (probabilities must be float32 even when the model runs bf16/fp16)."""
