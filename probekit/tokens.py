@@ -9,12 +9,13 @@ import torch
 
 from .errors import LayoutError
 
-__all__ = ["TokenLayout"]
+__all__ = ["TokenLayout", "pair"]
 
 
-def _pair(x) -> tuple[int, int]:
-    if isinstance(x, int):
-        return (x, x)
+def pair(x) -> tuple[int, int]:
+    """``(h, w)`` from one number or a pair of numbers (sizes in configs come in both forms)."""
+    if isinstance(x, (int, float)):
+        return (int(x), int(x))
     a, b = x
     return (int(a), int(b))
 
@@ -41,8 +42,8 @@ class TokenLayout:
     prefix_kinds: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "grid", _pair(self.grid))
-        object.__setattr__(self, "patch_size", _pair(self.patch_size))
+        object.__setattr__(self, "grid", pair(self.grid))
+        object.__setattr__(self, "patch_size", pair(self.patch_size))
         if self.num_prefix < 0 or min(self.grid) < 1 or min(self.patch_size) < 1:
             raise LayoutError(f"Invalid token layout {self!r}: counts and sizes must be positive.")
         kinds = self.prefix_kinds

@@ -218,7 +218,7 @@ def test_checkpoint_file_round_trips(tmp_path):
 @pytest.mark.parametrize("case", ["bool-mask", "float-mask", "causal", "gqa", "scale"])
 def test_sdpa_spy_reports_what_the_softmax_sees(case):
     from probekit.adapter import CollectSink
-    from probekit.plugins.adapters import timm as tap
+    from probekit.plugins.adapters import _sdpa_spy as tap
 
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(2, 4, 6, 8, generator=g) for _ in range(3))

@@ -24,10 +24,10 @@ from torch import nn
 from probekit.adapter import Adapter, Sink
 from probekit.attention import LayerAttention
 from probekit.errors import LayoutError, UnknownNameError, UnsupportedArchitectureError, WeightsUnavailableError
-from probekit.tokens import TokenLayout
+from probekit.tokens import TokenLayout, pair
 
 from ._sdpa_spy import attention_report, tap_blocks, watch_attention
-from .timm import TimmAdapter, _pair
+from .timm import TimmAdapter
 
 __all__ = ["OpenClipAdapter", "OpenClipTimmAdapter"]
 
@@ -212,9 +212,9 @@ class OpenClipAdapter(Adapter):
         kwargs = dict(options)
         size = kwargs.pop("img_size", None) or image_size
         if size is not None:
-            kwargs["force_image_size"] = _pair(size)
+            kwargs["force_image_size"] = pair(size)
             if isinstance(kwargs.get("vision_cfg"), dict):  # model overrides win over force_image_size
-                kwargs["vision_cfg"] = {**kwargs["vision_cfg"], "image_size": _pair(size)}
+                kwargs["vision_cfg"] = {**kwargs["vision_cfg"], "image_size": pair(size)}
         model, preprocess = _create(arch, tag, bool(pretrained), checkpoint, kwargs)
         return cls._bind(model.visual, preprocess, name=name, pretrained=bool(pretrained) or checkpoint is not None)
 
@@ -229,7 +229,7 @@ class OpenClipAdapter(Adapter):
                 f"The open_clip adapter knows ViT towers (open_clip VisionTransformer) and timm trunks; "
                 f"got {type(visual).__name__} (e.g. a ModifiedResNet, which has no token attention)."
             )
-        return cls(visual, preprocess or _own_preprocess(visual), image_size=_pair(visual.image_size), **info)
+        return cls(visual, preprocess or _own_preprocess(visual), image_size=pair(visual.image_size), **info)
 
     @classmethod
     def can_wrap(cls, module: nn.Module) -> bool:
@@ -263,12 +263,12 @@ class OpenClipAdapter(Adapter):
 
     def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
         size = tuple(pixel_values.shape[-2:])
-        if size != _pair(self.model.image_size):
+        if size != pair(self.model.image_size):
             raise LayoutError(
-                f"This open_clip tower was built for {_pair(self.model.image_size)} inputs and got {size}. "
+                f"This open_clip tower was built for {pair(self.model.image_size)} inputs and got {size}. "
                 f"Load it with image_size={size} (open_clip resizes position embeddings), or resize the images."
             )
-        return TokenLayout(1, tuple(self.model.grid_size), _pair(self.model.patch_size), ("cls",))
+        return TokenLayout(1, tuple(self.model.grid_size), pair(self.model.patch_size), ("cls",))
 
     # -- running ---------------------------------------------------------------------------------
     def _tokens_first(self) -> bool:
@@ -347,7 +347,7 @@ def _own_preprocess(visual: nn.Module):
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     cfg = dict(getattr(visual, "preprocess_cfg", None) or {})
-    cfg.setdefault("size", _pair(visual.image_size))
+    cfg.setdefault("size", pair(visual.image_size))
     return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from probekit.adapter import Adapter, Sink
@@ -33,19 +32,11 @@ from probekit.errors import (
     UnsupportedArchitectureError,
     WeightsUnavailableError,
 )
-from probekit.tokens import TokenLayout
+from probekit.tokens import TokenLayout, pair
 
-from ._sdpa_spy import (  # noqa: F401  (re-exported: the spy used to live here)
-    _ORIGINAL_SDPA,
-    _PENDING,
-    _hidden_hook,
-    attention_report,
-    tap_blocks,
-    watch_attention,
-    watch_sdpa,
-)
+from ._sdpa_spy import tap_blocks
 
-__all__ = ["TimmAdapter", "TimmWindowedAdapter", "FAMILIES", "watch_sdpa", "attention_report"]
+__all__ = ["TimmAdapter", "TimmWindowedAdapter", "FAMILIES"]
 
 
 # -- families: data, not if-chains ---------------------------------------------------------------
@@ -102,10 +93,6 @@ def _family_of_arch(arch: str) -> Family | None:
 
 
 # -- building helpers ----------------------------------------------------------------------------
-def _pair(x) -> tuple[int, int]:
-    return (int(x), int(x)) if isinstance(x, int) else (int(x[0]), int(x[1]))
-
-
 def _weights_error(name: str, cause: BaseException) -> WeightsUnavailableError:
     from huggingface_hub import constants
     from timm.models import get_pretrained_cfg
@@ -209,7 +196,7 @@ class TimmAdapter(Adapter):
         kwargs = dict(options)
         size = kwargs.pop("img_size", None) or image_size
         if size is not None:
-            kwargs["img_size"] = _pair(size)
+            kwargs["img_size"] = pair(size)
         model = _create(name, bool(pretrained), checkpoint, kwargs)
         return cls._bind(model, name=name, pretrained=bool(pretrained) or checkpoint is not None)
 
@@ -222,7 +209,7 @@ class TimmAdapter(Adapter):
                 f"got a {type(model).__name__}, which has no token attention to probe."
             )
         klass = TimmAdapter if fam.global_attention else TimmWindowedAdapter
-        size = _pair(model.patch_embed.img_size)
+        size = pair(model.patch_embed.img_size)
         return klass(model, _preprocess(model, size), image_size=size, **info)
 
     @classmethod
@@ -262,12 +249,12 @@ class TimmAdapter(Adapter):
     def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
         pe = self.model.patch_embed
         size = tuple(pixel_values.shape[-2:])
-        if not getattr(self.model, "dynamic_img_size", False) and size != _pair(pe.img_size):
+        if not getattr(self.model, "dynamic_img_size", False) and size != pair(pe.img_size):
             raise LayoutError(
-                f"This {type(self.model).__name__} was built for {_pair(pe.img_size)} inputs and got {size}. "
+                f"This {type(self.model).__name__} was built for {pair(pe.img_size)} inputs and got {size}. "
                 f"Load it with image_size={size} (timm resamples position tables), or resize the images."
             )
-        patch = _pair(pe.patch_size)
+        patch = pair(pe.patch_size)
         if not getattr(pe, "dynamic_img_pad", False) and (size[0] % patch[0] or size[1] % patch[1]):
             raise LayoutError(
                 f"timm needs input sizes divisible by the patch size {patch}; got {size}. Resize or crop "
@@ -277,13 +264,8 @@ class TimmAdapter(Adapter):
         return TokenLayout(len(kinds), pe.dynamic_feat_size(size), patch, kinds)
 
     # -- running ---------------------------------------------------------------------------------
-    @contextmanager
-    def tap(self, sink: Sink) -> Iterator[None]:
-        try:
-            with tap_blocks(self.blocks, sink):
-                yield
-        finally:
-            _PENDING.report = None
+    def tap(self, sink: Sink):
+        return tap_blocks(self.blocks, sink)  # disarms the spy on the way out, error or not
 
     def reference_attention(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
         """timm's own unfused softmax output, read by ``AttentionExtract`` on ``attn_drop``."""
@@ -322,7 +304,7 @@ class TimmWindowedAdapter(TimmAdapter):
 
     def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
         pe = self.model.patch_embed
-        return TokenLayout(0, pe.dynamic_feat_size(tuple(pixel_values.shape[-2:])), _pair(pe.patch_size))
+        return TokenLayout(0, pe.dynamic_feat_size(tuple(pixel_values.shape[-2:])), pair(pe.patch_size))
 
     @contextmanager
     def tap(self, sink: Sink) -> Iterator[None]:

@@ -26,9 +26,9 @@ from torch import nn
 from probekit.adapter import Adapter, Sink, wants
 from probekit.attention import LayerAttention
 from probekit.errors import ConfigError, UnsupportedArchitectureError
-from probekit.tokens import TokenLayout
+from probekit.tokens import TokenLayout, pair
 
-from ._hf_families import FAMILIES, KNOWN, VISION_SUBCONFIG, Family, check_family, family_of  # noqa: F401
+from ._hf_families import FAMILIES, KNOWN, check_family, family_of
 from ._hf_loading import config_for, load_checkpoint, pretrained_model
 from ._hf_preprocess import _Preprocess, cached_processor, processor_for
 
@@ -106,10 +106,6 @@ def _bind(encoder: nn.Module) -> nn.Module:
     return encoder
 
 
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, (int, float)) else (int(v[0]), int(v[1]))
-
-
 # ------------------------------------------------------------------------------------------------
 
 
@@ -135,7 +131,7 @@ class TransformersAdapter(Adapter):
             blocks = getattr(blocks, part)
         self.blocks = list(blocks)
         self.attentions = [getattr(b, self.family.attention) for b in self.blocks]
-        self.info.setdefault("image_size", _pair(model.config.image_size))
+        self.info.setdefault("image_size", pair(model.config.image_size))
         self.info.setdefault("model_type", model.config.model_type)
 
     # -- building ------------------------------------------------------------------------------
@@ -187,10 +183,10 @@ class TransformersAdapter(Adapter):
                 f"{', '.join(f.model_class for f in FAMILIES.values())} (and models that contain one).")
         _bind(encoder)
         fam = FAMILIES[encoder.config.model_type]
-        size = _pair(image_size) if image_size is not None else _pair(encoder.config.image_size)
+        size = pair(image_size) if image_size is not None else pair(encoder.config.image_size)
         _, known_cfg, known_proc = KNOWN.get(repo, (None, {}, {}))
-        if image_size is None and "image_size" in known_proc and size == _pair(known_cfg.get("image_size", -1)):
-            size = _pair(known_proc["image_size"])  # the stock config's processor crops smaller
+        if image_size is None and "image_size" in known_proc and size == pair(known_cfg.get("image_size", -1)):
+            size = pair(known_proc["image_size"])  # the stock config's processor crops smaller
         proc = cached_processor(repo) if (repo is not None and image_size is None) else None
         if proc is not None:
             crop = getattr(proc, "crop_size", None) if getattr(proc, "do_center_crop", False) else None
@@ -234,7 +230,7 @@ class TransformersAdapter(Adapter):
 
     @property
     def patch_size(self) -> tuple[int, int]:
-        return _pair(self.model.config.patch_size)
+        return pair(self.model.config.patch_size)
 
     def prefix_kinds(self) -> tuple[str, ...]:
         regs = int(getattr(self.model.config, "num_register_tokens", 0)) if self.family.registers else 0
