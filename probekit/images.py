@@ -60,12 +60,18 @@ class ImageSet:
     pil: list[Image.Image] | None = None
     tensor: torch.Tensor | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.names)
 
     def fingerprint(self) -> str:
-        """A hash of the image list (names and file sizes/mtimes or tensor bytes), for caching."""
+        """A hash of the image set (names, and file contents, pixels or tensor bytes), for caching.
+
+        Computed once per set: it reads every file, and a comparison asks for it per model.
+        """
+        if self._fingerprint is not None:
+            return self._fingerprint
         h = hashlib.sha256()
         if self.tensor is not None:
             h.update(self.tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -79,7 +85,8 @@ class ImageSet:
                 st = self.paths[i].stat()
                 h.update(f"{st.st_size}".encode())
                 h.update(hashlib.sha256(self.paths[i].read_bytes()).digest() if st.st_size < 2**24 else b"")
-        return h.hexdigest()[:16]
+        self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def subset(self, indices: Sequence[int]) -> "ImageSet":
         return ImageSet(

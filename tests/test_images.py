@@ -84,3 +84,15 @@ def test_fingerprint_of_in_memory_images_follows_their_pixels():
     white = pk.resolve_images([Image.new("RGB", (8, 8), (255, 255, 255))]).fingerprint()
     assert black != white
     assert pk.resolve_images([Image.new("RGB", (8, 8), (0, 0, 0))]).fingerprint() == black
+
+
+def test_fingerprint_reads_the_files_once(folder, monkeypatch):
+    # a comparison asks for the fingerprint once per model: the files must not be reread
+    from pathlib import Path
+
+    s = resolve_images(folder)
+    reads = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or real(self))
+    first = s.fingerprint()
+    assert len(reads) == len(s) and s.fingerprint() == first and len(reads) == len(s)
