@@ -26,11 +26,12 @@ from typing import Any, Protocol
 
 from . import models as _models
 from .config import CheckedRun, ModelEntry, RunConfig, check_run, load_run
+from .atomic import write_text_atomic
 from .errors import ConfigError
 from .probe import _versions, resolve_dtype
 from .results import Results
 
-__all__ = ["compare", "Comparison", "Reporter", "load_run_dir", "part_key", "write_text_atomic"]
+__all__ = ["compare", "Comparison", "Reporter", "load_run_dir", "part_key"]
 
 _PART_FORMAT = 1  # bump when the layout of a part file changes: old parts are then ignored
 
@@ -87,15 +88,6 @@ class Comparison:
 
 
 # -- atomic files ------------------------------------------------------------------------------
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never half a file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
-
-
 def _json(obj: Any) -> str:
     return json.dumps(obj, indent=1, default=str, sort_keys=False)
 

@@ -17,7 +17,6 @@ lazily so the numbers never depend on it.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Iterable
@@ -25,6 +24,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from .atomic import atomic_path
 from .errors import ConfigError
 from .plots_common import (  # noqa: F401  (uniform_attention_value, WIDTH: public here too)
     WIDTH,
@@ -245,9 +245,8 @@ def save(fig, stem: Path) -> list[Path]:
     out = []
     for fmt in ("png", "svg"):
         path = stem.with_name(f"{stem.name}.{fmt}")
-        tmp = stem.with_name(f".{stem.name}.{os.getpid()}.tmp.{fmt}")
-        fig.savefig(tmp, format=fmt, dpi=200, bbox_inches="tight")
-        tmp.replace(path)
+        with atomic_path(path, suffix=f".{fmt}") as tmp:
+            fig.savefig(tmp, format=fmt, dpi=200, bbox_inches="tight")
         out.append(path)
     return out
 

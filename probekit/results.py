@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .atomic import atomic_path, write_text_atomic
+
 __all__ = ["Results", "COLUMNS", "summarize"]
 
 COLUMNS = ["model", "image", "layer", "head", "metric", "value"]
@@ -119,9 +121,8 @@ class Results:
         md = dict(tbl.schema.metadata or {})
         md[_META_KEY] = json.dumps(self.meta, default=str).encode()
         tbl = tbl.replace_schema_metadata(md)
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(tbl, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            pq.write_table(tbl, tmp)
         return path
 
     @classmethod
@@ -135,11 +136,9 @@ class Results:
     def to_csv(self, path) -> Path:
         """Write the table (17 significant digits: floats round-trip exactly) and a .json sidecar."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        self.table.to_csv(tmp, index=False, float_format="%.17g")
-        tmp.replace(path)
-        side = path.with_suffix(".meta.json")
-        side.write_text(json.dumps(self.meta, indent=1, default=str))
+        with atomic_path(path) as tmp:
+            self.table.to_csv(tmp, index=False, float_format="%.17g")
+        write_text_atomic(path.with_suffix(".meta.json"), json.dumps(self.meta, indent=1, default=str))
         return path
 
     @classmethod
@@ -157,9 +156,8 @@ class Results:
         if not self.arrays:
             return None
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, **{k.replace("/", "__"): v for k, v in self.arrays.items()})
-        tmp.replace(path)
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez_compressed(tmp, **{k.replace("/", "__"): v for k, v in self.arrays.items()})
         return path
 
     @staticmethod

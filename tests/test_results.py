@@ -83,3 +83,19 @@ def test_concat_keeps_each_models_layout_for_plots():
     assert both.meta["models"]["deit-s"]["layout"]["grid"] == [14, 14]
     assert both.meta["models"]["dino-s16"]["layout"]["num_prefix"] == 5
     assert both.meta["metrics"]["mad"]["unit"] == "px"
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    from probekit.atomic import atomic_path
+
+    target = tmp_path / "summary.csv"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half of the new")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.csv"]
+    with atomic_path(target, suffix=".npz") as tmp:
+        assert tmp.name.endswith(".npz") and tmp.parent == tmp_path
+        tmp.write_text("new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["summary.csv"]
