@@ -168,6 +168,7 @@ class Metric:
         """Forget all accumulated state."""
         object.__setattr__(self, "_sums", {})
         object.__setattr__(self, "_counts", {})
+        object.__setattr__(self, "_values", {})
 
     def update(self, layer: int, values: torch.Tensor) -> None:
         """Add one batch of per-image values of ``layer`` to the running sums."""
@@ -175,6 +176,15 @@ class Metric:
         s = self._sums.get(layer)
         self._sums[layer] = values.sum(0) if s is None else s + values.sum(0)
         self._counts[layer] = self._counts.get(layer, 0) + values.shape[0]
+        self._values.setdefault(layer, []).append(values.float())
+
+    def per_image(self) -> dict[int, torch.Tensor]:
+        """Every image's value per layer, in the order seen (``{layer: [N, H, ...]}``): the table's rows."""
+        return {layer: torch.cat(v) for layer, v in sorted(self._values.items())}
+
+    def dataset_result(self):
+        """One array for the whole image set (e.g. CKA's layer x layer matrix), or None (the default)."""
+        return None
 
     def result(self) -> dict[int, torch.Tensor]:
         """Mean per-image value per layer over everything seen (``{layer: [H, ...]}``)."""
@@ -192,12 +202,15 @@ class Metric:
             layer = int(layer)
             self._sums[layer] = s.double() + self._sums[layer] if layer in self._sums else s.double().clone()
             self._counts[layer] = self._counts.get(layer, 0) + int(other["counts"][layer])
+        for layer, v in other.get("values", {}).items():
+            self._values.setdefault(int(layer), []).extend(t.clone() for t in v)
         return self
 
     def state_dict(self) -> dict:
         return {
             "sums": {k: v.clone() for k, v in self._sums.items()},
             "counts": dict(self._counts),
+            "values": {k: [t.clone() for t in v] for k, v in self._values.items()},
             "options": self.options(),
         }
 

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import platform
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -196,16 +197,16 @@ def _loader(pm: ProbedModel, images: ImageSet, batch_size: int, num_workers: int
     )
 
 
-def _to_table(model: str, names: list[str], metrics: list[Metric], values: dict[str, dict[int, list]]):
-    """Long table rows for scalar metrics; arrays ``[N, L, ...]`` for maps."""
+def _to_table(model: str, names: list[str], metrics: list[Metric]):
+    """Long table rows for scalar metrics; arrays ``[N, L, ...]`` for maps; from each metric's state."""
     frames, arrays = [], {}
     img = np.asarray(names, dtype=object)
     for m in metrics:
-        per_layer = values[m.label]
+        per_layer = m.per_image()
         if not per_layer:
             continue
         layers = sorted(per_layer)
-        stacked = np.stack([torch.cat(per_layer[layer]).numpy() for layer in layers], axis=1)  # [N, L, ...]
+        stacked = np.stack([per_layer[layer].numpy() for layer in layers], axis=1)  # [N, L, ...]
         if m.is_map:
             arrays[f"{model}/{m.label}"] = stacked
             continue
@@ -227,10 +228,99 @@ def _to_table(model: str, names: list[str], metrics: list[Metric], values: dict[
                 }
             )
         )
+    for m in metrics:  # dataset-level metrics (e.g. CKA): one array for the whole image set
+        whole = m.dataset_result()
+        if whole is not None:
+            arrays[f"{model}/{m.label}"] = whole
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["model", "image", "layer", "head", "metric", "value"]
     )
     return table, arrays
+
+
+@dataclass
+class _Plan:
+    """What :func:`probe` resolved its arguments to: one model, metrics, images, compute settings."""
+
+    pm: ProbedModel
+    name: str
+    metrics: list[Metric]
+    images: ImageSet
+    layers: list[int] | None
+    dtype: torch.dtype | None
+
+
+def _resolve(model, images, metrics, layers, device, dtype, strict, label) -> _Plan:
+    """Arguments -> a :class:`_Plan`: the model loaded (and moved), metrics built and checked against it."""
+    from .models import load
+
+    pm = load(model) if isinstance(model, str) else model
+    if layers is not None:
+        layers = [int(i) for i in layers]
+        bad = [i for i in layers if not 0 <= i < pm.num_layers]
+        if bad:
+            raise ConfigError(
+                f"layers={bad} do not exist: {pm.label} has {pm.num_layers} layers, numbered 0 to "
+                f"{pm.num_layers - 1}. Pass indices in that range, or leave layers out for all of them."
+            )
+    if device is not None:
+        pm.to(device)
+    cdtype = resolve_dtype(dtype)
+    mets = build_metrics(metrics)
+    imgs = resolve_images(images, strict=strict)
+    for m in mets:
+        m.reset()
+        m.check_model(pm.adapter)
+    return _Plan(pm, label or pm.label, mets, imgs, layers, cdtype)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype in (None, torch.float32):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: int, progress) -> list[int]:
+    """The batch loop: each batch through the model with the sink tapped in; metric state updated.
+
+    Returns the indices (into ``plan.images``) of the images done, in order: every finished
+    batch's values live in the metrics' state.
+    """
+    pm, dev = plan.pm, plan.pm.device
+    done: list[int] = []
+    loader = _loader(pm, plan.images, batch_size, num_workers, pin=dev.type == "cuda")
+    with torch.inference_mode(), pm.adapter.tap(sink), _autocast(dev, plan.dtype):
+        for idx, x in loader:
+            x = x.to(dev, non_blocking=True)
+            sink.start(pm.layout(x))
+            pm.adapter.forward(x)
+            sink.finish()
+            done.extend(int(i) for i in idx)
+            if progress is not None:
+                progress(len(done), len(plan.images))
+    return done
+
+
+def _provenance(plan: _Plan, layout: TokenLayout | None, batch_size: int, seconds: float) -> dict:
+    """``Results.meta``: what ran (model, adapter, layout, metrics with options), on what, how."""
+    pm, lay = plan.pm, layout
+    return {
+        "model": plan.name,
+        "spec": pm.spec,
+        "model_meta": {k: v for k, v in pm.meta.items() if isinstance(v, (str, int, float, bool, dict, list))},
+        "adapter": pm.adapter.name,
+        "layout": None if lay is None else {"num_prefix": lay.num_prefix, "grid": list(lay.grid),
+                                            "patch_size": list(lay.patch_size),
+                                            "prefix_kinds": list(lay.prefix_kinds)},
+        "metrics": {m.label: {"name": m.name, "options": m.options(), "unit": m.value_unit()} for m in plan.metrics},
+        "images": {"count": len(plan.images), "fingerprint": plan.images.fingerprint(),
+                   "skipped": plan.images.skipped},
+        "batch_size": batch_size,
+        "device": str(pm.device),
+        "dtype": str(plan.dtype or torch.float32),
+        "seconds": seconds,
+        "versions": _versions(),
+    }
 
 
 def probe(
@@ -268,70 +358,14 @@ def probe(
     Returns:
         :class:`Results` with one row per image x layer x head x metric.
     """
-    from .models import load
-
-    pm = load(model) if isinstance(model, str) else model
-    if layers is not None:
-        layers = [int(i) for i in layers]
-        bad = [i for i in layers if not 0 <= i < pm.num_layers]
-        if bad:
-            raise ConfigError(
-                f"layers={bad} do not exist: {pm.label} has {pm.num_layers} layers, numbered 0 to "
-                f"{pm.num_layers - 1}. Pass indices in that range, or leave layers out for all of them."
-            )
-    if device is not None:
-        pm.to(device)
-    dev = pm.device
-    cdtype = resolve_dtype(dtype)
-    mets = build_metrics(metrics)
-    imgs = resolve_images(images, strict=strict)
-    for m in mets:
-        m.reset()
-        m.check_model(pm.adapter)
-    name = label or pm.label
-    sink = MetricSink(mets, layers=layers, block_mb=block_mb)
-    collected: dict[str, dict[int, list]] = {m.label: {} for m in mets}
-    autocast = (
-        torch.autocast(dev.type, dtype=cdtype) if cdtype not in (None, torch.float32) else contextlib.nullcontext()
-    )
+    plan = _resolve(model, images, metrics, layers, device, dtype, strict, label)
+    sink = MetricSink(plan.metrics, layers=plan.layers, block_mb=block_mb)
     t0 = time.perf_counter()
-    done, total = 0, len(imgs)
-    loader = _loader(pm, imgs, batch_size, num_workers, pin=dev.type == "cuda")
-    with torch.inference_mode(), pm.adapter.tap(sink), autocast:
-        for _, x in loader:
-            x = x.to(dev, non_blocking=True)
-            sink.start(pm.layout(x))
-            pm.adapter.forward(x)
-            for lbl, per_layer in sink.finish().items():
-                for layer, v in per_layer.items():
-                    collected[lbl].setdefault(layer, []).append(v)
-            done += x.shape[0]
-            if progress is not None:
-                progress(done, total)
+    done = _run_batches(plan, sink, batch_size, num_workers, progress)
     seconds = time.perf_counter() - t0
-    table, arrays = _to_table(name, imgs.names, mets, collected)
-    for m in mets:  # dataset-level metrics (e.g. CKA): one array for the whole image set
-        whole = m.dataset_result() if hasattr(m, "dataset_result") else None
-        if whole is not None:
-            arrays[f"{name}/{m.label}"] = whole
-    lay = sink.layout
-    meta = {
-        "model": name,
-        "spec": pm.spec,
-        "model_meta": {k: v for k, v in pm.meta.items() if isinstance(v, (str, int, float, bool, dict, list))},
-        "adapter": pm.adapter.name,
-        "layout": None if lay is None else {"num_prefix": lay.num_prefix, "grid": list(lay.grid),
-                                            "patch_size": list(lay.patch_size),
-                                            "prefix_kinds": list(lay.prefix_kinds)},
-        "metrics": {m.label: {"name": m.name, "options": m.options(), "unit": m.value_unit()} for m in mets},
-        "images": {"count": len(imgs), "fingerprint": imgs.fingerprint(), "skipped": imgs.skipped},
-        "batch_size": batch_size,
-        "device": str(dev),
-        "dtype": str(cdtype or torch.float32),
-        "seconds": seconds,
-        "versions": _versions(),
-    }
-    return Results(table, arrays, meta)
+    names = [plan.images.names[i] for i in done]
+    table, arrays = _to_table(plan.name, names, plan.metrics)
+    return Results(table, arrays, _provenance(plan, sink.layout, batch_size, seconds))
 
 
 def _versions() -> dict[str, str]:

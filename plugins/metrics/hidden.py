@@ -171,6 +171,7 @@ class LinearCKA(Metric):
 
     # state: summed HSIC between layers, the layers' order, batches used and images skipped
     def reset(self) -> None:
+        super().reset()
         object.__setattr__(self, "_xy", None)
         object.__setattr__(self, "_layers", None)
         object.__setattr__(self, "_batches", 0)
