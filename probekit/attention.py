@@ -5,6 +5,12 @@ embedding, the scale, an additive bias such as a relative-position table or a ma
 where the library already produced them, the probabilities. Probabilities are always
 computed in float32 (bf16 drifts by 1e-2 on sharp heads) and can be produced a block of
 query rows at a time, so long sequences never hold a whole [B, H, T, T] tensor.
+
+One attention pass. A tap that also holds the values ``v`` lets the engine produce the layer's
+attention output itself, from the same blocks of probabilities the metrics read (output block =
+``P_block @ V``), instead of running the model's SDPA and then recomputing q·kᵀ and the softmax:
+the sink fills :attr:`LayerAttention.output` and the tap hands that to the model. Where the
+sink leaves it None, the tap runs the model's own kernel as before. :func:`one_pass` is the rule.
 """
 
 from __future__ import annotations
@@ -15,7 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["LayerAttention", "Workspace", "no_autocast", "row_blocks"]
+__all__ = ["LayerAttention", "Workspace", "no_autocast", "row_blocks", "one_pass", "sdpa_dtype", "ATTENTION_PASSES",
+           "ONE_PASS_MIN_TOKENS"]
+
+ATTENTION_PASSES = ("auto", "fused", "separate")
+# auto: one pass on CPU from this many tokens on (measured, see one_pass); always on accelerators
+ONE_PASS_MIN_TOKENS = 400
 
 
 @dataclass
@@ -24,6 +35,12 @@ class LayerAttention:
 
     Either ``q``/``k`` (``[B, H, T, d]``) with ``scale`` and an optional additive ``bias``
     broadcastable to ``[B, H, T, T]``, or ``probs`` (``[B, H, T, T]``).
+
+    ``v`` (``[B, H, T, dv]``, k/v heads already repeated for grouped queries) is given by taps
+    that can take the layer's output from the engine (one attention pass); ``out_dtype`` is
+    the dtype the model's own kernel would have returned (autocast's). The engine sets
+    ``output`` (``[B, H, T, dv]``, a transposed view of a contiguous ``[B, T, H, dv]``: the
+    layout every family reshapes to next, so that reshape is free) or leaves it None.
     """
 
     q: torch.Tensor | None = None
@@ -31,6 +48,10 @@ class LayerAttention:
     scale: float = 1.0
     bias: torch.Tensor | None = None
     probs_given: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    out_dtype: torch.dtype | None = None
+    output: torch.Tensor | None = None
+    _vf: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _kt: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _qs: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -120,6 +141,55 @@ class LayerAttention:
         logits = self.logits(rows, out=workspace.get("logits", shape, self.q.device))
         probs = torch.ops.aten._softmax.out(logits, -1, False, out=workspace.get("probs", shape, self.q.device))
         return logits, probs
+
+
+    def start_output(self) -> None:
+        """Allocate :attr:`output` (filled block by block by :meth:`add_output`)."""
+        b, h, t = self.shape
+        dv = self.v.shape[-1]
+        dtype = self.out_dtype or self.v.dtype
+        self.output = torch.empty(b, t, h, dv, dtype=dtype, device=self.v.device).transpose(1, 2)
+        self._vf = self.v.float()  # float32 like the probabilities (a view when v already is)
+
+    def add_output(self, rows: slice, probs: torch.Tensor, workspace: "Workspace | None" = None) -> None:
+        """Write the output rows ``rows``: ``probs @ v`` (``probs``: the rows' ``[B, H, R, T]``)."""
+        if workspace is None:
+            self.output[:, :, rows] = torch.matmul(probs, self._vf)
+            return
+        pv = workspace.get("pv", (*probs.shape[:3], self._vf.shape[-1]), probs.device)
+        self.output[:, :, rows] = torch.matmul(probs, self._vf, out=pv)
+
+    def release(self) -> None:
+        """Drop the per-layer float32 copies (the output stays with the model)."""
+        self._kt = self._qs = self._vf = None
+
+
+def one_pass(attn: LayerAttention, mode: str = "auto") -> bool:
+    """Whether the engine produces this layer's attention output itself (one attention pass).
+
+    ``"separate"``: never (the model's own kernel, then the metrics recompute q·kᵀ).
+    ``"fused"``: whenever the tap handed over ``v``. ``"auto"``: on CPU from
+    :data:`ONE_PASS_MIN_TOKENS` tokens on, and always on accelerators. Measured on 2 CPU
+    cores (ViT-B/16, MAD + entropy, paired with the plain forward; README "Benchmark"):
+    at 197 tokens torch's fused SDPA kernel beats float32 ``P @ V`` from the probabilities
+    by more than the recomputation it saves; from ~400 tokens on, the saved q·kᵀ and
+    softmax win. Accelerators always take it (their flash kernel is the cheap part).
+    """
+    if mode == "separate" or attn.v is None or attn.probs_given is not None:
+        return False
+    if mode == "fused":
+        return True
+    return attn.device.type != "cpu" or attn.shape[2] >= ONE_PASS_MIN_TOKENS
+
+
+def sdpa_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.scaled_dot_product_attention`` returns for ``q`` here (autocast's when on)."""
+    try:
+        if q.is_floating_point() and torch.is_autocast_enabled(q.device.type):
+            return torch.get_autocast_dtype(q.device.type)
+    except (RuntimeError, TypeError, AttributeError):
+        pass
+    return q.dtype
 
 
 class Workspace:

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from .adapter import ProbedModel
-from .attention import LayerAttention, Workspace, no_autocast, row_blocks
+from .attention import ATTENTION_PASSES, LayerAttention, Workspace, no_autocast, one_pass, row_blocks
 from .errors import ConfigError
 from .images import ImageSet, resolve_images
 from .metric import Metric
@@ -103,9 +103,16 @@ class MetricSink:
         block_mb: budget in MiB for one block's logits and probabilities together. None: 32 MiB
             on CPU (blocks that stay in cache run up to 2x faster than larger ones) and 256 MiB
             on accelerators (fewer, larger kernels).
+        attention_pass: ``"auto"``, ``"fused"`` or ``"separate"``: whether a tap that hands
+            over v gets the layer's attention output from the blocks the metrics read (one
+            pass) or runs the model's own kernel (see :func:`probekit.attention.one_pass`).
     """
 
-    def __init__(self, metrics: list[Metric], layers=None, block_mb: float | None = None):
+    def __init__(self, metrics: list[Metric], layers=None, block_mb: float | None = None,
+                 attention_pass: str = "auto"):
+        if attention_pass not in ATTENTION_PASSES:
+            raise ConfigError(f"attention_pass must be one of {', '.join(ATTENTION_PASSES)}; got {attention_pass!r}.")
+        self.attention_pass = attention_pass
         self.metrics = metrics
         self.layers = None if layers is None else frozenset(int(i) for i in layers)
         self.wants_attention = any(m.needs == "attention" for m in metrics)
@@ -142,13 +149,18 @@ class MetricSink:
             self._reduce(layer, attn, lay, b, h, t)
 
     def _reduce(self, layer: int, attn: LayerAttention, lay: TokenLayout, b: int, h: int, t: int) -> None:
+        fused = bool(self._rowwise) and one_pass(attn, self.attention_pass)
+        if fused:
+            attn.start_output()
         if self._rowwise:
             spans = {m.label: m.query_rows(lay) for m in self._rowwise}
-            lo = min(s.start for s in spans.values())
-            hi = max(s.stop for s in spans.values())
+            lo = 0 if fused else min(s.start for s in spans.values())  # the output needs every row
+            hi = t if fused else max(s.stop for s in spans.values())
             acc: dict[str, torch.Tensor] = {}
             for blk in row_blocks(lo, hi, b, h, t, self.block_budget(attn.device)):
                 z, p = attn.block(blk, workspace=self.workspace)
+                if fused:
+                    attn.add_output(blk, p, self.workspace)
                 for m in self._rowwise:
                     q = spans[m.label]
                     s, e = max(blk.start, q.start), min(blk.stop, q.stop)
@@ -164,6 +176,7 @@ class MetricSink:
                 self._keep(m, layer, acc[m.label] / max(q.stop - q.start, 1))
         for m in self._other_attn:
             self._keep(m, layer, m.on_attention(layer, attn, lay))
+        attn.release()
 
     def hidden(self, layer: int, tokens: torch.Tensor) -> None:
         for m in self._hidden:
@@ -334,6 +347,7 @@ def probe(
     dtype: str | torch.dtype | None = None,
     num_workers: int = 0,
     block_mb: float | None = None,
+    attention_pass: str = "auto",
     strict: bool = False,
     label: str | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -351,6 +365,12 @@ def probe(
         num_workers: DataLoader workers that decode and preprocess images.
         block_mb: memory budget (MiB) for one block of query rows' logits and probabilities
             (default: 32 on CPU, 256 on accelerators).
+        attention_pass: ``"auto"`` (default), ``"fused"`` or ``"separate"``. ``"fused"``: taps
+            that hold q, k and v (transformers, timm, open_clip) get each layer's attention
+            output from the probability blocks the metrics read, one attention pass instead of
+            the model's kernel plus a recomputation; ``"separate"``: the model's own kernel;
+            ``"auto"``: fused from 400 tokens on CPU (measured; README "Benchmark") and always
+            on accelerators.
         strict: stop on an unreadable image instead of skipping it.
         label: the model's name in the table (default: ``model.label``).
         progress: called with ``(images done, images total)`` after each batch.
@@ -359,7 +379,7 @@ def probe(
         :class:`Results` with one row per image x layer x head x metric.
     """
     plan = _resolve(model, images, metrics, layers, device, dtype, strict, label)
-    sink = MetricSink(plan.metrics, layers=plan.layers, block_mb=block_mb)
+    sink = MetricSink(plan.metrics, layers=plan.layers, block_mb=block_mb, attention_pass=attention_pass)
     t0 = time.perf_counter()
     done = _run_batches(plan, sink, batch_size, num_workers, progress)
     seconds = time.perf_counter() - t0

@@ -3,8 +3,10 @@
 timm (and open_clip's timm towers) fix ``fused_attn`` at build time and, when fused, never call
 the modules a hook could watch. Every fused path calls ``F.scaled_dot_product_attention``, so
 while a watched attention module runs, a thread-local spy on that function hands the sink q and
-k (after q/k-norm and rotary embedding), the scale and the mask or relative-position bias as an
-additive bias, then lets the original kernel run. An unfused module's ``attn_drop`` input-output
+k (after q/k-norm and rotary embedding), v, the scale and the mask or relative-position bias as
+an additive bias; when the sink produced the layer's output from its probability blocks (one
+attention pass, :func:`probekit.attention.one_pass`) the spy returns that, otherwise it lets
+the original kernel run. An unfused module's ``attn_drop`` input-output
 is the probabilities themselves; :func:`watch_attention` passes those on instead. Calls made
 outside a watched module pass straight through. :func:`tap_blocks` puts these hooks (and the
 hidden-state hooks) on the blocks of a tower: both adapters' taps are that one loop.
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from probekit.adapter import Sink, wants
-from probekit.attention import LayerAttention
+from probekit.attention import LayerAttention, sdpa_dtype
 from probekit.errors import UnsupportedArchitectureError
 
 __all__ = ["watch_sdpa", "attention_report", "watch_attention", "tap_blocks"]
@@ -58,7 +60,10 @@ def _sdpa_spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     report = _PENDING.report
     if report is not None:
         _PENDING.report = None  # one report per watched call, and none from inside the sink
-        report(q=query, k=key, scale=scale, bias=_additive_bias(attn_mask, is_causal, query, key))
+        out = report(q=query, k=key, v=value if dropout_p == 0 and set(kw) <= {"enable_gqa"} else None, scale=scale,
+                     bias=_additive_bias(attn_mask, is_causal, query, key))
+        if out is not None:
+            return out
     return _ORIGINAL_SDPA(
         query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw
     )
@@ -82,16 +87,23 @@ def watch_sdpa() -> Iterator[None]:
 
 
 def attention_report(sink: Sink, layer: int) -> Callable[..., None]:
-    """A function that turns what the spy (or ``attn_drop``) saw into ``sink.attention(layer, ...)``."""
+    """A function that turns what the spy (or ``attn_drop``) saw into ``sink.attention(layer, ...)``.
 
-    def report(q=None, k=None, scale=None, bias=None, probs=None) -> None:
+    It returns the layer's attention output ``[B, H, T, dv]`` when the sink produced it from
+    ``v`` (one attention pass), else None (the caller runs its own kernel).
+    """
+
+    def report(q=None, k=None, v=None, scale=None, bias=None, probs=None) -> torch.Tensor | None:
         if probs is not None:
             sink.attention(layer, LayerAttention(probs_given=probs))
-            return
-        if k.shape[1] != q.shape[1]:  # grouped-query attention: share each k head
+            return None
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: share each k (and v) head
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = None if v is None else v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         s = float(scale) if scale is not None else q.shape[-1] ** -0.5
-        sink.attention(layer, LayerAttention(q=q, k=k, scale=s, bias=bias))
+        attn = LayerAttention(q=q, k=k, scale=s, bias=bias, v=v, out_dtype=sdpa_dtype(q))
+        sink.attention(layer, attn)
+        return attn.output
 
     return report
 

@@ -3,9 +3,10 @@ with a timm trunk (SigLIP, EVA via open_clip's ``TimmModel``).
 
 How the tap works. open_clip's default blocks call ``nn.MultiheadAttention`` with
 ``need_weights=False``, which in eval runs a fused kernel that no hook can look into. A
-forward pre-hook on each ``nn.MultiheadAttention`` reads the block's input and projects it
-with ``in_proj_weight`` and ``in_proj_bias`` into q and k (the only extra work: two of the
-three input projections), while the module keeps its own fast path for its output. Custom
+tap replaces each ``nn.MultiheadAttention``'s forward for its duration: it projects the input
+with ``in_proj_weight`` and ``in_proj_bias`` into q, k and v and hands them to the sink; when
+the sink produced the attention output from its probability blocks (one attention pass) the
+tap applies ``out_proj`` to it, otherwise the module's own forward (fast path) runs. Custom
 blocks (open_clip's own ``Attention``: q/k-norm, scaled cosine) are tapped like timm's, at
 their ``F.scaled_dot_product_attention`` call or their ``attn_drop``. Timm-trunk towers hand
 everything to the timm adapter's tap.
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from probekit.adapter import Adapter, Sink
-from probekit.attention import LayerAttention
+from probekit.attention import LayerAttention, sdpa_dtype
 from probekit.errors import LayoutError, UnknownNameError, UnsupportedArchitectureError, WeightsUnavailableError
 from probekit.tokens import TokenLayout, pair
 
@@ -45,24 +46,34 @@ def _masked(mask: torch.Tensor) -> torch.Tensor:
     return mask.float()
 
 
-def mha_qk(mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> LayerAttention:
-    """What ``mha``'s softmax sees for this call: q, k ``[B, H, T, d]``, scale and mask bias."""
+def mha_qk(mha: nn.MultiheadAttention, args: tuple, kwargs: dict, with_v: bool = False) -> LayerAttention:
+    """What ``mha``'s softmax sees for this call: q, k ``[B, H, T, d]``, scale and mask bias (and v)."""
     if mha.bias_k is not None or mha.add_zero_attn:
         raise UnsupportedArchitectureError("nn.MultiheadAttention with add_bias_kv/add_zero_attn is not supported.")
     call = {**dict(zip(_MHA_ARGS, args)), **kwargs}
     query = call["query"]
     key = call.get("key", query)
+    value = call.get("value", key)
     if not mha.batch_first:
-        query, key = query.transpose(0, 1), key.transpose(0, 1)
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
     e, h = mha.embed_dim, mha.num_heads
     w_in, b_in = mha.in_proj_weight, mha.in_proj_bias
-    w_q = w_in[:e] if w_in is not None else mha.q_proj_weight
-    w_k = w_in[e : 2 * e] if w_in is not None else mha.k_proj_weight
-    b_q, b_k = (b_in[:e], b_in[e : 2 * e]) if b_in is not None else (None, None)
-    q, k = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k)
+    v = None
+    if with_v and w_in is not None and query is key is value:  # self-attention: one projection
+        q, k, v = F.linear(query, w_in, b_in).chunk(3, dim=-1)
+    else:
+        w_q = w_in[:e] if w_in is not None else mha.q_proj_weight
+        w_k = w_in[e : 2 * e] if w_in is not None else mha.k_proj_weight
+        b_q, b_k = (b_in[:e], b_in[e : 2 * e]) if b_in is not None else (None, None)
+        q, k = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k)
+        if with_v:
+            w_v = w_in[2 * e :] if w_in is not None else mha.v_proj_weight
+            v = F.linear(value, w_v, b_in[2 * e :] if b_in is not None else None)
     b, t, s = q.shape[0], q.shape[1], k.shape[1]
-    q = q.view(b, t, h, e // h).transpose(1, 2)
-    k = k.view(b, s, h, e // h).transpose(1, 2)
+    q = q.reshape(b, t, h, e // h).transpose(1, 2)
+    k = k.reshape(b, s, h, e // h).transpose(1, 2)
+    if v is not None:
+        v = v.reshape(b, s, h, -1).transpose(1, 2)
     bias = None
     if call.get("attn_mask") is not None:
         add = _masked(call["attn_mask"])
@@ -70,14 +81,41 @@ def mha_qk(mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> LayerAttent
     if call.get("key_padding_mask") is not None:
         add = _masked(call["key_padding_mask"]).view(b, 1, 1, s)
         bias = add if bias is None else bias + add
-    return LayerAttention(q=q, k=k, scale=(e // h) ** -0.5, bias=bias)
+    return LayerAttention(q=q, k=k, scale=(e // h) ** -0.5, bias=bias, v=v, out_dtype=sdpa_dtype(q))
+
+
+class _Restore:
+    """A hook-handle look-alike that gives a module back its class's forward."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
 
 
 def _watch_mha(mha: nn.MultiheadAttention, sink: Sink, layer: int):
-    def hook(module, args, kwargs):
-        sink.attention(layer, mha_qk(module, args, kwargs))
+    """Replace ``mha.forward`` while tapped: report q, k (and v), then the sink's output or the real forward.
 
-    return [mha.register_forward_pre_hook(hook, with_kwargs=True)]
+    v is handed over only where the module's output is just softmax(q kᵀ) v through
+    ``out_proj``: no weights asked for, no dropout, not causal.
+    """
+
+    def forward(*args, **kwargs):
+        call = {**dict(zip(_MHA_ARGS, args)), **kwargs}
+        fusable = (not call.get("need_weights", True) and not call.get("is_causal", False)
+                   and not (mha.training and mha.dropout > 0))
+        attn = mha_qk(mha, args, kwargs, with_v=fusable)
+        sink.attention(layer, attn)
+        if attn.output is None:
+            return type(mha).forward(mha, *args, **kwargs)
+        b, _, t, _ = attn.output.shape
+        out = F.linear(attn.output.transpose(1, 2).reshape(b, t, mha.embed_dim), mha.out_proj.weight,
+                       mha.out_proj.bias)
+        return (out if mha.batch_first else out.transpose(0, 1)), None
+
+    mha.forward = forward
+    return [_Restore(mha)]
 
 
 def _watch_block(attn: nn.Module, sink: Sink, layer: int) -> list:

@@ -4,8 +4,9 @@ Spec: ``hf:<repo id or local directory>``. The model keeps its own SDPA kernel: 
 the adapter points the encoder at a deep copy of its config whose attention implementation
 is ``"probekit_sdpa"``, a function registered with transformers' ``AttentionInterface`` that
 calls the real SDPA and, while a tap is active on that attention module, first hands the
-query, key, scale and additive mask/bias (BEiT's relative-position bias arrives as the mask)
-to the sink. Every family here routes its attention through that interface in transformers 5
+query, key, value, scale and additive mask/bias (BEiT's relative-position bias arrives as the
+mask) to the sink; when the sink produced the output from its probability blocks (one
+attention pass) that output replaces the SDPA call. Every family here routes its attention through that interface in transformers 5
 (checked against the installed sources), so no q/k projection hooks are needed.
 
 Families are data (:data:`FAMILIES`, keyed by the encoder config's ``model_type``); known repo
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from probekit.adapter import Adapter, Sink, wants
-from probekit.attention import LayerAttention
+from probekit.attention import LayerAttention, sdpa_dtype
 from probekit.errors import ConfigError, UnsupportedArchitectureError
 from probekit.tokens import TokenLayout, pair
 
@@ -43,23 +44,35 @@ _TAPS: dict[nn.Module, list[Callable[[LayerAttention], None]]] = {}  # attention
 
 
 def _probekit_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' SDPA, first reporting q, k, scale and additive bias when ``module`` is tapped."""
+    """transformers' SDPA, first reporting q, k, v, scale and additive bias when ``module`` is tapped.
+
+    Returns the sink's output when it produced one (one attention pass), in the layout
+    ``sdpa_attention_forward`` returns (``[B, T, H, dv]``, contiguous).
+    """
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     reporters = _TAPS.get(module)
     if reporters:
-        k = key
+        k, v = key, value
         if k.shape[1] != query.shape[1]:  # grouped key/value heads
             k = repeat_kv(k, query.shape[1] // k.shape[1])
+            v = repeat_kv(v, query.shape[1] // v.shape[1])
+        causal = kwargs.get("is_causal", getattr(module, "is_causal", False)) and attention_mask is None
+        fusable = not dropout and not causal and kwargs.get("softcap") is None
         bias = attention_mask
         if bias is not None and bias.dtype == torch.bool:
             bias = torch.zeros(bias.shape, device=bias.device).masked_fill(~bias, float("-inf"))
         if kwargs.get("position_bias") is not None:
             bias = kwargs["position_bias"] if bias is None else bias + kwargs["position_bias"]
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-        attn = LayerAttention(q=query, k=k, scale=scale, bias=bias)
+        attn = LayerAttention(q=query, k=k, scale=scale, bias=bias, v=v if fusable else None,
+                              out_dtype=sdpa_dtype(query))
         for report in reporters:
             report(attn)
+            if attn.output is not None:  # one sink produced it; others only read
+                attn.v = None
+        if attn.output is not None:
+            return attn.output.transpose(1, 2), None
         del attn
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
