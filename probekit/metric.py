@@ -16,7 +16,6 @@ metrics whose state spans layers (rollout, CKA) override the ``on_*`` hooks.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import Any, ClassVar
 
@@ -24,6 +23,8 @@ import torch
 
 from .attention import LayerAttention
 from .errors import ConfigError, UnsupportedArchitectureError
+from .metric_options import defaults as option_defaults
+from .metric_options import validate_options
 from .tokens import TokenLayout
 
 __all__ = ["Metric"]
@@ -63,29 +64,34 @@ class Metric:
     )
 
     def __init__(self, **options: Any):
-        if options:
-            raise ConfigError(f"Metric {self.name!r} takes no options; got {sorted(options)}.")
+        """Validate ``options`` against the declared ones (see :mod:`probekit.metric_options`).
+
+        Each option is also set as an attribute (``self.units``), read-only from then on.
+        """
+        opts = validate_options(type(self), options)
+        object.__setattr__(self, "_options", opts)
+        for key, value in opts.items():
+            object.__setattr__(self, key, value)
         self.reset()
 
     def __setattr__(self, key, value):
         if key in Metric._CONSTANTS:
             raise AttributeError(f"{key!r} is a class constant of {type(self).__name__}; subclass to change it.")
+        if key in self.__dict__.get("_options", ()):
+            raise AttributeError(
+                f"{key!r} is an option of metric {self.name!r}, fixed at construction (it is part of the "
+                f"label and cache key): make a new metric, type(m)(**{{**m.options(), {key!r}: ...}})."
+            )
         super().__setattr__(key, value)
 
     # -- identity ---------------------------------------------------------------------------
     def options(self) -> dict[str, Any]:
-        """The constructor options and their current values (for labels and provenance)."""
-        sig = inspect.signature(type(self).__init__)
-        named = [p.name for p in sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-        return {p: getattr(self, p) for p in named if p != "self" and hasattr(self, p)}
+        """Every declared option and its value: ``type(m)(**m.options())`` is the same metric."""
+        return dict(self.__dict__.get("_options", {}))
 
     def default_options(self) -> dict[str, Any]:
-        sig = inspect.signature(type(self).__init__)
-        return {
-            p.name: p.default
-            for p in sig.parameters.values()
-            if p.name != "self" and p.default is not inspect.Parameter.empty
-        }
+        """The declared options' defaults."""
+        return option_defaults(type(self))
 
     def value_unit(self) -> str:
         """Unit of this instance's values (options may change it)."""

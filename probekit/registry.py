@@ -141,8 +141,7 @@ class Registry:
             raise rec.error
         try:
             obj = rec.entry_point.load()
-            if self._validate is not None:
-                self._validate(obj)
+            self._check(obj, rec.name)
         except Exception as exc:  # any failure of third-party code becomes one error type
             rec.error = PluginLoadError(rec.display_name, exc)
             rec.error.__cause__ = exc
@@ -171,11 +170,13 @@ class Registry:
 
         def _do(o):
             key = name or getattr(o, "name", None) or o.__name__
-            if self._validate is not None:
-                self._validate(o)
+            label = f"module {getattr(o, '__module__', '?')}"
+            try:
+                self._check(o, key)
+            except (TypeError, ValueError) as exc:
+                raise PluginLoadError(f"{key!r} from {label}", exc) from exc
             self._discover()
             old = self._records.get(key)
-            label = f"module {getattr(o, '__module__', '?')}"
             if old is not None and old.obj is not o:
                 warnings.warn(
                     f"{self.kind} {key!r} from {label} replaces the one from {old.dist}.", stacklevel=3
@@ -184,6 +185,22 @@ class Registry:
             return o
 
         return _do if obj is None else _do(obj)
+
+    def _check(self, obj: Any, name: str) -> None:
+        """A valid plugin of this kind whose ``name`` is the name it is registered under.
+
+        One name: rows, labels and cache keys carry the class's ``name``, so an entry point
+        ``gini`` whose class says ``attn_gini`` would silently label rows with another name.
+        """
+        if self._validate is not None:
+            self._validate(obj)
+        own = getattr(obj, "name", None)
+        if isinstance(obj, type) and own != name:
+            raise ValueError(
+                f"it is registered as {name!r} but its class {obj.__module__}.{obj.__qualname__} says "
+                f"name = {own!r}; a {self.kind} has one name: make the entry point name and the "
+                "class's name the same"
+            )
 
     def unregister(self, name: str) -> None:
         self._records.pop(name, None)

@@ -38,9 +38,9 @@ def test_alias_install_hint_is_added_to_missing_weights(monkeypatch):
 def test_metric_specs_and_bad_options():
     labels = [m.label for m in build_metrics(["mad", {"mad": {"units": "patch"}}, ("entropy", {"normalized": True})])]
     assert labels == ["mad", "mad[units=patch]", "entropy[normalized=True]"]
-    with pytest.raises(ConfigError, match=r"Bad options \{'foo': 1\} for metric 'mad'.*renormalize=False"):
+    with pytest.raises(ConfigError, match=r"Metric 'mad' has no option 'foo'\. Its options: renormalize: bool.* = False"):
         build_metrics([("mad", {"foo": 1})])
-    with pytest.raises(ConfigError, match="units must be one of px, patch, fraction"):
+    with pytest.raises(ConfigError, match="units='inch' is invalid.*units must be one of 'px', 'patch', 'fraction'"):
         build_metrics([("mad", {"units": "inch"})])
     with pytest.raises(ConfigError, match="asked for twice"):
         build_metrics(["mad", "mad"])

@@ -148,3 +148,21 @@ def test_natural_sort():
     for n in ["m_patch16", "m_patch8", "m_patch14"]:
         reg.register(type(n, (pk.Metric,), {"name": n}))
     assert reg.names() == ["m_patch8", "m_patch14", "m_patch16"]
+
+
+def test_entry_point_name_must_be_the_class_name(site):
+    # an entry point `gini` whose class says name = "attn_gini" used to label rows `attn_gini`
+    src = """
+    from probekit.metric import Metric
+
+    class Gini(Metric):
+        name = "attn_gini"
+        def row_values(self, probs, layout, rows):
+            return probs.amax(-1)
+    """
+    _make_dist(site, "probekit-gini", "demo_gini", src, {"probekit.metrics": {"gini": "demo_gini:Gini"}})
+    reg = Registry("metric", "probekit.metrics", _validate_metric)
+    with pytest.raises(PluginLoadError, match=r"'gini' from probekit-gini 1\.2\.3: it is registered as 'gini' "
+                       r"but its class demo_gini\.Gini says name = 'attn_gini'"):
+        reg.get("gini")
+    assert reg.get("mad").name == "mad"

@@ -21,7 +21,7 @@ from probekit.testing import (
 from probekit_tests_helpers import LastHidden, export_onnx, tiny_dinov2  # tests/_helpers.py, via conftest
 
 MAD_CHECKS = {
-    "check_merged_halves", "check_reset_restores_defaults", "check_batch_size_invariance",
+    "check_name", "check_options_declared", "check_options_round_trip", "check_merged_halves", "check_reset_restores_defaults", "check_batch_size_invariance",
     "check_batch_order_invariance", "check_result_before_update_warns", "check_state_dict_round_trip",
     "check_finite_on_random_attention", "check_blockwise_rows",
 }

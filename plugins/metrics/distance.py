@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Annotated, Literal, Optional
+
+from pydantic import AfterValidator, Field
 
 import torch
 
-from probekit.errors import ConfigError, LayoutError
+from probekit.errors import LayoutError
 from probekit.metric import Metric
 from probekit.tokens import TokenLayout
 
-_UNITS = ("px", "patch", "fraction")
-_QUERIES = ("patches", "cls")
+Units = Literal["px", "patch", "fraction"]
 
 
 class MeanAttentionDistance(Metric):
@@ -45,15 +47,9 @@ class MeanAttentionDistance(Metric):
     description = "mean attention distance: attention-weighted query-key distance (px by default)"
     citation = "Dosovitskiy et al. 2021, An Image is Worth 16x16 Words, Fig. 7 / D.7"
 
-    def __init__(self, renormalize: bool = False, units: str = "px", queries: str = "patches"):
-        if units not in _UNITS:
-            raise ConfigError(f"units must be one of {', '.join(_UNITS)}; got {units!r}.")
-        if queries not in _QUERIES:
-            raise ConfigError(f"queries must be one of {', '.join(_QUERIES)}; got {queries!r}.")
-        self.renormalize = bool(renormalize)
-        self.units = units
-        self.queries = queries
-        super().__init__()
+    renormalize: bool = False
+    units: Units = "px"
+    queries: Literal["patches", "cls"] = "patches"
 
     def query_rows(self, layout: TokenLayout) -> slice:
         if self.queries == "cls":
@@ -68,13 +64,7 @@ class MeanAttentionDistance(Metric):
         p = layout.num_prefix
         if self.queries == "cls":
             return _centre_distances(layout, self.units, device)[None]
-        if self.units == "px":
-            d = layout.pixel_distances(device)
-        else:
-            d = layout.grid_distances(device)
-            if self.units == "fraction":
-                d = d / max(max(layout.grid) - 1, 1)
-        return d[rows.start - p : rows.stop - p]
+        return _patch_distances(layout, self.units, device)[rows.start - p : rows.stop - p]
 
     def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
         a = probs[..., layout.num_prefix :]
@@ -101,17 +91,27 @@ class MeanAttentionDistance(Metric):
 
     def _padded_rows(self, layout: TokenLayout, device) -> torch.Tensor:
         """Distances of all query rows to all T keys, zero on prefix keys, ``[R, T]`` (cached)."""
-        cache = self.__dict__.setdefault("_padded", {})
-        key = (layout, str(device), self.units, getattr(self, "queries", None))
-        if key not in cache:
-            q = self.query_rows(layout)
-            d = self._distance_rows(layout, q, device)
-            full = d.new_zeros(d.shape[0], layout.num_tokens)
-            full[:, layout.num_prefix :] = d
-            if len(cache) >= 4:
-                cache.pop(next(iter(cache)))
-            cache[key] = full
-        return cache[key]
+        return _padded_distances(layout, self.units, self.queries, str(device))
+
+
+def _patch_distances(layout: TokenLayout, units: str, device, dtype=torch.float32) -> torch.Tensor:
+    """Distance between every pair of patches, ``[N, N]``, in ``units``."""
+    if units == "px":
+        return layout.pixel_distances(device, dtype)
+    d = layout.grid_distances(device, dtype)
+    return d / max(max(layout.grid) - 1, 1) if units == "fraction" else d
+
+
+@lru_cache(maxsize=4)
+def _padded_distances(layout: TokenLayout, units: str, queries: str, device: str) -> torch.Tensor:
+    """MAD's query rows' distances to all T keys, zero on the prefix keys, ``[R, T]``."""
+    if queries == "cls":
+        d = _centre_distances(layout, units, device)[None]
+    else:
+        d = _patch_distances(layout, units, device)
+    full = d.new_zeros(d.shape[0], layout.num_tokens)
+    full[:, layout.num_prefix :] = d
+    return full
 
 
 def cls_index(layout: TokenLayout, metric: str) -> int:
@@ -133,6 +133,13 @@ def _centre_distances(layout: TokenLayout, units: str, device) -> torch.Tensor:
         yx = yx * torch.tensor(layout.patch_size, dtype=yx.dtype, device=device)
     d = yx.norm(dim=-1)
     return d / max(max(h, w) - 1, 1) if units == "fraction" else d
+
+
+def _check_bins(bins: tuple[float, ...] | None) -> tuple[float, ...] | None:
+    """Left bin edges increasing from 0 (a pydantic validator: its ValueError names the rule)."""
+    if bins is not None and (not bins or bins[0] != 0 or any(b <= a for a, b in zip(bins, bins[1:]))):
+        raise ValueError("bins must be left edges increasing from 0, e.g. [0, 16, 32, 64]")
+    return bins
 
 
 _DEFAULT_BINS = {
@@ -179,14 +186,13 @@ class DistanceProfile(Metric):
     is_map = True
     unit = "fraction of attention"
 
-    def __init__(self, bins=None, units: str = "px", renormalize: bool = False):
-        if units not in _UNITS:
-            raise ConfigError(f"units must be one of {', '.join(_UNITS)}; got {units!r}.")
-        self.units = units
-        self.renormalize = bool(renormalize)
-        self.bins = None if bins is None else _check_bins(bins)
-        self.edges = self.bins or _DEFAULT_BINS[units]
-        super().__init__()
+    bins: Annotated[Optional[tuple[float, ...]], AfterValidator(_check_bins), Field(examples=[(0, 8, 64)])] = None
+    units: Units = "px"
+    renormalize: bool = False
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.edges = self.bins or _DEFAULT_BINS[self.units]
 
     def _block(self, probs: torch.Tensor, layout: TokenLayout, rows: slice):
         """Patch-key rows and the one-hot bin of each (query, key) pair, ``[R, N, bins]``."""
@@ -209,28 +215,11 @@ class DistanceProfile(Metric):
         return (a.reshape(b * h, r * n) @ onehot.reshape(r * n, -1)).view(b, h, -1)
 
 
-def _check_bins(bins) -> tuple[float, ...]:
-    try:
-        edges = tuple(float(e) for e in bins)
-    except (TypeError, ValueError):
-        raise ConfigError(f"bins must be a list of numbers (left bin edges); got {bins!r}.") from None
-    if not edges or edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:])):
-        raise ConfigError(
-            f"bins must be left edges increasing from 0, e.g. [0, 16, 32, 64]; got {list(bins)!r}."
-        )
-    return edges
-
-
 @lru_cache(maxsize=16)
 def _bin_index(grid, patch_size, units: str, edges: tuple, device: str) -> torch.Tensor:
     """Bin of every (query, key) patch pair, ``[N, N]`` long (exact at bin edges)."""
     lay = TokenLayout(num_prefix=0, grid=grid, patch_size=patch_size)
-    if units == "px":
-        d = lay.pixel_distances(dtype=torch.float64)
-    else:
-        d = lay.grid_distances(dtype=torch.float64)
-        if units == "fraction":
-            d = d / max(max(grid) - 1, 1)
+    d = _patch_distances(lay, units, "cpu", torch.float64)
     e = torch.tensor(edges[1:], dtype=torch.float64)
     # a distance equal to an edge belongs above it; the relative slack keeps it there when the
     # distance and the edge were rounded differently on their way (cdist, unit scaling)

@@ -58,9 +58,7 @@ class AttentionEntropy(Metric):
     citation = "Zhai et al. 2023, Stabilizing Transformer Training by Preventing Attention Entropy Collapse"
     unit = "nats"
 
-    def __init__(self, normalized: bool = False):
-        self.normalized = bool(normalized)
-        super().__init__()
+    normalized: bool = False
 
     def value_unit(self) -> str:
         return "fraction of ln N" if self.normalized else "nats"

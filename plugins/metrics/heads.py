@@ -66,9 +66,7 @@ class HeadSimilarity(Metric):
     citation = "Clark et al. 2019, What Does BERT Look At?; Michel et al. 2019"
     unit = "nats"
 
-    def __init__(self, renormalize: bool = False):
-        self.renormalize = bool(renormalize)
-        super().__init__()
+    renormalize: bool = False
 
     def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
         a = patch_rows(probs, layout) if self.renormalize else probs

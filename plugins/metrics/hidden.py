@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from probekit.errors import ConfigError
 from probekit.metric import Metric
+from probekit.metric_options import validate_options
 from probekit.tokens import TokenLayout
 
 from .distance import cls_index
 
-STATISTICS = ("outlier_share", "max_ratio")
-POOLS = ("mean", "flatten", "cls")
+Pool = Literal["mean", "flatten", "cls"]
 
 
 class TokenNorms(Metric):
@@ -56,18 +57,8 @@ class TokenNorms(Metric):
     requires_global_attention = False  # block outputs mean the same under windowed attention
     unit = "share of patches"
 
-    def __init__(self, threshold: float = 2.0, statistic: str = "outlier_share"):
-        if statistic not in STATISTICS:
-            raise ConfigError(f"statistic must be one of {', '.join(STATISTICS)}; got {statistic!r}.")
-        try:
-            threshold = float(threshold)
-        except (TypeError, ValueError):
-            raise ConfigError(f"threshold must be a number > 1; got {threshold!r}.") from None
-        if not threshold > 1:
-            raise ConfigError(f"threshold must be > 1 (a factor over the median norm); got {threshold}.")
-        self.threshold = threshold
-        self.statistic = statistic
-        super().__init__()
+    threshold: Annotated[float, Field(gt=1)] = 2.0
+    statistic: Literal["outlier_share", "max_ratio"] = "outlier_share"
 
     def value_unit(self) -> str:
         return "share of patches" if self.statistic == "outlier_share" else "ratio to median norm"
@@ -163,11 +154,7 @@ class LinearCKA(Metric):
         "into minibatches; merged halves equal one pass over the same minibatches, not one larger batch",
     }
 
-    def __init__(self, pool: str = "mean"):
-        if pool not in POOLS:
-            raise ConfigError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}.")
-        self.pool = pool
-        super().__init__()
+    pool: Pool = "mean"
 
     # state: summed HSIC between layers, the layers' order, batches used and images skipped
     def reset(self) -> None:
@@ -276,8 +263,7 @@ def cka_between(model_a, model_b, images, *, batch_size: int = 32, pool: str = "
     from probekit.images import resolve_images
     from probekit.models import load
 
-    if pool not in POOLS:
-        raise ConfigError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}.")
+    validate_options(LinearCKA, {"pool": pool})
     if batch_size < 4:
         raise ConfigError(f"batch_size must be >= 4 for the unbiased HSIC; got {batch_size}.")
     pms = [load(m) if isinstance(m, str) else m for m in (model_a, model_b)]

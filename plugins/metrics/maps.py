@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from probekit.attention import LayerAttention, row_blocks
@@ -11,17 +13,8 @@ from probekit.tokens import TokenLayout
 
 from .distance import cls_index
 
-QUERIES = ("cls", "mean")
-FUSIONS = ("mean", "max", "min")
-
-
-def _check_query(query: str) -> str:
-    if query not in QUERIES:
-        raise ConfigError(
-            f"query must be one of {', '.join(QUERIES)}; got {query!r}. Use 'mean' for models "
-            "without a CLS token (e.g. SigLIP)."
-        )
-    return query
+#: which query rows a map shows: the CLS token's, or the mean over query patches (models without CLS)
+Query = Literal["cls", "mean"]
 
 
 def _grid(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -57,10 +50,8 @@ class ClsMap(Metric):
     is_map = True
     unit = "attention"
 
-    def __init__(self, query: str = "cls", renormalize: bool = False):
-        self.query = _check_query(query)
-        self.renormalize = bool(renormalize)
-        super().__init__()
+    query: Query = "cls"
+    renormalize: bool = False
 
     def on_batch_start(self, layout: TokenLayout) -> None:
         self.query_rows(layout)  # fail before the forward pass on a model without CLS
@@ -110,12 +101,8 @@ class AttentionRollout(Metric):
     #: memory budget for one block of query rows' probabilities while fusing heads
     block_bytes = 64 * 2**20
 
-    def __init__(self, query: str = "cls", head_fusion: str = "mean"):
-        self.query = _check_query(query)
-        if head_fusion not in FUSIONS:
-            raise ConfigError(f"head_fusion must be one of {', '.join(FUSIONS)}; got {head_fusion!r}.")
-        self.head_fusion = head_fusion
-        super().__init__()
+    query: Query = "cls"
+    head_fusion: Literal["mean", "max", "min"] = "mean"
 
     def reset(self) -> None:
         super().reset()

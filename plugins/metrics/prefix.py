@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-from probekit.errors import ConfigError
 from probekit.metric import Metric
 from probekit.tokens import TokenLayout
 
-KINDS = ("all", "cls", "dist", "reg")
+Kind = Literal["all", "cls", "dist", "reg"]
 
 
 def prefix_mask(layout: TokenLayout, kind: str, device=None) -> torch.Tensor:
@@ -53,11 +54,7 @@ class PrefixMass(Metric):
     citation = "Darcet et al. 2024, Vision Transformers Need Registers"
     unit = "fraction of attention"
 
-    def __init__(self, kind: str = "all"):
-        if kind not in KINDS:
-            raise ConfigError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}.")
-        self.kind = kind
-        super().__init__()
+    kind: Kind = "all"
 
     def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
         p = layout.num_prefix

@@ -8,19 +8,22 @@ yields those that apply.
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from typing import Any, Callable, Iterator
 
 import torch
 
 from ..attention import LayerAttention
+from .. import registry
 from ..metric import Metric
+from ..metric_options import alternatives, declared_options
 from ..probe import MetricSink
 from ..tokens import TokenLayout
 from .records import SkipCheck
 
 __all__ = [
-    "metric_checks",
+    "metric_checks", "check_name", "check_options_declared", "check_options_round_trip",
     "check_merged_halves", "check_reset_restores_defaults", "check_batch_size_invariance",
     "check_batch_order_invariance", "check_result_before_update_warns", "check_state_dict_round_trip",
     "check_finite_on_random_attention", "check_blockwise_rows",
@@ -147,8 +150,61 @@ def check_blockwise_rows(name: str, metric: Metric) -> None:
     _same(name, "row blocks vs compute()", tiny, whole)
 
 
+def check_options_declared(name: str, metric: Metric) -> None:
+    # An option the framework cannot see is one the label and the part cache key cannot see:
+    # a metric storing `radius` as self._r reports {} and radius 1 and 5 share cached parts.
+    sig = inspect.signature(type(metric).__init__)
+    params = [p.name for p in sig.parameters.values()
+              if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    hidden = [p for p in params if p not in declared_options(type(metric))]
+    assert not hidden, (
+        f"{name}: constructor parameter(s) {', '.join(map(repr, hidden))} are not declared options, so "
+        "options(), the label and the cache key never see them; declare each as a typed class attribute "
+        f"({hidden[0]}: int = 1) and drop the __init__ parameter"
+    )
+
+
+def check_options_round_trip(name: str, metric: Metric) -> None:
+    # type(m)(**m.options()) is how runs rebuild metrics (cache parts, resumed and sharded runs):
+    # it must give the same metric, and every option must change the label (and so the cache key).
+    twin = _clone(metric)
+    assert twin.options() == metric.options(), f"{name}: options() {twin.options()} after a round trip, not {metric.options()}"
+    assert twin.label == metric.label, f"{name}: label {twin.label!r} after a round trip, not {metric.label!r}"
+    batch = _batch()
+    for key, value in metric.options().items():
+        others = alternatives(type(metric), key, value)
+        assert others, (
+            f"{name}: no other valid value of option {key!r} to check that it changes the label; "
+            f"declare one with Field(examples=[...])"
+        )
+        changed = type(metric)(**{**metric.options(), key: others[0]})
+        assert changed.options()[key] == others[0], (
+            f"{name}: option {key}={others[0]!r} reads back as {changed.options()[key]!r}"
+        )
+        assert changed.label != metric.label, f"{name}: option {key}={others[0]!r} leaves the label {metric.label!r}"
+        _same(name, f"{key}={others[0]!r} rebuilt from options()", _run(_clone(changed), batch), _run(changed, batch), atol=0)
+
+
+def check_name(name: str, metric: Metric) -> None:
+    # Rows, labels and cache keys carry the class's name: an entry point under another name
+    # would silently label rows with a name nobody asked for.
+    cls = type(metric)
+    assert isinstance(cls.name, str) and cls.name, f"{cls.__qualname__}: set a class attribute name = '...'"
+    target = f"{cls.__module__}:{cls.__qualname__}"
+    for rec in registry.metrics.records():
+        ep = rec.entry_point
+        if rec.obj is cls or (ep is not None and ep.value == target):
+            assert rec.name == cls.name, (
+                f"{cls.name}: registered as {rec.name!r} ({rec.dist}) but its class says name = {cls.name!r}; "
+                "one name: make the entry point name and the class's name the same"
+            )
+
+
 def metric_checks(metric: Metric) -> Iterator[Callable]:
     """The checks that apply to ``metric``."""
+    yield check_name
+    yield check_options_declared
+    yield check_options_round_trip
     yield check_merged_halves
     yield check_reset_restores_defaults
     yield check_batch_size_invariance
