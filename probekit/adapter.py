@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, ClassVar, Iterator, Protocol
 
 import torch
@@ -100,6 +101,19 @@ class Adapter(ABC):
         **options: Any,
     ) -> "Adapter":
         """Build the model named ``name`` (the part of the spec after ``prefix:``)."""
+
+    @classmethod
+    def weight_files(cls, name: str, **options: Any) -> list[Path]:
+        """The local files :meth:`from_spec` would read for ``name`` and ``options``.
+
+        A cached part is keyed on their content, so a file changed in place (a checkpoint
+        trained further, a re-exported graph, a refreshed Hugging Face snapshot) is never
+        served the old file's numbers. Called before any model loads: list the files, do not
+        load them. The default is the ``checkpoint=`` file when one is given; an adapter that
+        reads other local files (a graph, a model directory, a hub cache) adds them.
+        """
+        ckpt = options.get("checkpoint")
+        return [] if ckpt is None else [Path(str(ckpt)).expanduser()]
 
     @classmethod
     def can_wrap(cls, module: nn.Module) -> bool:

@@ -264,16 +264,36 @@ def _run_comparison(cfg_or_path: Any, out_dir: Optional[str], figures: bool, **f
                 table.add_row(escape(str(model)), *[f"{v:.4g}" for v in row])
             _consoles.out.print(table)
     _consoles.err.print(f"Wrote {cmp.run_dir}/ (results.parquet, summary.csv, run.json, {len(cmp.figures)} figure files).")
-    if cmp.figure_error:
-        _consoles.err.print(f"[yellow]No figures:[/] {cmp.figure_error}", highlight=False)
     if cmp.cached:
         _consoles.err.print(f"[dim]Served from cache: {escape(', '.join(cmp.cached))}.[/]")
     _consoles.out.print(str(cmp.run_dir))
+    _report_nonfinite(cmp.nonfinite)
     if cmp.failures:
         _consoles.err.print(f"[bold red]Error:[/] [red]{len(cmp.failures)} model(s) failed; the others' results are kept:[/]")
         for f in cmp.failures:
             _consoles.err.print(f"  - {f['model']} ({f['stage']}): {f['error']}: {f['message']}", markup=False, highlight=False)
+    if cmp.figure_error:
+        _consoles.err.print(f"[bold red]Error:[/] [red]No figures: {escape(cmp.figure_error)}[/]\n"
+                            f"The numbers are written; draw the figures with `probekit plot {escape(str(cmp.run_dir))}`.",
+                            highlight=False)
+    if cmp.failures or cmp.figure_error:
         raise typer.Exit(code=1)
+
+
+def _report_nonfinite(found: list[dict]) -> None:
+    """Say where values are NaN or infinite (they are left out of summary.csv's means)."""
+    if not found:
+        return
+    total = sum(f["values"] for f in found)
+    _consoles.err.print(f"[bold yellow]Warning:[/] [yellow]{total} value(s) are NaN or infinite (run.json: "
+                        "status nonfinite, see `nonfinite`); summary.csv leaves them out and counts them in "
+                        "n_nonfinite:[/]", highlight=False)
+    for f in found:
+        where = "" if f["layers"] is None else (
+            f" in layer(s) {', '.join(map(str, f['layers']))} on {len(f['images'])} image(s) "
+            f"({', '.join(f['images'][:3])}{', ...' if len(f['images']) > 3 else ''})")
+        _consoles.err.print(f"  - {f['model']} {f['metric']}: {f['values']} of {f['of']}{where}",
+                            markup=False, highlight=False)
 
 
 @app.command("run", epilog="Examples:\n\n  probekit run dino-s16 deit-s --images sample\n\n"
@@ -362,21 +382,9 @@ def plot_cmd(
     metric: Annotated[Optional[list[str]], typer.Option("--metric", "-m", help="Metric labels to draw (default: all).")] = None,
 ):
     """Draw figures (PNG and SVG) from a run directory's results.parquet into its figures/ folder."""
-    from . import plots
-    from .compare import load_run_dir
+    from .rundir import redraw
 
-    res = load_run_dir(run_dir)
-    image_paths = None
-    rj = run_dir / "run.json"
-    if rj.exists():
-        images = json.loads(rj.read_text()).get("images") or {}
-        image_paths = dict(zip(images.get("names") or [], images.get("paths") or []))
-    if metric:
-        have = list(dict.fromkeys([*res.metrics, *(k.rsplit("/", 1)[1] for k in res.arrays)]))  # maps too
-        missing = [m for m in metric if m not in have]
-        if missing:
-            raise ConfigError(f"No metric {', '.join(missing)} in {run_dir}; it holds: {', '.join(have)}.")
-    paths = plots.render_all(res, run_dir / "figures", kinds=kind, metrics=metric, image_paths=image_paths)
+    paths = redraw(run_dir, kinds=kind, metrics=metric)
     for p in paths:
         _consoles.out.print(str(p), highlight=False)
     _consoles.err.print(f"Wrote {len(paths)} figure files to {run_dir / 'figures'}.")

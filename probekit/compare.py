@@ -2,38 +2,35 @@
 
 A run directory holds ``results.parquet`` (every image's value), ``summary.csv`` (mean and
 95% CI per model x layer x head x metric), ``run.json`` (specs, weights, image list
-fingerprint, versions, options, timings, failures), ``arrays.npz`` (map metrics) and
-``figures/``. Every write is atomic (a temporary file, then a rename).
+fingerprint, versions, options, timings, failures, non-finite values, and the manifest that
+vouches for the other files), ``arrays.npz`` (map metrics) and ``figures/``
+(:mod:`probekit.rundir`). Every write is atomic (a temporary file, then a rename).
 
 Each finished part (one model with its options, one image set, one metric with its
-options, one dtype) is kept as ``parts/<hash>.parquet``. A second invocation reuses every
-finished part without loading the model, and an interrupted run resumes where it stopped.
-A model that fails to load or to run is recorded and the others finish.
+options, one dtype) is kept in ``parts/`` (:mod:`probekit.parts`). A second invocation reuses
+every finished part without loading the model, and an interrupted run resumes where it
+stopped. A model that fails to load or to run is recorded and the others finish.
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import os
 import time
 import traceback
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
 from . import models as _models
 from .config import CheckedRun, ModelEntry, RunConfig, check_run, load_run
-from .atomic import write_text_atomic
 from .errors import ConfigError
+from .parts import PartStore, only_metric, part_key, relabel
 from .probe import _versions, resolve_dtype
 from .results import Results
+from .rundir import RunDir, load_run_dir, write_outputs
 
 __all__ = ["compare", "Comparison", "Reporter", "load_run_dir", "part_key"]
-
-_PART_FORMAT = 1  # bump when the layout of a part file changes: old parts are then ignored
 
 
 class Reporter(Protocol):
@@ -68,7 +65,9 @@ class Comparison:
         run_dir: the run directory.
         failures: one record per model that failed to load or run (also in run.json).
         cached: labels of the models served entirely from finished parts.
-        figure_error: why figures could not be drawn (e.g. seaborn missing), or None.
+        figure_error: why figures could not be drawn (e.g. a full disk), or None.
+        nonfinite: where values are NaN or infinite (see :meth:`Results.nonfinite`).
+        status: run.json's status: complete, partial (a model failed) or nonfinite.
     """
 
     results: Results
@@ -77,6 +76,8 @@ class Comparison:
     failures: list[dict] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
     figure_error: str | None = None
+    nonfinite: list[dict] = field(default_factory=list)
+    status: str = "complete"
 
     @property
     def ok(self) -> bool:
@@ -85,104 +86,6 @@ class Comparison:
     def __repr__(self) -> str:
         return (f"Comparison(run_dir={str(self.run_dir)!r}, models={self.results.models}, "
                 f"failures={len(self.failures)}, figures={len(self.figures)})")
-
-
-# -- atomic files ------------------------------------------------------------------------------
-def _json(obj: Any) -> str:
-    return json.dumps(obj, indent=1, default=str, sort_keys=False)
-
-
-# -- part cache --------------------------------------------------------------------------------
-def _file_stamps(spec: str, options: dict) -> dict[str, list[int]]:
-    """Size and mtime of the local weights files a model is built from (a checkpoint, an ONNX file).
-
-    Why: the same path with new contents (a checkpoint overwritten by more training) must not
-    serve the parts computed from the old file.
-    """
-    files = {}
-    if options.get("checkpoint") is not None:
-        files["checkpoint"] = Path(str(options["checkpoint"])).expanduser()
-    prefix, _, rest = spec.partition(":")
-    if prefix == "onnx" and not rest.startswith("pkg:"):
-        files["onnx"] = Path(rest).expanduser()
-    out = {}
-    for what, path in files.items():
-        if path.is_file():
-            st = path.stat()
-            out[what] = [st.st_size, st.st_mtime_ns]
-    return out
-
-
-def part_key(spec: str, options: dict, fingerprint: str, metric: Any, dtype: str, seed: int | None = None) -> str:
-    """The cache key of one finished part: model spec and options, image set, metric, dtype.
-
-    The model's label is not part of the key (renaming a model reuses its parts); the probekit
-    version is, and so are the run's ``seed`` for a random-init model (it draws the weights) and
-    the size and mtime of a local checkpoint or ONNX file.
-    """
-    from . import __version__
-    from .probe import _versions
-
-    ident = {
-        "format": _PART_FORMAT,
-        "probekit": __version__,  # a new release may compute differently: never reuse across versions
-        "libraries": _versions(),  # nor across torch/timm/transformers/... upgrades (defaults, kernels)
-        "spec": spec,
-        "options": options,
-        "images": fingerprint,
-        "metric": metric.name,
-        "metric_options": metric.options(),
-        "dtype": str(dtype),
-    }
-    if seed is not None:
-        ident["seed"] = int(seed)
-    stamps = _file_stamps(spec, options)
-    if stamps:
-        ident["files"] = stamps
-    blob = json.dumps(ident, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:20]
-
-
-def _relabel(res: Results, label: str) -> Results:
-    """A cached part under the model name this run uses."""
-    old = res.meta.get("model")
-    if old == label:
-        return res
-    table = res.table.astype({"model": str})
-    table["model"] = label
-    arrays = {f"{label}/{k.rsplit('/', 1)[1]}": v for k, v in res.arrays.items()}
-    return Results(table, arrays, {**res.meta, "model": label})
-
-
-def _read_part(parts: Path, key: str) -> Results | None:
-    pq = parts / f"{key}.parquet"
-    if not pq.exists():
-        return None
-    try:
-        res = Results.read_parquet(pq)
-    except Exception:  # a damaged part is recomputed, never trusted
-        return None
-    npz = parts / f"{key}.npz"
-    if npz.exists():
-        try:
-            res.arrays = Results.read_arrays(npz)
-        except Exception:  # damaged arrays too: recompute the part
-            return None
-    return res
-
-
-def _write_part(parts: Path, key: str, res: Results) -> None:
-    if res.arrays:
-        res.save_arrays(parts / f"{key}.npz")  # arrays first: the parquet marks the part done
-    res.to_parquet(parts / f"{key}.parquet")
-
-
-def _split(res: Results, metric_label: str) -> Results:
-    table = res.table[res.table["metric"].astype(str) == metric_label]
-    arrays = {k: v for k, v in res.arrays.items() if k.rsplit("/", 1)[1] == metric_label}
-    meta = dict(res.meta)
-    meta["metrics"] = {metric_label: res.meta.get("metrics", {}).get(metric_label, {})}
-    return Results(table, arrays, meta)
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -218,8 +121,12 @@ def _release_accelerator() -> None:
         torch.cuda.empty_cache()
 
 
-def _probe_model(run: CheckedRun, entry: ModelEntry, spec: str, opts: dict, missing: list, rep: Reporter):
-    """Load one model and probe the missing metrics; returns (Results, record of timings)."""
+def probe_missing(run: CheckedRun, entry: ModelEntry, spec: str, opts: dict, missing: list, rep: Reporter):
+    """Load one model and probe the metrics it has no part for; returns (Results, record of timings).
+
+    The one place a comparison computes: an engine other than the local one replaces this.
+    An exception carries ``probekit_stage`` (``load`` or ``run``) for the failure record.
+    """
     import torch
 
     from .probe import probe
@@ -260,6 +167,86 @@ def _weights_id(pm: Any) -> Any:
     return found or None
 
 
+def _run_record(cfg: RunConfig, run: CheckedRun) -> dict[str, Any]:
+    """run.json before any model runs: what was asked for, on which images, with what versions."""
+    return {
+        "name": cfg.name, "status": "running",
+        "config": cfg.model_dump(mode="json"), "source": cfg._source,
+        "images": {"count": len(run.images), "fingerprint": run.images.fingerprint(), "names": run.images.names,
+                   "paths": None if run.images.paths is None else [str(p) for p in run.images.paths],
+                   "skipped": run.images.skipped},
+        "metrics": {m.label: {"name": m.name, "options": m.options(), "unit": m.value_unit()}
+                    for m in run.metrics},
+        "models": [], "failures": [], "versions": _versions(),
+    }
+
+
+def _failure(record: dict, mrec: dict, spec: str, exc: Exception, rep: Reporter) -> None:
+    stage = getattr(exc, "probekit_stage", "run")
+    fail = {"model": mrec["label"], "spec": spec, "stage": stage, "error": type(exc).__name__, "message": str(exc)}
+    if os.environ.get("PROBEKIT_DEBUG"):
+        fail["traceback"] = traceback.format_exc()
+    record["failures"].append(fail)
+    mrec["failed"] = True
+    rep.model_failed(mrec["label"], f"{stage} failed: {type(exc).__name__}: {exc}")
+
+
+def _model_parts(run: CheckedRun, i: int, store: PartStore, record: dict, rep: Reporter) -> tuple[list[Results], bool]:
+    """One model's parts, read from the cache or computed and cached (none if it failed), and
+    whether all of them came from the cache."""
+    cfg, entry = run.config, run.config.models[i]
+    spec, opts, alias_meta = run.specs[i]
+    label = entry.name
+    seed = cfg.seed if opts.get("pretrained", True) is False else None  # it draws random-init weights
+    dtype = str(resolve_dtype(cfg.dtype))  # bf16 and bfloat16 are one part
+    keys = {m.label: part_key(spec, opts, record["images"]["fingerprint"], m, dtype, seed) for m in run.metrics}
+    have = {lbl: r for lbl, k in keys.items() if (r := store.read(k)) is not None}
+    missing = [m for m in run.metrics if m.label not in have]
+    mrec = {"label": label, "model": entry.model, "spec": spec, "options": opts,
+            "training": _training(entry, opts, alias_meta), "alias": alias_meta or None,
+            "parts": keys, "cached": [lbl for lbl in keys if lbl in have]}
+    record["models"].append(mrec)
+    rep.model_started(label, len(run.images), cached=not missing)
+    t0 = time.perf_counter()
+    if missing:
+        try:
+            res, info = probe_missing(run, entry, spec, opts, missing, rep)
+        except Exception as exc:
+            _failure(record, mrec, spec, exc, rep)
+            return [], False
+        mrec.update(info)
+        for m in missing:
+            have[m.label] = only_metric(res, m.label)
+            store.write(keys[m.label], have[m.label])
+    out = []
+    for m in run.metrics:  # run-file order, under this run's label
+        part = relabel(have[m.label], label)
+        part.meta["training"] = mrec["training"]
+        out.append(part)
+        mrec.setdefault("layout", part.meta.get("layout"))
+        # when it was computed (this run or an earlier one) and how long the probe took
+        mrec.setdefault("computed", {})[m.label] = {"seconds": part.meta.get("seconds"),
+                                                    "device": part.meta.get("device")}
+    rep.model_finished(label, time.perf_counter() - t0, cached=not missing)
+    return out, not missing
+
+
+def _combine(parts: list[Results], record: dict) -> Results:
+    """All models' parts as one Results, with the run's provenance as its metadata."""
+    res = Results.concat(parts)
+    meta = {k: record[k] for k in ("name", "images", "metrics")}
+    meta["models"] = res.meta.get("models", {})
+    meta["versions"] = next((p.meta.get("versions") for p in parts if p.meta.get("versions")), None)
+    res.meta = meta
+    return res
+
+
+def _status(record: dict) -> str:
+    if record["failures"]:
+        return "partial"
+    return "nonfinite" if record["nonfinite"] else "complete"
+
+
 def compare(config_or_path: Any, out: str | Path | None = None, *, reporter: Reporter | None = None,
             figures: bool = True, **flags: Any) -> Comparison:
     """Probe every model of a run file on its images and write the run directory.
@@ -272,10 +259,13 @@ def compare(config_or_path: Any, out: str | Path | None = None, *, reporter: Rep
         **flags: run settings over the file's (``batch_size``, ``device``, ``dtype``, ...).
 
     Returns:
-        A :class:`Comparison` with ``.results``, ``.figures``, ``.run_dir`` and ``.failures``.
+        A :class:`Comparison` with ``.results``, ``.figures``, ``.run_dir``, ``.failures``,
+        ``.nonfinite`` and ``.status``.
 
     Raises:
         ConfigError, ImageError, UnknownNameError: before any model is loaded.
+        RunDirBusyError: another run is writing the same directory.
+        WriteError: the directory is not writable, or the disk is full (finished parts are kept).
         KeyboardInterrupt: after writing what finished; the same call resumes.
 
     >>> import probekit as pk                                   # doctest: +SKIP
@@ -285,135 +275,26 @@ def compare(config_or_path: Any, out: str | Path | None = None, *, reporter: Rep
     cfg = _as_config(config_or_path).resolve(out=None if out is None else str(out), **flags)
     run = check_run(cfg)  # everything that can be wrong in the file fails here, before work
     rep = reporter or _Quiet()
-    run_dir = Path(cfg.out or Path("runs") / cfg.name)
-    parts = run_dir / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
-    fp = run.images.fingerprint()
-    dtype = str(resolve_dtype(cfg.dtype))  # bf16 and bfloat16 are one part
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    t_run = time.perf_counter()
-    record: dict[str, Any] = {
-        "name": cfg.name, "status": "running", "started": started,
-        "config": cfg.model_dump(mode="json"), "source": cfg._source,
-        "images": {"count": len(run.images), "fingerprint": fp, "names": run.images.names,
-                   "paths": None if run.images.paths is None else [str(p) for p in run.images.paths],
-                   "skipped": run.images.skipped},
-        "metrics": {m.label: {"name": m.name, "options": m.options(), "unit": m.value_unit()}
-                    for m in run.metrics},
-        "models": [], "failures": [], "versions": _versions(),
-    }
-    collected: list[Results] = []
-    cached_models: list[str] = []
-
-    def _write_record(status: str) -> None:
-        record["status"] = status
-        record["seconds"] = time.perf_counter() - t_run
-        record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        write_text_atomic(run_dir / "run.json", _json(record))
-
-    try:
-        for entry, (spec, opts, alias_meta) in zip(cfg.models, run.specs):
-            label = entry.name
-            seed = cfg.seed if opts.get("pretrained", True) is False else None  # it draws random-init weights
-            keys = {m.label: part_key(spec, opts, fp, m, dtype, seed) for m in run.metrics}
-            have = {lbl: _read_part(parts, k) for lbl, k in keys.items()}
-            have = {lbl: r for lbl, r in have.items() if r is not None}
-            missing = [m for m in run.metrics if m.label not in have]
-            mrec = {"label": label, "model": entry.model, "spec": spec, "options": opts,
-                    "training": _training(entry, opts, alias_meta), "alias": alias_meta or None,
-                    "parts": keys, "cached": [lbl for lbl in keys if lbl in have]}
-            record["models"].append(mrec)
-            rep.model_started(label, len(run.images), cached=not missing)
-            t0 = time.perf_counter()
-            if missing:
-                try:
-                    res, info = _probe_model(run, entry, spec, opts, missing, rep)
-                except Exception as exc:
-                    stage = getattr(exc, "probekit_stage", "run")
-                    fail = {"model": label, "spec": spec, "stage": stage, "error": type(exc).__name__,
-                            "message": str(exc)}
-                    if os.environ.get("PROBEKIT_DEBUG"):
-                        fail["traceback"] = traceback.format_exc()
-                    record["failures"].append(fail)
-                    mrec["failed"] = True
-                    rep.model_failed(label, f"{stage} failed: {type(exc).__name__}: {exc}")
-                    continue
-                mrec.update(info)
-                for m in missing:
-                    have[m.label] = _split(res, m.label)
-                    _write_part(parts, keys[m.label], have[m.label])
-            else:
-                cached_models.append(label)
-            for m in run.metrics:  # run-file order, under this run's label
-                part = _relabel(have[m.label], label)
-                part.meta["training"] = mrec["training"]
-                collected.append(part)
-                mrec.setdefault("layout", part.meta.get("layout"))
-                # when it was computed (this run or an earlier one) and how long the probe took
-                mrec.setdefault("computed", {})[m.label] = {"seconds": part.meta.get("seconds"),
-                                                            "device": part.meta.get("device")}
-            rep.model_finished(label, time.perf_counter() - t0, cached=not missing)
-    except KeyboardInterrupt:
-        _write_record("interrupted")
-        raise
-
-    results = _combine(collected, record)
-    results.to_parquet(run_dir / "results.parquet")
-    summary = results.summary()
-    write_text_atomic(run_dir / "summary.csv", summary.to_csv(index=False, float_format="%.17g"))
-    arrays_path = run_dir / "arrays.npz"
-    if results.arrays:
-        results.save_arrays(arrays_path)
-    elif arrays_path.exists():
-        arrays_path.unlink()
-    figs: list[Path] = []
-    if figures and cfg.figures and len(results):
-        figs = _draw(results, run_dir, cfg, record)
-    record["figures"] = [str(p.relative_to(run_dir)) for p in figs]
-    _write_record("complete" if not record["failures"] else "partial")
-    return Comparison(results, figs, run_dir, record["failures"], cached_models, record.get("figure_error"))
-
-
-def _combine(parts: list[Results], record: dict) -> Results:
-    res = Results.concat(parts)
-    meta = {k: record[k] for k in ("name", "images", "metrics")}
-    meta["models"] = {}
-    for p in parts:
-        m = p.meta
-        meta["models"].setdefault(m.get("model"), {
-            "spec": m.get("spec"), "adapter": m.get("adapter"), "layout": m.get("layout"),
-            "training": m.get("training"), "model_meta": m.get("model_meta"),
-            "dtype": m.get("dtype"), "device": m.get("device"),
-        })
-    meta["versions"] = next((p.meta.get("versions") for p in parts if p.meta.get("versions")), None)
-    res.meta = meta
-    return res
-
-
-def _draw(results: Results, run_dir: Path, cfg: RunConfig, record: dict) -> list[Path]:
-    from . import plots
-
-    image_paths = dict(zip(record["images"]["names"], record["images"]["paths"] or []))
-    try:
-        return plots.render_all(results, run_dir / "figures", kinds=cfg.figures, image_paths=image_paths)
-    except Exception as exc:  # figures never cost the numbers
-        record["figure_error"] = f"{type(exc).__name__}: {exc}"
-        return []
-
-
-def load_run_dir(run_dir: str | Path) -> Results:
-    """The results of a run directory (``results.parquet`` with ``arrays.npz`` when present).
-
-    Raises:
-        ConfigError: no results in that directory.
-    """
-    run_dir = Path(run_dir)
-    pq = run_dir / "results.parquet"
-    if not pq.exists():
-        raise ConfigError(f"No results.parquet in {run_dir}. Point at a run directory written by "
-                          "`probekit run` or `probekit compare`.")
-    res = Results.read_parquet(pq)
-    if (run_dir / "arrays.npz").exists():
-        res.arrays = Results.read_arrays(run_dir / "arrays.npz")
-    return res
-
+    rd = RunDir(Path(cfg.out or Path("runs") / cfg.name))
+    with rd.locked():
+        record = rd.begin(_run_record(cfg, run))
+        t_run = time.perf_counter()
+        try:
+            collected: list[Results] = []
+            cached: list[str] = []
+            for i, entry in enumerate(cfg.models):
+                parts, from_cache = _model_parts(run, i, rd.parts, record, rep)
+                collected += parts
+                if from_cache:
+                    cached.append(entry.name)
+            results = _combine(collected, record)
+            record["nonfinite"] = results.nonfinite()
+            kinds = list(cfg.figures or []) if figures and len(results) else []
+            figs = write_outputs(rd, results, record, kinds)
+            record["seconds"] = time.perf_counter() - t_run
+            rd.finish(record, _status(record))
+        except BaseException as exc:
+            rd.abandon(record, exc)
+            raise
+    return Comparison(results, figs, rd.path, record["failures"], cached, record.get("figure_error"),
+                      record["nonfinite"], record["status"])

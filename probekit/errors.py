@@ -21,6 +21,9 @@ __all__ = [
     "ImageError",
     "ConfigError",
     "MissingDependencyError",
+    "WriteError",
+    "RunDirError",
+    "RunDirBusyError",
     "close_matches",
 ]
 
@@ -93,3 +96,16 @@ class ConfigError(ProbekitError, ValueError):
 
 class MissingDependencyError(ProbekitError, ImportError):
     """An optional library a backend needs is not installed; the message names the extra."""
+
+
+class WriteError(ProbekitError, OSError):
+    """A file probekit writes cannot be written: a full disk, no permission, a read-only place."""
+
+
+class RunDirError(ProbekitError):
+    """A run directory whose files do not describe one finished run (interrupted, mixed from two
+    runs, or edited since)."""
+
+
+class RunDirBusyError(RunDirError):
+    """Another probekit run holds the run directory's lock."""

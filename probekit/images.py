@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+from .fileid import file_digest
 
 __all__ = ["ImageSet", "resolve_images", "sample_images", "IMAGE_SUFFIXES", "SAMPLE"]
 
@@ -69,6 +70,8 @@ class ImageSet:
         """A hash of the image set (names, and file contents, pixels or tensor bytes), for caching.
 
         Computed once per set: it reads every file, and a comparison asks for it per model.
+        File contents are hashed whole, whatever their size: a same-size replacement must not
+        be served the old file's values.
         """
         if self._fingerprint is not None:
             return self._fingerprint
@@ -81,10 +84,8 @@ class ImageSet:
                 im = self.pil[i]
                 h.update(f"{im.mode}{im.size}".encode())
                 h.update(hashlib.sha256(im.tobytes()).digest())
-            if self.paths is not None:
-                st = self.paths[i].stat()
-                h.update(f"{st.st_size}".encode())
-                h.update(hashlib.sha256(self.paths[i].read_bytes()).digest() if st.st_size < 2**24 else b"")
+            if self.paths is not None:  # every byte of every file, large ones too (see probekit.fileid)
+                h.update(file_digest(self.paths[i]).encode())
         self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 

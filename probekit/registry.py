@@ -102,6 +102,11 @@ class Registry:
         self._discover()
         return [self._records[n] for n in self.names()]
 
+    def record(self, name: str) -> PluginRecord | None:
+        """Where the plugin ``name`` comes from (its distribution and version), or None."""
+        self._discover()
+        return self._records.get(name)
+
     def is_registered(self, name: str) -> bool:
         self._discover()
         return name in self._records

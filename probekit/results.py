@@ -17,7 +17,7 @@ import pandas as pd
 
 from .atomic import atomic_path, write_text_atomic
 
-__all__ = ["Results", "COLUMNS", "summarize"]
+__all__ = ["Results", "COLUMNS", "summarize", "models_meta"]
 
 COLUMNS = ["model", "image", "layer", "head", "metric", "value"]
 _DTYPES = {"model": "category", "image": "string", "layer": "int16", "head": "int16", "metric": "category"}
@@ -43,12 +43,32 @@ def _t95(n: np.ndarray) -> np.ndarray:
 
 
 def summarize(table: pd.DataFrame, by=("model", "metric", "layer", "head")) -> pd.DataFrame:
-    """Mean, standard deviation, count and 95% CI (t) over images for each group."""
-    g = table.groupby(list(by), observed=True, sort=True)["value"]
-    out = g.agg(mean="mean", std="std", n="count").reset_index()
+    """Mean, standard deviation, count and 95% CI (t) over images for each group.
+
+    ``n`` counts the finite values the statistics use; ``n_nonfinite`` the NaN and infinite
+    values left out, so a group never shrinks silently.
+    """
+    finite = np.isfinite(table["value"].to_numpy(dtype=np.float64))
+    kept = table.assign(value=table["value"].where(finite), _bad=~finite)
+    g = kept.groupby(list(by), observed=True, sort=True)
+    out = g["value"].agg(mean="mean", std="std", n="count").reset_index()
+    out["n_nonfinite"] = g["_bad"].sum().to_numpy().astype(np.int64)
     half = _t95(out["n"].to_numpy()) * out["std"].to_numpy() / np.sqrt(out["n"].to_numpy())
     out["ci_low"] = out["mean"] - half
     out["ci_high"] = out["mean"] + half
+    return out
+
+
+_MODEL_KEYS = ("spec", "adapter", "layout", "training", "model_meta", "dtype", "device")
+
+
+def models_meta(parts: list["Results"]) -> dict[str, dict]:
+    """``{model: {spec, adapter, layout, training, model_meta, dtype, device}}`` from parts'
+    metadata (the first part of each model names it): the one per-model record of a table."""
+    out: dict[str, dict] = {}
+    for p in parts:
+        if "model" in p.meta:
+            out.setdefault(p.meta["model"], {k: p.meta.get(k) for k in _MODEL_KEYS})
     return out
 
 
@@ -79,6 +99,25 @@ class Results:
         """Mean and 95% CI over images per model x metric x layer x head."""
         return summarize(self.table, by)
 
+    def nonfinite(self) -> list[dict]:
+        """Where values are NaN or infinite: one record per model and metric, with the count,
+        the layers and the images (and for map arrays, the count of non-finite entries)."""
+        t = self.table
+        bad = t[~np.isfinite(t["value"].to_numpy(dtype=np.float64))]
+        out = []
+        for (model, metric), g in bad.groupby(["model", "metric"], observed=True, sort=False):
+            total = int(((t["model"] == model) & (t["metric"] == metric)).sum())
+            out.append({"model": str(model), "metric": str(metric), "values": len(g), "of": total,
+                        "layers": sorted(int(i) for i in g["layer"].unique()),
+                        "images": list(dict.fromkeys(g["image"].astype(str)))})
+        for key, arr in self.arrays.items():
+            n = int(np.size(arr) - np.isfinite(arr).sum()) if np.issubdtype(arr.dtype, np.number) else 0
+            if n:
+                model, metric = key.rsplit("/", 1)
+                out.append({"model": model, "metric": metric, "values": n, "of": int(np.size(arr)),
+                            "layers": None, "images": None})
+        return out
+
     def layer_means(self, metric: str = "mad") -> pd.DataFrame:
         """Per model and layer, the mean over heads and images (``model x layer`` frame)."""
         t = self.table[self.table["metric"] == metric]
@@ -93,8 +132,7 @@ class Results:
         table = pd.concat([p.table.astype({"model": str, "metric": str}) for p in parts], ignore_index=True)
         arrays, meta = {}, {"parts": [p.meta for p in parts]}
         # per-model layout/spec and the union of metric units, where plots look them up
-        meta["models"] = {p.meta["model"]: {k: p.meta.get(k) for k in ("spec", "adapter", "layout", "model_meta")}
-                          for p in parts if "model" in p.meta}
+        meta["models"] = models_meta(parts)
         meta["metrics"] = {k: v for p in parts for k, v in (p.meta.get("metrics") or {}).items()}
         for p in parts:
             for k, v in p.arrays.items():

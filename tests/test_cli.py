@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import probekit as pk
 from probekit.cli import app
+from probekit.rundir import load_run_dir
 
 
 # the toy backend (tests/_toy.py) is registered for each test of this file only (other files see none)
@@ -128,14 +129,20 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(cli, tmp_path, monkeypatch):
 def test_plot_draws_from_the_run_directory(cli, tmp_path):
     out = tmp_path / "run"
     assert cli("run", "toy:vit", "--count", "2", "--out", out, "--no-figures").exit_code == 0
-    (out / "run.json").unlink()  # the parquet alone is enough
     r = cli("plot", out, "--kind", "depth", "--kind", "overlay")
     assert r.exit_code == 0, r.output
     files = sorted(Path(line).name for line in r.stdout.split())
     assert files == ["depth_mad.png", "depth_mad.svg", "overlay_mad.png", "overlay_mad.svg"]
     assert all((out / "figures" / f).stat().st_size > 0 for f in files)
+    # the new figures join the run's manifest: the directory still verifies
+    assert sorted(json.loads((out / "run.json").read_text())["manifest"]) == sorted(
+        ["results.parquet", "summary.csv", *(f"figures/{f}" for f in files)])
+    assert len(load_run_dir(out)) == 2 * 2 * 2  # toy: 2 images x 2 layers x 2 heads
     r = cli("plot", tmp_path / "nowhere")
-    assert r.exit_code == 1 and "No results.parquet" in r.stderr
+    assert r.exit_code == 1 and "No run directory at" in r.stderr and not (tmp_path / "nowhere").exists()
+    (out / "run.json").unlink()  # results.parquet alone vouches for nothing
+    r = cli("plot", out)
+    assert r.exit_code == 1 and "has results.parquet but no run.json" in r.stderr
 
 
 # regression: ``probekit plot --metric`` refused map metrics

@@ -14,7 +14,7 @@ from probekit.errors import ConfigError, UnknownNameError, WeightsUnavailableErr
 
 from ._hf_families import KNOWN, check_family, family_of, vision_config
 
-__all__ = ["config_for", "pretrained_model", "load_checkpoint", "hub_hint"]
+__all__ = ["config_for", "pretrained_model", "load_checkpoint", "hub_hint", "local_model_files"]
 
 
 def known_config(repo: str, overrides: dict):
@@ -113,3 +113,21 @@ def load_checkpoint(model_class, cfg, path: str) -> nn.Module:
         raise ConfigError(f"checkpoint {path!r} lacks {len(missing)} of the encoder's tensors (e.g. "
                           f"{', '.join(sorted(missing)[:3])}); is it for this architecture and size?")
     return model
+
+
+def local_model_files(name: str) -> list[Path]:
+    """The files a model named ``name`` is read from on this machine, for cache keys.
+
+    A local directory: its files (config, weights, preprocessing). A hub repo id: the files of
+    the snapshot the Hugging Face cache resolves it to now (a refreshed download is another
+    snapshot, and its blobs are named by content). Nothing when the repo is not cached.
+    """
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(name, local_files_only=True))
+        except Exception:  # not cached (or not a repo id): the load says what to do
+            return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))

@@ -329,6 +329,11 @@ class OnnxAdapter(Adapter):
 
     # -- building ------------------------------------------------------------------------------
     @classmethod
+    def weight_files(cls, name: str, **options: Any) -> list[Path]:
+        """The graph file (``onnx:pkg:`` resolved inside its package)."""
+        return [resolve_onnx_path(name)]
+
+    @classmethod
     def from_spec(cls, name: str, *, pretrained: bool = True, checkpoint: str | None = None,
                   image_size=None, **options: Any) -> "OnnxAdapter":
         """Load ``onnx:<path>`` (see :func:`resolve_onnx_path`).

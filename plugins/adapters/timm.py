@@ -201,6 +201,22 @@ class TimmAdapter(Adapter):
         return cls._bind(model, name=name, pretrained=bool(pretrained) or checkpoint is not None)
 
     @classmethod
+    def weight_files(cls, name: str, *, pretrained: bool = True, **options: Any) -> list[Path]:
+        """A ``checkpoint=`` file, or the pretrained tag's files in the Hugging Face cache."""
+        files = super().weight_files(name, **options)
+        if files or not pretrained:
+            return files
+        from timm.models import get_pretrained_cfg
+
+        from ._hf_loading import local_model_files
+
+        try:
+            repo = getattr(get_pretrained_cfg(name), "hf_hub_id", None)
+        except Exception:  # an unknown name or tag: the load says which
+            return []
+        return local_model_files(repo) if repo else []
+
+    @classmethod
     def _bind(cls, model: nn.Module, **info: Any) -> "TimmAdapter":
         fam = family_of(model)
         if fam is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -30,7 +31,7 @@ from probekit.errors import ConfigError, UnsupportedArchitectureError
 from probekit.tokens import TokenLayout, pair
 
 from ._hf_families import FAMILIES, KNOWN, check_family, family_of
-from ._hf_loading import config_for, load_checkpoint, pretrained_model
+from ._hf_loading import config_for, load_checkpoint, local_model_files, pretrained_model
 from ._hf_preprocess import _Preprocess, cached_processor, processor_for
 
 __all__ = ["TransformersAdapter", "FAMILIES", "KNOWN", "ATTN_IMPLEMENTATION"]
@@ -186,6 +187,11 @@ class TransformersAdapter(Adapter):
             model_class = getattr(transformers, fam.model_class)
             model = model_class(cfg) if checkpoint is None else load_checkpoint(model_class, cfg, checkpoint)
         return cls._make(model, repo=name, image_size=image_size, pretrained=bool(pretrained or checkpoint))
+
+    @classmethod
+    def weight_files(cls, name: str, **options: Any) -> list[Path]:
+        """A local directory's files, or the cached hub snapshot's, and a ``checkpoint=`` file."""
+        return [*local_model_files(name), *super().weight_files(name, **options)]
 
     @classmethod
     def _make(cls, model: nn.Module, repo: str | None, image_size=None, **info) -> "TransformersAdapter":
