@@ -14,13 +14,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Protocol
 
 import torch
 from torch import nn
 
 from .attention import LayerAttention
 from .tokens import TokenLayout
+
+if TYPE_CHECKING:
+    from .geometry import ModelGeometry
 
 __all__ = ["Adapter", "ProbedModel", "Sink", "CollectSink"]
 
@@ -143,6 +146,16 @@ class Adapter(ABC):
     def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
         """The token layout the model produces for ``pixel_values`` ``[B, 3, H, W]``."""
 
+    def geometry(self, pixel_values: torch.Tensor) -> "ModelGeometry":
+        """Each layer's attention geometry for ``pixel_values`` (:mod:`probekit.geometry`).
+
+        Default: every layer global over :meth:`layout`. Adapters of windowed, pooled, staged or
+        class-attention models return per-layer :class:`~probekit.geometry.LayerGeometry` s.
+        """
+        from .geometry import ModelGeometry
+
+        return ModelGeometry(self.layout(pixel_values), num_layers=self.num_layers)
+
     @property
     def default_image_size(self) -> tuple[int, int]:
         """The model's native input size ``(H, W)``."""
@@ -199,6 +212,10 @@ class ProbedModel:
 
     def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
         return self.adapter.layout(pixel_values)
+
+    def geometry(self, pixel_values: torch.Tensor):
+        """Each layer's attention geometry (:class:`~probekit.geometry.ModelGeometry`)."""
+        return self.adapter.geometry(pixel_values)
 
     def to(self, device=None, dtype=None) -> "ProbedModel":
         self.adapter.to(device, dtype)

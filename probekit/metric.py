@@ -12,6 +12,13 @@ engine then feeds them blocks of query rows, so long sequences never hold a full
 ``[B, H, T, T]`` tensor, and computes each block's probabilities once for all metrics.
 Metrics that need whole matrices set ``rowwise = False`` and override :meth:`compute`;
 metrics whose state spans layers (rollout, CKA) override the ``on_*`` hooks.
+
+Layers that are not one global ``[T, T]`` attention (Swin and SAM windows, MViTv2 pooled keys,
+CaiT class attention: :mod:`probekit.geometry`) reach only metrics that say they can describe
+them: ``requires`` lists what a metric needs of a layer (:data:`probekit.geometry.REQUIREMENTS`;
+``"global"`` by default, so a metric written for global ViTs is never fed windows), and a metric
+without ``"global"`` defines :meth:`Metric.window_sum`. A layer that lacks a requirement is
+refused, with the reason, before the forward pass.
 """
 
 from __future__ import annotations
@@ -41,7 +48,10 @@ class Metric:
     - ``uses_logits``: :meth:`row_sum` also receives the block's logits (``logits=``).
     - ``per_head``: values have a head axis after the batch axis.
     - ``is_map``: values have further axes (stored as arrays, not table rows).
-    - ``requires_global_attention``: refuse windowed/local attention (meaningless there).
+    - ``requires``: what the metric needs of a layer's geometry, from
+      :data:`probekit.geometry.REQUIREMENTS` (``"global"``, ``"square"``, ``"patch_queries"``,
+      ``"cls"``); layers that lack one are refused with the reason.
+    - ``requires_global_attention``: the older spelling; False drops ``"global"`` from ``requires``.
     - ``cross_layer``: state spans the layers of a batch (:meth:`on_batch_end` returns values).
     - ``unit``: unit of the values, for axis labels (see :meth:`value_unit`).
     """
@@ -55,12 +65,13 @@ class Metric:
     per_head: ClassVar[bool] = True
     is_map: ClassVar[bool] = False
     requires_global_attention: ClassVar[bool] = True
+    requires: ClassVar[tuple[str, ...]] = ("global",)
     cross_layer: ClassVar[bool] = False
     unit: ClassVar[str] = ""
 
     _CONSTANTS = (
         "name", "needs", "rowwise", "per_head", "is_map", "requires_global_attention", "cross_layer",
-        "uses_logits",
+        "uses_logits", "requires",
     )
 
     def __init__(self, **options: Any):
@@ -112,8 +123,15 @@ class Metric:
 
     # -- the maths ------------------------------------------------------------------------------
     def check_model(self, adapter) -> None:
-        """Refuse a model (an :class:`~probekit.adapter.Adapter`) this metric cannot describe."""
-        if self.requires_global_attention and not adapter.global_attention:
+        """Refuse a model (an :class:`~probekit.adapter.Adapter`) this metric cannot describe.
+
+        Layer by layer, :meth:`check_geometry` decides; this only refuses an adapter that is not
+        global and gives no per-layer geometry to say which layers a metric could still read.
+        """
+        from .adapter import Adapter
+
+        no_geometry = type(adapter).geometry is Adapter.geometry
+        if "global" in self.requirements() and not adapter.global_attention and no_geometry:
             raise UnsupportedArchitectureError(
                 f"Metric {self.name!r} needs global attention (every query sees every patch); this "
                 "model attends within local windows, where the metric has no meaning. Use it on "
@@ -124,6 +142,52 @@ class Metric:
                 f"Metric {self.name!r} needs each block's output tokens, which the {adapter.name!r} "
                 "adapter cannot tap."
             )
+
+    def requirements(self) -> tuple[str, ...]:
+        """What this instance needs of every layer: ``requires`` (less ``"global"`` for a metric that set
+        ``requires_global_attention = False``); options may add to it (CLS queries need ``"cls"``)."""
+        if not self.requires_global_attention:
+            return tuple(r for r in self.requires if r != "global")
+        return tuple(self.requires)
+
+    def check_geometry(self, geometry, layers=None) -> None:
+        """Refuse (before any computation) a model whose layers lack what this metric needs.
+
+        Args:
+            geometry: a :class:`~probekit.geometry.ModelGeometry` for the input about to run.
+            layers: the layer indices that will be probed (None: all).
+        """
+        from .geometry import REQUIREMENTS, layout_lacks
+
+        if self.needs != "attention":
+            return
+        for i in range(geometry.num_layers) if layers is None else sorted(layers):
+            g = geometry.layer(i)
+            for req in self.requirements():
+                why = layout_lacks(g, req) if isinstance(g, TokenLayout) else g.lacks(req)
+                if why:
+                    raise UnsupportedArchitectureError(
+                        f"Metric {self.label!r} needs {REQUIREMENTS[req]}, but layer {i} of this model {why}. "
+                        "Probe other layers (layers=[...]) or use a metric that describes such layers "
+                        "(mad, distance_profile, entropy, prefix_mass, cls_map)."
+                    )
+
+    def geometry_queries(self) -> str:
+        """Which queries :meth:`window_sum` sums over: ``"patches"`` (default) or ``"cls"``."""
+        return "patches"
+
+    def window_sum(self, probs: torch.Tensor, geometry, groups: torch.Tensor, **kw) -> torch.Tensor:
+        """Sum of the per-query values over a grouped layer's queries (:mod:`probekit.grouped`).
+
+        Args:
+            probs: float32 attention of ``n`` groups (windows), ``[n, H, Tq, Tk]``.
+            geometry: the layer's :class:`~probekit.geometry.LayerGeometry`.
+            groups: ``[n]`` index of each group within its image (into the geometry's tables).
+
+        Returns:
+            ``[n, H, ...]``; the engine adds an image's groups and divides by its query count.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not describe windowed or pooled layers")
 
     def query_rows(self, layout: TokenLayout) -> slice:
         """Query rows the value is averaged over: the patch tokens by default."""

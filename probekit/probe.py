@@ -23,6 +23,8 @@ import torch
 from .adapter import ProbedModel
 from .attention import ATTENTION_PASSES, LayerAttention, Workspace, no_autocast, one_pass, row_blocks
 from .errors import ConfigError
+from .geometry import LayerGeometry, ModelGeometry
+from .grouped import reduce_groups
 from .images import ImageSet, resolve_images
 from .metric import Metric
 from .registry import metrics as metric_registry
@@ -119,10 +121,19 @@ class MetricSink:
         self._other_attn = [m for m in metrics if m.needs == "attention" and not _is_rowwise(m)]
         self._hidden = [m for m in metrics if m.needs == "hidden"]
         self.layout: TokenLayout | None = None
+        self.geometry: ModelGeometry | None = None
         self.values: dict[str, dict[int, torch.Tensor]] = {}
 
-    def start(self, layout: TokenLayout) -> None:
+    def start(self, layout: TokenLayout, geometry: ModelGeometry | None = None) -> None:
+        """Begin a batch with its input layout and (windowed, pooled, staged models) per-layer geometry.
+
+        Every metric is checked against the geometry of every wanted layer here, before the forward pass.
+        """
         self.layout = layout
+        self.geometry = geometry if geometry is not None else ModelGeometry(layout)
+        if geometry is not None:
+            for m in self.metrics:
+                m.check_geometry(geometry, self.layers)
         self.values = {m.label: {} for m in self.metrics}
         for m in self.metrics:
             m.on_batch_start(layout)
@@ -138,8 +149,11 @@ class MetricSink:
         return (32 if device.type == "cpu" else 256) * 2**20
 
     def attention(self, layer: int, attn: LayerAttention) -> None:
-        lay = self.layout
+        lay = self.geometry.layer(layer)
         b, h, t = attn.shape
+        if isinstance(lay, LayerGeometry):  # windows, pooled keys, class attention: group by group
+            self._reduce_groups(layer, attn, lay, b, t)
+            return
         lay.check(t)
         with no_autocast(attn.device):  # metric maths in float32 under a bf16/fp16 forward
             self._reduce(layer, attn, lay, b, h, t)
@@ -174,6 +188,17 @@ class MetricSink:
             self._keep(m, layer, m.on_attention(layer, attn, lay))
         attn.release()
 
+    def _reduce_groups(self, layer: int, attn: LayerAttention, geo: LayerGeometry, b: int, t: int) -> None:
+        tk = attn.k.shape[2] if attn.probs_given is None else attn.probs_given.shape[-1]
+        geo.check(b, t, tk, layer)
+        with no_autocast(attn.device):
+            vals = reduce_groups(self._rowwise, attn, geo, self.block_budget(attn.device), self.workspace)
+        for m in self._rowwise:
+            self._keep(m, layer, vals[m.label])
+        for m in self._other_attn:  # whole-layer metrics that said they handle such layers
+            self._keep(m, layer, m.on_attention(layer, attn, geo))
+        attn.release()
+
     def hidden(self, layer: int, tokens: torch.Tensor) -> None:
         for m in self._hidden:
             self._keep(m, layer, m.on_hidden(layer, tokens, self.layout))
@@ -206,6 +231,25 @@ def _loader(pm: ProbedModel, images: ImageSet, batch_size: int, num_workers: int
     )
 
 
+def _stack_layers(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-layer ``[N, ...]`` arrays stacked to ``[N, L, ...]``, and where the values are real.
+
+    Staged models (Swin, MViTv2, PiT) have more heads in later stages: layers with fewer heads
+    (or smaller maps) are padded with NaN, and the second result marks the real entries (None
+    when every layer has the same shape).
+    """
+    shapes = {a.shape for a in arrays}
+    if len(shapes) == 1:
+        return np.stack(arrays, axis=1), None
+    full = tuple(max(s[d] for s in shapes) for d in range(len(next(iter(shapes)))))
+    out = np.full((full[0], len(arrays), *full[1:]), np.nan, dtype=np.float64)
+    real = np.zeros(out.shape, dtype=bool)
+    for i, a in enumerate(arrays):
+        idx = (slice(None), i, *(slice(0, k) for k in a.shape[1:]))
+        out[idx], real[idx] = a, True
+    return out, real
+
+
 def _to_table(model: str, names: list[str], metrics: list[Metric]):
     """Long table rows for scalar metrics; arrays ``[N, L, ...]`` for maps; from each metric's state."""
     frames, arrays = [], {}
@@ -215,7 +259,7 @@ def _to_table(model: str, names: list[str], metrics: list[Metric]):
         if not per_layer:
             continue
         layers = sorted(per_layer)
-        stacked = np.stack([per_layer[layer].numpy() for layer in layers], axis=1)  # [N, L, ...]
+        stacked, real = _stack_layers([per_layer[layer].numpy() for layer in layers])
         if m.is_map:
             arrays[f"{model}/{m.label}"] = stacked
             continue
@@ -225,18 +269,17 @@ def _to_table(model: str, names: list[str], metrics: list[Metric]):
         else:
             heads = np.arange(stacked.shape[2])
         n, nl, nh = stacked.shape
-        frames.append(
-            pd.DataFrame(
-                {
-                    "model": model,
-                    "image": np.repeat(img, nl * nh),
-                    "layer": np.tile(np.repeat(np.asarray(layers), nh), n),
-                    "head": np.tile(heads, n * nl),
-                    "metric": m.label,
-                    "value": stacked.reshape(-1).astype(np.float64),
-                }
-            )
+        frame = pd.DataFrame(
+            {
+                "model": model,
+                "image": np.repeat(img, nl * nh),
+                "layer": np.tile(np.repeat(np.asarray(layers), nh), n),
+                "head": np.tile(heads, n * nl),
+                "metric": m.label,
+                "value": stacked.reshape(-1).astype(np.float64),
+            }
         )
+        frames.append(frame if real is None else frame[real.reshape(-1)])
     for m in metrics:  # dataset-level metrics (e.g. CKA): one array for the whole image set
         whole = m.dataset_result()
         if whole is not None:
@@ -301,7 +344,7 @@ def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: in
     with torch.inference_mode(), pm.adapter.tap(sink), _autocast(dev, plan.dtype):
         for idx, x in loader:
             x = x.to(dev, non_blocking=True)
-            sink.start(pm.layout(x))
+            sink.start(pm.layout(x), pm.geometry(x))
             pm.adapter.forward(x)
             sink.finish()
             done.extend(int(i) for i in idx)
@@ -310,7 +353,8 @@ def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: in
     return done
 
 
-def _provenance(plan: _Plan, layout: TokenLayout | None, batch_size: int, seconds: float) -> dict:
+def _provenance(plan: _Plan, layout: TokenLayout | None, batch_size: int, seconds: float,
+                geometry: ModelGeometry | None = None) -> dict:
     """``Results.meta``: what ran (model, adapter, layout, metrics with options), on what, how."""
     pm, lay = plan.pm, layout
     return {
@@ -321,6 +365,7 @@ def _provenance(plan: _Plan, layout: TokenLayout | None, batch_size: int, second
         "layout": None if lay is None else {"num_prefix": lay.num_prefix, "grid": list(lay.grid),
                                             "patch_size": list(lay.patch_size),
                                             "prefix_kinds": list(lay.prefix_kinds)},
+        "geometry": None if geometry is None else _geometry_meta(geometry),
         "metrics": {m.label: {"name": m.name, "options": m.options(), "unit": m.value_unit()} for m in plan.metrics},
         "images": {"count": len(plan.images), "fingerprint": plan.images.fingerprint(),
                    "skipped": plan.images.skipped},
@@ -381,7 +426,13 @@ def probe(
     seconds = time.perf_counter() - t0
     names = [plan.images.names[i] for i in done]
     table, arrays = _to_table(plan.name, names, plan.metrics)
-    return Results(table, arrays, _provenance(plan, sink.layout, batch_size, seconds))
+    return Results(table, arrays, _provenance(plan, sink.layout, batch_size, seconds, sink.geometry))
+
+
+def _geometry_meta(geometry: ModelGeometry) -> dict:
+    """Per-layer geometry (kind, grid, stride px, window) and the layers where a new stage starts."""
+    return {"layers": [geometry.summary(i) for i in range(geometry.num_layers)],
+            "stage_starts": geometry.stage_starts()}
 
 
 def _versions() -> dict[str, str]:

@@ -161,16 +161,16 @@ def test_image_size_option_sets_native_size_and_preprocess():
     assert tuple(t.shape) == (3, 56, 42)
 
 
-def test_swin_is_refused_by_global_attention_metrics():
+def test_swin_is_probed_window_by_window():
     pm = pk.load("timm:swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16, depths=(1, 1),
                  num_heads=(1, 2), img_size=32, window_size=4)
     assert isinstance(pm.adapter, TimmWindowedAdapter) and pm.adapter.global_attention is False
     assert pm.num_layers == 2
     x = torch.randn(1, 3, 32, 32)
+    assert pm.attention(x)[0].shape == (4, 1, 16, 16)  # 4 windows of 4x4 tokens
+    assert set(pk.probe(pm, x, metrics=["mad"]).table.layer) == {0, 1}
     with pytest.raises(UnsupportedArchitectureError, match="window"):
-        pk.probe(pm, x, metrics=["mad"])
-    with pytest.raises(UnsupportedArchitectureError, match="windowed attention"):
-        pm.attention(x)
+        pk.probe(pm, x, metrics=[{"rollout": {"query": "mean"}}])
 
 
 def test_unknown_name_and_tag_suggest_close_names():

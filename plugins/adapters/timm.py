@@ -1,6 +1,7 @@
 """timm ViTs: VisionTransformer (ViT, DeiT, DINO, DINOv2 with registers, CLIP and SigLIP
-towers, MAE encoders), the distilled DeiT, EVA/EVA-02 and BEiT; Swin is recognised and refused
-by metrics that need global attention.
+towers, MAE encoders), the distilled DeiT, EVA/EVA-02 and BEiT; and, layer by layer with their
+geometry (:mod:`probekit.geometry`, families in ``_timm_geometry.py``), Swin/SwinV2 windows, the
+SAM/ViTDet encoder's windowed and global blocks and CaiT's class attention.
 
 How the tap works. timm fixes ``fused_attn`` at build time and, when fused, never calls the
 modules a hook could watch; EVA and BEiT project q/k/v with ``F.linear`` and add rotary
@@ -17,6 +18,7 @@ Calls made outside a watched module (e.g. SigLIP's attention-pool head) pass str
 from __future__ import annotations
 
 import copy
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,10 @@ from probekit.errors import (
 )
 from probekit.tokens import TokenLayout, pair
 
-from ._sdpa_spy import tap_blocks
+from probekit.geometry import ModelGeometry
+
+from ._sdpa_spy import attention_report, tap_blocks, watch_attention
+from ._timm_geometry import GEOMETRIES, logits_hook, merged_heads
 
 __all__ = ["TimmAdapter", "TimmWindowedAdapter", "FAMILIES"]
 
@@ -67,9 +72,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("vit", ("vision_transformer", "deit"), ("VisionTransformer",)),
     Family("eva", ("eva",), ("Eva",)),
     Family("beit", ("beit",), ("Beit",), dynamic_size=False),
-    Family("swin", ("swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr"),
-           ("SwinTransformer", "SwinTransformerV2", "SwinTransformerV2Cr"),
+    Family("swin", ("swin_transformer", "swin_transformer_v2"), ("SwinTransformer", "SwinTransformerV2"),
            blocks="layers", dynamic_size=False, global_attention=False),
+    Family("sam", ("vision_transformer_sam",), ("VisionTransformerSAM",), dynamic_size=False,
+           global_attention=False),
+    Family("cait", ("cait",), ("Cait",), dynamic_size=False, global_attention=False),
 )
 
 
@@ -298,39 +305,98 @@ class TimmAdapter(Adapter):
 
 
 class TimmWindowedAdapter(TimmAdapter):
-    """Swin-style models: attention within local windows, so no ``[T, T]`` matrix to report.
+    """timm models whose layers are not all one global attention (Swin, SwinV2, SAM, CaiT).
 
-    Metrics that need global attention (MAD, ...) refuse these models through
-    ``global_attention = False``; the tap refuses attention requests with the same reason.
+    Layers are the attention modules in order (Swin: every block of every stage). Each layer's
+    geometry (:meth:`geometry`) says how its attention ``[B * G, H, Tq, Tk]`` maps to the image:
+    windows, shifted windows, class attention or a global grid; metrics that cannot describe a
+    layer refuse it before the forward pass. The tap is the same SDPA spy as for ViTs.
     """
 
     global_attention = False
     provides_hidden = False
 
-    def _window_attentions(self) -> list[nn.Module]:
-        return [m for m in self.model.modules() if type(m).__name__.endswith("WindowAttention")]
+    def __init__(self, model: nn.Module, preprocess: Any = None, **info: Any):
+        super().__init__(model, preprocess, **info)
+        self.staged = GEOMETRIES[self.family.name]
+        self.variable_image_size = False
+
+    def _attention(self) -> list[tuple[str, nn.Module]]:
+        return self.staged.attention(self.model)
 
     @property
     def num_layers(self) -> int:
-        return len(self._window_attentions())
+        return len(self._attention())
 
     @property
     def num_heads(self) -> int:
-        return int(self._window_attentions()[0].num_heads)
+        return int(self._attention()[0][1].num_heads)
 
     def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
         pe = self.model.patch_embed
-        return TokenLayout(0, pe.dynamic_feat_size(tuple(pixel_values.shape[-2:])), pair(pe.patch_size))
-
-    @contextmanager
-    def tap(self, sink: Sink) -> Iterator[None]:
-        if sink.wants_attention or sink.wants_hidden:
-            raise UnsupportedArchitectureError(
-                f"{type(self.model).__name__} uses windowed attention (each token attends within a local "
-                "window, shifted between blocks), so it has no image-wide attention matrix to probe. Use a "
-                "global-attention ViT (ViT, DeiT, DINO, EVA, BEiT)."
+        size = tuple(pixel_values.shape[-2:])
+        if size != self.default_image_size:
+            raise LayoutError(
+                f"This {type(self.model).__name__} was built for {self.default_image_size} inputs and got {size}. "
+                f"Load it with image_size={size} (timm rebuilds its windows and position tables), or resize the images."
             )
-        yield
+        grid = tuple(s // p for s, p in zip(size, pair(pe.patch_size)))
+        n = self.staged.num_prefix
+        return TokenLayout(n, grid, pair(pe.patch_size), ("cls",) * n)
 
-    def reference_attention(self, pixel_values):
-        raise UnsupportedArchitectureError(f"{type(self.model).__name__} uses windowed attention; no [T, T] reference.")
+    def geometry(self, pixel_values: torch.Tensor) -> ModelGeometry:
+        lay = self.layout(pixel_values)
+        return ModelGeometry(lay, self.staged.geometry(self.model, lay), num_layers=self.num_layers)
+
+    def _watch(self, attn: nn.Module, sink: Sink, layer: int) -> list:
+        report = attention_report(sink, layer)
+        if self.staged.heads_first:
+            report = merged_heads(report, int(attn.num_heads))
+        sub = (self.staged.softmax_of or {}).get(type(attn).__name__)
+        if sub is not None:
+            return [getattr(attn, sub).register_forward_hook(logits_hook(report))]
+        return watch_attention(attn, report, f"layer {layer}")
+
+    def tap(self, sink: Sink):
+        if sink.wants_hidden:
+            raise UnsupportedArchitectureError(
+                f"The timm adapter does not tap block outputs of {type(self.model).__name__} (its tokens change "
+                "shape between stages); use attention metrics on it."
+            )
+        return tap_blocks([_Attn(m) for _, m in self._attention()], sink, watch=self._watch)
+
+    def reference_attention(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
+        """timm's own softmax output on a copy with fused attention off (``attn_drop``'s input; CaiT's
+        talking heads: the softmax of ``proj_l``'s output), as ``[B * G, H, Tq, Tk]`` per layer."""
+        ref = copy.deepcopy(self.model).eval()
+        for m in ref.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
+        found: dict[int, torch.Tensor] = {}
+        handles = []
+        for i, (_, attn) in enumerate(self.staged.attention(ref)):
+            heads = int(attn.num_heads)
+
+            def keep(module, args, out, i=i, heads=heads, talking=False):
+                p = torch.softmax(out.float().permute(0, 3, 1, 2), -1) if talking else args[0].float()
+                found[i] = p.reshape(-1, heads, *p.shape[-2:]) if p.dim() == 3 else p
+
+            sub = (self.staged.softmax_of or {}).get(type(attn).__name__)
+            if sub is not None:
+                handles.append(getattr(attn, sub).register_forward_hook(functools.partial(keep, talking=True)))
+            else:
+                handles.append(attn.attn_drop.register_forward_hook(keep))
+        try:
+            with torch.inference_mode():
+                ref(pixel_values)
+        finally:
+            for h in handles:
+                h.remove()
+        return dict(sorted(found.items()))
+
+
+class _Attn:
+    """A stand-in block for :func:`tap_blocks`: just the attention module."""
+
+    def __init__(self, attn: nn.Module):
+        self.attn = attn

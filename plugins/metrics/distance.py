@@ -44,6 +44,7 @@ class MeanAttentionDistance(Metric):
     """
 
     name = "mad"
+    requires = ()  # windowed, pooled and class-attention layers: see probekit.geometry
     description = "mean attention distance: attention-weighted query-key distance (px by default)"
     citation = "Dosovitskiy et al. 2021, An Image is Worth 16x16 Words, Fig. 7 / D.7"
 
@@ -59,6 +60,24 @@ class MeanAttentionDistance(Metric):
 
     def value_unit(self) -> str:
         return {"px": "px", "patch": "patches", "fraction": "fraction of grid"}[self.units]
+
+    def geometry_queries(self) -> str:
+        return "cls" if self.queries == "cls" else "patches"
+
+    def requirements(self) -> tuple[str, ...]:
+        return super().requirements() + (("cls",) if self.queries == "cls" else ())
+
+    def window_sum(self, probs: torch.Tensor, geometry, groups: torch.Tensor, **kw) -> torch.Tensor:
+        """Windowed/pooled layers: ``sum_q sum_k A[q, k] d(q, k)`` over each group's queries and the
+        patch keys each query sees (distances in the original image frame, :mod:`probekit.geometry`)."""
+        d = geometry.cached(("mad", self.units, self.queries, str(probs.device)), lambda: (
+            geometry.distances(self.units, probs.device) * geometry.visible_patch_keys(probs.device)
+            * geometry.query_mask(self.geometry_queries()).to(probs.device)[..., None]))
+        if not self.renormalize:
+            return torch.einsum("nhqk,nqk->nh", probs, d[groups])
+        keys = geometry.visible_patch_keys(probs.device)[groups]
+        mass = torch.einsum("nhqk,nqk->nhq", probs, keys).clamp_min(torch.finfo(probs.dtype).tiny)
+        return (torch.einsum("nhqk,nqk->nhq", probs, d[groups]) / mass).sum(-1)
 
     def _distance_rows(self, layout: TokenLayout, rows: slice, device) -> torch.Tensor:
         p = layout.num_prefix
@@ -181,6 +200,7 @@ class DistanceProfile(Metric):
     """
 
     name = "distance_profile"
+    requires = ()
     description = "attention-weighted histogram of query-key distances (bins in px by default)"
     citation = "Dosovitskiy et al. 2021, An Image is Worth 16x16 Words, D.7"
     is_map = True
@@ -208,6 +228,20 @@ class DistanceProfile(Metric):
         a, onehot = self._block(probs, layout, rows)
         return torch.einsum("bhrn,rnk->bhrk", a, onehot)
 
+    def window_sum(self, probs: torch.Tensor, geometry, groups: torch.Tensor, **kw) -> torch.Tensor:
+        """Windowed/pooled layers: each group's attention mass per distance bin, summed over its queries."""
+        keys = geometry.visible_patch_keys(probs.device)
+        idx = geometry.cached(("bins", self.units, self.edges, str(probs.device)), lambda: _bins(
+            geometry.distances(self.units, dtype=torch.float64), self.edges).to(probs.device))
+        q = geometry.query_mask().to(probs.device, probs.dtype)
+        w = probs * keys[groups][:, None]
+        if self.renormalize:
+            w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+        w = w * q[groups][:, None, :, None]
+        n, h = w.shape[:2]
+        out = w.new_zeros(n, h, len(self.edges))
+        return out.scatter_add_(2, idx[groups][:, None].expand_as(w).reshape(n, h, -1), w.reshape(n, h, -1))
+
     def row_sum(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
         """The block's rows summed in one matrix product (the one-hot is built per block, not cached)."""
         a, onehot = self._block(probs, layout, rows)
@@ -220,8 +254,12 @@ def _bin_index(grid, patch_size, units: str, edges: tuple, device: str) -> torch
     """Bin of every (query, key) patch pair, ``[N, N]`` long (exact at bin edges)."""
     lay = TokenLayout(num_prefix=0, grid=grid, patch_size=patch_size)
     d = _patch_distances(lay, units, "cpu", torch.float64)
+    return _bins(d, edges).to(device)
+
+
+def _bins(d: torch.Tensor, edges: tuple) -> torch.Tensor:
+    """Bin index of each float64 distance in ``d`` for left ``edges`` (exact at bin edges)."""
     e = torch.tensor(edges[1:], dtype=torch.float64)
     # a distance equal to an edge belongs above it; the relative slack keeps it there when the
     # distance and the edge were rounded differently on their way (cdist, unit scaling)
-    idx = torch.searchsorted(e * e, (d * d) * (1 + 1e-9), right=True)
-    return idx.to(device)
+    return torch.searchsorted(e * e, (d * d) * (1 + 1e-9), right=True)

@@ -53,6 +53,7 @@ class AttentionEntropy(Metric):
     """
 
     name = "entropy"
+    requires = ()  # windowed layers: the entropy over the patch keys each query sees
     uses_logits = True  # row_sum reads the block's logits: no logarithm per element
     description = "entropy of attention over patch keys (nats; rows renormalized), mean over query patches"
     citation = "Zhai et al. 2023, Stabilizing Transformer Training by Preventing Attention Entropy Collapse"
@@ -68,6 +69,16 @@ class AttentionEntropy(Metric):
         if self.normalized:
             h = h / max(math.log(layout.num_patches), torch.finfo(h.dtype).tiny)
         return h
+
+    def window_sum(self, probs: torch.Tensor, geometry, groups: torch.Tensor, **kw) -> torch.Tensor:
+        """Windowed/pooled layers: ``H_q`` over the patch keys each query sees (normalized: by the ln
+        of their count, per query), summed over each group's queries."""
+        keys = geometry.visible_patch_keys(probs.device)[groups][:, None]
+        a = probs * keys
+        h = row_entropy(a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny))
+        if self.normalized:
+            h = h / keys.sum(-1).log().clamp_min(torch.finfo(h.dtype).tiny)
+        return (h * geometry.query_mask().to(probs.device, h.dtype)[groups][:, None]).sum(-1)
 
     def row_sum(self, probs: torch.Tensor, layout: TokenLayout, rows: slice, logits=None) -> torch.Tensor:
         """Sum over the block's rows of ``H_q``, from the logits when the engine hands them over.

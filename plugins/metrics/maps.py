@@ -45,6 +45,7 @@ class ClsMap(Metric):
     """
 
     name = "cls_map"
+    requires = ()  # windowed layers: the attention each patch receives, on the model's patch grid
     description = "CLS (or mean query) attention over the patch grid, per image and head"
     citation = "Caron et al. 2021, Emerging Properties in Self-Supervised Vision Transformers"
     is_map = True
@@ -67,6 +68,33 @@ class ClsMap(Metric):
         if self.renormalize:
             a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
         return _grid(a, layout)
+
+    def geometry_queries(self) -> str:
+        return self.query if self.query == "cls" else "patches"
+
+    def requirements(self) -> tuple[str, ...]:
+        return super().requirements() + (("cls",) if self.query == "cls" else ())
+
+    def window_sum(self, probs: torch.Tensor, geometry, groups: torch.Tensor, **kw) -> torch.Tensor:
+        """Windowed/pooled/class-attention layers: the attention each key patch receives from the
+        group's queries, placed at its cell of the key grid, then drawn on the model's patch grid
+        (``base_grid``; a coarser stage's cell value repeated over the patches it covers), so every
+        layer's map has one shape."""
+        keys = geometry.visible_patch_keys(probs.device)[groups][:, None]
+        a = probs * keys
+        if self.renormalize:
+            a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+        q = geometry.query_mask(self.geometry_queries()).to(probs.device, a.dtype)[groups]
+        recv = torch.einsum("nhqk,nq->nhk", a, q)
+        cell = geometry.key_cell.to(probs.device)[groups]
+        kh, kw_ = geometry.key_grid
+        out = recv.new_zeros(*recv.shape[:2], kh * kw_ + 1)  # the last slot collects prefix and padding
+        out.scatter_add_(2, torch.where(cell < 0, kh * kw_, cell)[:, None].expand_as(recv), recv)
+        maps = out[..., :-1].reshape(*recv.shape[:2], kh, kw_)
+        base = geometry.base_grid or geometry.key_grid
+        if tuple(base) != (kh, kw_):
+            maps = torch.nn.functional.interpolate(maps, size=tuple(base), mode="nearest")
+        return maps
 
 
 class AttentionRollout(Metric):

@@ -50,6 +50,7 @@ class PrefixMass(Metric):
     """
 
     name = "prefix_mass"
+    requires = ()  # windowed layers have no prefix keys (mass 0); class attention does
     description = "attention mass patch queries put on prefix tokens (cls/dist/reg or all)"
     citation = "Darcet et al. 2024, Vision Transformers Need Registers"
     unit = "fraction of attention"
@@ -61,3 +62,9 @@ class PrefixMass(Metric):
         if p == 0:
             return probs.new_zeros(probs.shape[:-1])
         return probs[..., :p] @ prefix_mask(layout, self.kind, probs.device)
+
+    def window_sum(self, probs: torch.Tensor, geometry, groups: torch.Tensor, **kw) -> torch.Tensor:
+        """Windowed/pooled/class-attention layers: mass on the prefix keys of ``kind``, summed over queries."""
+        keys = geometry.key_mask("prefix" if self.kind == "all" else self.kind).to(probs.device, probs.dtype)
+        m = torch.einsum("nhqk,nk->nhq", probs, keys[groups])
+        return (m * geometry.query_mask().to(probs.device, probs.dtype)[groups][:, None]).sum(-1)

@@ -1,0 +1,138 @@
+"""timm families whose layers are not all global: Swin, SwinV2, the SAM/ViTDet encoder, CaiT.
+
+Parity with each library's own softmax output (fused attention off, ``attn_drop``'s input; CaiT's
+talking heads: the softmax of ``proj_l``) with every parameter randomized (relative-position
+tables, SwinV2's logit scale and continuous position bias MLP, q/v biases), the tap running
+fused and unfused, at the native size and at another size (padding and shifted windows); then
+the engine's values at random init against the uniform closed form of each stage.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import probekit as pk
+from probekit.errors import UnsupportedArchitectureError
+from probekit.testing import randomize_parameters
+from probekit.plugins.adapters.timm import TimmWindowedAdapter
+
+TOL = 1e-5
+
+# tiny configs: (spec, native build kwargs, another size)
+FAMILIES = {
+    "swin": ("timm:swin_tiny_patch4_window7_224",
+             dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=7, img_size=56), (48, 64)),
+    "swinv2": ("timm:swinv2_tiny_window8_256",
+               dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4, img_size=32), (40, 24)),
+    "sam": ("timm:samvit_base_patch16",
+            dict(embed_dim=32, depth=3, num_heads=2, global_attn_indexes=(1,), window_size=3, img_size=64,
+                 neck_chans=8), (80, 48)),
+    "cait": ("timm:cait_xxs24_224", dict(embed_dim=32, depth=2, num_heads=2, img_size=48, patch_size=16), (64, 32)),
+}
+
+
+def build(family: str, size=None, fused: bool = True, seed: int = 0) -> pk.ProbedModel:
+    spec, kw = FAMILIES[family][:2]
+    kw = dict(kw, img_size=size or kw["img_size"])
+    pm = pk.load(spec, pretrained=False, **kw)
+    randomize_parameters(pm.model, seed=seed, scale=0.2)
+    for m in pm.model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+    return pm
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+@pytest.mark.parametrize("native", [True, False], ids=["native", "other-size"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tap_equals_the_library_softmax(family, native, fused):
+    pm = build(family, None if native else FAMILIES[family][2], fused)
+    assert isinstance(pm.adapter, TimmWindowedAdapter)
+    x = pm.example_input(2, seed=1)
+    got, ref = pm.attention(x), pm.adapter.reference_attention(x)
+    assert sorted(got) == sorted(ref) == list(range(pm.num_layers))
+    geo = pm.geometry(x)
+    for i in ref:
+        g = geo.layer(i)
+        b, tq, tk = ref[i].shape[0], ref[i].shape[2], ref[i].shape[3]
+        if isinstance(g, pk.TokenLayout):
+            assert b == 2 and tq == tk == g.num_tokens
+        else:
+            g.check(b, tq, tk, i)
+            assert b == 2 * g.groups
+        torch.testing.assert_close(got[i], ref[i], atol=TOL, rtol=0)
+    # randomized tables make heads far from uniform: a bug in the bias would show
+    assert max(p.amax(-1).mean().item() * p.shape[-1] for p in got.values()) > 2
+
+
+def test_swin_windows_shift_and_pad_as_the_model_does():
+    pm = build("swin", (48, 64))
+    geo = pm.geometry(pm.example_input(1))
+    blocks = [b for s in pm.model.layers for b in s.blocks]
+    for i, blk in enumerate(blocks):
+        g = geo.layer(i)
+        assert g.window == tuple(blk.window_size)
+        mask = blk.attn_mask
+        if mask is None:
+            assert g.visible is None
+        else:  # our regions are the model's mask: 0 where visible, -100 where hidden
+            assert torch.equal(g.visible, mask == 0)
+    assert geo.layer(0).grid == (12, 16) and geo.layer(2).grid == (6, 8) and geo.stage_starts() == [2]
+    assert geo.layer(2).stride == (8, 8)
+
+
+def uniform_value(g) -> float:
+    from probekit.grouped import reduce_groups
+    from probekit.attention import LayerAttention
+    from probekit.probe import build_metrics
+
+    if isinstance(g, pk.TokenLayout):
+        return pk.metrics.get("mad")().compute(torch.full((1, 1, g.num_tokens, g.num_tokens), 1 / g.num_tokens), g).item()
+    m = build_metrics(["mad"])[0]
+    return reduce_groups([m], LayerAttention(probs_given=g.uniform()), g, 2**20)[m.label].item()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_random_init_mad_is_the_uniform_value_of_each_layer(family):
+    # a model at random init attends almost uniformly: each layer's MAD is its geometry's uniform value
+    spec, kw = FAMILIES[family][:2]
+    torch.manual_seed(0)
+    pm = pk.load(spec, pretrained=False, **kw)
+    x = pm.example_input(2)
+    table = pk.probe(pm, x, metrics=["mad"]).table
+    per_layer = table.groupby("layer").value.mean()
+    geo = pm.geometry(x)
+    for i, v in per_layer.items():
+        assert v == pytest.approx(uniform_value(geo.layer(i)), rel=0.05), f"layer {i}"
+
+
+def test_metrics_that_need_global_attention_refuse_windows_with_the_reason():
+    pm = build("swin")
+    with pytest.raises(UnsupportedArchitectureError, match=r"rollout.*needs global attention.*layer 0.*window"):
+        pk.probe(pm, pm.example_input(1), metrics=[{"rollout": {"query": "mean"}}])
+    with pytest.raises(UnsupportedArchitectureError, match="block outputs"):
+        pm.hidden_states(pm.example_input(1))
+
+
+def test_other_input_size_than_built_is_refused_with_the_fix():
+    pm = build("swin")
+    with pytest.raises(pk.LayoutError, match=r"image_size=\(64, 64\)"):
+        pm.layout(torch.randn(1, 3, 64, 64))
+
+
+def test_cait_class_attention_layers_are_measured_from_the_class_token():
+    pm = build("cait")
+    x = pm.example_input(2)
+    geo = pm.geometry(x)
+    kinds = [geo.summary(i)["kind"] for i in range(pm.num_layers)]
+    assert kinds == ["global", "global", "class", "class"]
+    with pytest.raises(UnsupportedArchitectureError, match=r"needs a class token, but layer 0 of this model has no class"):
+        pk.probe(pm, x, metrics=[{"mad": {"queries": "cls"}}])
+    res = pk.probe(pm, x, metrics=["mad", "prefix_mass"]).table
+    cls_q = pk.probe(pm, x, metrics=[{"mad": {"queries": "cls"}}], layers=[2, 3]).table
+    a = res[(res.layer >= 2) & (res.metric == "mad")].value.to_numpy()
+    assert a == pytest.approx(cls_q.value.to_numpy())  # a class-attention layer's only query is its class token
+    # the patch layers have no class token: prefix mass 0 there, > 0 where the class token is a key
+    pmass = res[res.metric == "prefix_mass"].groupby("layer").value.mean()
+    assert pmass[0] == 0 and pmass[1] == 0 and pmass[2] > 0
