@@ -24,7 +24,7 @@ import torch
 __all__ = ["LayerAttention", "Workspace", "no_autocast", "row_blocks", "one_pass", "sdpa_dtype", "ATTENTION_PASSES",
            "ONE_PASS_MIN_TOKENS"]
 
-ATTENTION_PASSES = ("auto", "fused", "separate")
+ATTENTION_PASSES = ("auto", "fused", "separate", "kernel")
 # auto: one pass on CPU from this many tokens on (measured, see one_pass); always on accelerators
 ONE_PASS_MIN_TOKENS = 400
 
@@ -177,7 +177,7 @@ def one_pass(attn: LayerAttention, mode: str = "auto") -> bool:
     """
     if mode == "separate" or attn.v is None or attn.probs_given is not None:
         return False
-    if mode == "fused":
+    if mode in ("fused", "kernel"):  # "kernel": layers the Triton kernel did not take
         return True
     return attn.device.type != "cpu" or attn.shape[2] >= ONE_PASS_MIN_TOKENS
 

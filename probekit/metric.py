@@ -54,6 +54,9 @@ class Metric:
     - ``requires_global_attention``: the older spelling; False drops ``"global"`` from ``requires``.
     - ``cross_layer``: state spans the layers of a batch (:meth:`on_batch_end` returns values).
     - ``unit``: unit of the values, for axis labels (see :meth:`value_unit`).
+    - ``kernel_terms``: the per-query-row sums of the fused GPU kernel (:data:`probekit.kernel.TERMS`)
+      :meth:`kernel_row_sum` reads; empty (default): the kernel does not serve this metric and
+      it takes the blocked path.
     """
 
     name: ClassVar[str] = ""
@@ -68,6 +71,7 @@ class Metric:
     requires: ClassVar[tuple[str, ...]] = ("global",)
     cross_layer: ClassVar[bool] = False
     unit: ClassVar[str] = ""
+    kernel_terms: ClassVar[frozenset[str]] = frozenset()
 
     _CONSTANTS = (
         "name", "needs", "rowwise", "per_head", "is_map", "requires_global_attention", "cross_layer",
@@ -207,6 +211,13 @@ class Metric:
         without a logarithm per element.
         """
         return self.row_values(probs, layout, rows).sum(dim=2)
+
+    def kernel_row_sum(self, terms, layout: TokenLayout, rows: slice) -> torch.Tensor | None:
+        """Like :meth:`row_sum`, from the fused kernel's per-row sums (a :class:`probekit.kernel.RowTerms`).
+
+        Returns None where these options are not served (the engine then takes the blocked path).
+        """
+        return None
 
     def compute(self, probs: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """One layer's per-image values from full probabilities ``[B, H, T, T]``."""

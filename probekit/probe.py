@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from .adapter import ProbedModel
+from . import kernel
 from .attention import ATTENTION_PASSES, LayerAttention, Workspace, no_autocast, one_pass, row_blocks
 from .errors import ConfigError
 from .geometry import LayerGeometry, ModelGeometry
@@ -101,9 +102,12 @@ class MetricSink:
         block_mb: budget in MiB for one block's logits and probabilities together. None: 32 MiB
             on CPU (blocks that stay in cache run up to 2x faster than larger ones) and 256 MiB
             on accelerators (fewer, larger kernels).
-        attention_pass: ``"auto"``, ``"fused"`` or ``"separate"``: whether a tap that hands
-            over v gets the layer's attention output from the blocks the metrics read (one
-            pass) or runs the model's own kernel (see :func:`probekit.attention.one_pass`).
+        attention_pass: ``"auto"``, ``"fused"``, ``"separate"`` or ``"kernel"``: whether a tap
+            that hands over v gets the layer's attention output from the blocks the metrics
+            read (one pass) or runs the model's own kernel (see
+            :func:`probekit.attention.one_pass`); ``"kernel"`` runs the fused Triton kernel
+            (:mod:`probekit.kernel`) for the metrics that declare ``kernel_terms``, the
+            blocked path for the others.
     """
 
     def __init__(self, metrics: list[Metric], layers=None, block_mb: float | None = None,
@@ -111,6 +115,7 @@ class MetricSink:
         if attention_pass not in ATTENTION_PASSES:
             raise ConfigError(f"attention_pass must be one of {', '.join(ATTENTION_PASSES)}; got {attention_pass!r}.")
         self.attention_pass = attention_pass
+        self.kernel_served: set[str] = set()  # labels the fused kernel reduced (others: blocked path)
         self.metrics = metrics
         self.layers = None if layers is None else frozenset(int(i) for i in layers)
         self.wants_attention = any(m.needs == "attention" for m in metrics)
@@ -159,11 +164,20 @@ class MetricSink:
             self._reduce(layer, attn, lay, b, h, t)
 
     def _reduce(self, layer: int, attn: LayerAttention, lay: TokenLayout, b: int, h: int, t: int) -> None:
-        fused = bool(self._rowwise) and one_pass(attn, self.attention_pass)
+        rest = self._rowwise
+        if rest and kernel.wanted(attn, self.attention_pass):
+            sums = kernel.run_layer(attn, lay, rest, output=attn.v is not None)
+            for m in rest:
+                if m.label in sums:
+                    q = m.query_rows(lay)
+                    self._keep(m, layer, sums[m.label] / max(q.stop - q.start, 1))
+            self.kernel_served |= set(sums)
+            rest = [m for m in rest if m.label not in sums]  # the blocked path, same run
+        fused = bool(rest) and attn.output is None and one_pass(attn, self.attention_pass)
         if fused:
             attn.start_output()
-        if self._rowwise:
-            spans = {m.label: m.query_rows(lay) for m in self._rowwise}
+        if rest:
+            spans = {m.label: m.query_rows(lay) for m in rest}
             lo = 0 if fused else min(s.start for s in spans.values())  # the output needs every row
             hi = t if fused else max(s.stop for s in spans.values())
             acc: dict[str, torch.Tensor] = {}
@@ -171,7 +185,7 @@ class MetricSink:
                 z, p = attn.block(blk, workspace=self.workspace)
                 if fused:
                     attn.add_output(blk, p, self.workspace)
-                for m in self._rowwise:
+                for m in rest:
                     q = spans[m.label]
                     s, e = max(blk.start, q.start), min(blk.stop, q.stop)
                     if s >= e:
@@ -181,7 +195,7 @@ class MetricSink:
                     part = m.row_sum(p[:, :, sl], lay, slice(s, e), **kw)
                     acc[m.label] = part if m.label not in acc else acc[m.label] + part
                 del z, p
-            for m in self._rowwise:
+            for m in rest:
                 q = spans[m.label]
                 self._keep(m, layer, acc[m.label] / max(q.stop - q.start, 1))
         for m in self._other_attn:
@@ -406,12 +420,13 @@ def probe(
         num_workers: DataLoader workers that decode and preprocess images.
         block_mb: memory budget (MiB) for one block of query rows' logits and probabilities
             (default: 32 on CPU, 256 on accelerators).
-        attention_pass: ``"auto"`` (default), ``"fused"`` or ``"separate"``. ``"fused"``: taps
+        attention_pass: ``"auto"`` (default), ``"fused"``, ``"separate"`` or ``"kernel"``. ``"fused"``: taps
             that hold q, k and v (transformers, timm, open_clip) get each layer's attention
             output from the probability blocks the metrics read, one attention pass instead of
             the model's kernel plus a recomputation; ``"separate"``: the model's own kernel;
             ``"auto"``: fused from 400 tokens on CPU (measured; README "Benchmark") and always
-            on accelerators.
+            on accelerators. ``"kernel"``: the fused Triton kernel (CUDA, or
+            ``TRITON_INTERPRET=1`` for tests) for the metrics that declare it.
         strict: stop on an unreadable image instead of skipping it.
         label: the model's name in the table (default: ``model.label``).
         progress: called with ``(images done, images total)`` after each batch.

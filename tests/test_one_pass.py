@@ -206,5 +206,5 @@ def test_auto_rule_and_forcing():
     assert one_pass(attn(785))
     assert one_pass(attn(197), "fused") and not one_pass(attn(785), "separate")
     assert not one_pass(attn(785, v=False), "fused")  # a tap without v cannot take the output
-    with pytest.raises(ConfigError, match="attention_pass must be one of auto, fused, separate"):
+    with pytest.raises(ConfigError, match="attention_pass must be one of auto, fused, separate, kernel"):
         MetricSink(build_metrics(["mad"]), attention_pass="fast")

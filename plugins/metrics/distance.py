@@ -51,6 +51,7 @@ class MeanAttentionDistance(Metric):
     renormalize: bool = False
     units: Units = "px"
     queries: Literal["patches", "cls"] = "patches"
+    kernel_terms = frozenset({"dist", "patch_mass"})
 
     def query_rows(self, layout: TokenLayout) -> slice:
         if self.queries == "cls":
@@ -111,6 +112,21 @@ class MeanAttentionDistance(Metric):
     def _padded_rows(self, layout: TokenLayout, device) -> torch.Tensor:
         """Distances of all query rows to all T keys, zero on prefix keys, ``[R, T]`` (cached)."""
         return _padded_distances(layout, self.units, self.queries, str(device))
+
+    def kernel_row_sum(self, terms, layout: TokenLayout, rows: slice) -> torch.Tensor | None:
+        if self.queries == "cls":  # distances from the image centre: not a kernel term
+            return None
+        v = _kernel_distances(terms, layout, self.units)[..., rows]
+        if self.renormalize:
+            v = v / terms.patch_mass[..., rows].clamp_min(torch.finfo(v.dtype).tiny)
+        return v.sum(-1)
+
+
+def _kernel_distances(terms, layout: TokenLayout, units: str) -> torch.Tensor:
+    """The kernel's per-row ``sum_k p d`` in ``units`` (it sums pixel and grid-step distances)."""
+    if units == "px":
+        return terms.dist_px
+    return terms.dist_grid / max(max(layout.grid) - 1, 1) if units == "fraction" else terms.dist_grid
 
 
 def _patch_distances(layout: TokenLayout, units: str, device, dtype=torch.float32) -> torch.Tensor:
@@ -209,10 +225,28 @@ class DistanceProfile(Metric):
     bins: Annotated[Optional[tuple[float, ...]], AfterValidator(_check_bins), Field(examples=[(0, 8, 64)])] = None
     units: Units = "px"
     renormalize: bool = False
+    kernel_terms = frozenset({"hist", "patch_mass"})
 
     def __init__(self, **options):
         super().__init__(**options)
         self.edges = self.bins or _DEFAULT_BINS[self.units]
+
+    def kernel_histogram(self, layout: TokenLayout) -> tuple[tuple[float, float], tuple[float, ...]]:
+        """The kernel's histogram: per-axis grid-step lengths in ``units`` and squared left edges."""
+        if self.units == "px":
+            step = tuple(float(s) for s in layout.patch_size)
+        else:
+            f = 1.0 / max(max(layout.grid) - 1, 1) if self.units == "fraction" else 1.0
+            step = (f, f)
+        return step, tuple(e * e for e in self.edges)
+
+    def kernel_row_sum(self, terms, layout: TokenLayout, rows: slice) -> torch.Tensor | None:
+        if terms.hist is None or terms.hist_spec != self.kernel_histogram(layout):
+            return None  # the kernel ran another metric's bins
+        v = terms.hist[:, :, rows]
+        if self.renormalize:
+            v = v / terms.patch_mass[:, :, rows, None].clamp_min(torch.finfo(v.dtype).tiny)
+        return v.sum(2)
 
     def _block(self, probs: torch.Tensor, layout: TokenLayout, rows: slice):
         """Patch-key rows and the one-hot bin of each (query, key) pair, ``[R, N, bins]``."""

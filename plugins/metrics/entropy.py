@@ -55,6 +55,7 @@ class AttentionEntropy(Metric):
     name = "entropy"
     requires = ()  # windowed layers: the entropy over the patch keys each query sees
     uses_logits = True  # row_sum reads the block's logits: no logarithm per element
+    kernel_terms = frozenset({"lse", "patch_mass", "patch_logit"})
     description = "entropy of attention over patch keys (nats; rows renormalized), mean over query patches"
     citation = "Zhai et al. 2023, Stabilizing Transformer Training by Preventing Attention Entropy Collapse"
     unit = "nats"
@@ -93,13 +94,24 @@ class AttentionEntropy(Metric):
             return super().row_sum(probs, layout, rows)
         n0 = layout.num_prefix
         p, z = probs[..., n0:], logits[..., n0:]
-        tiny = torch.finfo(p.dtype).tiny
-        mass = p.sum(-1)
         lse = logits.amax(-1) - probs.amax(-1).log()
-        h = lse + mass.clamp_min(tiny).log() - torch.linalg.vecdot(p, z) / mass.clamp_min(tiny)
-        if not bool(torch.isfinite(h).all()):
+        h = self._from_sums(lse, p.sum(-1), torch.linalg.vecdot(p, z), layout)
+        if h is None:
             return super().row_sum(probs, layout, rows)
+        return h.sum(-1)
+
+    def kernel_row_sum(self, terms, layout: TokenLayout, rows: slice) -> torch.Tensor | None:
+        """The same identity from the kernel's per-row ``lse``, patch mass and ``<p, z>_patch``."""
+        h = self._from_sums(terms.lse[..., rows], terms.patch_mass[..., rows], terms.patch_logit[..., rows], layout)
+        return None if h is None else h.sum(-1)
+
+    def _from_sums(self, lse, mass, pz, layout: TokenLayout) -> torch.Tensor | None:
+        """``H = lse + ln s - <p, z>_patch / s`` per row (None where not finite: masked keys)."""
+        tiny = torch.finfo(mass.dtype).tiny
+        h = lse + mass.clamp_min(tiny).log() - pz / mass.clamp_min(tiny)
+        if not bool(torch.isfinite(h).all()):
+            return None
         h = torch.where(mass > 0, h, torch.zeros_like(h)).clamp_min(0)
         if self.normalized:
             h = h / max(math.log(layout.num_patches), tiny)
-        return h.sum(-1)
+        return h

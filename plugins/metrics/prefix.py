@@ -56,6 +56,7 @@ class PrefixMass(Metric):
     unit = "fraction of attention"
 
     kind: Kind = "all"
+    kernel_terms = frozenset({"prefix"})
 
     def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
         p = layout.num_prefix
@@ -68,3 +69,8 @@ class PrefixMass(Metric):
         keys = geometry.key_mask("prefix" if self.kind == "all" else self.kind).to(probs.device, probs.dtype)
         m = torch.einsum("nhqk,nk->nhq", probs, keys[groups])
         return (m * geometry.query_mask().to(probs.device, probs.dtype)[groups][:, None]).sum(-1)
+
+    def kernel_row_sum(self, terms, layout: TokenLayout, rows: slice) -> torch.Tensor:
+        if layout.num_prefix == 0:
+            return terms.patch_mass.new_zeros(terms.patch_mass.shape[:2])
+        return (terms.prefix[:, :, rows] @ prefix_mask(layout, self.kind, terms.prefix.device)).sum(-1)
