@@ -28,11 +28,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, ImageError, PluginLoadError, ProbekitError, UnknownNameError
+from .errors import ConfigError, ImageError, MissingDependencyError, PluginLoadError, ProbekitError, UnknownNameError
 
 __all__ = ["ModelEntry", "ImagesEntry", "MetricEntry", "RunConfig", "load_run", "check_run", "CheckedRun"]
 
-_FIGURES = ("depth", "overlay", "heatmap", "summary", "maps")
+_FIGURES = ("depth", "overlay", "heatmap", "summary", "maps", "labels")
 
 
 class _Strict(BaseModel):
@@ -59,11 +59,20 @@ class ModelEntry(_Strict):
 
 
 class ImagesEntry(_Strict):
-    """The image set: ``"sample"``, folders or files, optionally a seeded random subset."""
+    """The image set: ``"sample"``, folders or files, or a labelled source (:mod:`probekit.sources`:
+    class folders, a manifest, WebDataset shards, a ``datasets`` dataset), optionally a seeded
+    random subset, stratified by label."""
 
-    path: list[str] = Field(validation_alias=AliasChoices("path", "paths"), min_length=1)
+    path: list[str] = Field(validation_alias=AliasChoices("path", "paths", "shards"), min_length=1)
+    kind: Literal["auto", "files", "classes", "manifest", "webdataset", "hf"] = "auto"
     count: int | None = Field(default=None, gt=0)
     seed: int = 0
+    stratify: bool = False
+    path_column: str = "path"  # manifest
+    label_column: str | None = None  # manifest (default: "label" if present), hf
+    group_column: str | None = None  # manifest
+    image_column: str = "image"  # hf
+    split: str | None = None  # hf save_to_disk DatasetDict
 
     @model_validator(mode="before")
     @classmethod
@@ -105,7 +114,7 @@ class RunConfig(_Strict):
     seed: int = 0
     workers: int = Field(default=0, ge=0)
     strict: bool = False
-    figures: list[Literal["depth", "overlay", "heatmap", "summary", "maps"]] = Field(
+    figures: list[Literal["depth", "overlay", "heatmap", "summary", "maps", "labels"]] = Field(
         default_factory=lambda: list(_FIGURES)
     )
 
@@ -287,7 +296,6 @@ def check_run(cfg: RunConfig) -> CheckedRun:
     Raises:
         ConfigError: one bullet per problem, each naming the line and field.
     """
-    from .images import resolve_images
     from .models import resolve
     from .probe import build_metrics
     from .registry import adapters, metrics as metric_registry
@@ -328,8 +336,10 @@ def check_run(cfg: RunConfig) -> CheckedRun:
             problems.append(f"{cfg.where('device')}: {problem}")
     images = None
     try:
-        images = resolve_images(cfg.images.path, strict=cfg.strict, count=cfg.images.count, seed=cfg.images.seed)
-    except ImageError as exc:
+        from .sources import from_entry
+
+        images = from_entry(cfg.images, strict=cfg.strict)
+    except (ImageError, ConfigError, MissingDependencyError) as exc:
         problems.append(f"{cfg.where('images')}: {exc}")
     if problems:
         n = len(problems)

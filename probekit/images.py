@@ -21,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ImageError
 from .fileid import file_digest
 
-__all__ = ["ImageSet", "resolve_images", "sample_images", "IMAGE_SUFFIXES", "SAMPLE"]
+__all__ = ["ImageSet", "resolve_images", "sample_images", "open_image", "IMAGE_SUFFIXES", "SAMPLE"]
 
 log = logging.getLogger("probekit.images")
 
@@ -61,6 +61,12 @@ class ImageSet:
     pil: list[Image.Image] | None = None
     tensor: torch.Tensor | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    labels: list[str] | None = None  # per image, from a labelled source (probekit.sources)
+    groups: list[str] | None = None
+    refs: list | None = None  # per image, an object with .open() -> PIL and .ident() (tar members, dataset rows)
+    lazy: bool = False  # listed without opening any image: unreadable ones are skipped when decoded
+    strict: bool = False  # (lazy sets) an unreadable image stops the run
+    origin: dict | None = None  # the source and sampling that listed the set (kept in run.json)
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -84,19 +90,29 @@ class ImageSet:
                 im = self.pil[i]
                 h.update(f"{im.mode}{im.size}".encode())
                 h.update(hashlib.sha256(im.tobytes()).digest())
+            if self.refs is not None:  # a tar member or dataset row: its container's identity and place
+                h.update(self.refs[i].ident().encode())
             if self.paths is not None:  # every byte of every file, large ones too (see probekit.fileid)
                 h.update(file_digest(self.paths[i]).encode())
         self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
     def subset(self, indices: Sequence[int]) -> "ImageSet":
+        def pick(xs):
+            return None if xs is None else [xs[i] for i in indices]
+
         return ImageSet(
-            names=[self.names[i] for i in indices],
-            paths=None if self.paths is None else [self.paths[i] for i in indices],
-            pil=None if self.pil is None else [self.pil[i] for i in indices],
+            names=pick(self.names), paths=pick(self.paths), pil=pick(self.pil),
             tensor=None if self.tensor is None else self.tensor[list(indices)],
-            skipped=list(self.skipped),
+            skipped=list(self.skipped), labels=pick(self.labels), groups=pick(self.groups),
+            refs=pick(self.refs), lazy=self.lazy, strict=self.strict, origin=self.origin,
         )
+
+    def where(self, i: int) -> Any:
+        """How image ``i`` is read: a path, a reference (``.open()``), or a PIL image."""
+        if self.refs is not None:
+            return self.refs[i]
+        return self.paths[i] if self.paths is not None else self.pil[i]
 
     def dataset(self, transform: Callable[[Image.Image], torch.Tensor] | None) -> torch.utils.data.Dataset:
         """A dataset of ``(index, pixel_values)``, preprocessed by ``transform``."""
@@ -116,16 +132,39 @@ class _Images(torch.utils.data.Dataset):
             return i, s.tensor[i]
         if self.transform is None:
             raise ImageError("This model has no preprocessing; pass a preprocessed [N, 3, H, W] tensor.")
-        if s.pil is not None:
-            im = s.pil[i]
-        else:
-            try:
-                with Image.open(s.paths[i]) as f:
-                    im = f.copy()
-            except (OSError, UnidentifiedImageError) as exc:
-                raise ImageError(f"Cannot decode image {s.paths[i]}: {exc}. Remove it or fix it.") from exc
+        try:
+            im = open_image(s.where(i))
+        except ImageError:
+            if not s.lazy or s.strict:
+                raise
+            log.warning("Skipped unreadable image %s", s.names[i])
+            return i, None  # dropped by collate(); probe() records it as skipped
         x = self.transform(to_rgb(im))
         return i, torch.as_tensor(x)
+
+
+def open_image(where: Any) -> Image.Image:
+    """A decoded PIL image from a path, a source reference (``.open()``) or a PIL image.
+
+    Raises:
+        ImageError: the file or record cannot be decoded.
+    """
+    if isinstance(where, Image.Image):
+        return where
+    try:
+        if not isinstance(where, (str, os.PathLike)):
+            return where.open()  # a source's reference (a tar member, a dataset row)
+        with Image.open(where) as f:
+            return f.copy()
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"Cannot decode image {where}: {exc}. Remove it or fix it.") from exc
+
+
+def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DataLoader collation that drops images a lazy set found unreadable (``(i, None)``)."""
+    kept = [(i, x) for i, x in batch if x is not None]
+    idx = torch.as_tensor([i for i, _ in kept], dtype=torch.long)
+    return idx, (torch.stack([x for _, x in kept]) if kept else None)
 
 
 def _from_paths(paths: list[Path], root: Path | None, strict: bool) -> ImageSet:
@@ -163,6 +202,8 @@ def resolve_images(
     """
     if isinstance(images, ImageSet):
         out = images
+    elif hasattr(images, "image_set"):  # a probekit.sources source (class folders, manifest, shards, dataset)
+        out = images.image_set(strict=strict)
     elif isinstance(images, torch.Tensor):
         if images.dim() == 3:
             images = images.unsqueeze(0)
@@ -207,7 +248,7 @@ def resolve_images(
         skipped = f" ({len(out.skipped)} unreadable file(s) skipped)" if out.skipped else ""
         raise ImageError(f"The image set is empty{skipped}. Point --images at a folder with images.")
     if count is not None and count < len(out):
-        g = torch.Generator().manual_seed(seed)
-        idx = sorted(torch.randperm(len(out), generator=g)[:count].tolist())
-        out = out.subset(idx)
+        from .sources.sampling import sample_indices
+
+        out = out.subset(sample_indices(len(out), count, seed))
     return out

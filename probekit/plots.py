@@ -40,15 +40,16 @@ from .plots_common import (  # noqa: F401  (uniform_attention_value, WIDTH: publ
     _training,
     uniform_attention_value,
 )
+from .plots_labels import label_profile
 from .plots_maps import attention_maps
 from .results import Results, summarize
 
 __all__ = [
     "depth_profile", "layer_overlay", "head_heatmap", "summary_points", "attention_maps",
-    "render_all", "uniform_attention_value", "KINDS",
+    "render_all", "uniform_attention_value", "label_profile", "KINDS",
 ]
 
-KINDS = ("depth", "overlay", "heatmap", "summary", "maps")
+KINDS = ("depth", "overlay", "heatmap", "summary", "maps", "labels")
 
 
 # -- figures -----------------------------------------------------------------------------------
@@ -282,6 +283,8 @@ def render_all(results: Results, out_dir: str | Path, *, kinds: Iterable[str] | 
     wanted = None if metrics is None else list(metrics)
     for metric in [m for m in (wanted or results.metrics) if m in results.metrics]:  # maps: below
         per_head = bool((results.table.loc[results.table["metric"].astype(str) == metric, "head"] >= 0).any())
+        if "labels" in kinds and "label" in results.table.columns:
+            per_kind["labels"] = label_profile  # drawn only for a labelled image set
         for kind, fn in per_kind.items():
             if kind not in kinds or (kind in ("depth", "heatmap") and not per_head):
                 continue

@@ -26,7 +26,7 @@ from .attention import ATTENTION_PASSES, LayerAttention, Workspace, no_autocast,
 from .errors import ConfigError
 from .geometry import LayerGeometry, ModelGeometry
 from .grouped import reduce_groups
-from .images import ImageSet, resolve_images
+from .images import ImageSet, collate, resolve_images
 from .metric import Metric
 from .registry import metrics as metric_registry
 from .results import Results
@@ -242,6 +242,7 @@ def _loader(pm: ProbedModel, images: ImageSet, batch_size: int, num_workers: int
         num_workers=num_workers,
         pin_memory=pin,
         persistent_workers=False,
+        collate_fn=collate,  # drops images a lazily listed source finds unreadable
     )
 
 
@@ -357,6 +358,8 @@ def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: in
     loader = _loader(pm, plan.images, batch_size, num_workers, pin=dev.type == "cuda")
     with torch.inference_mode(), pm.adapter.tap(sink), _autocast(dev, plan.dtype):
         for idx, x in loader:
+            if x is None:  # every image of the batch unreadable (lazily listed sources only)
+                continue
             x = x.to(dev, non_blocking=True)
             sink.start(pm.layout(x), pm.geometry(x))
             pm.adapter.forward(x)
@@ -389,6 +392,16 @@ def _provenance(plan: _Plan, layout: TokenLayout | None, batch_size: int, second
         "seconds": seconds,
         "versions": _versions(),
     }
+
+
+def _decoded(imgs: ImageSet, done: list[int]) -> ImageSet:
+    """The images that were decoded, in order; the others join ``skipped`` (lazily listed sets only)."""
+    if done == list(range(len(imgs))):
+        return imgs
+    out = imgs.subset(done)
+    lost = sorted(set(range(len(imgs))) - set(done))
+    out.skipped = list(imgs.skipped) + [(imgs.names[i], "cannot be decoded") for i in lost]
+    return out
 
 
 def probe(
@@ -439,8 +452,10 @@ def probe(
     t0 = time.perf_counter()
     done = _run_batches(plan, sink, batch_size, num_workers, progress)
     seconds = time.perf_counter() - t0
-    names = [plan.images.names[i] for i in done]
-    table, arrays = _to_table(plan.name, names, plan.metrics)
+    plan.images = _decoded(plan.images, done)
+    table, arrays = _to_table(plan.name, plan.images.names, plan.metrics)
+    if plan.images.labels is not None:  # a labelled source: the label of each row's image
+        table["label"] = pd.Series(plan.images.labels, index=plan.images.names).reindex(table["image"]).to_numpy()
     return Results(table, arrays, _provenance(plan, sink.layout, batch_size, seconds, sink.geometry))
 
 

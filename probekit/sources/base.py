@@ -1,0 +1,68 @@
+"""What every image source shares: listing without decoding, then seeded sampling.
+
+A source lists its images (names, where each is read from, labels) without opening any of
+them, so a 50,000-image set is ready in a second and errors in the listing come before any
+model loads. Images are decoded later, streamed batch by batch, by whichever engine runs;
+an unreadable one is skipped then (with its name) or stops the run under ``strict``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import ConfigError, ImageError
+from ..images import ImageSet
+from .sampling import sample_indices
+
+__all__ = ["Source", "stamp"]
+
+
+def stamp(path: Path) -> str:
+    """Size and modification time of a file: part of a reference's identity (cheap, no read)."""
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+class Source:
+    """An image source: :meth:`listing` says what is there; :meth:`image_set` samples it.
+
+    Args:
+        count: probe a seeded random subset of this many images (default: all).
+        seed: the subset's seed.
+        stratify: keep each label's share of the set in the subset (needs labels).
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, *, count: int | None = None, seed: int = 0, stratify: bool = False):
+        if count is not None and count <= 0:
+            raise ConfigError(f"count must be a positive number of images; got {count}.")
+        self.count, self.seed, self.stratify = count, int(seed), bool(stratify)
+
+    def listing(self) -> ImageSet:
+        """Every image of the source, listed without decoding any."""
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """What identifies the source in run.json (besides the sampling)."""
+        return {}
+
+    def image_set(self, strict: bool = False) -> ImageSet:
+        """The images to probe: the listing, sampled; recorded in ``origin`` for run.json."""
+        full = self.listing()
+        if not len(full):
+            raise ImageError(f"The {self.kind} source {self.options()} lists no images. Check the path.")
+        if self.stratify and full.labels is None:
+            raise ConfigError(f"stratify needs labels, and this {self.kind} source has none; "
+                              "drop stratify or give a label column.")
+        idx = sample_indices(len(full), self.count, self.seed, full.labels, self.stratify)
+        out = full if len(idx) == len(full) else full.subset(idx)
+        out.lazy, out.strict = True, strict
+        out.origin = {"kind": self.kind, **self.options(), "listed": len(full), "count": self.count,
+                      "seed": self.seed, "stratify": self.stratify}
+        return out
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
