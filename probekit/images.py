@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 from .fileid import file_digest
+from .memory import tame
 
 __all__ = ["ImageSet", "resolve_images", "sample_images", "open_image", "IMAGE_SUFFIXES", "SAMPLE"]
 
@@ -161,8 +162,10 @@ def open_image(where: Any) -> Image.Image:
 
 
 def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """DataLoader collation that drops images a lazy set found unreadable (``(i, None)``)."""
+    """DataLoader collation: drops images a lazy set found unreadable (``(i, None)``); in the
+    process that decodes, tunes malloc so resident memory stays flat over the set (probekit.memory)."""
     kept = [(i, x) for i, x in batch if x is not None]
+    tame()  # once per process: malloc stops hoarding decoding buffers (probekit.memory)
     idx = torch.as_tensor([i for i, _ in kept], dtype=torch.long)
     return idx, (torch.stack([x for _, x in kept]) if kept else None)
 
