@@ -19,7 +19,7 @@ from .errors import WriteError
 __all__ = ["atomic_path", "write_text_atomic", "write_errors"]
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-_NOT_ALLOWED = {errno.EACCES, errno.EPERM, errno.EROFS}
+_NOT_ALLOWED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR}  # EEXIST: --out is a file
 
 
 def _message(exc: OSError, path: Path) -> str | None:

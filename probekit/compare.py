@@ -174,7 +174,7 @@ def _run_record(cfg: RunConfig, run: CheckedRun) -> dict[str, Any]:
         "config": cfg.model_dump(mode="json"), "source": cfg._source,
         "images": {"count": len(run.images), "fingerprint": run.images.fingerprint(), "names": run.images.names,
                    "paths": None if run.images.paths is None else [str(p) for p in run.images.paths],
-                   "skipped": run.images.skipped, "labels": run.images.labels, "groups": run.images.groups,
+                   "skipped": [list(s) for s in run.images.skipped], "labels": run.images.labels, "groups": run.images.groups,
                    "refs": None if run.images.refs is None else [str(r) for r in run.images.refs],
                    "source": run.images.origin},
         "metrics": {m.label: {"name": m.name, "options": m.options(), "unit": m.value_unit()}
@@ -220,17 +220,23 @@ def _model_parts(run: CheckedRun, i: int, store: PartStore, record: dict, rep: R
         for m in missing:
             have[m.label] = only_metric(res, m.label)
             store.write(keys[m.label], have[m.label])
-    out = []
-    for m in run.metrics:  # run-file order, under this run's label
-        part = relabel(have[m.label], label)
-        part.meta["training"] = mrec["training"]
-        out.append(part)
-        mrec.setdefault("layout", part.meta.get("layout"))
-        # when it was computed (this run or an earlier one) and how long the probe took
-        mrec.setdefault("computed", {})[m.label] = {"seconds": part.meta.get("seconds"),
-                                                    "device": part.meta.get("device")}
+    out = [_as_this_runs(have[m.label], m.label, mrec, record) for m in run.metrics]  # run-file order
     rep.model_finished(label, time.perf_counter() - t0, cached=not missing)
     return out, not missing
+
+
+def _as_this_runs(part: Results, metric_label: str, mrec: dict, record: dict) -> Results:
+    """A part (cached or fresh) under this run's label, noted in the model's and the run's record."""
+    part = relabel(part, mrec["label"])
+    part.meta["training"] = mrec["training"]
+    mrec.setdefault("layout", part.meta.get("layout"))
+    # when it was computed (this run or an earlier one) and how long the probe took
+    mrec.setdefault("computed", {})[metric_label] = {"seconds": part.meta.get("seconds"), "device": part.meta.get("device")}
+    skipped = record["images"]["skipped"]
+    for item in (part.meta.get("images") or {}).get("skipped") or []:  # images that failed to decode
+        if list(item) not in skipped:
+            skipped.append(list(item))
+    return part
 
 
 def _combine(parts: list[Results], record: dict) -> Results:

@@ -36,11 +36,18 @@ def sample_images() -> list[Path]:
     return sorted(Path(str(p)) for p in root.iterdir() if Path(str(p)).suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _readable(path: Path) -> str | None:
-    """None if ``path`` opens as an image, else the reason it does not."""
+def _readable(path: Path, decode: bool = False) -> str | None:
+    """None if ``path`` opens as an image, else the reason it does not.
+
+    ``decode``: decode the pixels too (``--strict``: a truncated JPEG passes ``verify`` and fails
+    only when decoded, so strict runs decode every file before any model loads).
+    """
     try:
         with Image.open(path) as im:
             im.verify()
+        if decode:
+            with Image.open(path) as im:
+                im.load()
         return None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         return f"{type(exc).__name__}: {exc}"
@@ -134,11 +141,12 @@ class _Images(torch.utils.data.Dataset):
         if self.transform is None:
             raise ImageError("This model has no preprocessing; pass a preprocessed [N, 3, H, W] tensor.")
         try:
-            im = open_image(s.where(i))
-        except ImageError:
-            if not s.lazy or s.strict:
+            im = open_image(s.where(i))  # decodes: a truncated JPEG that passed the listing fails here
+        except ImageError as exc:
+            if s.strict:  # (lazy sets; listed files were fully decoded up front under --strict)
                 raise
-            log.warning("Skipped unreadable image %s", s.names[i])
+            # one bad file costs that file only, never the model nor its finished batches
+            log.warning("Skipped an image that cannot be decoded: %s", exc)
             return i, None  # dropped by collate(); probe() records it as skipped
         x = self.transform(to_rgb(im))
         return i, torch.as_tensor(x)
@@ -174,7 +182,7 @@ def _from_paths(paths: list[Path], root: Path | None, strict: bool) -> ImageSet:
     keep, names, skipped = [], [], []
     for p in paths:
         name = str(p.relative_to(root)) if root is not None else str(p)
-        reason = _readable(p)
+        reason = _readable(p, decode=strict)
         if reason is None:
             keep.append(p)
             names.append(name)

@@ -395,7 +395,7 @@ def _provenance(plan: _Plan, layout: TokenLayout | None, batch_size: int, second
 
 
 def _decoded(imgs: ImageSet, done: list[int]) -> ImageSet:
-    """The images that were decoded, in order; the others join ``skipped`` (lazily listed sets only)."""
+    """The images that were decoded, in order; the others (e.g. a truncated JPEG) join ``skipped``."""
     if done == list(range(len(imgs))):
         return imgs
     out = imgs.subset(done)

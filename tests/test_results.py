@@ -99,3 +99,16 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         assert tmp.name.endswith(".npz") and tmp.parent == tmp_path
         tmp.write_text("new")
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["summary.csv"]
+
+
+def test_concat_keeps_one_per_model_record_with_training_dtype_and_device():
+    # one helper builds the per-model record for concat and for run directories (they differed)
+    from probekit.results import models_meta
+
+    parts = [Results(pd.DataFrame({"model": ["a"], "image": ["x"], "layer": [0], "head": [0], "metric": ["mad"],
+                                   "value": [1.0]}),
+                     meta={"model": "a", "spec": "toy:vit", "training": "random init", "dtype": "torch.float32",
+                           "device": "cpu"})]
+    meta = Results.concat(parts).meta["models"]
+    assert meta == models_meta(parts)
+    assert (meta["a"]["training"], meta["a"]["dtype"], meta["a"]["device"]) == ("random init", "torch.float32", "cpu")

@@ -151,6 +151,10 @@ def test_a_read_only_out_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(WriteError, match=r"Cannot write .*ro/out \(Read-only file system\)\. Choose a writable "
                                          r"output directory \(--out\)"):
         compare(_run_file(tmp_path), out=ro / "out")
+    monkeypatch.undo()
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(WriteError, match=r"Cannot write .*a-file .*Choose a writable output directory"):
+        compare(_run_file(tmp_path), out=tmp_path / "a-file")
 
 
 def test_a_full_disk_while_writing_results_is_one_error_and_the_temp_cleanup_hides_nothing(tmp_path, monkeypatch):
