@@ -67,7 +67,8 @@ def _try_lock(fd: int) -> bool:
 
 def _holder(fd: int) -> dict:
     try:
-        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+        os.lseek(fd, 0, os.SEEK_SET)
+        return json.loads(os.read(fd, 4096) or b"{}")
     except (OSError, ValueError):
         return {}
 
@@ -117,7 +118,8 @@ class RunDir:
                 raise RunDirBusyError(_busy_message(self.path, _holder(fd)))
             me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": now()}).encode()
             os.ftruncate(fd, 0)
-            os.pwrite(fd, me, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, me)
             yield self
         finally:
             os.close(fd)  # releases the lock
