@@ -2,10 +2,23 @@
 
 A metric's heart is a pure function from one layer's probabilities ``[B, H, T, T]`` and its
 :class:`~probekit.tokens.TokenLayout` to per-image values (``[B, H]`` for a per-head scalar,
-``[B, H, ...]`` for a map, ``[B]`` or ``[B, ...]`` when not per head). The engine records
-every image's value (results carry confidence intervals over images) and, as torchmetrics
-does, a metric also keeps explicit, mergeable state: per-layer sums and counts, so partial
-runs combine exactly across batches, processes and machines.
+``[B, H, ...]`` for a map, ``[B]`` or ``[B, ...]`` when not per head). Around it, three
+declarations make a plugin metric one the framework can trust:
+
+- **One name.** ``name`` is the registry key, the label's stem and its entry-point name; a
+  class whose ``name`` differs from its entry point fails to load.
+- **Declared options.** Typed class attributes (``radius: int = 1``, ``units: Literal[...]``,
+  constraints as ``Annotated[int, Field(ge=1)]``), validated strictly by pydantic. No
+  ``__init__`` parameters: an option the framework cannot see is one the cache key cannot see.
+  ``options()`` reports them all, every one is in :attr:`~Metric.label` and the part cache
+  key, and ``type(m)(**m.options())`` rebuilds the metric. (:mod:`probekit.metric_options`)
+- **Declared state.** ``self.add_state(name, default, reduce=...)`` in ``__init__`` (after
+  ``super().__init__(**options)``), as torchmetrics does; reset, merge, state_dict and
+  load_state_dict are written once here from the declarations, and every merge path refuses
+  another metric's or other options' state. Every metric has the ``values`` state: each
+  image's value per layer, which the engine turns into the results table (:meth:`per_image`);
+  a dataset-level output (CKA's matrix) comes from :meth:`dataset_result`. Sharded and
+  distributed runs combine through exactly this state. (:mod:`probekit.metric_state`)
 
 Row-wise metrics (the default) define :meth:`Metric.row_values`, a value per query row; the
 engine then feeds them blocks of query rows, so long sequences never hold a full
@@ -19,19 +32,56 @@ them: ``requires`` lists what a metric needs of a layer (:data:`probekit.geometr
 ``"global"`` by default, so a metric written for global ViTs is never fed windows), and a metric
 without ``"global"`` defines :meth:`Metric.window_sum`. A layer that lacks a requirement is
 refused, with the reason, before the forward pass.
+
+A complete plugin metric (register it with an entry point in group ``probekit.metrics``
+named ``peak``, or ``pk.register("metric")`` within one process):
+
+>>> from typing import Literal
+>>> import torch, probekit as pk
+>>> class PeakAttention(pk.Metric):
+...     '''Largest attention probability of each query row, mean over query patches.'''
+...     name = "peak"
+...     description = "largest attention probability of each query row"
+...     unit = "probability"
+...     keys: Literal["patches", "all"] = "patches"      # a declared option
+...     def row_values(self, probs, layout, rows):
+...         a = probs if self.keys == "all" else probs[..., layout.num_prefix :]
+...         return a.amax(-1)
+>>> m = PeakAttention(keys="all")
+>>> m.label, m.options()
+('peak[keys=all]', {'keys': 'all'})
+>>> lay = pk.TokenLayout(num_prefix=1, grid=(2, 2), patch_size=(16, 16))
+>>> m.update(0, m.compute(torch.eye(5).expand(1, 1, 5, 5), lay))   # identity attention: peak 1
+>>> m.result()
+{0: tensor([1.])}
+>>> type(m)(**m.options()).label
+'peak[keys=all]'
+>>> PeakAttention(keys="some")  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+probekit.errors.ConfigError: Metric 'peak': option keys='some' is invalid (...); keys must be one of 'patches', 'all'. ...
+>>> PeakAttention().merge(m)  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+probekit.errors.ConfigError: Cannot merge the state of peak[keys=all] into peak: different metric or options. ...
+
+Prove it with ``probekit.testing.check_metric(PeakAttention())``.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from .attention import LayerAttention
 from .errors import ConfigError, UnsupportedArchitectureError
 from .metric_options import defaults as option_defaults
-from .metric_options import validate_options
+from .metric_options import format_label, validate_options
+from .metric_state import REDUCTIONS, reduce_values
 from .tokens import TokenLayout
 
 __all__ = ["Metric"]
@@ -87,7 +137,7 @@ class Metric:
         object.__setattr__(self, "_options", opts)
         for key, value in opts.items():
             object.__setattr__(self, key, value)
-        self.reset()
+        self.add_state("values", default={}, reduce="cat")  # {layer: [per-image values of a batch]}
 
     def __setattr__(self, key, value):
         if key in Metric._CONSTANTS:
@@ -115,11 +165,7 @@ class Metric:
     @property
     def label(self) -> str:
         """``name``, plus the options that differ from their defaults: ``mad[units=patch]``."""
-        defaults = self.default_options()
-        diff = {k: v for k, v in self.options().items() if defaults.get(k, object()) != v}
-        if not diff:
-            return self.name
-        return f"{self.name}[" + ",".join(f"{k}={v}" for k, v in sorted(diff.items())) + "]"
+        return format_label(self.name, self.options(), self.default_options())
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
@@ -244,57 +290,98 @@ class Metric:
         """Cross-layer metrics: per-image values keyed by layer (or -1 for the whole model)."""
         return {}
 
-    # -- explicit, mergeable state ------------------------------------------------------------------
+    # -- declared, mergeable state ------------------------------------------------------------------
+    def add_state(self, name: str, default: Any, reduce: str = "sum") -> None:
+        """Declare one piece of state: its value after :meth:`reset` and how two partial states combine.
+
+        ``reduce`` is one of ``sum``, ``cat``, ``max``, ``min``, ``same`` (see
+        :mod:`probekit.metric_state`); a ``dict`` default is keyed state (e.g. per layer), reduced
+        per key. The state is an attribute (``self.<name>``); reset, merge, state_dict and
+        load_state_dict handle it, so a metric writes none of them.
+        """
+        if reduce not in REDUCTIONS:
+            raise ConfigError(
+                f"Metric {self.name!r}: add_state({name!r}, ...) got reduce={reduce!r}; use one of "
+                f"{', '.join(map(repr, REDUCTIONS))}."
+            )
+        if name in self.__dict__.get("_options", {}) or name in Metric._CONSTANTS or name.startswith("__"):
+            raise ConfigError(f"Metric {self.name!r}: state {name!r} clashes with an option or class constant.")
+        self.__dict__.setdefault("_states", {})[name] = (copy.deepcopy(default), reduce)
+        object.__setattr__(self, name, copy.deepcopy(default))
+
     def reset(self) -> None:
-        """Forget all accumulated state."""
-        object.__setattr__(self, "_sums", {})
-        object.__setattr__(self, "_counts", {})
-        object.__setattr__(self, "_values", {})
+        """Every declared state back to its default."""
+        for name, (default, _) in self.__dict__.get("_states", {}).items():
+            object.__setattr__(self, name, copy.deepcopy(default))
 
     def update(self, layer: int, values: torch.Tensor) -> None:
-        """Add one batch of per-image values of ``layer`` to the running sums."""
-        values = values.detach().double().cpu()
-        s = self._sums.get(layer)
-        self._sums[layer] = values.sum(0) if s is None else s + values.sum(0)
-        self._counts[layer] = self._counts.get(layer, 0) + values.shape[0]
-        self._values.setdefault(layer, []).append(values.float())
+        """Add one batch of per-image values of ``layer`` (``[B, ...]``) to the ``values`` state."""
+        self.values.setdefault(layer, []).append(values.detach().float().cpu())
 
     def per_image(self) -> dict[int, torch.Tensor]:
         """Every image's value per layer, in the order seen (``{layer: [N, H, ...]}``): the table's rows."""
-        return {layer: torch.cat(v) for layer, v in sorted(self._values.items())}
-
-    def dataset_result(self):
-        """One array for the whole image set (e.g. CKA's layer x layer matrix), or None (the default)."""
-        return None
+        return {layer: torch.cat(v) for layer, v in sorted(self.values.items())}
 
     def result(self) -> dict[int, torch.Tensor]:
         """Mean per-image value per layer over everything seen (``{layer: [H, ...]}``)."""
-        if not self._counts:
+        if not self.values:
             warnings.warn(f"{type(self).__name__}.result() called before any update.", stacklevel=2)
-        return {layer: (self._sums[layer] / self._counts[layer]).float() for layer in sorted(self._sums)}
+        return {layer: v.double().mean(0).float() for layer, v in self.per_image().items()}
 
-    def merge(self, other: "Metric | dict") -> "Metric":
-        """Fold another instance's state (or its ``state_dict``) into this one; returns self."""
-        if isinstance(other, Metric):
-            if type(other) is not type(self) or other.options() != self.options():
-                raise ConfigError(f"Cannot merge {other!r} into {self!r}: different metrics or options.")
-            other = other.state_dict()
-        for layer, s in other["sums"].items():
-            layer = int(layer)
-            self._sums[layer] = s.double() + self._sums[layer] if layer in self._sums else s.double().clone()
-            self._counts[layer] = self._counts.get(layer, 0) + int(other["counts"][layer])
-        for layer, v in other.get("values", {}).items():
-            self._values.setdefault(int(layer), []).extend(t.clone() for t in v)
-        return self
+    def dataset_result(self) -> np.ndarray | None:
+        """One array for the whole image set (CKA's layer x layer matrix), or None (the default).
 
-    def state_dict(self) -> dict:
+        The engine stores it as ``Results.arrays["<model>/<label>"]``; per-image values go to
+        the table through :meth:`per_image`.
+        """
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"name", "options", "state": {declared state: value}}`` (copies)."""
         return {
-            "sums": {k: v.clone() for k, v in self._sums.items()},
-            "counts": dict(self._counts),
-            "values": {k: [t.clone() for t in v] for k, v in self._values.items()},
+            "name": self.name,
             "options": self.options(),
+            "state": {k: copy.deepcopy(getattr(self, k)) for k in self.__dict__.get("_states", {})},
         }
 
+    def merge(self, other: "Metric | dict") -> "Metric":
+        """Fold another instance's state, or a :meth:`state_dict`, into this one; returns self.
+
+        Both paths refuse another metric or other options (:class:`ConfigError`): merging
+        ``mad[units=patch]`` into ``mad`` would average patches with pixels.
+        """
+        if isinstance(other, Metric) and type(other) is not type(self):
+            raise ConfigError(f"Cannot merge {type(other).__name__} {other.label} into {type(self).__name__} {self.label}.")
+        state = other.state_dict() if isinstance(other, Metric) else other
+        self._check_state(state)
+        for name, (_, reduce) in self._states.items():
+            try:
+                merged = reduce_values(reduce, getattr(self, name), state["state"][name])
+            except ConfigError as exc:
+                raise ConfigError(f"Cannot merge state {name!r} of {self.label}: {exc}") from None
+            object.__setattr__(self, name, merged)
+        return self
+
     def load_state_dict(self, state: dict) -> None:
+        """Replace all state with ``state`` (a :meth:`state_dict` of the same metric and options)."""
+        self._check_state(state)
         self.reset()
         self.merge(state)
+
+    def _check_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or not {"name", "options", "state"} <= set(state):
+            raise ConfigError(f"Cannot merge into {self.label}: {type(state).__name__} is not a metric state_dict "
+                              "(name, options, state).")
+        opts = dict(state["options"] or {})
+        try:
+            opts = validate_options(type(self), opts) if state["name"] == self.name else opts
+        except ConfigError:
+            pass
+        if state["name"] != self.name or opts != self.options():
+            theirs = format_label(state["name"], opts, self.default_options() if state["name"] == self.name else {})
+            raise ConfigError(
+                f"Cannot merge the state of {theirs} into {self.label}: different metric or options. Merge only "
+                "states of the same metric with the same options."
+            )
+        if set(state["state"]) != set(self._states):
+            raise ConfigError(f"Cannot merge into {self.label}: state {sorted(state['state'])} != declared {sorted(self._states)}.")

@@ -29,7 +29,7 @@ from pydantic_core import PydanticUndefined
 from .errors import ConfigError
 
 __all__ = [
-    "declared_options", "validate_options", "defaults", "describe_options", "describe_type", "alternatives",
+    "declared_options", "validate_options", "defaults", "format_label", "describe_options", "describe_type", "alternatives",
 ]
 
 
@@ -49,13 +49,30 @@ def declared_options(cls: type) -> dict[str, tuple[Any, Any]]:
         own = klass.__dict__.get("__annotations__", {})
         if not own:
             continue
-        hints = typing.get_type_hints(klass, include_extras=True)
+        hints = _hints(klass)
         for key in own:
             tp = hints.get(key)
             if key.startswith("_") or tp is None or _is_classvar(tp):
                 continue
             out[key] = (tp, klass.__dict__.get(key, ...))
     return out
+
+
+def _hints(klass: type) -> dict[str, Any]:
+    """Resolved annotations of one class. Under ``from __future__ import annotations`` they are
+    strings, resolved in the class's module; ``typing``'s and pydantic's names are found even when
+    that module does not import them (a class written in a doctest or a function)."""
+    try:
+        return typing.get_type_hints(klass, include_extras=True)
+    except NameError:
+        fallback = {**vars(typing), "Field": pydantic.Field, "AfterValidator": pydantic.AfterValidator}
+        try:
+            return typing.get_type_hints(klass, localns=fallback, include_extras=True)
+        except NameError as exc:
+            raise TypeError(
+                f"cannot resolve the option annotations of {klass.__qualname__} ({exc}); import the names "
+                "they use at the top of the class's module"
+            ) from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -149,6 +166,14 @@ def defaults(cls: type) -> dict[str, Any]:
         if d is not ... and d is not PydanticUndefined:
             out[key] = d
     return out
+
+
+def format_label(name: str, options: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """``name`` plus the options that differ from ``defaults``, sorted: ``mad[units=patch]``."""
+    diff = {k: v for k, v in options.items() if defaults.get(k, object()) != v}
+    if not diff:
+        return name
+    return f"{name}[" + ",".join(f"{k}={v}" for k, v in sorted(diff.items())) + "]"
 
 
 def alternatives(cls: type, key: str, value: Any) -> list[Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import numpy as np
 import pytest
 import torch
 from pydantic import Field
@@ -181,3 +182,137 @@ def test_literal_options_validate_on_every_builtin():
             if isinstance(value, str):
                 with pytest.raises(ConfigError, match=rf"option {key}='nonsense' is invalid.*must be one of"):
                     cls(**{key: "nonsense"})
+
+
+# -- declared state: generic reset / merge / state_dict; merge checks options on every path -----------
+
+class _Undeclared(pk.Metric):
+    """Broken on purpose: a running peak kept in a plain attribute, which merge never sees."""
+
+    name = "_undeclared"
+
+    def row_values(self, probs, layout, rows):
+        return probs.amax(-1)
+
+    def update(self, layer, values):
+        super().update(layer, values)
+        self._peak = max(getattr(self, "_peak", 0.0), float(values.max()))
+
+
+class _MergesAnything(pk.Metric):
+    """Broken on purpose: a hand-written merge that skips the name and options check."""
+
+    name = "_merges_anything"
+    scale: float = 1.0
+
+    def row_values(self, probs, layout, rows):
+        return probs.amax(-1) * self.scale
+
+    def merge(self, other):
+        state = other.state_dict() if isinstance(other, pk.Metric) else other
+        for layer, v in state["state"]["values"].items():
+            self.values.setdefault(layer, []).extend(v)
+        return self
+
+    def load_state_dict(self, state):
+        self.reset()
+        self.merge(state)
+
+
+def test_kit_fails_undeclared_state():
+    fails = _failures(_Undeclared())
+    assert fails["check_state_declared"] == (
+        "AssertionError: _undeclared: attribute(s) '_peak' changed by a batch but are not declared state, so "
+        "merge, reset and state_dict never see them (merged or resumed runs lose them); declare each with "
+        "self.add_state('_peak', default, reduce=...) (reduce: one of sum, cat, max, min, same), or empty it "
+        "at the batch's end if it is per-batch scratch"
+    )
+
+
+def test_kit_fails_a_merge_that_ignores_options():
+    fails = _failures(_MergesAnything())
+    assert fails["check_merge_refuses_other_options"] == (
+        "AssertionError: _merges_anything: merge() accepted the state of another metric; it must raise ConfigError"
+    )
+
+
+def test_add_state_takes_a_reduction_from_a_closed_set():
+    class Bad(pk.Metric):
+        name = "bad_state"
+
+        def __init__(self, **options):
+            super().__init__(**options)
+            self.add_state("total", default=torch.zeros(()), reduce="mean")
+
+    with pytest.raises(ConfigError, match=r"add_state\('total', \.\.\.\) got reduce='mean'; use one of "
+                       r"'sum', 'cat', 'max', 'min', 'same'"):
+        Bad()
+
+
+def _fed(metric, seed=0, n=3):
+    lay = pk.TokenLayout(num_prefix=1, grid=(2, 3), patch_size=(8, 8))
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(n, 2, 7, 7, generator=g), -1)
+    metric.update(0, metric.compute(probs, lay))
+    return metric
+
+
+def test_merge_refuses_other_options_through_every_path():
+    mad, patch = _fed(pk.metrics.get("mad")()), _fed(pk.metrics.get("mad")(units="patch"))
+    msg = r"Cannot merge the state of mad\[units=patch\] into mad: different metric or options"
+    with pytest.raises(ConfigError, match=msg):
+        mad.merge(patch)
+    with pytest.raises(ConfigError, match=msg):
+        mad.merge(patch.state_dict())  # the state_dict path used to skip the check
+    with pytest.raises(ConfigError, match=msg):
+        mad.load_state_dict(patch.state_dict())
+    with pytest.raises(ConfigError, match=r"Cannot merge the state of entropy\[normalized=False\] into mad"):
+        mad.merge(_fed(pk.metrics.get("entropy")()).state_dict())
+    with pytest.raises(ConfigError, match="not a metric state_dict"):
+        mad.merge({"sums": {}, "counts": {}})
+    state = patch.state_dict()
+    assert state["name"] == "mad" and state["options"]["units"] == "patch"
+    # the same options after a JSON round trip (tuples become lists) still merge
+    prof = _fed(pk.metrics.get("distance_profile")(bins=[0, 8, 16]))
+    state = prof.state_dict()
+    state["options"] = {**state["options"], "bins": [0, 8, 16]}
+    assert pk.metrics.get("distance_profile")(bins=[0, 8, 16]).merge(state).per_image()[0].shape == (3, 2, 3)
+
+
+def test_state_is_generic_reset_merge_and_round_trip():
+    a, b = _fed(pk.metrics.get("entropy")(), seed=1), _fed(pk.metrics.get("entropy")(), seed=2, n=2)
+    whole = pk.metrics.get("entropy")().merge(a).merge(b.state_dict())
+    torch.testing.assert_close(whole.per_image()[0], torch.cat([a.per_image()[0], b.per_image()[0]]))
+    torch.testing.assert_close(whole.result()[0], whole.per_image()[0].double().mean(0).float())
+    again = pk.metrics.get("entropy")()
+    again.load_state_dict(whole.state_dict())
+    torch.testing.assert_close(again.per_image()[0], whole.per_image()[0])
+    whole.reset()
+    assert whole.values == {} and whole.state_dict()["state"] == {"values": {}}
+
+
+@pytest.mark.usefixtures("toy_backend")
+def test_engine_reads_metric_state_and_shards_merge_to_one_run():
+    torch.manual_seed(0)
+    pm = pk.load("toy:vit", pretrained=False, image_size=24, patch_size=8, dim=32, depth=2, heads=2, prefix=1)
+    x = torch.randn(8, 3, 24, 24, generator=torch.Generator().manual_seed(3))
+    names = ["mad", "entropy", "cls_map", "cka"]
+    whole = [pk.metrics.get(n)() for n in names]
+    res = pk.probe(pm, x, metrics=whole, batch_size=4)
+    halves = []
+    for s in (slice(0, 4), slice(4, 8)):
+        ms = [pk.metrics.get(n)() for n in names]
+        pk.probe(pm, x[s], metrics=ms, batch_size=4)
+        halves.append(ms)
+    for i, name in enumerate(names):
+        merged = pk.metrics.get(name)().merge(halves[0][i]).merge(halves[1][i].state_dict())
+        if name == "cka":
+            np.testing.assert_allclose(merged.dataset_result(), res.arrays[f"{pm.label}/cka"], rtol=1e-6)
+            continue
+        for layer, v in merged.per_image().items():
+            torch.testing.assert_close(v, whole[i].per_image()[layer])
+    # the table is the metric's state, row for row
+    mad = res.table[res.table.metric == "mad"].sort_values(["image", "layer", "head"], kind="stable")
+    state = whole[0].per_image()
+    assert mad.value.tolist() == pytest.approx([float(state[la][im, h]) for im in range(8) for la in sorted(state)
+                                                for h in range(2)], rel=0, abs=0)

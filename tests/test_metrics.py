@@ -475,7 +475,7 @@ def test_cka_full_batch_flatten_and_merge():
     torch.testing.assert_close(merged.result()[-1], both.result()[-1])
     with pytest.warns(UserWarning, match="at least 4"):
         short = _cka_run([{i: h[:3] for i, h in hs.items()}])
-    assert short._skipped == 3 and short.dataset_result() is None
+    assert short.skipped == 3 and short.dataset_result() is None
 
 
 # -- engine paths: row blocks and merged halves ----------------------------------------------------

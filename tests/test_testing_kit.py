@@ -21,7 +21,8 @@ from probekit.testing import (
 from probekit_tests_helpers import LastHidden, export_onnx, tiny_dinov2  # tests/_helpers.py, via conftest
 
 MAD_CHECKS = {
-    "check_name", "check_options_declared", "check_options_round_trip", "check_merged_halves", "check_reset_restores_defaults", "check_batch_size_invariance",
+    "check_name", "check_options_declared", "check_options_round_trip", "check_state_declared",
+    "check_merge_refuses_other_options", "check_merged_halves", "check_reset_restores_defaults", "check_batch_size_invariance",
     "check_batch_order_invariance", "check_result_before_update_warns", "check_state_dict_round_trip",
     "check_finite_on_random_attention", "check_blockwise_rows",
 }
@@ -68,11 +69,11 @@ class _Sticky(pk.Metric):
         return probs.amax(-1)
 
     def reset(self):
-        if not getattr(self, "_sums", None):
+        if not getattr(self, "values", None):
             super().reset()
 
     def result(self):
-        return {k: (v / self._counts[k]).float() for k, v in self._sums.items()}
+        return {k: v.mean(0) for k, v in self.per_image().items()}
 
 
 class _RowsIgnored(pk.Metric):
@@ -107,7 +108,7 @@ class _Sorted(pk.Metric):
 
 
 class _LossyState(pk.Metric):
-    """Broken on purpose: state_dict rounds the sums to float16."""
+    """Broken on purpose: state_dict rounds the values to float16."""
 
     name = "_lossy"
 
@@ -116,7 +117,7 @@ class _LossyState(pk.Metric):
 
     def state_dict(self):
         state = super().state_dict()
-        state["sums"] = {k: v.half().double() for k, v in state["sums"].items()}
+        state["state"]["values"] = {k: [v.half().float() for v in vs] for k, vs in state["state"]["values"].items()}
         return state
 
 

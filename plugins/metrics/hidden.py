@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -156,14 +156,13 @@ class LinearCKA(Metric):
 
     pool: Pool = "mean"
 
-    # state: summed HSIC between layers, the layers' order, batches used and images skipped
-    def reset(self) -> None:
-        super().reset()
-        object.__setattr__(self, "_xy", None)
-        object.__setattr__(self, "_layers", None)
-        object.__setattr__(self, "_batches", 0)
-        object.__setattr__(self, "_skipped", 0)
-        object.__setattr__(self, "_grams", {})
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.add_state("xy", default=None, reduce="sum")  # [L, L] HSIC_1 summed over minibatches
+        self.add_state("layers", default=None, reduce="same")  # the layer of each row and column
+        self.add_state("batches", default=0, reduce="sum")
+        self.add_state("skipped", default=0, reduce="sum")  # images in minibatches under 4
+        self._grams: dict[int, torch.Tensor] = {}  # per-batch scratch, emptied at each batch's end
 
     def on_batch_start(self, layout: TokenLayout) -> None:
         if self.pool == "cls":
@@ -185,58 +184,32 @@ class LinearCKA(Metric):
         layers = sorted(grams)
         n = grams[layers[0]].shape[-1]
         if n < 4:
-            self._skipped += n
+            self.skipped += n
             warnings.warn(
                 f"cka skipped a minibatch of {n} image(s): the unbiased HSIC needs at least 4. "
                 "Use batch_size >= 4 (and a set whose size leaves no short last batch).",
                 stacklevel=2,
             )
             return
-        if self._layers is not None and layers != self._layers:
-            raise ConfigError(f"cka got layers {layers} after {self._layers}; probe the same layers throughout.")
+        if self.layers is not None and layers != self.layers:
+            raise ConfigError(f"cka got layers {layers} after {self.layers}; probe the same layers throughout.")
         k = torch.stack([grams[i] for i in layers]).double()
         h = hsic_matrix(k, k).cpu()
-        self._xy = h if self._xy is None else self._xy + h
-        self._layers = layers
-        self._batches += 1
-
-    def update(self, layer: int, values: torch.Tensor) -> None:  # no per-image values to sum
-        return None
+        self.xy = h if self.xy is None else self.xy + h
+        self.layers = layers
+        self.batches += 1
 
     def result(self) -> dict[int, torch.Tensor]:
-        if self._xy is None:
+        if self.xy is None:
             warnings.warn("LinearCKA.result() called before any minibatch.", stacklevel=2)
             return {}
-        d = torch.diagonal(self._xy)
-        return {-1: cka_from_sums(self._xy, d, d).float()}
+        d = torch.diagonal(self.xy)
+        return {-1: cka_from_sums(self.xy, d, d).float()}
 
     def dataset_result(self) -> np.ndarray | None:
-        """The ``[L, L]`` CKA matrix over everything seen (None before any minibatch)."""
-        return None if self._xy is None else self.result()[-1].numpy()
-
-    @property
-    def layers(self) -> list[int] | None:
-        """Layer index of each row/column of the matrix."""
-        return self._layers
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"xy": None if self._xy is None else self._xy.clone(), "layers": self._layers,
-                "batches": self._batches, "skipped": self._skipped, "options": self.options()}
-
-    def merge(self, other: "LinearCKA | dict") -> "LinearCKA":
-        if isinstance(other, Metric):
-            if type(other) is not type(self) or other.options() != self.options():
-                raise ConfigError(f"Cannot merge {other!r} into {self!r}: different metrics or options.")
-            other = other.state_dict()
-        if other["xy"] is not None:
-            if self._layers is not None and list(other["layers"]) != self._layers:
-                raise ConfigError(f"Cannot merge cka over layers {other['layers']} into layers {self._layers}.")
-            xy = other["xy"].double()
-            self._xy = xy.clone() if self._xy is None else self._xy + xy
-            self._layers = list(other["layers"])
-        self._batches += int(other["batches"])
-        self._skipped += int(other["skipped"])
-        return self
+        """The ``[L, L]`` CKA matrix over everything seen (None before any minibatch); rows and
+        columns follow :attr:`layers`."""
+        return None if self.xy is None else self.result()[-1].numpy()
 
 
 def cka_between(model_a, model_b, images, *, batch_size: int = 32, pool: str = "mean",

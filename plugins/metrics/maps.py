@@ -132,11 +132,11 @@ class AttentionRollout(Metric):
     query: Query = "cls"
     head_fusion: Literal["mean", "max", "min"] = "mean"
 
-    def reset(self) -> None:
-        super().reset()
-        object.__setattr__(self, "_running", None)
-        object.__setattr__(self, "_last", -1)
-        object.__setattr__(self, "_maps", {})
+    def __init__(self, **options):
+        super().__init__(**options)
+        # per-batch scratch (the product so far, the last layer seen, this batch's maps), emptied
+        # at each batch's end; the dataset state is the declared per-image maps (``values``)
+        self._running, self._last, self._maps = None, -1, {}
 
     def on_batch_start(self, layout: TokenLayout) -> None:
         if self.query == "cls":
@@ -172,7 +172,8 @@ class AttentionRollout(Metric):
         return None
 
     def on_batch_end(self) -> dict[int, torch.Tensor]:
-        maps, self._maps, self._running = self._maps, {}, None
+        maps = self._maps
+        self._running, self._last, self._maps = None, -1, {}  # per-batch scratch, not state
         return maps
 
     def compute(self, probs: torch.Tensor, layout: TokenLayout) -> torch.Tensor:

@@ -12,18 +12,22 @@ import inspect
 import warnings
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
-from ..attention import LayerAttention
 from .. import registry
+from ..attention import LayerAttention
+from ..errors import ConfigError
 from ..metric import Metric
 from ..metric_options import alternatives, declared_options
+from ..metric_state import REDUCTIONS
 from ..probe import MetricSink
 from ..tokens import TokenLayout
 from .records import SkipCheck
 
 __all__ = [
-    "metric_checks", "check_name", "check_options_declared", "check_options_round_trip",
+    "metric_checks", "check_name", "check_options_declared", "check_options_round_trip", "check_state_declared",
+    "check_merge_refuses_other_options",
     "check_merged_halves", "check_reset_restores_defaults", "check_batch_size_invariance",
     "check_batch_order_invariance", "check_result_before_update_warns", "check_state_dict_round_trip",
     "check_finite_on_random_attention", "check_blockwise_rows",
@@ -89,10 +93,9 @@ def check_reset_restores_defaults(name: str, metric: Metric) -> None:
     _run(used, _batch())
     used.reset()
     s, f = used.state_dict(), fresh.state_dict()
-    assert s.keys() == f.keys(), f"{name}: state keys after reset {sorted(s)} != fresh {sorted(f)}"
-    for k in s:
-        if isinstance(s[k], dict) and k != "options":
-            assert not s[k] and not f[k], f"{name}: state {k!r} not empty after reset"
+    assert s["state"].keys() == f["state"].keys(), f"{name}: state keys after reset {sorted(s['state'])} != fresh {sorted(f['state'])}"
+    for k in s["state"]:
+        assert _equal_values(s["state"][k], f["state"][k]), f"{name}: state {k!r} not back to its default after reset"
     assert used.options() == fresh.options(), f"{name}: reset changed options"
 
 
@@ -123,12 +126,78 @@ def check_result_before_update_warns(name: str, metric: Metric) -> None:
 
 
 def check_state_dict_round_trip(name: str, metric: Metric) -> None:
-    # Saved state (checkpointed runs) must reload to the same result.
+    # Saved state (checkpointed runs, shards) must reload to the same values and say whose it is.
     a = _clone(metric)
     _run(a, _batch())
+    state = a.state_dict()
+    assert state.get("name") == metric.name and state.get("options") == metric.options(), (
+        f"{name}: state_dict() must carry the metric's name and options; got name={state.get('name')!r}, "
+        f"options={state.get('options')!r}"
+    )
     b = _clone(metric)
-    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    b.load_state_dict(copy.deepcopy(state))
     _same(name, "state_dict round trip", b.result(), a.result(), atol=0)
+    _same(name, "state_dict round trip (per image)", b.per_image(), a.per_image(), atol=0)
+    assert _equal_values(b.dataset_result(), a.dataset_result()), f"{name}: state_dict round trip changes dataset_result()"
+
+
+def check_merge_refuses_other_options(name: str, metric: Metric) -> None:
+    # mad[units=patch] merged into mad would average patches with pixels: every merge path (an
+    # instance, a state_dict, load_state_dict) must refuse another metric's or other options' state.
+    batch = _batch()
+    mine = _clone(metric)
+    _run(mine, batch)
+    state = mine.state_dict()
+    foreign: list[tuple[str, Any]] = [("another metric", {**copy.deepcopy(state), "name": f"{metric.name}_other"})]
+    for key, value in metric.options().items():
+        for other in alternatives(type(metric), key, value)[:1]:
+            theirs = type(metric)(**{**metric.options(), key: other})
+            _run(theirs, batch)
+            foreign += [(theirs.label, theirs), (f"{theirs.label} (state_dict)", theirs.state_dict())]
+    for what, other in foreign:
+        for how in ("merge", "load_state_dict"):
+            if how == "load_state_dict" and isinstance(other, Metric):
+                continue
+            try:
+                getattr(_clone(metric), how)(copy.deepcopy(other) if isinstance(other, dict) else other)
+            except ConfigError:
+                continue
+            raise AssertionError(f"{name}: {how}() accepted the state of {what}; it must raise ConfigError")
+
+
+def check_state_declared(name: str, metric: Metric) -> None:
+    # Sharded and resumed runs combine metrics through their declared state (merge, state_dict):
+    # anything else a metric keeps from one batch to the next is silently lost when runs combine.
+    used, fresh = _clone(metric), _clone(metric)
+    _run(used, _batch())
+    declared = set(used.state_dict()["state"])
+    changed = sorted(
+        k for k, v in vars(used).items()
+        if k not in declared and (k not in vars(fresh) or not _equal_values(v, vars(fresh)[k]))
+    )
+    assert not changed, (
+        f"{name}: attribute(s) {', '.join(map(repr, changed))} changed by a batch but are not declared state, so "
+        "merge, reset and state_dict never see them (merged or resumed runs lose them); declare each with "
+        f"self.add_state({changed[0]!r}, default, reduce=...) (reduce: one of {', '.join(REDUCTIONS)}), or "
+        "empty it at the batch's end if it is per-batch scratch"
+    )
+
+
+def _equal_values(a: Any, b: Any) -> bool:
+    """Deep equality of state values: tensors by value, containers element by element."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool(
+            torch.equal(a, b))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal_values(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_equal_values(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # an object without a usable ==: treat as changed
+        return False
 
 
 def check_finite_on_random_attention(name: str, metric: Metric) -> None:
@@ -205,6 +274,8 @@ def metric_checks(metric: Metric) -> Iterator[Callable]:
     yield check_name
     yield check_options_declared
     yield check_options_round_trip
+    yield check_state_declared
+    yield check_merge_refuses_other_options
     yield check_merged_halves
     yield check_reset_restores_defaults
     yield check_batch_size_invariance
