@@ -95,7 +95,9 @@ class Metric:
     - ``name``: registry key; ``description``: one-line definition; ``citation``.
     - ``needs``: ``"attention"`` or ``"hidden"`` (output tokens of each block).
     - ``rowwise``: values are means over query rows of :meth:`row_values`.
-    - ``uses_logits``: :meth:`row_sum` also receives the block's logits (``logits=``).
+    - ``uses_logits``: :meth:`row_sum` and :meth:`row_values` also receive the block's logits
+      (``logits=``, where the tap has them); may be a property of the options (MAD asks only
+      with ``renormalize=True``).
     - ``per_head``: values have a head axis after the batch axis.
     - ``is_map``: values have further axes (stored as arrays, not table rows).
     - ``requires``: what the metric needs of a layer's geometry, from
@@ -247,7 +249,8 @@ class Metric:
         """Per-query-row values of a block of rows: ``[B, H, R, T]`` -> ``[B, H, R, ...]``."""
         raise NotImplementedError(f"{type(self).__name__} must define row_values or compute")
 
-    def row_sum(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
+    def row_sum(self, probs: torch.Tensor, layout: TokenLayout, rows: slice,
+                logits: torch.Tensor | None = None) -> torch.Tensor:
         """Sum of :meth:`row_values` over the rows of a block: ``[B, H, R, T]`` -> ``[B, H, ...]``.
 
         What the engine calls per block (it divides by the row count at the end). Override it
@@ -256,7 +259,8 @@ class Metric:
         inputs (same shape; None when the tap handed over probabilities), e.g. for entropy
         without a logarithm per element.
         """
-        return self.row_values(probs, layout, rows).sum(dim=2)
+        kw = {} if logits is None else {"logits": logits}
+        return self.row_values(probs, layout, rows, **kw).sum(dim=2)
 
     def kernel_row_sum(self, terms, layout: TokenLayout, rows: slice) -> torch.Tensor | None:
         """Like :meth:`row_sum`, from the fused kernel's per-row sums (a :class:`probekit.kernel.RowTerms`).
@@ -265,11 +269,17 @@ class Metric:
         """
         return None
 
-    def compute(self, probs: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """One layer's per-image values from full probabilities ``[B, H, T, T]``."""
+    def compute(self, probs: torch.Tensor, layout: TokenLayout, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """One layer's per-image values from full probabilities ``[B, H, T, T]`` (and their logits).
+
+        ``logits`` reach :meth:`row_values` of a metric with ``uses_logits`` (as the engine hands
+        them over), e.g. for a renormalization over patch keys that cannot underflow
+        (:mod:`probekit.patch_keys`).
+        """
         layout.check(probs.shape[-1], where="attention")
         rows = self.query_rows(layout)
-        return self.row_values(probs[:, :, rows].float(), layout, rows).mean(dim=2)
+        kw = {"logits": logits[:, :, rows].float()} if logits is not None and self.uses_logits else {}
+        return self.row_values(probs[:, :, rows].float(), layout, rows, **kw).mean(dim=2)
 
     def compute_hidden(self, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """One layer's per-image values from its output tokens ``[B, T, D]`` (hidden metrics)."""

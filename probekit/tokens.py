@@ -89,6 +89,20 @@ class TokenLayout:
                 "size against the patch size, or pass the layout the model really uses."
             )
 
+    def cls_index(self, what: str = "this metric") -> int:
+        """Index of the CLS token, or a :class:`LayoutError` saying what to use instead.
+
+        Args:
+            what: who asks (e.g. ``"metric 'mad'"``), for the message.
+        """
+        try:
+            return self.prefix_kinds.index("cls")
+        except ValueError:
+            raise LayoutError(
+                f"{what[:1].upper()}{what[1:]} was asked for CLS queries, but this model has no CLS token "
+                f"({self.describe()}). Use the patch queries (queries='patches' / query='mean')."
+            ) from None
+
     def describe(self) -> str:
         kinds = "+".join(self.prefix_kinds) or "none"
         return (

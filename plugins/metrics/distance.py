@@ -9,8 +9,8 @@ from pydantic import AfterValidator, Field
 
 import torch
 
-from probekit.errors import LayoutError
 from probekit.metric import Metric
+from probekit.patch_keys import patch_mass_is_safe, patch_rows
 from probekit.tokens import TokenLayout
 
 Units = Literal["px", "patch", "fraction"]
@@ -55,7 +55,7 @@ class MeanAttentionDistance(Metric):
 
     def query_rows(self, layout: TokenLayout) -> slice:
         if self.queries == "cls":
-            i = cls_index(layout, self.name)
+            i = layout.cls_index(f"metric {self.name!r}")
             return slice(i, i + 1)
         return super().query_rows(layout)
 
@@ -86,15 +86,14 @@ class MeanAttentionDistance(Metric):
             return _centre_distances(layout, self.units, device)[None]
         return _patch_distances(layout, self.units, device)[rows.start - p : rows.stop - p]
 
-    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
-        a = probs[..., layout.num_prefix :]
-        d = self._distance_rows(layout, rows, probs.device)
-        v = torch.einsum("bhrn,rn->bhr", a, d)
-        if self.renormalize:  # sum(a d) / sum(a): no renormalized copy of the block
-            v = v / a.sum(-1).clamp_min(torch.finfo(a.dtype).tiny)
-        return v
+    uses_logits = property(lambda self: self.renormalize)  # renormalized rows from the patch logits
 
-    def row_sum(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
+    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice, logits=None) -> torch.Tensor:
+        a = patch_rows(probs, layout, logits) if self.renormalize else probs[..., layout.num_prefix :]
+        d = self._distance_rows(layout, rows, probs.device)
+        return torch.einsum("bhrn,rn->bhr", a, d)
+
+    def row_sum(self, probs: torch.Tensor, layout: TokenLayout, rows: slice, logits=None) -> torch.Tensor:
         """Sum over the block's rows in one pass: ``<probs[b, h], D_rows>`` as one matrix-vector product.
 
         Without renormalization, the sum over rows and keys of ``A[q, k] d(q, k)`` is a dot of
@@ -102,7 +101,7 @@ class MeanAttentionDistance(Metric):
         no slice, no temporary, one read of the probabilities.
         """
         if self.renormalize:
-            return super().row_sum(probs, layout, rows)
+            return super().row_sum(probs, layout, rows, logits)
         b, h, r, t = probs.shape
         d = self._padded_rows(layout, probs.device)
         q0 = self.query_rows(layout).start
@@ -118,7 +117,9 @@ class MeanAttentionDistance(Metric):
             return None
         v = _kernel_distances(terms, layout, self.units)[..., rows]
         if self.renormalize:
-            v = v / terms.patch_mass[..., rows].clamp_min(torch.finfo(v.dtype).tiny)
+            if not patch_mass_is_safe(terms.patch_mass[..., rows]):
+                return None  # patch-key probabilities underflowed: the blocked path renormalizes from logits
+            v = v / terms.patch_mass[..., rows]
         return v.sum(-1)
 
 
@@ -147,17 +148,6 @@ def _padded_distances(layout: TokenLayout, units: str, queries: str, device: str
     full = d.new_zeros(d.shape[0], layout.num_tokens)
     full[:, layout.num_prefix :] = d
     return full
-
-
-def cls_index(layout: TokenLayout, metric: str) -> int:
-    """Index of the CLS token, or a :class:`LayoutError` saying what to use instead."""
-    try:
-        return layout.prefix_kinds.index("cls")
-    except ValueError:
-        raise LayoutError(
-            f"Metric {metric!r} was asked for CLS queries, but this model has no CLS token "
-            f"({layout.describe()}). Use the patch queries (queries='patches' / query='mean')."
-        ) from None
 
 
 def _centre_distances(layout: TokenLayout, units: str, device) -> torch.Tensor:
@@ -245,21 +235,23 @@ class DistanceProfile(Metric):
             return None  # the kernel ran another metric's bins
         v = terms.hist[:, :, rows]
         if self.renormalize:
-            v = v / terms.patch_mass[:, :, rows, None].clamp_min(torch.finfo(v.dtype).tiny)
+            if not patch_mass_is_safe(terms.patch_mass[:, :, rows]):
+                return None  # patch-key probabilities underflowed: the blocked path renormalizes from logits
+            v = v / terms.patch_mass[:, :, rows, None]
         return v.sum(2)
 
-    def _block(self, probs: torch.Tensor, layout: TokenLayout, rows: slice):
+    uses_logits = property(lambda self: self.renormalize)  # renormalized rows from the patch logits
+
+    def _block(self, probs: torch.Tensor, layout: TokenLayout, rows: slice, logits=None):
         """Patch-key rows and the one-hot bin of each (query, key) pair, ``[R, N, bins]``."""
-        a = probs[..., layout.num_prefix :]
-        if self.renormalize:
-            a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+        a = patch_rows(probs, layout, logits) if self.renormalize else probs[..., layout.num_prefix :]
         p = layout.num_prefix
         idx = _bin_index(layout.grid, layout.patch_size, self.units, self.edges, str(probs.device))
         onehot = torch.nn.functional.one_hot(idx[rows.start - p : rows.stop - p], len(self.edges))
         return a, onehot.to(a.dtype)
 
-    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
-        a, onehot = self._block(probs, layout, rows)
+    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice, logits=None) -> torch.Tensor:
+        a, onehot = self._block(probs, layout, rows, logits)
         return torch.einsum("bhrn,rnk->bhrk", a, onehot)
 
     def window_sum(self, probs: torch.Tensor, geometry, groups: torch.Tensor, **kw) -> torch.Tensor:
@@ -276,9 +268,9 @@ class DistanceProfile(Metric):
         out = w.new_zeros(n, h, len(self.edges))
         return out.scatter_add_(2, idx[groups][:, None].expand_as(w).reshape(n, h, -1), w.reshape(n, h, -1))
 
-    def row_sum(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
+    def row_sum(self, probs: torch.Tensor, layout: TokenLayout, rows: slice, logits=None) -> torch.Tensor:
         """The block's rows summed in one matrix product (the one-hot is built per block, not cached)."""
-        a, onehot = self._block(probs, layout, rows)
+        a, onehot = self._block(probs, layout, rows, logits)
         b, h, r, n = a.shape
         return (a.reshape(b * h, r * n) @ onehot.reshape(r * n, -1)).view(b, h, -1)
 

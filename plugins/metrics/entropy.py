@@ -7,23 +7,8 @@ import math
 import torch
 
 from probekit.metric import Metric
+from probekit.patch_keys import patch_entropy, row_entropy
 from probekit.tokens import TokenLayout
-
-
-def patch_rows(probs: torch.Tensor, layout: TokenLayout, renormalize: bool = True) -> torch.Tensor:
-    """The patch-key part of attention rows ``[..., T]`` -> ``[..., N]``, rescaled to sum to 1.
-
-    Rows that put all their mass on prefix tokens stay all-zero rather than dividing by zero.
-    """
-    a = probs[..., layout.num_prefix :]
-    if renormalize:
-        a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
-    return a
-
-
-def row_entropy(a: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy in nats of each row of ``a`` ``[..., N]`` (``0 ln 0 = 0``)."""
-    return -torch.special.xlogy(a, a).sum(-1)
 
 
 class AttentionEntropy(Metric):
@@ -54,7 +39,7 @@ class AttentionEntropy(Metric):
 
     name = "entropy"
     requires = ()  # windowed layers: the entropy over the patch keys each query sees
-    uses_logits = True  # row_sum reads the block's logits: no logarithm per element
+    uses_logits = True  # the renormalized rows are the softmax of the patch-key logits (no underflow)
     kernel_terms = frozenset({"lse", "patch_mass", "patch_logit"})
     description = "entropy of attention over patch keys (nats; rows renormalized), mean over query patches"
     citation = "Zhai et al. 2023, Stabilizing Transformer Training by Preventing Attention Entropy Collapse"
@@ -65,8 +50,15 @@ class AttentionEntropy(Metric):
     def value_unit(self) -> str:
         return "fraction of ln N" if self.normalized else "nats"
 
-    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
-        h = row_entropy(patch_rows(probs, layout))
+    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice, logits=None) -> torch.Tensor:
+        """``H_q`` per query row; from the patch-key logits when the engine hands them over.
+
+        The renormalized row is the softmax of the patch-key logits alone, so the entropy is
+        exact however much mass the head puts on prefix tokens (:func:`~probekit.patch_keys.patch_entropy`);
+        from probabilities alone (ONNX taps) the patch mass is divided out, which fails once it
+        underflows float32.
+        """
+        h = patch_entropy(probs, layout, logits)
         if self.normalized:
             h = h / max(math.log(layout.num_patches), torch.finfo(h.dtype).tiny)
         return h
@@ -88,7 +80,9 @@ class AttentionEntropy(Metric):
         row ``a = p / s`` has ``ln a = z - lse - ln s``, so ``H = lse + ln s - <p, z>_patch / s``,
         where ``lse = max z - ln max p`` (a softmax identity). One dot product per row instead
         of a logarithm per element; within 1e-6 of float64 on sharp heads. Masked keys
-        (``z = -inf``) make the dot product undefined: those blocks take the direct formula.
+        (``z = -inf``) make the dot product undefined, and a head that parks nearly all its mass
+        on prefix tokens underflows the patch probabilities: those blocks take the softmax of
+        the patch-key logits (:func:`~probekit.patch_keys.patch_entropy`), exact at any gap.
         """
         if logits is None:
             return super().row_sum(probs, layout, rows)
@@ -96,8 +90,8 @@ class AttentionEntropy(Metric):
         p, z = probs[..., n0:], logits[..., n0:]
         lse = logits.amax(-1) - probs.amax(-1).log()
         h = self._from_sums(lse, p.sum(-1), torch.linalg.vecdot(p, z), layout)
-        if h is None:
-            return super().row_sum(probs, layout, rows)
+        if h is None:  # masked keys, or patch probabilities underflowed: the patch-key softmax
+            return super().row_sum(probs, layout, rows, logits)
         return h.sum(-1)
 
     def kernel_row_sum(self, terms, layout: TokenLayout, rows: slice) -> torch.Tensor | None:
@@ -106,8 +100,11 @@ class AttentionEntropy(Metric):
         return None if h is None else h.sum(-1)
 
     def _from_sums(self, lse, mass, pz, layout: TokenLayout) -> torch.Tensor | None:
-        """``H = lse + ln s - <p, z>_patch / s`` per row (None where not finite: masked keys)."""
+        """``H = lse + ln s - <p, z>_patch / s`` per row; None where not finite (masked keys) or where
+        the patch mass ``s`` is too small for the patch probabilities to have survived float32."""
         tiny = torch.finfo(mass.dtype).tiny
+        if not patch_mass_is_safe(mass):
+            return None
         h = lse + mass.clamp_min(tiny).log() - pz / mass.clamp_min(tiny)
         if not bool(torch.isfinite(h).all()):
             return None

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from probekit.metric import Metric
+from probekit.patch_keys import patch_rows, row_entropy
 from probekit.tokens import TokenLayout
 
-from .entropy import patch_rows, row_entropy
 
 
 def pairwise_js(a: torch.Tensor, budget_bytes: int = 64 * 2**20) -> torch.Tensor:
@@ -68,8 +68,10 @@ class HeadSimilarity(Metric):
 
     renormalize: bool = False
 
-    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
-        a = patch_rows(probs, layout) if self.renormalize else probs
+    uses_logits = property(lambda self: self.renormalize)  # renormalized rows from the patch logits
+
+    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice, logits=None) -> torch.Tensor:
+        a = patch_rows(probs, layout, logits) if self.renormalize else probs
         h = a.shape[1]
         if h < 2:
             return torch.full(a.shape[:-1], float("nan"), dtype=a.dtype, device=a.device)

@@ -14,7 +14,6 @@ from probekit.metric import Metric
 from probekit.metric_options import validate_options
 from probekit.tokens import TokenLayout
 
-from .distance import cls_index
 
 Pool = Literal["mean", "flatten", "cls"]
 
@@ -77,7 +76,7 @@ class TokenNorms(Metric):
 def features(hidden: torch.Tensor, layout: TokenLayout, pool: str = "mean") -> torch.Tensor:
     """One representation per image ``[B, D']`` from block outputs ``[B, T, D]`` (float64)."""
     if pool == "cls":
-        x = hidden[:, cls_index(layout, "cka")]
+        x = hidden[:, layout.cls_index("metric 'cka'")]
     else:
         x = hidden[:, layout.num_prefix :]
         x = x.mean(1) if pool == "mean" else x.reshape(x.shape[0], -1)
@@ -166,7 +165,7 @@ class LinearCKA(Metric):
 
     def on_batch_start(self, layout: TokenLayout) -> None:
         if self.pool == "cls":
-            cls_index(layout, self.name)
+            layout.cls_index(f"metric {self.name!r}")
         self._grams = {}
 
     def on_hidden(self, layer: int, hidden: torch.Tensor, layout: TokenLayout) -> None:

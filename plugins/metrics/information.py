@@ -8,9 +8,9 @@ import torch
 
 from probekit.attention import LayerAttention, row_blocks
 from probekit.metric import Metric
+from probekit.patch_keys import patch_rows, row_entropy
 from probekit.tokens import TokenLayout
 
-from .entropy import patch_rows, row_entropy
 
 
 class NormalizedMutualInformation(Metric):
@@ -60,7 +60,8 @@ class NormalizedMutualInformation(Metric):
         p = layout.num_prefix
         col_sum, ent_sum = None, None
         for blk in row_blocks(p, t, b, h, t, self.block_bytes):
-            a = patch_rows(attn.probs(blk), layout)
+            z, p_blk = attn.block(blk)
+            a = patch_rows(p_blk, layout, z)  # from the logits where the tap has them (no underflow)
             cs, es = a.sum(2), row_entropy(a).sum(2)
             col_sum = cs if col_sum is None else col_sum + cs
             ent_sum = es if ent_sum is None else ent_sum + es

@@ -9,9 +9,9 @@ import torch
 from probekit.attention import LayerAttention, row_blocks
 from probekit.errors import ConfigError
 from probekit.metric import Metric
+from probekit.patch_keys import patch_rows
 from probekit.tokens import TokenLayout
 
-from .distance import cls_index
 
 #: which query rows a map shows: the CLS token's, or the mean over query patches (models without CLS)
 Query = Literal["cls", "mean"]
@@ -59,14 +59,14 @@ class ClsMap(Metric):
 
     def query_rows(self, layout: TokenLayout) -> slice:
         if self.query == "cls":
-            i = cls_index(layout, self.name)
+            i = layout.cls_index(f"metric {self.name!r}")
             return slice(i, i + 1)
         return super().query_rows(layout)
 
-    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
-        a = probs[..., layout.num_prefix :]
-        if self.renormalize:
-            a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+    uses_logits = property(lambda self: self.renormalize)  # renormalized rows from the patch logits
+
+    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice, logits=None) -> torch.Tensor:
+        a = patch_rows(probs, layout, logits) if self.renormalize else probs[..., layout.num_prefix :]
         return _grid(a, layout)
 
     def geometry_queries(self) -> str:
@@ -140,7 +140,7 @@ class AttentionRollout(Metric):
 
     def on_batch_start(self, layout: TokenLayout) -> None:
         if self.query == "cls":
-            cls_index(layout, self.name)
+            layout.cls_index(f"metric {self.name!r}")
         self._running, self._last, self._maps = None, -1, {}
 
     def _fuse(self, attn: LayerAttention) -> torch.Tensor:
@@ -164,7 +164,7 @@ class AttentionRollout(Metric):
         self._last = layer
         p = layout.num_prefix
         if self.query == "cls":
-            i = cls_index(layout, self.name)
+            i = layout.cls_index(f"metric {self.name!r}")
             row = self._running[:, i, p:]
         else:
             row = self._running[:, p:, p:].mean(1)
