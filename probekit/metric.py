@@ -109,6 +109,8 @@ class Metric:
     - ``kernel_terms``: the per-query-row sums of the fused GPU kernel (:data:`probekit.kernel.TERMS`)
       :meth:`kernel_row_sum` reads; empty (default): the kernel does not serve this metric and
       it takes the blocked path.
+    - ``display_name``: what axes and tables call the metric (default: ``name``); figures label
+      an axis ``display_name (unit)`` and draw :meth:`reference_value` as a dashed line.
     """
 
     name: ClassVar[str] = ""
@@ -124,6 +126,12 @@ class Metric:
     cross_layer: ClassVar[bool] = False
     unit: ClassVar[str] = ""
     kernel_terms: ClassVar[frozenset[str]] = frozenset()
+    display_name: ClassVar[str] = ""  # set to ``name`` for classes that leave it out
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("display_name"):
+            cls.display_name = cls.__dict__.get("name") or cls.display_name or cls.name
 
     _CONSTANTS = (
         "name", "needs", "rowwise", "per_head", "is_map", "requires_global_attention", "cross_layer",
@@ -159,6 +167,15 @@ class Metric:
     def default_options(self) -> dict[str, Any]:
         """The declared options' defaults."""
         return option_defaults(type(self))
+
+    def reference_value(self, layout: TokenLayout) -> float | None:
+        """The metric's value for uniform attention on ``layout``, where that is a telling reference
+        (figures draw it as a dashed line), or None (the default).
+
+        MAD: the "no locality" distance (116.49 px on 14x14 patches of 16 px, no prefix);
+        entropy: ln N, its maximum.
+        """
+        return None
 
     def value_unit(self) -> str:
         """Unit of this instance's values (options may change it)."""

@@ -77,8 +77,9 @@ def _per_head_rows(results, metric: str | None, models, figure: str) -> tuple[Re
 def depth_profile(results: Results | pd.DataFrame, metric: str | None = None, *, models=None, ax=None):
     """ViT paper Fig. 7: x layer, y value, one dot per head and a panel per model (shared y).
 
-    A dashed line marks the value of uniform attention for the model's token layout (MAD
-    only): heads near it attend globally, heads far below it locally.
+    A dashed line marks the metric's reference value for the model's token layout
+    (:meth:`~probekit.Metric.reference_value`; MAD: uniform attention, heads near it attend
+    globally, heads far below it locally; entropy: ln N).
 
     Args:
         results: Results or their long table.

@@ -22,7 +22,6 @@ from .results import Results
 __all__ = ["uniform_attention_value", "WIDTH"]
 
 WIDTH = 7.0  # inches: a two-column paper page
-_NAMES = {"mad": "mean attention distance", "entropy": "attention entropy", "prefix_mass": "prefix-token mass"}
 
 
 def _sns():
@@ -70,11 +69,14 @@ def _metric_meta(res: Results, metric: str) -> dict:
 
 
 def _axis_label(res: Results, metric: str) -> str:
+    """``display name[options] (unit)``: the metric's own ``display_name``, whatever plugin it is."""
     mm = _metric_meta(res, metric)
-    name = _NAMES.get(mm.get("name", metric), metric)
-    if metric != mm.get("name", metric):
-        name = f"{name} {metric[len(mm.get('name', '')):]}"
-    unit = mm.get("unit")
+    base = mm.get("name", metric)
+    m = _metric(res, metric)
+    name = mm.get("display_name") or (m.display_name if m is not None else base)
+    if metric != base:
+        name = f"{name} {metric[len(base):]}"
+    unit = mm.get("unit") or (m.value_unit() if m is not None else "")
     return f"{name} ({unit})" if unit else name
 
 
@@ -123,43 +125,44 @@ def _grid(n: int, ax, sharey: bool = True, row_height: float = 2.4):
 # -- the uniform-attention reference ------------------------------------------------------------
 def uniform_attention_value(layout: dict | Any, renormalize: bool = False, units: str = "px",
                             queries: str = "patches") -> float:
-    """MAD of uniform attention over every token for a layout (the "no locality" level).
-
-    Uniform attention gives each of the ``N + prefix`` keys ``1 / (N + prefix)``, so MAD is the
-    mean pairwise distance of the ``N`` grid positions (self included, patch size applied per
-    axis) times ``N / (N + prefix)``; with ``renormalize`` the prefix mass is dropped.
-
-    Args:
-        layout: a :class:`~probekit.tokens.TokenLayout` or its dict (``num_prefix``, ``grid``,
-            ``patch_size``), as in ``Results.meta``.
-        renormalize, units, queries: the MAD options the values were computed with (``queries="cls"``:
-            the mean distance of the patches from the image centre, as MAD measures CLS queries).
+    """MAD of uniform attention for a layout (the "no locality" level): MAD's :meth:`reference_value`.
 
     >>> round(uniform_attention_value({"num_prefix": 0, "grid": [14, 14], "patch_size": [16, 16]}), 2)
     116.49
     """
-    if not isinstance(layout, dict):
-        layout = {"num_prefix": layout.num_prefix, "grid": layout.grid, "patch_size": layout.patch_size}
-    h, w = layout["grid"]
-    ph, pw = layout["patch_size"] if units == "px" else (1, 1)
-    ys, xs = np.divmod(np.arange(h * w), w)
-    if queries == "cls":
-        dy, dx = (ys - (h - 1) / 2) * float(ph), (xs - (w - 1) / 2) * float(pw)
-    else:
-        dy = (ys[:, None] - ys[None, :]) * float(ph)
-        dx = (xs[:, None] - xs[None, :]) * float(pw)
-    mean = float(np.sqrt(dy**2 + dx**2).mean())
-    if units == "fraction":
-        mean /= max(max(h, w) - 1, 1)
-    n = h * w
-    return mean if renormalize else mean * n / (n + int(layout["num_prefix"]))
+    from .registry import metrics
+
+    mad = metrics.get("mad")(renormalize=renormalize, units=units, queries=queries)
+    return mad.reference_value(_as_layout(layout))
+
+
+def _as_layout(layout: dict | TokenLayout) -> TokenLayout:
+    from .tokens import TokenLayout  # torch: imported when a figure needs it, not with the CLI
+
+    if isinstance(layout, TokenLayout):
+        return layout
+    return TokenLayout(num_prefix=int(layout["num_prefix"]), grid=tuple(layout["grid"]),
+                       patch_size=tuple(layout["patch_size"]),
+                       prefix_kinds=tuple(layout["prefix_kinds"]) if layout.get("prefix_kinds") else None)
+
+
+def _metric(res: Results, metric: str):
+    """The metric instance behind a label in ``res`` (from its name and options), or None when its
+    plugin is not installed here or the options no longer validate."""
+    from .registry import metrics
+
+    mm = _metric_meta(res, metric)
+    name = mm.get("name", metric)
+    try:
+        return metrics.get(name)(**(mm.get("options") or {}))
+    except ProbekitError:
+        return None
 
 
 def _reference(res: Results, model: str, metric: str) -> float | None:
-    mm = _metric_meta(res, metric)
-    lay = _layout(res, model)
-    if mm.get("name", metric) != "mad" or not lay:
+    """The metric's :meth:`~probekit.Metric.reference_value` for ``model``'s layout (None if it has none)."""
+    m, lay = _metric(res, metric), _layout(res, model)
+    if m is None or not lay:
         return None
-    opts = mm.get("options") or {}
-    return uniform_attention_value(lay, bool(opts.get("renormalize", False)), opts.get("units", "px"),
-                                   opts.get("queries", "patches"))
+    ref = m.reference_value(_as_layout(lay))
+    return None if ref is None else float(ref)

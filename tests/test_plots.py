@@ -203,3 +203,57 @@ def test_map_figures_are_drawn_for_patch_grid_maps_only(tmp_path, toy_backend):
     assert res.arrays["toy:vit/distance_profile"].ndim == 4  # [images, layers, heads, bins]: no image
     paths = plots.render_all(res, tmp_path, kinds=["maps"])
     assert sorted(p.name for p in paths) == ["maps_cls_map.png", "maps_cls_map.svg"]
+
+
+# -- a metric declares its display name and reference value; figures read them (no built-in names) -----
+def _one_metric(label: str, meta: dict) -> Results:
+    rows = [("m", f"i{i}", layer, head, label, 0.1 * layer + 0.01 * head + 0.001 * i)
+            for i in range(3) for layer in range(2) for head in range(2)]
+    return Results(pd.DataFrame(rows, columns=["model", "image", "layer", "head", "metric", "value"]), {},
+                   {"metrics": {label: meta},
+                    "models": {"m": {"layout": {"num_prefix": 1, "grid": [3, 4], "patch_size": [8, 8]}}}})
+
+
+def test_plugin_metric_axis_reads_its_display_name_and_draws_its_reference():
+    class Spread(pk.Metric):
+        """Mean attention on patch keys (a test plugin with a reference value)."""
+
+        name = "spread_test"
+        display_name = "attention spread"
+        unit = "share"
+        power: int = 1
+
+        def row_values(self, probs, layout, rows):
+            return probs[..., layout.num_prefix :].mean(-1) ** self.power
+
+        def reference_value(self, layout):
+            return 1 / layout.num_tokens
+
+    pk.metrics.register(Spread)
+    try:
+        m = Spread(power=2)
+        res = _one_metric(m.label, {"name": m.name, "options": m.options(), "unit": m.value_unit()})
+        _, axes = plots.depth_profile(res, m.label)
+        assert axes[0].get_ylabel() == "attention spread [power=2] (share)"
+        (line,) = _dashed(axes[0])
+        assert line.get_ydata()[0] == pytest.approx(1 / 13)
+    finally:
+        pk.metrics.unregister("spread_test")
+    # without the plugin installed, the run's own record still names the axis; no reference line
+    res = _one_metric("spread_test", {"name": "spread_test", "options": {}, "unit": "share",
+                                      "display_name": "attention spread"})
+    _, axes = plots.depth_profile(res, "spread_test")
+    assert axes[0].get_ylabel() == "attention spread (share)" and not _dashed(axes[0])
+
+
+def test_entropy_reference_line_is_ln_n_and_label_is_its_display_name():
+    ent = pk.metrics.get("entropy")()
+    assert ent.display_name == "attention entropy" and pk.metrics.get("nmi").display_name == "nmi"
+    res = _one_metric("entropy", {"name": "entropy", "options": ent.options(), "unit": "nats"})
+    _, axes = plots.depth_profile(res, "entropy")
+    assert axes[0].get_ylabel() == "attention entropy (nats)"
+    (line,) = _dashed(axes[0])
+    assert line.get_ydata()[0] == pytest.approx(np.log(12))
+    norm = pk.metrics.get("entropy")(normalized=True)
+    assert norm.reference_value(pk.TokenLayout(num_prefix=1, grid=(3, 4), patch_size=(8, 8))) == 1.0
+    assert pk.metrics.get("prefix_mass")().reference_value(pk.TokenLayout(num_prefix=1, grid=(3, 4), patch_size=(8, 8))) is None

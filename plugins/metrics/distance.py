@@ -7,6 +7,7 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import AfterValidator, Field
 
+import numpy as np
 import torch
 
 from probekit.metric import Metric
@@ -44,6 +45,7 @@ class MeanAttentionDistance(Metric):
     """
 
     name = "mad"
+    display_name = "mean attention distance"
     requires = ()  # windowed, pooled and class-attention layers: see probekit.geometry
     description = "mean attention distance: attention-weighted query-key distance (px by default)"
     citation = "Dosovitskiy et al. 2021, An Image is Worth 16x16 Words, Fig. 7 / D.7"
@@ -61,6 +63,32 @@ class MeanAttentionDistance(Metric):
 
     def value_unit(self) -> str:
         return {"px": "px", "patch": "patches", "fraction": "fraction of grid"}[self.units]
+
+    def reference_value(self, layout: TokenLayout) -> float:
+        """MAD of uniform attention over every token for ``layout``: the "no locality" level.
+
+        Uniform attention gives each of the ``N + prefix`` keys ``1 / (N + prefix)``, so MAD is
+        the mean pairwise distance of the ``N`` grid positions (self included, patch size applied
+        per axis) times ``N / (N + prefix)``; with ``renormalize`` the prefix mass is dropped.
+        For CLS queries: the mean distance of the patches from the image centre.
+
+        >>> lay = TokenLayout(num_prefix=0, grid=(14, 14), patch_size=(16, 16))
+        >>> round(MeanAttentionDistance().reference_value(lay), 2)
+        116.49
+        """
+        h, w = layout.grid
+        ph, pw = layout.patch_size if self.units == "px" else (1, 1)
+        ys, xs = np.divmod(np.arange(h * w), w)
+        if self.queries == "cls":
+            dy, dx = (ys - (h - 1) / 2) * float(ph), (xs - (w - 1) / 2) * float(pw)
+        else:
+            dy = (ys[:, None] - ys[None, :]) * float(ph)
+            dx = (xs[:, None] - xs[None, :]) * float(pw)
+        mean = float(np.sqrt(dy**2 + dx**2).mean())
+        if self.units == "fraction":
+            mean /= max(max(h, w) - 1, 1)
+        n = h * w
+        return mean if self.renormalize else mean * n / (n + layout.num_prefix)
 
     def geometry_queries(self) -> str:
         return "cls" if self.queries == "cls" else "patches"

@@ -7,7 +7,7 @@ import math
 import torch
 
 from probekit.metric import Metric
-from probekit.patch_keys import patch_entropy, row_entropy
+from probekit.patch_keys import patch_entropy, patch_mass_is_safe, row_entropy
 from probekit.tokens import TokenLayout
 
 
@@ -38,6 +38,7 @@ class AttentionEntropy(Metric):
     """
 
     name = "entropy"
+    display_name = "attention entropy"
     requires = ()  # windowed layers: the entropy over the patch keys each query sees
     uses_logits = True  # the renormalized rows are the softmax of the patch-key logits (no underflow)
     kernel_terms = frozenset({"lse", "patch_mass", "patch_logit"})
@@ -49,6 +50,10 @@ class AttentionEntropy(Metric):
 
     def value_unit(self) -> str:
         return "fraction of ln N" if self.normalized else "nats"
+
+    def reference_value(self, layout: TokenLayout) -> float:
+        """Entropy of uniform attention over the patch keys: ``ln N`` (1 when normalized), the maximum."""
+        return 1.0 if self.normalized else math.log(layout.num_patches)
 
     def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice, logits=None) -> torch.Tensor:
         """``H_q`` per query row; from the patch-key logits when the engine hands them over.

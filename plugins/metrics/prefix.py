@@ -50,6 +50,7 @@ class PrefixMass(Metric):
     """
 
     name = "prefix_mass"
+    display_name = "prefix-token mass"
     requires = ()  # windowed layers have no prefix keys (mass 0); class attention does
     description = "attention mass patch queries put on prefix tokens (cls/dist/reg or all)"
     citation = "Darcet et al. 2024, Vision Transformers Need Registers"
