@@ -9,6 +9,7 @@ on the patch-only attention (which no gap can touch).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -94,3 +95,32 @@ def test_cls_index_lives_on_the_token_layout():
     assert dist.cls_index() == 1
     with pytest.raises(LayoutError, match=r"Metric 'mad' was asked for CLS queries, but this model has no CLS"):
         pk.metrics.get("mad")(queries="cls").compute(torch.full((1, 1, 20, 20), 0.05), NO_PREFIX)
+
+
+def _terms_at(gap: float):
+    """The fused kernel's per-row sums, computed here in float32 from the all-key logits."""
+    from probekit.kernel import RowTerms
+
+    zp = _patch_logits(seed=4, b=1, h=2)
+    z = _with_cls(zp, gap).float()
+    p = torch.softmax(z, -1)
+    n0 = LAY.num_prefix
+    return z, p, RowTerms(lse=torch.logsumexp(z, -1), patch_mass=p[..., n0:].sum(-1),
+                          patch_logit=torch.linalg.vecdot(p[..., n0:], z[..., n0:]))
+
+
+@pytest.mark.parametrize("gap", [0.0, 20.0, 95.0, 1000.0])
+def test_kernel_sums_are_used_only_where_the_patch_mass_survived(gap):
+    # the kernel hands over sums of probabilities over all keys: past the float32 underflow they
+    # cannot renormalize, so entropy and renormalized MAD defer to the blocked path (None)
+    z, p, terms = _terms_at(gap)
+    rows = slice(LAY.num_prefix, LAY.num_tokens)
+    ent = pk.metrics.get("entropy")()
+    got = ent.kernel_row_sum(terms, LAY, rows)
+    if gap > 30:
+        assert got is None
+        assert pk.metrics.get("mad")(renormalize=True).kernel_row_sum(
+            replace(terms, dist_px=p[..., 1:].sum(-1)), LAY, rows) is None
+    else:
+        torch.testing.assert_close(got, ent.row_sum(p[:, :, rows], LAY, rows, logits=z[:, :, rows]), rtol=1e-4, atol=1e-4)
+
