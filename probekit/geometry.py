@@ -268,33 +268,29 @@ class LayerGeometry:
                    None if base_grid is None else pair(base_grid))
 
     @classmethod
-    def pooled(cls, grid, stride, kv_grid, kv_stride, kv_kernel=None, kv_padding=(0, 0),
-               prefix_kinds=()) -> "LayerGeometry":
-        """Global attention from a query grid to keys pooled onto a coarser grid (MViTv2, Twins' global
-        sub-sampled attention).
+    def pooled(cls, grid, stride, kv_grid, kv_cell, prefix_kinds=(), image_size=None,
+               base_grid=None) -> "LayerGeometry":
+        """Global attention from a grid of queries to keys pooled onto another grid (MViTv2's pooled k/v,
+        Twins' global sub-sampled attention).
 
-        Pooled key ``(i, j)`` stands at the centre of the query cells its kernel reads: cell
-        ``i * s - pad + (kernel - 1) / 2`` of the query grid (the cell's centre when kernel = stride,
-        no padding). Prefix tokens (not pooled) lead both queries and keys and sit at the image centre.
+        Queries sit at the centres of their ``stride`` px cells, pooled key ``(i, j)`` at the centre of
+        its ``kv_cell`` px cell, ``((i + 0.5) * kv_cell)``: the convention follows the pooling stride,
+        not the kernel (MViTv2's 3x3 kernel reads one query cell beyond its own). Prefix tokens (not
+        pooled) lead both queries and keys and sit at the image centre.
         """
         (h, w), (ph, pw) = pair(grid), pair(stride)
-        (kh, kw), (sh, sw) = pair(kv_grid), pair(kv_stride)
-        kern, pad = pair(kv_kernel or kv_stride), pair(kv_padding)
-        img = (h * ph, w * pw)
+        (kh, kw), kc = pair(kv_grid), pair(kv_cell)
+        img = pair(image_size or (h * ph, w * pw))
         n = len(prefix_kinds)
         centre = torch.tensor([[img[0] / 2, img[1] / 2]], dtype=torch.float64).expand(n, 2)
         qpos = torch.cat([centre, _centres((h, w), (ph, pw))])[None]
-        # key i reads query cells i*s - pad .. i*s - pad + kernel - 1: its centre is the middle one
-        i = torch.arange(kh * kw, dtype=torch.float64)
-        ky = ((i // kw) * sh - pad[0] + (kern[0] - 1) / 2 + 0.5) * ph
-        kx = ((i % kw) * sw - pad[1] + (kern[1] - 1) / 2 + 0.5) * pw
-        kpos = torch.stack([ky, kx], -1)
-        kpos = torch.cat([centre, kpos])[None]
+        kpos = torch.cat([centre, _centres((kh, kw), kc)])[None]
         pre = _kind_codes(prefix_kinds)
         qkind = torch.tensor(pre + [PATCH] * (h * w), dtype=torch.int8)[None]
         kkind = torch.tensor(pre + [PATCH] * (kh * kw), dtype=torch.int8)[None]
         cell = torch.cat([torch.full((n,), -1), torch.arange(kh * kw)])[None]
-        return cls("pooled", qpos, kpos, qkind, kkind, (h, w), (ph, pw), img, (kh, kw), cell)
+        return cls("pooled", qpos, kpos, qkind, kkind, (h, w), (ph, pw), img, (kh, kw), cell,
+                   base_grid=None if base_grid is None else pair(base_grid))
 
     @classmethod
     def class_attention(cls, layout: TokenLayout) -> "LayerGeometry":

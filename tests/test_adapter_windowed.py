@@ -136,3 +136,39 @@ def test_cait_class_attention_layers_are_measured_from_the_class_token():
     # the patch layers have no class token: prefix mass 0 there, > 0 where the class token is a key
     pmass = res[res.metric == "prefix_mass"].groupby("layer").value.mean()
     assert pmass[0] == 0 and pmass[1] == 0 and pmass[2] > 0
+
+
+def mvit(size=64, cls_token=False, seed=0) -> pk.ProbedModel:
+    """A tiny MViTv2 (two stages; keys pooled by 4 then 2; queries pooled at the second stage)."""
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    cfg = MultiScaleVitCfg(depths=(1, 2), embed_dim=16, num_heads=1, use_cls_token=cls_token,
+                           stride_q=((1, 1), (2, 2)))
+    torch.manual_seed(seed)
+    model = MultiScaleVit(cfg, img_size=size, num_classes=0)
+    randomize_parameters(model, seed=seed, scale=0.2)
+    return pk.wrap(model)
+
+
+@pytest.mark.parametrize("cls_token", [False, True], ids=["no-cls", "cls"])
+@pytest.mark.parametrize("size", [64, 96])
+def test_mvit_pooled_keys_equal_the_library_softmax(size, cls_token):
+    pm = mvit(size, cls_token)
+    x = pm.example_input(2, seed=1)
+    got, ref = pm.attention(x), pm.adapter.reference_attention(x)
+    assert sorted(got) == sorted(ref) == [0, 1, 2]
+    geo = pm.geometry(x)
+    n = size // 4
+    assert [geo.layer(i).grid for i in range(3)] == [(n, n), (n // 2, n // 2), (n // 2, n // 2)]
+    # keys pooled by 4 in stage 1; at the stage start by 2 from the 16x16 input (with the queries), then by 2
+    assert [geo.layer(i).key_grid for i in range(3)] == [(n // 4, n // 4), (n // 2, n // 2), (n // 4, n // 4)]
+    for i in ref:
+        g = geo.layer(i)
+        g.check(ref[i].shape[0], ref[i].shape[2], ref[i].shape[3], i)
+        torch.testing.assert_close(got[i], ref[i], atol=TOL, rtol=0)
+    assert max(p.amax(-1).mean().item() * p.shape[-1] for p in got.values()) > 2
+    table = pk.probe(pm, x, metrics=["mad", "entropy"]).table
+    assert set(table.layer) == {0, 1, 2}
+    from probekit.plugins.adapters._timm_geometry import _ORIGINAL_SOFTMAX
+
+    assert torch.Tensor.softmax is _ORIGINAL_SOFTMAX  # the spy is gone once the tap exits

@@ -71,15 +71,17 @@ def test_uniform_attention_in_a_shifted_window_at_the_image_border():
 
 def test_pooled_keys_with_stride_2_sit_at_their_cells_centres():
     # 4x4 query grid of 16 px, keys pooled 2x2 -> 2x2 keys at the centres of their 2x2 cells
-    geo = LayerGeometry.pooled(grid=(4, 4), stride=16, kv_grid=(2, 2), kv_stride=2)
+    geo = LayerGeometry.pooled(grid=(4, 4), stride=16, kv_grid=(2, 2), kv_cell=32)
     assert geo.key_pos[0].tolist() == [[16.0, 16.0], [16.0, 48.0], [48.0, 16.0], [48.0, 48.0]]
     queries = [((r + 0.5) * 16, (c + 0.5) * 16) for r, c in block(4, 4)]
     keys = [(16.0, 16.0), (16.0, 48.0), (48.0, 16.0), (48.0, 48.0)]
     want = mean_pair_distance(queries, keys, 1.0)
     assert layer_value("mad", geo, uniform(geo)).flatten().tolist() == pytest.approx([want] * 2, rel=1e-5)
-    # a 3x3 kernel with padding 1 and stride 2 reads cells 2i-1..2i+1: its key sits at cell 2i
-    geo3 = LayerGeometry.pooled(grid=(4, 4), stride=16, kv_grid=(2, 2), kv_stride=2, kv_kernel=3, kv_padding=1)
-    assert geo3.key_pos[0, :2].tolist() == [[8.0, 8.0], [8.0, 40.0]]
+    # renormalized over the patch keys, with a class token leading queries and keys (MViTv2 *_cls)
+    geo_cls = LayerGeometry.pooled(grid=(4, 4), stride=16, kv_grid=(2, 2), kv_cell=32, prefix_kinds=("cls",))
+    assert (geo_cls.num_queries, geo_cls.num_keys) == (17, 5)
+    got = layer_value({"mad": {"renormalize": True}}, geo_cls, uniform(geo_cls))
+    assert got.flatten().tolist() == pytest.approx([want] * 2, rel=1e-5)
 
 
 @pytest.mark.parametrize("geo", [

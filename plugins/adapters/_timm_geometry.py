@@ -8,6 +8,10 @@ and each layer's geometry (:mod:`probekit.geometry`).
 - CaiT: global self-attention over the patches (talking heads: the softmax of the head-mixed
   logits, before ``proj_w`` mixes the heads again), then class-attention layers whose only query
   is the class token.
+- MViTv2: queries pooled at stage starts, keys and values pooled onto a coarser grid (stride 4 in
+  the first stage); its attention calls neither SDPA nor an ``attn_drop`` module, so a spy on
+  ``Tensor.softmax`` (armed only while a watched module runs, like the SDPA spy) reads the logits
+  after the relative-position terms.
 
 Each family is three functions: attention modules in layer order (dotted names, for hooks and the
 reference), the per-layer geometry for an input, and how to read one report into ``[B, H, ...]``.
@@ -15,12 +19,15 @@ reference), the per-layer geometry for an input, and how to read one report into
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from probekit.errors import UnsupportedArchitectureError
 from probekit.geometry import LayerGeometry
 from probekit.tokens import TokenLayout, pair
 
@@ -35,16 +42,22 @@ class StagedFamily:
         attention: ``model -> [(dotted name, attention module)]`` in layer order.
         geometry: ``(model, layout) -> {layer: TokenLayout | LayerGeometry}``.
         heads_first: q/k/bias/probs arrive with batch and heads merged (``[B * H, ...]``, SAM).
-        num_prefix: prefix tokens of the model's input layout (CaiT's class token joins late).
+        num_prefix: prefix tokens of the model's input layout (None: 1 if it has a ``cls_token``;
+            CaiT's class token joins late, its class-attention layers see it).
         softmax_of: name of a submodule whose output is the layer's pre-softmax logits laid out
             ``[B, T, T, H]`` (CaiT's talking heads: ``proj_l``), read instead of SDPA/``attn_drop``.
+        softmax_spy: read the first ``Tensor.softmax`` input of each watched module (MViTv2).
+        patch, image_size: the patch stride and the native input size of a built model.
     """
 
     attention: Callable[[nn.Module], list[tuple[str, nn.Module]]]
     geometry: Callable[[nn.Module, TokenLayout], dict]
     heads_first: bool = False
-    num_prefix: int = 0
+    num_prefix: int | None = None
     softmax_of: dict | None = None
+    softmax_spy: bool = False
+    patch: Callable[[nn.Module], tuple[int, int]] = lambda m: pair(m.patch_embed.patch_size)
+    image_size: Callable[[nn.Module], tuple[int, int]] = lambda m: pair(m.patch_embed.img_size)
 
 
 def _swin_attention(model):
@@ -92,11 +105,40 @@ def _cait_geometry(model, layout: TokenLayout) -> dict:
     return {i: (patches if i < n else cls) for i in range(n + len(model.blocks_token_only))}
 
 
+def _conv_out(n: int, mod) -> int:
+    k, st, p = (pair(getattr(mod, a)) for a in ("kernel_size", "stride", "padding"))
+    return tuple((n[d] + 2 * p[d] - k[d]) // st[d] + 1 for d in (0, 1))
+
+
+def _mvit_attention(model):
+    return [(f"stages.{s}.blocks.{b}.attn", blk.attn)
+            for s, stage in enumerate(model.stages) for b, blk in enumerate(stage.blocks)]
+
+
+def _mvit_geometry(model, layout: TokenLayout) -> dict:
+    grid, stride = layout.grid, layout.patch_size
+    prefix = layout.prefix_kinds
+    out = {}
+    for i, (_, attn) in enumerate(_mvit_attention(model)):
+        kgrid = _conv_out(grid, attn.pool_k) if attn.pool_k is not None else grid
+        kcell = tuple(stride[d] * pair(attn.pool_k.stride)[d] for d in (0, 1)) if attn.pool_k is not None else stride
+        if attn.pool_q is not None:
+            stride = tuple(stride[d] * pair(attn.pool_q.stride)[d] for d in (0, 1))
+            grid = _conv_out(grid, attn.pool_q)
+        out[i] = LayerGeometry.pooled(grid, stride, kgrid, kcell, prefix, image_size=layout.image_size,
+                                      base_grid=layout.grid)
+    return out
+
+
 #: timm family name -> how to read it
 GEOMETRIES = {
     "swin": StagedFamily(_swin_attention, _swin_geometry),
     "sam": StagedFamily(_sam_attention, _sam_geometry, heads_first=True),
-    "cait": StagedFamily(_cait_attention, _cait_geometry, num_prefix=1,
+    "mvitv2": StagedFamily(_mvit_attention, _mvit_geometry, softmax_spy=True,
+                           patch=lambda m: pair(m.patch_embed.proj.stride),
+                           image_size=lambda m: tuple(f * s for f, s in zip(m.stages[0].feat_size,
+                                                                            pair(m.patch_embed.proj.stride)))),
+    "cait": StagedFamily(_cait_attention, _cait_geometry,
                          softmax_of={"TalkingHeadAttn": "proj_l"}),
 }
 
@@ -126,3 +168,56 @@ def logits_hook(report):
         report(probs=torch.softmax(out.float().permute(0, 3, 1, 2), dim=-1))
 
     return hook
+
+
+class _SoftmaxPending(threading.local):
+    report = None
+
+
+_SOFTMAX = _SoftmaxPending()
+_ORIGINAL_SOFTMAX = torch.Tensor.softmax
+_SOFTMAX_LOCK = threading.Lock()
+_SOFTMAX_USERS = 0
+
+
+def _softmax_spy(self, *args, **kwargs):
+    report = _SOFTMAX.report
+    if report is not None and self.dim() == 4:
+        _SOFTMAX.report = None  # one report per watched call
+        report(probs=_ORIGINAL_SOFTMAX(self.float(), -1))
+    return _ORIGINAL_SOFTMAX(self, *args, **kwargs)
+
+
+@contextmanager
+def watch_softmax():
+    """``Tensor.softmax`` spied on for the duration (reference counted; inert outside watched modules)."""
+    global _SOFTMAX_USERS
+    with _SOFTMAX_LOCK:
+        if _SOFTMAX_USERS == 0:
+            torch.Tensor.softmax = _softmax_spy
+        _SOFTMAX_USERS += 1
+    try:
+        yield
+    finally:
+        _SOFTMAX.report = None
+        with _SOFTMAX_LOCK:
+            _SOFTMAX_USERS -= 1
+            if _SOFTMAX_USERS == 0:
+                torch.Tensor.softmax = _ORIGINAL_SOFTMAX
+
+
+def watch_module_softmax(attn: nn.Module, report, where: str) -> list:
+    """Hooks arming the softmax spy while ``attn`` runs, failing loudly if it never fired."""
+
+    def arm(module, args):
+        _SOFTMAX.report = report
+
+    def check(module, args, out):
+        if _SOFTMAX.report is report:
+            _SOFTMAX.report = None
+            raise UnsupportedArchitectureError(
+                f"{where} ({type(attn).__name__}) never called Tensor.softmax on its attention logits, so "
+                "probekit cannot tap it. Report the model name."
+            )
+
+    return [attn.register_forward_pre_hook(arm), attn.register_forward_hook(check)]

@@ -17,6 +17,7 @@ Calls made outside a watched module (e.g. SigLIP's attention-pool head) pass str
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from contextlib import contextmanager
@@ -39,7 +40,7 @@ from probekit.tokens import TokenLayout, pair
 from probekit.geometry import ModelGeometry
 
 from ._sdpa_spy import attention_report, tap_blocks, watch_attention
-from ._timm_geometry import GEOMETRIES, logits_hook, merged_heads
+from ._timm_geometry import GEOMETRIES, logits_hook, merged_heads, watch_module_softmax, watch_softmax
 
 __all__ = ["TimmAdapter", "TimmWindowedAdapter", "FAMILIES"]
 
@@ -77,6 +78,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("sam", ("vision_transformer_sam",), ("VisionTransformerSAM",), dynamic_size=False,
            global_attention=False),
     Family("cait", ("cait",), ("Cait",), dynamic_size=False, global_attention=False),
+    Family("mvitv2", ("mvitv2",), ("MultiScaleVit",), blocks="stages", dynamic_size=False, global_attention=False),
 )
 
 
@@ -232,7 +234,7 @@ class TimmAdapter(Adapter):
                 f"got a {type(model).__name__}, which has no token attention to probe."
             )
         klass = TimmAdapter if fam.global_attention else TimmWindowedAdapter
-        size = pair(model.patch_embed.img_size)
+        size = pair(model.patch_embed.img_size) if fam.global_attention else GEOMETRIES[fam.name].image_size(model)
         return klass(model, _preprocess(model, size), image_size=size, **info)
 
     @classmethod
@@ -333,16 +335,16 @@ class TimmWindowedAdapter(TimmAdapter):
         return int(self._attention()[0][1].num_heads)
 
     def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
-        pe = self.model.patch_embed
         size = tuple(pixel_values.shape[-2:])
         if size != self.default_image_size:
             raise LayoutError(
                 f"This {type(self.model).__name__} was built for {self.default_image_size} inputs and got {size}. "
                 f"Load it with image_size={size} (timm rebuilds its windows and position tables), or resize the images."
             )
-        grid = tuple(s // p for s, p in zip(size, pair(pe.patch_size)))
-        n = self.staged.num_prefix
-        return TokenLayout(n, grid, pair(pe.patch_size), ("cls",) * n)
+        patch = self.staged.patch(self.model)
+        n = self.staged.num_prefix if self.staged.num_prefix is not None else int(
+            getattr(self.model, "cls_token", None) is not None)
+        return TokenLayout(n, tuple(s // p for s, p in zip(size, patch)), patch, ("cls",) * n)
 
     def geometry(self, pixel_values: torch.Tensor) -> ModelGeometry:
         lay = self.layout(pixel_values)
@@ -355,15 +357,20 @@ class TimmWindowedAdapter(TimmAdapter):
         sub = (self.staged.softmax_of or {}).get(type(attn).__name__)
         if sub is not None:
             return [getattr(attn, sub).register_forward_hook(logits_hook(report))]
+        if self.staged.softmax_spy:
+            return watch_module_softmax(attn, report, f"layer {layer}")
         return watch_attention(attn, report, f"layer {layer}")
 
-    def tap(self, sink: Sink):
+    @contextmanager
+    def tap(self, sink: Sink) -> Iterator[None]:
         if sink.wants_hidden:
             raise UnsupportedArchitectureError(
                 f"The timm adapter does not tap block outputs of {type(self.model).__name__} (its tokens change "
                 "shape between stages); use attention metrics on it."
             )
-        return tap_blocks([_Attn(m) for _, m in self._attention()], sink, watch=self._watch)
+        spy = watch_softmax() if self.staged.softmax_spy else contextlib.nullcontext()
+        with spy, tap_blocks([_Attn(m) for _, m in self._attention()], sink, watch=self._watch):
+            yield
 
     def reference_attention(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
         """timm's own softmax output on a copy with fused attention off (``attn_drop``'s input; CaiT's
@@ -372,6 +379,13 @@ class TimmWindowedAdapter(TimmAdapter):
         for m in ref.modules():
             if hasattr(m, "fused_attn"):
                 m.fused_attn = False
+        if self.staged.softmax_spy:  # no module holds the probabilities: trace the softmax calls (torch.fx)
+            from timm.utils import AttentionExtract
+
+            names = [f"{n}.softmax" for n, _ in self.staged.attention(ref)]
+            with torch.inference_mode():
+                out = AttentionExtract(ref, names=names, method="fx")(pixel_values)
+            return {i: out[n].float() for i, n in enumerate(names)}
         found: dict[int, torch.Tensor] = {}
         handles = []
         for i, (_, attn) in enumerate(self.staged.attention(ref)):
