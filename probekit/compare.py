@@ -230,6 +230,7 @@ def _as_this_runs(part: Results, metric_label: str, mrec: dict, record: dict) ->
     part = relabel(part, mrec["label"])
     part.meta["training"] = mrec["training"]
     mrec.setdefault("layout", part.meta.get("layout"))
+    mrec.setdefault("geometry", part.meta.get("geometry"))
     # when it was computed (this run or an earlier one) and how long the probe took
     mrec.setdefault("computed", {})[metric_label] = {"seconds": part.meta.get("seconds"), "device": part.meta.get("device")}
     skipped = record["images"]["skipped"]

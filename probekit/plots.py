@@ -30,6 +30,7 @@ from .plots_common import (  # noqa: F401  (uniform_attention_value, WIDTH: publ
     WIDTH,
     _as_results,
     _axis_label,
+    _geometry,
     _grid,
     _layout,
     _palette,
@@ -80,6 +81,9 @@ def depth_profile(results: Results | pd.DataFrame, metric: str | None = None, *,
     A dashed line marks the metric's reference value for the model's token layout
     (:meth:`~probekit.Metric.reference_value`; MAD: uniform attention, heads near it attend
     globally, heads far below it locally; entropy: ln N).
+    For windowed, pooled and staged models (Swin, SAM, MViTv2) the MAD line follows each
+    layer's own uniform value (what its window or pooled key set allows) and dotted vertical
+    lines mark where a new stage's grid starts; distances stay in input pixels across stages.
 
     Args:
         results: Results or their long table.
@@ -104,9 +108,17 @@ def depth_profile(results: Results | pd.DataFrame, metric: str | None = None, *,
         a.scatter(d["layer"], d["value"], s=12, c=cols, alpha=0.8, linewidths=0,
                   label=name if ax is not None else None)
         ref = _reference(res, name, metric)
-        if ref is not None:
+        if isinstance(ref, list):  # windows, pooled keys, stages: the uniform level of each layer
+            a.plot(range(len(ref)), ref, ls="--", lw=1, color="0.4", drawstyle="steps-mid",
+                   label="uniform attention" if i == 0 else None)
+            a.ref_value = ref
+        elif ref is not None:
             a.axhline(ref, ls="--", lw=1, color="0.4", label="uniform attention" if i == 0 else None)
             a.ref_value = ref  # the line's value, for tests and captions
+        geo = _geometry(res, name)
+        a.stage_starts = (geo or {}).get("stage_starts", [])
+        for s in a.stage_starts:  # where the grid changes (patch merging, pooled queries)
+            a.axvline(s - 0.5, ls=":", lw=0.8, color="0.6")
         if ax is None:
             a.set_title(f"{name}\n({_training(res, name)})", fontsize=8)
         a.set_xlabel("layer")

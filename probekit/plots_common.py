@@ -159,10 +159,22 @@ def _metric(res: Results, metric: str):
         return None
 
 
-def _reference(res: Results, model: str, metric: str) -> float | None:
-    """The metric's :meth:`~probekit.Metric.reference_value` for ``model``'s layout (None if it has none)."""
+def _geometry(res: Results, model: str) -> dict | None:
+    """Per-layer geometry of a staged, windowed or pooled model (``Results.meta["geometry"]``)."""
+    return _model_meta(res, model).get("geometry")
+
+
+def _reference(res: Results, model: str, metric: str) -> float | list[float] | None:
+    """The metric's :meth:`~probekit.Metric.reference_value` for ``model``'s layout (None if it has none);
+    for a model with a per-layer geometry (windows, pooled keys, stages), MAD's uniform value per layer
+    (default ``renormalize`` and ``queries``), else None."""
     m, lay = _metric(res, metric), _layout(res, model)
     if m is None or not lay:
         return None
+    geo = _geometry(res, model)
+    if geo:
+        if m.name != "mad" or m.renormalize or m.queries != "patches":
+            return None
+        return [layer["uniform_mad"][m.units] for layer in geo["layers"]]
     ref = m.reference_value(_as_layout(lay))
     return None if ref is None else float(ref)

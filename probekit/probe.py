@@ -382,7 +382,7 @@ def _provenance(plan: _Plan, layout: TokenLayout | None, batch_size: int, second
         "layout": None if lay is None else {"num_prefix": lay.num_prefix, "grid": list(lay.grid),
                                             "patch_size": list(lay.patch_size),
                                             "prefix_kinds": list(lay.prefix_kinds)},
-        "geometry": None if geometry is None else _geometry_meta(geometry),
+        "geometry": None if geometry is None else geometry.meta(),
         "metrics": {m.label: {"name": m.name, "options": m.options(), "unit": m.value_unit(),
                               "display_name": m.display_name} for m in plan.metrics},
         "images": {"count": len(plan.images), "fingerprint": plan.images.fingerprint(),
@@ -458,12 +458,6 @@ def probe(
     if plan.images.labels is not None:  # a labelled source: the label of each row's image
         table["label"] = pd.Series(plan.images.labels, index=plan.images.names).reindex(table["image"]).to_numpy()
     return Results(table, arrays, _provenance(plan, sink.layout, batch_size, seconds, sink.geometry))
-
-
-def _geometry_meta(geometry: ModelGeometry) -> dict:
-    """Per-layer geometry (kind, grid, stride px, window) and the layers where a new stage starts."""
-    return {"layers": [geometry.summary(i) for i in range(geometry.num_layers)],
-            "stage_starts": geometry.stage_starts()}
 
 
 def _versions() -> dict[str, str]:

@@ -59,7 +59,7 @@ def summarize(table: pd.DataFrame, by=("model", "metric", "layer", "head")) -> p
     return out
 
 
-_MODEL_KEYS = ("spec", "adapter", "layout", "training", "model_meta", "dtype", "device")
+_MODEL_KEYS = ("spec", "adapter", "layout", "geometry", "training", "model_meta", "dtype", "device")
 
 
 def models_meta(parts: list["Results"]) -> dict[str, dict]:

@@ -1,4 +1,5 @@
-"""timm families whose layers are not all global: Swin, SwinV2, the SAM/ViTDet encoder, CaiT.
+"""timm families whose layers are not all global: Swin, SwinV2, the SAM/ViTDet encoder, CaiT, PiT
+(grids that shrink between stages) and MViTv2 (pooled keys).
 
 Parity with each library's own softmax output (fused attention off, ``attn_drop``'s input; CaiT's
 talking heads: the softmax of ``proj_l``) with every parameter randomized (relative-position
@@ -28,6 +29,7 @@ FAMILIES = {
     "sam": ("timm:samvit_base_patch16",
             dict(embed_dim=32, depth=3, num_heads=2, global_attn_indexes=(1,), window_size=3, img_size=64,
                  neck_chans=8), (80, 48)),
+    "pit": ("timm:pit_ti_224", dict(depth=(1, 1, 1), heads=(1, 2, 2), base_dims=(16, 16, 16), img_size=64), (80, 48)),
     "cait": ("timm:cait_xxs24_224", dict(embed_dim=32, depth=2, num_heads=2, img_size=48, patch_size=16), (64, 32)),
 }
 
@@ -172,3 +174,21 @@ def test_mvit_pooled_keys_equal_the_library_softmax(size, cls_token):
     from probekit.plugins.adapters._timm_geometry import _ORIGINAL_SOFTMAX
 
     assert torch.Tensor.softmax is _ORIGINAL_SOFTMAX  # the spy is gone once the tap exits
+
+
+def test_depth_profile_marks_stages_and_each_layers_uniform_level(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from probekit.plots import depth_profile
+
+    pm = build("swin")
+    res = pk.probe(pm, pm.example_input(2), metrics=["mad"])
+    res = pk.Results.read_parquet(res.to_parquet(tmp_path / "r.parquet"))  # the geometry travels along
+    fig, axes = depth_profile(res)
+    geo = pm.geometry(pm.example_input(1))
+    assert axes[0].stage_starts == [2]
+    assert axes[0].ref_value == pytest.approx([uniform_value(geo.layer(i)) for i in range(4)], rel=1e-5)
+    # stage 1: 7x7 windows of 4 px; shifted: regions of 4 and 3 rows/cols; stage 2: one 7x7 window of 8 px
+    assert axes[0].ref_value[0] == pytest.approx(14.4379, abs=1e-3)
+    assert axes[0].ref_value[2] == pytest.approx(2 * 14.4379, abs=2e-3)

@@ -42,21 +42,24 @@ class StagedFamily:
         attention: ``model -> [(dotted name, attention module)]`` in layer order.
         geometry: ``(model, layout) -> {layer: TokenLayout | LayerGeometry}``.
         heads_first: q/k/bias/probs arrive with batch and heads merged (``[B * H, ...]``, SAM).
-        num_prefix: prefix tokens of the model's input layout (None: 1 if it has a ``cls_token``;
-            CaiT's class token joins late, its class-attention layers see it).
+        prefix: the prefix kinds of the model's input layout (default: a class token if the model has
+            a ``cls_token``; CaiT's joins late, only its class-attention layers see it).
         softmax_of: name of a submodule whose output is the layer's pre-softmax logits laid out
             ``[B, T, T, H]`` (CaiT's talking heads: ``proj_l``), read instead of SDPA/``attn_drop``.
         softmax_spy: read the first ``Tensor.softmax`` input of each watched module (MViTv2).
-        patch, image_size: the patch stride and the native input size of a built model.
+        patch, image_size, grid: the patch stride, native input size and the patch grid of an input
+            size of a built model.
     """
 
     attention: Callable[[nn.Module], list[tuple[str, nn.Module]]]
     geometry: Callable[[nn.Module, TokenLayout], dict]
     heads_first: bool = False
-    num_prefix: int | None = None
+    prefix: Callable[[nn.Module], tuple[str, ...]] = lambda m: ("cls",) * (getattr(m, "cls_token", None) is not None)
     softmax_of: dict | None = None
     softmax_spy: bool = False
     patch: Callable[[nn.Module], tuple[int, int]] = lambda m: pair(m.patch_embed.patch_size)
+    grid: Callable[[nn.Module, tuple], tuple[int, int]] = lambda m, size: tuple(
+        s // p for s, p in zip(size, pair(m.patch_embed.patch_size)))
     image_size: Callable[[nn.Module], tuple[int, int]] = lambda m: pair(m.patch_embed.img_size)
 
 
@@ -105,7 +108,7 @@ def _cait_geometry(model, layout: TokenLayout) -> dict:
     return {i: (patches if i < n else cls) for i in range(n + len(model.blocks_token_only))}
 
 
-def _conv_out(n: int, mod) -> int:
+def _conv_out(n: tuple, mod) -> tuple[int, int]:
     k, st, p = (pair(getattr(mod, a)) for a in ("kernel_size", "stride", "padding"))
     return tuple((n[d] + 2 * p[d] - k[d]) // st[d] + 1 for d in (0, 1))
 
@@ -130,15 +133,37 @@ def _mvit_geometry(model, layout: TokenLayout) -> dict:
     return out
 
 
+def _pit_attention(model):
+    return [(f"transformers.{s}.blocks.{b}.attn", blk.attn)
+            for s, stage in enumerate(model.transformers) for b, blk in enumerate(stage.blocks)]
+
+
+def _pit_geometry(model, layout: TokenLayout) -> dict:
+    grid, stride = layout.grid, layout.patch_size
+    out, i = {}, 0
+    for stage in model.transformers:
+        if stage.pool is not None:
+            s = pair(stage.pool.conv.stride)
+            grid, stride = _conv_out(grid, stage.pool.conv), (stride[0] * s[0], stride[1] * s[1])
+        for _ in stage.blocks:
+            out[i] = TokenLayout(layout.num_prefix, grid, stride, layout.prefix_kinds)
+            i += 1
+    return out
+
+
 #: timm family name -> how to read it
 GEOMETRIES = {
     "swin": StagedFamily(_swin_attention, _swin_geometry),
     "sam": StagedFamily(_sam_attention, _sam_geometry, heads_first=True),
     "mvitv2": StagedFamily(_mvit_attention, _mvit_geometry, softmax_spy=True,
                            patch=lambda m: pair(m.patch_embed.proj.stride),
+                           grid=lambda m, size: _conv_out(size, m.patch_embed.proj),
                            image_size=lambda m: tuple(f * s for f, s in zip(m.stages[0].feat_size,
                                                                             pair(m.patch_embed.proj.stride)))),
-    "cait": StagedFamily(_cait_attention, _cait_geometry,
+    "pit": StagedFamily(_pit_attention, _pit_geometry, prefix=lambda m: ("cls", "dist")[: m.num_tokens],
+                        patch=lambda m: pair(m.patch_embed.conv.stride),
+                        grid=lambda m, size: _conv_out(size, m.patch_embed.conv)),
+    "cait": StagedFamily(_cait_attention, _cait_geometry, prefix=lambda m: ("cls",),
                          softmax_of={"TalkingHeadAttn": "proj_l"}),
 }
 

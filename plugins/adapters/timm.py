@@ -78,6 +78,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("sam", ("vision_transformer_sam",), ("VisionTransformerSAM",), dynamic_size=False,
            global_attention=False),
     Family("cait", ("cait",), ("Cait",), dynamic_size=False, global_attention=False),
+    Family("pit", ("pit",), ("PoolingVisionTransformer",), blocks="transformers", dynamic_size=False,
+           global_attention=False),
     Family("mvitv2", ("mvitv2",), ("MultiScaleVit",), blocks="stages", dynamic_size=False, global_attention=False),
 )
 
@@ -341,10 +343,8 @@ class TimmWindowedAdapter(TimmAdapter):
                 f"This {type(self.model).__name__} was built for {self.default_image_size} inputs and got {size}. "
                 f"Load it with image_size={size} (timm rebuilds its windows and position tables), or resize the images."
             )
-        patch = self.staged.patch(self.model)
-        n = self.staged.num_prefix if self.staged.num_prefix is not None else int(
-            getattr(self.model, "cls_token", None) is not None)
-        return TokenLayout(n, tuple(s // p for s, p in zip(size, patch)), patch, ("cls",) * n)
+        kinds = self.staged.prefix(self.model)
+        return TokenLayout(len(kinds), self.staged.grid(self.model, size), self.staged.patch(self.model), kinds)
 
     def geometry(self, pixel_values: torch.Tensor) -> ModelGeometry:
         lay = self.layout(pixel_values)
