@@ -192,3 +192,11 @@ def test_depth_profile_marks_stages_and_each_layers_uniform_level(tmp_path):
     # stage 1: 7x7 windows of 4 px; shifted: regions of 4 and 3 rows/cols; stage 2: one 7x7 window of 8 px
     assert axes[0].ref_value[0] == pytest.approx(14.4379, abs=1e-3)
     assert axes[0].ref_value[2] == pytest.approx(2 * 14.4379, abs=2e-3)
+
+
+@pytest.mark.parametrize("family", ["swin", "sam", "cait"])
+def test_the_conformance_kit_passes_on_windowed_layers(family):
+    from probekit.testing import check_adapter
+
+    records = check_adapter(build(family))  # raises on any failure
+    assert {r.status for r in records} == {"passed"} and len(records) >= 7

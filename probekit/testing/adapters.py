@@ -93,6 +93,11 @@ def _assert_close(name: str, what: str, got: torch.Tensor, want: torch.Tensor, a
     return dev
 
 
+def _groups(geo, layer: int) -> int:
+    """Attention groups (windows) per image of ``layer``: 1 for a global layer."""
+    return 1 if geo.is_global(layer) else geo.layer(layer).groups
+
+
 # -- adapter checks ------------------------------------------------------------------------------
 def check_rows_sum_to_one(name: str, pm, image_size=None, atol: float = ATOL) -> None:
     # Metrics treat each query row as a distribution: probabilities must be float32, non-negative,
@@ -100,10 +105,13 @@ def check_rows_sum_to_one(name: str, pm, image_size=None, atol: float = ATOL) ->
     ad = _adapter(pm)
     x = _input(ad, 2, image_size)
     probs = _tapped(ad, x)[0].probs
+    geo = ad.geometry(x)
     assert sorted(probs) == list(range(ad.num_layers)), f"{name}: tapped layers {sorted(probs)}, expected 0..{ad.num_layers - 1}"
     for layer, p in probs.items():
         assert p.dtype == torch.float32, f"{name}: layer {layer} probabilities are {p.dtype}, not float32"
-        assert p.dim() == 4 and p.shape[:2] == (2, ad.num_heads), f"{name}: layer {layer} shape {tuple(p.shape)}"
+        # windowed layers come as [B * windows, H, Tw, Tw]; staged models have more heads in later stages
+        shape = (2 * _groups(geo, layer), ad.num_heads if ad.global_attention else p.shape[1])
+        assert p.dim() == 4 and p.shape[:2] == shape, f"{name}: layer {layer} shape {tuple(p.shape)}"
         assert p.min().item() >= 0, f"{name}: layer {layer} has negative probabilities"
         _assert_close(name, f"layer {layer} row sums", p.sum(-1), torch.ones(p.shape[:-1]), atol)
 
@@ -114,7 +122,14 @@ def check_layout_matches_tokens(name: str, pm, image_size=None) -> None:
     x = _input(ad, 1, image_size)
     lay = ad.layout(x)
     assert isinstance(lay, TokenLayout), f"{name}: layout() returned {type(lay).__name__}, not TokenLayout"
+    geo = ad.geometry(x)
     for layer, p in _tapped(ad, x)[0].probs.items():
+        if not geo.is_global(layer):  # windows, pooled keys, class attention: the layer's own geometry
+            g = geo.layer(layer)
+            ok = p.shape[0] == g.groups and (p.shape[-2], p.shape[-1]) == (g.num_queries, g.num_keys)
+            assert ok, f"{name}: layer {layer} attention {tuple(p.shape)} does not fit its geometry ({g.describe()})"
+            continue
+        lay = geo.layer(layer)
         assert p.shape[-1] == p.shape[-2] == lay.num_tokens, (
             f"{name}: layer {layer} has {p.shape[-1]} tokens at {tuple(x.shape[-2:])}, layout says "
             f"{lay.describe()}"
@@ -147,10 +162,13 @@ def check_batch_independence(name: str, pm, atol: float = ATOL) -> None:
     ad = _adapter(pm)
     x = _input(ad, 3, seed=2)
     full = _tapped(ad, x)[0].probs
+    geo = ad.geometry(x)
     for i in (0, 2):
         alone = _tapped(ad, x[i : i + 1])[0].probs
         for layer in full:
-            _assert_close(name, f"image {i} layer {layer} alone vs in a batch", alone[layer][0], full[layer][i], atol)
+            g = _groups(geo, layer)  # an image's windows are rows i * g .. (i + 1) * g
+            _assert_close(name, f"image {i} layer {layer} alone vs in a batch", alone[layer],
+                          full[layer][i * g : (i + 1) * g], atol)
 
 
 def check_tap_keeps_outputs(name: str, pm, atol: float = 1e-5) -> None:
