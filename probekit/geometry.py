@@ -231,7 +231,8 @@ class LayerGeometry:
         return cls("global", pos, pos, kinds, kinds, layout.grid, layout.patch_size, img, layout.grid, cell)
 
     @classmethod
-    def windows(cls, grid, stride, window, shift=(0, 0), image_size=None, base_grid=None) -> "LayerGeometry":
+    def windows(cls, grid, stride, window, shift=(0, 0), image_size=None, base_grid=None,
+                pad_first: bool = False) -> "LayerGeometry":
         """Window attention over a ``grid`` of ``stride`` px tokens (Swin, SAM/ViTDet, Hiera-like).
 
         The grid is (cyclically rolled by ``-shift`` then) padded at the bottom and right to whole
@@ -240,13 +241,20 @@ class LayerGeometry:
         padding. With a shift, a query sees only keys of its own region (Swin's mask: the three
         bands ``[0, Hp - wh)``, ``[Hp - wh, Hp - sy)``, ``[Hp - sy, Hp)`` per axis), so keys brought
         next to it by the roll from the far side of the image are hidden.
+
+        ``pad_first``: pad, then roll the padded grid (transformers' Swin): cell ``(r, c)`` is padded
+        cell ``((r + sy) mod Hp, (c + sx) mod Wp)``, padding wherever that lies past the grid.
         """
         (h, w), (ph, pw), (wh, ww), (sy, sx) = pair(grid), pair(stride), pair(window), pair(shift)
         hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
         r = torch.arange(hp)[:, None].expand(hp, wp)
         c = torch.arange(wp)[None, :].expand(hp, wp)
-        pad = (r >= h) | (c >= w)
-        orow, ocol = (r + sy) % h, (c + sx) % w
+        if pad_first:
+            orow, ocol = (r + sy) % hp, (c + sx) % wp
+            pad = (orow >= h) | (ocol >= w)
+        else:
+            pad = (r >= h) | (c >= w)
+            orow, ocol = (r + sy) % h, (c + sx) % w
         pos = torch.stack([(orow + 0.5) * ph, (ocol + 0.5) * pw], -1).to(torch.float64)
         kind = torch.where(pad, PAD, PATCH).to(torch.int8)
         cell = torch.where(pad, -1, orow * w + ocol)

@@ -200,3 +200,30 @@ def test_the_conformance_kit_passes_on_windowed_layers(family):
 
     records = check_adapter(build(family))  # raises on any failure
     assert {r.status for r in records} == {"passed"} and len(records) >= 7
+
+
+def hf_swin(seed: int = 0) -> pk.ProbedModel:
+    pm = pk.load("hf:microsoft/swin-tiny-patch4-window7-224", pretrained=False,
+                 config=dict(embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=4, image_size=32))
+    randomize_parameters(pm.model, seed=seed, scale=0.2)
+    return pm
+
+
+@pytest.mark.parametrize("size", [(32, 32), (40, 56)], ids=["native", "padded"])
+def test_transformers_swin_equals_its_eager_attention(size):
+    # transformers pads to whole windows and then rolls (timm rolls first): another geometry, same rules
+    pm = hf_swin()
+    x = pm.example_input(2, image_size=size, seed=1)
+    got, ref = pm.attention(x), pm.adapter.reference_attention(x)
+    assert sorted(got) == sorted(ref) == [0, 1, 2, 3]
+    geo = pm.geometry(x)
+    for i in ref:
+        geo.layer(i).check(ref[i].shape[0], ref[i].shape[2], ref[i].shape[3], i)
+        torch.testing.assert_close(got[i], ref[i], atol=TOL, rtol=0)
+    shifted = geo.layer(1)
+    assert shifted.visible is not None
+    # where the model's mask hides a key (softmax weight ~e^-100), our geometry hides it too
+    vis = shifted.visible.repeat(2, 1, 1)
+    assert ref[1][:, 0][~vis].max() < 1e-30 and ref[1][:, 0][vis].min() > 1e-30
+    table = pk.probe(pm, x, metrics=["mad"]).table
+    assert set(table.layer) == {0, 1, 2, 3}

@@ -34,6 +34,7 @@ class Family:
     norm: tuple = _IMAGENET  # default mean/std (a known repo may override)
     crop_ratio: float | None = None  # None: resize to size; else shortest edge size*ratio, centre crop
     resample: int = 3  # PIL bicubic
+    staged: str | None = None  # windowed/staged encoder: its entry in _hf_geometry.STAGED (e.g. "swin")
 
 
 _INTERP = {"interpolate_pos_encoding": True}
@@ -53,6 +54,7 @@ FAMILIES: dict[str, Family] = {
                                   processor="SiglipImageProcessor", norm=_HALF),
     "vit_mae": Family("ViTMAEModel", "layers", "attention", ("cls",), forward_kwargs=_INTERP, mae=True),
     "beit": Family("BeitModel", "layers", "attention", ("cls",), processor="BeitImageProcessor", norm=_HALF),
+    "swin": Family("SwinModel", "encoder.layers", "attention", (), staged="swin"),
 }
 # multimodal model_type -> the attribute of its config that holds the vision encoder's config
 VISION_SUBCONFIG = {"clip": "vision_config", "siglip": "vision_config"}
@@ -82,6 +84,7 @@ KNOWN: dict[str, tuple[str, dict, dict]] = {
                                                                patch_size=14, hidden_act="quick_gelu"), {}),
     "google/siglip-base-patch16-224": ("SiglipVisionConfig", dict(layer_norm_eps=1e-6), {}),
     "facebook/vit-mae-base": ("ViTMAEConfig", {}, {}),
+    "microsoft/swin-tiny-patch4-window7-224": ("SwinConfig", {}, {}),
     "microsoft/beit-base-patch16-224": ("BeitConfig", dict(use_relative_position_bias=True,
                                                            use_absolute_position_embeddings=False,
                                                            layer_scale_init_value=0.1, use_mean_pooling=True), {}),

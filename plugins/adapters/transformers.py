@@ -30,7 +30,10 @@ from probekit.attention import LayerAttention, sdpa_dtype
 from probekit.errors import ConfigError, UnsupportedArchitectureError
 from probekit.tokens import TokenLayout, pair
 
+from probekit.geometry import ModelGeometry
+
 from ._hf_families import FAMILIES, KNOWN, check_family, family_of
+from ._hf_geometry import STAGED
 from ._hf_loading import config_for, load_checkpoint, local_model_files, pretrained_model
 from ._hf_preprocess import _Preprocess, cached_processor, processor_for
 
@@ -140,10 +143,14 @@ class TransformersAdapter(Adapter):
     def __init__(self, model: nn.Module, preprocess: Any = None, **info: Any):
         super().__init__(model, preprocess, **info)
         self.family = check_family(model.config, type(model).__name__)
-        blocks: nn.Module = model
-        for part in self.family.blocks.split("."):
-            blocks = getattr(blocks, part)
-        self.blocks = list(blocks)
+        if self.family.staged:  # windows and stages: every block of every stage, in order
+            self.blocks = STAGED[self.family.staged][0](model)
+            self.global_attention = self.provides_hidden = self.variable_image_size = False
+        else:
+            blocks: nn.Module = model
+            for part in self.family.blocks.split("."):
+                blocks = getattr(blocks, part)
+            self.blocks = list(blocks)
         self.attentions = [getattr(b, self.family.attention) for b in self.blocks]
         self.info.setdefault("image_size", pair(model.config.image_size))
         self.info.setdefault("model_type", model.config.model_type)
@@ -245,7 +252,8 @@ class TransformersAdapter(Adapter):
 
     @property
     def num_heads(self) -> int:
-        return int(self.model.config.num_attention_heads)
+        heads = self.model.config.num_attention_heads
+        return int(heads[0] if isinstance(heads, (list, tuple)) else heads)  # Swin: per stage
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -260,7 +268,15 @@ class TransformersAdapter(Adapter):
         ph, pw = self.patch_size
         h, w = pixel_values.shape[-2:]
         kinds = self.prefix_kinds()
+        if self.family.staged:  # Swin pads the image to whole patches
+            return TokenLayout(len(kinds), (-(-h // ph), -(-w // pw)), (ph, pw), kinds)
         return TokenLayout(num_prefix=len(kinds), grid=(h // ph, w // pw), patch_size=(ph, pw), prefix_kinds=kinds)
+
+    def geometry(self, pixel_values: torch.Tensor) -> ModelGeometry:
+        lay = self.layout(pixel_values)
+        if not self.family.staged:
+            return ModelGeometry(lay, num_layers=self.num_layers)
+        return ModelGeometry(lay, STAGED[self.family.staged][1](self.model, lay), num_layers=self.num_layers)
 
     # -- running -------------------------------------------------------------------------------
     def _kwargs(self, pixel_values: torch.Tensor) -> dict[str, Any]:
@@ -283,6 +299,10 @@ class TransformersAdapter(Adapter):
                     report = partial(sink.attention, i)
                     _TAPS.setdefault(attn, []).append(report)
                     reporters.append((attn, report))
+        if sink.wants_hidden and not self.provides_hidden:
+            raise UnsupportedArchitectureError(
+                f"The hf adapter does not tap block outputs of {type(self.model).__name__} (its tokens change "
+                "shape between stages); use attention metrics on it.")
         if sink.wants_hidden:
             for i, block in enumerate(self.blocks):
                 if wants(sink, i):
@@ -302,6 +322,17 @@ class TransformersAdapter(Adapter):
         """Eager attention of a copy (same weights, config deep-copied with ``eager``)."""
         ref = copy.deepcopy(self.model)
         ref.config._attn_implementation = "eager"
+        if self.family.staged:  # output_attentions keeps one block per stage: read every block's weights
+            found: dict[int, torch.Tensor] = {}
+            blocks = STAGED[self.family.staged][0](ref)
+            hooks = [getattr(b, self.family.attention).register_forward_hook(
+                lambda mod, args, out, i=i: found.__setitem__(i, out[1].float())) for i, b in enumerate(blocks)]
+            try:
+                ref(pixel_values, output_attentions=True, **self._kwargs(pixel_values))
+            finally:
+                for h in hooks:
+                    h.remove()
+            return found
         out = ref(pixel_values, output_attentions=True, **self._kwargs(pixel_values))
         if not out.attentions:
             raise RuntimeError(f"{type(ref).__name__} returned no attentions under eager attention.")
