@@ -22,7 +22,7 @@ import torch
 
 from .tokens import TokenLayout
 
-__all__ = ["patch_rows", "patch_entropy", "row_entropy", "patch_mass_is_safe", "SAFE_PATCH_MASS"]
+__all__ = ["patch_rows", "visible_rows", "patch_entropy", "row_entropy", "patch_mass_is_safe", "SAFE_PATCH_MASS"]
 
 #: Patch mass (of a softmax over all keys, float32) above which dividing it out is safe: a patch
 #: key lost to underflow (p < 1e-38) then weighs under 1e-23 in the renormalized row. Below it,
@@ -54,6 +54,20 @@ def patch_rows(probs: torch.Tensor, layout: TokenLayout, logits: torch.Tensor | 
     if logits is not None:
         return torch.softmax(logits[..., n0:], dim=-1).nan_to_num(0.0)
     a = probs[..., n0:]
+    return a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+
+
+def visible_rows(probs: torch.Tensor, keys: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``[..., Tk]`` renormalized over the keys where ``keys`` (0/1, broadcastable) is set.
+
+    :func:`patch_rows` for layers whose patch keys are not one slice (windows, pooled keys: the
+    patch keys each query sees, :mod:`probekit.geometry`); from ``logits`` the same way, as the
+    softmax of the visible keys' logits alone. Rows that see no key are all-zero.
+    """
+    if logits is not None:
+        z = logits.masked_fill(keys == 0, float("-inf"))
+        return torch.softmax(z, dim=-1).nan_to_num(0.0)
+    a = probs * keys
     return a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
 
 

@@ -124,3 +124,24 @@ def test_kernel_sums_are_used_only_where_the_patch_mass_survived(gap):
     else:
         torch.testing.assert_close(got, ent.row_sum(p[:, :, rows], LAY, rows, logits=z[:, :, rows]), rtol=1e-4, atol=1e-4)
 
+
+
+@pytest.mark.parametrize("gap", [0.0, 95.0, 1000.0])
+@pytest.mark.parametrize("name, options", [
+    ("entropy", {}), ("mad", {"renormalize": True}), ("distance_profile", {"renormalize": True}),
+    ("cls_map", {"query": "mean", "renormalize": True}),
+])
+def test_windowed_path_renormalizes_from_logits_too(name, options, gap):
+    # the grouped (windowed/pooled) path renormalizes over the patch keys each query sees: on a
+    # global layer it must match the same float64 reference at any CLS gap
+    from probekit.geometry import LayerGeometry
+    from probekit.grouped import reduce_groups
+
+    zp = _patch_logits(seed=5)
+    z = _with_cls(zp, gap).float()
+    t = z.shape[-1]
+    attn = LayerAttention(q=torch.eye(t).expand(*z.shape[:2], t, t), k=z.mT.contiguous())
+    m = pk.metrics.get(name)(**options)
+    got = reduce_groups([m], attn, LayerGeometry.from_layout(LAY), 2**20)[m.label]
+    ref = pk.metrics.get(name)(**options).compute(torch.softmax(zp[:, :, 1:], -1), NO_PREFIX)
+    torch.testing.assert_close(got.double(), ref.double(), rtol=2e-5, atol=2e-5)

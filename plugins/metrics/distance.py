@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from probekit.metric import Metric
-from probekit.patch_keys import patch_mass_is_safe, patch_rows
+from probekit.patch_keys import patch_mass_is_safe, patch_rows, visible_rows
 from probekit.tokens import TokenLayout
 
 Units = Literal["px", "patch", "fraction"]
@@ -104,9 +104,8 @@ class MeanAttentionDistance(Metric):
             * geometry.query_mask(self.geometry_queries()).to(probs.device)[..., None]))
         if not self.renormalize:
             return torch.einsum("nhqk,nqk->nh", probs, d[groups])
-        keys = geometry.visible_patch_keys(probs.device)[groups]
-        mass = torch.einsum("nhqk,nqk->nhq", probs, keys).clamp_min(torch.finfo(probs.dtype).tiny)
-        return (torch.einsum("nhqk,nqk->nhq", probs, d[groups]) / mass).sum(-1)
+        a = visible_rows(probs, geometry.visible_patch_keys(probs.device)[groups][:, None], kw.get("logits"))
+        return torch.einsum("nhqk,nqk->nh", a, d[groups])
 
     def _distance_rows(self, layout: TokenLayout, rows: slice, device) -> torch.Tensor:
         p = layout.num_prefix
@@ -290,7 +289,7 @@ class DistanceProfile(Metric):
         q = geometry.query_mask().to(probs.device, probs.dtype)
         w = probs * keys[groups][:, None]
         if self.renormalize:
-            w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+            w = visible_rows(probs, keys[groups][:, None], kw.get("logits"))
         w = w * q[groups][:, None, :, None]
         n, h = w.shape[:2]
         out = w.new_zeros(n, h, len(self.edges))

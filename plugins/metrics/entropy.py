@@ -7,7 +7,7 @@ import math
 import torch
 
 from probekit.metric import Metric
-from probekit.patch_keys import patch_entropy, patch_mass_is_safe, row_entropy
+from probekit.patch_keys import patch_entropy, patch_mass_is_safe, row_entropy, visible_rows
 from probekit.tokens import TokenLayout
 
 
@@ -72,8 +72,7 @@ class AttentionEntropy(Metric):
         """Windowed/pooled layers: ``H_q`` over the patch keys each query sees (normalized: by the ln
         of their count, per query), summed over each group's queries."""
         keys = geometry.visible_patch_keys(probs.device)[groups][:, None]
-        a = probs * keys
-        h = row_entropy(a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny))
+        h = row_entropy(visible_rows(probs, keys, kw.get("logits")))  # from the logits where the tap has them
         if self.normalized:
             h = h / keys.sum(-1).log().clamp_min(torch.finfo(h.dtype).tiny)
         return (h * geometry.query_mask().to(probs.device, h.dtype)[groups][:, None]).sum(-1)

@@ -9,7 +9,7 @@ import torch
 from probekit.attention import LayerAttention, row_blocks
 from probekit.errors import ConfigError
 from probekit.metric import Metric
-from probekit.patch_keys import patch_rows
+from probekit.patch_keys import patch_rows, visible_rows
 from probekit.tokens import TokenLayout
 
 
@@ -81,9 +81,7 @@ class ClsMap(Metric):
         (``base_grid``; a coarser stage's cell value repeated over the patches it covers), so every
         layer's map has one shape."""
         keys = geometry.visible_patch_keys(probs.device)[groups][:, None]
-        a = probs * keys
-        if self.renormalize:
-            a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+        a = visible_rows(probs, keys, kw.get("logits")) if self.renormalize else probs * keys
         q = geometry.query_mask(self.geometry_queries()).to(probs.device, a.dtype)[groups]
         recv = torch.einsum("nhqk,nq->nhk", a, q)
         cell = geometry.key_cell.to(probs.device)[groups]
