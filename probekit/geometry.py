@@ -44,7 +44,7 @@ import torch
 from .errors import LayoutError
 from .tokens import TokenLayout, pair
 
-__all__ = ["KINDS", "LayerGeometry", "ModelGeometry", "REQUIREMENTS", "uniform_mad"]
+__all__ = ["ChannelAttention", "KINDS", "LayerGeometry", "ModelGeometry", "REQUIREMENTS", "uniform_mad"]
 
 #: token kinds; codes are indices into this tuple
 KINDS = ("patch", "pad", "cls", "dist", "reg")
@@ -52,6 +52,7 @@ PATCH, PAD = 0, 1
 
 #: what a metric can require of a layer (``Metric.requires``), and how to say it is missing
 REQUIREMENTS = {
+    "tokens": "attention over tokens (every attention metric needs it)",
     "global": "global attention (every query sees every token of one [T, T] matrix)",
     "square": "the same tokens as queries and as keys",
     "patch_queries": "patch tokens as queries",
@@ -325,6 +326,22 @@ class LayerGeometry:
         return None
 
 
+class ChannelAttention:
+    """A layer that attends over channels, not tokens (XCiT's cross-covariance attention): its
+    ``[d, d]`` attention has no query or key with a place in the image, so no attention metric
+    describes it; the taps do not report it, and metrics refuse it before the forward pass."""
+
+    kind = "channels"
+
+    def lacks(self, requirement: str) -> str | None:
+        return ("attends over channels (cross-covariance attention, XCiT), not over image tokens; probe its "
+                "class-attention layers instead")
+
+    def summary(self) -> dict:
+        return {"kind": self.kind, "grid": None, "stride": None, "groups": 1, "queries": None, "keys": None,
+                "window": None}
+
+
 def layout_lacks(layout: TokenLayout, requirement: str) -> str | None:
     """:meth:`LayerGeometry.lacks` for a global :class:`TokenLayout` layer."""
     if requirement == "cls" and "cls" not in layout.prefix_kinds:
@@ -385,7 +402,9 @@ class ModelGeometry:
         layers = []
         for i in range(self.num_layers):
             info = self.summary(i)
-            info["uniform_mad"] = {u: uniform_mad(self.layer(i), u) for u in ("px", "patch", "fraction")}
+            g = self.layer(i)
+            info["uniform_mad"] = None if isinstance(g, ChannelAttention) else {
+                u: uniform_mad(g, u) for u in ("px", "patch", "fraction")}
             layers.append(info)
         return {"layers": layers, "stage_starts": self.stage_starts()}
 
@@ -393,7 +412,10 @@ class ModelGeometry:
         """Layers where the query grid changes from the layer before (the first layer excluded)."""
         out, prev = [], None
         for i in range(self.num_layers):
-            grid = tuple(self.summary(i)["grid"])
+            grid = self.summary(i)["grid"]
+            if grid is None:  # channel attention: no grid
+                continue
+            grid = tuple(grid)
             if prev is not None and grid != prev:
                 out.append(i)
             prev = grid

@@ -232,7 +232,7 @@ class Metric:
             return
         for i in range(geometry.num_layers) if layers is None else sorted(layers):
             g = geometry.layer(i)
-            for req in self.requirements():
+            for req in ("tokens", *self.requirements()):
                 why = layout_lacks(g, req) if isinstance(g, TokenLayout) else g.lacks(req)
                 if why:
                     raise UnsupportedArchitectureError(

@@ -175,6 +175,6 @@ def _reference(res: Results, model: str, metric: str) -> float | list[float] | N
     if geo:
         if m.name != "mad" or m.renormalize or m.queries != "patches":
             return None
-        return [layer["uniform_mad"][m.units] for layer in geo["layers"]]
+        return [(layer["uniform_mad"] or {}).get(m.units, float("nan")) for layer in geo["layers"]]
     ref = m.reference_value(_as_layout(lay))
     return None if ref is None else float(ref)

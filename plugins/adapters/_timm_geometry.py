@@ -8,6 +8,8 @@ and each layer's geometry (:mod:`probekit.geometry`).
 - CaiT: global self-attention over the patches (talking heads: the softmax of the head-mixed
   logits, before ``proj_w`` mixes the heads again), then class-attention layers whose only query
   is the class token.
+- XCiT: cross-covariance attention over channels (refused: no token has a place in it; not
+  tapped), then class-attention layers as CaiT's.
 - MViTv2: queries pooled at stage starts, keys and values pooled onto a coarser grid (stride 4 in
   the first stage); its attention calls neither SDPA nor an ``attn_drop`` module, so a spy on
   ``Tensor.softmax`` (armed only while a watched module runs, like the SDPA spy) reads the logits
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from probekit.errors import UnsupportedArchitectureError
-from probekit.geometry import LayerGeometry
+from probekit.geometry import ChannelAttention, LayerGeometry
 from probekit.tokens import TokenLayout, pair
 
 __all__ = ["GEOMETRIES", "StagedFamily"]
@@ -47,6 +49,7 @@ class StagedFamily:
         softmax_of: name of a submodule whose output is the layer's pre-softmax logits laid out
             ``[B, T, T, H]`` (CaiT's talking heads: ``proj_l``), read instead of SDPA/``attn_drop``.
         softmax_spy: read the first ``Tensor.softmax`` input of each watched module (MViTv2).
+        skip: attention classes not tapped at all (XCiT's channel attention, refused by metrics).
         patch, image_size, grid: the patch stride, native input size and the patch grid of an input
             size of a built model.
     """
@@ -57,6 +60,7 @@ class StagedFamily:
     prefix: Callable[[nn.Module], tuple[str, ...]] = lambda m: ("cls",) * (getattr(m, "cls_token", None) is not None)
     softmax_of: dict | None = None
     softmax_spy: bool = False
+    skip: tuple[str, ...] = ()
     patch: Callable[[nn.Module], tuple[int, int]] = lambda m: pair(m.patch_embed.patch_size)
     grid: Callable[[nn.Module, tuple], tuple[int, int]] = lambda m, size: tuple(
         s // p for s, p in zip(size, pair(m.patch_embed.patch_size)))
@@ -151,6 +155,17 @@ def _pit_geometry(model, layout: TokenLayout) -> dict:
     return out
 
 
+def _xcit_attention(model):
+    return ([(f"blocks.{i}.attn", b.attn) for i, b in enumerate(model.blocks)]
+            + [(f"cls_attn_blocks.{i}.attn", b.attn) for i, b in enumerate(model.cls_attn_blocks)])
+
+
+def _xcit_geometry(model, layout: TokenLayout) -> dict:
+    n = len(model.blocks)
+    cls = LayerGeometry.class_attention(layout)
+    return {i: (ChannelAttention() if i < n else cls) for i in range(n + len(model.cls_attn_blocks))}
+
+
 #: timm family name -> how to read it
 GEOMETRIES = {
     "swin": StagedFamily(_swin_attention, _swin_geometry),
@@ -163,6 +178,7 @@ GEOMETRIES = {
     "pit": StagedFamily(_pit_attention, _pit_geometry, prefix=lambda m: ("cls", "dist")[: m.num_tokens],
                         patch=lambda m: pair(m.patch_embed.conv.stride),
                         grid=lambda m, size: _conv_out(size, m.patch_embed.conv)),
+    "xcit": StagedFamily(_xcit_attention, _xcit_geometry, prefix=lambda m: ("cls",), skip=("XCA",)),
     "cait": StagedFamily(_cait_attention, _cait_geometry, prefix=lambda m: ("cls",),
                          softmax_of={"TalkingHeadAttn": "proj_l"}),
 }

@@ -78,6 +78,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("sam", ("vision_transformer_sam",), ("VisionTransformerSAM",), dynamic_size=False,
            global_attention=False),
     Family("cait", ("cait",), ("Cait",), dynamic_size=False, global_attention=False),
+    Family("xcit", ("xcit",), ("Xcit",), dynamic_size=False, global_attention=False),
     Family("pit", ("pit",), ("PoolingVisionTransformer",), blocks="transformers", dynamic_size=False,
            global_attention=False),
     Family("mvitv2", ("mvitv2",), ("MultiScaleVit",), blocks="stages", dynamic_size=False, global_attention=False),
@@ -355,6 +356,8 @@ class TimmWindowedAdapter(TimmAdapter):
         if self.staged.heads_first:
             report = merged_heads(report, int(attn.num_heads))
         sub = (self.staged.softmax_of or {}).get(type(attn).__name__)
+        if type(attn).__name__ in self.staged.skip:  # no token attention: metrics refused it already
+            return []
         if sub is not None:
             return [getattr(attn, sub).register_forward_hook(logits_hook(report))]
         if self.staged.softmax_spy:
@@ -396,6 +399,8 @@ class TimmWindowedAdapter(TimmAdapter):
                 found[i] = p.reshape(-1, heads, *p.shape[-2:]) if p.dim() == 3 else p
 
             sub = (self.staged.softmax_of or {}).get(type(attn).__name__)
+            if type(attn).__name__ in self.staged.skip:
+                continue
             if sub is not None:
                 handles.append(getattr(attn, sub).register_forward_hook(functools.partial(keep, talking=True)))
             else:
