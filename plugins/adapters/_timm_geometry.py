@@ -72,17 +72,27 @@ def _swin_attention(model):
             for s, stage in enumerate(model.layers) for b, blk in enumerate(stage.blocks)]
 
 
-def _swin_geometry(model, layout: TokenLayout) -> dict:
-    grid, stride = layout.grid, layout.patch_size
-    out, i = {}, 0
-    for stage in model.layers:
-        if not isinstance(getattr(stage, "downsample", nn.Identity()), nn.Identity):
-            grid, stride = ((grid[0] + 1) // 2, (grid[1] + 1) // 2), (stride[0] * 2, stride[1] * 2)
+def _per_block(stages, layout: TokenLayout, shrink, make) -> dict:
+    """``{layer: make(block, grid, stride)}`` over the blocks of ``stages``; ``shrink(stage, grid,
+    stride)`` gives the grid and stride (px) a stage starts with (patch merging, pooling)."""
+    grid, stride, out = layout.grid, layout.patch_size, {}
+    for stage in stages:
+        grid, stride = shrink(stage, grid, stride)
         for blk in stage.blocks:
-            out[i] = LayerGeometry.windows(grid, stride, pair(blk.window_size), pair(blk.shift_size),
-                                           image_size=layout.image_size, base_grid=layout.grid)
-            i += 1
+            out[len(out)] = make(blk, grid, stride)
     return out
+
+
+def _halve(stage, grid, stride):
+    if isinstance(getattr(stage, "downsample", nn.Identity()), nn.Identity):
+        return grid, stride
+    return ((grid[0] + 1) // 2, (grid[1] + 1) // 2), (stride[0] * 2, stride[1] * 2)
+
+
+def _swin_geometry(model, layout: TokenLayout) -> dict:
+    return _per_block(model.layers, layout, _halve, lambda blk, grid, stride: LayerGeometry.windows(
+        grid, stride, pair(blk.window_size), pair(blk.shift_size), image_size=layout.image_size,
+        base_grid=layout.grid))
 
 
 def _sam_attention(model):
@@ -142,17 +152,16 @@ def _pit_attention(model):
             for s, stage in enumerate(model.transformers) for b, blk in enumerate(stage.blocks)]
 
 
+def _pooled(stage, grid, stride):
+    if stage.pool is None:
+        return grid, stride
+    s = pair(stage.pool.conv.stride)
+    return _conv_out(grid, stage.pool.conv), (stride[0] * s[0], stride[1] * s[1])
+
+
 def _pit_geometry(model, layout: TokenLayout) -> dict:
-    grid, stride = layout.grid, layout.patch_size
-    out, i = {}, 0
-    for stage in model.transformers:
-        if stage.pool is not None:
-            s = pair(stage.pool.conv.stride)
-            grid, stride = _conv_out(grid, stage.pool.conv), (stride[0] * s[0], stride[1] * s[1])
-        for _ in stage.blocks:
-            out[i] = TokenLayout(layout.num_prefix, grid, stride, layout.prefix_kinds)
-            i += 1
-    return out
+    return _per_block(model.transformers, layout, _pooled,
+                      lambda blk, grid, stride: TokenLayout(layout.num_prefix, grid, stride, layout.prefix_kinds))
 
 
 def _xcit_attention(model):
