@@ -362,6 +362,8 @@ def compare_cmd(
     dtype: Annotated[Optional[str], typer.Option(help="Compute dtype: float32, bf16 or fp16 (over the file's value).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader workers (over the file's value).")] = None,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the figures (needs seaborn).")] = True,
+    engine: Annotated[Optional[str], typer.Option(help="local (default) or ray: every model at once on a Ray cluster, cached per shard (pip install \"probekit[ray]\").")] = None,
+    address: Annotated[Optional[str], typer.Option(help="The Ray cluster: auto, or ray://host:port (default: start a local one).")] = None,
 ):
     """Run the comparison a run file describes; the file is checked fully before any model loads.
 
@@ -371,7 +373,8 @@ def compare_cmd(
     from .config import load_run
 
     cfg = load_run(run_file)
-    _run_comparison(cfg, out_dir, figures, batch_size=batch_size, device=device, dtype=dtype, workers=workers)
+    _run_comparison(cfg, out_dir, figures, batch_size=batch_size, device=device, dtype=dtype, workers=workers,
+                    engine=engine, address=address)
 
 
 @app.command("plot", epilog="Examples:\n\n  probekit plot runs/quickstart\n\n  probekit plot runs/run --kind depth --kind overlay")

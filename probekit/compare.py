@@ -193,22 +193,37 @@ def _failure(record: dict, mrec: dict, spec: str, exc: Exception, rep: Reporter)
     rep.model_failed(mrec["label"], f"{stage} failed: {type(exc).__name__}: {exc}")
 
 
-def _model_parts(run: CheckedRun, i: int, store: PartStore, record: dict, rep: Reporter) -> tuple[list[Results], bool]:
+def model_keys(run: CheckedRun, i: int, images: str) -> dict[str, str]:
+    """Part keys of model ``i`` per metric label, for the images named by ``images`` (a
+    fingerprint; an engine that shards appends the block it covers)."""
+    cfg = run.config
+    spec, opts, _ = run.specs[i]
+    seed = cfg.seed if opts.get("pretrained", True) is False else None  # it draws random-init weights
+    dtype = str(resolve_dtype(cfg.dtype))  # bf16 and bfloat16 are one part
+    return {m.label: part_key(spec, opts, images, m, dtype, seed) for m in run.metrics}
+
+
+def _model_parts(run: CheckedRun, i: int, store: PartStore, record: dict, rep: Reporter,
+                 engine_info: dict | None = None) -> tuple[list[Results], bool]:
     """One model's parts, read from the cache or computed and cached (none if it failed), and
-    whether all of them came from the cache."""
+    whether all of them came from the cache. ``engine_info``: what another engine recorded
+    while it computed this model's parts (they are then read from the store, not cached)."""
     cfg, entry = run.config, run.config.models[i]
     spec, opts, alias_meta = run.specs[i]
     label = entry.name
-    seed = cfg.seed if opts.get("pretrained", True) is False else None  # it draws random-init weights
-    dtype = str(resolve_dtype(cfg.dtype))  # bf16 and bfloat16 are one part
-    keys = {m.label: part_key(spec, opts, record["images"]["fingerprint"], m, dtype, seed) for m in run.metrics}
+    keys = model_keys(run, i, record["images"]["fingerprint"])
     have = {lbl: r for lbl, k in keys.items() if (r := store.read(k)) is not None}
     missing = [m for m in run.metrics if m.label not in have]
     mrec = {"label": label, "model": entry.model, "spec": spec, "options": opts,
             "training": _training(entry, opts, alias_meta), "alias": alias_meta or None,
             "parts": keys, "cached": [lbl for lbl in keys if lbl in have]}
+    if engine_info:
+        mrec.update(engine_info)  # computed by another engine this run: not from the cache
     record["models"].append(mrec)
-    rep.model_started(label, len(run.images), cached=not missing)
+    if engine_info and engine_info.get("failed"):  # the engine recorded the failure
+        return [], False
+    if not engine_info:  # (another engine reported this model's progress itself)
+        rep.model_started(label, len(run.images), cached=not missing)
     t0 = time.perf_counter()
     if missing:
         try:
@@ -221,8 +236,19 @@ def _model_parts(run: CheckedRun, i: int, store: PartStore, record: dict, rep: R
             have[m.label] = only_metric(res, m.label)
             store.write(keys[m.label], have[m.label])
     out = [_as_this_runs(have[m.label], m.label, mrec, record) for m in run.metrics]  # run-file order
-    rep.model_finished(label, time.perf_counter() - t0, cached=not missing)
-    return out, not missing
+    if not engine_info:
+        rep.model_finished(label, time.perf_counter() - t0, cached=not missing)
+    return out, not missing and not engine_info
+
+
+def _other_engine(run: CheckedRun, store: PartStore, record: dict, rep: Reporter) -> dict[str, dict]:
+    """Where an engine other than the local one plugs in: it writes the missing parts of every
+    model (all models at once) into ``store`` and returns what it recorded per model label."""
+    if run.config.engine == "local":
+        return {}
+    from .engines import get_engine
+
+    return get_engine(run.config.engine)(run, store, record, rep)
 
 
 def _as_this_runs(part: Results, metric_label: str, mrec: dict, record: dict) -> Results:
@@ -291,8 +317,9 @@ def compare(config_or_path: Any, out: str | Path | None = None, *, reporter: Rep
         try:
             collected: list[Results] = []
             cached: list[str] = []
+            engine_info = _other_engine(run, rd.parts, record, rep)
             for i, entry in enumerate(cfg.models):
-                parts, from_cache = _model_parts(run, i, rd.parts, record, rep)
+                parts, from_cache = _model_parts(run, i, rd.parts, record, rep, engine_info.get(entry.name))
                 collected += parts
                 if from_cache:
                     cached.append(entry.name)

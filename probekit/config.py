@@ -30,7 +30,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError, ImageError, MissingDependencyError, PluginLoadError, ProbekitError, UnknownNameError
 
-__all__ = ["ModelEntry", "ImagesEntry", "MetricEntry", "RunConfig", "load_run", "check_run", "CheckedRun"]
+__all__ = ["ModelEntry", "ImagesEntry", "MetricEntry", "Resources", "RunConfig", "load_run", "check_run", "CheckedRun"]
 
 _FIGURES = ("depth", "overlay", "heatmap", "summary", "maps", "labels")
 
@@ -87,6 +87,16 @@ class ImagesEntry(_Strict):
         return [v] if isinstance(v, str) else v
 
 
+class Resources(_Strict):
+    """What the Ray engine asks of the cluster (``resources:`` in a run file; ignored by the local engine)."""
+
+    gpus: float | None = Field(default=None, ge=0)  # per model replica; None: 1 when the cluster has GPUs
+    cpus: float | None = Field(default=None, ge=0)  # per model replica; None: 1, or a share of a CPU-only cluster
+    decode_cpus: float | None = Field(default=None, gt=0)  # per decoding task; None: as cpus
+    replicas: int | None = Field(default=None, gt=0)  # per model; None: one per GPU (GPUs / models), else 1
+    shard_size: int | None = Field(default=None, gt=0)  # images per cached shard; None: 16 batches
+
+
 class MetricEntry(_Strict):
     """One metric by registered name, with its constructor options."""
 
@@ -113,6 +123,9 @@ class RunConfig(_Strict):
     out: str | None = None
     seed: int = 0
     workers: int = Field(default=0, ge=0)
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = None  # the Ray cluster: auto, ray://host:port; None: a local one
+    resources: Resources = Field(default_factory=Resources)
     strict: bool = False
     figures: list[Literal["depth", "overlay", "heatmap", "summary", "maps", "labels"]] = Field(
         default_factory=lambda: list(_FIGURES)

@@ -141,6 +141,12 @@ class PartStore:
         sums[pq.name] = file_digest(pq)
         write_text_atomic(seal, json.dumps({"format": _PART_FORMAT, "files": sums}))
 
+    def discard(self, key: str) -> None:
+        """Remove a part (seal first, so a half-removed part is never served)."""
+        pq, npz, seal = self._files(key)
+        for path in (seal, pq, npz):
+            path.unlink(missing_ok=True)
+
 
 def relabel(res: Results, label: str) -> Results:
     """A cached part under the model name this run uses."""
