@@ -27,6 +27,7 @@ from .probe import probe
 from .registry import adapters, metrics, register
 from .results import Results
 from .tokens import TokenLayout
+from . import sources  # pk.sources.ClassFolder, Manifest, WebDataset, HFDataset
 
 try:
     from importlib.metadata import version as _version
@@ -38,7 +39,7 @@ except Exception:  # running from a source tree that is not installed
 __all__ = [
     "Adapter", "ProbedModel", "LayerAttention", "Metric", "TokenLayout", "Results",
     "load", "wrap", "probe", "compare", "aliases", "adapters", "metrics", "register",
-    "resolve_images", "sample_images",
+    "resolve_images", "sample_images", "sources",
     "ProbekitError", "ConfigError", "ImageError", "LayoutError", "PluginLoadError",
     "UnknownNameError", "UnsupportedArchitectureError", "WeightsUnavailableError",
 ]

@@ -362,7 +362,7 @@ def compare_cmd(
     dtype: Annotated[Optional[str], typer.Option(help="Compute dtype: float32, bf16 or fp16 (over the file's value).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader workers (over the file's value).")] = None,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the figures (needs seaborn).")] = True,
-    engine: Annotated[Optional[str], typer.Option(help="local (default) or ray: every model at once on a Ray cluster, cached per shard (pip install \"probekit[ray]\").")] = None,
+    engine: Annotated[Optional[str], typer.Option(help="local (default) or ray: every model at once on a Ray cluster, cached per shard (pip install \"probekit\\[ray]\").")] = None,
     address: Annotated[Optional[str], typer.Option(help="The Ray cluster: auto, or ray://host:port (default: start a local one).")] = None,
 ):
     """Run the comparison a run file describes; the file is checked fully before any model loads.
