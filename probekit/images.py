@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -53,10 +54,30 @@ def _readable(path: Path, decode: bool = False) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
+#: PIL modes that hold more than 8 bits per sample, and the value that means full white
+_HIGH_DEPTH = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """A high-bit-depth grayscale image scaled (not clipped) to 8-bit ``L``.
+
+    PIL's ``convert`` clips 16-bit values to 255, so a 16-bit PNG turns almost white. 16-bit
+    samples (``I;16*``, and ``I``, which is how 16-bit PNG and TIFF files read in older Pillow)
+    are divided by 257, so ``v * 257`` maps back to ``v`` exactly; float images (``F``) are taken
+    as [0, 1]. Values outside the range are clipped. 48-bit RGB PNGs need nothing: PIL reads
+    them as 8-bit RGB, keeping the high byte.
+    """
+    full = _HIGH_DEPTH[im.mode]
+    a = np.asarray(im, dtype=np.float64) * (255.0 / full)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Upright RGB: the EXIF orientation applied (phone photos), then grayscale, palette and RGBA
-    converted (alpha dropped, as PIL's convert does)."""
+    converted (alpha dropped, as PIL's convert does), high bit depths scaled to 8 bits."""
     im = ImageOps.exif_transpose(im)
+    if im.mode in _HIGH_DEPTH:
+        im = _to_8bit(im)
     return im if im.mode == "RGB" else im.convert("RGB")
 
 

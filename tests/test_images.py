@@ -96,3 +96,45 @@ def test_fingerprint_reads_the_files_once(folder, monkeypatch):
     monkeypatch.setattr(probekit.images, "file_digest", lambda path: reads.append(path) or real(path))
     first = s.fingerprint()
     assert len(reads) == len(s) and s.fingerprint() == first and len(reads) == len(s)
+
+
+def _png16(a: np.ndarray) -> bytes:
+    """A 16-bit PNG (gray [H, W] or 48-bit RGB [H, W, 3]) written by hand: PIL cannot write 48-bit RGB."""
+    import struct
+    import zlib
+
+    a = np.asarray(a, dtype=">u2")
+    h, w = a.shape[:2]
+    raw = b"".join(b"\x00" + a[i].tobytes() for i in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    head = struct.pack(">IIBBBBB", w, h, 16, 2 if a.ndim == 3 else 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("kind", ["png-gray16", "png-rgb48", "I;16", "I;16B", "I"])
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    ref8 = rng.integers(0, 256, size=(24, 20), dtype=np.uint8)  # the 8-bit reference
+    v16 = ref8.astype(np.uint32) * 257  # the same picture at 16 bits (255 -> 65535)
+    if kind.startswith("png"):
+        rgb = kind == "png-rgb48"
+        data = np.stack([v16, v16[::-1], 65535 - v16], -1) if rgb else v16
+        want = np.stack([ref8, ref8[::-1], 255 - ref8], -1) if rgb else np.repeat(ref8[..., None], 3, -1)
+        path = tmp_path / "deep.png"
+        path.write_bytes(_png16(data))
+        ds = resolve_images(path).dataset(lambda im: torch.from_numpy(np.asarray(im).copy()))
+        got = ds[0][1].numpy()  # decoded the way the engine decodes files
+    else:
+        raw = v16.astype("<i4" if kind == "I" else (">u2" if kind.endswith("B") else "<u2")).tobytes()
+        im = Image.frombytes(kind, (20, 24), raw)
+        want, got = np.repeat(ref8[..., None], 3, -1), np.asarray(to_rgb(im))
+    np.testing.assert_array_equal(got, want)  # today: 99.6% of pixels white (clipped at 255)
+
+
+def test_float_images_are_read_as_zero_to_one():
+    a = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)
+    got = np.asarray(to_rgb(Image.fromarray(a)))[..., 0]
+    np.testing.assert_array_equal(got, np.arange(256, dtype=np.uint8).reshape(16, 16))
