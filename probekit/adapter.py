@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .attention import LayerAttention
+from .options import AdapterOptions
 from .tokens import TokenLayout
 
 if TYPE_CHECKING:
@@ -85,6 +86,9 @@ class Adapter(ABC):
     variable_image_size: ClassVar[bool] = True
     #: what :meth:`reference_attention` compares against, in words
     reference: ClassVar[str] = ""
+    #: the options :meth:`from_spec` takes, checked by type before any model loads
+    #: (:mod:`probekit.options`); subclass :class:`~probekit.options.AdapterOptions` to add yours
+    options_schema: ClassVar[type[AdapterOptions]] = AdapterOptions
 
     def __init__(self, model: nn.Module, preprocess: Any = None, **info: Any):
         self.model = model.eval()

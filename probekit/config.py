@@ -21,14 +21,14 @@ Example run file::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, ImageError, MissingDependencyError, PluginLoadError, ProbekitError, UnknownNameError
+from .errors import ConfigError, ImageError, MissingDependencyError, PluginLoadError, ProbekitError
 
 __all__ = ["ModelEntry", "ImagesEntry", "MetricEntry", "Resources", "RunConfig", "load_run", "check_run", "CheckedRun"]
 
@@ -300,7 +300,6 @@ class CheckedRun:
     specs: list[tuple[str, dict, dict]]  # (spec, options, alias metadata) per model entry
     metrics: list  # Metric instances, in run-file order
     images: Any  # ImageSet
-    problems: list[str] = field(default_factory=list)
 
 
 def check_run(cfg: RunConfig) -> CheckedRun:
@@ -309,9 +308,10 @@ def check_run(cfg: RunConfig) -> CheckedRun:
     Raises:
         ConfigError: one bullet per problem, each naming the line and field.
     """
-    from .models import resolve
+    from .models import adapter_class, resolve
+    from .options import options_message, options_problems
     from .probe import build_metrics
-    from .registry import adapters, metrics as metric_registry
+    from .registry import metrics as metric_registry
 
     problems, specs, mets = [], [], []
     labels = [m.name for m in cfg.models]
@@ -321,13 +321,14 @@ def check_run(cfg: RunConfig) -> CheckedRun:
                             "give one of them a `label:`.")
         try:
             spec, opts, meta = resolve(entry.model, **cfg.model_options(entry))
-            prefix = spec.partition(":")[0]
-            if prefix not in adapters:
-                raise UnknownNameError("backend", prefix, adapters.names(),
-                                       hint=f"A spec is backend:name; backends: {', '.join(adapters.names())}.")
-            specs.append((spec, opts, meta))
+            cls = adapter_class(spec.partition(":")[0])
         except ProbekitError as exc:
             problems.append(f"{cfg.where('models', i, 'model')}: {exc}")
+            continue
+        opts, bad = options_problems(cls, opts)  # typed before any model loads
+        if bad:
+            problems.append(f"{cfg.where('models', i, 'options')}: {options_message(cls, bad, spec)}")
+        specs.append((spec, opts, meta))
     for i, entry in enumerate(cfg.metrics):
         try:
             mets.append(metric_registry.get(entry.name)(**entry.options))

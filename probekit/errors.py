@@ -62,12 +62,17 @@ class UnknownNameError(ProbekitError, KeyError):
 class PluginLoadError(ProbekitError):
     """A plugin's entry point failed to import or gave something that is not a plugin."""
 
-    def __init__(self, display_name: str, cause: BaseException | str):
-        self.display_name, self.cause = display_name, cause
-        super().__init__(
-            f"Error loading plugin {display_name}: {cause!s}. Fix or uninstall that distribution; "
-            "other plugins are unaffected."
-        )
+    def __init__(self, display_name: str, cause: BaseException | str, *, kind: str = "plugin",
+                 install: str | None = None):
+        self.display_name, self.cause, self.kind = display_name, cause, kind
+        if install is not None:  # a missing dependency: say what to install, in one line
+            module = getattr(cause, "name", None) or cause
+            msg = (f"The {kind} plugin {display_name} needs the Python module {module!r}, which is not "
+                   f"installed. Install it: {install} (or uninstall that plugin); other plugins are unaffected.")
+        else:
+            msg = (f"Error loading {kind} plugin {display_name}: {cause!s}. Fix or uninstall that "
+                   "distribution; other plugins are unaffected.")
+        super().__init__(msg)
 
 
 class PluginClashError(ProbekitError, ValueError):

@@ -2,32 +2,29 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-from importlib import resources
 from typing import Any
 
 from torch import nn
 
-from .adapter import ProbedModel
-from .errors import ProbekitError, UnknownNameError, UnsupportedArchitectureError, WeightsUnavailableError
-from .registry import adapters
+from .adapter import Adapter, ProbedModel
+from .aliases import aliases
+from .errors import (
+    ConfigError,
+    MissingDependencyError,
+    ProbekitError,
+    UnknownNameError,
+    UnsupportedArchitectureError,
+    WeightsUnavailableError,
+)
+from .options import check_model_options
+from .registry import adapters, install_command
 
-__all__ = ["load", "wrap", "aliases", "resolve"]
+__all__ = ["load", "wrap", "aliases", "resolve", "adapter_class"]
 
 _SPEC_HELP = (
     "A model is an alias from `probekit models` or a spec: hf:<repo id>, timm:<model name>, "
     "open_clip:<arch>/<pretrained tag>, onnx:<path>."
 )
-
-
-@lru_cache(maxsize=1)
-def aliases() -> dict[str, dict[str, Any]]:
-    """The aliases of configs/models.yaml: ``{alias: {spec, family, training, ...}}``."""
-    import yaml
-
-    text = resources.files("probekit.configs").joinpath("models.yaml").read_text()
-    table = yaml.safe_load(text) or {}
-    return {name: dict(entry, alias=name) for name, entry in table.items()}
 
 
 def resolve(name: str, **options: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -41,6 +38,27 @@ def resolve(name: str, **options: Any) -> tuple[str, dict[str, Any], dict[str, A
     if ":" not in name:
         raise UnknownNameError("model", name, table, hint=_SPEC_HELP)
     return name, dict(options), {}
+
+
+def adapter_class(prefix: str) -> type[Adapter]:
+    """The adapter class registered for a spec prefix (loads that plugin, builds no model).
+
+    Raises:
+        UnknownNameError: no backend of that name (close names and the spec forms listed).
+        PluginLoadError: the plugin is installed but does not import (a missing dependency is named).
+    """
+    if prefix not in adapters:
+        raise UnknownNameError("backend", prefix, adapters.names(), hint=_SPEC_HELP)
+    return adapters.get(prefix)
+
+
+def missing_dependency(cls: type[Adapter], exc: ModuleNotFoundError) -> MissingDependencyError:
+    """One line naming what to install when ``cls`` needs a module that is not there."""
+    module = exc.name or str(exc)
+    return MissingDependencyError(
+        f"The {cls.name or cls.__name__} backend needs the Python module {module!r}, which is not installed. "
+        f"Install it: {install_command(module, library=cls.library, extra=cls.extra)}"
+    )
 
 
 def load(name: str, *, label: str | None = None, device=None, dtype=None, **options: Any) -> ProbedModel:
@@ -57,16 +75,21 @@ def load(name: str, *, label: str | None = None, device=None, dtype=None, **opti
         UnknownNameError: unknown alias, backend or model (close names are listed).
         WeightsUnavailableError: pretrained weights not on this machine.
     """
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"A model is named by a string: an alias from `probekit models` or a spec such as "
+                          f"timm:vit_small_patch16_224; got {name!r}. To probe your own nn.Module, use pk.wrap(module).")
     spec, opts, meta = resolve(name, **options)
     prefix, _, rest = spec.partition(":")
-    if prefix not in adapters:
-        raise UnknownNameError("backend", prefix, adapters.names(), hint=_SPEC_HELP)
+    cls = adapter_class(prefix)
+    opts = check_model_options(cls, opts, spec=spec)
     try:
-        adapter = adapters.get(prefix).from_spec(rest, **opts)
+        adapter = cls.from_spec(rest, **opts)
     except WeightsUnavailableError as exc:
         if "install" in meta:  # the alias knows the one command that brings its weights
             raise WeightsUnavailableError(f"{exc} For the alias {name!r}: `{meta['install']}`.") from exc
         raise
+    except ModuleNotFoundError as exc:  # a library the backend imports when building
+        raise missing_dependency(cls, exc) from exc
     if device is not None or dtype is not None:
         adapter.to(device, dtype)
     if opts.get("pretrained", True) is False:

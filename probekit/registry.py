@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from .errors import PluginClashError, PluginLoadError, UnknownNameError
 
-__all__ = ["Registry", "PluginRecord", "register", "GROUPS", "adapters", "metrics"]
+__all__ = ["Registry", "PluginRecord", "register", "GROUPS", "adapters", "metrics", "install_command"]
 
 GROUPS = {"adapter": "probekit.adapters", "metric": "probekit.metrics"}
 
@@ -50,6 +50,30 @@ def _dist_label(ep: metadata.EntryPoint) -> str:
     if dist is None:
         return f"module {ep.value.split(':')[0]}"
     return f"{dist.metadata['Name']} {dist.version}"
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def install_command(module: str, *, library: str = "", extra: str = "", dist: str = "probekit") -> str:
+    """The ``pip install`` that brings ``module``: the requirement of ``dist`` that provides it
+    (through its extra when it has one), else ``library``, else the module's own name."""
+    want = _norm(module.split(".")[0])
+    try:
+        requires = metadata.requires(dist) or []
+    except metadata.PackageNotFoundError:
+        requires = []
+    for req in requires:
+        name = re.match(r"[A-Za-z0-9._-]+", req)
+        if name and _norm(name.group()).startswith(want):
+            marker = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", req)
+            if marker and (not extra or marker.group(1) == extra):
+                return f'pip install "{dist}[{marker.group(1)}]"'
+            return f"pip install {name.group()}"
+    if library and _norm(library).startswith(want):
+        return f"pip install {library}"
+    return f"pip install {module.split('.')[0].replace('_', '-')}"
 
 
 class Registry:
@@ -148,7 +172,11 @@ class Registry:
             obj = rec.entry_point.load()
             self._check(obj, rec.name)
         except Exception as exc:  # any failure of third-party code becomes one error type
-            rec.error = PluginLoadError(rec.display_name, exc)
+            missing = None
+            if isinstance(exc, ModuleNotFoundError) and exc.name:
+                dist = getattr(rec.entry_point, "dist", None)
+                missing = install_command(exc.name, dist=dist.metadata["Name"] if dist is not None else "probekit")
+            rec.error = PluginLoadError(rec.display_name, exc, kind=self.kind, install=missing)
             rec.error.__cause__ = exc
             raise rec.error from exc
         rec.obj = obj

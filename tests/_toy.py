@@ -19,6 +19,7 @@ import probekit as pk
 from probekit.adapter import wants
 from probekit.attention import LayerAttention
 from probekit.errors import WeightsUnavailableError
+from probekit.options import AdapterOptions
 
 
 class _Block(nn.Module):
@@ -69,11 +70,24 @@ class ToyViT(nn.Module):
         return t
 
 
+class ToyOptions(AdapterOptions):
+    """The toy's own options, declared as any adapter declares them."""
+
+    img_size: int | None = None
+    patch_size: int = 8
+    dim: int = 32
+    depth: int = 2
+    heads: int = 2
+    prefix: int = 1
+    fail_at_batch: int | None = None
+
+
 class ToyAdapter(pk.Adapter):
     name = "toy"
     library = "torch"
     extra = ""
     reference = "explicit softmax(q k^T * scale)"
+    options_schema = ToyOptions
 
     @classmethod
     def from_spec(cls, name, *, pretrained=True, checkpoint=None, image_size=None, fail_at_batch=None, **options):

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
 from probekit.adapter import Adapter, Sink, wants
@@ -32,6 +33,7 @@ from probekit.errors import (
     UnsupportedArchitectureError,
     WeightsUnavailableError,
 )
+from probekit.options import AdapterOptions
 from probekit.tokens import TokenLayout
 
 __all__ = ["OnnxAdapter", "resolve_onnx_path", "find_attention_softmaxes"]
@@ -232,6 +234,37 @@ def _preprocess(size: tuple[int, int], mean, std, resize: int | None = None):
     ])
 
 
+_OWN_WEIGHTS = ("An ONNX graph carries its own weights: pretrained=False and checkpoint= do not apply. "
+                "For a random-init control, export a random-init model to ONNX.")
+
+
+class OnnxOptions(AdapterOptions):
+    """ONNX: what a graph cannot tell by itself (see :class:`OnnxAdapter`)."""
+
+    patch_size: int | tuple[int, int] | None = None
+    num_prefix: int | None = Field(None, ge=0)
+    prefix_kinds: list[str] | None = None
+    input_name: str | None = None
+    mean: tuple[float, float, float] = _IMAGENET_MEAN
+    std: tuple[float, float, float] = _IMAGENET_STD
+    resize: int | None = Field(None, gt=0)
+    providers: list[str] | None = None
+
+    @field_validator("pretrained")
+    @classmethod
+    def _own_weights(cls, v: bool) -> bool:
+        if not v:
+            raise ValueError(_OWN_WEIGHTS)
+        return v
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _no_checkpoint(cls, v: Any) -> Any:
+        if v is not None:
+            raise ValueError(_OWN_WEIGHTS)
+        return v
+
+
 class OnnxAdapter(Adapter):
     """A ViT exported to ONNX; attention read from its Softmax nodes, run by onnxruntime.
 
@@ -250,6 +283,7 @@ class OnnxAdapter(Adapter):
     library = "onnxruntime"
     extra = "onnx"
     reference = "float32 softmax of each attention Softmax node's own input logits, read from the same graph"
+    options_schema = OnnxOptions
 
     def __init__(self, onnx_model, *, source: str = "<ModelProto>", image_size=None, patch_size=None,
                  num_prefix: int | None = None, prefix_kinds=None, input_name: str | None = None,
@@ -344,10 +378,7 @@ class OnnxAdapter(Adapter):
             UnsupportedArchitectureError: the graph has no attention Softmax nodes.
         """
         if not pretrained or checkpoint is not None:
-            raise ConfigError(
-                "An ONNX graph carries its own weights: pretrained=False and checkpoint= do not apply. "
-                "For a random-init control, export a random-init model to ONNX."
-            )
+            raise ConfigError(_OWN_WEIGHTS)
         onnx, _ = _require_backends()
         path = resolve_onnx_path(name)
         return cls(onnx.load(str(path)), source=str(path), image_size=image_size, **options)

@@ -25,6 +25,7 @@ from torch import nn
 from probekit.adapter import Adapter, Sink
 from probekit.attention import LayerAttention, sdpa_dtype
 from probekit.errors import LayoutError, UnknownNameError, UnsupportedArchitectureError, WeightsUnavailableError
+from probekit.options import AdapterOptions, library_keywords
 from probekit.tokens import TokenLayout, pair
 
 from ._sdpa_spy import attention_report, tap_blocks, watch_attention
@@ -209,6 +210,22 @@ def _create(arch: str, tag: str | None, pretrained: bool, checkpoint: str | None
     return model, preprocess
 
 
+class OpenClipOptions(AdapterOptions):
+    """open_clip: the common options, ``img_size``, and the keywords of
+    ``open_clip.create_model_and_transforms`` and of the CLIP model (model overrides)."""
+
+    img_size: int | tuple[int, int] | None = None
+    passthrough_help = "and keywords of open_clip.create_model_and_transforms or the CLIP model (embed_dim, vision_cfg, ...)"
+
+    @classmethod
+    def passthrough(cls) -> dict[str, type | None]:
+        import open_clip
+
+        return library_keywords(open_clip.create_model_and_transforms, open_clip.CLIP.__init__,
+                                open_clip.CustomTextCLIP.__init__,
+                                skip=("model_name", "pretrained", "model_kwargs", "self"))
+
+
 class OpenClipAdapter(Adapter):
     """open_clip image towers. Spec ``open_clip:<arch>/<pretrained tag>`` (``open_clip:ViT-B-16/openai``).
 
@@ -220,6 +237,7 @@ class OpenClipAdapter(Adapter):
     library = "open_clip"
     extra = "open_clip_torch"
     reference = "nn.MultiheadAttention(need_weights=True, average_attn_weights=False)"
+    options_schema = OpenClipOptions
     #: a fixed position table: other sizes are set at load (``image_size=``, open_clip resizes it)
     variable_image_size = False
 

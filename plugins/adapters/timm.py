@@ -35,6 +35,7 @@ from probekit.errors import (
     UnsupportedArchitectureError,
     WeightsUnavailableError,
 )
+from probekit.options import AdapterOptions, library_keywords
 from probekit.tokens import TokenLayout, pair
 
 from probekit.geometry import ModelGeometry
@@ -102,6 +103,24 @@ def _family_of_arch(arch: str) -> Family | None:
     module = timm.models.model_entrypoint(arch).__module__.rsplit(".", 1)[-1]
     return next((f for f in FAMILIES if module in f.modules), None)
 
+
+
+class TimmOptions(AdapterOptions):
+    """timm: the common options, ``img_size`` (as timm spells ``image_size``), and keyword
+    arguments of ``timm.create_model`` and of the model classes the adapter knows."""
+
+    img_size: int | tuple[int, int] | None = None
+    passthrough_help = "and keyword arguments of the timm model class (embed_dim, depth, num_heads, ...)"
+
+    @classmethod
+    def passthrough(cls) -> dict[str, type | None]:
+        import timm
+        from timm import models
+
+        classes = [getattr(getattr(models, m), c) for f in FAMILIES for m in f.modules for c in f.classes
+                   if hasattr(getattr(models, m, None), c)]
+        return library_keywords(timm.create_model, *(c.__init__ for c in classes),
+                                skip=("model_name", "pretrained", "kwargs", "self"))
 
 
 # -- building helpers ----------------------------------------------------------------------------
@@ -174,6 +193,7 @@ class TimmAdapter(Adapter):
     library = "timm"
     extra = "timm"
     reference = "timm.utils.AttentionExtract on attn_drop, on a copy with fused attention off"
+    options_schema = TimmOptions
 
     def __init__(self, model: nn.Module, preprocess: Any = None, **info: Any):
         super().__init__(model, preprocess, **info)

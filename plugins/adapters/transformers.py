@@ -28,6 +28,7 @@ from torch import nn
 from probekit.adapter import Adapter, Sink, wants
 from probekit.attention import LayerAttention, sdpa_dtype
 from probekit.errors import ConfigError, UnsupportedArchitectureError
+from probekit.options import AdapterOptions
 from probekit.tokens import TokenLayout, pair
 
 from probekit.geometry import ModelGeometry
@@ -126,6 +127,12 @@ def _bind(encoder: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------------------
 
 
+class TransformersOptions(AdapterOptions):
+    """transformers: the common options and ``config`` (a config object or a dict of overrides)."""
+
+    config: Any = None
+
+
 class TransformersAdapter(Adapter):
     """Hugging Face transformers ViT encoders, tapped through a registered SDPA function.
 
@@ -139,6 +146,7 @@ class TransformersAdapter(Adapter):
     library = "transformers"
     extra = "transformers"
     reference = "transformers eager attention, output_attentions=True"
+    options_schema = TransformersOptions
 
     def __init__(self, model: nn.Module, preprocess: Any = None, **info: Any):
         super().__init__(model, preprocess, **info)
