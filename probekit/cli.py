@@ -56,11 +56,23 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# One table from error type to the hint that follows its message (most specific first).
-CLI_ERROR_HINTS: list[tuple[type[BaseException], str]] = [
+def _weights_hint(exc: WeightsUnavailableError) -> str:
+    if not exc.random_init:  # e.g. an ONNX graph, which has no random-init control
+        return ""
+    return "Connect once to download the weights, or pass --no-pretrained for a random-init control."
+
+
+def _plugin_hint(exc: PluginLoadError) -> str:
+    command = "models" if exc.kind == "adapter" else "metrics"
+    return f"Run `probekit {command}` to see which {exc.kind} plugins load."
+
+
+# One table from error type to the hint that follows its message (most specific first); a hint
+# is a sentence, or a function of the error when it depends on it.
+CLI_ERROR_HINTS: list[tuple[type[BaseException], Any]] = [
     (UnknownNameError, "List what exists with `probekit models` or `probekit metrics`."),
-    (WeightsUnavailableError, "Connect once to download the weights, or pass --no-pretrained for a random-init control."),
-    (PluginLoadError, "Run `probekit metrics` to see which plugins load."),
+    (WeightsUnavailableError, _weights_hint),
+    (PluginLoadError, _plugin_hint),
     (UnsupportedArchitectureError, ""),
     (ImageError, ""),
     (ConfigError, ""),
@@ -72,6 +84,7 @@ def _fail(exc: BaseException, code: int = 1) -> None:
     """Print ``exc`` as one red line (bullets below it) with its hint, then exit."""
     first, *rest = str(exc).splitlines() or [type(exc).__name__]
     hint = next((h for t, h in CLI_ERROR_HINTS if isinstance(exc, t)), "")
+    hint = hint(exc) if callable(hint) else hint
     if hint and hint in str(exc):
         hint = ""
     _consoles.err.print(f"[bold red]Error:[/] [red]{escape(first)}[/]", highlight=False)
@@ -128,33 +141,58 @@ def _check_format(fmt: str) -> str:
 
 
 # -- models, metrics, inspect --------------------------------------------------------------------
-@app.command("models", epilog="Examples:\n\n  probekit models\n\n  probekit models --format json")
+@app.command("models", epilog="Examples:\n\n  probekit models\n\n  probekit models --check --format json")
 @_handled
 def models_cmd(
     format: FormatOpt = "human",
     filter: Annotated[Optional[str], typer.Option(help="Only aliases matching this glob, e.g. 'dino*'.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Load each backend's plugin and say whether it works "
+                                        "(imports the model libraries: slower).")] = False,
 ):
-    """List the model aliases: their spec, training kind, family and patch size.
+    """List the model aliases (spec, training kind, family, patch size) and every backend, plugins included.
 
-    Any spec works too: hf:<repo id>, timm:<model name>, open_clip:<arch>/<tag>, onnx:<path>.
+    Any spec works too: BACKEND:NAME, e.g. hf:<repo id>, timm:<model name>, open_clip:<arch>/<tag>, onnx:<path>.
     """
     import fnmatch
 
-    from .models import aliases
+    from .model_aliases import aliases, backend_descriptions
+    from .registry import adapters
 
     fmt = _check_format(format)
+    table = aliases()
     rows = [
         {"alias": a, "spec": e.get("spec"), "training": e.get("training"), "family": e.get("family"),
-         "patch": e.get("patch_size")}
-        for a, e in aliases().items() if not filter or fnmatch.fnmatch(a, filter)
+         "patch": e.get("patch_size"), "source": e.get("source")}
+        for a, e in table.items() if not filter or fnmatch.fnmatch(a, filter)
     ]
+    described = backend_descriptions()
+    backends = []
+    for rec in adapters.records():  # found from entry points; nothing is imported unless --check
+        row = {"backend": rec.name, "loads": described.get(rec.name, f"{rec.name}:<name>"), "source": rec.dist,
+               "aliases": sum(e["spec"].partition(":")[0] == rec.name for e in table.values())}
+        if check:
+            try:
+                adapters.get(rec.name)
+                row["status"] = "ok"
+            except ProbekitError as exc:
+                row["status"] = str(exc)
+        backends.append(row)
     if fmt == "json":
-        _consoles.out.print_json(json.dumps(rows))
+        _consoles.out.print_json(json.dumps({"aliases": rows, "backends": backends}))
         return
-    table = Table("alias", "spec", "training", "family", "patch", box=None, header_style="bold")
+    keys = ("alias", "spec", "training", "family", "patch", "source")
+    out = Table(*keys, box=None, header_style="bold", title="aliases")
     for r in rows:
-        table.add_row(*(escape(str(r[k] if r[k] is not None else "")) for k in ("alias", "spec", "training", "family", "patch")))
-    _consoles.out.print(table)
+        out.add_row(*(escape(str(r[k] if r[k] is not None else "")) for k in keys))
+    _consoles.out.print(out)
+    keys = ("backend", "loads", "source", "aliases") + (("status",) if check else ())
+    out = Table(*keys, box=None, header_style="bold", title="backends")
+    for r in backends:
+        cells = [escape(str(r[k])) for k in keys]
+        if check and r["status"] != "ok":
+            cells[-1] = f"[red]{cells[-1]}[/]"
+        out.add_row(*cells)
+    _consoles.out.print(out)
 
 
 @app.command("metrics", epilog="Examples:\n\n  probekit metrics\n\n  probekit metrics --format json")

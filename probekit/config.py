@@ -308,6 +308,7 @@ def check_run(cfg: RunConfig) -> CheckedRun:
     Raises:
         ConfigError: one bullet per problem, each naming the line and field.
     """
+    from .arguments import device_problem
     from .models import adapter_class, resolve
     from .options import options_message, options_problems
     from .probe import build_metrics
@@ -345,7 +346,7 @@ def check_run(cfg: RunConfig) -> CheckedRun:
         except ConfigError as exc:
             problems.append(f"{cfg.where('metrics')}: {exc}")
     if cfg.device is not None:
-        problem = _device_problem(cfg.device)
+        problem = device_problem(cfg.device)
         if problem:
             problems.append(f"{cfg.where('device')}: {problem}")
     images = None
@@ -360,20 +361,3 @@ def check_run(cfg: RunConfig) -> CheckedRun:
         raise ConfigError(f"The run cannot start ({n} problem{'s' * (n != 1)}):\n" +
                           "\n".join(f"  - {p}" for p in problems))
     return CheckedRun(cfg, specs, mets, images)
-
-
-def _device_problem(device: str) -> str | None:
-    """Why ``device`` cannot run models here, or None (checked before loading anything)."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        return f"{device!r} is not a device; use cpu, cuda, cuda:N or mps."
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        return f"device {device!r} asked for, but torch sees no CUDA GPU here; use cpu."
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        return f"device {device!r} asked for, but there are {torch.cuda.device_count()} CUDA GPU(s)."
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        return "device 'mps' asked for, but MPS is not available here; use cpu."
-    return None

@@ -8,7 +8,8 @@ not a :class:`ProbekitError` is a bug and keeps its traceback.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 __all__ = [
     "ProbekitError",
@@ -25,6 +26,7 @@ __all__ = [
     "RunDirError",
     "RunDirBusyError",
     "close_matches",
+    "reading_checkpoint",
 ]
 
 
@@ -84,7 +86,15 @@ class LayoutError(ProbekitError, ValueError):
 
 
 class WeightsUnavailableError(ProbekitError):
-    """Pretrained weights that are not on this machine and cannot be downloaded now."""
+    """Pretrained weights that are not on this machine and cannot be downloaded now.
+
+    ``random_init``: whether a random-init control (``pretrained=False``) is possible for this
+    model, so the CLI offers ``--no-pretrained`` only where it would work (not for an ONNX graph).
+    """
+
+    def __init__(self, message: str, *, random_init: bool = True):
+        self.random_init = random_init
+        super().__init__(message)
 
 
 class UnsupportedArchitectureError(ProbekitError, TypeError):
@@ -114,3 +124,22 @@ class RunDirError(ProbekitError):
 
 class RunDirBusyError(RunDirError):
     """Another probekit run holds the run directory's lock."""
+
+
+@contextmanager
+def reading_checkpoint(path) -> Iterator[None]:
+    """Around a library reading a user's ``checkpoint=`` file: any failure is that file's fault
+    (garbage bytes, another architecture's tensors), said in one line. A no-op when ``path`` is None."""
+    if path is None:
+        yield
+        return
+    try:
+        yield
+    except ProbekitError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(
+            f"checkpoint={str(path)!r} cannot be loaded ({type(exc).__name__}: {first}). Give a weights file "
+            "saved from this architecture: a state dict in .safetensors, .pth or .bin."
+        ) from exc

@@ -37,11 +37,18 @@ def sample_images() -> list[Path]:
     return sorted(Path(str(p)) for p in root.iterdir() if Path(str(p)).suffix.lower() in IMAGE_SUFFIXES)
 
 
+NOT_AN_IMAGE = "not an image"  # how skipped files that are no image at all are recorded
+
+
 def _readable(path: Path, decode: bool = False) -> str | None:
     """None if ``path`` opens as an image, else the reason it does not.
 
     ``decode``: decode the pixels too (``--strict``: a truncated JPEG passes ``verify`` and fails
     only when decoded, so strict runs decode every file before any model loads).
+
+    A file PIL cannot identify is recorded as ``"not an image: ..."``, apart from images that
+    are damaged or too large; an image over PIL's decompression-bomb limit is skipped with the
+    way to allow it, never stopping the whole run.
     """
     try:
         with Image.open(path) as im:
@@ -50,8 +57,18 @@ def _readable(path: Path, decode: bool = False) -> str | None:
             with Image.open(path) as im:
                 im.load()
         return None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        return f"{type(exc).__name__}: {exc}"
+    except UnidentifiedImageError:
+        return f"{NOT_AN_IMAGE}: PIL cannot identify the file"
+    except Image.DecompressionBombError as exc:
+        return f"too large ({exc}); allow it with PIL.Image.MAX_IMAGE_PIXELS = None if you trust the file"
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"unreadable: {type(exc).__name__}: {exc}"
+
+
+def display_name(path: Path | str) -> str:
+    """A file name that can be written anywhere (UTF-8 tables, JSON, hashes): bytes that are not
+    UTF-8 (kept by Python as surrogates) are shown as ``\\xNN`` escapes, one name per file."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
 #: PIL modes that hold more than 8 bits per sample, and the value that means full white
@@ -186,8 +203,9 @@ def open_image(where: Any) -> Image.Image:
             return where.open()  # a source's reference (a tar member, a dataset row)
         with Image.open(where) as f:
             return f.copy()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"Cannot decode image {where}: {exc}. Remove it or fix it.") from exc
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        shown = display_name(where) if isinstance(where, (str, os.PathLike)) else where
+        raise ImageError(f"Cannot decode image {shown}: {exc}. Remove it or fix it.") from exc
 
 
 def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -202,20 +220,83 @@ def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor | None]:
 def _from_paths(paths: list[Path], root: Path | None, strict: bool) -> ImageSet:
     keep, names, skipped = [], [], []
     for p in paths:
-        name = str(p.relative_to(root)) if root is not None else str(p)
+        name = display_name(p.relative_to(root) if root is not None else p)
         reason = _readable(p, decode=strict)
         if reason is None:
             keep.append(p)
             names.append(name)
         elif strict:
-            raise ImageError(f"{p} is not a readable image ({reason}). Remove it, or drop --strict to skip it.")
+            raise ImageError(f"{display_name(p)} is {reason}. Remove it, or drop --strict to skip it.")
         else:
             skipped.append((name, reason))
-    if skipped:
-        log.warning(
-            "Skipped %d unreadable file(s): %s", len(skipped), ", ".join(n for n, _ in skipped)
-        )
+    for kind, group in _skip_groups(skipped).items():
+        log.warning("Skipped %d %s: %s", len(group), kind, ", ".join(group))
     return ImageSet(names=names, paths=keep, skipped=skipped)
+
+
+def _skip_groups(skipped: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """Skipped names by kind: files that are no image, broken links, damaged or too large images."""
+    groups: dict[str, list[str]] = {}
+    for name, reason in skipped:
+        kind = ("file(s) that are not images" if reason.startswith(NOT_AN_IMAGE)
+                else "broken link(s)" if reason.startswith("broken link") else "unreadable image(s)")
+        groups.setdefault(kind, []).append(name)
+    return groups
+
+
+def _scan(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Image files under ``folder`` (recursively, sorted), and what was passed over with why:
+    other suffixes, and symlinks that lead nowhere (dangling, or a loop)."""
+    files, passed = [], []
+    for f in sorted(folder.rglob("*")):
+        rel = display_name(f.relative_to(folder))
+        if f.is_symlink() and not f.exists():
+            passed.append((rel, "broken link: its target is missing or the links form a loop"))
+        elif not f.is_file():
+            continue
+        elif f.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(f)
+        else:
+            passed.append((rel, f"{NOT_AN_IMAGE} suffix"))
+    return files, passed
+
+
+def _from_array(images: Any) -> torch.Tensor:
+    """A NumPy array as a tensor (then read as any tensor is: float preprocessed, uint8 pixels)."""
+    return torch.as_tensor(np.array(images))
+
+
+def _pixels_to_pil(x: torch.Tensor, channels_last: bool) -> list[Image.Image]:
+    """uint8 pixels ``[H, W, C]``/``[N, H, W, C]`` (or channels first) -> PIL images, so each model
+    preprocesses them its own way (resize, crop, its own mean and std)."""
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4:
+        raise ImageError(f"uint8 pixels must be [N, H, W, 3] or [N, 3, H, W]; got shape {tuple(x.shape)}.")
+    if not channels_last:
+        x = x.permute(0, 2, 3, 1)
+    if x.shape[-1] not in (1, 3, 4):
+        raise ImageError(f"uint8 pixels must have 1, 3 or 4 channels; got shape {tuple(x.shape)}.")
+    x = x.cpu().numpy()
+    return [Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im) for im in x]
+
+
+def _from_tensor(images: torch.Tensor) -> ImageSet | list[Image.Image]:
+    """A preprocessed float tensor as float32 ``[N, 3, H, W]``; uint8 pixels go through PIL."""
+    if images.dtype == torch.uint8:  # raw pixels, not preprocessed: let each model preprocess them
+        last = images.shape[-1] in (1, 3, 4) and (images.dim() < 3 or images.shape[-3] not in (1, 3))
+        return _pixels_to_pil(images, channels_last=last)
+    if not images.is_floating_point():
+        raise ImageError(f"A tensor of images must be float (preprocessed [N, 3, H, W]) or uint8 pixels; "
+                         f"got {images.dtype}.")
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ImageError(
+            f"A tensor of images must be [N, 3, H, W] (preprocessed); got shape {tuple(images.shape)}."
+        )
+    # the model's weights are float32; autocast (dtype="bf16") lowers the compute itself
+    return ImageSet(names=[str(i) for i in range(images.shape[0])], tensor=images.float())
 
 
 def resolve_images(
@@ -232,18 +313,20 @@ def resolve_images(
     Raises:
         ImageError: a missing path, an empty set, or (``strict``) an unreadable file.
     """
+    if type(images).__module__ == "numpy" and hasattr(images, "shape"):
+        images = _from_array(images)
+    if isinstance(images, torch.Tensor):
+        images = _from_tensor(images)
+    if (not isinstance(images, (ImageSet, Image.Image, str, os.PathLike, list, tuple)) and images is not None
+            and not hasattr(images, "image_set")):
+        raise ImageError(
+            f"images= takes a folder, file paths, 'sample', PIL images, a NumPy array or a tensor; got "
+            f"{type(images).__name__} ({images!r:.40})."
+        )
     if isinstance(images, ImageSet):
         out = images
     elif hasattr(images, "image_set"):  # a probekit.sources source (class folders, manifest, shards, dataset)
         out = images.image_set(strict=strict)
-    elif isinstance(images, torch.Tensor):
-        if images.dim() == 3:
-            images = images.unsqueeze(0)
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ImageError(
-                f"A tensor of images must be [N, 3, H, W] (preprocessed); got shape {tuple(images.shape)}."
-            )
-        out = ImageSet(names=[str(i) for i in range(images.shape[0])], tensor=images)
     elif isinstance(images, Image.Image):
         out = ImageSet(names=["image0"], pil=[images])
     elif isinstance(images, (list, tuple)) and images and all(isinstance(i, Image.Image) for i in images):
@@ -258,26 +341,29 @@ def resolve_images(
                 parts.append(_from_paths(sample_images(), None, strict))
                 parts[-1].names = [p.name for p in parts[-1].paths]
                 continue
+            if not isinstance(item, (str, os.PathLike)):
+                raise ImageError(f"images= items must be paths (or all PIL images); got {type(item).__name__} "
+                                 f"({item!r:.40}).")
             p = Path(item).expanduser()
             if p.is_dir():
-                files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-                others = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() not in IMAGE_SUFFIXES)
+                files, passed = _scan(p)
                 part = _from_paths(files, p, strict)
-                part.skipped += [(str(f.relative_to(p)), "not an image suffix") for f in others]
-                if others:
-                    log.warning("Ignored %d non-image file(s) in %s", len(others), p)
+                part.skipped += passed
+                for kind, group in _skip_groups(passed).items():
+                    log.warning("Passed over %d %s in %s: %s", len(group), kind, display_name(p), ", ".join(group))
                 parts.append(part)
             elif p.is_file():
                 parts.append(_from_paths([p], None, strict))
             else:
-                raise ImageError(f"No such file or folder: {p}. Check the path, or use 'sample'.")
+                raise ImageError(f"No such file or folder: {display_name(p)}. Check the path, or use 'sample'.")
         out = ImageSet(
             names=[n for s in parts for n in s.names],
             paths=[q for s in parts for q in s.paths],
             skipped=[k for s in parts for k in s.skipped],
         )
     if len(out) == 0:
-        skipped = f" ({len(out.skipped)} unreadable file(s) skipped)" if out.skipped else ""
+        groups = _skip_groups(out.skipped)
+        skipped = f" (skipped: {', '.join(f'{len(g)} {k}' for k, g in groups.items())})" if groups else ""
         raise ImageError(f"The image set is empty{skipped}. Point --images at a folder with images.")
     if count is not None and count < len(out):
         from .sources.sampling import sample_indices

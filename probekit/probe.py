@@ -22,6 +22,7 @@ import torch
 
 from .adapter import ProbedModel
 from . import kernel
+from .arguments import check_probe_arguments
 from .attention import ATTENTION_PASSES, LayerAttention, Workspace, no_autocast, one_pass, row_blocks
 from .errors import ConfigError
 from .geometry import LayerGeometry, ModelGeometry
@@ -448,6 +449,8 @@ def probe(
     Returns:
         :class:`Results` with one row per image x layer x head x metric.
     """
+    layers = check_probe_arguments(model=model, metrics=metrics, batch_size=batch_size, layers=layers,
+                                   device=device, num_workers=num_workers, block_mb=block_mb)
     plan = _resolve(model, images, metrics, layers, device, dtype, strict, label)
     sink = MetricSink(plan.metrics, layers=plan.layers, block_mb=block_mb, attention_pass=attention_pass)
     t0 = time.perf_counter()

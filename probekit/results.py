@@ -165,11 +165,31 @@ class Results:
 
     @classmethod
     def read_parquet(cls, path) -> "Results":
+        """A table written by :meth:`to_parquet`.
+
+        Raises:
+            ConfigError: the file is not parquet, or not a probekit results table (columns missing
+                or of the wrong kind).
+        """
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        tbl = pq.read_table(path)
+        from .errors import ConfigError
+
+        what = ("Give a results.parquet of a run directory, or a file written by Results.to_parquet "
+                f"(columns {', '.join(COLUMNS)}).")
+        try:
+            tbl = pq.read_table(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise ConfigError(f"{path} cannot be read as parquet ({exc}). {what}") from None
+        missing = [c for c in COLUMNS if c not in tbl.column_names]
+        if missing:
+            raise ConfigError(f"{path} is not a probekit results table: it lacks column(s) {', '.join(missing)}. {what}")
         meta = json.loads((tbl.schema.metadata or {}).get(_META_KEY, b"{}"))
-        return cls(tbl.to_pandas(), meta=meta)
+        try:
+            return cls(tbl.to_pandas(), meta=meta)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{path} is not a probekit results table: {exc}. {what}") from None
 
     def to_csv(self, path) -> Path:
         """Write the table (17 significant digits: floats round-trip exactly) and a .json sidecar."""

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import probekit as pk
-from probekit.errors import LayoutError, UnknownNameError, UnsupportedArchitectureError, WeightsUnavailableError
+from probekit.errors import (
+    ConfigError,
+    LayoutError,
+    UnknownNameError,
+    UnsupportedArchitectureError,
+    WeightsUnavailableError,
+)
 from probekit.plugins.adapters._sdpa_spy import _PENDING, tap_blocks
 from probekit.plugins.adapters.timm import TimmAdapter, TimmWindowedAdapter
 from probekit.testing import randomize_parameters
@@ -211,7 +217,7 @@ def test_checkpoint_file_round_trips(tmp_path):
     pm = pk.load("timm:vit_small_patch14_reg4_dinov2", checkpoint=str(path), **TINY)
     x = src.example_input(1)
     assert _max_dev(pm.attention(x), src.attention(x)) == 0.0
-    with pytest.raises(WeightsUnavailableError, match="not a file"):
+    with pytest.raises(ConfigError, match="checkpoint '.*missing.pth' is not a file"):  # checked before building
         pk.load("timm:vit_small_patch14_reg4_dinov2", checkpoint=str(tmp_path / "missing.pth"), **TINY)
 
 

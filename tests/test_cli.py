@@ -31,9 +31,9 @@ def test_models_lists_aliases_as_table_and_json(cli):
     first = next(iter(pk.aliases().items()))
     assert first[0] in r.stdout and first[1]["spec"] in r.stdout
     r = cli("models", "--format", "json")
-    rows = json.loads(r.stdout)
+    rows = json.loads(r.stdout)["aliases"]
     assert {row["alias"]: row["spec"] for row in rows} == {a: e["spec"] for a, e in pk.aliases().items()}
-    assert set(rows[0]) == {"alias", "spec", "training", "family", "patch"}
+    assert set(rows[0]) == {"alias", "spec", "training", "family", "patch", "source"}
     assert cli("models", "--format", "yaml").exit_code != 0
 
 

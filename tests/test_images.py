@@ -28,11 +28,11 @@ def test_folder_is_recursive_and_skips_unreadable_with_names(folder, caplog):
         s = resolve_images(folder)
     assert s.names == ["a.png", "sub/gray.jpg", "sub/rgba.png"]
     assert dict(s.skipped) .keys() == {"broken.jpg", "notes.txt"}
-    assert "Skipped 1 unreadable file(s): broken.jpg" in caplog.text
+    assert "Skipped 1 file(s) that are not images: broken.jpg" in caplog.text
 
 
 def test_strict_stops_at_unreadable(folder):
-    with pytest.raises(ImageError, match=r"broken\.jpg is not a readable image.*drop --strict"):
+    with pytest.raises(ImageError, match=r"broken\.jpg is not an image.*drop --strict"):
         resolve_images(folder, strict=True)
 
 

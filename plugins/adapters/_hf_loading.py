@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from probekit.errors import ConfigError, UnknownNameError, WeightsUnavailableError
+from probekit.errors import ConfigError, UnknownNameError, WeightsUnavailableError, reading_checkpoint
 
 from ._hf_families import KNOWN, check_family, family_of, vision_config
 
@@ -24,12 +24,15 @@ def known_config(repo: str, overrides: dict):
     return getattr(transformers, cls_name)(**{**kwargs, **overrides})
 
 
-def hub_hint(repo: str) -> str:
+def hub_hint(repo: str, random_init: bool = True) -> str:
+    """Where the weights would come from; offers pretrained=False only where it would help (a
+    random init needs the config, which only a cached or known repo has)."""
     from huggingface_hub import constants
 
+    alt = "or pass pretrained=False for a random-init control " if random_init else ""
     return (f"The Hugging Face cache is {constants.HF_HUB_CACHE}. On a connected machine run "
-            f"`hf download {repo}` (or `huggingface-cli download {repo}`) and copy the cache here, "
-            "or pass pretrained=False for a random-init control (HF_HUB_OFFLINE=1 skips network retries).")
+            f"`hf download {repo}` (or `huggingface-cli download {repo}`) and copy the cache here{',' * bool(alt)} "
+            f"{alt}(HF_HUB_OFFLINE=1 skips network retries).")
 
 
 def config_for(name: str, overrides: dict):
@@ -46,7 +49,7 @@ def config_for(name: str, overrides: dict):
         if name not in KNOWN:
             raise UnknownNameError("transformers model", name, KNOWN, hint=(
                 "It is neither a local directory, nor in the Hugging Face cache, nor a repo id probekit "
-                "knows offline. " + hub_hint(name))) from None
+                "knows offline. " + hub_hint(name, random_init=False))) from None
         return known_config(name, overrides)
     cfg = vision_config(cfg)
     for key, value in overrides.items():
@@ -75,7 +78,7 @@ def pretrained_model(name: str, overrides: dict) -> nn.Module:
         except (OSError, ValueError) as exc:  # missing files, or no network
             error = exc
     if name not in KNOWN and not Path(name).is_dir():
-        raise UnknownNameError("transformers model", name, KNOWN, hint=hub_hint(name)) from None
+        raise UnknownNameError("transformers model", name, KNOWN, hint=hub_hint(name, random_init=False)) from None
     raise WeightsUnavailableError(
         f"Pretrained weights for {name!r} are not on this machine and cannot be downloaded now "
         f"({type(error).__name__}). {hub_hint(name)}") from error
@@ -94,7 +97,7 @@ def load_checkpoint(model_class, cfg, path: str) -> nn.Module:
     if not p.is_file():
         raise ConfigError(f"checkpoint={path!r} is not a file; give a .safetensors/.bin/.pt state dict, "
                           "or a directory with config.json as the spec (hf:<directory>).")
-    with tempfile.TemporaryDirectory(prefix="probekit-hf-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="probekit-hf-") as tmp, reading_checkpoint(path):
         cfg.save_pretrained(tmp)
         if p.suffix == ".safetensors":
             os.symlink(p.resolve(), Path(tmp) / "model.safetensors")

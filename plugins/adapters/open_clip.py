@@ -24,7 +24,13 @@ from torch import nn
 
 from probekit.adapter import Adapter, Sink
 from probekit.attention import LayerAttention, sdpa_dtype
-from probekit.errors import LayoutError, UnknownNameError, UnsupportedArchitectureError, WeightsUnavailableError
+from probekit.errors import (
+    LayoutError,
+    UnknownNameError,
+    UnsupportedArchitectureError,
+    WeightsUnavailableError,
+    reading_checkpoint,
+)
 from probekit.options import AdapterOptions, library_keywords
 from probekit.tokens import TokenLayout, pair
 
@@ -202,7 +208,8 @@ def _create(arch: str, tag: str | None, pretrained: bool, checkpoint: str | None
     if arch.startswith(_SCHEMAS) and not pretrained:
         kwargs["load_weights"] = False
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=source, **kwargs)
+        with reading_checkpoint(checkpoint):
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=source, **kwargs)
     except (RuntimeError, OSError) as exc:
         if source is not None and checkpoint is None and "download" in str(exc).lower():
             raise _weights_error(arch, tag, exc) from exc

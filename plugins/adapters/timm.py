@@ -34,6 +34,7 @@ from probekit.errors import (
     UnknownNameError,
     UnsupportedArchitectureError,
     WeightsUnavailableError,
+    reading_checkpoint,
 )
 from probekit.options import AdapterOptions, library_keywords
 from probekit.tokens import TokenLayout, pair
@@ -158,7 +159,8 @@ def _create(name: str, pretrained: bool, checkpoint: str | None, kwargs: dict) -
         kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint))
         pretrained = True
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        with reading_checkpoint(checkpoint):
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as exc:
         if "Invalid pretrained tag" in str(exc):
             tags = timm.list_pretrained(f"{arch}.*")

@@ -10,7 +10,8 @@ a package or a dict::
     other = "my_plugin.models:ALIASES"     # a dict {alias: {spec, family, training, ...}}
 
 Each alias maps to ``{spec, family, training, patch_size, weights, options, install}`` (only
-``spec`` is required). Nothing here imports torch or a model library, so listings stay fast.
+``spec`` is required). The reserved key ``backends`` maps a backend (spec prefix) to one line
+saying what it loads, shown by ``probekit models``. Nothing here imports torch or a model library, so listings stay fast.
 A built-in alias is never replaced by a plugin's; a clash is reported as a warning.
 """
 
@@ -21,10 +22,11 @@ from functools import lru_cache
 from importlib import metadata, resources
 from typing import Any
 
-__all__ = ["aliases", "GROUP", "BUILTIN"]
+__all__ = ["aliases", "backend_descriptions", "GROUP", "BUILTIN", "RESERVED"]
 
 GROUP = "probekit.aliases"
 BUILTIN = "probekit"  # the source recorded for configs/models.yaml
+RESERVED = "backends"  # the key of an alias file that describes backends, not an alias
 
 
 def _read_yaml(text: str, where: str) -> dict[str, Any]:
@@ -51,6 +53,22 @@ def _source(ep: metadata.EntryPoint) -> str:
     return f"{dist.metadata['Name']} {dist.version}" if dist is not None else ep.value.split(":")[0]
 
 
+def _tables() -> list[tuple[str, dict[str, Any]]]:
+    """``(source, table)`` for models.yaml, then each plugin's alias file (unreadable ones warned)."""
+    text = resources.files("probekit.configs").joinpath("models.yaml").read_text()
+    out = [(BUILTIN, _read_yaml(text, "models.yaml"))]
+    seen = set()
+    for ep in sorted(metadata.entry_points(group=GROUP), key=lambda e: (e.name, e.value)):
+        if ep.value in seen:  # the same distribution twice on sys.path
+            continue
+        seen.add(ep.value)
+        try:
+            out.append((_source(ep), _from_entry_point(ep)))
+        except Exception as exc:  # third-party data: one warning, never a crash
+            warnings.warn(f"Skipped the aliases of {_source(ep)} ({ep.value}): {exc}", stacklevel=3)
+    return out
+
+
 @lru_cache(maxsize=1)
 def aliases() -> dict[str, dict[str, Any]]:
     """Every alias: ``{alias: {spec, family, training, ..., alias, source}}``, built-in first.
@@ -58,24 +76,28 @@ def aliases() -> dict[str, dict[str, Any]]:
     A plugin's alias file that cannot be read is skipped with a warning naming it (the
     other aliases stay usable), as a broken plugin never breaks its neighbours.
     """
-    text = resources.files("probekit.configs").joinpath("models.yaml").read_text()
-    out = {name: dict(entry, alias=name, source=BUILTIN) for name, entry in _read_yaml(text, "models.yaml").items()}
-    seen = set()
-    for ep in sorted(metadata.entry_points(group=GROUP), key=lambda e: (e.name, e.value)):
-        if ep.value in seen:  # the same distribution twice on sys.path
-            continue
-        seen.add(ep.value)
-        try:
-            table = _from_entry_point(ep)
-        except Exception as exc:  # third-party data: one warning, never a crash
-            warnings.warn(f"Skipped the aliases of {_source(ep)} ({ep.value}): {exc}", stacklevel=2)
-            continue
+    out: dict[str, dict[str, Any]] = {}
+    for source, table in _tables():
         for name, entry in table.items():
+            if name == RESERVED:
+                continue
             if not isinstance(entry, dict) or "spec" not in entry:
-                warnings.warn(f"Alias {name!r} from {_source(ep)} has no spec; skipped.", stacklevel=2)
+                warnings.warn(f"Alias {name!r} from {source} has no spec; skipped.", stacklevel=2)
             elif name in out:
-                warnings.warn(f"Alias {name!r} from {_source(ep)} is already defined by {out[name]['source']}; "
+                warnings.warn(f"Alias {name!r} from {source} is already defined by {out[name]['source']}; "
                               "the first one is kept.", stacklevel=2)
             else:
-                out[name] = dict(entry, alias=name, source=_source(ep))
+                out[name] = dict(entry, alias=name, source=source)
+    return out
+
+
+@lru_cache(maxsize=1)
+def backend_descriptions() -> dict[str, str]:
+    """``{backend: what it loads}`` from the ``backends`` sections of the alias files."""
+    out: dict[str, str] = {}
+    for _, table in _tables():
+        section = table.get(RESERVED)
+        if isinstance(section, dict):
+            for name, text in section.items():
+                out.setdefault(str(name), str(text))
     return out
