@@ -51,3 +51,15 @@ def toy_backend():
     toy.load_toy()
     yield toy
     pk.adapters.unregister("toy")
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    """The probekit command run in-process by typer's CliRunner, as a user sees it (no PROBEKIT_DEBUG)."""
+    from typer.testing import CliRunner
+
+    from probekit.cli import app
+
+    monkeypatch.delenv("PROBEKIT_DEBUG", raising=False)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, [str(a) for a in args])

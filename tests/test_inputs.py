@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -11,10 +10,8 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 import probekit as pk
-from probekit.cli import app
 from probekit.errors import ConfigError, ImageError, UnknownNameError
 from probekit.images import resolve_images
 
@@ -175,10 +172,8 @@ def test_unknown_hf_repo_does_not_suggest_what_was_given():
 
 # -- the command line ----------------------------------------------------------------------------
 @pytest.fixture
-def cli(monkeypatch):
-    monkeypatch.delenv("PROBEKIT_DEBUG", raising=False)
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, [str(a) for a in args])
+def cli(run_cli):
+    return run_cli
 
 
 def test_missing_onnx_file_does_not_suggest_no_pretrained(cli, tmp_path):

@@ -8,11 +8,9 @@ import sys
 import textwrap
 
 import pytest
-from typer.testing import CliRunner
 
 import probekit as pk
 from probekit import model_aliases as pk_aliases
-from probekit.cli import app
 from probekit.config import CheckedRun
 from probekit.errors import MissingDependencyError, PluginLoadError
 
@@ -58,10 +56,8 @@ def plugin(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def cli(monkeypatch):
-    monkeypatch.delenv("PROBEKIT_DEBUG", raising=False)
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, [str(a) for a in args])
+def cli(run_cli):
+    return run_cli
 
 
 def test_models_lists_every_backend_with_what_it_loads(plugin, cli):
