@@ -25,7 +25,7 @@ from typing import Any
 __all__ = ["aliases", "backend_descriptions", "GROUP", "BUILTIN", "RESERVED"]
 
 GROUP = "probekit.aliases"
-BUILTIN = "probekit"  # the source recorded for configs/models.yaml
+BUILTIN = "probekit"  # the distribution of configs/models.yaml
 RESERVED = "backends"  # the key of an alias file that describes backends, not an alias
 
 
@@ -56,7 +56,11 @@ def _source(ep: metadata.EntryPoint) -> str:
 def _tables() -> list[tuple[str, dict[str, Any]]]:
     """``(source, table)`` for models.yaml, then each plugin's alias file (unreadable ones warned)."""
     text = resources.files("probekit.configs").joinpath("models.yaml").read_text()
-    out = [(BUILTIN, _read_yaml(text, "models.yaml"))]
+    try:
+        source = f"{BUILTIN} {metadata.version(BUILTIN)}"  # as the registry names a distribution
+    except metadata.PackageNotFoundError:
+        source = BUILTIN
+    out = [(source, _read_yaml(text, "models.yaml"))]
     seen = set()
     for ep in sorted(metadata.entry_points(group=GROUP), key=lambda e: (e.name, e.value)):
         if ep.value in seen:  # the same distribution twice on sys.path

@@ -4,6 +4,7 @@ missing dependency is one line naming what to install (issue 9 item 7)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import textwrap
 
@@ -74,6 +75,14 @@ def test_models_lists_every_backend_with_what_it_loads(plugin, cli):
                               "family": "tiny-vit", "patch": 4, "source": "probekit-mine 0.3"}
     human = cli("models").stdout
     assert "backends" in human and "tiny lucidrains-style ViTs" in human
+
+
+def test_listing_imports_no_model_library():
+    code = ("import sys; from typer.testing import CliRunner; from probekit.cli import app; "
+            "r = CliRunner().invoke(app, ['models']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('timm', 'transformers', 'open_clip', 'onnx', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_plugin_aliases_carry_training_kind_and_family(plugin):
