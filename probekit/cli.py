@@ -208,7 +208,7 @@ def metrics_cmd(format: FormatOpt = "human"):
             cls = metrics.get(rec.name)
             rows.append({"name": rec.name, "description": cls.description, "unit": cls.unit, "source": rec.dist})
         except ProbekitError as exc:
-            rows.append({"name": rec.name, "description": None, "error": str(getattr(exc, "cause", exc)),
+            rows.append({"name": rec.name, "description": None, "error": str(exc),
                          "source": rec.dist})
     if fmt == "json":
         _consoles.out.print_json(json.dumps(rows))

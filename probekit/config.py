@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, ImageError, MissingDependencyError, PluginLoadError, ProbekitError
+from .errors import ConfigError, ImageError, MissingDependencyError, ProbekitError
 
 __all__ = ["ModelEntry", "ImagesEntry", "MetricEntry", "Resources", "RunConfig", "load_run", "check_run", "CheckedRun"]
 
@@ -337,8 +337,6 @@ def check_run(cfg: RunConfig) -> CheckedRun:
             msg = str(exc)
             if isinstance(exc, TypeError):
                 msg = f"bad options for metric {entry.name!r}: {exc}"
-            elif isinstance(exc, PluginLoadError):
-                msg = f"metric {entry.name!r} is registered but failed to load: {exc.cause}"
             problems.append(f"{cfg.where('metrics', i)}: {msg}")
     if not problems:
         try:

@@ -40,11 +40,13 @@ def plugin(tmp_path, monkeypatch):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: probekit-mine\nVersion: 0.3\n"
                                    "Requires-Dist: demo-missing-lib>=2.0\n")
     (info / "entry_points.txt").write_text("[probekit.adapters]\nmine = demo_mine.adapter:MineAdapter\n\n"
+                                           "[probekit.metrics]\nmine_peak = demo_mine.adapter:Peak\n\n"
                                            "[probekit.aliases]\nmine = demo_mine:aliases.yaml\n")
     monkeypatch.syspath_prepend(str(tmp_path))
 
     def rescan():
         pk.adapters.refresh()
+        pk.metrics.refresh()
         pk_aliases.aliases.cache_clear()
         pk_aliases.backend_descriptions.cache_clear()
 
@@ -90,7 +92,7 @@ def test_plugin_aliases_carry_training_kind_and_family(plugin):
     assert spec == "mine:tiny" and (meta["training"], meta["family"]) == ("supervised", "tiny-vit")
 
 
-def test_missing_plugin_dependency_is_one_line_naming_the_package(plugin, cli):
+def test_missing_plugin_dependency_is_one_line_naming_the_package(plugin, cli, tmp_path):
     want = ("The adapter plugin 'mine' from probekit-mine 0.3 needs the Python module 'demo_missing_lib', which "
             "is not installed. Install it: pip install demo-missing-lib")
     with pytest.raises(PluginLoadError) as err:
@@ -103,6 +105,13 @@ def test_missing_plugin_dependency_is_one_line_naming_the_package(plugin, cli):
     r = cli("models", "--check", "--format", "json")
     status = {b["backend"]: b["status"] for b in json.loads(r.stdout)["backends"]}
     assert status["timm"] == "ok" and status["mine"].startswith(want)
+    metric_line = want.replace("adapter plugin 'mine'", "metric plugin 'mine_peak'")
+    rows = {m["name"]: m for m in json.loads(cli("metrics", "--format", "json").stdout)}
+    assert rows["mine_peak"]["error"].startswith(metric_line)
+    run = tmp_path / "run.yaml"
+    run.write_text("models: [timm:vit_small_patch16_224]\nmetrics: [mine_peak]\n")
+    r = cli("compare", run)
+    assert r.exit_code == 1 and metric_line in r.output.replace("\n", " ")
 
 
 def test_a_backend_missing_its_library_at_build_time_names_it(toy_backend):
