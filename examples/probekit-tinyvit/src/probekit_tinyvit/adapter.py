@@ -24,6 +24,7 @@ from torch import nn
 from probekit import Adapter, LayoutError, TokenLayout, UnknownNameError, WeightsUnavailableError
 from probekit.adapter import Sink, wants
 from probekit.attention import LayerAttention
+from probekit.options import AdapterOptions, library_keywords
 
 from .model import TinyViT
 
@@ -42,6 +43,17 @@ def preprocess(size: int):
     return T.Compose([T.Grayscale(1), T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize([MEAN], [STD])])
 
 
+class TinyVitOptions(AdapterOptions):
+    """What ``pk.load("tinyvit:...", **options)`` takes: the common options, and TinyViT's own
+    keywords (``depth=1`` for a smaller model), checked before anything is built."""
+
+    passthrough_help = "and keywords of TinyViT (dim, depth, heads, dim_head, mlp_dim, ...)"
+
+    @classmethod
+    def passthrough(cls) -> dict[str, type | None]:
+        return library_keywords(TinyViT.__init__, skip=("self", "image_size"))
+
+
 class TinyVitAdapter(Adapter):
     """TinyViT models: ``pk.load("tinyvit:tinyvit-s4", pretrained=False)`` or ``pk.wrap(TinyViT())``."""
 
@@ -50,6 +62,7 @@ class TinyVitAdapter(Adapter):
     extra = "probekit-tinyvit"
     variable_image_size = False  # a fixed 50-entry position table: 28x28 inputs only
     in_chans = 1  # grayscale: probekit converts images to one channel
+    options_schema = TinyVitOptions  # checked in run files, on the command line and by pk.load
 
     # -- building ------------------------------------------------------------------------------
     @classmethod
