@@ -226,7 +226,8 @@ def _from_paths(paths: list[Path], root: Path | None, strict: bool) -> ImageSet:
             keep.append(p)
             names.append(name)
         elif strict:
-            raise ImageError(f"{display_name(p)} is {reason}. Remove it, or drop --strict to skip it.")
+            raise ImageError(f"{display_name(p)} is not a readable image ({reason}). Remove it, or drop --strict "
+                             "to skip it.")
         else:
             skipped.append((name, reason))
     for kind, group in _skip_groups(skipped).items():

@@ -32,7 +32,7 @@ def test_folder_is_recursive_and_skips_unreadable_with_names(folder, caplog):
 
 
 def test_strict_stops_at_unreadable(folder):
-    with pytest.raises(ImageError, match=r"broken\.jpg is not an image.*drop --strict"):
+    with pytest.raises(ImageError, match=r"broken\.jpg is not a readable image \(not an image: .*drop --strict"):
         resolve_images(folder, strict=True)
 
 
