@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--metrics", default="mad,entropy")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--attention-pass", default="auto", help="auto, fused, separate (see pk.probe)")
+    ap.add_argument("--block-mb", type=float, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -66,11 +68,13 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         pm.model(x)
         plain_s = time.perf_counter() - t
-    pk.probe(pm, x, metrics=metrics, batch_size=args.batch)  # warm-up
+    pk.probe(pm, x, metrics=metrics, batch_size=args.batch, attention_pass=args.attention_pass,
+                     block_mb=args.block_mb)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         with record_function("probekit.probe"):
             t = time.perf_counter()
-            pk.probe(pm, x, metrics=metrics, batch_size=args.batch)
+            pk.probe(pm, x, metrics=metrics, batch_size=args.batch, attention_pass=args.attention_pass,
+                     block_mb=args.block_mb)
             probe_s = time.perf_counter() - t
 
     events = prof.events()

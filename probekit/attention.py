@@ -149,7 +149,9 @@ class LayerAttention:
         dv = self.v.shape[-1]
         dtype = self.out_dtype or self.v.dtype
         self.output = torch.empty(b, t, h, dv, dtype=dtype, device=self.v.device).transpose(1, 2)
-        self._vf = self.v.float()  # float32 like the probabilities (a view when v already is)
+        # float32 like the probabilities, contiguous once per layer: v is usually a strided view
+        # into the fused qkv projection, which a matmul would copy again for every block
+        self._vf = self.v.float().contiguous()
 
     def add_output(self, rows: slice, probs: torch.Tensor, workspace: "Workspace | None" = None) -> None:
         """Write the output rows ``rows``: ``probs @ v`` (``probs``: the rows' ``[B, H, R, T]``)."""

@@ -179,10 +179,14 @@ class MetricSink:
             attn.start_output()
         if rest:
             spans = {m.label: m.query_rows(lay) for m in rest}
-            lo = 0 if fused else min(s.start for s in spans.values())  # the output needs every row
-            hi = t if fused else max(s.stop for s in spans.values())
+            lo = min(s.start for s in spans.values())
+            hi = max(s.stop for s in spans.values())
+            # the output needs every row: prefix rows (and any after hi) in blocks of their own, so
+            # the metrics' blocks stay whole (a block cut short would be copied to be reshaped)
+            segments = [(0, lo), (lo, hi), (hi, t)] if fused else [(lo, hi)]
+            budget = self.block_budget(attn.device)
             acc: dict[str, torch.Tensor] = {}
-            for blk in row_blocks(lo, hi, b, h, t, self.block_budget(attn.device)):
+            for blk in (r for s0, s1 in segments if s1 > s0 for r in row_blocks(s0, s1, b, h, t, budget)):
                 z, p = attn.block(blk, workspace=self.workspace)
                 if fused:
                     attn.add_output(blk, p, self.workspace)
