@@ -26,7 +26,7 @@ __all__ = ["LayerAttention", "Workspace", "no_autocast", "row_blocks", "one_pass
 
 ATTENTION_PASSES = ("auto", "fused", "separate", "kernel")
 # auto: one pass on CPU from this many tokens on (measured, see one_pass); always on accelerators
-ONE_PASS_MIN_TOKENS = 400
+ONE_PASS_MIN_TOKENS = 300
 
 
 @dataclass
@@ -170,12 +170,15 @@ def one_pass(attn: LayerAttention, mode: str = "auto") -> bool:
     """Whether the engine produces this layer's attention output itself (one attention pass).
 
     ``"separate"``: never (the model's own kernel, then the metrics recompute q·kᵀ).
-    ``"fused"``: whenever the tap handed over ``v``. ``"auto"``: on CPU from
-    :data:`ONE_PASS_MIN_TOKENS` tokens on, and always on accelerators. Measured on 2 CPU
-    cores (ViT-B/16, MAD + entropy, paired with the plain forward; README "Benchmark"):
-    at 197 tokens torch's fused SDPA kernel beats float32 ``P @ V`` from the probabilities
-    by more than the recomputation it saves; from ~400 tokens on, the saved q·kᵀ and
-    softmax win. Accelerators always take it (their flash kernel is the cheap part).
+    ``"fused"``/``"kernel"``: whenever the tap handed over ``v``. ``"auto"``: on CPU from
+    :data:`ONE_PASS_MIN_TOKENS` (300) tokens on, and always on accelerators. The rule comes
+    from paired measurements on this project's 2-core CPU (timm ViT-B/16, MAD + entropy on all
+    layers, process CPU time over the plain forward's, best of 3 under load; README Benchmark):
+    197 tokens: fused 1.13x, separate 1.11x (torch's fused SDPA beats float32 ``P @ V`` from
+    the probabilities by more than the recomputation it saves); 325 tokens: fused 1.06x,
+    separate 1.12x; 401 tokens: fused 1.16x, separate 1.17x; 785 tokens: fused 1.13x,
+    separate 1.23x (577 tokens, batch 1, went the other way: 1.13x / 1.07x). Accelerators always take it
+    (their flash kernel is the cheap part; not measured here).
     """
     if mode == "separate" or attn.v is None or attn.probs_given is not None:
         return False
