@@ -84,11 +84,12 @@ class Adapter(ABC):
     #: the bound model runs inputs of other sizes than its native one (False: a fixed position
     #: table or a fixed ONNX input; an instance may override it); probekit.testing reads it
     variable_image_size: ClassVar[bool] = True
-    #: what :meth:`reference_attention` compares against, in words
-    reference: ClassVar[str] = ""
     #: the options :meth:`from_spec` takes, checked by type before any model loads
     #: (:mod:`probekit.options`); subclass :class:`~probekit.options.AdapterOptions` to add yours
     options_schema: ClassVar[type[AdapterOptions]] = AdapterOptions
+    #: conformance checks that do not apply, ``{check name: why}`` (an instance may override it).
+    #: ``probekit.testing.check_adapter`` fails a check that cannot run unless it is listed here.
+    not_applicable_checks: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: nn.Module, preprocess: Any = None, **info: Any):
         self.model = model.eval()

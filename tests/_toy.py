@@ -86,7 +86,6 @@ class ToyAdapter(pk.Adapter):
     name = "toy"
     library = "torch"
     extra = ""
-    reference = "explicit softmax(q k^T * scale)"
     options_schema = ToyOptions
 
     @classmethod

@@ -101,7 +101,8 @@ def test_timm_export_passes_conformance(timm_vit):
     pm = pk.load(f"onnx:{timm_vit[1]}")
     assert pm.adapter.variable_image_size is False  # fixed 24x40 input: no non-native size checks
     records = check_adapter(pm)
-    assert {r.status for r in records} == {"passed"}
+    assert {(r.check, r.status) for r in records if r.status != "passed"} == {
+        ("check_hidden_is_block_output", "skipped")}  # declared: no torch norms inside onnxruntime
     assert "check_hidden_states" in [r.check for r in records]
 
 
@@ -120,7 +121,8 @@ def test_dinov2_export_any_size_matches_transformers(hf_dinov2):
         assert max((got[i] - ref[i]).abs().max().item() for i in got) < 1e-5
     records = check_adapter(pm)
     assert any("image_size=" in r.check for r in records)  # the non-native variants ran
-    assert {r.status for r in records} == {"passed"}
+    assert {(r.check, r.status) for r in records if r.status != "passed"} == {
+        ("check_hidden_is_block_output", "skipped")}  # declared: no torch norms inside onnxruntime
 
 
 def test_graph_without_attention_lists_softmaxes(tmp_path):

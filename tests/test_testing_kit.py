@@ -163,7 +163,11 @@ def test_check_adapter_records_and_variants(onnx_pm):
     records = check_adapter(onnx_pm)
     names = [r.check for r in records]
     assert "check_reference_attention(image_size=(21, 42))" in names  # a variant keeps its arguments
-    assert {r.status for r in records} == {"passed"}
+    assert "check_patch_geometry(image_size=(21, 42))" in names  # geometry at a non-square size too
+    skipped = {r.check: r.reason for r in records if r.status == "skipped"}
+    assert list(skipped) == ["check_hidden_is_block_output"]  # declared by the ONNX adapter, with why
+    assert skipped["check_hidden_is_block_output"].startswith("declared not applicable: onnxruntime runs")
+    assert {r.status for r in records} == {"passed", "skipped"}
 
 
 def test_check_adapter_catches_wrong_layout(onnx_pm, monkeypatch):

@@ -25,6 +25,7 @@ from torch import nn
 from probekit.adapter import Sink, wants
 from probekit.attention import LayerAttention, sdpa_dtype
 from probekit.errors import UnsupportedArchitectureError
+from probekit.masks import additive_bias
 
 __all__ = ["watch_sdpa", "attention_report", "watch_attention", "tap_blocks"]
 
@@ -41,27 +42,14 @@ _SPY_USERS = 0
 _ORIGINAL_SDPA = F.scaled_dot_product_attention
 
 
-def _additive_bias(mask, is_causal: bool, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
-    """SDPA's ``attn_mask``/``is_causal`` as one additive float bias (None when there is none)."""
-    bias = None
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
-        else:
-            bias = mask
-    if is_causal:
-        t, s = q.shape[-2], k.shape[-2]
-        causal = torch.full((t, s), float("-inf"), device=q.device).triu_(1)
-        bias = causal if bias is None else bias + causal
-    return bias
-
-
 def _sdpa_spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
     report = _PENDING.report
     if report is not None:
         _PENDING.report = None  # one report per watched call, and none from inside the sink
+        bias = additive_bias(attn_mask, true_means="attend", is_causal=is_causal,
+                             shape=(query.shape[-2], key.shape[-2]), device=query.device)
         out = report(q=query, k=key, v=value if dropout_p == 0 and set(kw) <= {"enable_gqa"} else None, scale=scale,
-                     bias=_additive_bias(attn_mask, is_causal, query, key))
+                     bias=bias)
         if out is not None:
             return out
     return _ORIGINAL_SDPA(

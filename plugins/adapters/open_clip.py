@@ -31,6 +31,7 @@ from probekit.errors import (
     WeightsUnavailableError,
     reading_checkpoint,
 )
+from probekit.masks import additive_bias
 from probekit.options import AdapterOptions, library_keywords
 from probekit.tokens import TokenLayout, pair
 
@@ -44,13 +45,6 @@ _SCHEMAS = ("hf-hub:", "local-dir:")
 
 # -- nn.MultiheadAttention: q and k from in_proj -----------------------------------------------------
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
-
-
-def _masked(mask: torch.Tensor) -> torch.Tensor:
-    """An MHA mask as an additive float bias (bool: True means "may not attend")."""
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, device=mask.device).masked_fill_(mask, float("-inf"))
-    return mask.float()
 
 
 def mha_qk(mha: nn.MultiheadAttention, args: tuple, kwargs: dict, with_v: bool = False) -> LayerAttention:
@@ -83,10 +77,10 @@ def mha_qk(mha: nn.MultiheadAttention, args: tuple, kwargs: dict, with_v: bool =
         v = v.reshape(b, s, h, -1).transpose(1, 2)
     bias = None
     if call.get("attn_mask") is not None:
-        add = _masked(call["attn_mask"])
+        add = additive_bias(call["attn_mask"], true_means="ignore")
         bias = add.view(b, h, t, s) if add.dim() == 3 else add.view(1, 1, t, s)
     if call.get("key_padding_mask") is not None:
-        add = _masked(call["key_padding_mask"]).view(b, 1, 1, s)
+        add = additive_bias(call["key_padding_mask"], true_means="ignore").view(b, 1, 1, s)
         bias = add if bias is None else bias + add
     return LayerAttention(q=q, k=k, scale=(e // h) ** -0.5, bias=bias, v=v, out_dtype=sdpa_dtype(q))
 
@@ -243,7 +237,6 @@ class OpenClipAdapter(Adapter):
     name = "open_clip"
     library = "open_clip"
     extra = "open_clip_torch"
-    reference = "nn.MultiheadAttention(need_weights=True, average_attn_weights=False)"
     options_schema = OpenClipOptions
     #: a fixed position table: other sizes are set at load (``image_size=``, open_clip resizes it)
     variable_image_size = False
@@ -381,8 +374,6 @@ class _BatchFirst:
 class OpenClipTimmAdapter(OpenClipAdapter):
     """An open_clip tower whose trunk is a timm model (SigLIP, EVA): the timm tap does the work,
     the whole tower (trunk and projection head) runs as open_clip runs it."""
-
-    reference = TimmAdapter.reference
 
     def __init__(self, model: nn.Module, preprocess: Any = None, *, trunk: TimmAdapter, **info: Any):
         super().__init__(model, preprocess, **info)

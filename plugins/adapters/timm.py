@@ -194,7 +194,6 @@ class TimmAdapter(Adapter):
     name = "timm"
     library = "timm"
     extra = "timm"
-    reference = "timm.utils.AttentionExtract on attn_drop, on a copy with fused attention off"
     options_schema = TimmOptions
 
     def __init__(self, model: nn.Module, preprocess: Any = None, **info: Any):

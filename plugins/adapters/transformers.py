@@ -28,6 +28,7 @@ from torch import nn
 from probekit.adapter import Adapter, Sink, wants
 from probekit.attention import LayerAttention, sdpa_dtype
 from probekit.errors import ConfigError, UnsupportedArchitectureError
+from probekit.masks import additive_bias
 from probekit.options import AdapterOptions
 from probekit.tokens import TokenLayout, pair
 
@@ -64,9 +65,7 @@ def _probekit_sdpa(module, query, key, value, attention_mask, dropout=0.0, scali
             v = repeat_kv(v, query.shape[1] // v.shape[1])
         causal = kwargs.get("is_causal", getattr(module, "is_causal", False)) and attention_mask is None
         fusable = not dropout and not causal and kwargs.get("softcap") is None
-        bias = attention_mask
-        if bias is not None and bias.dtype == torch.bool:
-            bias = torch.zeros(bias.shape, device=bias.device).masked_fill(~bias, float("-inf"))
+        bias = additive_bias(attention_mask, true_means="attend")
         if kwargs.get("position_bias") is not None:
             bias = kwargs["position_bias"] if bias is None else bias + kwargs["position_bias"]
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
@@ -145,7 +144,6 @@ class TransformersAdapter(Adapter):
     name = "hf"
     library = "transformers"
     extra = "transformers"
-    reference = "transformers eager attention, output_attentions=True"
     options_schema = TransformersOptions
 
     def __init__(self, model: nn.Module, preprocess: Any = None, **info: Any):

@@ -7,6 +7,7 @@ Each ``check_<property>(name, pm, **kw)`` takes a :class:`~probekit.adapter.Prob
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, Iterator
 
@@ -14,13 +15,15 @@ import torch
 
 from ..adapter import Adapter, CollectSink, ProbedModel
 from ..tokens import TokenLayout
+from .capture import ModelCalls
+from .geometry import coverage_problem, diagnose_moves, expected_moved_tokens, moved_tokens, patch_box, probe_patches
 from .records import SkipCheck
 
 __all__ = [
     "ATOL", "randomize_parameters", "adapter_checks",
     "check_rows_sum_to_one", "check_layout_matches_tokens", "check_reference_attention",
     "check_batch_independence", "check_tap_keeps_outputs", "check_tap_detaches", "check_wanted_layers",
-    "check_hidden_states",
+    "check_hidden_states", "check_patch_geometry", "check_hidden_is_block_output",
 ]
 
 ATOL = 1e-5  # probabilities: float32 softmax of the same logits agree to ~1e-7
@@ -57,12 +60,28 @@ def _input(pm, batch: int = 2, image_size=None, seed: int = 0) -> torch.Tensor:
     ad = _adapter(pm)
     h, w = image_size or ad.default_image_size
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, h, w, generator=g).to(ad.device)
+    return torch.randn(batch, getattr(ad, "in_chans", 3), h, w, generator=g).to(ad.device)
+
+
+class _PausingSink(CollectSink):
+    """A CollectSink whose own work (probabilities, clones) is hidden from a ModelCalls capture."""
+
+    def __init__(self, calls: ModelCalls | None, *args, **kw):
+        super().__init__(*args, **kw)
+        self._calls = calls
+
+    def attention(self, layer, attn):
+        with self._calls.paused() if self._calls else contextlib.nullcontext():
+            super().attention(layer, attn)
+
+    def hidden(self, layer, tokens):
+        with self._calls.paused() if self._calls else contextlib.nullcontext():
+            super().hidden(layer, tokens)
 
 
 @torch.inference_mode()
-def _tapped(ad: Adapter, x: torch.Tensor, layers=None, hidden: bool = False):
-    sink = CollectSink(layers, attention=not hidden, hidden=hidden)
+def _tapped(ad: Adapter, x: torch.Tensor, layers=None, hidden: bool = False, calls: ModelCalls | None = None):
+    sink = _PausingSink(calls, layers, attention=not hidden, hidden=hidden)
     with ad.tap(sink):
         out = ad.forward(x)
     return sink, out
@@ -136,24 +155,104 @@ def check_layout_matches_tokens(name: str, pm, image_size=None) -> None:
         )
 
 
+def check_patch_geometry(name: str, pm, image_size=None) -> str:
+    # The layout (prefix count, grid orientation, patch size) is checked against the model itself,
+    # with no reference: perturbing the pixels of one patch must move exactly the token the
+    # layout puts there in layer 0's attention (its row and column), for corners and the interior.
+    ad = _adapter(pm)
+    base = _input(ad, 1, image_size, seed=4)
+    size = tuple(base.shape[-2:])
+    lay = ad.layout(base)
+    problems = [p for p in [coverage_problem(lay, size)] if p]
+    cells = [rc for rc in probe_patches(lay) if patch_box(lay, *rc)[0] < size[0] and patch_box(lay, *rc)[2] < size[1]]
+    g = torch.Generator().manual_seed(5)
+    batch = [base]
+    for r, c in cells:
+        y0, y1, x0, x1 = patch_box(lay, r, c)
+        x = base.clone()
+        x[..., y0:y1, x0:x1] += 3 * torch.randn(x[..., y0:y1, x0:x1].shape, generator=g).to(x.device)
+        batch.append(x)
+    probs = _tapped(ad, torch.cat(batch), layers={0})[0].probs
+    assert 0 in probs, f"{name}: asked for layer 0's attention, the tap reported layers {sorted(probs)}"
+    p = probs[0]
+    if p.shape[-1] != lay.num_tokens:
+        problems.append(f"layer 0 has {p.shape[-1]} tokens, the layout {lay.num_tokens}.")
+    seen, wrong, top = {}, [], 0.0
+    for i, (r, c) in enumerate(cells, start=1):
+        box = patch_box(lay, r, c)
+        box = (box[0], min(box[1], size[0]), box[2], min(box[3], size[1]))
+        seen[(r, c)], score = moved_tokens(p[0], p[i])
+        top = max(top, score)
+        want = expected_moved_tokens(lay, box)
+        if seen[(r, c)] != want:
+            wrong.append(f"patch {(r, c)} (pixels [{box[0]}:{box[1]}, {box[2]}:{box[3]}]) moved tokens "
+                         f"{sorted(seen[(r, c)])[:8]}, the layout expects {sorted(want)}")
+    if wrong:
+        problems += ["Moved: " + "; ".join(wrong) + ".", diagnose_moves(lay, seen)]
+    assert not problems, (f"{name}: layer 0 geometry at {size[0]}x{size[1]} ({lay.describe()}): "
+                          + " ".join(problems))
+    return f"{len(cells)} patches each moved their own token (largest logit change {top:.2g})"
+
+
+def _model_softmax_reference(name: str, ad: Adapter, x: torch.Tensor):
+    """``(tapped, reference)``: the tap and the model's own softmax/SDPA calls, in one forward."""
+    calls = ModelCalls(attention=True)
+    with calls:
+        sink = _tapped(ad, x, calls=calls)[0]
+    if len(calls.attention) != ad.num_layers:
+        raise SkipCheck(
+            f"{name}: no reference_attention, and the model's own attention could not be read: one forward made "
+            f"{len(calls.attention)} softmax/SDPA calls over square [B, H, T, T] tensors for {ad.num_layers} "
+            "layers. Implement reference_attention (the library's own attention probabilities)."
+        )
+    return sink.probs, dict(enumerate(calls.attention))
+
+
+def _scale_hint(got: torch.Tensor, want: torch.Tensor) -> str:
+    """Words for a deviation that is a temperature: tapped logits a constant times the reference's."""
+    tiny = torch.finfo(torch.float32).tiny * 1e8
+    lg, lw = got.double().clamp_min(tiny).log(), want.double().clamp_min(tiny).log()
+    keep = (got > 1e-12) & (want > 1e-12)
+    lg, lw = [torch.where(keep, v - (v * keep).sum(-1, keepdim=True) / keep.sum(-1, keepdim=True), 0) for v in (lg, lw)]
+    slope = ((lg * lw).sum() / (lw * lw).sum().clamp_min(1e-30)).item()
+    corr = ((lg * lw).sum() / ((lg * lg).sum() * (lw * lw).sum()).sqrt().clamp_min(1e-30)).item()
+    if corr > 0.999 and abs(slope - 1) > 0.02:
+        return (f": the tapped logits are {slope:.3g}x the reference's, a wrong or missing softmax scale "
+                "(usually head_dim ** -0.5)")
+    return ""
+
+
 def check_reference_attention(name: str, pm, reference: Callable | None = None, image_size=None,
                               atol: float = ATOL) -> str:
     # The tap recomputes (or reads) probabilities; they must equal the library's own reference
-    # attention (eager / need_weights / AttentionExtract), layer by layer and head by head.
+    # attention (eager / need_weights / AttentionExtract), layer by layer and head by head. An
+    # adapter without one is compared with the model's own softmax (or SDPA) calls in the same
+    # forward, so a forgotten scale or bias fails either way. References are computed from the
+    # same layer inputs as the tap (see Adapter.reference_attention): fused and unfused paths
+    # drift apart through depth, and a check at full depth must measure the tap, not the drift.
     ad = _adapter(pm)
     x = _input(ad, 2, image_size, seed=1)
     ref_fn = reference or ad.reference_attention
+    source = "reference"
     with torch.inference_mode():
         try:
             ref = ref_fn(x)
-        except NotImplementedError as exc:
-            raise SkipCheck(f"{name}: no reference attention ({exc})") from exc
-    got = _tapped(ad, x)[0].probs
-    assert sorted(ref) == sorted(got), f"{name}: reference layers {sorted(ref)} != tapped {sorted(got)}"
-    dev = max(_assert_close(name, f"layer {i} attention vs reference", got[i], ref[i], atol) for i in ref)
+            got = _tapped(ad, x)[0].probs
+        except NotImplementedError:
+            got, ref = _model_softmax_reference(name, ad, x)
+            source = "the model's own softmax"
+    assert sorted(ref) == sorted(got), f"{name}: {source} layers {sorted(ref)} != tapped {sorted(got)}"
+    devs = []
+    for i in ref:
+        assert got[i].shape == ref[i].shape, f"{name}: layer {i} shape {tuple(got[i].shape)} != {source} {tuple(ref[i].shape)}"
+        dev = (got[i].float().cpu() - ref[i].float().cpu()).abs().max().item()
+        assert dev <= atol, (f"{name}: layer {i} attention deviates from {source} by {dev:.3g} (allowed {atol:g})"
+                             + _scale_hint(got[i].cpu(), ref[i].cpu()))
+        devs.append(dev)
     # near-uniform rows (random init) agree whatever the bug: report how peaked they were
     top = min(p.amax(-1).mean().item() * p.shape[-1] for p in got.values())
-    return f"max |tap - reference| = {dev:.2e}; mean top probability {top:.1f}x uniform"
+    per_layer = " ".join(f"{d:.1e}" for d in devs)
+    return f"max |tap - {source}| per layer: {per_layer}; mean top probability {top:.1f}x uniform"
 
 
 def check_batch_independence(name: str, pm, atol: float = ATOL) -> None:
@@ -219,6 +318,41 @@ def check_hidden_states(name: str, pm) -> None:
     assert len(dims) == 1, f"{name}: hidden widths differ across layers: {sorted(dims)}"
 
 
+def _matches(h: torch.Tensor, candidates: list[torch.Tensor], rtol: float = 1e-5) -> bool:
+    for c in candidates:
+        c = c if c.shape == h.shape else c.transpose(0, 1)  # tokens-first towers
+        if c.shape == h.shape:
+            scale = c.abs().max().clamp_min(1e-12)
+            if ((h.float() - c.float()).abs().max() / scale).item() <= rtol:
+                return True
+    return False
+
+
+def check_hidden_is_block_output(name: str, pm) -> str:
+    # A hidden-state tap must report each block's output, the residual stream. A branch (the MLP
+    # or attention output without the residual added) has the right shape and is finite, so it
+    # is compared with what the model itself computes: a block's output is what the next norm
+    # reads (pre-norm blocks; for one block, the final norm) or what a norm returns (post-norm).
+    ad = _adapter(pm)
+    x = _input(ad, 2, seed=6)
+    calls = ModelCalls(attention=False, norms=True)
+    with calls:
+        hid = _tapped(ad, x, hidden=True, calls=calls)[0].hiddens
+    if not calls.norm_tensors:
+        raise SkipCheck(f"{name}: the forward ran no torch normalization (layer_norm, rms_norm, group_norm) "
+                        "to compare the hidden states with")
+    layers = list(range(ad.num_layers - 1)) or [0]  # the last block's output may be pooled before a norm
+    missing = [i for i in layers if i not in hid]
+    assert not missing, f"{name}: no hidden states for layers {missing}"
+    bad = [i for i in layers if not _matches(hid[i], calls.norm_tensors)]
+    assert not bad, (
+        f"{name}: the hidden states of layers {bad} are not the blocks' outputs (not what the model's next "
+        "norm reads, nor a norm's output): report the residual stream (x + attention + MLP), not a branch "
+        "such as the MLP output alone."
+    )
+    return f"layers {layers[0]}..{layers[-1]} match the inputs of the model's own norms"
+
+
 def adapter_checks(pm, reference: Callable | None = None) -> Iterator[Callable]:
     """The checks that apply to ``pm``, each a ``partial`` taking the model.
 
@@ -229,11 +363,13 @@ def adapter_checks(pm, reference: Callable | None = None) -> Iterator[Callable]:
     ad = _adapter(pm)
     yield check_rows_sum_to_one
     yield check_layout_matches_tokens
+    yield check_patch_geometry
     yield functools.partial(check_reference_attention, reference=reference)
     if ad.variable_image_size:
         size = _non_native_size(ad)
         yield functools.partial(check_rows_sum_to_one, image_size=size)
         yield functools.partial(check_layout_matches_tokens, image_size=size)
+        yield functools.partial(check_patch_geometry, image_size=size)
         yield functools.partial(check_reference_attention, reference=reference, image_size=size)
     yield check_batch_independence
     yield check_tap_keeps_outputs
@@ -241,3 +377,4 @@ def adapter_checks(pm, reference: Callable | None = None) -> Iterator[Callable]:
     yield check_wanted_layers
     if ad.provides_hidden:
         yield check_hidden_states
+        yield check_hidden_is_block_output

@@ -7,7 +7,7 @@ import functools
 import warnings
 from typing import Any, Callable, Iterable
 
-from ..adapter import ProbedModel
+from ..adapter import Adapter, ProbedModel
 from ..metric import Metric
 from .adapters import adapter_checks
 from .metrics import metric_checks
@@ -39,19 +39,42 @@ def _as_metric(metric) -> Metric:
     return metric() if isinstance(metric, type) else metric
 
 
+def _declared(table: dict[str, str], check: Callable) -> str:
+    """The entry of ``table`` for ``check`` (its full name with arguments, else its base name)."""
+    return table.get(_check_name(check), table.get(_check_name(getattr(check, "func", check)), ""))
+
+
+def _not_applicable(obj) -> dict[str, str]:
+    """An adapter's declared ``{check: why it does not apply}`` (None for metrics: their skips stand)."""
+    ad = obj.adapter if isinstance(obj, ProbedModel) else obj
+    if isinstance(ad, Adapter):
+        return dict(ad.not_applicable_checks or {})
+    return None
+
+
 def _run_checks(obj, checks: Iterable[Callable], expected_failed_checks, on_fail) -> list[CheckRecord]:
     if on_fail not in ("raise", "warn", None):
         raise ValueError(f"on_fail must be 'raise', 'warn' or None; got {on_fail!r}")
     expected = dict(expected_failed_checks or {})
+    not_applicable = _not_applicable(obj)
     name, records = _label(obj), []
     for check in checks:
         cname = _check_name(check)
-        reason = expected.get(cname, expected.get(_check_name(getattr(check, "func", check)), ""))
+        reason = _declared(expected, check)
+        why_not = _declared(not_applicable or {}, check)
+        if why_not:
+            records.append(CheckRecord(cname, "skipped", None, f"declared not applicable: {why_not}"))
+            continue
         try:
             detail = check(name, obj)
             rec = CheckRecord(cname, "xpass" if reason else "passed", None, reason or (detail or ""))
         except SkipCheck as exc:
-            rec = CheckRecord(cname, "skipped", exc, str(exc))
+            if not_applicable is None:
+                rec = CheckRecord(cname, "skipped", exc, str(exc))
+            else:  # an adapter check that cannot run is a failure unless declared (green never hides a skip)
+                msg = (f"could not run: {exc}. If it does not apply to this adapter, say why in its "
+                       f"not_applicable_checks = {{{_check_name(getattr(check, 'func', check))!r}: '<reason>'}}.")
+                rec = CheckRecord(cname, "xfail" if reason else "failed", exc, reason or msg)
         except Exception as exc:  # a failing check is data here, reported per check
             rec = CheckRecord(cname, "xfail" if reason else "failed", exc, reason or f"{type(exc).__name__}: {exc}")
         records.append(rec)

@@ -1,0 +1,119 @@
+"""Geometry checks that trust nothing the adapter says: perturb the pixels of one patch and
+see which tokens move in layer 0's attention.
+
+Why this pins the layout without a reference. Before the first attention mixes tokens, a
+token's q and k depend on its own patch only (patch embedding, position table, norms and
+projections all act per token). Perturbing the pixels of one patch therefore changes layer 0's
+logits in that token's row and column only. The probabilities see this up to one constant per
+row (the softmax normaliser), which :func:`moved_tokens` removes before it looks. The token
+that moves must be the one the layout places at those pixels: a wrong prefix count shifts it,
+a transposed grid (or a column-major flattening) sends it elsewhere on a non-square grid, a
+wrong patch size moves several tokens or none, or puts the patch outside the image.
+
+The expected tokens come from one function of the layout, :func:`expected_moved_tokens`,
+so other geometries (windowed or pooled layers) extend this check by extending that function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..tokens import TokenLayout
+
+__all__ = ["expected_moved_tokens", "probe_patches", "patch_box", "moved_tokens", "coverage_problem",
+           "diagnose_moves"]
+
+Box = tuple[int, int, int, int]  # y0, y1, x0, x1 in input pixels (end exclusive)
+
+
+def patch_box(layout: TokenLayout, r: int, c: int) -> Box:
+    """The input pixels of patch ``(r, c)`` as the layout places it."""
+    ph, pw = layout.patch_size
+    return (r * ph, (r + 1) * ph, c * pw, (c + 1) * pw)
+
+
+def expected_moved_tokens(layout: TokenLayout, box: Box) -> frozenset[int]:
+    """Tokens whose layer-0 q and k read pixels inside ``box``: the patches it overlaps.
+
+    Global ViTs: token ``num_prefix + r * grid_w + c`` covers pixels ``[r*ph, (r+1)*ph) x
+    [c*pw, (c+1)*pw)``; prefix tokens read no pixels.
+    """
+    y0, y1, x0, x1 = box
+    (gh, gw), (ph, pw) = layout.grid, layout.patch_size
+    rows = range(max(0, y0 // ph), min(gh, -(-y1 // ph)))
+    cols = range(max(0, x0 // pw), min(gw, -(-x1 // pw)))
+    return frozenset(layout.num_prefix + r * gw + c for r in rows for c in cols)
+
+
+def probe_patches(layout: TokenLayout) -> list[tuple[int, int]]:
+    """Patches to perturb: the four corners and one off-centre interior patch (distinct ones)."""
+    gh, gw = layout.grid
+    cells = [(0, 0), (0, gw - 1), (gh - 1, 0), (gh - 1, gw - 1), (gh // 2, gw // 3)]
+    return list(dict.fromkeys(cells))
+
+
+def coverage_problem(layout: TokenLayout, size: tuple[int, int]) -> str | None:
+    """Why ``layout`` cannot describe an input of ``size`` pixels, or None.
+
+    A grid of patches covers the input to within one patch (libraries floor, some pad).
+    """
+    (gh, gw), (ph, pw) = layout.grid, layout.patch_size
+    h, w = size
+    if abs(h - gh * ph) < ph and abs(w - gw * pw) < pw:
+        return None
+    said = f"the layout's {gh}x{gw} grid of {ph}x{pw} px patches covers {gh * ph}x{gw * pw} px"
+    if abs(h - gw * pw) < pw and abs(w - gh * ph) < ph and (gh, gw) != (gw, gh):
+        return (f"{said} but the input is {h}x{w}: rows and columns are swapped (grid is (h, w) = "
+                f"({h // ph}, {w // pw}), not ({gh}, {gw})).")
+    return (f"{said} but the input is {h}x{w}: with these patches the grid would be {h // ph}x{w // pw}; "
+            "check the patch size and the grid.")
+
+
+def moved_tokens(before: torch.Tensor, after: torch.Tensor, rel: float = 1e-2,
+                 floor: float = 1e-5) -> tuple[frozenset[int], float]:
+    """Tokens whose row or column of the logits changed between two ``[H, T, T]`` probabilities.
+
+    Log-probabilities are logits up to one constant per row; the median change of a row is
+    that constant (fewer than half of a row's keys move), so subtracting it leaves the logit
+    changes. A token moved when its row or its column changed for most entries (the median
+    again: an unmoved token's row changes in the moved tokens' columns only).
+
+    Returns:
+        ``(tokens, largest score)``; a score below ``floor`` counts as no change at all.
+    """
+    tiny = torch.finfo(torch.float32).tiny * 1e8
+    d = after.double().clamp_min(tiny).log() - before.double().clamp_min(tiny).log()
+    d = (d - d.median(dim=-1, keepdim=True).values).abs()  # [H, T, T], row constants removed
+    rows = d.median(dim=-1).values.amax(0)  # [T]: typical change along each token's row
+    cols = d.median(dim=-2).values.amax(0)  # [T]: typical change down each token's column
+    score = torch.maximum(rows, cols)
+    top = score.max().item()
+    if top < floor:
+        return frozenset(), top
+    return frozenset(torch.nonzero(score > rel * top).flatten().tolist()), top
+
+
+def diagnose_moves(layout: TokenLayout, seen: dict[tuple[int, int], frozenset[int]]) -> str:
+    """What layout mistake explains the tokens that moved (``{patch: tokens}``), in words."""
+    n, (gh, gw) = layout.num_prefix, layout.grid
+    expected = {rc: n + rc[0] * gw + rc[1] for rc in seen}
+    single = all(len(t) == 1 for t in seen.values())
+    if single:
+        got = {rc: next(iter(t)) for rc, t in seen.items()}
+        shifts = {got[rc] - expected[rc] for rc in seen}
+        if len(shifts) == 1:
+            d = shifts.pop()
+            return (f"every moved token is {d:+d} from where the layout puts it: the prefix count is wrong "
+                    f"(the layout says {n}, the model has {n + d}).")
+        if all(got[rc] == n + rc[1] * gh + rc[0] for rc in seen):
+            return (f"the moved tokens are where a column-major grid puts them (token = {n} + c * {gh} + r): "
+                    "the grid is transposed; tokens run row by row, token = num_prefix + r * grid_w + c.")
+    if any(len(t) > 1 for t in seen.values()):
+        most = max(len(t) for t in seen.values())
+        return (f"one patch of the layout ({layout.patch_size[0]}x{layout.patch_size[1]} px) moved up to {most} "
+                "tokens: the model's patches are smaller than the layout's patch size.")
+    if any(not t for t in seen.values()):
+        return ("some patches moved no token at all: the layout places patches on pixels the model does not "
+                "read as one token (patch size or grid wrong), or layer 0's attention is not the first "
+                "attention of the model.")
+    return "the layout's token order does not match the model's (prefix count, grid or patch size)."
