@@ -242,3 +242,15 @@ def test_undeclared_skip_fails_and_declared_one_does_not(lucid):
     records = {r.check: r for r in check_adapter(Declared(model), on_fail=None)}
     assert records["check_reference_attention"].status == "skipped"
     assert "vit-pytorch" in records["check_reference_attention"].reason
+
+
+def test_fixed_size_model_left_variable_is_told_what_to_set(lucid):
+    class LeftAtDefault(LucidAdapter):
+        variable_image_size = True  # the Adapter default, on a model with a fixed position table
+
+    failed, _ = _failures(LeftAtDefault, lucid)
+    sized = {c: r for c, r in failed.items() if "image_size=" in c}
+    assert sized and set(failed) == set(sized), failed  # only the non-native variants fail
+    for reason in sized.values():
+        assert "set variable_image_size = False on LeftAtDefault" in reason, reason
+        assert "its native size is 28x36" in reason

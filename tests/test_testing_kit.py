@@ -14,6 +14,7 @@ from probekit.errors import PluginLoadError
 from probekit.testing import (
     check_adapter,
     check_metric,
+    check_reference_attention,
     check_rows_sum_to_one,
     parametrize_with_checks,
     randomize_parameters,
@@ -320,3 +321,29 @@ def test_registered_metric_conformance(name):
         records = check_metric(cls(), on_fail=None, expected_failed_checks=known)
     failed = [f"{r.check}: {r.reason}" for r in records if r.status == "failed"]
     assert not failed, "\n".join(failed)
+
+
+def test_reference_from_the_same_layer_inputs_at_depth():
+    # fused and unfused float32 paths drift apart through 12 layers (3e-5 at layer 2 here, over the
+    # 1e-5 tolerance, when the reference is a whole forward of its own): the reference must be computed
+    # from the inputs each layer really received, and must still catch a tap 0.1% off
+    timm = pytest.importorskip("timm")
+    m = timm.models.vision_transformer.VisionTransformer(
+        img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3, num_classes=0)
+    randomize_parameters(m.eval(), seed=0, scale=0.3)
+    pm = pk.wrap(m)
+    detail = check_reference_attention("deep", pm)
+    assert "per layer" in detail
+    from probekit.plugins.adapters import _sdpa_spy
+
+    report = _sdpa_spy.attention_report
+
+    def off(sink, layer):  # the tap's scale 0.1% too large, in the last layer only
+        inner = report(sink, layer)
+        return lambda scale=None, q=None, **kw: inner(scale=(scale or q.shape[-1] ** -0.5) * (1.001 if layer == 11
+                                                                                            else 1), q=q, **kw)
+
+    import unittest.mock as mock
+
+    with mock.patch.object(_sdpa_spy, "attention_report", off), pytest.raises(AssertionError, match="layer 11"):
+        check_reference_attention("deep", pm)

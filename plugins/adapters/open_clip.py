@@ -35,6 +35,7 @@ from probekit.masks import additive_bias
 from probekit.options import AdapterOptions, library_keywords
 from probekit.tokens import TokenLayout, pair
 
+from ._reference import block_inputs, fed
 from ._sdpa_spy import attention_report, tap_blocks, watch_attention
 from .timm import TimmAdapter
 
@@ -341,7 +342,9 @@ class OpenClipAdapter(Adapter):
         Custom blocks (open_clip ``Attention``) have no working unfused path for batched heads, so
         their reference is an eager softmax of the ``ln_q``/``ln_k`` module outputs (scaled-cosine
         blocks: their own softmax output at ``attn_drop``), read by module hooks, not the SDPA spy.
+        Each block is fed what it receives in the tower's own fast forward (see ``_reference.py``).
         """
+        inputs = block_inputs(self.blocks, lambda: self.model(pixel_values))
         store: dict[int, torch.Tensor] = {}
         handles = []
         for i, block in enumerate(self.blocks):
@@ -353,7 +356,7 @@ class OpenClipAdapter(Adapter):
             else:
                 handles += _custom_reference(block.attn, store, i)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), fed(self.blocks, inputs):
                 self.model(pixel_values)
         finally:
             for h in handles:

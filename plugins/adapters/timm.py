@@ -41,6 +41,7 @@ from probekit.tokens import TokenLayout, pair
 
 from probekit.geometry import ModelGeometry
 
+from ._reference import block_inputs, fed
 from ._sdpa_spy import attention_report, tap_blocks, watch_attention
 from ._timm_geometry import GEOMETRIES, logits_hook, merged_heads, watch_module_softmax, watch_softmax
 
@@ -317,15 +318,17 @@ class TimmAdapter(Adapter):
         return tap_blocks(self.blocks, sink)  # disarms the spy on the way out, error or not
 
     def reference_attention(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
-        """timm's own unfused softmax output, read by ``AttentionExtract`` on ``attn_drop``."""
+        """timm's own unfused softmax output, read by ``AttentionExtract`` on ``attn_drop``, each
+        block fed what it receives in the model's own (fused) forward (see ``_reference.py``)."""
         from timm.utils import AttentionExtract
 
+        inputs = block_inputs(self.blocks, lambda: self.model(pixel_values))
         ref = copy.deepcopy(self.model).eval()
         for m in ref.modules():
             if hasattr(m, "fused_attn"):
                 m.fused_attn = False
         names = [f"{self.family.blocks}.{i}.attn.attn_drop" for i in range(self.num_layers)]
-        with torch.inference_mode():
+        with torch.inference_mode(), fed(list(getattr(ref, self.family.blocks)), inputs):
             out = AttentionExtract(ref, names=names, method="hook")(pixel_values)
         return {i: out[n].float() for i, n in enumerate(names)}
 

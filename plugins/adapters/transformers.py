@@ -38,6 +38,7 @@ from ._hf_families import FAMILIES, KNOWN, check_family, family_of
 from ._hf_geometry import STAGED
 from ._hf_loading import config_for, load_checkpoint, local_model_files, pretrained_model
 from ._hf_preprocess import _Preprocess, cached_processor, processor_for
+from ._reference import block_inputs, fed
 
 __all__ = ["TransformersAdapter", "FAMILIES", "KNOWN", "ATTN_IMPLEMENTATION"]
 
@@ -153,10 +154,7 @@ class TransformersAdapter(Adapter):
             self.blocks = STAGED[self.family.staged][0](model)
             self.global_attention = self.provides_hidden = self.variable_image_size = False
         else:
-            blocks: nn.Module = model
-            for part in self.family.blocks.split("."):
-                blocks = getattr(blocks, part)
-            self.blocks = list(blocks)
+            self.blocks = _blocks(model, self.family)
         self.attentions = [getattr(b, self.family.attention) for b in self.blocks]
         self.info.setdefault("image_size", pair(model.config.image_size))
         self.info.setdefault("model_type", model.config.model_type)
@@ -325,7 +323,8 @@ class TransformersAdapter(Adapter):
 
     @torch.inference_mode()
     def reference_attention(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Eager attention of a copy (same weights, config deep-copied with ``eager``)."""
+        """Eager attention of a copy (same weights, config deep-copied with ``eager``); global
+        families feed each layer what it receives in the model's own (SDPA) forward (``_reference.py``)."""
         ref = copy.deepcopy(self.model)
         ref.config._attn_implementation = "eager"
         if self.family.staged:  # output_attentions keeps one block per stage: read every block's weights
@@ -339,10 +338,20 @@ class TransformersAdapter(Adapter):
                 for h in hooks:
                     h.remove()
             return found
-        out = ref(pixel_values, output_attentions=True, **self._kwargs(pixel_values))
+        inputs = block_inputs(self.blocks, lambda: self.forward(pixel_values))
+        with fed(_blocks(ref, self.family), inputs):
+            out = ref(pixel_values, output_attentions=True, **self._kwargs(pixel_values))
         if not out.attentions:
             raise RuntimeError(f"{type(ref).__name__} returned no attentions under eager attention.")
         return {i: a.float() for i, a in enumerate(out.attentions)}
+
+
+def _blocks(encoder: nn.Module, family) -> list[nn.Module]:
+    """The encoder's transformer layers, in order (at the family's attribute path)."""
+    blocks: nn.Module = encoder
+    for part in family.blocks.split("."):
+        blocks = getattr(blocks, part)
+    return list(blocks)
 
 
 def _hidden_hook(sink: Sink, layer: int, module, args, output) -> None:

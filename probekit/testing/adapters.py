@@ -117,7 +117,35 @@ def _groups(geo, layer: int) -> int:
     return 1 if geo.is_global(layer) else geo.layer(layer).groups
 
 
+def _sized(check: Callable) -> Callable:
+    """A check at ``image_size=``: an error of the model at a non-native size says what to set.
+
+    Why: an adapter inherits ``variable_image_size = True``; a model with a fixed position table
+    then fails the non-native variants with its own shape error, which names nothing to change.
+    """
+
+    @functools.wraps(check)
+    def run(name: str, pm, *args, image_size=None, **kw):
+        try:
+            return check(name, pm, *args, image_size=image_size, **kw)
+        except (AssertionError, SkipCheck):
+            raise
+        except Exception as exc:
+            ad = _adapter(pm)
+            if image_size is None or tuple(image_size) == tuple(ad.default_image_size):
+                raise
+            (h, w), (nh, nw) = image_size, ad.default_image_size
+            raise AssertionError(
+                f"{name}: the model fails on a {h}x{w} input (its native size is {nh}x{nw}): "
+                f"{type(exc).__name__}: {exc}. If it runs only its native size (a fixed position table or "
+                f"graph input), set variable_image_size = False on {type(ad).__name__} (or on the instance)."
+            ) from exc
+
+    return run
+
+
 # -- adapter checks ------------------------------------------------------------------------------
+@_sized
 def check_rows_sum_to_one(name: str, pm, image_size=None, atol: float = ATOL) -> None:
     # Metrics treat each query row as a distribution: probabilities must be float32, non-negative,
     # sum to 1 over keys, and cover every layer with num_heads heads.
@@ -135,6 +163,7 @@ def check_rows_sum_to_one(name: str, pm, image_size=None, atol: float = ATOL) ->
         _assert_close(name, f"layer {layer} row sums", p.sum(-1), torch.ones(p.shape[:-1]), atol)
 
 
+@_sized
 def check_layout_matches_tokens(name: str, pm, image_size=None) -> None:
     # Distances come from the layout: a wrong prefix count or grid shifts every position.
     ad = _adapter(pm)
@@ -155,11 +184,14 @@ def check_layout_matches_tokens(name: str, pm, image_size=None) -> None:
         )
 
 
+@_sized
 def check_patch_geometry(name: str, pm, image_size=None) -> str:
     # The layout (prefix count, grid orientation, patch size) is checked against the model itself,
     # with no reference: perturbing the pixels of one patch must move exactly the token the
     # layout puts there in layer 0's attention (its row and column), for corners and the interior.
     ad = _adapter(pm)
+    if not ad.global_attention:  # windowed/pooled layers: extend expected_moved_tokens to their geometry
+        raise SkipCheck(f"{name}: the patch-perturbation check knows global attention only")
     base = _input(ad, 1, image_size, seed=4)
     size = tuple(base.shape[-2:])
     lay = ad.layout(base)
@@ -222,6 +254,7 @@ def _scale_hint(got: torch.Tensor, want: torch.Tensor) -> str:
     return ""
 
 
+@_sized
 def check_reference_attention(name: str, pm, reference: Callable | None = None, image_size=None,
                               atol: float = ATOL) -> str:
     # The tap recomputes (or reads) probabilities; they must equal the library's own reference
