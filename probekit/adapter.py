@@ -87,6 +87,9 @@ class Adapter(ABC):
     #: the options :meth:`from_spec` takes, checked by type before any model loads
     #: (:mod:`probekit.options`); subclass :class:`~probekit.options.AdapterOptions` to add yours
     options_schema: ClassVar[type[AdapterOptions]] = AdapterOptions
+    #: input channels (3: RGB; 1: grayscale); images are converted to this many before
+    #: ``preprocess``. Built-in adapters read it from the model (an instance attribute).
+    in_chans: int = 3
     #: conformance checks that do not apply, ``{check name: why}`` (an instance may override it).
     #: ``probekit.testing.check_adapter`` fails a check that cannot run unless it is listed here.
     not_applicable_checks: ClassVar[dict[str, str]] = {}
@@ -149,7 +152,7 @@ class Adapter(ABC):
 
     @abstractmethod
     def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
-        """The token layout the model produces for ``pixel_values`` ``[B, 3, H, W]``."""
+        """The token layout the model produces for ``pixel_values`` ``[B, C, H, W]``."""
 
     def geometry(self, pixel_values: torch.Tensor) -> "ModelGeometry":
         """Each layer's attention geometry for ``pixel_values`` (:mod:`probekit.geometry`).
@@ -230,7 +233,7 @@ class ProbedModel:
         """A seeded random input of the model's native (or the given) size."""
         h, w = image_size or self.adapter.default_image_size
         g = torch.Generator().manual_seed(seed)
-        return torch.randn(batch, 3, h, w, generator=g).to(self.device)
+        return torch.randn(batch, self.adapter.in_chans, h, w, generator=g).to(self.device)
 
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor) -> Any:

@@ -23,7 +23,8 @@ from .errors import ImageError
 from .fileid import file_digest
 from .memory import tame
 
-__all__ = ["ImageSet", "resolve_images", "sample_images", "open_image", "IMAGE_SUFFIXES", "SAMPLE"]
+__all__ = ["ImageSet", "resolve_images", "sample_images", "open_image", "to_channels", "to_rgb", "per_channel",
+           "IMAGE_SUFFIXES", "SAMPLE"]
 
 log = logging.getLogger("probekit.images")
 
@@ -89,13 +90,41 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Upright RGB: the EXIF orientation applied (phone photos), then grayscale, palette and RGBA
-    converted (alpha dropped, as PIL's convert does), high bit depths scaled to 8 bits."""
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels -> the PIL mode a model of that many channels reads
+
+
+def to_channels(im: Image.Image, channels: int = 3) -> Image.Image:
+    """Upright, in the mode of a model with ``channels`` input channels (the adapter's ``in_chans``).
+
+    The EXIF orientation is applied first (phone photos); then PIL converts: RGB, palette or RGBA
+    to ``L`` for grayscale models (ITU-R 601 luma), grayscale to RGB (alpha dropped) for RGB models; high bit
+    depths are scaled to 8 bits first.
+
+    Raises:
+        ImageError: a channel count PIL images cannot be converted to.
+    """
+    if channels not in _MODES:
+        raise ImageError(
+            f"The model takes {channels}-channel inputs, which images cannot be converted to (1, 3 or 4 "
+            "channels). Pass a preprocessed [N, C, H, W] tensor instead."
+        )
     im = ImageOps.exif_transpose(im)
     if im.mode in _HIGH_DEPTH:
         im = _to_8bit(im)
-    return im if im.mode == "RGB" else im.convert("RGB")
+    mode = _MODES[channels]
+    return im if im.mode == mode else im.convert(mode)
+
+
+def per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
+    """Normalisation statistics for ``channels`` channels: ``values`` if they fit, else their mean
+    for each channel (the RGB defaults of a library on a grayscale model)."""
+    values = tuple(float(v) for v in values)
+    return values if len(values) == channels else (sum(values) / len(values),) * channels
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Upright RGB (:func:`to_channels` with 3 channels)."""
+    return to_channels(im, 3)
 
 
 @dataclass
@@ -160,14 +189,26 @@ class ImageSet:
             return self.refs[i]
         return self.paths[i] if self.paths is not None else self.pil[i]
 
-    def dataset(self, transform: Callable[[Image.Image], torch.Tensor] | None) -> torch.utils.data.Dataset:
-        """A dataset of ``(index, pixel_values)``, preprocessed by ``transform``."""
-        return _Images(self, transform)
+    def dataset(self, transform: Callable[[Image.Image], torch.Tensor] | None,
+                channels: int = 3) -> torch.utils.data.Dataset:
+        """A dataset of ``(index, pixel_values)``: images converted to ``channels`` (the model's
+        ``in_chans``) and preprocessed by ``transform``; a tensor must already have ``channels``.
+
+        Raises:
+            ImageError: a tensor with another channel count (before any work is done).
+        """
+        if self.tensor is not None and self.tensor.shape[1] != channels:
+            raise ImageError(
+                f"The image tensor has {self.tensor.shape[1]} channels ({list(self.tensor.shape)}) but the model "
+                f"takes {channels} (its adapter's in_chans). Pass [N, {channels}, H, W] tensors, or image files / "
+                "PIL images, which probekit converts."
+            )
+        return _Images(self, transform, channels)
 
 
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, images: ImageSet, transform):
-        self.images, self.transform = images, transform
+    def __init__(self, images: ImageSet, transform, channels: int = 3):
+        self.images, self.transform, self.channels = images, transform, channels
 
     def __len__(self) -> int:
         return len(self.images)
@@ -177,7 +218,7 @@ class _Images(torch.utils.data.Dataset):
         if s.tensor is not None:
             return i, s.tensor[i]
         if self.transform is None:
-            raise ImageError("This model has no preprocessing; pass a preprocessed [N, 3, H, W] tensor.")
+            raise ImageError("This model has no preprocessing; pass a preprocessed [N, C, H, W] tensor.")
         try:
             im = open_image(s.where(i))  # decodes: a truncated JPEG that passed the listing fails here
         except ImageError as exc:
@@ -186,7 +227,7 @@ class _Images(torch.utils.data.Dataset):
             # one bad file costs that file only, never the model nor its finished batches
             log.warning("Skipped an image that cannot be decoded: %s", exc)
             return i, None  # dropped by collate(); probe() records it as skipped
-        x = self.transform(to_rgb(im))
+        x = self.transform(to_channels(im, self.channels))
         return i, torch.as_tensor(x)
 
 
@@ -288,13 +329,13 @@ def _from_tensor(images: torch.Tensor) -> ImageSet | list[Image.Image]:
         last = images.shape[-1] in (1, 3, 4) and (images.dim() < 3 or images.shape[-3] not in (1, 3))
         return _pixels_to_pil(images, channels_last=last)
     if not images.is_floating_point():
-        raise ImageError(f"A tensor of images must be float (preprocessed [N, 3, H, W]) or uint8 pixels; "
+        raise ImageError(f"A tensor of images must be float (preprocessed [N, C, H, W]) or uint8 pixels; "
                          f"got {images.dtype}.")
     if images.dim() == 3:
         images = images.unsqueeze(0)
-    if images.dim() != 4 or images.shape[1] != 3:
+    if images.dim() != 4:  # the channel count is checked against the model's in_chans (ImageSet.dataset)
         raise ImageError(
-            f"A tensor of images must be [N, 3, H, W] (preprocessed); got shape {tuple(images.shape)}."
+            f"A tensor of images must be [N, C, H, W] (preprocessed); got shape {tuple(images.shape)}."
         )
     # the model's weights are float32; autocast (dtype="bf16") lowers the compute itself
     return ImageSet(names=[str(i) for i in range(images.shape[0])], tensor=images.float())
@@ -307,7 +348,7 @@ def resolve_images(
 
     Args:
         images: ``"sample"`` (the bundled set), a folder (searched recursively), an image file,
-            a list of files/folders, PIL images, or a preprocessed ``[N, 3, H, W]`` tensor.
+            a list of files/folders, PIL images, or a preprocessed ``[N, C, H, W]`` tensor.
         strict: stop at the first unreadable file instead of skipping it with a warning.
         count, seed: a seeded random subset of ``count`` images.
 

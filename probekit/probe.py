@@ -236,7 +236,7 @@ class MetricSink:
 
 
 def _loader(pm: ProbedModel, images: ImageSet, batch_size: int, num_workers: int, pin: bool):
-    ds = images.dataset(pm.preprocess)
+    ds = images.dataset(pm.preprocess, channels=pm.adapter.in_chans)
     if images.tensor is not None and images.tensor.device.type != "cpu":
         # a tensor already on the device cannot be pinned (DataLoader raises), nor read by worker processes
         pin, num_workers = False, 0

@@ -14,12 +14,15 @@ import torch
 from probekit.testing import randomize_parameters
 
 
-def export_onnx(module: torch.nn.Module, x: torch.Tensor, path, dynamic_size: bool = False):
+def export_onnx(module: torch.nn.Module, x: torch.Tensor, path, dynamic_size: bool = False,
+                dynamic_batch: bool = True):
     """Legacy TorchScript exporter (the dynamo one needs onnxscript), opset 17; returns ``path``.
 
-    The batch axis is always dynamic; ``dynamic_size`` makes height and width dynamic too.
+    The batch axis is dynamic unless ``dynamic_batch=False`` (then fixed at ``x``'s batch);
+    ``dynamic_size`` makes height and width dynamic too.
     """
-    axes = {"pixel_values": {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}}
+    dims = ({0: "batch"} if dynamic_batch else {}) | ({2: "height", 3: "width"} if dynamic_size else {})
+    axes = {"pixel_values": dims} if dims else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=17,

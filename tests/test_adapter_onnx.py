@@ -225,3 +225,56 @@ def test_prefix_kinds_can_be_named(timm_vit):
     assert pm.layout(x).prefix_kinds == ("cls", "dist", "reg")
     with pytest.raises(pk.LayoutError, match="prefix_kinds has 2 entries for 3"):
         pk.load(f"onnx:{path}", prefix_kinds=("cls", "dist"))
+
+
+class _SlicedKeys(torch.nn.Module):
+    """One attention layer whose key count is a run-time number: shape inference cannot tie the
+    softmax's key axis to its query axis (as with some dynamic-batch exports)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 16, 4, 4)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 16))
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1)
+        q, k, v = self.qkv(t).reshape(t.shape[0], t.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        n = (t[0, :, 0] == t[0, :, 0]).sum()  # = T when run, unknown to shape inference
+        attn = (q @ k[:, :, :n].transpose(-1, -2) * 8**-0.5).softmax(-1)
+        return attn @ v[:, :, :n]
+
+
+def test_softmax_whose_token_axes_inference_cannot_equate_is_found(tmp_path):
+    m = _SlicedKeys().eval()
+    path = export_onnx(m, torch.randn(1, 3, 16, 16), tmp_path / "sliced.onnx")
+    softmax = next(n for n in onnx.load(str(path)).graph.node if n.op_type == "Softmax")
+    from probekit.plugins.adapters.onnx import find_attention_softmaxes
+
+    found, shapes = find_attention_softmaxes(onnx.load(str(path)))
+    assert not found and shapes[softmax.output[0]][2] != shapes[softmax.output[0]][3]  # what failed before
+    pm = pk.load(f"onnx:{path}")
+    x = torch.randn(3, 3, 16, 16)
+    lay = pm.layout(x)
+    assert (lay.num_prefix, lay.grid, pm.num_layers, pm.num_heads) == (1, (4, 4), 1, 2)
+    with torch.no_grad():
+        t = torch.cat([m.cls.expand(3, -1, -1), m.embed(x).flatten(2).transpose(1, 2)], 1)
+        q, k, _ = m.qkv(t).reshape(3, 17, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        want = (q @ k.transpose(-1, -2) * 8**-0.5).softmax(-1)
+    assert (pm.attention(x)[0] - want).abs().max() < 1e-5
+
+
+def test_fixed_batch_graph_runs_any_batch(timm_vit, tmp_path):
+    m, _ = timm_vit
+    path = export_onnx(m, torch.randn(2, 3, 24, 40), tmp_path / "batch2.onnx", dynamic_batch=False)
+    pm = pk.load(f"onnx:{path}")
+    assert pm.model.batch == 2
+    x = torch.randn(5, 3, 24, 40)  # two full chunks and one padded
+    got = pm.attention(x)
+    ref, _ = _eager_timm(m, x)
+    assert max((got[i] - ref[i]).abs().max().item() for i in ref) < 1e-5
+    assert pm.forward(x)[0].shape[0] == 5
+    res = pk.probe(pm, x, metrics=["mad"], batch_size=3)
+    assert res.table["image"].nunique() == 5
+    assert {r.status for r in check_adapter(pm, on_fail=None)} == {"passed", "skipped"}

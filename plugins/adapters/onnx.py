@@ -33,15 +33,25 @@ from probekit.errors import (
     UnsupportedArchitectureError,
     WeightsUnavailableError,
 )
+from probekit.images import per_channel
 from probekit.options import AdapterOptions
 from probekit.tokens import TokenLayout
+
+from ._onnx_graph import (
+    _dims,
+    _image_input,
+    _patch_size,
+    _residual_outputs,
+    _session,
+    _shapes_at,
+    find_attention_softmaxes,
+)
 
 __all__ = ["OnnxAdapter", "resolve_onnx_path", "find_attention_softmaxes"]
 
 _INSTALL = 'pip install "probekit[onnx]"'
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
-_NORM_OPS = {"LayerNormalization", "ReduceMean"}  # ops that open a pre-norm block (fused or decomposed)
 
 
 def _require_backends():
@@ -109,126 +119,6 @@ def read_graph(path: Path):
     if not proto.graph.node:
         raise ConfigError(f"{path} holds no ONNX graph (no nodes), so it is not an ONNX model. {what}")
     return proto
-
-
-# -- reading the graph ---------------------------------------------------------------------------
-def _dims(value_info) -> list | None:
-    """Dims of a value (int, symbol name, or None when unknown); None when the rank is unknown."""
-    t = value_info.type.tensor_type
-    if not t.HasField("shape"):
-        return None
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-
-
-def _attr(node, name, default=None):
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _is_attention_shape(dims: list | None) -> bool:
-    """``[B, H, T, T]``: rank 4, last two dims equal (same int or same symbol)."""
-    return dims is not None and len(dims) == 4 and dims[2] is not None and dims[2] == dims[3]
-
-
-def find_attention_softmaxes(model) -> tuple[list, dict[str, list | None]]:
-    """The Softmax nodes over the last axis of a ``[B, H, T, T]`` tensor, in graph order.
-
-    Args:
-        model: an ``onnx.ModelProto`` (shape inference runs with data propagation, which
-            resolves the head count and a shared symbol for both token axes).
-
-    Returns:
-        ``(nodes, shapes)``: the attention Softmax nodes, and every value's inferred dims.
-    """
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    g = inferred.graph
-    shapes = {vi.name: _dims(vi) for vi in [*g.value_info, *g.input, *g.output]}
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
-    default_axis = -1 if opset >= 13 else 1  # before opset 13 Softmax flattened from axis 1
-    found = []
-    for node in model.graph.node:
-        if node.op_type != "Softmax" or node.domain not in ("", "ai.onnx"):
-            continue
-        dims = shapes.get(node.output[0])
-        axis = _attr(node, "axis", default_axis)
-        if _is_attention_shape(dims) and axis in (-1, 3):
-            found.append(node)
-    return found, shapes
-
-
-def _residual_outputs(model, softmaxes: list) -> list[str] | None:
-    """Each block's output (the second residual Add of a pre-norm block), or None.
-
-    A residual Add adds a branch to a tensor that also feeds a norm (``x + f(norm(x))``); a
-    pre-norm ViT has two per block, and block ``i``'s output is the second one after softmax
-    ``i``. Returns None unless exactly two such Adds bracket every softmax.
-    """
-    consumers: dict[str, set[str]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, set()).add(node.op_type)
-    order, residual = {}, []
-    for i, node in enumerate(model.graph.node):
-        order[node.output[0] if node.output else ""] = i
-        if node.op_type == "Add" and any(_NORM_OPS & consumers.get(x, set()) for x in node.input):
-            residual.append((i, node.output[0]))
-    soft_pos = [order[s.output[0]] for s in softmaxes]
-    if len(residual) != 2 * len(softmaxes):
-        return None
-    for layer, pos in enumerate(soft_pos):
-        prev_end = residual[2 * layer - 1][0] if layer else -1
-        if not (prev_end < pos < residual[2 * layer][0] < residual[2 * layer + 1][0]):
-            return None
-    return [residual[2 * i + 1][1] for i in range(len(softmaxes))]
-
-
-def _patch_size(model) -> tuple[int, int] | None:
-    """Kernel of the first Conv whose stride equals its kernel (the patch embedding)."""
-    for node in model.graph.node:
-        if node.op_type == "Conv":
-            k, s = _attr(node, "kernel_shape"), _attr(node, "strides")
-            if k and s and list(k) == list(s) and len(k) == 2 and max(k) > 1:
-                return int(k[0]), int(k[1])
-    return None
-
-
-def _image_input(model, input_name: str | None):
-    """The graph input that takes images ``[B, 3, H, W]``."""
-    inits = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if input_name is not None:
-        for i in inputs:
-            if i.name == input_name:
-                return i
-        raise ConfigError(f"The graph has no input {input_name!r}; its inputs: {[i.name for i in inputs]}.")
-    images = [i for i in inputs if (d := _dims(i)) is not None and len(d) == 4 and d[1] in (3, None)]
-    if len(images) != 1:
-        raise UnsupportedArchitectureError(
-            f"Cannot tell which graph input takes images: inputs {[(i.name, _dims(i)) for i in inputs]}. "
-            "Pass input_name=... (an input shaped [B, 3, H, W])."
-        )
-    return images[0]
-
-
-class OnnxModule(nn.Module):
-    """Holds the session so that ``ProbedModel.model`` is a module; no torch parameters."""
-
-    def __init__(self, session, input_name: str, outputs: list[str], input_dtype):
-        super().__init__()
-        self.session, self.input_name, self.outputs, self.input_dtype = session, input_name, outputs, input_dtype
-
-    def run(self, x: torch.Tensor, extra: list[str] = ()) -> list[np.ndarray]:
-        feed = {self.input_name: x.detach().float().cpu().numpy().astype(self.input_dtype, copy=False)}
-        return self.session.run([*self.outputs, *extra], feed)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [torch.from_numpy(np.asarray(a)).to(x.device) for a in self.run(x)]
 
 
 class _ResizeCover:
@@ -317,8 +207,23 @@ class OnnxAdapter(Adapter):
                  num_prefix: int | None = None, prefix_kinds=None, input_name: str | None = None,
                  mean=_IMAGENET_MEAN,
                  std=_IMAGENET_STD, resize: int | None = None, providers=None):
-        onnx, ort = _require_backends()
-        softmaxes, shapes = find_attention_softmaxes(onnx_model)
+        _require_backends()
+        image = _image_input(onnx_model, input_name)
+        in_dims = _dims(image)
+        fixed = tuple(d if isinstance(d, int) and d > 0 else None for d in in_dims[2:])
+        self.in_chans = in_dims[1] if isinstance(in_dims[1], int) and in_dims[1] > 0 else 3
+        batch = in_dims[0] if isinstance(in_dims[0], int) and in_dims[0] > 0 else None
+        size = image_size if image_size is None or not isinstance(image_size, int) else (image_size, image_size)
+        if size is None:
+            if None in fixed:
+                raise ConfigError(f"{source}: the input {image.name!r} has a symbolic size {in_dims}; pass image_size=.")
+            size = fixed
+        size = (int(size[0]), int(size[1]))
+        if None not in fixed and size != fixed:
+            raise ConfigError(f"{source}: the graph's input is fixed at {fixed}; image_size={size} cannot run.")
+        dry = torch.zeros(batch or 1, self.in_chans, *size)
+        softmaxes, shapes = find_attention_softmaxes(onnx_model, run=lambda names: _shapes_at(
+            onnx_model, image.name, dry, names, providers))
         if not softmaxes:
             seen = [(n.name or n.output[0], shapes.get(n.output[0])) for n in onnx_model.graph.node
                     if n.op_type == "Softmax"]
@@ -328,17 +233,6 @@ class OnnxAdapter(Adapter):
                 "(timm: fused_attn=False; transformers: attn_implementation='eager') so the softmax stays "
                 "a graph node."
             )
-        image = _image_input(onnx_model, input_name)
-        in_dims = _dims(image)
-        fixed = tuple(d if isinstance(d, int) and d > 0 else None for d in in_dims[2:])
-        size = image_size if image_size is None or not isinstance(image_size, int) else (image_size, image_size)
-        if size is None:
-            if None in fixed:
-                raise ConfigError(f"{source}: the input {image.name!r} has a symbolic size {in_dims}; pass image_size=.")
-            size = fixed
-        size = (int(size[0]), int(size[1]))
-        if None not in fixed and size != fixed:
-            raise ConfigError(f"{source}: the graph's input is fixed at {fixed}; image_size={size} cannot run.")
         patch = patch_size or _patch_size(onnx_model)
         if patch is None:
             raise UnsupportedArchitectureError(
@@ -352,19 +246,9 @@ class OnnxAdapter(Adapter):
         self._logit_names = [n.input[0] for n in softmaxes]
         self._hidden_names = hidden or []
         self.node_names = [n.name or n.output[0] for n in softmaxes]
-        outputs = [o.name for o in onnx_model.graph.output]
-        tapped = onnx.ModelProto()
-        tapped.CopyFrom(onnx_model)
-        for name in dict.fromkeys([*self._attn_names, *self._logit_names, *self._hidden_names]):
-            if name not in outputs:
-                tapped.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(tapped.SerializeToString(), opts,
-                                       providers=providers or ["CPUExecutionProvider"])
-        elem = image.type.tensor_type.elem_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem) if elem else np.float32
-        module = OnnxModule(session, image.name, outputs, dtype)
+        module = _session(onnx_model, image.name, [*self._attn_names, *self._logit_names, *self._hidden_names],
+                          providers, batch)
+        mean, std = per_channel(mean, self.in_chans), per_channel(std, self.in_chans)
         super().__init__(module, _preprocess(size, mean, std, resize), image_size=size, source=source,
                          attention_nodes=self.node_names)
         self._heads = next((shapes[n][1] for n in self._attn_names if isinstance(shapes[n][1], int)), None)
@@ -379,7 +263,7 @@ class OnnxAdapter(Adapter):
         """``T - h * w`` at the native size (T and H from shape inference, or from one dry run)."""
         t = shapes[self._attn_names[0]][2]
         if not isinstance(t, int) or self._heads is None:
-            probs = self.model.run(torch.zeros(1, 3, *size), [self._attn_names[0]])[-1]
+            probs = self.model.run(torch.zeros(self.model.batch or 1, self.in_chans, *size), [self._attn_names[0]])[-1]
             t, self._heads = probs.shape[-1], probs.shape[1]
         prefix = t - (size[0] // self._patch[0]) * (size[1] // self._patch[1])
         if prefix < 0:

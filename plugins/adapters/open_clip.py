@@ -307,6 +307,10 @@ class OpenClipAdapter(Adapter):
 
     # -- describing ------------------------------------------------------------------------------
     @property
+    def in_chans(self) -> int:
+        return int(getattr(getattr(self.model, "conv1", None), "in_channels", 3))
+
+    @property
     def blocks(self) -> list[nn.Module]:
         return list(self.model.transformer.resblocks)
 
@@ -384,6 +388,7 @@ class OpenClipTimmAdapter(OpenClipAdapter):
         self.info.setdefault("family", trunk.info.get("family"))
 
     global_attention = property(lambda self: self.trunk.global_attention)
+    in_chans = property(lambda self: self.trunk.in_chans)
     variable_image_size = property(lambda self: self.trunk.variable_image_size)
     blocks = property(lambda self: self.trunk.blocks)
     num_layers = property(lambda self: self.trunk.num_layers)

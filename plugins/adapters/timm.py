@@ -36,6 +36,7 @@ from probekit.errors import (
     WeightsUnavailableError,
     reading_checkpoint,
 )
+from probekit.images import per_channel
 from probekit.options import AdapterOptions, library_keywords
 from probekit.tokens import TokenLayout, pair
 
@@ -178,8 +179,16 @@ def _preprocess(model: nn.Module, image_size: tuple[int, int]):
     from timm.data import create_transform, resolve_data_config
 
     cfg = resolve_data_config(model=model)
-    cfg["input_size"] = (3, *image_size)
+    chans = _in_chans(model)
+    cfg["input_size"] = (chans, *image_size)
+    cfg["mean"], cfg["std"] = per_channel(cfg["mean"], chans), per_channel(cfg["std"], chans)
     return create_transform(**cfg, is_training=False)
+
+
+def _in_chans(model: nn.Module) -> int:
+    """Input channels of the patch embedding's convolution (3 when there is none to read)."""
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    return int(getattr(proj, "in_channels", 3))
 
 
 # -- the adapter -----------------------------------------------------------------------------------
@@ -206,6 +215,7 @@ class TimmAdapter(Adapter):
                 f"{', '.join(c for f in FAMILIES for c in f.classes)}."
             )
         self.info.setdefault("family", self.family.name)
+        self.in_chans = _in_chans(model)
         # dynamic_img_size models resample position embeddings per forward; others are fixed
         self.variable_image_size = bool(getattr(model, "dynamic_img_size", False))
 

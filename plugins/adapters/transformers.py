@@ -158,6 +158,7 @@ class TransformersAdapter(Adapter):
         self.attentions = [getattr(b, self.family.attention) for b in self.blocks]
         self.info.setdefault("image_size", pair(model.config.image_size))
         self.info.setdefault("model_type", model.config.model_type)
+        self.in_chans = int(getattr(model.config, "num_channels", 3))
 
     # -- building ------------------------------------------------------------------------------
     @classmethod

@@ -241,7 +241,8 @@ def cka_between(model_a, model_b, images, *, batch_size: int = 32, pool: str = "
     pms = [load(m) if isinstance(m, str) else m for m in (model_a, model_b)]
     imgs = resolve_images(images)
     loaders = [
-        torch.utils.data.DataLoader(imgs.dataset(pm.preprocess), batch_size=batch_size, shuffle=False)
+        torch.utils.data.DataLoader(imgs.dataset(pm.preprocess, channels=pm.adapter.in_chans), batch_size=batch_size,
+                                    shuffle=False)
         for pm in pms
     ]
     xy = xx = yy = None
