@@ -136,11 +136,6 @@ class Adapter(ABC):
         """Bind to a user's own module."""
         raise NotImplementedError(f"{cls.__name__} cannot wrap modules")
 
-    @classmethod
-    def model_names(cls) -> list[str]:
-        """Names this backend can build (for close-name suggestions); may be empty."""
-        return []
-
     # -- describing ----------------------------------------------------------------------------
     @property
     @abstractmethod

@@ -43,7 +43,7 @@ class LastHidden(torch.nn.Module):
 
 def tiny_dinov2(image_size: int = 28, layers: int = 2, seed: int = 0, scale: float = 0.3) -> torch.nn.Module:
     """A tiny randomized transformers DINOv2 (eager attention; hidden 32, 2 heads, 7 px patches)."""
-    tr = pytest.importorskip("transformers")
+    import transformers as tr
     cfg = tr.Dinov2Config(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
                           image_size=image_size, patch_size=7, attn_implementation="eager")
     torch.manual_seed(seed)  # the init draws from the global generator: make it independent of test order

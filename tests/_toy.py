@@ -103,10 +103,6 @@ class ToyAdapter(pk.Adapter):
 
         return cls(model, preprocess, image_size=(size, size), weights=f"toy-random-{name}")
 
-    @classmethod
-    def model_names(cls):
-        return ["vit", "missing"]
-
     @property
     def num_layers(self):
         return len(self.model.blocks)

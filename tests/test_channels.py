@@ -32,7 +32,7 @@ def test_to_channels_converts_modes_and_keeps_exif():
 
 @pytest.fixture(scope="module")
 def gray_vit():
-    timm = pytest.importorskip("timm")
+    import timm
     torch.manual_seed(0)
     m = timm.models.vision_transformer.VisionTransformer(
         img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=0)
@@ -59,11 +59,11 @@ def test_tensor_with_wrong_channel_count_is_refused(gray_vit):
 
 
 def test_builtin_adapters_read_channels_from_the_model(tmp_path):
-    tr = pytest.importorskip("transformers")
+    import transformers as tr
     cfg = tr.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                        image_size=32, patch_size=8, num_channels=1)
     assert pk.wrap(tr.ViTModel(cfg, add_pooling_layer=False)).adapter.in_chans == 1
-    oc = pytest.importorskip("open_clip")
+    import open_clip as oc
     vision = dict(layers=1, width=32, head_width=16, image_size=32, patch_size=8, mlp_ratio=2)
     text = dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
     assert pk.wrap(oc.model.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text).visual).adapter.in_chans == 3

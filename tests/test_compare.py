@@ -194,10 +194,6 @@ def test_flags_override_file_values(tmp_path):
 
 
 def test_tiny_timm_model_through_a_run_file(tmp_path, loads):
-    try:
-        pk.adapters.get("timm")
-    except pk.ProbekitError:
-        pytest.skip("timm adapter not available")
     text = """\
 models:
   - model: timm:vit_tiny_patch16_224

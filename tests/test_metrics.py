@@ -661,10 +661,7 @@ def test_probe_rollout_refuses_a_subset_of_layers():
 
 
 def test_probe_with_tiny_timm_vit():
-    try:
-        pm = pk.load("timm:vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                     embed_dim=32, depth=2, num_heads=2)
-    except Exception as exc:  # the timm adapter is written concurrently; skip until it loads
-        pytest.skip(f"timm adapter not available: {type(exc).__name__}: {exc}")
+    pm = pk.load("timm:vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                 embed_dim=32, depth=2, num_heads=2)
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     _check_probe(pm, x)

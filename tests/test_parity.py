@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import probekit as pk
-from probekit.errors import PluginLoadError
 from probekit.testing import randomize_parameters
 
 TOL = 1e-5
@@ -76,12 +75,8 @@ def _timm_to_hf(tm) -> torch.nn.Module:
 
 
 def _hf_side(hf):
-    """The hf adapter when it is there; else transformers' own eager attention (noted in the report)."""
-    try:
-        cls = pk.adapters.get("hf")
-    except (PluginLoadError, KeyError):
-        return None
-    return pk.ProbedModel(cls.from_module(hf), spec="hf:<parity>")
+    """The hf adapter bound to ``hf`` (built in: a failure to load it is a failure here)."""
+    return pk.ProbedModel(pk.adapters.get("hf").from_module(hf), spec="hf:<parity>")
 
 
 def _hf_eager_attention(hf, x) -> dict[int, torch.Tensor]:
@@ -113,8 +108,6 @@ def test_timm_and_transformers_vit_agree(size, monkeypatch):
     eager = _hf_eager_attention(hf, x)
     assert _max_dev(attn_timm, eager) < TOL  # timm tap vs transformers' own eager softmax
     ph = _hf_side(hf)
-    if ph is None:
-        pytest.skip("hf adapter not importable: compared against transformers eager only")
     assert ph.layout(x) == pt.layout(x)
     assert _max_dev(ph.attention(x), attn_timm) < TOL
     hid_t, hid_h = pt.hidden_states(x), ph.hidden_states(x)
@@ -206,11 +199,6 @@ def test_every_alias_builds_with_the_promised_layout(alias):
     entry = ALIASES[alias]
     assert entry["training"] in ("supervised", "self-supervised", "image-text")
     assert entry["weights"] and entry["family"]
-    backend = entry["spec"].split(":")[0]
-    try:
-        pk.adapters.get(backend)
-    except PluginLoadError as exc:
-        pytest.skip(f"{backend} adapter not importable yet: {exc}")
     pm = pk.load(alias, pretrained=False, **_small(entry["spec"]))
     x = pm.example_input(1)
     lay = pm.layout(x)

@@ -10,7 +10,6 @@ import torch
 
 import probekit as pk
 from probekit.adapter import ProbedModel
-from probekit.errors import PluginLoadError
 from probekit.testing import (
     check_adapter,
     check_metric,
@@ -149,7 +148,7 @@ def test_check_metric_catches_broken_metrics(metric, broken):
 # -- adapters -----------------------------------------------------------------------------------
 def _export_dinov2(path, image_size=28, layers=2):
     """A tiny randomized transformers DINOv2 (eager) as ONNX with a dynamic input size."""
-    pytest.importorskip("onnxruntime")
+    import onnxruntime  # noqa: F401  (a [test] dependency: missing is a failure)
     m = tiny_dinov2(image_size=image_size, layers=layers, seed=0, scale=0.3)
     return export_onnx(LastHidden(m), torch.randn(1, 3, image_size, image_size), path, dynamic_size=True)
 
@@ -253,7 +252,7 @@ def test_randomize_parameters_is_seeded_and_moves_zeros():
 
 # -- every registered plugin ----------------------------------------------------------------------
 def _tiny_timm():
-    timm = pytest.importorskip("timm")
+    import timm
     m = timm.models.vision_transformer.VisionTransformer(
         img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2, num_classes=0,
         init_values=1e-5, dynamic_img_size=True)
@@ -261,63 +260,54 @@ def _tiny_timm():
 
 
 def _tiny_hf():
-    tr = pytest.importorskip("transformers")
+    import transformers as tr
     cfg = tr.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                        image_size=32, patch_size=8)
     return [tr.ViTModel(cfg, add_pooling_layer=False)]
 
 
 def _tiny_open_clip():
-    oc = pytest.importorskip("open_clip")
+    import open_clip as oc
     vision = dict(layers=2, width=32, head_width=16, image_size=32, patch_size=8, mlp_ratio=2)
     text = dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
     clip = oc.model.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text)
     return [clip.visual, clip]
 
 
-BUILDERS = {"timm": _tiny_timm, "hf": _tiny_hf, "open_clip": _tiny_open_clip}
+def _tiny_tinyvit():
+    from probekit_tinyvit import TinyViT  # the plugin guide's example (registered only when installed)
 
-# Known failures of other plugins, used until their classes declare ``expected_failed_checks``.
-_SIZE_VARIANTS = [f"{c}(image_size=(24, 48))" for c in
-                  ("check_rows_sum_to_one", "check_layout_matches_tokens", "check_reference_attention")]
-KNOWN = {
-    "open_clip": dict.fromkeys(_SIZE_VARIANTS, "a wrapped open_clip tower keeps its fixed position table; "
-                               "the adapter should set variable_image_size=False on such instances"),
-    "cka": {"check_merged_halves": "minibatch HSIC (Nguyen et al. 2021) depends on how images are grouped"},
-}
+    return [TinyViT(dim=32, depth=2, heads=2, mlp_dim=64)]
+
+
+BUILDERS = {"timm": _tiny_timm, "hf": _tiny_hf, "open_clip": _tiny_open_clip, "tinyvit": _tiny_tinyvit}
 
 
 @pytest.mark.parametrize("name", pk.adapters.names())
 def test_registered_adapter_conformance(name, tmp_path):
-    try:
-        cls = pk.adapters.get(name)
-    except PluginLoadError as exc:
-        pytest.skip(f"adapter {name!r} does not import yet: {exc}")
+    # every registered adapter must load and pass: a plugin that does not import, or one with no tiny
+    # model here, fails (a skip would hide it)
+    cls = pk.adapters.get(name)
     if name == "onnx":
         pm = pk.load(f"onnx:{_export_dinov2(tmp_path / 'm.onnx')}", image_size=28)
-    elif name in BUILDERS:
+    else:
+        assert name in BUILDERS, f"no tiny random-init builder for adapter {name!r}: add one to BUILDERS"
         candidates = BUILDERS[name]()
         module = next((m for m in candidates if cls.can_wrap(m)), None)
         assert module is not None, f"{cls.__name__}.can_wrap accepts none of {[type(m).__name__ for m in candidates]}"
         randomize_parameters(module.eval(), seed=0, scale=0.3)  # peaked heads
         pm = ProbedModel(cls.from_module(module), spec=f"{name}:<tiny>", label=f"{name}-tiny")
-    else:
-        pytest.skip(f"no tiny random-init builder for adapter {name!r}")
-    known = getattr(cls, "expected_failed_checks", None) or KNOWN.get(name)
-    records = check_adapter(pm, on_fail=None, expected_failed_checks=known)
+    records = check_adapter(pm, on_fail=None, expected_failed_checks=getattr(cls, "expected_failed_checks", None))
     failed = [f"{r.check}: {r.reason}" for r in records if r.status == "failed"]
     assert not failed, "\n".join(failed)
 
 
 @pytest.mark.parametrize("name", pk.metrics.names())
 def test_registered_metric_conformance(name):
-    try:
-        cls = pk.metrics.get(name)
-    except PluginLoadError as exc:
-        pytest.skip(f"metric {name!r} does not import yet: {exc}")
+    cls = pk.metrics.get(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # metrics may warn on tiny batches; failures are what count
-        known = getattr(cls, "expected_failed_checks", None) or KNOWN.get(name)
+        known = getattr(cls, "expected_failed_checks", None)
         records = check_metric(cls(), on_fail=None, expected_failed_checks=known)
     failed = [f"{r.check}: {r.reason}" for r in records if r.status == "failed"]
     assert not failed, "\n".join(failed)
@@ -327,7 +317,7 @@ def test_reference_from_the_same_layer_inputs_at_depth():
     # fused and unfused float32 paths drift apart through 12 layers (3e-5 at layer 2 here, over the
     # 1e-5 tolerance, when the reference is a whole forward of its own): the reference must be computed
     # from the inputs each layer really received, and must still catch a tap 0.1% off
-    timm = pytest.importorskip("timm")
+    import timm
     m = timm.models.vision_transformer.VisionTransformer(
         img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3, num_classes=0)
     randomize_parameters(m.eval(), seed=0, scale=0.3)

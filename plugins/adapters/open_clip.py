@@ -299,12 +299,6 @@ class OpenClipAdapter(Adapter):
         visual = getattr(module, "visual", module)
         return cls._bind(visual, None, name=type(module).__name__, **options)
 
-    @classmethod
-    def model_names(cls) -> list[str]:
-        import open_clip
-
-        return [f"{a}/{t}" for a, t in open_clip.list_pretrained()]
-
     # -- describing ------------------------------------------------------------------------------
     @property
     def in_chans(self) -> int:

@@ -281,12 +281,6 @@ class TimmAdapter(Adapter):
         """Bind a timm model instance (e.g. a fine-tuned one); preprocessing from its pretrained_cfg."""
         return cls._bind(module, name=type(module).__name__, **options)
 
-    @classmethod
-    def model_names(cls) -> list[str]:
-        import timm
-
-        return timm.list_models()
-
     # -- describing ------------------------------------------------------------------------------
     @property
     def blocks(self) -> list[nn.Module]:

@@ -246,10 +246,6 @@ class TransformersAdapter(Adapter):
             raise ConfigError(f"Unknown option(s) for hf wrap: {', '.join(sorted(options))}.")
         return cls._make(module, repo=None, image_size=image_size)
 
-    @classmethod
-    def model_names(cls) -> list[str]:
-        return sorted(KNOWN)
-
     # -- describing ----------------------------------------------------------------------------
     @property
     def num_layers(self) -> int:
