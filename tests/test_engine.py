@@ -323,7 +323,7 @@ def test_entropy_from_logits_equals_the_float64_formula(sharpness, masked):
 
 # regression: a preprocessed tensor already on the accelerator was handed to a pinning DataLoader
 def test_loader_does_not_pin_a_tensor_already_on_a_device():
-    pm = types.SimpleNamespace(preprocess=None)
+    pm = types.SimpleNamespace(preprocess=None, adapter=types.SimpleNamespace(in_chans=3))
     on_device = ImageSet(names=["0", "1"], tensor=torch.empty(2, 3, 8, 8, device="meta"))
     on_host = ImageSet(names=["0", "1"], tensor=torch.zeros(2, 3, 8, 8))
     loader = _loader(pm, on_device, 2, 2, pin=True)

@@ -58,8 +58,8 @@ def test_bad_inputs_say_what_to_do(tmp_path):
         resolve_images(tmp_path / "missing")
     with pytest.raises(ImageError, match="empty"):
         resolve_images(tmp_path)
-    with pytest.raises(ImageError, match=r"\[N, 3, H, W\].*\(2, 1, 8, 8\)"):
-        resolve_images(torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ImageError, match=r"\[N, C, H, W\].*\(2, 1, 8, 8, 1\)"):
+        resolve_images(torch.zeros(2, 1, 8, 8, 1))  # channel counts are checked against the model
     s = resolve_images(torch.zeros(2, 3, 8, 8))
     assert s.names == ["0", "1"]
 

@@ -200,6 +200,8 @@ def test_moved_tokens_and_diagnoses(lucid):
         x2[..., y0:y1, x0:x1] += 3 * torch.randn(1, 3, y1 - y0, x1 - x0)
         moves[(r, c)] = moved_tokens(base_probs(base, x), base_probs(base, x2))[0]
         assert moves[(r, c)] == expected_moved_tokens(lay, (y0, y1, x0, x1)) == {1 + r * 9 + c}
+    swapped = pk.TokenLayout(1, (9, 7), 4)  # a 9x7 layout over the model's 7x9 grid
+    assert "rows and columns swapped" in diagnose_moves(swapped, {rc: frozenset({1 + rc[0] * 9 + rc[1]}) for rc in moves})
     column_major = {rc: frozenset({1 + rc[1] * 7 + rc[0]}) for rc in moves}
     assert "the grid is transposed" in diagnose_moves(lay, column_major)
     shifted = {rc: frozenset({t + 2 for t in v}) for rc, v in moves.items()}

@@ -16,7 +16,7 @@ import torch
 from ..adapter import Adapter, CollectSink, ProbedModel
 from ..tokens import TokenLayout
 from .capture import ModelCalls
-from .geometry import coverage_problem, diagnose_moves, expected_moved_tokens, moved_tokens, patch_box, probe_patches
+from .geometry import coverage_problem, diagnose_moves, expected_moved_tokens, moved_tokens, probe_boxes
 from .records import SkipCheck
 
 __all__ = [
@@ -63,16 +63,27 @@ def _input(pm, batch: int = 2, image_size=None, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, getattr(ad, "in_chans", 3), h, w, generator=g).to(ad.device)
 
 
-class _PausingSink(CollectSink):
-    """A CollectSink whose own work (probabilities, clones) is hidden from a ModelCalls capture."""
+class _KitSink(CollectSink):
+    """A CollectSink whose own work (probabilities, clones) is hidden from a ModelCalls capture,
+    and that keeps each layer's float32 rounding scale ``scale * max|q| * max|k|`` (``rounding``).
+
+    Why the rounding scale: a float32 logit ``q . k * scale`` is exact only to about eps times
+    ``sum |q_i k_i| <= |q| |k|``, and a probability moves by at most its logit's error. Two correct
+    float32 paths (a fused kernel, an eager matmul) differ by that much, which on wide randomized
+    models (logits of several hundred) exceeds a fixed 1e-5 at any depth.
+    """
 
     def __init__(self, calls: ModelCalls | None, *args, **kw):
         super().__init__(*args, **kw)
         self._calls = calls
+        self.rounding: dict[int, float] = {}
 
     def attention(self, layer, attn):
         with self._calls.paused() if self._calls else contextlib.nullcontext():
             super().attention(layer, attn)
+            if attn.q is not None:
+                qn, kn = attn.q.float().norm(dim=-1).amax(), attn.k.float().norm(dim=-1).amax()
+                self.rounding[layer] = float(attn.scale * qn * kn) * torch.finfo(torch.float32).eps
 
     def hidden(self, layer, tokens):
         with self._calls.paused() if self._calls else contextlib.nullcontext():
@@ -81,7 +92,7 @@ class _PausingSink(CollectSink):
 
 @torch.inference_mode()
 def _tapped(ad: Adapter, x: torch.Tensor, layers=None, hidden: bool = False, calls: ModelCalls | None = None):
-    sink = _PausingSink(calls, layers, attention=not hidden, hidden=hidden)
+    sink = _KitSink(calls, layers, attention=not hidden, hidden=hidden)
     with ad.tap(sink):
         out = ad.forward(x)
     return sink, out
@@ -196,11 +207,10 @@ def check_patch_geometry(name: str, pm, image_size=None) -> str:
     size = tuple(base.shape[-2:])
     lay = ad.layout(base)
     problems = [p for p in [coverage_problem(lay, size)] if p]
-    cells = [rc for rc in probe_patches(lay) if patch_box(lay, *rc)[0] < size[0] and patch_box(lay, *rc)[2] < size[1]]
+    boxes = probe_boxes(lay, size)
     g = torch.Generator().manual_seed(5)
     batch = [base]
-    for r, c in cells:
-        y0, y1, x0, x1 = patch_box(lay, r, c)
+    for y0, y1, x0, x1 in boxes.values():
         x = base.clone()
         x[..., y0:y1, x0:x1] += 3 * torch.randn(x[..., y0:y1, x0:x1].shape, generator=g).to(x.device)
         batch.append(x)
@@ -210,24 +220,23 @@ def check_patch_geometry(name: str, pm, image_size=None) -> str:
     if p.shape[-1] != lay.num_tokens:
         problems.append(f"layer 0 has {p.shape[-1]} tokens, the layout {lay.num_tokens}.")
     seen, wrong, top = {}, [], 0.0
-    for i, (r, c) in enumerate(cells, start=1):
-        box = patch_box(lay, r, c)
-        box = (box[0], min(box[1], size[0]), box[2], min(box[3], size[1]))
-        seen[(r, c)], score = moved_tokens(p[0], p[i])
+    for i, (rc, box) in enumerate(boxes.items(), start=1):
+        seen[rc], score = moved_tokens(p[0], p[i])
         top = max(top, score)
         want = expected_moved_tokens(lay, box)
-        if seen[(r, c)] != want:
-            wrong.append(f"patch {(r, c)} (pixels [{box[0]}:{box[1]}, {box[2]}:{box[3]}]) moved tokens "
-                         f"{sorted(seen[(r, c)])[:8]}, the layout expects {sorted(want)}")
+        if seen[rc] != want:
+            wrong.append(f"patch {rc} (pixels [{box[0]}:{box[1]}, {box[2]}:{box[3]}]) moved tokens "
+                         f"{sorted(seen[rc])[:8]}, the layout expects {sorted(want)}")
     if wrong:
-        problems += ["Moved: " + "; ".join(wrong) + ".", diagnose_moves(lay, seen)]
+        why = diagnose_moves(lay, seen)
+        problems += ["Moved: " + "; ".join(wrong) + ".", why[0].upper() + why[1:]]
     assert not problems, (f"{name}: layer 0 geometry at {size[0]}x{size[1]} ({lay.describe()}): "
                           + " ".join(problems))
-    return f"{len(cells)} patches each moved their own token (largest logit change {top:.2g})"
+    return f"{len(boxes)} patches each moved their own token (largest logit change {top:.2g})"
 
 
 def _model_softmax_reference(name: str, ad: Adapter, x: torch.Tensor):
-    """``(tapped, reference)``: the tap and the model's own softmax/SDPA calls, in one forward."""
+    """``(tap's sink, reference)``: the tap and the model's own softmax/SDPA calls, in one forward."""
     calls = ModelCalls(attention=True)
     with calls:
         sink = _tapped(ad, x, calls=calls)[0]
@@ -237,7 +246,7 @@ def _model_softmax_reference(name: str, ad: Adapter, x: torch.Tensor):
             f"{len(calls.attention)} softmax/SDPA calls over square [B, H, T, T] tensors for {ad.num_layers} "
             "layers. Implement reference_attention (the library's own attention probabilities)."
         )
-    return sink.probs, dict(enumerate(calls.attention))
+    return sink, dict(enumerate(calls.attention))
 
 
 def _scale_hint(got: torch.Tensor, want: torch.Tensor) -> str:
@@ -270,17 +279,19 @@ def check_reference_attention(name: str, pm, reference: Callable | None = None, 
     with torch.inference_mode():
         try:
             ref = ref_fn(x)
-            got = _tapped(ad, x)[0].probs
+            sink = _tapped(ad, x)[0]
         except NotImplementedError:
-            got, ref = _model_softmax_reference(name, ad, x)
+            sink, ref = _model_softmax_reference(name, ad, x)
             source = "the model's own softmax"
+    got = sink.probs
     assert sorted(ref) == sorted(got), f"{name}: {source} layers {sorted(ref)} != tapped {sorted(got)}"
     devs = []
     for i in ref:
         assert got[i].shape == ref[i].shape, f"{name}: layer {i} shape {tuple(got[i].shape)} != {source} {tuple(ref[i].shape)}"
         dev = (got[i].float().cpu() - ref[i].float().cpu()).abs().max().item()
-        assert dev <= atol, (f"{name}: layer {i} attention deviates from {source} by {dev:.3g} (allowed {atol:g})"
-                             + _scale_hint(got[i].cpu(), ref[i].cpu()))
+        allowed = max(atol, sink.rounding.get(i, 0.0))  # float32 rounding of large logits (see _KitSink)
+        assert dev <= allowed, (f"{name}: layer {i} attention deviates from {source} by {dev:.3g} (allowed {allowed:.3g})"
+                                + _scale_hint(got[i].cpu(), ref[i].cpu()))
         devs.append(dev)
     # near-uniform rows (random init) agree whatever the bug: report how peaked they were
     top = min(p.amax(-1).mean().item() * p.shape[-1] for p in got.values())

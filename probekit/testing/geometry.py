@@ -20,8 +20,8 @@ import torch
 
 from ..tokens import TokenLayout
 
-__all__ = ["expected_moved_tokens", "probe_patches", "patch_box", "moved_tokens", "coverage_problem",
-           "diagnose_moves"]
+__all__ = ["expected_moved_tokens", "probe_patches", "probe_boxes", "patch_box", "moved_tokens",
+           "coverage_problem", "diagnose_moves"]
 
 Box = tuple[int, int, int, int]  # y0, y1, x0, x1 in input pixels (end exclusive)
 
@@ -50,6 +50,17 @@ def probe_patches(layout: TokenLayout) -> list[tuple[int, int]]:
     gh, gw = layout.grid
     cells = [(0, 0), (0, gw - 1), (gh - 1, 0), (gh - 1, gw - 1), (gh // 2, gw // 3)]
     return list(dict.fromkeys(cells))
+
+
+def probe_boxes(layout: TokenLayout, size: tuple[int, int]) -> dict[tuple[int, int], Box]:
+    """The probe patches' pixel boxes clipped to an input of ``size``; patches that start outside
+    it are left out (:func:`coverage_problem` says why)."""
+    boxes = {}
+    for r, c in probe_patches(layout):
+        y0, y1, x0, x1 = patch_box(layout, r, c)
+        if y0 < size[0] and x0 < size[1]:
+            boxes[(r, c)] = (y0, min(y1, size[0]), x0, min(x1, size[1]))
+    return boxes
 
 
 def coverage_problem(layout: TokenLayout, size: tuple[int, int]) -> str | None:
@@ -105,6 +116,9 @@ def diagnose_moves(layout: TokenLayout, seen: dict[tuple[int, int], frozenset[in
             d = shifts.pop()
             return (f"every moved token is {d:+d} from where the layout puts it: the prefix count is wrong "
                     f"(the layout says {n}, the model has {n + d}).")
+        if gh != gw and all(got[rc] == n + rc[0] * gh + rc[1] for rc in seen):
+            return (f"the moved tokens are where a {gw}x{gh} grid puts them: the layout's grid ({gh}, {gw}) has "
+                    "rows and columns swapped; grid is (rows, columns) = (H // ph, W // pw).")
         if all(got[rc] == n + rc[1] * gh + rc[0] for rc in seen):
             return (f"the moved tokens are where a column-major grid puts them (token = {n} + c * {gh} + r): "
                     "the grid is transposed; tokens run row by row, token = num_prefix + r * grid_w + c.")
