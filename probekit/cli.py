@@ -202,11 +202,17 @@ def metrics_cmd(format: FormatOpt = "human"):
     from .registry import metrics
 
     fmt = _check_format(format)
+    from .plugin_info import class_constants
+
     rows = []
     for rec in metrics.records():
         try:
-            cls = metrics.get(rec.name)
-            rows.append({"name": rec.name, "description": cls.description, "unit": cls.unit, "source": rec.dist})
+            # read from the class's source when it can be: importing a metric imports torch (seconds)
+            ep = rec.entry_point
+            cls = (ep is not None and rec.obj is None and class_constants(ep.value, ("description", "unit"), "Metric", {"unit": ""})) \
+                or metrics.get(rec.name)
+            get = cls.get if isinstance(cls, dict) else lambda k: getattr(cls, k)
+            rows.append({"name": rec.name, "description": get("description"), "unit": get("unit"), "source": rec.dist})
         except ProbekitError as exc:
             rows.append({"name": rec.name, "description": None, "error": str(exc),
                          "source": rec.dist})
@@ -283,12 +289,12 @@ class _Progress:
         self.bar.stop_task(self.tasks[label])
 
 
-def _run_comparison(cfg_or_path: Any, out_dir: Optional[str], figures: bool, **flags) -> None:
+def _run_comparison(cfg_or_path: Any, out_dir: Optional[str], figures: bool, report: bool = True, **flags) -> None:
     from .compare import compare
 
     try:
         with _Progress() as bar:
-            cmp = compare(cfg_or_path, out=out_dir, reporter=bar, figures=figures, **flags)
+            cmp = compare(cfg_or_path, out=out_dir, reporter=bar, figures=figures, report=report, **flags)
     except KeyboardInterrupt:
         _consoles.err.print("[yellow]Interrupted.[/] Finished parts are kept; run the same command again to resume.")
         raise typer.Exit(code=130) from None
@@ -301,7 +307,11 @@ def _run_comparison(cfg_or_path: Any, out_dir: Optional[str], figures: bool, **f
             for model, row in means.iterrows():
                 table.add_row(escape(str(model)), *[f"{v:.4g}" for v in row])
             _consoles.out.print(table)
-    _consoles.err.print(f"Wrote {cmp.run_dir}/ (results.parquet, summary.csv, run.json, {len(cmp.figures)} figure files).")
+    _print_contrasts(cmp.contrasts)
+    extra = ", contrasts.csv, report.html" if cmp.report is not None else ""
+    _consoles.err.print(f"Wrote {cmp.run_dir}/ (results.parquet, summary.csv, run.json{extra}, {len(cmp.figures)} figure files).")
+    if cmp.report is not None:
+        _consoles.err.print(f"Open {cmp.report} in a browser (one self-contained file).", highlight=False)
     if cmp.cached:
         _consoles.err.print(f"[dim]Served from cache: {escape(', '.join(cmp.cached))}.[/]")
     _consoles.out.print(str(cmp.run_dir))
@@ -334,6 +344,24 @@ def _report_nonfinite(found: list[dict]) -> None:
                             markup=False, highlight=False)
 
 
+def _print_contrasts(table: Any) -> None:
+    """One line per metric, layer and pair of groups (the statistics of ``contrasts.csv``)."""
+    if table is None or not len(table):
+        return
+    from .contrasts import format_contrast
+
+    for (metric, ga, gb), rows in table.groupby(["metric", "group_a", "group_b"], sort=False):
+        n = int(rows["n_images"].iloc[0])
+        floor = f"; with {n} images no p can go below {2 / 2**n:.3g}" if 2**n <= int(rows["n_perm"].iloc[0]) else ""
+        _consoles.out.print(f"[bold]{escape(metric)}: {escape(ga)} vs {escape(gb)}[/] (bootstrap 95% CI over images, "
+                            f"sign-flip p, Holm over {len(rows)} layers{floor})", highlight=False)
+        for _, row in rows.iterrows():
+            _consoles.out.print("  " + format_contrast(row), markup=False, highlight=False)
+
+
+ReportOpt = Annotated[bool, typer.Option("--report/--no-report", help="Write report.html (one self-contained file) and contrasts.csv.")]
+
+
 @app.command("run", epilog="Examples:\n\n  probekit run dino-s16 deit-s --images sample\n\n"
              "  probekit run timm:vit_small_patch16_224 --no-pretrained --metric mad --metric-option units=patch "
              "--images ./photos --out runs/control")
@@ -354,6 +382,7 @@ def run_cmd(
     strict: Annotated[bool, typer.Option(help="Stop at an unreadable image instead of skipping it.")] = False,
     workers: Annotated[int, typer.Option(help="DataLoader workers that decode images.")] = 0,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the figures (needs seaborn).")] = True,
+    report: ReportOpt = True,
 ):
     """Probe MODELS on one image set and write a run directory with results, summary and figures.
 
@@ -373,7 +402,7 @@ def run_cmd(
         "image_size": image_size, "batch_size": batch_size, "device": device, "dtype": dtype,
         "strict": strict, "workers": workers, "out": out_dir or "runs/run",
     })
-    _run_comparison(cfg, None, figures)
+    _run_comparison(cfg, None, figures, report)
 
 
 def _metric_options(name: str, all_names: list[str], pairs: list[str] | None) -> dict[str, Any]:
@@ -402,6 +431,7 @@ def compare_cmd(
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the figures (needs seaborn).")] = True,
     engine: Annotated[Optional[str], typer.Option(help="local (default) or ray: every model at once on a Ray cluster, cached per shard (pip install \"probekit\\[ray]\").")] = None,
     address: Annotated[Optional[str], typer.Option(help="The Ray cluster: auto, or ray://host:port (default: start a local one).")] = None,
+    report: ReportOpt = True,
 ):
     """Run the comparison a run file describes; the file is checked fully before any model loads.
 
@@ -411,7 +441,7 @@ def compare_cmd(
     from .config import load_run
 
     cfg = load_run(run_file)
-    _run_comparison(cfg, out_dir, figures, batch_size=batch_size, device=device, dtype=dtype, workers=workers,
+    _run_comparison(cfg, out_dir, figures, report, batch_size=batch_size, device=device, dtype=dtype, workers=workers,
                     engine=engine, address=address)
 
 
@@ -429,6 +459,23 @@ def plot_cmd(
     for p in paths:
         _consoles.out.print(str(p), highlight=False)
     _consoles.err.print(f"Wrote {len(paths)} figure files to {run_dir / 'figures'}.")
+
+
+@app.command("report", epilog="Examples:\n\n  probekit report runs/quickstart")
+@_handled
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory written by `probekit run` or `probekit compare`.")],
+):
+    """Write RUN_DIR/report.html: one self-contained page (provenance, charts, contrasts, attention explorer).
+
+    The explorer shows what the run stored for its showcase images; a run made with
+    --no-report has none (run it again without the flag: only the explorer is computed).
+    """
+    from .report import rebuild
+
+    path = rebuild(run_dir)
+    _consoles.out.print(str(path), highlight=False)
+    _consoles.err.print(f"Wrote {path} ({path.stat().st_size / 2**20:.1f} MB).", highlight=False)
 
 
 def main() -> None:

@@ -24,7 +24,8 @@ from typing import Any, Protocol
 
 from . import models as _models
 from .config import CheckedRun, ModelEntry, RunConfig, check_run, load_run
-from .errors import ConfigError
+from .atomic import write_text_atomic
+from .errors import ConfigError, WriteError
 from .parts import PartStore, only_metric, part_key, relabel
 from .probe import _versions, resolve_dtype
 from .results import Results
@@ -68,6 +69,8 @@ class Comparison:
         figure_error: why figures could not be drawn (e.g. a full disk), or None.
         nonfinite: where values are NaN or infinite (see :meth:`Results.nonfinite`).
         status: run.json's status: complete, partial (a model failed) or nonfinite.
+        contrasts: group contrasts per metric and layer (:func:`probekit.contrasts.contrasts`).
+        report: the path of ``report.html``, or None when not written.
     """
 
     results: Results
@@ -78,6 +81,8 @@ class Comparison:
     figure_error: str | None = None
     nonfinite: list[dict] = field(default_factory=list)
     status: str = "complete"
+    contrasts: Any = None
+    report: Path | None = None
 
     @property
     def ok(self) -> bool:
@@ -86,6 +91,11 @@ class Comparison:
     def __repr__(self) -> str:
         return (f"Comparison(run_dir={str(self.run_dir)!r}, models={self.results.models}, "
                 f"failures={len(self.failures)}, figures={len(self.figures)})")
+
+    def _repr_html_(self) -> str:
+        from .report.summary_html import comparison_html
+
+        return comparison_html(self)
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -121,8 +131,11 @@ def _release_accelerator() -> None:
         torch.cuda.empty_cache()
 
 
-def probe_missing(run: CheckedRun, entry: ModelEntry, spec: str, opts: dict, missing: list, rep: Reporter):
-    """Load one model and probe the metrics it has no part for; returns (Results, record of timings).
+def probe_missing(run: CheckedRun, entry: ModelEntry, spec: str, opts: dict, missing: list, rep: Reporter,
+                  explore=None):
+    """Load one model and probe the metrics it has no part for; returns (Results or None, record of timings).
+
+    ``explore(pm)``, when given, captures the report's explorer arrays while the model is loaded.
 
     The one place a comparison computes: an engine other than the local one replaces this.
     An exception carries ``probekit_stage`` (``load`` or ``run``) for the failure record.
@@ -145,10 +158,14 @@ def probe_missing(run: CheckedRun, entry: ModelEntry, spec: str, opts: dict, mis
             pm, run.images, [type(m)(**m.options()) for m in missing],
             batch_size=cfg.batch_size, dtype=cfg.dtype, num_workers=cfg.workers, strict=cfg.strict,
             label=entry.name, progress=lambda done, total: rep.images_done(entry.name, done, total),
-        )
+        ) if missing else None
         info = {"load_s": t_load, "probe_s": time.perf_counter() - t0 - t_load,
                 "parameters": pm.adapter.parameters_count(),
                 "weights": _weights_id(pm)}
+        if explore is not None:
+            t1 = time.perf_counter()
+            explore(pm)
+            info["explorer_s"] = time.perf_counter() - t1
         del pm
         _release_accelerator()
         return res, info
@@ -204,10 +221,12 @@ def model_keys(run: CheckedRun, i: int, images: str) -> dict[str, str]:
 
 
 def _model_parts(run: CheckedRun, i: int, store: PartStore, record: dict, rep: Reporter,
-                 engine_info: dict | None = None) -> tuple[list[Results], bool]:
+                 engine_info: dict | None = None, showcase=None) -> tuple[list[Results], bool]:
     """One model's parts, read from the cache or computed and cached (none if it failed), and
     whether all of them came from the cache. ``engine_info``: what another engine recorded
-    while it computed this model's parts (they are then read from the store, not cached)."""
+    while it computed this model's parts (they are then read from the store, not cached). With
+    ``showcase`` images, the report explorer's arrays are captured too when they are not cached
+    (the model is loaded here for them alone if need be)."""
     cfg, entry = run.config, run.config.models[i]
     spec, opts, alias_meta = run.specs[i]
     label = entry.name
@@ -216,18 +235,19 @@ def _model_parts(run: CheckedRun, i: int, store: PartStore, record: dict, rep: R
     missing = [m for m in run.metrics if m.label not in have]
     mrec = {"label": label, "model": entry.model, "spec": spec, "options": opts,
             "training": _training(entry, opts, alias_meta), "alias": alias_meta or None,
-            "parts": keys, "cached": [lbl for lbl in keys if lbl in have]}
+            "parts": keys, "cached": [lbl for lbl in keys if lbl in have], "tags": dict(entry.tags)}
     if engine_info:
         mrec.update(engine_info)  # computed by another engine this run: not from the cache
     record["models"].append(mrec)
     if engine_info and engine_info.get("failed"):  # the engine recorded the failure
         return [], False
+    explore = _explorer_job(store.folder, keys, showcase, cfg, mrec, record)
     if not engine_info:  # (another engine reported this model's progress itself)
         rep.model_started(label, len(run.images), cached=not missing)
     t0 = time.perf_counter()
-    if missing:
+    if missing or explore is not None:
         try:
-            res, info = probe_missing(run, entry, spec, opts, missing, rep)
+            res, info = probe_missing(run, entry, spec, opts, missing, rep, explore)
         except Exception as exc:
             _failure(record, mrec, spec, exc, rep)
             return [], False
@@ -283,7 +303,7 @@ def _status(record: dict) -> str:
 
 
 def compare(config_or_path: Any, out: str | Path | None = None, *, reporter: Reporter | None = None,
-            figures: bool = True, **flags: Any) -> Comparison:
+            figures: bool = True, report: bool = True, **flags: Any) -> Comparison:
     """Probe every model of a run file on its images and write the run directory.
 
     Args:
@@ -291,6 +311,8 @@ def compare(config_or_path: Any, out: str | Path | None = None, *, reporter: Rep
         out: the run directory (default: the file's ``out``, else ``runs/<name>``).
         reporter: receives progress (see :class:`Reporter`); the CLI passes a progress bar.
         figures: draw the figures the run file asks for (needs seaborn).
+        report: write ``contrasts.csv`` and the self-contained ``report.html`` (with the
+            attention explorer's arrays for the run file's showcase images).
         **flags: run settings over the file's (``batch_size``, ``device``, ``dtype``, ...).
 
     Returns:
@@ -311,26 +333,103 @@ def compare(config_or_path: Any, out: str | Path | None = None, *, reporter: Rep
     run = check_run(cfg)  # everything that can be wrong in the file fails here, before work
     rep = reporter or _Quiet()
     rd = RunDir(Path(cfg.out or Path("runs") / cfg.name))
+    showcase = _showcase(cfg, run) if report else None
     with rd.locked():
         record = rd.begin(_run_record(cfg, run))
+        if showcase is not None:
+            record["report"] = {"showcase": showcase.names, "explorer_mb": cfg.report.explorer_mb,
+                                "group_by": cfg.report.group_by}
         t_run = time.perf_counter()
         try:
             collected: list[Results] = []
             cached: list[str] = []
             engine_info = _other_engine(run, rd.parts, record, rep)
             for i, entry in enumerate(cfg.models):
-                parts, from_cache = _model_parts(run, i, rd.parts, record, rep, engine_info.get(entry.name))
+                parts, from_cache = _model_parts(run, i, rd.parts, record, rep, engine_info.get(entry.name), showcase)
                 collected += parts
                 if from_cache:
                     cached.append(entry.name)
             results = _combine(collected, record)
             record["nonfinite"] = results.nonfinite()
             kinds = list(cfg.figures or []) if figures and len(results) else []
+            timings = record.setdefault("timings", {})  # what a run spends after probing: figures must not dominate
+            t0 = time.perf_counter()
             figs = write_outputs(rd, results, record, kinds)
+            timings["outputs_s"] = time.perf_counter() - t0
+            record["seconds"] = time.perf_counter() - t_run
+            contrast_table, html = _report_outputs(rd, results, record, cfg) if report and len(results) else (None, None)
             record["seconds"] = time.perf_counter() - t_run
             rd.finish(record, _status(record))
         except BaseException as exc:
             rd.abandon(record, exc)
             raise
     return Comparison(results, figs, rd.path, record["failures"], cached, record.get("figure_error"),
-                      record["nonfinite"], record["status"])
+                      record["nonfinite"], record["status"], contrast_table, html)
+
+
+# -- report: explorer arrays, contrasts, report.html (each failure is recorded, never costs the numbers)
+def _showcase(cfg: RunConfig, run: CheckedRun):
+    """The showcase subset of the run's images (the first ``showcase`` ones, or those named)."""
+    want = cfg.report.showcase
+    names = run.images.names
+    if isinstance(want, int):
+        idx = list(range(min(want, len(names))))
+    else:
+        unknown = [n for n in want if n not in names]
+        if unknown:
+            raise ConfigError(f"report.showcase names image(s) not in the run: {', '.join(unknown)}. "
+                              f"Use names from the image set, e.g. {', '.join(names[:3])}.")
+        idx = [names.index(n) for n in want]
+    return run.images.subset(idx) if idx else None
+
+
+def _explorer_job(parts: Path, keys: dict, showcase, cfg: RunConfig, mrec: dict, record: dict):
+    """A callable capturing this model's explorer arrays, or None when cached (or not wanted)."""
+    if showcase is None:
+        return None
+    from .report import explorer
+
+    budget = int(cfg.report.explorer_mb * 2**20)
+    path = parts / "explorer" / f"{explorer.explorer_key(keys, showcase.names, budget)}.npz"
+    mrec["explorer"] = str(path.relative_to(parts.parent))
+    if path.exists() and explorer.load(path) is not None:
+        return None
+
+    def run(pm) -> None:
+        try:
+            explorer.save(path, explorer.capture(pm, showcase, budget))
+        except Exception as exc:  # the explorer is a view: its failure never costs the numbers
+            mrec.pop("explorer", None)
+            record.setdefault("report_notes", []).append(
+                f"{mrec['label']}: no attention explorer ({type(exc).__name__}: {exc})")
+
+    return run
+
+
+def _report_outputs(rd: RunDir, results: Results, record: dict, cfg: RunConfig):
+    """``contrasts.csv`` and ``report.html`` (in the manifest); a failure is recorded, never raised."""
+    from .contrasts import contrasts, model_groups
+    from .report import write_report
+
+    timings = record.setdefault("timings", {})
+    t0 = time.perf_counter()
+    table = html = None
+    try:
+        groups = model_groups({"models": {m["label"]: m for m in record["models"]}}, results.models,
+                              cfg.report.group_by)
+        table = contrasts(results, groups, seed=cfg.seed)
+        write_text_atomic(rd.output("contrasts.csv"), table.to_csv(index=False, float_format="%.6g"))
+        timings["contrasts_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        shown = {**record, "status": _status(record)}  # what run.json will say once finished
+        html = write_report(rd.path, record=shown, results=results, contrasts=table, path=rd.output("report.html"))
+        timings["report_s"] = time.perf_counter() - t0
+    except WriteError:
+        raise  # a full disk or unwritable directory is the run's error, as for every output
+    except Exception as exc:  # the report is a view: its failure never costs the numbers
+        record["report_error"] = f"{type(exc).__name__}: {exc}"
+        for name in ("contrasts.csv", "report.html"):  # none of an earlier run stays beside these results
+            if name in rd.outputs:
+                rd.outputs.remove(name)
+            (rd.path / name).unlink(missing_ok=True)
+    return table, html

@@ -30,7 +30,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError, ImageError, MissingDependencyError, ProbekitError
 
-__all__ = ["ModelEntry", "ImagesEntry", "MetricEntry", "Resources", "RunConfig", "load_run", "check_run", "CheckedRun"]
+__all__ = ["ModelEntry", "ImagesEntry", "MetricEntry", "ReportEntry", "Resources", "RunConfig", "load_run", "check_run",
+           "CheckedRun"]
 
 _FIGURES = ("depth", "overlay", "heatmap", "summary", "maps", "labels")
 
@@ -46,6 +47,8 @@ class ModelEntry(_Strict):
     label: str | None = None
     training: str | None = Field(default=None, validation_alias=AliasChoices("training", "group"))
     options: dict[str, Any] = Field(default_factory=dict)
+    #: grouping columns of your own (``{lab: fair, size: small}``), for ``report.group_by``
+    tags: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -109,6 +112,25 @@ class MetricEntry(_Strict):
         return {"name": v} if isinstance(v, str) else v
 
 
+class ReportEntry(_Strict):
+    """The HTML report: which images the attention explorer shows, its byte budget, the contrast grouping."""
+
+    #: how many images (the first ones) or which image names the explorer stores
+    showcase: int | list[str] = Field(default=3)
+    #: uint8 attention rows stored for the explorer per model, in MB (sets the query sub-grid); per model
+    #: so that adding a model never invalidates the others' cached arrays
+    explorer_mb: float = Field(default=4.0, gt=0, le=64)
+    #: the model field that groups models for the statistics: ``training`` or one of the models' ``tags``
+    group_by: str = "training"
+
+    @field_validator("showcase")
+    @classmethod
+    def _showcase(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("showcase must be a count >= 0 or a list of image names")
+        return v
+
+
 class RunConfig(_Strict):
     """A validated run file. Fields left out take these defaults."""
 
@@ -130,6 +152,7 @@ class RunConfig(_Strict):
     figures: list[Literal["depth", "overlay", "heatmap", "summary", "maps", "labels"]] = Field(
         default_factory=lambda: list(_FIGURES)
     )
+    report: ReportEntry = Field(default_factory=ReportEntry)
 
     @field_validator("metrics", mode="before")
     @classmethod

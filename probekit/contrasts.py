@@ -204,7 +204,7 @@ def format_contrast(row: Mapping) -> str:
     unit = f" {row['unit']}" if row.get("unit") else ""
 
     def f(x: float) -> str:
-        return f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
+        return f"{x:#.3g}" if abs(x) < 10 else f"{x:.1f}"
 
     return (f"layer {row['layer']}: {row['group_a']} {f(row['mean_a'])}{unit} vs {row['group_b']} "
             f"{f(row['mean_b'])}{unit}, diff {f(row['diff'])} [{f(row['ci_low'])}, {f(row['ci_high'])}], "

@@ -17,6 +17,7 @@ lazily so the numbers never depend on it.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Iterable
@@ -24,7 +25,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_path
+from .atomic import atomic_path, write_text_atomic
 from .errors import ConfigError
 from .plots_common import (  # noqa: F401  (uniform_attention_value, WIDTH: public here too)
     WIDTH,
@@ -260,7 +261,7 @@ def save(fig, stem: Path) -> list[Path]:
     for fmt in ("png", "svg"):
         path = stem.with_name(f"{stem.name}.{fmt}")
         with atomic_path(path, suffix=f".{fmt}") as tmp:
-            fig.savefig(tmp, format=fmt, dpi=200, bbox_inches="tight")
+            fig.savefig(tmp, format=fmt, dpi=200)  # constrained layout already fits the labels in
         out.append(path)
     return out
 
@@ -272,43 +273,139 @@ def _is_image_map(results: Results, key: str) -> bool:
     return arr.ndim >= 4 and (not lay or tuple(arr.shape[-2:]) == tuple(lay["grid"]))
 
 
+def _stamp(results: Results, metric: str, kind: str, extra: object = None) -> str:
+    """A hash of everything one figure is drawn from: its metric's rows or arrays, and the metadata.
+
+    Why: a cached rerun redraws nothing whose inputs did not change (drawing is most of a cached run).
+    """
+    import hashlib
+    import json
+
+    h = hashlib.sha256(f"{_FIGURE_FORMAT}|{kind}|{metric}".encode())
+    t = results.table[results.table["metric"].astype(str) == metric]
+    h.update(pd.util.hash_pandas_object(t.astype({"model": str, "metric": str}), index=False).to_numpy().tobytes())
+    for k in sorted(results.arrays):
+        if k.rsplit("/", 1)[1] == metric:
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(results.arrays[k]).tobytes())
+    meta = {k: results.meta.get(k) for k in ("models", "metrics", "images")}
+    h.update(json.dumps([meta, extra], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+STAMPS = ".stamps.json"  # beside the figures: the inputs each was drawn from
+_FIGURE_FORMAT = 2  # bump when a figure's drawing changes: every figure is then redrawn once
+_JOBS: dict = {}  # what forked drawing workers read (inherited, never pickled)
+
+
+def _linked(src: Path, dst: Path) -> Path:
+    """``dst`` as the same file as ``src`` (a hard link; a copy where links are refused)."""
+    if src != dst:
+        import shutil
+
+        dst.unlink(missing_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    return dst
+
+
+def _draw_one(job: tuple[str, str]) -> list[Path]:
+    """Draw and save one figure of ``_JOBS`` (in this process or a forked worker)."""
+    _, plt = _sns()
+    kind, metric = job
+    results, out_dir, image_paths = _JOBS["results"], _JOBS["out_dir"], _JOBS["image_paths"]
+    if kind == "maps":
+        fig, _ = attention_maps(results, metric, image_paths=image_paths)
+    else:
+        fig, _ = _PER_KIND[kind](results, metric)
+    try:
+        return save(fig, out_dir / f"{kind}_{_safe(metric)}")
+    finally:
+        plt.close(fig)
+
+
+def _draw_all(jobs: list[tuple[str, str]], workers: int) -> list[Path]:
+    """Draw ``jobs`` serially, or in forked processes when there are cores and work to share."""
+    if workers > 1 and len(jobs) > 2 and hasattr(os, "fork"):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        try:
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("fork")) as pool:
+                return [p for paths in pool.map(_draw_one, jobs) for p in paths]
+        except (OSError, RuntimeError):  # no processes here (a sandbox): draw in this one
+            pass
+    return [p for job in jobs for p in _draw_one(job)]
+
+
+_PER_KIND = {"depth": depth_profile, "overlay": layer_overlay, "heatmap": head_heatmap, "summary": summary_points,
+             "labels": label_profile}
+
+
 def render_all(results: Results, out_dir: str | Path, *, kinds: Iterable[str] | None = None,
-               metrics: Iterable[str] | None = None, image_paths: dict | None = None) -> list[Path]:
-    """Draw every figure that fits the results into ``out_dir``; returns the files written.
+               metrics: Iterable[str] | None = None, image_paths: dict | None = None,
+               workers: int | None = None, reuse: str | Path | None = None,
+               stamps: str | Path | None = None) -> list[Path]:
+    """Draw every figure that fits the results into ``out_dir``; returns the files written or kept.
+
+    A figure whose inputs (its metric's rows or arrays, the run's metadata) are those it was last
+    drawn from is kept as it is, or linked from ``reuse`` (the folder of the previous figures, when
+    drawing into a staging folder); the others are drawn, in forked worker processes when there
+    are several figures and cores. The inputs of every figure are written to
+    ``out_dir/.stamps.json``; the previous ones are read from ``stamps`` (default: that file).
 
     Args:
         kinds: a subset of :data:`KINDS` (default: all).
         metrics: metric labels to draw, table or map metrics (default: all).
         image_paths: ``{image name: path}`` for map overlays.
+        workers: processes that draw (default: the CPU count, at most 4; 1 draws here).
 
     Raises:
         ConfigError: an unknown kind.
     """
-    _, plt = _sns()
+    import json
+
+    _sns()
     kinds = list(KINDS) if kinds is None else list(kinds)
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise ConfigError(f"Unknown figure kind(s) {', '.join(bad)}; choose from {', '.join(KINDS)}.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    per_kind = {"depth": depth_profile, "overlay": layer_overlay, "heatmap": head_heatmap, "summary": summary_points}
     wanted = None if metrics is None else list(metrics)
+    jobs: list[tuple[str, str]] = []
     for metric in [m for m in (wanted or results.metrics) if m in results.metrics]:  # maps: below
         per_head = bool((results.table.loc[results.table["metric"].astype(str) == metric, "head"] >= 0).any())
-        if "labels" in kinds and "label" in results.table.columns:
-            per_kind["labels"] = label_profile  # drawn only for a labelled image set
-        for kind, fn in per_kind.items():
-            if kind not in kinds or (kind in ("depth", "heatmap") and not per_head):
-                continue
-            fig, _ = fn(results, metric)
-            paths += save(fig, out_dir / f"{kind}_{_safe(metric)}")
-            plt.close(fig)
+        labelled = "label" in results.table.columns  # label profiles only for a labelled image set
+        jobs += [(kind, metric) for kind in _PER_KIND
+                 if kind in kinds and not (kind in ("depth", "heatmap") and not per_head)
+                 and (kind != "labels" or labelled)]
     if "maps" in kinds and results.arrays:
         # per-image maps over the patch grid only: not dataset-level arrays such as CKA's [L, L]
         labels = dict.fromkeys(k.rsplit("/", 1)[1] for k in results.arrays if _is_image_map(results, k))
-        for metric in [m for m in labels if wanted is None or m in wanted]:
-            fig, _ = attention_maps(results, metric, image_paths=image_paths)
-            paths += save(fig, out_dir / f"maps_{_safe(metric)}")
-            plt.close(fig)
-    return paths
+        jobs += [("maps", m) for m in labels if wanted is None or m in wanted]
+    before = Path(reuse) if reuse is not None else out_dir
+    stamps_path = Path(stamps) if stamps is not None else out_dir / STAMPS
+    try:
+        old = json.loads(stamps_path.read_text())
+    except (OSError, ValueError):
+        old = {}
+    new, todo, kept = dict(old), [], []
+    for kind, metric in jobs:
+        stem = f"{kind}_{_safe(metric)}"
+        new[stem] = _stamp(results, metric, kind, image_paths if kind == "maps" else None)
+        files = [before / f"{stem}.{fmt}" for fmt in ("png", "svg")]
+        if old.get(stem) == new[stem] and all(f.exists() for f in files):
+            kept += [_linked(f, out_dir / f.name) for f in files]
+        else:
+            todo.append((kind, metric))
+    _JOBS.update(results=results, out_dir=out_dir, image_paths=image_paths)
+    try:
+        drawn = _draw_all(todo, workers if workers is not None else min(os.cpu_count() or 1, 4))
+    finally:
+        _JOBS.clear()
+    write_text_atomic(out_dir / STAMPS, json.dumps(new, indent=1))
+    order = {f"{k}_{_safe(m)}": i for i, (k, m) in enumerate(jobs)}
+    return sorted(kept + drawn, key=lambda p: (order.get(p.stem, 0), p.suffix))

@@ -145,6 +145,11 @@ class Results:
     def __repr__(self) -> str:
         return f"Results({len(self.table)} rows, models={self.models}, metrics={self.metrics})"
 
+    def _repr_html_(self) -> str:
+        from .report.summary_html import results_html
+
+        return results_html(self)
+
     def __eq__(self, other: Any) -> bool:
         return isinstance(other, Results) and self.table.equals(other.table)
 

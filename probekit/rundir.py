@@ -174,7 +174,8 @@ class RunDir:
         """Draw figures into a staging folder, then move them into ``figures/``: all or none.
 
         Without ``keep_others``, figures of earlier runs are removed (they describe other results).
-        ``kwargs`` go to :func:`probekit.plots.render_all`.
+        ``kwargs`` go to :func:`probekit.plots.render_all`; figures whose inputs did not change
+        are linked from ``figures/`` instead of drawn again.
 
         Raises:
             WriteError and any error of the plotting code: then no new figure is left behind.
@@ -185,12 +186,16 @@ class RunDir:
         stage = self.path / f".figures-{uuid.uuid4().hex[:8]}"
         moved: list[Path] = []
         try:
-            drawn = plots.render_all(results, stage, **kwargs) if kwargs.get("kinds") != [] else []
+            stamps = self.path / "parts" / "figure-stamps.json"  # what the figures in figures/ were drawn from
+            drawn = plots.render_all(results, stage, reuse=final, stamps=stamps, **kwargs) \
+                if kwargs.get("kinds") != [] else []
             with write_errors(final):
                 final.mkdir(exist_ok=True)
                 for p in drawn:
                     os.replace(p, final / p.name)
                     moved.append(final / p.name)
+                if (stage / plots.STAMPS).exists():  # last: only once every figure is in place
+                    os.replace(stage / plots.STAMPS, stamps)
         except BaseException:
             for p in moved:
                 p.unlink(missing_ok=True)

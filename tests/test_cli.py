@@ -136,7 +136,7 @@ def test_plot_draws_from_the_run_directory(cli, tmp_path):
     assert all((out / "figures" / f).stat().st_size > 0 for f in files)
     # the new figures join the run's manifest: the directory still verifies
     assert sorted(json.loads((out / "run.json").read_text())["manifest"]) == sorted(
-        ["results.parquet", "summary.csv", *(f"figures/{f}" for f in files)])
+        ["contrasts.csv", "report.html", "results.parquet", "summary.csv", *(f"figures/{f}" for f in files)])
     assert len(load_run_dir(out)) == 2 * 2 * 2  # toy: 2 images x 2 layers x 2 heads
     r = cli("plot", tmp_path / "nowhere")
     assert r.exit_code == 1 and "No run directory at" in r.stderr and not (tmp_path / "nowhere").exists()

@@ -52,8 +52,8 @@ def test_a_finished_run_vouches_for_its_files_and_a_changed_file_is_refused(tmp_
     cmp = compare(_run_file(tmp_path, figures="[depth]"), out=out)
     rec = json.loads((out / "run.json").read_text())
     assert rec["status"] == "complete" and len(rec["run_id"]) == 12
-    assert sorted(rec["manifest"]) == ["figures/depth_mad.png", "figures/depth_mad.svg",
-                                       "results.parquet", "summary.csv"]
+    assert sorted(rec["manifest"]) == ["contrasts.csv", "figures/depth_mad.png", "figures/depth_mad.svg",
+                                       "report.html", "results.parquet", "summary.csv"]
     pd.testing.assert_frame_equal(load_run_dir(out).table, cmp.results.table)
     summary = out / "summary.csv"
     summary.write_text(summary.read_text().replace("toy", "tOy"))

@@ -1,0 +1,405 @@
+/* probekit report: every chart is drawn here from the JSON in #data (no library, no network). */
+"use strict";
+(function () {
+  const D = JSON.parse(document.getElementById("data").textContent);
+  const NS = "http://www.w3.org/2000/svg";
+  const PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"];
+  const state = { hidden: new Set(), byKind: false };
+  const tip = document.getElementById("tip");
+
+  // -- small helpers ---------------------------------------------------------------------------
+  function el(tag, attrs, parent, text) {
+    const e = tag.startsWith("svg:") ? document.createElementNS(NS, tag.slice(4)) : document.createElement(tag);
+    for (const k in attrs || {}) e.setAttribute(k, attrs[k]);
+    if (text !== undefined) e.textContent = text;
+    if (parent) parent.appendChild(e);
+    return e;
+  }
+  function fmt(v, d) {
+    if (v === null || v === undefined || Number.isNaN(v)) return "–";
+    if (typeof v !== "number") return String(v);
+    const a = Math.abs(v);
+    if (d !== undefined) return v.toFixed(d);
+    return a !== 0 && (a < 0.01 || a >= 1e5) ? v.toExponential(2) : v.toFixed(a < 10 ? 3 : 1);
+  }
+  function kindColour(kind) { return PALETTE[D.groups.indexOf(kind) % PALETTE.length]; }
+  function colour(mi) { return state.byKind ? kindColour(D.models[mi].group) : PALETTE[mi % PALETTE.length]; }
+  function visible() {
+    const idx = D.models.map((_, i) => i).filter((i) => !state.hidden.has(i));
+    return state.byKind ? idx.sort((a, b) => D.groups.indexOf(D.models[a].group) - D.groups.indexOf(D.models[b].group) || a - b) : idx;
+  }
+  function showTip(evt, text) { tip.textContent = text; tip.style.display = "block";
+    tip.style.left = (evt.clientX + 12) + "px"; tip.style.top = (evt.clientY + 12) + "px"; }
+  function hideTip() { tip.style.display = "none"; }
+  function hover(node, text) {
+    node.addEventListener("mousemove", (e) => showTip(e, text));
+    node.addEventListener("mouseleave", hideTip);
+  }
+  function extent(values) {
+    let lo = Infinity, hi = -Infinity;
+    for (const v of values) if (Number.isFinite(v)) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+    if (!Number.isFinite(lo)) return [0, 1];
+    if (lo === hi) { lo -= 1; hi += 1; }
+    const pad = (hi - lo) * 0.05;
+    return [lo - pad, hi + pad];
+  }
+  function ticks(lo, hi, n) {
+    const step0 = (hi - lo) / n, mag = Math.pow(10, Math.floor(Math.log10(step0)));
+    const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= step0) || step0;
+    const out = [];
+    for (let v = Math.ceil(lo / step) * step; v <= hi + 1e-9; v += step) out.push(+v.toPrecision(12));
+    return out;
+  }
+
+  // An x-y frame: returns {svg, x(), y(), plot}
+  function frame(parent, w, h, xdom, ydom, xlabel, ylabel, xint) {
+    const m = { l: 52, r: 10, t: 8, b: 34 };
+    const svg = el("svg:svg", { width: w, height: h, viewBox: `0 0 ${w} ${h}` }, parent);
+    const x = (v) => m.l + (v - xdom[0]) / (xdom[1] - xdom[0]) * (w - m.l - m.r);
+    const y = (v) => h - m.b - (v - ydom[0]) / (ydom[1] - ydom[0]) * (h - m.t - m.b);
+    const g = el("svg:g", { class: "grid" }, svg), ax = el("svg:g", { class: "axis" }, svg);
+    for (const t of ticks(ydom[0], ydom[1], 5)) {
+      el("svg:line", { x1: m.l, x2: w - m.r, y1: y(t), y2: y(t) }, g);
+      el("svg:text", { x: m.l - 5, y: y(t) + 3.5, "text-anchor": "end" }, ax, String(+t.toPrecision(6)));
+    }
+    const xt = xint ? Array.from({ length: xdom[1] - xdom[0] + 1 }, (_, i) => xdom[0] + i).filter((v) => Number.isInteger(v))
+                    : ticks(xdom[0], xdom[1], 6);
+    const every = Math.max(1, Math.ceil(xt.length / 14));
+    xt.forEach((t, i) => { if (i % every === 0) el("svg:text", { x: x(t), y: h - m.b + 14, "text-anchor": "middle" }, ax, String(t)); });
+    el("svg:line", { x1: m.l, x2: w - m.r, y1: h - m.b, y2: h - m.b }, ax);
+    el("svg:line", { x1: m.l, x2: m.l, y1: m.t, y2: h - m.b }, ax);
+    el("svg:text", { x: (m.l + w - m.r) / 2, y: h - 4, "text-anchor": "middle" }, ax, xlabel);
+    el("svg:text", { x: 12, y: (m.t + h - m.b) / 2, "text-anchor": "middle",
+                      transform: `rotate(-90 12 ${(m.t + h - m.b) / 2})` }, ax, ylabel);
+    return { svg, x, y, m, w, h };
+  }
+
+  // -- controls ---------------------------------------------------------------------------------
+  function controls() {
+    const box = document.getElementById("controls");
+    D.models.forEach((m, i) => {
+      const lab = el("label", {}, box);
+      const cb = el("input", { type: "checkbox", class: "model-toggle", "data-model": i }, lab);
+      cb.checked = true;
+      el("span", { class: "swatch", "data-model": i }, lab);
+      lab.appendChild(document.createTextNode(`${m.name} (${m.group})`));
+      cb.addEventListener("change", () => { cb.checked ? state.hidden.delete(i) : state.hidden.add(i); render(); });
+    });
+    const lab = el("label", {}, box);
+    const cb = el("input", { type: "checkbox", id: "group-kind" }, lab);
+    lab.appendChild(document.createTextNode(` group by ${D.group_by}`));
+    cb.addEventListener("change", () => { state.byKind = cb.checked; render(); });
+  }
+
+  // -- provenance ---------------------------------------------------------------------------------
+  function kvTable(parent, rows) {
+    const t = el("table", {}, parent);
+    for (const [k, v] of rows) { const tr = el("tr", {}, t); el("th", {}, tr, k); el("td", {}, tr, v); }
+    return t;
+  }
+  function provenance() {
+    const s = document.getElementById("provenance"), P = D.provenance;
+    kvTable(s, [["run", `${P.name} — ${P.status}`], ["started / finished", `${P.started} / ${P.finished || "–"}`],
+                ["run time", `${fmt(P.seconds, 1)} s`], ["images", `${P.images.count} (fingerprint ${P.images.fingerprint})` +
+                 (P.images.skipped && P.images.skipped.length ? `, ${P.images.skipped.length} skipped` : "")],
+                ["metrics", D.metrics.map((m) => `${m.label} (${m.unit || "no unit"}) ${JSON.stringify(m.options)}`).join("; ")],
+                ["group contrasts by", D.group_by]]);
+    el("h3", {}, s, "Models");
+    const t = el("table", { id: "models-table" }, s), hr = el("tr", {}, t);
+    for (const h of ["model", "training", "spec", "weights", "layout", "parameters", "load s", "probe s", "cached"]) el("th", {}, hr, h);
+    D.models.forEach((m) => {
+      const tr = el("tr", {}, t);
+      for (const v of [m.name, m.training, m.spec, m.weights, m.layout, m.parameters, fmt(m.load_s, 2), fmt(m.probe_s, 2), m.cached])
+        el("td", {}, tr, v === null || v === undefined ? "–" : String(v));
+    });
+    if (P.failures.length) {
+      el("h3", { class: "bad" }, s, "Failures");
+      const ul = el("ul", {}, s);
+      for (const f of P.failures) el("li", { class: "bad" }, ul, `${f.model} (${f.stage}): ${f.error}: ${f.message}`);
+    } else el("p", { class: "note" }, s, "No model failed.");
+    for (const n of P.notes) el("p", { class: "note" }, s, n);
+    el("h3", {}, s, "Library versions");
+    el("pre", {}, s, Object.entries(P.versions || {}).map(([k, v]) => `${k} ${v}`).join("\n"));
+    el("h3", {}, s, "Options (run file after command-line flags)");
+    el("pre", {}, s, JSON.stringify(P.config, null, 1));
+  }
+
+  // -- per metric charts ----------------------------------------------------------------------------
+  function depthProfile(parent, M) {
+    const H = D.heads[M.label];
+    const vis = visible(), rows = H.filter((r) => vis.includes(r[0]));
+    const refs = vis.map((i) => M.refs[D.models[i].name]).filter((v) => v !== null && v !== undefined);
+    const layers = rows.map((r) => r[1]);
+    const xd = [Math.min(...layers, 0) - 0.5, Math.max(...layers, 0) + 0.5];
+    const f = frame(parent, 520, 300, xd, extent(rows.map((r) => r[3]).concat(refs)), "layer", M.axis, true);
+    const seen = new Set();
+    for (const i of vis) {
+      const ref = M.refs[D.models[i].name];
+      if (ref === null || ref === undefined || seen.has(ref.toFixed(6))) continue;
+      seen.add(ref.toFixed(6));
+      const line = el("svg:line", { x1: f.m.l, x2: f.w - f.m.r, y1: f.y(ref), y2: f.y(ref), stroke: "#666",
+                                     "stroke-dasharray": "4 3", class: "ref" }, f.svg);
+      hover(line, `${M.ref_label}: ${fmt(ref)} (${D.models[i].name})`);
+    }
+    const k = vis.length, width = 0.6;
+    vis.forEach((i, j) => {
+      const g = el("svg:g", { class: "series", "data-model": i }, f.svg);
+      const off = k > 1 ? (j / (k - 1) - 0.5) * width : 0;
+      for (const r of H) {
+        if (r[0] !== i) continue;
+        const c = el("svg:circle", { cx: f.x(r[1] + off), cy: f.y(r[3]), r: 3.2, fill: colour(i), "fill-opacity": 0.8 }, g);
+        hover(c, `${D.models[i].name}\nlayer ${r[1]}, head ${r[2]}\n${M.label} ${fmt(r[3])} ${M.unit}\nn ${r[4]}, 95% CI [${fmt(r[5])}, ${fmt(r[6])}]`);
+      }
+    });
+  }
+  function ciOverlay(parent, M) {
+    const L = D.layers[M.label], vis = visible(), rows = L.filter((r) => vis.includes(r[0]));
+    const layers = rows.map((r) => r[1]);
+    const xd = [Math.min(...layers, 0), Math.max(...layers, 1)];
+    const f = frame(parent, 520, 300, xd, extent(rows.flatMap((r) => [r[3], r[4], r[2]])), "layer", M.axis, true);
+    for (const i of vis) {
+      const d = L.filter((r) => r[0] === i).sort((a, b) => a[1] - b[1]);
+      const g = el("svg:g", { class: "series", "data-model": i }, f.svg);
+      const lo = d.map((r) => `${f.x(r[1])},${f.y(Number.isFinite(r[3]) ? r[3] : r[2])}`);
+      const hi = d.slice().reverse().map((r) => `${f.x(r[1])},${f.y(Number.isFinite(r[4]) ? r[4] : r[2])}`);
+      el("svg:polygon", { points: lo.concat(hi).join(" "), fill: colour(i), "fill-opacity": 0.18 }, g);
+      el("svg:polyline", { points: d.map((r) => `${f.x(r[1])},${f.y(r[2])}`).join(" "), fill: "none", stroke: colour(i), "stroke-width": 2 }, g);
+      for (const r of d) {
+        const c = el("svg:circle", { cx: f.x(r[1]), cy: f.y(r[2]), r: 3, fill: colour(i) }, g);
+        hover(c, `${D.models[i].name}, layer ${r[1]}\nmean over heads ${fmt(r[2])} ${M.unit}\n95% CI over images [${fmt(r[3])}, ${fmt(r[4])}], n ${r[5]}`);
+      }
+    }
+  }
+  function viridis(t) {
+    const s = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
+    t = Math.min(1, Math.max(0, t)) * (s.length - 1);
+    const i = Math.min(s.length - 2, Math.floor(t)), u = t - i;
+    return s[i].map((a, k) => Math.round(a + (s[i + 1][k] - a) * u));
+  }
+  function heatmaps(parent, M) {
+    const H = D.heads[M.label], vis = visible(), rows = H.filter((r) => vis.includes(r[0]));
+    const [lo, hi] = extent(rows.map((r) => r[3]));
+    for (const i of vis) {
+      const d = H.filter((r) => r[0] === i);
+      if (!d.length) continue;
+      const nl = Math.max(...d.map((r) => r[1])) + 1, nh = Math.max(...d.map((r) => r[2])) + 1;
+      const cw = Math.max(6, Math.min(22, Math.floor(220 / nh))), ch = Math.max(6, Math.min(16, Math.floor(240 / nl)));
+      const w = 40 + nh * cw + 8, h = 18 + nl * ch + 22;
+      const box = el("div", { class: "chart" }, parent);
+      el("div", { class: "title" }, box, D.models[i].name);
+      const svg = el("svg:svg", { width: w, height: h, class: "heatmap" }, box);
+      const g = el("svg:g", { class: "series", "data-model": i }, svg);
+      for (const r of d) {
+        const c = viridis((r[3] - lo) / (hi - lo));
+        const rect = el("svg:rect", { x: 40 + r[2] * cw, y: 18 + r[1] * ch, width: cw - 1, height: ch - 1, fill: `rgb(${c})` }, g);
+        hover(rect, `${D.models[i].name}\nlayer ${r[1]}, head ${r[2]}\n${fmt(r[3])} ${M.unit} (n ${r[4]})`);
+      }
+      for (let l = 0; l < nl; l += Math.ceil(nl / 12)) el("svg:text", { x: 34, y: 18 + l * ch + ch / 2 + 3, "text-anchor": "end" }, svg, String(l));
+      for (let k = 0; k < nh; k += Math.ceil(nh / 8)) el("svg:text", { x: 40 + k * cw + cw / 2, y: 13, "text-anchor": "middle" }, svg, String(k));
+      el("svg:text", { x: 40 + nh * cw / 2, y: h - 6, "text-anchor": "middle" }, svg, "head (rows: layer)");
+    }
+    const legend = el("div", { class: "note" }, parent, `colour: ${fmt(lo)} → ${fmt(hi)} ${M.unit} (one scale for all models)`);
+    legend.style.alignSelf = "center";
+  }
+  function metricSections() {
+    for (const M of D.metrics) {
+      const s = document.getElementById(`metric-${M.id}`);
+      s.querySelectorAll(".charts").forEach((c) => c.remove());
+      const charts = el("div", { class: "charts" }, s);
+      if (D.heads[M.label] && D.heads[M.label].length) {
+        const a = el("div", { class: "chart depth" }, charts);
+        const hasRef = Object.values(M.refs).some((v) => v !== null && v !== undefined);
+        el("div", { class: "title" }, a, "depth profile: one dot per head (ViT paper Fig. 7)" + (hasRef ? "; dashed: " + M.ref_label : ""));
+        depthProfile(a, M);
+      }
+      const b = el("div", { class: "chart overlay" }, charts);
+      el("div", { class: "title" }, b, "mean over heads per layer, 95% CI over images");
+      ciOverlay(b, M);
+      if (D.heads[M.label] && D.heads[M.label].length) {
+        const c = el("div", { class: "charts heatmaps" }, s);
+        heatmaps(c, M);
+      }
+    }
+  }
+
+  // -- tables -------------------------------------------------------------------------------------
+  function sortable(table, rows, cols) {
+    const thead = el("tr", {}, el("thead", {}, table)), tbody = el("tbody", {}, table);
+    const fill = () => {
+      tbody.textContent = "";
+      for (const r of rows) {
+        const tr = el("tr", {}, tbody);
+        cols.forEach((c) => { const td = el("td", { class: c.num ? "num" : "" }, tr, c.fmt ? c.fmt(r[c.key], r) : r[c.key]);
+                              if (c.cls) td.className += " " + c.cls(r); });
+      }
+    };
+    cols.forEach((c) => {
+      const th = el("th", { class: c.num ? "num" : "" }, thead, c.title || c.key);
+      th.addEventListener("click", () => {
+        const dir = th.dataset.dir === "asc" ? "desc" : "asc";
+        thead.querySelectorAll("th").forEach((t) => delete t.dataset.dir);
+        th.dataset.dir = dir;
+        rows.sort((a, b) => { const x = a[c.key], y = b[c.key];
+          const r = typeof x === "number" && typeof y === "number" ? x - y : String(x).localeCompare(String(y), undefined, { numeric: true });
+          return dir === "asc" ? r : -r; });
+        fill();
+      });
+    });
+    fill();
+  }
+  function summaryTable() {
+    const s = document.getElementById("summary-table"); s.textContent = "";
+    const vis = visible(), rows = [];
+    for (const M of D.metrics) for (const r of D.layers[M.label]) if (vis.includes(r[0]))
+      rows.push({ model: D.models[r[0]].name, group: D.models[r[0]].group, metric: M.label, unit: M.unit, layer: r[1],
+                  mean: r[2], ci_low: r[3], ci_high: r[4], n: r[5] });
+    if (state.byKind) rows.sort((a, b) => D.groups.indexOf(a.group) - D.groups.indexOf(b.group));
+    const t = el("table", { class: "sortable", id: "summary" }, el("div", { class: "scroll" }, s));
+    sortable(t, rows, [{ key: "model" }, { key: "group", title: D.group_by }, { key: "metric" }, { key: "layer", num: true },
+      { key: "mean", num: true, fmt: (v) => fmt(v) }, { key: "ci_low", title: "CI low", num: true, fmt: (v) => fmt(v) },
+      { key: "ci_high", title: "CI high", num: true, fmt: (v) => fmt(v) }, { key: "unit" }, { key: "n", num: true }]);
+  }
+  function contrastTable() {
+    const s = document.getElementById("contrasts-table");
+    if (!D.contrasts.length) { el("p", { class: "note" }, s, `Only one ${D.group_by} group: nothing to contrast.`); return; }
+    if (D.contrast_note) el("p", { class: "note" }, s, D.contrast_note);
+    const t = el("table", { class: "sortable", id: "contrasts" }, el("div", { class: "scroll" }, s));
+    sortable(t, D.contrasts.slice(), [{ key: "metric" }, { key: "layer", num: true }, { key: "group_a", title: "group A" },
+      { key: "mean_a", title: "mean A", num: true, fmt: (v) => fmt(v) }, { key: "group_b", title: "group B" },
+      { key: "mean_b", title: "mean B", num: true, fmt: (v) => fmt(v) },
+      { key: "diff", title: "A − B [95% CI]", num: true, fmt: (v, r) => `${fmt(v)} [${fmt(r.ci_low)}, ${fmt(r.ci_high)}]` },
+      { key: "p", num: true, fmt: (v) => fmt(v) }, { key: "p_holm", title: "p (Holm)", num: true, fmt: (v) => fmt(v),
+        cls: (r) => (r.p_holm < 0.05 ? "sig" : "") }, { key: "effect_dz", title: "d_z", num: true, fmt: (v) => fmt(v) },
+      { key: "n_images", title: "images", num: true }, { key: "models_a", title: "models A", num: true },
+      { key: "models_b", title: "models B", num: true }]);
+  }
+
+  // -- attention explorer -------------------------------------------------------------------------------
+  let X = null;  // decoded arrays per explorer model
+  async function decodeBlob() {
+    const b64 = document.getElementById("blob").textContent.trim();
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate"));
+    return new Uint8Array(await new Response(stream).arrayBuffer());
+  }
+  function view(buf, a) {
+    const off = a[0], len = a[1];
+    return a[2] === "f4" ? new Float32Array(buf.buffer.slice(off, off + len)) : buf.subarray(off, off + len);
+  }
+  function inferno(t) {
+    const s = [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]];
+    t = Math.min(1, Math.max(0, t)) * (s.length - 1);
+    const i = Math.min(s.length - 2, Math.floor(t)), u = t - i;
+    return s[i].map((a, k) => Math.round(a + (s[i + 1][k] - a) * u));
+  }
+  function drawMap(canvas, bg, grid, values, mark) {
+    const ctx = canvas.getContext("2d"), [gh, gw] = grid;
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
+    if (bg.complete) ctx.drawImage(bg, 0, 0, canvas.width, canvas.height);
+    const cw = canvas.width / gw, ch = canvas.height / gh;
+    let mx = 0;
+    for (const v of values) mx = Math.max(mx, v);
+    for (let p = 0; p < gh * gw; p++) {
+      const t = mx > 0 ? values[p] / mx : 0, c = inferno(t);
+      ctx.fillStyle = `rgba(${c[0]},${c[1]},${c[2]},${0.8 * Math.sqrt(t)})`;
+      ctx.fillRect((p % gw) * cw, Math.floor(p / gw) * ch, Math.ceil(cw), Math.ceil(ch));
+    }
+    if (mark) {
+      ctx.lineWidth = 2; ctx.strokeStyle = "#00e5ff";
+      ctx.strokeRect(mark.c * cw + 1, mark.r * ch + 1, cw - 2, ch - 2);
+      if (mark.sr !== undefined && (mark.sr !== mark.r || mark.sc !== mark.c)) {
+        ctx.fillStyle = "#00e5ff"; ctx.beginPath();
+        ctx.arc((mark.sc + 0.5) * cw, (mark.sr + 0.5) * ch, 3, 0, 2 * Math.PI); ctx.fill();
+      }
+    }
+  }
+  function explorer() {
+    const s = document.getElementById("explorer-body"), E = D.explorer;
+    if (!E || !E.models.length) { el("p", { class: "note" }, s, (E && E.note) || "No explorer arrays were stored for this run."); return; }
+    el("p", { class: "note", id: "explorer-stored" }, s, E.stored);
+    const bar = el("div", { class: "controls" }, s);
+    const sel = {};
+    for (const [k, label] of [["model", "model"], ["image", "image"], ["layer", "layer"], ["head", "head"]]) {
+      const lab = el("label", {}, bar, label + " ");
+      sel[k] = el("select", { id: `x-${k}` }, lab);
+    }
+    E.models.forEach((m, j) => el("option", { value: j }, sel.model, D.models[m.model].name));
+    const panels = el("div", { class: "explorer-panels" }, s);
+    const mk = (id, cap) => { const f = el("figure", {}, panels); const c = el("canvas", { id, width: 280, height: 280 }, f);
+                             el("figcaption", { id: id + "-cap" }, f, cap); return c; };
+    const cq = mk("x-query", "click a patch: its attention over the image");
+    const cc = mk("x-cls", "CLS attention (this layer and head)");
+    const cr = mk("x-rollout", "rollout up to this layer (heads fused)");
+    const q = { r: null, c: null };
+    const imgs = E.models.map((m) => m.bg.map((src) => { const im = new Image(); im.src = src; im.onload = () => redraw(); return im; }));
+    function fillSelects() {
+      const m = E.models[+sel.model.value];
+      const keep = { image: sel.image.value, layer: sel.layer.value, head: sel.head.value };
+      sel.image.textContent = ""; sel.layer.textContent = ""; sel.head.textContent = "";
+      m.images.forEach((n, i) => el("option", { value: i }, sel.image, n));
+      for (let l = 0; l < m.shape[1]; l++) el("option", { value: l }, sel.layer, String(l));
+      el("option", { value: -1 }, sel.head, "mean of heads");
+      for (let h = 0; h < m.shape[2]; h++) el("option", { value: h }, sel.head, String(h));
+      for (const k in keep) if ([...sel[k].options].some((o) => o.value === keep[k])) sel[k].value = keep[k];
+      if (q.r === null) { q.r = Math.floor(m.grid[0] / 2); q.c = Math.floor(m.grid[1] / 2); }
+      q.r = Math.min(q.r, m.grid[0] - 1); q.c = Math.min(q.c, m.grid[1] - 1);
+    }
+    function rows(m, name, i, l, h, extra) {  // dequantized values over patches (head -1: mean of heads)
+      const [I, L, Hn] = m.shape, N = m.grid[0] * m.grid[1];
+      const a = X[m.key][name], sc = X[m.key][name + "_scale"];
+      const out = new Float32Array(N), heads = h < 0 ? [...Array(Hn).keys()] : [h];
+      for (const hh of heads) {
+        const base = name === "rollout" ? (i * L + l) : ((i * L + l) * Hn + hh) * extra.count + extra.index;
+        const scale = sc[base] / 255;
+        for (let p = 0; p < N; p++) out[p] += a[base * N + p] * scale / heads.length;
+        if (name === "rollout") break;
+      }
+      return out;
+    }
+    function redraw() {
+      if (!X) return;
+      const j = +sel.model.value, m = E.models[j], i = +sel.image.value, l = +sel.layer.value, h = +sel.head.value;
+      const bg = imgs[j][i];
+      let best = 0, bd = Infinity;  // nearest stored query
+      m.queries.forEach((p, k) => { const r = Math.floor(p / m.grid[1]), c = p % m.grid[1];
+        const d = (r - q.r) ** 2 + (c - q.c) ** 2; if (d < bd) { bd = d; best = k; } });
+      const sp = m.queries[best], sr = Math.floor(sp / m.grid[1]), sc = sp % m.grid[1];
+      drawMap(cq, bg, m.grid, rows(m, "attn", i, l, h, { count: m.queries.length, index: best }), { r: q.r, c: q.c, sr, sc });
+      document.getElementById("x-query-cap").textContent =
+        `query patch (row ${q.r}, col ${q.c})` + (bd > 0 ? `, nearest stored query (row ${sr}, col ${sc})` : "") +
+        `, layer ${l}, ${h < 0 ? "mean of heads" : "head " + h}`;
+      drawMap(cc, bg, m.grid, rows(m, "cls", i, l, h, { count: 1, index: 0 }));
+      document.getElementById("x-cls-cap").textContent = `${m.query === "cls" ? "CLS" : "mean query"} attention, layer ${l}, ${h < 0 ? "mean of heads" : "head " + h}`;
+      drawMap(cr, bg, m.grid, rows(m, "rollout", i, l, 0, {}));
+      document.getElementById("x-rollout-cap").textContent = `rollout through layers 0..${l} (${m.query === "cls" ? "CLS" : "mean"} row)`;
+    }
+    cq.addEventListener("click", (e) => {
+      const m = E.models[+sel.model.value], rect = cq.getBoundingClientRect();
+      q.c = Math.min(m.grid[1] - 1, Math.floor((e.clientX - rect.left) / rect.width * m.grid[1]));
+      q.r = Math.min(m.grid[0] - 1, Math.floor((e.clientY - rect.top) / rect.height * m.grid[0]));
+      redraw();
+    });
+    sel.model.addEventListener("change", () => { fillSelects(); redraw(); });
+    for (const k of ["image", "layer", "head"]) sel[k].addEventListener("change", redraw);
+    fillSelects();
+    decodeBlob().then((buf) => {
+      X = {};
+      for (const m of E.models) { X[m.key] = {}; for (const k in m.arrays) X[m.key][k] = view(buf, m.arrays[k]); }
+      document.body.dataset.explorer = "ready";
+      redraw();
+    }).catch((err) => { el("p", { class: "bad" }, s, "This browser cannot decompress the explorer data: " + err); });
+  }
+
+  // -- everything that depends on the toggles -------------------------------------------------------
+  function render() {
+    document.querySelectorAll("span.swatch").forEach((sw) => { sw.style.background = colour(+sw.dataset.model); });
+    metricSections();
+    summaryTable();
+  }
+  controls();
+  provenance();
+  contrastTable();
+  render();
+  explorer();
+  document.body.dataset.ready = "1";
+})();
