@@ -55,13 +55,13 @@ def quickstart() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for what in ("first run", "cached rerun"):
         t = time.perf_counter()
-        subprocess.run(["probekit", "compare", "configs/quickstart.yaml", "--out", str(out)], cwd=ROOT, env=env,
+        subprocess.run([sys.executable, "-m", "probekit.cli", "compare", "configs/quickstart.yaml", "--out", str(out)], cwd=ROOT, env=env,
                        check=True, capture_output=True)
         wall = time.perf_counter() - t
         run = json.loads((out / "run.json").read_text())
         timings = run.get("timings") or {}
         size = (out / "report.html").stat().st_size / 2**20 if (out / "report.html").exists() else float("nan")
-        print(f"quickstart {what:13} {wall:6.1f} s  (figures {timings.get('figures_s', float('nan')):.1f} s, "
+        print(f"quickstart {what:13} {wall:6.1f} s  (outputs + figures {timings.get('outputs_s', float('nan')):.1f} s, "
               f"report {timings.get('report_s', float('nan')):.1f} s, report.html {size:.1f} MB)")
     shutil.rmtree(out.parent, ignore_errors=True)
 

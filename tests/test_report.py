@@ -17,7 +17,6 @@ import probekit as pk
 from probekit.compare import compare
 from probekit.errors import ConfigError
 from probekit.report import explorer
-from probekit.report.build import write_report
 
 pytestmark = pytest.mark.usefixtures("toy_backend")
 
