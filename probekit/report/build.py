@@ -44,37 +44,21 @@ def _num(x: Any) -> Any:
 
 def _metric_info(label: str, rec: dict, results: Results, models: list[str]) -> dict:
     """Display name, unit and reference line of a metric, from the metric itself (plugins too)."""
-    from ..plots_common import _NAMES, _reference
-    from ..registry import metrics
-    from ..tokens import TokenLayout
+    from ..plots_common import _metric, _reference
 
     name, opts = rec.get("name", label), rec.get("options") or {}
-    info = {"label": label, "name": name, "options": opts, "unit": rec.get("unit") or "", "display": label,
-            "refs": {}, "ref_label": "the value of uniform attention"}
-    try:
-        cls = metrics.get(name)
-        m = cls(**opts)
-    except Exception:  # a plugin missing here: its numbers are still drawn, under its label
-        m, cls = None, None
-    if cls is not None:
-        shown = getattr(cls, "display_name", None)  # Metric.display_name (default: the name)
-        info["display"] = _NAMES.get(name, name) if shown in (None, "", name) else shown
+    m = _metric(results, label)  # None when its plugin is not installed here: drawn under its label
+    display = getattr(m, "display_name", None) or name
+    unit = rec.get("unit") or (m.value_unit() if m is not None else "")
+    refs = {}
     for model in models:
-        lay = ((results.meta.get("models") or {}).get(model) or {}).get("layout")
-        ref = None
-        if m is not None and hasattr(m, "reference_value") and lay:
-            try:
-                ref = m.reference_value(TokenLayout(num_prefix=lay["num_prefix"], grid=tuple(lay["grid"]),
-                                                    patch_size=tuple(lay["patch_size"]),
-                                                    prefix_kinds=tuple(lay.get("prefix_kinds") or ())))
-            except Exception:
-                ref = None
-        elif lay:  # until Metric.reference_value lands: the plots' own reference (MAD's uniform value)
-            ref = _reference(results, model, label)
-        info["refs"][model] = _num(ref)
-    unit = f" ({info['unit']})" if info["unit"] else ""
-    info["axis"] = f"{label}{unit}"
-    return info
+        try:
+            refs[model] = _num(_reference(results, model, label))
+        except Exception:  # a reference that cannot be computed for this layout is left out
+            refs[model] = None
+    return {"label": label, "name": name, "options": opts, "unit": unit, "display": display, "refs": refs,
+            "ref_label": "the value of uniform attention",
+            "axis": f"{label} ({unit})" if unit else label}
 
 
 def _explorer(run_dir: Path, record: dict, model_index: dict[str, int]) -> tuple[dict | None, bytes]:
