@@ -72,7 +72,7 @@ def test_tinyvit_refuses_missing_weights_and_other_sizes():
 
 
 def test_gini_closed_forms_and_reference():
-    from probekit_gini import AttentionGini, gini
+    from probekit_gini.metric import AttentionGini, gini
 
     lay = pk.TokenLayout(num_prefix=1, grid=(7, 7), patch_size=(4, 4))
     t = lay.num_tokens
