@@ -1,11 +1,14 @@
 """Helpers shared by test files (imported by conftest.py as ``probekit_tests_helpers``).
 
 Tiny models exported to ONNX: the ONNX adapter's parity tests and the conformance kit's
-adapter tests both need a graph whose Softmax nodes are the attention.
+adapter tests both need a graph whose Softmax nodes are the attention. Closed forms of the
+geometry tests (plain-Python distances; a layer's value through the engine's grouped path).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import warnings
 
 import pytest
@@ -48,3 +51,29 @@ def tiny_dinov2(image_size: int = 28, layers: int = 2, seed: int = 0, scale: flo
                           image_size=image_size, patch_size=7, attn_implementation="eager")
     torch.manual_seed(seed)  # the init draws from the global generator: make it independent of test order
     return randomize_parameters(tr.Dinov2Model(cfg).eval(), seed=seed, scale=scale)
+
+
+# -- closed forms of windowed and pooled layers ------------------------------------------------------
+def mean_pair_distance(cells_a, cells_b, p: float) -> float:
+    """Plain-Python mean Euclidean distance (px) between every cell of ``a`` and every cell of ``b``."""
+    return sum(p * math.dist(a, b) for a in cells_a for b in cells_b) / (len(cells_a) * len(cells_b))
+
+
+def block(h, w):
+    """The cells ``(row, col)`` of an ``h x w`` block, row-major."""
+    return list(itertools.product(range(h), range(w)))
+
+
+def layer_value(metric, geo, probs: torch.Tensor) -> torch.Tensor:
+    """[B, H] (or [B, H, ...]) of ``metric`` on one grouped layer, through the engine's grouped path."""
+    from probekit.attention import LayerAttention
+    from probekit.grouped import reduce_groups
+    from probekit.probe import build_metrics
+
+    m = build_metrics([metric])[0]
+    return reduce_groups([m], LayerAttention(probs_given=probs), geo, 2**16)[m.label]
+
+
+def uniform(geo, batch: int = 2) -> torch.Tensor:
+    """Uniform attention over each query's visible keys, for ``batch`` images."""
+    return geo.uniform().repeat(batch, 1, 1, 1)

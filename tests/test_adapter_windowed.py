@@ -1,5 +1,5 @@
 """timm families whose layers are not all global: Swin, SwinV2, the SAM/ViTDet encoder, CaiT, PiT
-(grids that shrink between stages) and MViTv2 (pooled keys).
+(grids that shrink between stages), MViTv2 (pooled keys) and Twins (padded windows, sub-sampled keys).
 
 Parity with each library's own softmax output (fused attention off, ``attn_drop``'s input; CaiT's
 talking heads: the softmax of ``proj_l``) with every parameter randomized (relative-position
@@ -20,6 +20,8 @@ from probekit.plugins.adapters.timm import TimmWindowedAdapter
 
 TOL = 1e-5
 
+_TWINS = dict(embed_dims=(16, 16, 32, 32), num_heads=(1, 2, 2, 2), depths=(2, 2, 2, 2), mlp_ratios=(1, 1, 1, 1))
+
 # tiny configs: (spec, native build kwargs, another size)
 FAMILIES = {
     "swin": ("timm:swin_tiny_patch4_window7_224",
@@ -31,6 +33,9 @@ FAMILIES = {
                  neck_chans=8), (80, 48)),
     "pit": ("timm:pit_ti_224", dict(depth=(1, 1, 1), heads=(1, 2, 2), base_dims=(16, 16, 16), img_size=64), (80, 48)),
     "cait": ("timm:cait_xxs24_224", dict(embed_dim=32, depth=2, num_heads=2, img_size=48, patch_size=16), (64, 32)),
+    # 224 px: windows and sub-sampled keys divide every grid; 160x96: windows padded, keys 5x3
+    "twins-svt": ("timm:twins_svt_small", dict(_TWINS, img_size=224), (160, 96)),
+    "twins-pcpvt": ("timm:twins_pcpvt_small", dict(_TWINS, depths=(1, 1, 1, 1), img_size=224), (160, 96)),
 }
 
 
@@ -194,7 +199,7 @@ def test_depth_profile_marks_stages_and_each_layers_uniform_level(tmp_path):
     assert axes[0].ref_value[2] == pytest.approx(2 * 14.4379, abs=2e-3)
 
 
-@pytest.mark.parametrize("family", ["swin", "sam", "cait"])
+@pytest.mark.parametrize("family", ["swin", "sam", "cait", "twins-svt"])
 def test_the_conformance_kit_passes_on_windowed_layers(family):
     from probekit.testing import check_adapter
 

@@ -3,37 +3,16 @@ and the grouped engine path against the global one on the same layer."""
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 import torch
 
 import probekit as pk
-from probekit.attention import LayerAttention
 from probekit.errors import LayoutError, UnsupportedArchitectureError
 from probekit.geometry import LayerGeometry, ModelGeometry
-from probekit.grouped import reduce_groups
 from probekit.probe import MetricSink, build_metrics
-
-
-def mean_pair_distance(cells_a, cells_b, p: float) -> float:
-    """Plain-Python mean Euclidean distance (px) between every cell of ``a`` and every cell of ``b``."""
-    return sum(p * math.dist(a, b) for a in cells_a for b in cells_b) / (len(cells_a) * len(cells_b))
-
-
-def block(h, w):
-    return list(itertools.product(range(h), range(w)))
-
-
-def layer_value(metric, geo: LayerGeometry, probs: torch.Tensor) -> torch.Tensor:
-    """[B, H] (or [B, H, ...]) through the engine's grouped path."""
-    m = build_metrics([metric])[0]
-    return reduce_groups([m], LayerAttention(probs_given=probs), geo, 2**16)[m.label]
-
-
-def uniform(geo: LayerGeometry, batch: int = 2) -> torch.Tensor:
-    return geo.uniform().repeat(batch, 1, 1, 1)
+from probekit_tests_helpers import block, layer_value, mean_pair_distance, uniform
 
 
 # -- closed forms ------------------------------------------------------------------------------

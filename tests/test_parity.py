@@ -181,7 +181,8 @@ def _small(spec: str) -> dict:
     """Options that shrink a model to one block without changing its patch size or layout."""
     backend, _, name = spec.partition(":")
     if backend == "timm":
-        staged = {"swin": {"depths": (1, 1, 1, 1)}, "pit_": {"depth": (1, 1, 1)}, "mvitv2": {}}
+        staged = {"swin": {"depths": (1, 1, 1, 1)}, "twins": {"depths": (1, 1, 1, 1)}, "pit_": {"depth": (1, 1, 1)},
+                  "mvitv2": {}}
         return next((v for k, v in staged.items() if k in name), {"depth": 1})
     if backend == "open_clip":
         import open_clip

@@ -14,6 +14,9 @@ and each layer's geometry (:mod:`probekit.geometry`).
   the first stage); its attention calls neither SDPA nor an ``attn_drop`` module, so a spy on
   ``Tensor.softmax`` (armed only while a watched module runs, like the SDPA spy) reads the logits
   after the relative-position terms.
+- Twins (``twins_svt_*``, ``twins_pcpvt_*``): four stages, each with its own patch embedding (4 px,
+  then 2x2 merges); locally-grouped attention in windows padded at the bottom and right (SVT,
+  q/k as ``[B, windows, H, N, d]``), global attention to keys sub-sampled by a stride-``sr`` conv.
 
 Each family is three functions: attention modules in layer order (dotted names, for hooks and the
 reference), the per-layer geometry for an input, and how to read one report into ``[B, H, ...]``.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -43,7 +47,8 @@ class StagedFamily:
     Args:
         attention: ``model -> [(dotted name, attention module)]`` in layer order.
         geometry: ``(model, layout) -> {layer: TokenLayout | LayerGeometry}``.
-        heads_first: q/k/bias/probs arrive with batch and heads merged (``[B * H, ...]``, SAM).
+        regroup: q/k/bias/probs may arrive as ``[B * H, N, ...]`` (SAM) or ``[B, G, H, N, ...]``
+            (Twins' windows) rather than ``[B, H, N, ...]``: reshaped to ``[B * G, H, N, ...]``.
         prefix: the prefix kinds of the model's input layout (default: a class token if the model has
             a ``cls_token``; CaiT's joins late, only its class-attention layers see it).
         softmax_of: name of a submodule whose output is the layer's pre-softmax logits laid out
@@ -56,7 +61,7 @@ class StagedFamily:
 
     attention: Callable[[nn.Module], list[tuple[str, nn.Module]]]
     geometry: Callable[[nn.Module, TokenLayout], dict]
-    heads_first: bool = False
+    regroup: bool = False
     prefix: Callable[[nn.Module], tuple[str, ...]] = lambda m: ("cls",) * (getattr(m, "cls_token", None) is not None)
     softmax_of: dict | None = None
     softmax_spy: bool = False
@@ -152,11 +157,16 @@ def _pit_attention(model):
             for s, stage in enumerate(model.transformers) for b, blk in enumerate(stage.blocks)]
 
 
-def _pooled(stage, grid, stride):
-    if stage.pool is None:
+def _strided(conv, grid, stride):
+    """The grid and its stride (px) after a strided ``conv`` (None: unchanged)."""
+    if conv is None:
         return grid, stride
-    s = pair(stage.pool.conv.stride)
-    return _conv_out(grid, stage.pool.conv), (stride[0] * s[0], stride[1] * s[1])
+    s = pair(conv.stride)
+    return _conv_out(grid, conv), (stride[0] * s[0], stride[1] * s[1])
+
+
+def _pooled(stage, grid, stride):
+    return _strided(None if stage.pool is None else stage.pool.conv, grid, stride)
 
 
 def _pit_geometry(model, layout: TokenLayout) -> dict:
@@ -175,10 +185,34 @@ def _xcit_geometry(model, layout: TokenLayout) -> dict:
     return {i: (ChannelAttention() if i < n else cls) for i in range(n + len(model.cls_attn_blocks))}
 
 
+def _twins_attention(model):
+    return [(f"blocks.{s}.{b}.attn", blk.attn) for s, stage in enumerate(model.blocks) for b, blk in enumerate(stage)]
+
+
+def _twins_geometry(model, layout: TokenLayout) -> dict:
+    """Each stage starts with its own patch embedding (the first made ``layout``; then 2x2 merges).
+    ``LocallyGroupedAttn``: windows of ``ws`` padded at the bottom and right, no shift;
+    ``GlobalSubSampleAttn``: keys from an ``sr x sr`` stride-``sr`` conv, each at its cell's centre
+    (``sr`` 1, or a plain ``Attention``: global over the stage's grid)."""
+    stages = [SimpleNamespace(blocks=blocks, embed=embed.proj if s else None)
+              for s, (blocks, embed) in enumerate(zip(model.blocks, model.patch_embeds))]
+    where = dict(image_size=layout.image_size, base_grid=layout.grid)
+
+    def make(blk, grid, stride):
+        attn = blk.attn
+        if type(attn).__name__ == "LocallyGroupedAttn":
+            return LayerGeometry.windows(grid, stride, attn.ws, **where)
+        if getattr(attn, "sr", None) is not None:
+            return LayerGeometry.pooled(grid, stride, *_strided(attn.sr, grid, stride), **where)
+        return TokenLayout(0, grid, stride)
+
+    return _per_block(stages, layout, lambda stage, grid, stride: _strided(stage.embed, grid, stride), make)
+
+
 #: timm family name -> how to read it
 GEOMETRIES = {
     "swin": StagedFamily(_swin_attention, _swin_geometry),
-    "sam": StagedFamily(_sam_attention, _sam_geometry, heads_first=True),
+    "sam": StagedFamily(_sam_attention, _sam_geometry, regroup=True),
     "mvitv2": StagedFamily(_mvit_attention, _mvit_geometry, softmax_spy=True,
                            patch=lambda m: pair(m.patch_embed.proj.stride),
                            grid=lambda m, size: _conv_out(size, m.patch_embed.proj),
@@ -188,24 +222,30 @@ GEOMETRIES = {
                         patch=lambda m: pair(m.patch_embed.conv.stride),
                         grid=lambda m, size: _conv_out(size, m.patch_embed.conv)),
     "xcit": StagedFamily(_xcit_attention, _xcit_geometry, prefix=lambda m: ("cls",), skip=("XCA",)),
+    "twins": StagedFamily(_twins_attention, _twins_geometry, regroup=True,
+                          patch=lambda m: pair(m.patch_embeds[0].patch_size),
+                          grid=lambda m, size: _conv_out(size, m.patch_embeds[0].proj),
+                          image_size=lambda m: pair(m.patch_embeds[0].img_size)),
     "cait": StagedFamily(_cait_attention, _cait_geometry, prefix=lambda m: ("cls",),
                          softmax_of={"TalkingHeadAttn": "proj_l"}),
 }
 
 
-def merged_heads(report, heads: int):
-    """A report that unmerges SAM's ``[B * H, ...]`` q/k/bias/probs into ``[B, H, ...]`` first."""
+def regrouped(report, heads: int):
+    """A report that reshapes SAM's ``[B * H, N, ...]`` and Twins' windowed ``[B, G, H, N, ...]``
+    q/k/bias/probs into ``[B * G, H, N, ...]`` first (``b * G + g``, :mod:`probekit.geometry`'s order)."""
 
-    def split(t):
-        return None if t is None or t.dim() != 3 else t.reshape(-1, heads, *t.shape[1:])
+    def regroup(t):
+        return t if t is None or t.dim() not in (3, 5) else t.reshape(-1, heads, *t.shape[-2:])
 
     def wrapped(q=None, k=None, v=None, scale=None, bias=None, probs=None):
-        # v is not passed on: the model's own kernel makes the [B * H, N, d] output (no one-pass)
         if probs is not None:
-            report(probs=split(probs))
+            report(probs=regroup(probs))
             return None
-        b = bias if bias is None or bias.dim() != 3 else split(bias)
-        report(q=split(q), k=split(k), scale=scale, bias=b)
+        if q.dim() == 4:  # already [B, H, N, d] (Twins' sub-sampled layers): one pass may run
+            return report(q=q, k=k, v=v, scale=scale, bias=bias)
+        # v is not passed on: the model's own kernel makes its own-shaped output (no one pass)
+        report(q=regroup(q), k=regroup(k), scale=scale, bias=regroup(bias))
         return None
 
     return wrapped

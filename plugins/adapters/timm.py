@@ -44,7 +44,7 @@ from probekit.geometry import ModelGeometry
 
 from ._reference import block_inputs, fed
 from ._sdpa_spy import attention_report, tap_blocks, watch_attention
-from ._timm_geometry import GEOMETRIES, logits_hook, merged_heads, watch_module_softmax, watch_softmax
+from ._timm_geometry import GEOMETRIES, logits_hook, regrouped, watch_module_softmax, watch_softmax
 
 __all__ = ["TimmAdapter", "TimmWindowedAdapter", "FAMILIES"]
 
@@ -85,6 +85,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("xcit", ("xcit",), ("Xcit",), dynamic_size=False, global_attention=False),
     Family("pit", ("pit",), ("PoolingVisionTransformer",), blocks="transformers", dynamic_size=False,
            global_attention=False),
+    Family("twins", ("twins",), ("Twins",), dynamic_size=False, global_attention=False),
     Family("mvitv2", ("mvitv2",), ("MultiScaleVit",), blocks="stages", dynamic_size=False, global_attention=False),
 )
 
@@ -186,9 +187,9 @@ def _preprocess(model: nn.Module, image_size: tuple[int, int]):
 
 
 def _in_chans(model: nn.Module) -> int:
-    """Input channels of the patch embedding's convolution (3 when there is none to read)."""
+    """Input channels of the patch embedding's convolution (else the model's ``in_chans``, else 3)."""
     proj = getattr(getattr(model, "patch_embed", None), "proj", None)
-    return int(getattr(proj, "in_channels", 3))
+    return int(getattr(proj, "in_channels", getattr(model, "in_chans", 3)))
 
 
 # -- the adapter -----------------------------------------------------------------------------------
@@ -381,8 +382,8 @@ class TimmWindowedAdapter(TimmAdapter):
 
     def _watch(self, attn: nn.Module, sink: Sink, layer: int) -> list:
         report = attention_report(sink, layer)
-        if self.staged.heads_first:
-            report = merged_heads(report, int(attn.num_heads))
+        if self.staged.regroup:
+            report = regrouped(report, int(attn.num_heads))
         sub = (self.staged.softmax_of or {}).get(type(attn).__name__)
         if type(attn).__name__ in self.staged.skip:  # no token attention: metrics refused it already
             return []
@@ -424,7 +425,7 @@ class TimmWindowedAdapter(TimmAdapter):
 
             def keep(module, args, out, i=i, heads=heads, talking=False):
                 p = torch.softmax(out.float().permute(0, 3, 1, 2), -1) if talking else args[0].float()
-                found[i] = p.reshape(-1, heads, *p.shape[-2:]) if p.dim() == 3 else p
+                found[i] = p.reshape(-1, heads, *p.shape[-2:]) if p.dim() != 4 else p
 
             sub = (self.staged.softmax_of or {}).get(type(attn).__name__)
             if type(attn).__name__ in self.staged.skip:
