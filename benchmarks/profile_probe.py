@@ -13,6 +13,7 @@ sink's time not spent in any op is Python (hooks, slicing, dict bookkeeping).
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from collections import defaultdict
@@ -22,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import probekit as pk
 
-probe_module = sys.modules["probekit.probe"]  # the package re-exports the function under the same name
+probe_module = importlib.import_module("probekit.probe")  # the package re-exports the function under the same name
 
 
 def _marked(method, label):

@@ -22,7 +22,8 @@ import torch
 
 from .tokens import TokenLayout
 
-__all__ = ["patch_rows", "visible_rows", "patch_entropy", "row_entropy", "patch_mass_is_safe", "SAFE_PATCH_MASS"]
+__all__ = ["patch_rows", "visible_rows", "patch_entropy", "row_entropy", "patch_mass_is_safe", "SAFE_PATCH_MASS",
+           "log_partition"]
 
 #: Patch mass (of a softmax over all keys, float32) above which dividing it out is safe: a patch
 #: key lost to underflow (p < 1e-38) then weighs under 1e-23 in the renormalized row. Below it,
@@ -34,6 +35,21 @@ SAFE_PATCH_MASS = 1e-15
 def patch_mass_is_safe(mass: torch.Tensor) -> bool:
     """Whether every row's patch mass ``[...]`` is at least :data:`SAFE_PATCH_MASS` (one host sync)."""
     return bool((mass >= SAFE_PATCH_MASS).all())
+
+
+def log_partition(probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``lse = log sum_k exp(z_k)`` of each row from its softmax output: ``[..., T]`` -> ``[...]``.
+
+    ``p_k = exp(z_k - lse)`` for every key, so ``lse = z_k - ln p_k`` for any one key: read at the
+    first key, a gather instead of two passes over the row (``max z - ln max p``). That is exact
+    to float32 rounding while the first key's probability is a normal number with digits to spare
+    (:data:`SAFE_PATCH_MASS`); rows where it is not (a masked first key, or a head that gives it
+    almost nothing) take the maximum, where ``p`` is largest (one host sync per call).
+    """
+    p0 = probs[..., 0]
+    if bool((p0 >= SAFE_PATCH_MASS).all()):
+        return logits[..., 0] - p0.log()
+    return logits.amax(-1) - probs.amax(-1).log()
 
 
 def patch_rows(probs: torch.Tensor, layout: TokenLayout, logits: torch.Tensor | None = None) -> torch.Tensor:

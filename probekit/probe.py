@@ -161,7 +161,7 @@ class MetricSink:
             self._reduce_groups(layer, attn, lay, b, t)
             return
         lay.check(t)
-        with no_autocast(attn.device):  # metric maths in float32 under a bf16/fp16 forward
+        with no_autocast(attn.device), self.workspace.active():  # metric maths in float32 under a bf16/fp16 forward
             self._reduce(layer, attn, lay, b, h, t)
 
     def _reduce(self, layer: int, attn: LayerAttention, lay: TokenLayout, b: int, h: int, t: int) -> None:
@@ -210,7 +210,7 @@ class MetricSink:
     def _reduce_groups(self, layer: int, attn: LayerAttention, geo: LayerGeometry, b: int, t: int) -> None:
         tk = attn.k.shape[2] if attn.probs_given is None else attn.probs_given.shape[-1]
         geo.check(b, t, tk, layer)
-        with no_autocast(attn.device):
+        with no_autocast(attn.device), self.workspace.active():
             vals = reduce_groups(self._rowwise, attn, geo, self.block_budget(attn.device), self.workspace)
         for m in self._rowwise:
             self._keep(m, layer, vals[m.label])

@@ -22,7 +22,7 @@ from probekit.probe import MetricSink
 
 LAY = pk.TokenLayout(num_prefix=1, grid=(4, 5), patch_size=(16, 16))
 NO_PREFIX = pk.TokenLayout(num_prefix=0, grid=(4, 5), patch_size=(16, 16))
-GAPS = [0.0, 30.0, 95.0, 100.0, 200.0, 1000.0]
+GAPS = [-1000.0, -100.0, 0.0, 30.0, 95.0, 100.0, 200.0, 1000.0]  # < 0: CLS far below the patches
 RENORMALIZING = [
     ("entropy", {}), ("mad", {"renormalize": True}), ("distance_profile", {"renormalize": True}),
     ("cls_map", {"query": "mean", "renormalize": True}), ("head_similarity", {"renormalize": True}),

@@ -6,8 +6,9 @@ import math
 
 import torch
 
+from probekit.attention import row_dot
 from probekit.metric import Metric
-from probekit.patch_keys import patch_entropy, patch_mass_is_safe, row_entropy, visible_rows
+from probekit.patch_keys import log_partition, patch_entropy, patch_mass_is_safe, row_entropy, visible_rows
 from probekit.tokens import TokenLayout
 
 
@@ -82,7 +83,7 @@ class AttentionEntropy(Metric):
 
         With ``p = softmax(z)`` over all keys and ``s`` the mass on patch keys, the renormalized
         row ``a = p / s`` has ``ln a = z - lse - ln s``, so ``H = lse + ln s - <p, z>_patch / s``,
-        where ``lse = max z - ln max p`` (a softmax identity). One dot product per row instead
+        where ``lse = z_k - ln p_k`` for any key ``k`` (a softmax identity: :func:`~probekit.patch_keys.log_partition`). One dot product per row instead
         of a logarithm per element; within 1e-6 of float64 on sharp heads. Masked keys
         (``z = -inf``) make the dot product undefined, and a head that parks nearly all its mass
         on prefix tokens underflows the patch probabilities: those blocks take the softmax of
@@ -91,10 +92,8 @@ class AttentionEntropy(Metric):
         if logits is None:
             return super().row_sum(probs, layout, rows)
         n0 = layout.num_prefix
-        p, z = probs[..., n0:], logits[..., n0:]
-        lse = logits.amax(-1) - probs.amax(-1).log()
-        pz = torch.einsum("...n,...n->...", p, z)  # 3-5x faster than vecdot (no [R, N] product) on CPU
-        h = self._from_sums(lse, p.sum(-1), pz, layout)
+        pz = row_dot(probs, logits, n0)
+        h = self._from_sums(log_partition(probs, logits), probs[..., n0:].sum(-1), pz, layout)
         if h is None:  # masked keys, or patch probabilities underflowed: the patch-key softmax
             return super().row_sum(probs, layout, rows, logits)
         return h.sum(-1)
