@@ -234,9 +234,10 @@ def test_transformers_swin_equals_its_eager_attention(size):
     assert set(table.layer) == {0, 1, 2, 3}
 
 
-def test_xcit_channel_attention_is_refused_and_its_class_attention_measured():
+@pytest.mark.parametrize("size", [(64, 64), (48, 80)], ids=["native", "other-size"])
+def test_xcit_channel_attention_is_refused_and_its_class_attention_measured(size):
     pm = pk.load("timm:xcit_nano_12_p16_224", pretrained=False, embed_dim=32, depth=2, num_heads=2,
-                 img_size=64, cls_attn_layers=2)
+                 img_size=size, cls_attn_layers=2)
     randomize_parameters(pm.model, scale=0.2)
     x = pm.example_input(2, seed=1)
     with pytest.raises(UnsupportedArchitectureError, match=r"mad.*layer 0 of this model attends over channels"):
@@ -244,7 +245,8 @@ def test_xcit_channel_attention_is_refused_and_its_class_attention_measured():
     got, ref = pm.attention(x), pm.adapter.reference_attention(x)
     assert sorted(got) == sorted(ref) == [2, 3]  # the class-attention layers; channel attention is not tapped
     for i in ref:
-        assert got[i].shape == (2, 2, 1, 17)  # the class token over itself and 4x4 patches
+        # the class token over itself and the 4x4 (3x5) patches
+        assert got[i].shape == (2, 2, 1, 1 + (size[0] // 16) * (size[1] // 16))
         torch.testing.assert_close(got[i], ref[i], atol=TOL, rtol=0)
     table = pk.probe(pm, x, metrics=["mad", "prefix_mass"], layers=[2, 3]).table
     assert set(table.layer) == {2, 3}

@@ -1,7 +1,8 @@
 """timm ViTs: VisionTransformer (ViT, DeiT, DINO, DINOv2 with registers, CLIP and SigLIP
 towers, MAE encoders), the distilled DeiT, EVA/EVA-02 and BEiT; and, layer by layer with their
 geometry (:mod:`probekit.geometry`, families in ``_timm_geometry.py``), Swin/SwinV2 windows, the
-SAM/ViTDet encoder's windowed and global blocks and CaiT's class attention.
+SAM/ViTDet encoder's windowed and global blocks, CaiT's class attention, PiT's stages, MViTv2's
+pooled keys, Twins' padded windows and sub-sampled keys and XCiT's class-attention layers.
 
 How the tap works. timm fixes ``fused_attn`` at build time and, when fused, never calls the
 modules a hook could watch; EVA and BEiT project q/k/v with ``F.linear`` and add rotary
@@ -339,7 +340,8 @@ class TimmAdapter(Adapter):
 
 
 class TimmWindowedAdapter(TimmAdapter):
-    """timm models whose layers are not all one global attention (Swin, SwinV2, SAM, CaiT).
+    """timm models whose layers are not all one global attention (Swin, SwinV2, SAM, CaiT, PiT, MViTv2,
+    Twins, XCiT).
 
     Layers are the attention modules in order (Swin: every block of every stage). Each layer's
     geometry (:meth:`geometry`) says how its attention ``[B * G, H, Tq, Tk]`` maps to the image:
