@@ -132,7 +132,7 @@ def _hf_models(case: dict):
     return fast, eager
 
 
-def build(case: dict, method: str, batch: int, attention_pass: str = "auto"):
+def build(case: dict, method: str, batch: int, attention_pass: str = "auto", block_mb: float | None = None):
     """``(plain, run, info)``: two zero-argument callables on the same model, and notes."""
     import torch
 
@@ -195,7 +195,8 @@ def build(case: dict, method: str, batch: int, attention_pass: str = "auto"):
         return pm.model(x)
 
     def run():
-        t = pk.probe(pm, x, metrics=metrics, batch_size=batch, attention_pass=attention_pass).table
+        t = pk.probe(pm, x, metrics=metrics, batch_size=batch, attention_pass=attention_pass,
+                     block_mb=block_mb).table
         t = t[t.metric == "mad"]
         return [torch.tensor(t[t.layer == k].value.to_numpy()).view(batch, -1).mean(0).float()
                 for k in sorted(t.layer.unique())]
@@ -203,14 +204,15 @@ def build(case: dict, method: str, batch: int, attention_pass: str = "auto"):
     return plain, run, info
 
 
-def worker(case_name: str, method: str, quick: bool, threads: int, attention_pass: str = "auto") -> dict:
+def worker(case_name: str, method: str, quick: bool, threads: int, attention_pass: str = "auto",
+           block_mb: float | None = None) -> dict:
     """One fresh process: plain and method runs, alternating, with their RSS peaks."""
     import torch
 
     torch.set_num_threads(threads)
     case = CASES[case_name]
     batch, pairs = case["batch"][quick], case["pairs"][quick]
-    plain, run, info = build(case, method, batch, attention_pass)
+    plain, run, info = build(case, method, batch, attention_pass, block_mb)
     t_plain, t_method = [], []
     with torch.inference_mode():
         plain()  # warm-up: first-call allocations and kernel choices
@@ -242,12 +244,13 @@ def worker(case_name: str, method: str, quick: bool, threads: int, attention_pas
 
 
 # -- the parent: one process per (case, method), then the table -----------------------------------------
-def run_worker(case: str, method: str, quick: bool, threads: int, attention_pass: str = "auto") -> dict:
+def run_worker(case: str, method: str, quick: bool, threads: int, attention_pass: str = "auto",
+               block_mb: float | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                OPENBLAS_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                PYTHONWARNINGS="ignore")
     cmd = [sys.executable, __file__, "--worker", case, method, "--threads", str(threads),
-           "--attention-pass", attention_pass]
+           "--attention-pass", attention_pass] + ([] if block_mb is None else ["--block-mb", str(block_mb)])
     if quick:
         cmd.append("--quick")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -345,11 +348,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the raw measurements to this file")
     ap.add_argument("--attention-pass", default="auto", choices=("auto", "fused", "separate"),
                     help="pk.probe's attention_pass for the probekit rows (default auto)")
+    ap.add_argument("--block-mb", type=float, default=None,
+                    help="pk.probe's block_mb for the probekit rows (default: the engine's own choice)")
     ap.add_argument("--worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(*args.worker, quick=args.quick, threads=args.threads,
-                                attention_pass=args.attention_pass)))
+                                attention_pass=args.attention_pass, block_mb=args.block_mb)))
         return 0
     import torch
 
@@ -361,11 +366,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start, attention_pass={args.attention_pass}"
+          + ("" if args.block_mb is None else f", block_mb={args.block_mb}")
           + (", --quick" if args.quick else ""), flush=True)
     results = []
     for case in cases:
         for method in methods:
-            r = run_worker(case, method, args.quick, args.threads, args.attention_pass)
+            r = run_worker(case, method, args.quick, args.threads, args.attention_pass, args.block_mb)
             results.append(r)
             print(f"  {case} {method}: " + (f"failed: {r['error']}" if "error" in r else
                   f"method {statistics.median(r['t_method']):.2f} s, plain {statistics.median(r['t_plain']):.2f} s"),
