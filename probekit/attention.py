@@ -208,6 +208,9 @@ class Workspace:
 
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
+        #: bytes of the chunk buffer that per-row sums run through (:func:`row_dot`,
+        #: :mod:`probekit.block_terms`); the engine sets it within its block budget
+        self.scratch_bytes = SCRATCH_BYTES
 
     def get(self, name: str, shape: tuple[int, ...], device) -> torch.Tensor:
         """A contiguous float32 view of ``shape`` on ``device`` (contents undefined)."""
@@ -241,7 +244,8 @@ def row_dot(a: torch.Tensor, b: torch.Tensor, start: int = 0) -> torch.Tensor:
 
     What metrics use for a per-row dot product of probabilities with logits or weights (entropy's
     ``<p, z>`` over the patch keys). Inside the engine (:meth:`Workspace.active`) the rows go
-    through a reused product buffer a cache-sized chunk of rows at a time: on this project's CPU
+    through a reused product buffer a cache-sized chunk of rows at a time (:attr:`Workspace.scratch_bytes`,
+    within the engine's block budget): on this project's CPU
     2.5x faster than ``torch.linalg.vecdot`` on the sliced rows (which allocates and fills a fresh
     multi-MB product per block) and than ``einsum`` (one ``[1, T] @ [T, 1]`` matrix product per
     row); see benchmarks/bench_probe.py.
@@ -250,11 +254,13 @@ def row_dot(a: torch.Tensor, b: torch.Tensor, start: int = 0) -> torch.Tensor:
     if ws is None or a.shape != b.shape or a.dtype != torch.float32 or b.dtype != torch.float32:
         return torch.linalg.vecdot(a[..., start:], b[..., start:])
     t = a.shape[-1]
-    if not (a.is_contiguous() and b.is_contiguous()):
-        return torch.mul(a, b, out=ws.get("row_dot", tuple(a.shape), a.device))[..., start:].sum(-1)
+    if not (a.is_contiguous() and b.is_contiguous()):  # rows cut from a block: per leading index
+        if a.dim() > 2:
+            return torch.stack([row_dot(x, y, start) for x, y in zip(a.unbind(0), b.unbind(0))])
+        return torch.linalg.vecdot(a[..., start:], b[..., start:])
     af, bf = a.view(-1, t), b.view(-1, t)
     n = af.shape[0]
-    step = n if a.device.type != "cpu" else max(1, min(n, _ROW_DOT_CHUNK_BYTES // (4 * t)))
+    step = max(1, min(n, ws.scratch_bytes // (4 * t)))
     out = torch.empty(n, dtype=torch.float32, device=a.device)
     buf = ws.get("row_dot", (step, t), a.device)
     for r in range(0, n, step):
@@ -264,8 +270,8 @@ def row_dot(a: torch.Tensor, b: torch.Tensor, start: int = 0) -> torch.Tensor:
     return out.view(a.shape[:-1])
 
 
-#: Rows per chunk of :func:`row_dot` on CPU: the product stays in the L2 cache (512 KiB).
-_ROW_DOT_CHUNK_BYTES = 2**19
+#: Default chunk of per-row sums: the product stays in the L2 cache (512 KiB).
+SCRATCH_BYTES = 2**19
 
 
 def no_autocast(device: torch.device):

@@ -23,7 +23,8 @@ import torch
 from .adapter import ProbedModel
 from . import kernel
 from .arguments import check_probe_arguments
-from .attention import ATTENTION_PASSES, LayerAttention, Workspace, no_autocast, one_pass, row_blocks
+from .block_terms import BLOCK_TERMS, softmax_with_terms
+from .attention import ATTENTION_PASSES, SCRATCH_BYTES, LayerAttention, Workspace, no_autocast, one_pass, row_blocks
 from .errors import ConfigError
 from .geometry import LayerGeometry, ModelGeometry
 from .grouped import reduce_groups
@@ -87,6 +88,11 @@ def _is_rowwise(m: Metric) -> bool:
     return m.needs == "attention" and m.rowwise and type(m).on_attention is Metric.on_attention
 
 
+def _takes_block_terms(m: Metric) -> bool:
+    """Whether a metric's kernel sums come from the terms the blocked path makes next to the softmax."""
+    return bool(m.kernel_terms) and m.kernel_terms <= BLOCK_TERMS and type(m).kernel_row_sum is not Metric.kernel_row_sum
+
+
 class MetricSink:
     """Receives each layer from a tap and reduces it with every metric at once.
 
@@ -102,7 +108,8 @@ class MetricSink:
         layers: layer indices wanted (None: all).
         block_mb: budget in MiB for one block's logits and probabilities together. None: 32 MiB
             on CPU (blocks that stay in cache run up to 2x faster than larger ones) and 256 MiB
-            on accelerators (fewer, larger kernels).
+            on accelerators (fewer, larger kernels). Per-row sums (entropy's) add a chunk buffer
+            of at most half of it, and 512 KiB at most.
         attention_pass: ``"auto"``, ``"fused"``, ``"separate"`` or ``"kernel"``: whether a tap
             that hands over v gets the layer's attention output from the blocks the metrics
             read (one pass) or runs the model's own kernel (see
@@ -185,9 +192,12 @@ class MetricSink:
             # the metrics' blocks stay whole (a block cut short would be copied to be reshaped)
             segments = [(0, lo), (lo, hi), (hi, t)] if fused else [(lo, hi)]
             budget = self.block_budget(attn.device)
+            self.workspace.scratch_bytes = min(SCRATCH_BYTES, budget // 2)  # chunks of per-row sums
+            termed = {m.label for m in rest if _takes_block_terms(m)}
             acc: dict[str, torch.Tensor] = {}
             for blk in (r for s0, s1 in segments if s1 > s0 for r in row_blocks(s0, s1, b, h, t, budget)):
-                z, p = attn.block(blk, workspace=self.workspace)
+                with_terms = any(spans[k].start < blk.stop and blk.start < spans[k].stop for k in termed)
+                z, p, terms = self._block(attn, blk, lay.num_prefix, with_terms)
                 if fused:
                     attn.add_output(blk, p, self.workspace)
                 for m in rest:
@@ -196,16 +206,29 @@ class MetricSink:
                     if s >= e:
                         continue
                     sl = slice(s - blk.start, e - blk.start)
-                    kw = {"logits": None if z is None else z[:, :, sl]} if m.uses_logits else {}
-                    part = m.row_sum(p[:, :, sl], lay, slice(s, e), **kw)
+                    part = m.kernel_row_sum(terms, lay, sl) if terms is not None and m.label in termed else None
+                    if part is None:  # or where the terms cannot serve (a patch mass lost to underflow)
+                        kw = {"logits": None if z is None else z[:, :, sl]} if m.uses_logits else {}
+                        part = m.row_sum(p[:, :, sl], lay, slice(s, e), **kw)
                     acc[m.label] = part if m.label not in acc else acc[m.label] + part
-                del z, p
+                del z, p, terms
             for m in rest:
                 q = spans[m.label]
                 self._keep(m, layer, acc[m.label] / max(q.stop - q.start, 1))
         for m in self._other_attn:
             self._keep(m, layer, m.on_attention(layer, attn, lay))
         attn.release()
+
+    def _block(self, attn: LayerAttention, rows: slice, num_prefix: int, with_terms: bool):
+        """``(logits, probs, terms)`` of a block of query rows; the row terms (None unless asked for,
+        and where the tap gave logits) are made while the softmax writes the block (:mod:`probekit.block_terms`)."""
+        if not with_terms or attn.probs_given is not None:
+            return (*attn.block(rows, workspace=self.workspace), None)
+        b, h, _ = attn.shape
+        shape = (b, h, rows.stop - rows.start, attn.k.shape[2])
+        z = attn.logits(rows, out=self.workspace.get("logits", shape, attn.device))
+        p = self.workspace.get("probs", shape, attn.device)
+        return z, p, softmax_with_terms(z, p, num_prefix, self.workspace)
 
     def _reduce_groups(self, layer: int, attn: LayerAttention, geo: LayerGeometry, b: int, t: int) -> None:
         tk = attn.k.shape[2] if attn.probs_given is None else attn.probs_given.shape[-1]

@@ -236,7 +236,8 @@ def test_memory_does_not_grow_with_depth():
     # one set of block buffers for the whole forward, within the budget (at least one row)
     per_row = 4 * 3 * lay.num_tokens * 4 * 2
     assert len(set(deep.workspace_bytes)) == 1
-    assert deep.workspace_bytes[0] <= max(budget_mb * 2**20, per_row)
+    # (plus the chunk buffer of per-row sums: half the budget at most, or one row of keys)
+    assert deep.workspace_bytes[0] <= max(budget_mb * 2**20, per_row) + max(budget_mb * 2**20 / 2, 4 * lay.num_tokens)
     # what the sink keeps per layer is [B, H] values, nothing of the attention
     assert all(v.shape == (4, 3) for per_layer in values.values() for v in per_layer.values())
 

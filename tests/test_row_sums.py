@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 
-from probekit import attention
 from probekit.attention import Workspace, row_dot
 from probekit.patch_keys import log_partition
 
@@ -35,13 +34,12 @@ def test_log_partition_matches_logsumexp_whatever_the_first_key_gets(first):
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (4, 6, 33, 197), (1, 2, 3, 1370)])
 @pytest.mark.parametrize("start", [0, 1, 5])
-def test_row_dot_matches_float64_in_and_out_of_the_engine(shape, start, monkeypatch):
+def test_row_dot_matches_float64_in_and_out_of_the_engine(shape, start):
     a = torch.softmax(_logits(shape, seed=1), -1)
     b = _logits(shape, seed=2)
     ref = (a.double() * b.double())[..., start:].sum(-1)
-    # chunks of a few rows, so that a block spans several chunks and ends in a short one
-    monkeypatch.setattr(attention, "_ROW_DOT_CHUNK_BYTES", 4 * shape[-1] * 3)
     ws = Workspace()
+    ws.scratch_bytes = 4 * shape[-1] * 3  # chunks of 3 rows: a block spans several and ends in a short one
     outside = row_dot(a, b, start)
     with ws.active():
         inside = row_dot(a, b, start)
