@@ -7,23 +7,23 @@ Each ``check_<property>(name, pm, **kw)`` takes a :class:`~probekit.adapter.Prob
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Callable, Iterator
 
 import torch
 
-from ..adapter import Adapter, CollectSink, ProbedModel
+from ..adapter import Adapter, CollectSink
 from ..tokens import TokenLayout
 from .capture import ModelCalls
-from .geometry import coverage_problem, diagnose_moves, expected_moved_tokens, moved_tokens, probe_boxes
+from .geometry_checks import check_hidden_keys, check_patch_geometry
 from .records import SkipCheck
+from .tapping import adapter_of, kit_input, sized, tapped
 
 __all__ = [
     "ATOL", "randomize_parameters", "adapter_checks",
     "check_rows_sum_to_one", "check_layout_matches_tokens", "check_reference_attention",
     "check_batch_independence", "check_tap_keeps_outputs", "check_tap_detaches", "check_wanted_layers",
-    "check_hidden_states", "check_patch_geometry", "check_hidden_is_block_output",
+    "check_hidden_states", "check_patch_geometry", "check_hidden_keys", "check_hidden_is_block_output",
 ]
 
 ATOL = 1e-5  # probabilities: float32 softmax of the same logits agree to ~1e-7
@@ -51,53 +51,6 @@ def randomize_parameters(model: torch.nn.Module, seed: int = 0, scale: float = 0
     return model
 
 
-# -- helpers ----------------------------------------------------------------------------------
-def _adapter(pm: ProbedModel | Adapter) -> Adapter:
-    return pm.adapter if isinstance(pm, ProbedModel) else pm
-
-
-def _input(pm, batch: int = 2, image_size=None, seed: int = 0) -> torch.Tensor:
-    ad = _adapter(pm)
-    h, w = image_size or ad.default_image_size
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, getattr(ad, "in_chans", 3), h, w, generator=g).to(ad.device)
-
-
-class _KitSink(CollectSink):
-    """A CollectSink whose own work (probabilities, clones) is hidden from a ModelCalls capture,
-    and that keeps each layer's float32 rounding scale ``scale * max|q| * max|k|`` (``rounding``).
-
-    Why the rounding scale: a float32 logit ``q . k * scale`` is exact only to about eps times
-    ``sum |q_i k_i| <= |q| |k|``, and a probability moves by at most its logit's error. Two correct
-    float32 paths (a fused kernel, an eager matmul) differ by that much, which on wide randomized
-    models (logits of several hundred) exceeds a fixed 1e-5 at any depth.
-    """
-
-    def __init__(self, calls: ModelCalls | None, *args, **kw):
-        super().__init__(*args, **kw)
-        self._calls = calls
-        self.rounding: dict[int, float] = {}
-
-    def attention(self, layer, attn):
-        with self._calls.paused() if self._calls else contextlib.nullcontext():
-            super().attention(layer, attn)
-            if attn.q is not None:
-                qn, kn = attn.q.float().norm(dim=-1).amax(), attn.k.float().norm(dim=-1).amax()
-                self.rounding[layer] = float(attn.scale * qn * kn) * torch.finfo(torch.float32).eps
-
-    def hidden(self, layer, tokens):
-        with self._calls.paused() if self._calls else contextlib.nullcontext():
-            super().hidden(layer, tokens)
-
-
-@torch.inference_mode()
-def _tapped(ad: Adapter, x: torch.Tensor, layers=None, hidden: bool = False, calls: ModelCalls | None = None):
-    sink = _KitSink(calls, layers, attention=not hidden, hidden=hidden)
-    with ad.tap(sink):
-        out = ad.forward(x)
-    return sink, out
-
-
 def _tensors(obj) -> list[torch.Tensor]:
     """Every tensor in a model's output (tensors, tuples, lists, dicts, ModelOutput)."""
     if isinstance(obj, torch.Tensor):
@@ -112,7 +65,7 @@ def _tensors(obj) -> list[torch.Tensor]:
 def _non_native_size(ad: Adapter) -> tuple[int, int]:
     """A non-square size, other than the native one, in whole patches."""
     h, w = ad.default_image_size
-    ph, pw = ad.layout(_input(ad, 1)).patch_size
+    ph, pw = ad.layout(kit_input(ad, 1)).patch_size
     return (max(ph, h - ph), w + 2 * pw)
 
 
@@ -128,41 +81,14 @@ def _groups(geo, layer: int) -> int:
     return 1 if geo.is_global(layer) else geo.layer(layer).groups
 
 
-def _sized(check: Callable) -> Callable:
-    """A check at ``image_size=``: an error of the model at a non-native size says what to set.
-
-    Why: an adapter inherits ``variable_image_size = True``; a model with a fixed position table
-    then fails the non-native variants with its own shape error, which names nothing to change.
-    """
-
-    @functools.wraps(check)
-    def run(name: str, pm, *args, image_size=None, **kw):
-        try:
-            return check(name, pm, *args, image_size=image_size, **kw)
-        except (AssertionError, SkipCheck):
-            raise
-        except Exception as exc:
-            ad = _adapter(pm)
-            if image_size is None or tuple(image_size) == tuple(ad.default_image_size):
-                raise
-            (h, w), (nh, nw) = image_size, ad.default_image_size
-            raise AssertionError(
-                f"{name}: the model fails on a {h}x{w} input (its native size is {nh}x{nw}): "
-                f"{type(exc).__name__}: {exc}. If it runs only its native size (a fixed position table or "
-                f"graph input), set variable_image_size = False on {type(ad).__name__} (or on the instance)."
-            ) from exc
-
-    return run
-
-
 # -- adapter checks ------------------------------------------------------------------------------
-@_sized
+@sized
 def check_rows_sum_to_one(name: str, pm, image_size=None, atol: float = ATOL) -> None:
     # Metrics treat each query row as a distribution: probabilities must be float32, non-negative,
     # sum to 1 over keys, and cover every layer with num_heads heads.
-    ad = _adapter(pm)
-    x = _input(ad, 2, image_size)
-    probs = _tapped(ad, x)[0].probs
+    ad = adapter_of(pm)
+    x = kit_input(ad, 2, image_size)
+    probs = tapped(ad, x)[0].probs
     geo = ad.geometry(x)
     assert sorted(probs) == list(range(ad.num_layers)), f"{name}: tapped layers {sorted(probs)}, expected 0..{ad.num_layers - 1}"
     for layer, p in probs.items():
@@ -174,15 +100,15 @@ def check_rows_sum_to_one(name: str, pm, image_size=None, atol: float = ATOL) ->
         _assert_close(name, f"layer {layer} row sums", p.sum(-1), torch.ones(p.shape[:-1]), atol)
 
 
-@_sized
+@sized
 def check_layout_matches_tokens(name: str, pm, image_size=None) -> None:
     # Distances come from the layout: a wrong prefix count or grid shifts every position.
-    ad = _adapter(pm)
-    x = _input(ad, 1, image_size)
+    ad = adapter_of(pm)
+    x = kit_input(ad, 1, image_size)
     lay = ad.layout(x)
     assert isinstance(lay, TokenLayout), f"{name}: layout() returned {type(lay).__name__}, not TokenLayout"
     geo = ad.geometry(x)
-    for layer, p in _tapped(ad, x)[0].probs.items():
+    for layer, p in tapped(ad, x)[0].probs.items():
         if not geo.is_global(layer):  # windows, pooled keys, class attention: the layer's own geometry
             g = geo.layer(layer)
             ok = p.shape[0] == g.groups and (p.shape[-2], p.shape[-1]) == (g.num_queries, g.num_keys)
@@ -195,49 +121,11 @@ def check_layout_matches_tokens(name: str, pm, image_size=None) -> None:
         )
 
 
-@_sized
-def check_patch_geometry(name: str, pm, image_size=None) -> str:
-    # The layout (prefix count, grid orientation, patch size) is checked against the model itself,
-    # with no reference: perturbing the pixels of one patch must move exactly the token the
-    # layout puts there in layer 0's attention (its row and column), for corners and the interior.
-    ad = _adapter(pm)
-    base = _input(ad, 1, image_size, seed=4)
-    size = tuple(base.shape[-2:])
-    lay = ad.layout(base)
-    problems = [p for p in [coverage_problem(lay, size)] if p]
-    boxes = probe_boxes(lay, size)
-    g = torch.Generator().manual_seed(5)
-    batch = [base]
-    for y0, y1, x0, x1 in boxes.values():
-        x = base.clone()
-        x[..., y0:y1, x0:x1] += 3 * torch.randn(x[..., y0:y1, x0:x1].shape, generator=g).to(x.device)
-        batch.append(x)
-    probs = _tapped(ad, torch.cat(batch), layers={0})[0].probs
-    assert 0 in probs, f"{name}: asked for layer 0's attention, the tap reported layers {sorted(probs)}"
-    p = probs[0]
-    if p.shape[-1] != lay.num_tokens:
-        problems.append(f"layer 0 has {p.shape[-1]} tokens, the layout {lay.num_tokens}.")
-    seen, wrong, top = {}, [], 0.0
-    for i, (rc, box) in enumerate(boxes.items(), start=1):
-        seen[rc], score = moved_tokens(p[0], p[i])
-        top = max(top, score)
-        want = expected_moved_tokens(lay, box)
-        if seen[rc] != want:
-            wrong.append(f"patch {rc} (pixels [{box[0]}:{box[1]}, {box[2]}:{box[3]}]) moved tokens "
-                         f"{sorted(seen[rc])[:8]}, the layout expects {sorted(want)}")
-    if wrong:
-        why = diagnose_moves(lay, seen)
-        problems += ["Moved: " + "; ".join(wrong) + ".", why[0].upper() + why[1:]]
-    assert not problems, (f"{name}: layer 0 geometry at {size[0]}x{size[1]} ({lay.describe()}): "
-                          + " ".join(problems))
-    return f"{len(boxes)} patches each moved their own token (largest logit change {top:.2g})"
-
-
 def _model_softmax_reference(name: str, ad: Adapter, x: torch.Tensor):
     """``(tap's sink, reference)``: the tap and the model's own softmax/SDPA calls, in one forward."""
     calls = ModelCalls(attention=True)
     with calls:
-        sink = _tapped(ad, x, calls=calls)[0]
+        sink = tapped(ad, x, calls=calls)[0]
     if len(calls.attention) != ad.num_layers:
         raise SkipCheck(
             f"{name}: no reference_attention, and the model's own attention could not be read: one forward made "
@@ -261,7 +149,7 @@ def _scale_hint(got: torch.Tensor, want: torch.Tensor) -> str:
     return ""
 
 
-@_sized
+@sized
 def check_reference_attention(name: str, pm, reference: Callable | None = None, image_size=None,
                               atol: float = ATOL) -> str:
     # The tap recomputes (or reads) probabilities; they must equal the library's own reference
@@ -270,14 +158,14 @@ def check_reference_attention(name: str, pm, reference: Callable | None = None, 
     # forward, so a forgotten scale or bias fails either way. References are computed from the
     # same layer inputs as the tap (see Adapter.reference_attention): fused and unfused paths
     # drift apart through depth, and a check at full depth must measure the tap, not the drift.
-    ad = _adapter(pm)
-    x = _input(ad, 2, image_size, seed=1)
+    ad = adapter_of(pm)
+    x = kit_input(ad, 2, image_size, seed=1)
     ref_fn = reference or ad.reference_attention
     source = "reference"
     with torch.inference_mode():
         try:
             ref = ref_fn(x)
-            sink = _tapped(ad, x)[0]
+            sink = tapped(ad, x)[0]
         except NotImplementedError:
             sink, ref = _model_softmax_reference(name, ad, x)
             source = "the model's own softmax"
@@ -300,12 +188,12 @@ def check_reference_attention(name: str, pm, reference: Callable | None = None, 
 def check_batch_independence(name: str, pm, atol: float = ATOL) -> None:
     # Images must not see each other (padding masks, batch-norm, shuffled tokens): image i alone
     # gives the same attention as image i inside a batch.
-    ad = _adapter(pm)
-    x = _input(ad, 3, seed=2)
-    full = _tapped(ad, x)[0].probs
+    ad = adapter_of(pm)
+    x = kit_input(ad, 3, seed=2)
+    full = tapped(ad, x)[0].probs
     geo = ad.geometry(x)
     for i in (0, 2):
-        alone = _tapped(ad, x[i : i + 1])[0].probs
+        alone = tapped(ad, x[i : i + 1])[0].probs
         for layer in full:
             g = _groups(geo, layer)  # an image's windows are rows i * g .. (i + 1) * g
             _assert_close(name, f"image {i} layer {layer} alone vs in a batch", alone[layer],
@@ -314,43 +202,43 @@ def check_batch_independence(name: str, pm, atol: float = ATOL) -> None:
 
 def check_tap_keeps_outputs(name: str, pm, atol: float = 1e-5) -> None:
     # The model must keep its own fast path under the tap: outputs with and without it agree.
-    ad = _adapter(pm)
-    x = _input(ad, 2, seed=3)
+    ad = adapter_of(pm)
+    x = kit_input(ad, 2, seed=3)
     with torch.inference_mode():
         plain = _tensors(ad.forward(x))
-    tapped = _tensors(_tapped(ad, x)[1])
-    assert plain and len(plain) == len(tapped), f"{name}: forward returned {len(plain)} tensors, {len(tapped)} under the tap"
-    for i, (a, b) in enumerate(zip(plain, tapped)):
+    under = _tensors(tapped(ad, x)[1])
+    assert plain and len(plain) == len(under), f"{name}: forward returned {len(plain)} tensors, {len(under)} under the tap"
+    for i, (a, b) in enumerate(zip(plain, under)):
         scale = max(1.0, a.abs().max().item())
         _assert_close(name, f"output {i} under the tap (relative)", b / scale, a / scale, atol)
 
 
 def check_tap_detaches(name: str, pm) -> None:
     # A tap that outlives its `with` block leaks hooks: later forwards would still call the sink.
-    ad = _adapter(pm)
+    ad = adapter_of(pm)
     sink = CollectSink()
     with torch.inference_mode():
         with ad.tap(sink):
             pass
-        ad.forward(_input(ad, 1))
+        ad.forward(kit_input(ad, 1))
     assert not sink.probs, f"{name}: the sink was called after its tap exited (layers {sorted(sink.probs)})"
 
 
 def check_wanted_layers(name: str, pm) -> None:
     # The engine asks for a subset of layers (--layers); a tap must report only those.
-    ad = _adapter(pm)
+    ad = adapter_of(pm)
     want = {ad.num_layers - 1}
-    got = _tapped(ad, _input(ad, 1), layers=want)[0].probs
+    got = tapped(ad, kit_input(ad, 1), layers=want)[0].probs
     assert set(got) == want, f"{name}: asked for layers {sorted(want)}, the tap reported {sorted(got)}"
 
 
 def check_hidden_states(name: str, pm) -> None:
     # Hidden-state metrics (token norms, CKA) need each block's output tokens [B, T, D].
-    ad = _adapter(pm)
+    ad = adapter_of(pm)
     if not ad.provides_hidden:
         raise SkipCheck(f"{name}: provides_hidden is False")
-    x = _input(ad, 2)
-    hid = _tapped(ad, x, hidden=True)[0].hiddens
+    x = kit_input(ad, 2)
+    hid = tapped(ad, x, hidden=True)[0].hiddens
     t = ad.layout(x).num_tokens
     assert sorted(hid) == list(range(ad.num_layers)), f"{name}: hidden layers {sorted(hid)}"
     dims = {h.shape[-1] for h in hid.values()}
@@ -375,11 +263,11 @@ def check_hidden_is_block_output(name: str, pm) -> str:
     # or attention output without the residual added) has the right shape and is finite, so it
     # is compared with what the model itself computes: a block's output is what the next norm
     # reads (pre-norm blocks; for one block, the final norm) or what a norm returns (post-norm).
-    ad = _adapter(pm)
-    x = _input(ad, 2, seed=6)
+    ad = adapter_of(pm)
+    x = kit_input(ad, 2, seed=6)
     calls = ModelCalls(attention=False, norms=True)
     with calls:
-        hid = _tapped(ad, x, hidden=True, calls=calls)[0].hiddens
+        hid = tapped(ad, x, hidden=True, calls=calls)[0].hiddens
     if not calls.norm_tensors:
         raise SkipCheck(f"{name}: the forward ran no torch normalization (layer_norm, rms_norm, group_norm) "
                         "to compare the hidden states with")
@@ -402,18 +290,18 @@ def adapter_checks(pm, reference: Callable | None = None) -> Iterator[Callable]:
     ONNX graph with a fixed input size, or a wrapped tower with a fixed position table, sets
     it False on the instance); the hidden-state check runs when ``provides_hidden``.
     """
-    ad = _adapter(pm)
+    ad = adapter_of(pm)
     yield check_rows_sum_to_one
     yield check_layout_matches_tokens
-    if ad.global_attention:  # windowed/pooled layers: extend expected_moved_tokens to their geometry
-        yield check_patch_geometry
+    yield check_patch_geometry  # every layer, whatever its geometry (windows, pooled keys, class attention)
+    if not ad.global_attention:
+        yield check_hidden_keys
     yield functools.partial(check_reference_attention, reference=reference)
     if ad.variable_image_size:
         size = _non_native_size(ad)
         yield functools.partial(check_rows_sum_to_one, image_size=size)
         yield functools.partial(check_layout_matches_tokens, image_size=size)
-        if ad.global_attention:
-            yield functools.partial(check_patch_geometry, image_size=size)
+        yield functools.partial(check_patch_geometry, image_size=size)
         yield functools.partial(check_reference_attention, reference=reference, image_size=size)
     yield check_batch_independence
     yield check_tap_keeps_outputs

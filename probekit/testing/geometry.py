@@ -10,20 +10,21 @@ that moves must be the one the layout places at those pixels: a wrong prefix cou
 a transposed grid (or a column-major flattening) sends it elsewhere on a non-square grid, a
 wrong patch size moves several tokens or none, or puts the patch outside the image.
 
-The expected tokens come from one function of the layout, :func:`expected_moved_tokens`,
-so other geometries (windowed or pooled layers) extend this check by extending that function.
+The expected tokens come from one function, :func:`expected_moved_tokens`, of the layout or of a
+first layer's :class:`~probekit.geometry.LayerGeometry` (windows, shifted windows, pooled keys);
+:mod:`probekit.testing.reach` carries the reasoning through every later layer.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..geometry import LayerGeometry
 from ..tokens import TokenLayout
+from .reach import Box, Embed, as_geometry, expected_moves
 
-__all__ = ["expected_moved_tokens", "probe_patches", "probe_boxes", "patch_box", "moved_tokens",
+__all__ = ["expected_moved_tokens", "probe_patches", "probe_boxes", "patch_box", "moved", "moved_tokens",
            "coverage_problem", "diagnose_moves"]
-
-Box = tuple[int, int, int, int]  # y0, y1, x0, x1 in input pixels (end exclusive)
 
 
 def patch_box(layout: TokenLayout, r: int, c: int) -> Box:
@@ -32,17 +33,24 @@ def patch_box(layout: TokenLayout, r: int, c: int) -> Box:
     return (r * ph, (r + 1) * ph, c * pw, (c + 1) * pw)
 
 
-def expected_moved_tokens(layout: TokenLayout, box: Box) -> frozenset[int]:
-    """Tokens whose layer-0 q and k read pixels inside ``box``: the patches it overlaps.
+def expected_moved_tokens(layer: TokenLayout | LayerGeometry, box: Box, embed: Embed | None = None):
+    """Tokens whose q and k read pixels inside ``box`` when ``layer`` is the model's first attention.
 
-    Global ViTs: token ``num_prefix + r * grid_w + c`` covers pixels ``[r*ph, (r+1)*ph) x
-    [c*pw, (c+1)*pw)``; prefix tokens read no pixels.
+    A global layout: token ``num_prefix + r * grid_w + c`` covers pixels ``[r*ph, (r+1)*ph) x
+    [c*pw, (c+1)*pw)``; prefix tokens read no pixels; returns the token indices. A
+    :class:`LayerGeometry` (windows, a shifted window's roll undone, padding, pooled keys):
+    returns ``(queries, keys)``, each a frozenset of ``(group, index)``. ``embed``: the patch
+    embedding's (kernel, stride, padding) px where patches overlap (PiT, MViTv2).
     """
-    y0, y1, x0, x1 = box
-    (gh, gw), (ph, pw) = layout.grid, layout.patch_size
-    rows = range(max(0, y0 // ph), min(gh, -(-y1 // ph)))
-    cols = range(max(0, x0 // pw), min(gw, -(-x1 // pw)))
-    return frozenset(layout.num_prefix + r * gw + c for r in rows for c in cols)
+    g = as_geometry(layer)
+    lay = layer if isinstance(layer, TokenLayout) else TokenLayout(0, g.grid, g.stride)
+    size = (max(box[1], g.image_size[0]), max(box[3], g.image_size[1]))
+    exp = expected_moves([g], box, size, lay, embed)[0]
+    queries = frozenset(map(tuple, torch.nonzero(exp.may_q).tolist()))
+    keys = frozenset(map(tuple, torch.nonzero(exp.may_k).tolist()))
+    if isinstance(layer, TokenLayout):
+        return frozenset(t for _, t in queries | keys)
+    return queries, keys
 
 
 def probe_patches(layout: TokenLayout) -> list[tuple[int, int]]:
@@ -63,16 +71,20 @@ def probe_boxes(layout: TokenLayout, size: tuple[int, int]) -> dict[tuple[int, i
     return boxes
 
 
-def coverage_problem(layout: TokenLayout, size: tuple[int, int]) -> str | None:
+def coverage_problem(layout: TokenLayout, size: tuple[int, int], embed: Embed | None = None) -> str | None:
     """Why ``layout`` cannot describe an input of ``size`` pixels, or None.
 
-    A grid of patches covers the input to within one patch (libraries floor, some pad).
+    A grid of patches covers the input to within one patch (libraries floor, some pad); patches
+    of an overlapping embedding (``embed``: kernel, stride, padding) reach ``kernel - stride``
+    px further.
     """
     (gh, gw), (ph, pw) = layout.grid, layout.patch_size
+    (kh, kw), _, (pad_h, pad_w) = embed or ((ph, pw), None, (0, 0))
+    ext_h, ext_w = (gh - 1) * ph + kh - 2 * pad_h, (gw - 1) * pw + kw - 2 * pad_w
     h, w = size
-    if abs(h - gh * ph) < ph and abs(w - gw * pw) < pw:
+    if abs(h - ext_h) < ph and abs(w - ext_w) < pw:
         return None
-    said = f"the layout's {gh}x{gw} grid of {ph}x{pw} px patches covers {gh * ph}x{gw * pw} px"
+    said = f"the layout's {gh}x{gw} grid of {ph}x{pw} px patches covers {ext_h}x{ext_w} px"
     if abs(h - gw * pw) < pw and abs(w - gh * ph) < ph and (gh, gw) != (gw, gh):
         return (f"{said} but the input is {h}x{w}: rows and columns are swapped (grid is (h, w) = "
                 f"({h // ph}, {w // pw}), not ({gh}, {gw})).")
@@ -80,28 +92,43 @@ def coverage_problem(layout: TokenLayout, size: tuple[int, int]) -> str | None:
             "check the patch size and the grid.")
 
 
-def moved_tokens(before: torch.Tensor, after: torch.Tensor, rel: float = 1e-2,
-                 floor: float = 1e-5) -> tuple[frozenset[int], float]:
-    """Tokens whose row or column of the logits changed between two ``[H, T, T]`` probabilities.
+def moved(before: torch.Tensor, after: torch.Tensor, counted: torch.Tensor | None = None, rel: float = 1e-2,
+          floor: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Which queries' rows and keys' columns of the logits changed between two ``[G, H, Tq, Tk]``
+    probabilities (``G`` groups: windows; ``counted``: ``[G, Tq, Tk]``, the entries that count).
 
     Log-probabilities are logits up to one constant per row; the median change of a row is
     that constant (fewer than half of a row's keys move), so subtracting it leaves the logit
-    changes. A token moved when its row or its column changed for most entries (the median
-    again: an unmoved token's row changes in the moved tokens' columns only).
+    changes. A query moved when its row changed for most of its visible keys, a key when its
+    column did (the median again: an unmoved token's row changes in the moved tokens' columns
+    only). Entries not counted (a shifted window's hidden keys, padding) are left out of every median.
+
+    Returns:
+        ``(queries [G, Tq], keys [G, Tk], largest score)``; a score below ``floor`` is no change.
+    """
+    tiny = torch.finfo(torch.float32).tiny * 1e8
+    d = after.double().clamp_min(tiny).log() - before.double().clamp_min(tiny).log()
+    if counted is not None:
+        d = d.masked_fill(~counted[:, None].to(d.device), float("nan"))
+    d = (d - d.nanmedian(dim=-1, keepdim=True).values).abs()  # row constants removed
+    rows = d.nanmedian(dim=-1).values.nan_to_num(0).amax(1)  # [G, Tq]: typical change along a row
+    cols = d.nanmedian(dim=-2).values.nan_to_num(0).amax(1)  # [G, Tk]: typical change down a column
+    top = max(rows.max().item(), cols.max().item())
+    if top < floor:
+        return torch.zeros_like(rows, dtype=torch.bool), torch.zeros_like(cols, dtype=torch.bool), top
+    return rows > rel * top, cols > rel * top, top
+
+
+def moved_tokens(before: torch.Tensor, after: torch.Tensor, rel: float = 1e-2,
+                 floor: float = 1e-5) -> tuple[frozenset[int], float]:
+    """Tokens whose row or column of the logits changed between two ``[H, T, T]`` probabilities
+    (:func:`moved` for one global layer).
 
     Returns:
         ``(tokens, largest score)``; a score below ``floor`` counts as no change at all.
     """
-    tiny = torch.finfo(torch.float32).tiny * 1e8
-    d = after.double().clamp_min(tiny).log() - before.double().clamp_min(tiny).log()
-    d = (d - d.median(dim=-1, keepdim=True).values).abs()  # [H, T, T], row constants removed
-    rows = d.median(dim=-1).values.amax(0)  # [T]: typical change along each token's row
-    cols = d.median(dim=-2).values.amax(0)  # [T]: typical change down each token's column
-    score = torch.maximum(rows, cols)
-    top = score.max().item()
-    if top < floor:
-        return frozenset(), top
-    return frozenset(torch.nonzero(score > rel * top).flatten().tolist()), top
+    rows, cols, top = moved(before[None], after[None], rel=rel, floor=floor)
+    return frozenset(torch.nonzero(rows[0] | cols[0]).flatten().tolist()), top
 
 
 def diagnose_moves(layout: TokenLayout, seen: dict[tuple[int, int], frozenset[int]]) -> str:
