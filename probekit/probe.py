@@ -109,7 +109,7 @@ class MetricSink:
         block_mb: budget in MiB for one block's logits and probabilities together. None: 32 MiB
             on CPU (blocks that stay in cache run up to 2x faster than larger ones) and 256 MiB
             on accelerators (fewer, larger kernels). Per-row sums (entropy's) add a chunk buffer
-            of at most half of it, and 512 KiB at most.
+            of at most half of it (512 KiB at most on CPU).
         attention_pass: ``"auto"``, ``"fused"``, ``"separate"`` or ``"kernel"``: whether a tap
             that hands over v gets the layer's attention output from the blocks the metrics
             read (one pass) or runs the model's own kernel (see
@@ -192,7 +192,8 @@ class MetricSink:
             # the metrics' blocks stay whole (a block cut short would be copied to be reshaped)
             segments = [(0, lo), (lo, hi), (hi, t)] if fused else [(lo, hi)]
             budget = self.block_budget(attn.device)
-            self.workspace.scratch_bytes = min(SCRATCH_BYTES, budget // 2)  # chunks of per-row sums
+            # chunks of per-row sums: cache-sized on CPU; on accelerators whole blocks (fewer launches)
+            self.workspace.scratch_bytes = min(SCRATCH_BYTES, budget // 2) if attn.device.type == "cpu" else budget // 2
             termed = {m.label for m in rest if _takes_block_terms(m)}
             acc: dict[str, torch.Tensor] = {}
             for blk in (r for s0, s1 in segments if s1 > s0 for r in row_blocks(s0, s1, b, h, t, budget)):
