@@ -182,7 +182,7 @@ def _small(spec: str) -> dict:
     backend, _, name = spec.partition(":")
     if backend == "timm":
         staged = {"swin": {"depths": (1, 1, 1, 1)}, "twins": {"depths": (1, 1, 1, 1)}, "pit_": {"depth": (1, 1, 1)},
-                  "mvitv2": {}}
+                  "mvitv2": {}, "hiera": {"stages": (1, 1, 1, 1)}}
         return next((v for k, v in staged.items() if k in name), {"depth": 1})
     if backend == "open_clip":
         import open_clip

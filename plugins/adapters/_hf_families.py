@@ -35,6 +35,8 @@ class Family:
     crop_ratio: float | None = None  # None: resize to size; else shortest edge size*ratio, centre crop
     resample: int = 3  # PIL bicubic
     staged: str | None = None  # windowed/staged encoder: its entry in _hf_geometry.STAGED (e.g. "swin")
+    patch: str = "patch_size"  # the config attribute with the token stride (Hiera: patch_stride; its kernel is 7)
+    softmax_tap: bool = False  # attention computed by hand, read at its Tensor.softmax (Hiera)
 
 
 _INTERP = {"interpolate_pos_encoding": True}
@@ -55,6 +57,8 @@ FAMILIES: dict[str, Family] = {
     "vit_mae": Family("ViTMAEModel", "layers", "attention", ("cls",), forward_kwargs=_INTERP, mae=True),
     "beit": Family("BeitModel", "layers", "attention", ("cls",), processor="BeitImageProcessor", norm=_HALF),
     "swin": Family("SwinModel", "encoder.layers", "attention", (), staged="swin"),
+    "hiera": Family("HieraModel", "encoder.stages", "attn", (), forward_kwargs=_INTERP, crop_ratio=1 / 0.9,
+                    staged="hiera", patch="patch_stride", softmax_tap=True),
 }
 # multimodal model_type -> the attribute of its config that holds the vision encoder's config
 VISION_SUBCONFIG = {"clip": "vision_config", "siglip": "vision_config"}
@@ -85,6 +89,9 @@ KNOWN: dict[str, tuple[str, dict, dict]] = {
     "google/siglip-base-patch16-224": ("SiglipVisionConfig", dict(layer_norm_eps=1e-6), {}),
     "facebook/vit-mae-base": ("ViTMAEConfig", {}, {}),
     "microsoft/swin-tiny-patch4-window7-224": ("SwinConfig", {}, {}),
+    "facebook/hiera-tiny-224-hf": ("HieraConfig", dict(depths=[1, 2, 7, 2]), {}),
+    "facebook/hiera-small-224-hf": ("HieraConfig", dict(depths=[1, 2, 11, 2]), {}),
+    "facebook/hiera-base-224-hf": ("HieraConfig", {}, {}),
     "microsoft/beit-base-patch16-224": ("BeitConfig", dict(use_relative_position_bias=True,
                                                            use_absolute_position_embeddings=False,
                                                            layer_scale_init_value=0.1, use_mean_pooling=True), {}),

@@ -6,6 +6,8 @@ each layer's geometry (:mod:`probekit.geometry`).
   the grid is no larger than a window; patch merging halves the grid (odd sizes padded up) at
   the end of each stage. The window and shift are read from each block as its forward will use
   them (transformers clamps and keeps them on the module).
+- Hiera (``HieraModel``): mask units, query pooling and the unrolled token order, shared with
+  timm's Hiera in ``_hiera_geometry.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from torch import nn
 
 from probekit.geometry import LayerGeometry
 from probekit.tokens import TokenLayout
+
+from ._hiera_geometry import HF_HIERA
 
 __all__ = ["STAGED"]
 
@@ -39,4 +43,4 @@ def _swin_geometry(encoder: nn.Module, layout: TokenLayout) -> dict:
 
 
 #: family name -> (blocks in layer order, per-layer geometry)
-STAGED = {"swin": (_swin_blocks, _swin_geometry)}
+STAGED = {"swin": (_swin_blocks, _swin_geometry), "hiera": HF_HIERA}

@@ -17,6 +17,9 @@ and each layer's geometry (:mod:`probekit.geometry`).
 - Twins (``twins_svt_*``, ``twins_pcpvt_*``): four stages, each with its own patch embedding (4 px,
   then 2x2 merges); locally-grouped attention in windows padded at the bottom and right (SVT,
   q/k as ``[B, windows, H, N, d]``), global attention to keys sub-sampled by a stride-``sr`` conv.
+- Hiera: mask-unit attention with query pooling over its unrolled token order
+  (``_hiera_geometry.py``); SDPA when fused, ``Tensor.softmax`` when not, both read as
+  ``[B, H, mask units, Tq, Tk]``.
 
 Each family is three functions: attention modules in layer order (dotted names, for hooks and the
 reference), the per-layer geometry for an input, and how to read one report into ``[B, H, ...]``.
@@ -37,6 +40,8 @@ from probekit.errors import UnsupportedArchitectureError
 from probekit.geometry import ChannelAttention, LayerGeometry
 from probekit.tokens import TokenLayout, pair
 
+from ._hiera_geometry import TIMM_HIERA
+
 __all__ = ["GEOMETRIES", "StagedFamily"]
 
 
@@ -55,6 +60,8 @@ class StagedFamily:
             ``[B, T, T, H]`` (CaiT's talking heads: ``proj_l``), read instead of SDPA/``attn_drop``.
         softmax_spy: read the first ``Tensor.softmax`` input of each watched module (MViTv2).
         skip: attention classes not tapped at all (XCiT's channel attention, refused by metrics).
+        mask_units: attention arrives ``[B, H, G, Tq, Tk]`` from SDPA (fused) or ``Tensor.softmax``
+            (unfused) and no module holds the probabilities (Hiera).
         patch, image_size, grid: the patch stride, native input size and the patch grid of an input
             size of a built model.
     """
@@ -66,6 +73,7 @@ class StagedFamily:
     softmax_of: dict | None = None
     softmax_spy: bool = False
     skip: tuple[str, ...] = ()
+    mask_units: bool = False
     patch: Callable[[nn.Module], tuple[int, int]] = lambda m: pair(m.patch_embed.patch_size)
     grid: Callable[[nn.Module, tuple], tuple[int, int]] = lambda m, size: tuple(
         s // p for s, p in zip(size, pair(m.patch_embed.patch_size)))
@@ -228,6 +236,11 @@ GEOMETRIES = {
                           image_size=lambda m: pair(m.patch_embeds[0].img_size)),
     "cait": StagedFamily(_cait_attention, _cait_geometry, prefix=lambda m: ("cls",),
                          softmax_of={"TalkingHeadAttn": "proj_l"}),
+    "hiera": StagedFamily(*TIMM_HIERA, prefix=lambda m: (), mask_units=True, regroup=True,
+                          patch=lambda m: pair(m.patch_stride),
+                          grid=lambda m, size: tuple(s // p for s, p in zip(size, pair(m.patch_stride))),
+                          image_size=lambda m: tuple(t * p for t, p in zip(m.tokens_spatial_shape,
+                                                                           pair(m.patch_stride)))),
 }
 
 
@@ -272,7 +285,7 @@ _SOFTMAX_USERS = 0
 
 def _softmax_spy(self, *args, **kwargs):
     report = _SOFTMAX.report
-    if report is not None and self.dim() == 4:
+    if report is not None and self.dim() in (4, 5):  # 5: Hiera's [B, H, mask units, Tq, Tk]
         _SOFTMAX.report = None  # one report per watched call
         report(probs=_ORIGINAL_SOFTMAX(self.float(), -1))
     return _ORIGINAL_SOFTMAX(self, *args, **kwargs)
@@ -311,3 +324,45 @@ def watch_module_softmax(attn: nn.Module, report, where: str) -> list:
             )
 
     return [attn.register_forward_pre_hook(arm), attn.register_forward_hook(check)]
+
+
+def watch_sdpa_or_softmax(attn: nn.Module, report, where: str) -> list:
+    """Hooks arming both spies while ``attn`` runs (Hiera: SDPA when fused, ``Tensor.softmax`` when
+    not); the first to fire disarms the other (the sink's own softmax must not report again)."""
+    from ._sdpa_spy import _PENDING
+
+    def once(**kw):
+        _PENDING.report = _SOFTMAX.report = None
+        return report(**kw)
+
+    def arm(module, args):
+        _PENDING.report = _SOFTMAX.report = once
+
+    def check(module, args, out):
+        if _PENDING.report is once:
+            _PENDING.report = _SOFTMAX.report = None
+            raise UnsupportedArchitectureError(
+                f"{where} ({type(attn).__name__}) called neither F.scaled_dot_product_attention nor "
+                "Tensor.softmax on its attention logits, so probekit cannot tap it. Report the model name."
+            )
+
+    return [attn.register_forward_pre_hook(arm), attn.register_forward_hook(check)]
+
+
+def softmax_reference(model: nn.Module, attentions: list[nn.Module], run, fold=lambda t: t) -> dict:
+    """``{layer: probabilities}`` each module of ``attentions`` computes with ``Tensor.softmax`` while
+    ``run()`` runs ``model`` (timm's unfused Hiera: no module holds them, and fx cannot trace it)."""
+    found: dict = {}
+    handles = []
+    with watch_softmax():
+        try:
+            for i, attn in enumerate(attentions):
+                def keep(probs, i=i):
+                    found[i] = fold(probs)
+                handles += watch_module_softmax(attn, keep, f"layer {i}")
+            with torch.inference_mode():
+                run()
+        finally:
+            for h in handles:
+                h.remove()
+    return found

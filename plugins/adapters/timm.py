@@ -45,7 +45,9 @@ from probekit.geometry import ModelGeometry
 
 from ._reference import block_inputs, fed
 from ._sdpa_spy import attention_report, tap_blocks, watch_attention
-from ._timm_geometry import GEOMETRIES, logits_hook, regrouped, watch_module_softmax, watch_softmax
+from ._hiera_geometry import fold_windows, units_first
+from ._timm_geometry import (GEOMETRIES, logits_hook, regrouped, softmax_reference, watch_module_softmax,
+                             watch_sdpa_or_softmax, watch_softmax)
 
 __all__ = ["TimmAdapter", "TimmWindowedAdapter", "FAMILIES"]
 
@@ -88,6 +90,7 @@ FAMILIES: tuple[Family, ...] = (
            global_attention=False),
     Family("twins", ("twins",), ("Twins",), dynamic_size=False, global_attention=False),
     Family("mvitv2", ("mvitv2",), ("MultiScaleVit",), blocks="stages", dynamic_size=False, global_attention=False),
+    Family("hiera", ("hiera",), ("Hiera",), dynamic_size=False, global_attention=False),
 )
 
 
@@ -366,7 +369,7 @@ class TimmWindowedAdapter(TimmAdapter):
 
     @property
     def num_heads(self) -> int:
-        return int(self._attention()[0][1].num_heads)
+        return _heads(self._attention()[0][1])
 
     def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
         size = tuple(pixel_values.shape[-2:])
@@ -385,12 +388,14 @@ class TimmWindowedAdapter(TimmAdapter):
     def _watch(self, attn: nn.Module, sink: Sink, layer: int) -> list:
         report = attention_report(sink, layer)
         if self.staged.regroup:
-            report = regrouped(report, int(attn.num_heads))
+            report = regrouped(report, _heads(attn))
         sub = (self.staged.softmax_of or {}).get(type(attn).__name__)
         if type(attn).__name__ in self.staged.skip:  # no token attention: metrics refused it already
             return []
         if sub is not None:
             return [getattr(attn, sub).register_forward_hook(logits_hook(report))]
+        if self.staged.mask_units:
+            return watch_sdpa_or_softmax(attn, units_first(report), f"layer {layer}")
         if self.staged.softmax_spy:
             return watch_module_softmax(attn, report, f"layer {layer}")
         return watch_attention(attn, report, f"layer {layer}")
@@ -402,7 +407,7 @@ class TimmWindowedAdapter(TimmAdapter):
                 f"The timm adapter does not tap block outputs of {type(self.model).__name__} (its tokens change "
                 "shape between stages); use attention metrics on it."
             )
-        spy = watch_softmax() if self.staged.softmax_spy else contextlib.nullcontext()
+        spy = watch_softmax() if self.staged.softmax_spy or self.staged.mask_units else contextlib.nullcontext()
         with spy, tap_blocks([_Attn(m) for _, m in self._attention()], sink, watch=self._watch):
             yield
 
@@ -413,6 +418,9 @@ class TimmWindowedAdapter(TimmAdapter):
         for m in ref.modules():
             if hasattr(m, "fused_attn"):
                 m.fused_attn = False
+        if self.staged.mask_units:  # Hiera's own softmax, read where it is called
+            return softmax_reference(ref, [a for _, a in self.staged.attention(ref)], lambda: ref(pixel_values),
+                                     fold_windows)
         if self.staged.softmax_spy:  # no module holds the probabilities: trace the softmax calls (torch.fx)
             from timm.utils import AttentionExtract
 
@@ -443,6 +451,10 @@ class TimmWindowedAdapter(TimmAdapter):
             for h in handles:
                 h.remove()
         return dict(sorted(found.items()))
+
+
+def _heads(attn: nn.Module) -> int:
+    return int(getattr(attn, "num_heads", None) or attn.heads)  # Hiera's attention calls them ``heads``
 
 
 class _Attn:

@@ -38,6 +38,7 @@ from ._hf_families import FAMILIES, KNOWN, check_family, family_of
 from ._hf_geometry import STAGED
 from ._hf_loading import config_for, load_checkpoint, local_model_files, pretrained_model
 from ._hf_preprocess import _Preprocess, cached_processor, processor_for
+from ._hiera_geometry import fold_windows, units_first
 from ._reference import block_inputs, fed
 
 __all__ = ["TransformersAdapter", "FAMILIES", "KNOWN", "ATTN_IMPLEMENTATION"]
@@ -253,12 +254,13 @@ class TransformersAdapter(Adapter):
 
     @property
     def num_heads(self) -> int:
-        heads = self.model.config.num_attention_heads
-        return int(heads[0] if isinstance(heads, (list, tuple)) else heads)  # Swin: per stage
+        cfg = self.model.config
+        heads = getattr(cfg, "num_attention_heads", None) or cfg.num_heads  # Hiera: num_heads
+        return int(heads[0] if isinstance(heads, (list, tuple)) else heads)  # Swin, Hiera: per stage
 
     @property
     def patch_size(self) -> tuple[int, int]:
-        return pair(self.model.config.patch_size)
+        return pair(getattr(self.model.config, self.family.patch))
 
     def prefix_kinds(self) -> tuple[str, ...]:
         regs = int(getattr(self.model.config, "num_register_tokens", 0)) if self.family.registers else 0
@@ -293,6 +295,14 @@ class TransformersAdapter(Adapter):
 
     @contextmanager
     def tap(self, sink: Sink) -> Iterator[None]:
+        if sink.wants_hidden and not self.provides_hidden:
+            raise UnsupportedArchitectureError(
+                f"The hf adapter does not tap block outputs of {type(self.model).__name__} (its tokens change "
+                "shape between stages); use attention metrics on it.")
+        if self.family.softmax_tap:
+            with self._softmax_tap(sink):
+                yield
+            return
         reporters, hooks = [], []
         if sink.wants_attention:
             for i, attn in enumerate(self.attentions):
@@ -300,10 +310,6 @@ class TransformersAdapter(Adapter):
                     report = partial(sink.attention, i)
                     _TAPS.setdefault(attn, []).append(report)
                     reporters.append((attn, report))
-        if sink.wants_hidden and not self.provides_hidden:
-            raise UnsupportedArchitectureError(
-                f"The hf adapter does not tap block outputs of {type(self.model).__name__} (its tokens change "
-                "shape between stages); use attention metrics on it.")
         if sink.wants_hidden:
             for i, block in enumerate(self.blocks):
                 if wants(sink, i):
@@ -318,6 +324,24 @@ class TransformersAdapter(Adapter):
             for h in hooks:
                 h.remove()
 
+    @contextmanager
+    def _softmax_tap(self, sink: Sink) -> Iterator[None]:
+        """Hiera computes its attention by hand: read each layer at its ``Tensor.softmax`` call."""
+        from ._sdpa_spy import attention_report
+        from ._timm_geometry import regrouped, watch_module_softmax, watch_softmax
+
+        hooks = []
+        with watch_softmax():
+            try:
+                for i, attn in enumerate(self.attentions):
+                    if sink.wants_attention and wants(sink, i):
+                        report = units_first(regrouped(attention_report(sink, i), int(attn.num_heads)))
+                        hooks += watch_module_softmax(attn, report, f"layer {i}")
+                yield
+            finally:
+                for h in hooks:
+                    h.remove()
+
     @torch.inference_mode()
     def reference_attention(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
         """Eager attention of a copy (same weights, config deep-copied with ``eager``); global
@@ -328,7 +352,8 @@ class TransformersAdapter(Adapter):
             found: dict[int, torch.Tensor] = {}
             blocks = STAGED[self.family.staged][0](ref)
             hooks = [getattr(b, self.family.attention).register_forward_hook(
-                lambda mod, args, out, i=i: found.__setitem__(i, out[1].float())) for i, b in enumerate(blocks)]
+                lambda mod, args, out, i=i: found.__setitem__(i, fold_windows(out[1].float())))
+                for i, b in enumerate(blocks)]
             try:
                 ref(pixel_values, output_attentions=True, **self._kwargs(pixel_values))
             finally:
