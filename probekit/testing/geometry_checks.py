@@ -9,10 +9,13 @@ a failure, never a skip.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from ..geometry import KINDS
+from ..adapter import CollectSink
 from ..tokens import TokenLayout, pair
 from .geometry import coverage_problem, diagnose_moves, moved, probe_boxes
 from .reach import Embed, as_geometry, counted, expected_moves
@@ -81,14 +84,51 @@ def _layer_moves(g, before, after, exp) -> tuple[list[str], float]:
     return words, top
 
 
-def _global_moves(p: torch.Tensor, patches: list) -> dict[tuple[int, int], frozenset[int]]:
-    """``{probe patch: tokens moved}`` of a global layer 0 ``[1 + len(patches), H, T, T]``, whatever its size."""
-    p = p.float().cpu()
-    out = {}
-    for i, rc in enumerate(patches, start=1):
-        rows, cols, _ = moved(p[:1], p[i : i + 1])
-        out[rc] = frozenset(torch.nonzero(rows[0] | cols[0]).flatten().tolist())
-    return out
+def _diagnosis(i: int, layer, p: torch.Tensor, patches: list) -> str:
+    """The input layout's mistake in words, when a global layer 0 ``[1 + len(patches), H, T, T]`` (of any
+    size) is wrong: the tokens each probe patch moved say which prefix count or grid order it has."""
+    if i != 0 or not isinstance(layer, TokenLayout) or p.shape[-1] != p.shape[-2] or p.shape[0] != 1 + len(patches):
+        return ""
+    seen = {}
+    for j, rc in enumerate(patches, start=1):
+        rows, cols, _ = moved(p[:1], p[j : j + 1])
+        seen[rc] = frozenset(torch.nonzero(rows[0] | cols[0]).flatten().tolist())
+    why = diagnose_moves(layer, seen)
+    return " " + why[0].upper() + why[1:]
+
+
+def _verdict(i: int, p: torch.Tensor, layers: list, boxes: dict, expected: dict) -> tuple[str | None, float]:
+    """``(words or None, largest change)`` for layer ``i``'s attention ``p`` over the unperturbed image
+    and one copy per probe patch (``boxes``), against ``expected[patch][i]``."""
+    g, p, top, n = as_geometry(layers[i]), p.float().cpu(), 0.0, 1 + len(boxes)
+    if g is None:
+        return f"layer {i} is reported, but its geometry says it has no token attention.", top
+    if p.shape[0] != n * g.groups or tuple(p.shape[-2:]) != (g.num_queries, g.num_keys):
+        said = f"layer {i} attention {tuple(p.shape)} does not fit its geometry ({g.describe()})."
+        return said + _diagnosis(i, layers[i], p, list(boxes)), top
+    p = p.reshape(n, g.groups, *p.shape[1:])
+    said = []
+    for j, (rc, box) in enumerate(boxes.items(), start=1):
+        words, score = _layer_moves(g, p[0], p[j], expected[rc][i])
+        top = max(top, score)
+        if words:
+            said.append(f"patch {rc} (pixels [{box[0]}:{box[1]}, {box[2]}:{box[3]}]) " + " and ".join(words))
+    if not said:
+        return None, top
+    return (f"layer {i} ({g.describe()}): " + "; ".join(said[:3]) + f". Hint: {_hint(g)}."
+            + _diagnosis(i, layers[i], p.flatten(0, 1), list(boxes))), top
+
+
+class _Judge(CollectSink):
+    """A sink that judges each layer's attention as the tap reports it and keeps only the verdict
+    ``{layer: (words or None, largest change)}``: memory stays one layer's attention, whatever the depth."""
+
+    def __init__(self, judge):
+        super().__init__()
+        self.judge, self.judged = judge, {}
+
+    def attention(self, layer, attn):
+        self.judged[layer] = self.judge(layer, attn.probs())
 
 
 @sized
@@ -112,30 +152,15 @@ def check_patch_geometry(name: str, pm, image_size=None) -> str:
         batch.append(x)
     layers = [geo.layer(i) for i in range(ad.num_layers)]
     token_layers = [i for i, layer in enumerate(layers) if as_geometry(layer) is not None]
-    probs = tapped(ad, torch.cat(batch))[0].probs
-    if [i for i in token_layers if i not in probs]:
-        problems.append(f"the geometry describes token attention in layers {token_layers}, the tap reported "
-                        f"{sorted(probs)}.")
     expected = {rc: expected_moves(layers, box, size, lay, embed) for rc, box in boxes.items()}
-    wrong, top = [], 0.0
-    for i in [i for i in token_layers if i in probs]:
-        g = as_geometry(layers[i])
-        p = probs[i].float().cpu()
-        if p.shape[0] != len(batch) * g.groups or tuple(p.shape[-2:]) != (g.num_queries, g.num_keys):
-            wrong.append(f"layer {i} attention {tuple(p.shape)} does not fit its geometry ({g.describe()}).")
-            continue
-        p = p.reshape(len(batch), g.groups, *p.shape[1:])
-        said = []
-        for j, (rc, box) in enumerate(boxes.items(), start=1):
-            words, score = _layer_moves(g, p[0], p[j], expected[rc][i])
-            top = max(top, score)
-            if words:
-                said.append(f"patch {rc} (pixels [{box[0]}:{box[1]}, {box[2]}:{box[3]}]) " + " and ".join(words))
-        if said:
-            wrong.append(f"layer {i} ({g.describe()}): " + "; ".join(said[:3]) + f". Hint: {_hint(g)}.")
-    if wrong and wrong[0].startswith("layer 0 ") and isinstance(layers[0], TokenLayout) and 0 in probs:
-        why = diagnose_moves(layers[0], _global_moves(probs[0], list(boxes)))  # the input layout: name the mistake
-        wrong[0] += " " + why[0].upper() + why[1:]
+
+    verdict = functools.partial(_verdict, layers=layers, boxes=boxes, expected=expected)
+    judged = tapped(ad, torch.cat(batch), sink=_Judge(verdict))[0].judged  # one layer's attention at a time
+    if [i for i in token_layers if i not in judged]:
+        problems.append(f"the geometry describes token attention in layers {token_layers}, the tap reported "
+                        f"{sorted(judged)}.")
+    wrong = [said for i, (said, _) in sorted(judged.items()) if said]
+    top = max((t for _, t in judged.values()), default=0.0)
     problems += wrong[:2]
     assert not problems, f"{name}: geometry at {size[0]}x{size[1]} ({lay.describe()}): " + " ".join(problems)
     return (f"{len(boxes)} patches x {len(token_layers)} layers: each moved its own tokens in layer 0 and "

@@ -56,8 +56,9 @@ class _KitSink(CollectSink):
 
 
 @torch.inference_mode()
-def tapped(ad: Adapter, x: torch.Tensor, layers=None, hidden: bool = False, calls: ModelCalls | None = None):
-    sink = _KitSink(calls, layers, attention=not hidden, hidden=hidden)
+def tapped(ad: Adapter, x: torch.Tensor, layers=None, hidden: bool = False, calls: ModelCalls | None = None,
+           sink: CollectSink | None = None):
+    sink = sink or _KitSink(calls, layers, attention=not hidden, hidden=hidden)
     with ad.tap(sink):
         out = ad.forward(x)
     return sink, out
