@@ -152,3 +152,26 @@ def test_misplaced_pooled_keys_fail_at_the_first_layer(cls_token):
     pm = _broken(mvit(64, cls_token), _keys_at_query_cells)
     with pytest.raises(AssertionError, match=r"layer 0 \(pooled:.*moved key tokens at .* beyond .*pooled keys sit"):
         check_patch_geometry("mvitv2", pm)
+
+
+class _DropsLayer1:
+    """A sink proxy that never passes on layer 1's attention (a tap that misses a block)."""
+
+    def __init__(self, sink):
+        self._sink = sink
+
+    def __getattr__(self, name):
+        return getattr(self._sink, name)
+
+    def attention(self, layer, attn):
+        if layer != 1:
+            self._sink.attention(layer, attn)
+
+
+def test_a_layer_the_tap_never_reports_fails_instead_of_being_skipped():
+    pm = build("swinv2")
+    real = pm.adapter.tap
+    pm.adapter.tap = lambda sink: real(_DropsLayer1(sink))
+    with pytest.raises(AssertionError, match=r"describes token attention in layers \[0, 1, 2, 3\], the tap reported "
+                                             r"\[0, 2, 3\]"):
+        check_patch_geometry("swinv2", pm)
