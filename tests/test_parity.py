@@ -189,6 +189,8 @@ def _small(spec: str) -> dict:
 
         cfg = open_clip.get_model_config(name.split("/")[0])
         return {"vision_cfg": {**cfg["vision_cfg"], "layers": 1}, "text_cfg": {**cfg["text_cfg"], "layers": 1}}
+    if "sam-vit" in name:  # one windowed block; the 64x64 grid and 16 px patches stay
+        return {"config": {"num_hidden_layers": 1, "global_attn_indexes": []}}
     return {}
 
 

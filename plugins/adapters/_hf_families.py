@@ -37,6 +37,8 @@ class Family:
     staged: str | None = None  # windowed/staged encoder: its entry in _hf_geometry.STAGED (e.g. "swin")
     patch: str = "patch_size"  # the config attribute with the token stride (Hiera: patch_stride; its kernel is 7)
     softmax_tap: bool = False  # attention computed by hand, read at its Tensor.softmax (Hiera)
+    loader: str | None = None  # the class built or loaded (default model_class) when it wraps the encoder
+    letterbox: bool = False  # the processor resizes the longest edge and pads bottom-right (SAM)
 
 
 _INTERP = {"interpolate_pos_encoding": True}
@@ -59,9 +61,13 @@ FAMILIES: dict[str, Family] = {
     "swin": Family("SwinModel", "encoder.layers", "attention", (), staged="swin"),
     "hiera": Family("HieraModel", "encoder.stages", "attn", (), forward_kwargs=_INTERP, crop_ratio=1 / 0.9,
                     staged="hiera", patch="patch_stride", softmax_tap=True),
+    "swinv2": Family("Swinv2Model", "encoder.layers", "attention", (), staged="swinv2"),
+    # SamModel checkpoints name the encoder's tensors vision_encoder.*: SamVisionModel loads them
+    "sam_vision_model": Family("SamVisionEncoder", "layers", "attn", (), staged="sam", loader="SamVisionModel",
+                               processor="SamImageProcessor", resample=2, letterbox=True),
 }
 # multimodal model_type -> the attribute of its config that holds the vision encoder's config
-VISION_SUBCONFIG = {"clip": "vision_config", "siglip": "vision_config"}
+VISION_SUBCONFIG = {"clip": "vision_config", "siglip": "vision_config", "sam": "vision_config"}
 
 _S = dict(hidden_size=384, num_attention_heads=6, intermediate_size=1536)
 _DV2_S = dict(hidden_size=384, num_attention_heads=6, image_size=518, patch_size=14, layer_scale_init_value=1.0)
@@ -92,6 +98,10 @@ KNOWN: dict[str, tuple[str, dict, dict]] = {
     "facebook/hiera-tiny-224-hf": ("HieraConfig", dict(depths=[1, 2, 7, 2]), {}),
     "facebook/hiera-small-224-hf": ("HieraConfig", dict(depths=[1, 2, 11, 2]), {}),
     "facebook/hiera-base-224-hf": ("HieraConfig", {}, {}),
+    "microsoft/swinv2-tiny-patch4-window8-256": ("Swinv2Config", dict(image_size=256, window_size=8), {}),
+    "facebook/sam-vit-base": ("SamVisionConfig", {}, {}),  # the defaults are SAM's ViT-B image encoder
+    "facebook/sam-vit-large": ("SamVisionConfig", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                                       global_attn_indexes=[5, 11, 17, 23]), {}),
     "microsoft/beit-base-patch16-224": ("BeitConfig", dict(use_relative_position_bias=True,
                                                            use_absolute_position_embeddings=False,
                                                            layer_scale_init_value=0.1, use_mean_pooling=True), {}),

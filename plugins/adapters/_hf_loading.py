@@ -73,7 +73,7 @@ def pretrained_model(name: str, overrides: dict) -> nn.Module:
                 for key, value in overrides.items():
                     setattr(cfg, key, value)
             fam = check_family(cfg, name)
-            return getattr(transformers, fam.model_class).from_pretrained(
+            return getattr(transformers, fam.loader or fam.model_class).from_pretrained(
                 name, config=cfg, local_files_only=local, dtype=torch.float32)
         except (OSError, ValueError) as exc:  # missing files, or no network
             error = exc
@@ -111,7 +111,7 @@ def load_checkpoint(model_class, cfg, path: str) -> nn.Module:
         model, info = model_class.from_pretrained(tmp, output_loading_info=True, local_files_only=True,
                                                   dtype=torch.float32)
     fam = family_of(model.config)
-    missing = [k for k in info.get("missing_keys", ()) if k.startswith(fam.blocks) or "embeddings" in k]
+    missing = [k for k in info.get("missing_keys", ()) if f".{fam.blocks}." in f".{k}" or "embed" in k]
     if missing:
         raise ConfigError(f"checkpoint {path!r} lacks {len(missing)} of the encoder's tensors (e.g. "
                           f"{', '.join(sorted(missing)[:3])}); is it for this architecture and size?")

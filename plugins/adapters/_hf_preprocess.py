@@ -36,7 +36,9 @@ def processor_for(fam: Family, size: tuple[int, int], repo: str | None) -> Any:
     h, w = size
     kwargs = dict(image_mean=list(opts["norm"][0]), image_std=list(opts["norm"][1]), resample=opts["resample"],
                   do_resize=True, do_rescale=True, do_normalize=True)
-    if opts["crop_ratio"] is None:
+    if fam.letterbox:  # longest edge to the size, then zeros at the bottom and right (SAM)
+        kwargs.update(size={"longest_edge": max(h, w)}, pad_size={"height": h, "width": w}, do_pad=True)
+    elif opts["crop_ratio"] is None:
         kwargs.update(size={"height": h, "width": w}, do_center_crop=False)
     else:
         kwargs.update(size={"shortest_edge": round(max(h, w) * opts["crop_ratio"])},

@@ -6,7 +6,7 @@ while a watched attention module runs, a thread-local spy on that function hands
 k (after q/k-norm and rotary embedding), v, the scale and the mask or relative-position bias as
 an additive bias; when the sink produced the layer's output from its probability blocks (one
 attention pass, :func:`probekit.attention.one_pass`) the spy returns that, otherwise it lets
-the original kernel run. An unfused module's ``attn_drop`` input-output
+the original kernel run. An unfused module's ``attn_drop`` input
 is the probabilities themselves; :func:`watch_attention` passes those on instead. Calls made
 outside a watched module pass straight through. :func:`tap_blocks` puts these hooks (and the
 hidden-state hooks) on the blocks of a tower: both adapters' taps are that one loop.
@@ -68,6 +68,7 @@ def watch_sdpa() -> Iterator[None]:
     try:
         yield
     finally:
+        _PENDING.report = None  # an attention that raised before its SDPA call must not stay armed
         with _SPY_LOCK:
             _SPY_USERS -= 1
             if _SPY_USERS == 0:
@@ -96,9 +97,12 @@ def attention_report(sink: Sink, layer: int) -> Callable[..., None]:
     return report
 
 
-def watch_attention(attn: nn.Module, report: Callable[..., None], where: str) -> list:
-    """Hooks on one attention module: arm the spy on entry, read ``attn_drop`` when unfused,
-    and fail loudly on exit if neither path reported (an attention we do not understand)."""
+def watch_attention(attn: nn.Module, report: Callable[..., None], where: str, drop: str = "attn_drop",
+                    weights_out: bool = False) -> list:
+    """Hooks on one attention module: arm the spy on entry, read its dropout module ``drop`` when
+    unfused (or, with ``weights_out``, the probabilities the module returns second, as eager
+    transformers modules do), and fail loudly on exit if no path reported (an attention we do not
+    understand)."""
 
     def arm(module, args):
         _PENDING.report = report
@@ -106,11 +110,14 @@ def watch_attention(attn: nn.Module, report: Callable[..., None], where: str) ->
     def unfused(module, args, out):
         if _PENDING.report is report:
             _PENDING.report = None
-            report(probs=out)
+            report(probs=args[0])  # the dropout's input: the probabilities even in training mode
 
     def check(module, args, out):
         if _PENDING.report is report:
             _PENDING.report = None
+            if weights_out and isinstance(out, tuple) and len(out) > 1 and torch.is_tensor(out[1]):
+                report(probs=out[1])
+                return
             raise UnsupportedArchitectureError(
                 f"{where} ({type(attn).__name__}) computed its attention without "
                 "F.scaled_dot_product_attention or an attn_drop module, so probekit cannot tap it. "
@@ -118,9 +125,9 @@ def watch_attention(attn: nn.Module, report: Callable[..., None], where: str) ->
             )
 
     handles = [attn.register_forward_pre_hook(arm), attn.register_forward_hook(check)]
-    drop = getattr(attn, "attn_drop", None)
-    if isinstance(drop, nn.Module):
-        handles.append(drop.register_forward_hook(unfused))
+    dropout = getattr(attn, drop, None)
+    if isinstance(dropout, nn.Module):
+        handles.append(dropout.register_forward_hook(unfused))
     return handles
 
 
@@ -164,6 +171,5 @@ def tap_blocks(blocks: list[nn.Module], sink: Sink, watch: Callable[[nn.Module, 
                     handles.append(block.register_forward_hook(_hidden_hook(hidden, i)))
             yield
     finally:
-        _PENDING.report = None  # an attention that raised before its SDPA call must not stay armed
         for h in handles:
             h.remove()

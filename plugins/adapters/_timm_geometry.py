@@ -42,7 +42,7 @@ from probekit.tokens import TokenLayout, pair
 
 from ._hiera_geometry import TIMM_HIERA
 
-__all__ = ["GEOMETRIES", "StagedFamily"]
+__all__ = ["GEOMETRIES", "StagedFamily", "vitdet_geometry", "regrouped", "regroup_heads"]
 
 
 @dataclass(frozen=True)
@@ -112,15 +112,16 @@ def _sam_attention(model):
     return [(f"blocks.{i}.attn", blk.attn) for i, blk in enumerate(model.blocks)]
 
 
+def vitdet_geometry(layout: TokenLayout, window_sizes) -> dict:
+    """The SAM/ViTDet encoder's layers (timm and transformers): windows of ``window_sizes[i]`` tokens
+    padded at the bottom and right, or global over ``layout`` where the size is 0."""
+    return {i: LayerGeometry.windows(layout.grid, layout.patch_size, win, image_size=layout.image_size,
+                                     base_grid=layout.grid) if win else layout
+            for i, win in enumerate(window_sizes)}
+
+
 def _sam_geometry(model, layout: TokenLayout) -> dict:
-    out = {}
-    for i, blk in enumerate(model.blocks):
-        if blk.window_size:
-            out[i] = LayerGeometry.windows(layout.grid, layout.patch_size, blk.window_size,
-                                           image_size=layout.image_size, base_grid=layout.grid)
-        else:
-            out[i] = layout
-    return out
+    return vitdet_geometry(layout, [blk.window_size for blk in model.blocks])
 
 
 def _cait_attention(model):
@@ -244,18 +245,24 @@ GEOMETRIES = {
 }
 
 
+def regroup_heads(t: torch.Tensor | None, heads: int) -> torch.Tensor | None:
+    """SAM's ``[B * H, N, ...]`` and Twins' windowed ``[B, G, H, N, ...]`` as ``[B * G, H, N, ...]``;
+    None and 4-D ``[B, H, ...]`` pass unchanged."""
+    return t if t is None or t.dim() not in (3, 5) else t.reshape(-1, heads, *t.shape[-2:])
+
+
 def regrouped(report, heads: int):
     """A report that reshapes SAM's ``[B * H, N, ...]`` and Twins' windowed ``[B, G, H, N, ...]``
     q/k/bias/probs into ``[B * G, H, N, ...]`` first (``b * G + g``, :mod:`probekit.geometry`'s order)."""
 
     def regroup(t):
-        return t if t is None or t.dim() not in (3, 5) else t.reshape(-1, heads, *t.shape[-2:])
+        return regroup_heads(t, heads)
 
     def wrapped(q=None, k=None, v=None, scale=None, bias=None, probs=None):
         if probs is not None:
             report(probs=regroup(probs))
             return None
-        if q.dim() == 4:  # already [B, H, N, d] (Twins' sub-sampled layers): one pass may run
+        if q.dim() == 4:  # already [B, H, N, d] (Twins' sub-sampled, transformers' SDPA SAM): one pass may run
             return report(q=q, k=k, v=v, scale=scale, bias=bias)
         # v is not passed on: the model's own kernel makes its own-shaped output (no one pass)
         report(q=regroup(q), k=regroup(k), scale=scale, bias=regroup(bias))

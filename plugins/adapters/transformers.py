@@ -1,4 +1,5 @@
-"""Hugging Face transformers ViTs: ViT, DeiT, DINO, DINOv2 (+registers), CLIP/SigLIP vision, MAE, BEiT.
+"""Hugging Face transformers ViTs: ViT, DeiT, DINO, DINOv2 (+registers), CLIP/SigLIP vision, MAE, BEiT;
+windowed Swin, SwinV2 and the SAM vision encoder.
 
 Spec: ``hf:<repo id or local directory>``. The model keeps its own SDPA kernel: at bind time
 the adapter points the encoder at a deep copy of its config whose attention implementation
@@ -6,8 +7,11 @@ is ``"probekit_sdpa"``, a function registered with transformers' ``AttentionInte
 calls the real SDPA and, while a tap is active on that attention module, first hands the
 query, key, value, scale and additive mask/bias (BEiT's relative-position bias arrives as the
 mask) to the sink; when the sink produced the output from its probability blocks (one
-attention pass) that output replaces the SDPA call. Every family here routes its attention through that interface in transformers 5
-(checked against the installed sources), so no q/k projection hooks are needed.
+attention pass) that output replaces the SDPA call. Every global family here, and Swin, routes its
+attention through that interface in transformers 5 (checked against the installed sources), so no
+q/k projection hooks are needed. SwinV2 and the SAM encoder compute theirs in their own modules:
+their ``_hf_geometry.Staged`` entry watches those modules instead (the dropout's input; the SDPA
+spy of ``_sdpa_spy.py``; the eager module's returned weights).
 
 Families are data (:data:`FAMILIES`, keyed by the encoder config's ``model_type``); known repo
 ids are data too (:data:`KNOWN`), so random-init controls build offline without the hub. Both
@@ -17,7 +21,7 @@ live in ``_hf_families.py``; loading is in ``_hf_loading.py``, preprocessing in 
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,7 +31,7 @@ from torch import nn
 
 from probekit.adapter import Adapter, Sink, wants
 from probekit.attention import LayerAttention, sdpa_dtype
-from probekit.errors import ConfigError, UnsupportedArchitectureError
+from probekit.errors import ConfigError, LayoutError, UnsupportedArchitectureError
 from probekit.masks import additive_bias
 from probekit.options import AdapterOptions
 from probekit.tokens import TokenLayout, pair
@@ -40,6 +44,8 @@ from ._hf_loading import config_for, load_checkpoint, local_model_files, pretrai
 from ._hf_preprocess import _Preprocess, cached_processor, processor_for
 from ._hiera_geometry import fold_windows, units_first
 from ._reference import block_inputs, fed
+from ._sdpa_spy import attention_report, watch_sdpa
+from ._timm_geometry import regroup_heads
 
 __all__ = ["TransformersAdapter", "FAMILIES", "KNOWN", "ATTN_IMPLEMENTATION"]
 
@@ -97,12 +103,12 @@ def _register_attention() -> None:
 
 
 def _find_encoder(module: nn.Module) -> nn.Module | None:
-    """The family encoder inside ``module`` (itself, a classification head's base, CLIP's vision tower)."""
-    import transformers
-
+    """The family encoder inside ``module`` (itself, a classification head's base, CLIP's vision tower,
+    SAM's vision encoder). Classes are matched by name: not every encoder class is exported at the
+    top of ``transformers`` (``SamVisionEncoder``)."""
     for m in module.modules():
         fam = family_of(getattr(m, "config", None))
-        if fam is not None and isinstance(m, getattr(transformers, fam.model_class)):
+        if fam is not None and any(c.__name__ == fam.model_class for c in type(m).__mro__):
             return m
     return None
 
@@ -151,8 +157,9 @@ class TransformersAdapter(Adapter):
     def __init__(self, model: nn.Module, preprocess: Any = None, **info: Any):
         super().__init__(model, preprocess, **info)
         self.family = check_family(model.config, type(model).__name__)
-        if self.family.staged:  # windows and stages: every block of every stage, in order
-            self.blocks = STAGED[self.family.staged][0](model)
+        self.staged = STAGED[self.family.staged] if self.family.staged else None
+        if self.staged:  # windows and stages: every block of every stage, in order
+            self.blocks = self.staged.blocks(model)
             self.global_attention = self.provides_hidden = self.variable_image_size = False
         else:
             self.blocks = _blocks(model, self.family)
@@ -197,7 +204,7 @@ class TransformersAdapter(Adapter):
         else:
             cfg = config_for(name, overrides)
             fam = check_family(cfg, name)
-            model_class = getattr(transformers, fam.model_class)
+            model_class = getattr(transformers, fam.loader or fam.model_class)
             model = model_class(cfg) if checkpoint is None else load_checkpoint(model_class, cfg, checkpoint)
         return cls._make(model, repo=name, image_size=image_size, pretrained=bool(pretrained or checkpoint))
 
@@ -271,15 +278,21 @@ class TransformersAdapter(Adapter):
         ph, pw = self.patch_size
         h, w = pixel_values.shape[-2:]
         kinds = self.prefix_kinds()
-        if self.family.staged:  # Swin pads the image to whole patches
+        if self.staged and self.staged.fixed_size and (h, w) != pair(self.model.config.image_size):
+            n = pair(self.model.config.image_size)
+            raise LayoutError(
+                f"This {type(self.model).__name__} takes only {n} inputs (its position table is added without "
+                f"resampling) and got {(h, w)}. Resize the images to {n}, or for a random-init model load it "
+                f"with config={{'image_size': {h}}}.")
+        if self.staged and not self.staged.fixed_size:  # Swin pads the image to whole patches
             return TokenLayout(len(kinds), (-(-h // ph), -(-w // pw)), (ph, pw), kinds)
         return TokenLayout(num_prefix=len(kinds), grid=(h // ph, w // pw), patch_size=(ph, pw), prefix_kinds=kinds)
 
     def geometry(self, pixel_values: torch.Tensor) -> ModelGeometry:
         lay = self.layout(pixel_values)
-        if not self.family.staged:
+        if not self.staged:
             return ModelGeometry(lay, num_layers=self.num_layers)
-        return ModelGeometry(lay, STAGED[self.family.staged][1](self.model, lay), num_layers=self.num_layers)
+        return ModelGeometry(lay, self.staged.geometry(self.model, lay), num_layers=self.num_layers)
 
     # -- running -------------------------------------------------------------------------------
     def _kwargs(self, pixel_values: torch.Tensor) -> dict[str, Any]:
@@ -304,9 +317,12 @@ class TransformersAdapter(Adapter):
                 yield
             return
         reporters, hooks = [], []
+        watch = self.staged.watch if self.staged else None  # attention outside the AttentionInterface
         if sink.wants_attention:
             for i, attn in enumerate(self.attentions):
-                if wants(sink, i):
+                if wants(sink, i) and watch is not None:
+                    hooks += watch(attn, attention_report(sink, i), f"layer {i}")
+                elif wants(sink, i):
                     report = partial(sink.attention, i)
                     _TAPS.setdefault(attn, []).append(report)
                     reporters.append((attn, report))
@@ -315,7 +331,8 @@ class TransformersAdapter(Adapter):
                 if wants(sink, i):
                     hooks.append(block.register_forward_hook(partial(_hidden_hook, sink, i)))
         try:
-            yield
+            with watch_sdpa() if watch is not None else nullcontext():
+                yield
         finally:
             for attn, report in reporters:
                 _TAPS[attn].remove(report)
@@ -327,7 +344,6 @@ class TransformersAdapter(Adapter):
     @contextmanager
     def _softmax_tap(self, sink: Sink) -> Iterator[None]:
         """Hiera computes its attention by hand: read each layer at its ``Tensor.softmax`` call."""
-        from ._sdpa_spy import attention_report
         from ._timm_geometry import regrouped, watch_module_softmax, watch_softmax
 
         hooks = []
@@ -348,12 +364,17 @@ class TransformersAdapter(Adapter):
         families feed each layer what it receives in the model's own (SDPA) forward (``_reference.py``)."""
         ref = copy.deepcopy(self.model)
         ref.config._attn_implementation = "eager"
-        if self.family.staged:  # output_attentions keeps one block per stage: read every block's weights
+        if self.staged:  # output_attentions keeps one block per stage: read every block's weights
+            if self.staged.eager is not None:
+                self.staged.eager(ref)
             found: dict[int, torch.Tensor] = {}
-            blocks = STAGED[self.family.staged][0](ref)
-            hooks = [getattr(b, self.family.attention).register_forward_hook(
-                lambda mod, args, out, i=i: found.__setitem__(i, fold_windows(out[1].float())))
-                for i, b in enumerate(blocks)]
+            blocks = self.staged.blocks(ref)
+
+            def keep(i, mod, args, out):  # SAM's as [B * heads, N, N], Hiera's [B, H, G, N, N]
+                found[i] = regroup_heads(fold_windows(out[1]), getattr(mod, "num_attention_heads", 0)).float()
+
+            hooks = [getattr(b, self.family.attention).register_forward_hook(partial(keep, i))
+                     for i, b in enumerate(blocks)]
             try:
                 ref(pixel_values, output_attentions=True, **self._kwargs(pixel_values))
             finally:
