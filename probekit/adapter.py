@@ -34,7 +34,8 @@ class Sink(Protocol):
 
     ``layers``: the layer indices wanted (None: all). A tap calls :meth:`attention` for each
     wanted layer when ``wants_attention``, and :meth:`hidden` with the block's output tokens
-    ``[B, T, D]`` when ``wants_hidden``.
+    ``[B, T, D]`` when ``wants_hidden``, and, where a block's tokens differ from the input's
+    (staged models), that block's own ``layout`` (default: the input layout).
     """
 
     layers: frozenset[int] | None
@@ -43,7 +44,7 @@ class Sink(Protocol):
 
     def attention(self, layer: int, attn: LayerAttention) -> None: ...
 
-    def hidden(self, layer: int, tokens: torch.Tensor) -> None: ...
+    def hidden(self, layer: int, tokens: torch.Tensor, layout: TokenLayout | None = None) -> None: ...
 
 
 class CollectSink:
@@ -54,12 +55,15 @@ class CollectSink:
         self.wants_attention, self.wants_hidden = attention, hidden
         self.probs: dict[int, torch.Tensor] = {}
         self.hiddens: dict[int, torch.Tensor] = {}
+        self.hidden_layouts: dict[int, TokenLayout] = {}  # only the layers whose tap gave one
 
     def attention(self, layer: int, attn: LayerAttention) -> None:
         self.probs[layer] = attn.probs()
 
-    def hidden(self, layer: int, tokens: torch.Tensor) -> None:
+    def hidden(self, layer: int, tokens: torch.Tensor, layout: TokenLayout | None = None) -> None:
         self.hiddens[layer] = tokens.detach().clone()
+        if layout is not None:
+            self.hidden_layouts[layer] = layout
 
 
 def wants(sink: Sink, layer: int) -> bool:
@@ -158,6 +162,15 @@ class Adapter(ABC):
         from .geometry import ModelGeometry
 
         return ModelGeometry(self.layout(pixel_values), num_layers=self.num_layers)
+
+    def hidden_layouts(self, pixel_values: torch.Tensor) -> dict[int, TokenLayout]:
+        """The layout of each block's output tokens (what hidden-state metrics read) for ``pixel_values``.
+
+        Default: the input layout at every layer. Staged models (patch merging, pooled queries, a
+        class token that joins late) override it; their taps hand each layer's to ``Sink.hidden``.
+        """
+        lay = self.layout(pixel_values)
+        return {i: lay for i in range(self.num_layers)}
 
     @property
     def default_image_size(self) -> tuple[int, int]:

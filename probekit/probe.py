@@ -242,9 +242,10 @@ class MetricSink:
             self._keep(m, layer, m.on_attention(layer, attn, geo))
         attn.release()
 
-    def hidden(self, layer: int, tokens: torch.Tensor) -> None:
+    def hidden(self, layer: int, tokens: torch.Tensor, layout: TokenLayout | None = None) -> None:
+        lay = self.layout if layout is None else layout  # a staged model's block has its own grid
         for m in self._hidden:
-            self._keep(m, layer, m.on_hidden(layer, tokens, self.layout))
+            self._keep(m, layer, m.on_hidden(layer, tokens, lay))
 
     def finish(self) -> dict[str, dict[int, torch.Tensor]]:
         """The batch's per-layer values on the host (``{label: {layer: tensor}}``); updates metric state."""

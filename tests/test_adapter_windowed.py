@@ -90,8 +90,6 @@ def test_metrics_that_need_global_attention_refuse_windows_with_the_reason():
     pm = build("swin")
     with pytest.raises(UnsupportedArchitectureError, match=r"rollout.*needs global attention.*layer 0.*window"):
         pk.probe(pm, pm.example_input(1), metrics=[{"rollout": {"query": "mean"}}])
-    with pytest.raises(UnsupportedArchitectureError, match="block outputs"):
-        pm.hidden_states(pm.example_input(1))
 
 
 def test_other_input_size_than_built_is_refused_with_the_fix():
@@ -164,7 +162,10 @@ def test_the_conformance_kit_passes_on_windowed_layers(family):
     from probekit.testing import check_adapter
 
     records = check_adapter(build(family))  # raises on any failure
-    assert {r.status for r in records} == {"passed"} and len(records) >= 7
+    status = {r.check: r.status for r in records}
+    # hidden states: shapes and layouts checked here, values in test_hidden_staged.py (declared not applicable)
+    assert status.pop("check_hidden_is_block_output") == "skipped" and status["check_hidden_states"] == "passed"
+    assert set(status.values()) == {"passed"} and len(status) >= 7
 
 
 @pytest.mark.parametrize("size", [(32, 32), (40, 56)], ids=["native", "padded"])

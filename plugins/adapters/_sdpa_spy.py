@@ -146,7 +146,7 @@ def _watch_block_attention(attn: nn.Module, sink: Sink, layer: int) -> list:
 
 @contextmanager
 def tap_blocks(blocks: list[nn.Module], sink: Sink, watch: Callable[[nn.Module, Sink, int], list] | None = None,
-               hidden=None) -> Iterator[None]:
+               hidden=None, hidden_hook: Callable[[int], Callable] | None = None) -> Iterator[None]:
     """The SDPA spy installed and hooks on each block ``sink`` wants, for the duration.
 
     Args:
@@ -156,6 +156,8 @@ def tap_blocks(blocks: list[nn.Module], sink: Sink, watch: Callable[[nn.Module, 
             :func:`watch_attention`); a tower with other attention modules passes its own.
         hidden: where block outputs go (an object with ``hidden(layer, tokens)``; default ``sink``),
             e.g. a wrapper that turns tokens-first outputs batch-first.
+        hidden_hook: ``layer -> forward hook`` for that layer's block, when its output needs more than
+            ``hidden`` (the block's inputs, its own layout: staged timm models); default: the output to ``hidden``.
     """
     watch = watch or _watch_block_attention
     hidden = sink if hidden is None else hidden
@@ -168,7 +170,8 @@ def tap_blocks(blocks: list[nn.Module], sink: Sink, watch: Callable[[nn.Module, 
                 if sink.wants_attention:
                     handles += watch(block.attn, sink, i)
                 if sink.wants_hidden:
-                    handles.append(block.register_forward_hook(_hidden_hook(hidden, i)))
+                    hook = _hidden_hook(hidden, i) if hidden_hook is None else hidden_hook(i)
+                    handles.append(block.register_forward_hook(hook))
             yield
     finally:
         for h in handles:

@@ -23,6 +23,11 @@ and each layer's geometry (:mod:`probekit.geometry`).
 
 Each family is three functions: attention modules in layer order (dotted names, for hooks and the
 reference), the per-layer geometry for an input, and how to read one report into ``[B, H, ...]``.
+
+Hidden states: each layer's block (the module holding its ``attn``) outputs tokens of its stage,
+read as ``[B, T, C]`` (:func:`block_tokens`) with the layout :func:`hidden_layout` derives from the
+layer's geometry (query grid and stride, the prefix its queries carry), so token norms and CKA read
+staged models too.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import torch
 from torch import nn
 
 from probekit.errors import UnsupportedArchitectureError
-from probekit.geometry import ChannelAttention, LayerGeometry
+from probekit.geometry import KINDS, PAD, ChannelAttention, LayerGeometry
 from probekit.tokens import TokenLayout, pair
 
 from ._hiera_geometry import TIMM_HIERA
@@ -64,6 +69,8 @@ class StagedFamily:
             (unfused) and no module holds the probabilities (Hiera).
         patch, image_size, grid: the patch stride, native input size and the patch grid of an input
             size of a built model.
+        hidden_tokens: ``(block output, block inputs) -> [B, T, C]`` tokens of a layer's block
+            (None: block outputs not tapped, hidden-state metrics refused).
     """
 
     attention: Callable[[nn.Module], list[tuple[str, nn.Module]]]
@@ -78,6 +85,37 @@ class StagedFamily:
     grid: Callable[[nn.Module, tuple], tuple[int, int]] = lambda m, size: tuple(
         s // p for s, p in zip(size, pair(m.patch_embed.patch_size)))
     image_size: Callable[[nn.Module], tuple[int, int]] = lambda m: pair(m.patch_embed.img_size)
+    hidden_tokens: Callable[[object, tuple], torch.Tensor] | None = None
+
+
+def block_tokens(out, args) -> torch.Tensor:
+    """A block's output as ``[B, T, C]``: MViTv2's ``(tokens, grid)`` unpacked, Swin's and SAM's
+    channels-last ``[B, H, W, C]`` grids flattened row-major (the order of :class:`TokenLayout`)."""
+    x = out[0] if isinstance(out, tuple) else out
+    return x.flatten(1, 2) if x.dim() == 4 else x
+
+
+def _cait_tokens(out, args) -> torch.Tensor:
+    """CaiT's class-attention blocks return the class token alone; the patches they read (``args[0]``)
+    go on unchanged to the final norm beside it, so a block's tokens are both."""
+    return torch.cat([out, args[0]], dim=1) if len(args) == 2 else out
+
+
+def hidden_layout(geometry, layout: TokenLayout) -> TokenLayout:
+    """The layout of what a layer's block outputs, from the layer's attention ``geometry``.
+
+    Windowed and pooled layers: their query grid and stride, with the prefix tokens their queries
+    carry (MViTv2's class token); class attention (CaiT, XCiT): the input layout (the class token and
+    the patches); XCiT's channel attention: the input's patches, without its class token (it joins
+    later)."""
+    if isinstance(geometry, TokenLayout):
+        return geometry
+    if isinstance(geometry, ChannelAttention):
+        return TokenLayout(0, layout.grid, layout.patch_size)
+    if geometry.kind == "class":
+        return layout
+    prefix = tuple(KINDS[c] for c in geometry.query_kind[0].tolist() if c > PAD)
+    return TokenLayout(len(prefix), geometry.grid, geometry.stride, prefix)
 
 
 def _swin_attention(model):
@@ -220,23 +258,25 @@ def _twins_geometry(model, layout: TokenLayout) -> dict:
 
 #: timm family name -> how to read it
 GEOMETRIES = {
-    "swin": StagedFamily(_swin_attention, _swin_geometry),
-    "sam": StagedFamily(_sam_attention, _sam_geometry, regroup=True),
-    "mvitv2": StagedFamily(_mvit_attention, _mvit_geometry, softmax_spy=True,
+    "swin": StagedFamily(_swin_attention, _swin_geometry, hidden_tokens=block_tokens),
+    "sam": StagedFamily(_sam_attention, _sam_geometry, regroup=True, hidden_tokens=block_tokens),
+    "mvitv2": StagedFamily(_mvit_attention, _mvit_geometry, softmax_spy=True, hidden_tokens=block_tokens,
                            patch=lambda m: pair(m.patch_embed.proj.stride),
                            grid=lambda m, size: _conv_out(size, m.patch_embed.proj),
                            image_size=lambda m: tuple(f * s for f, s in zip(m.stages[0].feat_size,
                                                                             pair(m.patch_embed.proj.stride)))),
     "pit": StagedFamily(_pit_attention, _pit_geometry, prefix=lambda m: ("cls", "dist")[: m.num_tokens],
+                        hidden_tokens=block_tokens,
                         patch=lambda m: pair(m.patch_embed.conv.stride),
                         grid=lambda m, size: _conv_out(size, m.patch_embed.conv)),
-    "xcit": StagedFamily(_xcit_attention, _xcit_geometry, prefix=lambda m: ("cls",), skip=("XCA",)),
-    "twins": StagedFamily(_twins_attention, _twins_geometry, regroup=True,
+    "xcit": StagedFamily(_xcit_attention, _xcit_geometry, prefix=lambda m: ("cls",), skip=("XCA",),
+                         hidden_tokens=block_tokens),
+    "twins": StagedFamily(_twins_attention, _twins_geometry, regroup=True, hidden_tokens=block_tokens,
                           patch=lambda m: pair(m.patch_embeds[0].patch_size),
                           grid=lambda m, size: _conv_out(size, m.patch_embeds[0].proj),
                           image_size=lambda m: pair(m.patch_embeds[0].img_size)),
     "cait": StagedFamily(_cait_attention, _cait_geometry, prefix=lambda m: ("cls",),
-                         softmax_of={"TalkingHeadAttn": "proj_l"}),
+                         softmax_of={"TalkingHeadAttn": "proj_l"}, hidden_tokens=_cait_tokens),
     "hiera": StagedFamily(*TIMM_HIERA, prefix=lambda m: (), mask_units=True, regroup=True,
                           patch=lambda m: pair(m.patch_stride),
                           grid=lambda m, size: tuple(s // p for s, p in zip(size, pair(m.patch_stride))),

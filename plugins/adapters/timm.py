@@ -46,7 +46,7 @@ from probekit.geometry import ModelGeometry
 from ._reference import block_inputs, fed
 from ._sdpa_spy import attention_report, tap_blocks, watch_attention
 from ._hiera_geometry import fold_windows, units_first
-from ._timm_geometry import (GEOMETRIES, logits_hook, regrouped, softmax_reference, watch_module_softmax,
+from ._timm_geometry import (GEOMETRIES, hidden_layout, logits_hook, regrouped, softmax_reference, watch_module_softmax,
                              watch_sdpa_or_softmax, watch_softmax)
 
 __all__ = ["TimmAdapter", "TimmWindowedAdapter", "FAMILIES"]
@@ -350,15 +350,24 @@ class TimmWindowedAdapter(TimmAdapter):
     geometry (:meth:`geometry`) says how its attention ``[B * G, H, Tq, Tk]`` maps to the image:
     windows, shifted windows, class attention or a global grid; metrics that cannot describe a
     layer refuse it before the forward pass. The tap is the same SDPA spy as for ViTs.
+
+    Hidden states: the output of the block holding each attention layer, as ``[B, T, C]`` tokens
+    with that block's own layout (:meth:`hidden_layouts`: its stage's grid and stride, the prefix
+    it carries), so token norms and mean-pooled CKA compare stages whatever their token count.
     """
 
     global_attention = False
-    provides_hidden = False
+    not_applicable_checks = {
+        "check_hidden_is_block_output": "tokens are regrouped between some blocks (patch merging, Twins' "
+        "position convolution, a class token joining), so no norm reads those blocks' outputs; "
+        "tests/test_hidden_staged.py checks every block's output against forward hooks on the blocks",
+    }
 
     def __init__(self, model: nn.Module, preprocess: Any = None, **info: Any):
         super().__init__(model, preprocess, **info)
         self.staged = GEOMETRIES[self.family.name]
         self.variable_image_size = False
+        self.provides_hidden = self.staged.hidden_tokens is not None  # instance override of the class capability
 
     def _attention(self) -> list[tuple[str, nn.Module]]:
         return self.staged.attention(self.model)
@@ -385,6 +394,11 @@ class TimmWindowedAdapter(TimmAdapter):
         lay = self.layout(pixel_values)
         return ModelGeometry(lay, self.staged.geometry(self.model, lay), num_layers=self.num_layers)
 
+    def hidden_layouts(self, pixel_values: torch.Tensor) -> dict[int, TokenLayout]:
+        """Each layer's block output layout, from its geometry (``_timm_geometry.hidden_layout``)."""
+        geo = self.geometry(pixel_values)
+        return {i: hidden_layout(geo.layer(i), geo.layout) for i in range(self.num_layers)}
+
     def _watch(self, attn: nn.Module, sink: Sink, layer: int) -> list:
         report = attention_report(sink, layer)
         if self.staged.regroup:
@@ -402,14 +416,21 @@ class TimmWindowedAdapter(TimmAdapter):
 
     @contextmanager
     def tap(self, sink: Sink) -> Iterator[None]:
-        if sink.wants_hidden:
+        if sink.wants_hidden and not self.provides_hidden:
             raise UnsupportedArchitectureError(
-                f"The timm adapter does not tap block outputs of {type(self.model).__name__} (its tokens change "
-                "shape between stages); use attention metrics on it."
+                f"The timm adapter does not tap block outputs of {type(self.model).__name__} (its blocks' tokens "
+                "are not mapped onto a grid yet); use attention metrics on it."
             )
         spy = watch_softmax() if self.staged.softmax_spy or self.staged.mask_units else contextlib.nullcontext()
-        with spy, tap_blocks([_Attn(m) for _, m in self._attention()], sink, watch=self._watch):
-            yield
+        blocks = [self.model.get_submodule(name.rsplit(".", 1)[0]) for name, _ in self._attention()]
+        outputs = _BlockOutputs(self, sink) if sink.wants_hidden else None
+        handles = [self.model.register_forward_pre_hook(outputs.start)] if outputs else []
+        try:
+            with spy, tap_blocks(blocks, sink, watch=self._watch, hidden_hook=outputs and outputs.hook):
+                yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def reference_attention(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
         """timm's own softmax output on a copy with fused attention off (``attn_drop``'s input; CaiT's
@@ -457,8 +478,25 @@ def _heads(attn: nn.Module) -> int:
     return int(getattr(attn, "num_heads", None) or attn.heads)  # Hiera's attention calls them ``heads``
 
 
-class _Attn:
-    """A stand-in block for :func:`tap_blocks`: just the attention module."""
+class _BlockOutputs:
+    """Hands each block's output to ``sink.hidden`` as ``[B, T, C]`` tokens with the block's own layout
+    (computed once per input size, when the model's forward starts)."""
 
-    def __init__(self, attn: nn.Module):
-        self.attn = attn
+    def __init__(self, adapter: TimmWindowedAdapter, sink: Sink):
+        self.adapter, self.sink = adapter, sink
+        self.size: tuple | None = None
+        self.layouts: dict[int, TokenLayout] = {}
+
+    def start(self, module, args) -> None:
+        size = tuple(args[0].shape[-2:])
+        if size != self.size:
+            self.layouts, self.size = self.adapter.hidden_layouts(args[0]), size
+
+    def hook(self, layer: int):
+        def read(module, args, out):
+            tokens = self.adapter.staged.hidden_tokens(out, args)
+            lay = self.layouts[layer]
+            lay.check(tokens.shape[1], where=f"block of layer {layer}")
+            self.sink.hidden(layer, tokens, layout=lay)
+
+        return read

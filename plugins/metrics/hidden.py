@@ -73,14 +73,27 @@ class TokenNorms(Metric):
 
 # -- linear CKA with the unbiased minibatch HSIC estimator ------------------------------------------
 
-def features(hidden: torch.Tensor, layout: TokenLayout, pool: str = "mean") -> torch.Tensor:
-    """One representation per image ``[B, D']`` from block outputs ``[B, T, D]`` (float64)."""
+def features(hidden: torch.Tensor, layout: TokenLayout, pool: str = "mean", where: str = "this model") -> torch.Tensor:
+    """One representation per image ``[B, D']`` from block outputs ``[B, T, D]`` (float64).
+
+    Layers may differ in token count and width (a staged model's stages): linear CKA compares
+    ``[n, n]`` Gram matrices, so mean-pooled or flattened features of any size compare."""
     if pool == "cls":
-        x = hidden[:, layout.cls_index("metric 'cka'")]
+        x = hidden[:, cls_token(layout, where)]
     else:
         x = hidden[:, layout.num_prefix :]
         x = x.mean(1) if pool == "mean" else x.reshape(x.shape[0], -1)
     return x.double()
+
+
+def cls_token(layout: TokenLayout, where: str = "this model") -> int:
+    """Index of the class token pool="cls" reads, or a :class:`ConfigError` saying what to use instead."""
+    if "cls" not in layout.prefix_kinds:
+        raise ConfigError(
+            f"cka with pool='cls' needs a class token in every layer compared, but {where} outputs "
+            f"{layout.describe()}. Use pool='mean' (or 'flatten'), or probe only layers that carry one (layers=[...])."
+        )
+    return layout.prefix_kinds.index("cls")
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
@@ -165,11 +178,11 @@ class LinearCKA(Metric):
 
     def on_batch_start(self, layout: TokenLayout) -> None:
         if self.pool == "cls":
-            layout.cls_index(f"metric {self.name!r}")
+            cls_token(layout)
         self._grams = {}
 
     def on_hidden(self, layer: int, hidden: torch.Tensor, layout: TokenLayout) -> None:
-        self._grams[layer] = gram(features(hidden, layout, self.pool))
+        self._grams[layer] = gram(features(hidden, layout, self.pool, f"layer {layer}"))
         return None
 
     def on_batch_end(self) -> dict[int, torch.Tensor]:
@@ -265,5 +278,5 @@ def cka_between(model_a, model_b, images, *, batch_size: int = 32, pool: str = "
 
 
 def _layer_grams(pm, x: torch.Tensor, layers, pool: str) -> dict[int, torch.Tensor]:
-    lay = pm.layout(x)
-    return {i: gram(features(h, lay, pool)) for i, h in pm.hidden_states(x, layers=layers).items()}
+    lays = pm.adapter.hidden_layouts(x)  # staged models: each block's own grid
+    return {i: gram(features(h, lays[i], pool, f"layer {i}")) for i, h in pm.hidden_states(x, layers=layers).items()}

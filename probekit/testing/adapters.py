@@ -238,14 +238,18 @@ def check_hidden_states(name: str, pm) -> None:
     if not ad.provides_hidden:
         raise SkipCheck(f"{name}: provides_hidden is False")
     x = kit_input(ad, 2)
-    hid = tapped(ad, x, hidden=True)[0].hiddens
-    t = ad.layout(x).num_tokens
+    sink = tapped(ad, x, hidden=True)[0]
+    hid, lays = sink.hiddens, ad.hidden_layouts(x)  # staged models: each block's own layout
     assert sorted(hid) == list(range(ad.num_layers)), f"{name}: hidden layers {sorted(hid)}"
     dims = {h.shape[-1] for h in hid.values()}
     for layer, h in hid.items():
+        t = lays[layer].num_tokens
         assert h.dim() == 3 and h.shape[:2] == (2, t), f"{name}: layer {layer} hidden shape {tuple(h.shape)}, expected [2, {t}, D]"
         assert torch.isfinite(h).all(), f"{name}: layer {layer} hidden states are not finite"
-    assert len(dims) == 1, f"{name}: hidden widths differ across layers: {sorted(dims)}"
+        assert sink.hidden_layouts.get(layer, lays[layer]) == lays[layer], (
+            f"{name}: the tap gave layer {layer} the layout {sink.hidden_layouts[layer]}, hidden_layouts() says {lays[layer]}")
+    one_layout = len(set(lays.values())) == 1
+    assert len(dims) == 1 or not one_layout, f"{name}: hidden widths differ across layers: {sorted(dims)}"
 
 
 def _matches(h: torch.Tensor, candidates: list[torch.Tensor], rtol: float = 1e-5) -> bool:

@@ -50,9 +50,9 @@ class _KitSink(CollectSink):
                 qn, kn = attn.q.float().norm(dim=-1).amax(), attn.k.float().norm(dim=-1).amax()
                 self.rounding[layer] = float(attn.scale * qn * kn) * torch.finfo(torch.float32).eps
 
-    def hidden(self, layer, tokens):
+    def hidden(self, layer, tokens, layout=None):
         with self._calls.paused() if self._calls else contextlib.nullcontext():
-            super().hidden(layer, tokens)
+            super().hidden(layer, tokens, layout)
 
 
 @torch.inference_mode()
