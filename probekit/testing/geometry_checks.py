@@ -14,8 +14,8 @@ import functools
 import torch
 from torch import nn
 
-from ..geometry import KINDS
 from ..adapter import CollectSink
+from ..geometry import KINDS
 from ..tokens import TokenLayout, pair
 from .geometry import coverage_problem, diagnose_moves, moved, probe_boxes
 from .reach import Embed, as_geometry, counted, expected_moves
