@@ -272,3 +272,12 @@ def test_sam_preprocessing_keeps_the_aspect_ratio_and_pads():
     t = pm.adapter.preprocess(img)
     assert t.shape == (3, 64, 64)
     assert bool((t[:, :32] > 1).all()) and bool((t[:, 32:] == 0).all())
+
+
+@pytest.mark.parametrize("which", ["swinv2", "sam-sdpa", "sam-eager"])
+def test_the_conformance_kit_passes_on_hf_swinv2_and_sam(which):
+    from probekit.testing import check_adapter
+
+    pm = swinv2() if which == "swinv2" else sam(80, eager=which == "sam-eager")
+    records = check_adapter(pm)  # raises on any failure, the per-layer geometry check included
+    assert {r.status for r in records} == {"passed"} and len(records) >= 7
