@@ -1,6 +1,6 @@
 """Tiny random-init models of every family whose layers are not all global (imported by conftest.py
 as ``probekit_tests_windowed``): timm Swin, SwinV2, the SAM/ViTDet encoder, PiT, CaiT, Twins and MViTv2,
-and transformers' Swin, each with every parameter randomized so relative-position tables, logit
+and transformers' Swin, SwinV2 and SAM encoder, each with every parameter randomized so relative-position tables, logit
 scales and biases count."""
 
 from __future__ import annotations
@@ -57,3 +57,21 @@ def hf_swin(seed: int = 0) -> pk.ProbedModel:
                  config=dict(embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=4, image_size=32))
     randomize_parameters(pm.model, seed=seed, scale=0.2)
     return pm
+
+
+def hf_swinv2(seed: int = 0) -> pk.ProbedModel:
+    """transformers' SwinV2 (pads then rolls; logit scale and continuous position bias randomized)."""
+    pm = pk.load("hf:microsoft/swinv2-tiny-patch4-window8-256", pretrained=False,
+                 config=dict(embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=4, image_size=32))
+    randomize_parameters(pm.model, seed=seed, scale=0.2)
+    return pm
+
+
+def hf_sam_encoder(image_size: int = 80, seed: int = 0) -> pk.ProbedModel:
+    """transformers' SAM vision encoder: windows of 3 tokens (80 px: a 5x5 grid padded to 6x6), block 1 global."""
+    from transformers import SamVisionConfig, SamVisionModel
+
+    cfg = SamVisionConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, global_attn_indexes=[1],
+                          window_size=3, output_channels=8, mlp_dim=64, image_size=image_size)
+    torch.manual_seed(seed)
+    return pk.wrap(randomize_parameters(SamVisionModel(cfg), seed=seed, scale=0.2))

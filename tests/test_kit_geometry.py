@@ -1,6 +1,7 @@
 """The kit's perturbation-based geometry check on every kind of layer: windows, shifted windows
 (timm rolls then pads, transformers pads then rolls), pooled keys, grids that shrink between
-stages, class attention and overlapping patch embeddings; each deliberate geometry mistake
+stages, class attention and overlapping patch embeddings, through timm (Swin, SwinV2, SAM, PiT,
+CaiT, Twins, MViTv2) and transformers (Swin, SwinV2, SAM encoder); each deliberate geometry mistake
 (a roll not undone, a shift forgotten, pooled keys misplaced, timm's order on transformers'
 Swin) fails with a message that names the layer and what to fix.
 """
@@ -18,7 +19,7 @@ from probekit.testing.geometry import expected_moved_tokens, patch_box
 from probekit.testing.geometry_checks import check_hidden_keys, check_patch_geometry
 from probekit.testing.reach import expected_moves
 from probekit.tokens import TokenLayout
-from probekit_tests_windowed import FAMILIES, build, hf_swin, mvit
+from probekit_tests_windowed import FAMILIES, build, hf_sam_encoder, hf_swin, hf_swinv2, mvit
 
 MODELS = {
     **{f: (lambda f=f: build(f)) for f in FAMILIES},
@@ -41,6 +42,14 @@ def test_geometry_checks_pass_on_transformers_swin(size):
     pm = hf_swin()
     assert "x 4 layers" in check_patch_geometry("hf-swin", pm, image_size=size)
     check_hidden_keys("hf-swin", pm)
+
+
+@pytest.mark.parametrize("model, layers", [("swinv2", 4), ("sam", 3)])
+def test_the_whole_kit_passes_on_transformers_swinv2_and_sam(model, layers):
+    pm = hf_swinv2() if model == "swinv2" else hf_sam_encoder(80)
+    records = {r.check: r for r in check_adapter(pm)}  # raises on any failure
+    assert f"x {layers} layers" in records["check_patch_geometry"].reason
+    assert records["check_hidden_keys"].status == "passed"
 
 
 @pytest.mark.parametrize("family", ["swinv2", "pit"])  # swin, sam, cait: test_adapter_windowed.py
