@@ -41,6 +41,7 @@ def _load_helper(name: str, filename: str):
 
 _load_helper("probekit_tests_helpers", "_helpers.py")
 _load_helper("probekit_tests_windowed", "_windowed_models.py")
+_load_helper("probekit_tests_hidden", "_hidden_reference.py")
 
 
 @pytest.fixture

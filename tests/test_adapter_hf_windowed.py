@@ -280,4 +280,7 @@ def test_the_conformance_kit_passes_on_hf_swinv2_and_sam(which):
 
     pm = swinv2() if which == "swinv2" else sam(80, eager=which == "sam-eager")
     records = check_adapter(pm)  # raises on any failure, the per-layer geometry check included
-    assert {r.status for r in records} == {"passed"} and len(records) >= 7
+    status = {r.check: r.status for r in records}
+    # hidden states: shapes and layouts checked here, values in test_hidden_staged_hf.py (declared not applicable)
+    assert status.pop("check_hidden_is_block_output") == "skipped" and status["check_hidden_states"] == "passed"
+    assert set(status.values()) == {"passed"} and len(status) >= 7

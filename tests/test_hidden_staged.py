@@ -15,9 +15,9 @@ import torch
 
 import probekit as pk
 from probekit.errors import ConfigError, UnsupportedArchitectureError
-from probekit.plugins.metrics.hidden import cka_between
 
 from probekit.testing import randomize_parameters
+from probekit_tests_hidden import check_cka, check_token_norms, cka_of, hooked_outputs, reference_cka
 
 # tiny random-init configs: two Swin stages (14x14 then 7x7 tokens), three PiT stages (7x7, 4x4, 2x2
 # with a class token), CaiT with two patch layers then two class-attention layers
@@ -47,22 +47,6 @@ def mvit(cls_token: bool) -> pk.ProbedModel:
     return pk.wrap(model)
 
 
-def hooked_outputs(blocks, x, model) -> list[torch.Tensor]:
-    """The raw outputs of ``blocks`` for one forward of ``model`` (forward hooks set here)."""
-    outs = []
-    def keep(module, args, out):
-        outs.append(out[0] if isinstance(out, tuple) else out)  # MViTv2 blocks return (tokens, grid)
-
-    handles = [b.register_forward_hook(keep) for b in blocks]
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return outs
-
-
 def swin_patch_tokens(pm, x):
     """Swin blocks output channels-last grids [B, H, W, C]; their tokens are the H*W cells."""
     blocks = [b for stage in pm.model.layers for b in stage.blocks]
@@ -76,79 +60,20 @@ def pit_patch_tokens(pm, x):
     return [o[:, n:] for o in hooked_outputs(blocks, x, pm.model)]
 
 
-def cka_of(res) -> np.ndarray:
-    (matrix,) = [v for k, v in res.arrays.items() if "/cka" in k]
-    return matrix
-
-
-def per_layer(res, metric: str, n_images: int) -> np.ndarray:
-    t = res.table[res.table.metric == metric]
-    return np.stack([t[t.layer == i].sort_values("image", key=lambda s: s.astype(int)).value.to_numpy()
-                     for i in sorted(t.layer.unique())])  # [L, images]
-
-
-@pytest.mark.parametrize("family,tokens", [("swin", swin_patch_tokens), ("pit", pit_patch_tokens)])
-def test_token_norms_equal_the_blocks_outputs(family, tokens):
+@pytest.mark.parametrize("family,tokens,grids", [("swin", swin_patch_tokens, [196, 196, 49, 49]),
+                                                 ("pit", pit_patch_tokens, [49, 16, 4])])
+def test_token_norms_equal_the_blocks_outputs(family, tokens, grids):
     pm = build(family)
     x = pm.example_input(3, seed=2)
-    metrics = [{"token_norms": {"statistic": "max_ratio"}}, {"token_norms": {"threshold": 1.2}}]
-    res = pk.probe(pm, x, metrics=metrics, batch_size=3)
-    patches = tokens(pm, x)
-    assert len(patches) == pm.num_layers and len({p.shape[1] for p in patches}) > 1  # stages differ
-    norms = [p.float().norm(dim=-1) for p in patches]  # [B, N] per layer
-    med = [n.median(dim=-1, keepdim=True).values for n in norms]
-    want_ratio = np.stack([(n / m).amax(-1).numpy() for n, m in zip(norms, med)])
-    want_share = np.stack([(n > 1.2 * m).float().mean(-1).numpy() for n, m in zip(norms, med)])
-    labels = sorted(res.table.metric.unique())
-    ratio_label = next(lbl for lbl in labels if "max_ratio" in lbl)
-    share_label = next(lbl for lbl in labels if "threshold" in lbl)
-    np.testing.assert_allclose(per_layer(res, ratio_label, 3), want_ratio, rtol=1e-5)
-    np.testing.assert_allclose(per_layer(res, share_label, 3), want_share, atol=1e-6)
-    assert want_ratio.min() > 1.05 and 0 < want_share.mean() < 1  # non-trivial values
-
-
-def unbiased_hsic(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """HSIC_1 of Song et al. 2012 from its definition."""
-    n = k.shape[0]
-    k, l = k.clone(), l.clone()
-    k.fill_diagonal_(0)
-    l.fill_diagonal_(0)
-    one = torch.ones(n, 1, dtype=k.dtype)
-    term = (torch.trace(k @ l) + (one.T @ k @ one) * (one.T @ l @ one) / ((n - 1) * (n - 2))
-            - 2 / (n - 2) * (one.T @ k @ l @ one))
-    return term.squeeze() / (n * (n - 3))
-
-
-def reference_cka(feats_per_batch: list[list[torch.Tensor]]) -> np.ndarray:
-    """Minibatch CKA: sums of HSIC over minibatches, then the ratio (Nguyen et al. 2021)."""
-    nl = len(feats_per_batch[0])
-    xy = torch.zeros(nl, nl, dtype=torch.float64)
-    for feats in feats_per_batch:
-        grams = [f.double() @ f.double().T for f in feats]
-        for i in range(nl):
-            for j in range(nl):
-                xy[i, j] += unbiased_hsic(grams[i], grams[j])
-    d = torch.diagonal(xy)
-    return (xy / torch.sqrt(torch.outer(d, d))).numpy()
+    check_token_norms(pm, x, tokens(pm, x), grids)
 
 
 @pytest.mark.parametrize("pool", ["mean", "flatten"])
 def test_cka_across_swin_stages_equals_a_reference_on_the_block_outputs(pool):
     pm = build("swin")
-    x = pm.example_input(8, seed=3)
-    res = pk.probe(pm, x, metrics=[{"cka": {"pool": pool}}], batch_size=4)
-    got = cka_of(res)
-
-    def pooled(t):
-        return t.mean(1) if pool == "mean" else t.flatten(1)
-
-    want = reference_cka([[pooled(t) for t in swin_patch_tokens(pm, x[b:b + 4])] for b in (0, 4)])
-    assert got.shape == (4, 4)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    want = check_cka(pm, pm.example_input(8, seed=3), swin_patch_tokens, pool)
+    assert want.shape == (4, 4)
     assert want[0, 3] < 0.999  # layers are not all alike
-    between, la, lb = cka_between(pm, pm, x, batch_size=4, pool=pool)
-    assert la == lb == [0, 1, 2, 3]
-    np.testing.assert_allclose(between, want, rtol=1e-4, atol=1e-6)
 
 
 def test_cka_cls_pool_where_every_block_carries_the_class_token():

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
 from probekit.geometry import LayerGeometry
@@ -33,7 +34,7 @@ from probekit.tokens import TokenLayout
 
 from ._hiera_geometry import HF_HIERA
 from ._sdpa_spy import watch_attention
-from ._timm_geometry import regrouped, vitdet_geometry
+from ._timm_geometry import block_tokens, regrouped, vitdet_geometry
 
 __all__ = ["STAGED", "Staged"]
 
@@ -52,6 +53,9 @@ class Staged:
             without resampling); else it pads the input up to whole patches (Swin).
         eager: switches a copy of the encoder to eager attention modules returning their
             probabilities (the reference), where the config alone does not (SAM picks its class at build).
+        hidden_tokens: ``(block output, block inputs) -> [B, T, C]`` tokens of a layer's block, in the
+            row-major order of the layout its geometry gives (None: block outputs not tapped,
+            hidden-state metrics refused).
     """
 
     blocks: Callable[[nn.Module], list[nn.Module]]
@@ -59,6 +63,7 @@ class Staged:
     watch: Callable | None = None
     fixed_size: bool = False
     eager: Callable[[nn.Module], None] | None = None
+    hidden_tokens: Callable[[object, tuple], torch.Tensor] | None = None
 
 
 def _swin_blocks(encoder: nn.Module) -> list[nn.Module]:
@@ -110,8 +115,9 @@ def _sam_eager(encoder: nn.Module) -> None:
 
 #: family name -> how the adapter reads it
 STAGED = {
-    "swin": Staged(_swin_blocks, _swin_geometry),
-    "swinv2": Staged(_swin_blocks, _swinv2_geometry, watch=_swinv2_watch),
-    "sam": Staged(_sam_blocks, _sam_geometry, watch=_sam_watch, fixed_size=True, eager=_sam_eager),
+    "swin": Staged(_swin_blocks, _swin_geometry, hidden_tokens=block_tokens),  # blocks output [B, H * W, C]
+    "swinv2": Staged(_swin_blocks, _swinv2_geometry, watch=_swinv2_watch, hidden_tokens=block_tokens),
+    "sam": Staged(_sam_blocks, _sam_geometry, watch=_sam_watch, fixed_size=True, eager=_sam_eager,
+                  hidden_tokens=block_tokens),  # blocks output [B, H, W, C]
     "hiera": Staged(*HF_HIERA),  # tapped at its Tensor.softmax (Family.softmax_tap)
 }

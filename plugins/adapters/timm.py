@@ -46,7 +46,8 @@ from probekit.geometry import ModelGeometry
 from ._reference import block_inputs, fed
 from ._sdpa_spy import attention_report, tap_blocks, watch_attention
 from ._hiera_geometry import fold_windows, units_first
-from ._timm_geometry import (GEOMETRIES, hidden_layout, logits_hook, regrouped, softmax_reference, watch_module_softmax,
+from ._staged_hidden import BlockOutputs, layer_layouts
+from ._timm_geometry import (GEOMETRIES, logits_hook, regrouped, softmax_reference, watch_module_softmax,
                              watch_sdpa_or_softmax, watch_softmax)
 
 __all__ = ["TimmAdapter", "TimmWindowedAdapter", "FAMILIES"]
@@ -396,8 +397,7 @@ class TimmWindowedAdapter(TimmAdapter):
 
     def hidden_layouts(self, pixel_values: torch.Tensor) -> dict[int, TokenLayout]:
         """Each layer's block output layout, from its geometry (``_timm_geometry.hidden_layout``)."""
-        geo = self.geometry(pixel_values)
-        return {i: hidden_layout(geo.layer(i), geo.layout) for i in range(self.num_layers)}
+        return layer_layouts(self.geometry(pixel_values), self.num_layers)
 
     def _watch(self, attn: nn.Module, sink: Sink, layer: int) -> list:
         report = attention_report(sink, layer)
@@ -423,7 +423,7 @@ class TimmWindowedAdapter(TimmAdapter):
             )
         spy = watch_softmax() if self.staged.softmax_spy or self.staged.mask_units else contextlib.nullcontext()
         blocks = [self.model.get_submodule(name.rsplit(".", 1)[0]) for name, _ in self._attention()]
-        outputs = _BlockOutputs(self, sink) if sink.wants_hidden else None
+        outputs = BlockOutputs(self, sink, self.staged.hidden_tokens) if sink.wants_hidden else None
         handles = [self.model.register_forward_pre_hook(outputs.start)] if outputs else []
         try:
             with spy, tap_blocks(blocks, sink, watch=self._watch, hidden_hook=outputs and outputs.hook):
@@ -476,27 +476,3 @@ class TimmWindowedAdapter(TimmAdapter):
 
 def _heads(attn: nn.Module) -> int:
     return int(getattr(attn, "num_heads", None) or attn.heads)  # Hiera's attention calls them ``heads``
-
-
-class _BlockOutputs:
-    """Hands each block's output to ``sink.hidden`` as ``[B, T, C]`` tokens with the block's own layout
-    (computed once per input size, when the model's forward starts)."""
-
-    def __init__(self, adapter: TimmWindowedAdapter, sink: Sink):
-        self.adapter, self.sink = adapter, sink
-        self.size: tuple | None = None
-        self.layouts: dict[int, TokenLayout] = {}
-
-    def start(self, module, args) -> None:
-        size = tuple(args[0].shape[-2:])
-        if size != self.size:
-            self.layouts, self.size = self.adapter.hidden_layouts(args[0]), size
-
-    def hook(self, layer: int):
-        def read(module, args, out):
-            tokens = self.adapter.staged.hidden_tokens(out, args)
-            lay = self.layouts[layer]
-            lay.check(tokens.shape[1], where=f"block of layer {layer}")
-            self.sink.hidden(layer, tokens, layout=lay)
-
-        return read

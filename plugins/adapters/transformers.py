@@ -45,6 +45,7 @@ from ._hf_preprocess import _Preprocess, cached_processor, processor_for
 from ._hiera_geometry import fold_windows, units_first
 from ._reference import block_inputs, fed
 from ._sdpa_spy import attention_report, watch_sdpa
+from ._staged_hidden import BlockOutputs, layer_layouts
 from ._timm_geometry import regroup_heads
 
 __all__ = ["TransformersAdapter", "FAMILIES", "KNOWN", "ATTN_IMPLEMENTATION"]
@@ -160,7 +161,10 @@ class TransformersAdapter(Adapter):
         self.staged = STAGED[self.family.staged] if self.family.staged else None
         if self.staged:  # windows and stages: every block of every stage, in order
             self.blocks = self.staged.blocks(model)
-            self.global_attention = self.provides_hidden = self.variable_image_size = False
+            self.global_attention = self.variable_image_size = False
+            self.provides_hidden = self.staged.hidden_tokens is not None  # instance override of the class capability
+            if self.provides_hidden:
+                self.not_applicable_checks = {"check_hidden_is_block_output": _REGROUPED}
         else:
             self.blocks = _blocks(model, self.family)
         self.attentions = [getattr(b, self.family.attention) for b in self.blocks]
@@ -294,6 +298,12 @@ class TransformersAdapter(Adapter):
             return ModelGeometry(lay, num_layers=self.num_layers)
         return ModelGeometry(lay, self.staged.geometry(self.model, lay), num_layers=self.num_layers)
 
+    def hidden_layouts(self, pixel_values: torch.Tensor) -> dict[int, TokenLayout]:
+        """Each layer's block output layout: staged encoders' from that layer's geometry."""
+        if not self.staged:
+            return super().hidden_layouts(pixel_values)
+        return layer_layouts(self.geometry(pixel_values), self.num_layers)
+
     # -- running -------------------------------------------------------------------------------
     def _kwargs(self, pixel_values: torch.Tensor) -> dict[str, Any]:
         kw = dict(self.family.forward_kwargs)
@@ -310,8 +320,8 @@ class TransformersAdapter(Adapter):
     def tap(self, sink: Sink) -> Iterator[None]:
         if sink.wants_hidden and not self.provides_hidden:
             raise UnsupportedArchitectureError(
-                f"The hf adapter does not tap block outputs of {type(self.model).__name__} (its tokens change "
-                "shape between stages); use attention metrics on it.")
+                f"The hf adapter does not tap block outputs of {type(self.model).__name__} (its blocks' tokens "
+                "are not mapped onto a grid yet); use attention metrics on it.")
         if self.family.softmax_tap:
             with self._softmax_tap(sink):
                 yield
@@ -327,9 +337,13 @@ class TransformersAdapter(Adapter):
                     _TAPS.setdefault(attn, []).append(report)
                     reporters.append((attn, report))
         if sink.wants_hidden:
+            outputs = BlockOutputs(self, sink, self.staged.hidden_tokens) if self.staged else None
+            if outputs:  # each block's own layout, computed when the forward starts
+                hooks.append(self.model.register_forward_pre_hook(outputs.start))
             for i, block in enumerate(self.blocks):
                 if wants(sink, i):
-                    hooks.append(block.register_forward_hook(partial(_hidden_hook, sink, i)))
+                    hook = outputs.hook(i) if outputs else partial(_hidden_hook, sink, i)
+                    hooks.append(block.register_forward_hook(hook))
         try:
             with watch_sdpa() if watch is not None else nullcontext():
                 yield
@@ -387,6 +401,11 @@ class TransformersAdapter(Adapter):
         if not out.attentions:
             raise RuntimeError(f"{type(ref).__name__} returned no attentions under eager attention.")
         return {i: a.float() for i, a in enumerate(out.attentions)}
+
+
+_REGROUPED = ("tokens are regrouped between some blocks (Swin's patch merging) or read by the next norm as a "
+              "[B, H, W, C] grid (SAM), so no norm reads the [B, T, C] tokens reported; "
+              "tests/test_hidden_staged_hf.py checks every block's output against forward hooks on the blocks")
 
 
 def _blocks(encoder: nn.Module, family) -> list[nn.Module]:

@@ -1,0 +1,55 @@
+"""Block outputs of staged and windowed models as hidden states, shared by the timm and
+transformers adapters.
+
+Each layer's block outputs tokens of its own stage (patch merging, pooled queries, a class token
+that joins late). :func:`layer_layouts` derives each block's layout from that layer's attention
+geometry (:func:`._timm_geometry.hidden_layout`); :class:`BlockOutputs` hands each block's output
+to ``Sink.hidden`` as ``[B, T, C]`` with that layout.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from probekit.adapter import Sink
+from probekit.geometry import ModelGeometry
+from probekit.tokens import TokenLayout
+
+from ._timm_geometry import hidden_layout
+
+
+def layer_layouts(geo: ModelGeometry, num_layers: int) -> dict[int, TokenLayout]:
+    """Each layer's block output layout, from its attention geometry."""
+    return {i: hidden_layout(geo.layer(i), geo.layout) for i in range(num_layers)}
+
+
+class BlockOutputs:
+    """Hands each block's output to ``sink.hidden`` as ``[B, T, C]`` tokens with the block's own layout
+    (computed once per input size, when the model's forward starts: :meth:`start` is a forward
+    pre-hook on the model, whose first argument is the pixel values).
+
+    Args:
+        adapter: has ``hidden_layouts(pixel_values)``.
+        tokens: ``(block output, block inputs) -> [B, T, C]``.
+    """
+
+    def __init__(self, adapter, sink: Sink, tokens: Callable[[object, tuple], torch.Tensor]):
+        self.adapter, self.sink, self.tokens = adapter, sink, tokens
+        self.size: tuple | None = None
+        self.layouts: dict[int, TokenLayout] = {}
+
+    def start(self, module, args) -> None:
+        size = tuple(args[0].shape[-2:])
+        if size != self.size:
+            self.layouts, self.size = self.adapter.hidden_layouts(args[0]), size
+
+    def hook(self, layer: int):
+        def read(module, args, out):
+            tokens = self.tokens(out, args)
+            lay = self.layouts[layer]
+            lay.check(tokens.shape[1], where=f"block of layer {layer}")
+            self.sink.hidden(layer, tokens, layout=lay)
+
+        return read
