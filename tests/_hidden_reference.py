@@ -52,7 +52,7 @@ def check_token_norms(pm, x: torch.Tensor, patches: list[torch.Tensor], grids: l
     share_label = next(lbl for lbl in labels if "threshold" in lbl)
     np.testing.assert_allclose(per_layer(res, ratio_label, x.shape[0]), want_ratio, rtol=1e-5)
     np.testing.assert_allclose(per_layer(res, share_label, x.shape[0]), want_share, atol=1e-6)
-    assert want_ratio.min() > 1.02 and 0 < want_share.mean() < 1, (want_ratio, want_share)  # non-trivial values
+    assert want_ratio.min() > 1 and want_ratio.max() > 1.05 and 0 < want_share.mean() < 1  # non-trivial values
 
 
 def check_cka(pm, x: torch.Tensor, tokens, pool: str, batch: int = 4) -> np.ndarray:

@@ -220,4 +220,7 @@ def test_the_conformance_kit_passes(lib):
     from probekit.testing import check_adapter
 
     records = check_adapter(timm_hiera((64, 64)) if lib == "timm" else hf_hiera())  # raises on any failure
-    assert {r.status for r in records} == {"passed"} and len(records) >= 7
+    status = {r.check: r.status for r in records}
+    # hidden states: shapes and layouts checked here, values and order in test_hidden_hiera.py (declared not applicable)
+    assert status.pop("check_hidden_is_block_output") == "skipped" and status["check_hidden_states"] == "passed"
+    assert set(status.values()) == {"passed"} and len(status) >= 7

@@ -110,14 +110,3 @@ def test_cait_class_layers_report_the_class_token_beside_the_patches():
         torch.testing.assert_close(hid[i], torch.cat([c, patch_out], 1))
     lays = pm.adapter.hidden_layouts(x)
     assert [lays[i].num_prefix for i in range(4)] == [0, 0, 1, 1]
-
-
-def test_hiera_block_outputs_are_refused_with_a_message():
-    # Hiera's blocks output tokens in its unrolled mask-unit order, not a row-major grid: not tapped (yet)
-    pm = pk.load("timm:hiera_tiny_224", pretrained=False, img_size=(64, 64), embed_dim=16, num_heads=1,
-                 stages=(1, 2, 2, 1))
-    assert not pm.adapter.provides_hidden
-    with pytest.raises(UnsupportedArchitectureError, match="'token_norms' needs each block's output tokens"):
-        pk.probe(pm, pm.example_input(4), metrics=["token_norms"])
-    with pytest.raises(UnsupportedArchitectureError, match="does not tap block outputs of Hiera.*attention metrics"):
-        pm.hidden_states(pm.example_input(1))

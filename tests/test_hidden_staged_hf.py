@@ -43,14 +43,3 @@ def test_cka_mean_pool_equals_a_reference_on_the_block_outputs(family):
     pm = MODELS[family][0]()
     want = check_cka(pm, pm.example_input(8, seed=3), block_tokens, "mean")
     assert want.shape == (pm.num_layers,) * 2 and want[0, -1] < 0.999  # layers are not all alike
-
-
-def test_hf_hiera_block_outputs_are_still_refused_with_a_message():
-    # Hiera's blocks output tokens in its unrolled mask-unit order, not a row-major grid: not tapped (yet)
-    pm = pk.load("hf:facebook/hiera-tiny-224-hf", pretrained=False,
-                 config=dict(embed_dim=16, depths=[1, 2, 2, 1], num_heads=[1, 2, 2, 4]))
-    assert not pm.adapter.provides_hidden
-    with pytest.raises(UnsupportedArchitectureError, match="'cka' needs each block's output tokens"):
-        pk.probe(pm, pm.example_input(4), metrics=["cka"])
-    with pytest.raises(UnsupportedArchitectureError, match="does not tap block outputs of HieraModel.*attention metrics"):
-        pm.hidden_states(pm.example_input(1))

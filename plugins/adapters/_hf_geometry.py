@@ -32,7 +32,7 @@ from torch import nn
 from probekit.geometry import LayerGeometry
 from probekit.tokens import TokenLayout
 
-from ._hiera_geometry import HF_HIERA
+from ._hiera_geometry import HF_HIERA, row_major
 from ._sdpa_spy import watch_attention
 from ._timm_geometry import block_tokens, regrouped, vitdet_geometry
 
@@ -56,6 +56,7 @@ class Staged:
         hidden_tokens: ``(block output, block inputs) -> [B, T, C]`` tokens of a layer's block, in the
             row-major order of the layout its geometry gives (None: block outputs not tapped,
             hidden-state metrics refused).
+        hidden_order: ``layer geometry -> order`` putting a block's tokens row-major (Hiera), or None.
     """
 
     blocks: Callable[[nn.Module], list[nn.Module]]
@@ -64,6 +65,7 @@ class Staged:
     fixed_size: bool = False
     eager: Callable[[nn.Module], None] | None = None
     hidden_tokens: Callable[[object, tuple], torch.Tensor] | None = None
+    hidden_order: Callable[[object], torch.Tensor | None] | None = None
 
 
 def _swin_blocks(encoder: nn.Module) -> list[nn.Module]:
@@ -119,5 +121,6 @@ STAGED = {
     "swinv2": Staged(_swin_blocks, _swinv2_geometry, watch=_swinv2_watch, hidden_tokens=block_tokens),
     "sam": Staged(_sam_blocks, _sam_geometry, watch=_sam_watch, fixed_size=True, eager=_sam_eager,
                   hidden_tokens=block_tokens),  # blocks output [B, H, W, C]
-    "hiera": Staged(*HF_HIERA),  # tapped at its Tensor.softmax (Family.softmax_tap)
+    "hiera": Staged(*HF_HIERA, hidden_tokens=block_tokens, hidden_order=row_major),  # attention tapped at its
+    # Tensor.softmax (Family.softmax_tap); blocks output [B, N, C] in the unrolled order
 }

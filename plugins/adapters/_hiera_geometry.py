@@ -34,7 +34,7 @@ from probekit.errors import LayoutError
 from probekit.geometry import PATCH, LayerGeometry, _centres
 from probekit.tokens import TokenLayout
 
-__all__ = ["fold_windows", "units_first", "hiera_geometry", "unrolled_cells", "TIMM_HIERA", "HF_HIERA"]
+__all__ = ["fold_windows", "units_first", "hiera_geometry", "unrolled_cells", "row_major", "TIMM_HIERA", "HF_HIERA"]
 
 
 def unrolled_cells(grid, schedule) -> torch.Tensor:
@@ -97,6 +97,16 @@ def hiera_geometry(layout: TokenLayout, schedule, blocks) -> dict:
                                key_grid, _cells_of(kpos, key_grid, key_stride), window=window,
                                base_grid=layout.grid)
     return out
+
+
+def row_major(geometry) -> torch.Tensor | None:
+    """Where each row-major cell of a Hiera layer's query grid sits in its block's output sequence
+    (``tokens[:, order]`` is row-major): the blocks output their queries in the unrolled order, token
+    ``t * G + g`` being query ``t`` of unit ``g``. None where the layer is row-major already."""
+    if isinstance(geometry, TokenLayout):
+        return None
+    pos = geometry.query_pos.transpose(0, 1).reshape(-1, 2)  # the sequence order
+    return _cells_of(pos, geometry.grid, geometry.stride).argsort()
 
 
 # -- reading the attention --------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from probekit.errors import UnsupportedArchitectureError
 from probekit.geometry import KINDS, PAD, ChannelAttention, LayerGeometry
 from probekit.tokens import TokenLayout, pair
 
-from ._hiera_geometry import TIMM_HIERA
+from ._hiera_geometry import TIMM_HIERA, row_major
 
 __all__ = ["GEOMETRIES", "StagedFamily", "vitdet_geometry", "regrouped", "regroup_heads"]
 
@@ -71,6 +71,7 @@ class StagedFamily:
             size of a built model.
         hidden_tokens: ``(block output, block inputs) -> [B, T, C]`` tokens of a layer's block
             (None: block outputs not tapped, hidden-state metrics refused).
+        hidden_order: ``layer geometry -> order`` putting a block's tokens row-major (Hiera), or None.
     """
 
     attention: Callable[[nn.Module], list[tuple[str, nn.Module]]]
@@ -86,6 +87,7 @@ class StagedFamily:
         s // p for s, p in zip(size, pair(m.patch_embed.patch_size)))
     image_size: Callable[[nn.Module], tuple[int, int]] = lambda m: pair(m.patch_embed.img_size)
     hidden_tokens: Callable[[object, tuple], torch.Tensor] | None = None
+    hidden_order: Callable[[object], torch.Tensor | None] | None = None
 
 
 def block_tokens(out, args) -> torch.Tensor:
@@ -278,6 +280,7 @@ GEOMETRIES = {
     "cait": StagedFamily(_cait_attention, _cait_geometry, prefix=lambda m: ("cls",),
                          softmax_of={"TalkingHeadAttn": "proj_l"}, hidden_tokens=_cait_tokens),
     "hiera": StagedFamily(*TIMM_HIERA, prefix=lambda m: (), mask_units=True, regroup=True,
+                          hidden_tokens=block_tokens, hidden_order=row_major,
                           patch=lambda m: pair(m.patch_stride),
                           grid=lambda m, size: tuple(s // p for s, p in zip(size, pair(m.patch_stride))),
                           image_size=lambda m: tuple(t * p for t, p in zip(m.tokens_spatial_shape,

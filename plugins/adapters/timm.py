@@ -360,8 +360,9 @@ class TimmWindowedAdapter(TimmAdapter):
     global_attention = False
     not_applicable_checks = {
         "check_hidden_is_block_output": "tokens are regrouped between some blocks (patch merging, Twins' "
-        "position convolution, a class token joining), so no norm reads those blocks' outputs; "
-        "tests/test_hidden_staged.py checks every block's output against forward hooks on the blocks",
+        "position convolution, a class token joining, Hiera's unrolled order put row-major), so no norm reads "
+        "those blocks' outputs; tests/test_hidden_staged.py and test_hidden_hiera.py check every block's output "
+        "against forward hooks on the blocks",
     }
 
     def __init__(self, model: nn.Module, preprocess: Any = None, **info: Any):
@@ -423,7 +424,8 @@ class TimmWindowedAdapter(TimmAdapter):
             )
         spy = watch_softmax() if self.staged.softmax_spy or self.staged.mask_units else contextlib.nullcontext()
         blocks = [self.model.get_submodule(name.rsplit(".", 1)[0]) for name, _ in self._attention()]
-        outputs = BlockOutputs(self, sink, self.staged.hidden_tokens) if sink.wants_hidden else None
+        staged = self.staged
+        outputs = BlockOutputs(self, sink, staged.hidden_tokens, staged.hidden_order) if sink.wants_hidden else None
         handles = [self.model.register_forward_pre_hook(outputs.start)] if outputs else []
         try:
             with spy, tap_blocks(blocks, sink, watch=self._watch, hidden_hook=outputs and outputs.hook):

@@ -336,14 +336,7 @@ class TransformersAdapter(Adapter):
                     report = partial(sink.attention, i)
                     _TAPS.setdefault(attn, []).append(report)
                     reporters.append((attn, report))
-        if sink.wants_hidden:
-            outputs = BlockOutputs(self, sink, self.staged.hidden_tokens) if self.staged else None
-            if outputs:  # each block's own layout, computed when the forward starts
-                hooks.append(self.model.register_forward_pre_hook(outputs.start))
-            for i, block in enumerate(self.blocks):
-                if wants(sink, i):
-                    hook = outputs.hook(i) if outputs else partial(_hidden_hook, sink, i)
-                    hooks.append(block.register_forward_hook(hook))
+        hooks += self._hidden_hooks(sink)
         try:
             with watch_sdpa() if watch is not None else nullcontext():
                 yield
@@ -355,6 +348,21 @@ class TransformersAdapter(Adapter):
             for h in hooks:
                 h.remove()
 
+    def _hidden_hooks(self, sink: Sink) -> list:
+        """Forward hooks handing each wanted block's output to ``sink.hidden`` (staged encoders: with the
+        block's own layout, computed when the forward starts, tokens put row-major)."""
+        if not sink.wants_hidden:
+            return []
+        hooks, outputs = [], None
+        if self.staged:
+            outputs = BlockOutputs(self, sink, self.staged.hidden_tokens, self.staged.hidden_order)
+            hooks.append(self.model.register_forward_pre_hook(outputs.start))
+        for i, block in enumerate(self.blocks):
+            if wants(sink, i):
+                hook = outputs.hook(i) if outputs else partial(_hidden_hook, sink, i)
+                hooks.append(block.register_forward_hook(hook))
+        return hooks
+
     @contextmanager
     def _softmax_tap(self, sink: Sink) -> Iterator[None]:
         """Hiera computes its attention by hand: read each layer at its ``Tensor.softmax`` call."""
@@ -363,6 +371,7 @@ class TransformersAdapter(Adapter):
         hooks = []
         with watch_softmax():
             try:
+                hooks += self._hidden_hooks(sink)
                 for i, attn in enumerate(self.attentions):
                     if sink.wants_attention and wants(sink, i):
                         report = units_first(regrouped(attention_report(sink, i), int(attn.num_heads)))
@@ -403,9 +412,10 @@ class TransformersAdapter(Adapter):
         return {i: a.float() for i, a in enumerate(out.attentions)}
 
 
-_REGROUPED = ("tokens are regrouped between some blocks (Swin's patch merging) or read by the next norm as a "
-              "[B, H, W, C] grid (SAM), so no norm reads the [B, T, C] tokens reported; "
-              "tests/test_hidden_staged_hf.py checks every block's output against forward hooks on the blocks")
+_REGROUPED = ("tokens are regrouped between some blocks (Swin's patch merging), read by the next norm as a "
+              "[B, H, W, C] grid (SAM) or put row-major from the unrolled order (Hiera), so no norm reads the "
+              "[B, T, C] tokens reported; tests/test_hidden_staged_hf.py and test_hidden_hiera.py check every "
+              "block's output against forward hooks on the blocks and the library's own reroll")
 
 
 def _blocks(encoder: nn.Module, family) -> list[nn.Module]:
