@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["LayerAttention", "Workspace", "no_autocast", "row_blocks", "one_pass", "sdpa_dtype", "ATTENTION_PASSES",
+__all__ = ["LayerAttention", "Workspace", "no_autocast", "row_blocks", "blocks", "one_pass", "sdpa_dtype", "ATTENTION_PASSES",
            "ONE_PASS_MIN_TOKENS", "row_dot"]
 
 ATTENTION_PASSES = ("auto", "fused", "separate", "kernel")
@@ -94,18 +94,21 @@ class LayerAttention:
                 self._qs = torch.mul(self.q.float(), self.scale, out=qs)
         return self._qs
 
-    def logits(self, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, rows: slice | None = None, out: torch.Tensor | None = None,
+               batch: slice | None = None) -> torch.Tensor:
         """Float32 softmax inputs ``q k^T * scale + bias`` of the query rows ``rows``: ``[B, H, R, T]``.
 
-        ``out``: a contiguous buffer to write to.
+        ``out``: a contiguous buffer to write to. ``batch``: only these images (``[b, H, R, T]``).
         """
-        rows = rows or slice(None)
+        rows, batch = rows or slice(None), batch or slice(None)
         with no_autocast(self.q.device):
-            logits = torch.matmul(self.scaled_queries()[:, :, rows], self.key_t(), out=out)
+            logits = torch.matmul(self.scaled_queries()[batch, :, rows], self.key_t()[batch], out=out)
             if self.bias is not None:
                 b = self.bias
                 if b.dim() >= 2 and b.shape[-2] != 1:
                     b = b[..., rows, :]
+                if b.dim() == 4 and b.shape[0] != 1:
+                    b = b[batch]
                 logits.add_(b.float())
         return logits
 
@@ -122,27 +125,31 @@ class LayerAttention:
         return self.block(rows, workspace)[1]
 
     def block(
-        self, rows: slice | None = None, workspace: "Workspace | None" = None
+        self, rows: slice | None = None, workspace: "Workspace | None" = None, batch: slice | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """``(logits, probs)`` of the query rows, both float32 ``[B, H, R, T]``.
+        """``(logits, probs)`` of the query rows (of the images ``batch``), both float32 ``[B, H, R, T]``.
 
         The logits come free with the probabilities (the softmax writes to another buffer);
         they are None where the tap handed over probabilities. With ``workspace``, both are
         views into it, valid until its next use.
         """
-        rows = rows or slice(None)
+        rows, batch = rows or slice(None), batch or slice(None)
         if self.probs_given is not None:
-            return None, self.probs_given[:, :, rows].float()
+            return None, self.probs_given[batch, :, rows].float()
         if workspace is None:
-            logits = self.logits(rows)
+            logits = self.logits(rows, batch=batch)
             return logits, torch.softmax(logits, dim=-1)
-        b, h, _ = self.shape
-        n = len(range(*rows.indices(self.q.shape[2])))
-        shape = (b, h, n, self.k.shape[2])
-        logits = self.logits(rows, out=workspace.get("logits", shape, self.q.device))
+        shape = self.block_shape(rows, batch)
+        logits = self.logits(rows, out=workspace.get("logits", shape, self.q.device), batch=batch)
         probs = torch.ops.aten._softmax.out(logits, -1, False, out=workspace.get("probs", shape, self.q.device))
         return logits, probs
 
+
+    def block_shape(self, rows: slice, batch: slice | None = None) -> tuple[int, int, int, int]:
+        """``(images, heads, rows, keys)`` of the block of query ``rows`` of the images ``batch``."""
+        b, h, t = self.shape
+        nb = len(range(*(batch or slice(None)).indices(b)))
+        return nb, h, len(range(*rows.indices(t))), self.k.shape[2]
 
     def start_output(self) -> None:
         """Allocate :attr:`output` (filled block by block by :meth:`add_output`)."""
@@ -154,13 +161,15 @@ class LayerAttention:
         # into the fused qkv projection, which a matmul would copy again for every block
         self._vf = self.v.float().contiguous()
 
-    def add_output(self, rows: slice, probs: torch.Tensor, workspace: "Workspace | None" = None) -> None:
-        """Write the output rows ``rows``: ``probs @ v`` (``probs``: the rows' ``[B, H, R, T]``)."""
+    def add_output(self, rows: slice, probs: torch.Tensor, workspace: "Workspace | None" = None,
+                   batch: slice | None = None) -> None:
+        """Write the output rows ``rows`` (of the images ``batch``): ``probs @ v`` (``probs``: ``[B, H, R, T]``)."""
+        batch = batch or slice(None)
         if workspace is None:
-            self.output[:, :, rows] = torch.matmul(probs, self._vf)
+            self.output[batch, :, rows] = torch.matmul(probs, self._vf[batch])
             return
         pv = workspace.get("pv", (*probs.shape[:3], self._vf.shape[-1]), probs.device)
-        self.output[:, :, rows] = torch.matmul(probs, self._vf, out=pv)
+        self.output[batch, :, rows] = torch.matmul(probs, self._vf[batch], out=pv)
 
     def release(self) -> None:
         """Drop the per-layer float32 copies (the output stays with the model)."""
@@ -282,6 +291,26 @@ def no_autocast(device: torch.device):
     except (RuntimeError, TypeError):  # a device type autocast does not know
         pass
     return contextlib.nullcontext()
+
+
+def blocks(start: int, stop: int, batch: int, heads: int, tokens: int, budget_bytes: int):
+    """``(images, rows)`` slices covering query rows ``[start, stop)`` of every image, each block's float32
+    logits and probabilities within ``budget_bytes`` (at least one row of one image).
+
+    Several whole images per block when they fit, else one image's rows a part at a time: a
+    block of one image's heads runs its q·kᵀ, softmax and P·V out of a smaller share of the
+    cache than the same rows of every image (benchmarks/attention_floor.py).
+    """
+    rows = stop - start
+    per_image = max(1, heads * tokens * 4 * 2 * rows)
+    if budget_bytes >= per_image:
+        step = max(1, min(batch, budget_bytes // per_image))
+        for b in range(0, batch, step):
+            yield slice(b, min(b + step, batch)), slice(start, stop)
+        return
+    for b in range(batch):
+        for r in row_blocks(start, stop, 1, heads, tokens, budget_bytes):
+            yield slice(b, b + 1), r
 
 
 def row_blocks(start: int, stop: int, batch: int, heads: int, tokens: int, budget_bytes: int):

@@ -24,7 +24,7 @@ from .adapter import ProbedModel
 from . import kernel
 from .arguments import check_probe_arguments
 from .block_terms import BLOCK_TERMS, softmax_with_terms
-from .attention import ATTENTION_PASSES, SCRATCH_BYTES, LayerAttention, Workspace, no_autocast, one_pass, row_blocks
+from .attention import ATTENTION_PASSES, SCRATCH_BYTES, LayerAttention, Workspace, blocks, no_autocast, one_pass
 from .errors import ConfigError
 from .geometry import LayerGeometry, ModelGeometry
 from .grouped import reduce_groups
@@ -196,11 +196,11 @@ class MetricSink:
             self.workspace.scratch_bytes = min(SCRATCH_BYTES, budget // 2) if attn.device.type == "cpu" else budget // 2
             termed = {m.label for m in rest if _takes_block_terms(m)}
             acc: dict[str, torch.Tensor] = {}
-            for blk in (r for s0, s1 in segments if s1 > s0 for r in row_blocks(s0, s1, b, h, t, budget)):
+            for bs, blk in (x for s0, s1 in segments if s1 > s0 for x in blocks(s0, s1, b, h, t, budget)):
                 with_terms = any(spans[k].start < blk.stop and blk.start < spans[k].stop for k in termed)
-                z, p, terms = self._block(attn, blk, lay.num_prefix, with_terms)
+                z, p, terms = self._block(attn, bs, blk, lay.num_prefix, with_terms)
                 if fused:
-                    attn.add_output(blk, p, self.workspace)
+                    attn.add_output(blk, p, self.workspace, batch=bs)
                 for m in rest:
                     q = spans[m.label]
                     s, e = max(blk.start, q.start), min(blk.stop, q.stop)
@@ -211,7 +211,9 @@ class MetricSink:
                     if part is None:  # or where the terms cannot serve (a patch mass lost to underflow)
                         kw = {"logits": None if z is None else z[:, :, sl]} if m.uses_logits else {}
                         part = m.row_sum(p[:, :, sl], lay, slice(s, e), **kw)
-                    acc[m.label] = part if m.label not in acc else acc[m.label] + part
+                    if m.label not in acc:
+                        acc[m.label] = part.new_zeros((b, *part.shape[1:]))
+                    acc[m.label][bs] += part
                 del z, p, terms
             for m in rest:
                 q = spans[m.label]
@@ -220,14 +222,14 @@ class MetricSink:
             self._keep(m, layer, m.on_attention(layer, attn, lay))
         attn.release()
 
-    def _block(self, attn: LayerAttention, rows: slice, num_prefix: int, with_terms: bool):
-        """``(logits, probs, terms)`` of a block of query rows; the row terms (None unless asked for,
-        and where the tap gave logits) are made while the softmax writes the block (:mod:`probekit.block_terms`)."""
+    def _block(self, attn: LayerAttention, batch: slice, rows: slice, num_prefix: int, with_terms: bool):
+        """``(logits, probs, terms)`` of a block of query rows of some images; the row terms (None unless
+        asked for, and where the tap gave logits) are made while the softmax writes the block
+        (:mod:`probekit.block_terms`)."""
         if not with_terms or attn.probs_given is not None:
-            return (*attn.block(rows, workspace=self.workspace), None)
-        b, h, _ = attn.shape
-        shape = (b, h, rows.stop - rows.start, attn.k.shape[2])
-        z = attn.logits(rows, out=self.workspace.get("logits", shape, attn.device))
+            return (*attn.block(rows, workspace=self.workspace, batch=batch), None)
+        shape = attn.block_shape(rows, batch)
+        z = attn.logits(rows, out=self.workspace.get("logits", shape, attn.device), batch=batch)
         p = self.workspace.get("probs", shape, attn.device)
         return z, p, softmax_with_terms(z, p, num_prefix, self.workspace)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import probekit as pk
-from probekit.attention import LayerAttention, Workspace, row_blocks
+from probekit.attention import LayerAttention, Workspace, blocks, row_blocks
 from probekit.errors import ConfigError
 from probekit.images import ImageSet
 from probekit.probe import MetricSink, _loader, build_metrics
@@ -104,6 +104,26 @@ def test_blocks_of_rows_equal_the_full_softmax(bias_shape):
             assert got.dtype == torch.float32
             torch.testing.assert_close(got.double(), full[:, :, s], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(attn.probs().double(), full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias_shape", [None, (2, 3, 11, 11), (1, 3, 11, 11), (11, 11)])
+def test_blocks_of_images_and_rows_equal_the_full_softmax(bias_shape):
+    # the engine's blocks: several whole images when they fit the budget, else one image's rows at a time
+    q, k = _qk()
+    bias = None if bias_shape is None else torch.randn(bias_shape, generator=torch.Generator().manual_seed(3))
+    attn = LayerAttention(q=q, k=k, scale=0.3, bias=bias)
+    full = torch.softmax(q.double() @ k.double().transpose(-1, -2) * 0.3 + (0 if bias is None else bias.double()), -1)
+    per_image = 3 * 11 * 8 * 10  # heads x keys x (logits + probs) x rows 1..10
+    ws = Workspace()
+    for budget, want in ((1, 20), (3 * 11 * 8 * 4, 6), (per_image, 2), (10**9, 1)):
+        got = list(blocks(1, 11, 2, 3, 11, budget))
+        assert len(got) == want
+        covered = sorted((i, r) for bs, rs in got for i in range(bs.start, bs.stop) for r in range(rs.start, rs.stop))
+        assert covered == [(i, r) for i in range(2) for r in range(1, 11)]  # each (image, row) once
+        for bs, rs in got:
+            z, p = attn.block(rs, workspace=ws, batch=bs)
+            torch.testing.assert_close(p.double(), full[bs, :, rs], rtol=1e-5, atol=1e-6)
+            assert p.numel() * 8 <= max(budget, 3 * 11 * 8)  # within the budget, or one row of one image
 
 
 def test_row_blocks_respect_the_budget_and_cover_the_range():
@@ -277,13 +297,13 @@ class _LogitSpy(pk.Metric):
 def test_metrics_that_ask_for_logits_get_the_softmax_inputs():
     q, k = _qk(t=11)
     spy = _LogitSpy()
-    sink = MetricSink([spy], block_mb=2 * 3 * 11 * 8 * 4 / 2**20)  # blocks of 4 rows
+    sink = MetricSink([spy], block_mb=3 * 11 * 8 * 4 / 2**20)  # blocks of 4 rows of one image
     sink.start(pk.TokenLayout(num_prefix=1, grid=(2, 5), patch_size=8))
     sink.attention(0, LayerAttention(q=q, k=k, scale=0.3))
     exact = q.double() @ k.double().transpose(-1, -2) * 0.3
-    assert [r for _, _, r in spy.seen] == [slice(1, 5), slice(5, 9), slice(9, 11)]
-    for logits, probs, rows in spy.seen:
-        torch.testing.assert_close(logits.double(), exact[:, :, rows], rtol=1e-5, atol=1e-5)
+    assert [r for _, _, r in spy.seen] == [slice(1, 5), slice(5, 9), slice(9, 11)] * 2  # image by image
+    for i, (logits, probs, rows) in enumerate(spy.seen):
+        torch.testing.assert_close(logits.double(), exact[i // 3 : i // 3 + 1, :, rows], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(torch.softmax(logits, -1), probs)
     spy.seen.clear()  # a tap that hands over probabilities has no logits to give
     sink.attention(1, LayerAttention(probs_given=torch.softmax(exact.float(), -1)))
