@@ -8,7 +8,7 @@ Per layer, best of 7, wall time with ``--threads`` torch threads:
 - ``sdpa``: ``F.scaled_dot_product_attention`` (the plain forward's attention: flash, fused);
 - ``q·kᵀ + softmax + P·V``: the blocked one-pass path without any metric, in the engine's blocks of
   every image (``--block-mb``, default the engine's 32 MiB) and in blocks of one image's rows;
-- ``sink: ...``: :class:`probekit.probe.MetricSink` with ``attention_pass="fused"`` and the metrics,
+- ``sink: ...``: :class:`probekit.sink.MetricSink` with ``attention_pass="fused"`` and the metrics,
   i.e. what a tapped layer costs in ``pk.probe``.
 
 The difference to ``sdpa``, times the layers, over the plain forward's time is what the layer adds
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import probekit as pk
 from probekit.attention import LayerAttention
-from probekit.probe import MetricSink
+from probekit.sink import MetricSink
 
 
 def _best(fn, n: int = 7) -> float:
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     lay = pk.TokenLayout(num_prefix=t - side * side, grid=(side, side), patch_size=(14, 14))
     qs, kt, vf = (q * d**-0.5).contiguous(), k.transpose(-1, -2).contiguous(), v.contiguous()
     per_row = b * h * t * 4 * 2
-    rows_all = max(1, int(args.block_mb * 2**20) // per_row)
+    rows_all = max(1, min(t, int(args.block_mb * 2**20) // per_row))
     print(f"{b} images x {h} heads x {t} tokens, {args.threads} threads, ms per layer (best of 7)")
     with torch.inference_mode():
         print(f"  sdpa                                   {_best(lambda: F.scaled_dot_product_attention(q, k, v)):6.1f}")

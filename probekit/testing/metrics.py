@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..metric import Metric
 from ..metric_options import alternatives, declared_options
 from ..metric_state import REDUCTIONS
-from ..probe import MetricSink
+from ..sink import MetricSink
 from ..tokens import TokenLayout
 from .records import SkipCheck
 
