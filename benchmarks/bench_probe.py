@@ -18,8 +18,8 @@ that floor, on random-init weights (``pretrained=False``: nothing is downloaded)
 - ``probekit-mad``  ``pk.probe(pm, x, metrics=["mad"])``: the whole user-facing call.
 - ``probekit``      ``pk.probe(pm, x, metrics=["mad", "entropy"])``.
 
-``pk.probe`` runs its default ``attention_pass="auto"``: the model's own SDPA below 300 tokens,
-one attention pass (the layer's output from the metric blocks) from 300 tokens on (README,
+``pk.probe`` runs its default ``attention_pass="auto"``: the model's own SDPA below 150 tokens,
+one attention pass (the layer's output from the metric blocks) from 150 tokens on (README,
 "Which attention path runs"). Goals (issue 12): MAD + entropy on all layers <= 1.05x plain at
 197 tokens, <= 1.15x at 785, <= 1.20x at 1370; extra peak memory under a third of the usual way's.
 

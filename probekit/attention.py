@@ -27,7 +27,7 @@ __all__ = ["LayerAttention", "Workspace", "no_autocast", "row_blocks", "blocks",
 
 ATTENTION_PASSES = ("auto", "fused", "separate", "kernel")
 # auto: one pass on CPU from this many tokens on (measured, see one_pass); always on accelerators
-ONE_PASS_MIN_TOKENS = 300
+ONE_PASS_MIN_TOKENS = 150
 
 
 @dataclass
@@ -181,14 +181,14 @@ def one_pass(attn: LayerAttention, mode: str = "auto") -> bool:
 
     ``"separate"``: never (the model's own kernel, then the metrics recompute q·kᵀ).
     ``"fused"``/``"kernel"``: whenever the tap handed over ``v``. ``"auto"``: on CPU from
-    :data:`ONE_PASS_MIN_TOKENS` (300) tokens on, and always on accelerators. The rule comes
-    from paired measurements on this project's 2-core CPU (timm ViT-B/16, MAD + entropy on all
-    layers, process CPU time over the plain forward's, best of 3 under load; README Benchmark):
-    197 tokens: fused 1.13x, separate 1.11x (torch's fused SDPA beats float32 ``P @ V`` from
-    the probabilities by more than the recomputation it saves); 325 tokens: fused 1.06x,
-    separate 1.12x; 401 tokens: fused 1.16x, separate 1.17x; 785 tokens: fused 1.13x,
-    separate 1.23x (577 tokens, batch 1, went the other way: 1.13x / 1.07x). Accelerators always take it
-    (their flash kernel is the cheap part; not measured here).
+    :data:`ONE_PASS_MIN_TOKENS` (150) tokens on, and always on accelerators. The rule comes
+    from paired runs on this project's 2-core CPU (timm ViT-B/16, batch 16, MAD + entropy on all
+    layers, best wall time over the plain forward's, 2 threads, quiet machine; README Benchmark):
+    50 tokens: fused 1.20x, separate 1.08x (torch's fused SDPA beats float32 ``P @ V`` from the
+    probabilities by more than the recomputation it saves); 101 tokens: 1.08x / 1.08x;
+    197 tokens: 1.07x / 1.12x, and in ``bench_probe.py`` 1.02-1.10x / 1.10-1.20x; longer
+    sequences gain more (785 and 1370 tokens). Accelerators always take it (their flash kernel
+    is the cheap part; not measured here).
     """
     if mode == "separate" or attn.v is None or attn.probs_given is not None:
         return False

@@ -290,7 +290,7 @@ def probe(
             that hold q, k and v (transformers, timm, open_clip) get each layer's attention
             output from the probability blocks the metrics read, one attention pass instead of
             the model's kernel plus a recomputation; ``"separate"``: the model's own kernel;
-            ``"auto"``: fused from 300 tokens on CPU (measured; README "Benchmark") and always
+            ``"auto"``: fused from 150 tokens on CPU (measured; README "Benchmark") and always
             on accelerators. ``"kernel"``: the fused Triton kernel (CUDA, or
             ``TRITON_INTERPRET=1`` for tests) for the metrics that declare it.
         strict: stop on an unreadable image instead of skipping it.
