@@ -83,8 +83,11 @@ class AttentionEntropy(Metric):
 
         With ``p = softmax(z)`` over all keys and ``s`` the mass on patch keys, the renormalized
         row ``a = p / s`` has ``ln a = z - lse - ln s``, so ``H = lse + ln s - <p, z>_patch / s``,
-        where ``lse = z_k - ln p_k`` for any key ``k`` (a softmax identity: :func:`~probekit.patch_keys.log_partition`). One dot product per row instead
-        of a logarithm per element; within 1e-6 of float64 on sharp heads. Masked keys
+        where ``lse = z_k - ln p_k`` for any key ``k`` (a softmax identity:
+        :func:`~probekit.patch_keys.log_partition`). One dot product per row instead of a
+        logarithm per element; within 1e-6 of float64 on sharp heads. The engine makes the same
+        sums next to the softmax (:mod:`probekit.block_terms`, through :meth:`kernel_row_sum`);
+        this is the path for callers that hand over finished blocks. Masked keys
         (``z = -inf``) make the dot product undefined, and a head that parks nearly all its mass
         on prefix tokens underflows the patch probabilities: those blocks take the softmax of
         the patch-key logits (:func:`~probekit.patch_keys.patch_entropy`), exact at any gap.
