@@ -7,7 +7,7 @@ Per layer, best of 7, wall time with ``--threads`` torch threads:
 
 - ``sdpa``: ``F.scaled_dot_product_attention`` (the plain forward's attention: flash, fused);
 - ``q·kᵀ + softmax + P·V``: the blocked one-pass path without any metric, in the engine's blocks of
-  every image (``--block-mb``, default the engine's 32 MiB) and in blocks of one image's rows;
+  every image (``--block-mb``, default the engine's 8 MiB) and in blocks of one image's rows;
 - ``sink: ...``: :class:`probekit.sink.MetricSink` with ``attention_pass="fused"`` and the metrics,
   i.e. what a tapped layer costs in ``pk.probe``.
 
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--block-mb", type=float, default=32.0)
+    ap.add_argument("--block-mb", type=float, default=8.0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     b, h, t, d = args.batch, args.heads, args.tokens, 64

@@ -162,14 +162,22 @@ class LayerAttention:
         self._vf = self.v.float().contiguous()
 
     def add_output(self, rows: slice, probs: torch.Tensor, workspace: "Workspace | None" = None,
-                   batch: slice | None = None) -> None:
-        """Write the output rows ``rows`` (of the images ``batch``): ``probs @ v`` (``probs``: ``[B, H, R, T]``)."""
+                   batch: slice | None = None, row_scale: torch.Tensor | None = None) -> None:
+        """Write the output rows ``rows`` (of the images ``batch``): ``probs @ v`` (``probs``: ``[B, H, R, T]``).
+
+        ``row_scale`` (``[B, H, R]``): ``probs`` are unnormalized rows, and the product's rows are
+        multiplied by it on their way into the output (the same numbers to float32 rounding).
+        """
         batch = batch or slice(None)
         if workspace is None:
-            self.output[batch, :, rows] = torch.matmul(probs, self._vf[batch])
-            return
-        pv = workspace.get("pv", (*probs.shape[:3], self._vf.shape[-1]), probs.device)
-        self.output[batch, :, rows] = torch.matmul(probs, self._vf[batch], out=pv)
+            pv = torch.matmul(probs, self._vf[batch])
+        else:
+            pv = torch.matmul(probs, self._vf[batch],
+                              out=workspace.get("pv", (*probs.shape[:3], self._vf.shape[-1]), probs.device))
+        if row_scale is None:
+            self.output[batch, :, rows] = pv
+        else:
+            torch.mul(pv, row_scale[..., None], out=self.output[batch, :, rows])
 
     def release(self) -> None:
         """Drop the per-layer float32 copies (the output stays with the model)."""

@@ -285,7 +285,7 @@ def probe(
         dtype: compute dtype (``"bf16"``/``"fp16"`` autocast); probabilities are always float32.
         num_workers: DataLoader workers that decode and preprocess images.
         block_mb: memory budget (MiB) for one block of query rows' logits and probabilities
-            (default: 32 on CPU, 256 on accelerators).
+            (default: 8 on CPU, 256 on accelerators).
         attention_pass: ``"auto"`` (default), ``"fused"``, ``"separate"`` or ``"kernel"``. ``"fused"``: taps
             that hold q, k and v (transformers, timm, open_clip) get each layer's attention
             output from the probability blocks the metrics read, one attention pass instead of

@@ -12,7 +12,7 @@ import torch
 
 from . import kernel
 from .attention import ATTENTION_PASSES, SCRATCH_BYTES, LayerAttention, Workspace, blocks, no_autocast, one_pass
-from .block_terms import BLOCK_TERMS, softmax_with_terms
+from .block_terms import layer_terms, softmax_with_terms, terms_served
 from .errors import ConfigError
 from .geometry import LayerGeometry, ModelGeometry
 from .grouped import reduce_groups
@@ -26,9 +26,9 @@ def _is_rowwise(m: Metric) -> bool:
     return m.needs == "attention" and m.rowwise and type(m).on_attention is Metric.on_attention
 
 
-def _takes_block_terms(m: Metric) -> bool:
-    """Whether a metric's kernel sums come from the terms the blocked path makes next to the softmax."""
-    return bool(m.kernel_terms) and m.kernel_terms <= BLOCK_TERMS and type(m).kernel_row_sum is not Metric.kernel_row_sum
+def _takes_block_terms(m: Metric, served: frozenset[str]) -> bool:
+    """Whether a metric's kernel sums come from the terms the blocked path makes next to the softmax (``served``)."""
+    return bool(m.kernel_terms) and m.kernel_terms <= served and type(m).kernel_row_sum is not Metric.kernel_row_sum
 
 
 class MetricSink:
@@ -44,9 +44,11 @@ class MetricSink:
     Args:
         metrics: the metric instances.
         layers: layer indices wanted (None: all).
-        block_mb: budget in MiB for one block's logits and probabilities together. None: 32 MiB
-            on CPU (blocks that stay in cache run up to 2x faster than larger ones) and 256 MiB
-            on accelerators (fewer, larger kernels). Per-row sums (entropy's) add a chunk buffer
+        block_mb: budget in MiB for one block's logits and probabilities together. None: 8 MiB
+            on CPU (measured at 1370 tokens, 2 threads: 4, 8, 16 and 32 MiB cost 1.29x, 1.22x,
+            1.39x and 1.4x the layer's SDPA; smaller blocks keep q·kᵀ, the softmax and P·V in
+            the cache, until the per-block overhead wins) and 256 MiB on accelerators (fewer,
+            larger kernels). Per-row sums (entropy's) add a chunk buffer
             of at most half of it (512 KiB at most on CPU).
         attention_pass: ``"auto"``, ``"fused"``, ``"separate"`` or ``"kernel"``: whether a tap
             that hands over v gets the layer's attention output from the blocks the metrics
@@ -97,7 +99,7 @@ class MetricSink:
         """Bytes for one block's logits and probabilities on ``device``."""
         if self.budget is not None:
             return self.budget
-        return (32 if device.type == "cpu" else 256) * 2**20
+        return (8 if device.type == "cpu" else 256) * 2**20
 
     def attention(self, layer: int, attn: LayerAttention) -> None:
         lay = self.geometry.layer(layer)
@@ -124,35 +126,26 @@ class MetricSink:
             attn.start_output()
         if rest:
             spans = {m.label: m.query_rows(lay) for m in rest}
-            lo = min(s.start for s in spans.values())
-            hi = max(s.stop for s in spans.values())
-            # the output needs every row: prefix rows (and any after hi) in blocks of their own, so
-            # the metrics' blocks stay whole (a block cut short would be copied to be reshaped)
-            segments = [(0, lo), (lo, hi), (hi, t)] if fused else [(lo, hi)]
-            budget = self.block_budget(attn.device)
-            # chunks of per-row sums: cache-sized on CPU; on accelerators whole blocks (fewer launches)
-            self.workspace.scratch_bytes = min(SCRATCH_BYTES, budget // 2) if attn.device.type == "cpu" else budget // 2
-            termed = {m.label for m in rest if _takes_block_terms(m)}
-            acc: dict[str, torch.Tensor] = {}
-            for bs, blk in (x for s0, s1 in segments if s1 > s0 for x in blocks(s0, s1, b, h, t, budget)):
-                with_terms = any(spans[k].start < blk.stop and blk.start < spans[k].stop for k in termed)
-                z, p, terms = self._block(attn, bs, blk, lay.num_prefix, with_terms)
-                if fused:
-                    attn.add_output(blk, p, self.workspace, batch=bs)
-                for m in rest:
-                    q = spans[m.label]
-                    s, e = max(blk.start, q.start), min(blk.stop, q.stop)
-                    if s >= e:
-                        continue
-                    sl = slice(s - blk.start, e - blk.start)
-                    part = m.kernel_row_sum(terms, lay, sl) if terms is not None and m.label in termed else None
-                    if part is None:  # or where the terms cannot serve (a patch mass lost to underflow)
-                        kw = {"logits": None if z is None else z[:, :, sl]} if m.uses_logits else {}
-                        part = m.row_sum(p[:, :, sl], lay, slice(s, e), **kw)
-                    if m.label not in acc:
-                        acc[m.label] = part.new_zeros((b, *part.shape[1:]))
-                    acc[m.label][bs] += part
-                del z, p, terms
+            served = terms_served(attn.device) if attn.probs_given is None else frozenset()
+            termed = [m for m in rest if _takes_block_terms(m, served)]
+            terms = None
+            if termed:  # per-row terms of the whole layer, made block by block next to the softmax
+                terms = layer_terms(b, h, t, lay.num_prefix, frozenset().union(*(m.kernel_terms for m in termed)),
+                                    attn.device)
+                t_lo = min(spans[m.label].start for m in termed)
+                t_hi = max(spans[m.label].stop for m in termed)
+            by_terms = {m.label for m in termed}
+            acc = self._block_sums(attn, lay, [m for m in rest if m.label not in by_terms], spans, b, h, t, fused,
+                                   None if terms is None else (t_lo, t_hi, terms))
+            redo = []
+            for m in termed:  # one reduction per layer and metric
+                v = m.kernel_row_sum(terms, lay, spans[m.label])
+                if v is None:  # e.g. a patch mass lost to underflow: the metric's own row_sum, blocks again
+                    redo.append(m)
+                else:
+                    acc[m.label] = v
+            if redo:
+                acc.update(self._block_sums(attn, lay, redo, spans, b, h, t, False, None))
             for m in rest:
                 q = spans[m.label]
                 self._keep(m, layer, acc[m.label] / max(q.stop - q.start, 1))
@@ -160,16 +153,60 @@ class MetricSink:
             self._keep(m, layer, m.on_attention(layer, attn, lay))
         attn.release()
 
-    def _block(self, attn: LayerAttention, batch: slice, rows: slice, num_prefix: int, with_terms: bool):
-        """``(logits, probs, terms)`` of a block of query rows of some images; the row terms (None unless
-        asked for, and where the tap gave logits) are made while the softmax writes the block
-        (:mod:`probekit.block_terms`)."""
-        if not with_terms or attn.probs_given is not None:
+    def _block_sums(self, attn: LayerAttention, lay: TokenLayout, metrics: list[Metric], spans: dict[str, slice],
+                    b: int, h: int, t: int, fused: bool, with_terms) -> dict[str, torch.Tensor]:
+        """One pass over the layer's blocks: each metric's ``row_sum`` over its query rows (``[B, H, ...]``);
+        with ``fused``, the attention output too; with ``with_terms`` (``(lo, hi, terms)``), the per-row
+        terms of the rows ``[lo, hi)`` written into ``terms`` next to each block's softmax."""
+        if metrics:
+            lo = min(spans[m.label].start for m in metrics)
+            hi = max(spans[m.label].stop for m in metrics)
+        else:
+            lo, hi = t, 0
+        if with_terms is not None:
+            lo, hi = min(lo, with_terms[0]), max(hi, with_terms[1])
+        # the output needs every row: prefix rows (and any after hi) in blocks of their own, so
+        # the metrics' blocks stay whole (a block cut short would be copied to be reshaped)
+        segments = [(0, lo), (lo, hi), (hi, t)] if fused else [(lo, hi)]
+        budget = self.block_budget(attn.device)
+        # chunks of per-row sums: cache-sized on CPU; on accelerators whole blocks (fewer launches)
+        self.workspace.scratch_bytes = min(SCRATCH_BYTES, budget // 2) if attn.device.type == "cpu" else budget // 2
+        acc: dict[str, torch.Tensor] = {}
+        for bs, blk in (x for s0, s1 in segments if s1 > s0 for x in blocks(s0, s1, b, h, t, budget)):
+            into = None
+            if with_terms is not None and with_terms[0] < blk.stop and blk.start < with_terms[1]:
+                into = with_terms[2]
+            # no metric here reads the probabilities themselves: the output may scale P·V's rows instead
+            only_pv = fused and not any(spans[m.label].start < blk.stop and blk.start < spans[m.label].stop
+                                        for m in metrics)
+            z, p, inv = self._block(attn, bs, blk, lay, into, only_pv)
+            if fused:
+                attn.add_output(blk, p, self.workspace, batch=bs, row_scale=inv)
+            for m in metrics:
+                q = spans[m.label]
+                s, e = max(blk.start, q.start), min(blk.stop, q.stop)
+                if s >= e:
+                    continue
+                sl = slice(s - blk.start, e - blk.start)
+                kw = {"logits": None if z is None else z[:, :, sl]} if m.uses_logits else {}
+                part = m.row_sum(p[:, :, sl], lay, slice(s, e), **kw)
+                if m.label not in acc:
+                    acc[m.label] = part.new_zeros((b, *part.shape[1:]))
+                acc[m.label][bs] += part
+            del z, p
+        return acc
+
+    def _block(self, attn: LayerAttention, batch: slice, rows: slice, layout: TokenLayout, into, only_pv: bool):
+        """``(logits, probs, row_scale)`` of a block of query rows of some images. With ``into`` (a layer's
+        :class:`~probekit.kernel.RowTerms`), the block's per-row terms are written there while the
+        softmax writes the block (:mod:`probekit.block_terms`); with ``only_pv`` too, the rows may be
+        left unnormalized, ``row_scale`` then being what P·V's rows are multiplied by (else None)."""
+        if into is None or attn.probs_given is not None:
             return (*attn.block(rows, workspace=self.workspace, batch=batch), None)
         shape = attn.block_shape(rows, batch)
         z = attn.logits(rows, out=self.workspace.get("logits", shape, attn.device), batch=batch)
         p = self.workspace.get("probs", shape, attn.device)
-        return z, p, softmax_with_terms(z, p, num_prefix, self.workspace)
+        return z, p, softmax_with_terms(z, p, batch, rows, layout, self.workspace, into, unnormalized=only_pv)
 
     def _reduce_groups(self, layer: int, attn: LayerAttention, geo: LayerGeometry, b: int, t: int) -> None:
         tk = attn.k.shape[2] if attn.probs_given is None else attn.probs_given.shape[-1]

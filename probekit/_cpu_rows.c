@@ -1,0 +1,177 @@
+/* probekit's CPU row kernel: a block of attention logits -> probabilities and per-row sums.
+ *
+ * Built at first use by probekit/cpu_kernel.py (cc -O3 -march=native -fopenmp -fno-math-errno) and
+ * loaded with ctypes. Work is split across `threads` OpenMP threads: the libgomp.so.1 that torch
+ * has loaded, so the same pool as torch's own kernels (a second pool would spin against it on the
+ * same cores). Built without -fopenmp, one call runs on the calling thread.
+ *
+ * One call handles a block of logits z [nb, H, R, T] (contiguous: images, heads, query rows, keys)
+ * for the query tokens row0 .. row0 + R - 1, the (image, row) pairs u = img * R + rr in [u0, u1);
+ * each pair's distances to every key are made once and serve its H heads' rows. The terms of the
+ * row (img, h, rr) go to index (img * H + h) * ot + rr of each output (ot = T: a layer's [B, H, T]
+ * terms, the pointers at the block's first row). Per row, with m = max z and
+ * e_j = exp(z_j - m), l = sum e (every row stays in L1 across the three passes):
+ *   p_j = e_j / l                         written to p (torch's softmax to float32 rounding)
+ *   lse   = m + ln l
+ *   mass  = sum_{j >= n0} p_j             (patch keys; n0 prefix tokens first)
+ *   plog  = sum_{j >= n0, p_j > 0} p_j z_j
+ *   dgr   = sum_{j >= n0} p_j |pos(i) - pos(j)|  in grid steps; dpx the same in pixels
+ *           (positions from the grid width on the fly, no distance matrix; 0 for prefix queries)
+ *   pre   = p_j for j < n0                ([..., n0] at index * n0)
+ * Outputs passed as NULL are not computed (plog, dpx with dgr, pre). With `inv_out` (indexed by g), p
+ * is left unnormalized (p_j = e_j) and 1 / l goes there: a caller that only needs P @ V scales
+ * that [R, dv] product's rows instead of the [R, T] block (one pass over the block saved).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* exp(x) for x <= 0 (a logit minus its row maximum), to ~1 ulp: Cephes' expf polynomial after
+ * x = n ln2 + r, |r| <= ln2 / 2. Below -87 (float32's normal range ends near -87.3) and for
+ * -inf (masked keys) it is 0. Branch-free so that gcc vectorizes the loops that call it. */
+static inline float pk_exp(float x) {
+    float t = x * 1.44269504088896341f;
+    float n = (t + 12582912.0f) - 12582912.0f; /* round to nearest, |t| < 2^22 */
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float r2 = r * r;
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r2 + r + 1.0f;
+    int32_t bits = ((int32_t)(x < -87.0f ? 0.0f : n) + 127) << 23;
+    float s;
+    memcpy(&s, &bits, 4);
+    return x < -87.0f ? 0.0f : y * s;
+}
+
+int pk_abi_version(void) { return 5; }
+
+int pk_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* One row: softmax and sums. drow/prow: the query's distances to the patch keys (grid steps,
+ * pixels; prow NULL: pixels = grid steps * py) or NULL (no distance terms). */
+static void row_terms(const float* zr, float* pr, int64_t T, int64_t n0, const float* drow, const float* prow,
+                      float py, float* lse, float* mass, float* plog, float* dpx, float* dgr, float* pre,
+                      float* inv_out) {
+    const int64_t N = T - n0;
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < T; ++j) m = zr[j] > m ? zr[j] : m; /* vmaxps; fmaxf does not vectorize */
+    const float ms = m == -INFINITY ? 0.0f : m;                   /* an all-masked row: p = NaN, as torch */
+    float lp = 0.0f;
+    for (int64_t j = 0; j < n0; ++j) {
+        float e = pk_exp(zr[j] - ms);
+        pr[j] = e;
+        lp += e;
+    }
+    const float* zp = zr + n0;
+    float* pp = pr + n0;
+    float s = 0.0f, sz = 0.0f, d1 = 0.0f, d2 = 0.0f;
+    if (drow && prow) {
+#pragma omp simd reduction(+ : s, sz, d1, d2)
+        for (int64_t j = 0; j < N; ++j) {
+            float e = pk_exp(zp[j] - ms);
+            pp[j] = e;
+            s += e;
+            sz += e > 0.0f ? e * zp[j] : 0.0f;
+            d1 += e * drow[j];
+            d2 += e * prow[j];
+        }
+    } else if (drow) {
+#pragma omp simd reduction(+ : s, sz, d1)
+        for (int64_t j = 0; j < N; ++j) {
+            float e = pk_exp(zp[j] - ms);
+            pp[j] = e;
+            s += e;
+            sz += e > 0.0f ? e * zp[j] : 0.0f;
+            d1 += e * drow[j];
+        }
+        d2 = d1 * py;
+    } else {
+#pragma omp simd reduction(+ : s, sz)
+        for (int64_t j = 0; j < N; ++j) {
+            float e = pk_exp(zp[j] - ms);
+            pp[j] = e;
+            s += e;
+            sz += e > 0.0f ? e * zp[j] : 0.0f;
+        }
+    }
+    const float l = lp + s;
+    const float inv = 1.0f / l;
+    if (inv_out) {
+        *inv_out = inv;
+    } else {
+#pragma omp simd
+        for (int64_t j = 0; j < T; ++j) pr[j] *= inv;
+    }
+    *lse = m + logf(l);
+    *mass = s * inv;
+    if (plog) *plog = sz * inv;
+    if (dgr) {
+        *dgr = d1 * inv;
+        *dpx = d2 * inv;
+    }
+    if (pre)
+        for (int64_t j = 0; j < n0; ++j) pre[j] = inv_out ? pr[j] * inv : pr[j];
+}
+
+void pk_softmax_terms(const float* z, float* p, int64_t H, int64_t R, int64_t T, int64_t u0, int64_t u1,
+                      int64_t row0, int64_t ot, int64_t n0, const float* ky, const float* kx, int64_t gw,
+                      float py, float px, float* lse, float* mass, float* plog, float* dpx, float* dgr,
+                      float* pre, float* inv_out, int threads) {
+    const int64_t N = T - n0;
+    const int square = py == px;
+    const float py2 = py * py, px2 = px * px;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1)
+#endif
+    {
+        float* drow = dgr ? (float*)malloc(sizeof(float) * (size_t)(2 * N + 1)) : NULL;
+        float* prow = drow && !square ? drow + N : NULL;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t u = u0; u < u1; ++u) {
+            const int64_t img = u / R, rr = u % R, qi = row0 + rr - n0;
+            const float* dq = NULL;
+            if (drow && qi >= 0) { /* this query's distances, for its H rows */
+                const float qy = (float)(qi / gw), qx = (float)(qi % gw);
+#pragma omp simd
+                for (int64_t j = 0; j < N; ++j) {
+                    float dy = qy - ky[j], dx = qx - kx[j];
+                    drow[j] = sqrtf(dy * dy + dx * dx);
+                }
+                if (prow) {
+#pragma omp simd
+                    for (int64_t j = 0; j < N; ++j) {
+                        float dy = qy - ky[j], dx = qx - kx[j];
+                        prow[j] = sqrtf(dy * dy * py2 + dx * dx * px2);
+                    }
+                }
+                dq = drow;
+            }
+            for (int64_t h = 0; h < H; ++h) {
+                const int64_t g = (img * H + h) * R + rr, oi = (img * H + h) * ot + rr;
+                row_terms(z + g * T, p + g * T, T, n0, dq, dq ? prow : NULL, py, lse + oi, mass + oi,
+                          plog ? plog + oi : NULL, dq ? dpx + oi : NULL, dq ? dgr + oi : NULL,
+                          pre ? pre + oi * n0 : NULL, inv_out ? inv_out + g : NULL);
+                if (dgr && !dq) { /* a prefix query: no position, distance sums 0 */
+                    dpx[oi] = 0.0f;
+                    dgr[oi] = 0.0f;
+                }
+            }
+        }
+        free(drow);
+    }
+}
