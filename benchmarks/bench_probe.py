@@ -18,9 +18,9 @@ that floor, on random-init weights (``pretrained=False``: nothing is downloaded)
 - ``probekit-mad``  ``pk.probe(pm, x, metrics=["mad"])``: the whole user-facing call.
 - ``probekit``      ``pk.probe(pm, x, metrics=["mad", "entropy"])``.
 
-``pk.probe`` runs its default ``attention_pass="auto"``: the model's own SDPA below 150 tokens,
-one attention pass (the layer's output from the metric blocks) from 150 tokens on (README,
-"Which attention path runs"). Goals (issue 12): MAD + entropy on all layers <= 1.05x plain at
+``pk.probe`` runs its default ``attention_pass="auto"``: on this CPU one attention pass (the
+layer's output from the metric blocks, softmax and metric sums in the C row kernel) from 64 tokens
+on, the model's own SDPA below (README, "Which attention path runs"). Goals (issue 12): MAD + entropy on all layers <= 1.05x plain at
 197 tokens, <= 1.15x at 785, <= 1.20x at 1370; extra peak memory under a third of the usual way's.
 
 How it measures, and why:
@@ -57,9 +57,9 @@ CASES = {
     "vit-b16-224": dict(timm="vit_base_patch16_224", hf="vit", size=224, patch=16, width=768, heads=12,
                         batch=(16, 2), pairs=(3, 1), label="ViT-B/16 224 (197 tok)"),
     "vit-b16-448": dict(timm="vit_base_patch16_224", hf="vit", size=448, patch=16, width=768, heads=12,
-                        batch=(4, 1), pairs=(2, 1), label="ViT-B/16 448 (785 tok)"),
+                        batch=(4, 1), pairs=(4, 1), label="ViT-B/16 448 (785 tok)"),
     "vit-s14-518": dict(timm="vit_small_patch14_dinov2", hf="dinov2", size=518, patch=14, width=384, heads=6,
-                        batch=(2, 1), pairs=(3, 1), label="ViT-S/14 DINOv2 518 (1370 tok)"),
+                        batch=(2, 1), pairs=(5, 1), label="ViT-S/14 DINOv2 518 (1370 tok)"),
 }
 METHODS = ("usual", "timm-extract", "probekit-mad", "probekit")
 

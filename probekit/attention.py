@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["LayerAttention", "Workspace", "no_autocast", "row_blocks", "blocks", "one_pass", "sdpa_dtype", "ATTENTION_PASSES",
-           "ONE_PASS_MIN_TOKENS", "row_dot"]
+           "ONE_PASS_MIN_TOKENS", "ONE_PASS_MIN_TOKENS_KERNEL", "row_dot"]
 
 ATTENTION_PASSES = ("auto", "fused", "separate", "kernel")
 # auto: one pass on CPU from this many tokens on (measured, see one_pass); always on accelerators
-ONE_PASS_MIN_TOKENS = 150
+ONE_PASS_MIN_TOKENS_KERNEL = 64  # with the C row kernel (probekit.cpu_kernel)
+ONE_PASS_MIN_TOKENS = 150  # without it (no C compiler): the PyTorch blocks
 
 
 @dataclass
@@ -188,21 +189,29 @@ def one_pass(attn: LayerAttention, mode: str = "auto") -> bool:
     """Whether the engine produces this layer's attention output itself (one attention pass).
 
     ``"separate"``: never (the model's own kernel, then the metrics recompute q·kᵀ).
-    ``"fused"``/``"kernel"``: whenever the tap handed over ``v``. ``"auto"``: on CPU from
-    :data:`ONE_PASS_MIN_TOKENS` (150) tokens on, and always on accelerators. The rule comes
-    from paired runs on this project's 2-core CPU (timm ViT-B/16, batch 16, MAD + entropy on all
-    layers, best wall time over the plain forward's, 2 threads, quiet machine; README Benchmark):
-    50 tokens: fused 1.20x, separate 1.08x (torch's fused SDPA beats float32 ``P @ V`` from the
-    probabilities by more than the recomputation it saves); 101 tokens: 1.08x / 1.08x;
-    197 tokens: 1.07x / 1.12x, and in ``bench_probe.py`` 1.02-1.10x / 1.10-1.20x; longer
-    sequences gain more (785 and 1370 tokens). Accelerators always take it (their flash kernel
-    is the cheap part; not measured here).
+    ``"fused"``/``"kernel"``: whenever the tap handed over ``v``. ``"auto"``: always on
+    accelerators; on CPU from :data:`ONE_PASS_MIN_TOKENS_KERNEL` (64) tokens on where the C row
+    kernel built (:mod:`probekit.cpu_kernel`), else from :data:`ONE_PASS_MIN_TOKENS` (150). The
+    rule comes from paired runs on this project's 2-core CPU (timm ViT-B/16, batch 16, MAD +
+    entropy on all layers, best wall time over the plain forward's, best of 3, 2 threads; README
+    Benchmark). With the C kernel, fused / separate: 17 tokens 1.10x / 1.06x, 37 tokens 1.08x /
+    1.11x, 50 tokens 0.99-1.07x / 1.00-1.08x (a tie within this VM's noise), 82 tokens 1.02x /
+    1.10x, 101 tokens 0.99-1.02x / 1.03-1.08x, 197 tokens 1.08x / 1.16x. With PyTorch's blocks:
+    50 tokens 1.20x / 1.08x (torch's fused SDPA beats float32 ``P @ V`` from the probabilities by
+    more than the recomputation it saves), 101 tokens 1.08x / 1.08x, 197 tokens 1.07x / 1.12x.
+    Longer sequences gain more (785 and 1370 tokens). Accelerators always take it (their flash
+    kernel is the cheap part; not measured here).
     """
     if mode == "separate" or attn.v is None or attn.probs_given is not None:
         return False
     if mode in ("fused", "kernel"):  # "kernel": layers the Triton kernel did not take
         return True
-    return attn.device.type != "cpu" or attn.shape[2] >= ONE_PASS_MIN_TOKENS
+    if attn.device.type != "cpu":
+        return True
+    from . import cpu_kernel  # imports nothing of the engine's; the library is built once
+
+    least = ONE_PASS_MIN_TOKENS_KERNEL if cpu_kernel.library() is not None else ONE_PASS_MIN_TOKENS
+    return attn.shape[2] >= least
 
 
 def sdpa_dtype(q: torch.Tensor) -> torch.dtype:
