@@ -20,7 +20,8 @@
  *   pre   = p_j for j < n0                ([..., n0] at index * n0)
  * Outputs passed as NULL are not computed (plog, dpx with dgr, pre). With `inv_out` (indexed by g), p
  * is left unnormalized (p_j = e_j) and 1 / l goes there: a caller that only needs P @ V scales
- * that [R, dv] product's rows instead of the [R, T] block (one pass over the block saved).
+ * that [R, dv] product's rows instead of the [R, T] block (one pass over the block saved). p may
+ * be z itself (in place: one buffer less to bring through the cache).
  */
 #include <math.h>
 #include <stdint.h>
@@ -49,7 +50,7 @@ static inline float pk_exp(float x) {
     return x < -87.0f ? 0.0f : y * s;
 }
 
-int pk_abi_version(void) { return 5; }
+int pk_abi_version(void) { return 6; }
 
 int pk_openmp(void) {
 #ifdef _OPENMP
@@ -81,30 +82,30 @@ static void row_terms(const float* zr, float* pr, int64_t T, int64_t n0, const f
     if (drow && prow) {
 #pragma omp simd reduction(+ : s, sz, d1, d2)
         for (int64_t j = 0; j < N; ++j) {
-            float e = pk_exp(zp[j] - ms);
+            const float x = zp[j] - ms, e = pk_exp(x); /* z read once: p may be z (in place) */
             pp[j] = e;
             s += e;
-            sz += e > 0.0f ? e * zp[j] : 0.0f;
+            sz += e * (x > -87.0f ? x : -87.0f); /* e = 0 below -87 (masked keys: x = -inf) */
             d1 += e * drow[j];
             d2 += e * prow[j];
         }
     } else if (drow) {
 #pragma omp simd reduction(+ : s, sz, d1)
         for (int64_t j = 0; j < N; ++j) {
-            float e = pk_exp(zp[j] - ms);
+            const float x = zp[j] - ms, e = pk_exp(x); /* z read once: p may be z (in place) */
             pp[j] = e;
             s += e;
-            sz += e > 0.0f ? e * zp[j] : 0.0f;
+            sz += e * (x > -87.0f ? x : -87.0f); /* e = 0 below -87 (masked keys: x = -inf) */
             d1 += e * drow[j];
         }
         d2 = d1 * py;
     } else {
 #pragma omp simd reduction(+ : s, sz)
         for (int64_t j = 0; j < N; ++j) {
-            float e = pk_exp(zp[j] - ms);
+            const float x = zp[j] - ms, e = pk_exp(x); /* z read once: p may be z (in place) */
             pp[j] = e;
             s += e;
-            sz += e > 0.0f ? e * zp[j] : 0.0f;
+            sz += e * (x > -87.0f ? x : -87.0f); /* e = 0 below -87 (masked keys: x = -inf) */
         }
     }
     const float l = lp + s;
@@ -117,7 +118,7 @@ static void row_terms(const float* zr, float* pr, int64_t T, int64_t n0, const f
     }
     *lse = m + logf(l);
     *mass = s * inv;
-    if (plog) *plog = sz * inv;
+    if (plog) *plog = (sz + ms * s) * inv; /* sum p (z - m) + m sum p */
     if (dgr) {
         *dgr = d1 * inv;
         *dpx = d2 * inv;

@@ -52,7 +52,8 @@ def layer_terms(batch: int, heads: int, tokens: int, num_prefix: int, want, devi
 
 
 def softmax_with_terms(logits: torch.Tensor, probs: torch.Tensor, batch: slice, rows: slice, layout: TokenLayout,
-                       workspace: Workspace, into: RowTerms, unnormalized: bool = False) -> torch.Tensor | None:
+                       workspace: Workspace, into: RowTerms,
+                       unnormalized: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Write ``softmax(logits)`` to ``probs`` (both contiguous float32 ``[b, H, R, T]``: the query ``rows``
     of the images ``batch``) and its row terms to a layer's terms ``into`` (:func:`layer_terms`).
 
@@ -61,14 +62,18 @@ def softmax_with_terms(logits: torch.Tensor, probs: torch.Tensor, batch: slice, 
     read as "take the logits path"; the C kernel, like the GPU kernel, leaves keys with ``p = 0``
     out of it.
 
-    With ``unnormalized`` (the caller reads ``probs`` only to multiply them by V), the C kernel may
-    leave each row as ``exp(z - max)`` and return the rows' ``1 / sum`` (``[b, H, R]``) to scale
-    the product with; None when ``probs`` holds the probabilities.
+    Returns ``(probs, row_scale)``. With ``unnormalized`` (the caller reads the probabilities only
+    to multiply them by V, and not the logits) the C kernel leaves each row as ``exp(z - max)``,
+    written over the logits (one buffer less through the cache), and ``row_scale`` is the rows'
+    ``1 / sum`` (``[b, H, R]``) to scale the product with; otherwise ``(probs, None)``.
     """
     if cpu_kernel.available(logits) and probs.is_contiguous():
-        inv = workspace.get("row_inv", logits.shape[:-1], logits.device) if unnormalized else None
-        cpu_kernel.softmax_terms(logits, probs, batch, rows, layout, into, inv)
-        return inv
+        if unnormalized:
+            inv = workspace.get("row_inv", logits.shape[:-1], logits.device)
+            cpu_kernel.softmax_terms(logits, logits, batch, rows, layout, into, inv)
+            return logits, inv
+        cpu_kernel.softmax_terms(logits, probs, batch, rows, layout, into)
+        return probs, None
     if into.dist_px is not None or into.prefix is not None:
         raise RuntimeError("distance and prefix terms come only from the C row kernel (terms_served decides)")
     num_prefix = layout.num_prefix
@@ -89,4 +94,4 @@ def softmax_with_terms(logits: torch.Tensor, probs: torch.Tensor, batch: slice, 
     into.patch_mass[batch, :, rows] = mass.view(shape)
     if into.patch_logit is not None:
         into.patch_logit[batch, :, rows] = dot.view(shape)
-    return None
+    return probs, None

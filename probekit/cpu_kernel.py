@@ -47,7 +47,7 @@ TERMS = frozenset({"lse", "patch_mass", "patch_logit", "dist", "prefix"})
 
 _SOURCE = Path(__file__).with_name("_cpu_rows.c")
 _FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC")
-_ABI = 5
+_ABI = 6
 _error: str | None = None
 
 
@@ -161,7 +161,8 @@ def softmax_terms(logits: torch.Tensor, probs: torch.Tensor, batch: slice, rows:
 
     Args:
         logits, probs: contiguous float32 ``[b, H, R, T]`` on CPU (:func:`available`): the query
-            tokens ``rows`` of the images ``batch`` (a step-1 slice).
+            tokens ``rows`` of the images ``batch`` (a step-1 slice); ``probs`` may be ``logits``
+            (in place).
         layout: the layer's token layout (prefix tokens first, then the grid row by row).
         into: the layer's terms, contiguous float32 ``[B, H, T]`` (``prefix``: ``[B, H, T, n0]``);
             the terms that are None there are not made (``lse`` and ``patch_mass`` always are).

@@ -199,14 +199,16 @@ class MetricSink:
     def _block(self, attn: LayerAttention, batch: slice, rows: slice, layout: TokenLayout, into, only_pv: bool):
         """``(logits, probs, row_scale)`` of a block of query rows of some images. With ``into`` (a layer's
         :class:`~probekit.kernel.RowTerms`), the block's per-row terms are written there while the
-        softmax writes the block (:mod:`probekit.block_terms`); with ``only_pv`` too, the rows may be
-        left unnormalized, ``row_scale`` then being what P·V's rows are multiplied by (else None)."""
+        softmax writes the block (:mod:`probekit.block_terms`); with ``only_pv`` too (no metric reads
+        this block), the rows may be left unnormalized over the logits (``logits`` None then),
+        ``row_scale`` being what P·V's rows are multiplied by (else None)."""
         if into is None or attn.probs_given is not None:
             return (*attn.block(rows, workspace=self.workspace, batch=batch), None)
         shape = attn.block_shape(rows, batch)
         z = attn.logits(rows, out=self.workspace.get("logits", shape, attn.device), batch=batch)
         p = self.workspace.get("probs", shape, attn.device)
-        return z, p, softmax_with_terms(z, p, batch, rows, layout, self.workspace, into, unnormalized=only_pv)
+        p, inv = softmax_with_terms(z, p, batch, rows, layout, self.workspace, into, unnormalized=only_pv)
+        return (None, p, inv) if inv is not None else (z, p, None)  # unnormalized rows overwrote the logits
 
     def _reduce_groups(self, layer: int, attn: LayerAttention, geo: LayerGeometry, b: int, t: int) -> None:
         tk = attn.k.shape[2] if attn.probs_given is None else attn.probs_given.shape[-1]
