@@ -104,6 +104,8 @@ class MetricSink:
     def attention(self, layer: int, attn: LayerAttention) -> None:
         lay = self.geometry.layer(layer)
         b, h, t = attn.shape
+        if attn.workspace is None:
+            attn.workspace = self.workspace  # its float32 copies of q, k, v: the same buffers every layer
         if isinstance(lay, LayerGeometry):  # windows, pooled keys, class attention: group by group
             self._reduce_groups(layer, attn, lay, b, t)
             return
