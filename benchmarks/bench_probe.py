@@ -59,7 +59,7 @@ CASES = {
     "vit-b16-448": dict(timm="vit_base_patch16_224", hf="vit", size=448, patch=16, width=768, heads=12,
                         batch=(4, 1), pairs=(4, 1), label="ViT-B/16 448 (785 tok)"),
     "vit-s14-518": dict(timm="vit_small_patch14_dinov2", hf="dinov2", size=518, patch=14, width=384, heads=6,
-                        batch=(2, 1), pairs=(5, 1), label="ViT-S/14 DINOv2 518 (1370 tok)"),
+                        batch=(2, 1), pairs=(8, 1), label="ViT-S/14 DINOv2 518 (1370 tok)"),
 }
 METHODS = ("usual", "timm-extract", "probekit-mad", "probekit")
 
