@@ -52,9 +52,18 @@ _error: str | None = None
 
 
 def _cache_dir() -> Path:
+    """``$PROBEKIT_CACHE_DIR`` or ``~/.cache/probekit``; a per-user temporary folder where that is read-only."""
     root = os.environ.get("PROBEKIT_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "probekit")
-    return Path(root) / "cpu_kernel"
+    path = Path(root) / "cpu_kernel"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    user = getattr(os, "getuid", lambda: "user")()
+    return Path(tempfile.gettempdir()) / f"probekit-{user}" / "cpu_kernel"
 
 
 def _compile(src: bytes, cc: str, arch: tuple[str, ...], dest: Path) -> None:
@@ -79,10 +88,11 @@ def library() -> ctypes.CDLL | None:
     src = _SOURCE.read_bytes()
     cc = os.environ.get("CC", "cc")
     errors = []
+    cache = _cache_dir()
     # a compiler without OpenMP: Python threads; without -march=native: portable code
     for arch in (("-march=native", "-fopenmp"), ("-march=native", "-fopenmp-simd"), ("-fopenmp-simd",)):
         key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(_FLAGS + arch).encode(), _cpu_id()])).hexdigest()
-        dest = _cache_dir() / f"rows-{key[:20]}.so"
+        dest = cache / f"rows-{key[:20]}.so"
         try:
             if not dest.exists():
                 _compile(src, cc, arch, dest)

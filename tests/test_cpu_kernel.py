@@ -7,6 +7,7 @@ machine without one takes the PyTorch path, which these tests also compare again
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +163,12 @@ def test_underflowed_patch_mass_falls_back_to_the_logits(monkeypatch):
     got = sink.values["entropy"][0]
     assert torch.allclose(got, want, rtol=1e-5), (got, want)
     assert got[0, 0] > 1.0  # not the garbage of renormalized zeros
+
+
+def test_cache_folder_falls_back_to_a_temporary_one_when_read_only(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROBEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    assert cpu_kernel._cache_dir() == tmp_path / "cache" / "cpu_kernel"
+    monkeypatch.setattr(cpu_kernel.os, "access", lambda path, mode: False)  # e.g. a read-only home
+    fallback = cpu_kernel._cache_dir()
+    assert fallback.parent.parent == Path(cpu_kernel.tempfile.gettempdir())
+    assert fallback.parent.name.startswith("probekit-")
