@@ -4,9 +4,10 @@ Why: on CPU a tapped layer's probabilities come block by block (:mod:`probekit.a
 the row-wise metrics then read each block again: a ``torch.mv`` against a distance matrix for
 MAD, a dot product with the logits and a sum for entropy, a gather for ``lse``. At 1370 tokens
 those reads cost as much as the softmax itself. This kernel (``_cpu_rows.c``) makes the softmax
-and every sum in the three passes over each row that the softmax needs anyway, with the row in L1:
-the maximum, ``exp`` and the running sums (distances computed from token indices on the fly,
-no distance matrix), the normalization. The sums are the fused GPU kernel's
+and every sum in the passes over each row that the softmax needs anyway, with the row in L1: the
+maximum, then ``exp`` with the running sums (a query's distances to every key computed from token
+indices once and shared by its heads; no distance matrix), then the normalization, which is left
+out where only ``P @ V`` reads the rows (its ``[R, dv]`` product is scaled instead). The sums are the fused GPU kernel's
 :class:`~probekit.kernel.RowTerms` for the rows of one block, so metrics read them through the
 same :meth:`~probekit.Metric.kernel_row_sum` (:mod:`probekit.block_terms`).
 
