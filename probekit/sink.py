@@ -168,6 +168,8 @@ class MetricSink:
             lo, hi = t, 0
         if with_terms is not None:
             lo, hi = min(lo, with_terms[0]), max(hi, with_terms[1])
+            if fused and not metrics:  # every row through the row kernel, prefix rows too: no small blocks
+                lo, hi = 0, t
         # the output needs every row: prefix rows (and any after hi) in blocks of their own, so
         # the metrics' blocks stay whole (a block cut short would be copied to be reshaped)
         segments = [(0, lo), (lo, hi), (hi, t)] if fused else [(lo, hi)]
