@@ -55,7 +55,7 @@ import time
 CASES = {
     # name: model, image size, batch (full, quick), timed pairs (full, quick)
     "vit-b16-224": dict(timm="vit_base_patch16_224", hf="vit", size=224, patch=16, width=768, heads=12,
-                        batch=(16, 2), pairs=(3, 1), label="ViT-B/16 224 (197 tok)"),
+                        batch=(16, 2), pairs=(5, 1), label="ViT-B/16 224 (197 tok)"),
     "vit-b16-448": dict(timm="vit_base_patch16_224", hf="vit", size=448, patch=16, width=768, heads=12,
                         batch=(4, 1), pairs=(4, 1), label="ViT-B/16 448 (785 tok)"),
     "vit-s14-518": dict(timm="vit_small_patch14_dinov2", hf="dinov2", size=518, patch=14, width=384, heads=6,
