@@ -60,6 +60,15 @@ int pk_openmp(void) {
 #endif
 }
 
+/* One patch key j of row_terms' loops: e written to p and the sums every variant keeps. A macro,
+ * not a function, so that each variant's loop stays one flat `omp simd` body with its own
+ * reductions (the distance sums differ). */
+#define PK_PATCH_KEY(j)                                                                     \
+    const float x = zp[j] - ms, e = pk_exp(x); /* z read once: p may be z (in place) */    \
+    pp[j] = e;                                                                              \
+    s += e;                                                                                 \
+    sz += e * (x > -87.0f ? x : -87.0f) /* e = 0 below -87 (masked keys: x = -inf) */
+
 /* One row: softmax and sums. drow/prow: the query's distances to the patch keys (grid steps,
  * pixels; prow NULL: pixels = grid steps * py) or NULL (no distance terms). */
 static void row_terms(const float* zr, float* pr, int64_t T, int64_t n0, const float* drow, const float* prow,
@@ -82,30 +91,21 @@ static void row_terms(const float* zr, float* pr, int64_t T, int64_t n0, const f
     if (drow && prow) {
 #pragma omp simd reduction(+ : s, sz, d1, d2)
         for (int64_t j = 0; j < N; ++j) {
-            const float x = zp[j] - ms, e = pk_exp(x); /* z read once: p may be z (in place) */
-            pp[j] = e;
-            s += e;
-            sz += e * (x > -87.0f ? x : -87.0f); /* e = 0 below -87 (masked keys: x = -inf) */
+            PK_PATCH_KEY(j);
             d1 += e * drow[j];
             d2 += e * prow[j];
         }
     } else if (drow) {
 #pragma omp simd reduction(+ : s, sz, d1)
         for (int64_t j = 0; j < N; ++j) {
-            const float x = zp[j] - ms, e = pk_exp(x); /* z read once: p may be z (in place) */
-            pp[j] = e;
-            s += e;
-            sz += e * (x > -87.0f ? x : -87.0f); /* e = 0 below -87 (masked keys: x = -inf) */
+            PK_PATCH_KEY(j);
             d1 += e * drow[j];
         }
         d2 = d1 * py;
     } else {
 #pragma omp simd reduction(+ : s, sz)
         for (int64_t j = 0; j < N; ++j) {
-            const float x = zp[j] - ms, e = pk_exp(x); /* z read once: p may be z (in place) */
-            pp[j] = e;
-            s += e;
-            sz += e * (x > -87.0f ? x : -87.0f); /* e = 0 below -87 (masked keys: x = -inf) */
+            PK_PATCH_KEY(j);
         }
     }
     const float l = lp + s;
