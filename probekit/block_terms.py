@@ -51,11 +51,12 @@ def layer_terms(batch: int, heads: int, tokens: int, num_prefix: int, want, devi
                     else None)
 
 
-def softmax_with_terms(logits: torch.Tensor, probs: torch.Tensor, batch: slice, rows: slice, layout: TokenLayout,
+def softmax_with_terms(logits: torch.Tensor, batch: slice, rows: slice, layout: TokenLayout,
                        workspace: Workspace, into: RowTerms,
                        unnormalized: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Write ``softmax(logits)`` to ``probs`` (both contiguous float32 ``[b, H, R, T]``: the query ``rows``
-    of the images ``batch``) and its row terms to a layer's terms ``into`` (:func:`layer_terms`).
+    """Write ``softmax(logits)`` (contiguous float32 ``[b, H, R, T]``: the query ``rows`` of the images
+    ``batch``) to the workspace's ``probs`` buffer and its row terms to a layer's terms ``into``
+    (:func:`layer_terms`).
 
     ``patch_mass`` and ``patch_logit`` sum over the keys after the layout's prefix tokens. On the
     PyTorch path masked keys (``z = -inf``, ``p = 0``) make ``patch_logit`` NaN, which the metrics
@@ -65,13 +66,16 @@ def softmax_with_terms(logits: torch.Tensor, probs: torch.Tensor, batch: slice, 
     Returns ``(probs, row_scale)``. With ``unnormalized`` (the caller reads the probabilities only
     to multiply them by V, and not the logits) the C kernel leaves each row as ``exp(z - max)``,
     written over the logits (one buffer less through the cache), and ``row_scale`` is the rows'
-    ``1 / sum`` (``[b, H, R]``) to scale the product with; otherwise ``(probs, None)``.
+    ``1 / sum`` (``[b, H, R]``) to scale the product with, and the ``probs`` buffer is not touched;
+    otherwise ``(probs, None)``.
     """
-    if cpu_kernel.available(logits) and probs.is_contiguous():
-        if unnormalized:
-            inv = workspace.get("row_inv", logits.shape[:-1], logits.device)
-            cpu_kernel.softmax_terms(logits, logits, batch, rows, layout, into, inv)
-            return logits, inv
+    kernel = cpu_kernel.available(logits)
+    if kernel and unnormalized:
+        inv = workspace.get("row_inv", logits.shape[:-1], logits.device)
+        cpu_kernel.softmax_terms(logits, logits, batch, rows, layout, into, inv)
+        return logits, inv
+    probs = workspace.get("probs", logits.shape, logits.device)
+    if kernel:
         cpu_kernel.softmax_terms(logits, probs, batch, rows, layout, into)
         return probs, None
     if into.dist_px is not None or into.prefix is not None:

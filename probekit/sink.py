@@ -211,8 +211,7 @@ class MetricSink:
             return (*attn.block(rows, workspace=self.workspace, batch=batch), None)
         shape = attn.block_shape(rows, batch)
         z = attn.logits(rows, out=self.workspace.get("logits", shape, attn.device), batch=batch)
-        p = self.workspace.get("probs", shape, attn.device)
-        p, inv = softmax_with_terms(z, p, batch, rows, layout, self.workspace, into, unnormalized=only_pv)
+        p, inv = softmax_with_terms(z, batch, rows, layout, self.workspace, into, unnormalized=only_pv)
         return (None, p, inv) if inv is not None else (z, p, None)  # unnormalized rows overwrote the logits
 
     def _reduce_groups(self, layer: int, attn: LayerAttention, geo: LayerGeometry, b: int, t: int) -> None:
