@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import cpu_kernel
+
 __all__ = ["LayerAttention", "Workspace", "no_autocast", "row_blocks", "blocks", "one_pass", "sdpa_dtype", "ATTENTION_PASSES",
            "ONE_PASS_MIN_TOKENS", "ONE_PASS_MIN_TOKENS_KERNEL", "row_dot"]
 
@@ -227,8 +229,6 @@ def one_pass(attn: LayerAttention, mode: str = "auto") -> bool:
         return True
     if attn.device.type != "cpu":
         return True
-    from . import cpu_kernel  # imports nothing of the engine's; the library is built once
-
     least = ONE_PASS_MIN_TOKENS_KERNEL if cpu_kernel.library() is not None else ONE_PASS_MIN_TOKENS
     return attn.shape[2] >= least
 
