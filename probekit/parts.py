@@ -121,7 +121,7 @@ class PartStore:
                     return None
             res = Results.read_parquet(pq)
             if npz.exists():
-                res.arrays = Results.read_arrays(npz)
+                res.arrays = Results.read_arrays(npz, models=[res.meta.get("model"), *res.models])
         except Exception:  # absent, damaged or unreadable: recompute, never trust
             return None
         return res

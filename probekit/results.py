@@ -215,16 +215,56 @@ class Results:
         return cls(df, meta=meta)
 
     def save_arrays(self, path) -> Path | None:
-        """Map arrays as one compressed .npz (atomically); None if there are none."""
+        """Map arrays as one compressed .npz (atomically); None if there are none.
+
+        The keys are stored verbatim, as a JSON list in the member ``__keys__`` (uint8), and the
+        arrays as ``a0, a1, ...``: any model label round-trips (``__``, ``/``, spaces, unicode),
+        and the file holds plain arrays only (readable without pickle).
+        """
         if not self.arrays:
             return None
         path = Path(path)
+        keys = list(self.arrays)
+        members = {f"a{i}": np.asarray(self.arrays[k]) for i, k in enumerate(keys)}
+        members[_KEYS] = np.frombuffer(json.dumps(keys).encode(), dtype=np.uint8)
         with atomic_path(path, suffix=".npz") as tmp:
-            np.savez_compressed(tmp, **{k.replace("/", "__"): v for k, v in self.arrays.items()})
+            np.savez_compressed(tmp, **members)
         return path
 
     @staticmethod
-    def read_arrays(path) -> dict[str, np.ndarray]:
-        with np.load(path) as z:
-            return {k.replace("__", "/"): z[k] for k in z.files}
+    def read_arrays(path, models: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Map arrays written by :meth:`save_arrays` (never unpickling anything).
+
+        Args:
+            models: the model labels, to read files written before the keys were stored (their
+                member names encode ``/`` as ``__``, which only known labels disambiguate).
+
+        Raises:
+            ConfigError: the file is not such an arrays file.
+        """
+        from .errors import ConfigError
+
+        with np.load(path, allow_pickle=False) as z:
+            if _KEYS not in z.files:  # written before the keys were stored
+                return {_legacy_key(k, models or []): z[k] for k in z.files}
+            try:
+                keys = json.loads(z[_KEYS].tobytes().decode())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{path}: its list of array keys cannot be read ({exc}).") from None
+            if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or \
+                    sorted(z.files) != sorted([_KEYS, *(f"a{i}" for i in range(len(keys)))]):
+                raise ConfigError(f"{path} is not a probekit arrays file (its keys do not match its arrays).")
+            return {k: z[f"a{i}"] for i, k in enumerate(keys)}
+
+
+_KEYS = "__keys__"  # the member of an arrays file that lists its keys (JSON, as uint8)
+
+
+def _legacy_key(name: str, models: list[str]) -> str:
+    """A key of an arrays file that encoded ``/`` as ``__``: split after a known model label."""
+    for model in sorted((m for m in models if isinstance(m, str) and m), key=len, reverse=True):
+        enc = model.replace("/", "__") + "__"
+        if name.startswith(enc) and len(name) > len(enc):
+            return f"{model}/{name[len(enc):]}"
+    return name.replace("__", "/")
 

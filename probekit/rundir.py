@@ -279,7 +279,7 @@ def load_run_dir(run_dir: str | Path) -> Results:
     record = read_record(run_dir)
     res = Results.read_parquet(run_dir / "results.parquet")
     if "arrays.npz" in record["manifest"]:
-        res.arrays = Results.read_arrays(run_dir / "arrays.npz")
+        res.arrays = Results.read_arrays(run_dir / "arrays.npz", models=res.models)
     return res
 
 
