@@ -43,6 +43,7 @@ from .plots_common import (  # noqa: F401  (uniform_attention_value, WIDTH: publ
     uniform_attention_value,
 )
 from .plots_labels import label_profile
+from .input_view import is_view, view_key
 from .plots_maps import attention_maps
 from .results import Results, summarize
 
@@ -268,6 +269,8 @@ def save(fig, stem: Path) -> list[Path]:
 
 def _is_image_map(results: Results, key: str) -> bool:
     """Whether ``results.arrays[key]`` is ``[images, layers, ..., h, w]`` over the model's patch grid."""
+    if is_view(key):  # the images under the maps, not a map
+        return False
     arr = results.arrays[key]
     lay = _layout(results, key.rsplit("/", 1)[0])
     return arr.ndim >= 4 and (not lay or tuple(arr.shape[-2:]) == tuple(lay["grid"]))
@@ -284,8 +287,10 @@ def _stamp(results: Results, metric: str, kind: str, extra: object = None) -> st
     h = hashlib.sha256(f"{_FIGURE_FORMAT}|{kind}|{metric}".encode())
     t = results.table[results.table["metric"].astype(str) == metric]
     h.update(pd.util.hash_pandas_object(t.astype({"model": str, "metric": str}), index=False).to_numpy().tobytes())
+    drawn_over = {view_key(k.rsplit("/", 1)[0]) for k in results.arrays if k.rsplit("/", 1)[1] == metric} \
+        if kind == "maps" else set()
     for k in sorted(results.arrays):
-        if k.rsplit("/", 1)[1] == metric:
+        if k.rsplit("/", 1)[1] == metric or k in drawn_over:
             h.update(k.encode())
             h.update(np.ascontiguousarray(results.arrays[k]).tobytes())
     meta = {k: results.meta.get(k) for k in ("models", "metrics", "images")}
@@ -294,7 +299,7 @@ def _stamp(results: Results, metric: str, kind: str, extra: object = None) -> st
 
 
 STAMPS = ".stamps.json"  # beside the figures: the inputs each was drawn from
-_FIGURE_FORMAT = 2  # bump when a figure's drawing changes: every figure is then redrawn once
+_FIGURE_FORMAT = 3  # bump when a figure's drawing changes: every figure is then redrawn once
 _JOBS: dict = {}  # what forked drawing workers read (inherited, never pickled)
 
 
@@ -315,11 +320,8 @@ def _draw_one(job: tuple[str, str]) -> list[Path]:
     """Draw and save one figure of ``_JOBS`` (in this process or a forked worker)."""
     _, plt = _sns()
     kind, metric = job
-    results, out_dir, image_paths = _JOBS["results"], _JOBS["out_dir"], _JOBS["image_paths"]
-    if kind == "maps":
-        fig, _ = attention_maps(results, metric, image_paths=image_paths)
-    else:
-        fig, _ = _PER_KIND[kind](results, metric)
+    results, out_dir = _JOBS["results"], _JOBS["out_dir"]
+    fig, _ = (attention_maps if kind == "maps" else _PER_KIND[kind])(results, metric)
     try:
         return save(fig, out_dir / f"{kind}_{_safe(metric)}")
     finally:
@@ -345,8 +347,7 @@ _PER_KIND = {"depth": depth_profile, "overlay": layer_overlay, "heatmap": head_h
 
 
 def render_all(results: Results, out_dir: str | Path, *, kinds: Iterable[str] | None = None,
-               metrics: Iterable[str] | None = None, image_paths: dict | None = None,
-               workers: int | None = None, reuse: str | Path | None = None,
+               metrics: Iterable[str] | None = None, workers: int | None = None, reuse: str | Path | None = None,
                stamps: str | Path | None = None) -> list[Path]:
     """Draw every figure that fits the results into ``out_dir``; returns the files written or kept.
 
@@ -359,7 +360,6 @@ def render_all(results: Results, out_dir: str | Path, *, kinds: Iterable[str] | 
     Args:
         kinds: a subset of :data:`KINDS` (default: all).
         metrics: metric labels to draw, table or map metrics (default: all).
-        image_paths: ``{image name: path}`` for map overlays.
         workers: processes that draw (default: the CPU count, at most 4; 1 draws here).
 
     Raises:
@@ -395,13 +395,13 @@ def render_all(results: Results, out_dir: str | Path, *, kinds: Iterable[str] | 
     new, todo, kept = dict(old), [], []
     for kind, metric in jobs:
         stem = f"{kind}_{_safe(metric)}"
-        new[stem] = _stamp(results, metric, kind, image_paths if kind == "maps" else None)
+        new[stem] = _stamp(results, metric, kind)
         files = [before / f"{stem}.{fmt}" for fmt in ("png", "svg")]
         if old.get(stem) == new[stem] and all(f.exists() for f in files):
             kept += [_linked(f, out_dir / f.name) for f in files]
         else:
             todo.append((kind, metric))
-    _JOBS.update(results=results, out_dir=out_dir, image_paths=image_paths)
+    _JOBS.update(results=results, out_dir=out_dir)
     try:
         drawn = _draw_all(todo, workers if workers is not None else min(os.cpu_count() or 1, 4))
     finally:

@@ -1,14 +1,15 @@
 """Map metrics (``cls_map``, ``rollout``) drawn over the images they were computed on: a row per
-model, a column per image, the patch grid upsampled to the image and laid over it."""
+model, a column per image, the patch grid laid over the image as that model preprocessed it (its
+input view, stored with the maps: :mod:`probekit.input_view`), never over the file on disk."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
 from .errors import ConfigError
+from .input_view import VIEW_IMAGES, is_view, view_key
 from .plots_common import WIDTH, _layout, _sns
 from .results import Results
 
@@ -28,13 +29,16 @@ def _to_grid(m: np.ndarray, layout: dict | None) -> np.ndarray:
     return m
 
 
-def attention_maps(results: Results, metric: str | None = None, *, image_paths: dict | None = None,
-                   images: int = 4, layer: int = -1, ax=None):
+def attention_maps(results: Results, metric: str | None = None, *, images: int = VIEW_IMAGES,
+                   layer: int = -1, ax=None):
     """Map metrics over the images: a row per model, a column per image, at one layer.
+
+    Each map lies over the model's own input view of its image (EXIF-rotated, resized and
+    cropped as the model saw it), which the engine stores beside the maps for the first
+    images; an image without a stored view shows the map alone.
 
     Args:
         metric: a map metric label (``cls_map``, ``rollout``); default the first in ``arrays``.
-        image_paths: ``{image name: path}`` to draw under the maps (run.json has them).
         images: how many images to show.
         layer: which stored layer (``-1``: the last).
 
@@ -44,9 +48,9 @@ def attention_maps(results: Results, metric: str | None = None, *, image_paths: 
     _, plt = _sns()
     if not results.arrays:
         raise ConfigError("These results hold no map arrays (run a map metric such as cls_map or rollout).")
-    labels = list(dict.fromkeys(k.rsplit("/", 1)[1] for k in results.arrays))
+    labels = list(dict.fromkeys(k.rsplit("/", 1)[1] for k in results.arrays if not is_view(k)))
     metric = metric or labels[0]
-    keys = [k for k in results.arrays if k.rsplit("/", 1)[1] == metric]
+    keys = [k for k in results.arrays if not is_view(k) and k.rsplit("/", 1)[1] == metric]
     if not keys:
         raise ConfigError(f"No map arrays for {metric!r}; there are: {', '.join(labels)}.")
     names = (results.meta.get("images") or {}).get("names") or []
@@ -60,19 +64,17 @@ def attention_maps(results: Results, metric: str | None = None, *, image_paths: 
     for r, key in enumerate(keys):
         model = key.rsplit("/", 1)[0]
         lay = _layout(results, model)
+        views = results.arrays.get(view_key(model))
         for c in range(n_img):
             a = axes[r, c]
             grid = _to_grid(results.arrays[key][c, layer], lay)
-            path = (image_paths or {}).get(names[c]) if c < len(names) else None
             extent = None
-            if path and Path(path).exists():
-                from PIL import Image
-
-                with Image.open(path) as im:
-                    size = tuple(lay["grid"][i] * lay["patch_size"][i] for i in (1, 0)) if lay else (224, 224)
-                    img = np.asarray(im.convert("RGB").resize(size))
-                a.imshow(img)
-                extent = (0, size[0], size[1], 0)
+            if views is not None and c < len(views):
+                h, w = views[c].shape[:2]
+                a.imshow(views[c], extent=(0, w, h, 0))  # at the model's input resolution, pixel edges at integers
+                # the patch grid covers the input from its top left (a size the patch does not divide is floored)
+                extent = (0, lay["grid"][1] * lay["patch_size"][1], lay["grid"][0] * lay["patch_size"][0], 0) \
+                    if lay and tuple(lay["grid"]) == grid.shape else (0, w, h, 0)
             a.imshow(grid, cmap="inferno", alpha=0.6 if extent else 1.0, extent=extent, interpolation="nearest")
             a.set_xticks([])
             a.set_yticks([])

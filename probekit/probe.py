@@ -26,6 +26,7 @@ from .arguments import check_probe_arguments
 from .errors import ConfigError
 from .geometry import ModelGeometry
 from .images import ImageSet, collate, resolve_images
+from .input_view import VIEW_IMAGES, rgb, view_key
 from .metric import Metric
 from .registry import metrics as metric_registry
 from .results import Results
@@ -199,8 +200,11 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: int, progress) -> list[int]:
+def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: int, progress,
+                 views: list | None = None) -> list[int]:
     """The batch loop: each batch through the model with the sink tapped in; metric state updated.
+    With ``views`` (a list), the first images' inputs are added to it as the model saw them
+    (:func:`probekit.input_view.rgb`).
 
     Returns the indices (into ``plan.images``) of the images done, in order: every finished
     batch's values live in the metrics' state.
@@ -213,6 +217,8 @@ def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: in
             if x is None:  # every image of the batch unreadable (lazily listed sources only)
                 continue
             x = x.to(dev, non_blocking=True)
+            if views is not None and sum(map(len, views)) < VIEW_IMAGES:
+                views.append(rgb(x[: VIEW_IMAGES - sum(map(len, views))]))
             sink.start(pm.layout(x), pm.geometry(x))
             pm.adapter.forward(x)
             sink.finish()
@@ -305,10 +311,14 @@ def probe(
     plan = _resolve(model, images, metrics, layers, device, dtype, strict, label)
     sink = MetricSink(plan.metrics, layers=plan.layers, block_mb=block_mb, attention_pass=attention_pass)
     t0 = time.perf_counter()
-    done = _run_batches(plan, sink, batch_size, num_workers, progress)
+    views: list | None = [] if any(m.is_map for m in plan.metrics) else None
+    done = _run_batches(plan, sink, batch_size, num_workers, progress, views)
     seconds = time.perf_counter() - t0
     plan.images = _decoded(plan.images, done)
     table, arrays = _to_table(plan.name, plan.images.names, plan.metrics)
+    grid = None if sink.layout is None else tuple(sink.layout.grid)
+    if views and any(a.ndim >= 4 and tuple(a.shape[-2:]) == grid for a in arrays.values()):
+        arrays[view_key(plan.name)] = np.concatenate(views)  # what per-image maps are drawn over
     if plan.images.labels is not None:  # a labelled source: the label of each row's image
         table["label"] = pd.Series(plan.images.labels, index=plan.images.names).reindex(table["image"]).to_numpy()
     return Results(table, arrays, _provenance(plan, sink.layout, batch_size, seconds, sink.geometry))

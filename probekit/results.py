@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_path, write_text_atomic
+from .input_view import join_arrays
 
 __all__ = ["Results", "COLUMNS", "summarize", "models_meta"]
 
@@ -134,9 +135,11 @@ class Results:
         # per-model layout/spec and the union of metric units, where plots look them up
         meta["models"] = models_meta(parts)
         meta["metrics"] = {k: v for p in parts for k, v in (p.meta.get("metrics") or {}).items()}
+        pieces: dict[str, list] = {}
         for p in parts:
             for k, v in p.arrays.items():
-                arrays[k] = np.concatenate([arrays[k], v]) if k in arrays else v
+                pieces.setdefault(k, []).append(v)
+        arrays = {k: join_arrays(k, v) for k, v in pieces.items()}  # a model's input views once
         return cls(table, arrays, meta)
 
     def __len__(self) -> int:

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 from .atomic import write_errors, write_text_atomic
 from .errors import ConfigError, RunDirBusyError, RunDirError
 from .fileid import file_digest
+from .input_view import is_view
 from .parts import PartStore
 from .results import Results
 
@@ -216,11 +217,9 @@ def write_outputs(rd: RunDir, results: Results, record: dict, figure_kinds: list
     ``record["figure_error"]`` and no figure of it is left; the results are written first.
     """
     rd.write_results(results)
-    images = record.get("images") or {}
-    image_paths = dict(zip(images.get("names") or [], images.get("paths") or []))
     figs: list[Path] = []
     try:
-        figs = rd.draw_figures(results, kinds=list(figure_kinds or []), image_paths=image_paths)
+        figs = rd.draw_figures(results, kinds=list(figure_kinds or []))
     except Exception as exc:
         record["figure_error"] = f"{type(exc).__name__}: {exc}"
         rd.draw_figures(results, kinds=[])  # no figure of an earlier run stays beside these results
@@ -296,14 +295,12 @@ def redraw(run_dir: str | Path, kinds=None, metrics=None) -> list[Path]:
         record = read_record(rd.path)
         res = load_run_dir(rd.path)
         if metrics:
-            have = list(dict.fromkeys([*res.metrics, *(k.rsplit("/", 1)[1] for k in res.arrays)]))  # maps too
+            have = list(dict.fromkeys([*res.metrics, *(k.rsplit("/", 1)[1] for k in res.arrays if not is_view(k))]))
             missing = [m for m in metrics if m not in have]
             if missing:
                 raise ConfigError(f"No metric {', '.join(missing)} in {rd.path}; it holds: {', '.join(have)}.")
-        images = record.get("images") or {}
-        image_paths = dict(zip(images.get("names") or [], images.get("paths") or []))
         paths = rd.draw_figures(res, keep_others=True, kinds=None if kinds is None else list(kinds),
-                                metrics=metrics, image_paths=image_paths)
+                                metrics=metrics)  # maps over the input views stored with them: no model
         for p in paths:
             record["manifest"][str(p.relative_to(rd.path))] = file_digest(p)
         record["figures"] = sorted(set(record.get("figures") or []) | {str(p.relative_to(rd.path)) for p in paths})

@@ -112,13 +112,9 @@ def test_every_figure_from_the_parquet_alone(tmp_path):
         assert p.stat().st_size > 1000
         assert p.read_bytes()[:4] == (b"\x89PNG" if p.suffix == ".png" else p.read_bytes()[:4])
     assert b"<svg" in (tmp_path / "figures" / "depth_mad.svg").read_bytes()[:2000]
-    # map overlays: arrays.npz, images drawn under the maps when their paths are known
+    # map overlays: arrays.npz (with the input views the maps are drawn over: tests/test_maps_view.py)
     back.arrays = Results.read_arrays(tmp_path / "arrays.npz")
-    img = tmp_path / "img0.jpg"
-    from PIL import Image
-
-    Image.new("RGB", (300, 200), (200, 30, 30)).save(img)
-    paths = plots.render_all(back, tmp_path / "figures", kinds=["maps"], image_paths={"img0.jpg": str(img)})
+    paths = plots.render_all(back, tmp_path / "figures", kinds=["maps"])
     assert [p.name for p in paths] == ["maps_cls_map.png", "maps_cls_map.svg"]
     assert all(p.stat().st_size > 1000 for p in paths)
 

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import MissingDependencyError
+from ..input_view import join_arrays, metric_arrays
 from ..parts import PartStore
 from ..probe import build_metrics
 from ..results import Results
@@ -177,7 +178,7 @@ def _shard_results(run, job: _Job, lo: int, hi: int, chunk_ids: list[int]) -> di
     out = {}
     for m in job.missing:
         t = table[table["metric"].astype(str) == m.label] if len(table) else table
-        arr = {k: np.concatenate(v) for k, v in arrays.items() if k.rsplit("/", 1)[1] == m.label}
+        arr = metric_arrays({k: join_arrays(k, v) for k, v in arrays.items()}, m.label)  # maps and input views
         mm = dict(meta or {})
         mm.update(seconds=secs, shard=[lo, hi],
                   state=base64.b64encode(pickle.dumps(states.get(m.label, []))).decode())
@@ -194,7 +195,7 @@ def _whole(run, job: _Job, m, shards: list[tuple[int, int]], record: dict) -> Re
     for p in parts:
         for k, v in p.arrays.items():
             arrays.setdefault(k, []).append(v)
-    arrays = {k: np.concatenate(v) for k, v in arrays.items()}
+    arrays = {k: join_arrays(k, v) for k, v in arrays.items()}  # input views: the first images only
     merged = build_metrics([(m.name, m.options())])[0]
     for p in parts:
         for st in pickle.loads(base64.b64decode(p.meta.get("state", ""))):

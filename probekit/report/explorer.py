@@ -52,17 +52,14 @@ def _quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _background(x) -> bytes:
-    """The model's own preprocessed input as a JPEG (each channel stretched back to 0..255)."""
+    """The model's own preprocessed input as a JPEG: the view the maps figure draws too
+    (:func:`probekit.input_view.rgb`, each channel stretched back to 0..255)."""
     from PIL import Image
 
-    a = x.detach().float().cpu().numpy()  # [3, H, W]
-    lo = a.min(axis=(1, 2), keepdims=True)
-    hi = a.max(axis=(1, 2), keepdims=True)
-    rgb = ((a - lo) / np.where(hi > lo, hi - lo, 1.0) * 255).round().astype(np.uint8).transpose(1, 2, 0)
-    if rgb.shape[2] == 1:
-        rgb = np.repeat(rgb, 3, axis=2)
+    from ..input_view import rgb
+
     buf = io.BytesIO()
-    Image.fromarray(rgb[:, :, :3]).save(buf, format="JPEG", quality=85)
+    Image.fromarray(rgb(x)).save(buf, format="JPEG", quality=85)  # x: [C, H, W]
     return buf.getvalue()
 
 
