@@ -49,7 +49,7 @@ from .results import Results, summarize
 
 __all__ = [
     "depth_profile", "layer_overlay", "head_heatmap", "summary_points", "attention_maps",
-    "render_all", "uniform_attention_value", "label_profile", "KINDS",
+    "render_all", "figure_notes", "uniform_attention_value", "label_profile", "KINDS",
 ]
 
 KINDS = ("depth", "overlay", "heatmap", "summary", "maps", "labels")
@@ -346,6 +346,51 @@ _PER_KIND = {"depth": depth_profile, "overlay": layer_overlay, "heatmap": head_h
              "labels": label_profile}
 
 
+def _jobs(results: Results, kinds: list[str], metrics: Iterable[str] | None) -> list[tuple[str, str]]:
+    """The ``(kind, metric)`` figures that ``results`` can give, of ``kinds`` and ``metrics`` (None: all)."""
+    wanted = None if metrics is None else list(metrics)
+    jobs: list[tuple[str, str]] = []
+    for metric in [m for m in (wanted or results.metrics) if m in results.metrics]:  # maps: below
+        per_head = bool((results.table.loc[results.table["metric"].astype(str) == metric, "head"] >= 0).any())
+        labelled = "label" in results.table.columns  # label profiles only for a labelled image set
+        jobs += [(kind, metric) for kind in _PER_KIND
+                 if kind in kinds and not (kind in ("depth", "heatmap") and not per_head)
+                 and (kind != "labels" or labelled)]
+    if "maps" in kinds and results.arrays:
+        # per-image maps over the patch grid only: not dataset-level arrays such as CKA's [L, L]
+        labels = dict.fromkeys(k.rsplit("/", 1)[1] for k in results.arrays if _is_image_map(results, k))
+        jobs += [("maps", m) for m in labels if wanted is None or m in wanted]
+    return jobs
+
+
+_NEEDS = {  # what each kind draws, for the note that says why a run has no such figure
+    "depth": "per-head values (such as mad's)", "heatmap": "per-head values (such as mad's)",
+    "overlay": "per-image values (such as mad's)", "summary": "per-image values (such as mad's)",
+    "labels": "per-image values against the images' labels", "maps": "per-image maps over the patch grid "
+    "(cls_map, rollout)",
+}
+
+
+def figure_notes(results: Results, kinds: Iterable[str], metrics: Iterable[str] | None = None) -> list[str]:
+    """One line for each of ``kinds`` that ``results`` (of ``metrics``, None: all) gives no figure
+    of, saying why; empty when every kind gives one."""
+    kinds = list(kinds)
+    drawn = {k for k, _ in _jobs(results, kinds, metrics)}
+    have = list(dict.fromkeys([*results.metrics, *(k.rsplit("/", 1)[1] for k in results.arrays if not is_view(k))]))
+    if metrics is not None:
+        have = [m for m in have if m in list(metrics)]
+    notes = []
+    for kind in dict.fromkeys(kinds):
+        if kind in drawn or kind not in _NEEDS:
+            continue
+        if kind == "labels" and results.metrics and "label" not in results.table.columns:
+            why = "this run's images have no labels (class folders or a manifest's label column give them)"
+        else:
+            why = f"none of this run's metrics ({', '.join(have) or 'none'}) has any"
+        notes.append(f"No {kind} figure: it draws {_NEEDS[kind]}, and {why}.")
+    return notes
+
+
 def render_all(results: Results, out_dir: str | Path, *, kinds: Iterable[str] | None = None,
                metrics: Iterable[str] | None = None, workers: int | None = None, reuse: str | Path | None = None,
                stamps: str | Path | None = None) -> list[Path]:
@@ -374,18 +419,7 @@ def render_all(results: Results, out_dir: str | Path, *, kinds: Iterable[str] | 
         raise ConfigError(f"Unknown figure kind(s) {', '.join(bad)}; choose from {', '.join(KINDS)}.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    wanted = None if metrics is None else list(metrics)
-    jobs: list[tuple[str, str]] = []
-    for metric in [m for m in (wanted or results.metrics) if m in results.metrics]:  # maps: below
-        per_head = bool((results.table.loc[results.table["metric"].astype(str) == metric, "head"] >= 0).any())
-        labelled = "label" in results.table.columns  # label profiles only for a labelled image set
-        jobs += [(kind, metric) for kind in _PER_KIND
-                 if kind in kinds and not (kind in ("depth", "heatmap") and not per_head)
-                 and (kind != "labels" or labelled)]
-    if "maps" in kinds and results.arrays:
-        # per-image maps over the patch grid only: not dataset-level arrays such as CKA's [L, L]
-        labels = dict.fromkeys(k.rsplit("/", 1)[1] for k in results.arrays if _is_image_map(results, k))
-        jobs += [("maps", m) for m in labels if wanted is None or m in wanted]
+    jobs = _jobs(results, kinds, metrics)
     before = Path(reuse) if reuse is not None else out_dir
     stamps_path = Path(stamps) if stamps is not None else out_dir / STAMPS
     try:

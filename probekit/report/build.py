@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..atomic import write_text_atomic
+from ..input_view import is_view
 from ..results import Results, summarize
 
 __all__ = ["write_report", "build_html", "payload"]
@@ -105,7 +106,8 @@ def payload(run_dir: Path, record: dict, results: Results, contrasts: pd.DataFra
     """Everything the page draws, as JSON, and the explorer's binary blob."""
     from ..contrasts import model_groups, per_image_layer
 
-    names = results.models
+    # models with table rows, then those with map arrays only (a run of map metrics has no rows)
+    names = list(dict.fromkeys([*results.models, *(k.rsplit("/", 1)[0] for k in results.arrays)]))
     index = {m: i for i, m in enumerate(names)}
     by = (record.get("report") or {}).get("group_by", "training")
     groups = model_groups({"models": {m["label"]: m for m in record.get("models", [])}}, names, by)
@@ -138,6 +140,12 @@ def payload(run_dir: Path, record: dict, results: Results, contrasts: pd.DataFra
                          for r in ls.itertuples()]
     explorer, blob = _explorer(run_dir, record, index)
     notes = list(record.get("report_notes") or [])
+    empty = None  # what the per-metric, summary and contrast sections say when no metric has per-image values
+    if not metrics:
+        maps = ", ".join(dict.fromkeys(k.rsplit("/", 1)[1] for k in results.arrays if not is_view(k)))
+        empty = (f"No per-image values to chart, tabulate or contrast: this run's metrics ({maps or 'none'}) are "
+                 "map metrics, drawn in figures/maps_*.png and in the attention explorer below.")
+        notes.append(empty)
     if explorer is None and not (record.get("report") or {}).get("showcase"):
         notes.append("No attention explorer: the run stored no showcase images (report.showcase: 0 or --no-report).")
     crow = [] if contrasts is None else [{k: (_num(v) if isinstance(v, (float, np.floating)) else
@@ -155,6 +163,7 @@ def payload(run_dir: Path, record: dict, results: Results, contrasts: pd.DataFra
     data = {"title": f"probekit report: {record.get('name', run_dir.name)}", "models": models,
             "groups": list(dict.fromkeys(groups[m] for m in names)), "group_by": by, "metrics": metrics,
             "heads": heads, "layers": layers, "contrasts": crow, "contrast_note": floor, "provenance": prov, "explorer": explorer,
+            "empty_note": empty,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return data, blob
 
@@ -165,7 +174,9 @@ def build_html(data: dict, blob: bytes) -> str:
     b64 = base64.b64encode(zlib.compress(blob, 6)).decode() if blob else ""
     metric_sections = "\n".join(
         f'<section class="metric" id="metric-{m["id"]}"><h2>{escape(m["label"])}: {escape(str(m["display"]))}'
-        f'{" (" + escape(m["unit"]) + ")" if m["unit"] else ""}</h2></section>' for m in data["metrics"])
+        f'{" (" + escape(m["unit"]) + ")" if m["unit"] else ""}</h2></section>' for m in data["metrics"]) or (
+        f'<section class="metric" id="metric-none"><h2>Metrics</h2><p class="note">{escape(data["empty_note"])}</p>'
+        '</section>' if data.get("empty_note") else "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{_CSP}">

@@ -253,6 +253,7 @@
     for (const M of D.metrics) for (const r of D.layers[M.label]) if (vis.includes(r[0]))
       rows.push({ model: D.models[r[0]].name, group: D.models[r[0]].group, metric: M.label, unit: M.unit, layer: r[1],
                   mean: r[2], ci_low: r[3], ci_high: r[4], n: r[5] });
+    if (!rows.length && D.empty_note) { el("p", { class: "note" }, s, D.empty_note); return; }
     if (state.byKind) rows.sort((a, b) => D.groups.indexOf(a.group) - D.groups.indexOf(b.group));
     const t = el("table", { class: "sortable", id: "summary" }, el("div", { class: "scroll" }, s));
     sortable(t, rows, [{ key: "model" }, { key: "group", title: D.group_by }, { key: "metric" }, { key: "layer", num: true },
@@ -261,7 +262,7 @@
   }
   function contrastTable() {
     const s = document.getElementById("contrasts-table");
-    if (!D.contrasts.length) { el("p", { class: "note" }, s, `Only one ${D.group_by} group: nothing to contrast.`); return; }
+    if (!D.contrasts.length) { el("p", { class: "note" }, s, D.empty_note || `Only one ${D.group_by} group: nothing to contrast.`); return; }
     if (D.contrast_note) el("p", { class: "note" }, s, D.contrast_note);
     const t = el("table", { class: "sortable", id: "contrasts" }, el("div", { class: "scroll" }, s));
     sortable(t, D.contrasts.slice(), [{ key: "metric" }, { key: "layer", num: true }, { key: "group_a", title: "group A" },
