@@ -26,7 +26,29 @@ from .tokens import TokenLayout
 if TYPE_CHECKING:
     from .geometry import ModelGeometry
 
-__all__ = ["Adapter", "ProbedModel", "Sink", "CollectSink"]
+__all__ = ["Adapter", "ProbedModel", "Sink", "CollectSink", "eval_mode"]
+
+
+@contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """Run ``model`` in eval mode (dropout, drop-path and batch-norm statistics off), then give
+    every submodule back the mode it had, also when the run raises.
+
+    Probing measures the model, not one random draw of its dropout: a module a caller left in
+    train mode would give different values on every call. The caller's modes, mixed ones
+    included (a frozen block in a training model), are theirs to keep. Anything that is not an
+    ``nn.Module`` (an ONNX session) has no mode and is left alone.
+    """
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class Sink(Protocol):
@@ -179,8 +201,13 @@ class Adapter(ABC):
 
     # -- running -------------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor) -> Any:
-        """The model's own forward pass (what a tap watches)."""
+        """The model's own forward pass (what a tap watches). Callers run it inside :meth:`evaluating`."""
         return self.model(pixel_values)
+
+    def evaluating(self):
+        """A context in which the model runs in eval mode; the caller's modes come back after it
+        (:func:`eval_mode`). Every probekit entry point that runs a model runs it inside one."""
+        return eval_mode(self.model)
 
     @abstractmethod
     @contextmanager
@@ -245,24 +272,27 @@ class ProbedModel:
 
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor) -> Any:
-        return self.adapter.forward(pixel_values)
+        """The model's output, in eval mode (see :func:`eval_mode`)."""
+        with self.adapter.evaluating():
+            return self.adapter.forward(pixel_values)
 
     @torch.inference_mode()
     def attention(self, pixel_values: torch.Tensor, layers=None) -> dict[int, torch.Tensor]:
-        """Per-layer attention probabilities ``{layer: [B, H, T, T]}`` in float32 (small inputs).
+        """Per-layer attention probabilities ``{layer: [B, H, T, T]}`` in float32 (small inputs),
+        in eval mode (see :func:`eval_mode`).
 
         For image sets use :func:`probekit.probe`, which never holds more than one layer.
         """
         sink = CollectSink(layers)
-        with self.adapter.tap(sink):
+        with self.adapter.evaluating(), self.adapter.tap(sink):
             self.adapter.forward(pixel_values)
         return dict(sorted(sink.probs.items()))
 
     @torch.inference_mode()
     def hidden_states(self, pixel_values: torch.Tensor, layers=None) -> dict[int, torch.Tensor]:
-        """Per-layer output tokens ``{layer: [B, T, D]}``."""
+        """Per-layer output tokens ``{layer: [B, T, D]}``, in eval mode."""
         sink = CollectSink(layers, attention=False, hidden=True)
-        with self.adapter.tap(sink):
+        with self.adapter.evaluating(), self.adapter.tap(sink):
             self.adapter.forward(pixel_values)
         return dict(sorted(sink.hiddens.items()))
 

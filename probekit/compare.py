@@ -217,7 +217,10 @@ def model_keys(run: CheckedRun, i: int, images: str) -> dict[str, str]:
     spec, opts, _ = run.specs[i]
     seed = cfg.seed if opts.get("pretrained", True) is False else None  # it draws random-init weights
     dtype = str(resolve_dtype(cfg.dtype))  # bf16 and bfloat16 are one part
-    return {m.label: part_key(spec, opts, images, m, dtype, seed) for m in run.metrics}
+    from .metric import RUN_SETTINGS
+
+    settings = {s: getattr(cfg, s) for s in RUN_SETTINGS}  # each metric's key takes those it depends on
+    return {m.label: part_key(spec, opts, images, m, dtype, seed, settings) for m in run.metrics}
 
 
 def _model_parts(run: CheckedRun, i: int, store: PartStore, record: dict, rep: Reporter,

@@ -84,7 +84,10 @@ from .metric_options import format_label, validate_options
 from .metric_state import REDUCTIONS, reduce_values
 from .tokens import TokenLayout
 
-__all__ = ["Metric"]
+__all__ = ["Metric", "RUN_SETTINGS"]
+
+#: the run settings a metric may declare in ``depends_on`` (each is a field of a run file)
+RUN_SETTINGS = ("batch_size", "seed")
 
 
 class Metric:
@@ -111,6 +114,10 @@ class Metric:
       it takes the blocked path.
     - ``display_name``: what axes and tables call the metric (default: ``name``); figures label
       an axis ``display_name (unit)`` and draw :meth:`reference_value` as a dashed line.
+    - ``depends_on``: the run settings (:data:`RUN_SETTINGS`) the values depend on beyond the
+      images, the model and the options, e.g. ``("batch_size",)`` for minibatch CKA. Their values
+      join the part cache key, so a rerun with another value recomputes instead of serving the
+      old part; a metric whose values do not depend on them leaves it empty (the default).
     """
 
     name: ClassVar[str] = ""
@@ -127,15 +134,20 @@ class Metric:
     unit: ClassVar[str] = ""
     kernel_terms: ClassVar[frozenset[str]] = frozenset()
     display_name: ClassVar[str] = ""  # set to ``name`` for classes that leave it out
+    depends_on: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        unknown = [s for s in cls.depends_on if s not in RUN_SETTINGS]
+        if isinstance(cls.depends_on, str) or unknown:
+            raise TypeError(f"{cls.__name__}.depends_on must be a tuple of run settings from {RUN_SETTINGS}; "
+                            f"got {cls.depends_on!r}.")
         if not cls.__dict__.get("display_name"):
             cls.display_name = cls.__dict__.get("name") or cls.display_name or cls.name
 
     _CONSTANTS = (
         "name", "needs", "rowwise", "per_head", "is_map", "requires_global_attention", "cross_layer",
-        "uses_logits", "requires",
+        "uses_logits", "requires", "depends_on",
     )
 
     def __init__(self, **options: Any):

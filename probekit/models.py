@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from .adapter import Adapter, ProbedModel
+from .adapter import Adapter, ProbedModel, eval_mode
 from .arguments import device_problem
 from .model_aliases import aliases
 from .errors import (
@@ -116,7 +116,8 @@ def wrap(module: nn.Module, *, label: str | None = None, **options: Any) -> Prob
             continue
         tried.append(name)
         if cls.can_wrap(module):
-            adapter = cls.from_module(module, **options)
+            with eval_mode(module):  # binding never changes the caller's train/eval mode
+                adapter = cls.from_module(module, **options)
             spec = f"{name}:<{type(module).__name__}>"
             return ProbedModel(adapter, spec=spec, label=label or type(module).__name__)
     raise UnsupportedArchitectureError(

@@ -3,9 +3,11 @@
 A part is reused only if every input that made it is the same (DESIGN.md, "Contracts"): the
 model spec and options, the content of every local file the adapter reads (checkpoints, ONNX
 graphs, a Hugging Face directory or cache snapshot), the image set's content, the metric and
-its options, the dtype, the seed of a random init, and the versions of probekit, the model
-libraries and both plugins (the adapter's and the metric's distribution, and the content of
-the module that defines each: an editable plugin fixed in place changes no version).
+its options, the run settings the metric declares it depends on (``Metric.depends_on``: the
+batch size of minibatch CKA), the dtype, the seed of a random init, and the versions of
+probekit, the model libraries and both plugins (the adapter's and the metric's distribution,
+and the content of all its files, :mod:`probekit.plugin_files`: an editable plugin fixed in
+place, or reinstalled with the same version, changes no version).
 
 A part is ``<key>.parquet`` (plus ``<key>.npz`` for map arrays) and ``<key>.seal.json``,
 written last, with the SHA-256 of each file. A part whose seal is missing or does not match
@@ -15,14 +17,15 @@ written last, with the SHA-256 of each file. A part whose seal is missing or doe
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .atomic import write_text_atomic
-from .errors import ProbekitError
+from .errors import ConfigError, ProbekitError
 from .fileid import file_digest, files_identity
+from .plugin_files import files_digest, plugin_files
 from .results import Results
 
 __all__ = ["part_key", "PartStore", "weight_files", "plugin_identity", "relabel", "only_metric"]
@@ -30,26 +33,42 @@ __all__ = ["part_key", "PartStore", "weight_files", "plugin_identity", "relabel"
 _PART_FORMAT = 2  # bump when the layout of a part file changes: old parts are then ignored
 
 
-def _module_digest(cls: type) -> str | None:
-    """The content of the file that defines ``cls`` (None for a class typed into a session)."""
-    try:
-        src = inspect.getsourcefile(cls)
-    except TypeError:  # its module is not in sys.modules (loaded from a path): ask its functions
-        codes = [f.__code__ for f in vars(cls).values() if hasattr(f, "__code__")]
-        src = codes[0].co_filename if codes else None
-    return file_digest(src) if src and Path(src).is_file() else None
-
-
 def plugin_identity(kind: str, name: str, cls: type | None = None) -> dict[str, Any]:
-    """Where a plugin comes from: its distribution and version, and its module's content."""
+    """Where a plugin comes from: its distribution and version, and the content of all its files
+    (:mod:`probekit.plugin_files`: every file of the distribution, or of its package tree)."""
     from .registry import adapters, metrics
 
     rec = (adapters if kind == "adapter" else metrics).record(name)
     if cls is None and rec is not None:
         cls = rec.obj
     # registered in-session (pk.register): no distribution, and the module's import name is an accident
-    dist = rec.dist if rec is not None and rec.entry_point is not None else None
-    return {"dist": dist, "source": None if cls is None else _module_digest(cls)}
+    ep = rec.entry_point if rec is not None else None
+    dist = rec.dist if ep is not None else None
+    files = None if cls is None else files_digest(plugin_files(cls, getattr(ep, "dist", None)))
+    return {"dist": dist, "files": files}
+
+
+def _probekit_files() -> str | None:
+    """probekit's own files (its engine), as a plugin's are keyed (:mod:`probekit.plugin_files`)."""
+    from importlib import metadata
+
+    from .metric import Metric
+
+    try:
+        dist = metadata.distribution("probekit")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        dist = None
+    return files_digest(plugin_files(Metric, dist))
+
+
+def _settings(metric: Any, settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The run settings ``metric`` declares it depends on (``Metric.depends_on``), with their values."""
+    wanted = tuple(getattr(metric, "depends_on", ()))
+    missing = [s for s in wanted if s not in (settings or {})]
+    if missing:
+        raise ConfigError(f"Metric {metric.name!r} depends on the run setting(s) {', '.join(missing)}, which "
+                          "the part key was not given; pass settings={...} to part_key.")
+    return {s: settings[s] for s in wanted}
 
 
 def _adapter_class(spec: str) -> type | None:
@@ -72,10 +91,16 @@ def weight_files(spec: str, options: dict) -> list[Path]:
         return []
 
 
-def part_key(spec: str, options: dict, fingerprint: str, metric: Any, dtype: str, seed: int | None = None) -> str:
+def part_key(spec: str, options: dict, fingerprint: str, metric: Any, dtype: str, seed: int | None = None,
+             settings: Mapping[str, Any] | None = None) -> str:
     """The cache key of one finished part (see the module docstring for what it covers).
 
-    The model's label is not part of the key (renaming a model reuses its parts).
+    ``settings``: the run's settings (``{"batch_size": 16, ...}``); the key takes those the
+    metric declares in ``depends_on``. The model's label is not part of the key (renaming a
+    model reuses its parts).
+
+    Raises:
+        ConfigError: the metric depends on a setting that ``settings`` lacks.
     """
     from . import __version__
     from .probe import _versions
@@ -84,6 +109,7 @@ def part_key(spec: str, options: dict, fingerprint: str, metric: Any, dtype: str
     ident = {
         "format": _PART_FORMAT,
         "probekit": __version__,  # a new release may compute differently: never reuse across versions
+        "probekit_files": _probekit_files(),  # nor a checkout or reinstall that changed its engine
         "libraries": _versions(),  # nor across torch/timm/transformers/... upgrades (defaults, kernels)
         "adapter": plugin_identity("adapter", prefix, _adapter_class(spec)),
         "metric_plugin": plugin_identity("metric", metric.name, type(metric)),
@@ -94,11 +120,29 @@ def part_key(spec: str, options: dict, fingerprint: str, metric: Any, dtype: str
         "metric": metric.name,
         "metric_options": metric.options(),
         "dtype": str(dtype),
+        "settings": _settings(metric, settings),
     }
     if seed is not None:
         ident["seed"] = int(seed)
     blob = json.dumps(ident, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
+
+
+# what a part's metadata holds, by type: anything else is a planted or damaged part (recomputed)
+_META_TYPES = {"model": str, "spec": str, "adapter": str, "model_meta": dict, "layout": (dict, type(None)),
+               "geometry": (dict, list, type(None)), "metrics": dict, "images": dict, "device": (str, type(None)),
+               "dtype": (str, type(None)), "seconds": (int, float, type(None)), "versions": (dict, type(None)),
+               "batch_size": (int, type(None))}
+
+
+def _plausible_meta(meta: Any) -> bool:
+    """Whether a part's metadata has the types a run reads from it (JSON of odd types is refused)."""
+    if not isinstance(meta.get("model"), str) or not all(isinstance(meta[k], t) for k, t in _META_TYPES.items()
+                                                         if k in meta):
+        return False
+    skipped = (meta.get("images") or {}).get("skipped") or []
+    return isinstance(skipped, list) and all(isinstance(s, list) and all(isinstance(x, str) for x in s)
+                                             for s in skipped)
 
 
 class PartStore:
@@ -120,6 +164,8 @@ class PartStore:
                 if sums.get(path.name) != (file_digest(path) if path.exists() else None):
                     return None
             res = Results.read_parquet(pq)
+            if not _plausible_meta(res.meta):
+                return None
             if npz.exists():
                 res.arrays = Results.read_arrays(npz, models=[res.meta.get("model"), *res.models])
         except Exception:  # absent, damaged or unreadable: recompute, never trust

@@ -212,7 +212,8 @@ def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: in
     pm, dev = plan.pm, plan.pm.device
     done: list[int] = []
     loader = _loader(pm, plan.images, batch_size, num_workers, pin=dev.type == "cuda")
-    with torch.inference_mode(), pm.adapter.tap(sink), _autocast(dev, plan.dtype):
+    # eval mode (no dropout) for the run; a wrapped module gets its own mode back, also on error
+    with torch.inference_mode(), pm.adapter.evaluating(), pm.adapter.tap(sink), _autocast(dev, plan.dtype):
         for idx, x in loader:
             if x is None:  # every image of the batch unreadable (lazily listed sources only)
                 continue

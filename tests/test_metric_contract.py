@@ -57,7 +57,8 @@ def test_option_errors_name_type_allowed_values_and_the_valid_options():
 def test_every_option_round_trips_and_changes_label_and_part_key(name):
     cls = pk.metrics.get(name)
     base = cls()
-    base_key = part_key("timm:x", {}, "fp", base, "torch.float32")
+    run = {"batch_size": 16, "seed": 0}  # the run settings a metric may depend on (cka: batch_size)
+    base_key = part_key("timm:x", {}, "fp", base, "torch.float32", settings=run)
     for key, value in base.options().items():
         others = alternatives(cls, key, value)
         assert others, f"{name}.{key}: no alternative value"
@@ -66,7 +67,7 @@ def test_every_option_round_trips_and_changes_label_and_part_key(name):
             twin = type(m)(**m.options())
             assert twin.options() == m.options() and twin.label == m.label
             assert m.label != base.label and key in m.label
-            assert part_key("timm:x", {}, "fp", m, "torch.float32") != base_key
+            assert part_key("timm:x", {}, "fp", m, "torch.float32", settings=run) != base_key
 
 
 def test_options_are_reported_whatever_attribute_holds_them_and_are_fixed():

@@ -160,6 +160,8 @@ class LinearCKA(Metric):
     per_head = False
     requires_global_attention = False
     cross_layer = True
+    #: minibatch HSIC depends on how images are grouped: a part computed at another batch size is not reused
+    depends_on = ("batch_size",)
     #: conformance checks (probekit.testing) this metric fails by design, with the reason
     expected_failed_checks = {
         "check_merged_halves": "minibatch HSIC (Nguyen et al. 2021) depends on how images are grouped "

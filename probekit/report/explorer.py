@@ -120,7 +120,7 @@ def capture(pm: Any, images: Any, budget_bytes: int) -> dict[str, np.ndarray]:
         elif (h, w) != grid0:
             raise ValueError(f"showcase image {images.names[i]} gives a {h}x{w} grid, the first {grid0}")
         sink = _Sink(layout, torch.as_tensor(queries, device=x.device), rollout_metric)
-        with torch.inference_mode(), pm.adapter.tap(sink):
+        with torch.inference_mode(), pm.adapter.evaluating(), pm.adapter.tap(sink):
             pm.adapter.forward(x)
         maps = sink.roll.on_batch_end()
         layers = sorted(sink.rows)

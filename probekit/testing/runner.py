@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from typing import Any, Callable, Iterable
@@ -101,7 +102,9 @@ def check_adapter(pm, reference: Callable | None = None, expected_failed_checks:
     Returns:
         One :class:`CheckRecord` per check.
     """
-    return _run_checks(pm, adapter_checks(pm, reference), expected_failed_checks, on_fail)
+    ad = getattr(pm, "adapter", pm)
+    with ad.evaluating() if isinstance(ad, Adapter) else contextlib.nullcontext():  # no dropout in any check
+        return _run_checks(pm, adapter_checks(pm, reference), expected_failed_checks, on_fail)
 
 
 def check_metric(metric, expected_failed_checks: dict[str, str] | None = None,
