@@ -191,7 +191,8 @@ def _run_record(cfg: RunConfig, run: CheckedRun) -> dict[str, Any]:
         "config": cfg.model_dump(mode="json"), "source": cfg._source,
         "images": {"count": len(run.images), "fingerprint": run.images.fingerprint(), "names": run.images.names,
                    "paths": None if run.images.paths is None else [str(p) for p in run.images.paths],
-                   "skipped": [list(s) for s in run.images.skipped], "labels": run.images.labels, "groups": run.images.groups,
+                   "skipped": [list(s) for s in run.images.skipped], "notes": [list(n) for n in run.images.notes],
+                   "labels": run.images.labels, "groups": run.images.groups,
                    "refs": None if run.images.refs is None else [str(r) for r in run.images.refs],
                    "source": run.images.origin},
         "metrics": {m.label: {"name": m.name, "options": m.options(), "unit": m.value_unit()}

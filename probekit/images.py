@@ -8,6 +8,7 @@ preprocesses with each model's own transform, in DataLoader workers when asked.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from dataclasses import dataclass, field
@@ -70,6 +71,59 @@ def display_name(path: Path | str) -> str:
     """A file name that can be written anywhere (UTF-8 tables, JSON, hashes): bytes that are not
     UTF-8 (kept by Python as surrogates) are shown as ``\\xNN`` escapes, one name per file."""
     return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def _writable(text: str) -> str:
+    """``text`` if it encodes as UTF-8, else as :func:`display_name` writes it (any source's names)."""
+    try:
+        text.encode()
+        return text
+    except UnicodeEncodeError:
+        try:
+            return display_name(text)
+        except UnicodeEncodeError:  # a surrogate that no file name decodes to
+            return text.encode("utf-8", "backslashreplace").decode()
+
+
+#: first bytes of the formats that can hold several frames: GIF, TIFF and BigTIFF, PNG (APNG),
+#: WebP. JPEG is left out: an MPO's extra frames are a second view or a preview, not pages.
+_MULTI_FRAME_MAGIC = (b"GIF8", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+", b"\x89PNG", b"RIFF")
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def _frames(head: bytes, source: Any) -> int:
+    """How many frames an image whose first bytes are ``head`` holds; the engine probes the first
+    (PIL's frame 0). Only formats that can hold more are opened, and only their headers are read."""
+    if not head.startswith(_MULTI_FRAME_MAGIC):
+        return 1
+    try:
+        with Image.open(source) as im:
+            return int(getattr(im, "n_frames", 1))
+    except _DECODE_ERRORS:
+        return 1  # decoding will say what is wrong with it
+
+
+def _content(where: Any) -> tuple[str, int]:
+    """An image's identity (SHA-256 of its bytes) and frame count: a file, or a source's reference
+    (``.read()``: a tar member's bytes, a dataset cell's). One that cannot be read gets an identity
+    saying so (decoding then skips it, by name); it is never taken for another image."""
+    try:
+        if isinstance(where, (str, os.PathLike)):
+            digest = file_digest(where)  # every byte, large files too (see probekit.fileid)
+            with open(where, "rb") as f:
+                return digest, _frames(f.read(16), where)
+        data = where.read()
+    except (OSError, ValueError) as exc:
+        return f"unreadable: {type(exc).__name__}", 1
+    if data is None:
+        return "empty", 1
+    return hashlib.sha256(data).hexdigest(), _frames(data[:16], io.BytesIO(data))
+
+
+def _update(h: Any, text: str) -> None:
+    """One field of a fingerprint, length-prefixed so that no two lists of fields hash alike."""
+    data = text.encode()
+    h.update(b"%d:" % len(data) + data)
 
 
 #: PIL modes that hold more than 8 bits per sample, and the value that means full white
@@ -138,50 +192,91 @@ class ImageSet:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
     labels: list[str] | None = None  # per image, from a labelled source (probekit.sources)
     groups: list[str] | None = None
-    refs: list | None = None  # per image, an object with .open() -> PIL and .ident() (tar members, dataset rows)
+    refs: list | None = None  # per image, an object with .open() -> PIL and .read() -> its bytes (tar members, dataset rows)
     lazy: bool = False  # listed without opening any image: unreadable ones are skipped when decoded
     strict: bool = False  # (lazy sets) an unreadable image stops the run
     origin: dict | None = None  # the source and sampling that listed the set (kept in run.json)
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
+    _ids: list[str] | None = field(default=None, init=False, repr=False, compare=False)  # per image, by content
+    _frames: list[int] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # a name identifies an image's rows in every table: writable anywhere, and one per image
+        self.names = [_writable(n) for n in self.names]
+        if self.labels is not None:
+            self.labels = [_writable(v) if isinstance(v, str) else v for v in self.labels]
+        if len(set(self.names)) != len(self.names):
+            seen: set[str] = set()
+            dup = next(n for n in self.names if n in seen or seen.add(n))
+            raise ImageError(f"Two images are named {dup!r}: a name identifies an image's rows, so an image set "
+                             "cannot list one name twice. List each image once, or rename one of the two.")
 
     def __len__(self) -> int:
         return len(self.names)
 
-    def fingerprint(self) -> str:
-        """A hash of the image set (names, and file contents, pixels or tensor bytes), for caching.
+    def _scan(self) -> None:
+        """Read every image once: its content identity and frame count, kept per image (a subset
+        reads nothing again). A tensor set is identified by its bytes instead."""
+        if self._ids is not None or self.tensor is not None:
+            return
+        ids, frames = [], []
+        for i in range(len(self.names)):
+            if self.pil is not None:  # in-memory images are named image0, image1...: their pixels
+                im = self.pil[i]
+                ids.append(f"{im.mode}{im.size}{hashlib.sha256(im.tobytes()).hexdigest()}")
+                frames.append(1)  # the frame the caller chose
+            else:
+                digest, n = _content(self.where(i))
+                ids.append(digest)
+                frames.append(n)
+        self._ids, self._frames = ids, frames
+        if self.notes:
+            log.warning("Probed only the first frame of %d multi-frame image(s): %s", len(self.notes),
+                        ", ".join(n for n, _ in self.notes))
 
-        Computed once per set: it reads every file, and a comparison asks for it per model.
-        File contents are hashed whole, whatever their size: a same-size replacement must not
-        be served the old file's values.
+    def fingerprint(self) -> str:
+        """A hash of the image set (names, labels, and every image's bytes, pixels or the tensor's
+        bytes), for caching.
+
+        Computed once per set: it reads every file, tar member and dataset cell, and a comparison
+        asks for it per model. Contents are hashed whole, whatever their size or container: a
+        same-size replacement, or a shard rewritten with its size and time kept, must not be
+        served the old image's values.
         """
         if self._fingerprint is not None:
             return self._fingerprint
         h = hashlib.sha256()
         if self.tensor is not None:
             h.update(self.tensor.detach().cpu().contiguous().numpy().tobytes())
+        self._scan()
         for i, name in enumerate(self.names):
-            h.update(name.encode())
-            if self.pil is not None:  # in-memory images are named image0, image1...: hash their pixels
-                im = self.pil[i]
-                h.update(f"{im.mode}{im.size}".encode())
-                h.update(hashlib.sha256(im.tobytes()).digest())
-            if self.refs is not None:  # a tar member or dataset row: its container's identity and place
-                h.update(self.refs[i].ident().encode())
-            if self.paths is not None:  # every byte of every file, large ones too (see probekit.fileid)
-                h.update(file_digest(self.paths[i]).encode())
+            _update(h, name)
+            if self.labels is not None:  # a part's table carries them
+                _update(h, str(self.labels[i]))
+            if self._ids is not None:
+                _update(h, self._ids[i])
         self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+    @property
+    def notes(self) -> list[tuple[str, str]]:
+        """``(name, note)`` of images probed with a caveat: a multi-frame image (an animated GIF,
+        a multi-page TIFF) is probed at its first frame. Reads the images once (see :meth:`fingerprint`)."""
+        self._scan()
+        return [(n, f"{k} frames: only the first was probed") for n, k in zip(self.names, self._frames or []) if k > 1]
 
     def subset(self, indices: Sequence[int]) -> "ImageSet":
         def pick(xs):
             return None if xs is None else [xs[i] for i in indices]
 
-        return ImageSet(
+        out = ImageSet(
             names=pick(self.names), paths=pick(self.paths), pil=pick(self.pil),
             tensor=None if self.tensor is None else self.tensor[list(indices)],
             skipped=list(self.skipped), labels=pick(self.labels), groups=pick(self.groups),
             refs=pick(self.refs), lazy=self.lazy, strict=self.strict, origin=self.origin,
         )
+        out._ids, out._frames = pick(self._ids), pick(self._frames)  # the images' contents, read once
+        return out
 
     def where(self, i: int) -> Any:
         """How image ``i`` is read: a path, a reference (``.open()``), or a PIL image."""
@@ -303,6 +398,28 @@ def _scan(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
     return files, passed
 
 
+def _refuse_overlaps(items: list) -> None:
+    """Several folders and files name their images by the path given; the same image reached
+    twice (one folder given twice, a file inside a given folder, a folder inside another) would
+    be counted twice under two names, so it is refused."""
+    real: dict[str, Any] = {}
+    for item in items:
+        if not isinstance(item, (str, os.PathLike)) or str(item) == SAMPLE:
+            continue
+        r = os.path.realpath(Path(item).expanduser())
+        if r in real:
+            raise ImageError(f"{display_name(real[r])} and {display_name(item)} are one folder or file, listed twice "
+                             "in images: list it once.")
+        real[r] = item
+    for r, item in real.items():
+        child, up = r, os.path.dirname(r)
+        while up != child:  # every folder above it, to the root
+            if up in real:
+                raise ImageError(f"{display_name(item)} is inside {display_name(real[up])}, and both are listed in "
+                                 "images: its images would be listed twice. List the folder or the file, not both.")
+            child, up = up, os.path.dirname(up)
+
+
 def _from_array(images: Any) -> torch.Tensor:
     """A NumPy array as a tensor (then read as any tensor is: float preprocessed, uint8 pixels)."""
     return torch.as_tensor(np.array(images))
@@ -377,11 +494,14 @@ def resolve_images(
         items = [images] if isinstance(images, (str, os.PathLike)) else list(images or [])
         if not items:
             raise ImageError("No images given. Pass a folder, files, or 'sample' for the bundled set.")
+        several = len(items) > 1  # then every name keeps the folder or file as given: unique across items
+        if several:
+            _refuse_overlaps(items)
         parts = []
         for item in items:
             if str(item) == SAMPLE:
                 parts.append(_from_paths(sample_images(), None, strict))
-                parts[-1].names = [p.name for p in parts[-1].paths]
+                parts[-1].names = [f"{SAMPLE}/{p.name}" if several else p.name for p in parts[-1].paths]
                 continue
             if not isinstance(item, (str, os.PathLike)):
                 raise ImageError(f"images= items must be paths (or all PIL images); got {type(item).__name__} "
@@ -389,8 +509,8 @@ def resolve_images(
             p = Path(item).expanduser()
             if p.is_dir():
                 files, passed = _scan(p)
-                part = _from_paths(files, p, strict)
-                part.skipped += passed
+                part = _from_paths(files, None if several else p, strict)
+                part.skipped += [(display_name(p / n) if several else n, why) for n, why in passed]
                 for kind, group in _skip_groups(passed).items():
                     log.warning("Passed over %d %s in %s: %s", len(group), kind, display_name(p), ", ".join(group))
                 parts.append(part)

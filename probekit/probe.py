@@ -245,7 +245,7 @@ def _provenance(plan: _Plan, layout: TokenLayout | None, batch_size: int, second
         "metrics": {m.label: {"name": m.name, "options": m.options(), "unit": m.value_unit(),
                               "display_name": m.display_name} for m in plan.metrics},
         "images": {"count": len(plan.images), "fingerprint": plan.images.fingerprint(),
-                   "skipped": plan.images.skipped},
+                   "skipped": plan.images.skipped, "notes": plan.images.notes},
         "batch_size": batch_size,
         "device": str(pm.device),
         "dtype": str(plan.dtype or torch.float32),

@@ -1,6 +1,7 @@
 """Image sources: folders (recursive), files, the bundled set, tensors; bad input is clear."""
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -138,3 +139,88 @@ def test_float_images_are_read_as_zero_to_one():
     a = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)
     got = np.asarray(to_rgb(Image.fromarray(a)))[..., 0]
     np.testing.assert_array_equal(got, np.arange(256, dtype=np.uint8).reshape(16, 16))
+
+
+# -- issue 19.3: image identities are unique across every source of a run ------------------------
+def _png_file(path, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+
+
+def test_same_named_images_of_two_folders_stay_two_images(tmp_path, monkeypatch, toy_backend):
+    _png_file(tmp_path / "A" / "x.png", 0)
+    _png_file(tmp_path / "B" / "x.png", 1)
+    _png_file(tmp_path / "B" / "y.png", 2)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_images("B").names == ["x.png", "y.png"]  # one folder: names relative to it, as before
+    s = resolve_images(["A", "B"])
+    assert s.names == ["A/x.png", "B/x.png", "B/y.png"]  # today: x.png, x.png, y.png
+    res = pk.probe(pk.load("toy:vit"), ["A", "B"], ["mad"])
+    assert res.table["image"].nunique() == 3 and (res.table.groupby("image").size() == res.table.groupby(
+        "image").size().iloc[0]).all()
+    for twice in (["A", "A"], ["A", "A/x.png"], ["A", "./A"]):
+        with pytest.raises(ImageError) as err:
+            resolve_images(twice)
+        assert "twice" in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_same_named_shards_and_parquet_files_of_two_folders_stay_apart(tmp_path):
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from probekit.sources import HFDataset, WebDataset
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "PNG")
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        with tarfile.open(tmp_path / d / "val-000.tar", "w") as tar:
+            info = tarfile.TarInfo("000000.png")
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+        (tmp_path / "pq" / d).mkdir(parents=True)
+        pq.write_table(pa.table({"image": [{"bytes": buf.getvalue(), "path": None}]}), tmp_path / "pq" / d / "train.parquet")
+    s = WebDataset([tmp_path / "a" / "val-000.tar", tmp_path / "b" / "val-000.tar"]).image_set()
+    assert len(set(s.names)) == 2, s.names  # today: val-000.tar/000000 twice
+    assert HFDataset(tmp_path / "pq").image_set().names == ["a/train.parquet#0", "b/train.parquet#0"]
+    with pytest.raises(ImageError, match="twice"):
+        WebDataset([tmp_path / "a" / "val-000.tar", tmp_path / "a" / "val-000.tar"]).image_set()
+
+
+def test_an_image_set_with_two_images_of_one_name_is_refused():
+    with pytest.raises(ImageError) as err:
+        pk.images.ImageSet(names=["a.png", "b.png", "a.png"], paths=[None] * 3)
+    assert "'a.png'" in str(err.value) and "\n" not in str(err.value)
+    raw = b"\xffa.png".decode("utf-8", "surrogateescape")  # the byte 0xff, as os.listdir keeps it
+    s = pk.images.ImageSet(names=[raw], paths=[None])
+    assert s.names == ["\\xffa.png"]  # every name can be written (UTF-8 tables, JSON, hashes)
+    with pytest.raises(ImageError, match="twice"):  # ... so a name that is written that way collides
+        pk.images.ImageSet(names=[raw, "\\xffa.png"], paths=[None] * 2)
+
+
+# -- issue 19.22: multi-frame images are probed at frame 0, and the run says so -------------------
+def _multi_frame(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    frames = [Image.fromarray(np.full((16, 16, 3), v, np.uint8)) for v in (0, 120, 240)]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(folder / "pages.tif", save_all=True, append_images=frames[1:2])
+    frames[0].save(folder / "still.gif")
+    _png_file(folder / "plain.png", 3)
+
+
+def test_multi_frame_images_are_noted_by_name(tmp_path, caplog, toy_backend):
+    _multi_frame(tmp_path / "imgs" / "cls")
+    pm = pk.load("toy:vit")
+    for images, prefix in ((tmp_path / "imgs" / "cls", ""), (pk.sources.ClassFolder(tmp_path / "imgs"), "cls/")):
+        with caplog.at_level(logging.WARNING, logger="probekit.images"):
+            res = pk.probe(pm, images, ["mad"])
+        notes = dict(res.meta["images"]["notes"])  # today: no notes at all, frame 0 silently
+        assert sorted(notes) == [prefix + "anim.gif", prefix + "pages.tif"]
+        assert notes[prefix + "anim.gif"] == "3 frames: only the first was probed"
+        assert notes[prefix + "pages.tif"] == "2 frames: only the first was probed"
+        assert res.table["image"].nunique() == 4
+        assert f"Probed only the first frame of 2 multi-frame image(s): {prefix}anim.gif, {prefix}pages.tif" in caplog.text
+        caplog.clear()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import os
 import shutil
 import tarfile
 from collections import Counter
@@ -218,3 +220,208 @@ def test_run_file_source_records_labels_and_sampling_in_run_json(class_tree, tmp
     run.write_text(RUN.format(kind="files", path=class_tree))
     with pytest.raises(ConfigError, match="stratify needs labels"):
         compare(run, out=tmp_path / "out2")
+
+
+# -- issue 19: content identity, empty cells, odd names, malformed manifests and shards ----------
+def _ppm(seed: int, size: int = 32) -> bytes:
+    """An uncompressed image: same size in bytes for any pixels, so a rewrite can keep the size."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PPM")
+    return buf.getvalue()
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1_700_000_000
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _rewrite_keeping_stamp(path: Path, write) -> None:
+    """Rewrite ``path`` in place (same inode, same size) and restore its mtime, as ``cp -p`` or ``rsync -t``."""
+    st = path.stat()
+    write(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def _images_as(kind: str, root: Path, images: dict[str, bytes]):
+    """A source of ``kind`` over ``images`` ({name: bytes}) and a function that rewrites one image in place."""
+    datasets = pytest.importorskip("datasets") if kind in ("hf-disk", "hf-parquet") else None
+    if kind in ("files", "classes", "manifest"):
+        folder = root / "cls"
+        folder.mkdir(parents=True)
+        for n, data in images.items():
+            (folder / n).write_bytes(data)
+        pd.DataFrame({"path": [f"cls/{n}" for n in images]}).to_csv(root / "m.csv", index=False)
+        src = {"files": folder, "classes": ClassFolder(root), "manifest": Manifest(root / "m.csv")}[kind]
+        return src, lambda n, data: _rewrite_keeping_stamp(folder / n, lambda p: p.write_bytes(data))
+    if kind == "webdataset":
+        shard = root / "s-000.tar"
+        _tar(shard, {f"{n.split('.')[0]}.ppm": d for n, d in images.items()})
+
+        def rewrite(n, data):
+            new = dict(images, **{n: data})
+            _rewrite_keeping_stamp(shard, lambda p: _tar(p, {f"{k.split('.')[0]}.ppm": d for k, d in new.items()}))
+        return WebDataset(shard), rewrite
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def table(imgs):
+        return pa.table({"image": [{"bytes": d, "path": None} for d in imgs.values()], "label": list(range(len(imgs)))})
+    if kind == "hf-parquet":
+        file = root / "val.parquet"
+        pq.write_table(table(images), file, compression="none", write_statistics=False)
+
+        def rewrite(n, data):
+            new = table(dict(images, **{n: data}))
+            _rewrite_keeping_stamp(file, lambda p: pq.write_table(new, p, compression="none", write_statistics=False))
+        return HFDataset(file), rewrite
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict(table(images).to_pydict(), features=feats).save_to_disk(str(root / "saved"))
+    (arrow,) = (root / "saved").glob("*.arrow")
+
+    def rewrite(n, data):
+        other = root / "other"
+        datasets.Dataset.from_dict(table(dict(images, **{n: data})).to_pydict(), features=feats).save_to_disk(str(other))
+        (new,) = other.glob("*.arrow")
+        _rewrite_keeping_stamp(arrow, lambda p: p.write_bytes(new.read_bytes()))
+    return HFDataset(root / "saved"), rewrite
+
+
+@pytest.mark.parametrize("kind", ["files", "classes", "manifest", "webdataset", "hf-parquet", "hf-disk"])
+def test_a_same_size_same_mtime_rewrite_of_one_image_changes_the_fingerprint(tmp_path, kind):
+    # issue 19.2: tar members and dataset rows were identified by their container's size and mtime
+    images = {f"{i:06d}.ppm": _ppm(i) for i in range(3)}
+    src, rewrite = _images_as(kind, tmp_path, images)
+    listed = pk.resolve_images(src)
+    before = listed.fingerprint()
+    assert pk.resolve_images(src).fingerprint() == before  # the same bytes: the same identity
+    rewrite("000001.ppm", _ppm(99))  # one image's pixels; every byte count and time kept
+    assert pk.resolve_images(src).fingerprint() != before
+
+
+RESUMED = """\
+name: shards
+models: [toy:vit]
+images: {{kind: webdataset, path: {path}}}
+metrics: [mad]
+batch_size: 2
+figures: []
+"""
+
+
+def test_a_shard_rewritten_in_place_is_recomputed_not_served_from_the_cache(tmp_path):
+    images = {f"{i:06d}.ppm": _ppm(i) for i in range(3)}
+    src, rewrite = _images_as("webdataset", tmp_path, images)
+    run = tmp_path / "run.yaml"
+    run.write_text(RESUMED.format(path=src.shards))
+    first = compare(run, out=tmp_path / "out").results.table
+    assert compare(run, out=tmp_path / "out").cached == ["toy:vit"]  # unchanged: served from the part
+    rewrite("000001.ppm", _ppm(99))
+    again = compare(run, out=tmp_path / "out")
+    assert again.cached == []  # today: the old part, computed from the old pixels
+    by = ["image", "layer", "head"]
+    a, b = (t.sort_values(by).set_index(by)["value"] for t in (first, again.results.table))
+    changed = (a - b).abs().groupby(level="image").max()
+    assert changed["s-000.tar/000001"] > 1e-3 and changed.drop("s-000.tar/000001").max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["hf-parquet", "hf-disk"])
+def test_an_empty_image_cell_is_a_skipped_image_not_a_lost_model(pm, tmp_path, kind):
+    # issue 19.4: one None cell raised AttributeError and discarded the model's whole work
+    src, _ = _images_as(kind, tmp_path, {f"{i:06d}.ppm": _ppm(i) for i in range(4)})
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if kind == "hf-parquet":
+        t = pq.read_table(src.path)
+        cells = t.column("image").to_pylist()
+        cells[2] = None
+        pq.write_table(t.set_column(0, "image", pa.array(cells, t.schema.field("image").type)), src.path)
+    else:
+        datasets = pytest.importorskip("datasets")
+        ds = datasets.load_from_disk(str(src.path))
+        cells = list(ds.cast_column("image", datasets.Image(decode=False))["image"])
+        cells[2] = None
+        ds = datasets.Dataset.from_dict({"image": cells, "label": ds["label"]}, features=ds.features)
+        shutil.rmtree(src.path)
+        ds.save_to_disk(str(src.path))
+    s = pk.resolve_images(src)
+    res = pk.probe(pm, s, ["mad"], batch_size=4)
+    empty = s.names[2]
+    assert sorted(res.table["image"].unique()) == sorted(n for n in s.names if n != empty)
+    assert [n for n, _ in res.meta["images"]["skipped"]] == [empty]
+    with pytest.raises(ImageError, match="empty"):
+        pk.probe(pm, src, ["mad"], batch_size=4, strict=True)
+
+
+def test_a_class_folder_with_a_non_utf8_file_name_is_probed(pm, class_tree):
+    # issue 19.14: UnicodeEncodeError in the fingerprint; a plain folder handled the same name
+    shutil.copy(class_tree / "cat" / "coffee.jpg", os.path.join(os.fsencode(class_tree / "cat"), b"\xffraw.jpg"))
+    res = pk.probe(pm, ClassFolder(class_tree), ["mad"], batch_size=4)
+    assert "cat/\\xffraw.jpg" in set(res.table["image"])
+    assert dict(zip(res.table["image"], res.table["label"]))["cat/\\xffraw.jpg"] == "cat"
+
+
+@pytest.mark.parametrize("file", ["m.csv", "m.parquet"])
+def test_a_manifest_row_without_a_path_is_refused_naming_the_row(class_tree, tmp_path, file):
+    # issue 19.15: an empty path cell resolved to the manifest's folder (IsADirectoryError traceback)
+    rows = pd.DataFrame({"path": ["classes/cat/chelsea.jpg", "", "classes/space/rocket.jpg"]})
+    if file == "m.csv":
+        rows.to_csv(tmp_path / file, index=False)
+    else:
+        rows.assign(path=[rows.path[0], None, rows.path[2]]).to_parquet(tmp_path / file)
+    with pytest.raises(ImageError) as err:
+        Manifest(tmp_path / file).image_set()
+    msg = str(err.value)
+    where = "line 3" if file == "m.csv" else "row 2"
+    assert f"The manifest {tmp_path / file} has no path in its 'path' column at {where}" in msg, msg
+    assert "\n" not in msg
+    pd.DataFrame({"path": ["classes/cat/chelsea.jpg", "classes/cat"]}).to_csv(tmp_path / "dir.csv", index=False)
+    with pytest.raises(ImageError, match=r"1 path\(s\) of the manifest dir.csv are not files, e.g. classes/cat"):
+        Manifest(tmp_path / "dir.csv").image_set()
+
+
+def test_a_webdataset_label_that_is_not_utf8_names_shard_and_member(tmp_path):
+    # issue 19.16: UnicodeDecodeError traceback
+    _tar(tmp_path / "s.tar", {"a.ppm": _ppm(0), "a.cls": b"cat", "b.ppm": _ppm(1), "b.cls": b"\xff\xfe"})
+    with pytest.raises(ImageError) as err:
+        WebDataset(tmp_path / "s.tar").image_set()
+    msg = str(err.value)
+    assert msg.startswith(f"The label member b.cls of {tmp_path / 's.tar'} is not UTF-8 text") and "\n" not in msg
+
+
+def test_a_truncated_shard_probes_its_intact_members_and_skips_the_rest_by_name(pm, tmp_path, caplog):
+    # issue 19.17: refused with advice to decompress .tar.gz, and its intact members dropped
+    members = {}
+    for i in range(4):
+        members[f"{i:06d}.ppm"], members[f"{i:06d}.cls"] = _ppm(i), b"cat" if i % 2 else b"dog"
+    _tar(tmp_path / "s-000.tar", members)
+    _tar(tmp_path / "s-001.tar", {"000009.ppm": _ppm(9), "000009.cls": b"cat", "000010.ppm": _ppm(10),
+                                  "000010.cls": b"dog"})
+    whole = (tmp_path / "s-000.tar").read_bytes()
+    with tarfile.open(tmp_path / "s-000.tar") as tar:
+        cut_in = tar.getmember("000002.ppm")
+    (tmp_path / "s-000.tar").write_bytes(whole[:cut_in.offset_data + 100])  # a copy cut short in member 2
+    with tarfile.open(tmp_path / "s-001.tar") as tar:
+        boundary = tar.getmember("000010.ppm").offset  # cut between two samples: tarfile reads no error
+    (tmp_path / "s-001.tar").write_bytes((tmp_path / "s-001.tar").read_bytes()[:boundary])
+    with caplog.at_level(logging.WARNING, logger="probekit.sources"):
+        s = WebDataset(tmp_path).image_set()
+    assert s.names == ["s-000.tar/000000", "s-000.tar/000001", "s-001.tar/000009"]
+    assert s.labels == ["dog", "cat", "cat"]
+    why = dict(s.skipped)
+    assert why["s-000.tar/000002"].startswith("cut short: the shard is truncated")
+    assert why[str(tmp_path / "s-000.tar")].startswith("truncated tar shard: it ends after")
+    assert why[str(tmp_path / "s-001.tar")].startswith("truncated tar shard: it ends after")
+    assert "s-000.tar is truncated" in caplog.text and "s-001.tar is truncated" in caplog.text
+    assert "decompress" not in caplog.text
+    res = pk.probe(pm, WebDataset(tmp_path), ["mad"], batch_size=2)
+    assert sorted(res.table["image"].unique()) == s.names
+    assert "s-000.tar/000002" in dict(res.meta["images"]["skipped"])
+    with pytest.raises(ImageError) as err:
+        WebDataset(tmp_path).image_set(strict=True)
+    msg = str(err.value)
+    assert "truncated" in msg and "drop --strict" in msg and "\n" not in msg and "decompress" not in msg

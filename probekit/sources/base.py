@@ -8,6 +8,8 @@ an unreadable one is skipped then (with its name) or stops the run under ``stric
 
 from __future__ import annotations
 
+import itertools
+import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,10 +20,16 @@ from .sampling import sample_indices
 __all__ = ["Source", "stamp"]
 
 
+_listings = itertools.count()
+
+
 def stamp(path: Path) -> str:
-    """Size and modification time of a file: part of a reference's identity (cheap, no read)."""
+    """A key for a process's cache of a container's contents (a parquet row group, a loaded
+    dataset), made anew by every listing: a container rewritten in place keeps its size and
+    time (``cp -p``, ``rsync -t``), so no cache outlives the listing that made its key. It
+    identifies nothing: an image's identity is its bytes (:meth:`ImageSet.fingerprint`)."""
     st = path.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{os.getpid()}:{next(_listings)}"
 
 
 class Source:
@@ -56,6 +64,9 @@ class Source:
         if self.stratify and full.labels is None:
             raise ConfigError(f"stratify needs labels, and this {self.kind} source has none; "
                               "drop stratify or give a label column.")
+        if strict and full.skipped:  # e.g. the members a truncated shard lost
+            name, why = full.skipped[0]
+            raise ImageError(f"{name}: {why}. Fix it, or drop --strict to probe the rest and list it as skipped.")
         idx = sample_indices(len(full), self.count, self.seed, full.labels, self.stratify)
         out = full if len(idx) == len(full) else full.subset(idx)
         out.lazy, out.strict = True, strict

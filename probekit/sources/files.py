@@ -7,6 +7,7 @@ ImageNet-val-size set (50,000 files) lists in well under a second of Python.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,22 @@ def _read_table(path: Path, columns: list[str]):
     raise ImageError(f"A manifest is a .csv, .tsv or .parquet file; got {path.name}.")
 
 
+def _row_place(path: Path, i: int) -> str:
+    """Where data row ``i`` (0-based) of a manifest is, for an error: a CSV's line (as an editor
+    counts them, header and quoted line breaks included), a parquet table's row (from 1)."""
+    if path.suffix.lower() == ".parquet":
+        return f"row {i + 1}"
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        rows = (reader.line_num for row in reader if row)  # pandas skips blank lines
+        next(rows, None)  # the header
+        for _ in range(i):
+            next(rows, None)
+        return f"line {next(rows, i + 2)}"
+
+
 class Manifest(Source):
     """A CSV or parquet table of images: a path column, optional label and group columns.
 
@@ -118,13 +135,29 @@ class Manifest(Source):
             if asked and col not in have:
                 raise ConfigError(f"The manifest {self.path.name} has no column {col!r}; its columns: "
                                   f"{', '.join(map(str, have))}.")
-        names = df[self.path_column].astype(str).tolist()
+        cells = df[self.path_column].tolist()
+        empty = [i for i, v in enumerate(cells) if v is None or v != v or not str(v).strip()]  # (v != v: NaN)
+        if empty:  # it would name the manifest's own folder
+            more = f" (and {len(empty) - 1} more row(s))" if len(empty) > 1 else ""
+            raise ImageError(f"The manifest {self.path} has no path in its {self.path_column!r} column at "
+                             f"{_row_place(self.path, empty[0])}{more}: every row names one image. Fill in the "
+                             "path or delete the row.")
+        names = [str(v) for v in cells]
         base = self.path.parent
         paths = [Path(n) if os.path.isabs(n) else base / n for n in names]
-        missing = [n for n, p in zip(names, paths) if not p.exists()]
+        missing, folders = [], []
+        for n, p in zip(names, paths):  # one stat each
+            try:
+                if not stat.S_ISREG(os.stat(p).st_mode):
+                    folders.append(n)
+            except OSError:
+                missing.append(n)
         if missing:
             raise ImageError(f"{len(missing)} path(s) of the manifest {self.path.name} do not exist, e.g. "
                              f"{', '.join(missing[:3])}. Paths are relative to the manifest's folder.")
+        if folders:
+            raise ImageError(f"{len(folders)} path(s) of the manifest {self.path.name} are not files, e.g. "
+                             f"{', '.join(folders[:3])}. Each row names one image file.")
         if len(set(names)) != len(names):
             raise ImageError(f"The manifest {self.path.name} lists the same path twice; list each image once.")
         labels = df[label_col].astype(str).tolist() if label_col in df.columns else None

@@ -3,7 +3,10 @@
 Offline by construction: nothing is fetched from a hub. Parquet is read with pyarrow alone
 (no ``datasets`` needed); a ``save_to_disk`` folder needs the ``datasets`` package
 (``pip install "probekit[hf]"``). Listing reads the label column only; each image is a row
-reference that a decoding worker reads (one row group at a time, cached per process).
+reference that a decoding worker reads (one row group at a time, cached per process). A row is
+identified by its image cell's bytes (:meth:`ImageSet.fingerprint` reads them), never by the
+file's size and time; a row whose cell is empty is skipped by name when decoded, like any image
+that cannot be decoded.
 """
 
 from __future__ import annotations
@@ -19,19 +22,36 @@ from typing import Any
 from PIL import Image
 
 from ..errors import ConfigError, ImageError, MissingDependencyError
-from ..images import ImageSet
+from ..images import ImageSet, display_name
 from .base import Source, stamp
 
 __all__ = ["HFDataset", "ParquetRow", "DiskRow"]
 
 
-def _decode_cell(cell: Any) -> Image.Image:
-    """An image cell of a ``datasets`` Image feature: ``{"bytes", "path"}``, raw bytes or a path."""
+def _cell_bytes(cell: Any) -> bytes | None:
+    """The encoded image of a cell of a ``datasets`` Image feature (``{"bytes", "path"}``, raw
+    bytes or a path), or None for an empty cell (null, or neither bytes nor a path).
+
+    Raises:
+        OSError: the cell names a file that cannot be read.
+    """
     if isinstance(cell, dict):
         data, path = cell.get("bytes"), cell.get("path")
     else:
         data, path = (cell, None) if isinstance(cell, (bytes, bytearray)) else (None, cell)
-    with (Image.open(io.BytesIO(data)) if data is not None else Image.open(path)) as im:
+    if data is not None:
+        return bytes(data)
+    if isinstance(path, (str, os.PathLike)) and str(path):
+        with open(path, "rb") as f:
+            return f.read()
+    return None
+
+
+def _decode_cell(cell: Any) -> Image.Image:
+    data = _cell_bytes(cell)
+    if data is None:  # open_image turns this into a skipped image, named
+        raise ValueError("the image cell is empty (no bytes, no path)")
+    with Image.open(io.BytesIO(data)) as im:
         return im.copy()
 
 
@@ -52,11 +72,15 @@ class ParquetRow:
     column: str
     stamp: str
 
-    def open(self) -> Image.Image:
-        return _decode_cell(_row_group(self.file, self.group, self.column, self.stamp)[self.row])
+    def _cell(self) -> Any:
+        return _row_group(self.file, self.group, self.column, self.stamp)[self.row]
 
-    def ident(self) -> str:
-        return f"{self.file}:{self.stamp}:{self.group}:{self.row}"
+    def read(self) -> bytes | None:
+        """The image's bytes (None: an empty cell)."""
+        return _cell_bytes(self._cell())
+
+    def open(self) -> Image.Image:
+        return _decode_cell(self._cell())
 
     def __str__(self) -> str:
         return f"{self.file}[{self.group}:{self.row}]"
@@ -89,11 +113,15 @@ class DiskRow:
     column: str
     stamp: str
 
-    def open(self) -> Image.Image:
-        return _decode_cell(_disk_dataset(self.path, self.split, self.column, self.stamp)[self.index][self.column])
+    def _cell(self) -> Any:
+        return _disk_dataset(self.path, self.split, self.column, self.stamp)[self.index][self.column]
 
-    def ident(self) -> str:
-        return f"{self.path}:{self.stamp}:{self.split}:{self.index}"
+    def read(self) -> bytes | None:
+        """The image's bytes (None: an empty cell)."""
+        return _cell_bytes(self._cell())
+
+    def open(self) -> Image.Image:
+        return _decode_cell(self._cell())
 
     def __str__(self) -> str:
         return f"{self.path}[{self.split}:{self.index}]"
@@ -157,10 +185,13 @@ class HFDataset(Source):
             pf = pq.ParquetFile(file)
             self._check_columns(pf.schema_arrow.names)
             st = stamp(file)
-            rel = file.name if file != self.path else ""
+            # a row is named by its file (relative to the folder: files of two sub-folders may share
+            # a name) and its row in that file; the rows of a lone file by their row
+            rel = display_name(file.relative_to(self.path).as_posix()) if file != self.path else ""
+            first = len(refs)
             for g in range(pf.num_row_groups):
                 n = pf.metadata.row_group(g).num_rows
-                base = len(refs)
+                base = len(refs) - first
                 refs += [ParquetRow(str(file), g, r, self.image_column, st) for r in range(n)]
                 names += [f"{rel}#{base + r}" if rel else f"{base + r}" for r in range(n)]
             if self.label_column:
