@@ -20,10 +20,11 @@ import re
 import time
 from pathlib import Path
 
-__all__ = ["file_digest", "files_identity"]
+__all__ = ["file_digest", "file_digest_head", "files_identity"]
 
 _CHUNK = 1 << 20
-_memo: dict[tuple, str] = {}
+_HEAD = 16  # leading bytes kept with a digest: enough to tell a file's format
+_memo: dict[tuple, tuple[str, bytes]] = {}
 _HF_BLOB = re.compile(r"^([0-9a-f]{40}|[0-9a-f]{64})$")  # git blob sha1 or LFS sha256
 _SETTLED_NS = 3 * 10**9  # a ctime older than this is past any file system's timestamp granularity
 
@@ -38,22 +39,40 @@ def file_digest(path: str | os.PathLike) -> str:
     Raises:
         OSError: the file cannot be read.
     """
-    path = Path(path)
-    real = path.resolve()
+    real = Path(path).resolve()
     if real.parent.name == "blobs" and _HF_BLOB.match(real.name):
         return real.name  # the Hugging Face cache names blobs by content (LFS SHA-256, git SHA-1)
+    return _read(real)[0]
+
+
+def file_digest_head(path: str | os.PathLike) -> tuple[str, bytes]:
+    """:func:`file_digest` and the file's first 16 bytes (its format's magic number), from one read.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    real = Path(path).resolve()
+    if real.parent.name == "blobs" and _HF_BLOB.match(real.name):
+        with open(real, "rb") as f:
+            return real.name, f.read(_HEAD)
+    return _read(real)
+
+
+def _read(real: Path) -> tuple[str, bytes]:
     with open(real, "rb") as f:
         st = os.fstat(f.fileno())
         key = _stamp(st)
         if key in _memo:
             return _memo[key]
         h = hashlib.sha256()
+        head = b""
         while chunk := f.read(_CHUNK):
+            head = head or chunk[:_HEAD]
             h.update(chunk)
-    digest = h.hexdigest()
+    found = h.hexdigest(), head
     if time.time_ns() - st.st_ctime_ns > _SETTLED_NS:
-        _memo[key] = digest
-    return digest
+        _memo[key] = found
+    return found
 
 
 def files_identity(paths: list[Path]) -> dict[str, str]:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
-from .fileid import file_digest
+from .fileid import file_digest_head
 from .memory import tame
 
 __all__ = ["ImageSet", "resolve_images", "sample_images", "open_image", "to_channels", "to_rgb", "per_channel",
@@ -109,9 +109,8 @@ def _content(where: Any) -> tuple[str, int]:
     saying so (decoding then skips it, by name); it is never taken for another image."""
     try:
         if isinstance(where, (str, os.PathLike)):
-            digest = file_digest(where)  # every byte, large files too (see probekit.fileid)
-            with open(where, "rb") as f:
-                return digest, _frames(f.read(16), where)
+            digest, head = file_digest_head(where)  # every byte, large files too (see probekit.fileid)
+            return digest, _frames(head, where)
         data = where.read()
     except (OSError, ValueError) as exc:
         return f"unreadable: {type(exc).__name__}", 1
