@@ -224,3 +224,20 @@ def test_multi_frame_images_are_noted_by_name(tmp_path, caplog, toy_backend):
         assert res.table["image"].nunique() == 4
         assert f"Probed only the first frame of 2 multi-frame image(s): {prefix}anim.gif, {prefix}pages.tif" in caplog.text
         caplog.clear()
+
+
+def test_a_run_records_and_reports_its_multi_frame_images(tmp_path, toy_backend):
+    import json
+
+    from probekit.compare import compare
+
+    _multi_frame(tmp_path / "imgs")
+    run = tmp_path / "run.yaml"
+    run.write_text(f"models: [toy:vit]\nimages: {{path: {tmp_path / 'imgs'}}}\nmetrics: [mad]\nfigures: []\n")
+    compare(run, out=tmp_path / "out")
+    rec = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert rec["images"]["notes"] == [["anim.gif", "3 frames: only the first was probed"],
+                                      ["pages.tif", "2 frames: only the first was probed"]]
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "2 multi-frame image(s) (animated GIF, multi-page TIFF) were probed at their first frame only: " \
+           "anim.gif, pages.tif." in html

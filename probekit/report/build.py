@@ -146,6 +146,11 @@ def payload(run_dir: Path, record: dict, results: Results, contrasts: pd.DataFra
         empty = (f"No per-image values to chart, tabulate or contrast: this run's metrics ({maps or 'none'}) are "
                  "map metrics, drawn in figures/maps_*.png and in the attention explorer below.")
         notes.append(empty)
+    frames = (record.get("images") or {}).get("notes") or []  # (name, note): multi-frame images
+    if frames:
+        shown = ", ".join(str(n) for n, _ in frames[:10]) + (", ..." if len(frames) > 10 else "")
+        notes.append(f"{len(frames)} multi-frame image(s) (animated GIF, multi-page TIFF) were probed at their "
+                     f"first frame only: {shown}.")
     if explorer is None and not (record.get("report") or {}).get("showcase"):
         notes.append("No attention explorer: the run stored no showcase images (report.showcase: 0 or --no-report).")
     crow = [] if contrasts is None else [{k: (_num(v) if isinstance(v, (float, np.floating)) else
@@ -157,7 +162,7 @@ def payload(run_dir: Path, record: dict, results: Results, contrasts: pd.DataFra
         floor = (f"With {n} images the exact permutation test has 2^{n} sign patterns: no p can go below "
                  f"{2 / 2**n:.3g} (before Holm). Probe more images for stronger evidence.")
     prov = {k: record.get(k) for k in ("name", "status", "started", "finished", "seconds", "versions", "config")}
-    prov["images"] = {k: (record.get("images") or {}).get(k) for k in ("count", "fingerprint", "skipped")}
+    prov["images"] = {k: (record.get("images") or {}).get(k) for k in ("count", "fingerprint", "skipped", "notes")}
     prov["failures"] = [{k: f.get(k) for k in ("model", "stage", "error", "message")} for f in record.get("failures", [])]
     prov["notes"] = notes
     data = {"title": f"probekit report: {record.get('name', run_dir.name)}", "models": models,
