@@ -27,6 +27,7 @@ __all__ = [
     "RunDirBusyError",
     "close_matches",
     "reading_checkpoint",
+    "refusing_pickles",
 ]
 
 
@@ -138,8 +139,44 @@ def reading_checkpoint(path) -> Iterator[None]:
     except ProbekitError:
         raise
     except Exception as exc:
+        if refused_pickle(exc):
+            raise ConfigError(pickle_refused(f"checkpoint={str(path)!r}", exc)) from None
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise ConfigError(
             f"checkpoint={str(path)!r} cannot be loaded ({type(exc).__name__}: {first}). Give a weights file "
             "saved from this architecture: a state dict in .safetensors, .pth or .bin."
         ) from exc
+
+
+def refused_pickle(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch refusing, under ``weights_only=True``, a pickle that holds more than
+    tensors (a class, a function: code that would run if it were loaded)."""
+    import pickle
+
+    return isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc)
+
+
+def pickle_refused(what: str, exc: BaseException) -> str:
+    """One line for a refused pickle: what it tried to load, and a safe way on. Never torch's own
+    text, which advises loading it with ``weights_only`` off (running the file's code)."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    names = f" (it asks for {found.group(1)})" if found else ""
+    return (f"{what} is a pickle that holds more than tensors{names}; probekit loads weights only as plain "
+            "tensors and never runs code from a weights file. Use the model's .safetensors file, or a plain "
+            "state dict saved from a copy you trust.")
+
+
+@contextmanager
+def refusing_pickles(what: str) -> Iterator[None]:
+    """Around a library loading weights files of ``what`` (e.g. an ``hf:`` folder): a pickle that
+    torch refuses is one line (:func:`pickle_refused`), not torch's advice to load it unsafely."""
+    try:
+        yield
+    except ProbekitError:
+        raise
+    except Exception as exc:
+        if refused_pickle(exc):
+            raise ConfigError(pickle_refused(what, exc)) from None
+        raise

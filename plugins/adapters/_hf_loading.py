@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from probekit.errors import ConfigError, UnknownNameError, WeightsUnavailableError, reading_checkpoint
+from probekit.errors import ConfigError, UnknownNameError, WeightsUnavailableError, reading_checkpoint, refusing_pickles
 
 from ._hf_families import KNOWN, check_family, family_of, vision_config
 
@@ -58,7 +58,16 @@ def config_for(name: str, overrides: dict):
 
 
 def pretrained_model(name: str, overrides: dict) -> nn.Module:
-    """Weights from a local directory or the HF cache (downloading only when the hub is online)."""
+    """Weights from a local directory or the HF cache (downloading only when the hub is online).
+
+    A ``.bin`` pickle that torch refuses under ``weights_only`` is one line, not torch's advice
+    to load it unsafely.
+    """
+    with refusing_pickles(f"A weights file of hf:{name}"):
+        return _pretrained_model(name, overrides)
+
+
+def _pretrained_model(name: str, overrides: dict) -> nn.Module:
     import transformers
     from huggingface_hub import constants
 
