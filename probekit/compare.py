@@ -435,5 +435,5 @@ def _report_outputs(rd: RunDir, results: Results, record: dict, cfg: RunConfig):
         for name in ("contrasts.csv", "report.html"):  # none of an earlier run stays beside these results
             if name in rd.outputs:
                 rd.outputs.remove(name)
-            (rd.path / name).unlink(missing_ok=True)
+            rd.remove(name)  # (only a probekit run's file)
     return table, html

@@ -426,6 +426,8 @@ def render_all(results: Results, out_dir: str | Path, *, kinds: Iterable[str] | 
         old = json.loads(stamps_path.read_text())
     except (OSError, ValueError):
         old = {}
+    if not isinstance(old, dict):  # planted or damaged: every figure is drawn again
+        old = {}
     new, todo, kept = dict(old), [], []
     for kind, metric in jobs:
         stem = f"{kind}_{_safe(metric)}"

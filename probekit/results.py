@@ -245,19 +245,25 @@ class Results:
         Raises:
             ConfigError: the file is not such an arrays file.
         """
+        import zipfile
+
         from .errors import ConfigError
 
-        with np.load(path, allow_pickle=False) as z:
-            if _KEYS not in z.files:  # written before the keys were stored
-                return {_legacy_key(k, models or []): z[k] for k in z.files}
-            try:
+        what = f"{path} is not a probekit arrays file"
+        try:
+            with np.load(path, allow_pickle=False) as z:  # an object array (a pickle) is refused here
+                if _KEYS not in z.files:  # written before the keys were stored
+                    return {_legacy_key(k, models or []): z[k] for k in z.files}
                 keys = json.loads(z[_KEYS].tobytes().decode())
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"{path}: its list of array keys cannot be read ({exc}).") from None
-            if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or \
-                    sorted(z.files) != sorted([_KEYS, *(f"a{i}" for i in range(len(keys)))]):
-                raise ConfigError(f"{path} is not a probekit arrays file (its keys do not match its arrays).")
-            return {k: z[f"a{i}"] for i, k in enumerate(keys)}
+                if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or \
+                        sorted(z.files) != sorted([_KEYS, *(f"a{i}" for i in range(len(keys)))]):
+                    raise ConfigError(f"{what} (its keys do not match its arrays).")
+                return {k: z[f"a{i}"] for i, k in enumerate(keys)}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # ConfigError is a ValueError
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"{what} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                              "probekit reads plain arrays only. Run the comparison again to rewrite it.") from None
 
 
 _KEYS = "__keys__"  # the member of an arrays file that lists its keys (JSON, as uint8)

@@ -10,6 +10,12 @@ A reader trusts a directory only when ``run.json`` is finished and every file ma
 manifest, so an interrupted second run leaves ``running`` beside whatever it wrote, never an
 earlier run's ``complete``. Figures are drawn into a staging folder and moved in only when all
 of them are written: a full disk leaves no stray figure files.
+
+A run never deletes or replaces a file that no probekit run wrote: ``--out`` on a folder that
+holds files but no probekit run is refused before anything is written, and in a run directory
+only the files that earlier runs' records list (``manifest``, and ``owned``: every file a run
+wrote, recorded in ``run.json`` before the file is written) are replaced or removed; a user's
+notes or figures beside them stay.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ __all__ = ["RunDir", "read_record", "load_run_dir", "write_outputs", "redraw", "
 
 RUN_JSON = "run.json"
 LOCK = ".lock"
+OUTPUTS = ("results.parquet", "summary.csv", "arrays.npz", "contrasts.csv", "report.html")  # beside run.json
 FINISHED = ("complete", "partial", "nonfinite")  # statuses of a run that wrote all its outputs
 
 
@@ -92,6 +99,52 @@ def _lock_holder(path: Path) -> dict | None:
         os.close(fd)
 
 
+# -- whose files -----------------------------------------------------------------------------------
+def _probekit_record(path: Path) -> dict | None:
+    """``run.json`` of ``path`` when it is a probekit run's record (read as JSON only), else None."""
+    try:
+        record = json.loads((path / RUN_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("run_id"), str) and isinstance(record.get("status"), str)
+    return record if ok else None
+
+
+def owned_files(path: str | Path) -> set[str]:
+    """The files of ``path`` that probekit runs wrote (the only ones a run may replace or remove).
+
+    A folder that does not exist or is empty (or holds only what a run creates first: the lock
+    and an empty ``parts/``) owns nothing yet; a run directory owns what its ``run.json`` lists.
+
+    Raises:
+        RunDirError: ``path`` is a folder with files but no probekit run record.
+    """
+    path = Path(path)
+    if not path.is_dir():  # nothing there yet (or a file: creating the folder says so)
+        return set()
+    record = _probekit_record(path)
+    if record is None:
+        try:
+            entries = list(path.iterdir())
+        except OSError as exc:
+            raise RunDirError(f"{path} cannot be listed ({exc.strerror}); choose another --out.") from None
+        mine = all(p.name == LOCK or (p.name == "parts" and p.is_dir() and not any(p.iterdir())) for p in entries)
+        if entries and not mine:
+            raise RunDirError(
+                f"{path} holds files but is not a probekit run directory (no run.json of a probekit run), and a "
+                "run never deletes or replaces files it did not write: choose an empty or new folder for --out "
+                "(or `out:` in the run file), or a previous probekit run directory.")
+        return set()
+    names = list(record.get("owned") or []) if isinstance(record.get("owned"), list) else []
+    if isinstance(record.get("manifest"), dict):
+        names += list(record["manifest"])
+    if isinstance(record.get("figures"), list):
+        names += record["figures"]
+    if "owned" not in record:  # written before runs recorded what they own: its output names are its own
+        names += list(OUTPUTS)
+    return {n for n in names if isinstance(n, str) and os.path.lexists(path / n)}
+
+
 # -- the directory -------------------------------------------------------------------------------
 class RunDir:
     """One run directory while a run writes it: ``with rd.locked(): rd.begin(record) ... rd.finish(...)``."""
@@ -100,6 +153,8 @@ class RunDir:
         self.path = Path(path)
         self.parts = PartStore(self.path / "parts")
         self.outputs: list[str] = []  # files this run wrote, relative to the directory
+        self.owned: set[str] = set()  # files a probekit run wrote here: the only ones a run may replace
+        self.record: dict | None = None  # run.json as this run keeps it (``owned`` is written as it grows)
 
     @contextmanager
     def locked(self) -> Iterator["RunDir"]:
@@ -108,9 +163,11 @@ class RunDir:
         A lock left by a process that died (SIGKILL, power loss) is free: the kernel drops it.
 
         Raises:
+            RunDirError: the folder holds files but no probekit run (nothing is written to it).
             RunDirBusyError: another run holds the lock.
             WriteError: the directory cannot be created or written.
         """
+        owned_files(self.path)  # refuse a user's folder before creating anything in it
         with write_errors(self.path):
             (self.path / "parts").mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -121,24 +178,59 @@ class RunDir:
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
             os.write(fd, me)
+            self.owned = owned_files(self.path)  # (now that no other run can change them)
             yield self
         finally:
             os.close(fd)  # releases the lock
 
     def output(self, name: str) -> Path:
         """The path of an output file this run writes (``results.parquet``, ``report.html``...);
-        the manifest will vouch for it."""
+        the manifest will vouch for it.
+
+        Raises:
+            RunDirError: a file of that name is there and no probekit run wrote it.
+        """
+        self.own([name])
         if name not in self.outputs:
             self.outputs.append(name)
         return self.path / name
+
+    def own(self, names: list[str]) -> None:
+        """Record in ``run.json`` that this run writes ``names`` (before it writes them, so a run
+        killed midway still names them); a file there that no probekit run wrote is refused.
+
+        Raises:
+            RunDirError: one of ``names`` exists and is not a probekit run's file.
+        """
+        new = [n for n in names if n not in self.owned]
+        for n in new:
+            if os.path.lexists(self.path / n):
+                raise RunDirError(f"{self.path / n} was not written by probekit: move it out of {self.path} "
+                                  "(a run never replaces a file it did not write), or choose another --out.")
+        if new:
+            self.owned.update(new)
+            if self.record is not None:
+                self.record["owned"] = sorted(self.owned)
+                self.write_record(self.record)
+
+    def remove(self, name: str) -> None:
+        """Remove an output of an earlier run (only a file a probekit run wrote)."""
+        if name in self.owned:
+            (self.path / name).unlink(missing_ok=True)
+            self.owned.discard(name)
+
+    def adopt(self, record: dict) -> None:
+        """Go on writing the finished run whose ``record`` this is (``probekit plot``, ``report``)."""
+        self.record = record
 
     def write_record(self, record: dict) -> None:
         write_text_atomic(self.path / RUN_JSON, _json(record))
 
     def begin(self, record: dict) -> dict:
         """Mark the directory as written by a new run, before anything else is written."""
-        record.update(run_id=uuid.uuid4().hex[:12], status="running", started=now())
+        record.update(run_id=uuid.uuid4().hex[:12], status="running", started=now(), owned=sorted(self.owned))
         record.pop("manifest", None)
+        self.record = record
         self.write_record(record)
         return record
 
@@ -146,6 +238,7 @@ class RunDir:
         """Write ``run.json`` last: the status, and for a finished run the manifest of its files."""
         record["status"] = status
         record["finished"] = now()
+        record["owned"] = sorted(n for n in self.owned if os.path.lexists(self.path / n))
         if status in FINISHED:
             record["manifest"] = {name: file_digest(self.path / name) for name in self.outputs}
         self.write_record(record)
@@ -169,7 +262,7 @@ class RunDir:
             results.save_arrays(self.output("arrays.npz"))
         else:
             with write_errors(self.path):
-                (self.path / "arrays.npz").unlink(missing_ok=True)
+                self.remove("arrays.npz")
 
     def draw_figures(self, results: Results, keep_others: bool = False, **kwargs: Any) -> list[Path]:
         """Draw figures into a staging folder, then move them into ``figures/``: all or none.
@@ -190,6 +283,7 @@ class RunDir:
             stamps = self.path / "parts" / "figure-stamps.json"  # what the figures in figures/ were drawn from
             drawn = plots.render_all(results, stage, reuse=final, stamps=stamps, **kwargs) \
                 if kwargs.get("kinds") != [] else []
+            self.own([f"figures/{p.name}" for p in drawn])  # refuses to replace a user's file
             with write_errors(final):
                 final.mkdir(exist_ok=True)
                 for p in drawn:
@@ -203,10 +297,10 @@ class RunDir:
             raise
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-        if not keep_others and final.is_dir():
+        if not keep_others and final.is_dir():  # an earlier run's figures, never a user's file
             for p in final.iterdir():
                 if p.is_file() and p not in moved:
-                    p.unlink()
+                    self.remove(f"figures/{p.name}")
         return [self.output(str(p.relative_to(self.path))) for p in moved]
 
 
@@ -248,9 +342,11 @@ def read_record(run_dir: str | Path) -> dict:
         raise RunDirError(f"{run_dir} has {what}: it is not a run directory written by a finished "
                           f"`probekit run` or `probekit compare`. {_AGAIN}")
     try:
-        record = json.loads(rj.read_text())
+        record = json.loads(rj.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise RunDirError(f"{rj} cannot be read ({exc}). {_AGAIN}") from None
+    if _probekit_record(run_dir) is None:  # JSON, but not a probekit run's record (a list, odd types)
+        raise RunDirError(f"{rj} is not the record of a probekit run. {_AGAIN}")
     status, run_id = record.get("status"), record.get("run_id", "?")
     if status not in FINISHED or not isinstance(record.get("manifest"), dict):
         who = _lock_holder(run_dir)
@@ -261,6 +357,8 @@ def read_record(run_dir: str | Path) -> dict:
                           f"{record.get('started')}): its files may come from an earlier run. {_AGAIN}")
     for name, digest in record["manifest"].items():
         p = run_dir / name
+        if not isinstance(digest, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise RunDirError(f"{rj} lists {name!r}, which is not a file of the run directory. {_AGAIN}")
         if not p.is_file():
             raise RunDirError(f"{p} is missing: run {run_id} wrote it. {_AGAIN}")
         if file_digest(p) != digest:
@@ -293,6 +391,7 @@ def redraw(run_dir: str | Path, kinds=None, metrics=None) -> list[Path]:
     read_record(rd.path)  # before the lock: never create a directory that is not there
     with rd.locked():
         record = read_record(rd.path)
+        rd.adopt(record)  # figures it draws join what the directory's runs own
         res = load_run_dir(rd.path)
         if metrics:
             have = list(dict.fromkeys([*res.metrics, *(k.rsplit("/", 1)[1] for k in res.arrays if not is_view(k))]))

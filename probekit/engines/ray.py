@@ -14,7 +14,6 @@ recomputes only missing shards; a killed replica is restarted and its chunk retr
 
 from __future__ import annotations
 
-import base64
 import pickle
 import queue
 import threading
@@ -25,8 +24,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import MissingDependencyError
+from ..errors import ConfigError, MissingDependencyError
 from ..input_view import join_arrays, metric_arrays
+from ..metric_state import state_from_json, state_to_json
 from ..parts import PartStore
 from ..probe import build_metrics
 from ..results import Results
@@ -77,7 +77,7 @@ def _plan(run, store: PartStore, fp: str, shards: list[tuple[int, int]]) -> list
         have = {}
         for s, keys in enumerate(skeys):
             parts = {m.label: store.read(keys[m.label]) for m in missing}
-            if all(p is not None for p in parts.values()):
+            if all(p is not None and _states(p) is not None for p in parts.values()):
                 have[s] = parts
         todo = [s for s in range(len(shards)) if s not in have]
         jobs.append(_Job(i, entry.name, missing, whole, skeys, have, todo))
@@ -180,11 +180,22 @@ def _shard_results(run, job: _Job, lo: int, hi: int, chunk_ids: list[int]) -> di
         t = table[table["metric"].astype(str) == m.label] if len(table) else table
         arr = metric_arrays({k: join_arrays(k, v) for k, v in arrays.items()}, m.label)  # maps and input views
         mm = dict(meta or {})
-        mm.update(seconds=secs, shard=[lo, hi],
-                  state=base64.b64encode(pickle.dumps(states.get(m.label, []))).decode())
+        mm.update(seconds=secs, shard=[lo, hi], state=state_to_json(states.get(m.label, [])))  # JSON, never pickle
         mm["metrics"] = {m.label: (meta or {}).get("metrics", {}).get(m.label, {})}
         out[m.label] = Results(t, arr, mm)
     return out
+
+
+def _states(part: Results) -> list[dict] | None:
+    """The metric states a shard part stores (a list of state_dicts as plain JSON), or None when
+    they are anything else (a planted or older part: the shard is then computed again). Nothing
+    read here can run code: see :func:`~probekit.metric_state.state_from_json`."""
+    try:
+        states = state_from_json(part.meta.get("state", []))
+    except ConfigError:
+        return None
+    ok = isinstance(states, list) and all(isinstance(st, dict) and isinstance(st.get("state"), dict) for st in states)
+    return states if ok else None
 
 
 def _whole(run, job: _Job, m, shards: list[tuple[int, int]], record: dict) -> Results:
@@ -198,7 +209,7 @@ def _whole(run, job: _Job, m, shards: list[tuple[int, int]], record: dict) -> Re
     arrays = {k: join_arrays(k, v) for k, v in arrays.items()}  # input views: the first images only
     merged = build_metrics([(m.name, m.options())])[0]
     for p in parts:
-        for st in pickle.loads(base64.b64decode(p.meta.get("state", ""))):
+        for st in _states(p) or []:  # (_plan admitted only parts whose state reads)
             merged.merge(st)  # the metric state contract: options are checked on merge
     whole = merged.dataset_result()
     if whole is not None:

@@ -29,6 +29,7 @@ def rebuild(run_dir: str | Path) -> Path:
     read_record(rd.path)  # before the lock: never create a directory that is not there
     with rd.locked():
         record = read_record(rd.path)
+        rd.adopt(record)  # only files the directory's runs wrote are replaced
         results = load_run_dir(rd.path)
         by = (record.get("report") or {}).get("group_by", "training")
         groups = model_groups({"models": {m["label"]: m for m in record.get("models", [])}}, results.models, by)
@@ -37,8 +38,8 @@ def rebuild(run_dir: str | Path) -> Path:
         if "contrasts.csv" not in record["manifest"]:
             from ..atomic import write_text_atomic
 
-            write_text_atomic(csv, table.to_csv(index=False, float_format="%.6g"))
-        path = write_report(rd.path, record, results, table)
+            write_text_atomic(rd.output("contrasts.csv"), table.to_csv(index=False, float_format="%.6g"))
+        path = write_report(rd.path, record, results, table, path=rd.output("report.html"))
         for p in (csv, path):
             record["manifest"][p.name] = file_digest(p)
         rd.write_record(record)

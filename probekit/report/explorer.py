@@ -145,9 +145,23 @@ def save(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def load(path: Path) -> dict[str, np.ndarray] | None:
-    """The cached arrays, or None when missing or damaged (then they are captured again)."""
+    """The cached arrays, or None when missing, damaged or not what :func:`capture` writes (then
+    they are captured again). Plain arrays only: an object array (a pickle) is refused."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            arrays = {k: z[k] for k in z.files}
     except Exception:
         return None
+    return arrays if _as_captured(arrays) else None
+
+
+def _as_captured(a: dict[str, np.ndarray]) -> bool:
+    """Whether ``a`` has the keys, dtypes and shapes :func:`capture` gives (not a planted file's)."""
+    kinds = {"attn": "u1", "cls": "u1", "rollout": "u1", "attn_scale": "f4", "cls_scale": "f4",
+             "rollout_scale": "f4", "queries": "i", "grid": "i", "patch": "i", "names": "U", "query": "U"}
+    if any(k not in a or (a[k].dtype.kind if len(t) == 1 else a[k].dtype.str[1:]) != t for k, t in kinds.items()):
+        return False
+    n = len(a["names"]) if a["names"].ndim == 1 else -1
+    return (a["grid"].shape == a["patch"].shape == (2,) and a["query"].ndim == 0 and a["attn"].ndim == 5
+            and a["attn"].shape[0] == n and a["attn"].shape[3] == len(a["queries"])
+            and all(f"bg{i}" in a and a[f"bg{i}"].dtype == np.uint8 for i in range(n)))
