@@ -140,6 +140,19 @@ class Adapter(ABC):
         """Build the model named ``name`` (the part of the spec after ``prefix:``)."""
 
     @classmethod
+    def check_spec(cls, name: str, **options: Any) -> None:
+        """Refuse a ``name`` (the spec after ``prefix:``) that :meth:`from_spec` could not build.
+
+        The run-file check (:func:`probekit.config.check_run`, so ``probekit run`` and ``probekit
+        compare`` too) calls it for every model before the first one loads, so a typo in the
+        fifth model fails in a second, not after four models ran. Check against the library's own
+        list of names, cheaply: build no model, read no weights. Raise
+        :class:`~probekit.errors.UnknownNameError` with the library's names (it lists the close
+        ones). The default accepts every name (the load then says what is wrong).
+        """
+        return None
+
+    @classmethod
     def weight_files(cls, name: str, **options: Any) -> list[Path]:
         """The local files :meth:`from_spec` would read for ``name`` and ``options``.
 

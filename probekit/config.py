@@ -2,9 +2,11 @@
 
 A run file is data, validated by pydantic before any model is loaded (as fastapi-cli
 validates its config): unknown fields are refused, and every error names the line of the
-file and the field, one bullet each. :meth:`RunConfig.resolve` puts command-line flags over
-file values, and :func:`check_run` proves the run can start (models resolvable, metrics
-known with valid options, images present) so nothing fails an hour in for a typo.
+file and the field, one bullet each; a key given twice in one mapping is refused with both lines
+(YAML would keep the last silently). Paths expand ``~`` and environment variables. :meth:`RunConfig.resolve`
+puts command-line flags over file values, and :func:`check_run` proves the run can start (models
+resolvable, their names in their library's list by ``Adapter.check_spec``, metrics known with valid
+options, images present) so nothing fails an hour in for a typo.
 
 Example run file::
 
@@ -21,6 +23,8 @@ Example run file::
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,12 +32,36 @@ from typing import Any, Literal
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ._yaml import load_yaml
 from .errors import ConfigError, ImageError, MissingDependencyError, ProbekitError
 
 __all__ = ["ModelEntry", "ImagesEntry", "MetricEntry", "ReportEntry", "Resources", "RunConfig", "load_run", "check_run",
-           "CheckedRun"]
+           "CheckedRun", "expand_path"]
 
 _FIGURES = ("depth", "overlay", "heatmap", "summary", "maps", "labels")
+_UNSET = re.compile(r"\$(\w+|\{[^}]*\})")  # what os.path.expandvars leaves: a variable that is not set
+
+
+def expand_path(value: str) -> str:
+    """``value`` with ``~`` and environment variables (``$TMPDIR``, ``${HOME}``) expanded, as a
+    shell would, so ``out: $TMPDIR/run`` never makes a folder named ``$TMPDIR``.
+
+    Raises:
+        ValueError: it names a variable that is not set (pydantic reports it with the line).
+
+    >>> expand_path("$HOME/run") == expand_path("${HOME}/run") == os.path.expanduser("~/run")
+    True
+    """
+    out = os.path.expanduser(os.path.expandvars(value))
+    unset = _UNSET.search(out)
+    if unset:
+        raise ValueError(f"{value!r} uses the environment variable {unset.group(0)}, which is not set; "
+                         "set it, or write the path out")
+    return out
+
+
+def _expanded(v: Any) -> Any:
+    return expand_path(v) if isinstance(v, str) else v
 
 
 class _Strict(BaseModel):
@@ -54,6 +82,16 @@ class ModelEntry(_Strict):
     @classmethod
     def _from_string(cls, v: Any) -> Any:
         return {"model": v} if isinstance(v, str) else v
+
+    @field_validator("model")
+    @classmethod
+    def _spec_vars(cls, v: str) -> str:  # onnx:$MODELS/vit.onnx, hf:${DATA}/my-vit
+        return expand_path(v) if "$" in v else v
+
+    @field_validator("options")
+    @classmethod
+    def _checkpoint_vars(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return {**v, "checkpoint": _expanded(v["checkpoint"])} if "checkpoint" in v else v
 
     @property
     def name(self) -> str:
@@ -88,6 +126,11 @@ class ImagesEntry(_Strict):
     @classmethod
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("path")
+    @classmethod
+    def _path_vars(cls, v: list[str]) -> list[str]:
+        return [expand_path(p) for p in v]
 
 
 class Resources(_Strict):
@@ -154,6 +197,11 @@ class RunConfig(_Strict):
     )
     report: ReportEntry = Field(default_factory=ReportEntry)
 
+    @field_validator("out")
+    @classmethod
+    def _out_vars(cls, v: str | None) -> str | None:
+        return _expanded(v)
+
     @field_validator("metrics", mode="before")
     @classmethod
     def _metrics_mapping(cls, v: Any) -> Any:
@@ -217,8 +265,9 @@ def load_run(path: str | Path) -> RunConfig:
         to the current directory, as on the command line.
 
     Raises:
-        ConfigError: the file is missing, is not YAML, or has bad fields (one bullet per
-            field, each with its line number).
+        ConfigError: the file is missing, is not YAML, gives a key twice in one mapping (any
+            depth; both lines named), or has bad fields (one bullet per field, each with its
+            line number).
 
     >>> import tempfile, os
     >>> p = os.path.join(tempfile.mkdtemp(), "r.yaml")
@@ -233,7 +282,7 @@ def load_run(path: str | Path) -> RunConfig:
     text = path.read_text()
     try:
         nodes = yaml.compose(text)
-        data = yaml.safe_load(text)
+        data = load_yaml(text, path.name)  # safe, and a key given twice is refused with both lines
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -315,6 +364,21 @@ def _format_errors(exc: ValidationError, nodes: Any, source: str) -> str:
 
 
 # -- checking a run before any long work --------------------------------------------------------
+def _spec_problem(cls: type, spec: str, opts: dict) -> str | None:
+    """Why ``cls`` (an adapter) could not build ``spec``, by its :meth:`~probekit.Adapter.check_spec`; or None."""
+    from .models import missing_dependency
+
+    try:
+        cls.check_spec(spec.partition(":")[2], **opts)
+    except ProbekitError as exc:
+        return str(exc)
+    except ModuleNotFoundError as exc:  # the backend's library is not installed
+        return str(missing_dependency(cls, exc))
+    except Exception as exc:  # a plugin's own check failing is its bug: say whose, run nothing
+        return f"the {cls.__name__}.check_spec of this backend failed ({type(exc).__name__}: {exc})"
+    return None
+
+
 @dataclass
 class CheckedRun:
     """A run that can start: resolved specs, metric instances and the image set."""
@@ -352,6 +416,10 @@ def check_run(cfg: RunConfig) -> CheckedRun:
         opts, bad = options_problems(cls, opts)  # typed before any model loads
         if bad:
             problems.append(f"{cfg.where('models', i, 'options')}: {options_message(cls, bad, spec)}")
+        else:
+            problem = _spec_problem(cls, spec, opts)  # the name against the library's list, no model built
+            if problem:
+                problems.append(f"{cfg.where('models', i, 'model')}: {problem}")
         specs.append((spec, opts, meta))
     for i, entry in enumerate(cfg.metrics):
         try:

@@ -12,7 +12,9 @@ a package or a dict::
 Each alias maps to ``{spec, family, training, patch_size, weights, options, install}`` (only
 ``spec`` is required). The reserved key ``backends`` maps a backend (spec prefix) to one line
 saying what it loads, shown by ``probekit models``. Nothing here imports torch or a model library, so listings stay fast.
-A built-in alias is never replaced by a plugin's; a clash is reported as a warning.
+A built-in alias is never replaced by a plugin's; a clash is reported as a warning. An alias
+given twice in one file is an error that names both lines (a plugin's file is then skipped with
+a warning), never a silent last-wins.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ RESERVED = "backends"  # the key of an alias file that describes backends, not a
 
 
 def _read_yaml(text: str, where: str) -> dict[str, Any]:
-    import yaml
+    from ._yaml import load_yaml
 
-    table = yaml.safe_load(text) or {}
+    table = load_yaml(text, where) or {}  # an alias defined twice is refused, not silently replaced
     if not isinstance(table, dict):
         raise ValueError(f"{where} must map alias names to {{spec: ..., family: ..., training: ...}}")
     return table

@@ -275,6 +275,11 @@ class OnnxAdapter(Adapter):
 
     # -- building ------------------------------------------------------------------------------
     @classmethod
+    def check_spec(cls, name: str, **options: Any) -> None:
+        """The graph file exists (``onnx:pkg:`` inside an installed package); it is not read."""
+        resolve_onnx_path(name)
+
+    @classmethod
     def weight_files(cls, name: str, **options: Any) -> list[Path]:
         """The graph file (``onnx:pkg:`` resolved inside its package)."""
         return [resolve_onnx_path(name)]

@@ -176,18 +176,32 @@ def _weights_error(arch: str, tag: str, cause: BaseException) -> WeightsUnavaila
     )
 
 
+def _check_name(arch: str, tag: str | None, pretrained: bool, checkpoint: str | None) -> None:
+    """UnknownNameError (with open_clip's close names) for an architecture or tag it does not list."""
+    import open_clip
+    from open_clip.pretrained import is_pretrained_cfg
+
+    if arch.startswith(_SCHEMAS):  # hf-hub: and local-dir: configs are found when loading
+        return
+    if arch not in open_clip.list_models():
+        raise UnknownNameError("open_clip architecture", arch, open_clip.list_models(),
+                               hint="Specs read open_clip:<arch>/<pretrained tag>, e.g. open_clip:ViT-B-16/openai.")
+    if tag is not None and not is_pretrained_cfg(arch, tag):
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        raise UnknownNameError("open_clip pretrained tag", f"{arch}/{tag}", [f"{arch}/{t}" for t in tags],
+                               hint=f"Tags of {arch}: {', '.join(tags) or 'none'}.")
+    if pretrained and checkpoint is None and tag is None:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        raise UnknownNameError("open_clip pretrained tag", f"{arch}/", tags,
+                               hint=f"Name one: open_clip:{arch}/<tag>, tags {', '.join(tags) or 'none'}; "
+                               "or pass pretrained=False.")
+
+
 def _create(arch: str, tag: str | None, pretrained: bool, checkpoint: str | None, kwargs: dict):
     import open_clip
-    from open_clip.pretrained import get_pretrained_cfg, is_pretrained_cfg
+    from open_clip.pretrained import get_pretrained_cfg
 
-    if not arch.startswith(_SCHEMAS):
-        if arch not in open_clip.list_models():
-            raise UnknownNameError("open_clip architecture", arch, open_clip.list_models(),
-                                   hint="Specs read open_clip:<arch>/<pretrained tag>, e.g. open_clip:ViT-B-16/openai.")
-        if tag is not None and not is_pretrained_cfg(arch, tag):
-            tags = open_clip.list_pretrained_tags_by_model(arch)
-            raise UnknownNameError("open_clip pretrained tag", f"{arch}/{tag}", [f"{arch}/{t}" for t in tags],
-                                   hint=f"Tags of {arch}: {', '.join(tags) or 'none'}.")
+    _check_name(arch, tag, pretrained, checkpoint)
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise WeightsUnavailableError(f"checkpoint={checkpoint!r} is not a file. Give a local open_clip checkpoint.")
     source = checkpoint if checkpoint is not None else (tag if pretrained else None)
@@ -259,13 +273,6 @@ class OpenClipAdapter(Adapter):
             WeightsUnavailableError: weights not cached and no network.
         """
         arch, tag = _split(name)
-        if pretrained and checkpoint is None and tag is None and not arch.startswith(_SCHEMAS):
-            import open_clip
-
-            tags = open_clip.list_pretrained_tags_by_model(arch)
-            raise UnknownNameError("open_clip pretrained tag", f"{arch}/", tags,
-                                   hint=f"Name one: open_clip:{arch}/<tag>, tags {', '.join(tags) or 'none'}; "
-                                   "or pass pretrained=False.")
         kwargs = dict(options)
         size = kwargs.pop("img_size", None) or image_size
         if size is not None:
@@ -287,6 +294,11 @@ class OpenClipAdapter(Adapter):
                 f"got {type(visual).__name__} (e.g. a ModifiedResNet, which has no token attention)."
             )
         return cls(visual, preprocess or _own_preprocess(visual), image_size=pair(visual.image_size), **info)
+
+    @classmethod
+    def check_spec(cls, name: str, *, pretrained: bool = True, checkpoint: str | None = None, **options: Any) -> None:
+        """The architecture and tag against open_clip's lists (no model built)."""
+        _check_name(*_split(name), bool(pretrained), checkpoint)
 
     @classmethod
     def can_wrap(cls, module: nn.Module) -> bool:

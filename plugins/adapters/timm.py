@@ -149,15 +149,30 @@ def _weights_error(name: str, cause: BaseException) -> WeightsUnavailableError:
     )
 
 
-def _create(name: str, pretrained: bool, checkpoint: str | None, kwargs: dict) -> nn.Module:
+def _check_name(name: str) -> str:
+    """The architecture of ``name`` (``arch[.tag]``), or UnknownNameError with timm's close names."""
     import timm
-    from timm.models import split_model_name_tag
+    from timm.models import get_pretrained_cfg, split_model_name_tag
 
     arch, tag = split_model_name_tag(name)
     if not timm.is_model(arch):
         raise UnknownNameError(
             "timm model", name, timm.list_models(), hint="List them with timm.list_models('*vit*')."
         )
+    if tag:
+        try:
+            get_pretrained_cfg(name)
+        except RuntimeError:  # "Invalid pretrained tag": timm refuses it even for random init
+            tags = timm.list_pretrained(f"{arch}.*")
+            raise UnknownNameError("timm pretrained tag", name, tags,
+                                   hint=f"Tags of {arch}: {', '.join(tags) or 'none'}.") from None
+    return arch
+
+
+def _create(name: str, pretrained: bool, checkpoint: str | None, kwargs: dict) -> nn.Module:
+    import timm
+
+    arch = _check_name(name)
     fam = _family_of_arch(arch)
     if fam is not None and fam.dynamic_size:
         kwargs.setdefault("dynamic_img_size", True)
@@ -249,6 +264,11 @@ class TimmAdapter(Adapter):
             kwargs["img_size"] = pair(size)
         model = _create(name, bool(pretrained), checkpoint, kwargs)
         return cls._bind(model, name=name, pretrained=bool(pretrained) or checkpoint is not None)
+
+    @classmethod
+    def check_spec(cls, name: str, **options: Any) -> None:
+        """``name`` and its pretrained tag against timm's registry (no model built)."""
+        _check_name(name)
 
     @classmethod
     def weight_files(cls, name: str, *, pretrained: bool = True, **options: Any) -> list[Path]:

@@ -31,7 +31,7 @@ from torch import nn
 
 from probekit.adapter import Adapter, Sink, wants
 from probekit.attention import LayerAttention, sdpa_dtype
-from probekit.errors import ConfigError, LayoutError, UnsupportedArchitectureError
+from probekit.errors import ConfigError, LayoutError, UnknownNameError, UnsupportedArchitectureError
 from probekit.masks import additive_bias
 from probekit.options import AdapterOptions
 from probekit.tokens import TokenLayout, pair
@@ -216,6 +216,25 @@ class TransformersAdapter(Adapter):
     def weight_files(cls, name: str, **options: Any) -> list[Path]:
         """A local directory's files, or the cached hub snapshot's, and a ``checkpoint=`` file."""
         return [*local_model_files(name), *super().weight_files(name, **options)]
+
+    @classmethod
+    def check_spec(cls, name: str, *, config: Any = None, **options: Any) -> None:
+        """``name`` is a local directory, a repo in the Hugging Face cache or one probekit knows
+        offline; else, with the hub offline, nothing could load it (no model built, no weights read)."""
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        from ._hf_loading import hub_hint
+
+        if (config is not None and not isinstance(config, dict)) or Path(name).is_dir() or name in KNOWN:
+            return  # a config object (the Python API), or a folder whose config.json the load reads
+        try:
+            cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+        except Exception:  # not a valid repo id: no cache holds it
+            cached = False
+        if not cached and constants.HF_HUB_OFFLINE:
+            raise UnknownNameError("transformers model", name, KNOWN, hint=(
+                "It is neither a local directory, nor in the Hugging Face cache, nor a repo id probekit "
+                "knows offline. " + hub_hint(name, random_init=False)))
 
     @classmethod
     def _make(cls, model: nn.Module, repo: str | None, image_size=None, **info) -> "TransformersAdapter":
