@@ -24,7 +24,7 @@ from ..atomic import write_text_atomic
 from ..input_view import is_view
 from ..results import Results, summarize
 
-__all__ = ["write_report", "build_html", "payload"]
+__all__ = ["write_report", "build_html", "payload", "script_json"]
 
 _CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
         "connect-src data: blob:")
@@ -173,9 +173,25 @@ def payload(run_dir: Path, record: dict, results: Results, contrasts: pd.DataFra
     return data, blob
 
 
+# inside a <script> element the HTML parser looks for "</script" and, after "<!--", for "<script" (which
+# then hides the real end tag): no "<" may appear there. JSON allows \uXXXX for any character in a
+# string, and <, >, & and U+2028/2029 occur in JSON only inside strings, so escaping them keeps the data.
+_JSON_IN_HTML = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028",
+                               "\u2029": "\\u2029"})
+
+
+def script_json(data: Any) -> str:
+    r"""``data`` as JSON that is safe as the text of a ``<script>`` element, whatever its strings hold.
+
+    >>> print(script_json({"name": "<!--<script>"}))
+    {"name": "\u003c!--\u003cscript\u003e"}
+    """
+    return json.dumps(data, default=str, allow_nan=False).translate(_JSON_IN_HTML)
+
+
 def build_html(data: dict, blob: bytes) -> str:
     """The page: style, data, compressed blob and script inline."""
-    js_json = json.dumps(data, default=str, allow_nan=False).replace("</", "<\\/")
+    js_json = script_json(data)
     b64 = base64.b64encode(zlib.compress(blob, 6)).decode() if blob else ""
     metric_sections = "\n".join(
         f'<section class="metric" id="metric-{m["id"]}"><h2>{escape(m["label"])}: {escape(str(m["display"]))}'
