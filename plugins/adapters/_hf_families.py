@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from probekit.errors import UnsupportedArchitectureError
 
-__all__ = ["Family", "FAMILIES", "VISION_SUBCONFIG", "KNOWN", "family_of", "vision_config", "check_family"]
+__all__ = ["Family", "FAMILIES", "VISION_SUBCONFIG", "KNOWN", "known_defaults", "family_of", "vision_config",
+           "check_family"]
 
 _IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 _HALF = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
@@ -106,6 +107,14 @@ KNOWN: dict[str, tuple[str, dict, dict]] = {
                                                            use_absolute_position_embeddings=False,
                                                            layer_scale_init_value=0.1, use_mean_pooling=True), {}),
 }
+
+
+def known_defaults(repo: str | None) -> tuple[dict, dict]:
+    """The config and processor defaults :data:`KNOWN` holds for ``repo`` (both empty for another repo or None)."""
+    if repo is None or repo not in KNOWN:
+        return {}, {}
+    _, config, processor = KNOWN[repo]
+    return config, processor
 
 
 def family_of(config) -> Family | None:

@@ -35,6 +35,7 @@ from probekit.tokens import TokenLayout
 from ._hiera_geometry import HF_HIERA, row_major
 from ._sdpa_spy import watch_attention
 from ._timm_geometry import block_tokens, regrouped, vitdet_geometry
+from ._typing import LibraryModule
 
 __all__ = ["STAGED", "Staged"]
 
@@ -68,11 +69,11 @@ class Staged:
     hidden_order: Callable[[object], torch.Tensor | None] | None = None
 
 
-def _swin_blocks(encoder: nn.Module) -> list[nn.Module]:
+def _swin_blocks(encoder: LibraryModule) -> list[nn.Module]:
     return [blk for stage in encoder.encoder.layers for blk in stage.blocks]
 
 
-def _swin_geometry(encoder: nn.Module, layout: TokenLayout, clamp: bool = True) -> dict:
+def _swin_geometry(encoder: LibraryModule, layout: TokenLayout, clamp: bool = True) -> dict:
     grid, stride = layout.grid, layout.patch_size
     out, i = {}, 0
     for stage in encoder.encoder.layers:
@@ -88,27 +89,27 @@ def _swin_geometry(encoder: nn.Module, layout: TokenLayout, clamp: bool = True) 
     return out
 
 
-def _swinv2_geometry(encoder: nn.Module, layout: TokenLayout) -> dict:
+def _swinv2_geometry(encoder: LibraryModule, layout: TokenLayout) -> dict:
     return _swin_geometry(encoder, layout, clamp=False)  # windows and shifts fixed at build
 
 
-def _swinv2_watch(attn: nn.Module, report, where: str) -> list:
+def _swinv2_watch(attn: LibraryModule, report, where: str) -> list:
     return watch_attention(attn.self, report, where, drop="dropout")
 
 
-def _sam_blocks(encoder: nn.Module) -> list[nn.Module]:
+def _sam_blocks(encoder: LibraryModule) -> list[nn.Module]:
     return list(encoder.layers)
 
 
-def _sam_geometry(encoder: nn.Module, layout: TokenLayout) -> dict:
+def _sam_geometry(encoder: LibraryModule, layout: TokenLayout) -> dict:
     return vitdet_geometry(layout, [blk.window_size for blk in encoder.layers])
 
 
-def _sam_watch(attn: nn.Module, report, where: str) -> list:
+def _sam_watch(attn: LibraryModule, report, where: str) -> list:
     return watch_attention(attn, regrouped(report, int(attn.num_attention_heads)), where, weights_out=True)
 
 
-def _sam_eager(encoder: nn.Module) -> None:
+def _sam_eager(encoder: LibraryModule) -> None:
     from transformers.models.sam.modeling_sam import SamVisionAttention
 
     for blk in encoder.layers:  # the SDPA class is a subclass with no state of its own

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from probekit.errors import ConfigError, UnknownNameError, WeightsUnavailableError, reading_checkpoint, refusing_pickles
 
-from ._hf_families import KNOWN, check_family, family_of, vision_config
+from ._hf_families import KNOWN, check_family, vision_config
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 __all__ = ["config_for", "pretrained_model", "load_checkpoint", "hub_hint", "local_model_files"]
 
@@ -35,7 +39,7 @@ def hub_hint(repo: str, random_init: bool = True) -> str:
             f"{alt}(HF_HUB_OFFLINE=1 skips network retries).")
 
 
-def config_for(name: str, overrides: dict):
+def config_for(name: str, overrides: dict | PretrainedConfig):
     """The encoder config of ``name``: a local directory, the HF cache, then :data:`KNOWN`."""
     from transformers import AutoConfig, PretrainedConfig
 
@@ -57,7 +61,7 @@ def config_for(name: str, overrides: dict):
     return cfg
 
 
-def pretrained_model(name: str, overrides: dict) -> nn.Module:
+def pretrained_model(name: str, overrides: dict | PretrainedConfig) -> nn.Module:
     """Weights from a local directory or the HF cache (downloading only when the hub is online).
 
     A ``.bin`` pickle that torch refuses under ``weights_only`` is one line, not torch's advice
@@ -67,7 +71,7 @@ def pretrained_model(name: str, overrides: dict) -> nn.Module:
         return _pretrained_model(name, overrides)
 
 
-def _pretrained_model(name: str, overrides: dict) -> nn.Module:
+def _pretrained_model(name: str, overrides: dict | PretrainedConfig) -> nn.Module:
     import transformers
     from huggingface_hub import constants
 
@@ -119,7 +123,7 @@ def load_checkpoint(model_class, cfg, path: str) -> nn.Module:
             save_file({k: v.contiguous() for k, v in sd.items()}, str(Path(tmp) / "model.safetensors"))
         model, info = model_class.from_pretrained(tmp, output_loading_info=True, local_files_only=True,
                                                   dtype=torch.float32)
-    fam = family_of(model.config)
+    fam = check_family(model.config, path)  # the family of cfg, which the caller checked
     missing = [k for k in info.get("missing_keys", ()) if f".{fam.blocks}." in f".{k}" or "embed" in k]
     if missing:
         raise ConfigError(f"checkpoint {path!r} lacks {len(missing)} of the encoder's tensors (e.g. "

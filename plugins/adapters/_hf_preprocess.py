@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._hf_families import KNOWN, Family
+from ._hf_families import Family, known_defaults
 
 __all__ = ["_Preprocess", "processor_for", "cached_processor"]
 
@@ -31,11 +31,12 @@ def processor_for(fam: Family, size: tuple[int, int], repo: str | None) -> Any:
     """The family's processor class at ``size``, with a known repo's mean/std/crop (no files needed)."""
     import transformers
 
-    opts = dict(processor=fam.processor, norm=fam.norm, crop_ratio=fam.crop_ratio, resample=fam.resample)
-    opts.update(KNOWN.get(repo, (None, {}, {}))[2])
+    opts: dict[str, Any] = dict(processor=fam.processor, norm=fam.norm, crop_ratio=fam.crop_ratio,
+                                resample=fam.resample)
+    opts.update(known_defaults(repo)[1])
     h, w = size
-    kwargs = dict(image_mean=list(opts["norm"][0]), image_std=list(opts["norm"][1]), resample=opts["resample"],
-                  do_resize=True, do_rescale=True, do_normalize=True)
+    kwargs: dict[str, Any] = dict(image_mean=list(opts["norm"][0]), image_std=list(opts["norm"][1]),
+                                  resample=opts["resample"], do_resize=True, do_rescale=True, do_normalize=True)
     if fam.letterbox:  # longest edge to the size, then zeros at the bottom and right (SAM)
         kwargs.update(size={"longest_edge": max(h, w)}, pad_size={"height": h, "width": w}, do_pad=True)
     elif opts["crop_ratio"] is None:

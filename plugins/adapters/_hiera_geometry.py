@@ -28,11 +28,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from probekit.errors import LayoutError
 from probekit.geometry import PATCH, LayerGeometry, _centres
 from probekit.tokens import TokenLayout
+
+from ._typing import LibraryModule
 
 __all__ = ["fold_windows", "units_first", "hiera_geometry", "unrolled_cells", "row_major", "TIMM_HIERA", "HF_HIERA"]
 
@@ -73,7 +74,8 @@ def hiera_geometry(layout: TokenLayout, schedule, blocks) -> dict:
     grid, stride, img = layout.grid, layout.patch_size, layout.image_size
     cells = unrolled_cells(grid, schedule)
     pos = _centres(grid, stride)[cells]  # [N, 2], sequence order
-    todo, out = [tuple(s) for s in schedule], {}
+    todo = [tuple(s) for s in schedule]
+    out: dict[int, TokenLayout | LayerGeometry] = {}
     for i, (q_stride, unit, mask_unit) in enumerate(blocks):
         keys, key_grid, key_stride = pos, grid, stride
         if q_stride > 1:
@@ -89,7 +91,8 @@ def hiera_geometry(layout: TokenLayout, schedule, blocks) -> dict:
             continue
         kpos = keys.view(-1, groups, 2).transpose(0, 1)  # [G, Tk, 2]: token t * G + g
         qpos = pos.view(-1, groups, 2).transpose(0, 1)
-        window = tuple(int(qpos[0, :, d].unique().numel()) for d in (0, 1)) if mask_unit else None
+        window = ((int(qpos[0, :, 0].unique().numel()), int(qpos[0, :, 1].unique().numel()))
+                  if mask_unit else None)
         kind = "pooled" if q_stride > 1 else ("window" if mask_unit else "global")
         qkind = torch.full(qpos.shape[:2], PATCH, dtype=torch.int8)
         kkind = torch.full(kpos.shape[:2], PATCH, dtype=torch.int8)
@@ -132,20 +135,20 @@ def units_first(report):
 
 
 # -- the two libraries ----------------------------------------------------------------------------
-def _timm_attention(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _timm_attention(model: LibraryModule) -> list[tuple[str, LibraryModule]]:
     return [(f"blocks.{i}.attn", blk.attn) for i, blk in enumerate(model.blocks)]
 
 
-def _timm_geometry(model: nn.Module, layout: TokenLayout) -> dict:
+def _timm_geometry(model: LibraryModule, layout: TokenLayout) -> dict:
     blocks = [(int(a.q_stride), int(a.window_size), bool(a.use_mask_unit_attn)) for _, a in _timm_attention(model)]
     return hiera_geometry(layout, model.unroll.schedule, blocks)
 
 
-def _hf_blocks(encoder: nn.Module) -> list[nn.Module]:
+def _hf_blocks(encoder: LibraryModule) -> list[LibraryModule]:
     return [layer for stage in encoder.encoder.stages for layer in stage.layers]
 
 
-def _hf_geometry(encoder: nn.Module, layout: TokenLayout) -> dict:
+def _hf_geometry(encoder: LibraryModule, layout: TokenLayout) -> dict:
     blocks = [(int(b.attn.query_stride), int(b.attn.window_size), bool(b.attn.use_mask_unit_attn))
               for b in _hf_blocks(encoder)]
     return hiera_geometry(layout, encoder.unroll_schedule, blocks)

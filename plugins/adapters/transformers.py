@@ -24,7 +24,7 @@ import copy
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, cast
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ from probekit.tokens import TokenLayout, pair
 
 from probekit.geometry import ModelGeometry
 
-from ._hf_families import FAMILIES, KNOWN, check_family, family_of
+from ._hf_families import FAMILIES, KNOWN, check_family, family_of, known_defaults
 from ._hf_geometry import STAGED
 from ._hf_loading import config_for, load_checkpoint, local_model_files, pretrained_model
 from ._hf_preprocess import _Preprocess, cached_processor, processor_for
@@ -47,6 +47,9 @@ from ._reference import block_inputs, fed
 from ._sdpa_spy import attention_report, watch_sdpa
 from ._staged_hidden import BlockOutputs, layer_layouts
 from ._timm_geometry import regroup_heads
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 __all__ = ["TransformersAdapter", "FAMILIES", "KNOWN", "ATTN_IMPLEMENTATION"]
 
@@ -114,6 +117,11 @@ def _find_encoder(module: nn.Module) -> nn.Module | None:
     return None
 
 
+def _config_of(module: nn.Module) -> PretrainedConfig:
+    """A transformers model's ``config`` (torch's stubs type module attributes as ``Tensor | Module``)."""
+    return cast("PretrainedConfig", module.config)
+
+
 def _bind(encoder: nn.Module) -> nn.Module:
     """Point ``encoder`` at a deep copy of its config that uses ``probekit_sdpa``.
 
@@ -121,14 +129,14 @@ def _bind(encoder: nn.Module) -> nn.Module:
     keeps every token (``mask_ratio=0``; the identity order comes from the forward's noise).
     """
     _register_attention()
-    old = encoder.config
+    old = _config_of(encoder)
     new = copy.deepcopy(old)
     new._attn_implementation = ATTN_IMPLEMENTATION
-    if family_of(new).mae:
+    if check_family(new, type(encoder).__name__).mae:  # the family _find_encoder matched
         new.mask_ratio = 0.0
     for m in encoder.modules():
         if getattr(m, "config", None) is old:
-            m.config = new
+            m.config = new  # type: ignore[assignment]  # torch types Module.__setattr__ values Tensor | Module
     return encoder
 
 
@@ -161,15 +169,17 @@ class TransformersAdapter(Adapter):
         self.staged = STAGED[self.family.staged] if self.family.staged else None
         if self.staged:  # windows and stages: every block of every stage, in order
             self.blocks = self.staged.blocks(model)
-            self.global_attention = self.variable_image_size = False
-            self.provides_hidden = self.staged.hidden_tokens is not None  # instance override of the class capability
+            # instance overrides of the class capabilities (Adapter annotates them ClassVar: the ignores)
+            self.global_attention = self.variable_image_size = False  # type: ignore[misc]  # ClassVar, see above
+            self.provides_hidden = self.staged.hidden_tokens is not None  # type: ignore[misc]  # ClassVar, see above
             if self.provides_hidden:
-                self.not_applicable_checks = {"check_hidden_is_block_output": _REGROUPED}
+                self.not_applicable_checks = {  # type: ignore[misc]  # ClassVar, see above
+                    "check_hidden_is_block_output": _REGROUPED}
         else:
             self.blocks = _blocks(model, self.family)
         self.attentions = [getattr(b, self.family.attention) for b in self.blocks]
-        self.info.setdefault("image_size", pair(model.config.image_size))
-        self.info.setdefault("model_type", model.config.model_type)
+        self.info.setdefault("image_size", pair(_config_of(model).image_size))
+        self.info.setdefault("model_type", _config_of(model).model_type)
         self.in_chans = int(getattr(model.config, "num_channels", 3))
 
     # -- building ------------------------------------------------------------------------------
@@ -244,9 +254,9 @@ class TransformersAdapter(Adapter):
                 f"No supported vision encoder inside {type(model).__name__}; the hf adapter knows "
                 f"{', '.join(f.model_class for f in FAMILIES.values())} (and models that contain one).")
         _bind(encoder)
-        fam = FAMILIES[encoder.config.model_type]
-        size = pair(image_size) if image_size is not None else pair(encoder.config.image_size)
-        _, known_cfg, known_proc = KNOWN.get(repo, (None, {}, {}))
+        fam = FAMILIES[_config_of(encoder).model_type]
+        size = pair(image_size) if image_size is not None else pair(_config_of(encoder).image_size)
+        known_cfg, known_proc = known_defaults(repo)
         if image_size is None and "image_size" in known_proc and size == pair(known_cfg.get("image_size", -1)):
             size = pair(known_proc["image_size"])  # the stock config's processor crops smaller
         proc = cached_processor(repo) if (repo is not None and image_size is None) else None
@@ -284,7 +294,7 @@ class TransformersAdapter(Adapter):
 
     @property
     def num_heads(self) -> int:
-        cfg = self.model.config
+        cfg = _config_of(self.model)
         heads = getattr(cfg, "num_attention_heads", None) or cfg.num_heads  # Hiera: num_heads
         return int(heads[0] if isinstance(heads, (list, tuple)) else heads)  # Swin, Hiera: per stage
 
@@ -301,8 +311,8 @@ class TransformersAdapter(Adapter):
         ph, pw = self.patch_size
         h, w = pixel_values.shape[-2:]
         kinds = self.prefix_kinds()
-        if self.staged and self.staged.fixed_size and (h, w) != pair(self.model.config.image_size):
-            n = pair(self.model.config.image_size)
+        if self.staged and self.staged.fixed_size and (h, w) != pair(_config_of(self.model).image_size):
+            n = pair(_config_of(self.model).image_size)
             raise LayoutError(
                 f"This {type(self.model).__name__} takes only {n} inputs (its position table is added without "
                 f"resampling) and got {(h, w)}. Resize the images to {n}, or for a random-init model load it "
@@ -374,6 +384,7 @@ class TransformersAdapter(Adapter):
             return []
         hooks, outputs = [], None
         if self.staged:
+            assert self.staged.hidden_tokens is not None  # else provides_hidden is False and tap() refused
             outputs = BlockOutputs(self, sink, self.staged.hidden_tokens, self.staged.hidden_order)
             hooks.append(self.model.register_forward_pre_hook(outputs.start))
         for i, block in enumerate(self.blocks):
@@ -405,7 +416,7 @@ class TransformersAdapter(Adapter):
         """Eager attention of a copy (same weights, config deep-copied with ``eager``); global
         families feed each layer what it receives in the model's own (SDPA) forward (``_reference.py``)."""
         ref = copy.deepcopy(self.model)
-        ref.config._attn_implementation = "eager"
+        _config_of(ref)._attn_implementation = "eager"
         if self.staged:  # output_attentions keeps one block per stage: read every block's weights
             if self.staged.eager is not None:
                 self.staged.eager(ref)
@@ -442,7 +453,7 @@ def _blocks(encoder: nn.Module, family) -> list[nn.Module]:
     blocks: nn.Module = encoder
     for part in family.blocks.split("."):
         blocks = getattr(blocks, part)
-    return list(blocks)
+    return list(cast(nn.ModuleList, blocks))  # the family's ModuleList of blocks
 
 
 def _hidden_hook(sink: Sink, layer: int, module, args, output) -> None:
