@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, cast
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +29,14 @@ from probekit.masks import additive_bias
 
 __all__ = ["watch_sdpa", "attention_report", "watch_attention", "tap_blocks"]
 
+#: ``(q=, k=, v=, scale=, bias=, probs=) -> the layer's output or None`` (see :func:`attention_report`)
+Report = Callable[..., "torch.Tensor | None"]
+
 
 class _Pending(threading.local):
     """Per thread: the report function of the watched attention module now running, if any."""
 
-    report: Callable[..., None] | None = None
+    report: Report | None = None
 
 
 _PENDING = _Pending()
@@ -63,7 +66,8 @@ def watch_sdpa() -> Iterator[None]:
     global _SPY_USERS
     with _SPY_LOCK:
         if _SPY_USERS == 0:
-            F.scaled_dot_product_attention = _sdpa_spy
+            # the spy takes each torch version's SDPA keywords through **kw, so its signature is not torch's
+            F.scaled_dot_product_attention = _sdpa_spy  # type: ignore[assignment]  # see above
         _SPY_USERS += 1
     try:
         yield
@@ -75,7 +79,7 @@ def watch_sdpa() -> Iterator[None]:
                 F.scaled_dot_product_attention = _ORIGINAL_SDPA
 
 
-def attention_report(sink: Sink, layer: int) -> Callable[..., None]:
+def attention_report(sink: Sink, layer: int) -> Report:
     """A function that turns what the spy (or ``attn_drop``) saw into ``sink.attention(layer, ...)``.
 
     It returns the layer's attention output ``[B, H, T, dv]`` when the sink produced it from
@@ -97,7 +101,7 @@ def attention_report(sink: Sink, layer: int) -> Callable[..., None]:
     return report
 
 
-def watch_attention(attn: nn.Module, report: Callable[..., None], where: str, drop: str = "attn_drop",
+def watch_attention(attn: nn.Module, report: Report, where: str, drop: str = "attn_drop",
                     weights_out: bool = False) -> list:
     """Hooks on one attention module: arm the spy on entry, read its dropout module ``drop`` when
     unfused (or, with ``weights_out``, the probabilities the module returns second, as eager
@@ -168,7 +172,7 @@ def tap_blocks(blocks: list[nn.Module], sink: Sink, watch: Callable[[nn.Module, 
                 if not wants(sink, i):
                     continue
                 if sink.wants_attention:
-                    handles += watch(block.attn, sink, i)
+                    handles += watch(cast(nn.Module, block.attn), sink, i)  # the block's attention module
                 if sink.wants_hidden:
                     hook = _hidden_hook(hidden, i) if hidden_hook is None else hidden_hook(i)
                     handles.append(block.register_forward_hook(hook))

@@ -46,6 +46,7 @@ from probekit.geometry import KINDS, PAD, ChannelAttention, LayerGeometry
 from probekit.tokens import TokenLayout, pair
 
 from ._hiera_geometry import TIMM_HIERA, row_major
+from ._typing import LibraryModule
 
 __all__ = ["GEOMETRIES", "StagedFamily", "vitdet_geometry", "regrouped", "regroup_heads"]
 
@@ -74,18 +75,19 @@ class StagedFamily:
         hidden_order: ``layer geometry -> order`` putting a block's tokens row-major (Hiera), or None.
     """
 
-    attention: Callable[[nn.Module], list[tuple[str, nn.Module]]]
-    geometry: Callable[[nn.Module, TokenLayout], dict]
+    attention: Callable[[LibraryModule], list[tuple[str, LibraryModule]]]
+    geometry: Callable[[LibraryModule, TokenLayout], dict]
     regroup: bool = False
-    prefix: Callable[[nn.Module], tuple[str, ...]] = lambda m: ("cls",) * (getattr(m, "cls_token", None) is not None)
+    prefix: Callable[[LibraryModule], tuple[str, ...]] = (
+        lambda m: ("cls",) * (getattr(m, "cls_token", None) is not None))
     softmax_of: dict | None = None
     softmax_spy: bool = False
     skip: tuple[str, ...] = ()
     mask_units: bool = False
-    patch: Callable[[nn.Module], tuple[int, int]] = lambda m: pair(m.patch_embed.patch_size)
-    grid: Callable[[nn.Module, tuple], tuple[int, int]] = lambda m, size: tuple(
+    patch: Callable[[LibraryModule], tuple[int, int]] = lambda m: pair(m.patch_embed.patch_size)
+    grid: Callable[[LibraryModule, tuple], tuple[int, int]] = lambda m, size: tuple(
         s // p for s, p in zip(size, pair(m.patch_embed.patch_size)))
-    image_size: Callable[[nn.Module], tuple[int, int]] = lambda m: pair(m.patch_embed.img_size)
+    image_size: Callable[[LibraryModule], tuple[int, int]] = lambda m: pair(m.patch_embed.img_size)
     hidden_tokens: Callable[[object, tuple], torch.Tensor] | None = None
     hidden_order: Callable[[object], torch.Tensor | None] | None = None
 
@@ -128,7 +130,8 @@ def _swin_attention(model):
 def _per_block(stages, layout: TokenLayout, shrink, make) -> dict:
     """``{layer: make(block, grid, stride)}`` over the blocks of ``stages``; ``shrink(stage, grid,
     stride)`` gives the grid and stride (px) a stage starts with (patch merging, pooling)."""
-    grid, stride, out = layout.grid, layout.patch_size, {}
+    grid, stride = layout.grid, layout.patch_size
+    out: dict[int, TokenLayout | LayerGeometry] = {}
     for stage in stages:
         grid, stride = shrink(stage, grid, stride)
         for blk in stage.blocks:
@@ -194,7 +197,8 @@ def _mvit_geometry(model, layout: TokenLayout) -> dict:
         kgrid = _conv_out(grid, attn.pool_k) if attn.pool_k is not None else grid
         kcell = tuple(stride[d] * pair(attn.pool_k.stride)[d] for d in (0, 1)) if attn.pool_k is not None else stride
         if attn.pool_q is not None:
-            stride = tuple(stride[d] * pair(attn.pool_q.stride)[d] for d in (0, 1))
+            q_stride = pair(attn.pool_q.stride)
+            stride = (stride[0] * q_stride[0], stride[1] * q_stride[1])
             grid = _conv_out(grid, attn.pool_q)
         out[i] = LayerGeometry.pooled(grid, stride, kgrid, kcell, prefix, image_size=layout.image_size,
                                       base_grid=layout.grid)

@@ -49,6 +49,7 @@ from ._hiera_geometry import fold_windows, units_first
 from ._staged_hidden import BlockOutputs, layer_layouts
 from ._timm_geometry import (GEOMETRIES, logits_hook, regrouped, softmax_reference, watch_module_softmax,
                              watch_sdpa_or_softmax, watch_softmax)
+from ._typing import LibraryModule
 
 __all__ = ["TimmAdapter", "TimmWindowedAdapter", "FAMILIES"]
 
@@ -229,16 +230,18 @@ class TimmAdapter(Adapter):
 
     def __init__(self, model: nn.Module, preprocess: Any = None, **info: Any):
         super().__init__(model, preprocess, **info)
-        self.family = family_of(model)
-        if self.family is None:
+        family = family_of(model)
+        if family is None:
             raise UnsupportedArchitectureError(
                 f"The timm adapter does not understand {type(model).__name__}; it knows "
                 f"{', '.join(c for f in FAMILIES for c in f.classes)}."
             )
-        self.info.setdefault("family", self.family.name)
+        self.family = family
+        self.info.setdefault("family", family.name)
         self.in_chans = _in_chans(model)
-        # dynamic_img_size models resample position embeddings per forward; others are fixed
-        self.variable_image_size = bool(getattr(model, "dynamic_img_size", False))
+        # dynamic_img_size models resample position embeddings per forward; others are fixed (an instance
+        # override of the class capability, which Adapter annotates ClassVar: the ignore)
+        self.variable_image_size = bool(getattr(model, "dynamic_img_size", False))  # type: ignore[misc]
 
     # -- building --------------------------------------------------------------------------------
     @classmethod
@@ -287,7 +290,7 @@ class TimmAdapter(Adapter):
         return local_model_files(repo) if repo else []
 
     @classmethod
-    def _bind(cls, model: nn.Module, **info: Any) -> "TimmAdapter":
+    def _bind(cls, model: LibraryModule, **info: Any) -> "TimmAdapter":
         fam = family_of(model)
         if fam is None:
             raise UnsupportedArchitectureError(
@@ -318,7 +321,8 @@ class TimmAdapter(Adapter):
 
     @property
     def num_heads(self) -> int:
-        return int(self.blocks[0].attn.num_heads)
+        attn: LibraryModule = self.blocks[0].attn
+        return int(attn.num_heads)
 
     def _prefix_kinds(self) -> tuple[str, ...]:
         n = int(getattr(self.model, "num_prefix_tokens", 0))
@@ -327,7 +331,7 @@ class TimmAdapter(Adapter):
         return tuple(kinds + ["reg"] * (n - len(kinds)))
 
     def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
-        pe = self.model.patch_embed
+        pe: LibraryModule = self.model.patch_embed
         size = tuple(pixel_values.shape[-2:])
         if not getattr(self.model, "dynamic_img_size", False) and size != pair(pe.img_size):
             raise LayoutError(
@@ -353,10 +357,7 @@ class TimmAdapter(Adapter):
         from timm.utils import AttentionExtract
 
         inputs = block_inputs(self.blocks, lambda: self.model(pixel_values))
-        ref = copy.deepcopy(self.model).eval()
-        for m in ref.modules():
-            if hasattr(m, "fused_attn"):
-                m.fused_attn = False
+        ref = _unfused_copy(self.model)
         names = [f"{self.family.blocks}.{i}.attn.attn_drop" for i in range(self.num_layers)]
         with torch.inference_mode(), fed(list(getattr(ref, self.family.blocks)), inputs):
             out = AttentionExtract(ref, names=names, method="hook")(pixel_values)
@@ -388,8 +389,9 @@ class TimmWindowedAdapter(TimmAdapter):
     def __init__(self, model: nn.Module, preprocess: Any = None, **info: Any):
         super().__init__(model, preprocess, **info)
         self.staged = GEOMETRIES[self.family.name]
-        self.variable_image_size = False
-        self.provides_hidden = self.staged.hidden_tokens is not None  # instance override of the class capability
+        # instance overrides of the class capabilities (Adapter annotates them ClassVar: the ignores)
+        self.variable_image_size = False  # type: ignore[misc]  # ClassVar, see above
+        self.provides_hidden = self.staged.hidden_tokens is not None  # type: ignore[misc]  # ClassVar, see above
 
     def _attention(self) -> list[tuple[str, nn.Module]]:
         return self.staged.attention(self.model)
@@ -445,10 +447,13 @@ class TimmWindowedAdapter(TimmAdapter):
         spy = watch_softmax() if self.staged.softmax_spy or self.staged.mask_units else contextlib.nullcontext()
         blocks = [self.model.get_submodule(name.rsplit(".", 1)[0]) for name, _ in self._attention()]
         staged = self.staged
-        outputs = BlockOutputs(self, sink, staged.hidden_tokens, staged.hidden_order) if sink.wants_hidden else None
+        outputs = None
+        if sink.wants_hidden:
+            assert staged.hidden_tokens is not None  # else provides_hidden is False and the check above raised
+            outputs = BlockOutputs(self, sink, staged.hidden_tokens, staged.hidden_order)
         handles = [self.model.register_forward_pre_hook(outputs.start)] if outputs else []
         try:
-            with spy, tap_blocks(blocks, sink, watch=self._watch, hidden_hook=outputs and outputs.hook):
+            with spy, tap_blocks(blocks, sink, watch=self._watch, hidden_hook=outputs.hook if outputs else None):
                 yield
         finally:
             for h in handles:
@@ -457,10 +462,7 @@ class TimmWindowedAdapter(TimmAdapter):
     def reference_attention(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
         """timm's own softmax output on a copy with fused attention off (``attn_drop``'s input; CaiT's
         talking heads: the softmax of ``proj_l``'s output), as ``[B * G, H, Tq, Tk]`` per layer."""
-        ref = copy.deepcopy(self.model).eval()
-        for m in ref.modules():
-            if hasattr(m, "fused_attn"):
-                m.fused_attn = False
+        ref = _unfused_copy(self.model)
         if self.staged.mask_units:  # Hiera's own softmax, read where it is called
             return softmax_reference(ref, [a for _, a in self.staged.attention(ref)], lambda: ref(pixel_values),
                                      fold_windows)
@@ -496,5 +498,14 @@ class TimmWindowedAdapter(TimmAdapter):
         return dict(sorted(found.items()))
 
 
-def _heads(attn: nn.Module) -> int:
+def _unfused_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode with every attention's ``fused_attn`` off (timm's own softmax)."""
+    ref = copy.deepcopy(model).eval()
+    for m in ref.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False  # type: ignore[assignment]  # torch types Module.__setattr__ values Tensor | Module
+    return ref
+
+
+def _heads(attn: LibraryModule) -> int:
     return int(getattr(attn, "num_heads", None) or attn.heads)  # Hiera's attention calls them ``heads``
