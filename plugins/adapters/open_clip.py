@@ -37,6 +37,7 @@ from probekit.tokens import TokenLayout, pair
 
 from ._reference import block_inputs, fed
 from ._sdpa_spy import attention_report, tap_blocks, watch_attention
+from ._typing import LibraryModule
 from .timm import TimmAdapter
 
 __all__ = ["OpenClipAdapter", "OpenClipTimmAdapter"]
@@ -79,9 +80,12 @@ def mha_qk(mha: nn.MultiheadAttention, args: tuple, kwargs: dict, with_v: bool =
     bias = None
     if call.get("attn_mask") is not None:
         add = additive_bias(call["attn_mask"], true_means="ignore")
+        assert add is not None  # a mask in, a bias out
         bias = add.view(b, h, t, s) if add.dim() == 3 else add.view(1, 1, t, s)
     if call.get("key_padding_mask") is not None:
-        add = additive_bias(call["key_padding_mask"], true_means="ignore").view(b, 1, 1, s)
+        add = additive_bias(call["key_padding_mask"], true_means="ignore")
+        assert add is not None  # a mask in, a bias out
+        add = add.view(b, 1, 1, s)
         bias = add if bias is None else bias + add
     return LayerAttention(q=q, k=k, scale=(e // h) ** -0.5, bias=bias, v=v, out_dtype=sdpa_dtype(q))
 
@@ -116,7 +120,7 @@ def _watch_mha(mha: nn.MultiheadAttention, sink: Sink, layer: int):
                        mha.out_proj.bias)
         return (out if mha.batch_first else out.transpose(0, 1)), None
 
-    mha.forward = forward
+    mha.forward = forward  # type: ignore[method-assign]  # an instance attribute for the tap; _Restore pops it
     return [_Restore(mha)]
 
 
@@ -139,7 +143,7 @@ def _mha_reference(mha: nn.MultiheadAttention, store: dict, layer: int):
     return [mha.register_forward_pre_hook(ask, with_kwargs=True), mha.register_forward_hook(keep)]
 
 
-def _custom_reference(attn: nn.Module, store: dict, layer: int):
+def _custom_reference(attn: LibraryModule, store: dict, layer: int):
     """Eager softmax of open_clip ``Attention``'s normed q and k, read at ``ln_q``/``ln_k``."""
     seen = {}
 
@@ -221,7 +225,7 @@ def _create(arch: str, tag: str | None, pretrained: bool, checkpoint: str | None
             model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=source, **kwargs)
     except (RuntimeError, OSError) as exc:
         if source is not None and checkpoint is None and "download" in str(exc).lower():
-            raise _weights_error(arch, tag, exc) from exc
+            raise _weights_error(arch, source, exc) from exc  # source: the tag (no checkpoint)
         raise
     return model, preprocess
 
@@ -283,7 +287,7 @@ class OpenClipAdapter(Adapter):
         return cls._bind(model.visual, preprocess, name=name, pretrained=bool(pretrained) or checkpoint is not None)
 
     @classmethod
-    def _bind(cls, visual: nn.Module, preprocess, **info) -> "OpenClipAdapter":
+    def _bind(cls, visual: LibraryModule, preprocess, **info) -> "OpenClipAdapter":
         if _is_timm_tower(visual):
             trunk = TimmAdapter.from_module(visual.trunk)
             return OpenClipTimmAdapter(visual, preprocess or _own_preprocess(visual), trunk=trunk,
@@ -312,13 +316,18 @@ class OpenClipAdapter(Adapter):
         return cls._bind(visual, None, name=type(module).__name__, **options)
 
     # -- describing ------------------------------------------------------------------------------
-    @property
-    def in_chans(self) -> int:
+    @property  # read from the tower, never set (Adapter declares a plain attribute: the ignore)
+    def in_chans(self) -> int:  # type: ignore[override]
         return int(getattr(getattr(self.model, "conv1", None), "in_channels", 3))
 
     @property
+    def _tower(self) -> LibraryModule:
+        """The bound open_clip ``VisionTransformer``, read by its attributes."""
+        return self.model
+
+    @property
     def blocks(self) -> list[nn.Module]:
-        return list(self.model.transformer.resblocks)
+        return list(self._tower.transformer.resblocks)
 
     @property
     def num_layers(self) -> int:
@@ -326,16 +335,17 @@ class OpenClipAdapter(Adapter):
 
     @property
     def num_heads(self) -> int:
-        return int(self.blocks[0].attn.num_heads)
+        attn: LibraryModule = self.blocks[0].attn
+        return int(attn.num_heads)
 
     def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
         size = tuple(pixel_values.shape[-2:])
-        if size != pair(self.model.image_size):
+        if size != pair(self._tower.image_size):
             raise LayoutError(
-                f"This open_clip tower was built for {pair(self.model.image_size)} inputs and got {size}. "
+                f"This open_clip tower was built for {pair(self._tower.image_size)} inputs and got {size}. "
                 f"Load it with image_size={size} (open_clip resizes position embeddings), or resize the images."
             )
-        return TokenLayout(1, tuple(self.model.grid_size), pair(self.model.patch_size), ("cls",))
+        return TokenLayout(1, tuple(self._tower.grid_size), pair(self._tower.patch_size), ("cls",))
 
     # -- running ---------------------------------------------------------------------------------
     def _tokens_first(self) -> bool:
@@ -358,13 +368,14 @@ class OpenClipAdapter(Adapter):
         store: dict[int, torch.Tensor] = {}
         handles = []
         for i, block in enumerate(self.blocks):
-            if isinstance(block.attn, nn.MultiheadAttention):
-                handles += _mha_reference(block.attn, store, i)
-            elif block.attn.logit_scale is not None:
-                handles.append(block.attn.attn_drop.register_forward_hook(
+            attn: LibraryModule = block.attn
+            if isinstance(attn, nn.MultiheadAttention):
+                handles += _mha_reference(attn, store, i)
+            elif attn.logit_scale is not None:
+                handles.append(attn.attn_drop.register_forward_hook(
                     lambda m, a, out, i=i: store.__setitem__(i, out.float())))
             else:
-                handles += _custom_reference(block.attn, store, i)
+                handles += _custom_reference(attn, store, i)
         try:
             with torch.inference_mode(), fed(self.blocks, inputs):
                 self.model(pixel_values)
