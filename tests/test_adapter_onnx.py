@@ -277,3 +277,48 @@ def test_fixed_batch_graph_runs_any_batch(timm_vit, tmp_path):
     res = pk.probe(pm, x, metrics=["mad"], batch_size=3)
     assert res.table["image"].nunique() == 5
     assert {r.status for r in check_adapter(pm, on_fail=None)} == {"passed", "skipped"}
+
+
+class _InferredHeads(torch.nn.Module):
+    """One attention layer whose head count is reshape's ``-1``: with a dynamic input size, shape
+    inference leaves the softmax's head axis a symbol."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 16, 4, 4)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 16))
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1)
+        q, k, v = self.qkv(t).reshape(t.shape[0], t.shape[1], 3, -1, 8).permute(2, 0, 3, 1, 4)
+        return (q @ k.transpose(-1, -2) * 8**-0.5).softmax(-1) @ v
+
+
+def test_symbolic_head_count_is_measured_also_with_num_prefix(tmp_path):
+    path = export_onnx(_InferredHeads().eval(), torch.randn(1, 3, 16, 16), tmp_path / "heads.onnx", dynamic_size=True)
+    from probekit.plugins.adapters.onnx import find_attention_softmaxes
+
+    found, shapes = find_attention_softmaxes(onnx.load(str(path)))
+    assert not isinstance(shapes[found[0].output[0]][1], int)  # the head axis is a symbol
+    assert pk.load(f"onnx:{path}", image_size=16).num_heads == 2  # measured by the run that counts T
+    pm = pk.load(f"onnx:{path}", image_size=16, num_prefix=1)  # no run needed for T: H is measured all the same
+    assert (pm.num_heads, pm.layout(torch.zeros(1, 3, 16, 16)).num_prefix) == (2, 1)
+
+
+def test_input_name_of_an_input_not_shaped_as_images_is_one_error():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"]), helper.make_node("Identity", ["mask"], ["m"]),
+         helper.make_node("Identity", ["extra"], ["e"])], "two_inputs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16]),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 5]),
+         helper.make_tensor_value_info("extra", TensorProto.FLOAT, None)],  # rank unknown
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "m", "e")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ConfigError, match=r"input 'mask' has dims \[1, 5\], not \[B, C, H, W\]"):
+        pk.wrap(proto, input_name="mask")
+    with pytest.raises(ConfigError, match=r"input 'extra' has dims None, not \[B, C, H, W\]"):
+        pk.wrap(proto, input_name="extra")

@@ -4,6 +4,8 @@ a fixed-batch graph in chunks of its batch. The adapter (``onnx.py``) builds on 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 from torch import nn
@@ -155,7 +157,7 @@ class OnnxModule(nn.Module):
         feed = {self.input_name: x.detach().float().cpu().numpy().astype(self.input_dtype, copy=False)}
         return self.session.run(names, feed)
 
-    def run(self, x: torch.Tensor, extra: list[str] = ()) -> list[np.ndarray]:
+    def run(self, x: torch.Tensor, extra: Sequence[str] = ()) -> list[np.ndarray]:
         """The graph's outputs and ``extra`` values; a fixed-batch graph runs ``x`` in chunks of its
         batch, the last one padded with copies of its last image (their results dropped)."""
         names = [*self.outputs, *extra]

@@ -38,6 +38,7 @@ from probekit.options import AdapterOptions
 from probekit.tokens import TokenLayout
 
 from ._onnx_graph import (
+    OnnxModule,
     _dims,
     _image_input,
     _patch_size,
@@ -85,7 +86,9 @@ def resolve_onnx_path(name: str) -> Path:
                 f"that provides it (e.g. `pip install {pkg.replace('_', '-')}`), or give a file path.",
                 random_init=False,
             )
-        roots = list(spec.submodule_search_locations or []) or [str(Path(spec.origin).parent)]
+        roots = list(spec.submodule_search_locations or [])
+        if not roots and spec.origin is not None:  # a single-file module: its folder
+            roots = [str(Path(spec.origin).parent)]
         path = Path(roots[0]) / rel
     else:
         path = Path(name).expanduser()
@@ -148,6 +151,14 @@ def _preprocess(size: tuple[int, int], mean, std, resize: int | None = None):
     ])
 
 
+def _attention_dims(shapes: dict[str, list | None], name: str) -> list:
+    """The dims of an attention Softmax's output (never None: :func:`find_attention_softmaxes` found
+    the node by its ``[B, H, T, T]`` dims)."""
+    dims = shapes[name]
+    assert dims is not None, name
+    return dims
+
+
 _OWN_WEIGHTS = ("An ONNX graph carries its own weights: pretrained=False and checkpoint= do not apply. "
                 "For a random-init control, export a random-init model to ONNX.")
 
@@ -197,6 +208,7 @@ class OnnxAdapter(Adapter):
     library = "onnxruntime"
     extra = "onnx"
     options_schema = OnnxOptions
+    model: OnnxModule  # the graph's onnxruntime session, as a module
     not_applicable_checks = {
         "check_hidden_is_block_output": "onnxruntime runs the graph, so there are no torch norm calls to compare "
         "with; the hidden outputs are chosen structurally instead: the second residual Add of each block, one "
@@ -210,14 +222,17 @@ class OnnxAdapter(Adapter):
         _require_backends()
         image = _image_input(onnx_model, input_name)
         in_dims = _dims(image)
+        if in_dims is None or len(in_dims) != 4:  # an input named by input_name= may have any shape
+            raise ConfigError(f"{source}: the input {image.name!r} has dims {in_dims}, not [B, C, H, W]; "
+                              "pass input_name= naming the image input.")
         fixed = tuple(d if isinstance(d, int) and d > 0 else None for d in in_dims[2:])
         self.in_chans = in_dims[1] if isinstance(in_dims[1], int) and in_dims[1] > 0 else 3
         batch = in_dims[0] if isinstance(in_dims[0], int) and in_dims[0] > 0 else None
         size = image_size if image_size is None or not isinstance(image_size, int) else (image_size, image_size)
         if size is None:
-            if None in fixed:
+            if fixed[0] is None or fixed[1] is None:
                 raise ConfigError(f"{source}: the input {image.name!r} has a symbolic size {in_dims}; pass image_size=.")
-            size = fixed
+            size = (fixed[0], fixed[1])
         size = (int(size[0]), int(size[1]))
         if None not in fixed and size != fixed:
             raise ConfigError(f"{source}: the graph's input is fixed at {fixed}; image_size={size} cannot run.")
@@ -240,8 +255,9 @@ class OnnxAdapter(Adapter):
             )
         patch = (patch, patch) if isinstance(patch, int) else tuple(int(p) for p in patch)
         hidden = _residual_outputs(onnx_model, softmaxes)
-        self.provides_hidden = hidden is not None  # instance override of the class capability
-        self.variable_image_size = None in fixed
+        # instance overrides of the class capabilities (Adapter annotates them ClassVar: the ignores)
+        self.provides_hidden = hidden is not None  # type: ignore[misc]  # ClassVar, see above
+        self.variable_image_size = None in fixed  # type: ignore[misc]  # ClassVar, see above
         self._attn_names = [n.output[0] for n in softmaxes]
         self._logit_names = [n.input[0] for n in softmaxes]
         self._hidden_names = hidden or []
@@ -251,20 +267,22 @@ class OnnxAdapter(Adapter):
         mean, std = per_channel(mean, self.in_chans), per_channel(std, self.in_chans)
         super().__init__(module, _preprocess(size, mean, std, resize), image_size=size, source=source,
                          attention_nodes=self.node_names)
-        self._heads = next((shapes[n][1] for n in self._attn_names if isinstance(shapes[n][1], int)), None)
         self._patch = patch
         self._num_params = sum(int(np.prod(i.dims)) for i in onnx_model.graph.initializer)
         self._sink: Sink | None = None
-        self._num_prefix = num_prefix if num_prefix is not None else self._prefix_at(size, shapes)
-        self._prefix_kinds = None if prefix_kinds is None else tuple(prefix_kinds)
-        TokenLayout(num_prefix=self._num_prefix, grid=(1, 1), patch_size=1, prefix_kinds=self._prefix_kinds)
-
-    def _prefix_at(self, size, shapes) -> int:
-        """``T - h * w`` at the native size (T and H from shape inference, or from one dry run)."""
-        t = shapes[self._attn_names[0]][2]
-        if not isinstance(t, int) or self._heads is None:
+        # T and H from shape inference, or from one dry run (T only needed without num_prefix=)
+        heads = next((h for n in self._attn_names if isinstance(h := _attention_dims(shapes, n)[1], int)), None)
+        tokens = _attention_dims(shapes, self._attn_names[0])[2]
+        if heads is None or (num_prefix is None and not isinstance(tokens, int)):
             probs = self.model.run(torch.zeros(self.model.batch or 1, self.in_chans, *size), [self._attn_names[0]])[-1]
-            t, self._heads = probs.shape[-1], probs.shape[1]
+            tokens, heads = probs.shape[-1], probs.shape[1]
+        self._heads: int = heads
+        self._num_prefix = num_prefix if num_prefix is not None else self._prefix_at(size, tokens)
+        self._prefix_kinds = None if prefix_kinds is None else tuple(prefix_kinds)
+        TokenLayout(num_prefix=self._num_prefix, grid=(1, 1), patch_size=(1, 1), prefix_kinds=self._prefix_kinds)
+
+    def _prefix_at(self, size: tuple[int, int], t: int) -> int:
+        """``T - h * w`` at the native size, for ``t`` tokens."""
         prefix = t - (size[0] // self._patch[0]) * (size[1] // self._patch[1])
         if prefix < 0:
             raise UnsupportedArchitectureError(
