@@ -251,7 +251,7 @@ class DistanceProfile(Metric):
     def kernel_histogram(self, layout: TokenLayout) -> tuple[tuple[float, float], tuple[float, ...]]:
         """The kernel's histogram: per-axis grid-step lengths in ``units`` and squared left edges."""
         if self.units == "px":
-            step = tuple(float(s) for s in layout.patch_size)
+            step = (float(layout.patch_size[0]), float(layout.patch_size[1]))
         else:
             f = 1.0 / max(max(layout.grid) - 1, 1) if self.units == "fraction" else 1.0
             step = (f, f)

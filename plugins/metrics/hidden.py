@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -88,6 +88,7 @@ def features(hidden: torch.Tensor, layout: TokenLayout, pool: str = "mean", wher
 
 def cls_token(layout: TokenLayout, where: str = "this model") -> int:
     """Index of the class token pool="cls" reads, or a :class:`ConfigError` saying what to use instead."""
+    assert layout.prefix_kinds is not None  # TokenLayout.__post_init__ fills in the default kinds
     if "cls" not in layout.prefix_kinds:
         raise ConfigError(
             f"cka with pool='cls' needs a class token in every layer compared, but {where} outputs "
@@ -170,8 +171,13 @@ class LinearCKA(Metric):
 
     pool: Pool = "mean"
 
-    def __init__(self, **options):
+    def __init__(self, **options: Any) -> None:
         super().__init__(**options)
+        # the declared state's types (add_state sets the attributes)
+        self.xy: torch.Tensor | None
+        self.layers: list[int] | None
+        self.batches: int
+        self.skipped: int
         self.add_state("xy", default=None, reduce="sum")  # [L, L] HSIC_1 summed over minibatches
         self.add_state("layers", default=None, reduce="same")  # the layer of each row and column
         self.add_state("batches", default=0, reduce="sum")
@@ -260,23 +266,24 @@ def cka_between(model_a, model_b, images, *, batch_size: int = 32, pool: str = "
                                     shuffle=False)
         for pm in pms
     ]
-    xy = xx = yy = None
-    la = lb = None
+    sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # HSIC_1 sums: a with b, a, b
+    la: list[int] = []
+    lb: list[int] = []
     for (_, xa), (_, xb) in zip(*loaders):
         if xa.shape[0] < 4:
             continue
-        ka, kb = [
+        grams_a, grams_b = [
             _layer_grams(pm, x.to(pm.device), lay_sel, pool)
             for pm, x, lay_sel in ((pms[0], xa, layers_a), (pms[1], xb, layers_b))
         ]
-        la, lb = sorted(ka), sorted(kb)
-        ka = torch.stack([ka[i] for i in la]).cpu()
-        kb = torch.stack([kb[i] for i in lb]).cpu()
+        la, lb = sorted(grams_a), sorted(grams_b)
+        ka = torch.stack([grams_a[i] for i in la]).cpu()
+        kb = torch.stack([grams_b[i] for i in lb]).cpu()
         parts = (hsic_matrix(ka, kb), torch.diagonal(hsic_matrix(ka, ka)), torch.diagonal(hsic_matrix(kb, kb)))
-        xy, xx, yy = parts if xy is None else (xy + parts[0], xx + parts[1], yy + parts[2])
-    if xy is None:
+        sums = parts if sums is None else (sums[0] + parts[0], sums[1] + parts[1], sums[2] + parts[2])
+    if sums is None:
         raise ConfigError(f"cka_between needs at least one minibatch of 4 images; got {len(imgs)} image(s).")
-    return cka_from_sums(xy, xx, yy).float().numpy(), la, lb
+    return cka_from_sums(*sums).float().numpy(), la, lb
 
 
 def _layer_grams(pm, x: torch.Tensor, layers, pool: str) -> dict[int, torch.Tensor]:

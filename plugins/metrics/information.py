@@ -51,7 +51,8 @@ class NormalizedMutualInformation(Metric):
     #: memory budget for one block of query rows' probabilities
     block_bytes = 64 * 2**20
 
-    def compute(self, probs: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    def compute(self, probs: torch.Tensor, layout: TokenLayout, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """NMI of one layer from its probabilities (``logits``: unused)."""
         layout.check(probs.shape[-1], where="attention")
         return self.on_attention(-1, LayerAttention(probs_given=probs), layout)
 
@@ -65,6 +66,7 @@ class NormalizedMutualInformation(Metric):
             cs, es = a.sum(2), row_entropy(a).sum(2)
             col_sum = cs if col_sum is None else col_sum + cs
             ent_sum = es if ent_sum is None else ent_sum + es
+        assert col_sum is not None and ent_sum is not None  # a layout has a patch at least: one block of rows
         n = layout.num_patches
         pk = col_sum / n
         h_k = row_entropy(pk)

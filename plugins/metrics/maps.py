@@ -174,8 +174,8 @@ class AttentionRollout(Metric):
         self._running, self._last, self._maps = None, -1, {}  # per-batch scratch, not state
         return maps
 
-    def compute(self, probs: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """Rollout of a single layer (``R_0``); use :func:`rollout` for a stack of layers."""
+    def compute(self, probs: torch.Tensor, layout: TokenLayout, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Rollout of a single layer (``R_0``); use :func:`rollout` for a stack of layers (``logits``: unused)."""
         return rollout([probs], layout, self.query, self.head_fusion)[0]
 
 

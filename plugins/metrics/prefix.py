@@ -14,6 +14,7 @@ Kind = Literal["all", "cls", "dist", "reg"]
 
 def prefix_mask(layout: TokenLayout, kind: str, device=None) -> torch.Tensor:
     """Float mask ``[num_prefix]`` of the prefix tokens of ``kind`` (``"all"``: every one)."""
+    assert layout.prefix_kinds is not None  # TokenLayout.__post_init__ fills in the default kinds
     sel = [kind == "all" or k == kind for k in layout.prefix_kinds]
     return torch.tensor(sel, dtype=torch.float32, device=device)
 
