@@ -22,6 +22,7 @@ costs one ``stat`` per file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import os
@@ -43,8 +44,10 @@ def _skipped(name: str) -> bool:
     return name.startswith(".") or name == "__pycache__" or name.endswith((".pyc", ".pyo", "~"))
 
 
+@functools.lru_cache(maxsize=256)
 def source_file(cls: type) -> Path | None:
-    """The file that defines ``cls`` (None for a class typed into a session)."""
+    """The file that defines ``cls`` (None for a class typed into a session); where a class was
+    loaded from does not change while it lives."""
     try:
         src = inspect.getsourcefile(cls)
     except TypeError:  # its module is not in sys.modules (loaded from a path): ask its functions
@@ -65,7 +68,7 @@ def _record_files(dist: metadata.Distribution | None) -> dict[str, str] | None:
     return out
 
 
-def _package_roots(module: str) -> list[Path]:
+def _package_roots(module: str) -> tuple[Path, ...]:
     """The directories of the packages on ``module``'s import path, outermost only."""
     parts = module.split(".")
     found = []
@@ -77,7 +80,7 @@ def _package_roots(module: str) -> list[Path]:
     for r in sorted(set(found), key=lambda p: len(p.parts)):
         if not any(r.is_relative_to(o) for o in roots):
             roots.append(r)
-    return roots
+    return tuple(roots)
 
 
 def _tree(root: Path) -> dict[str, str]:
