@@ -52,19 +52,36 @@ _ABI = 6
 _error: str | None = None
 
 
+def _private(path: Path) -> bool:
+    """Whether only this user can have written ``path``: owned by us, not group- or world-writable.
+
+    Why: the library is loaded with ``ctypes.CDLL`` (its code runs in this process) and its file
+    name is computable by anyone, so a cache folder or file that another user can write is never
+    loaded from.
+    """
+    if not hasattr(os, "getuid"):  # Windows: caches live in the user's own profile
+        return True
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def _cache_dir() -> Path:
-    """``$PROBEKIT_CACHE_DIR`` or ``~/.cache/probekit``; a per-user temporary folder where that is read-only."""
+    """``$PROBEKIT_CACHE_DIR`` or ``~/.cache/probekit``; a per-user temporary folder where that is
+    read-only; a fresh private folder where neither is this user's alone (see :func:`_private`)."""
     root = os.environ.get("PROBEKIT_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "probekit")
-    path = Path(root) / "cpu_kernel"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        if os.access(path, os.W_OK):
-            return path
-    except OSError:
-        pass
     user = getattr(os, "getuid", lambda: "user")()
-    return Path(tempfile.gettempdir()) / f"probekit-{user}" / "cpu_kernel"
+    for path in (Path(root) / "cpu_kernel", Path(tempfile.gettempdir()) / f"probekit-{user}" / "cpu_kernel"):
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if os.access(path, os.W_OK) and _private(path):
+                return path
+        except OSError:
+            pass
+    return Path(tempfile.mkdtemp(prefix="probekit-cpu-kernel-"))  # 0700: this process builds its own
 
 
 def _compile(src: bytes, cc: str, arch: tuple[str, ...], dest: Path) -> None:
@@ -75,6 +92,7 @@ def _compile(src: bytes, cc: str, arch: tuple[str, ...], dest: Path) -> None:
         so = Path(tmp) / "rows.so"
         subprocess.run([cc, *_FLAGS, *arch, str(c), "-o", str(so), "-lm"], check=True, capture_output=True,
                        timeout=120)
+        os.chmod(so, 0o755)  # writable by this user alone, whatever the umask (see _private)
         os.replace(so, dest)  # atomic: another process may build the same file at the same time
 
 
@@ -95,7 +113,7 @@ def library() -> ctypes.CDLL | None:
         key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(_FLAGS + arch).encode(), _cpu_id()])).hexdigest()
         dest = cache / f"rows-{key[:20]}.so"
         try:
-            if not dest.exists():
+            if not dest.exists() or not _private(dest):  # (a file others could write is built again)
                 _compile(src, cc, arch, dest)
             lib = ctypes.CDLL(str(dest))
             if lib.pk_abi_version() != _ABI:

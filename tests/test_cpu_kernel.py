@@ -168,7 +168,9 @@ def test_underflowed_patch_mass_falls_back_to_the_logits(monkeypatch):
 def test_cache_folder_falls_back_to_a_temporary_one_when_read_only(monkeypatch, tmp_path):
     monkeypatch.setenv("PROBEKIT_CACHE_DIR", str(tmp_path / "cache"))
     assert cpu_kernel._cache_dir() == tmp_path / "cache" / "cpu_kernel"
-    monkeypatch.setattr(cpu_kernel.os, "access", lambda path, mode: False)  # e.g. a read-only home
+    real = cpu_kernel.os.access
+    monkeypatch.setattr(cpu_kernel.os, "access",  # e.g. a read-only home
+                        lambda path, mode: not str(path).startswith(str(tmp_path)) and real(path, mode))
     fallback = cpu_kernel._cache_dir()
     assert fallback.parent.parent == Path(cpu_kernel.tempfile.gettempdir())
     assert fallback.parent.name.startswith("probekit-")
