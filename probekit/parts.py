@@ -25,6 +25,7 @@ from typing import Any
 from .atomic import write_text_atomic
 from .errors import ConfigError, ProbekitError
 from .fileid import file_digest, files_identity
+from .input_view import metric_arrays
 from .plugin_files import files_digest, plugin_files
 from .results import Results
 
@@ -208,7 +209,7 @@ def relabel(res: Results, label: str) -> Results:
 def only_metric(res: Results, metric_label: str) -> Results:
     """The rows, arrays and metadata of one metric: the part it is cached as."""
     table = res.table[res.table["metric"].astype(str) == metric_label]
-    arrays = {k: v for k, v in res.arrays.items() if k.rsplit("/", 1)[1] == metric_label}
+    arrays = metric_arrays(res.arrays, metric_label)  # with the model's input views: drawn from the part alone
     meta = dict(res.meta)
     meta["metrics"] = {metric_label: res.meta.get("metrics", {}).get(metric_label, {})}
     return Results(table, arrays, meta)
