@@ -291,13 +291,16 @@ class _Progress:
 
 def _run_comparison(cfg_or_path: Any, out_dir: Optional[str], figures: bool, report: bool = True, **flags) -> None:
     from .compare import compare
+    from .interrupt import Terminated
 
     try:
         with _Progress() as bar:
             cmp = compare(cfg_or_path, out=out_dir, reporter=bar, figures=figures, report=report, **flags)
-    except KeyboardInterrupt:
-        _consoles.err.print("[yellow]Interrupted.[/] Finished parts are kept; run the same command again to resume.")
-        raise typer.Exit(code=130) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C: 130; SIGTERM (SLURM, Kubernetes): 143, as shells report them
+        what = "Terminated (SIGTERM)." if isinstance(exc, Terminated) else "Interrupted."
+        _consoles.err.print(f"[yellow]{what}[/] Finished parts are kept; run the same command again to resume.",
+                            highlight=False)
+        raise typer.Exit(code=exc.exit_code if isinstance(exc, Terminated) else 130) from None
     res = cmp.results
     if len(res):
         for metric in res.metrics:
@@ -314,6 +317,7 @@ def _run_comparison(cfg_or_path: Any, out_dir: Optional[str], figures: bool, rep
         _consoles.err.print(f"Open {cmp.report} in a browser (one self-contained file).", highlight=False)
     if cmp.cached:
         _consoles.err.print(f"[dim]Served from cache: {escape(', '.join(cmp.cached))}.[/]")
+    _print_notes(cmp.notes)
     _consoles.out.print(str(cmp.run_dir))
     _report_nonfinite(cmp.nonfinite)
     if cmp.failures:
@@ -326,6 +330,12 @@ def _run_comparison(cfg_or_path: Any, out_dir: Optional[str], figures: bool, rep
                             highlight=False)
     if cmp.failures or cmp.figure_error:
         raise typer.Exit(code=1)
+
+
+def _print_notes(notes: list[str]) -> None:
+    """What a run could not give and why (run.json ``notes``): one line each."""
+    for note in notes:
+        _consoles.err.print(f"[yellow]Note:[/] {escape(note)}", highlight=False)
 
 
 def _report_nonfinite(found: list[dict]) -> None:
@@ -455,10 +465,12 @@ def plot_cmd(
     """Draw figures (PNG and SVG) from a run directory's results.parquet into its figures/ folder."""
     from .rundir import redraw
 
-    paths = redraw(run_dir, kinds=kind, metrics=metric)
+    notes: list[str] = []
+    paths = redraw(run_dir, kinds=kind, metrics=metric, notes=notes)
     for p in paths:
         _consoles.out.print(str(p), highlight=False)
     _consoles.err.print(f"Wrote {len(paths)} figure files to {run_dir / 'figures'}.")
+    _print_notes(notes)
 
 
 @app.command("report", epilog="Examples:\n\n  probekit report runs/quickstart")

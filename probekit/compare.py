@@ -26,6 +26,8 @@ from . import models as _models
 from .config import CheckedRun, ModelEntry, RunConfig, check_run, load_run
 from .atomic import write_text_atomic
 from .errors import ConfigError, WriteError
+from .input_view import is_view
+from .interrupt import sigterm_as_interrupt
 from .parts import PartStore, only_metric, part_key, relabel
 from .probe import _versions, resolve_dtype
 from .results import Results
@@ -71,6 +73,8 @@ class Comparison:
         status: run.json's status: complete, partial (a model failed) or nonfinite.
         contrasts: group contrasts per metric and layer (:func:`probekit.contrasts.contrasts`).
         report: the path of ``report.html``, or None when not written.
+        notes: one line per thing the run could not give and why (e.g. a figure kind its
+            metrics have no values for); also run.json's ``notes``.
     """
 
     results: Results
@@ -83,6 +87,7 @@ class Comparison:
     status: str = "complete"
     contrasts: Any = None
     report: Path | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -327,18 +332,21 @@ def compare(config_or_path: Any, out: str | Path | None = None, *, reporter: Rep
         ConfigError, ImageError, UnknownNameError: before any model is loaded.
         RunDirBusyError: another run is writing the same directory.
         WriteError: the directory is not writable, or the disk is full (finished parts are kept).
-        KeyboardInterrupt: after writing what finished; the same call resumes.
+        KeyboardInterrupt: after writing what finished; the same call resumes. SIGTERM raises
+            :class:`~probekit.interrupt.Terminated` (a KeyboardInterrupt) the same way.
 
     >>> import probekit as pk                                   # doctest: +SKIP
     >>> cmp = pk.compare("configs/quickstart.yaml")             # doctest: +SKIP
     >>> cmp.results.summary().head()                            # doctest: +SKIP
     """
-    cfg = _as_config(config_or_path).resolve(out=None if out is None else str(out), **flags)
+    given = _as_config(config_or_path)
+    explicit_figures = "figures" in given.model_fields_set  # the file's own list, not the default
+    cfg = given.resolve(out=None if out is None else str(out), **flags)
     run = check_run(cfg)  # everything that can be wrong in the file fails here, before work
     rep = reporter or _Quiet()
     rd = RunDir(Path(cfg.out or Path("runs") / cfg.name))
     showcase = _showcase(cfg, run) if report else None
-    with rd.locked():
+    with sigterm_as_interrupt(), rd.locked():  # SIGTERM (SLURM, Kubernetes) stops it as Ctrl-C does
         record = rd.begin(_run_record(cfg, run))
         if showcase is not None:
             record["report"] = {"showcase": showcase.names, "explorer_mb": cfg.report.explorer_mb,
@@ -355,20 +363,37 @@ def compare(config_or_path: Any, out: str | Path | None = None, *, reporter: Rep
                     cached.append(entry.name)
             results = _combine(collected, record)
             record["nonfinite"] = results.nonfinite()
-            kinds = list(cfg.figures or []) if figures and len(results) else []
+            anything = len(results) > 0 or bool(results.arrays)  # map metrics alone have no table rows
+            kinds = list(cfg.figures or []) if figures and anything else []
             timings = record.setdefault("timings", {})  # what a run spends after probing: figures must not dominate
             t0 = time.perf_counter()
             figs = write_outputs(rd, results, record, kinds)
+            _note_figures(record, results, kinds, explicit_figures)
             timings["outputs_s"] = time.perf_counter() - t0
             record["seconds"] = time.perf_counter() - t_run
-            contrast_table, html = _report_outputs(rd, results, record, cfg) if report and len(results) else (None, None)
+            contrast_table, html = _report_outputs(rd, results, record, cfg) if report and anything else (None, None)
             record["seconds"] = time.perf_counter() - t_run
             rd.finish(record, _status(record))
         except BaseException as exc:
             rd.abandon(record, exc)
             raise
     return Comparison(results, figs, rd.path, record["failures"], cached, record.get("figure_error"),
-                      record["nonfinite"], record["status"], contrast_table, html)
+                      record["nonfinite"], record["status"], contrast_table, html, list(record.get("notes") or []))
+
+
+def _note_figures(record: dict, results: Results, kinds: list[str], explicit: bool) -> None:
+    """Say in run.json's ``notes`` which figure kinds this run's metrics give no figure of, and why:
+    each kind the run file asks for by name; of the default list, only when it gives none at all."""
+    from .plots import figure_notes
+
+    notes = figure_notes(results, kinds)
+    if not explicit and kinds and len(notes) == len(set(kinds)):
+        have = ", ".join(dict.fromkeys([*results.metrics, *(k.rsplit("/", 1)[1] for k in results.arrays if not is_view(k))]))
+        notes = [f"No figures: no figure kind ({', '.join(kinds)}) draws what this run's metrics ({have}) give."]
+    elif not explicit:
+        notes = []
+    if notes:
+        record.setdefault("notes", []).extend(notes)
 
 
 # -- report: explorer arrays, contrasts, report.html (each failure is recorded, never costs the numbers)

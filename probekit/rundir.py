@@ -380,8 +380,11 @@ def load_run_dir(run_dir: str | Path) -> Results:
     return res
 
 
-def redraw(run_dir: str | Path, kinds=None, metrics=None) -> list[Path]:
+def redraw(run_dir: str | Path, kinds=None, metrics=None, notes: list[str] | None = None) -> list[Path]:
     """Draw figures of a finished run directory (``probekit plot``) and add them to its manifest.
+
+    ``notes``, when given, receives one line for each of the ``kinds`` asked for by name that
+    the directory's metrics give no figure of, saying why.
 
     Raises:
         RunDirError: the directory does not hold one finished run (see :func:`read_record`).
@@ -400,6 +403,10 @@ def redraw(run_dir: str | Path, kinds=None, metrics=None) -> list[Path]:
                 raise ConfigError(f"No metric {', '.join(missing)} in {rd.path}; it holds: {', '.join(have)}.")
         paths = rd.draw_figures(res, keep_others=True, kinds=None if kinds is None else list(kinds),
                                 metrics=metrics)  # maps over the input views stored with them: no model
+        if notes is not None and kinds:
+            from .plots import figure_notes
+
+            notes.extend(figure_notes(res, kinds, metrics))
         for p in paths:
             record["manifest"][str(p.relative_to(rd.path))] = file_digest(p)
         record["figures"] = sorted(set(record.get("figures") or []) | {str(p.relative_to(rd.path)) for p in paths})

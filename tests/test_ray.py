@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -170,3 +172,66 @@ def test_missing_ray_is_one_line_naming_the_extra(monkeypatch, data, tmp_path):
     run = _run_file(tmp_path, data, f"{{kind: classes, path: {data / 'classes'}}}")
     with pytest.raises(MissingDependencyError, match=r'pip install "probekit\[ray\]"'):
         compare(run, out=tmp_path / "out", engine="ray")
+
+
+TERM_RUN = """\
+name: term
+models:
+  - model: timm:vit_small_patch16_224
+    label: tiny-b
+    options: %s
+images: IMAGES
+metrics: [mad, cls_map]
+batch_size: 8
+figures: [maps]
+resources: {cpus: 0.5, decode_cpus: 0.25, shard_size: 40}
+""" % (TINY % (3, 4))
+
+
+def _sigterm_after_first_shard(cmd: list[str], parts, env: dict) -> subprocess.CompletedProcess:
+    """Run ``cmd``; SIGTERM once the first shard's two parts (mad, cls_map) are sealed."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    end = time.time() + 300
+    while proc.poll() is None and time.time() < end:
+        if parts.is_dir() and len(list(parts.glob("*.seal.json"))) >= 2:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out.decode(), err.decode())
+
+
+# slow (two Ray clusters start in subprocesses): SIGTERM, what SLURM and Kubernetes send, to the driver
+def test_slow_sigterm_to_the_ray_driver_stops_it_as_ctrl_c_does_and_the_rerun_matches(data, tmp_path):
+    from probekit.input_view import view_key
+    from probekit.results import Results
+
+    run = tmp_path / "term.yaml"
+    run.write_text(TERM_RUN.replace("IMAGES", f"{{kind: classes, path: {data / 'classes'}}}"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PROBEKIT_DEBUG": "", "RAY_ADDRESS": ""}
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "probekit.cli", "compare", str(run), "--engine", "ray", "--no-report", "--out", str(cut)]
+    proc = _sigterm_after_first_shard(cmd, cut / "parts", env)
+    assert proc.returncode == 143, proc.stderr[-4000:]
+    for dump in ("SIGTERM received at", "Fatal Python error", "Traceback", "SystemExit"):
+        assert dump not in proc.stderr, proc.stderr[-4000:]
+    said = [ln for ln in proc.stderr.splitlines() if "resume" in ln]
+    assert len(said) == 1 and "SIGTERM" in said[0], proc.stderr[-4000:]
+    rec = json.loads((cut / "run.json").read_text())
+    assert rec["status"] == "interrupted" and rec["error"].startswith("Terminated"), rec.get("error")
+    kept = len(list((cut / "parts").glob("*.seal.json")))
+    assert 2 <= kept < 2 * 5  # some of the 5 shards x 2 metrics were sealed, not all
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    shards = json.loads((cut / "run.json").read_text())["engine"]["shards"]
+    assert sum(not s["computed"] for s in shards) >= 1  # the sealed shards were not computed again
+    local = tmp_path / "local"
+    _local(run, local)
+    a, b = pd.read_parquet(cut / "results.parquet"), pd.read_parquet(local / "results.parquet")
+    pd.testing.assert_frame_equal(a.drop(columns="value"), b.drop(columns="value"))
+    assert np.abs(a["value"].to_numpy() - b["value"].to_numpy()).max() <= 1e-6
+    ra, rb = Results.read_arrays(cut / "arrays.npz"), Results.read_arrays(local / "arrays.npz")
+    assert np.abs(ra["tiny-b/cls_map"] - rb["tiny-b/cls_map"]).max() <= 1e-6
+    np.testing.assert_array_equal(ra[view_key("tiny-b")], rb[view_key("tiny-b")])  # the first 4 images, as seen
+    assert (cut / "figures" / "maps_cls_map.png").exists()

@@ -18,6 +18,7 @@ import pickle
 import queue
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ import pandas as pd
 
 from ..errors import ConfigError, MissingDependencyError
 from ..input_view import join_arrays, metric_arrays
+from ..interrupt import sigterm_as_interrupt
 from ..metric_state import state_from_json, state_to_json
 from ..parts import PartStore
 from ..probe import build_metrics
@@ -230,8 +232,11 @@ def run_ray(run, store: PartStore, record: dict, rep) -> dict[str, dict]:
 
     ray = _ray()
     cfg = run.config
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(address=cfg.address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    sigterm = ExitStack()  # ray.init's SIGTERM handler exits under a native stack dump: ours stops as Ctrl-C does
+    sigterm.enter_context(sigterm_as_interrupt(replace=True))
     res = _resources(ray, cfg)
     n, fp = len(run.images), record["images"]["fingerprint"]
     shards = [(lo, min(lo + res["shard_size"], n)) for lo in range(0, n, res["shard_size"])]
@@ -245,7 +250,7 @@ def run_ray(run, store: PartStore, record: dict, rep) -> dict[str, dict]:
     q: queue.Queue = queue.Queue()
     stop = threading.Event()
     t_run = time.perf_counter()
-    live = []
+    live, consumers = [], []
     try:
         for job in jobs:
             mrec = info[job.label] = {"label": job.label, "engine": "ray",
@@ -265,7 +270,8 @@ def run_ray(run, store: PartStore, record: dict, rep) -> dict[str, dict]:
             chunks = _chunks(shards, job.todo, cfg.batch_size)
             job.pending = {s: [c for c, cs, _, _ in chunks if cs == s] for s in job.todo}
             ds = _dataset(ray, run, job, chunks, res, transform)
-            threading.Thread(target=_consume, args=(ds, job, q, stop), daemon=True).start()
+            consumers.append(threading.Thread(target=_consume, args=(ds, job, q, stop), daemon=True))
+            consumers[-1].start()
             live.append(job)
         running = set(id(j) for j in live)
         while running:
@@ -282,10 +288,26 @@ def run_ray(run, store: PartStore, record: dict, rep) -> dict[str, dict]:
                 continue
             job.chunks[int(row["chunk"])] = pickle.loads(row["payload"])
             _shard_if_done(run, job, store, shards, eng, rep)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the streams end at their next row, then a cluster started here
+        stop.set()
+        _wind_down(ray if started else None, consumers)
+        raise
     finally:
         stop.set()
         eng["seconds"] = time.perf_counter() - t_run
+        sigterm.close()
     return info
+
+
+def _wind_down(ray, consumers: list[threading.Thread], seconds: float = 10.0) -> None:
+    """After an interrupt: wait (a bounded while: SLURM and Kubernetes kill 30 s after SIGTERM) for
+    the streams to stop at their next row, then shut down ``ray`` (a cluster this run started, with
+    its actors), so nothing is left running and no stream meets a cluster that is gone."""
+    end = time.monotonic() + seconds
+    for t in consumers:
+        t.join(timeout=max(0.0, end - time.monotonic()))
+    if ray is not None:
+        ray.shutdown()
 
 
 def _shard_if_done(run, job: _Job, store: PartStore, shards, eng: dict, rep) -> None:

@@ -1,0 +1,100 @@
+"""SIGTERM (what SLURM, Kubernetes and `kill` send) stops a run as Ctrl-C does: run.json says
+``interrupted``, one line on stderr says how to resume, the exit code is 143 (128 + 15, the
+shell's convention; Ctrl-C gives 130), and the same command finishes the run with the numbers an
+uninterrupted run gives, to the last bit.
+
+The run is a real ``probekit compare`` process: a tiny random-init timm ViT, then a slower one on
+many images; the signal is sent once the first model's parts are sealed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+pytest.importorskip("timm")
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+
+TINY = "{pretrained: false, img_size: %d, patch_size: 8, embed_dim: %d, depth: %d, num_heads: 2}"
+RUN = f"""\
+name: term
+models:
+  - model: timm:vit_tiny_patch16_224
+    label: quick
+    options: {TINY % (32, 32, 1)}
+  - model: timm:vit_tiny_patch16_224
+    label: slow
+    options: {TINY % (96, 64, 6)}
+images: IMAGES
+metrics: [mad]
+batch_size: 2
+figures: []
+"""
+
+
+def _images(folder, n: int) -> None:
+    folder.mkdir()
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"im{i:03d}.png")
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PROBEKIT_DEBUG": ""}
+
+
+def _terminate_after_first_part(cmd: list[str], parts, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``cmd``; once ``parts`` holds a sealed part, send SIGTERM; return the finished process."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    end = time.time() + timeout
+    while proc.poll() is None and time.time() < end:
+        if parts.is_dir() and any(parts.glob("*.seal.json")):
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out.decode(), err.decode())
+
+
+def test_sigterm_stops_the_run_like_ctrl_c_and_the_rerun_gives_the_same_numbers(tmp_path):
+    _images(tmp_path / "imgs", 60)
+    run = tmp_path / "run.yaml"
+    run.write_text(RUN.replace("IMAGES", str(tmp_path / "imgs")))
+    cmd = [sys.executable, "-m", "probekit.cli", "compare", str(run), "--no-report"]
+
+    cut = tmp_path / "cut"
+    proc = _terminate_after_first_part([*cmd, "--out", str(cut)], cut / "parts")
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    rec = json.loads((cut / "run.json").read_text())
+    assert rec["status"] == "interrupted" and rec["error"].startswith("Terminated"), rec.get("error")
+    said = [ln for ln in proc.stderr.splitlines() if "resume" in ln]
+    assert len(said) == 1 and "SIGTERM" in said[0] and "run the same command again" in said[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (cut / "results.parquet").exists()
+
+    done = subprocess.run([*cmd, "--out", str(cut)], env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Served from cache: quick" in done.stderr  # the first model's part was kept
+    whole = subprocess.run([*cmd, "--out", str(tmp_path / "whole")], env=_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    pd.testing.assert_frame_equal(pd.read_parquet(cut / "results.parquet"),
+                                  pd.read_parquet(tmp_path / "whole" / "results.parquet"), check_exact=True)
+
+
+def test_the_sigterm_handler_is_the_callers_again_after_a_run(tmp_path, toy_backend):
+    from probekit.compare import compare
+
+    before = signal.getsignal(signal.SIGTERM)
+    compare({"models": ["toy:vit"], "images": {"path": "sample", "count": 1}, "metrics": ["mad"],
+             "figures": []}, out=tmp_path / "out", report=False)
+    assert signal.getsignal(signal.SIGTERM) is before
