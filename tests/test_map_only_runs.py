@@ -68,6 +68,15 @@ def test_a_requested_figure_the_metrics_cannot_give_is_named_in_one_line(tmp_pat
     assert notes[0] in " ".join(r.stderr.split())
 
 
+def test_plot_says_why_a_kind_it_was_asked_for_gives_no_figure(tmp_path, run_cli):
+    compare(_run_file(tmp_path, "[maps]"), out=tmp_path / "out", report=False)
+    r = run_cli("plot", tmp_path / "out", "--kind", "depth", "--kind", "maps")
+    assert r.exit_code == 0, r.stderr
+    said = " ".join(r.stderr.split())
+    assert "No depth figure: it draws per-head values" in said and "(cls_map)" in said
+    assert "No maps figure" not in said and r.stdout.count("maps_cls_map") == 2
+
+
 def test_default_figures_say_nothing_when_some_are_drawn(tmp_path):
     p = tmp_path / "run.yaml"
     p.write_text(RUN.replace("figures: FIGURES\n", "").replace("[cls_map]", "[mad]"))

@@ -73,6 +73,13 @@ def test_maps_are_drawn_over_the_models_preprocessed_view_from_the_run_dir_alone
     assert grid.get_array().shape == (4, 4) and tuple(grid.get_extent()) == (0, 32, 32, 0)
 
 
+def test_a_rerun_served_from_cache_draws_over_the_same_view(run_dir):
+    first = load_run_dir(run_dir / "out").arrays[view_key("tiny")]
+    again = compare(run_dir / "run.yaml", out=run_dir / "out", report=False)
+    assert again.cached == ["tiny"]  # no model loaded: the view comes with the cached part
+    np.testing.assert_array_equal(again.results.arrays[view_key("tiny")], first)
+
+
 def test_the_view_is_stored_for_the_first_images_only_and_without_pickle(run_dir, toy_backend):
     res = pk.probe(pk.load("toy:vit"), torch.randn(6, 3, 32, 32), metrics=["cls_map", "mad"], batch_size=4)
     view = res.arrays[view_key("toy:vit")]
