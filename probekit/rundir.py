@@ -100,14 +100,23 @@ def _lock_holder(path: Path) -> dict | None:
 
 
 # -- whose files -----------------------------------------------------------------------------------
+def _is_record(record: Any) -> bool:
+    """Whether JSON read from a ``run.json`` is a probekit run's record (not a list, not odd types)."""
+    return isinstance(record, dict) and isinstance(record.get("run_id"), str) and isinstance(record.get("status"), str)
+
+
 def _probekit_record(path: Path) -> dict | None:
     """``run.json`` of ``path`` when it is a probekit run's record (read as JSON only), else None."""
     try:
         record = json.loads((path / RUN_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    ok = isinstance(record, dict) and isinstance(record.get("run_id"), str) and isinstance(record.get("status"), str)
-    return record if ok else None
+    return record if _is_record(record) else None
+
+
+def _inside(name: Any) -> bool:
+    """Whether ``name`` (from a record) is a relative path inside the run directory."""
+    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
 
 
 def owned_files(path: str | Path) -> set[str]:
@@ -142,7 +151,7 @@ def owned_files(path: str | Path) -> set[str]:
         names += record["figures"]
     if "owned" not in record:  # written before runs recorded what they own: its output names are its own
         names += list(OUTPUTS)
-    return {n for n in names if isinstance(n, str) and os.path.lexists(path / n)}
+    return {n for n in names if _inside(n) and os.path.lexists(path / n)}
 
 
 # -- the directory -------------------------------------------------------------------------------
@@ -345,7 +354,7 @@ def read_record(run_dir: str | Path) -> dict:
         record = json.loads(rj.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise RunDirError(f"{rj} cannot be read ({exc}). {_AGAIN}") from None
-    if _probekit_record(run_dir) is None:  # JSON, but not a probekit run's record (a list, odd types)
+    if not _is_record(record):  # JSON, but not a probekit run's record (a list, odd types)
         raise RunDirError(f"{rj} is not the record of a probekit run. {_AGAIN}")
     status, run_id = record.get("status"), record.get("run_id", "?")
     if status not in FINISHED or not isinstance(record.get("manifest"), dict):
@@ -357,7 +366,7 @@ def read_record(run_dir: str | Path) -> dict:
                           f"{record.get('started')}): its files may come from an earlier run. {_AGAIN}")
     for name, digest in record["manifest"].items():
         p = run_dir / name
-        if not isinstance(digest, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+        if not isinstance(digest, str) or not _inside(name):
             raise RunDirError(f"{rj} lists {name!r}, which is not a file of the run directory. {_AGAIN}")
         if not p.is_file():
             raise RunDirError(f"{p} is missing: run {run_id} wrote it. {_AGAIN}")
