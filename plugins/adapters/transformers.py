@@ -223,11 +223,6 @@ class TransformersAdapter(Adapter):
         return cls._make(model, repo=name, image_size=image_size, pretrained=bool(pretrained or checkpoint))
 
     @classmethod
-    def weight_files(cls, name: str, **options: Any) -> list[Path]:
-        """A local directory's files, or the cached hub snapshot's, and a ``checkpoint=`` file."""
-        return [*local_model_files(name), *super().weight_files(name, **options)]
-
-    @classmethod
     def check_spec(cls, name: str, *, config: Any = None, **options: Any) -> None:
         """``name`` is a local directory, a repo in the Hugging Face cache or one probekit knows
         offline; else, with the hub offline, nothing could load it (no model built, no weights read)."""
@@ -245,6 +240,11 @@ class TransformersAdapter(Adapter):
             raise UnknownNameError("transformers model", name, KNOWN, hint=(
                 "It is neither a local directory, nor in the Hugging Face cache, nor a repo id probekit "
                 "knows offline. " + hub_hint(name, random_init=False)))
+
+    @classmethod
+    def weight_files(cls, name: str, **options: Any) -> list[Path]:
+        """A local directory's files, or the cached hub snapshot's, and a ``checkpoint=`` file."""
+        return [*local_model_files(name), *super().weight_files(name, **options)]
 
     @classmethod
     def _make(cls, model: nn.Module, repo: str | None, image_size=None, **info) -> "TransformersAdapter":
