@@ -96,7 +96,34 @@ def _loader(pm: ProbedModel, images: ImageSet, batch_size: int, num_workers: int
         pin_memory=pin,
         persistent_workers=False,
         collate_fn=collate,  # drops images a lazily listed source finds unreadable
+        worker_init_fn=_leave_sigterm_to_the_run if num_workers else None,
     )
+
+
+def _leave_sigterm_to_the_run(worker_id: int) -> None:
+    """In a DataLoader worker: ignore SIGTERM. SLURM signals the whole process group; the run
+    (the main process) stops as for Ctrl-C and shuts its workers down itself, instead of a
+    worker's death ending the model's work with an error (:mod:`probekit.interrupt`). The
+    worker was started with SIGTERM blocked (:func:`_batches`): one sent meanwhile is dropped here."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _batches(loader):
+    """The loader's iterator; its worker processes start with SIGTERM blocked until they ignore it,
+    so a SIGTERM to the process group as they start reaches the main process only."""
+    import signal
+
+    if not loader.num_workers or not hasattr(signal, "pthread_sigmask"):
+        return iter(loader)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return iter(loader)  # forks the workers
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)  # one that came meanwhile is delivered now
 
 
 def _stack_layers(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -214,7 +241,7 @@ def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: in
     loader = _loader(pm, plan.images, batch_size, num_workers, pin=dev.type == "cuda")
     # eval mode (no dropout) for the run; a wrapped module gets its own mode back, also on error
     with torch.inference_mode(), pm.adapter.evaluating(), pm.adapter.tap(sink), _autocast(dev, plan.dtype):
-        for idx, x in loader:
+        for idx, x in _batches(loader):
             if x is None:  # every image of the batch unreadable (lazily listed sources only)
                 continue
             x = x.to(dev, non_blocking=True)

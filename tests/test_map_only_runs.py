@@ -106,7 +106,7 @@ def test_the_map_only_report_opens_without_an_error_in_headless_chromium(tmp_pat
         assert d.execute_script("return document.body.dataset.explorer") == "ready"
         assert [e for e in d.get_log("browser") if e["level"] == "SEVERE"] == []
         for sid in ("metric-none", "summary-table", "contrasts-table"):
-            assert "map metrics" in d.find_element("id", sid).text, sid
+            assert "(cls_map) give arrays" in d.find_element("id", sid).text, sid
         assert d.find_elements("css selector", "#explorer canvas")  # the explorer draws the maps
     finally:
         d.quit()

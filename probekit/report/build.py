@@ -143,8 +143,8 @@ def payload(run_dir: Path, record: dict, results: Results, contrasts: pd.DataFra
     empty = None  # what the per-metric, summary and contrast sections say when no metric has per-image values
     if not metrics:
         maps = ", ".join(dict.fromkeys(k.rsplit("/", 1)[1] for k in results.arrays if not is_view(k)))
-        empty = (f"No per-image values to chart, tabulate or contrast: this run's metrics ({maps or 'none'}) are "
-                 "map metrics, drawn in figures/maps_*.png and in the attention explorer below.")
+        empty = (f"No per-image values to chart, tabulate or contrast: this run's metrics ({maps or 'none'}) give "
+                 "arrays (per-image maps are drawn in figures/maps_*.png and in the attention explorer below).")
         notes.append(empty)
     frames = (record.get("images") or {}).get("notes") or []  # (name, note): multi-frame images
     if frames:
