@@ -65,7 +65,7 @@ def test_maps_are_drawn_over_the_models_preprocessed_view_from_the_run_dir_alone
     res = load_run_dir(run_dir / "out")  # what `probekit plot` draws from: no model loaded
     stored = res.arrays[view_key("tiny")]
     assert stored.dtype == np.uint8 and stored.shape == (1, 32, 32, 3)
-    fig, axes = plots.attention_maps(res, "cls_map")
+    _, axes = plots.attention_maps(res, "cls_map")
     background = np.asarray(axes[0, 0].get_images()[0].get_array())
     np.testing.assert_array_equal(background, seen)
     assert np.abs(background.astype(int) - squashed.astype(int)).mean() > 20  # not the raw file squashed
