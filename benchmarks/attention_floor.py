@@ -8,7 +8,7 @@ Per layer, best of 7, wall time with ``--threads`` torch threads:
 - ``sdpa``: ``F.scaled_dot_product_attention`` (the plain forward's attention: flash, fused);
 - ``q·kᵀ + softmax + P·V``: the blocked one-pass path without any metric, in the engine's blocks of
   every image (``--block-mb``, default the engine's 8 MiB) and in blocks of one image's rows;
-- ``sink: ...``: :class:`probekit.sink.MetricSink` with ``attention_pass="fused"`` and the metrics,
+- ``sink: ...``: :class:`probekit.engine.sink.MetricSink` with ``attention_pass="fused"`` and the metrics,
   i.e. what a tapped layer costs in ``pk.probe``.
 
 The difference to ``sdpa``, times the layers, over the plain forward's time is what the layer adds
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import probekit as pk
 from probekit.attention import LayerAttention
-from probekit.sink import MetricSink
+from probekit.engine.sink import MetricSink
 
 
 def _best(fn, n: int = 7) -> float:

@@ -7,7 +7,7 @@ Each row is one way of running ``pk.probe(metrics=["mad", "entropy"])`` under bf
 timed against the model's own forward under the same autocast (torch's flash/efficient SDPA):
 
 - ``kernel``    ``attention_pass="kernel"``: the fused Triton kernel gives each layer's output
-                and the metric row sums in one pass, never writing ``[T, T]`` (probekit.kernel);
+                and the metric row sums in one pass, never writing ``[T, T]`` (probekit.engine.kernels.triton);
 - ``fused``     ``attention_pass="fused"``: the blocked PyTorch one pass (probabilities in blocks
                 of query rows, output ``P_block @ V``);
 - ``separate``  ``attention_pass="separate"``: the model's SDPA, then the blocks recomputed.

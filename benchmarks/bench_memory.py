@@ -10,7 +10,7 @@ the table prints RSS after the first batch, at 25/50/75/100% of the images, the 
 the first batch to the end, and images/s.
 
 Modes:
-- ``default``: probekit as shipped (glibc tuned by ``mallopt`` on the first batch: probekit.memory).
+- ``default``: probekit as shipped (glibc tuned by ``mallopt`` on the first batch: probekit.inputs.memory).
 - ``off``:     that tuning turned off (``PROBEKIT_MALLOC_TUNE=0``): what the issue measured.
 - ``env``:     tuning off, glibc tuned from outside (``MALLOC_ARENA_MAX=1 MALLOC_TRIM_THRESHOLD_=0``).
 """

@@ -3,7 +3,7 @@
     python benchmarks/bench_scale.py                     # 96 images, ViT-S/16 random init (~5-10 min on 2 cores)
     python benchmarks/bench_scale.py --images 48 --skip-quickstart
 
-Each case runs ``probekit.compare`` in a fresh process on a fresh run directory (nothing cached):
+Each case runs ``probekit.runs.compare`` in a fresh process on a fresh run directory (nothing cached):
 
 - ``local``:  the local engine (the reference).
 - ``ray-1``, ``ray-2``: the Ray engine on a local cluster (``ray.init(num_cpus=2)``) with 1 or 2
@@ -52,7 +52,7 @@ def worker(run: str, engine: str, out: str) -> None:
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         init_s = time.perf_counter() - t0
-    from probekit.compare import compare
+    from probekit.runs.compare import compare
 
     t1 = time.perf_counter()
     cmp = compare(run, out=out, engine=engine)

@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import probekit as pk
 
-probe_module = importlib.import_module("probekit.probe")  # the package re-exports the function under the same name
+probe_module = importlib.import_module("probekit.engine.probe")  # the package re-exports the function under the same name
 
 
 def _marked(method, label):
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     metrics = [m for m in args.metrics.split(",") if m]
 
     sink_cls = probe_module.MetricSink
-    sink_cls.attention = _marked(sink_cls.attention, "probekit.sink")
+    sink_cls.attention = _marked(sink_cls.attention, "probekit.engine.sink")
     adapter_cls = type(pm.adapter)
     adapter_cls.forward = _marked(adapter_cls.forward, "model.forward")
 
@@ -72,22 +72,22 @@ def main(argv=None) -> int:
     pk.probe(pm, x, metrics=metrics, batch_size=args.batch, attention_pass=args.attention_pass,
                      block_mb=args.block_mb)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        with record_function("probekit.probe"):
+        with record_function("probekit.engine.probe"):
             t = time.perf_counter()
             pk.probe(pm, x, metrics=metrics, batch_size=args.batch, attention_pass=args.attention_pass,
                      block_mb=args.block_mb)
             probe_s = time.perf_counter() - t
 
     events = prof.events()
-    total = {e.name: 0.0 for e in events if e.name in ("probekit.probe", "model.forward", "probekit.sink")}
+    total = {e.name: 0.0 for e in events if e.name in ("probekit.engine.probe", "model.forward", "probekit.engine.sink")}
     for e in events:
         if e.name in total:
             total[e.name] += e.cpu_time_total / 1e6
     ops = defaultdict(float)
     for e in events:
-        if e.name not in total and _in_region(e.cpu_parent, "probekit.sink"):
+        if e.name not in total and _in_region(e.cpu_parent, "probekit.engine.sink"):
             ops[e.name] += e.self_cpu_time_total / 1e6
-    sink_s, fwd_s, all_s = total.get("probekit.sink", 0), total.get("model.forward", 0), total["probekit.probe"]
+    sink_s, fwd_s, all_s = total.get("probekit.engine.sink", 0), total.get("model.forward", 0), total["probekit.engine.probe"]
     if not sink_s:
         print("The sink never ran: does this adapter's tap call MetricSink.attention?", file=sys.stderr)
 

@@ -12,41 +12,30 @@ True
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
-    ConfigError,
-    ImageError,
-    LayoutError,
-    PluginLoadError,
-    ProbekitError,
-    UnknownNameError,
-    UnsupportedArchitectureError,
-    WeightsUnavailableError,
-)
+from probekit.errors import ConfigError, ImageError, LayoutError, PluginLoadError, ProbekitError, UnknownNameError, UnsupportedArchitectureError, WeightsUnavailableError
 
 # public name -> the module that defines it (imported on first access)
 _LAZY = {
     "Adapter": "adapter", "ProbedModel": "adapter", "LayerAttention": "attention", "Metric": "metric",
     "TokenLayout": "tokens", "Results": "results", "load": "models", "wrap": "models", "aliases": "models",
-    "probe": "probe", "compare": "compare", "adapters": "registry", "metrics": "registry", "register": "registry",
-    "resolve_images": "images", "sample_images": "images",
+    "probe": "engine.probe", "compare": "runs.compare", "adapters": "registry", "metrics": "registry",
+    "register": "registry", "resolve_images": "inputs.images", "sample_images": "inputs.images",
 }
-_SUBMODULES = ("sources",)  # pk.sources.ClassFolder, Manifest, WebDataset, HFDataset
+_SUBMODULES = {"sources": "inputs.sources"}  # pk.sources.ClassFolder, Manifest, WebDataset, HFDataset
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports the lazy table stands for
-    from .adapter import Adapter, ProbedModel
-    from .attention import LayerAttention
-    from .compare import compare
-    from .images import resolve_images, sample_images
-    from .metric import Metric
-    from .models import aliases, load, wrap
-    from .probe import probe
-    from .registry import adapters, metrics, register
-    from .results import Results
-    from .tokens import TokenLayout
+    from probekit.adapter import Adapter, ProbedModel
+    from probekit.attention import LayerAttention
+    from probekit.runs.compare import compare
+    from probekit.inputs.images import resolve_images, sample_images
+    from probekit.metric import Metric
+    from probekit.models import aliases, load, wrap
+    from probekit.engine.probe import probe
+    from probekit.registry import adapters, metrics, register
+    from probekit.results import Results
+    from probekit.tokens import TokenLayout
 
 
 def __getattr__(name: str) -> Any:
@@ -55,7 +44,9 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value  # later lookups skip this function
         return value
     if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)  # the import binds it on the package
+        value = importlib.import_module(f".{_SUBMODULES[name]}", __name__)
+        globals()[name] = value
+        return value
     if name == "__version__":
         try:
             from importlib.metadata import version
@@ -66,22 +57,6 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'probekit' has no attribute {name!r}")
-
-
-class _Package(types.ModuleType):
-    """Keeps ``pk.probe`` and ``pk.compare`` the functions once their modules are imported.
-
-    Why: importing ``probekit.probe`` sets the package attribute ``probe`` to the module, which
-    would shadow the lazily bound function of the same name (the module stays in sys.modules).
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and name in _LAZY and value.__name__ == f"{__name__}.{name}":
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Protocol
 import torch
 from torch import nn
 
-from .attention import LayerAttention
-from .options import AdapterOptions
-from .tokens import TokenLayout
+from probekit.attention import LayerAttention
+from probekit.adapter_options import AdapterOptions
+from probekit.tokens import TokenLayout
 
 if TYPE_CHECKING:
-    from .geometry import ModelGeometry
+    from probekit.geometry import ModelGeometry
 
 __all__ = ["Adapter", "ProbedModel", "Sink", "CollectSink", "eval_mode"]
 
@@ -111,7 +111,7 @@ class Adapter(ABC):
     #: table or a fixed ONNX input; an instance may override it); probekit.testing reads it
     variable_image_size: ClassVar[bool] = True
     #: the options :meth:`from_spec` takes, checked by type before any model loads
-    #: (:mod:`probekit.options`); subclass :class:`~probekit.options.AdapterOptions` to add yours
+    #: (:mod:`probekit.adapter_options`); subclass :class:`~probekit.adapter_options.AdapterOptions` to add yours
     options_schema: ClassVar[type[AdapterOptions]] = AdapterOptions
     #: input channels (3: RGB; 1: grayscale); images are converted to this many before
     #: ``preprocess``. Built-in adapters read it from the model (an instance attribute).
@@ -143,7 +143,7 @@ class Adapter(ABC):
     def check_spec(cls, name: str, **options: Any) -> None:
         """Refuse a ``name`` (the spec after ``prefix:``) that :meth:`from_spec` could not build.
 
-        The run-file check (:func:`probekit.config.check_run`, so ``probekit run`` and ``probekit
+        The run-file check (:func:`probekit.runs.config.check_run`, so ``probekit run`` and ``probekit
         compare`` too) calls it for every model before the first one loads, so a typo in the
         fifth model fails in a second, not after four models ran. Check against the library's own
         list of names, cheaply: build no model, read no weights. Raise
@@ -194,7 +194,7 @@ class Adapter(ABC):
         Default: every layer global over :meth:`layout`. Adapters of windowed, pooled, staged or
         class-attention models return per-layer :class:`~probekit.geometry.LayerGeometry` s.
         """
-        from .geometry import ModelGeometry
+        from probekit.geometry import ModelGeometry
 
         return ModelGeometry(self.layout(pixel_values), num_layers=self.num_layers)
 
@@ -294,7 +294,7 @@ class ProbedModel:
         """Per-layer attention probabilities ``{layer: [B, H, T, T]}`` in float32 (small inputs),
         in eval mode (see :func:`eval_mode`).
 
-        For image sets use :func:`probekit.probe`, which never holds more than one layer.
+        For image sets use :func:`probekit.engine.probe`, which never holds more than one layer.
         """
         sink = CollectSink(layers)
         with self.adapter.evaluating(), self.adapter.tap(sink):

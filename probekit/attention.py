@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import cpu_kernel
+from probekit.engine.kernels import cpu as cpu_kernel
 
 __all__ = ["LayerAttention", "Workspace", "no_autocast", "row_blocks", "blocks", "one_pass", "sdpa_dtype", "ATTENTION_PASSES",
            "ONE_PASS_MIN_TOKENS", "ONE_PASS_MIN_TOKENS_KERNEL", "row_dot"]
 
 ATTENTION_PASSES = ("auto", "fused", "separate", "kernel")
 # auto: one pass on CPU from this many tokens on (measured, see one_pass); always on accelerators
-ONE_PASS_MIN_TOKENS_KERNEL = 64  # with the C row kernel (probekit.cpu_kernel)
+ONE_PASS_MIN_TOKENS_KERNEL = 64  # with the C row kernel (probekit.engine.kernels.cpu)
 ONE_PASS_MIN_TOKENS = 150  # without it (no C compiler): the PyTorch blocks
 
 
@@ -212,7 +212,7 @@ def one_pass(attn: LayerAttention, mode: str = "auto") -> bool:
     ``"separate"``: never (the model's own kernel, then the metrics recompute q·kᵀ).
     ``"fused"``/``"kernel"``: whenever the tap handed over ``v``. ``"auto"``: always on
     accelerators; on CPU from :data:`ONE_PASS_MIN_TOKENS_KERNEL` (64) tokens on where the C row
-    kernel built (:mod:`probekit.cpu_kernel`), else from :data:`ONE_PASS_MIN_TOKENS` (150). The
+    kernel built (:mod:`probekit.engine.kernels.cpu`), else from :data:`ONE_PASS_MIN_TOKENS` (150). The
     rule comes from paired runs on this project's 2-core CPU (timm ViT-B/16, batch 16, MAD +
     entropy on all layers, best wall time over the plain forward's, best of 3, 2 threads; README
     Benchmark). With the C kernel, fused / separate: 17 tokens 1.10x / 1.06x, 37 tokens 1.08x /
@@ -254,7 +254,7 @@ class Workspace:
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
         #: bytes of the chunk buffer that per-row sums run through (:func:`row_dot`,
-        #: :mod:`probekit.block_terms`); the engine sets it within its block budget
+        #: :mod:`probekit.engine.kernels.block_terms`); the engine sets it within its block budget
         self.scratch_bytes = SCRATCH_BYTES
 
     def get(self, name: str, shape: tuple[int, ...], device) -> torch.Tensor:

@@ -20,15 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import (
-    ConfigError,
-    ImageError,
-    PluginLoadError,
-    ProbekitError,
-    UnknownNameError,
-    UnsupportedArchitectureError,
-    WeightsUnavailableError,
-)
+from probekit.errors import ConfigError, ImageError, PluginLoadError, ProbekitError, UnknownNameError, UnsupportedArchitectureError, WeightsUnavailableError
 
 __all__ = ["app", "main"]
 
@@ -155,8 +147,8 @@ def models_cmd(
     """
     import fnmatch
 
-    from .model_aliases import aliases, backend_descriptions
-    from .registry import adapters
+    from probekit.model_aliases import aliases, backend_descriptions
+    from probekit.registry import adapters
 
     fmt = _check_format(format)
     table = aliases()
@@ -199,10 +191,10 @@ def models_cmd(
 @_handled
 def metrics_cmd(format: FormatOpt = "human"):
     """List the registered metrics, built-in and third-party, with a one-line description."""
-    from .registry import metrics
+    from probekit.registry import metrics
 
     fmt = _check_format(format)
-    from .plugin_info import class_constants
+    from probekit._plugin_info import class_constants
 
     rows = []
     for rec in metrics.records():
@@ -237,7 +229,7 @@ def inspect_cmd(
     format: FormatOpt = "human",
 ):
     """Show a model's layers, heads, prefix tokens, patch grid, patch size and parameter count."""
-    from . import models
+    from probekit import models
 
     fmt = _check_format(format)
     opts = _parse_options(option, "--option")
@@ -258,7 +250,7 @@ def inspect_cmd(
 
 # -- run, compare, plot ------------------------------------------------------------------------
 class _Progress:
-    """A rich progress bar on stderr: one task per model (a Reporter for probekit.compare)."""
+    """A rich progress bar on stderr: one task per model (a Reporter for probekit.runs.compare)."""
 
     def __init__(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -290,8 +282,8 @@ class _Progress:
 
 
 def _run_comparison(cfg_or_path: Any, out_dir: Optional[str], figures: bool, report: bool = True, **flags) -> None:
-    from .compare import compare
-    from .interrupt import Terminated
+    from probekit.runs.compare import compare
+    from probekit.runs.interrupt import Terminated
 
     try:
         with _Progress() as bar:
@@ -358,7 +350,7 @@ def _print_contrasts(table: Any) -> None:
     """One line per metric, layer and pair of groups (the statistics of ``contrasts.csv``)."""
     if table is None or not len(table):
         return
-    from .contrasts import format_contrast
+    from probekit.views.contrasts import format_contrast
 
     for (metric, ga, gb), rows in table.groupby(["metric", "group_a", "group_b"], sort=False):
         n = int(rows["n_images"].iloc[0])
@@ -399,7 +391,7 @@ def run_cmd(
     A run directory holds results.parquet, summary.csv (mean and 95% CI), run.json and figures/.
     Finished parts are cached: an interrupted run resumes when you run the same command again.
     """
-    from .compare import _as_config
+    from probekit.runs.compare import _as_config
 
     model_opts = _parse_options(option, "--option")
     if pretrained is not None:
@@ -448,7 +440,7 @@ def compare_cmd(
     Flags given here win over the file's values. Finished parts are cached in the run
     directory, so running the same file again only computes what is missing.
     """
-    from .config import load_run
+    from probekit.runs.config import load_run
 
     cfg = load_run(run_file)
     _run_comparison(cfg, out_dir, figures, report, batch_size=batch_size, device=device, dtype=dtype, workers=workers,
@@ -463,7 +455,7 @@ def plot_cmd(
     metric: Annotated[Optional[list[str]], typer.Option("--metric", "-m", help="Metric labels to draw (default: all).")] = None,
 ):
     """Draw figures (PNG and SVG) from a run directory's results.parquet into its figures/ folder."""
-    from .rundir import redraw
+    from probekit.runs.rundir import redraw
 
     notes: list[str] = []
     paths = redraw(run_dir, kinds=kind, metrics=metric, notes=notes)
@@ -483,7 +475,7 @@ def report_cmd(
     The explorer shows what the run stored for its showcase images; a run made with
     --no-report has none (run it again without the flag: only the explorer is computed).
     """
-    from .report import rebuild
+    from probekit.views.report import rebuild
 
     path = rebuild(run_dir)
     _consoles.out.print(str(path), highlight=False)

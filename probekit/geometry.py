@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import LayoutError
-from .tokens import TokenLayout, pair
+from probekit.errors import LayoutError
+from probekit.tokens import TokenLayout, pair
 
 __all__ = ["ChannelAttention", "KINDS", "LayerGeometry", "ModelGeometry", "REQUIREMENTS", "uniform_mad"]
 

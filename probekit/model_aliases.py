@@ -32,7 +32,7 @@ RESERVED = "backends"  # the key of an alias file that describes backends, not a
 
 
 def _read_yaml(text: str, where: str) -> dict[str, Any]:
-    from ._yaml import load_yaml
+    from probekit._io.safe_yaml import load_yaml
 
     table = load_yaml(text, where) or {}  # an alias defined twice is refused, not silently replaced
     if not isinstance(table, dict):

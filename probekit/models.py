@@ -6,19 +6,12 @@ from typing import Any
 
 from torch import nn
 
-from .adapter import Adapter, ProbedModel, eval_mode
-from .arguments import device_problem
-from .model_aliases import aliases
-from .errors import (
-    ConfigError,
-    MissingDependencyError,
-    ProbekitError,
-    UnknownNameError,
-    UnsupportedArchitectureError,
-    WeightsUnavailableError,
-)
-from .options import check_model_options
-from .registry import adapters, install_command
+from probekit.adapter import Adapter, ProbedModel, eval_mode
+from probekit.engine.arguments import device_problem
+from probekit.model_aliases import aliases
+from probekit.errors import ConfigError, MissingDependencyError, ProbekitError, UnknownNameError, UnsupportedArchitectureError, WeightsUnavailableError
+from probekit.adapter_options import check_model_options
+from probekit.registry import adapters, install_command
 
 __all__ = ["load", "wrap", "aliases", "resolve", "adapter_class"]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Callable
 
-from .errors import PluginClashError, PluginLoadError, UnknownNameError
+from probekit.errors import PluginClashError, PluginLoadError, UnknownNameError
 
 __all__ = ["Registry", "PluginRecord", "register", "GROUPS", "adapters", "metrics", "install_command"]
 
@@ -243,14 +243,14 @@ class Registry:
 
 
 def _validate_adapter(obj: Any) -> None:
-    from .adapter import Adapter
+    from probekit.adapter import Adapter
 
     if not (isinstance(obj, type) and issubclass(obj, Adapter)):
         raise TypeError(f"expected a subclass of probekit.Adapter, got {obj!r}")
 
 
 def _validate_metric(obj: Any) -> None:
-    from .metric import Metric
+    from probekit.metric import Metric
 
     if not (isinstance(obj, type) and issubclass(obj, Metric)):
         raise TypeError(f"expected a subclass of probekit.Metric, got {obj!r}")

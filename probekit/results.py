@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_path, write_text_atomic
-from .input_view import join_arrays
+from probekit._io.atomic import atomic_path, write_text_atomic
+from probekit.inputs.view import join_arrays
 
 __all__ = ["Results", "COLUMNS", "summarize", "models_meta"]
 
@@ -74,7 +74,7 @@ def models_meta(parts: list["Results"]) -> dict[str, dict]:
 
 
 class Results:
-    """What :func:`probekit.probe` returns.
+    """What :func:`probekit.engine.probe` returns.
 
     Attributes:
         table: the long table (:data:`COLUMNS`).
@@ -149,7 +149,7 @@ class Results:
         return f"Results({len(self.table)} rows, models={self.models}, metrics={self.metrics})"
 
     def _repr_html_(self) -> str:
-        from .report.summary_html import results_html
+        from probekit.views.report.summary_html import results_html
 
         return results_html(self)
 
@@ -182,7 +182,7 @@ class Results:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from .errors import ConfigError
+        from probekit.errors import ConfigError
 
         what = ("Give a results.parquet of a run directory, or a file written by Results.to_parquet "
                 f"(columns {', '.join(COLUMNS)}).")
@@ -247,7 +247,7 @@ class Results:
         """
         import zipfile
 
-        from .errors import ConfigError
+        from probekit.errors import ConfigError
 
         what = f"{path} is not a probekit arrays file"
         try:

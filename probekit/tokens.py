@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import torch
 
-from .errors import LayoutError
+from probekit.errors import LayoutError
 
 __all__ = ["TokenLayout", "pair"]
 

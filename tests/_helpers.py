@@ -67,8 +67,8 @@ def block(h, w):
 def layer_value(metric, geo, probs: torch.Tensor) -> torch.Tensor:
     """[B, H] (or [B, H, ...]) of ``metric`` on one grouped layer, through the engine's grouped path."""
     from probekit.attention import LayerAttention
-    from probekit.grouped import reduce_groups
-    from probekit.probe import build_metrics
+    from probekit.engine.grouped import reduce_groups
+    from probekit.engine.probe import build_metrics
 
     m = build_metrics([metric])[0]
     return reduce_groups([m], LayerAttention(probs_given=probs), geo, 2**16)[m.label]

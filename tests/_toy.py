@@ -19,7 +19,7 @@ import probekit as pk
 from probekit.adapter import wants
 from probekit.attention import LayerAttention
 from probekit.errors import WeightsUnavailableError
-from probekit.options import AdapterOptions
+from probekit.adapter_options import AdapterOptions
 
 
 class _Block(nn.Module):

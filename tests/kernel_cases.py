@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import probekit as pk
-from probekit import kernel
+from probekit.engine.kernels import triton as kernel
 from probekit.attention import LayerAttention
-from probekit.probe import MetricSink, build_metrics
+from probekit.engine.probe import MetricSink, build_metrics
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     raise RuntimeError("Run tests/kernel_cases.py with TRITON_INTERPRET=1 (tests/test_kernel.py does).")

@@ -18,8 +18,8 @@ import torch
 import probekit as pk
 from probekit.attention import LayerAttention
 from probekit.geometry import LayerGeometry, uniform_mad
-from probekit.grouped import reduce_groups
-from probekit.probe import build_metrics
+from probekit.engine.grouped import reduce_groups
+from probekit.engine.probe import build_metrics
 from probekit.testing import randomize_parameters
 
 TOL = 1e-5

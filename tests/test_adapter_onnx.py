@@ -17,7 +17,7 @@ from PIL import Image
 
 import probekit as pk
 from probekit.errors import ConfigError, UnsupportedArchitectureError, WeightsUnavailableError
-from probekit.images import to_rgb
+from probekit.inputs.images import to_rgb
 from probekit.testing import check_adapter, randomize_parameters
 from probekit_tests_helpers import LastHidden, export_onnx, tiny_dinov2  # tests/_helpers.py, via conftest
 

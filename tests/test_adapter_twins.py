@@ -17,7 +17,7 @@ import torch
 import probekit as pk
 from probekit.errors import UnsupportedArchitectureError
 from probekit.geometry import LayerGeometry
-from probekit.probe import build_metrics
+from probekit.engine.probe import build_metrics
 from probekit.testing import randomize_parameters
 from probekit_tests_helpers import block, layer_value, mean_pair_distance, uniform
 

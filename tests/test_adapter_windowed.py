@@ -62,9 +62,9 @@ def test_swin_windows_shift_and_pad_as_the_model_does():
 
 
 def uniform_value(g) -> float:
-    from probekit.grouped import reduce_groups
+    from probekit.engine.grouped import reduce_groups
     from probekit.attention import LayerAttention
-    from probekit.probe import build_metrics
+    from probekit.engine.probe import build_metrics
 
     if isinstance(g, pk.TokenLayout):
         return pk.metrics.get("mad")().compute(torch.full((1, 1, g.num_tokens, g.num_tokens), 1 / g.num_tokens), g).item()
@@ -143,7 +143,7 @@ def test_depth_profile_marks_stages_and_each_layers_uniform_level(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from probekit.plots import depth_profile
+    from probekit.views.plots import depth_profile
 
     pm = build("swin")
     res = pk.probe(pm, pm.example_input(2), metrics=["mad"])

@@ -5,7 +5,7 @@ import pytest
 import probekit as pk
 from probekit import models as pk_models
 from probekit.errors import ConfigError, UnknownNameError, WeightsUnavailableError
-from probekit.probe import build_metrics
+from probekit.engine.probe import build_metrics
 
 
 def test_public_names():

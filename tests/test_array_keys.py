@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from probekit.compare import compare
+from probekit.runs.compare import compare
 from probekit.results import Results
-from probekit.rundir import load_run_dir
+from probekit.runs.rundir import load_run_dir
 
 HOSTILE = ["vit__tiny", "__", "a__b__c", "hf:facebook/dino-vits16", "x/__/y", "tr ailing__", "ünï 模型 🙂",
            "keys", "a.b", "<!--<script>"]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import probekit as pk
-from probekit.compare import compare
-from probekit.parts import part_key, plugin_identity
+from probekit.runs.compare import compare
+from probekit.runs.parts import part_key, plugin_identity
 
 
 def _cka(res) -> np.ndarray:
@@ -121,7 +121,7 @@ def test_an_installed_plugin_is_keyed_by_every_file_its_record_lists(tmp_path, m
 def test_the_built_in_plugins_are_keyed_by_the_files_of_probekit():
     """A built-in plugin's key follows every file of its package tree, e.g. a private helper module."""
     import probekit.plugins.adapters._timm_geometry as helper
-    from probekit.plugin_files import plugin_files
+    from probekit.runs.plugin_files import plugin_files
 
     pk.adapters.get("timm")  # loaded: its identity has files
     ident = plugin_identity("adapter", "timm")
@@ -132,7 +132,7 @@ def test_the_built_in_plugins_are_keyed_by_the_files_of_probekit():
 
 
 def test_keying_a_plugin_by_its_files_is_cheap_once_memoised():
-    from probekit.plugin_files import files_digest, plugin_files
+    from probekit.runs.plugin_files import files_digest, plugin_files
 
     files_digest(plugin_files(pk.adapters.get("timm")))  # first: every file hashed once
     t0 = time.perf_counter()

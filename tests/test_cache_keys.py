@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import probekit as pk
-from probekit.compare import compare
-from probekit.images import ImageSet
-from probekit.parts import part_key
+from probekit.runs.compare import compare
+from probekit.inputs.images import ImageSet
+from probekit.runs.parts import part_key
 
 
 @pytest.fixture

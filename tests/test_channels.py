@@ -9,7 +9,7 @@ from PIL import Image
 
 import probekit as pk
 from probekit.errors import ImageError
-from probekit.images import per_channel, to_channels
+from probekit.inputs.images import per_channel, to_channels
 
 
 def test_to_channels_converts_modes_and_keeps_exif():

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import probekit as pk
 from probekit.cli import app
-from probekit.rundir import load_run_dir
+from probekit.runs.rundir import load_run_dir
 
 
 # the toy backend (tests/_toy.py) is registered for each test of this file only (other files see none)

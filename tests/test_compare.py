@@ -18,8 +18,8 @@ import torch
 
 import probekit as pk
 import probekit.models
-from probekit.compare import compare, part_key
-from probekit.config import load_run
+from probekit.runs.compare import compare, part_key
+from probekit.runs.config import load_run
 from probekit.errors import ConfigError
 
 
@@ -270,7 +270,7 @@ pk.compare({str(path)!r}, out={str(tmp_path / "cut")!r}, reporter=KillAtSecondMo
 
 @pytest.mark.parametrize("name", ["quickstart", "supervised-vs-selfsupervised"])
 def test_shipped_run_files_are_valid(name, loads):
-    from probekit.config import check_run
+    from probekit.runs.config import check_run
 
     run = check_run(load_run(name))  # aliases resolve, metrics load, images exist: no model loaded
     assert loads.calls == []

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from probekit.contrasts import (
+from probekit.views.contrasts import (
     bootstrap_diff, cohens_dz, contrasts, format_contrast, holm, paired_permutation_p,
 )
 from probekit.results import Results

@@ -1,4 +1,4 @@
-"""The CPU row kernel (probekit/_cpu_rows.c): probabilities and per-row sums against plain PyTorch.
+"""The CPU row kernel (probekit/engine/kernels/_cpu_rows.c): probabilities and per-row sums against plain PyTorch.
 
 The kernel must build here (a C compiler is part of the test setup: .ci/run installs gcc); a
 machine without one takes the PyTorch path, which these tests also compare against.
@@ -13,11 +13,12 @@ import pytest
 import torch
 
 import probekit as pk
-from probekit import block_terms, cpu_kernel
+from probekit.engine.kernels import block_terms
+from probekit.engine.kernels import cpu as cpu_kernel
 from probekit.attention import LayerAttention
-from probekit.block_terms import layer_terms
-from probekit.patch_keys import patch_entropy
-from probekit.probe import MetricSink
+from probekit.engine.kernels.block_terms import layer_terms
+from probekit.metric.patch_keys import patch_entropy
+from probekit.engine.probe import MetricSink
 
 RTOL = 2e-6  # float32 rounding of another summation order (measured up to 5.2e-7)
 

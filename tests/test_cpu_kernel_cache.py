@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from probekit import cpu_kernel
+from probekit.engine.kernels import cpu as cpu_kernel
 
 CHILD = """
 import os, sys
 os.environ["PROBEKIT_CACHE_DIR"] = sys.argv[1]
-from probekit import cpu_kernel
+from probekit.engine.kernels import cpu as cpu_kernel
 lib = cpu_kernel.library()
 print(lib._name if lib is not None else "NONE")
 """

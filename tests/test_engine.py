@@ -15,8 +15,8 @@ import torch
 import probekit as pk
 from probekit.attention import LayerAttention, Workspace, blocks, row_blocks
 from probekit.errors import ConfigError
-from probekit.images import ImageSet
-from probekit.probe import MetricSink, _loader, build_metrics
+from probekit.inputs.images import ImageSet
+from probekit.engine.probe import MetricSink, _loader, build_metrics
 
 MAD = pk.metrics.get("mad")
 

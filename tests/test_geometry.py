@@ -11,7 +11,7 @@ import torch
 import probekit as pk
 from probekit.errors import LayoutError, UnsupportedArchitectureError
 from probekit.geometry import LayerGeometry, ModelGeometry
-from probekit.probe import MetricSink, build_metrics
+from probekit.engine.probe import MetricSink, build_metrics
 from probekit_tests_helpers import block, layer_value, mean_pair_distance, uniform
 
 

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 import probekit as pk
+from probekit.inputs.images import ImageSet
 from probekit.errors import ImageError
-from probekit.images import resolve_images, to_rgb
+from probekit.inputs.images import resolve_images, to_rgb
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def folder(tmp_path):
 
 
 def test_folder_is_recursive_and_skips_unreadable_with_names(folder, caplog):
-    with caplog.at_level(logging.WARNING, logger="probekit.images"):
+    with caplog.at_level(logging.WARNING, logger="probekit.inputs.images"):
         s = resolve_images(folder)
     assert s.names == ["a.png", "sub/gray.jpg", "sub/rgba.png"]
     assert dict(s.skipped) .keys() == {"broken.jpg", "notes.txt"}
@@ -89,12 +90,12 @@ def test_fingerprint_of_in_memory_images_follows_their_pixels():
 
 def test_fingerprint_reads_the_files_once(folder, monkeypatch):
     # a comparison asks for the fingerprint once per model: the files must not be reread
-    import probekit.images
+    import probekit.inputs.images
 
     s = resolve_images(folder)
     reads = []
-    real = probekit.images.file_digest_head
-    monkeypatch.setattr(probekit.images, "file_digest_head", lambda path: reads.append(path) or real(path))
+    real = probekit.inputs.images.file_digest_head
+    monkeypatch.setattr(probekit.inputs.images, "file_digest_head", lambda path: reads.append(path) or real(path))
     first = s.fingerprint()
     assert len(reads) == len(s) and s.fingerprint() == first and len(reads) == len(s)
 
@@ -171,7 +172,7 @@ def test_same_named_shards_and_parquet_files_of_two_folders_stay_apart(tmp_path)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from probekit.sources import HFDataset, WebDataset
+    from probekit.inputs.sources import HFDataset, WebDataset
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, "PNG")
@@ -192,13 +193,13 @@ def test_same_named_shards_and_parquet_files_of_two_folders_stay_apart(tmp_path)
 
 def test_an_image_set_with_two_images_of_one_name_is_refused():
     with pytest.raises(ImageError) as err:
-        pk.images.ImageSet(names=["a.png", "b.png", "a.png"], paths=[None] * 3)
+        ImageSet(names=["a.png", "b.png", "a.png"], paths=[None] * 3)
     assert "'a.png'" in str(err.value) and "\n" not in str(err.value)
     raw = b"\xffa.png".decode("utf-8", "surrogateescape")  # the byte 0xff, as os.listdir keeps it
-    s = pk.images.ImageSet(names=[raw], paths=[None])
+    s = ImageSet(names=[raw], paths=[None])
     assert s.names == ["\\xffa.png"]  # every name can be written (UTF-8 tables, JSON, hashes)
     with pytest.raises(ImageError, match="twice"):  # ... so a name that is written that way collides
-        pk.images.ImageSet(names=[raw, "\\xffa.png"], paths=[None] * 2)
+        ImageSet(names=[raw, "\\xffa.png"], paths=[None] * 2)
 
 
 # -- issue 19.22: multi-frame images are probed at frame 0, and the run says so -------------------
@@ -215,7 +216,7 @@ def test_multi_frame_images_are_noted_by_name(tmp_path, caplog, toy_backend):
     _multi_frame(tmp_path / "imgs" / "cls")
     pm = pk.load("toy:vit")
     for images, prefix in ((tmp_path / "imgs" / "cls", ""), (pk.sources.ClassFolder(tmp_path / "imgs"), "cls/")):
-        with caplog.at_level(logging.WARNING, logger="probekit.images"):
+        with caplog.at_level(logging.WARNING, logger="probekit.inputs.images"):
             res = pk.probe(pm, images, ["mad"])
         notes = dict(res.meta["images"]["notes"])  # today: no notes at all, frame 0 silently
         assert sorted(notes) == [prefix + "anim.gif", prefix + "pages.tif"]
@@ -229,7 +230,7 @@ def test_multi_frame_images_are_noted_by_name(tmp_path, caplog, toy_backend):
 def test_a_run_records_and_reports_its_multi_frame_images(tmp_path, toy_backend):
     import json
 
-    from probekit.compare import compare
+    from probekit.runs.compare import compare
 
     _multi_frame(tmp_path / "imgs")
     run = tmp_path / "run.yaml"

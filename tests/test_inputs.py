@@ -13,7 +13,7 @@ from PIL import Image
 
 import probekit as pk
 from probekit.errors import ConfigError, ImageError, UnknownNameError
-from probekit.images import resolve_images
+from probekit.inputs.images import resolve_images
 
 pytestmark = pytest.mark.usefixtures("toy_backend")
 
@@ -117,7 +117,7 @@ def test_not_an_image_broken_links_and_damaged_images_are_told_apart(tmp_path, c
     os.symlink("nowhere.png", tmp_path / "dangling.png")
     os.symlink("loop_b.png", tmp_path / "loop_a.png")
     os.symlink("loop_a.png", tmp_path / "loop_b.png")
-    with caplog.at_level(logging.WARNING, logger="probekit.images"):
+    with caplog.at_level(logging.WARNING, logger="probekit.inputs.images"):
         s = resolve_images(tmp_path)
     why = dict(s.skipped)
     assert s.names == ["ok.png"]

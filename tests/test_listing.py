@@ -12,7 +12,7 @@ import pytest
 
 import probekit as pk
 from probekit import model_aliases as pk_aliases
-from probekit.config import CheckedRun
+from probekit.runs.config import CheckedRun
 from probekit.errors import MissingDependencyError, PluginLoadError
 
 ALIASES_YAML = """

@@ -14,10 +14,10 @@ import torch
 from PIL import Image, ImageOps
 
 import probekit as pk
-from probekit import plots
-from probekit.compare import compare
-from probekit.input_view import VIEW_IMAGES, view_key
-from probekit.rundir import load_run_dir
+from probekit.views import plots
+from probekit.runs.compare import compare
+from probekit.inputs.view import VIEW_IMAGES, view_key
+from probekit.runs.rundir import load_run_dir
 
 pytest.importorskip("timm")
 pytest.importorskip("seaborn")

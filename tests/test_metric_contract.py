@@ -10,9 +10,9 @@ import torch
 from pydantic import Field
 
 import probekit as pk
-from probekit.compare import part_key
+from probekit.runs.compare import part_key
 from probekit.errors import ConfigError, PluginLoadError
-from probekit.metric_options import alternatives
+from probekit.metric.options import alternatives
 from probekit.registry import Registry, _validate_metric
 from probekit.testing import check_metric
 

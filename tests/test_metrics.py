@@ -20,7 +20,7 @@ import probekit as pk
 from probekit.adapter import Adapter, ProbedModel, wants
 from probekit.attention import LayerAttention
 from probekit.errors import ConfigError, LayoutError
-from probekit.probe import MetricSink
+from probekit.engine.probe import MetricSink
 from probekit.plugins.metrics.distance import DistanceProfile, MeanAttentionDistance
 from probekit.plugins.metrics.entropy import AttentionEntropy
 from probekit.plugins.metrics.heads import HeadSimilarity, pairwise_js

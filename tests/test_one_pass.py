@@ -6,7 +6,7 @@ of the model's SDPA. The model must not notice: every block's output and the fin
 the untapped model to float32 rounding, at a short and at a long sequence, and the metric values
 match the separate path (the model's kernel, then the metrics recompute). The measured maximum
 relative differences (max |fused - plain| / max |plain|, float32, tiny randomized models; on CPU
-the blocks go through the C row kernel, probekit/cpu_kernel.py) are asserted below ``REL``; on
+the blocks go through the C row kernel, probekit/engine/kernels/cpu.py) are asserted below ``REL``; on
 this CPU they came out at:
 
     family        short: layers / final (T)    long: layers / final (T)
@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import probekit as pk
-from probekit import cpu_kernel
+from probekit.engine.kernels import cpu as cpu_kernel
 from probekit.attention import LayerAttention, one_pass
 from probekit.errors import ConfigError
 from probekit.plugins.adapters._sdpa_spy import tap_blocks
-from probekit.probe import MetricSink, build_metrics
+from probekit.engine.probe import MetricSink, build_metrics
 from probekit.testing import randomize_parameters
 
 REL = 5e-6  # float32 rounding of a different summation order, through 2 layers

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import probekit as pk
-from probekit.config import check_run, load_run
+from probekit.runs.config import check_run, load_run
 from probekit.errors import ConfigError
 
 TINY = {"embed_dim": 32, "depth": 1, "num_heads": 2}

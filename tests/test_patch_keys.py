@@ -17,8 +17,8 @@ import torch
 import probekit as pk
 from probekit.attention import LayerAttention
 from probekit.errors import LayoutError
-from probekit.patch_keys import patch_entropy, patch_rows
-from probekit.probe import MetricSink
+from probekit.metric.patch_keys import patch_entropy, patch_rows
+from probekit.engine.probe import MetricSink
 
 LAY = pk.TokenLayout(num_prefix=1, grid=(4, 5), patch_size=(16, 16))
 NO_PREFIX = pk.TokenLayout(num_prefix=0, grid=(4, 5), patch_size=(16, 16))
@@ -99,7 +99,7 @@ def test_cls_index_lives_on_the_token_layout():
 
 def _terms_at(gap: float):
     """The fused kernel's per-row sums, computed here in float32 from the all-key logits."""
-    from probekit.kernel import RowTerms
+    from probekit.engine.kernels.triton import RowTerms
 
     zp = _patch_logits(seed=4, b=1, h=2)
     z = _with_cls(zp, gap).float()
@@ -135,7 +135,7 @@ def test_windowed_path_renormalizes_from_logits_too(name, options, gap):
     # the grouped (windowed/pooled) path renormalizes over the patch keys each query sees: on a
     # global layer it must match the same float64 reference at any CLS gap
     from probekit.geometry import LayerGeometry
-    from probekit.grouped import reduce_groups
+    from probekit.engine.grouped import reduce_groups
 
     zp = _patch_logits(seed=5)
     z = _with_cls(zp, gap).float()

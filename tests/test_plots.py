@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import probekit as pk
-from probekit import plots
-from probekit.compare import compare
+from probekit.views import plots
+from probekit.runs.compare import compare
 from probekit.errors import ProbekitError
 from probekit.results import Results
 
@@ -146,7 +146,7 @@ def test_unknown_metric_and_kind_say_what_exists():
 @pytest.mark.parametrize("units", ["px", "fraction"])
 @pytest.mark.parametrize("renormalize", [False, True])
 def test_uniform_reference_line_matches_mad_of_uniform_attention_for_cls_queries(units, renormalize):
-    from probekit.plots_common import _reference
+    from probekit.views.plots._common import _reference
 
     lay = pk.TokenLayout(num_prefix=2, grid=(3, 5), patch_size=(8, 16), prefix_kinds=("cls", "dist"))
     mad = pk.metrics.get("mad")(queries="cls", units=units, renormalize=renormalize)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from probekit import plots
+from probekit.views import plots
 from probekit.results import Results
 
 

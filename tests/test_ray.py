@@ -24,7 +24,7 @@ import ray
 import torch
 from PIL import Image
 
-from probekit.compare import compare
+from probekit.runs.compare import compare
 from probekit.errors import MissingDependencyError
 
 CLASSES = ("circle", "square", "noise", "stripes")
@@ -203,7 +203,7 @@ def _sigterm_after_first_shard(cmd: list[str], parts, env: dict) -> subprocess.C
 
 # slow (two Ray clusters start in subprocesses): SIGTERM, what SLURM and Kubernetes send, to the driver
 def test_slow_sigterm_to_the_ray_driver_stops_it_as_ctrl_c_does_and_the_rerun_matches(data, tmp_path):
-    from probekit.input_view import view_key
+    from probekit.inputs.view import view_key
     from probekit.results import Results
 
     run = tmp_path / "term.yaml"

@@ -14,9 +14,10 @@ import torch
 from typer.testing import CliRunner
 
 import probekit as pk
-from probekit.compare import compare
+from probekit.runs.compare import compare
 from probekit.errors import ConfigError
-from probekit.report import explorer
+from probekit.views import plots
+from probekit.views.report import explorer
 
 pytestmark = pytest.mark.usefixtures("toy_backend")
 
@@ -98,7 +99,7 @@ def test_compare_writes_one_self_contained_report(run_dir):
     assert [m["label"] for m in data["metrics"]] == ["mad", "entropy"]
     mad = data["metrics"][0]
     assert mad["unit"] == "px" and mad["refs"]["toy-a"] == pytest.approx(
-        pk.plots.uniform_attention_value({"num_prefix": 1, "grid": [4, 4], "patch_size": [8, 8]}), rel=1e-6)
+        plots.uniform_attention_value({"num_prefix": 1, "grid": [4, 4], "patch_size": [8, 8]}), rel=1e-6)
     # per-head rows are the summary's numbers
     s = run_dir.results.summary()
     row = s[(s.model == "toy-b") & (s.metric == "mad") & (s.layer == 2) & (s["head"] == 3)].iloc[0]
@@ -133,7 +134,7 @@ def test_rerun_reuses_the_explorer_and_showcase_names_are_checked(tmp_path, run_
 
 def test_report_command_writes_the_page_into_the_manifest(tmp_path, run_dir):
     from probekit.cli import app
-    from probekit.rundir import read_record
+    from probekit.runs.rundir import read_record
 
     manifest = read_record(run_dir.run_dir)["manifest"]
     assert {"report.html", "contrasts.csv"} <= set(manifest)  # the run vouches for them

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from probekit.compare import compare
+from probekit.runs.compare import compare
 
 pytestmark = pytest.mark.usefixtures("toy_backend")
 

@@ -86,7 +86,7 @@ def test_concat_keeps_each_models_layout_for_plots():
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
-    from probekit.atomic import atomic_path
+    from probekit._io.atomic import atomic_path
 
     target = tmp_path / "summary.csv"
     target.write_text("old")

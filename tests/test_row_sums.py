@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from probekit.attention import Workspace, row_dot
-from probekit.patch_keys import log_partition
+from probekit.metric.patch_keys import log_partition
 
 
 def _logits(shape, seed=0, scale=3.0):

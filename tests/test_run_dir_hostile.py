@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from probekit.compare import compare
+from probekit.runs.compare import compare
 from probekit.errors import ConfigError, RunDirError
-from probekit.fileid import file_digest
-from probekit.rundir import load_run_dir, read_record, redraw
+from probekit._io.fileid import file_digest
+from probekit.runs.rundir import load_run_dir, read_record, redraw
 
 pytestmark = pytest.mark.usefixtures("toy_backend")
 
@@ -145,7 +145,7 @@ def test_a_run_refuses_to_draw_over_a_users_file_and_loses_no_number(tmp_path):
 
 
 def test_plot_and_report_replace_only_files_the_manifest_lists(tmp_path, run_cli):
-    from probekit.report import rebuild
+    from probekit.views.report import rebuild
 
     out = tmp_path / "out"
     compare(_run_file(tmp_path, figures="[depth]"), out=out)
@@ -173,22 +173,22 @@ def test_plot_and_report_replace_only_files_the_manifest_lists(tmp_path, run_cli
 
 
 def test_an_interrupted_run_resumes_and_replaces_what_it_wrote(tmp_path, monkeypatch):
-    import probekit.rundir
+    import probekit.runs.rundir
 
     out = tmp_path / "out"
-    real = probekit.rundir.write_text_atomic
+    real = probekit.runs.rundir.write_text_atomic
 
     def ctrl_c_at_summary(path, text):
         if Path(path).name == "summary.csv":
             raise KeyboardInterrupt  # after results.parquet, before summary.csv
         return real(path, text)
 
-    monkeypatch.setattr(probekit.rundir, "write_text_atomic", ctrl_c_at_summary)
+    monkeypatch.setattr(probekit.runs.rundir, "write_text_atomic", ctrl_c_at_summary)
     with pytest.raises(KeyboardInterrupt):
         compare(_run_file(tmp_path), out=out)
     rec = json.loads((out / "run.json").read_text())
     assert rec["status"] == "interrupted" and "results.parquet" in rec["owned"]
-    monkeypatch.setattr(probekit.rundir, "write_text_atomic", real)
+    monkeypatch.setattr(probekit.runs.rundir, "write_text_atomic", real)
     assert compare(_run_file(tmp_path), out=out).status == "complete"
 
 
@@ -308,7 +308,7 @@ def test_planted_explorer_arrays_are_captured_again(tmp_path, plant):
     run = _run_file(tmp_path, showcase=1)
     compare(run, out=out)
     (explorer,) = (out / "parts" / "explorer").glob("*.npz")
-    from probekit.report.explorer import load
+    from probekit.views.report.explorer import load
 
     good = load(explorer)
     marker = tmp_path / "PWNED"
@@ -340,9 +340,9 @@ def test_planted_figure_stamps_of_odd_types_redraw_the_figures(tmp_path):
 
 # -- item 11: the Ray engine's shard parts ------------------------------------------------------------
 def _ray_plan(tmp_path, out: Path):
-    from probekit.config import RunConfig, check_run
-    from probekit.engines.ray import _plan
-    from probekit.parts import PartStore
+    from probekit.runs.config import RunConfig, check_run
+    from probekit.runs.engines.ray import _plan
+    from probekit.runs.parts import PartStore
 
     cfg = RunConfig.model_validate({"name": "r", "models": [{"model": "toy:vit", "label": "toy"}],
                                     "images": {"path": "sample", "count": 4}, "metrics": ["mad", "cka"],
@@ -356,8 +356,8 @@ def _ray_plan(tmp_path, out: Path):
 def test_a_ray_shard_part_stores_metric_state_as_plain_json_that_merges_back(tmp_path):
     import torch
 
-    from probekit.engines.ray import _states
-    from probekit.probe import build_metrics, probe
+    from probekit.runs.engines.ray import _states
+    from probekit.engine.probe import build_metrics, probe
     from probekit.results import Results
 
     run, store, fp, plan = _ray_plan(tmp_path, tmp_path / "out")
@@ -368,7 +368,7 @@ def test_a_ray_shard_part_stores_metric_state_as_plain_json_that_merges_back(tmp
     pm = pk.load("toy:vit")
     mets = build_metrics([("cka", {})])
     res = probe(pm, torch.randn(4, 3, 32, 32), mets, batch_size=4, label="toy")
-    from probekit.engines.ray import _shard_results
+    from probekit.runs.engines.ray import _shard_results
 
     job.chunks[0] = {"probe_s": 0.1, "table": res.table.copy(), "kept": [0, 1, 2, 3], "arrays": {}, "meta": res.meta,
                      "states": {mets[0].label: mets[0].state_dict()}}
@@ -388,7 +388,7 @@ def test_a_ray_shard_part_stores_metric_state_as_plain_json_that_merges_back(tmp
 def test_a_planted_ray_shard_part_runs_nothing_and_is_computed_again(tmp_path, state):
     import base64
 
-    from probekit.engines.ray import _whole
+    from probekit.runs.engines.ray import _whole
     from probekit.results import Results
 
     marker = tmp_path / "PWNED"
@@ -420,7 +420,7 @@ def test_a_planted_ray_shard_part_runs_nothing_and_is_computed_again(tmp_path, s
 def test_state_json_refuses_everything_but_numbers_strings_and_containers():
     import torch
 
-    from probekit.metric_state import state_from_json, state_to_json
+    from probekit.metric.state import state_from_json, state_to_json
 
     state = {"name": "cka", "options": {"bins": (1, 2.5)}, "state": {
         "xy": torch.randn(3, 3, dtype=torch.float64), "layers": [0, 1], "n": 3, "none": None,

@@ -9,8 +9,8 @@ import os
 import pytest
 
 import probekit as pk
-from probekit.compare import compare
-from probekit.config import check_run, load_run
+from probekit.runs.compare import compare
+from probekit.runs.config import check_run, load_run
 from probekit.errors import ConfigError
 
 

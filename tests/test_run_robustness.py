@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import probekit as pk
 from probekit.cli import app
-from probekit.compare import compare
+from probekit.runs.compare import compare
 from probekit.errors import ProbekitError
 
 TIMM_NAN = """\

@@ -18,10 +18,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import probekit.rundir
-from probekit.compare import compare
+import probekit.runs.rundir
+from probekit.runs.compare import compare
 from probekit.errors import RunDirBusyError, RunDirError, WriteError
-from probekit.rundir import RunDir, load_run_dir, read_record
+from probekit.runs.rundir import RunDir, load_run_dir, read_record
 
 pytestmark = pytest.mark.usefixtures("toy_backend")
 
@@ -65,14 +65,14 @@ def test_a_second_run_interrupted_during_its_final_writes_never_leaves_complete(
     out = tmp_path / "out"
     compare(_run_file(tmp_path), out=out)
     first_id = read_record(out)["run_id"]
-    real = probekit.rundir.write_text_atomic
+    real = probekit.runs.rundir.write_text_atomic
 
     def ctrl_c_at_summary(path, text):
         if Path(path).name == "summary.csv":
             raise KeyboardInterrupt  # Ctrl-C after results.parquet, before summary.csv
         return real(path, text)
 
-    monkeypatch.setattr(probekit.rundir, "write_text_atomic", ctrl_c_at_summary)
+    monkeypatch.setattr(probekit.runs.rundir, "write_text_atomic", ctrl_c_at_summary)
     with pytest.raises(KeyboardInterrupt):
         compare(_run_file(tmp_path, metrics="[mad, entropy]"), out=out)  # one more metric
     rec = json.loads((out / "run.json").read_text())
@@ -97,7 +97,7 @@ def test_sigkill_during_the_final_writes_leaves_running_and_the_rerun_finishes(t
 import os, signal, importlib.util
 spec = importlib.util.spec_from_file_location("toy", {str(Path(__file__).with_name("_toy.py"))!r})
 toy = importlib.util.module_from_spec(spec); spec.loader.exec_module(toy); toy.load_toy()
-import probekit as pk, probekit.rundir as rundir
+import probekit as pk, probekit.runs.rundir as rundir
 real = rundir.write_text_atomic
 def kill_at_summary(path, text):
     if str(path).endswith("summary.csv"):

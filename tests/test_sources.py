@@ -21,10 +21,10 @@ import pytest
 from PIL import Image
 
 import probekit as pk
-from probekit.compare import compare
+from probekit.runs.compare import compare
 from probekit.errors import ConfigError, ImageError
 from probekit.results import Results
-from probekit.sources import ClassFolder, HFDataset, Manifest, WebDataset, sample_indices
+from probekit.inputs.sources import ClassFolder, HFDataset, Manifest, WebDataset, sample_indices
 
 pytestmark = pytest.mark.usefixtures("toy_backend")
 
@@ -408,7 +408,7 @@ def test_a_truncated_shard_probes_its_intact_members_and_skips_the_rest_by_name(
     with tarfile.open(tmp_path / "s-001.tar") as tar:
         boundary = tar.getmember("000010.ppm").offset  # cut between two samples: tarfile reads no error
     (tmp_path / "s-001.tar").write_bytes((tmp_path / "s-001.tar").read_bytes()[:boundary])
-    with caplog.at_level(logging.WARNING, logger="probekit.sources"):
+    with caplog.at_level(logging.WARNING, logger="probekit.inputs.sources"):
         s = WebDataset(tmp_path).image_set()
     assert s.names == ["s-000.tar/000000", "s-000.tar/000001", "s-001.tar/000009"]
     assert s.labels == ["dog", "cat", "cat"]

@@ -33,8 +33,8 @@ from probekit.errors import (
     UnsupportedArchitectureError,
     WeightsUnavailableError,
 )
-from probekit.images import per_channel
-from probekit.options import AdapterOptions
+from probekit.inputs.images import per_channel
+from probekit.adapter_options import AdapterOptions
 from probekit.tokens import TokenLayout
 
 from ._onnx_graph import (

@@ -32,7 +32,7 @@ from probekit.errors import (
     reading_checkpoint,
 )
 from probekit.masks import additive_bias
-from probekit.options import AdapterOptions, library_keywords
+from probekit.adapter_options import AdapterOptions, library_keywords
 from probekit.tokens import TokenLayout, pair
 
 from ._reference import block_inputs, fed

@@ -37,8 +37,8 @@ from probekit.errors import (
     WeightsUnavailableError,
     reading_checkpoint,
 )
-from probekit.images import per_channel
-from probekit.options import AdapterOptions, library_keywords
+from probekit.inputs.images import per_channel
+from probekit.adapter_options import AdapterOptions, library_keywords
 from probekit.tokens import TokenLayout, pair
 
 from probekit.geometry import ModelGeometry

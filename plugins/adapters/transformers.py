@@ -33,7 +33,7 @@ from probekit.adapter import Adapter, Sink, wants
 from probekit.attention import LayerAttention, sdpa_dtype
 from probekit.errors import ConfigError, LayoutError, UnknownNameError, UnsupportedArchitectureError
 from probekit.masks import additive_bias
-from probekit.options import AdapterOptions
+from probekit.adapter_options import AdapterOptions
 from probekit.tokens import TokenLayout, pair
 
 from probekit.geometry import ModelGeometry

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from probekit.metric import Metric
-from probekit.patch_keys import patch_mass_is_safe, patch_rows, visible_rows
+from probekit.metric.patch_keys import patch_mass_is_safe, patch_rows, visible_rows
 from probekit.tokens import TokenLayout
 
 Units = Literal["px", "patch", "fraction"]

@@ -8,7 +8,7 @@ import torch
 
 from probekit.attention import row_dot
 from probekit.metric import Metric
-from probekit.patch_keys import log_partition, patch_entropy, patch_mass_is_safe, row_entropy, visible_rows
+from probekit.metric.patch_keys import log_partition, patch_entropy, patch_mass_is_safe, row_entropy, visible_rows
 from probekit.tokens import TokenLayout
 
 
@@ -60,7 +60,7 @@ class AttentionEntropy(Metric):
         """``H_q`` per query row; from the patch-key logits when the engine hands them over.
 
         The renormalized row is the softmax of the patch-key logits alone, so the entropy is
-        exact however much mass the head puts on prefix tokens (:func:`~probekit.patch_keys.patch_entropy`);
+        exact however much mass the head puts on prefix tokens (:func:`~probekit.metric.patch_keys.patch_entropy`);
         from probabilities alone (ONNX taps) the patch mass is divided out, which fails once it
         underflows float32.
         """
@@ -84,13 +84,13 @@ class AttentionEntropy(Metric):
         With ``p = softmax(z)`` over all keys and ``s`` the mass on patch keys, the renormalized
         row ``a = p / s`` has ``ln a = z - lse - ln s``, so ``H = lse + ln s - <p, z>_patch / s``,
         where ``lse = z_k - ln p_k`` for any key ``k`` (a softmax identity:
-        :func:`~probekit.patch_keys.log_partition`). One dot product per row instead of a
+        :func:`~probekit.metric.patch_keys.log_partition`). One dot product per row instead of a
         logarithm per element; within 1e-6 of float64 on sharp heads. The engine makes the same
-        sums next to the softmax (:mod:`probekit.block_terms`, through :meth:`kernel_row_sum`);
+        sums next to the softmax (:mod:`probekit.engine.kernels.block_terms`, through :meth:`kernel_row_sum`);
         this is the path for callers that hand over finished blocks. Masked keys
         (``z = -inf``) make the dot product undefined, and a head that parks nearly all its mass
         on prefix tokens underflows the patch probabilities: those blocks take the softmax of
-        the patch-key logits (:func:`~probekit.patch_keys.patch_entropy`), exact at any gap.
+        the patch-key logits (:func:`~probekit.metric.patch_keys.patch_entropy`), exact at any gap.
         """
         if logits is None:
             return super().row_sum(probs, layout, rows)

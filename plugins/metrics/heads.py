@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from probekit.metric import Metric
-from probekit.patch_keys import patch_rows, row_entropy
+from probekit.metric.patch_keys import patch_rows, row_entropy
 from probekit.tokens import TokenLayout
 
 

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from probekit.errors import ConfigError
 from probekit.metric import Metric
-from probekit.metric_options import validate_options
+from probekit.metric.options import validate_options
 from probekit.tokens import TokenLayout
 
 
@@ -253,7 +253,7 @@ def cka_between(model_a, model_b, images, *, batch_size: int = 32, pool: str = "
     Raises:
         ConfigError: a bad ``pool`` or ``batch_size``, or no minibatch of 4 images.
     """
-    from probekit.images import resolve_images
+    from probekit.inputs.images import resolve_images
     from probekit.models import load
 
     validate_options(LinearCKA, {"pool": pool})

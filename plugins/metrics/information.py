@@ -8,7 +8,7 @@ import torch
 
 from probekit.attention import LayerAttention, row_blocks
 from probekit.metric import Metric
-from probekit.patch_keys import patch_rows, row_entropy
+from probekit.metric.patch_keys import patch_rows, row_entropy
 from probekit.tokens import TokenLayout
 
 

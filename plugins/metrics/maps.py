@@ -9,7 +9,7 @@ import torch
 from probekit.attention import LayerAttention, row_blocks
 from probekit.errors import ConfigError
 from probekit.metric import Metric
-from probekit.patch_keys import patch_rows, visible_rows
+from probekit.metric.patch_keys import patch_rows, visible_rows
 from probekit.tokens import TokenLayout
 
 

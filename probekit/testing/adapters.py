@@ -12,12 +12,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..adapter import Adapter, CollectSink
-from ..tokens import TokenLayout
-from .capture import ModelCalls
-from .geometry_checks import check_hidden_keys, check_patch_geometry
-from .records import SkipCheck
-from .tapping import adapter_of, kit_input, sized, tapped
+from probekit.adapter import Adapter, CollectSink
+from probekit.tokens import TokenLayout
+from probekit.testing.capture import ModelCalls
+from probekit.testing.geometry_checks import check_hidden_keys, check_patch_geometry
+from probekit.testing.records import SkipCheck
+from probekit.testing.tapping import adapter_of, kit_input, sized, tapped
 
 __all__ = [
     "ATOL", "randomize_parameters", "adapter_checks",

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..masks import additive_bias
+from probekit.masks import additive_bias
 
 __all__ = ["ModelCalls"]
 

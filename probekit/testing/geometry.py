@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from ..geometry import LayerGeometry
-from ..tokens import TokenLayout
-from .reach import Box, Embed, as_geometry, expected_moves
+from probekit.geometry import LayerGeometry
+from probekit.tokens import TokenLayout
+from probekit.testing.reach import Box, Embed, as_geometry, expected_moves
 
 __all__ = ["expected_moved_tokens", "probe_patches", "probe_boxes", "patch_box", "moved", "moved_tokens",
            "coverage_problem", "diagnose_moves"]

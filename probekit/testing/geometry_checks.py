@@ -14,12 +14,12 @@ import functools
 import torch
 from torch import nn
 
-from ..adapter import CollectSink
-from ..geometry import KINDS
-from ..tokens import TokenLayout, pair
-from .geometry import coverage_problem, diagnose_moves, moved, probe_boxes
-from .reach import Embed, as_geometry, counted, expected_moves
-from .tapping import adapter_of, kit_input, sized, tapped
+from probekit.adapter import CollectSink
+from probekit.geometry import KINDS
+from probekit.tokens import TokenLayout, pair
+from probekit.testing.geometry import coverage_problem, diagnose_moves, moved, probe_boxes
+from probekit.testing.reach import Embed, as_geometry, counted, expected_moves
+from probekit.testing.tapping import adapter_of, kit_input, sized, tapped
 
 __all__ = ["check_patch_geometry", "check_hidden_keys", "patch_embedding"]
 

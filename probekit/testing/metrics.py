@@ -15,15 +15,15 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .. import registry
-from ..attention import LayerAttention
-from ..errors import ConfigError
-from ..metric import Metric
-from ..metric_options import alternatives, declared_options
-from ..metric_state import REDUCTIONS
-from ..sink import MetricSink
-from ..tokens import TokenLayout
-from .records import SkipCheck
+from probekit import registry
+from probekit.attention import LayerAttention
+from probekit.errors import ConfigError
+from probekit.metric import Metric
+from probekit.metric.options import alternatives, declared_options
+from probekit.metric.state import REDUCTIONS
+from probekit.engine.sink import MetricSink
+from probekit.tokens import TokenLayout
+from probekit.testing.records import SkipCheck
 
 __all__ = [
     "metric_checks", "check_name", "check_options_declared", "check_options_round_trip", "check_state_declared",

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..geometry import KINDS, PAD, PATCH, LayerGeometry
-from ..tokens import TokenLayout
+from probekit.geometry import KINDS, PAD, PATCH, LayerGeometry
+from probekit.tokens import TokenLayout
 
 __all__ = ["Expected", "as_geometry", "counted", "expected_moves", "token_boxes"]
 

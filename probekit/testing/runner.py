@@ -8,11 +8,11 @@ import functools
 import warnings
 from typing import Any, Callable, Iterable
 
-from ..adapter import Adapter, ProbedModel
-from ..metric import Metric
-from .adapters import adapter_checks
-from .metrics import metric_checks
-from .records import CheckRecord, SkipCheck
+from probekit.adapter import Adapter, ProbedModel
+from probekit.metric import Metric
+from probekit.testing.adapters import adapter_checks
+from probekit.testing.metrics import metric_checks
+from probekit.testing.records import CheckRecord, SkipCheck
 
 __all__ = ["check_adapter", "check_metric", "parametrize_with_checks"]
 
@@ -34,7 +34,7 @@ def _label(obj) -> str:
 
 def _as_metric(metric) -> Metric:
     if isinstance(metric, str):
-        from ..registry import metrics
+        from probekit.registry import metrics
 
         return metrics.get(metric)()
     return metric() if isinstance(metric, type) else metric

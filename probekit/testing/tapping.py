@@ -10,9 +10,9 @@ from typing import Callable
 
 import torch
 
-from ..adapter import Adapter, CollectSink, ProbedModel
-from .capture import ModelCalls
-from .records import SkipCheck
+from probekit.adapter import Adapter, CollectSink, ProbedModel
+from probekit.testing.capture import ModelCalls
+from probekit.testing.records import SkipCheck
 
 __all__ = ["adapter_of", "kit_input", "tapped", "sized"]
 

@@ -24,7 +24,7 @@ from torch import nn
 from probekit import Adapter, LayoutError, TokenLayout, UnknownNameError, WeightsUnavailableError
 from probekit.adapter import Sink, wants
 from probekit.attention import LayerAttention
-from probekit.options import AdapterOptions, library_keywords
+from probekit.adapter_options import AdapterOptions, library_keywords
 
 from .model import TinyViT
 

@@ -1,0 +1,59 @@
+"""A plugin class's string constants read from its source, without importing it.
+
+Why: ``probekit metrics`` lists every metric's one-line description, and importing a metric's
+module imports torch (seconds). The constants a listing needs (``description``, ``unit``,
+``display_name``) are plain string literals in the class body, so the listing reads them from
+the module's syntax tree; a class that computes them or inherits them is imported as before.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from functools import lru_cache
+
+__all__ = ["class_constants"]
+
+
+@lru_cache(maxsize=None)
+def _tree(module: str) -> ast.Module | None:
+    try:
+        spec = importlib.util.find_spec(module)  # imports the parent packages only
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            return None
+        with open(spec.origin, encoding="utf-8") as f:
+            return ast.parse(f.read(), filename=spec.origin)
+    except (ImportError, OSError, SyntaxError, ValueError):
+        return None
+
+
+def class_constants(target: str, names: tuple[str, ...], base: str = "", defaults: dict | None = None) -> dict[str, str] | None:
+    """``{name: value}`` for the string literals ``names`` in the class ``"module:Class"`` names.
+
+    A name the class body does not set takes ``defaults[name]`` when the class derives from
+    ``base`` alone (the contract class, whose defaults the caller knows).
+
+    Returns None when the module cannot be read or any of ``names`` is neither a literal of the
+    class body nor a default of a direct subclass of ``base`` (then the caller imports the class).
+
+    >>> class_constants("probekit._plugin_info:Nothing", ("description",)) is None
+    True
+    """
+    module, _, qual = target.partition(":")
+    tree = _tree(module)
+    if tree is None or not qual or "." in qual:
+        return None
+    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == qual), None)
+    if cls is None:
+        return None
+    found: dict[str, str] = {}
+    for node in cls.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        value = getattr(node, "value", None)
+        for t in targets:
+            if isinstance(t, ast.Name) and t.id in names and isinstance(value, ast.Constant) and isinstance(value.value, str):
+                found[t.id] = value.value
+    bases = [b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", None) for b in cls.bases]
+    if base and bases == [base]:
+        found = {**{k: v for k, v in (defaults or {}).items() if k in names}, **found}
+    return found if all(n in found for n in names) else None

@@ -1,0 +1,62 @@
+"""The engine's path for layers that are not one global ``[T, T]`` attention (windows, pooled keys,
+class attention): attention ``[B * G, H, Tq, Tk]`` reduced a few groups at a time.
+
+Each row-wise metric that handles such layers defines ``window_sum(probs, geometry, groups)``:
+the sum of its per-query values over the layer's queries in each group (``[n, H, ...]`` for a
+chunk of ``n`` groups, ``groups`` their index within the image). The engine adds the groups of
+each image and divides by the image's query count, so a windowed layer's value is the mean over
+all the image's query patches, the same as for a global layer. Memory is one chunk of windows
+(sized to the same block budget as query rows of a global layer); nothing ``[T, T]`` is ever made.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from probekit.attention import LayerAttention, Workspace
+from probekit.geometry import LayerGeometry
+
+__all__ = ["group_blocks", "group_slice", "reduce_groups"]
+
+
+def group_slice(attn: LayerAttention, items: slice) -> LayerAttention:
+    """The groups ``items`` (a slice of the leading ``B * G`` axis) of one layer's attention."""
+    if attn.probs_given is not None:
+        return LayerAttention(probs_given=attn.probs_given[items])
+    bias = attn.bias
+    if bias is not None and bias.dim() == 4 and bias.shape[0] != 1:
+        bias = bias[items]
+    return LayerAttention(q=attn.q[items], k=attn.k[items], scale=attn.scale, bias=bias)
+
+
+def group_blocks(items: int, heads: int, tq: int, tk: int, budget_bytes: int):
+    """Slices of the ``items`` groups whose float32 logits and probabilities fit ``budget_bytes`` (>= 1 group)."""
+    per = max(1, heads * tq * tk * 4 * 2)
+    step = max(1, min(items, budget_bytes // per))
+    for i in range(0, items, step):
+        yield slice(i, min(i + step, items))
+
+
+def reduce_groups(metrics, attn: LayerAttention, geo: LayerGeometry, budget_bytes: int,
+                  workspace: Workspace | None = None) -> dict[str, torch.Tensor]:
+    """Per-image values ``{label: [B, H, ...]}`` of ``metrics`` on one grouped layer."""
+    n, h, tq = attn.shape
+    tk = attn.k.shape[2] if attn.probs_given is None else attn.probs_given.shape[-1]
+    g = geo.groups
+    acc: dict[str, torch.Tensor] = {}
+    for sl in group_blocks(n, h, tq, tk, budget_bytes):
+        z, p = group_slice(attn, sl).block(workspace=workspace)
+        idx = torch.arange(sl.start, sl.stop, device=p.device)
+        groups, images = idx % g, idx // g
+        for m in metrics:
+            kw = {"logits": z} if m.uses_logits else {}
+            part = m.window_sum(p, geo, groups, **kw)
+            if m.label not in acc:
+                acc[m.label] = part.new_zeros(n // g, *part.shape[1:])
+            acc[m.label].index_add_(0, images, part)
+        del z, p
+    out = {}
+    for m in metrics:
+        which = getattr(m, "queries", None) or ("cls" if getattr(m, "query", None) == "cls" else "patches")
+        out[m.label] = acc[m.label] / max(geo.queries_per_image(which), 1)
+    return out

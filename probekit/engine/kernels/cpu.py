@@ -1,0 +1,234 @@
+"""The CPU row kernel: a block of logits becomes probabilities and the metrics' per-row sums in one pass.
+
+Why: on CPU a tapped layer's probabilities come block by block (:mod:`probekit.attention`), and
+the row-wise metrics then read each block again: a ``torch.mv`` against a distance matrix for
+MAD, a dot product with the logits and a sum for entropy, a gather for ``lse``. At 1370 tokens
+those reads cost as much as the softmax itself. This kernel (``_cpu_rows.c``) makes the softmax
+and every sum in the passes over each row that the softmax needs anyway, with the row in L1: the
+maximum, then ``exp`` with the running sums (a query's distances to every key computed from token
+indices once and shared by its heads; no distance matrix), then the normalization, which is left
+out where only ``P @ V`` reads the rows (its ``[R, dv]`` product is scaled instead). The sums are the fused GPU kernel's
+:class:`~probekit.engine.kernels.triton.RowTerms` for the rows of one block, so metrics read them through the
+same :meth:`~probekit.Metric.kernel_row_sum` (:mod:`probekit.engine.kernels.block_terms`).
+
+It is C, compiled at first use with the system's C compiler (``cc``, or ``$CC``) for this CPU
+(``-march=native``) into ``~/.cache/probekit`` (``$PROBEKIT_CACHE_DIR``), and loaded with
+ctypes. Rows are split across torch's thread count with OpenMP, linked against the
+``libgomp.so.1`` torch has already loaded (torch's Linux wheels): the same thread pool as torch's
+matmuls, whose threads would otherwise spin against a second pool on the same cores (measured
+here: the kernel's share of a layer 2x slower with Python threads). Where ``-fopenmp`` does not
+build, Python threads split the rows (a ctypes call releases the GIL). Where no compiler works,
+the engine takes the PyTorch path (same numbers, slower); :func:`build_error` says why, and
+``PROBEKIT_CPU_KERNEL=0`` turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from probekit.engine.kernels.triton import RowTerms
+from probekit.tokens import TokenLayout
+
+__all__ = ["library", "available", "build_error", "softmax_terms", "TERMS"]
+
+#: The terms this kernel makes (a subset of :data:`probekit.engine.kernels.triton.TERMS`: no histogram).
+TERMS = frozenset({"lse", "patch_mass", "patch_logit", "dist", "prefix"})
+
+_SOURCE = Path(__file__).with_name("_cpu_rows.c")
+_FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC")
+_ABI = 6
+_error: str | None = None
+
+
+def _private(path: Path) -> bool:
+    """Whether only this user can have written ``path``: owned by us, not group- or world-writable.
+
+    Why: the library is loaded with ``ctypes.CDLL`` (its code runs in this process) and its file
+    name is computable by anyone, so a cache folder or file that another user can write is never
+    loaded from.
+    """
+    if not hasattr(os, "getuid"):  # Windows: caches live in the user's own profile
+        return True
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _cache_dir() -> Path:
+    """``$PROBEKIT_CACHE_DIR`` or ``~/.cache/probekit``; a per-user temporary folder where that is
+    read-only; a fresh private folder where neither is this user's alone (see :func:`_private`)."""
+    root = os.environ.get("PROBEKIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "probekit")
+    user = getattr(os, "getuid", lambda: "user")()
+    for path in (Path(root) / "cpu_kernel", Path(tempfile.gettempdir()) / f"probekit-{user}" / "cpu_kernel"):
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if os.access(path, os.W_OK) and _private(path):
+                return path
+        except OSError:
+            pass
+    return Path(tempfile.mkdtemp(prefix="probekit-cpu-kernel-"))  # 0700: this process builds its own
+
+
+def _compile(src: bytes, cc: str, arch: tuple[str, ...], dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        c = Path(tmp) / "rows.c"
+        c.write_bytes(src)
+        so = Path(tmp) / "rows.so"
+        subprocess.run([cc, *_FLAGS, *arch, str(c), "-o", str(so), "-lm"], check=True, capture_output=True,
+                       timeout=120)
+        os.chmod(so, 0o755)  # writable by this user alone, whatever the umask (see _private)
+        os.replace(so, dest)  # atomic: another process may build the same file at the same time
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, built once per source, compiler and CPU; None where it cannot be built
+    (see :func:`build_error`) or is turned off (``PROBEKIT_CPU_KERNEL=0``)."""
+    global _error
+    if os.environ.get("PROBEKIT_CPU_KERNEL", "1") == "0":
+        _error = "turned off by PROBEKIT_CPU_KERNEL=0"
+        return None
+    src = _SOURCE.read_bytes()
+    cc = os.environ.get("CC", "cc")
+    errors = []
+    cache = _cache_dir()
+    # a compiler without OpenMP: Python threads; without -march=native: portable code
+    for arch in (("-march=native", "-fopenmp"), ("-march=native", "-fopenmp-simd"), ("-fopenmp-simd",)):
+        key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(_FLAGS + arch).encode(), _cpu_id()])).hexdigest()
+        dest = cache / f"rows-{key[:20]}.so"
+        try:
+            if not dest.exists() or not _private(dest):  # (a file others could write is built again)
+                _compile(src, cc, arch, dest)
+            lib = ctypes.CDLL(str(dest))
+            if lib.pk_abi_version() != _ABI:
+                raise OSError(f"{dest} is from another probekit version")
+        except FileNotFoundError:
+            errors = [f"no C compiler {cc!r} found"]
+            break
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", b"") or b""
+            errors.append(f"{cc} {' '.join(arch)}: {e} {detail.decode(errors='replace')[-300:]}".strip())
+            continue
+        _declare(lib)
+        return lib
+    _error = "could not build the CPU row kernel (" + "; ".join(errors) + ")"
+    warnings.warn(f"probekit: {_error}; using the slower PyTorch path. Install a C compiler (e.g. apt-get "
+                  "install gcc) or set PROBEKIT_CPU_KERNEL=0 to silence this.", RuntimeWarning, stacklevel=2)
+    return None
+
+
+def build_error() -> str | None:
+    """Why :func:`library` returned None (None when it built)."""
+    library()
+    return _error
+
+
+def _cpu_id() -> bytes:
+    """What ``-march=native`` depends on: the machine and its CPU flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()} {flags}".encode()
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    lib.pk_softmax_terms.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, f32, f32,
+                                     ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.pk_softmax_terms.restype = None
+    lib.openmp = bool(lib.pk_openmp())
+
+
+def available(t: torch.Tensor) -> bool:
+    """Whether a block ``t`` can go through the kernel: contiguous float32 on CPU, and the kernel built."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and library() is not None
+
+
+_pool_lock = threading.Lock()
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _executor(n: int) -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != n:
+            if _pool is not None:
+                _pool[1].shutdown(wait=False)
+            _pool = (n, ThreadPoolExecutor(n, thread_name_prefix="probekit-rows"))
+        return _pool[1]
+
+
+@functools.lru_cache(maxsize=8)
+def _key_positions(n: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid row and column of each of ``n`` patch keys (float32; ``i // width``, ``i % width``)."""
+    i = torch.arange(n)
+    return (i // width).float(), (i % width).float()
+
+
+def softmax_terms(logits: torch.Tensor, probs: torch.Tensor, batch: slice, rows: slice, layout: TokenLayout,
+                  into: RowTerms, inv: torch.Tensor | None = None) -> None:
+    """Write ``softmax(logits)`` to ``probs`` and the block's per-row terms into a layer's terms.
+
+    Args:
+        logits, probs: contiguous float32 ``[b, H, R, T]`` on CPU (:func:`available`): the query
+            tokens ``rows`` of the images ``batch`` (a step-1 slice); ``probs`` may be ``logits``
+            (in place).
+        layout: the layer's token layout (prefix tokens first, then the grid row by row).
+        into: the layer's terms, contiguous float32 ``[B, H, T]`` (``prefix``: ``[B, H, T, n0]``);
+            the terms that are None there are not made (``lse`` and ``patch_mass`` always are).
+        inv: a contiguous float32 ``[b, H, R]``: leave ``probs`` unnormalized (``exp(z - max)``) and
+            write each row's ``1 / sum`` here, for a caller that only multiplies ``probs`` by V.
+    """
+    lib = library()
+    nb, h, r, t = logits.shape
+    n0 = layout.num_prefix
+    if t != layout.num_tokens:
+        raise ValueError(f"a block of {t} keys does not match the layout's {layout.num_tokens} tokens")
+    ky, kx = _key_positions(t - n0, layout.grid[1])
+    py, px = (float(s) for s in layout.patch_size)
+    base = (batch.start or 0) * h * t + rows.start  # the block's first row in [B, H, T]
+
+    def at(x: torch.Tensor | None, width: int = 1):
+        if x is None:
+            return None
+        if not (x.is_contiguous() and x.dtype == torch.float32 and x.device.type == "cpu"):
+            raise ValueError("the layer's terms must be contiguous float32 CPU tensors (block_terms.layer_terms)")
+        return x.data_ptr() + 4 * base * width
+
+    outs = (at(into.lse), at(into.patch_mass), at(into.patch_logit), at(into.dist_px), at(into.dist_grid),
+            at(into.prefix if n0 else None, n0))
+    z0, p0 = logits.data_ptr(), probs.data_ptr()
+    i0 = None if inv is None else inv.data_ptr()
+
+    def part(a: int, e: int, threads: int = 1) -> None:  # the (image, row) pairs [a, e), all heads
+        lib.pk_softmax_terms(z0, p0, h, r, t, a, e, rows.start, t, n0, ky.data_ptr(), kx.data_ptr(),
+                             layout.grid[1], py, px, *outs, i0, threads)
+
+    n = nb * r
+    threads = max(1, min(torch.get_num_threads(), n * h // 16))  # a few rows: not worth a thread hand-off
+    if threads == 1 or lib.openmp:
+        part(0, n, threads)
+        return
+    step = -(-n // threads)
+    futures = [_executor(threads).submit(part, a, min(a + step, n)) for a in range(0, n, step)]
+    for f in futures:
+        f.result()

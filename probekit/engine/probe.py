@@ -1,0 +1,370 @@
+"""The engine: batches in, each layer's attention streamed to the metrics, Results out.
+
+Each layer is reduced inside the tap, during the forward pass, by a
+:class:`~probekit.engine.sink.MetricSink`, and its probabilities are dropped before the next layer
+runs: memory grows with one layer, never with depth. Row-wise metrics share one pass over
+blocks of query rows sized to ``block_mb``, so long sequences never hold a whole
+``[B, H, T, T]`` tensor. The engine prints nothing; ``progress`` takes a
+callback (the CLI passes a rich progress bar).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from probekit.adapter import ProbedModel
+from probekit.engine.arguments import check_probe_arguments
+from probekit.errors import ConfigError
+from probekit.geometry import ModelGeometry
+from probekit.inputs.images import ImageSet, collate, resolve_images
+from probekit.inputs.view import VIEW_IMAGES, rgb, view_key
+from probekit.metric import Metric
+from probekit.registry import metrics as metric_registry
+from probekit.results import Results
+from probekit.engine.sink import MetricSink
+from probekit.tokens import TokenLayout
+
+__all__ = ["probe", "build_metrics", "MetricSink"]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def _make_metric(name: str, options: Mapping | None) -> Metric:
+    """A registered metric with ``options``, validated against its declared options (ConfigError)."""
+    return metric_registry.get(name)(**dict(options or {}))
+
+
+def build_metrics(metrics: Any) -> list[Metric]:
+    """Metric instances from names, ``{name: options}``, ``(name, options)`` pairs or instances.
+
+    >>> [m.label for m in build_metrics(["mad", {"mad": {"units": "patch"}}])]
+    ['mad', 'mad[units=patch]']
+    """
+    if isinstance(metrics, (str, Metric)):
+        metrics = [metrics]
+    if isinstance(metrics, Mapping):
+        metrics = list(metrics.items())
+    out = []
+    for m in metrics:
+        if isinstance(m, Metric):
+            out.append(m)
+        elif isinstance(m, str):
+            out.append(_make_metric(m, None))
+        elif isinstance(m, tuple) and len(m) == 2:
+            out.append(_make_metric(m[0], m[1]))
+        elif isinstance(m, Mapping):
+            out.extend(_make_metric(k, v) for k, v in m.items())
+        else:
+            raise ConfigError(f"Cannot make a metric from {m!r}; give a name, (name, options) or a Metric.")
+    labels = [m.label for m in out]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"The same metric is asked for twice: {labels}.")
+    if not out:
+        raise ConfigError("No metric given. See `probekit metrics` for the list.")
+    return out
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).replace("torch.", "")]
+    except KeyError:
+        raise ConfigError(f"Unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}.") from None
+
+
+def _loader(pm: ProbedModel, images: ImageSet, batch_size: int, num_workers: int, pin: bool):
+    ds = images.dataset(pm.preprocess, channels=pm.adapter.in_chans)
+    if images.tensor is not None and images.tensor.device.type != "cpu":
+        # a tensor already on the device cannot be pinned (DataLoader raises), nor read by worker processes
+        pin, num_workers = False, 0
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin,
+        persistent_workers=False,
+        collate_fn=collate,  # drops images a lazily listed source finds unreadable
+        worker_init_fn=_leave_sigterm_to_the_run if num_workers else None,
+    )
+
+
+def _leave_sigterm_to_the_run(worker_id: int) -> None:
+    """In a DataLoader worker: ignore SIGTERM. SLURM signals the whole process group; the run
+    (the main process) stops as for Ctrl-C and shuts its workers down itself, instead of a
+    worker's death ending the model's work with an error (:mod:`probekit.runs.interrupt`). The
+    worker was started with SIGTERM blocked (:func:`_batches`): one sent meanwhile is dropped here."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _batches(loader):
+    """The loader's iterator; its worker processes start with SIGTERM blocked until they ignore it,
+    so a SIGTERM to the process group as they start reaches the main process only."""
+    import signal
+
+    if not loader.num_workers or not hasattr(signal, "pthread_sigmask"):
+        return iter(loader)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return iter(loader)  # forks the workers
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)  # one that came meanwhile is delivered now
+
+
+def _stack_layers(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-layer ``[N, ...]`` arrays stacked to ``[N, L, ...]``, and where the values are real.
+
+    Staged models (Swin, MViTv2, PiT) have more heads in later stages: layers with fewer heads
+    (or smaller maps) are padded with NaN, and the second result marks the real entries (None
+    when every layer has the same shape).
+    """
+    shapes = {a.shape for a in arrays}
+    if len(shapes) == 1:
+        return np.stack(arrays, axis=1), None
+    full = tuple(max(s[d] for s in shapes) for d in range(len(next(iter(shapes)))))
+    out = np.full((full[0], len(arrays), *full[1:]), np.nan, dtype=np.float64)
+    real = np.zeros(out.shape, dtype=bool)
+    for i, a in enumerate(arrays):
+        idx = (slice(None), i, *(slice(0, k) for k in a.shape[1:]))
+        out[idx], real[idx] = a, True
+    return out, real
+
+
+def _to_table(model: str, names: list[str], metrics: list[Metric]):
+    """Long table rows for scalar metrics; arrays ``[N, L, ...]`` for maps; from each metric's state."""
+    frames, arrays = [], {}
+    img = np.asarray(names, dtype=object)
+    for m in metrics:
+        per_layer = m.per_image()
+        if not per_layer:
+            continue
+        layers = sorted(per_layer)
+        stacked, real = _stack_layers([per_layer[layer].numpy() for layer in layers])
+        if m.is_map:
+            arrays[f"{model}/{m.label}"] = stacked
+            continue
+        if stacked.ndim == 2:
+            stacked = stacked[:, :, None]
+            heads = np.array([-1])
+        else:
+            heads = np.arange(stacked.shape[2])
+        n, nl, nh = stacked.shape
+        frame = pd.DataFrame(
+            {
+                "model": model,
+                "image": np.repeat(img, nl * nh),
+                "layer": np.tile(np.repeat(np.asarray(layers), nh), n),
+                "head": np.tile(heads, n * nl),
+                "metric": m.label,
+                "value": stacked.reshape(-1).astype(np.float64),
+            }
+        )
+        frames.append(frame if real is None else frame[real.reshape(-1)])
+    for m in metrics:  # dataset-level metrics (e.g. CKA): one array for the whole image set
+        whole = m.dataset_result()
+        if whole is not None:
+            arrays[f"{model}/{m.label}"] = whole
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["model", "image", "layer", "head", "metric", "value"]
+    )
+    return table, arrays
+
+
+@dataclass
+class _Plan:
+    """What :func:`probe` resolved its arguments to: one model, metrics, images, compute settings."""
+
+    pm: ProbedModel
+    name: str
+    metrics: list[Metric]
+    images: ImageSet
+    layers: list[int] | None
+    dtype: torch.dtype | None
+
+
+def _resolve(model, images, metrics, layers, device, dtype, strict, label) -> _Plan:
+    """Arguments -> a :class:`_Plan`: the model loaded (and moved), metrics built and checked against it."""
+    from probekit.models import load
+
+    pm = load(model) if isinstance(model, str) else model
+    if layers is not None:
+        layers = [int(i) for i in layers]
+        bad = [i for i in layers if not 0 <= i < pm.num_layers]
+        if bad:
+            raise ConfigError(
+                f"layers={bad} do not exist: {pm.label} has {pm.num_layers} layers, numbered 0 to "
+                f"{pm.num_layers - 1}. Pass indices in that range, or leave layers out for all of them."
+            )
+    if device is not None:
+        pm.to(device)
+    cdtype = resolve_dtype(dtype)
+    mets = build_metrics(metrics)
+    imgs = resolve_images(images, strict=strict)
+    for m in mets:
+        m.reset()
+        m.check_model(pm.adapter)
+    return _Plan(pm, label or pm.label, mets, imgs, layers, cdtype)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype in (None, torch.float32):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: int, progress,
+                 views: list | None = None) -> list[int]:
+    """The batch loop: each batch through the model with the sink tapped in; metric state updated.
+    With ``views`` (a list), the first images' inputs are added to it as the model saw them
+    (:func:`probekit.inputs.view.rgb`).
+
+    Returns the indices (into ``plan.images``) of the images done, in order: every finished
+    batch's values live in the metrics' state.
+    """
+    pm, dev = plan.pm, plan.pm.device
+    done: list[int] = []
+    loader = _loader(pm, plan.images, batch_size, num_workers, pin=dev.type == "cuda")
+    # eval mode (no dropout) for the run; a wrapped module gets its own mode back, also on error
+    with torch.inference_mode(), pm.adapter.evaluating(), pm.adapter.tap(sink), _autocast(dev, plan.dtype):
+        for idx, x in _batches(loader):
+            if x is None:  # every image of the batch unreadable (lazily listed sources only)
+                continue
+            x = x.to(dev, non_blocking=True)
+            if views is not None and sum(map(len, views)) < VIEW_IMAGES:
+                views.append(rgb(x[: VIEW_IMAGES - sum(map(len, views))]))
+            sink.start(pm.layout(x), pm.geometry(x))
+            pm.adapter.forward(x)
+            sink.finish()
+            done.extend(int(i) for i in idx)
+            if progress is not None:
+                progress(len(done), len(plan.images))
+    return done
+
+
+def _provenance(plan: _Plan, layout: TokenLayout | None, batch_size: int, seconds: float,
+                geometry: ModelGeometry | None = None) -> dict:
+    """``Results.meta``: what ran (model, adapter, layout, metrics with options), on what, how."""
+    pm, lay = plan.pm, layout
+    return {
+        "model": plan.name,
+        "spec": pm.spec,
+        "model_meta": {k: v for k, v in pm.meta.items() if isinstance(v, (str, int, float, bool, dict, list))},
+        "adapter": pm.adapter.name,
+        "layout": None if lay is None else {"num_prefix": lay.num_prefix, "grid": list(lay.grid),
+                                            "patch_size": list(lay.patch_size),
+                                            "prefix_kinds": list(lay.prefix_kinds)},
+        "geometry": None if geometry is None else geometry.meta(),
+        "metrics": {m.label: {"name": m.name, "options": m.options(), "unit": m.value_unit(),
+                              "display_name": m.display_name} for m in plan.metrics},
+        "images": {"count": len(plan.images), "fingerprint": plan.images.fingerprint(),
+                   "skipped": plan.images.skipped, "notes": plan.images.notes},
+        "batch_size": batch_size,
+        "device": str(pm.device),
+        "dtype": str(plan.dtype or torch.float32),
+        "seconds": seconds,
+        "versions": _versions(),
+    }
+
+
+def _decoded(imgs: ImageSet, done: list[int]) -> ImageSet:
+    """The images that were decoded, in order; the others (e.g. a truncated JPEG) join ``skipped``."""
+    if done == list(range(len(imgs))):
+        return imgs
+    out = imgs.subset(done)
+    lost = sorted(set(range(len(imgs))) - set(done))
+    out.skipped = list(imgs.skipped) + [(imgs.names[i], "cannot be decoded") for i in lost]
+    return out
+
+
+def probe(
+    model: ProbedModel | str,
+    images: Any,
+    metrics: Any = ("mad",),
+    *,
+    batch_size: int = 32,
+    layers: Iterable[int] | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    num_workers: int = 0,
+    block_mb: float | None = None,
+    attention_pass: str = "auto",
+    strict: bool = False,
+    label: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Results:
+    """Probe a model's attention over an image set.
+
+    Args:
+        model: a :class:`ProbedModel`, or an alias/spec passed to :func:`probekit.load`.
+        images: paths, a folder, ``"sample"``, PIL images, or a preprocessed ``[N, 3, H, W]`` tensor.
+        metrics: names, ``{name: options}`` or Metric instances.
+        batch_size: images per forward pass.
+        layers: layer indices to probe (default: all).
+        device: where to run (default: where the model is). The model is moved there.
+        dtype: compute dtype (``"bf16"``/``"fp16"`` autocast); probabilities are always float32.
+        num_workers: DataLoader workers that decode and preprocess images.
+        block_mb: memory budget (MiB) for one block of query rows' logits and probabilities
+            (default: 8 on CPU, 256 on accelerators).
+        attention_pass: ``"auto"`` (default), ``"fused"``, ``"separate"`` or ``"kernel"``. ``"fused"``: taps
+            that hold q, k and v (transformers, timm, open_clip) get each layer's attention
+            output from the probability blocks the metrics read, one attention pass instead of
+            the model's kernel plus a recomputation; ``"separate"``: the model's own kernel;
+            ``"auto"``: fused from 150 tokens on CPU (measured; README "Benchmark") and always
+            on accelerators. ``"kernel"``: the fused Triton kernel (CUDA, or
+            ``TRITON_INTERPRET=1`` for tests) for the metrics that declare it.
+        strict: stop on an unreadable image instead of skipping it.
+        label: the model's name in the table (default: ``model.label``).
+        progress: called with ``(images done, images total)`` after each batch.
+
+    Returns:
+        :class:`Results` with one row per image x layer x head x metric.
+    """
+    layers = check_probe_arguments(model=model, metrics=metrics, batch_size=batch_size, layers=layers,
+                                   device=device, num_workers=num_workers, block_mb=block_mb)
+    plan = _resolve(model, images, metrics, layers, device, dtype, strict, label)
+    sink = MetricSink(plan.metrics, layers=plan.layers, block_mb=block_mb, attention_pass=attention_pass)
+    t0 = time.perf_counter()
+    views: list | None = [] if any(m.is_map for m in plan.metrics) else None
+    done = _run_batches(plan, sink, batch_size, num_workers, progress, views)
+    seconds = time.perf_counter() - t0
+    plan.images = _decoded(plan.images, done)
+    table, arrays = _to_table(plan.name, plan.images.names, plan.metrics)
+    grid = None if sink.layout is None else tuple(sink.layout.grid)
+    if views and any(a.ndim >= 4 and tuple(a.shape[-2:]) == grid for a in arrays.values()):
+        arrays[view_key(plan.name)] = np.concatenate(views)  # what per-image maps are drawn over
+    if plan.images.labels is not None:  # a labelled source: the label of each row's image
+        table["label"] = pd.Series(plan.images.labels, index=plan.images.names).reindex(table["image"]).to_numpy()
+    return Results(table, arrays, _provenance(plan, sink.layout, batch_size, seconds, sink.geometry))
+
+
+def _versions() -> dict[str, str]:
+    return dict(_installed_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_versions() -> dict[str, str]:
+    """Looked up once per process: each lookup parses package metadata (~1 ms a package)."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("probekit", "torch", "transformers", "timm", "open_clip_torch", "onnxruntime"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

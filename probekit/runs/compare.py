@@ -1,0 +1,464 @@
+"""Comparisons: several models probed on one image set, written to a run directory.
+
+A run directory holds ``results.parquet`` (every image's value), ``summary.csv`` (mean and
+95% CI per model x layer x head x metric), ``run.json`` (specs, weights, image list
+fingerprint, versions, options, timings, failures, non-finite values, and the manifest that
+vouches for the other files), ``arrays.npz`` (map metrics) and ``figures/``
+(:mod:`probekit.runs.rundir`). Every write is atomic (a temporary file, then a rename).
+
+Each finished part (one model with its options, one image set, one metric with its
+options, one dtype) is kept in ``parts/`` (:mod:`probekit.runs.parts`). A second invocation reuses
+every finished part without loading the model, and an interrupted run resumes where it
+stopped. A model that fails to load or to run is recorded and the others finish.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from probekit import models as _models
+from probekit.runs.config import CheckedRun, ModelEntry, RunConfig, check_run, load_run
+from probekit._io.atomic import write_text_atomic
+from probekit.errors import ConfigError, WriteError
+from probekit.inputs.view import is_view
+from probekit.runs.interrupt import sigterm_as_interrupt
+from probekit.runs.parts import PartStore, only_metric, part_key, relabel
+from probekit.engine.probe import _versions, resolve_dtype
+from probekit.results import Results
+from probekit.runs.rundir import RunDir, load_run_dir, write_outputs
+
+__all__ = ["compare", "Comparison", "Reporter", "load_run_dir", "part_key"]
+
+
+class Reporter(Protocol):
+    """What a comparison tells its caller while it runs (the CLI draws a progress bar)."""
+
+    def model_started(self, label: str, images: int, cached: bool) -> None: ...
+
+    def images_done(self, label: str, done: int, total: int) -> None: ...
+
+    def model_finished(self, label: str, seconds: float, cached: bool) -> None: ...
+
+    def model_failed(self, label: str, message: str) -> None: ...
+
+
+class _Quiet:
+    def model_started(self, label, images, cached): ...
+
+    def images_done(self, label, done, total): ...
+
+    def model_finished(self, label, seconds, cached): ...
+
+    def model_failed(self, label, message): ...
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare` returns.
+
+    Attributes:
+        results: every model's values (:class:`~probekit.results.Results`).
+        figures: paths of the figures written (PNG and SVG).
+        run_dir: the run directory.
+        failures: one record per model that failed to load or run (also in run.json).
+        cached: labels of the models served entirely from finished parts.
+        figure_error: why figures could not be drawn (e.g. a full disk), or None.
+        nonfinite: where values are NaN or infinite (see :meth:`Results.nonfinite`).
+        status: run.json's status: complete, partial (a model failed) or nonfinite.
+        contrasts: group contrasts per metric and layer (:func:`probekit.views.contrasts.contrasts`).
+        report: the path of ``report.html``, or None when not written.
+        notes: one line per thing the run could not give and why (e.g. a figure kind its
+            metrics have no values for); also run.json's ``notes``.
+    """
+
+    results: Results
+    figures: list[Path]
+    run_dir: Path
+    failures: list[dict] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    figure_error: str | None = None
+    nonfinite: list[dict] = field(default_factory=list)
+    status: str = "complete"
+    contrasts: Any = None
+    report: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def __repr__(self) -> str:
+        return (f"Comparison(run_dir={str(self.run_dir)!r}, models={self.results.models}, "
+                f"failures={len(self.failures)}, figures={len(self.figures)})")
+
+    def _repr_html_(self) -> str:
+        from probekit.views.report.summary_html import comparison_html
+
+        return comparison_html(self)
+
+
+# -- the run -----------------------------------------------------------------------------------
+def _as_config(config_or_path: Any) -> RunConfig:
+    if isinstance(config_or_path, RunConfig):
+        return config_or_path
+    if isinstance(config_or_path, dict):
+        from pydantic import ValidationError
+
+        from probekit.runs.config import _format_errors
+
+        try:
+            return RunConfig.model_validate(config_or_path)
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(exc, None, "run settings")) from None
+    return load_run(config_or_path)
+
+
+def _training(entry: ModelEntry, opts: dict, meta: dict) -> str:
+    if entry.training:
+        return entry.training
+    if opts.get("pretrained", True) is False:
+        return "random init"
+    return str(meta.get("training", "unknown"))
+
+
+def _release_accelerator() -> None:
+    """Give a finished model's accelerator memory back before the next model loads."""
+    import torch
+
+    if torch.cuda.is_available():
+        gc.collect()  # cycles in a model keep its CUDA tensors alive; slow, so only where it matters
+        torch.cuda.empty_cache()
+
+
+def probe_missing(run: CheckedRun, entry: ModelEntry, spec: str, opts: dict, missing: list, rep: Reporter,
+                  explore=None):
+    """Load one model and probe the metrics it has no part for; returns (Results or None, record of timings).
+
+    ``explore(pm)``, when given, captures the report's explorer arrays while the model is loaded.
+
+    The one place a comparison computes: an engine other than the local one replaces this.
+    An exception carries ``probekit_stage`` (``load`` or ``run``) for the failure record.
+    """
+    import torch
+
+    from probekit.engine.probe import probe
+
+    cfg = run.config
+    t0 = time.perf_counter()
+    stage = "load"
+    try:
+        # random-init controls are the same model on every run; the caller's RNG is left alone
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            pm = _models.load(entry.model, label=entry.name, device=cfg.device, **opts)
+        t_load = time.perf_counter() - t0
+        stage = "run"
+        res = probe(
+            pm, run.images, [type(m)(**m.options()) for m in missing],
+            batch_size=cfg.batch_size, dtype=cfg.dtype, num_workers=cfg.workers, strict=cfg.strict,
+            label=entry.name, progress=lambda done, total: rep.images_done(entry.name, done, total),
+        ) if missing else None
+        info = {"load_s": t_load, "probe_s": time.perf_counter() - t0 - t_load,
+                "parameters": pm.adapter.parameters_count(),
+                "weights": _weights_id(pm)}
+        if explore is not None:
+            t1 = time.perf_counter()
+            explore(pm)
+            info["explorer_s"] = time.perf_counter() - t1
+        del pm
+        _release_accelerator()
+        return res, info
+    except Exception as exc:
+        exc.probekit_stage = stage
+        raise
+
+
+def _weights_id(pm: Any) -> Any:
+    """What names the weights: the alias's weights id, a checkpoint, or the adapter's own record."""
+    found = {k: pm.meta[k] for k in ("weights", "pretrained") if k in pm.meta}
+    for k, v in pm.adapter.info.items():
+        if any(s in k for s in ("weights", "checkpoint", "sha", "hash", "pretrained", "source")) and \
+                isinstance(v, (str, int, float, bool)):
+            found[k] = v
+    return found or None
+
+
+def _run_record(cfg: RunConfig, run: CheckedRun) -> dict[str, Any]:
+    """run.json before any model runs: what was asked for, on which images, with what versions."""
+    return {
+        "name": cfg.name, "status": "running",
+        "config": cfg.model_dump(mode="json"), "source": cfg._source,
+        "images": {"count": len(run.images), "fingerprint": run.images.fingerprint(), "names": run.images.names,
+                   "paths": None if run.images.paths is None else [str(p) for p in run.images.paths],
+                   "skipped": [list(s) for s in run.images.skipped], "notes": [list(n) for n in run.images.notes],
+                   "labels": run.images.labels, "groups": run.images.groups,
+                   "refs": None if run.images.refs is None else [str(r) for r in run.images.refs],
+                   "source": run.images.origin},
+        "metrics": {m.label: {"name": m.name, "options": m.options(), "unit": m.value_unit()}
+                    for m in run.metrics},
+        "models": [], "failures": [], "versions": _versions(),
+    }
+
+
+def _failure(record: dict, mrec: dict, spec: str, exc: Exception, rep: Reporter) -> None:
+    stage = getattr(exc, "probekit_stage", "run")
+    fail = {"model": mrec["label"], "spec": spec, "stage": stage, "error": type(exc).__name__, "message": str(exc)}
+    if os.environ.get("PROBEKIT_DEBUG"):
+        fail["traceback"] = traceback.format_exc()
+    record["failures"].append(fail)
+    mrec["failed"] = True
+    rep.model_failed(mrec["label"], f"{stage} failed: {type(exc).__name__}: {exc}")
+
+
+def model_keys(run: CheckedRun, i: int, images: str) -> dict[str, str]:
+    """Part keys of model ``i`` per metric label, for the images named by ``images`` (a
+    fingerprint; an engine that shards appends the block it covers)."""
+    cfg = run.config
+    spec, opts, _ = run.specs[i]
+    seed = cfg.seed if opts.get("pretrained", True) is False else None  # it draws random-init weights
+    dtype = str(resolve_dtype(cfg.dtype))  # bf16 and bfloat16 are one part
+    from probekit.metric import RUN_SETTINGS
+
+    settings = {s: getattr(cfg, s) for s in RUN_SETTINGS}  # each metric's key takes those it depends on
+    return {m.label: part_key(spec, opts, images, m, dtype, seed, settings) for m in run.metrics}
+
+
+def _model_parts(run: CheckedRun, i: int, store: PartStore, record: dict, rep: Reporter,
+                 engine_info: dict | None = None, showcase=None) -> tuple[list[Results], bool]:
+    """One model's parts, read from the cache or computed and cached (none if it failed), and
+    whether all of them came from the cache. ``engine_info``: what another engine recorded
+    while it computed this model's parts (they are then read from the store, not cached). With
+    ``showcase`` images, the report explorer's arrays are captured too when they are not cached
+    (the model is loaded here for them alone if need be)."""
+    cfg, entry = run.config, run.config.models[i]
+    spec, opts, alias_meta = run.specs[i]
+    label = entry.name
+    keys = model_keys(run, i, record["images"]["fingerprint"])
+    have = {lbl: r for lbl, k in keys.items() if (r := store.read(k)) is not None}
+    missing = [m for m in run.metrics if m.label not in have]
+    mrec = {"label": label, "model": entry.model, "spec": spec, "options": opts,
+            "training": _training(entry, opts, alias_meta), "alias": alias_meta or None,
+            "parts": keys, "cached": [lbl for lbl in keys if lbl in have], "tags": dict(entry.tags)}
+    if engine_info:
+        mrec.update(engine_info)  # computed by another engine this run: not from the cache
+    record["models"].append(mrec)
+    if engine_info and engine_info.get("failed"):  # the engine recorded the failure
+        return [], False
+    explore = _explorer_job(store.folder, keys, showcase, cfg, mrec, record)
+    if not engine_info:  # (another engine reported this model's progress itself)
+        rep.model_started(label, len(run.images), cached=not missing)
+    t0 = time.perf_counter()
+    if missing or explore is not None:
+        try:
+            res, info = probe_missing(run, entry, spec, opts, missing, rep, explore)
+        except Exception as exc:
+            _failure(record, mrec, spec, exc, rep)
+            return [], False
+        mrec.update(info)
+        for m in missing:
+            have[m.label] = only_metric(res, m.label)
+            store.write(keys[m.label], have[m.label])
+    out = [_as_this_runs(have[m.label], m.label, mrec, record) for m in run.metrics]  # run-file order
+    if not engine_info:
+        rep.model_finished(label, time.perf_counter() - t0, cached=not missing)
+    return out, not missing and not engine_info
+
+
+def _other_engine(run: CheckedRun, store: PartStore, record: dict, rep: Reporter) -> dict[str, dict]:
+    """Where an engine other than the local one plugs in: it writes the missing parts of every
+    model (all models at once) into ``store`` and returns what it recorded per model label."""
+    if run.config.engine == "local":
+        return {}
+    from probekit.runs.engines import get_engine
+
+    return get_engine(run.config.engine)(run, store, record, rep)
+
+
+def _as_this_runs(part: Results, metric_label: str, mrec: dict, record: dict) -> Results:
+    """A part (cached or fresh) under this run's label, noted in the model's and the run's record."""
+    part = relabel(part, mrec["label"])
+    part.meta["training"] = mrec["training"]
+    mrec.setdefault("layout", part.meta.get("layout"))
+    mrec.setdefault("geometry", part.meta.get("geometry"))
+    # when it was computed (this run or an earlier one) and how long the probe took
+    mrec.setdefault("computed", {})[metric_label] = {"seconds": part.meta.get("seconds"), "device": part.meta.get("device")}
+    skipped = record["images"]["skipped"]
+    for item in (part.meta.get("images") or {}).get("skipped") or []:  # images that failed to decode
+        if list(item) not in skipped:
+            skipped.append(list(item))
+    return part
+
+
+def _combine(parts: list[Results], record: dict) -> Results:
+    """All models' parts as one Results, with the run's provenance as its metadata."""
+    res = Results.concat(parts)
+    meta = {k: record[k] for k in ("name", "images", "metrics")}
+    meta["models"] = res.meta.get("models", {})
+    meta["versions"] = next((p.meta.get("versions") for p in parts if p.meta.get("versions")), None)
+    res.meta = meta
+    return res
+
+
+def _status(record: dict) -> str:
+    if record["failures"]:
+        return "partial"
+    return "nonfinite" if record["nonfinite"] else "complete"
+
+
+def compare(config_or_path: Any, out: str | Path | None = None, *, reporter: Reporter | None = None,
+            figures: bool = True, report: bool = True, **flags: Any) -> Comparison:
+    """Probe every model of a run file on its images and write the run directory.
+
+    Args:
+        config_or_path: a YAML run file, a :class:`~probekit.runs.config.RunConfig` or a dict.
+        out: the run directory (default: the file's ``out``, else ``runs/<name>``).
+        reporter: receives progress (see :class:`Reporter`); the CLI passes a progress bar.
+        figures: draw the figures the run file asks for (needs seaborn).
+        report: write ``contrasts.csv`` and the self-contained ``report.html`` (with the
+            attention explorer's arrays for the run file's showcase images).
+        **flags: run settings over the file's (``batch_size``, ``device``, ``dtype``, ...).
+
+    Returns:
+        A :class:`Comparison` with ``.results``, ``.figures``, ``.run_dir``, ``.failures``,
+        ``.nonfinite`` and ``.status``.
+
+    Raises:
+        ConfigError, ImageError, UnknownNameError: before any model is loaded.
+        RunDirBusyError: another run is writing the same directory.
+        WriteError: the directory is not writable, or the disk is full (finished parts are kept).
+        KeyboardInterrupt: after writing what finished; the same call resumes. SIGTERM raises
+            :class:`~probekit.runs.interrupt.Terminated` (a KeyboardInterrupt) the same way.
+
+    >>> import probekit as pk                                   # doctest: +SKIP
+    >>> cmp = pk.compare("configs/quickstart.yaml")             # doctest: +SKIP
+    >>> cmp.results.summary().head()                            # doctest: +SKIP
+    """
+    given = _as_config(config_or_path)
+    explicit_figures = "figures" in given.model_fields_set  # the file's own list, not the default
+    cfg = given.resolve(out=None if out is None else str(out), **flags)
+    run = check_run(cfg)  # everything that can be wrong in the file fails here, before work
+    rep = reporter or _Quiet()
+    rd = RunDir(Path(cfg.out or Path("runs") / cfg.name))
+    showcase = _showcase(cfg, run) if report else None
+    with sigterm_as_interrupt(), rd.locked():  # SIGTERM (SLURM, Kubernetes) stops it as Ctrl-C does
+        record = rd.begin(_run_record(cfg, run))
+        if showcase is not None:
+            record["report"] = {"showcase": showcase.names, "explorer_mb": cfg.report.explorer_mb,
+                                "group_by": cfg.report.group_by}
+        t_run = time.perf_counter()
+        try:
+            collected: list[Results] = []
+            cached: list[str] = []
+            engine_info = _other_engine(run, rd.parts, record, rep)
+            for i, entry in enumerate(cfg.models):
+                parts, from_cache = _model_parts(run, i, rd.parts, record, rep, engine_info.get(entry.name), showcase)
+                collected += parts
+                if from_cache:
+                    cached.append(entry.name)
+            results = _combine(collected, record)
+            record["nonfinite"] = results.nonfinite()
+            anything = len(results) > 0 or bool(results.arrays)  # map metrics alone have no table rows
+            kinds = list(cfg.figures or []) if figures and anything else []
+            timings = record.setdefault("timings", {})  # what a run spends after probing: figures must not dominate
+            t0 = time.perf_counter()
+            figs = write_outputs(rd, results, record, kinds)
+            _note_figures(record, results, kinds, explicit_figures)
+            timings["outputs_s"] = time.perf_counter() - t0
+            record["seconds"] = time.perf_counter() - t_run
+            contrast_table, html = _report_outputs(rd, results, record, cfg) if report and anything else (None, None)
+            record["seconds"] = time.perf_counter() - t_run
+            rd.finish(record, _status(record))
+        except BaseException as exc:
+            rd.abandon(record, exc)
+            raise
+    return Comparison(results, figs, rd.path, record["failures"], cached, record.get("figure_error"),
+                      record["nonfinite"], record["status"], contrast_table, html, list(record.get("notes") or []))
+
+
+def _note_figures(record: dict, results: Results, kinds: list[str], explicit: bool) -> None:
+    """Say in run.json's ``notes`` which figure kinds this run's metrics give no figure of, and why:
+    each kind the run file asks for by name; of the default list, only when it gives none at all."""
+    from probekit.views.plots import figure_notes
+
+    notes = figure_notes(results, kinds)
+    if not explicit and kinds and len(notes) == len(set(kinds)):
+        have = ", ".join(dict.fromkeys([*results.metrics, *(k.rsplit("/", 1)[1] for k in results.arrays if not is_view(k))]))
+        notes = [f"No figures: no figure kind ({', '.join(kinds)}) draws what this run's metrics ({have}) give."]
+    elif not explicit:
+        notes = []
+    if notes:
+        record.setdefault("notes", []).extend(notes)
+
+
+# -- report: explorer arrays, contrasts, report.html (each failure is recorded, never costs the numbers)
+def _showcase(cfg: RunConfig, run: CheckedRun):
+    """The showcase subset of the run's images (the first ``showcase`` ones, or those named)."""
+    want = cfg.report.showcase
+    names = run.images.names
+    if isinstance(want, int):
+        idx = list(range(min(want, len(names))))
+    else:
+        unknown = [n for n in want if n not in names]
+        if unknown:
+            raise ConfigError(f"report.showcase names image(s) not in the run: {', '.join(unknown)}. "
+                              f"Use names from the image set, e.g. {', '.join(names[:3])}.")
+        idx = [names.index(n) for n in want]
+    return run.images.subset(idx) if idx else None
+
+
+def _explorer_job(parts: Path, keys: dict, showcase, cfg: RunConfig, mrec: dict, record: dict):
+    """A callable capturing this model's explorer arrays, or None when cached (or not wanted)."""
+    if showcase is None:
+        return None
+    from probekit.views.report import explorer
+
+    budget = int(cfg.report.explorer_mb * 2**20)
+    path = parts / "explorer" / f"{explorer.explorer_key(keys, showcase.names, budget)}.npz"
+    mrec["explorer"] = str(path.relative_to(parts.parent))
+    if path.exists() and explorer.load(path) is not None:
+        return None
+
+    def run(pm) -> None:
+        try:
+            explorer.save(path, explorer.capture(pm, showcase, budget))
+        except Exception as exc:  # the explorer is a view: its failure never costs the numbers
+            mrec.pop("explorer", None)
+            record.setdefault("report_notes", []).append(
+                f"{mrec['label']}: no attention explorer ({type(exc).__name__}: {exc})")
+
+    return run
+
+
+def _report_outputs(rd: RunDir, results: Results, record: dict, cfg: RunConfig):
+    """``contrasts.csv`` and ``report.html`` (in the manifest); a failure is recorded, never raised."""
+    from probekit.views.contrasts import contrasts, model_groups
+    from probekit.views.report import write_report
+
+    timings = record.setdefault("timings", {})
+    t0 = time.perf_counter()
+    table = html = None
+    try:
+        groups = model_groups({"models": {m["label"]: m for m in record["models"]}}, results.models,
+                              cfg.report.group_by)
+        table = contrasts(results, groups, seed=cfg.seed)
+        write_text_atomic(rd.output("contrasts.csv"), table.to_csv(index=False, float_format="%.6g"))
+        timings["contrasts_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        shown = {**record, "status": _status(record)}  # what run.json will say once finished
+        html = write_report(rd.path, record=shown, results=results, contrasts=table, path=rd.output("report.html"))
+        timings["report_s"] = time.perf_counter() - t0
+    except WriteError:
+        raise  # a full disk or unwritable directory is the run's error, as for every output
+    except Exception as exc:  # the report is a view: its failure never costs the numbers
+        record["report_error"] = f"{type(exc).__name__}: {exc}"
+        for name in ("contrasts.csv", "report.html"):  # none of an earlier run stays beside these results
+            if name in rd.outputs:
+                rd.outputs.remove(name)
+            rd.remove(name)  # (only a probekit run's file)
+    return table, html

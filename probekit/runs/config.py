@@ -1,0 +1,452 @@
+"""Run files: the YAML that says which models, images and metrics a comparison uses.
+
+A run file is data, validated by pydantic before any model is loaded (as fastapi-cli
+validates its config): unknown fields are refused, and every error names the line of the
+file and the field, one bullet each; a key given twice in one mapping is refused with both lines
+(YAML would keep the last silently). Paths expand ``~`` and environment variables. :meth:`RunConfig.resolve`
+puts command-line flags over file values, and :func:`check_run` proves the run can start (models
+resolvable, their names in their library's list by ``Adapter.check_spec``, metrics known with valid
+options, images present) so nothing fails an hour in for a typo.
+
+Example run file::
+
+    name: quickstart
+    models:
+      - model: dino-s16                  # an alias from `probekit models`, or a spec
+        training: self-supervised
+      - model: timm:vit_small_patch16_224
+        label: random init
+        options: {pretrained: false}
+    images: sample                       # or a folder, a list, or {path: ..., count: 50, seed: 0}
+    metrics: [mad, {name: mad, options: {units: patch}}]
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from probekit._io.safe_yaml import load_yaml
+from probekit.errors import ConfigError, ImageError, MissingDependencyError, ProbekitError
+
+__all__ = ["ModelEntry", "ImagesEntry", "MetricEntry", "ReportEntry", "Resources", "RunConfig", "load_run", "check_run",
+           "CheckedRun", "expand_path"]
+
+_FIGURES = ("depth", "overlay", "heatmap", "summary", "maps", "labels")
+_UNSET = re.compile(r"\$(\w+|\{[^}]*\})")  # what os.path.expandvars leaves: a variable that is not set
+
+
+def expand_path(value: str) -> str:
+    """``value`` with ``~`` and environment variables (``$TMPDIR``, ``${HOME}``) expanded, as a
+    shell would, so ``out: $TMPDIR/run`` never makes a folder named ``$TMPDIR``.
+
+    Raises:
+        ValueError: it names a variable that is not set (pydantic reports it with the line).
+
+    >>> expand_path("$HOME/run") == expand_path("${HOME}/run") == os.path.expanduser("~/run")
+    True
+    """
+    out = os.path.expanduser(os.path.expandvars(value))
+    unset = _UNSET.search(out)
+    if unset:
+        raise ValueError(f"{value!r} uses the environment variable {unset.group(0)}, which is not set; "
+                         "set it, or write the path out")
+    return out
+
+
+def _expanded(v: Any) -> Any:
+    return expand_path(v) if isinstance(v, str) else v
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelEntry(_Strict):
+    """One model of a run: an alias or spec, how results name it, and backend options."""
+
+    model: str = Field(validation_alias=AliasChoices("model", "spec", "alias"), min_length=1)
+    label: str | None = None
+    training: str | None = Field(default=None, validation_alias=AliasChoices("training", "group"))
+    options: dict[str, Any] = Field(default_factory=dict)
+    #: grouping columns of your own (``{lab: fair, size: small}``), for ``report.group_by``
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        return {"model": v} if isinstance(v, str) else v
+
+    @field_validator("model")
+    @classmethod
+    def _spec_vars(cls, v: str) -> str:  # onnx:$MODELS/vit.onnx, hf:${DATA}/my-vit
+        return expand_path(v) if "$" in v else v
+
+    @field_validator("options")
+    @classmethod
+    def _checkpoint_vars(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return {**v, "checkpoint": _expanded(v["checkpoint"])} if "checkpoint" in v else v
+
+    @property
+    def name(self) -> str:
+        """How results and figures name this model."""
+        return self.label or self.model
+
+
+class ImagesEntry(_Strict):
+    """The image set: ``"sample"``, folders or files, or a labelled source (:mod:`probekit.inputs.sources`:
+    class folders, a manifest, WebDataset shards, a ``datasets`` dataset), optionally a seeded
+    random subset, stratified by label."""
+
+    path: list[str] = Field(validation_alias=AliasChoices("path", "paths", "shards"), min_length=1)
+    kind: Literal["auto", "files", "classes", "manifest", "webdataset", "hf"] = "auto"
+    count: int | None = Field(default=None, gt=0)
+    seed: int = 0
+    stratify: bool = False
+    path_column: str = "path"  # manifest
+    label_column: str | None = None  # manifest (default: "label" if present), hf
+    group_column: str | None = None  # manifest
+    image_column: str = "image"  # hf
+    split: str | None = None  # hf save_to_disk DatasetDict
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_short(cls, v: Any) -> Any:
+        if isinstance(v, (str, list)):
+            return {"path": v}
+        return v
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("path")
+    @classmethod
+    def _path_vars(cls, v: list[str]) -> list[str]:
+        return [expand_path(p) for p in v]
+
+
+class Resources(_Strict):
+    """What the Ray engine asks of the cluster (``resources:`` in a run file; ignored by the local engine)."""
+
+    gpus: float | None = Field(default=None, ge=0)  # per model replica; None: 1 when the cluster has GPUs
+    cpus: float | None = Field(default=None, ge=0)  # per model replica; None: 1, or a share of a CPU-only cluster
+    decode_cpus: float | None = Field(default=None, gt=0)  # per decoding task; None: as cpus
+    replicas: int | None = Field(default=None, gt=0)  # per model; None: one per GPU (GPUs / models), else 1
+    shard_size: int | None = Field(default=None, gt=0)  # images per cached shard; None: 16 batches
+
+
+class MetricEntry(_Strict):
+    """One metric by registered name, with its constructor options."""
+
+    name: str = Field(min_length=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+
+class ReportEntry(_Strict):
+    """The HTML report: which images the attention explorer shows, its byte budget, the contrast grouping."""
+
+    #: how many images (the first ones) or which image names the explorer stores
+    showcase: int | list[str] = Field(default=3)
+    #: uint8 attention rows stored for the explorer per model, in MB (sets the query sub-grid); per model
+    #: so that adding a model never invalidates the others' cached arrays
+    explorer_mb: float = Field(default=4.0, gt=0, le=64)
+    #: the model field that groups models for the statistics: ``training`` or one of the models' ``tags``
+    group_by: str = "training"
+
+    @field_validator("showcase")
+    @classmethod
+    def _showcase(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("showcase must be a count >= 0 or a list of image names")
+        return v
+
+
+class RunConfig(_Strict):
+    """A validated run file. Fields left out take these defaults."""
+
+    name: str = "run"
+    models: list[ModelEntry] = Field(min_length=1)
+    images: ImagesEntry = Field(default_factory=lambda: ImagesEntry(path=["sample"]))
+    metrics: list[MetricEntry] = Field(default_factory=lambda: [MetricEntry(name="mad")], min_length=1)
+    image_size: int | tuple[int, int] | None = None
+    batch_size: int = Field(default=16, gt=0)
+    device: str | None = None
+    dtype: Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = "float32"
+    out: str | None = None
+    seed: int = 0
+    workers: int = Field(default=0, ge=0)
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = None  # the Ray cluster: auto, ray://host:port; None: a local one
+    resources: Resources = Field(default_factory=Resources)
+    strict: bool = False
+    figures: list[Literal["depth", "overlay", "heatmap", "summary", "maps", "labels"]] = Field(
+        default_factory=lambda: list(_FIGURES)
+    )
+    report: ReportEntry = Field(default_factory=ReportEntry)
+
+    @field_validator("out")
+    @classmethod
+    def _out_vars(cls, v: str | None) -> str | None:
+        return _expanded(v)
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _metrics_mapping(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [v]
+        if isinstance(v, dict):  # {mad: {units: px}, entropy: null}
+            return [{"name": k, "options": o or {}} for k, o in v.items()]
+        return v
+
+    # set by load_run: where the file is and its parsed node tree, for line numbers
+    _source: str | None = None
+    _nodes: Any = None
+
+    def line_of(self, *loc: Any) -> int | None:
+        """The 1-based line of the run file that holds field ``loc`` (None if not from a file)."""
+        return _line_of(self._nodes, loc) if self._nodes is not None else None
+
+    def where(self, *loc: Any) -> str:
+        """``"run.yaml line 4, models[0].model"``: how errors point at a field."""
+        line = self.line_of(*loc)
+        src = Path(self._source).name if self._source else "run"
+        at = f"{src} line {line}" if line else src
+        return f"{at}, {_dotted(loc)}" if loc else at
+
+    def resolve(self, **flags: Any) -> "RunConfig":
+        """A copy with command-line ``flags`` over file values (flags left None are ignored).
+
+        Raises:
+            ConfigError: a flag value that the run file could not hold either.
+        """
+        given = {k: v for k, v in flags.items() if v is not None}
+        unknown = set(given) - set(type(self).model_fields)
+        if unknown:
+            raise ConfigError(f"Unknown run setting(s): {', '.join(sorted(unknown))}.")
+        data = self.model_dump(by_alias=False)
+        data.update(given)
+        try:
+            out = type(self).model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(exc, None, "command-line flags")) from None
+        out._source, out._nodes = self._source, self._nodes
+        return out
+
+    def model_options(self, entry: ModelEntry) -> dict[str, Any]:
+        """The options a model is loaded with: run-wide ``image_size`` under the entry's own."""
+        opts = dict(entry.options)
+        if self.image_size is not None and "image_size" not in opts:
+            opts["image_size"] = self.image_size
+        return opts
+
+
+# -- reading files ---------------------------------------------------------------------------
+def load_run(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run file.
+
+    Args:
+        path: the run file, or the name of one shipped with probekit (``"quickstart"``).
+
+    Returns:
+        The validated :class:`RunConfig`; relative image paths and ``out`` are taken relative
+        to the current directory, as on the command line.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, gives a key twice in one mapping (any
+            depth; both lines named), or has bad fields (one bullet per field, each with its
+            line number).
+
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "r.yaml")
+    >>> _ = open(p, "w").write("models: [vit-b16]\\nmetrics: [mad]\\nbatch_sise: 4\\n")
+    >>> try: load_run(p)
+    ... except ConfigError as e: print(str(e).splitlines()[1])
+      - r.yaml line 3, batch_sise: Extra inputs are not permitted (got 4)
+    """
+    path = Path(path)
+    if not path.is_file():
+        path = _bundled(path)
+    text = path.read_text()
+    try:
+        nodes = yaml.compose(text)
+        data = load_yaml(text, path.name)  # safe, and a key given twice is refused with both lines
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path.name} is not valid YAML{where}: {getattr(exc, 'problem', exc)}.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name} must be a mapping with at least `models:`; got {type(data).__name__}.")
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, nodes, path.name)) from None
+    cfg._source, cfg._nodes = str(path), nodes
+    return cfg
+
+
+def _bundled(path: Path) -> Path:
+    """A run file shipped with probekit (``quickstart`` -> configs/quickstart.yaml), for pip users."""
+    from importlib import resources
+
+    root = resources.files("probekit.configs")
+    names = sorted(p.name for p in root.iterdir() if p.name.endswith(".yaml") and p.name != "models.yaml")
+    for name in (path.name, f"{path.name}.yaml"):
+        if len(path.parts) == 1 and name in names:
+            return Path(str(root.joinpath(name)))
+    shipped = ", ".join(n.removesuffix(".yaml") for n in names)
+    raise ConfigError(f"No run file at {path}. Pass the path of a YAML run file, or one shipped with "
+                      f"probekit: {shipped}.")
+
+
+def _dotted(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _line_of(node: Any, loc) -> int | None:
+    """Follow ``loc`` down the YAML node tree; the line of the deepest node reached."""
+    line = None
+    for part in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            pairs = node.value
+            if isinstance(part, int):  # a mapping read as a list (metrics: {mad: ...})
+                nxt = pairs[part][0] if part < len(pairs) else None
+            else:
+                hit = [(k, v) for k, v in pairs if getattr(k, "value", None) == part]
+                # a key of its own (an extra field) points at the key; a value at the value
+                nxt = hit[0][1] if hit else None
+                if hit and not isinstance(hit[0][1], (yaml.MappingNode, yaml.SequenceNode)):
+                    nxt = hit[0][0]
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode):
+            node = node.value[part] if isinstance(part, int) and part < len(node.value) else None
+        else:
+            node = None
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
+
+
+def _clean_loc(loc) -> tuple:
+    """Drop pydantic's internal steps (union members, validator tags) from an error location."""
+    return tuple(p for p in loc if isinstance(p, int) or not (p[:1].isupper() or "[" in p or p.startswith("function")))
+
+
+def _format_errors(exc: ValidationError, nodes: Any, source: str) -> str:
+    errors = exc.errors(include_url=False)
+    lines = [f"{source} has {len(errors)} problem{'s' * (len(errors) != 1)}:"]
+    for err in errors:
+        loc = _clean_loc(err["loc"])
+        line = _line_of(nodes, loc) if nodes is not None else None
+        at = f"{source} line {line}" if line else source
+        got = err.get("input")
+        shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+        lines.append(f"  - {at}, {_dotted(loc) or '(top level)'}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+# -- checking a run before any long work --------------------------------------------------------
+def _spec_problem(cls: type, spec: str, opts: dict) -> str | None:
+    """Why ``cls`` (an adapter) could not build ``spec``, by its :meth:`~probekit.Adapter.check_spec`; or None."""
+    from probekit.models import missing_dependency
+
+    try:
+        cls.check_spec(spec.partition(":")[2], **opts)
+    except ProbekitError as exc:
+        return str(exc)
+    except ModuleNotFoundError as exc:  # the backend's library is not installed
+        return str(missing_dependency(cls, exc))
+    except Exception as exc:  # a plugin's own check failing is its bug: say whose, run nothing
+        return f"the {cls.__name__}.check_spec of this backend failed ({type(exc).__name__}: {exc})"
+    return None
+
+
+@dataclass
+class CheckedRun:
+    """A run that can start: resolved specs, metric instances and the image set."""
+
+    config: RunConfig
+    specs: list[tuple[str, dict, dict]]  # (spec, options, alias metadata) per model entry
+    metrics: list  # Metric instances, in run-file order
+    images: Any  # ImageSet
+
+
+def check_run(cfg: RunConfig) -> CheckedRun:
+    """Prove the run can start: every model resolvable, metric known, image present.
+
+    Raises:
+        ConfigError: one bullet per problem, each naming the line and field.
+    """
+    from probekit.engine.arguments import device_problem
+    from probekit.models import adapter_class, resolve
+    from probekit.adapter_options import options_message, options_problems
+    from probekit.engine.probe import build_metrics
+    from probekit.registry import metrics as metric_registry
+
+    problems, specs, mets = [], [], []
+    labels = [m.name for m in cfg.models]
+    for i, entry in enumerate(cfg.models):
+        if labels.count(entry.name) > 1:
+            problems.append(f"{cfg.where('models', i, 'model')}: the name {entry.name!r} is used twice; "
+                            "give one of them a `label:`.")
+        try:
+            spec, opts, meta = resolve(entry.model, **cfg.model_options(entry))
+            cls = adapter_class(spec.partition(":")[0])
+        except ProbekitError as exc:
+            problems.append(f"{cfg.where('models', i, 'model')}: {exc}")
+            continue
+        opts, bad = options_problems(cls, opts)  # typed before any model loads
+        if bad:
+            problems.append(f"{cfg.where('models', i, 'options')}: {options_message(cls, bad, spec)}")
+        else:
+            problem = _spec_problem(cls, spec, opts)  # the name against the library's list, no model built
+            if problem:
+                problems.append(f"{cfg.where('models', i, 'model')}: {problem}")
+        specs.append((spec, opts, meta))
+    for i, entry in enumerate(cfg.metrics):
+        try:
+            mets.append(metric_registry.get(entry.name)(**entry.options))
+        except (ProbekitError, TypeError) as exc:
+            msg = str(exc)
+            if isinstance(exc, TypeError):
+                msg = f"bad options for metric {entry.name!r}: {exc}"
+            problems.append(f"{cfg.where('metrics', i)}: {msg}")
+    if not problems:
+        try:
+            build_metrics(mets)  # refuses the same metric twice
+        except ConfigError as exc:
+            problems.append(f"{cfg.where('metrics')}: {exc}")
+    if cfg.device is not None:
+        problem = device_problem(cfg.device)
+        if problem:
+            problems.append(f"{cfg.where('device')}: {problem}")
+    images = None
+    try:
+        from probekit.inputs.sources import from_entry
+
+        images = from_entry(cfg.images, strict=cfg.strict)
+    except (ImageError, ConfigError, MissingDependencyError) as exc:
+        problems.append(f"{cfg.where('images')}: {exc}")
+    if problems:
+        n = len(problems)
+        raise ConfigError(f"The run cannot start ({n} problem{'s' * (n != 1)}):\n" +
+                          "\n".join(f"  - {p}" for p in problems))
+    return CheckedRun(cfg, specs, mets, images)

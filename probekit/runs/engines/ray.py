@@ -1,0 +1,344 @@
+"""The Ray engine: every model of a comparison at once, across a Ray cluster, cached per shard.
+
+Ray Data's batch-inference pattern: per model, a dataset of image references (one row per
+chunk, a chunk being one of the local engine's batches), a CPU stage that decodes and applies
+the model's own preprocessing (:func:`~probekit.runs.engines.stages.decode_chunk`), and an actor pool
+of :class:`~probekit.runs.engines.stages.ProbeReplica` (one replica per GPU when there are GPUs)
+that probes each chunk with the local engine and returns its per-image rows. The models'
+datasets stream concurrently; the driver gathers chunks into shards (model x contiguous block
+of images), writes each finished shard as a sealed part, and, once a model's shards are all in,
+writes the same whole-set parts the local engine writes (concatenated rows; dataset-level
+metric state merged through ``Metric.merge``) and drops its shard parts. A run killed midway
+recomputes only missing shards; a killed replica is restarted and its chunk retried by Ray.
+"""
+
+from __future__ import annotations
+
+import pickle
+import queue
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from probekit.errors import ConfigError, MissingDependencyError
+from probekit.inputs.view import join_arrays, metric_arrays
+from probekit.runs.interrupt import sigterm_as_interrupt
+from probekit.metric.state import state_from_json, state_to_json
+from probekit.runs.parts import PartStore
+from probekit.engine.probe import build_metrics
+from probekit.results import Results
+from probekit.runs.engines.stages import ProbeReplica, decode_chunk
+
+__all__ = ["run_ray"]
+
+_DONE = object()
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError('The Ray engine needs Ray: pip install "probekit[ray]".') from None
+    return ray
+
+
+@dataclass
+class _Job:
+    """One model's missing work: its shards, those already cached, and chunks as they arrive."""
+
+    index: int
+    label: str
+    missing: list  # metrics without a whole-set part
+    whole_keys: dict[str, str]
+    shard_keys: list[dict[str, str]]
+    have: dict[int, dict[str, Results]]  # shard -> metric label -> cached shard part
+    todo: list[int]
+    chunks: dict[int, dict] = field(default_factory=dict)  # chunk -> payload
+    pending: dict[int, list[int]] = field(default_factory=dict)  # shard -> its chunk ids, until written
+    timings: list[dict] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    labels: dict[str, str] | None = None  # image name -> label (labelled sources)
+
+
+def _plan(run, store: PartStore, fp: str, shards: list[tuple[int, int]]) -> list[_Job]:
+    from probekit.runs.compare import model_keys
+
+    jobs = []
+    for i, entry in enumerate(run.config.models):
+        whole = model_keys(run, i, fp)
+        missing = [m for m in run.metrics if store.read(whole[m.label]) is None]
+        if not missing:
+            continue
+        skeys = [model_keys(run, i, f"{fp}#{lo}:{hi}") for lo, hi in shards]
+        have = {}
+        for s, keys in enumerate(skeys):
+            parts = {m.label: store.read(keys[m.label]) for m in missing}
+            if all(p is not None and _states(p) is not None for p in parts.values()):
+                have[s] = parts
+        todo = [s for s in range(len(shards)) if s not in have]
+        jobs.append(_Job(i, entry.name, missing, whole, skeys, have, todo))
+    return jobs
+
+
+def _chunks(shards: list[tuple[int, int]], todo: list[int], batch: int) -> list[tuple[int, int, int, int]]:
+    """(chunk id, shard, lo, hi) for the shards to compute: each chunk one local-engine batch."""
+    out = []
+    for s in todo:
+        lo, hi = shards[s]
+        out += [(c, s, a, min(a + batch, hi)) for c, a in ((a // batch, a) for a in range(lo, hi, batch))]
+    return out
+
+
+def _resources(ray, cfg) -> dict[str, Any]:
+    """Per-replica and per-task resources: the run file's, else what fits the cluster.
+
+    On a CPU-only cluster every model's replicas and one decoding task per model must fit at
+    once, or actor pools would hold every CPU while decoding waits for one (a stall): the
+    default splits the CPUs evenly, at most one each.
+    """
+    r = cfg.resources
+    cluster = ray.cluster_resources()
+    gpus = r.gpus if r.gpus is not None else (1.0 if cluster.get("GPU", 0) >= 1 else 0.0)
+    models = max(1, len(cfg.models))
+    replicas = r.replicas or (max(1, int(cluster.get("GPU", 0) // max(gpus, 1e-9) // models)) if gpus else 1)
+    share = 1.0 if gpus else min(1.0, cluster.get("CPU", 1) / (models * (replicas + 1)))
+    shard = r.shard_size or 16 * cfg.batch_size
+    shard = -(-shard // cfg.batch_size) * cfg.batch_size  # whole batches: chunks never straddle shards
+    cpus = r.cpus if r.cpus is not None else share
+    return {"gpus": gpus, "cpus": cpus, "decode_cpus": r.decode_cpus or share, "replicas": replicas,
+            "shard_size": shard, "cluster": {k: v for k, v in cluster.items() if not k.startswith("node:")}}
+
+
+def _dataset(ray, run, job: _Job, chunks, res: dict, transform):
+    cfg, entry = run.config, run.config.models[job.index]
+    _, opts, _ = run.specs[job.index]
+    rows = [{"chunk": c, "images": pickle.dumps(run.images.subset(range(lo, hi)))} for c, _, lo, hi in chunks]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    ds = ds.map(decode_chunk, fn_kwargs={"transform": transform}, num_cpus=res["decode_cpus"])
+    device = "cuda" if res["gpus"] else cfg.device
+    return ds.map_batches(
+        ProbeReplica, batch_size=1, concurrency=res["replicas"], num_cpus=res["cpus"], num_gpus=res["gpus"],
+        fn_constructor_kwargs=dict(model=entry.model, label=entry.name, options=opts, seed=cfg.seed, device=device,
+                                   metrics=[(m.name, m.options()) for m in job.missing], dtype=cfg.dtype,
+                                   batch_size=cfg.batch_size),
+        max_restarts=-1, max_task_retries=-1,  # a lost replica is restarted and its chunk retried
+    )
+
+
+def _transform(run, i: int):
+    """The model's own preprocessing, shipped to the decoding stage (the model is loaded once here)."""
+    import torch
+
+    from probekit.models import load
+
+    entry, (_, opts, _) = run.config.models[i], run.specs[i]
+    with torch.random.fork_rng(devices=[]):
+        pm = load(entry.model, label=entry.name, device="cpu", **opts)
+    return pm.preprocess
+
+
+def _consume(ds, job: _Job, q: queue.Queue, stop: threading.Event) -> None:
+    try:
+        for row in ds.iter_rows():
+            q.put((job, row))
+            if stop.is_set():
+                break
+        q.put((job, _DONE))
+    except BaseException as exc:  # noqa: BLE001  (handed to the driver thread, which raises or records it)
+        q.put((job, exc))
+
+
+def _shard_results(run, job: _Job, lo: int, hi: int, chunk_ids: list[int]) -> dict[str, Results]:
+    """A finished shard's part per metric: its chunks' rows under the real image names."""
+    imgs = run.images
+    tables, arrays, states, meta, secs = [], {}, {}, None, 0.0
+    for c in chunk_ids:
+        p = job.chunks.pop(c)
+        secs += p["probe_s"]
+        if p["table"] is None:
+            continue
+        start = c * run.config.batch_size
+        names = [imgs.names[start + int(k)] for k in p["kept"]]
+        t = p["table"]
+        t["image"] = [names[int(i)] for i in t["image"].astype(str)]
+        if job.labels is not None:
+            t["label"] = [job.labels[n] for n in t["image"]]
+        tables.append(t)
+        for k, v in p["arrays"].items():
+            arrays.setdefault(k, []).append(v)
+        for k, st in p["states"].items():
+            states.setdefault(k, []).append(st)
+        meta = meta or p["meta"]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["model", "image", "layer",
+                                                                                      "head", "metric", "value"])
+    out = {}
+    for m in job.missing:
+        t = table[table["metric"].astype(str) == m.label] if len(table) else table
+        arr = metric_arrays({k: join_arrays(k, v) for k, v in arrays.items()}, m.label)  # maps and input views
+        mm = dict(meta or {})
+        mm.update(seconds=secs, shard=[lo, hi], state=state_to_json(states.get(m.label, [])))  # JSON, never pickle
+        mm["metrics"] = {m.label: (meta or {}).get("metrics", {}).get(m.label, {})}
+        out[m.label] = Results(t, arr, mm)
+    return out
+
+
+def _states(part: Results) -> list[dict] | None:
+    """The metric states a shard part stores (a list of state_dicts as plain JSON), or None when
+    they are anything else (a planted or older part: the shard is then computed again). Nothing
+    read here can run code: see :func:`~probekit.metric.state.state_from_json`."""
+    try:
+        states = state_from_json(part.meta.get("state", []))
+    except ConfigError:
+        return None
+    ok = isinstance(states, list) and all(isinstance(st, dict) and isinstance(st.get("state"), dict) for st in states)
+    return states if ok else None
+
+
+def _whole(run, job: _Job, m, shards: list[tuple[int, int]], record: dict) -> Results:
+    """A model's whole-set part for metric ``m`` from its shard parts, as the local engine writes it."""
+    parts = [job.have[s][m.label] for s in range(len(shards))]
+    table = pd.concat([p.table for p in parts], ignore_index=True)
+    arrays = {}
+    for p in parts:
+        for k, v in p.arrays.items():
+            arrays.setdefault(k, []).append(v)
+    arrays = {k: join_arrays(k, v) for k, v in arrays.items()}  # input views: the first images only
+    merged = build_metrics([(m.name, m.options())])[0]
+    for p in parts:
+        for st in _states(p) or []:  # (_plan admitted only parts whose state reads)
+            merged.merge(st)  # the metric state contract: options are checked on merge
+    whole = merged.dataset_result()
+    if whole is not None:
+        arrays[f"{job.label}/{m.label}"] = whole
+    meta = {k: v for k, v in parts[0].meta.items() if k not in ("state", "shard")}
+    skipped = sorted(set(record["images"]["names"]) - set(table["image"].astype(str))) if len(table) else []
+    meta["images"] = {"count": len(run.images) - len(skipped), "fingerprint": record["images"]["fingerprint"],
+                      "skipped": run.images.skipped + [(n, "cannot be decoded") for n in skipped]}
+    meta["seconds"] = sum(p.meta.get("seconds") or 0.0 for p in parts)
+    meta["batch_size"] = run.config.batch_size
+    meta["engine"] = "ray"
+    return Results(table, arrays, meta)
+
+
+def run_ray(run, store: PartStore, record: dict, rep) -> dict[str, dict]:
+    """Compute every model's missing parts on Ray; returns what was recorded per model label."""
+    from probekit.runs.compare import _failure
+
+    ray = _ray()
+    cfg = run.config
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=cfg.address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    sigterm = ExitStack()  # ray.init's SIGTERM handler exits under a native stack dump: ours stops as Ctrl-C does
+    sigterm.enter_context(sigterm_as_interrupt(replace=True))
+    res = _resources(ray, cfg)
+    n, fp = len(run.images), record["images"]["fingerprint"]
+    shards = [(lo, min(lo + res["shard_size"], n)) for lo in range(0, n, res["shard_size"])]
+    jobs = _plan(run, store, fp, shards)
+    labels = None if run.images.labels is None else dict(zip(run.images.names, run.images.labels))
+    for job in jobs:
+        job.labels = labels
+    eng = record["engine"] = {"name": "ray", "ray": ray.__version__, "address": cfg.address, **res,
+                              "shards": [], "seconds": None}
+    info: dict[str, dict] = {}
+    q: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    t_run = time.perf_counter()
+    live, consumers = [], []
+    try:
+        for job in jobs:
+            mrec = info[job.label] = {"label": job.label, "engine": "ray",
+                                      "cached_shards": len(job.have), "computed_shards": len(job.todo)}
+            for s in job.have:
+                eng["shards"].append({"model": job.label, "shard": s, "images": list(shards[s]), "computed": False})
+            rep.model_started(job.label, n, cached=not job.todo)
+            if not job.todo:  # every shard cached by an interrupted run: assemble them
+                _finish(run, job, store, shards, record, rep)
+                continue
+            try:
+                transform = _transform(run, job.index)
+            except Exception as exc:
+                exc.probekit_stage = "load"
+                _failure(record, mrec, run.specs[job.index][0], exc, rep)
+                continue
+            chunks = _chunks(shards, job.todo, cfg.batch_size)
+            job.pending = {s: [c for c, cs, _, _ in chunks if cs == s] for s in job.todo}
+            ds = _dataset(ray, run, job, chunks, res, transform)
+            consumers.append(threading.Thread(target=_consume, args=(ds, job, q, stop), daemon=True))
+            consumers[-1].start()
+            live.append(job)
+        running = set(id(j) for j in live)
+        while running:
+            job, row = q.get()
+            if row is _DONE or isinstance(row, BaseException):
+                running.discard(id(job))
+                if isinstance(row, BaseException):
+                    if isinstance(row, KeyboardInterrupt):
+                        raise row
+                    row.probekit_stage = "run"
+                    _failure(record, info[job.label], run.specs[job.index][0], row, rep)
+                else:
+                    _finish(run, job, store, shards, record, rep)
+                continue
+            job.chunks[int(row["chunk"])] = pickle.loads(row["payload"])
+            _shard_if_done(run, job, store, shards, eng, rep)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the streams end at their next row, then a cluster started here
+        stop.set()
+        _wind_down(ray if started else None, consumers)
+        raise
+    finally:
+        stop.set()
+        eng["seconds"] = time.perf_counter() - t_run
+        sigterm.close()
+    return info
+
+
+def _wind_down(ray, consumers: list[threading.Thread], seconds: float = 10.0) -> None:
+    """After an interrupt: wait (a bounded while: SLURM and Kubernetes kill 30 s after SIGTERM) for
+    the streams to stop at their next row, then shut down ``ray`` (a cluster this run started, with
+    its actors), so nothing is left running and no stream meets a cluster that is gone."""
+    end = time.monotonic() + seconds
+    for t in consumers:
+        t.join(timeout=max(0.0, end - time.monotonic()))
+    if ray is not None:
+        ray.shutdown()
+
+
+def _shard_if_done(run, job: _Job, store: PartStore, shards, eng: dict, rep) -> None:
+    for s, ids in list(job.pending.items()):
+        if not all(c in job.chunks for c in ids):
+            continue
+        payloads = [job.chunks[c] for c in ids]
+        lo, hi = shards[s]
+        parts = _shard_results(run, job, lo, hi, ids)
+        for label, part in parts.items():
+            store.write(job.shard_keys[s][label], part)
+        job.have[s] = parts
+        del job.pending[s]
+        eng["shards"].append({"model": job.label, "shard": s, "images": [lo, hi], "computed": True,
+                              "probe_s": sum(p["probe_s"] for p in payloads),
+                              "decode_s": sum(p["decode_s"] for p in payloads),
+                              "pids": sorted({p["pid"] for p in payloads}),
+                              "done_s": time.perf_counter() - job.started})
+        done = sum(shards[k][1] - shards[k][0] for k in job.have)
+        rep.images_done(job.label, done, len(run.images))
+        shard_done = getattr(rep, "shard_done", None)  # optional: (model label, the shard's run.json record)
+        if shard_done is not None:
+            shard_done(job.label, eng["shards"][-1])
+
+
+def _finish(run, job: _Job, store: PartStore, shards, record: dict, rep) -> None:
+    """All shards in: write the whole-set parts, then drop the shard parts they replace."""
+    if job.pending:  # the stream ended early (stopped): leave the shards for the next run
+        return
+    for m in job.missing:
+        store.write(job.whole_keys[m.label], _whole(run, job, m, shards, record))
+    for keys in job.shard_keys:
+        for key in keys.values():
+            store.discard(key)
+    rep.model_finished(job.label, time.perf_counter() - job.started, cached=False)

@@ -1,0 +1,215 @@
+"""Cached parts: one finished (model, image set, metric) result, kept under a key of its inputs.
+
+A part is reused only if every input that made it is the same (DESIGN.md, "Contracts"): the
+model spec and options, the content of every local file the adapter reads (checkpoints, ONNX
+graphs, a Hugging Face directory or cache snapshot), the image set's content, the metric and
+its options, the run settings the metric declares it depends on (``Metric.depends_on``: the
+batch size of minibatch CKA), the dtype, the seed of a random init, and the versions of
+probekit, the model libraries and both plugins (the adapter's and the metric's distribution,
+and the content of all its files, :mod:`probekit.runs.plugin_files`: an editable plugin fixed in
+place, or reinstalled with the same version, changes no version).
+
+A part is ``<key>.parquet`` (plus ``<key>.npz`` for map arrays) and ``<key>.seal.json``,
+written last, with the SHA-256 of each file. A part whose seal is missing or does not match
+(a flipped byte, a truncated copy) is recomputed, never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from probekit._io.atomic import write_text_atomic
+from probekit.errors import ConfigError, ProbekitError
+from probekit._io.fileid import file_digest, files_identity
+from probekit.inputs.view import metric_arrays
+from probekit.runs.plugin_files import files_digest, plugin_files
+from probekit.results import Results
+
+__all__ = ["part_key", "PartStore", "weight_files", "plugin_identity", "relabel", "only_metric"]
+
+_PART_FORMAT = 2  # bump when the layout of a part file changes: old parts are then ignored
+
+
+def plugin_identity(kind: str, name: str, cls: type | None = None) -> dict[str, Any]:
+    """Where a plugin comes from: its distribution and version, and the content of all its files
+    (:mod:`probekit.runs.plugin_files`: every file of the distribution, or of its package tree)."""
+    from probekit.registry import adapters, metrics
+
+    rec = (adapters if kind == "adapter" else metrics).record(name)
+    if cls is None and rec is not None:
+        cls = rec.obj
+    # registered in-session (pk.register): no distribution, and the module's import name is an accident
+    ep = rec.entry_point if rec is not None else None
+    dist = rec.dist if ep is not None else None
+    files = None if cls is None else files_digest(plugin_files(cls, getattr(ep, "dist", None)))
+    return {"dist": dist, "files": files}
+
+
+def _probekit_files() -> str | None:
+    """probekit's own files (its engine), as a plugin's are keyed (:mod:`probekit.runs.plugin_files`)."""
+    from importlib import metadata
+
+    from probekit.metric import Metric
+
+    try:
+        dist = metadata.distribution("probekit")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        dist = None
+    return files_digest(plugin_files(Metric, dist))
+
+
+def _settings(metric: Any, settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The run settings ``metric`` declares it depends on (``Metric.depends_on``), with their values."""
+    wanted = tuple(getattr(metric, "depends_on", ()))
+    missing = [s for s in wanted if s not in (settings or {})]
+    if missing:
+        raise ConfigError(f"Metric {metric.name!r} depends on the run setting(s) {', '.join(missing)}, which "
+                          "the part key was not given; pass settings={...} to part_key.")
+    return {s: settings[s] for s in wanted}
+
+
+def _adapter_class(spec: str) -> type | None:
+    from probekit.registry import adapters
+
+    try:
+        return adapters.get(spec.partition(":")[0])
+    except ProbekitError:  # a broken plugin: the load fails and is recorded; the key need not be exact
+        return None
+
+
+def weight_files(spec: str, options: dict) -> list[Path]:
+    """The local files a model is built from, as its adapter declares them (see Adapter.weight_files)."""
+    cls = _adapter_class(spec)
+    if cls is None:
+        return []
+    try:
+        return [Path(p) for p in cls.weight_files(spec.partition(":")[2], **options)]
+    except ProbekitError:  # e.g. an onnx:pkg: package that is gone: the load will say so
+        return []
+
+
+def part_key(spec: str, options: dict, fingerprint: str, metric: Any, dtype: str, seed: int | None = None,
+             settings: Mapping[str, Any] | None = None) -> str:
+    """The cache key of one finished part (see the module docstring for what it covers).
+
+    ``settings``: the run's settings (``{"batch_size": 16, ...}``); the key takes those the
+    metric declares in ``depends_on``. The model's label is not part of the key (renaming a
+    model reuses its parts).
+
+    Raises:
+        ConfigError: the metric depends on a setting that ``settings`` lacks.
+    """
+    from probekit import __version__
+    from probekit.engine.probe import _versions
+
+    prefix = spec.partition(":")[0]
+    ident = {
+        "format": _PART_FORMAT,
+        "probekit": __version__,  # a new release may compute differently: never reuse across versions
+        "probekit_files": _probekit_files(),  # nor a checkout or reinstall that changed its engine
+        "libraries": _versions(),  # nor across torch/timm/transformers/... upgrades (defaults, kernels)
+        "adapter": plugin_identity("adapter", prefix, _adapter_class(spec)),
+        "metric_plugin": plugin_identity("metric", metric.name, type(metric)),
+        "spec": spec,
+        "options": options,
+        "files": files_identity(weight_files(spec, options)),
+        "images": fingerprint,
+        "metric": metric.name,
+        "metric_options": metric.options(),
+        "dtype": str(dtype),
+        "settings": _settings(metric, settings),
+    }
+    if seed is not None:
+        ident["seed"] = int(seed)
+    blob = json.dumps(ident, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+# what a part's metadata holds, by type: anything else is a planted or damaged part (recomputed)
+_META_TYPES = {"model": str, "spec": str, "adapter": str, "model_meta": dict, "layout": (dict, type(None)),
+               "geometry": (dict, list, type(None)), "metrics": dict, "images": dict, "device": (str, type(None)),
+               "dtype": (str, type(None)), "seconds": (int, float, type(None)), "versions": (dict, type(None)),
+               "batch_size": (int, type(None))}
+
+
+def _plausible_meta(meta: Any) -> bool:
+    """Whether a part's metadata has the types a run reads from it (JSON of odd types is refused)."""
+    if not isinstance(meta.get("model"), str) or not all(isinstance(meta[k], t) for k, t in _META_TYPES.items()
+                                                         if k in meta):
+        return False
+    skipped = (meta.get("images") or {}).get("skipped") or []
+    return isinstance(skipped, list) and all(isinstance(s, list) and all(isinstance(x, str) for x in s)
+                                             for s in skipped)
+
+
+class PartStore:
+    """The ``parts/`` folder of a run directory."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def _files(self, key: str) -> tuple[Path, Path, Path]:
+        f = self.folder
+        return f / f"{key}.parquet", f / f"{key}.npz", f / f"{key}.seal.json"
+
+    def read(self, key: str) -> Results | None:
+        """The part under ``key``, or None if it is absent or fails its seal (then it is recomputed)."""
+        pq, npz, seal = self._files(key)
+        try:
+            sums = json.loads(seal.read_text())["files"]
+            for path in (pq, npz):
+                if sums.get(path.name) != (file_digest(path) if path.exists() else None):
+                    return None
+            res = Results.read_parquet(pq)
+            if not _plausible_meta(res.meta):
+                return None
+            if npz.exists():
+                res.arrays = Results.read_arrays(npz, models=[res.meta.get("model"), *res.models])
+        except Exception:  # absent, damaged or unreadable: recompute, never trust
+            return None
+        return res
+
+    def write(self, key: str, res: Results) -> None:
+        """Write a part: its files first, the seal with their checksums last (the seal marks it done)."""
+        pq, npz, seal = self._files(key)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        seal.unlink(missing_ok=True)
+        sums = {}
+        if res.arrays:
+            res.save_arrays(npz)
+            sums[npz.name] = file_digest(npz)
+        else:
+            npz.unlink(missing_ok=True)
+        res.to_parquet(pq)
+        sums[pq.name] = file_digest(pq)
+        write_text_atomic(seal, json.dumps({"format": _PART_FORMAT, "files": sums}))
+
+    def discard(self, key: str) -> None:
+        """Remove a part (seal first, so a half-removed part is never served)."""
+        pq, npz, seal = self._files(key)
+        for path in (seal, pq, npz):
+            path.unlink(missing_ok=True)
+
+
+def relabel(res: Results, label: str) -> Results:
+    """A cached part under the model name this run uses."""
+    old = res.meta.get("model")
+    if old == label:
+        return res
+    table = res.table.astype({"model": str})
+    table["model"] = label
+    arrays = {f"{label}/{k.rsplit('/', 1)[1]}": v for k, v in res.arrays.items()}
+    return Results(table, arrays, {**res.meta, "model": label})
+
+
+def only_metric(res: Results, metric_label: str) -> Results:
+    """The rows, arrays and metadata of one metric: the part it is cached as."""
+    table = res.table[res.table["metric"].astype(str) == metric_label]
+    arrays = metric_arrays(res.arrays, metric_label)  # with the model's input views: drawn from the part alone
+    meta = dict(res.meta)
+    meta["metrics"] = {metric_label: res.meta.get("metrics", {}).get(metric_label, {})}
+    return Results(table, arrays, meta)

@@ -1,0 +1,423 @@
+"""A run directory: one run's files, the lock that keeps a second run out, and the record that
+vouches for them.
+
+Why: run directories are read (plots, reports, colleagues) while runs are interrupted, resumed
+and repeated into them, so their files must always describe one run, and ``run.json`` must say
+whether that run finished. A run therefore (1) takes the directory's lock, (2) marks
+``run.json`` ``running`` under a new run id, (3) writes its outputs, and (4) writes ``run.json``
+again LAST, with its final status and a manifest: the SHA-256 of every file it vouches for.
+A reader trusts a directory only when ``run.json`` is finished and every file matches its
+manifest, so an interrupted second run leaves ``running`` beside whatever it wrote, never an
+earlier run's ``complete``. Figures are drawn into a staging folder and moved in only when all
+of them are written: a full disk leaves no stray figure files.
+
+A run never deletes or replaces a file that no probekit run wrote: ``--out`` on a folder that
+holds files but no probekit run is refused before anything is written, and in a run directory
+only the files that earlier runs' records list (``manifest``, and ``owned``: every file a run
+wrote, recorded in ``run.json`` before the file is written) are replaced or removed; a user's
+notes or figures beside them stay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from probekit._io.atomic import write_errors, write_text_atomic
+from probekit.errors import ConfigError, RunDirBusyError, RunDirError
+from probekit._io.fileid import file_digest
+from probekit.inputs.view import is_view
+from probekit.runs.parts import PartStore
+from probekit.results import Results
+
+__all__ = ["RunDir", "read_record", "load_run_dir", "write_outputs", "redraw", "FINISHED"]
+
+RUN_JSON = "run.json"
+LOCK = ".lock"
+OUTPUTS = ("results.parquet", "summary.csv", "arrays.npz", "contrasts.csv", "report.html")  # beside run.json
+FINISHED = ("complete", "partial", "nonfinite")  # statuses of a run that wrote all its outputs
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, indent=1, default=str, sort_keys=False)
+
+
+# -- the lock --------------------------------------------------------------------------------------
+def _try_lock(fd: int) -> bool:
+    """An exclusive lock on ``fd``'s file, released by the kernel when the process ends (however)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _holder(fd: int) -> dict:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return json.loads(os.read(fd, 4096) or b"{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _busy_message(path: Path, who: dict) -> str:
+    return (f"{path} is in use by another probekit run (pid {who.get('pid', '?')} on "
+            f"{who.get('host', '?')}, started {who.get('started', '?')}). Wait for it to finish, or "
+            "choose another --out; a run that dies releases the lock by itself.")
+
+
+def _lock_holder(path: Path) -> dict | None:
+    """Who holds ``path``'s lock now, or None when nobody does (read-only: for messages)."""
+    try:
+        fd = os.open(path / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return None if _try_lock(fd) else _holder(fd)
+    finally:
+        os.close(fd)
+
+
+# -- whose files -----------------------------------------------------------------------------------
+def _is_record(record: Any) -> bool:
+    """Whether JSON read from a ``run.json`` is a probekit run's record (not a list, not odd types)."""
+    return isinstance(record, dict) and isinstance(record.get("run_id"), str) and isinstance(record.get("status"), str)
+
+
+def _probekit_record(path: Path) -> dict | None:
+    """``run.json`` of ``path`` when it is a probekit run's record (read as JSON only), else None."""
+    try:
+        record = json.loads((path / RUN_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if _is_record(record) else None
+
+
+def _inside(name: Any) -> bool:
+    """Whether ``name`` (from a record) is a relative path inside the run directory."""
+    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
+
+
+def owned_files(path: str | Path) -> set[str]:
+    """The files of ``path`` that probekit runs wrote (the only ones a run may replace or remove).
+
+    A folder that does not exist or is empty (or holds only what a run creates first: the lock
+    and an empty ``parts/``) owns nothing yet; a run directory owns what its ``run.json`` lists.
+
+    Raises:
+        RunDirError: ``path`` is a folder with files but no probekit run record.
+    """
+    path = Path(path)
+    if not path.is_dir():  # nothing there yet (or a file: creating the folder says so)
+        return set()
+    record = _probekit_record(path)
+    if record is None:
+        try:
+            entries = list(path.iterdir())
+        except OSError as exc:
+            raise RunDirError(f"{path} cannot be listed ({exc.strerror}); choose another --out.") from None
+        mine = all(p.name == LOCK or (p.name == "parts" and p.is_dir() and not any(p.iterdir())) for p in entries)
+        if entries and not mine:
+            raise RunDirError(
+                f"{path} holds files but is not a probekit run directory (no run.json of a probekit run), and a "
+                "run never deletes or replaces files it did not write: choose an empty or new folder for --out "
+                "(or `out:` in the run file), or a previous probekit run directory.")
+        return set()
+    names = list(record.get("owned") or []) if isinstance(record.get("owned"), list) else []
+    if isinstance(record.get("manifest"), dict):
+        names += list(record["manifest"])
+    if isinstance(record.get("figures"), list):
+        names += record["figures"]
+    if "owned" not in record:  # written before runs recorded what they own: its output names are its own
+        names += list(OUTPUTS)
+    return {n for n in names if _inside(n) and os.path.lexists(path / n)}
+
+
+# -- the directory -------------------------------------------------------------------------------
+class RunDir:
+    """One run directory while a run writes it: ``with rd.locked(): rd.begin(record) ... rd.finish(...)``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.parts = PartStore(self.path / "parts")
+        self.outputs: list[str] = []  # files this run wrote, relative to the directory
+        self.owned: set[str] = set()  # files a probekit run wrote here: the only ones a run may replace
+        self.record: dict | None = None  # run.json as this run keeps it (``owned`` is written as it grows)
+
+    @contextmanager
+    def locked(self) -> Iterator["RunDir"]:
+        """Hold the directory's lock; a second run is refused with who holds it.
+
+        A lock left by a process that died (SIGKILL, power loss) is free: the kernel drops it.
+
+        Raises:
+            RunDirError: the folder holds files but no probekit run (nothing is written to it).
+            RunDirBusyError: another run holds the lock.
+            WriteError: the directory cannot be created or written.
+        """
+        owned_files(self.path)  # refuse a user's folder before creating anything in it
+        with write_errors(self.path):
+            (self.path / "parts").mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if not _try_lock(fd):
+                raise RunDirBusyError(_busy_message(self.path, _holder(fd)))
+            me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": now()}).encode()
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, me)
+            self.owned = owned_files(self.path)  # (now that no other run can change them)
+            yield self
+        finally:
+            os.close(fd)  # releases the lock
+
+    def output(self, name: str) -> Path:
+        """The path of an output file this run writes (``results.parquet``, ``report.html``...);
+        the manifest will vouch for it.
+
+        Raises:
+            RunDirError: a file of that name is there and no probekit run wrote it.
+        """
+        self.own([name])
+        if name not in self.outputs:
+            self.outputs.append(name)
+        return self.path / name
+
+    def own(self, names: list[str]) -> None:
+        """Record in ``run.json`` that this run writes ``names`` (before it writes them, so a run
+        killed midway still names them); a file there that no probekit run wrote is refused.
+
+        Raises:
+            RunDirError: one of ``names`` exists and is not a probekit run's file.
+        """
+        new = [n for n in names if n not in self.owned]
+        for n in new:
+            if os.path.lexists(self.path / n):
+                raise RunDirError(f"{self.path / n} was not written by probekit: move it out of {self.path} "
+                                  "(a run never replaces a file it did not write), or choose another --out.")
+        if new:
+            self.owned.update(new)
+            if self.record is not None:
+                self.record["owned"] = sorted(self.owned)
+                self.write_record(self.record)
+
+    def remove(self, name: str) -> None:
+        """Remove an output of an earlier run (only a file a probekit run wrote)."""
+        if name in self.owned:
+            (self.path / name).unlink(missing_ok=True)
+            self.owned.discard(name)
+
+    def adopt(self, record: dict) -> None:
+        """Go on writing the finished run whose ``record`` this is (``probekit plot``, ``report``)."""
+        self.record = record
+
+    def write_record(self, record: dict) -> None:
+        write_text_atomic(self.path / RUN_JSON, _json(record))
+
+    def begin(self, record: dict) -> dict:
+        """Mark the directory as written by a new run, before anything else is written."""
+        record.update(run_id=uuid.uuid4().hex[:12], status="running", started=now(), owned=sorted(self.owned))
+        record.pop("manifest", None)
+        self.record = record
+        self.write_record(record)
+        return record
+
+    def finish(self, record: dict, status: str) -> None:
+        """Write ``run.json`` last: the status, and for a finished run the manifest of its files."""
+        record["status"] = status
+        record["finished"] = now()
+        record["owned"] = sorted(n for n in self.owned if os.path.lexists(self.path / n))
+        if status in FINISHED:
+            record["manifest"] = {name: file_digest(self.path / name) for name in self.outputs}
+        self.write_record(record)
+
+    def abandon(self, record: dict, exc: BaseException) -> None:
+        """Best effort after an error: say the run failed (on a full disk this may not be written;
+        then ``running`` stays, which readers also refuse)."""
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        try:
+            self.finish(record, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        except OSError:
+            pass
+
+    # -- outputs -----------------------------------------------------------------------------
+    def write_results(self, results: Results) -> None:
+        """``results.parquet``, ``summary.csv`` and ``arrays.npz`` (removed when there are no arrays)."""
+        results.to_parquet(self.output("results.parquet"))
+        summary = results.summary()
+        write_text_atomic(self.output("summary.csv"), summary.to_csv(index=False, float_format="%.17g"))
+        if results.arrays:
+            results.save_arrays(self.output("arrays.npz"))
+        else:
+            with write_errors(self.path):
+                self.remove("arrays.npz")
+
+    def draw_figures(self, results: Results, keep_others: bool = False, **kwargs: Any) -> list[Path]:
+        """Draw figures into a staging folder, then move them into ``figures/``: all or none.
+
+        Without ``keep_others``, figures of earlier runs are removed (they describe other results).
+        ``kwargs`` go to :func:`probekit.views.plots.render_all`; figures whose inputs did not change
+        are linked from ``figures/`` instead of drawn again.
+
+        Raises:
+            WriteError and any error of the plotting code: then no new figure is left behind.
+        """
+        from probekit.views import plots
+
+        final = self.path / "figures"
+        stage = self.path / f".figures-{uuid.uuid4().hex[:8]}"
+        moved: list[Path] = []
+        try:
+            stamps = self.path / "parts" / "figure-stamps.json"  # what the figures in figures/ were drawn from
+            drawn = plots.render_all(results, stage, reuse=final, stamps=stamps, **kwargs) \
+                if kwargs.get("kinds") != [] else []
+            self.own([f"figures/{p.name}" for p in drawn])  # refuses to replace a user's file
+            with write_errors(final):
+                final.mkdir(exist_ok=True)
+                for p in drawn:
+                    os.replace(p, final / p.name)
+                    moved.append(final / p.name)
+                if (stage / plots.STAMPS).exists():  # last: only once every figure is in place
+                    os.replace(stage / plots.STAMPS, stamps)
+        except BaseException:
+            for p in moved:
+                p.unlink(missing_ok=True)
+            raise
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        if not keep_others and final.is_dir():  # an earlier run's figures, never a user's file
+            for p in final.iterdir():
+                if p.is_file() and p not in moved:
+                    self.remove(f"figures/{p.name}")
+        return [self.output(str(p.relative_to(self.path))) for p in moved]
+
+
+def write_outputs(rd: RunDir, results: Results, record: dict, figure_kinds: list[str] | None) -> list[Path]:
+    """Everything a run writes from its Results and record (before :meth:`RunDir.finish`).
+
+    A figure error (a plotting bug, a full disk) costs no numbers: it is kept in
+    ``record["figure_error"]`` and no figure of it is left; the results are written first.
+    """
+    rd.write_results(results)
+    figs: list[Path] = []
+    try:
+        figs = rd.draw_figures(results, kinds=list(figure_kinds or []))
+    except Exception as exc:
+        record["figure_error"] = f"{type(exc).__name__}: {exc}"
+        rd.draw_figures(results, kinds=[])  # no figure of an earlier run stays beside these results
+    record["figures"] = [str(p.relative_to(rd.path)) for p in figs]
+    return figs
+
+
+# -- reading -------------------------------------------------------------------------------------
+_AGAIN = "Run the comparison again into it to finish or rewrite it (finished parts are reused)."
+
+
+def read_record(run_dir: str | Path) -> dict:
+    """``run.json`` of a finished run whose files all match its manifest.
+
+    Raises:
+        RunDirError: no run.json, an unfinished or interrupted run (its files may be an earlier
+            run's), or a file that is missing or not the one the run wrote.
+    """
+    run_dir = Path(run_dir)
+    rj = run_dir / RUN_JSON
+    if not run_dir.is_dir():
+        raise RunDirError(f"No run directory at {run_dir}. Point at a directory written by `probekit run` "
+                          "or `probekit compare`.")
+    if not rj.exists():
+        what = "results.parquet but no run.json" if (run_dir / "results.parquet").exists() else "no run.json"
+        raise RunDirError(f"{run_dir} has {what}: it is not a run directory written by a finished "
+                          f"`probekit run` or `probekit compare`. {_AGAIN}")
+    try:
+        record = json.loads(rj.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"{rj} cannot be read ({exc}). {_AGAIN}") from None
+    if not _is_record(record):  # JSON, but not a probekit run's record (a list, odd types)
+        raise RunDirError(f"{rj} is not the record of a probekit run. {_AGAIN}")
+    status, run_id = record.get("status"), record.get("run_id", "?")
+    if status not in FINISHED or not isinstance(record.get("manifest"), dict):
+        who = _lock_holder(run_dir)
+        if who:
+            raise RunDirError(f"{run_dir} is being written by a run in progress (pid {who.get('pid')} on "
+                              f"{who.get('host')}, started {who.get('started')}). Wait for it to finish.")
+        raise RunDirError(f"{run_dir} holds an unfinished run (run.json status {status!r}, run {run_id}, started "
+                          f"{record.get('started')}): its files may come from an earlier run. {_AGAIN}")
+    for name, digest in record["manifest"].items():
+        p = run_dir / name
+        if not isinstance(digest, str) or not _inside(name):
+            raise RunDirError(f"{rj} lists {name!r}, which is not a file of the run directory. {_AGAIN}")
+        if not p.is_file():
+            raise RunDirError(f"{p} is missing: run {run_id} wrote it. {_AGAIN}")
+        if file_digest(p) != digest:
+            raise RunDirError(f"{p} is not the file run {run_id} wrote (changed since). {_AGAIN}")
+    return record
+
+
+def load_run_dir(run_dir: str | Path) -> Results:
+    """The results of a finished run directory, verified against its manifest.
+
+    Raises:
+        RunDirError: see :func:`read_record`.
+    """
+    run_dir = Path(run_dir)
+    record = read_record(run_dir)
+    res = Results.read_parquet(run_dir / "results.parquet")
+    if "arrays.npz" in record["manifest"]:
+        res.arrays = Results.read_arrays(run_dir / "arrays.npz", models=res.models)
+    return res
+
+
+def redraw(run_dir: str | Path, kinds=None, metrics=None, notes: list[str] | None = None) -> list[Path]:
+    """Draw figures of a finished run directory (``probekit plot``) and add them to its manifest.
+
+    ``notes``, when given, receives one line for each of the ``kinds`` asked for by name that
+    the directory's metrics give no figure of, saying why.
+
+    Raises:
+        RunDirError: the directory does not hold one finished run (see :func:`read_record`).
+        ConfigError: a metric the directory does not hold.
+    """
+    rd = RunDir(run_dir)
+    read_record(rd.path)  # before the lock: never create a directory that is not there
+    with rd.locked():
+        record = read_record(rd.path)
+        rd.adopt(record)  # figures it draws join what the directory's runs own
+        res = load_run_dir(rd.path)
+        if metrics:
+            have = list(dict.fromkeys([*res.metrics, *(k.rsplit("/", 1)[1] for k in res.arrays if not is_view(k))]))
+            missing = [m for m in metrics if m not in have]
+            if missing:
+                raise ConfigError(f"No metric {', '.join(missing)} in {rd.path}; it holds: {', '.join(have)}.")
+        paths = rd.draw_figures(res, keep_others=True, kinds=None if kinds is None else list(kinds),
+                                metrics=metrics)  # maps over the input views stored with them: no model
+        if notes is not None and kinds:
+            from probekit.views.plots import figure_notes
+
+            notes.extend(figure_notes(res, kinds, metrics))
+        for p in paths:
+            record["manifest"][str(p.relative_to(rd.path))] = file_digest(p)
+        record["figures"] = sorted(set(record.get("figures") or []) | {str(p.relative_to(rd.path)) for p in paths})
+        rd.write_record(record)
+    return paths

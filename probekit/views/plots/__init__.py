@@ -1,0 +1,433 @@
+"""Figures of a comparison, drawn from Results alone (or a run directory's parquet).
+
+Each function takes :class:`~probekit.results.Results` (or its long table) and an optional
+matplotlib ``ax``, and returns ``(fig, ax)``, as torchmetrics' ``plot`` does. Sizes suit a
+paper page (7 in wide); axis labels carry the metric's unit from ``Results.meta``; colours
+come from seaborn's colour-blind-safe palette, one per training kind. seaborn is imported
+lazily so the numbers never depend on it.
+
+- :func:`depth_profile`: ViT paper Fig. 7 (x layer, y value, one dot per head, a panel per
+  model, shared y) with a dashed line at the value of uniform attention for that layout.
+- :func:`layer_overlay`: per-layer mean over heads with a 95% CI band over images.
+- :func:`head_heatmap`: layer x head means, one panel per model.
+- :func:`summary_points`: per model, the mean at chosen layers with 95% CIs.
+- :func:`attention_maps`: map metrics (``cls_map``, ``rollout``) over the images
+  (in :mod:`probekit.views.plots.maps`; shared helpers in :mod:`probekit.views.plots._common`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from probekit._io.atomic import atomic_path, write_text_atomic
+from probekit.errors import ConfigError
+from probekit.views.plots._common import WIDTH, _as_results, _axis_label, _geometry, _grid, _layout, _palette, _pick_metric, _reference, _rows, _sns, _training, uniform_attention_value
+from probekit.views.plots.labels import label_profile
+from probekit.inputs.view import is_view, view_key
+from probekit.views.plots.maps import attention_maps
+from probekit.results import Results, summarize
+
+__all__ = [
+    "depth_profile", "layer_overlay", "head_heatmap", "summary_points", "attention_maps",
+    "render_all", "figure_notes", "uniform_attention_value", "label_profile", "KINDS",
+]
+
+KINDS = ("depth", "overlay", "heatmap", "summary", "maps", "labels")
+
+
+# -- figures -----------------------------------------------------------------------------------
+def _select(results: Results | pd.DataFrame, metric: str | None, models) -> tuple[Results, str, pd.DataFrame]:
+    """The results, the metric to draw (default ``mad``) and its rows for ``models``."""
+    res = _as_results(results)
+    metric = _pick_metric(res, metric)
+    return res, metric, _rows(res, metric, models)
+
+
+def _per_head_rows(results, metric: str | None, models, figure: str) -> tuple[Results, str, pd.DataFrame, list]:
+    """As :func:`_select`, keeping per-head rows (head >= 0), and the models that have any.
+
+    Raises:
+        ConfigError: no per-head rows, so ``figure`` (e.g. "a heatmap") cannot be drawn.
+    """
+    res, metric, t = _select(results, metric, models)
+    t = t[t["head"] >= 0]
+    names = list(dict.fromkeys(t["model"]))
+    if not names:
+        raise ConfigError(f"Metric {metric!r} has no per-head values to draw {figure} from.")
+    return res, metric, t, names
+
+
+def depth_profile(results: Results | pd.DataFrame, metric: str | None = None, *, models=None, ax=None):
+    """ViT paper Fig. 7: x layer, y value, one dot per head and a panel per model (shared y).
+
+    A dashed line marks the metric's reference value for the model's token layout
+    (:meth:`~probekit.Metric.reference_value`; MAD: uniform attention, heads near it attend
+    globally, heads far below it locally; entropy: ln N).
+    For windowed, pooled and staged models (Swin, SAM, MViTv2) the MAD line follows each
+    layer's own uniform value (what its window or pooled key set allows) and dotted vertical
+    lines mark where a new stage's grid starts; distances stay in input pixels across stages.
+
+    Args:
+        results: Results or their long table.
+        metric: a metric label in the results (default ``"mad"``).
+        models: the models to draw (default: all, in table order).
+        ax: draw every model on this one axes instead of a panel each.
+
+    Returns:
+        ``(fig, axes)``: one axes per model (a single axes when ``ax`` was given).
+    """
+    sns, _ = _sns()
+    res, metric, t, names = _per_head_rows(results, metric, models, "a depth profile")
+    heads = t.groupby(["model", "layer", "head"], observed=True)["value"].mean().reset_index()
+    fig, axes = _grid(1 if ax is not None else len(names), ax)
+    colours = _palette(res, names)
+    for i, name in enumerate(names):
+        a = axes[0] if ax is not None else axes[i]
+        d = heads[heads["model"] == name]
+        n_heads = int(d["head"].max()) + 1
+        pal = sns.color_palette("colorblind", min(n_heads, 10))
+        cols = [pal[h % len(pal)] for h in d["head"]] if ax is None else colours[name]
+        a.scatter(d["layer"], d["value"], s=12, c=cols, alpha=0.8, linewidths=0,
+                  label=name if ax is not None else None)
+        ref = _reference(res, name, metric)
+        if isinstance(ref, list):  # windows, pooled keys, stages: the uniform level of each layer
+            a.plot(range(len(ref)), ref, ls="--", lw=1, color="0.4", drawstyle="steps-mid",
+                   label="uniform attention" if i == 0 else None)
+            a.ref_value = ref
+        elif ref is not None:
+            a.axhline(ref, ls="--", lw=1, color="0.4", label="uniform attention" if i == 0 else None)
+            a.ref_value = ref  # the line's value, for tests and captions
+        geo = _geometry(res, name)
+        a.stage_starts = (geo or {}).get("stage_starts", [])
+        for s in a.stage_starts:  # where the grid changes (patch merging, pooled queries)
+            a.axvline(s - 0.5, ls=":", lw=0.8, color="0.6")
+        if ax is None:
+            a.set_title(f"{name}\n({_training(res, name)})", fontsize=8)
+        a.set_xlabel("layer")
+        a.xaxis.set_major_locator(_int_locator())
+    for a in (axes[:1] if ax is not None else axes[:: min(len(names), 3)]):
+        a.set_ylabel(_axis_label(res, metric))
+    if ax is not None:
+        ax.legend(fontsize=7, frameon=False)
+    return fig, (axes[0] if ax is not None else axes)
+
+
+def _int_locator():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
+def _per_image_layer(t: pd.DataFrame) -> pd.DataFrame:
+    """Mean over heads for each model x image x layer (what CIs over images are taken of)."""
+    return t.groupby(["model", "image", "layer"], observed=True)["value"].mean().reset_index()
+
+
+def layer_overlay(results: Results | pd.DataFrame, metric: str | None = None, *, models=None, ax=None):
+    """Per-layer mean over heads with a 95% CI band over images; a line per model.
+
+    Colour is the training kind (colour-blind-safe); models of one kind differ by line style.
+
+    Returns:
+        ``(fig, ax)``.
+    """
+    _sns()
+    res, metric, t = _select(results, metric, models)
+    names = list(dict.fromkeys(t["model"]))
+    s = summarize(_per_image_layer(t).assign(metric=metric, head=-1))
+    fig, axes = _grid(1, ax, row_height=3.2)
+    a = axes[0]
+    colours = _palette(res, names)
+    styles, seen = ["-", "--", ":", "-."], {}
+    for name in names:
+        d = s[s["model"].astype(str) == name].sort_values("layer")
+        kind = _training(res, name)
+        ls = styles[seen.setdefault(kind, []).__len__() % len(styles)]
+        seen[kind].append(name)
+        a.plot(d["layer"], d["mean"], ls=ls, marker="o", ms=3, color=colours[name], label=f"{name} ({kind})")
+        lo, hi = d["ci_low"].fillna(d["mean"]), d["ci_high"].fillna(d["mean"])
+        a.fill_between(d["layer"], lo, hi, color=colours[name], alpha=0.2, linewidth=0)
+    a.set_xlabel("layer")
+    a.set_ylabel(_axis_label(res, metric))
+    a.xaxis.set_major_locator(_int_locator())
+    a.legend(fontsize=7, frameon=False)
+    a.set_title("mean over heads, 95% CI over images", fontsize=8)
+    return fig, a
+
+
+def head_heatmap(results: Results | pd.DataFrame, metric: str | None = None, *, models=None, ax=None):
+    """Layer x head means over images, a panel per model with one shared colour scale.
+
+    Args:
+        ax: draw the first (or only) model of ``models`` on this axes.
+
+    Returns:
+        ``(fig, axes)``.
+    """
+    sns, _ = _sns()
+    res, metric, t, names = _per_head_rows(results, metric, models, "a heatmap")
+    if ax is not None:
+        names = names[:1]
+    means = t.groupby(["model", "layer", "head"], observed=True)["value"].mean()
+    vmin, vmax = float(means.min()), float(means.max())
+    fig, axes = _grid(len(names), ax, sharey=False, row_height=2.6)
+    for i, name in enumerate(names):
+        grid = means.loc[name].unstack("head")
+        sns.heatmap(grid, ax=axes[i], vmin=vmin, vmax=vmax, cmap="viridis", cbar=i == len(names) - 1,
+                    cbar_kws={"label": _axis_label(res, metric)} if i == len(names) - 1 else None)
+        axes[i].set_title(name, fontsize=8)
+        axes[i].set_xlabel("head")
+        axes[i].set_ylabel("layer")
+        axes[i].tick_params(labelsize=7, labelrotation=0)
+    return fig, (axes[0] if ax is not None else axes)
+
+
+def _chosen_layers(layers_of_model: list[int], layers) -> dict[int, str]:
+    if layers is None:
+        n = len(layers_of_model)
+        out: dict[int, str] = {}
+        for k, i in (("first", 0), ("middle", (n - 1) // 2), ("last", n - 1)):
+            out.setdefault(layers_of_model[i], k)  # a 2-layer model has no middle of its own
+        return out
+    return {int(x): f"layer {int(x)}" for x in layers if int(x) in layers_of_model}
+
+
+def summary_points(results: Results | pd.DataFrame, metric: str | None = None, *, layers=None,
+                   models=None, ax=None):
+    """Per model, the mean over heads and images at chosen layers, with 95% CIs over images.
+
+    Args:
+        layers: layer indices; default first, middle and last of each model (depths differ).
+
+    Returns:
+        ``(fig, ax)``.
+    """
+    sns, _ = _sns()
+    res, metric, t = _select(results, metric, models)
+    t = _per_image_layer(t)
+    names = list(dict.fromkeys(t["model"]))
+    picked = []
+    for name in names:
+        d = t[t["model"] == name]
+        chosen = _chosen_layers(sorted(d["layer"].unique().tolist()), layers)
+        picked.append(d[d["layer"].isin(list(chosen))].assign(where=lambda x: x["layer"].map(chosen)))
+    d = pd.concat(picked, ignore_index=True)
+    s = summarize(d.assign(metric=metric, head=-1), by=("model", "where"))
+    order = sorted(dict.fromkeys(d["where"]), key=lambda w: ("first", "middle", "last").index(w)
+                   if w in ("first", "middle", "last") else 3 + int(w.split()[-1]))
+    fig, axes = _grid(1, ax, row_height=3.0)
+    a = axes[0]
+    pal = sns.color_palette("colorblind", max(len(order), 3))
+    width = 0.6 / max(len(order), 1)
+    for j, where in enumerate(order):
+        sw = s[s["where"] == where].set_index("model").reindex(names)
+        x = np.arange(len(names)) + (j - (len(order) - 1) / 2) * width
+        err = np.vstack([sw["mean"] - sw["ci_low"], sw["ci_high"] - sw["mean"]]).clip(min=0)
+        a.errorbar(x, sw["mean"], yerr=np.nan_to_num(err), fmt="o", ms=4, capsize=2, color=pal[j], label=where)
+    a.set_xticks(np.arange(len(names)), names, rotation=20, ha="right", fontsize=7)
+    a.set_ylabel(_axis_label(res, metric))
+    a.legend(fontsize=7, frameon=False, title="layer", title_fontsize=7)
+    a.set_title("mean over heads, 95% CI over images", fontsize=8)
+    return fig, a
+
+
+# -- files -------------------------------------------------------------------------------------
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name).strip("_")
+
+
+def save(fig, stem: Path) -> list[Path]:
+    """Write ``fig`` as ``stem.png`` (200 dpi) and ``stem.svg``, atomically; returns the paths."""
+    out = []
+    for fmt in ("png", "svg"):
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        with atomic_path(path, suffix=f".{fmt}") as tmp:
+            fig.savefig(tmp, format=fmt, dpi=200)  # constrained layout already fits the labels in
+        out.append(path)
+    return out
+
+
+def _is_image_map(results: Results, key: str) -> bool:
+    """Whether ``results.arrays[key]`` is ``[images, layers, ..., h, w]`` over the model's patch grid."""
+    if is_view(key):  # the images under the maps, not a map
+        return False
+    arr = results.arrays[key]
+    lay = _layout(results, key.rsplit("/", 1)[0])
+    return arr.ndim >= 4 and (not lay or tuple(arr.shape[-2:]) == tuple(lay["grid"]))
+
+
+def _stamp(results: Results, metric: str, kind: str, extra: object = None) -> str:
+    """A hash of everything one figure is drawn from: its metric's rows or arrays, and the metadata.
+
+    Why: a cached rerun redraws nothing whose inputs did not change (drawing is most of a cached run).
+    """
+    import hashlib
+    import json
+
+    h = hashlib.sha256(f"{_FIGURE_FORMAT}|{kind}|{metric}".encode())
+    t = results.table[results.table["metric"].astype(str) == metric]
+    h.update(pd.util.hash_pandas_object(t.astype({"model": str, "metric": str}), index=False).to_numpy().tobytes())
+    drawn_over = {view_key(k.rsplit("/", 1)[0]) for k in results.arrays if k.rsplit("/", 1)[1] == metric} \
+        if kind == "maps" else set()
+    for k in sorted(results.arrays):
+        if k.rsplit("/", 1)[1] == metric or k in drawn_over:
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(results.arrays[k]).tobytes())
+    meta = {k: results.meta.get(k) for k in ("models", "metrics", "images")}
+    h.update(json.dumps([meta, extra], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+STAMPS = ".stamps.json"  # beside the figures: the inputs each was drawn from
+_FIGURE_FORMAT = 3  # bump when a figure's drawing changes: every figure is then redrawn once
+_JOBS: dict = {}  # what forked drawing workers read (inherited, never pickled)
+
+
+def _linked(src: Path, dst: Path) -> Path:
+    """``dst`` as the same file as ``src`` (a hard link; a copy where links are refused)."""
+    if src != dst:
+        import shutil
+
+        dst.unlink(missing_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    return dst
+
+
+def _draw_one(job: tuple[str, str]) -> list[Path]:
+    """Draw and save one figure of ``_JOBS`` (in this process or a forked worker)."""
+    _, plt = _sns()
+    kind, metric = job
+    results, out_dir = _JOBS["results"], _JOBS["out_dir"]
+    fig, _ = (attention_maps if kind == "maps" else _PER_KIND[kind])(results, metric)
+    try:
+        return save(fig, out_dir / f"{kind}_{_safe(metric)}")
+    finally:
+        plt.close(fig)
+
+
+def _draw_all(jobs: list[tuple[str, str]], workers: int) -> list[Path]:
+    """Draw ``jobs`` serially, or in forked processes when there are cores and work to share."""
+    if workers > 1 and len(jobs) > 2 and hasattr(os, "fork"):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        try:
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("fork")) as pool:
+                return [p for paths in pool.map(_draw_one, jobs) for p in paths]
+        except (OSError, RuntimeError):  # no processes here (a sandbox): draw in this one
+            pass
+    return [p for job in jobs for p in _draw_one(job)]
+
+
+_PER_KIND = {"depth": depth_profile, "overlay": layer_overlay, "heatmap": head_heatmap, "summary": summary_points,
+             "labels": label_profile}
+
+
+def _jobs(results: Results, kinds: list[str], metrics: Iterable[str] | None) -> list[tuple[str, str]]:
+    """The ``(kind, metric)`` figures that ``results`` can give, of ``kinds`` and ``metrics`` (None: all)."""
+    wanted = None if metrics is None else list(metrics)
+    jobs: list[tuple[str, str]] = []
+    for metric in [m for m in (wanted or results.metrics) if m in results.metrics]:  # maps: below
+        per_head = bool((results.table.loc[results.table["metric"].astype(str) == metric, "head"] >= 0).any())
+        labelled = "label" in results.table.columns  # label profiles only for a labelled image set
+        jobs += [(kind, metric) for kind in _PER_KIND
+                 if kind in kinds and not (kind in ("depth", "heatmap") and not per_head)
+                 and (kind != "labels" or labelled)]
+    if "maps" in kinds and results.arrays:
+        # per-image maps over the patch grid only: not dataset-level arrays such as CKA's [L, L]
+        labels = dict.fromkeys(k.rsplit("/", 1)[1] for k in results.arrays if _is_image_map(results, k))
+        jobs += [("maps", m) for m in labels if wanted is None or m in wanted]
+    return jobs
+
+
+_NEEDS = {  # what each kind draws, for the note that says why a run has no such figure
+    "depth": "per-head values (such as mad's)", "heatmap": "per-head values (such as mad's)",
+    "overlay": "per-image values (such as mad's)", "summary": "per-image values (such as mad's)",
+    "labels": "per-image values against the images' labels", "maps": "per-image maps over the patch grid "
+    "(cls_map, rollout)",
+}
+
+
+def figure_notes(results: Results, kinds: Iterable[str], metrics: Iterable[str] | None = None) -> list[str]:
+    """One line for each of ``kinds`` that ``results`` (of ``metrics``, None: all) gives no figure
+    of, saying why; empty when every kind gives one."""
+    kinds = list(kinds)
+    drawn = {k for k, _ in _jobs(results, kinds, metrics)}
+    have = list(dict.fromkeys([*results.metrics, *(k.rsplit("/", 1)[1] for k in results.arrays if not is_view(k))]))
+    if metrics is not None:
+        have = [m for m in have if m in list(metrics)]
+    notes = []
+    for kind in dict.fromkeys(kinds):
+        if kind in drawn or kind not in _NEEDS:
+            continue
+        if kind == "labels" and results.metrics and "label" not in results.table.columns:
+            why = "this run's images have no labels (class folders or a manifest's label column give them)"
+        else:
+            why = f"none of this run's metrics ({', '.join(have) or 'none'}) has any"
+        notes.append(f"No {kind} figure: it draws {_NEEDS[kind]}, and {why}.")
+    return notes
+
+
+def render_all(results: Results, out_dir: str | Path, *, kinds: Iterable[str] | None = None,
+               metrics: Iterable[str] | None = None, workers: int | None = None, reuse: str | Path | None = None,
+               stamps: str | Path | None = None) -> list[Path]:
+    """Draw every figure that fits the results into ``out_dir``; returns the files written or kept.
+
+    A figure whose inputs (its metric's rows or arrays, the run's metadata) are those it was last
+    drawn from is kept as it is, or linked from ``reuse`` (the folder of the previous figures, when
+    drawing into a staging folder); the others are drawn, in forked worker processes when there
+    are several figures and cores. The inputs of every figure are written to
+    ``out_dir/.stamps.json``; the previous ones are read from ``stamps`` (default: that file).
+
+    Args:
+        kinds: a subset of :data:`KINDS` (default: all).
+        metrics: metric labels to draw, table or map metrics (default: all).
+        workers: processes that draw (default: the CPU count, at most 4; 1 draws here).
+
+    Raises:
+        ConfigError: an unknown kind.
+    """
+    import json
+
+    _sns()
+    kinds = list(KINDS) if kinds is None else list(kinds)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ConfigError(f"Unknown figure kind(s) {', '.join(bad)}; choose from {', '.join(KINDS)}.")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = _jobs(results, kinds, metrics)
+    before = Path(reuse) if reuse is not None else out_dir
+    stamps_path = Path(stamps) if stamps is not None else out_dir / STAMPS
+    try:
+        old = json.loads(stamps_path.read_text())
+    except (OSError, ValueError):
+        old = {}
+    if not isinstance(old, dict):  # planted or damaged: every figure is drawn again
+        old = {}
+    new, todo, kept = dict(old), [], []
+    for kind, metric in jobs:
+        stem = f"{kind}_{_safe(metric)}"
+        new[stem] = _stamp(results, metric, kind)
+        files = [before / f"{stem}.{fmt}" for fmt in ("png", "svg")]
+        if old.get(stem) == new[stem] and all(f.exists() for f in files):
+            kept += [_linked(f, out_dir / f.name) for f in files]
+        else:
+            todo.append((kind, metric))
+    _JOBS.update(results=results, out_dir=out_dir)
+    try:
+        drawn = _draw_all(todo, workers if workers is not None else min(os.cpu_count() or 1, 4))
+    finally:
+        _JOBS.clear()
+    write_text_atomic(out_dir / STAMPS, json.dumps(new, indent=1))
+    order = {f"{k}_{_safe(m)}": i for i, (k, m) in enumerate(jobs)}
+    return sorted(kept + drawn, key=lambda p: (order.get(p.stem, 0), p.suffix))

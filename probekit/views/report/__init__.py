@@ -1,0 +1,46 @@
+"""The self-contained HTML report of a run directory (``report.html``) and its attention explorer.
+
+- :mod:`probekit.views.report.build`: the page (numbers, contrasts, provenance, explorer data inline);
+- :mod:`probekit.views.report.explorer`: the explorer's arrays, captured while a model is loaded;
+- :mod:`probekit.views.report.summary_html`: the compact ``_repr_html_`` of Results and Comparison.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from probekit.views.report.build import write_report
+
+__all__ = ["write_report", "rebuild"]
+
+
+def rebuild(run_dir: str | Path) -> Path:
+    """(Re)write ``report.html`` of a finished run directory (``probekit report``), and
+    ``contrasts.csv`` when the run has none; both join the directory's manifest.
+
+    Raises:
+        RunDirError: the directory does not hold one finished run.
+    """
+    from probekit.views.contrasts import contrasts, model_groups
+    from probekit._io.fileid import file_digest
+    from probekit.runs.rundir import RunDir, load_run_dir, read_record
+
+    rd = RunDir(run_dir)
+    read_record(rd.path)  # before the lock: never create a directory that is not there
+    with rd.locked():
+        record = read_record(rd.path)
+        rd.adopt(record)  # only files the directory's runs wrote are replaced
+        results = load_run_dir(rd.path)
+        by = (record.get("report") or {}).get("group_by", "training")
+        groups = model_groups({"models": {m["label"]: m for m in record.get("models", [])}}, results.models, by)
+        table = contrasts(results, groups, seed=(record.get("config") or {}).get("seed", 0))
+        csv = rd.path / "contrasts.csv"
+        if "contrasts.csv" not in record["manifest"]:
+            from probekit._io.atomic import write_text_atomic
+
+            write_text_atomic(rd.output("contrasts.csv"), table.to_csv(index=False, float_format="%.6g"))
+        path = write_report(rd.path, record, results, table, path=rd.output("report.html"))
+        for p in (csv, path):
+            record["manifest"][p.name] = file_digest(p)
+        rd.write_record(record)
+    return path

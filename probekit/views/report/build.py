@@ -1,0 +1,238 @@
+"""``report.html``: one self-contained file built from a run directory.
+
+Everything the page needs is inside it: the JSON of the numbers (per-head and per-layer
+summaries with CIs, contrasts, provenance), the explorer's uint8 arrays (deflate-compressed,
+base64) and the JPEG backgrounds as data URIs, the script and the style. A Content-Security-Policy
+forbids every network request, so the file opens from ``file://`` or a mail attachment as is.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import zlib
+from datetime import datetime, timezone
+from html import escape
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from probekit._io.atomic import write_text_atomic
+from probekit.inputs.view import is_view
+from probekit.results import Results, summarize
+
+__all__ = ["write_report", "build_html", "payload", "script_json"]
+
+_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
+        "connect-src data: blob:")
+_EXPLORER_ARRAYS = ("attn", "cls", "rollout")
+
+
+def _asset(name: str) -> str:
+    return resources.files("probekit.views.report").joinpath("assets", name).read_text(encoding="utf-8")
+
+
+def _num(x: Any) -> Any:
+    """JSON-safe number (NaN -> None)."""
+    if x is None:
+        return None
+    x = float(x)
+    return None if not np.isfinite(x) else float(f"{x:.7g}")  # 7 significant digits: small values keep theirs
+
+
+def _metric_info(label: str, rec: dict, results: Results, models: list[str]) -> dict:
+    """Display name, unit and reference line of a metric, from the metric itself (plugins too)."""
+    from probekit.views.plots._common import _metric, _reference
+
+    name, opts = rec.get("name", label), rec.get("options") or {}
+    m = _metric(results, label)  # None when its plugin is not installed here: drawn under its label
+    display = getattr(m, "display_name", None) or name
+    unit = rec.get("unit") or (m.value_unit() if m is not None else "")
+    refs = {}
+    for model in models:
+        try:
+            refs[model] = _num(_reference(results, model, label))
+        except Exception:  # a reference that cannot be computed for this layout is left out
+            refs[model] = None
+    return {"label": label, "name": name, "options": opts, "unit": unit, "display": display, "refs": refs,
+            "ref_label": "the value of uniform attention",
+            "axis": f"{label} ({unit})" if unit else label}
+
+
+def _explorer(run_dir: Path, record: dict, model_index: dict[str, int]) -> tuple[dict | None, bytes]:
+    """The explorer's JSON (shapes, offsets into the blob, backgrounds) and its raw uint8/float32 blob."""
+    from probekit.views.report.explorer import load
+
+    chunks, offset, models = [], 0, []
+    for mrec in record.get("models", []):
+        rel = mrec.get("explorer")
+        arrays = load(run_dir / rel) if rel else None
+        if arrays is None or mrec["label"] not in model_index:
+            continue
+        entry = {"model": model_index[mrec["label"]], "key": f"m{len(models)}", "arrays": {},
+                 "shape": list(arrays["attn"].shape), "grid": arrays["grid"].tolist(), "patch": arrays["patch"].tolist(),
+                 "queries": arrays["queries"].tolist(), "query": str(arrays["query"]),
+                 "images": [str(n) for n in arrays["names"]],
+                 "bg": ["data:image/jpeg;base64," + base64.b64encode(arrays[f"bg{i}"].tobytes()).decode()
+                        for i in range(len(arrays["names"]))]}
+        for name in _EXPLORER_ARRAYS:
+            for key, dt in ((name, "u1"), (f"{name}_scale", "f4")):
+                raw = np.ascontiguousarray(arrays[key], dtype=np.uint8 if dt == "u1" else "<f4").tobytes()
+                pad = (-offset) % 4  # Float32Array views need 4-byte alignment
+                chunks.append(b"\0" * pad)
+                offset += pad
+                entry["arrays"][key] = [offset, len(raw), dt]
+                chunks.append(raw)
+                offset += len(raw)
+        models.append(entry)
+    if not models:
+        return None, b""
+    m0 = models[0]
+    h, w = m0["grid"]
+    q = len(m0["queries"])
+    stored = (f"Stored for {len(m0['images'])} showcase image(s) ({', '.join(m0['images'])}) and {len(models)} model(s): "
+              f"every layer and head; the attention of {q} query patches of the {h}x{w} grid"
+              + (" (all of them)" if q == h * w else " (a sub-grid: a click shows the nearest stored query, marked by a dot)")
+              + " over all patch keys, each row quantized to uint8 relative to its maximum; the CLS row "
+              "(mean query row without CLS) per head and the attention rollout per layer, quantized the same way. "
+              "Backgrounds are each model's own preprocessed input.")
+    return {"models": models, "stored": stored}, b"".join(chunks)
+
+
+def payload(run_dir: Path, record: dict, results: Results, contrasts: pd.DataFrame | None) -> tuple[dict, bytes]:
+    """Everything the page draws, as JSON, and the explorer's binary blob."""
+    from probekit.views.contrasts import model_groups, per_image_layer
+
+    # models with table rows, then those with map arrays only (a run of map metrics has no rows)
+    names = list(dict.fromkeys([*results.models, *(k.rsplit("/", 1)[0] for k in results.arrays)]))
+    index = {m: i for i, m in enumerate(names)}
+    by = (record.get("report") or {}).get("group_by", "training")
+    groups = model_groups({"models": {m["label"]: m for m in record.get("models", [])}}, names, by)
+    mrecs = {m["label"]: m for m in record.get("models", [])}
+    models = []
+    for m in names:
+        r = mrecs.get(m, {})
+        lay = r.get("layout") or ((results.meta.get("models") or {}).get(m) or {}).get("layout")
+        weights = r.get("weights")
+        models.append({
+            "name": m, "group": groups[m], "training": r.get("training"), "spec": r.get("spec"),
+            "weights": json.dumps(weights, default=str) if isinstance(weights, dict) else weights,
+            "layout": (f"{lay['num_prefix']} prefix, grid {lay['grid'][0]}x{lay['grid'][1]}, "
+                       f"patch {lay['patch_size'][0]}x{lay['patch_size'][1]}") if lay else None,
+            "parameters": r.get("parameters"), "load_s": r.get("load_s"), "probe_s": r.get("probe_s"),
+            "cached": ", ".join(r.get("cached") or []) or "no",
+        })
+    summ = results.summary()
+    heads, layers, metrics = {}, {}, []
+    for k, label in enumerate(results.metrics):
+        info = _metric_info(label, (record.get("metrics") or {}).get(label, {}), results, names)
+        info["id"] = k
+        metrics.append(info)
+        s = summ[(summ["metric"].astype(str) == label) & (summ["head"] >= 0)]
+        heads[label] = [[index[str(r.model)], int(r.layer), int(r.head), _num(r.mean), int(r.n), _num(r.ci_low),
+                         _num(r.ci_high)] for r in s.itertuples()]
+        per = per_image_layer(results.table, label).rename("value").reset_index()
+        ls = summarize(per.assign(metric=label, head=-1), by=("model", "layer"))
+        layers[label] = [[index[str(r.model)], int(r.layer), _num(r.mean), _num(r.ci_low), _num(r.ci_high), int(r.n)]
+                         for r in ls.itertuples()]
+    explorer, blob = _explorer(run_dir, record, index)
+    notes = list(record.get("report_notes") or [])
+    empty = None  # what the per-metric, summary and contrast sections say when no metric has per-image values
+    if not metrics:
+        maps = ", ".join(dict.fromkeys(k.rsplit("/", 1)[1] for k in results.arrays if not is_view(k)))
+        empty = (f"No per-image values to chart, tabulate or contrast: this run's metrics ({maps or 'none'}) give "
+                 "arrays (per-image maps are drawn in figures/maps_*.png and in the attention explorer below).")
+        notes.append(empty)
+    frames = (record.get("images") or {}).get("notes") or []  # (name, note): multi-frame images
+    if frames:
+        shown = ", ".join(str(n) for n, _ in frames[:10]) + (", ..." if len(frames) > 10 else "")
+        notes.append(f"{len(frames)} multi-frame image(s) (animated GIF, multi-page TIFF) were probed at their "
+                     f"first frame only: {shown}.")
+    if explorer is None and not (record.get("report") or {}).get("showcase"):
+        notes.append("No attention explorer: the run stored no showcase images (report.showcase: 0 or --no-report).")
+    crow = [] if contrasts is None else [{k: (_num(v) if isinstance(v, (float, np.floating)) else
+                                              (int(v) if isinstance(v, (np.integer,)) else v))
+                                          for k, v in row.items()} for row in contrasts.to_dict("records")]
+    floor = ""
+    if crow and 2 ** int(crow[0]["n_images"]) <= int(crow[0]["n_perm"]):
+        n = int(crow[0]["n_images"])
+        floor = (f"With {n} images the exact permutation test has 2^{n} sign patterns: no p can go below "
+                 f"{2 / 2**n:.3g} (before Holm). Probe more images for stronger evidence.")
+    prov = {k: record.get(k) for k in ("name", "status", "started", "finished", "seconds", "versions", "config")}
+    prov["images"] = {k: (record.get("images") or {}).get(k) for k in ("count", "fingerprint", "skipped", "notes")}
+    prov["failures"] = [{k: f.get(k) for k in ("model", "stage", "error", "message")} for f in record.get("failures", [])]
+    prov["notes"] = notes
+    data = {"title": f"probekit report: {record.get('name', run_dir.name)}", "models": models,
+            "groups": list(dict.fromkeys(groups[m] for m in names)), "group_by": by, "metrics": metrics,
+            "heads": heads, "layers": layers, "contrasts": crow, "contrast_note": floor, "provenance": prov, "explorer": explorer,
+            "empty_note": empty,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return data, blob
+
+
+# inside a <script> element the HTML parser looks for "</script" and, after "<!--", for "<script" (which
+# then hides the real end tag): no "<" may appear there. JSON allows \uXXXX for any character in a
+# string, and <, >, & and U+2028/2029 occur in JSON only inside strings, so escaping them keeps the data.
+_JSON_IN_HTML = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028",
+                               "\u2029": "\\u2029"})
+
+
+def script_json(data: Any) -> str:
+    r"""``data`` as JSON that is safe as the text of a ``<script>`` element, whatever its strings hold.
+
+    >>> print(script_json({"name": "<!--<script>"}))
+    {"name": "\u003c!--\u003cscript\u003e"}
+    """
+    return json.dumps(data, default=str, allow_nan=False).translate(_JSON_IN_HTML)
+
+
+def build_html(data: dict, blob: bytes) -> str:
+    """The page: style, data, compressed blob and script inline."""
+    js_json = script_json(data)
+    b64 = base64.b64encode(zlib.compress(blob, 6)).decode() if blob else ""
+    metric_sections = "\n".join(
+        f'<section class="metric" id="metric-{m["id"]}"><h2>{escape(m["label"])}: {escape(str(m["display"]))}'
+        f'{" (" + escape(m["unit"]) + ")" if m["unit"] else ""}</h2></section>' for m in data["metrics"]) or (
+        f'<section class="metric" id="metric-none"><h2>Metrics</h2><p class="note">{escape(data["empty_note"])}</p>'
+        '</section>' if data.get("empty_note") else "")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{_CSP}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{escape(data["title"])}</title>
+<style>{_asset("report.css")}</style></head>
+<body>
+<header><h1>{escape(data["title"])}</h1><div class="controls" id="controls"></div></header>
+<main>
+<section id="provenance"><h2>Provenance</h2></section>
+{metric_sections}
+<section id="contrasts-section"><h2>Group contrasts</h2>
+<p class="note">Per metric and layer: difference of group means (A − B) of the per-image values (mean over heads),
+percentile bootstrap 95% CI resampling images (paired: every model saw the same images) and, in groups of several
+models, models too; a paired sign-flip permutation test, Holm-corrected across layers; effect size d_z. Also in
+contrasts.csv.</p><div id="contrasts-table"></div></section>
+<section id="summary-section"><h2>Summary table</h2><p class="note">Mean over heads and images per layer, 95% CI over
+images. Click a header to sort.</p><div id="summary-table"></div></section>
+<section id="explorer"><h2>Attention explorer</h2><div id="explorer-body"></div></section>
+</main>
+<div id="tip"></div>
+<script type="application/json" id="data">{js_json}</script>
+<script type="application/octet-stream" id="blob">{b64}</script>
+<script>{_asset("report.js")}</script>
+</body></html>
+"""
+
+
+def write_report(run_dir: str | Path, record: dict, results: Results, contrasts: pd.DataFrame | None,
+                 path: str | Path | None = None) -> Path:
+    """Write the page for a run directory's record, results and contrasts; returns its path.
+
+    Args:
+        path: where (default ``run_dir/report.html``).
+    """
+    run_dir = Path(run_dir)
+    data, blob = payload(run_dir, record, results, contrasts)
+    return write_text_atomic(Path(path) if path else run_dir / "report.html", build_html(data, blob))
