@@ -32,7 +32,8 @@ from torch import nn
 
 import probekit as pk
 from probekit.engine.kernels import cpu as cpu_kernel
-from probekit.attention import LayerAttention, one_pass
+from probekit.attention import LayerAttention
+from probekit.engine.kernels.policy import one_pass
 from probekit.errors import ConfigError
 from probekit.plugins.adapters._sdpa_spy import tap_blocks
 from probekit.engine.probe import MetricSink, build_metrics

@@ -99,7 +99,7 @@ def test_cls_index_lives_on_the_token_layout():
 
 def _terms_at(gap: float):
     """The fused kernel's per-row sums, computed here in float32 from the all-key logits."""
-    from probekit.engine.kernels.triton import RowTerms
+    from probekit.engine.kernels.terms import RowTerms
 
     zp = _patch_logits(seed=4, b=1, h=2)
     z = _with_cls(zp, gap).float()

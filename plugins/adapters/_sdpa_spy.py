@@ -5,7 +5,7 @@ the modules a hook could watch. Every fused path calls ``F.scaled_dot_product_at
 while a watched attention module runs, a thread-local spy on that function hands the sink q and
 k (after q/k-norm and rotary embedding), v, the scale and the mask or relative-position bias as
 an additive bias; when the sink produced the layer's output from its probability blocks (one
-attention pass, :func:`probekit.attention.one_pass`) the spy returns that, otherwise it lets
+attention pass, :func:`probekit.engine.kernels.policy.one_pass`) the spy returns that, otherwise it lets
 the original kernel run. An unfused module's ``attn_drop`` input
 is the probabilities themselves; :func:`watch_attention` passes those on instead. Calls made
 outside a watched module pass straight through. :func:`tap_blocks` puts these hooks (and the

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from probekit.engine.kernels import triton as kernel
-from probekit.attention import ATTENTION_PASSES, SCRATCH_BYTES, LayerAttention, Workspace, blocks, no_autocast, one_pass
+from probekit.attention import SCRATCH_BYTES, LayerAttention, Workspace, blocks, no_autocast
+from probekit.engine.kernels.policy import ATTENTION_PASSES, one_pass
 from probekit.engine.kernels.block_terms import layer_terms, softmax_with_terms, terms_served
 from probekit.errors import ConfigError
 from probekit.geometry import LayerGeometry, ModelGeometry
@@ -54,7 +55,7 @@ class MetricSink:
         attention_pass: ``"auto"``, ``"fused"``, ``"separate"`` or ``"kernel"``: whether a tap
             that hands over v gets the layer's attention output from the blocks the metrics
             read (one pass) or runs the model's own kernel (see
-            :func:`probekit.attention.one_pass`); ``"kernel"`` runs the fused Triton kernel
+            :func:`probekit.engine.kernels.policy.one_pass`); ``"kernel"`` runs the fused Triton kernel
             (:mod:`probekit.engine.kernels.triton`) for the metrics that declare ``kernel_terms``, the
             blocked path for the others.
     """
@@ -203,7 +204,7 @@ class MetricSink:
 
     def _block(self, attn: LayerAttention, batch: slice, rows: slice, layout: TokenLayout, into, only_pv: bool):
         """``(logits, probs, row_scale)`` of a block of query rows of some images. With ``into`` (a layer's
-        :class:`~probekit.engine.kernels.triton.RowTerms`), the block's per-row terms are written there while the
+        :class:`~probekit.engine.kernels.terms.RowTerms`), the block's per-row terms are written there while the
         softmax writes the block (:mod:`probekit.engine.kernels.block_terms`); with ``only_pv`` too (no metric reads
         this block), the rows may be left unnormalized over the logits (``logits`` None then),
         ``row_scale`` being what P·V's rows are multiplied by (else None)."""

@@ -109,7 +109,7 @@ class Metric:
     - ``requires_global_attention``: the older spelling; False drops ``"global"`` from ``requires``.
     - ``cross_layer``: state spans the layers of a batch (:meth:`on_batch_end` returns values).
     - ``unit``: unit of the values, for axis labels (see :meth:`value_unit`).
-    - ``kernel_terms``: the per-query-row sums of the fused GPU kernel (:data:`probekit.engine.kernels.triton.TERMS`)
+    - ``kernel_terms``: the per-query-row sums of the fused GPU kernel (:data:`probekit.engine.kernels.terms.TERMS`)
       :meth:`kernel_row_sum` reads; empty (default): the kernel does not serve this metric and
       it takes the blocked path.
     - ``display_name``: what axes and tables call the metric (default: ``name``); figures label
@@ -292,7 +292,7 @@ class Metric:
         return self.row_values(probs, layout, rows, **kw).sum(dim=2)
 
     def kernel_row_sum(self, terms, layout: TokenLayout, rows: slice) -> torch.Tensor | None:
-        """Like :meth:`row_sum`, from the fused kernel's per-row sums (a :class:`probekit.engine.kernels.triton.RowTerms`).
+        """Like :meth:`row_sum`, from the fused kernel's per-row sums (a :class:`probekit.engine.kernels.terms.RowTerms`).
 
         Returns None where these options are not served (the engine then takes the blocked path).
         """

@@ -12,7 +12,7 @@ MAD's distance sums and the prefix masses besides, in one pass over each row (at
 [6, 510, 1370] block: 1.8 ms with every term, where torch's softmax alone takes 1.3-2.3 ms and the
 sums as many again). Elsewhere (CUDA, or no C compiler) PyTorch makes :data:`BLOCK_TERMS` chunk by chunk.
 
-The sums are the fused GPU kernel's :class:`~probekit.engine.kernels.triton.RowTerms`, for the rows of one
+The sums are the fused GPU kernel's :class:`~probekit.engine.kernels.terms.RowTerms`, for the rows of one
 block: a metric whose ``kernel_terms`` lie within :func:`terms_served` is served through the
 same :meth:`~probekit.Metric.kernel_row_sum` on the blocked path as on the kernel (and falls back
 to its ``row_sum`` where that returns None, e.g. a patch mass that underflowed float32).
@@ -24,7 +24,7 @@ import torch
 
 from probekit.engine.kernels import cpu as cpu_kernel
 from probekit.attention import Workspace
-from probekit.engine.kernels.triton import RowTerms
+from probekit.engine.kernels.terms import RowTerms
 from probekit.metric.patch_keys import log_partition
 from probekit.tokens import TokenLayout
 

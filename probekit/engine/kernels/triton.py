@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 
+from probekit.engine.kernels.terms import TERMS, RowTerms
 from probekit.tokens import TokenLayout
 
 __all__ = ["available", "RowTerms", "attention_rows", "run_layer", "wanted", "TERMS"]
 
-TERMS = ("lse", "patch_mass", "patch_logit", "dist", "prefix", "hist")
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,20 +53,6 @@ def available(device: torch.device) -> bool:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
     return _triton() is not None
-
-
-@dataclass
-class RowTerms:
-    """Per-query-row sums of one layer (float32, ``[B, H, T]`` unless noted), normalized by ``Z``."""
-
-    lse: torch.Tensor
-    patch_mass: torch.Tensor
-    patch_logit: torch.Tensor | None = None
-    dist_px: torch.Tensor | None = None
-    dist_grid: torch.Tensor | None = None
-    prefix: torch.Tensor | None = None  # [B, H, T, num_prefix]
-    hist: torch.Tensor | None = None  # [B, H, T, bins]
-    hist_spec: tuple | None = None  # the ``hist`` argument it was made with
 
 
 def wanted(attn, mode: str) -> bool:
