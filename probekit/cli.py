@@ -194,7 +194,7 @@ def metrics_cmd(format: FormatOpt = "human"):
     from probekit.registry import metrics
 
     fmt = _check_format(format)
-    from probekit._plugin_info import class_constants
+    from probekit._installed import class_constants
 
     rows = []
     for rec in metrics.records():

@@ -7,18 +7,34 @@ from typing import Any
 from torch import nn
 
 from probekit.adapter import Adapter, ProbedModel, eval_mode
-from probekit.engine.arguments import device_problem
 from probekit.model_aliases import aliases
 from probekit.errors import ConfigError, MissingDependencyError, ProbekitError, UnknownNameError, UnsupportedArchitectureError, WeightsUnavailableError
 from probekit.adapter_options import check_model_options
 from probekit.registry import adapters, install_command
 
-__all__ = ["load", "wrap", "aliases", "resolve", "adapter_class"]
+__all__ = ["load", "wrap", "aliases", "resolve", "adapter_class", "device_problem"]
 
 _SPEC_HELP = (
     "A model is an alias from `probekit models` or a spec: hf:<repo id>, timm:<model name>, "
     "open_clip:<arch>/<pretrained tag>, onnx:<path>."
 )
+
+
+def device_problem(device: Any) -> str | None:
+    """Why ``device`` cannot run models here, or None (checked before loading anything)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        return f"{device!r} is not a device; use cpu, cuda, cuda:N or mps."
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return f"device {str(device)!r} asked for, but torch sees no CUDA GPU here; use cpu."
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"device {str(device)!r} asked for, but there are {torch.cuda.device_count()} CUDA GPU(s)."
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        return "device 'mps' asked for, but MPS is not available here; use cpu."
+    return None
 
 
 def resolve(name: str, **options: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:

@@ -9,7 +9,7 @@ import sys
 
 from typer.testing import CliRunner
 
-from probekit._plugin_info import class_constants
+from probekit._installed import class_constants
 
 
 def _imports_torch(code: str) -> bool:
@@ -42,7 +42,7 @@ def test_class_constants_only_trusts_literals_of_the_class_or_its_contract_base(
     got = class_constants(ep, ("description", "unit"), "Metric", {"unit": ""})
     assert got["unit"] == "" and got["description"].startswith("mean attention distance")
     assert class_constants(ep, ("description", "unit")) is None          # unit not in the body, no base default
-    assert class_constants("probekit._plugin_info:class_constants", ("description",)) is None  # not a class
+    assert class_constants("probekit._installed:class_constants", ("description",)) is None  # not a class
     assert class_constants("no_such_module_xyz:Thing", ("description",)) is None
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from probekit.errors import ConfigError
 
-__all__ = ["check_probe_arguments", "device_problem", "positive_int", "layer_list"]
+__all__ = ["check_probe_arguments", "positive_int", "layer_list"]
 
 
 def positive_int(name: str, value: Any, *, zero: bool = False) -> int:
@@ -48,23 +48,6 @@ def layer_list(layers: Any) -> list[int] | None:
     return [int(i) for i in items]
 
 
-def device_problem(device: Any) -> str | None:
-    """Why ``device`` cannot run models here, or None (checked before loading anything)."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        return f"{device!r} is not a device; use cpu, cuda, cuda:N or mps."
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        return f"device {str(device)!r} asked for, but torch sees no CUDA GPU here; use cpu."
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        return f"device {str(device)!r} asked for, but there are {torch.cuda.device_count()} CUDA GPU(s)."
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        return "device 'mps' asked for, but MPS is not available here; use cpu."
-    return None
-
-
 def check_probe_arguments(*, model: Any, metrics: Any, batch_size: Any, layers: Any, device: Any,
                           num_workers: Any, block_mb: Any) -> list[int] | None:
     """Refuse what :func:`probekit.engine.probe` cannot run; returns ``layers`` as a list (or None).
@@ -85,6 +68,8 @@ def check_probe_arguments(*, model: Any, metrics: Any, batch_size: Any, layers: 
                                  or block_mb <= 0):
         raise ConfigError(f"block_mb must be a positive number of MiB (or None for the default); got {block_mb!r}.")
     if device is not None:
+        from probekit.models import device_problem
+
         problem = device_problem(device)
         if problem:
             raise ConfigError(problem)

@@ -11,8 +11,6 @@ callback (the CLI passes a rich progress bar).
 from __future__ import annotations
 
 import contextlib
-import functools
-import platform
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
@@ -24,6 +22,7 @@ import torch
 from probekit.adapter import ProbedModel
 from probekit.engine.arguments import check_probe_arguments
 from probekit.errors import ConfigError
+from probekit._installed import library_versions
 from probekit.geometry import ModelGeometry
 from probekit.inputs.images import ImageSet, collate, resolve_images
 from probekit.inputs.view import VIEW_IMAGES, rgb, view_key
@@ -277,7 +276,7 @@ def _provenance(plan: _Plan, layout: TokenLayout | None, batch_size: int, second
         "device": str(pm.device),
         "dtype": str(plan.dtype or torch.float32),
         "seconds": seconds,
-        "versions": _versions(),
+        "versions": library_versions(),
     }
 
 
@@ -350,21 +349,3 @@ def probe(
     if plan.images.labels is not None:  # a labelled source: the label of each row's image
         table["label"] = pd.Series(plan.images.labels, index=plan.images.names).reindex(table["image"]).to_numpy()
     return Results(table, arrays, _provenance(plan, sink.layout, batch_size, seconds, sink.geometry))
-
-
-def _versions() -> dict[str, str]:
-    return dict(_installed_versions())
-
-
-@functools.lru_cache(maxsize=1)
-def _installed_versions() -> dict[str, str]:
-    """Looked up once per process: each lookup parses package metadata (~1 ms a package)."""
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for dist in ("probekit", "torch", "transformers", "timm", "open_clip_torch", "onnxruntime"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out

@@ -15,9 +15,7 @@ stopped. A model that fails to load or to run is recorded and the others finish.
 from __future__ import annotations
 
 import gc
-import os
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,9 +26,11 @@ from probekit._io.atomic import write_text_atomic
 from probekit.errors import ConfigError, WriteError
 from probekit.inputs.view import is_view
 from probekit.runs.interrupt import sigterm_as_interrupt
-from probekit.runs.parts import PartStore, only_metric, part_key, relabel
-from probekit.engine.probe import _versions, resolve_dtype
+from probekit.runs.parts import PartStore, model_keys, only_metric, part_key, relabel
+from probekit._installed import library_versions
+from probekit.engine.probe import resolve_dtype
 from probekit.results import Results
+from probekit.runs.record import record_failure
 from probekit.runs.rundir import RunDir, load_run_dir, write_outputs
 
 __all__ = ["compare", "Comparison", "Reporter", "load_run_dir", "part_key"]
@@ -202,31 +202,8 @@ def _run_record(cfg: RunConfig, run: CheckedRun) -> dict[str, Any]:
                    "source": run.images.origin},
         "metrics": {m.label: {"name": m.name, "options": m.options(), "unit": m.value_unit()}
                     for m in run.metrics},
-        "models": [], "failures": [], "versions": _versions(),
+        "models": [], "failures": [], "versions": library_versions(),
     }
-
-
-def _failure(record: dict, mrec: dict, spec: str, exc: Exception, rep: Reporter) -> None:
-    stage = getattr(exc, "probekit_stage", "run")
-    fail = {"model": mrec["label"], "spec": spec, "stage": stage, "error": type(exc).__name__, "message": str(exc)}
-    if os.environ.get("PROBEKIT_DEBUG"):
-        fail["traceback"] = traceback.format_exc()
-    record["failures"].append(fail)
-    mrec["failed"] = True
-    rep.model_failed(mrec["label"], f"{stage} failed: {type(exc).__name__}: {exc}")
-
-
-def model_keys(run: CheckedRun, i: int, images: str) -> dict[str, str]:
-    """Part keys of model ``i`` per metric label, for the images named by ``images`` (a
-    fingerprint; an engine that shards appends the block it covers)."""
-    cfg = run.config
-    spec, opts, _ = run.specs[i]
-    seed = cfg.seed if opts.get("pretrained", True) is False else None  # it draws random-init weights
-    dtype = str(resolve_dtype(cfg.dtype))  # bf16 and bfloat16 are one part
-    from probekit.metric import RUN_SETTINGS
-
-    settings = {s: getattr(cfg, s) for s in RUN_SETTINGS}  # each metric's key takes those it depends on
-    return {m.label: part_key(spec, opts, images, m, dtype, seed, settings) for m in run.metrics}
 
 
 def _model_parts(run: CheckedRun, i: int, store: PartStore, record: dict, rep: Reporter,
@@ -258,7 +235,7 @@ def _model_parts(run: CheckedRun, i: int, store: PartStore, record: dict, rep: R
         try:
             res, info = probe_missing(run, entry, spec, opts, missing, rep, explore)
         except Exception as exc:
-            _failure(record, mrec, spec, exc, rep)
+            record_failure(record, mrec, spec, exc, rep)
             return [], False
         mrec.update(info)
         for m in missing:

@@ -395,7 +395,7 @@ def check_run(cfg: RunConfig) -> CheckedRun:
     Raises:
         ConfigError: one bullet per problem, each naming the line and field.
     """
-    from probekit.engine.arguments import device_problem
+    from probekit.models import device_problem
     from probekit.models import adapter_class, resolve
     from probekit.adapter_options import options_message, options_problems
     from probekit.engine.probe import build_metrics

@@ -20,7 +20,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from probekit._io.atomic import write_text_atomic
 from probekit.errors import ConfigError, ProbekitError
@@ -29,7 +29,10 @@ from probekit.inputs.view import metric_arrays
 from probekit.runs.plugin_files import files_digest, plugin_files
 from probekit.results import Results
 
-__all__ = ["part_key", "PartStore", "weight_files", "plugin_identity", "relabel", "only_metric"]
+if TYPE_CHECKING:
+    from probekit.runs.config import CheckedRun
+
+__all__ = ["part_key", "model_keys", "PartStore", "weight_files", "plugin_identity", "relabel", "only_metric"]
 
 _PART_FORMAT = 2  # bump when the layout of a part file changes: old parts are then ignored
 
@@ -103,15 +106,16 @@ def part_key(spec: str, options: dict, fingerprint: str, metric: Any, dtype: str
     Raises:
         ConfigError: the metric depends on a setting that ``settings`` lacks.
     """
-    from probekit import __version__
-    from probekit.engine.probe import _versions
+    from probekit._installed import library_versions
+
+    versions = library_versions()
 
     prefix = spec.partition(":")[0]
     ident = {
         "format": _PART_FORMAT,
-        "probekit": __version__,  # a new release may compute differently: never reuse across versions
+        "probekit": versions.get("probekit", "0+unknown"),  # a new release may compute differently: never reuse across versions
         "probekit_files": _probekit_files(),  # nor a checkout or reinstall that changed its engine
-        "libraries": _versions(),  # nor across torch/timm/transformers/... upgrades (defaults, kernels)
+        "libraries": versions,  # nor across torch/timm/transformers/... upgrades (defaults, kernels)
         "adapter": plugin_identity("adapter", prefix, _adapter_class(spec)),
         "metric_plugin": plugin_identity("metric", metric.name, type(metric)),
         "spec": spec,
@@ -144,6 +148,20 @@ def _plausible_meta(meta: Any) -> bool:
     skipped = (meta.get("images") or {}).get("skipped") or []
     return isinstance(skipped, list) and all(isinstance(s, list) and all(isinstance(x, str) for x in s)
                                              for s in skipped)
+
+
+def model_keys(run: CheckedRun, i: int, images: str) -> dict[str, str]:
+    """Part keys of model ``i`` per metric label, for the images named by ``images`` (a
+    fingerprint; an engine that shards appends the block it covers)."""
+    from probekit.engine.probe import resolve_dtype
+    from probekit.metric import RUN_SETTINGS
+
+    cfg = run.config
+    spec, opts, _ = run.specs[i]
+    seed = cfg.seed if opts.get("pretrained", True) is False else None  # it draws random-init weights
+    dtype = str(resolve_dtype(cfg.dtype))  # bf16 and bfloat16 are one part
+    settings = {s: getattr(cfg, s) for s in RUN_SETTINGS}  # each metric's key takes those it depends on
+    return {m.label: part_key(spec, opts, images, m, dtype, seed, settings) for m in run.metrics}
 
 
 class PartStore:

@@ -66,7 +66,7 @@ class _Job:
 
 
 def _plan(run, store: PartStore, fp: str, shards: list[tuple[int, int]]) -> list[_Job]:
-    from probekit.runs.compare import model_keys
+    from probekit.runs.parts import model_keys
 
     jobs = []
     for i, entry in enumerate(run.config.models):
@@ -227,7 +227,7 @@ def _whole(run, job: _Job, m, shards: list[tuple[int, int]], record: dict) -> Re
 
 def run_ray(run, store: PartStore, record: dict, rep) -> dict[str, dict]:
     """Compute every model's missing parts on Ray; returns what was recorded per model label."""
-    from probekit.runs.compare import _failure
+    from probekit.runs.record import record_failure
 
     ray = _ray()
     cfg = run.config
@@ -264,7 +264,7 @@ def run_ray(run, store: PartStore, record: dict, rep) -> dict[str, dict]:
                 transform = _transform(run, job.index)
             except Exception as exc:
                 exc.probekit_stage = "load"
-                _failure(record, mrec, run.specs[job.index][0], exc, rep)
+                record_failure(record, mrec, run.specs[job.index][0], exc, rep)
                 continue
             chunks = _chunks(shards, job.todo, cfg.batch_size)
             job.pending = {s: [c for c, cs, _, _ in chunks if cs == s] for s in job.todo}
@@ -281,7 +281,7 @@ def run_ray(run, store: PartStore, record: dict, rep) -> dict[str, dict]:
                     if isinstance(row, KeyboardInterrupt):
                         raise row
                     row.probekit_stage = "run"
-                    _failure(record, info[job.label], run.specs[job.index][0], row, rep)
+                    record_failure(record, info[job.label], run.specs[job.index][0], row, rep)
                 else:
                     _finish(run, job, store, shards, record, rep)
                 continue

@@ -1,4 +1,5 @@
-"""A plugin class's string constants read from its source, without importing it.
+"""What is installed: library versions (:func:`library_versions`), and a plugin class's string
+constants read from its source without importing it (:func:`class_constants`).
 
 Why: ``probekit metrics`` lists every metric's one-line description, and importing a metric's
 module imports torch (seconds). The constants a listing needs (``description``, ``unit``,
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import platform
 from functools import lru_cache
 
-__all__ = ["class_constants"]
+__all__ = ["class_constants", "library_versions"]
 
 
 @lru_cache(maxsize=None)
@@ -36,7 +38,7 @@ def class_constants(target: str, names: tuple[str, ...], base: str = "", default
     Returns None when the module cannot be read or any of ``names`` is neither a literal of the
     class body nor a default of a direct subclass of ``base`` (then the caller imports the class).
 
-    >>> class_constants("probekit._plugin_info:Nothing", ("description",)) is None
+    >>> class_constants("probekit._installed:Nothing", ("description",)) is None
     True
     """
     module, _, qual = target.partition(":")
@@ -57,3 +59,23 @@ def class_constants(target: str, names: tuple[str, ...], base: str = "", default
     if base and bases == [base]:
         found = {**{k: v for k, v in (defaults or {}).items() if k in names}, **found}
     return found if all(n in found for n in names) else None
+
+
+def library_versions() -> dict[str, str]:
+    """Python's and the versions of probekit and the model libraries, as a part's cache key and
+    run.json record them (a fresh dict: callers may add to it)."""
+    return dict(_versions())
+
+
+@lru_cache(maxsize=1)
+def _versions() -> dict[str, str]:
+    """Looked up once per process: each lookup parses package metadata (~1 ms a package)."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("probekit", "torch", "transformers", "timm", "open_clip_torch", "onnxruntime"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
