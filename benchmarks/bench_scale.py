@@ -52,7 +52,7 @@ def worker(run: str, engine: str, out: str) -> None:
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         init_s = time.perf_counter() - t0
-    from probekit.runs.compare import compare
+    from probekit.api import compare
 
     t1 = time.perf_counter()
     cmp = compare(run, out=out, engine=engine)

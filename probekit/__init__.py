@@ -20,7 +20,7 @@ from probekit.errors import ConfigError, ImageError, LayoutError, PluginLoadErro
 _LAZY = {
     "Adapter": "adapter", "ProbedModel": "adapter", "LayerAttention": "attention", "Metric": "metric",
     "TokenLayout": "tokens", "Results": "results", "load": "models", "wrap": "models", "aliases": "models",
-    "probe": "engine.probe", "compare": "runs.compare", "adapters": "registry", "metrics": "registry",
+    "probe": "engine.probe", "compare": "api", "adapters": "registry", "metrics": "registry",
     "register": "registry", "resolve_images": "inputs.images", "sample_images": "inputs.images",
 }
 _SUBMODULES = {"sources": "inputs.sources"}  # pk.sources.ClassFolder, Manifest, WebDataset, HFDataset
@@ -28,7 +28,7 @@ _SUBMODULES = {"sources": "inputs.sources"}  # pk.sources.ClassFolder, Manifest,
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports the lazy table stands for
     from probekit.adapter import Adapter, ProbedModel
     from probekit.attention import LayerAttention
-    from probekit.runs.compare import compare
+    from probekit.api import compare
     from probekit.inputs.images import resolve_images, sample_images
     from probekit.metric import Metric
     from probekit.models import aliases, load, wrap

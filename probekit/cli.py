@@ -282,7 +282,7 @@ class _Progress:
 
 
 def _run_comparison(cfg_or_path: Any, out_dir: Optional[str], figures: bool, report: bool = True, **flags) -> None:
-    from probekit.runs.compare import compare
+    from probekit.api import compare
     from probekit.runs.interrupt import Terminated
 
     try:
@@ -455,7 +455,7 @@ def plot_cmd(
     metric: Annotated[Optional[list[str]], typer.Option("--metric", "-m", help="Metric labels to draw (default: all).")] = None,
 ):
     """Draw figures (PNG and SVG) from a run directory's results.parquet into its figures/ folder."""
-    from probekit.runs.rundir import redraw
+    from probekit.views.outputs import redraw
 
     notes: list[str] = []
     paths = redraw(run_dir, kinds=kind, metrics=metric, notes=notes)

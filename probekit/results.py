@@ -8,6 +8,8 @@ shaped ``[images, layers, ...]``. Parquet and CSV round-trip without loss.
 
 from __future__ import annotations
 
+from html import escape
+
 import json
 from pathlib import Path
 from typing import Any
@@ -149,8 +151,7 @@ class Results:
         return f"Results({len(self.table)} rows, models={self.models}, metrics={self.metrics})"
 
     def _repr_html_(self) -> str:
-        from probekit.views.report.summary_html import results_html
-
+        """A header line and one small table per metric (per-layer means), for Jupyter."""
         return results_html(self)
 
     def __eq__(self, other: Any) -> bool:
@@ -277,3 +278,32 @@ def _legacy_key(name: str, models: list[str]) -> str:
             return f"{model}/{name[len(enc):]}"
     return name.replace("__", "/")
 
+
+# -- Jupyter -------------------------------------------------------------------------------------
+_MAX_LAYERS = 24
+
+
+def _layer_tables(res: Results) -> str:
+    parts = []
+    for metric in res.metrics:
+        means = res.layer_means(metric)
+        cols = list(means.columns)[:_MAX_LAYERS]
+        more = " …" if len(means.columns) > _MAX_LAYERS else ""
+        unit = ((res.meta.get("metrics") or {}).get(metric) or {}).get("unit") or ""
+        head = "".join(f"<th>{c}</th>" for c in cols)
+        body = "".join(
+            f"<tr><th style='text-align:left'>{escape(str(m))}</th>"
+            + "".join(f"<td>{v:.4g}</td>" for v in row[cols]) + "</tr>"
+            for m, row in means.iterrows())
+        parts.append(f"<p><b>{escape(metric)}</b>{' (' + escape(unit) + ')' if unit else ''}: mean over heads "
+                     f"and images per layer{more}</p><table><tr><th>model \\ layer</th>{head}</tr>{body}</table>")
+    return "".join(parts)
+
+
+def results_html(res: Results) -> str:
+    """``Results`` as a header line and one small table per metric."""
+    n_img = res.table["image"].nunique() if len(res) else 0
+    head = (f"<b>Results</b>: {len(res)} rows, {len(res.models)} model(s) ({escape(', '.join(res.models))}), "
+            f"{n_img} image(s), metrics {escape(', '.join(res.metrics))}"
+            + (f", maps {escape(', '.join(sorted(res.arrays)))}" if res.arrays else ""))
+    return f"<div class='probekit-results'><p>{head}</p>{_layer_tables(res) if len(res) else ''}</div>"

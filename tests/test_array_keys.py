@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from probekit.runs.compare import compare
+from probekit.api import compare
 from probekit.results import Results
 from probekit.runs.rundir import load_run_dir
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import probekit as pk
-from probekit.runs.compare import compare
+from probekit.api import compare
 from probekit.runs.parts import part_key, plugin_identity
 
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import probekit as pk
-from probekit.runs.compare import compare
+from probekit.api import compare
 from probekit.inputs.images import ImageSet
 from probekit.runs.parts import part_key
 

@@ -18,7 +18,8 @@ import torch
 
 import probekit as pk
 import probekit.models
-from probekit.runs.compare import compare, part_key
+from probekit.api import compare
+from probekit.runs.parts import part_key
 from probekit.runs.config import load_run
 from probekit.errors import ConfigError
 

@@ -230,7 +230,7 @@ def test_multi_frame_images_are_noted_by_name(tmp_path, caplog, toy_backend):
 def test_a_run_records_and_reports_its_multi_frame_images(tmp_path, toy_backend):
     import json
 
-    from probekit.runs.compare import compare
+    from probekit.api import compare
 
     _multi_frame(tmp_path / "imgs")
     run = tmp_path / "run.yaml"

@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from probekit.runs.compare import compare
+from probekit.api import compare
 
 pytestmark = pytest.mark.usefixtures("toy_backend")
 pytest.importorskip("seaborn")

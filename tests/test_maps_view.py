@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 
 import probekit as pk
 from probekit.views import plots
-from probekit.runs.compare import compare
+from probekit.api import compare
 from probekit.inputs.view import VIEW_IMAGES, view_key
 from probekit.runs.rundir import load_run_dir
 

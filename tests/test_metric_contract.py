@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 
 import probekit as pk
-from probekit.runs.compare import part_key
+from probekit.runs.parts import part_key
 from probekit.errors import ConfigError, PluginLoadError
 from probekit.metric.options import alternatives
 from probekit.registry import Registry, _validate_metric

@@ -10,7 +10,7 @@ import torch
 
 import probekit as pk
 from probekit.views import plots
-from probekit.runs.compare import compare
+from probekit.api import compare
 from probekit.errors import ProbekitError
 from probekit.results import Results
 

@@ -24,7 +24,7 @@ import ray
 import torch
 from PIL import Image
 
-from probekit.runs.compare import compare
+from probekit.api import compare
 from probekit.errors import MissingDependencyError
 
 CLASSES = ("circle", "square", "noise", "stripes")

@@ -14,10 +14,10 @@ import torch
 from typer.testing import CliRunner
 
 import probekit as pk
-from probekit.runs.compare import compare
+from probekit.api import compare
 from probekit.errors import ConfigError
 from probekit.views import plots
-from probekit.views.report import explorer
+from probekit.runs import explorer
 
 pytestmark = pytest.mark.usefixtures("toy_backend")
 

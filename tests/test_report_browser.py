@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from probekit.runs.compare import compare
+from probekit.api import compare
 
 pytestmark = pytest.mark.usefixtures("toy_backend")
 

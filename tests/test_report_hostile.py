@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 import probekit as pk
-from probekit.runs.compare import compare
+from probekit.api import compare
 
 pytestmark = pytest.mark.usefixtures("toy_backend")
 

@@ -20,10 +20,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from probekit.runs.compare import compare
+from probekit.api import compare
 from probekit.errors import ConfigError, RunDirError
 from probekit._io.fileid import file_digest
-from probekit.runs.rundir import load_run_dir, read_record, redraw
+from probekit.runs.rundir import load_run_dir, read_record
+from probekit.views.outputs import redraw
 
 pytestmark = pytest.mark.usefixtures("toy_backend")
 
@@ -308,7 +309,7 @@ def test_planted_explorer_arrays_are_captured_again(tmp_path, plant):
     run = _run_file(tmp_path, showcase=1)
     compare(run, out=out)
     (explorer,) = (out / "parts" / "explorer").glob("*.npz")
-    from probekit.views.report.explorer import load
+    from probekit.runs.explorer import load
 
     good = load(explorer)
     marker = tmp_path / "PWNED"

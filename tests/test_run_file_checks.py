@@ -9,7 +9,7 @@ import os
 import pytest
 
 import probekit as pk
-from probekit.runs.compare import compare
+from probekit.api import compare
 from probekit.runs.config import check_run, load_run
 from probekit.errors import ConfigError
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import probekit as pk
 from probekit.cli import app
-from probekit.runs.compare import compare
+from probekit.api import compare
 from probekit.errors import ProbekitError
 
 TIMM_NAN = """\

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 import probekit.runs.rundir
-from probekit.runs.compare import compare
+from probekit.api import compare
 from probekit.errors import RunDirBusyError, RunDirError, WriteError
 from probekit.runs.rundir import RunDir, load_run_dir, read_record
 

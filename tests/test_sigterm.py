@@ -105,7 +105,7 @@ def test_sigterm_stops_the_run_like_ctrl_c_and_the_rerun_gives_the_same_numbers(
 
 
 def test_the_sigterm_handler_is_the_callers_again_after_a_run(tmp_path, toy_backend):
-    from probekit.runs.compare import compare
+    from probekit.api import compare
 
     before = signal.getsignal(signal.SIGTERM)
     compare({"models": ["toy:vit"], "images": {"path": "sample", "count": 1}, "metrics": ["mad"],

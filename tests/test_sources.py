@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 import probekit as pk
-from probekit.runs.compare import compare
+from probekit.api import compare
 from probekit.errors import ConfigError, ImageError
 from probekit.results import Results
 from probekit.inputs.sources import ClassFolder, HFDataset, Manifest, WebDataset, sample_indices

@@ -7,6 +7,6 @@ row helpers metrics share (patch keys, entropies of rows).
 - :mod:`probekit.metric.patch_keys`: rows over patch keys, computed without underflow.
 """
 
-from probekit.metric.base import Metric
+from probekit.metric.base import RUN_SETTINGS, Metric
 
-__all__ = ["Metric"]
+__all__ = ["Metric", "RUN_SETTINGS"]

@@ -15,6 +15,7 @@ stopped. A model that fails to load or to run is recorded and the others finish.
 from __future__ import annotations
 
 import gc
+from html import escape
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,18 +23,16 @@ from typing import Any, Protocol
 
 from probekit import models as _models
 from probekit.runs.config import CheckedRun, ModelEntry, RunConfig, check_run, load_run
-from probekit._io.atomic import write_text_atomic
-from probekit.errors import ConfigError, WriteError
-from probekit.inputs.view import is_view
+from probekit.errors import ConfigError
 from probekit.runs.interrupt import sigterm_as_interrupt
 from probekit.runs.parts import PartStore, model_keys, only_metric, part_key, relabel
 from probekit._installed import library_versions
 from probekit.engine.probe import resolve_dtype
-from probekit.results import Results
+from probekit.results import Results, results_html
 from probekit.runs.record import record_failure
 from probekit.runs.rundir import RunDir, load_run_dir, write_outputs
 
-__all__ = ["compare", "Comparison", "Reporter", "load_run_dir", "part_key"]
+__all__ = ["run_comparison", "Views", "Comparison", "Reporter", "load_run_dir", "part_key"]
 
 
 class Reporter(Protocol):
@@ -46,6 +45,23 @@ class Reporter(Protocol):
     def model_finished(self, label: str, seconds: float, cached: bool) -> None: ...
 
     def model_failed(self, label: str, message: str) -> None: ...
+
+
+class Views(Protocol):
+    """What a comparison draws and writes for people from its results (:class:`probekit.views.outputs.RunViews`).
+
+    ``figures``/``report``: whether to draw the run file's figures, and to write ``contrasts.csv``
+    and ``report.html`` (the explorer's arrays are then captured for the showcase images).
+    """
+
+    figures: bool
+    report: bool
+
+    def render(self, results: Results, out_dir: Path, *, reuse: Path, stamps: Path, **kwargs: Any) -> list[Path]: ...
+
+    def note_figures(self, record: dict, results: Results, kinds: list[str], explicit: bool) -> None: ...
+
+    def write_report(self, rd: RunDir, results: Results, record: dict, cfg: RunConfig, status: str) -> tuple[Any, Path | None]: ...
 
 
 class _Quiet:
@@ -98,8 +114,7 @@ class Comparison:
                 f"failures={len(self.failures)}, figures={len(self.figures)})")
 
     def _repr_html_(self) -> str:
-        from probekit.views.report.summary_html import comparison_html
-
+        """Where its files are, what failed, then its results' tables (for Jupyter)."""
         return comparison_html(self)
 
 
@@ -288,17 +303,17 @@ def _status(record: dict) -> str:
     return "nonfinite" if record["nonfinite"] else "complete"
 
 
-def compare(config_or_path: Any, out: str | Path | None = None, *, reporter: Reporter | None = None,
-            figures: bool = True, report: bool = True, **flags: Any) -> Comparison:
-    """Probe every model of a run file on its images and write the run directory.
+def run_comparison(config_or_path: Any, out: str | Path | None = None, *, reporter: Reporter | None = None,
+                   views: Views | None = None, **flags: Any) -> Comparison:
+    """Probe every model of a run file on its images and write the run directory
+    (``pk.compare``, :func:`probekit.api.compare`, passes the figures and the report as ``views``).
 
     Args:
         config_or_path: a YAML run file, a :class:`~probekit.runs.config.RunConfig` or a dict.
         out: the run directory (default: the file's ``out``, else ``runs/<name>``).
         reporter: receives progress (see :class:`Reporter`); the CLI passes a progress bar.
-        figures: draw the figures the run file asks for (needs seaborn).
-        report: write ``contrasts.csv`` and the self-contained ``report.html`` (with the
-            attention explorer's arrays for the run file's showcase images).
+        views: what is drawn and written for people from the results (figures, ``contrasts.csv``,
+            ``report.html`` and the explorer's arrays, see :class:`Views`); None: the numbers only.
         **flags: run settings over the file's (``batch_size``, ``device``, ``dtype``, ...).
 
     Returns:
@@ -322,7 +337,7 @@ def compare(config_or_path: Any, out: str | Path | None = None, *, reporter: Rep
     run = check_run(cfg)  # everything that can be wrong in the file fails here, before work
     rep = reporter or _Quiet()
     rd = RunDir(Path(cfg.out or Path("runs") / cfg.name))
-    showcase = _showcase(cfg, run) if report else None
+    showcase = _showcase(cfg, run) if views is not None and views.report else None
     with sigterm_as_interrupt(), rd.locked():  # SIGTERM (SLURM, Kubernetes) stops it as Ctrl-C does
         record = rd.begin(_run_record(cfg, run))
         if showcase is not None:
@@ -341,14 +356,17 @@ def compare(config_or_path: Any, out: str | Path | None = None, *, reporter: Rep
             results = _combine(collected, record)
             record["nonfinite"] = results.nonfinite()
             anything = len(results) > 0 or bool(results.arrays)  # map metrics alone have no table rows
-            kinds = list(cfg.figures or []) if figures and anything else []
+            draw = views is not None and views.figures and anything
+            kinds = list(cfg.figures or []) if draw else []
             timings = record.setdefault("timings", {})  # what a run spends after probing: figures must not dominate
             t0 = time.perf_counter()
-            figs = write_outputs(rd, results, record, kinds)
-            _note_figures(record, results, kinds, explicit_figures)
+            figs = write_outputs(rd, results, record, kinds, None if views is None else views.render)
+            if views is not None:
+                views.note_figures(record, results, kinds, explicit_figures)
             timings["outputs_s"] = time.perf_counter() - t0
             record["seconds"] = time.perf_counter() - t_run
-            contrast_table, html = _report_outputs(rd, results, record, cfg) if report and anything else (None, None)
+            contrast_table, html = views.write_report(rd, results, record, cfg, _status(record)) \
+                if views is not None and views.report and anything else (None, None)
             record["seconds"] = time.perf_counter() - t_run
             rd.finish(record, _status(record))
         except BaseException as exc:
@@ -356,21 +374,6 @@ def compare(config_or_path: Any, out: str | Path | None = None, *, reporter: Rep
             raise
     return Comparison(results, figs, rd.path, record["failures"], cached, record.get("figure_error"),
                       record["nonfinite"], record["status"], contrast_table, html, list(record.get("notes") or []))
-
-
-def _note_figures(record: dict, results: Results, kinds: list[str], explicit: bool) -> None:
-    """Say in run.json's ``notes`` which figure kinds this run's metrics give no figure of, and why:
-    each kind the run file asks for by name; of the default list, only when it gives none at all."""
-    from probekit.views.plots import figure_notes
-
-    notes = figure_notes(results, kinds)
-    if not explicit and kinds and len(notes) == len(set(kinds)):
-        have = ", ".join(dict.fromkeys([*results.metrics, *(k.rsplit("/", 1)[1] for k in results.arrays if not is_view(k))]))
-        notes = [f"No figures: no figure kind ({', '.join(kinds)}) draws what this run's metrics ({have}) give."]
-    elif not explicit:
-        notes = []
-    if notes:
-        record.setdefault("notes", []).extend(notes)
 
 
 # -- report: explorer arrays, contrasts, report.html (each failure is recorded, never costs the numbers)
@@ -393,7 +396,7 @@ def _explorer_job(parts: Path, keys: dict, showcase, cfg: RunConfig, mrec: dict,
     """A callable capturing this model's explorer arrays, or None when cached (or not wanted)."""
     if showcase is None:
         return None
-    from probekit.views.report import explorer
+    from probekit.runs import explorer
 
     budget = int(cfg.report.explorer_mb * 2**20)
     path = parts / "explorer" / f"{explorer.explorer_key(keys, showcase.names, budget)}.npz"
@@ -412,30 +415,14 @@ def _explorer_job(parts: Path, keys: dict, showcase, cfg: RunConfig, mrec: dict,
     return run
 
 
-def _report_outputs(rd: RunDir, results: Results, record: dict, cfg: RunConfig):
-    """``contrasts.csv`` and ``report.html`` (in the manifest); a failure is recorded, never raised."""
-    from probekit.views.contrasts import contrasts, model_groups
-    from probekit.views.report import write_report
-
-    timings = record.setdefault("timings", {})
-    t0 = time.perf_counter()
-    table = html = None
-    try:
-        groups = model_groups({"models": {m["label"]: m for m in record["models"]}}, results.models,
-                              cfg.report.group_by)
-        table = contrasts(results, groups, seed=cfg.seed)
-        write_text_atomic(rd.output("contrasts.csv"), table.to_csv(index=False, float_format="%.6g"))
-        timings["contrasts_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        shown = {**record, "status": _status(record)}  # what run.json will say once finished
-        html = write_report(rd.path, record=shown, results=results, contrasts=table, path=rd.output("report.html"))
-        timings["report_s"] = time.perf_counter() - t0
-    except WriteError:
-        raise  # a full disk or unwritable directory is the run's error, as for every output
-    except Exception as exc:  # the report is a view: its failure never costs the numbers
-        record["report_error"] = f"{type(exc).__name__}: {exc}"
-        for name in ("contrasts.csv", "report.html"):  # none of an earlier run stays beside these results
-            if name in rd.outputs:
-                rd.outputs.remove(name)
-            rd.remove(name)  # (only a probekit run's file)
-    return table, html
+def comparison_html(cmp: Comparison) -> str:
+    """A comparison: where its files are, what failed, then its results' tables."""
+    items = [f"run directory <code>{escape(str(cmp.run_dir))}</code>"]
+    if cmp.report is not None:
+        items.append(f"report <code>{escape(str(cmp.report))}</code>")
+    if cmp.cached:
+        items.append(f"served from cache: {escape(', '.join(cmp.cached))}")
+    fails = "".join(f"<li style='color:#b3261e'>{escape(f['model'])} ({escape(f['stage'])}): {escape(f['error'])}: "
+                    f"{escape(f['message'])}</li>" for f in cmp.failures)
+    return (f"<div class='probekit-comparison'><p><b>Comparison</b>: {'; '.join(items)}</p>"
+            f"{'<ul>' + fails + '</ul>' if fails else ''}{results_html(cmp.results)}</div>")

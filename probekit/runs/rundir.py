@@ -28,7 +28,7 @@ import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 from probekit._io.atomic import write_errors, write_text_atomic
 from probekit.errors import ConfigError, RunDirBusyError, RunDirError
@@ -37,9 +37,10 @@ from probekit.inputs.view import is_view
 from probekit.runs.parts import PartStore
 from probekit.results import Results
 
-__all__ = ["RunDir", "read_record", "load_run_dir", "write_outputs", "redraw", "FINISHED"]
+__all__ = ["RunDir", "Renderer", "read_record", "load_run_dir", "write_outputs", "FINISHED", "STAMPS"]
 
 RUN_JSON = "run.json"
+STAMPS = ".stamps.json"  # what a renderer writes beside the figures: the inputs each was drawn from
 LOCK = ".lock"
 OUTPUTS = ("results.parquet", "summary.csv", "arrays.npz", "contrasts.csv", "report.html")  # beside run.json
 FINISHED = ("complete", "partial", "nonfinite")  # statuses of a run that wrote all its outputs
@@ -273,33 +274,33 @@ class RunDir:
             with write_errors(self.path):
                 self.remove("arrays.npz")
 
-    def draw_figures(self, results: Results, keep_others: bool = False, **kwargs: Any) -> list[Path]:
+    def draw_figures(self, results: Results, render: Renderer | None, keep_others: bool = False,
+                     **kwargs: Any) -> list[Path]:
         """Draw figures into a staging folder, then move them into ``figures/``: all or none.
 
         Without ``keep_others``, figures of earlier runs are removed (they describe other results).
-        ``kwargs`` go to :func:`probekit.views.plots.render_all`; figures whose inputs did not change
-        are linked from ``figures/`` instead of drawn again.
+        ``render`` draws them (:func:`probekit.views.plots.render_all`; None: no figures), with
+        ``kwargs``; figures whose inputs did not change are linked from ``figures/`` instead of drawn
+        again.
 
         Raises:
             WriteError and any error of the plotting code: then no new figure is left behind.
         """
-        from probekit.views import plots
-
         final = self.path / "figures"
         stage = self.path / f".figures-{uuid.uuid4().hex[:8]}"
         moved: list[Path] = []
         try:
             stamps = self.path / "parts" / "figure-stamps.json"  # what the figures in figures/ were drawn from
-            drawn = plots.render_all(results, stage, reuse=final, stamps=stamps, **kwargs) \
-                if kwargs.get("kinds") != [] else []
+            drawn = render(results, stage, reuse=final, stamps=stamps, **kwargs) \
+                if render is not None and kwargs.get("kinds") != [] else []
             self.own([f"figures/{p.name}" for p in drawn])  # refuses to replace a user's file
             with write_errors(final):
                 final.mkdir(exist_ok=True)
                 for p in drawn:
                     os.replace(p, final / p.name)
                     moved.append(final / p.name)
-                if (stage / plots.STAMPS).exists():  # last: only once every figure is in place
-                    os.replace(stage / plots.STAMPS, stamps)
+                if (stage / STAMPS).exists():  # last: only once every figure is in place
+                    os.replace(stage / STAMPS, stamps)
         except BaseException:
             for p in moved:
                 p.unlink(missing_ok=True)
@@ -313,8 +314,10 @@ class RunDir:
         return [self.output(str(p.relative_to(self.path))) for p in moved]
 
 
-def write_outputs(rd: RunDir, results: Results, record: dict, figure_kinds: list[str] | None) -> list[Path]:
-    """Everything a run writes from its Results and record (before :meth:`RunDir.finish`).
+def write_outputs(rd: RunDir, results: Results, record: dict, figure_kinds: list[str] | None,
+                  render: Renderer | None = None) -> list[Path]:
+    """Everything a run writes from its Results and record (before :meth:`RunDir.finish`): the
+    results, and the figures ``render`` draws of ``figure_kinds``.
 
     A figure error (a plotting bug, a full disk) costs no numbers: it is kept in
     ``record["figure_error"]`` and no figure of it is left; the results are written first.
@@ -322,10 +325,10 @@ def write_outputs(rd: RunDir, results: Results, record: dict, figure_kinds: list
     rd.write_results(results)
     figs: list[Path] = []
     try:
-        figs = rd.draw_figures(results, kinds=list(figure_kinds or []))
+        figs = rd.draw_figures(results, render, kinds=list(figure_kinds or []))
     except Exception as exc:
         record["figure_error"] = f"{type(exc).__name__}: {exc}"
-        rd.draw_figures(results, kinds=[])  # no figure of an earlier run stays beside these results
+        rd.draw_figures(results, None, kinds=[])  # no figure of an earlier run stays beside these results
     record["figures"] = [str(p.relative_to(rd.path)) for p in figs]
     return figs
 
@@ -387,37 +390,3 @@ def load_run_dir(run_dir: str | Path) -> Results:
     if "arrays.npz" in record["manifest"]:
         res.arrays = Results.read_arrays(run_dir / "arrays.npz", models=res.models)
     return res
-
-
-def redraw(run_dir: str | Path, kinds=None, metrics=None, notes: list[str] | None = None) -> list[Path]:
-    """Draw figures of a finished run directory (``probekit plot``) and add them to its manifest.
-
-    ``notes``, when given, receives one line for each of the ``kinds`` asked for by name that
-    the directory's metrics give no figure of, saying why.
-
-    Raises:
-        RunDirError: the directory does not hold one finished run (see :func:`read_record`).
-        ConfigError: a metric the directory does not hold.
-    """
-    rd = RunDir(run_dir)
-    read_record(rd.path)  # before the lock: never create a directory that is not there
-    with rd.locked():
-        record = read_record(rd.path)
-        rd.adopt(record)  # figures it draws join what the directory's runs own
-        res = load_run_dir(rd.path)
-        if metrics:
-            have = list(dict.fromkeys([*res.metrics, *(k.rsplit("/", 1)[1] for k in res.arrays if not is_view(k))]))
-            missing = [m for m in metrics if m not in have]
-            if missing:
-                raise ConfigError(f"No metric {', '.join(missing)} in {rd.path}; it holds: {', '.join(have)}.")
-        paths = rd.draw_figures(res, keep_others=True, kinds=None if kinds is None else list(kinds),
-                                metrics=metrics)  # maps over the input views stored with them: no model
-        if notes is not None and kinds:
-            from probekit.views.plots import figure_notes
-
-            notes.extend(figure_notes(res, kinds, metrics))
-        for p in paths:
-            record["manifest"][str(p.relative_to(rd.path))] = file_digest(p)
-        record["figures"] = sorted(set(record.get("figures") or []) | {str(p.relative_to(rd.path)) for p in paths})
-        rd.write_record(record)
-    return paths

@@ -32,6 +32,7 @@ from probekit.views.plots.labels import label_profile
 from probekit.inputs.view import is_view, view_key
 from probekit.views.plots.maps import attention_maps
 from probekit.results import Results, summarize
+from probekit.runs.rundir import STAMPS  # written beside the figures: the inputs each was drawn from
 
 __all__ = [
     "depth_profile", "layer_overlay", "head_heatmap", "summary_points", "attention_maps",
@@ -284,7 +285,6 @@ def _stamp(results: Results, metric: str, kind: str, extra: object = None) -> st
     return h.hexdigest()[:20]
 
 
-STAMPS = ".stamps.json"  # beside the figures: the inputs each was drawn from
 _FIGURE_FORMAT = 3  # bump when a figure's drawing changes: every figure is then redrawn once
 _JOBS: dict = {}  # what forked drawing workers read (inherited, never pickled)
 

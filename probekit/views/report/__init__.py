@@ -1,8 +1,7 @@
 """The self-contained HTML report of a run directory (``report.html``) and its attention explorer.
 
 - :mod:`probekit.views.report.build`: the page (numbers, contrasts, provenance, explorer data inline);
-- :mod:`probekit.views.report.explorer`: the explorer's arrays, captured while a model is loaded;
-- :mod:`probekit.views.report.summary_html`: the compact ``_repr_html_`` of Results and Comparison.
+- the explorer's arrays are captured while a model is loaded (:mod:`probekit.runs.explorer`).
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def _metric_info(label: str, rec: dict, results: Results, models: list[str]) -> 
 
 def _explorer(run_dir: Path, record: dict, model_index: dict[str, int]) -> tuple[dict | None, bytes]:
     """The explorer's JSON (shapes, offsets into the blob, backgrounds) and its raw uint8/float32 blob."""
-    from probekit.views.report.explorer import load
+    from probekit.runs.explorer import load
 
     chunks, offset, models = [], 0, []
     for mrec in record.get("models", []):
