@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--block-mb", type=float, default=8.0)
+    ap.add_argument("--json", help="also write the table to this results file (benchmarks/results/*.json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     b, h, t, d = args.batch, args.heads, args.tokens, 64
@@ -76,18 +77,31 @@ def main(argv=None) -> int:
     per_row = b * h * t * 4 * 2
     rows_all = max(1, min(t, int(args.block_mb * 2**20) // per_row))
     print(f"{b} images x {h} heads x {t} tokens, {args.threads} threads, ms per layer (best of 7)")
+    timed = []  # (piece, ms)
+
+    def show(piece: str, ms: float) -> None:
+        timed.append((piece, ms))
+        print(f"  {piece:60s} {ms:6.1f}")
+
     with torch.inference_mode():
-        print(f"  sdpa                                   {_best(lambda: F.scaled_dot_product_attention(q, k, v)):6.1f}")
-        print(f"  q·kᵀ + softmax + P·V, blocks of every image ({rows_all} rows)   "
-              f"{_best(_blocked(qs, kt, vf, rows_all, per_image=False)):6.1f}")
+        show("sdpa", _best(lambda: F.scaled_dot_product_attention(q, k, v)))
+        show(f"q·kᵀ + softmax + P·V, blocks of every image ({rows_all} rows)",
+             _best(_blocked(qs, kt, vf, rows_all, per_image=False)))
         for rows in (128, 256):
-            print(f"  q·kᵀ + softmax + P·V, blocks of one image ({rows} rows)      "
-                  f"{_best(_blocked(qs, kt, vf, rows, per_image=True)):6.1f}")
+            show(f"q·kᵀ + softmax + P·V, blocks of one image ({rows} rows)",
+                 _best(_blocked(qs, kt, vf, rows, per_image=True)))
         for names in (["mad"], ["entropy"], ["mad", "entropy"]):
             sink = MetricSink([pk.metrics.get(n)() for n in names], attention_pass="fused", block_mb=args.block_mb)
             sink.start(lay)
-            cost = _best(lambda: sink.attention(0, LayerAttention(q=q, k=k, v=v, scale=d**-0.5)))
-            print(f"  sink: {' + '.join(names):32s} {cost:6.1f}")
+            show(f"sink: {' + '.join(names)}",
+                 _best(lambda: sink.attention(0, LayerAttention(q=q, k=k, v=v, scale=d**-0.5))))
+    if args.json:
+        from _record import write
+
+        col = f"piece ({t} tokens, {b} images, {h} heads)"
+        write(args.json, "One layer piece by piece (attention_floor.py)", [col, "ms per layer"],
+              [{col: piece, "ms per layer": round(ms, 2)} for piece, ms in timed],
+              notes=[f"{args.threads} torch threads, block_mb={args.block_mb}, best of 7"])
     return 0
 
 

@@ -132,6 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="timed runs per method (default 5; dry run 1)")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    ap.add_argument("--json", help="also write the table to this results file (benchmarks/results/*.json)")
     args = ap.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
@@ -163,6 +164,16 @@ def main(argv=None) -> int:
             ratio = r["t"] / r["t_plain"]
             verdict = "dry run: not a measurement" if args.dry_run else ("PASS" if ratio <= 1.05 else "MISS")
             print(f"{r['case']}: kernel {ratio:.2f}x plain bf16 SDPA (goal <= 1.05x): {verdict}")
+    if args.json:
+        from _record import write
+
+        cols = ["case", "tokens", "method", "batch", "img/s", "x plain", "extra MB"]
+        write(args.json, "GPU overhead: probing over the plain bf16 forward (bench_gpu.py)", cols,
+              [{"case": CASES[r["case"]][2], "tokens": r["tokens"], "method": r["method"], "batch": r["batch"],
+                "img/s": round(r["batch"] / r["t"], 1), "x plain": round(r["t"] / r["t_plain"], 3),
+                "extra MB": round(r["peak_mb"] - r["plain_peak_mb"])} for r in rows],
+              notes=[f"best of {reps}, bf16 autocast" + (": dry run, the timings mean nothing" if args.dry_run else "")],
+              machine_note=name)
     return 0
 
 

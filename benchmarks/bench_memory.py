@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--model", default="vit_small_patch16_224")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--json", help="also write the table to this results file (benchmarks/results/*.json)")
     ap.add_argument("--worker", nargs=3, metavar=("FOLDER", "MODEL", "BATCH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -80,6 +81,7 @@ def main() -> None:
         print(f"{a.images} images (copies of the bundled photos), timm {a.model} random init, batch {a.batch}, "
               f"MAD + entropy, local engine; load: {os.getloadavg()[0]:.2f} (1-min avg), {os.cpu_count()} CPUs")
         print(f"{'mode':8} {'1st batch':>10} {'25%':>8} {'50%':>8} {'75%':>8} {'100%':>8} {'growth':>8} {'img/s':>7}  (RSS, MB)")
+        rows = []
         for mode in a.modes.split(","):
             env = {**os.environ, **MODES[mode]}
             out = subprocess.run([sys.executable, __file__, "--worker", folder, a.model, str(a.batch)],
@@ -89,6 +91,14 @@ def main() -> None:
             at = [tr[min(len(tr) - 1, max(0, round(q * len(tr)) - 1))][1] for q in (0.25, 0.5, 0.75, 1.0)]
             print(f"{mode:8} {tr[0][1]:>10.0f} " + " ".join(f"{v:>8.0f}" for v in at) +
                   f" {tr[-1][1] - tr[0][1]:>+8.0f} {a.images / rec['seconds']:>7.2f}")
+            rows.append({"mode": mode, "images, model": f"{a.images}, {a.model}", "RSS after 1st batch (MB)": round(tr[0][1]),
+                         "RSS at 50% (MB)": round(at[1]), "RSS at the end (MB)": round(tr[-1][1]),
+                         "growth (MB)": f"{tr[-1][1] - tr[0][1]:+.0f}", "img/s": round(a.images / rec["seconds"], 2)})
+        if a.json:
+            from _record import write
+
+            write(a.json, "Resident memory over the image set (bench_memory.py)", list(rows[0]), rows,
+                  notes=[f"batch {a.batch}, MAD + entropy, local engine, num_workers=0"])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

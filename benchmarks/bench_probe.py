@@ -345,7 +345,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads per process (default 2)")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    ap.add_argument("--json", help="also write the raw measurements to this file")
+    ap.add_argument("--json", help="also write the table (and the raw measurements) to this results file "
+                    "(benchmarks/results/*.json; python benchmarks/results.py turns them into RESULTS.md)")
     ap.add_argument("--attention-pass", default="auto", choices=("auto", "fused", "separate"),
                     help="pk.probe's attention_pass for the probekit rows (default auto)")
     ap.add_argument("--block-mb", type=float, default=None,
@@ -383,9 +384,29 @@ def main(argv=None) -> int:
         print(line)
     print(f"\nwall time {time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.2f} at end")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results, args)
     return 0
+
+
+def write_json(path: str, results: list[dict], args) -> None:
+    """The table as a results file (benchmarks/_record.py), the raw measurements under ``raw``."""
+    from _record import write
+
+    cols = ["case", "method", "batch", "img/s", "x plain", "pairs", "plain img/s", "extra peak MB"]
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append({"case": CASES[r["case"]]["label"], "method": r["method"], "img/s": "failed"})
+            continue
+        s = summarize(r)
+        rows.append({"case": CASES[r["case"]]["label"], "method": r["method"], "batch": r["batch"],
+                     "img/s": round(s["ips"], 2), "x plain": round(s["ratio"], 3), "pairs": round(s["ratio_pairs"], 3),
+                     "plain img/s": round(s["plain_ips"], 2), "extra peak MB": round(s["extra_mb"])})
+    title = "CPU overhead: probing over the plain forward"
+    if args.attention_pass != "auto" or args.block_mb is not None:
+        title += f" (attention_pass={args.attention_pass}, block_mb={args.block_mb})"
+    write(path, title, cols, rows, notes=[f"{args.threads} torch threads" + (", --quick" if args.quick else "")]
+          + check_targets(results, quick=args.quick), raw=results)
 
 
 if __name__ == "__main__":

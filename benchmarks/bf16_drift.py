@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--model", default="vit_small_patch16_224")
     ap.add_argument("--scale", type=float, default=0.3, help="noise added to every parameter (randomize_parameters)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="also write the figures to this results file (benchmarks/results/*.json)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     pm = pk.load(f"timm:{args.model}", pretrained=False)
@@ -45,6 +46,14 @@ def main() -> None:
     sharp = int(np.argmin(f32.to_numpy()))
     print(f"sharpest head (lowest float32 MAD, layer {f32.index[sharp][0]} head {f32.index[sharp][1]}): "
           f"{f32.iloc[sharp]:.2f} px -> {b16.iloc[sharp]:.2f} px ({rel[sharp]:.1%})")
+    if args.json:
+        from _record import write
+
+        cols = ["model", "max relative difference", "median over heads", "worst head"]
+        write(args.json, "MAD under bf16 autocast against float32 (bf16_drift.py)", cols, [{
+            "model": f"timm {args.model}, random init + randomize_parameters(scale={args.scale}), the sample photos",
+            "max relative difference": f"{rel.max():.1%}", "median over heads": f"{np.median(rel):.1%} ({len(rel)} heads)",
+            "worst head": f"layer {layer}, head {head}: {f32.iloc[worst]:.1f} px -> {b16.iloc[worst]:.1f} px"}])
 
 
 if __name__ == "__main__":
