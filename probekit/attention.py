@@ -75,7 +75,8 @@ class LayerAttention:
         """Float32 keys as ``[B, H, d, T]`` for ``q @ key_t()``, made contiguous once per layer.
 
         Why: a tap's k is usually a strided view into the fused qkv projection, and a matmul on
-        it copies k again for every block of rows (3x slower on CPU); one copy serves them all.
+        it copies k again for every block of rows (several times slower on CPU; benchmarks/RESULTS.md,
+        section "Smaller engine choices"); one copy serves them all.
         """
         if self._kt is None:
             buf = self._copy_buffer("k", self.k)
@@ -86,9 +87,8 @@ class LayerAttention:
         """A reused float32 buffer shaped like ``like`` from :attr:`workspace` (None: allocate afresh).
 
         Why: fresh multi-MB copies per layer are new mappings on CPU, page-faulted and zero-filled
-        on first touch and unmapped when freed. A modest gain, within this VM's noise: DINOv2-S/14
-        at 518 px, alternating runs in one process, reused 1.07x and 1.13x the plain forward, fresh
-        1.11x and 1.16x (best of 6 and 8).
+        on first touch and unmapped when freed. A modest gain, within this VM's noise (measured:
+        benchmarks/RESULTS.md, section "Smaller engine choices").
         """
         if self.workspace is None or (like.requires_grad and torch.is_grad_enabled()):
             return None
@@ -258,10 +258,10 @@ def row_dot(a: torch.Tensor, b: torch.Tensor, start: int = 0) -> torch.Tensor:
     What metrics use for a per-row dot product of probabilities with logits or weights (entropy's
     ``<p, z>`` over the patch keys). Inside the engine (:meth:`Workspace.active`) the rows go
     through a reused product buffer a cache-sized chunk of rows at a time (:attr:`Workspace.scratch_bytes`,
-    within the engine's block budget): on this project's CPU
-    2.5x faster than ``torch.linalg.vecdot`` on the sliced rows (which allocates and fills a fresh
-    multi-MB product per block) and than ``einsum`` (one ``[1, T] @ [T, 1]`` matrix product per
-    row); see benchmarks/bench_probe.py.
+    within the engine's block budget): faster than ``torch.linalg.vecdot`` on the sliced rows
+    (which allocates and fills a fresh multi-MB product per block) and than ``einsum`` (one
+    ``[1, T] @ [T, 1]`` matrix product per row); measured: benchmarks/RESULTS.md, section
+    "Smaller engine choices".
     """
     ws = _ACTIVE.get()
     if ws is None or a.shape != b.shape or a.dtype != torch.float32 or b.dtype != torch.float32:

@@ -46,11 +46,9 @@ class MetricSink:
         metrics: the metric instances.
         layers: layer indices wanted (None: all).
         block_mb: budget in MiB for one block's logits and probabilities together. None: 8 MiB
-            on CPU (one layer at 1370 tokens, 2 images, 2 threads, best of 15: 4, 8 and 16 MiB
-            took 48.7, 46.2 and 52.4 ms, SDPA 37.8 ms; in the whole DINOv2-S/14 forward 8 and 16
-            MiB tie and 4 MiB is 2% slower: smaller blocks keep q·kᵀ, the softmax and P·V in the
-            cache until the per-block overhead wins) and 256 MiB on accelerators (fewer, larger
-            kernels). Per-row sums (entropy's) add a chunk buffer
+            on CPU (smaller blocks keep q·kᵀ, the softmax and P·V in the cache until the
+            per-block overhead wins; measured: benchmarks/RESULTS.md, section "Block budget on
+            CPU (block_mb)") and 256 MiB on accelerators (fewer, larger kernels). Per-row sums (entropy's) add a chunk buffer
             of at most half of it (512 KiB at most on CPU).
         attention_pass: ``"auto"``, ``"fused"``, ``"separate"`` or ``"kernel"``: whether a tap
             that hands over v gets the layer's attention output from the blocks the metrics

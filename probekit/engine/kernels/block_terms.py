@@ -3,14 +3,12 @@
 Why: entropy over the patch keys needs, per query row, ``lse``, the patch mass ``sum_patch p``
 and ``<p, z>_patch`` (``H = lse + ln s - <p, z>_patch / s``). Read from the finished block,
 those sums cost two more passes over its multi-MB logits and probabilities; made chunk by chunk
-right after the softmax has written each chunk of rows, they read it from the L2 cache (on
-this project's CPU, a [2, 6, 255, 1370] block: softmax and sums 4.7 ms instead of 5.4 ms one
-after the other; the softmax alone takes 2.6 ms).
+right after the softmax has written each chunk of rows, they read it from the L2 cache
+(measured: benchmarks/RESULTS.md, section "Smaller engine choices").
 
 On CPU the C row kernel (:mod:`probekit.engine.kernels.cpu`) makes the softmax and all these sums, and
-MAD's distance sums and the prefix masses besides, in one pass over each row (at 1370 tokens a
-[6, 510, 1370] block: 1.8 ms with every term, where torch's softmax alone takes 1.3-2.3 ms and the
-sums as many again). Elsewhere (CUDA, or no C compiler) PyTorch makes :data:`BLOCK_TERMS` chunk by chunk.
+MAD's distance sums and the prefix masses besides, in one pass over each row, in about the time
+torch's softmax alone takes (same section). Elsewhere (CUDA, or no C compiler) PyTorch makes :data:`BLOCK_TERMS` chunk by chunk.
 
 The sums are the fused GPU kernel's :class:`~probekit.engine.kernels.terms.RowTerms`, for the rows of one
 block: a metric whose ``kernel_terms`` lie within :func:`terms_served` is served through the

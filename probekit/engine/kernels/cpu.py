@@ -15,8 +15,9 @@ It is C, compiled at first use with the system's C compiler (``cc``, or ``$CC``)
 (``-march=native``) into ``~/.cache/probekit`` (``$PROBEKIT_CACHE_DIR``), and loaded with
 ctypes. Rows are split across torch's thread count with OpenMP, linked against the
 ``libgomp.so.1`` torch has already loaded (torch's Linux wheels): the same thread pool as torch's
-matmuls, whose threads would otherwise spin against a second pool on the same cores (measured
-here: the kernel's share of a layer 2x slower with Python threads). Where ``-fopenmp`` does not
+matmuls, whose threads would otherwise spin against a second pool on the same cores (with
+Python threads the kernel's share of a layer was slower: benchmarks/RESULTS.md, section "Smaller
+engine choices"). Where ``-fopenmp`` does not
 build, Python threads split the rows (a ctypes call releases the GIL). Where no compiler works,
 the engine takes the PyTorch path (same numbers, slower); :func:`build_error` says why, and
 ``PROBEKIT_CPU_KERNEL=0`` turns the kernel off.

@@ -25,15 +25,12 @@ def one_pass(attn: LayerAttention, mode: str = "auto") -> bool:
     ``"fused"``/``"kernel"``: whenever the tap handed over ``v``. ``"auto"``: always on
     accelerators; on CPU from :data:`ONE_PASS_MIN_TOKENS_KERNEL` (64) tokens on where the C row
     kernel built (:mod:`probekit.engine.kernels.cpu`), else from :data:`ONE_PASS_MIN_TOKENS` (150). The
-    rule comes from paired runs on this project's 2-core CPU (timm ViT-B/16, batch 16, MAD +
-    entropy on all layers, best wall time over the plain forward's, best of 3, 2 threads; README
-    Benchmark). With the C kernel, fused / separate: 17 tokens 1.10x / 1.06x, 37 tokens 1.08x /
-    1.11x, 50 tokens 0.99-1.07x / 1.00-1.08x (a tie within this VM's noise), 82 tokens 1.02x /
-    1.10x, 101 tokens 0.99-1.02x / 1.03-1.08x, 197 tokens 1.08x / 1.16x. With PyTorch's blocks:
-    50 tokens 1.20x / 1.08x (torch's fused SDPA beats float32 ``P @ V`` from the probabilities by
-    more than the recomputation it saves), 101 tokens 1.08x / 1.08x, 197 tokens 1.07x / 1.12x.
-    Longer sequences gain more (785 and 1370 tokens). Accelerators always take it (their flash
-    kernel is the cheap part; not measured here).
+    rule comes from paired runs of fused against separate on this project's 2-core CPU: with the C
+    kernel, fused wins from 64 tokens and below that neither wins beyond the VM's noise; with
+    PyTorch's blocks, torch's fused SDPA beats float32 ``P @ V`` from the probabilities by more
+    than the recomputation it saves until about 150 tokens. Longer sequences gain more.
+    Accelerators always take it (their flash kernel is the cheap part; not measured here).
+    Measured: benchmarks/RESULTS.md, section "One pass on CPU: the auto rule".
     """
     if mode == "separate" or attn.v is None or attn.probs_given is not None:
         return False
