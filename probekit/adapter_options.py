@@ -91,7 +91,7 @@ def _unknown_key(schema: type[AdapterOptions], key: str) -> str:
 def describe_options(schema: type[AdapterOptions]) -> str:
     """``pretrained: bool (...) = True; checkpoint: str; ...``: what a backend takes (as
     :func:`probekit.metric.options.describe_options` says a metric's), for messages."""
-    from probekit.metric.options import describe_type
+    from probekit.errors import describe_type
 
     parts = []
     for name, f in schema.model_fields.items():

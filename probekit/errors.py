@@ -8,7 +8,10 @@ not a :class:`ProbekitError` is a bug and keeps its traceback.
 from __future__ import annotations
 
 import difflib
+import types
+import typing
 from collections.abc import Iterable, Iterator
+from typing import Any, Literal
 from contextlib import contextmanager
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "RunDirError",
     "RunDirBusyError",
     "close_matches",
+    "describe_type",
     "reading_checkpoint",
     "refusing_pickles",
 ]
@@ -33,6 +37,29 @@ __all__ = [
 
 class ProbekitError(Exception):
     """Base class of every error probekit raises on purpose."""
+
+
+def describe_type(tp: Any) -> str:
+    """A short human description of an option type: ``bool (true or false)``, ``one of 'px', 'patch'``."""
+    while typing.get_origin(tp) is typing.Annotated:  # Annotated[T, ...] -> T
+        tp = typing.get_args(tp)[0]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is bool:
+        return "bool (true or false, unquoted)"
+    if tp is int:
+        return "int"
+    if tp is float:
+        return "float (a number)"
+    if tp is str:
+        return "str"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, getattr(types, "UnionType", None)):
+        return " or ".join("None" if a is type(None) else describe_type(a) for a in args)
+    if origin in (tuple, list):
+        inner = describe_type(args[0]) if args else "values"
+        return f"a list of {inner}"
+    return getattr(tp, "__name__", str(tp))
 
 
 def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:

@@ -44,7 +44,7 @@ import torch
 from probekit.errors import LayoutError
 from probekit.tokens import TokenLayout, pair
 
-__all__ = ["ChannelAttention", "KINDS", "LayerGeometry", "ModelGeometry", "REQUIREMENTS", "uniform_mad"]
+__all__ = ["ChannelAttention", "KINDS", "LayerGeometry", "ModelGeometry", "REQUIREMENTS"]
 
 #: token kinds; codes are indices into this tuple
 KINDS = ("patch", "pad", "cls", "dist", "reg")
@@ -349,23 +349,6 @@ def layout_lacks(layout: TokenLayout, requirement: str) -> str | None:
     return None
 
 
-def uniform_mad(layer: "TokenLayout | LayerGeometry", units: str = "px") -> float:
-    """MAD of uniform attention over every key a query sees (prefix and padding keys count as 0 px):
-    the "no locality" level of a layer, what a random-init model measures and plots draw.
-
-    >>> round(uniform_mad(LayerGeometry.windows((56, 56), 4, 7)), 2)  # Swin stage 1
-    14.44
-    """
-    if isinstance(layer, TokenLayout):
-        d = layer.pixel_distances() if units == "px" else layer.grid_distances()
-        if units == "fraction":
-            d = d / max(max(layer.grid) - 1, 1)
-        return float(d.double().mean()) * layer.num_patches / layer.num_tokens
-    u = layer.uniform()[:, 0]
-    d = layer.distances(units) * layer.visible_patch_keys() * layer.query_mask()[..., None]
-    return float((u * d).sum() / layer.queries_per_image())
-
-
 class ModelGeometry:
     """Each layer's geometry for one input: a :class:`TokenLayout` (global) or a :class:`LayerGeometry`.
 
@@ -394,17 +377,14 @@ class ModelGeometry:
         return g.summary()
 
     def meta(self) -> dict | None:
-        """What ``Results.meta["geometry"]`` records: per layer its kind, grid, stride, window and the
-        uniform-attention MAD in each unit (plots draw it per stage), and where stages start. None for
+        """What ``Results.meta["geometry"]`` records: per layer its kind, grid, stride and window, and
+        where stages start (the engine adds each metric's per-layer reference value). None for
         a model whose every layer is global over its input layout (the layout says it all)."""
         if not self.layers:
             return None
         layers = []
         for i in range(self.num_layers):
             info = self.summary(i)
-            g = self.layer(i)
-            info["uniform_mad"] = None if isinstance(g, ChannelAttention) else {
-                u: uniform_mad(g, u) for u in ("px", "patch", "fraction")}
             layers.append(info)
         return {"layers": layers, "stage_starts": self.stage_starts()}
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import probekit as pk
-from probekit.geometry import uniform_mad
+from probekit.plugins.metrics.distance import uniform_mad
 from probekit.testing import randomize_parameters
 
 TOL = 1e-5

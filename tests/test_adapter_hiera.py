@@ -17,7 +17,8 @@ import torch
 
 import probekit as pk
 from probekit.attention import LayerAttention
-from probekit.geometry import LayerGeometry, uniform_mad
+from probekit.geometry import LayerGeometry
+from probekit.plugins.metrics.distance import uniform_mad
 from probekit.engine.grouped import reduce_groups
 from probekit.engine.probe import build_metrics
 from probekit.testing import randomize_parameters

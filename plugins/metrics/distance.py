@@ -10,11 +10,29 @@ from pydantic import AfterValidator, Field
 import numpy as np
 import torch
 
+from probekit.geometry import ChannelAttention, LayerGeometry
 from probekit.metric import Metric
 from probekit.metric.patch_keys import patch_mass_is_safe, patch_rows, visible_rows
 from probekit.tokens import TokenLayout
 
 Units = Literal["px", "patch", "fraction"]
+
+
+def uniform_mad(layer: TokenLayout | LayerGeometry, units: str = "px") -> float:
+    """MAD of uniform attention over every key a query sees (prefix and padding keys count as 0 px):
+    the "no locality" level of a layer, what a random-init model measures and plots draw.
+
+    >>> round(uniform_mad(LayerGeometry.windows((56, 56), 4, 7)), 2)  # Swin stage 1
+    14.44
+    """
+    if isinstance(layer, TokenLayout):
+        d = layer.pixel_distances() if units == "px" else layer.grid_distances()
+        if units == "fraction":
+            d = d / max(max(layer.grid) - 1, 1)
+        return float(d.double().mean()) * layer.num_patches / layer.num_tokens
+    u = layer.uniform()[:, 0]
+    d = layer.distances(units) * layer.visible_patch_keys() * layer.query_mask()[..., None]
+    return float((u * d).sum() / layer.queries_per_image())
 
 
 class MeanAttentionDistance(Metric):
@@ -89,6 +107,13 @@ class MeanAttentionDistance(Metric):
             mean /= max(max(h, w) - 1, 1)
         n = h * w
         return mean if self.renormalize else mean * n / (n + layout.num_prefix)
+
+    def geometry_reference(self, layer: LayerGeometry) -> float | None:
+        """The uniform-attention MAD of a windowed, pooled or staged layer (:func:`uniform_mad`), with
+        the default ``queries`` and ``renormalize``; None otherwise, and for channel attention."""
+        if self.renormalize or self.queries != "patches" or isinstance(layer, ChannelAttention):
+            return None
+        return uniform_mad(layer, self.units)
 
     def geometry_queries(self) -> str:
         return "cls" if self.queries == "cls" else "patches"

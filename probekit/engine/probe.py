@@ -267,7 +267,7 @@ def _provenance(plan: _Plan, layout: TokenLayout | None, batch_size: int, second
         "layout": None if lay is None else {"num_prefix": lay.num_prefix, "grid": list(lay.grid),
                                             "patch_size": list(lay.patch_size),
                                             "prefix_kinds": list(lay.prefix_kinds)},
-        "geometry": None if geometry is None else geometry.meta(),
+        "geometry": _geometry_meta(geometry, plan.metrics),
         "metrics": {m.label: {"name": m.name, "options": m.options(), "unit": m.value_unit(),
                               "display_name": m.display_name} for m in plan.metrics},
         "images": {"count": len(plan.images), "fingerprint": plan.images.fingerprint(),
@@ -278,6 +278,17 @@ def _provenance(plan: _Plan, layout: TokenLayout | None, batch_size: int, second
         "seconds": seconds,
         "versions": library_versions(),
     }
+
+
+def _geometry_meta(geometry: ModelGeometry | None, metrics: list[Metric]) -> dict | None:
+    """``Results.meta["geometry"]`` with each metric's per-layer reference value (None where it has
+    none): what figures draw per stage of a windowed, pooled or staged model."""
+    meta = None if geometry is None else geometry.meta()
+    if meta is not None:
+        meta["references"] = {
+            m.label: [m.reference_value(g) if isinstance(g, TokenLayout) else m.geometry_reference(g)
+                      for g in map(geometry.layer, range(geometry.num_layers))] for m in metrics}
+    return meta
 
 
 def _decoded(imgs: ImageSet, done: list[int]) -> ImageSet:

@@ -189,6 +189,12 @@ class Metric:
         """
         return None
 
+    def geometry_reference(self, layer: Any) -> float | None:
+        """:meth:`reference_value` for a layer that is not one global attention (a
+        :class:`~probekit.geometry.LayerGeometry`: windows, pooled keys, stages), or None (the default).
+        The engine records it per layer (``Results.meta["geometry"]["references"]``); figures draw it."""
+        return None
+
     def value_unit(self) -> str:
         """Unit of this instance's values (options may change it)."""
         return self.unit
@@ -249,8 +255,8 @@ class Metric:
                 if why:
                     raise UnsupportedArchitectureError(
                         f"Metric {self.label!r} needs {REQUIREMENTS[req]}, but layer {i} of this model {why}. "
-                        "Probe other layers (layers=[...]) or use a metric that describes such layers "
-                        "(mad, distance_profile, entropy, prefix_mass, cls_map)."
+                        "Probe other layers (layers=[...]) or use a metric whose requirements this layer "
+                        "meets (`probekit metrics` lists them)."
                     )
 
     def geometry_queries(self) -> str:

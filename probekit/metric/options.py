@@ -26,7 +26,7 @@ import pydantic
 from pydantic import ConfigDict, ValidationError
 from pydantic_core import PydanticUndefined
 
-from probekit.errors import ConfigError
+from probekit.errors import ConfigError, describe_type
 
 __all__ = [
     "declared_options", "validate_options", "defaults", "format_label", "describe_options", "describe_type", "alternatives",
@@ -77,7 +77,7 @@ def _hints(klass: type) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=None)
 def _model(cls: type) -> type[pydantic.BaseModel]:
-    fields = {key: (tp, default) for key, (tp, default) in declared_options(cls).items()}
+    fields: dict[str, Any] = {key: (tp, default) for key, (tp, default) in declared_options(cls).items()}
     return pydantic.create_model(
         f"{cls.__name__}Options", __config__=ConfigDict(strict=True, extra="forbid", frozen=True), **fields
     )
@@ -88,28 +88,6 @@ def _base(tp: Any) -> Any:
     while typing.get_origin(tp) is typing.Annotated:
         tp = typing.get_args(tp)[0]
     return tp
-
-
-def describe_type(tp: Any) -> str:
-    """A short human description of an option type: ``bool (true or false)``, ``one of 'px', 'patch'``."""
-    tp = _base(tp)
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is bool:
-        return "bool (true or false, unquoted)"
-    if tp is int:
-        return "int"
-    if tp is float:
-        return "float (a number)"
-    if tp is str:
-        return "str"
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return " or ".join("None" if a is type(None) else describe_type(a) for a in args)
-    if origin in (tuple, list):
-        inner = describe_type(args[0]) if args else "values"
-        return f"a list of {inner}"
-    return getattr(tp, "__name__", str(tp))
 
 
 def describe_options(cls: type) -> str:

@@ -166,15 +166,16 @@ def _geometry(res: Results, model: str) -> dict | None:
 
 def _reference(res: Results, model: str, metric: str) -> float | list[float] | None:
     """The metric's :meth:`~probekit.Metric.reference_value` for ``model``'s layout (None if it has none);
-    for a model with a per-layer geometry (windows, pooled keys, stages), MAD's uniform value per layer
-    (default ``renormalize`` and ``queries``), else None."""
+    for a model with a per-layer geometry (windows, pooled keys, stages), the per-layer values the
+    engine recorded (:meth:`~probekit.Metric.geometry_reference`), else None."""
     m, lay = _metric(res, metric), _layout(res, model)
     if m is None or not lay:
         return None
     geo = _geometry(res, model)
-    if geo:
-        if m.name != "mad" or m.renormalize or m.queries != "patches":
+    if geo:  # the engine recorded each metric's value per layer (windows, pooled keys, stages)
+        refs = (geo.get("references") or {}).get(metric)
+        if refs is None or all(v is None for v in refs):
             return None
-        return [(layer["uniform_mad"] or {}).get(m.units, float("nan")) for layer in geo["layers"]]
+        return [float("nan") if v is None else float(v) for v in refs]
     ref = m.reference_value(_as_layout(lay))
     return None if ref is None else float(ref)
