@@ -156,6 +156,13 @@ def owned_files(path: str | Path) -> set[str]:
 
 
 # -- the directory -------------------------------------------------------------------------------
+class Renderer(Protocol):
+    """Draws a run's figures into a folder (:func:`probekit.views.plots.render_all`): returns the
+    files it wrote or kept, and writes :data:`STAMPS` beside them."""
+
+    def __call__(self, results: Results, out_dir: Path, *, reuse: Path, stamps: Path, **kwargs: Any) -> list[Path]: ...
+
+
 class RunDir:
     """One run directory while a run writes it: ``with rd.locked(): rd.begin(record) ... rd.finish(...)``."""
 
