@@ -43,13 +43,11 @@ def _stretched(x: torch.Tensor) -> np.ndarray:
 
 
 @pytest.fixture
-def run_dir(tmp_path):
+def run_dir(tmp_path, run_file):
     (tmp_path / "imgs").mkdir()
     _photo(tmp_path / "imgs" / "rotated.png")
-    opts = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in OPTS.items())
-    run = tmp_path / "run.yaml"
-    run.write_text(f"name: view\nmodels:\n  - model: {TIMM}\n    label: tiny\n    options: {{{opts}}}\n"
-                   f"images: {tmp_path / 'imgs'}\nmetrics: [cls_map]\nfigures: [maps]\n")
+    run = run_file(name="view", models=[{"model": TIMM, "label": "tiny", "options": OPTS}],
+                   images=str(tmp_path / "imgs"), metrics=["cls_map"], figures=["maps"])
     compare(run, out=tmp_path / "out", report=False)
     return tmp_path
 
@@ -89,3 +87,18 @@ def test_the_view_is_stored_for_the_first_images_only_and_without_pickle(run_dir
         assert any(z[k].dtype == np.uint8 for k in z.files)
     # a scalar metric alone stores no view
     assert not pk.probe(pk.load("toy:vit"), torch.randn(2, 3, 32, 32), metrics=["mad"]).arrays
+
+
+def test_each_map_is_titled_with_its_own_image_when_an_earlier_image_fails_to_decode(tmp_path):
+    """Map rows are the decoded images, in order: a truncated first file shifts no title."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    good = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(good).save(imgs / "a_broken.jpg")
+    (imgs / "a_broken.jpg").write_bytes((imgs / "a_broken.jpg").read_bytes()[:200])  # decodes no pixel
+    for name, shift in (("b.png", 0), ("c.png", 60)):
+        Image.fromarray((good.astype(int) + shift).clip(0, 255).astype(np.uint8)).save(imgs / name)
+    res = pk.probe(pk.load(TIMM, **OPTS), imgs, metrics=["cls_map"], batch_size=3)
+    assert [s[0] for s in res.meta["images"]["skipped"]] == ["a_broken.jpg"]
+    _, axes = plots.attention_maps(res, "cls_map")
+    assert [a.get_title() for a in axes[0]] == ["b.png", "c.png"]

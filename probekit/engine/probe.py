@@ -25,7 +25,7 @@ from probekit.errors import ConfigError
 from probekit._installed import library_versions
 from probekit.geometry import ModelGeometry
 from probekit.inputs.images import ImageSet, collate, resolve_images
-from probekit.inputs.view import VIEW_IMAGES, rgb, view_key
+from probekit.inputs.view import VIEW_IMAGES, names_key, rgb, view_key
 from probekit.metric import Metric
 from probekit.registry import metrics as metric_registry
 from probekit.results import Results
@@ -139,7 +139,7 @@ def _stack_layers(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | No
     out = np.full((full[0], len(arrays), *full[1:]), np.nan, dtype=np.float64)
     real = np.zeros(out.shape, dtype=bool)
     for i, a in enumerate(arrays):
-        idx = (slice(None), i, *(slice(0, k) for k in a.shape[1:]))
+        idx: tuple[int | slice, ...] = (slice(None), i, *(slice(0, k) for k in a.shape[1:]))
         out[idx], real[idx] = a, True
     return out, real
 
@@ -283,7 +283,9 @@ def _provenance(plan: _Plan, layout: TokenLayout | None, batch_size: int, second
 def _geometry_meta(geometry: ModelGeometry | None, metrics: list[Metric]) -> dict | None:
     """``Results.meta["geometry"]`` with each metric's per-layer reference value (None where it has
     none): what figures draw per stage of a windowed, pooled or staged model."""
-    meta = None if geometry is None else geometry.meta()
+    if geometry is None:
+        return None
+    meta = geometry.meta()
     if meta is not None:
         meta["references"] = {
             m.label: [m.reference_value(g) if isinstance(g, TokenLayout) else m.geometry_reference(g)
@@ -357,6 +359,7 @@ def probe(
     grid = None if sink.layout is None else tuple(sink.layout.grid)
     if views and any(a.ndim >= 4 and tuple(a.shape[-2:]) == grid for a in arrays.values()):
         arrays[view_key(plan.name)] = np.concatenate(views)  # what per-image maps are drawn over
+        arrays[names_key(plan.name)] = np.array(plan.images.names[: len(arrays[view_key(plan.name)])], dtype=str)
     if plan.images.labels is not None:  # a labelled source: the label of each row's image
         table["label"] = pd.Series(plan.images.labels, index=plan.images.names).reindex(table["image"]).to_numpy()
     return Results(table, arrays, _provenance(plan, sink.layout, batch_size, seconds, sink.geometry))

@@ -17,9 +17,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["VIEW", "VIEW_IMAGES", "view_key", "is_view", "rgb", "join_arrays", "metric_arrays"]
+__all__ = ["VIEW", "VIEW_NAMES", "VIEW_IMAGES", "view_key", "names_key", "is_view", "rgb", "join_arrays",
+           "metric_arrays"]
 
 VIEW = "#input"  # the array key's metric part for a model's input views (no metric label starts with '#')
+VIEW_NAMES = "#names"  # ... and for the names of the images those views show, in the same order
 VIEW_IMAGES = 4  # the images the maps figure draws by default
 
 
@@ -28,8 +30,15 @@ def view_key(model: str) -> str:
     return f"{model}/{VIEW}"
 
 
+def names_key(model: str) -> str:
+    """The ``Results.arrays`` key of the names of the images ``model``'s views show (the images its
+    map arrays begin with: those decoded, in order, so an image that failed to decode shifts nothing)."""
+    return f"{model}/{VIEW_NAMES}"
+
+
 def is_view(key: str) -> bool:
-    return key.rsplit("/", 1)[-1] == VIEW
+    """Whether an ``arrays`` key holds input views or their names rather than a metric's arrays."""
+    return key.rsplit("/", 1)[-1] in (VIEW, VIEW_NAMES)
 
 
 def rgb(x: Any) -> np.ndarray:
@@ -68,7 +77,8 @@ def metric_arrays(arrays: dict[str, np.ndarray], label: str) -> dict[str, np.nda
     holds maps can then be drawn on its own)."""
     out = {k: v for k, v in arrays.items() if not is_view(k) and k.rsplit("/", 1)[1] == label}
     for k in list(out):
-        vk = view_key(k.rsplit("/", 1)[0])
-        if vk in arrays:
-            out[vk] = arrays[vk]
+        model = k.rsplit("/", 1)[0]
+        for vk in (view_key(model), names_key(model)):
+            if vk in arrays:
+                out[vk] = arrays[vk]
     return out

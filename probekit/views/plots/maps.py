@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from probekit.errors import ConfigError
-from probekit.inputs.view import VIEW_IMAGES, is_view, view_key
+from probekit.inputs.view import VIEW_IMAGES, is_view, names_key, view_key
 from probekit.views.plots._common import WIDTH, _layout, _sns
 from probekit.results import Results
 
@@ -53,7 +53,6 @@ def attention_maps(results: Results, metric: str | None = None, *, images: int =
     keys = [k for k in results.arrays if not is_view(k) and k.rsplit("/", 1)[1] == metric]
     if not keys:
         raise ConfigError(f"No map arrays for {metric!r}; there are: {', '.join(labels)}.")
-    names = (results.meta.get("images") or {}).get("names") or []
     n_img = min(images, min(results.arrays[k].shape[0] for k in keys))
     if ax is None:
         fig, axes = plt.subplots(len(keys), n_img, figsize=(WIDTH, WIDTH / n_img * len(keys) + 0.3),
@@ -61,10 +60,12 @@ def attention_maps(results: Results, metric: str | None = None, *, images: int =
     else:
         fig, axes = ax.figure, np.array([[ax]])
         keys, n_img = keys[:1], 1
+    first_names: list[str] | None = None
     for r, key in enumerate(keys):
         model = key.rsplit("/", 1)[0]
         lay = _layout(results, model)
         views = results.arrays.get(view_key(model))
+        names = [str(n) for n in results.arrays.get(names_key(model), [])]  # the images of these rows, in order
         for c in range(n_img):
             a = axes[r, c]
             grid = _to_grid(results.arrays[key][c, layer], lay)
@@ -78,10 +79,11 @@ def attention_maps(results: Results, metric: str | None = None, *, images: int =
             a.imshow(grid, cmap="inferno", alpha=0.6 if extent else 1.0, extent=extent, interpolation="nearest")
             a.set_xticks([])
             a.set_yticks([])
-            if r == 0 and c < len(names):
+            if c < len(names) and (r == 0 or names != first_names):
                 a.set_title(names[c], fontsize=7)
             if c == 0:
                 a.set_ylabel(model, fontsize=7)
+        first_names = names if first_names is None else first_names
     if ax is None:
         n_layers = results.arrays[keys[0]].shape[1]
         fig.suptitle(f"{metric}, layer {layer % n_layers} of 0..{n_layers - 1}", fontsize=8)
