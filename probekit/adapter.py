@@ -103,22 +103,27 @@ class Adapter(ABC):
     name: ClassVar[str] = ""
     library: ClassVar[str] = ""
     extra: ClassVar[str] = ""
+    # capabilities: class constants that an instance may override for the model it holds (not ClassVar)
     #: every query attends to every token (False: windowed, e.g. Swin); MAD refuses False
-    global_attention: ClassVar[bool] = True
+    global_attention: bool = True
     #: the tap can report each block's output tokens (hidden-state metrics)
-    provides_hidden: ClassVar[bool] = True
+    provides_hidden: bool = True
     #: the bound model runs inputs of other sizes than its native one (False: a fixed position
     #: table or a fixed ONNX input; an instance may override it); probekit.testing reads it
-    variable_image_size: ClassVar[bool] = True
+    variable_image_size: bool = True
     #: the options :meth:`from_spec` takes, checked by type before any model loads
     #: (:mod:`probekit.adapter_options`); subclass :class:`~probekit.adapter_options.AdapterOptions` to add yours
     options_schema: ClassVar[type[AdapterOptions]] = AdapterOptions
-    #: input channels (3: RGB; 1: grayscale); images are converted to this many before
-    #: ``preprocess``. Built-in adapters read it from the model (an instance attribute).
-    in_chans: int = 3
+    if TYPE_CHECKING:  # read-only to readers: a subclass declares it, sets it, or reads its model in a property
+        @property
+        def in_chans(self) -> int: ...
+    else:
+        #: input channels (3: RGB; 1: grayscale); images are converted to this many before
+        #: ``preprocess``. Built-in adapters read it from the model (an instance attribute).
+        in_chans = 3
     #: conformance checks that do not apply, ``{check name: why}`` (an instance may override it).
     #: ``probekit.testing.check_adapter`` fails a check that cannot run unless it is listed here.
-    not_applicable_checks: ClassVar[dict[str, str]] = {}
+    not_applicable_checks: dict[str, str] = {}
 
     def __init__(self, model: nn.Module, preprocess: Any = None, **info: Any):
         self.model = model.eval()

@@ -8,13 +8,21 @@ library's convention here instead of inverting a mask by hand.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, overload
 
 import torch
 
 __all__ = ["additive_bias"]
 
 
+@overload  # a mask in, a bias out
+def additive_bias(mask: torch.Tensor, *, true_means: Literal["attend", "ignore"],
+                  is_causal: bool = False, shape: tuple[int, int] | None = None,
+                  device=None) -> torch.Tensor: ...
+@overload  # no mask: a bias only when causal
+def additive_bias(mask: None, *, true_means: Literal["attend", "ignore"],
+                  is_causal: bool = False, shape: tuple[int, int] | None = None,
+                  device=None) -> torch.Tensor | None: ...
 def additive_bias(mask: torch.Tensor | None, *, true_means: Literal["attend", "ignore"],
                   is_causal: bool = False, shape: tuple[int, int] | None = None,
                   device=None) -> torch.Tensor | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -12,7 +13,7 @@ from probekit.errors import LayoutError
 __all__ = ["TokenLayout", "pair"]
 
 
-def pair(x) -> tuple[int, int]:
+def pair(x: float | Sequence[float]) -> tuple[int, int]:
     """``(h, w)`` from one number or a pair of numbers (sizes in configs come in both forms)."""
     if isinstance(x, (int, float)):
         return (int(x), int(x))
@@ -20,7 +21,7 @@ def pair(x) -> tuple[int, int]:
     return (int(a), int(b))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class TokenLayout:
     """The token sequence of one forward pass.
 
@@ -39,14 +40,19 @@ class TokenLayout:
     num_prefix: int
     grid: tuple[int, int]
     patch_size: tuple[int, int]
-    prefix_kinds: tuple[str, ...] | None = None
+    prefix_kinds: tuple[str, ...]
 
-    def __post_init__(self):
-        object.__setattr__(self, "grid", pair(self.grid))
-        object.__setattr__(self, "patch_size", pair(self.patch_size))
+    # written out (init=False) so that the fields are typed as what they hold (pairs, a tuple of kinds),
+    # while the arguments take what configs give (one number for a square, no kinds for the default)
+    def __init__(self, num_prefix: int, grid: int | tuple[int, int], patch_size: int | tuple[int, int],
+                 prefix_kinds: Sequence[str] | None = None):
+        object.__setattr__(self, "num_prefix", num_prefix)
+        object.__setattr__(self, "grid", pair(grid))
+        object.__setattr__(self, "patch_size", pair(patch_size))
+        object.__setattr__(self, "prefix_kinds", prefix_kinds)  # as given, for the message below
         if self.num_prefix < 0 or min(self.grid) < 1 or min(self.patch_size) < 1:
             raise LayoutError(f"Invalid token layout {self!r}: counts and sizes must be positive.")
-        kinds = self.prefix_kinds
+        kinds = prefix_kinds
         if kinds is None:
             kinds = tuple(("cls" if i == 0 else "reg") for i in range(self.num_prefix))
         if len(kinds) != self.num_prefix:

@@ -209,6 +209,7 @@ class OnnxAdapter(Adapter):
     extra = "onnx"
     options_schema = OnnxOptions
     model: OnnxModule  # the graph's onnxruntime session, as a module
+    in_chans: int  # the graph input's channel dimension (3 when symbolic)
     not_applicable_checks = {
         "check_hidden_is_block_output": "onnxruntime runs the graph, so there are no torch norm calls to compare "
         "with; the hidden outputs are chosen structurally instead: the second residual Add of each block, one "
@@ -255,9 +256,9 @@ class OnnxAdapter(Adapter):
             )
         patch = (patch, patch) if isinstance(patch, int) else tuple(int(p) for p in patch)
         hidden = _residual_outputs(onnx_model, softmaxes)
-        # instance overrides of the class capabilities (Adapter annotates them ClassVar: the ignores)
-        self.provides_hidden = hidden is not None  # type: ignore[misc]  # ClassVar, see above
-        self.variable_image_size = None in fixed  # type: ignore[misc]  # ClassVar, see above
+        # instance overrides of the class capabilities
+        self.provides_hidden = hidden is not None
+        self.variable_image_size = None in fixed
         self._attn_names = [n.output[0] for n in softmaxes]
         self._logit_names = [n.input[0] for n in softmaxes]
         self._hidden_names = hidden or []

@@ -80,11 +80,9 @@ def mha_qk(mha: nn.MultiheadAttention, args: tuple, kwargs: dict, with_v: bool =
     bias = None
     if call.get("attn_mask") is not None:
         add = additive_bias(call["attn_mask"], true_means="ignore")
-        assert add is not None  # a mask in, a bias out
         bias = add.view(b, h, t, s) if add.dim() == 3 else add.view(1, 1, t, s)
     if call.get("key_padding_mask") is not None:
         add = additive_bias(call["key_padding_mask"], true_means="ignore")
-        assert add is not None  # a mask in, a bias out
         add = add.view(b, 1, 1, s)
         bias = add if bias is None else bias + add
     return LayerAttention(q=q, k=k, scale=(e // h) ** -0.5, bias=bias, v=v, out_dtype=sdpa_dtype(q))
@@ -316,8 +314,8 @@ class OpenClipAdapter(Adapter):
         return cls._bind(visual, None, name=type(module).__name__, **options)
 
     # -- describing ------------------------------------------------------------------------------
-    @property  # read from the tower, never set (Adapter declares a plain attribute: the ignore)
-    def in_chans(self) -> int:  # type: ignore[override]
+    @property  # read from the tower, never set
+    def in_chans(self) -> int:
         return int(getattr(getattr(self.model, "conv1", None), "in_channels", 3))
 
     @property
@@ -421,7 +419,7 @@ class OpenClipTimmAdapter(OpenClipAdapter):
         return self.trunk.reference_attention(pixel_values)
 
 
-def _own_preprocess(visual: nn.Module):
+def _own_preprocess(visual: LibraryModule):
     """open_clip's inference transform from the tower's ``preprocess_cfg`` (set by create_model)."""
     from open_clip.transform import PreprocessCfg, image_transform_v2
 

@@ -227,6 +227,7 @@ class TimmAdapter(Adapter):
     library = "timm"
     extra = "timm"
     options_schema = TimmOptions
+    in_chans: int  # read from the model's patch embedding in __init__
 
     def __init__(self, model: nn.Module, preprocess: Any = None, **info: Any):
         super().__init__(model, preprocess, **info)
@@ -239,9 +240,8 @@ class TimmAdapter(Adapter):
         self.family = family
         self.info.setdefault("family", family.name)
         self.in_chans = _in_chans(model)
-        # dynamic_img_size models resample position embeddings per forward; others are fixed (an instance
-        # override of the class capability, which Adapter annotates ClassVar: the ignore)
-        self.variable_image_size = bool(getattr(model, "dynamic_img_size", False))  # type: ignore[misc]
+        # dynamic_img_size models resample position embeddings per forward; others are fixed
+        self.variable_image_size = bool(getattr(model, "dynamic_img_size", False))
 
     # -- building --------------------------------------------------------------------------------
     @classmethod
@@ -389,9 +389,9 @@ class TimmWindowedAdapter(TimmAdapter):
     def __init__(self, model: nn.Module, preprocess: Any = None, **info: Any):
         super().__init__(model, preprocess, **info)
         self.staged = GEOMETRIES[self.family.name]
-        # instance overrides of the class capabilities (Adapter annotates them ClassVar: the ignores)
-        self.variable_image_size = False  # type: ignore[misc]  # ClassVar, see above
-        self.provides_hidden = self.staged.hidden_tokens is not None  # type: ignore[misc]  # ClassVar, see above
+        # instance overrides of the class capabilities
+        self.variable_image_size = False
+        self.provides_hidden = self.staged.hidden_tokens is not None
 
     def _attention(self) -> list[tuple[str, nn.Module]]:
         return self.staged.attention(self.model)

@@ -162,6 +162,7 @@ class TransformersAdapter(Adapter):
     library = "transformers"
     extra = "transformers"
     options_schema = TransformersOptions
+    in_chans: int  # the config's num_channels, set in __init__
 
     def __init__(self, model: nn.Module, preprocess: Any = None, **info: Any):
         super().__init__(model, preprocess, **info)
@@ -169,12 +170,11 @@ class TransformersAdapter(Adapter):
         self.staged = STAGED[self.family.staged] if self.family.staged else None
         if self.staged:  # windows and stages: every block of every stage, in order
             self.blocks = self.staged.blocks(model)
-            # instance overrides of the class capabilities (Adapter annotates them ClassVar: the ignores)
-            self.global_attention = self.variable_image_size = False  # type: ignore[misc]  # ClassVar, see above
-            self.provides_hidden = self.staged.hidden_tokens is not None  # type: ignore[misc]  # ClassVar, see above
+            # instance overrides of the class capabilities
+            self.global_attention = self.variable_image_size = False
+            self.provides_hidden = self.staged.hidden_tokens is not None
             if self.provides_hidden:
-                self.not_applicable_checks = {  # type: ignore[misc]  # ClassVar, see above
-                    "check_hidden_is_block_output": _REGROUPED}
+                self.not_applicable_checks = {"check_hidden_is_block_output": _REGROUPED}
         else:
             self.blocks = _blocks(model, self.family)
         self.attentions = [getattr(b, self.family.attention) for b in self.blocks]
