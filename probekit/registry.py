@@ -168,6 +168,7 @@ class Registry:
             return rec.obj
         if rec.error is not None:
             raise rec.error
+        assert rec.entry_point is not None  # a record without its object was found by its entry point
         try:
             obj = rec.entry_point.load()
             self._check(obj, rec.name)
@@ -182,9 +183,9 @@ class Registry:
         rec.obj = obj
         return obj
 
-    def load_all(self, strict: bool = False) -> list[PluginLoadError]:
+    def load_all(self, strict: bool = False) -> list[PluginLoadError | PluginClashError]:
         """Load every plugin; return the failures, or raise the first with ``strict=True``."""
-        errors = []
+        errors: list[PluginLoadError | PluginClashError] = []
         for rec in self.records():
             try:
                 self.get(rec.name)

@@ -102,6 +102,7 @@ class MetricSink:
         return (8 if device.type == "cpu" else 256) * 2**20
 
     def attention(self, layer: int, attn: LayerAttention) -> None:
+        assert self.geometry is not None, "start() begins every batch"
         lay = self.geometry.layer(layer)
         b, h, t = attn.shape
         if attn.workspace is None:
@@ -221,10 +222,13 @@ class MetricSink:
         for m in self._rowwise:
             self._keep(m, layer, vals[m.label])
         for m in self._other_attn:  # whole-layer metrics that said they handle such layers
-            self._keep(m, layer, m.on_attention(layer, attn, geo))
+            # a metric whose requires drop "global" is handed the layer's geometry; Metric.on_attention (and
+            # the compute it calls) is typed for the global layers its overrides handle
+            self._keep(m, layer, m.on_attention(layer, attn, geo))  # type: ignore[arg-type]
         attn.release()
 
     def hidden(self, layer: int, tokens: torch.Tensor, layout: TokenLayout | None = None) -> None:
+        assert self.layout is not None, "start() begins every batch"
         lay = self.layout if layout is None else layout  # a staged model's block has its own grid
         for m in self._hidden:
             self._keep(m, layer, m.on_hidden(layer, tokens, lay))

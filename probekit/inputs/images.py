@@ -35,7 +35,7 @@ SAMPLE = "sample"  # the name that selects the bundled sample set
 
 def sample_images() -> list[Path]:
     """The bundled, license-clean sample photos (see probekit/data/samples/LICENSE.md)."""
-    root = resources.files("probekit").joinpath("data", "samples")
+    root = resources.files("probekit") / "data" / "samples"
     return sorted(Path(str(p)) for p in root.iterdir() if Path(str(p)).suffix.lower() in IMAGE_SUFFIXES)
 
 
@@ -67,7 +67,7 @@ def _readable(path: Path, decode: bool = False) -> str | None:
         return f"unreadable: {type(exc).__name__}: {exc}"
 
 
-def display_name(path: Path | str) -> str:
+def display_name(path: str | os.PathLike[str]) -> str:
     """A file name that can be written anywhere (UTF-8 tables, JSON, hashes): bytes that are not
     UTF-8 (kept by Python as surrogates) are shown as ``\\xNN`` escapes, one name per file."""
     return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
@@ -204,11 +204,12 @@ class ImageSet:
         self.names = [_writable(n) for n in self.names]
         if self.labels is not None:
             self.labels = [_writable(v) if isinstance(v, str) else v for v in self.labels]
-        if len(set(self.names)) != len(self.names):
-            seen: set[str] = set()
-            dup = next(n for n in self.names if n in seen or seen.add(n))
-            raise ImageError(f"Two images are named {dup!r}: a name identifies an image's rows, so an image set "
-                             "cannot list one name twice. List each image once, or rename one of the two.")
+        seen: set[str] = set()
+        for name in self.names:
+            if name in seen:
+                raise ImageError(f"Two images are named {name!r}: a name identifies an image's rows, so an image "
+                                 "set cannot list one name twice. List each image once, or rename one of the two.")
+            seen.add(name)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -281,7 +282,10 @@ class ImageSet:
         """How image ``i`` is read: a path, a reference (``.open()``), or a PIL image."""
         if self.refs is not None:
             return self.refs[i]
-        return self.paths[i] if self.paths is not None else self.pil[i]
+        if self.paths is not None:
+            return self.paths[i]
+        assert self.pil is not None, "a tensor set has no images to read"  # callers check .tensor first
+        return self.pil[i]
 
     def dataset(self, transform: Callable[[Image.Image], torch.Tensor] | None,
                 channels: int = 3) -> torch.utils.data.Dataset:
@@ -435,8 +439,7 @@ def _pixels_to_pil(x: torch.Tensor, channels_last: bool) -> list[Image.Image]:
         x = x.permute(0, 2, 3, 1)
     if x.shape[-1] not in (1, 3, 4):
         raise ImageError(f"uint8 pixels must have 1, 3 or 4 channels; got shape {tuple(x.shape)}.")
-    x = x.cpu().numpy()
-    return [Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im) for im in x]
+    return [Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im) for im in x.cpu().numpy()]
 
 
 def _from_tensor(images: torch.Tensor) -> ImageSet | list[Image.Image]:
@@ -499,8 +502,10 @@ def resolve_images(
         parts = []
         for item in items:
             if str(item) == SAMPLE:
-                parts.append(_from_paths(sample_images(), None, strict))
-                parts[-1].names = [f"{SAMPLE}/{p.name}" if several else p.name for p in parts[-1].paths]
+                part = _from_paths(sample_images(), None, strict)
+                assert part.paths is not None  # listed from paths
+                part.names = [f"{SAMPLE}/{q.name}" if several else q.name for q in part.paths]
+                parts.append(part)
                 continue
             if not isinstance(item, (str, os.PathLike)):
                 raise ImageError(f"images= items must be paths (or all PIL images); got {type(item).__name__} "
@@ -517,11 +522,12 @@ def resolve_images(
                 parts.append(_from_paths([p], None, strict))
             else:
                 raise ImageError(f"No such file or folder: {display_name(p)}. Check the path, or use 'sample'.")
-        out = ImageSet(
-            names=[n for s in parts for n in s.names],
-            paths=[q for s in parts for q in s.paths],
-            skipped=[k for s in parts for k in s.skipped],
-        )
+        paths: list[Path] = []
+        for s in parts:
+            assert s.paths is not None  # every part is listed from paths (_from_paths)
+            paths += s.paths
+        out = ImageSet(names=[n for s in parts for n in s.names], paths=paths,
+                       skipped=[k for s in parts for k in s.skipped])
     if len(out) == 0:
         groups = _skip_groups(out.skipped)
         skipped = f" (skipped: {', '.join(f'{len(g)} {k}' for k, g in groups.items())})" if groups else ""

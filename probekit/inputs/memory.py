@@ -30,9 +30,10 @@ def tame() -> bool:
     if os.environ.get("PROBEKIT_MALLOC_TUNE", "1") == "0":
         return False
     name = ctypes.util.find_library("c")
+    if not name:
+        return False
     try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError):  # not glibc
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]

@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -135,6 +135,9 @@ class Metric:
     kernel_terms: ClassVar[frozenset[str]] = frozenset()
     display_name: ClassVar[str] = ""  # set to ``name`` for classes that leave it out
     depends_on: ClassVar[tuple[str, ...]] = ()
+    if TYPE_CHECKING:  # set in __init__ (add_state); annotated at run time they would be declared options
+        values: dict[int, list[torch.Tensor]]
+        _states: dict[str, tuple[Any, str]]
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

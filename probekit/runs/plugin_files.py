@@ -64,7 +64,7 @@ def _record_files(dist: metadata.Distribution | None) -> dict[str, str] | None:
     for f in dist.files or []:
         if any(part.endswith(".dist-info") or _skipped(part) for part in f.parts):
             continue
-        out[str(f)] = str(Path(dist.locate_file(f)).resolve())
+        out[str(f)] = str(Path(str(dist.locate_file(f))).resolve())  # typeshed: a SimplePath, not PathLike
     return out
 
 

@@ -109,15 +109,14 @@ def check_layout_matches_tokens(name: str, pm, image_size=None) -> None:
     assert isinstance(lay, TokenLayout), f"{name}: layout() returned {type(lay).__name__}, not TokenLayout"
     geo = ad.geometry(x)
     for layer, p in tapped(ad, x)[0].probs.items():
-        if not geo.is_global(layer):  # windows, pooled keys, class attention: the layer's own geometry
-            g = geo.layer(layer)
+        g = geo.layer(layer)
+        if not isinstance(g, TokenLayout):  # windows, pooled keys, class attention: the layer's own geometry
             ok = p.shape[0] == g.groups and (p.shape[-2], p.shape[-1]) == (g.num_queries, g.num_keys)
             assert ok, f"{name}: layer {layer} attention {tuple(p.shape)} does not fit its geometry ({g.describe()})"
             continue
-        lay = geo.layer(layer)
-        assert p.shape[-1] == p.shape[-2] == lay.num_tokens, (
+        assert p.shape[-1] == p.shape[-2] == g.num_tokens, (
             f"{name}: layer {layer} has {p.shape[-1]} tokens at {tuple(x.shape[-2:])}, layout says "
-            f"{lay.describe()}"
+            f"{g.describe()}"
         )
 
 

@@ -107,15 +107,15 @@ def _verdict(i: int, p: torch.Tensor, layers: list, boxes: dict, expected: dict)
         said = f"layer {i} attention {tuple(p.shape)} does not fit its geometry ({g.describe()})."
         return said + _diagnosis(i, layers[i], p, list(boxes)), top
     p = p.reshape(n, g.groups, *p.shape[1:])
-    said = []
+    moved = []
     for j, (rc, box) in enumerate(boxes.items(), start=1):
         words, score = _layer_moves(g, p[0], p[j], expected[rc][i])
         top = max(top, score)
         if words:
-            said.append(f"patch {rc} (pixels [{box[0]}:{box[1]}, {box[2]}:{box[3]}]) " + " and ".join(words))
-    if not said:
+            moved.append(f"patch {rc} (pixels [{box[0]}:{box[1]}, {box[2]}:{box[3]}]) " + " and ".join(words))
+    if not moved:
         return None, top
-    return (f"layer {i} ({g.describe()}): " + "; ".join(said[:3]) + f". Hint: {_hint(g)}."
+    return (f"layer {i} ({g.describe()}): " + "; ".join(moved[:3]) + f". Hint: {_hint(g)}."
             + _diagnosis(i, layers[i], p.flatten(0, 1), list(boxes))), top
 
 
@@ -139,7 +139,7 @@ def check_patch_geometry(name: str, pm, image_size=None) -> str:
     # tokens at the box (probekit.testing.reach has the reasoning).
     ad = adapter_of(pm)
     base = kit_input(ad, 1, image_size, seed=4)
-    size = tuple(base.shape[-2:])
+    size = (base.shape[-2], base.shape[-1])
     lay, geo = ad.layout(base), ad.geometry(base)
     embed = patch_embedding(ad, lay)
     problems = [p for p in [coverage_problem(lay, size, embed)] if p]

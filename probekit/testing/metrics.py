@@ -225,7 +225,8 @@ def check_options_declared(name: str, metric: Metric) -> None:
     sig = inspect.signature(type(metric).__init__)
     params = [p.name for p in sig.parameters.values()
               if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    hidden = [p for p in params if p not in declared_options(type(metric))]
+    cls: type = type(metric)  # not type[Metric], which mypy does not count as Hashable (python/mypy#11470)
+    hidden = [p for p in params if p not in declared_options(cls)]
     assert not hidden, (
         f"{name}: constructor parameter(s) {', '.join(map(repr, hidden))} are not declared options, so "
         "options(), the label and the cache key never see them; declare each as a typed class attribute "

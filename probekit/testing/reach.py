@@ -37,6 +37,7 @@ by ``embed`` = (kernel, stride, padding) px, read from the model's first convolu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 
@@ -63,7 +64,11 @@ class Expected:
         return bool(torch.equal(self.must_q, self.may_q) and torch.equal(self.must_k, self.may_k))
 
 
-def as_geometry(layer) -> LayerGeometry | None:
+@overload
+def as_geometry(layer: TokenLayout | LayerGeometry) -> LayerGeometry: ...
+@overload
+def as_geometry(layer: object) -> LayerGeometry | None: ...
+def as_geometry(layer: object) -> LayerGeometry | None:
     """A layer's :class:`LayerGeometry` (a global :class:`TokenLayout` converted); None for a layer
     without token attention (channel attention)."""
     if isinstance(layer, TokenLayout):
@@ -80,7 +85,7 @@ def counted(g: LayerGeometry) -> torch.Tensor:
 
 def _key_step(g: LayerGeometry) -> tuple[float, float]:
     """Pixels per key cell: the query stride scaled by how much coarser the key grid is."""
-    return tuple(g.stride[d] * g.grid[d] / g.key_grid[d] for d in (0, 1))
+    return (g.stride[0] * g.grid[0] / g.key_grid[0], g.stride[1] * g.grid[1] / g.key_grid[1])
 
 
 def token_boxes(pos: torch.Tensor, step, halo=(0, 0)) -> torch.Tensor:

@@ -45,7 +45,7 @@ def _declared(table: dict[str, str], check: Callable) -> str:
     return table.get(_check_name(check), table.get(_check_name(getattr(check, "func", check)), ""))
 
 
-def _not_applicable(obj) -> dict[str, str]:
+def _not_applicable(obj) -> dict[str, str] | None:
     """An adapter's declared ``{check: why it does not apply}`` (None for metrics: their skips stand)."""
     ad = obj.adapter if isinstance(obj, ProbedModel) else obj
     if isinstance(ad, Adapter):

@@ -154,7 +154,7 @@ def contrasts(results, groups: Mapping[str, str] | None = None, *, by: str = "tr
     groups = dict(groups) if groups is not None else model_groups(results.meta, models, by)
     names = list(dict.fromkeys(groups[m] for m in models if m in groups))
     units = {k: (v or {}).get("unit") for k, v in (results.meta.get("metrics") or {}).items()}
-    rows = []
+    rows: list[dict] = []
     for metric in dict.fromkeys(table["metric"].astype(str)):
         s = per_image_layer(table, metric)
         if s.empty:

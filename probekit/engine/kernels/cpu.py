@@ -42,7 +42,7 @@ import torch
 from probekit.engine.kernels.terms import RowTerms
 from probekit.tokens import TokenLayout
 
-__all__ = ["library", "available", "build_error", "softmax_terms", "TERMS"]
+__all__ = ["library", "RowKernel", "available", "build_error", "softmax_terms", "TERMS"]
 
 #: The terms this kernel makes (a subset of :data:`probekit.engine.kernels.terms.TERMS`: no histogram).
 TERMS = frozenset({"lse", "patch_mass", "patch_logit", "dist", "prefix"})
@@ -97,8 +97,14 @@ def _compile(src: bytes, cc: str, arch: tuple[str, ...], dest: Path) -> None:
         os.replace(so, dest)  # atomic: another process may build the same file at the same time
 
 
+class RowKernel(ctypes.CDLL):
+    """The compiled library; ``openmp``: whether it was built with OpenMP (else rows run on Python threads)."""
+
+    openmp: bool = False
+
+
 @functools.lru_cache(maxsize=1)
-def library() -> ctypes.CDLL | None:
+def library() -> RowKernel | None:
     """The compiled kernel, built once per source, compiler and CPU; None where it cannot be built
     (see :func:`build_error`) or is turned off (``PROBEKIT_CPU_KERNEL=0``)."""
     global _error
@@ -116,7 +122,7 @@ def library() -> ctypes.CDLL | None:
         try:
             if not dest.exists() or not _private(dest):  # (a file others could write is built again)
                 _compile(src, cc, arch, dest)
-            lib = ctypes.CDLL(str(dest))
+            lib = RowKernel(str(dest))
             if lib.pk_abi_version() != _ABI:
                 raise OSError(f"{dest} is from another probekit version")
         except FileNotFoundError:
@@ -151,7 +157,7 @@ def _cpu_id() -> bytes:
     return f"{platform.machine()} {platform.processor()} {flags}".encode()
 
 
-def _declare(lib: ctypes.CDLL) -> None:
+def _declare(lib: RowKernel) -> None:
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     lib.pk_softmax_terms.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, f32, f32,
                                      ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
@@ -200,6 +206,7 @@ def softmax_terms(logits: torch.Tensor, probs: torch.Tensor, batch: slice, rows:
             write each row's ``1 / sum`` here, for a caller that only multiplies ``probs`` by V.
     """
     lib = library()
+    assert lib is not None, "softmax_terms is for blocks that available() accepts"
     nb, h, r, t = logits.shape
     n0 = layout.num_prefix
     if t != layout.num_tokens:

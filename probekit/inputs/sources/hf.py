@@ -129,6 +129,8 @@ class DiskRow:
 
 def _class_names(schema_meta: dict | None, column: str) -> list[str] | None:
     """ClassLabel names that ``datasets`` keeps in parquet metadata, to label ints by name."""
+    if schema_meta is None:
+        return None
     try:
         feats = json.loads(schema_meta[b"huggingface"])["info"]["features"]
         return feats[column].get("names")
@@ -180,7 +182,9 @@ class HFDataset(Source):
     def _from_parquet(self, files: list[Path]) -> ImageSet:
         import pyarrow.parquet as pq
 
-        names, refs, labels = [], [], []
+        names: list[str] = []
+        refs: list[ParquetRow] = []
+        labels: list[str] = []
         for file in files:
             pf = pq.ParquetFile(file)
             self._check_columns(pf.schema_arrow.names)

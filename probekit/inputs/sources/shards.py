@@ -103,7 +103,7 @@ class WebDataset(Source):
         paths = expand_shards(self.shards)
         if not paths:
             raise ImageError(f"No tar shards match {self.shards}. Give a folder of .tar files, a glob or shard-{{000..009}}.tar.")
-        seen = {}
+        seen: dict[str, Path] = {}
         for shard in paths:
             real = os.path.realpath(shard)
             if real in seen:
@@ -112,18 +112,20 @@ class WebDataset(Source):
             seen[real] = shard
         # images are named <shard file name>/<key>; by the shard's path when two shards share a file name
         short = len({p.name for p in paths}) == len(paths)
-        names, refs, labels, skipped = [], [], {}, []
+        names: list[str] = []
+        refs: list[TarMember] = []
+        labels: dict[str, str] = {}
+        skipped: list[tuple[str, str]] = []
         for shard in paths:
             if not shard.is_file():
                 raise ImageError(f"No such shard: {shard}.")
             _read_shard(shard, shard.name if short else display_name(shard), names, refs, labels, skipped)
-        found = [labels.get(n) for n in names]
-        has_labels = any(lab is not None for lab in found)
-        if has_labels and None in found:
-            missing = [n for n, lab in zip(names, found) if lab is None]
+        found = [labels[n] for n in names if n in labels]
+        if found and len(found) != len(names):
+            missing = [n for n in names if n not in labels]
             raise ImageError(f"{len(missing)} sample(s) have no label member, e.g. {missing[0]}; give "
                              "every sample a .cls, or none.")
-        return ImageSet(names=names, refs=refs, labels=found if has_labels else None, skipped=skipped)
+        return ImageSet(names=names, refs=refs, labels=found or None, skipped=skipped)
 
 
 def _read_shard(shard: Path, prefix: str, names: list, refs: list, labels: dict, skipped: list) -> None:
@@ -144,7 +146,9 @@ def _read_shard(shard: Path, prefix: str, names: list, refs: list, labels: dict,
                 if info.offset_data + info.size > size:  # the shard ends inside this member
                     cut[key] = field
                 elif field == "label":
-                    labels[key] = _label(tar.extractfile(info).read(), shard, info.name)
+                    member = tar.extractfile(info)
+                    assert member is not None  # a file member (info.isfile() above)
+                    labels[key] = _label(member.read(), shard, info.name)
                 elif key in keys:
                     raise ImageError(f"The shard {display_name(shard)} holds two images of the sample {stem!r} "
                                      f"({keys[key].member}, {info.name}): give each sample one image.")

@@ -11,13 +11,16 @@ from __future__ import annotations
 import math
 import os
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pandas as pd
 
 from probekit.errors import ConfigError, ProbekitError
 from probekit.results import Results
+
+if TYPE_CHECKING:
+    from probekit.tokens import TokenLayout  # torch: imported when a figure needs it (_as_layout)
 
 __all__ = ["uniform_attention_value", "WIDTH"]
 
