@@ -177,10 +177,10 @@ def models_cmd(
     for r in rows:
         out.add_row(*(escape(str(r[k] if r[k] is not None else "")) for k in keys))
     _consoles.out.print(out)
-    keys = ("backend", "loads", "source", "aliases") + (("status",) if check else ())
-    out = Table(*keys, box=None, header_style="bold", title="backends")
+    columns = ("backend", "loads", "source", "aliases") + (("status",) if check else ())
+    out = Table(*columns, box=None, header_style="bold", title="backends")
     for r in backends:
-        cells = [escape(str(r[k])) for k in keys]
+        cells = [escape(str(r[k])) for k in columns]
         if check and r["status"] != "ok":
             cells[-1] = f"[red]{cells[-1]}[/]"
         out.add_row(*cells)
@@ -196,7 +196,7 @@ def metrics_cmd(format: FormatOpt = "human"):
     fmt = _check_format(format)
     from probekit._installed import class_constants
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for rec in metrics.records():
         try:
             # read from the class's source when it can be: importing a metric imports torch (seconds)
@@ -252,7 +252,7 @@ def inspect_cmd(
 class _Progress:
     """A rich progress bar on stderr: one task per model (a Reporter for probekit.runs.compare)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

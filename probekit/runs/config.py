@@ -27,7 +27,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,10 +35,14 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from probekit._io.safe_yaml import load_yaml
 from probekit.errors import ConfigError, ImageError, MissingDependencyError, ProbekitError
 
+if TYPE_CHECKING:
+    from probekit.adapter import Adapter
+
 __all__ = ["ModelEntry", "ImagesEntry", "MetricEntry", "ReportEntry", "Resources", "RunConfig", "load_run", "check_run",
            "CheckedRun", "expand_path"]
 
-_FIGURES = ("depth", "overlay", "heatmap", "summary", "maps", "labels")
+Figure = Literal["depth", "overlay", "heatmap", "summary", "maps", "labels"]
+_FIGURES: tuple[Figure, ...] = ("depth", "overlay", "heatmap", "summary", "maps", "labels")
 _UNSET = re.compile(r"\$(\w+|\{[^}]*\})")  # what os.path.expandvars leaves: a variable that is not set
 
 
@@ -192,9 +196,7 @@ class RunConfig(_Strict):
     address: str | None = None  # the Ray cluster: auto, ray://host:port; None: a local one
     resources: Resources = Field(default_factory=Resources)
     strict: bool = False
-    figures: list[Literal["depth", "overlay", "heatmap", "summary", "maps", "labels"]] = Field(
-        default_factory=lambda: list(_FIGURES)
-    )
+    figures: list[Figure] = Field(default_factory=lambda: list(_FIGURES))
     report: ReportEntry = Field(default_factory=ReportEntry)
 
     @field_validator("out")
@@ -364,7 +366,7 @@ def _format_errors(exc: ValidationError, nodes: Any, source: str) -> str:
 
 
 # -- checking a run before any long work --------------------------------------------------------
-def _spec_problem(cls: type, spec: str, opts: dict) -> str | None:
+def _spec_problem(cls: type[Adapter], spec: str, opts: dict) -> str | None:
     """Why ``cls`` (an adapter) could not build ``spec``, by its :meth:`~probekit.Adapter.check_spec`; or None."""
     from probekit.models import missing_dependency
 
@@ -421,13 +423,13 @@ def check_run(cfg: RunConfig) -> CheckedRun:
             if problem:
                 problems.append(f"{cfg.where('models', i, 'model')}: {problem}")
         specs.append((spec, opts, meta))
-    for i, entry in enumerate(cfg.metrics):
+    for i, metric in enumerate(cfg.metrics):
         try:
-            mets.append(metric_registry.get(entry.name)(**entry.options))
+            mets.append(metric_registry.get(metric.name)(**metric.options))
         except (ProbekitError, TypeError) as exc:
             msg = str(exc)
             if isinstance(exc, TypeError):
-                msg = f"bad options for metric {entry.name!r}: {exc}"
+                msg = f"bad options for metric {metric.name!r}: {exc}"
             problems.append(f"{cfg.where('metrics', i)}: {msg}")
     if not problems:
         try:
