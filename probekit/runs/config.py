@@ -271,9 +271,9 @@ def load_run(path: str | Path) -> RunConfig:
             depth; both lines named), or has bad fields (one bullet per field, each with its
             line number).
 
-    >>> import tempfile, os
-    >>> p = os.path.join(tempfile.mkdtemp(), "r.yaml")
-    >>> _ = open(p, "w").write("models: [vit-b16]\\nmetrics: [mad]\\nbatch_sise: 4\\n")
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "r.yaml"
+    >>> _ = p.write_text("models: [vit-b16]\\nmetrics: [mad]\\nbatch_sise: 4\\n")
     >>> try: load_run(p)
     ... except ConfigError as e: print(str(e).splitlines()[1])
       - r.yaml line 3, batch_sise: Extra inputs are not permitted (got 4)
