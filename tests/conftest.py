@@ -55,6 +55,51 @@ def toy_backend():
     pk.adapters.unregister("toy")
 
 
+# the smallest run file: tests give the keys they care about over it (their own base dict first)
+RUN_FILE = {"models": ["toy:vit"], "images": {"path": "sample", "count": 2}, "metrics": ["mad"], "figures": []}
+
+
+@pytest.fixture
+def run_file(tmp_path):
+    """Write a run file and return its path: ``run_file(base=None, file="run.yaml", **keys)``.
+
+    The keys are ``base`` (default :data:`RUN_FILE`) with ``keys`` over it, in that order (a key
+    set to None is left out), written to ``tmp_path / file`` a line per key, as people write run
+    files: a list holding mappings one item per line group (``  - model: ...`` then ``    label:
+    ...``), every other value in YAML's flow style; so a test can name the line a key is on
+    (``run_file(RUN, models=[...], file="r2.yaml")``).
+    """
+
+    def write(base: dict | None = None, file: str = "run.yaml", **keys) -> Path:
+        data = {k: v for k, v in {**(RUN_FILE if base is None else base), **keys}.items() if v is not None}
+        path = tmp_path / file
+        path.write_text(_run_yaml(data))
+        return path
+
+    return write
+
+
+def _run_yaml(data: dict) -> str:
+    """The run file's text for ``data`` (see :func:`run_file`)."""
+    import yaml
+
+    def flow(value) -> str:
+        text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6)
+        return text.removesuffix("...\n").strip()  # a scalar ends its document
+
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, list) and any(isinstance(item, dict) for item in value):
+            lines.append(f"{key}:")
+            for item in value:
+                pairs = item.items() if isinstance(item, dict) else [(None, item)]
+                for i, (k, v) in enumerate(pairs):
+                    lines.append(("  - " if i == 0 else "    ") + (flow(v) if k is None else f"{k}: {flow(v)}"))
+        else:
+            lines.append(f"{key}: {flow(value)}")
+    return "\n".join(lines) + "\n"
+
+
 @pytest.fixture
 def run_cli(monkeypatch):
     """The probekit command run in-process by typer's CliRunner, as a user sees it (no PROBEKIT_DEBUG)."""

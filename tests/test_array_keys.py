@@ -46,23 +46,10 @@ def test_arrays_written_before_the_keys_were_stored_still_read(tmp_path):
     assert sorted(back) == ["deit-s/cls_map", "hf:facebook__dino/rollout"]
 
 
-RUN = """\
-name: keys
-models:
-  - model: toy:vit
-    label: vit__tiny
-  - model: toy:vit
-    label: "a/b c"
-images: {path: sample, count: 2}
-metrics: [mad, cls_map]
-batch_size: 2
-figures: [maps]
-"""
-
-
-def test_a_label_with_double_underscore_keeps_its_maps_in_the_run_dir_figure_and_cached_rerun(tmp_path, toy_backend):
-    p = tmp_path / "run.yaml"
-    p.write_text(RUN)
+def test_a_label_with_double_underscore_keeps_its_maps_in_the_run_dir_figure_and_cached_rerun(tmp_path, toy_backend,
+                                                                                             run_file):
+    p = run_file(name="keys", models=[{"model": "toy:vit", "label": "vit__tiny"}, {"model": "toy:vit", "label": "a/b c"}],
+                 metrics=["mad", "cls_map"], batch_size=2, figures=["maps"])
     first = compare(p, out=tmp_path / "out", report=False)
     want = sorted(f"{m}/{k}" for m in ("vit__tiny", "a/b c") for k in ("cls_map", "#input"))  # maps, input views
     assert sorted(first.results.arrays) == want

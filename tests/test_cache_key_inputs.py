@@ -24,9 +24,8 @@ def _cka(res) -> np.ndarray:
 
 
 # issue 19 item 8: minibatch CKA depends on how images are grouped, but batch_size was not in the key
-def test_a_rerun_at_another_batch_size_recomputes_cka_and_reuses_mad(tmp_path, toy_backend):
-    run = tmp_path / "run.yaml"
-    run.write_text("models: [toy:vit]\nimages: {path: sample, count: 6}\nmetrics: [mad, cka]\nfigures: []\n")
+def test_a_rerun_at_another_batch_size_recomputes_cka_and_reuses_mad(tmp_path, toy_backend, run_file):
+    run = run_file(images={"path": "sample", "count": 6}, metrics=["mad", "cka"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the short last batch of 2 is skipped by CKA, with a warning
         compare(run, out=tmp_path / "out", batch_size=6, report=False)

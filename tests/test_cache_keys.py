@@ -68,9 +68,8 @@ def _flip_a_value_silently(path: Path) -> int:
     raise AssertionError("no silent flip found")
 
 
-def test_a_flipped_byte_inside_a_cached_part_is_recomputed_not_served(tmp_path, toy_backend):
-    run = tmp_path / "run.yaml"
-    run.write_text("models: [toy:vit]\nimages: {path: sample, count: 3}\nmetrics: [mad]\nfigures: []\n")
+def test_a_flipped_byte_inside_a_cached_part_is_recomputed_not_served(tmp_path, toy_backend, run_file):
+    run = run_file(images={"path": "sample", "count": 3})
     first = compare(run, out=tmp_path / "out")
     (part,) = (tmp_path / "out" / "parts").glob("*.parquet")
     _flip_a_value_silently(part)

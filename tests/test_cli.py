@@ -93,9 +93,8 @@ def test_debug_env_shows_the_exception(cli, monkeypatch):
     assert r.exit_code == 1 and isinstance(r.exception, pk.UnknownNameError)
 
 
-def test_compare_bad_run_file_points_at_the_line(cli, tmp_path):
-    p = tmp_path / "bad.yaml"
-    p.write_text("models:\n  - model: toy:vit\n    pretrained: false\nmetrics: [mad]\n")
+def test_compare_bad_run_file_points_at_the_line(cli, run_file):
+    p = run_file({"models": [{"model": "toy:vit", "pretrained": False}], "metrics": ["mad"]}, file="bad.yaml")
     r = cli("compare", p)
     assert r.exit_code == 1
     lines = r.stderr.splitlines()
@@ -104,10 +103,8 @@ def test_compare_bad_run_file_points_at_the_line(cli, tmp_path):
     assert "Traceback" not in r.output
 
 
-def test_failed_model_exits_1_and_keeps_the_others(cli, tmp_path):
-    p = tmp_path / "run.yaml"
-    p.write_text(f"models: [toy:vit, toy:missing]\nimages: {{path: sample, count: 2}}\nout: {tmp_path / 'o'}\n"
-                 "figures: []\n")
+def test_failed_model_exits_1_and_keeps_the_others(cli, tmp_path, run_file):
+    p = run_file(models=["toy:vit", "toy:missing"], metrics=None, out=str(tmp_path / "o"))
     r = cli("compare", p)
     assert r.exit_code == 1
     assert "1 model(s) failed" in r.stderr and "toy:missing (load): WeightsUnavailableError" in r.stderr

@@ -28,23 +28,10 @@ from probekit.errors import ConfigError
 pytestmark = pytest.mark.usefixtures("toy_backend")
 
 
-RUN = """\
-name: tiny
-models:
-  - model: toy:vit
-    label: toy-a
-    training: self-supervised
-  - model: toy:vit
-    label: toy-b
-    options: {depth: 3, heads: 4}
-images: {path: sample, count: 4, seed: 1}
-metrics:
-  - mad
-  - name: mad
-    options: {units: patch}
-batch_size: 3
-figures: [depth]
-"""
+TOY_A = {"model": "toy:vit", "label": "toy-a", "training": "self-supervised"}
+TOY_B = {"model": "toy:vit", "label": "toy-b", "options": {"depth": 3, "heads": 4}}
+RUN = {"name": "tiny", "models": [TOY_A, TOY_B], "images": {"path": "sample", "count": 4, "seed": 1},
+       "metrics": ["mad", {"name": "mad", "options": {"units": "patch"}}], "batch_size": 3, "figures": ["depth"]}
 
 
 @pytest.fixture
@@ -65,14 +52,8 @@ def loads(monkeypatch, toy_backend):
     return counting
 
 
-def _write(tmp_path, text=RUN, name="run.yaml") -> Path:
-    p = tmp_path / name
-    p.write_text(text)
-    return p
-
-
-def test_compare_writes_every_output_with_probe_numbers(tmp_path, loads):
-    cmp = compare(_write(tmp_path), out=tmp_path / "out")
+def test_compare_writes_every_output_with_probe_numbers(tmp_path, loads, run_file):
+    cmp = compare(run_file(RUN), out=tmp_path / "out")
     d = cmp.run_dir
     for f in ("results.parquet", "summary.csv", "run.json"):
         assert (d / f).stat().st_size > 0
@@ -107,8 +88,8 @@ def test_compare_writes_every_output_with_probe_numbers(tmp_path, loads):
     assert "torch" in cmp.results.meta["versions"]
 
 
-def test_rerun_is_served_from_cache_without_loading_a_model(tmp_path, loads):
-    path = _write(tmp_path)
+def test_rerun_is_served_from_cache_without_loading_a_model(tmp_path, loads, run_file):
+    path = run_file(RUN)
     first = compare(path, out=tmp_path / "out", figures=False)
     assert len(loads.calls) == 2
     second = compare(path, out=tmp_path / "out", figures=False)
@@ -116,17 +97,17 @@ def test_rerun_is_served_from_cache_without_loading_a_model(tmp_path, loads):
     assert second.cached == ["toy-a", "toy-b"]
     pd.testing.assert_frame_equal(second.results.table, first.results.table, check_exact=True)
     # a new label reuses the parts; a new metric option recomputes only that metric
-    relabeled = _write(tmp_path, RUN.replace("label: toy-a", "label: renamed"), "r2.yaml")
+    relabeled = run_file(RUN, models=[{**TOY_A, "label": "renamed"}, TOY_B], file="r2.yaml")
     third = compare(relabeled, out=tmp_path / "out", figures=False)
     assert len(loads.calls) == 2 and third.results.models == ["renamed", "toy-b"]
-    changed = _write(tmp_path, RUN.replace("units: patch", "units: fraction"), "r3.yaml")
+    changed = run_file(RUN, metrics=["mad", {"name": "mad", "options": {"units": "fraction"}}], file="r3.yaml")
     compare(changed, out=tmp_path / "out", figures=False)
     assert len(loads.calls) == 4
     assert len(list((tmp_path / "out" / "parts").glob("*.parquet"))) == 6
 
 
-def test_interrupted_run_resumes_to_identical_numbers(tmp_path, loads):
-    path = _write(tmp_path)
+def test_interrupted_run_resumes_to_identical_numbers(tmp_path, loads, run_file):
+    path = run_file(RUN)
     whole = compare(path, out=tmp_path / "whole", figures=False)
     loads.calls.clear()
     loads.state["interrupt_at"] = 2  # Ctrl-C while the second model loads
@@ -143,17 +124,18 @@ def test_interrupted_run_resumes_to_identical_numbers(tmp_path, loads):
     assert json.loads((tmp_path / "cut" / "run.json").read_text())["status"] == "complete"
 
 
-def test_bad_run_file_fails_before_any_work_naming_the_line(tmp_path, loads):
-    bad = RUN.replace("    label: toy-b\n", "    label: toy-b\n    lable: typo\n").replace("batch_size: 3", "batch_size: 0")
+def test_bad_run_file_fails_before_any_work_naming_the_line(tmp_path, loads, run_file):
+    typo = {"model": "toy:vit", "label": "toy-b", "lable": "typo", "options": {"depth": 3, "heads": 4}}
     with pytest.raises(ConfigError) as info:
-        compare(_write(tmp_path, bad), out=tmp_path / "out")
+        compare(run_file(RUN, models=[TOY_A, typo], batch_size=0), out=tmp_path / "out")
     msg = str(info.value)
     assert "line 8, models[1].lable" in msg and "line 15, batch_size" in msg
     # a well-formed file whose names do not resolve: still before any load, with lines
-    unknown = RUN.replace("model: toy:vit\n    label: toy-b", "model: nosuch:vit\n    label: toy-b")
-    unknown = unknown.replace("  - mad\n", "  - madd\n").replace("path: sample", "path: /no/such/dir")
+    unknown = run_file(RUN, models=[TOY_A, {**TOY_B, "model": "nosuch:vit"}],
+                       metrics=["madd", {"name": "mad", "options": {"units": "patch"}}],
+                       images={"path": "/no/such/dir", "count": 4, "seed": 1})
     with pytest.raises(ConfigError) as info:
-        compare(_write(tmp_path, unknown), out=tmp_path / "out")
+        compare(unknown, out=tmp_path / "out")
     msg = str(info.value)
     assert "3 problems" in msg
     assert "line 6, models[1].model: Unknown backend 'nosuch'" in msg
@@ -163,18 +145,18 @@ def test_bad_run_file_fails_before_any_work_naming_the_line(tmp_path, loads):
     assert not (tmp_path / "out").exists()
 
 
-def test_empty_image_folder_is_refused_before_work(tmp_path, loads):
+def test_empty_image_folder_is_refused_before_work(tmp_path, loads, run_file):
     (tmp_path / "empty").mkdir()
-    cfg = load_run(_write(tmp_path, RUN.replace("path: sample", f"path: {tmp_path / 'empty'}")))
+    cfg = load_run(run_file(RUN, images={"path": str(tmp_path / "empty"), "count": 4, "seed": 1}))
     with pytest.raises(ConfigError, match="line 9, images: The image set is empty"):
         compare(cfg, out=tmp_path / "out")
     assert loads.calls == []
 
 
-def test_failing_models_are_recorded_while_the_others_finish(tmp_path, loads):
-    text = RUN.replace("    options: {depth: 3, heads: 4}\n", "    options: {fail_at_batch: 1}\n")
-    text = text.replace("images:", "  - model: toy:missing\nimages:")
-    cmp = compare(_write(tmp_path, text), out=tmp_path / "out", figures=False)
+def test_failing_models_are_recorded_while_the_others_finish(tmp_path, loads, run_file):
+    failing = {**TOY_B, "options": {"fail_at_batch": 1}}
+    path = run_file(RUN, models=[TOY_A, failing, {"model": "toy:missing"}])
+    cmp = compare(path, out=tmp_path / "out", figures=False)
     assert cmp.results.models == ["toy-a"]
     assert [(f["model"], f["stage"], f["error"]) for f in cmp.failures] == [
         ("toy-b", "run", "RuntimeError"), ("toy:missing", "load", "WeightsUnavailableError")]
@@ -183,28 +165,22 @@ def test_failing_models_are_recorded_while_the_others_finish(tmp_path, loads):
     assert len(pd.read_parquet(tmp_path / "out" / "results.parquet")) == len(cmp.results)
     # fixed, the failed model alone is computed on the next run
     loads.calls.clear()
-    fixed = compare(_write(tmp_path, RUN), out=tmp_path / "out", figures=False)
+    fixed = compare(run_file(RUN), out=tmp_path / "out", figures=False)
     assert loads.calls == ["toy-b"] and fixed.ok
 
 
-def test_flags_override_file_values(tmp_path):
-    cfg = load_run(_write(tmp_path)).resolve(batch_size=7, device=None, out="x")
+def test_flags_override_file_values(run_file):
+    cfg = load_run(run_file(RUN)).resolve(batch_size=7, device=None, out="x")
     assert (cfg.batch_size, cfg.out, cfg.name) == (7, "x", "tiny")
     with pytest.raises(ConfigError, match="batch_size"):
         cfg.resolve(batch_size=-1)
 
 
-def test_tiny_timm_model_through_a_run_file(tmp_path, loads):
-    text = """\
-models:
-  - model: timm:vit_tiny_patch16_224
-    label: timm-tiny
-    options: {pretrained: false, img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}
-images: {path: sample, count: 2}
-metrics: [mad]
-figures: []
-"""
-    cmp = compare(_write(tmp_path, text), out=tmp_path / "out")
+def test_tiny_timm_model_through_a_run_file(tmp_path, loads, run_file):
+    tiny = {"model": "timm:vit_tiny_patch16_224", "label": "timm-tiny",
+            "options": {"pretrained": False, "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2,
+                        "num_heads": 2}}
+    cmp = compare(run_file(models=[tiny]), out=tmp_path / "out")
     assert cmp.ok, cmp.failures
     assert cmp.results.meta["models"]["timm-tiny"]["layout"]["grid"] == [4, 4]
     assert len(cmp.results) == 2 * 2 * 2
@@ -234,12 +210,12 @@ def test_map_metrics_are_cached_as_arrays_and_drawn(tmp_path, loads):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
-def test_killed_process_resumes_to_identical_numbers(tmp_path, loads):
+def test_killed_process_resumes_to_identical_numbers(tmp_path, loads, run_file):
     import os
     import signal
     import subprocess
 
-    path = _write(tmp_path)
+    path = run_file(RUN)
     whole = compare(path, out=tmp_path / "whole", figures=False)
     # a hard kill (no cleanup at all) as the second model starts, in a separate process
     script = f"""
@@ -282,27 +258,13 @@ def test_shipped_run_files_are_valid(name, loads):
         assert run.specs[1][1] == {"pretrained": False, "img_size": 224}
 
 
-SEEDS_RUN = """\
-name: seeds
-models:
-  - model: toy:vit
-    label: random
-    options: {{pretrained: false}}
-  - model: toy:vit
-    label: trained
-images: {{path: sample, count: 2}}
-metrics: [mad]
-batch_size: 2
-seed: {seed}
-figures: []
-"""
-
-
 # regression: the part cache served random-init parts drawn with another seed
-def test_random_init_parts_are_not_reused_across_seeds(tmp_path, toy_backend):
+def test_random_init_parts_are_not_reused_across_seeds(tmp_path, toy_backend, run_file):
+    models = [{"model": "toy:vit", "label": "random", "options": {"pretrained": False}},
+              {"model": "toy:vit", "label": "trained"}]
+
     def run(seed):
-        p = tmp_path / f"run{seed}.yaml"
-        p.write_text(SEEDS_RUN.format(seed=seed))
+        p = run_file(name="seeds", models=models, batch_size=2, seed=seed, file=f"run{seed}.yaml")
         return compare(p, out=tmp_path / "out", figures=False)
 
     a, b = run(0), run(1)
@@ -327,22 +289,11 @@ def test_part_key_follows_the_checkpoint_file_contents(tmp_path):
     assert part_key("timm:vit_small_patch16_224", opts, "fp", metric, "torch.float32") != before
 
 
-MAP_RUN = """\
-name: maps
-models: [toy:vit]
-images: {path: sample, count: 2}
-metrics: [cls_map]
-batch_size: 2
-figures: []
-"""
-
-
 # regression: a damaged arrays file in the part cache gave a traceback
-def test_a_damaged_arrays_file_is_recomputed_not_a_traceback(tmp_path, toy_backend):
+def test_a_damaged_arrays_file_is_recomputed_not_a_traceback(tmp_path, toy_backend, run_file):
     import numpy as np
 
-    p = tmp_path / "run.yaml"
-    p.write_text(MAP_RUN)
+    p = run_file(name="maps", metrics=["cls_map"], batch_size=2)
     first = compare(p, out=tmp_path / "out", figures=False)
     (npz,) = (tmp_path / "out" / "parts").glob("*.npz")
     npz.write_bytes(npz.read_bytes()[:40])  # truncated (a disk error, a copy cut short)

@@ -227,14 +227,13 @@ def test_multi_frame_images_are_noted_by_name(tmp_path, caplog, toy_backend):
         caplog.clear()
 
 
-def test_a_run_records_and_reports_its_multi_frame_images(tmp_path, toy_backend):
+def test_a_run_records_and_reports_its_multi_frame_images(tmp_path, toy_backend, run_file):
     import json
 
     from probekit.api import compare
 
     _multi_frame(tmp_path / "imgs")
-    run = tmp_path / "run.yaml"
-    run.write_text(f"models: [toy:vit]\nimages: {{path: {tmp_path / 'imgs'}}}\nmetrics: [mad]\nfigures: []\n")
+    run = run_file(images={"path": str(tmp_path / "imgs")})
     compare(run, out=tmp_path / "out")
     rec = json.loads((tmp_path / "out" / "run.json").read_text())
     assert rec["images"]["notes"] == [["anim.gif", "3 frames: only the first was probed"],

@@ -92,7 +92,7 @@ def test_plugin_aliases_carry_training_kind_and_family(plugin):
     assert spec == "mine:tiny" and (meta["training"], meta["family"]) == ("supervised", "tiny-vit")
 
 
-def test_missing_plugin_dependency_is_one_line_naming_the_package(plugin, cli, tmp_path):
+def test_missing_plugin_dependency_is_one_line_naming_the_package(plugin, cli, run_file):
     want = ("The adapter plugin 'mine' from probekit-mine 0.3 needs the Python module 'demo_missing_lib', which "
             "is not installed. Install it: pip install demo-missing-lib")
     with pytest.raises(PluginLoadError) as err:
@@ -108,8 +108,7 @@ def test_missing_plugin_dependency_is_one_line_naming_the_package(plugin, cli, t
     metric_line = want.replace("adapter plugin 'mine'", "metric plugin 'mine_peak'")
     rows = {m["name"]: m for m in json.loads(cli("metrics", "--format", "json").stdout)}
     assert rows["mine_peak"]["error"].startswith(metric_line)
-    run = tmp_path / "run.yaml"
-    run.write_text("models: [timm:vit_small_patch16_224]\nmetrics: [mine_peak]\n")
+    run = run_file(models=["timm:vit_small_patch16_224"], metrics=["mine_peak"], images=None, figures=None)
     r = cli("compare", run)
     assert r.exit_code == 1 and metric_line in r.output.replace("\n", " ")
 

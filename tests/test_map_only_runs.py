@@ -15,22 +15,8 @@ from probekit.api import compare
 pytestmark = pytest.mark.usefixtures("toy_backend")
 pytest.importorskip("seaborn")
 
-RUN = """\
-name: maps-only
-models:
-  - model: toy:vit
-    label: toy-a
-images: {path: sample, count: 3}
-metrics: [cls_map]
-figures: FIGURES
-report: {showcase: 1}
-"""
-
-
-def _run_file(tmp_path, figures: str, metrics: str = "[cls_map]"):
-    p = tmp_path / "run.yaml"
-    p.write_text(RUN.replace("FIGURES", figures).replace("[cls_map]", metrics))
-    return p
+RUN = {"name": "maps-only", "models": [{"model": "toy:vit", "label": "toy-a"}], "images": {"path": "sample", "count": 3},
+       "metrics": ["cls_map"], "figures": ["maps"], "report": {"showcase": 1}}
 
 
 def _page_data(html: str) -> dict:
@@ -38,8 +24,8 @@ def _page_data(html: str) -> dict:
     return json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', html, re.S).group(1))
 
 
-def test_a_map_only_run_writes_its_maps_figure_and_its_report(tmp_path):
-    cmp = compare(_run_file(tmp_path, "[maps]"), out=tmp_path / "out")
+def test_a_map_only_run_writes_its_maps_figure_and_its_report(tmp_path, run_file):
+    cmp = compare(run_file(RUN, figures=["maps"]), out=tmp_path / "out")
     out = tmp_path / "out"
     assert (out / "figures" / "maps_cls_map.png").stat().st_size > 1000
     rec = json.loads((out / "run.json").read_text())
@@ -53,14 +39,14 @@ def test_a_map_only_run_writes_its_maps_figure_and_its_report(tmp_path):
     assert rec.get("notes", []) == []  # maps were asked for and drawn: nothing to say
 
 
-def test_a_requested_figure_the_metrics_cannot_give_is_named_in_one_line(tmp_path, run_cli):
-    cmp = compare(_run_file(tmp_path, "[depth, maps]"), out=tmp_path / "a", report=False)
+def test_a_requested_figure_the_metrics_cannot_give_is_named_in_one_line(tmp_path, run_cli, run_file):
+    cmp = compare(run_file(RUN, figures=["depth", "maps"]), out=tmp_path / "a", report=False)
     notes = json.loads((tmp_path / "a" / "run.json").read_text())["notes"]
     assert len(notes) == 1 and notes[0].startswith("No depth figure:") and "cls_map" in notes[0], notes
     assert "\n" not in notes[0] and cmp.notes == notes
     assert sorted(p.name for p in cmp.figures) == ["maps_cls_map.png", "maps_cls_map.svg"]
     # and the other way round: maps asked of a scalar metric; the command says it too
-    r = run_cli("compare", str(_run_file(tmp_path, "[depth, maps]", "[mad]")), "--out", str(tmp_path / "b"),
+    r = run_cli("compare", str(run_file(RUN, figures=["depth", "maps"], metrics=["mad"])), "--out", str(tmp_path / "b"),
                 "--no-report")
     assert r.exit_code == 0, r.stderr
     notes = json.loads((tmp_path / "b" / "run.json").read_text())["notes"]
@@ -68,8 +54,8 @@ def test_a_requested_figure_the_metrics_cannot_give_is_named_in_one_line(tmp_pat
     assert notes[0] in " ".join(r.stderr.split())
 
 
-def test_plot_says_why_a_kind_it_was_asked_for_gives_no_figure(tmp_path, run_cli):
-    compare(_run_file(tmp_path, "[maps]"), out=tmp_path / "out", report=False)
+def test_plot_says_why_a_kind_it_was_asked_for_gives_no_figure(tmp_path, run_cli, run_file):
+    compare(run_file(RUN, figures=["maps"]), out=tmp_path / "out", report=False)
     r = run_cli("plot", tmp_path / "out", "--kind", "depth", "--kind", "maps")
     assert r.exit_code == 0, r.stderr
     said = " ".join(r.stderr.split())
@@ -77,21 +63,19 @@ def test_plot_says_why_a_kind_it_was_asked_for_gives_no_figure(tmp_path, run_cli
     assert "No maps figure" not in said and r.stdout.count("maps_cls_map") == 2
 
 
-def test_default_figures_say_nothing_when_some_are_drawn(tmp_path):
-    p = tmp_path / "run.yaml"
-    p.write_text(RUN.replace("figures: FIGURES\n", "").replace("[cls_map]", "[mad]"))
-    cmp = compare(p, out=tmp_path / "out", report=False)
+def test_default_figures_say_nothing_when_some_are_drawn(tmp_path, run_file):
+    cmp = compare(run_file(RUN, metrics=["mad"], figures=None), out=tmp_path / "out", report=False)
     assert cmp.figures and json.loads((tmp_path / "out" / "run.json").read_text()).get("notes", []) == []
 
 
-def test_the_map_only_report_opens_without_an_error_in_headless_chromium(tmp_path):
+def test_the_map_only_report_opens_without_an_error_in_headless_chromium(tmp_path, run_file):
     import shutil
     import time
 
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    page = compare(_run_file(tmp_path, "[maps]"), out=tmp_path / "out").report
+    page = compare(run_file(RUN, figures=["maps"]), out=tmp_path / "out").report
     opts = webdriver.ChromeOptions()
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         opts.add_argument(a)

@@ -159,21 +159,11 @@ def test_uniform_reference_line_matches_mad_of_uniform_attention_for_cls_queries
     assert _reference(Results(pd.DataFrame(table), meta=meta), "m", mad.label) == pytest.approx(expected, rel=1e-6)
 
 
-CKA_RUN = """\
-name: cka
-models: [toy:vit]
-images: {path: sample, count: 4}
-metrics: [mad, cka]
-batch_size: 4
-figures: [depth, maps]
-"""
-
-
 # regression: a dataset-level array (CKA's [L, L]) crashed the map figures, costing a run all its figures
-def test_a_dataset_level_array_does_not_cost_the_figures(tmp_path, toy_backend):
+def test_a_dataset_level_array_does_not_cost_the_figures(tmp_path, toy_backend, run_file):
     pytest.importorskip("seaborn")
-    p = tmp_path / "run.yaml"
-    p.write_text(CKA_RUN)
+    p = run_file(name="cka", images={"path": "sample", "count": 4}, metrics=["mad", "cka"], batch_size=4,
+                 figures=["depth", "maps"])
     cmp = compare(p, out=tmp_path / "out")
     assert cmp.figure_error is None
     assert sorted(f.name for f in cmp.figures) == ["depth_mad.png", "depth_mad.svg"]

@@ -29,22 +29,17 @@ from probekit.errors import MissingDependencyError
 
 CLASSES = ("circle", "square", "noise", "stripes")
 PER_CLASS = 50
-TINY = "{pretrained: false, img_size: 32, patch_size: 8, embed_dim: 32, depth: %d, num_heads: %d}"
-RUN = """\
-name: scale
-models:
-  - model: timm:vit_small_patch16_224
-    label: tiny-a
-    options: %s
-  - model: timm:vit_small_patch16_224
-    label: tiny-b
-    options: %s
-images: IMAGES
-metrics: [mad, entropy]
-batch_size: 8
-figures: []
-resources: {cpus: 0.5, decode_cpus: 0.25, shard_size: 40}
-""" % (TINY % (2, 2), TINY % (3, 4))
+RESOURCES = {"cpus": 0.5, "decode_cpus": 0.25, "shard_size": 40}
+
+
+def _tiny(label: str, depth: int, heads: int) -> dict:
+    return {"model": "timm:vit_small_patch16_224", "label": label,
+            "options": {"pretrained": False, "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": depth,
+                        "num_heads": heads}}
+
+
+RUN = {"name": "scale", "models": [_tiny("tiny-a", 2, 2), _tiny("tiny-b", 3, 4)], "metrics": ["mad", "entropy"],
+       "batch_size": 8, "figures": [], "resources": RESOURCES}
 SHARDS = 2 * (len(CLASSES) * PER_CLASS // 40)  # models x shards of 40 images
 
 
@@ -84,12 +79,6 @@ def cluster():
     ray.shutdown()
 
 
-def _run_file(tmp_path, data, images: str):
-    p = tmp_path / "run.yaml"
-    p.write_text(RUN.replace("IMAGES", images))
-    return p
-
-
 def _local(run, out):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in Ray's workers (OMP_NUM_THREADS=1): the same reduction order
@@ -124,8 +113,8 @@ class _Killer:
             os.kill(self.killed, signal.SIGKILL)
 
 
-def test_class_folders_with_a_replica_killed_mid_run_equal_the_local_engine(cluster, data, tmp_path):
-    run = _run_file(tmp_path, data, f"{{kind: classes, path: {data / 'classes'}}}")
+def test_class_folders_with_a_replica_killed_mid_run_equal_the_local_engine(cluster, data, tmp_path, run_file):
+    run = run_file(RUN, images={"kind": "classes", "path": str(data / "classes")})
     local = _local(run, tmp_path / "local")
     killer = _Killer()
     cmp = compare(run, out=tmp_path / "ray", engine="ray", reporter=killer)
@@ -152,8 +141,8 @@ class _Interrupt(_Killer):
             raise KeyboardInterrupt
 
 
-def test_manifest_run_interrupted_midway_recomputes_only_missing_shards(cluster, data, tmp_path):
-    run = _run_file(tmp_path, data, f"{{kind: manifest, path: {data / 'manifest.csv'}}}")
+def test_manifest_run_interrupted_midway_recomputes_only_missing_shards(cluster, data, tmp_path, run_file):
+    run = run_file(RUN, images={"kind": "manifest", "path": str(data / "manifest.csv")})
     local = _local(run, tmp_path / "local")
     with pytest.raises(KeyboardInterrupt):
         compare(run, out=tmp_path / "ray", engine="ray", reporter=_Interrupt(after=3))
@@ -167,25 +156,13 @@ def test_manifest_run_interrupted_midway_recomputes_only_missing_shards(cluster,
     assert len(shards) == SHARDS
 
 
-def test_missing_ray_is_one_line_naming_the_extra(monkeypatch, data, tmp_path):
+def test_missing_ray_is_one_line_naming_the_extra(monkeypatch, data, tmp_path, run_file):
     monkeypatch.setitem(sys.modules, "ray", None)
-    run = _run_file(tmp_path, data, f"{{kind: classes, path: {data / 'classes'}}}")
+    run = run_file(RUN, images={"kind": "classes", "path": str(data / "classes")})
     with pytest.raises(MissingDependencyError, match=r'pip install "probekit\[ray\]"'):
         compare(run, out=tmp_path / "out", engine="ray")
 
 
-TERM_RUN = """\
-name: term
-models:
-  - model: timm:vit_small_patch16_224
-    label: tiny-b
-    options: %s
-images: IMAGES
-metrics: [mad, cls_map]
-batch_size: 8
-figures: [maps]
-resources: {cpus: 0.5, decode_cpus: 0.25, shard_size: 40}
-""" % (TINY % (3, 4))
 
 
 def _sigterm_after_first_shard(cmd: list[str], parts, env: dict) -> subprocess.CompletedProcess:
@@ -202,12 +179,13 @@ def _sigterm_after_first_shard(cmd: list[str], parts, env: dict) -> subprocess.C
 
 
 # slow (two Ray clusters start in subprocesses): SIGTERM, what SLURM and Kubernetes send, to the driver
-def test_slow_sigterm_to_the_ray_driver_stops_it_as_ctrl_c_does_and_the_rerun_matches(data, tmp_path):
+def test_slow_sigterm_to_the_ray_driver_stops_it_as_ctrl_c_does_and_the_rerun_matches(data, tmp_path, run_file):
     from probekit.inputs.view import view_key
     from probekit.results import Results
 
-    run = tmp_path / "term.yaml"
-    run.write_text(TERM_RUN.replace("IMAGES", f"{{kind: classes, path: {data / 'classes'}}}"))
+    run = run_file({"name": "term", "models": [_tiny("tiny-b", 3, 4)],
+                    "images": {"kind": "classes", "path": str(data / "classes")}, "metrics": ["mad", "cls_map"],
+                    "batch_size": 8, "figures": ["maps"], "resources": RESOURCES}, file="term.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PROBEKIT_DEBUG": "", "RAY_ADDRESS": ""}
     cut = tmp_path / "cut"
     cmd = [sys.executable, "-m", "probekit.cli", "compare", str(run), "--engine", "ray", "--no-report", "--out", str(cut)]

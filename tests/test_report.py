@@ -21,29 +21,16 @@ from probekit.runs import explorer
 
 pytestmark = pytest.mark.usefixtures("toy_backend")
 
-RUN = """\
-name: tiny
-models:
-  - model: toy:vit
-    label: toy-a
-    training: self-supervised
-  - model: toy:vit
-    label: toy-b
-    training: supervised
-    options: {depth: 3, heads: 4}
-images: {path: sample, count: 5, seed: 1}
-metrics: [mad, entropy]
-batch_size: 5
-figures: [depth]
-report: {showcase: 2}
-"""
+RUN = {"name": "tiny",
+       "models": [{"model": "toy:vit", "label": "toy-a", "training": "self-supervised"},
+                  {"model": "toy:vit", "label": "toy-b", "training": "supervised", "options": {"depth": 3, "heads": 4}}],
+       "images": {"path": "sample", "count": 5, "seed": 1}, "metrics": ["mad", "entropy"], "batch_size": 5,
+       "figures": ["depth"], "report": {"showcase": 2}}
 
 
 @pytest.fixture
-def run_dir(tmp_path):
-    p = tmp_path / "run.yaml"
-    p.write_text(RUN)
-    return compare(p, out=tmp_path / "out")
+def run_dir(tmp_path, run_file):
+    return compare(run_file(RUN), out=tmp_path / "out")
 
 
 def test_query_stride_fits_the_budget():
@@ -117,7 +104,7 @@ def test_compare_writes_one_self_contained_report(run_dir):
     assert all(b.startswith("data:image/jpeg;base64,") for m in ex["models"] for b in m["bg"])
 
 
-def test_rerun_reuses_the_explorer_and_showcase_names_are_checked(tmp_path, run_dir, monkeypatch):
+def test_rerun_reuses_the_explorer_and_showcase_names_are_checked(tmp_path, run_dir, monkeypatch, run_file):
     import probekit.models
 
     calls = []
@@ -127,20 +114,18 @@ def test_rerun_reuses_the_explorer_and_showcase_names_are_checked(tmp_path, run_
     again = compare(tmp_path / "run.yaml", out=tmp_path / "out")
     assert calls == [] and again.cached == ["toy-a", "toy-b"]
     assert {p.name: p.stat().st_mtime_ns for p in again.figures} == figs  # no figure drawn again
-    (tmp_path / "bad.yaml").write_text(RUN.replace("showcase: 2", "showcase: [nope.jpg]"))
     with pytest.raises(ConfigError, match="report.showcase names image"):
-        compare(tmp_path / "bad.yaml", out=tmp_path / "out")
+        compare(run_file(RUN, report={"showcase": ["nope.jpg"]}, file="bad.yaml"), out=tmp_path / "out")
 
 
-def test_report_command_writes_the_page_into_the_manifest(tmp_path, run_dir):
+def test_report_command_writes_the_page_into_the_manifest(tmp_path, run_dir, run_file):
     from probekit.cli import app
     from probekit.runs.rundir import read_record
 
     manifest = read_record(run_dir.run_dir)["manifest"]
     assert {"report.html", "contrasts.csv"} <= set(manifest)  # the run vouches for them
     # a run without the report: `probekit report` adds both, and the directory still verifies
-    (tmp_path / "plain.yaml").write_text(RUN)
-    plain = compare(tmp_path / "plain.yaml", out=tmp_path / "plain", report=False)
+    plain = compare(run_file(RUN, file="plain.yaml"), out=tmp_path / "plain", report=False)
     assert plain.report is None and not (plain.run_dir / "report.html").exists()
     r = CliRunner().invoke(app, ["report", str(plain.run_dir)])
     assert r.exit_code == 0, r.output
@@ -161,7 +146,7 @@ def test_notebook_summaries(run_dir):
     assert "report.html" in c and "Comparison" in c and html in c
 
 
-def test_a_plugin_metric_shows_its_own_name_unit_and_reference(tmp_path):
+def test_a_plugin_metric_shows_its_own_name_unit_and_reference(tmp_path, run_file):
     class PeakAttention(pk.Metric):
         """The largest attention weight of each query row (a stand-in for any third-party metric)."""
 
@@ -178,8 +163,7 @@ def test_a_plugin_metric_shows_its_own_name_unit_and_reference(tmp_path):
 
     pk.metrics.register(PeakAttention)
     try:
-        (tmp_path / "p.yaml").write_text(RUN.replace("metrics: [mad, entropy]", "metrics: [peak_test]"))
-        page = compare(tmp_path / "p.yaml", out=tmp_path / "p").report.read_text()
+        page = compare(run_file(RUN, metrics=["peak_test"], file="p.yaml"), out=tmp_path / "p").report.read_text()
     finally:
         pk.metrics.unregister("peak_test")
     data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1))

@@ -22,21 +22,12 @@ from probekit.api import compare
 
 pytestmark = pytest.mark.usefixtures("toy_backend")
 
-RUN = """\
-name: browser
-models:
-  - model: toy:vit
-    label: toy-a
-    training: self-supervised
-  - model: toy:vit
-    label: toy-b
-    training: supervised
-    options: {depth: 3, heads: 4, image_size: 64}
-images: {path: sample, count: 4}
-metrics: [mad, entropy]
-figures: [depth]
-report: {showcase: 2}
-"""
+RUN = {"name": "browser",
+       "models": [{"model": "toy:vit", "label": "toy-a", "training": "self-supervised"},
+                  {"model": "toy:vit", "label": "toy-b", "training": "supervised",
+                   "options": {"depth": 3, "heads": 4, "image_size": 64}}],
+       "images": {"path": "sample", "count": 4}, "metrics": ["mad", "entropy"], "figures": ["depth"],
+       "report": {"showcase": 2}}
 SECTIONS = ["provenance", "metric-0", "metric-1", "contrasts-section", "summary-section", "explorer"]
 
 
@@ -69,9 +60,8 @@ def _wait(d, js: str, what: str, seconds: float = 20.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_report_in_headless_chromium(tmp_path):
-    (tmp_path / "run.yaml").write_text(RUN)
-    page = compare(tmp_path / "run.yaml", out=tmp_path / "out").report
+def test_report_in_headless_chromium(tmp_path, run_file):
+    page = compare(run_file(RUN), out=tmp_path / "out").report
     assert page is not None and page.exists()
     d = _browser()
     try:

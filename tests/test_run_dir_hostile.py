@@ -28,24 +28,8 @@ from probekit.views.outputs import redraw
 
 pytestmark = pytest.mark.usefixtures("toy_backend")
 
-RUN = """\
-name: hostile
-models:
-  - model: toy:vit
-    label: toy
-images: {{path: sample, count: 2}}
-metrics: {metrics}
-batch_size: 2
-figures: {figures}
-report: {{showcase: {showcase}}}
-{out}"""
-
-
-def _run_file(tmp_path, metrics="[mad]", figures="[]", showcase=0, out=None) -> Path:
-    p = tmp_path / "run.yaml"
-    p.write_text(RUN.format(metrics=metrics, figures=figures, showcase=showcase,
-                            out=f"out: {json.dumps(str(out))}\n" if out else ""))
-    return p
+RUN = {"name": "hostile", "models": [{"model": "toy:vit", "label": "toy"}], "images": {"path": "sample", "count": 2},
+       "metrics": ["mad"], "batch_size": 2, "figures": [], "report": {"showcase": 0}}
 
 
 class _Planted:
@@ -78,52 +62,52 @@ def _users_folder(root: Path) -> Path:
 
 # -- item 1: a folder that is not a probekit run ------------------------------------------------------
 @pytest.mark.parametrize("how", ["argument", "run file out:", "cli --out"])
-def test_out_on_a_users_folder_is_refused_in_one_line_and_every_file_stays(tmp_path, how, run_cli):
+def test_out_on_a_users_folder_is_refused_in_one_line_and_every_file_stays(tmp_path, how, run_cli, run_file):
     d = _users_folder(tmp_path)
     before = _snapshot(d)
     if how == "cli --out":
-        out = run_cli("compare", _run_file(tmp_path, figures="[depth]"), "--out", d)
+        out = run_cli("compare", run_file(RUN, figures=["depth"]), "--out", d)
         assert out.exit_code == 1
         first = out.stderr.strip().splitlines()[0]
         assert first.startswith("Error:") and "not a probekit run" in first and "Traceback" not in out.output
     else:
         with pytest.raises(RunDirError) as err:
             if how == "argument":
-                compare(_run_file(tmp_path, figures="[depth]"), out=d)
+                compare(run_file(RUN, figures=["depth"]), out=d)
             else:
-                compare(_run_file(tmp_path, figures="[depth]", out=d))
+                compare(run_file(RUN, figures=["depth"], out=str(d)))
         msg = str(err.value)
         assert "\n" not in msg and "not a probekit run" in msg
         assert "empty" in msg and "previous probekit run directory" in msg
     assert _snapshot(d) == before  # nothing deleted, overwritten or added (no lock, no parts/)
 
 
-def test_a_folder_with_a_run_json_that_is_not_probekits_is_refused(tmp_path):
+def test_a_folder_with_a_run_json_that_is_not_probekits_is_refused(tmp_path, run_file):
     d = tmp_path / "x"
     d.mkdir()
     (d / "run.json").write_text(json.dumps({"name": "my experiment", "lr": 0.1}))
     (d / "data.csv").write_text("a\n1\n")
     before = _snapshot(d)
     with pytest.raises(RunDirError, match="not a probekit run"):
-        compare(_run_file(tmp_path), out=d)
+        compare(run_file(RUN), out=d)
     assert _snapshot(d) == before
 
 
-def test_an_empty_existing_folder_and_a_new_one_are_fine(tmp_path):
+def test_an_empty_existing_folder_and_a_new_one_are_fine(tmp_path, run_file):
     (tmp_path / "empty").mkdir()
-    assert compare(_run_file(tmp_path), out=tmp_path / "empty").status == "complete"
-    assert compare(_run_file(tmp_path), out=tmp_path / "new" / "deeper").status == "complete"
+    assert compare(run_file(RUN), out=tmp_path / "empty").status == "complete"
+    assert compare(run_file(RUN), out=tmp_path / "new" / "deeper").status == "complete"
 
 
-def test_a_rerun_replaces_only_files_a_probekit_run_wrote(tmp_path):
+def test_a_rerun_replaces_only_files_a_probekit_run_wrote(tmp_path, run_file):
     out = tmp_path / "out"
-    compare(_run_file(tmp_path, figures="[depth]", metrics="[mad, cls_map]"), out=out)
+    compare(run_file(RUN, figures=["depth"], metrics=["mad", "cls_map"]), out=out)
     assert sorted(p.name for p in (out / "figures").iterdir()) == ["depth_mad.png", "depth_mad.svg"]
     (out / "notes.md").write_text("what I saw\n")
     (out / "figures" / "mine.png").write_bytes(b"my figure")
     (out / "figures" / "mine-notes.txt").write_text("mine")
     theirs = {k: v for k, v in _snapshot(out).items() if "mine" in k or k == "notes.md"}
-    again = compare(_run_file(tmp_path, figures="[heatmap]"), out=out)  # no map metric: arrays.npz goes
+    again = compare(run_file(RUN, figures=["heatmap"]), out=out)  # no map metric: arrays.npz goes
     assert again.status == "complete"
     assert sorted(p.name for p in (out / "figures").iterdir()) == [
         "heatmap_mad.png", "heatmap_mad.svg", "mine-notes.txt", "mine.png"]  # depth_*: the earlier run's
@@ -133,23 +117,23 @@ def test_a_rerun_replaces_only_files_a_probekit_run_wrote(tmp_path):
     assert "figures/mine.png" not in rec["manifest"] and "figures/mine.png" not in rec["owned"]
 
 
-def test_a_run_refuses_to_draw_over_a_users_file_and_loses_no_number(tmp_path):
+def test_a_run_refuses_to_draw_over_a_users_file_and_loses_no_number(tmp_path, run_file):
     out = tmp_path / "out"
-    compare(_run_file(tmp_path), out=out)
+    compare(run_file(RUN), out=out)
     (out / "figures").mkdir(exist_ok=True)
     (out / "figures" / "depth_mad.png").write_bytes(b"mine")
-    again = compare(_run_file(tmp_path, figures="[depth]"), out=out)
+    again = compare(run_file(RUN, figures=["depth"]), out=out)
     assert "figures/depth_mad.png" in again.figure_error and "not written by probekit" in again.figure_error
     assert (out / "figures" / "depth_mad.png").read_bytes() == b"mine"
     assert not (out / "figures" / "depth_mad.svg").exists()  # all figures or none
     assert len(load_run_dir(out).table) == len(again.results.table)
 
 
-def test_plot_and_report_replace_only_files_the_manifest_lists(tmp_path, run_cli):
+def test_plot_and_report_replace_only_files_the_manifest_lists(tmp_path, run_cli, run_file):
     from probekit.views.report import rebuild
 
     out = tmp_path / "out"
-    compare(_run_file(tmp_path, figures="[depth]"), out=out)
+    compare(run_file(RUN, figures=["depth"]), out=out)
     (out / "figures" / "heatmap_mad.png").write_bytes(b"my heatmap")
     (out / "figures" / "mine.png").write_bytes(b"mine")
     with pytest.raises(RunDirError, match=r"heatmap_mad.png was not written by probekit"):
@@ -167,13 +151,13 @@ def test_plot_and_report_replace_only_files_the_manifest_lists(tmp_path, run_cli
     (out / "contrasts.csv").unlink()  # listed, so rebuilding refuses it as a changed run ...
     with pytest.raises(RunDirError, match="contrasts.csv is missing"):
         rebuild(out)
-    compare(_run_file(tmp_path, figures="[depth]"), out=out)  # ... and a rerun writes it again
+    compare(run_file(RUN, figures=["depth"]), out=out)  # ... and a rerun writes it again
     assert rebuild(out) == out / "report.html"
     assert (out / "figures" / "mine.png").read_bytes() == b"mine"
     read_record(out)
 
 
-def test_an_interrupted_run_resumes_and_replaces_what_it_wrote(tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_and_replaces_what_it_wrote(tmp_path, monkeypatch, run_file):
     import probekit.runs.rundir
 
     out = tmp_path / "out"
@@ -186,20 +170,20 @@ def test_an_interrupted_run_resumes_and_replaces_what_it_wrote(tmp_path, monkeyp
 
     monkeypatch.setattr(probekit.runs.rundir, "write_text_atomic", ctrl_c_at_summary)
     with pytest.raises(KeyboardInterrupt):
-        compare(_run_file(tmp_path), out=out)
+        compare(run_file(RUN), out=out)
     rec = json.loads((out / "run.json").read_text())
     assert rec["status"] == "interrupted" and "results.parquet" in rec["owned"]
     monkeypatch.setattr(probekit.runs.rundir, "write_text_atomic", real)
-    assert compare(_run_file(tmp_path), out=out).status == "complete"
+    assert compare(run_file(RUN), out=out).status == "complete"
 
 
-def test_a_run_directory_of_an_earlier_probekit_without_an_owned_list_still_reruns(tmp_path):
+def test_a_run_directory_of_an_earlier_probekit_without_an_owned_list_still_reruns(tmp_path, run_file):
     out = tmp_path / "out"
-    compare(_run_file(tmp_path, figures="[depth]"), out=out)
+    compare(run_file(RUN, figures=["depth"]), out=out)
     rec = json.loads((out / "run.json").read_text())
     del rec["owned"]
     (out / "run.json").write_text(json.dumps(rec))
-    again = compare(_run_file(tmp_path, figures="[heatmap]"), out=out)
+    again = compare(run_file(RUN, figures=["heatmap"]), out=out)
     assert again.status == "complete" and not (out / "figures" / "depth_mad.png").exists()
 
 
@@ -232,9 +216,9 @@ def _extension_parquet(path: Path, marker: Path) -> None:
 
 @pytest.mark.parametrize("plant", ["npz object arrays", "parquet extension pickle", "seal of odd types",
                                    "meta of odd types", "parquet that is a pickle"])
-def test_planted_parts_run_nothing_and_are_recomputed(tmp_path, plant):
+def test_planted_parts_run_nothing_and_are_recomputed(tmp_path, plant, run_file):
     out = tmp_path / "out"
-    run = _run_file(tmp_path, metrics="[mad, cls_map]")
+    run = run_file(RUN, metrics=["mad", "cls_map"])
     first = compare(run, out=out)
     marker = tmp_path / "PWNED"
     parts = out / "parts"
@@ -265,9 +249,9 @@ def test_planted_parts_run_nothing_and_are_recomputed(tmp_path, plant):
     np.testing.assert_array_equal(again.results.arrays["toy/cls_map"], first.results.arrays["toy/cls_map"])
 
 
-def test_a_planted_arrays_npz_and_run_json_are_refused_in_one_line(tmp_path, run_cli):
+def test_a_planted_arrays_npz_and_run_json_are_refused_in_one_line(tmp_path, run_cli, run_file):
     out = tmp_path / "out"
-    compare(_run_file(tmp_path, metrics="[mad, cls_map]"), out=out)
+    compare(run_file(RUN, metrics=["mad", "cls_map"]), out=out)
     marker = tmp_path / "PWNED"
     _object_npz(out / "arrays.npz", marker)
     rec = json.loads((out / "run.json").read_text())
@@ -290,23 +274,23 @@ def test_a_planted_arrays_npz_and_run_json_are_refused_in_one_line(tmp_path, run
     assert not marker.exists()
 
 
-def test_a_pickle_as_run_json_is_never_unpickled_and_the_folder_is_refused(tmp_path):
+def test_a_pickle_as_run_json_is_never_unpickled_and_the_folder_is_refused(tmp_path, run_file):
     out = tmp_path / "out"
-    compare(_run_file(tmp_path), out=out)
+    compare(run_file(RUN), out=out)
     marker = tmp_path / "PWNED"
     (out / "run.json").write_bytes(pickle.dumps(_Planted(marker)))
     before = _snapshot(out)
     with pytest.raises(RunDirError, match="not a probekit run"):
-        compare(_run_file(tmp_path), out=out)
+        compare(run_file(RUN), out=out)
     with pytest.raises(RunDirError):
         load_run_dir(out)
     assert not marker.exists() and _snapshot(out) == before
 
 
 @pytest.mark.parametrize("plant", ["object arrays", "plain arrays of other names and shapes"])
-def test_planted_explorer_arrays_are_captured_again(tmp_path, plant):
+def test_planted_explorer_arrays_are_captured_again(tmp_path, plant, run_file):
     out = tmp_path / "out"
-    run = _run_file(tmp_path, showcase=1)
+    run = run_file(RUN, report={"showcase": 1})
     compare(run, out=out)
     (explorer,) = (out / "parts" / "explorer").glob("*.npz")
     from probekit.runs.explorer import load
@@ -327,9 +311,9 @@ def test_planted_explorer_arrays_are_captured_again(tmp_path, plant):
     assert '"explorer": null' not in again.report.read_text()
 
 
-def test_planted_figure_stamps_of_odd_types_redraw_the_figures(tmp_path):
+def test_planted_figure_stamps_of_odd_types_redraw_the_figures(tmp_path, run_file):
     out = tmp_path / "out"
-    run = _run_file(tmp_path, figures="[depth]")
+    run = run_file(RUN, figures=["depth"])
     compare(run, out=out)
     marker = tmp_path / "PWNED"
     for odd in (json.dumps([1, 2]), json.dumps({"depth_mad": {"x": 1}}), pickle.dumps(_Planted(marker)).hex()):

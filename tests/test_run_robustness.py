@@ -18,17 +18,7 @@ from probekit.cli import app
 from probekit.api import compare
 from probekit.errors import ProbekitError
 
-TIMM_NAN = """\
-name: nan
-models:
-  - model: timm:vit_tiny_patch16_224
-    label: broken
-    options: {{pretrained: false, img_size: 32, patch_size: 8, embed_dim: 32, depth: 3, num_heads: 2,
-               checkpoint: {ckpt}}}
-images: {{path: sample, count: 3}}
-metrics: [mad]
-figures: []
-"""
+TINY = {"pretrained": False, "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
 
 
 @pytest.fixture
@@ -46,9 +36,10 @@ def nan_checkpoint(tmp_path):
     return path
 
 
-def test_nan_weights_in_one_block_are_flagged_in_run_json_and_the_cli(tmp_path, nan_checkpoint, monkeypatch):
-    run = tmp_path / "run.yaml"
-    run.write_text(TIMM_NAN.format(ckpt=nan_checkpoint))
+def test_nan_weights_in_one_block_are_flagged_in_run_json_and_the_cli(tmp_path, nan_checkpoint, monkeypatch, run_file):
+    broken = {"model": "timm:vit_tiny_patch16_224", "label": "broken",
+              "options": {**TINY, "checkpoint": str(nan_checkpoint)}}
+    run = run_file(name="nan", models=[broken], images={"path": "sample", "count": 3})
     monkeypatch.delenv("PROBEKIT_DEBUG", raising=False)
     r = CliRunner().invoke(app, ["compare", str(run), "--out", str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
@@ -90,10 +81,9 @@ def _with_truncated_jpeg(tmp_path):
     return folder
 
 
-def test_a_truncated_jpeg_is_skipped_and_recorded_while_the_model_finishes(tmp_path, toy_backend):
+def test_a_truncated_jpeg_is_skipped_and_recorded_while_the_model_finishes(tmp_path, toy_backend, run_file):
     folder = _with_truncated_jpeg(tmp_path)
-    run = tmp_path / "run.yaml"
-    run.write_text(f"models: [toy:vit]\nimages: {{path: {folder}}}\nmetrics: [mad]\nbatch_size: 2\nfigures: []\n")
+    run = run_file(images={"path": str(folder)}, batch_size=2)
     cmp = compare(run, out=tmp_path / "out")
     assert cmp.ok and cmp.status == "complete"
     names = sorted(p.name for p in folder.iterdir() if p.name != "b_truncated.jpg")

@@ -25,31 +25,17 @@ from probekit.runs.rundir import RunDir, load_run_dir, read_record
 
 pytestmark = pytest.mark.usefixtures("toy_backend")
 
-RUN = """\
-name: dir
-models:
-  - model: toy:vit
-    label: toy
-images: {{path: sample, count: 3}}
-metrics: {metrics}
-batch_size: 3
-figures: {figures}
-"""
-
-
-def _run_file(tmp_path, metrics="[mad]", figures="[]", name="run.yaml") -> Path:
-    p = tmp_path / name
-    p.write_text(RUN.format(metrics=metrics, figures=figures))
-    return p
+RUN = {"name": "dir", "models": [{"model": "toy:vit", "label": "toy"}], "images": {"path": "sample", "count": 3},
+       "metrics": ["mad"], "batch_size": 3, "figures": []}
 
 
 def _status(d: Path) -> str:
     return json.loads((d / "run.json").read_text())["status"]
 
 
-def test_a_finished_run_vouches_for_its_files_and_a_changed_file_is_refused(tmp_path):
+def test_a_finished_run_vouches_for_its_files_and_a_changed_file_is_refused(tmp_path, run_file):
     out = tmp_path / "out"
-    cmp = compare(_run_file(tmp_path, figures="[depth]"), out=out)
+    cmp = compare(run_file(RUN, figures=["depth"]), out=out)
     rec = json.loads((out / "run.json").read_text())
     assert rec["status"] == "complete" and len(rec["run_id"]) == 12
     assert sorted(rec["manifest"]) == ["contrasts.csv", "figures/depth_mad.png", "figures/depth_mad.svg",
@@ -61,9 +47,9 @@ def test_a_finished_run_vouches_for_its_files_and_a_changed_file_is_refused(tmp_
         load_run_dir(out)
 
 
-def test_a_second_run_interrupted_during_its_final_writes_never_leaves_complete(tmp_path, monkeypatch):
+def test_a_second_run_interrupted_during_its_final_writes_never_leaves_complete(tmp_path, monkeypatch, run_file):
     out = tmp_path / "out"
-    compare(_run_file(tmp_path), out=out)
+    compare(run_file(RUN), out=out)
     first_id = read_record(out)["run_id"]
     real = probekit.runs.rundir.write_text_atomic
 
@@ -74,7 +60,7 @@ def test_a_second_run_interrupted_during_its_final_writes_never_leaves_complete(
 
     monkeypatch.setattr(probekit.runs.rundir, "write_text_atomic", ctrl_c_at_summary)
     with pytest.raises(KeyboardInterrupt):
-        compare(_run_file(tmp_path, metrics="[mad, entropy]"), out=out)  # one more metric
+        compare(run_file(RUN, metrics=["mad", "entropy"]), out=out)  # one more metric
     rec = json.loads((out / "run.json").read_text())
     assert rec["status"] == "interrupted" and rec["run_id"] != first_id and "manifest" not in rec
     assert sorted(rec["metrics"]) == ["entropy", "mad"]
@@ -84,15 +70,15 @@ def test_a_second_run_interrupted_during_its_final_writes_never_leaves_complete(
     with pytest.raises(RunDirError, match=r"holds an unfinished run \(run.json status 'interrupted'"):
         load_run_dir(out)
     monkeypatch.undo()
-    again = compare(_run_file(tmp_path, metrics="[mad, entropy]"), out=out)
+    again = compare(run_file(RUN, metrics=["mad", "entropy"]), out=out)
     assert again.cached == ["toy"] and _status(out) == "complete"
     assert set(load_run_dir(out).metrics) == {"mad", "entropy"}
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
-def test_sigkill_during_the_final_writes_leaves_running_and_the_rerun_finishes(tmp_path):
+def test_sigkill_during_the_final_writes_leaves_running_and_the_rerun_finishes(tmp_path, run_file):
     out = tmp_path / "out"
-    compare(_run_file(tmp_path), out=out)
+    compare(run_file(RUN), out=out)
     script = f"""
 import os, signal, importlib.util
 spec = importlib.util.spec_from_file_location("toy", {str(Path(__file__).with_name("_toy.py"))!r})
@@ -104,7 +90,7 @@ def kill_at_summary(path, text):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(path, text)
 rundir.write_text_atomic = kill_at_summary
-pk.compare({str(_run_file(tmp_path, metrics="[mad, entropy]", name="two.yaml"))!r}, out={str(out)!r})
+pk.compare({str(run_file(RUN, metrics=["mad", "entropy"], file="two.yaml"))!r}, out={str(out)!r})
 """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300)
@@ -116,28 +102,28 @@ pk.compare({str(_run_file(tmp_path, metrics="[mad, entropy]", name="two.yaml"))!
     assert _status(out) == "complete" and set(load_run_dir(out).metrics) == {"mad", "entropy"}
 
 
-def test_figures_of_an_earlier_run_do_not_stay_beside_new_results(tmp_path):
+def test_figures_of_an_earlier_run_do_not_stay_beside_new_results(tmp_path, run_file):
     out = tmp_path / "out"
-    compare(_run_file(tmp_path, metrics="[mad, entropy]", figures="[depth]"), out=out)
+    compare(run_file(RUN, metrics=["mad", "entropy"], figures=["depth"]), out=out)
     assert len(list((out / "figures").iterdir())) == 4
-    compare(_run_file(tmp_path, metrics="[mad]", figures="[depth]"), out=out)
+    compare(run_file(RUN, metrics=["mad"], figures=["depth"]), out=out)
     assert sorted(p.name for p in (out / "figures").iterdir()) == ["depth_mad.png", "depth_mad.svg"]
 
 
-def test_a_second_run_on_the_same_directory_is_refused_saying_who_holds_it(tmp_path):
+def test_a_second_run_on_the_same_directory_is_refused_saying_who_holds_it(tmp_path, run_file):
     out = tmp_path / "out"
     with RunDir(out).locked():  # another run, e.g. in a second terminal
         with pytest.raises(RunDirBusyError) as info:
-            compare(_run_file(tmp_path), out=out)
+            compare(run_file(RUN), out=out)
     msg = str(info.value)
     assert f"{out} is in use by another probekit run (pid {os.getpid()} on " in msg
     assert "Wait for it to finish, or choose another --out" in msg
     assert not (out / "run.json").exists()  # nothing of the refused run was written
-    compare(_run_file(tmp_path), out=out)  # released: the next run goes ahead
+    compare(run_file(RUN), out=out)  # released: the next run goes ahead
     assert _status(out) == "complete"
 
 
-def test_a_read_only_out_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
+def test_a_read_only_out_is_one_line_saying_what_to_do(tmp_path, monkeypatch, run_file):
     ro = tmp_path / "ro"
     ro.mkdir()
     real_mkdir = Path.mkdir
@@ -150,14 +136,14 @@ def test_a_read_only_out_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "mkdir", refused)
     with pytest.raises(WriteError, match=r"Cannot write .*ro/out \(Read-only file system\)\. Choose a writable "
                                          r"output directory \(--out\)"):
-        compare(_run_file(tmp_path), out=ro / "out")
+        compare(run_file(RUN), out=ro / "out")
     monkeypatch.undo()
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(WriteError, match=r"Cannot write .*a-file .*Choose a writable output directory"):
-        compare(_run_file(tmp_path), out=tmp_path / "a-file")
+        compare(run_file(RUN), out=tmp_path / "a-file")
 
 
-def test_a_full_disk_while_writing_results_is_one_error_and_the_temp_cleanup_hides_nothing(tmp_path, monkeypatch):
+def test_a_full_disk_while_writing_results_is_one_error_and_the_temp_cleanup_hides_nothing(tmp_path, monkeypatch, run_file):
     import pyarrow.parquet as pq
 
     out = tmp_path / "out"
@@ -177,13 +163,13 @@ def test_a_full_disk_while_writing_results_is_one_error_and_the_temp_cleanup_hid
     monkeypatch.setattr(Path, "unlink", unlink_fails)
     with pytest.raises(WriteError, match=r"No space left to write .*parts.*\.parquet \(No space left on device\)\. "
                                          r"Free some space") as info:
-        compare(_run_file(tmp_path), out=out)
+        compare(run_file(RUN), out=out)
     assert info.value.__cause__.errno == errno.ENOSPC  # the original error, not the failed cleanup
     monkeypatch.undo()
     assert _status(out) == "failed"  # not complete, not a leftover of an earlier run
 
 
-def test_a_full_disk_while_drawing_figures_leaves_no_figure_and_exits_1(tmp_path, monkeypatch):
+def test_a_full_disk_while_drawing_figures_leaves_no_figure_and_exits_1(tmp_path, monkeypatch, run_file):
     from typer.testing import CliRunner
 
     import matplotlib.figure
@@ -202,7 +188,7 @@ def test_a_full_disk_while_drawing_figures_leaves_no_figure_and_exits_1(tmp_path
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_after_two)
     monkeypatch.delenv("PROBEKIT_DEBUG", raising=False)
-    r = CliRunner().invoke(app, ["compare", str(_run_file(tmp_path, figures="[depth, overlay]")), "--out", str(out)])
+    r = CliRunner().invoke(app, ["compare", str(run_file(RUN, figures=["depth", "overlay"])), "--out", str(out)])
     assert r.exit_code == 1, r.output
     assert "No figures: WriteError: No space left to write" in " ".join(r.stderr.split())
     assert f"probekit plot {out}" in " ".join(r.stderr.split())

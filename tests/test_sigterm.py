@@ -25,22 +25,11 @@ from PIL import Image
 pytest.importorskip("timm")
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
-TINY = "{pretrained: false, img_size: %d, patch_size: 8, embed_dim: %d, depth: %d, num_heads: 2}"
-RUN = f"""\
-name: term
-models:
-  - model: timm:vit_tiny_patch16_224
-    label: quick
-    options: {TINY % (32, 32, 1)}
-  - model: timm:vit_tiny_patch16_224
-    label: slow
-    options: {{pretrained: false, img_size: 224, patch_size: 16, embed_dim: 96, depth: 6, num_heads: 2}}
-images: IMAGES
-metrics: [mad]
-batch_size: 2
-workers: 2
-figures: []
-"""
+MODELS = [{"model": "timm:vit_tiny_patch16_224", "label": "quick",
+           "options": {"pretrained": False, "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}},
+          {"model": "timm:vit_tiny_patch16_224", "label": "slow",
+           "options": {"pretrained": False, "img_size": 224, "patch_size": 16, "embed_dim": 96, "depth": 6,
+                       "num_heads": 2}}]
 
 
 def _images(folder, n: int) -> None:
@@ -78,10 +67,9 @@ def _terminate_after_first_part(cmd: list[str], parts, timeout: float = 240) -> 
     return subprocess.CompletedProcess(cmd, proc.returncode, out.decode(), err.decode())
 
 
-def test_sigterm_stops_the_run_like_ctrl_c_and_the_rerun_gives_the_same_numbers(tmp_path):
+def test_sigterm_stops_the_run_like_ctrl_c_and_the_rerun_gives_the_same_numbers(tmp_path, run_file):
     _images(tmp_path / "imgs", 60)
-    run = tmp_path / "run.yaml"
-    run.write_text(RUN.replace("IMAGES", str(tmp_path / "imgs")))
+    run = run_file(name="term", models=MODELS, images=str(tmp_path / "imgs"), batch_size=2, workers=2)
     cmd = [sys.executable, "-m", "probekit.cli", "compare", str(run), "--no-report"]
 
     cut = tmp_path / "cut"

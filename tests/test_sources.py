@@ -195,20 +195,12 @@ def test_unreadable_image_in_a_lazy_source_is_skipped_by_name_or_stops_under_str
         pk.probe(pm, ClassFolder(class_tree), ["mad"], batch_size=4, strict=True)
 
 
-RUN = """\
-name: labelled
-models: [toy:vit]
-images: {{kind: {kind}, path: {path}, count: 4, seed: 2, stratify: true}}
-metrics: [mad]
-batch_size: 3
-figures: [labels]
-"""
+def test_run_file_source_records_labels_and_sampling_in_run_json(class_tree, tmp_path, run_file):
+    def labelled(kind: str):
+        images = {"kind": kind, "path": str(class_tree), "count": 4, "seed": 2, "stratify": True}
+        return run_file(name="labelled", images=images, batch_size=3, figures=["labels"])
 
-
-def test_run_file_source_records_labels_and_sampling_in_run_json(class_tree, tmp_path):
-    run = tmp_path / "run.yaml"
-    run.write_text(RUN.format(kind="classes", path=class_tree))
-    cmp = compare(run, out=tmp_path / "out")
+    cmp = compare(labelled("classes"), out=tmp_path / "out")
     rec = json.loads((tmp_path / "out" / "run.json").read_text())
     assert Counter(rec["images"]["labels"]) == {"cat": 2, "space": 2}
     assert rec["images"]["source"]["kind"] == "classes" and rec["images"]["source"]["seed"] == 2
@@ -217,9 +209,8 @@ def test_run_file_source_records_labels_and_sampling_in_run_json(class_tree, tmp
         zip(rec["images"]["names"], rec["images"]["labels"]))
     assert cmp.results.table["label"].notna().all()
     assert sorted(p.name for p in cmp.figures) == ["labels_mad.png", "labels_mad.svg"]  # a line per label
-    run.write_text(RUN.format(kind="files", path=class_tree))
     with pytest.raises(ConfigError, match="stratify needs labels"):
-        compare(run, out=tmp_path / "out2")
+        compare(labelled("files"), out=tmp_path / "out2")
 
 
 # -- issue 19: content identity, empty cells, odd names, malformed manifests and shards ----------
@@ -302,21 +293,10 @@ def test_a_same_size_same_mtime_rewrite_of_one_image_changes_the_fingerprint(tmp
     assert pk.resolve_images(src).fingerprint() != before
 
 
-RESUMED = """\
-name: shards
-models: [toy:vit]
-images: {{kind: webdataset, path: {path}}}
-metrics: [mad]
-batch_size: 2
-figures: []
-"""
-
-
-def test_a_shard_rewritten_in_place_is_recomputed_not_served_from_the_cache(tmp_path):
+def test_a_shard_rewritten_in_place_is_recomputed_not_served_from_the_cache(tmp_path, run_file):
     images = {f"{i:06d}.ppm": _ppm(i) for i in range(3)}
     src, rewrite = _images_as("webdataset", tmp_path, images)
-    run = tmp_path / "run.yaml"
-    run.write_text(RESUMED.format(path=src.shards))
+    run = run_file(name="shards", images={"kind": "webdataset", "path": str(src.shards)}, batch_size=2)
     first = compare(run, out=tmp_path / "out").results.table
     assert compare(run, out=tmp_path / "out").cached == ["toy:vit"]  # unchanged: served from the part
     rewrite("000001.ppm", _ppm(99))
