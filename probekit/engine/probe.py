@@ -336,8 +336,10 @@ def probe(
             that hold q, k and v (transformers, timm, open_clip) get each layer's attention
             output from the probability blocks the metrics read, one attention pass instead of
             the model's kernel plus a recomputation; ``"separate"``: the model's own kernel;
-            ``"auto"``: fused from 150 tokens on CPU (measured; README "Benchmark") and always
-            on accelerators. ``"kernel"``: the fused Triton kernel (CUDA, or
+            ``"auto"``: on CPU fused from 64 tokens where the C row kernel built, from 150
+            without it (:func:`probekit.engine.kernels.policy.one_pass`; measured:
+            benchmarks/RESULTS.md, section "One pass on CPU: the auto rule"), and always on
+            accelerators. ``"kernel"``: the fused Triton kernel (CUDA, or
             ``TRITON_INTERPRET=1`` for tests) for the metrics that declare it.
         strict: stop on an unreadable image instead of skipping it.
         label: the model's name in the table (default: ``model.label``).

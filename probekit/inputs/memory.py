@@ -4,10 +4,11 @@ Decoding thousands of JPEGs allocates and frees large, oddly sized buffers (the 
 decoded pixels, the resized copy) between the model's own allocations. glibc's malloc keeps
 freed pages in per-thread arenas, and its dynamic thresholds move such buffers from mmap onto
 those heaps after the first free, so resident memory climbs with the number of images although
-nothing leaks (measured: 1342 -> 1747 MB over 600 images; flat under
-``MALLOC_ARENA_MAX=1 MALLOC_TRIM_THRESHOLD_=0``). :func:`tame` sets the same two knobs from
-inside the process, through ``mallopt``, the first time an engine decodes a batch
-(benchmarks/bench_memory.py measures images against RSS with and without it). Other C
+nothing leaks (flat under ``MALLOC_ARENA_MAX=1 MALLOC_TRIM_THRESHOLD_=0``; measured:
+benchmarks/RESULTS.md, section "Resident memory over the image set (bench_memory.py)").
+:func:`tame` sets the same two knobs from inside the process, through ``mallopt``, the first time
+an engine decodes a batch (benchmarks/bench_memory.py measures images against RSS with and
+without it). Other C
 libraries (musl, macOS) have no ``mallopt`` and need none: a no-op there. Opt out with
 ``PROBEKIT_MALLOC_TUNE=0`` (then glibc's own ``MALLOC_*`` variables apply as usual).
 """
