@@ -280,6 +280,9 @@ class _Progress:
         self.bar.update(self.tasks[label], description=f"[red]{escape(label)} failed[/]")
         self.bar.stop_task(self.tasks[label])
 
+    def shard_done(self, label, shard):
+        """(images_done already moved the bar)"""
+
 
 def _run_comparison(cfg_or_path: Any, out_dir: Optional[str], figures: bool, report: bool = True, **flags) -> None:
     from probekit.api import compare
@@ -315,7 +318,7 @@ def _run_comparison(cfg_or_path: Any, out_dir: Optional[str], figures: bool, rep
     if cmp.failures:
         _consoles.err.print(f"[bold red]Error:[/] [red]{len(cmp.failures)} model(s) failed; the others' results are kept:[/]")
         for f in cmp.failures:
-            _consoles.err.print(f"  - {f['model']} ({f['stage']}): {f['error']}: {f['message']}", markup=False, highlight=False)
+            _consoles.err.print(f"  - {f.model} ({f.stage}): {f.error}: {f.message}", markup=False, highlight=False)
     if cmp.figure_error:
         _consoles.err.print(f"[bold red]Error:[/] [red]No figures: {escape(cmp.figure_error)}[/]\n"
                             f"The numbers are written; draw the figures with `probekit plot {escape(str(cmp.run_dir))}`.",

@@ -158,7 +158,7 @@ def test_failing_models_are_recorded_while_the_others_finish(tmp_path, loads, ru
     path = run_file(RUN, models=[TOY_A, failing, {"model": "toy:missing"}])
     cmp = compare(path, out=tmp_path / "out", figures=False)
     assert cmp.results.models == ["toy-a"]
-    assert [(f["model"], f["stage"], f["error"]) for f in cmp.failures] == [
+    assert [(f.model, f.stage, f.error) for f in cmp.failures] == [
         ("toy-b", "run", "RuntimeError"), ("toy:missing", "load", "WeightsUnavailableError")]
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["status"] == "partial" and len(run["failures"]) == 2

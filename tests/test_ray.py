@@ -109,7 +109,7 @@ class _Killer:
 
     def shard_done(self, label, shard):
         if label == "tiny-a" and self.killed is None:
-            self.killed = shard["pids"][0]
+            self.killed = shard.pids[0]
             os.kill(self.killed, signal.SIGKILL)
 
 

@@ -122,7 +122,7 @@ def test_report_command_writes_the_page_into_the_manifest(tmp_path, run_dir, run
     from probekit.cli import app
     from probekit.runs.rundir import read_record
 
-    manifest = read_record(run_dir.run_dir)["manifest"]
+    manifest = read_record(run_dir.run_dir).manifest
     assert {"report.html", "contrasts.csv"} <= set(manifest)  # the run vouches for them
     # a run without the report: `probekit report` adds both, and the directory still verifies
     plain = compare(run_file(RUN, file="plain.yaml"), out=tmp_path / "plain", report=False)
@@ -132,7 +132,7 @@ def test_report_command_writes_the_page_into_the_manifest(tmp_path, run_dir, run
     page = plain.run_dir / "report.html"
     assert page.stat().st_size > 10_000 and str(page) in r.stdout
     record = read_record(plain.run_dir)
-    assert {"report.html", "contrasts.csv"} <= set(record["manifest"])
+    assert {"report.html", "contrasts.csv"} <= set(record.manifest)
     assert "No attention explorer" in page.read_text()  # nothing was stored for it: the page says so
     r = CliRunner().invoke(app, ["report", str(tmp_path / "nothing")])
     assert r.exit_code == 1 and "No run directory" in r.output

@@ -114,7 +114,7 @@ def test_a_rerun_replaces_only_files_a_probekit_run_wrote(tmp_path, run_file):
     assert not (out / "arrays.npz").exists()
     assert {k: v for k, v in _snapshot(out).items() if k in theirs} == theirs
     rec = read_record(out)
-    assert "figures/mine.png" not in rec["manifest"] and "figures/mine.png" not in rec["owned"]
+    assert "figures/mine.png" not in rec.manifest and "figures/mine.png" not in rec.owned
 
 
 def test_a_run_refuses_to_draw_over_a_users_file_and_loses_no_number(tmp_path, run_file):
@@ -304,10 +304,10 @@ def test_planted_explorer_arrays_are_captured_again(tmp_path, plant, run_file):
             np.savez(f, attn=np.zeros((1, 2), np.float64), names=np.array([1, 2]), grid=np.array("x"))
     again = compare(run, out=out)
     assert not marker.exists()
-    assert "explorer_s" in read_record(out)["models"][0]  # the model was loaded to capture them again
+    assert read_record(out).models[0].explorer_s is not None  # the model was loaded to capture them again
     back = load(explorer)
     assert sorted(back) == sorted(good) and all(np.array_equal(back[k], good[k]) for k in good)
-    assert again.status == "complete" and "report_error" not in read_record(out)
+    assert again.status == "complete" and read_record(out).report_error is None
     assert '"explorer": null' not in again.report.read_text()
 
 

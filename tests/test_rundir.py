@@ -50,7 +50,7 @@ def test_a_finished_run_vouches_for_its_files_and_a_changed_file_is_refused(tmp_
 def test_a_second_run_interrupted_during_its_final_writes_never_leaves_complete(tmp_path, monkeypatch, run_file):
     out = tmp_path / "out"
     compare(run_file(RUN), out=out)
-    first_id = read_record(out)["run_id"]
+    first_id = read_record(out).run_id
     real = probekit.runs.rundir.write_text_atomic
 
     def ctrl_c_at_summary(path, text):
@@ -195,4 +195,4 @@ def test_a_full_disk_while_drawing_figures_leaves_no_figure_and_exits_1(tmp_path
     assert len(calls) == 3 and not list((out / "figures").iterdir())  # two were drawn, none is left
     assert not [p for p in out.iterdir() if p.name.startswith(".figures")]
     rec = read_record(out)  # the numbers are written and vouched for
-    assert rec["figures"] == [] and "No space left" in rec["figure_error"]
+    assert rec.figures == [] and "No space left" in rec.figure_error

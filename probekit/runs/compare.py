@@ -19,7 +19,8 @@ from html import escape
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from probekit import models as _models
 from probekit.runs.config import CheckedRun, ModelEntry, RunConfig, check_run, load_run
@@ -29,22 +30,15 @@ from probekit.runs.parts import PartStore, model_keys, only_metric, part_key, re
 from probekit._installed import library_versions
 from probekit.engine.probe import resolve_dtype
 from probekit.results import Results, results_html
-from probekit.runs.record import record_failure
+from probekit.runs.record import (EngineModel, Failure, ImagesRecord, MetricRecord, ModelRecord, ReportRecord, RunRecord,
+                                  failed_at, record_failure)
+from probekit.runs.reporter import Reporter
 from probekit.runs.rundir import RunDir, load_run_dir, write_outputs
 
+if TYPE_CHECKING:
+    from probekit.inputs.images import ImageSet
+
 __all__ = ["run_comparison", "Views", "Comparison", "Reporter", "load_run_dir", "part_key"]
-
-
-class Reporter(Protocol):
-    """What a comparison tells its caller while it runs (the CLI draws a progress bar)."""
-
-    def model_started(self, label: str, images: int, cached: bool) -> None: ...
-
-    def images_done(self, label: str, done: int, total: int) -> None: ...
-
-    def model_finished(self, label: str, seconds: float, cached: bool) -> None: ...
-
-    def model_failed(self, label: str, message: str) -> None: ...
 
 
 class Views(Protocol):
@@ -57,21 +51,17 @@ class Views(Protocol):
     figures: bool
     report: bool
 
-    def render(self, results: Results, out_dir: Path, *, reuse: Path, stamps: Path, **kwargs: Any) -> list[Path]: ...
+    def render(self, results: Results, out_dir: Path, *, reuse: Path, stamps: Path, kinds: list[str] | None = None,
+               metrics: list[str] | None = None) -> list[Path]: ...
 
-    def note_figures(self, record: dict, results: Results, kinds: list[str], explicit: bool) -> None: ...
+    def note_figures(self, record: RunRecord, results: Results, kinds: list[str], explicit: bool) -> None: ...
 
-    def write_report(self, rd: RunDir, results: Results, record: dict, cfg: RunConfig, status: str) -> tuple[Any, Path | None]: ...
+    def write_report(self, rd: RunDir, results: Results, record: RunRecord, cfg: RunConfig,
+                     status: str) -> tuple[Any, Path | None]: ...
 
 
-class _Quiet:
-    def model_started(self, label, images, cached): ...
-
-    def images_done(self, label, done, total): ...
-
-    def model_finished(self, label, seconds, cached): ...
-
-    def model_failed(self, label, message): ...
+class _Quiet(Reporter):
+    """A reporter that tells nobody."""
 
 
 @dataclass
@@ -96,7 +86,7 @@ class Comparison:
     results: Results
     figures: list[Path]
     run_dir: Path
-    failures: list[dict] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
     figure_error: str | None = None
     nonfinite: list[dict] = field(default_factory=list)
@@ -134,7 +124,7 @@ def _as_config(config_or_path: Any) -> RunConfig:
     return load_run(config_or_path)
 
 
-def _training(entry: ModelEntry, opts: dict, meta: dict) -> str:
+def _training(entry: ModelEntry, opts: dict[str, Any], meta: dict[str, Any]) -> str:
     if entry.training:
         return entry.training
     if opts.get("pretrained", True) is False:
@@ -151,9 +141,10 @@ def _release_accelerator() -> None:
         torch.cuda.empty_cache()
 
 
-def probe_missing(run: CheckedRun, entry: ModelEntry, spec: str, opts: dict, missing: list, rep: Reporter,
-                  explore=None):
-    """Load one model and probe the metrics it has no part for; returns (Results or None, record of timings).
+def probe_missing(run: CheckedRun, entry: ModelEntry, mrec: ModelRecord, missing: list, rep: Reporter,
+                  explore: Callable[[Any], None] | None = None) -> Results | None:
+    """Load one model and probe the metrics it has no part for; returns their Results (None when
+    none is missing), and records in ``mrec`` what loading and probing took.
 
     ``explore(pm)``, when given, captures the report's explorer arrays while the model is loaded.
 
@@ -171,7 +162,7 @@ def probe_missing(run: CheckedRun, entry: ModelEntry, spec: str, opts: dict, mis
         # random-init controls are the same model on every run; the caller's RNG is left alone
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            pm = _models.load(entry.model, label=entry.name, device=cfg.device, **opts)
+            pm = _models.load(entry.model, label=entry.name, device=cfg.device, **mrec.options)
         t_load = time.perf_counter() - t0
         stage = "run"
         res = probe(
@@ -179,18 +170,19 @@ def probe_missing(run: CheckedRun, entry: ModelEntry, spec: str, opts: dict, mis
             batch_size=cfg.batch_size, dtype=cfg.dtype, num_workers=cfg.workers, strict=cfg.strict,
             label=entry.name, progress=lambda done, total: rep.images_done(entry.name, done, total),
         ) if missing else None
-        info = {"load_s": t_load, "probe_s": time.perf_counter() - t0 - t_load,
-                "parameters": pm.adapter.parameters_count(),
-                "weights": _weights_id(pm)}
+        probe_s = time.perf_counter() - t0 - t_load
+        explorer_s = None
         if explore is not None:
             t1 = time.perf_counter()
             explore(pm)
-            info["explorer_s"] = time.perf_counter() - t1
+            explorer_s = time.perf_counter() - t1
+        mrec.load_s, mrec.probe_s, mrec.explorer_s = t_load, probe_s, explorer_s
+        mrec.parameters, mrec.weights = pm.adapter.parameters_count(), _weights_id(pm)
         del pm
         _release_accelerator()
-        return res, info
+        return res
     except Exception as exc:
-        exc.probekit_stage = stage
+        failed_at(exc, stage)
         raise
 
 
@@ -204,25 +196,24 @@ def _weights_id(pm: Any) -> Any:
     return found or None
 
 
-def _run_record(cfg: RunConfig, run: CheckedRun) -> dict[str, Any]:
+def _run_record(cfg: RunConfig, run: CheckedRun) -> RunRecord:
     """run.json before any model runs: what was asked for, on which images, with what versions."""
-    return {
-        "name": cfg.name, "status": "running",
-        "config": cfg.model_dump(mode="json"), "source": cfg._source,
-        "images": {"count": len(run.images), "fingerprint": run.images.fingerprint(), "names": run.images.names,
-                   "paths": None if run.images.paths is None else [str(p) for p in run.images.paths],
-                   "skipped": [list(s) for s in run.images.skipped], "notes": [list(n) for n in run.images.notes],
-                   "labels": run.images.labels, "groups": run.images.groups,
-                   "refs": None if run.images.refs is None else [str(r) for r in run.images.refs],
-                   "source": run.images.origin},
-        "metrics": {m.label: {"name": m.name, "options": m.options(), "unit": m.value_unit()}
-                    for m in run.metrics},
-        "models": [], "failures": [], "versions": library_versions(),
-    }
+    images = run.images
+    return RunRecord(
+        name=cfg.name, status="running", config=cfg.model_dump(mode="json"), source=cfg._source,
+        images=ImagesRecord(
+            count=len(images), fingerprint=images.fingerprint(), names=images.names,
+            paths=None if images.paths is None else [str(p) for p in images.paths],
+            skipped=[list(s) for s in images.skipped], notes=[list(n) for n in images.notes],
+            labels=images.labels, groups=images.groups,
+            refs=None if images.refs is None else [str(r) for r in images.refs], source=images.origin),
+        metrics={m.label: MetricRecord(name=m.name, options=m.options(), unit=m.value_unit()) for m in run.metrics},
+        models=[], failures=[], versions=library_versions(),
+    )
 
 
-def _model_parts(run: CheckedRun, i: int, store: PartStore, record: dict, rep: Reporter,
-                 engine_info: dict | None = None, showcase=None) -> tuple[list[Results], bool]:
+def _model_parts(run: CheckedRun, i: int, store: PartStore, record: RunRecord, rep: Reporter,
+                 engine_info: EngineModel | None = None, showcase: ImageSet | None = None) -> tuple[list[Results], bool]:
     """One model's parts, read from the cache or computed and cached (none if it failed), and
     whether all of them came from the cache. ``engine_info``: what another engine recorded
     while it computed this model's parts (they are then read from the store, not cached). With
@@ -231,16 +222,17 @@ def _model_parts(run: CheckedRun, i: int, store: PartStore, record: dict, rep: R
     cfg, entry = run.config, run.config.models[i]
     spec, opts, alias_meta = run.specs[i]
     label = entry.name
-    keys = model_keys(run, i, record["images"]["fingerprint"])
+    keys = model_keys(run, i, record.images.fingerprint)
     have = {lbl: r for lbl, k in keys.items() if (r := store.read(k)) is not None}
     missing = [m for m in run.metrics if m.label not in have]
-    mrec = {"label": label, "model": entry.model, "spec": spec, "options": opts,
-            "training": _training(entry, opts, alias_meta), "alias": alias_meta or None,
-            "parts": keys, "cached": [lbl for lbl in keys if lbl in have], "tags": dict(entry.tags)}
-    if engine_info:
-        mrec.update(engine_info)  # computed by another engine this run: not from the cache
-    record["models"].append(mrec)
-    if engine_info and engine_info.get("failed"):  # the engine recorded the failure
+    mrec = ModelRecord(label=label, model=entry.model, spec=spec, options=opts,
+                       training=_training(entry, opts, alias_meta), alias=alias_meta or None,
+                       parts=keys, cached=[lbl for lbl in keys if lbl in have], tags=dict(entry.tags))
+    if engine_info:  # computed by another engine this run: not from the cache
+        mrec.engine, mrec.failed = engine_info.engine, engine_info.failed
+        mrec.cached_shards, mrec.computed_shards = engine_info.cached_shards, engine_info.computed_shards
+    record.models.append(mrec)
+    if engine_info and engine_info.failed:  # the engine recorded the failure
         return [], False
     explore = _explorer_job(store.folder, keys, showcase, cfg, mrec, record)
     if not engine_info:  # (another engine reported this model's progress itself)
@@ -248,12 +240,12 @@ def _model_parts(run: CheckedRun, i: int, store: PartStore, record: dict, rep: R
     t0 = time.perf_counter()
     if missing or explore is not None:
         try:
-            res, info = probe_missing(run, entry, spec, opts, missing, rep, explore)
+            res = probe_missing(run, entry, mrec, missing, rep, explore)
         except Exception as exc:
             record_failure(record, mrec, spec, exc, rep)
             return [], False
-        mrec.update(info)
         for m in missing:
+            assert res is not None  # (probed: a metric was missing)
             have[m.label] = only_metric(res, m.label)
             store.write(keys[m.label], have[m.label])
     out = [_as_this_runs(have[m.label], m.label, mrec, record) for m in run.metrics]  # run-file order
@@ -262,45 +254,46 @@ def _model_parts(run: CheckedRun, i: int, store: PartStore, record: dict, rep: R
     return out, not missing and not engine_info
 
 
-def _other_engine(run: CheckedRun, store: PartStore, record: dict, rep: Reporter) -> dict[str, dict]:
+def _other_engine(run: CheckedRun, store: PartStore, record: RunRecord, rep: Reporter) -> dict[str, EngineModel]:
     """Where an engine other than the local one plugs in: it writes the missing parts of every
     model (all models at once) into ``store`` and returns what it recorded per model label."""
     if run.config.engine == "local":
         return {}
     from probekit.runs.engines import get_engine
 
-    return get_engine(run.config.engine)(run, store, record, rep)
+    found: dict[str, EngineModel] = get_engine(run.config.engine)(run, store, record, rep)
+    return found
 
 
-def _as_this_runs(part: Results, metric_label: str, mrec: dict, record: dict) -> Results:
+def _as_this_runs(part: Results, metric_label: str, mrec: ModelRecord, record: RunRecord) -> Results:
     """A part (cached or fresh) under this run's label, noted in the model's and the run's record."""
-    part = relabel(part, mrec["label"])
-    part.meta["training"] = mrec["training"]
-    mrec.setdefault("layout", part.meta.get("layout"))
-    mrec.setdefault("geometry", part.meta.get("geometry"))
+    part = relabel(part, mrec.label)
+    part.meta["training"] = mrec.training
+    if mrec.computed is None:  # the first part of this model: its layout and geometry
+        mrec.layout, mrec.geometry, mrec.computed = part.meta.get("layout"), part.meta.get("geometry"), {}
     # when it was computed (this run or an earlier one) and how long the probe took
-    mrec.setdefault("computed", {})[metric_label] = {"seconds": part.meta.get("seconds"), "device": part.meta.get("device")}
-    skipped = record["images"]["skipped"]
+    mrec.computed[metric_label] = {"seconds": part.meta.get("seconds"), "device": part.meta.get("device")}
+    skipped = record.images.skipped
     for item in (part.meta.get("images") or {}).get("skipped") or []:  # images that failed to decode
         if list(item) not in skipped:
             skipped.append(list(item))
     return part
 
 
-def _combine(parts: list[Results], record: dict) -> Results:
+def _combine(parts: list[Results], record: RunRecord) -> Results:
     """All models' parts as one Results, with the run's provenance as its metadata."""
     res = Results.concat(parts)
-    meta = {k: record[k] for k in ("name", "images", "metrics")}
+    meta: dict[str, Any] = record.model_dump(include={"name", "images", "metrics"})
     meta["models"] = res.meta.get("models", {})
     meta["versions"] = next((p.meta.get("versions") for p in parts if p.meta.get("versions")), None)
     res.meta = meta
     return res
 
 
-def _status(record: dict) -> str:
-    if record["failures"]:
+def _status(record: RunRecord) -> str:
+    if record.failures:
         return "partial"
-    return "nonfinite" if record["nonfinite"] else "complete"
+    return "nonfinite" if record.nonfinite else "complete"
 
 
 def run_comparison(config_or_path: Any, out: str | Path | None = None, *, reporter: Reporter | None = None,
@@ -341,8 +334,8 @@ def run_comparison(config_or_path: Any, out: str | Path | None = None, *, report
     with sigterm_as_interrupt(), rd.locked():  # SIGTERM (SLURM, Kubernetes) stops it as Ctrl-C does
         record = rd.begin(_run_record(cfg, run))
         if showcase is not None:
-            record["report"] = {"showcase": showcase.names, "explorer_mb": cfg.report.explorer_mb,
-                                "group_by": cfg.report.group_by}
+            record.report = ReportRecord(showcase=showcase.names, explorer_mb=cfg.report.explorer_mb,
+                                         group_by=cfg.report.group_by)
         t_run = time.perf_counter()
         try:
             collected: list[Results] = []
@@ -354,30 +347,29 @@ def run_comparison(config_or_path: Any, out: str | Path | None = None, *, report
                 if from_cache:
                     cached.append(entry.name)
             results = _combine(collected, record)
-            record["nonfinite"] = results.nonfinite()
+            record.nonfinite = results.nonfinite()
             anything = len(results) > 0 or bool(results.arrays)  # map metrics alone have no table rows
             draw = views is not None and views.figures and anything
-            kinds = list(cfg.figures or []) if draw else []
-            timings = record.setdefault("timings", {})  # what a run spends after probing: figures must not dominate
+            kinds: list[str] = list(cfg.figures or []) if draw else []
             t0 = time.perf_counter()
             figs = write_outputs(rd, results, record, kinds, None if views is None else views.render)
             if views is not None:
                 views.note_figures(record, results, kinds, explicit_figures)
-            timings["outputs_s"] = time.perf_counter() - t0
-            record["seconds"] = time.perf_counter() - t_run
+            record.timing("outputs_s", time.perf_counter() - t0)  # figures must not dominate a run
+            record.seconds = time.perf_counter() - t_run
             contrast_table, html = views.write_report(rd, results, record, cfg, _status(record)) \
                 if views is not None and views.report and anything else (None, None)
-            record["seconds"] = time.perf_counter() - t_run
+            record.seconds = time.perf_counter() - t_run
             rd.finish(record, _status(record))
         except BaseException as exc:
             rd.abandon(record, exc)
             raise
-    return Comparison(results, figs, rd.path, record["failures"], cached, record.get("figure_error"),
-                      record["nonfinite"], record["status"], contrast_table, html, list(record.get("notes") or []))
+    return Comparison(results, figs, rd.path, list(record.failures), cached, record.figure_error,
+                      record.nonfinite or [], record.status, contrast_table, html, list(record.notes or []))
 
 
 # -- report: explorer arrays, contrasts, report.html (each failure is recorded, never costs the numbers)
-def _showcase(cfg: RunConfig, run: CheckedRun):
+def _showcase(cfg: RunConfig, run: CheckedRun) -> ImageSet | None:
     """The showcase subset of the run's images (the first ``showcase`` ones, or those named)."""
     want = cfg.report.showcase
     names = run.images.names
@@ -392,7 +384,8 @@ def _showcase(cfg: RunConfig, run: CheckedRun):
     return run.images.subset(idx) if idx else None
 
 
-def _explorer_job(parts: Path, keys: dict, showcase, cfg: RunConfig, mrec: dict, record: dict):
+def _explorer_job(parts: Path, keys: dict[str, str], showcase: ImageSet | None, cfg: RunConfig, mrec: ModelRecord,
+                  record: RunRecord) -> Callable[[Any], None] | None:
     """A callable capturing this model's explorer arrays, or None when cached (or not wanted)."""
     if showcase is None:
         return None
@@ -400,17 +393,16 @@ def _explorer_job(parts: Path, keys: dict, showcase, cfg: RunConfig, mrec: dict,
 
     budget = int(cfg.report.explorer_mb * 2**20)
     path = parts / "explorer" / f"{explorer.explorer_key(keys, showcase.names, budget)}.npz"
-    mrec["explorer"] = str(path.relative_to(parts.parent))
+    mrec.explorer = str(path.relative_to(parts.parent))
     if path.exists() and explorer.load(path) is not None:
         return None
 
-    def run(pm) -> None:
+    def run(pm: Any) -> None:
         try:
             explorer.save(path, explorer.capture(pm, showcase, budget))
         except Exception as exc:  # the explorer is a view: its failure never costs the numbers
-            mrec.pop("explorer", None)
-            record.setdefault("report_notes", []).append(
-                f"{mrec['label']}: no attention explorer ({type(exc).__name__}: {exc})")
+            mrec.explorer = None
+            record.add_notes([f"{mrec.label}: no attention explorer ({type(exc).__name__}: {exc})"], report=True)
 
     return run
 
@@ -422,7 +414,7 @@ def comparison_html(cmp: Comparison) -> str:
         items.append(f"report <code>{escape(str(cmp.report))}</code>")
     if cmp.cached:
         items.append(f"served from cache: {escape(', '.join(cmp.cached))}")
-    fails = "".join(f"<li style='color:#b3261e'>{escape(f['model'])} ({escape(f['stage'])}): {escape(f['error'])}: "
-                    f"{escape(f['message'])}</li>" for f in cmp.failures)
+    fails = "".join(f"<li style='color:#b3261e'>{escape(f.model)} ({escape(f.stage)}): {escape(f.error)}: "
+                    f"{escape(f.message)}</li>" for f in cmp.failures)
     return (f"<div class='probekit-comparison'><p><b>Comparison</b>: {'; '.join(items)}</p>"
             f"{'<ul>' + fails + '</ul>' if fails else ''}{results_html(cmp.results)}</div>")

@@ -27,7 +27,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,9 +37,10 @@ from probekit.errors import ConfigError, ImageError, MissingDependencyError, Pro
 
 if TYPE_CHECKING:
     from probekit.adapter import Adapter
+    from probekit.inputs.images import ImageSet
 
 __all__ = ["ModelEntry", "ImagesEntry", "MetricEntry", "ReportEntry", "Resources", "RunConfig", "load_run", "check_run",
-           "CheckedRun", "expand_path"]
+           "CheckedRun", "ModelSpec", "expand_path"]
 
 Figure = Literal["depth", "overlay", "heatmap", "summary", "maps", "labels"]
 _FIGURES: tuple[Figure, ...] = ("depth", "overlay", "heatmap", "summary", "maps", "labels")
@@ -381,14 +382,22 @@ def _spec_problem(cls: type[Adapter], spec: str, opts: dict) -> str | None:
     return None
 
 
+class ModelSpec(NamedTuple):
+    """A model entry resolved: its spec, backend options (typed) and the alias's metadata."""
+
+    spec: str
+    options: dict[str, Any]
+    meta: dict[str, Any]
+
+
 @dataclass
 class CheckedRun:
     """A run that can start: resolved specs, metric instances and the image set."""
 
     config: RunConfig
-    specs: list[tuple[str, dict, dict]]  # (spec, options, alias metadata) per model entry
+    specs: list[ModelSpec]  # per model entry
     metrics: list  # Metric instances, in run-file order
-    images: Any  # ImageSet
+    images: ImageSet
 
 
 def check_run(cfg: RunConfig) -> CheckedRun:
@@ -422,7 +431,7 @@ def check_run(cfg: RunConfig) -> CheckedRun:
             problem = _spec_problem(cls, spec, opts)  # the name against the library's list, no model built
             if problem:
                 problems.append(f"{cfg.where('models', i, 'model')}: {problem}")
-        specs.append((spec, opts, meta))
+        specs.append(ModelSpec(spec, opts, meta))
     for i, metric in enumerate(cfg.metrics):
         try:
             mets.append(metric_registry.get(metric.name)(**metric.options))
@@ -451,4 +460,5 @@ def check_run(cfg: RunConfig) -> CheckedRun:
         n = len(problems)
         raise ConfigError(f"The run cannot start ({n} problem{'s' * (n != 1)}):\n" +
                           "\n".join(f"  - {p}" for p in problems))
+    assert images is not None  # (images that cannot be listed are one of the problems)
     return CheckedRun(cfg, specs, mets, images)

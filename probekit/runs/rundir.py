@@ -24,17 +24,21 @@ import json
 import os
 import shutil
 import socket
+import sys
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
+from pydantic import ValidationError
+
 from probekit._io.atomic import write_errors, write_text_atomic
 from probekit.errors import ConfigError, RunDirBusyError, RunDirError
 from probekit._io.fileid import file_digest
 from probekit.inputs.view import is_view
 from probekit.runs.parts import PartStore
+from probekit.runs.record import RunRecord
 from probekit.results import Results
 
 __all__ = ["RunDir", "Renderer", "read_record", "load_run_dir", "write_outputs", "FINISHED", "STAMPS"]
@@ -57,9 +61,7 @@ def _json(obj: Any) -> str:
 # -- the lock --------------------------------------------------------------------------------------
 def _try_lock(fd: int) -> bool:
     """An exclusive lock on ``fd``'s file, released by the kernel when the process ends (however)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
+    if sys.platform == "win32":
         import msvcrt
 
         try:
@@ -67,6 +69,8 @@ def _try_lock(fd: int) -> bool:
             return True
         except OSError:
             return False
+    import fcntl
+
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
@@ -106,13 +110,24 @@ def _is_record(record: Any) -> bool:
     return isinstance(record, dict) and isinstance(record.get("run_id"), str) and isinstance(record.get("status"), str)
 
 
-def _probekit_record(path: Path) -> dict | None:
+def _as_record(data: Any) -> RunRecord | None:
+    """JSON read from a ``run.json`` as a :class:`RunRecord`, or None when it is not a probekit
+    run's record (not a mapping with a run id and a status, or a value of the wrong type)."""
+    if not _is_record(data):
+        return None
+    try:
+        return RunRecord.model_validate(data)
+    except ValidationError:
+        return None
+
+
+def _probekit_record(path: Path) -> RunRecord | None:
     """``run.json`` of ``path`` when it is a probekit run's record (read as JSON only), else None."""
     try:
-        record = json.loads((path / RUN_JSON).read_text(encoding="utf-8"))
+        data = json.loads((path / RUN_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return record if _is_record(record) else None
+    return _as_record(data)
 
 
 def _inside(name: Any) -> bool:
@@ -145,12 +160,8 @@ def owned_files(path: str | Path) -> set[str]:
                 "run never deletes or replaces files it did not write: choose an empty or new folder for --out "
                 "(or `out:` in the run file), or a previous probekit run directory.")
         return set()
-    names = list(record.get("owned") or []) if isinstance(record.get("owned"), list) else []
-    if isinstance(record.get("manifest"), dict):
-        names += list(record["manifest"])
-    if isinstance(record.get("figures"), list):
-        names += record["figures"]
-    if "owned" not in record:  # written before runs recorded what they own: its output names are its own
+    names = [*(record.owned or []), *(record.manifest or {}), *(record.figures or [])]
+    if record.owned is None:  # written before runs recorded what they own: its output names are its own
         names += list(OUTPUTS)
     return {n for n in names if _inside(n) and os.path.lexists(path / n)}
 
@@ -160,7 +171,8 @@ class Renderer(Protocol):
     """Draws a run's figures into a folder (:func:`probekit.views.plots.render_all`): returns the
     files it wrote or kept, and writes :data:`STAMPS` beside them."""
 
-    def __call__(self, results: Results, out_dir: Path, *, reuse: Path, stamps: Path, **kwargs: Any) -> list[Path]: ...
+    def __call__(self, results: Results, out_dir: Path, *, reuse: Path, stamps: Path, kinds: list[str] | None = None,
+                 metrics: list[str] | None = None) -> list[Path]: ...
 
 
 class RunDir:
@@ -171,7 +183,7 @@ class RunDir:
         self.parts = PartStore(self.path / "parts")
         self.outputs: list[str] = []  # files this run wrote, relative to the directory
         self.owned: set[str] = set()  # files a probekit run wrote here: the only ones a run may replace
-        self.record: dict | None = None  # run.json as this run keeps it (``owned`` is written as it grows)
+        self.record: RunRecord | None = None  # run.json as this run keeps it (``owned`` is written as it grows)
 
     @contextmanager
     def locked(self) -> Iterator["RunDir"]:
@@ -227,7 +239,7 @@ class RunDir:
         if new:
             self.owned.update(new)
             if self.record is not None:
-                self.record["owned"] = sorted(self.owned)
+                self.record.owned = sorted(self.owned)
                 self.write_record(self.record)
 
     def remove(self, name: str) -> None:
@@ -236,34 +248,35 @@ class RunDir:
             (self.path / name).unlink(missing_ok=True)
             self.owned.discard(name)
 
-    def adopt(self, record: dict) -> None:
+    def adopt(self, record: RunRecord) -> None:
         """Go on writing the finished run whose ``record`` this is (``probekit plot``, ``report``)."""
         self.record = record
 
-    def write_record(self, record: dict) -> None:
-        write_text_atomic(self.path / RUN_JSON, _json(record))
+    def write_record(self, record: RunRecord) -> None:
+        write_text_atomic(self.path / RUN_JSON, _json(record.model_dump()))
 
-    def begin(self, record: dict) -> dict:
+    def begin(self, record: RunRecord) -> RunRecord:
         """Mark the directory as written by a new run, before anything else is written."""
-        record.update(run_id=uuid.uuid4().hex[:12], status="running", started=now(), owned=sorted(self.owned))
-        record.pop("manifest", None)
+        record.run_id, record.status, record.started = uuid.uuid4().hex[:12], "running", now()
+        record.owned = sorted(self.owned)
+        record.manifest = None
         self.record = record
         self.write_record(record)
         return record
 
-    def finish(self, record: dict, status: str) -> None:
+    def finish(self, record: RunRecord, status: str) -> None:
         """Write ``run.json`` last: the status, and for a finished run the manifest of its files."""
-        record["status"] = status
-        record["finished"] = now()
-        record["owned"] = sorted(n for n in self.owned if os.path.lexists(self.path / n))
+        record.status = status
+        record.finished = now()
+        record.owned = sorted(n for n in self.owned if os.path.lexists(self.path / n))
         if status in FINISHED:
-            record["manifest"] = {name: file_digest(self.path / name) for name in self.outputs}
+            record.manifest = {name: file_digest(self.path / name) for name in self.outputs}
         self.write_record(record)
 
-    def abandon(self, record: dict, exc: BaseException) -> None:
+    def abandon(self, record: RunRecord, exc: BaseException) -> None:
         """Best effort after an error: say the run failed (on a full disk this may not be written;
         then ``running`` stays, which readers also refuse)."""
-        record["error"] = f"{type(exc).__name__}: {exc}"
+        record.error = f"{type(exc).__name__}: {exc}"
         try:
             self.finish(record, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         except OSError:
@@ -321,22 +334,22 @@ class RunDir:
         return [self.output(str(p.relative_to(self.path))) for p in moved]
 
 
-def write_outputs(rd: RunDir, results: Results, record: dict, figure_kinds: list[str] | None,
+def write_outputs(rd: RunDir, results: Results, record: RunRecord, figure_kinds: list[str] | None,
                   render: Renderer | None = None) -> list[Path]:
     """Everything a run writes from its Results and record (before :meth:`RunDir.finish`): the
     results, and the figures ``render`` draws of ``figure_kinds``.
 
     A figure error (a plotting bug, a full disk) costs no numbers: it is kept in
-    ``record["figure_error"]`` and no figure of it is left; the results are written first.
+    ``record.figure_error`` and no figure of it is left; the results are written first.
     """
     rd.write_results(results)
     figs: list[Path] = []
     try:
         figs = rd.draw_figures(results, render, kinds=list(figure_kinds or []))
     except Exception as exc:
-        record["figure_error"] = f"{type(exc).__name__}: {exc}"
+        record.figure_error = f"{type(exc).__name__}: {exc}"
         rd.draw_figures(results, None, kinds=[])  # no figure of an earlier run stays beside these results
-    record["figures"] = [str(p.relative_to(rd.path)) for p in figs]
+    record.figures = [str(p.relative_to(rd.path)) for p in figs]
     return figs
 
 
@@ -344,7 +357,7 @@ def write_outputs(rd: RunDir, results: Results, record: dict, figure_kinds: list
 _AGAIN = "Run the comparison again into it to finish or rewrite it (finished parts are reused)."
 
 
-def read_record(run_dir: str | Path) -> dict:
+def read_record(run_dir: str | Path) -> RunRecord:
     """``run.json`` of a finished run whose files all match its manifest.
 
     Raises:
@@ -361,22 +374,23 @@ def read_record(run_dir: str | Path) -> dict:
         raise RunDirError(f"{run_dir} has {what}: it is not a run directory written by a finished "
                           f"`probekit run` or `probekit compare`. {_AGAIN}")
     try:
-        record = json.loads(rj.read_text(encoding="utf-8"))
+        data = json.loads(rj.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise RunDirError(f"{rj} cannot be read ({exc}). {_AGAIN}") from None
-    if not _is_record(record):  # JSON, but not a probekit run's record (a list, odd types)
+    record = _as_record(data)
+    if record is None:  # JSON, but not a probekit run's record (a list, odd types)
         raise RunDirError(f"{rj} is not the record of a probekit run. {_AGAIN}")
-    status, run_id = record.get("status"), record.get("run_id", "?")
-    if status not in FINISHED or not isinstance(record.get("manifest"), dict):
+    status, run_id = record.status, record.run_id
+    if status not in FINISHED or record.manifest is None:
         who = _lock_holder(run_dir)
         if who:
             raise RunDirError(f"{run_dir} is being written by a run in progress (pid {who.get('pid')} on "
                               f"{who.get('host')}, started {who.get('started')}). Wait for it to finish.")
         raise RunDirError(f"{run_dir} holds an unfinished run (run.json status {status!r}, run {run_id}, started "
-                          f"{record.get('started')}): its files may come from an earlier run. {_AGAIN}")
-    for name, digest in record["manifest"].items():
+                          f"{record.started}): its files may come from an earlier run. {_AGAIN}")
+    for name, digest in record.manifest.items():
         p = run_dir / name
-        if not isinstance(digest, str) or not _inside(name):
+        if not _inside(name):
             raise RunDirError(f"{rj} lists {name!r}, which is not a file of the run directory. {_AGAIN}")
         if not p.is_file():
             raise RunDirError(f"{p} is missing: run {run_id} wrote it. {_AGAIN}")
@@ -394,6 +408,6 @@ def load_run_dir(run_dir: str | Path) -> Results:
     run_dir = Path(run_dir)
     record = read_record(run_dir)
     res = Results.read_parquet(run_dir / "results.parquet")
-    if "arrays.npz" in record["manifest"]:
+    if "arrays.npz" in (record.manifest or {}):
         res.arrays = Results.read_arrays(run_dir / "arrays.npz", models=res.models)
     return res

@@ -17,10 +17,11 @@ from probekit._io.fileid import file_digest
 from probekit.errors import ConfigError, WriteError
 from probekit.inputs.view import is_view
 from probekit.results import Results
+from probekit.runs.record import RunRecord
 from probekit.runs.rundir import RunDir, load_run_dir, read_record
-from probekit.views.contrasts import contrasts, model_groups
+from probekit.views.contrasts import contrasts
 from probekit.views.plots import figure_notes, render_all
-from probekit.views.report import write_report
+from probekit.views.report import record_groups, write_report
 
 __all__ = ["RunViews", "redraw"]
 
@@ -35,7 +36,7 @@ class RunViews:
         self.figures = figures
         self.report = report
 
-    def note_figures(self, record: dict, results: Results, kinds: list[str], explicit: bool) -> None:
+    def note_figures(self, record: RunRecord, results: Results, kinds: list[str], explicit: bool) -> None:
         """Say in run.json's ``notes`` which figure kinds this run's metrics give no figure of, and why:
         each kind the run file asks for by name; of the default list, only when it gives none at all."""
         notes = figure_notes(results, kinds)
@@ -45,28 +46,27 @@ class RunViews:
         elif not explicit:
             notes = []
         if notes:
-            record.setdefault("notes", []).extend(notes)
+            record.add_notes(notes)
 
-    def write_report(self, rd: RunDir, results: Results, record: dict, cfg: Any, status: str) -> tuple[Any, Path | None]:
+    def write_report(self, rd: RunDir, results: Results, record: RunRecord, cfg: Any,
+                     status: str) -> tuple[Any, Path | None]:
         """``contrasts.csv`` and ``report.html`` (in the manifest); a failure is recorded in ``record``,
         never raised. The page shows ``status``, what run.json will say once the run finishes."""
-        timings = record.setdefault("timings", {})
         t0 = time.perf_counter()
         table = html = None
         try:
-            groups = model_groups({"models": {m["label"]: m for m in record["models"]}}, results.models,
-                                  cfg.report.group_by)
+            groups = record_groups(record, results.models, cfg.report.group_by)
             table = contrasts(results, groups, seed=cfg.seed)
             write_text_atomic(rd.output("contrasts.csv"), table.to_csv(index=False, float_format="%.6g"))
-            timings["contrasts_s"] = time.perf_counter() - t0
+            record.timing("contrasts_s", time.perf_counter() - t0)
             t0 = time.perf_counter()
-            shown = {**record, "status": status}
+            shown = record.model_copy(update={"status": status})
             html = write_report(rd.path, record=shown, results=results, contrasts=table, path=rd.output("report.html"))
-            timings["report_s"] = time.perf_counter() - t0
+            record.timing("report_s", time.perf_counter() - t0)
         except WriteError:
             raise  # a full disk or unwritable directory is the run's error, as for every output
         except Exception as exc:  # the report is a view: its failure never costs the numbers
-            record["report_error"] = f"{type(exc).__name__}: {exc}"
+            record.report_error = f"{type(exc).__name__}: {exc}"
             for name in ("contrasts.csv", "report.html"):  # none of an earlier run stays beside these results
                 if name in rd.outputs:
                     rd.outputs.remove(name)
@@ -74,7 +74,8 @@ class RunViews:
         return table, html
 
 
-def redraw(run_dir: str | Path, kinds=None, metrics=None, notes: list[str] | None = None) -> list[Path]:
+def redraw(run_dir: str | Path, kinds: list[str] | None = None, metrics: list[str] | None = None,
+           notes: list[str] | None = None) -> list[Path]:
     """Draw figures of a finished run directory (``probekit plot``) and add them to its manifest.
 
     ``notes``, when given, receives one line for each of the ``kinds`` asked for by name that
@@ -99,8 +100,8 @@ def redraw(run_dir: str | Path, kinds=None, metrics=None, notes: list[str] | Non
                                 metrics=metrics)  # maps over the input views stored with them: no model
         if notes is not None and kinds:
             notes.extend(figure_notes(res, kinds, metrics))
-        for p in paths:
-            record["manifest"][str(p.relative_to(rd.path))] = file_digest(p)
-        record["figures"] = sorted(set(record.get("figures") or []) | {str(p.relative_to(rd.path)) for p in paths})
+        drawn = {str(p.relative_to(rd.path)): file_digest(p) for p in paths}
+        record.manifest = {**(record.manifest or {}), **drawn}
+        record.figures = sorted(set(record.figures or []) | set(drawn))
         rd.write_record(record)
     return paths

@@ -20,8 +20,9 @@ import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from probekit.errors import ConfigError, MissingDependencyError
@@ -32,6 +33,11 @@ from probekit.runs.parts import PartStore
 from probekit.engine.probe import build_metrics
 from probekit.results import Results
 from probekit.runs.engines.stages import ProbeReplica, decode_chunk
+from probekit.runs.record import EngineInfo, EngineModel, RunRecord, ShardRecord, failed_at, record_failure
+
+if TYPE_CHECKING:
+    from probekit.runs.reporter import Reporter
+    from probekit.runs.config import CheckedRun
 
 __all__ = ["run_ray"]
 
@@ -65,7 +71,7 @@ class _Job:
     labels: dict[str, str] | None = None  # image name -> label (labelled sources)
 
 
-def _plan(run, store: PartStore, fp: str, shards: list[tuple[int, int]]) -> list[_Job]:
+def _plan(run: CheckedRun, store: PartStore, fp: str, shards: list[tuple[int, int]]) -> list[_Job]:
     from probekit.runs.parts import model_keys
 
     jobs = []
@@ -75,11 +81,12 @@ def _plan(run, store: PartStore, fp: str, shards: list[tuple[int, int]]) -> list
         if not missing:
             continue
         skeys = [model_keys(run, i, f"{fp}#{lo}:{hi}") for lo, hi in shards]
-        have = {}
+        have: dict[int, dict[str, Results]] = {}
         for s, keys in enumerate(skeys):
             parts = {m.label: store.read(keys[m.label]) for m in missing}
-            if all(p is not None and _states(p) is not None for p in parts.values()):
-                have[s] = parts
+            read = {label: p for label, p in parts.items() if p is not None and _states(p) is not None}
+            if len(read) == len(parts):
+                have[s] = read
         todo = [s for s in range(len(shards)) if s not in have]
         jobs.append(_Job(i, entry.name, missing, whole, skeys, have, todo))
     return jobs
@@ -116,7 +123,7 @@ def _resources(ray, cfg) -> dict[str, Any]:
 
 def _dataset(ray, run, job: _Job, chunks, res: dict, transform):
     cfg, entry = run.config, run.config.models[job.index]
-    _, opts, _ = run.specs[job.index]
+    opts = run.specs[job.index].options
     rows = [{"chunk": c, "images": pickle.dumps(run.images.subset(range(lo, hi)))} for c, _, lo, hi in chunks]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     ds = ds.map(decode_chunk, fn_kwargs={"transform": transform}, num_cpus=res["decode_cpus"])
@@ -136,7 +143,7 @@ def _transform(run, i: int):
 
     from probekit.models import load
 
-    entry, (_, opts, _) = run.config.models[i], run.specs[i]
+    entry, opts = run.config.models[i], run.specs[i].options
     with torch.random.fork_rng(devices=[]):
         pm = load(entry.model, label=entry.name, device="cpu", **opts)
     return pm.preprocess
@@ -156,7 +163,9 @@ def _consume(ds, job: _Job, q: queue.Queue, stop: threading.Event) -> None:
 def _shard_results(run, job: _Job, lo: int, hi: int, chunk_ids: list[int]) -> dict[str, Results]:
     """A finished shard's part per metric: its chunks' rows under the real image names."""
     imgs = run.images
-    tables, arrays, states, meta, secs = [], {}, {}, None, 0.0
+    tables, meta, secs = [], None, 0.0
+    arrays: dict[str, list[np.ndarray]] = {}
+    states: dict[str, list[dict]] = {}
     for c in chunk_ids:
         p = job.chunks.pop(c)
         secs += p["probe_s"]
@@ -199,15 +208,15 @@ def _states(part: Results) -> list[dict] | None:
     return states if ok else None
 
 
-def _whole(run, job: _Job, m, shards: list[tuple[int, int]], record: dict) -> Results:
+def _whole(run: CheckedRun, job: _Job, m: Any, shards: list[tuple[int, int]], record: RunRecord) -> Results:
     """A model's whole-set part for metric ``m`` from its shard parts, as the local engine writes it."""
     parts = [job.have[s][m.label] for s in range(len(shards))]
     table = pd.concat([p.table for p in parts], ignore_index=True)
-    arrays = {}
+    pieces: dict[str, list[np.ndarray]] = {}
     for p in parts:
         for k, v in p.arrays.items():
-            arrays.setdefault(k, []).append(v)
-    arrays = {k: join_arrays(k, v) for k, v in arrays.items()}  # input views: the first images only
+            pieces.setdefault(k, []).append(v)
+    arrays = {k: join_arrays(k, v) for k, v in pieces.items()}  # input views: the first images only
     merged = build_metrics([(m.name, m.options())])[0]
     for p in parts:
         for st in _states(p) or []:  # (_plan admitted only parts whose state reads)
@@ -216,8 +225,8 @@ def _whole(run, job: _Job, m, shards: list[tuple[int, int]], record: dict) -> Re
     if whole is not None:
         arrays[f"{job.label}/{m.label}"] = whole
     meta = {k: v for k, v in parts[0].meta.items() if k not in ("state", "shard")}
-    skipped = sorted(set(record["images"]["names"]) - set(table["image"].astype(str))) if len(table) else []
-    meta["images"] = {"count": len(run.images) - len(skipped), "fingerprint": record["images"]["fingerprint"],
+    skipped = sorted(set(record.images.names) - set(table["image"].astype(str))) if len(table) else []
+    meta["images"] = {"count": len(run.images) - len(skipped), "fingerprint": record.images.fingerprint,
                       "skipped": run.images.skipped + [(n, "cannot be decoded") for n in skipped]}
     meta["seconds"] = sum(p.meta.get("seconds") or 0.0 for p in parts)
     meta["batch_size"] = run.config.batch_size
@@ -225,10 +234,8 @@ def _whole(run, job: _Job, m, shards: list[tuple[int, int]], record: dict) -> Re
     return Results(table, arrays, meta)
 
 
-def run_ray(run, store: PartStore, record: dict, rep) -> dict[str, dict]:
+def run_ray(run: CheckedRun, store: PartStore, record: RunRecord, rep: Reporter) -> dict[str, EngineModel]:
     """Compute every model's missing parts on Ray; returns what was recorded per model label."""
-    from probekit.runs.record import record_failure
-
     ray = _ray()
     cfg = run.config
     started = not ray.is_initialized()
@@ -237,25 +244,25 @@ def run_ray(run, store: PartStore, record: dict, rep) -> dict[str, dict]:
     sigterm = ExitStack()  # ray.init's SIGTERM handler exits under a native stack dump: ours stops as Ctrl-C does
     sigterm.enter_context(sigterm_as_interrupt(replace=True))
     res = _resources(ray, cfg)
-    n, fp = len(run.images), record["images"]["fingerprint"]
+    n, fp = len(run.images), record.images.fingerprint
     shards = [(lo, min(lo + res["shard_size"], n)) for lo in range(0, n, res["shard_size"])]
     jobs = _plan(run, store, fp, shards)
     labels = None if run.images.labels is None else dict(zip(run.images.names, run.images.labels))
     for job in jobs:
         job.labels = labels
-    eng = record["engine"] = {"name": "ray", "ray": ray.__version__, "address": cfg.address, **res,
-                              "shards": [], "seconds": None}
-    info: dict[str, dict] = {}
+    record.engine = EngineInfo(name="ray", ray=ray.__version__, address=cfg.address, **res)
+    eng = record.engine
+    info: dict[str, EngineModel] = {}
     q: queue.Queue = queue.Queue()
     stop = threading.Event()
     t_run = time.perf_counter()
     live, consumers = [], []
     try:
         for job in jobs:
-            mrec = info[job.label] = {"label": job.label, "engine": "ray",
-                                      "cached_shards": len(job.have), "computed_shards": len(job.todo)}
+            mrec = info[job.label] = EngineModel(label=job.label, engine="ray", cached_shards=len(job.have),
+                                                 computed_shards=len(job.todo))
             for s in job.have:
-                eng["shards"].append({"model": job.label, "shard": s, "images": list(shards[s]), "computed": False})
+                eng.shards.append(ShardRecord(model=job.label, shard=s, images=list(shards[s]), computed=False))
             rep.model_started(job.label, n, cached=not job.todo)
             if not job.todo:  # every shard cached by an interrupted run: assemble them
                 _finish(run, job, store, shards, record, rep)
@@ -263,8 +270,8 @@ def run_ray(run, store: PartStore, record: dict, rep) -> dict[str, dict]:
             try:
                 transform = _transform(run, job.index)
             except Exception as exc:
-                exc.probekit_stage = "load"
-                record_failure(record, mrec, run.specs[job.index][0], exc, rep)
+                failed_at(exc, "load")
+                record_failure(record, mrec, run.specs[job.index].spec, exc, rep)
                 continue
             chunks = _chunks(shards, job.todo, cfg.batch_size)
             job.pending = {s: [c for c, cs, _, _ in chunks if cs == s] for s in job.todo}
@@ -280,8 +287,8 @@ def run_ray(run, store: PartStore, record: dict, rep) -> dict[str, dict]:
                 if isinstance(row, BaseException):
                     if isinstance(row, KeyboardInterrupt):
                         raise row
-                    row.probekit_stage = "run"
-                    record_failure(record, info[job.label], run.specs[job.index][0], row, rep)
+                    failed_at(row, "run")
+                    record_failure(record, info[job.label], run.specs[job.index].spec, row, rep)
                 else:
                     _finish(run, job, store, shards, record, rep)
                 continue
@@ -293,7 +300,7 @@ def run_ray(run, store: PartStore, record: dict, rep) -> dict[str, dict]:
         raise
     finally:
         stop.set()
-        eng["seconds"] = time.perf_counter() - t_run
+        eng.seconds = time.perf_counter() - t_run
         sigterm.close()
     return info
 
@@ -309,7 +316,8 @@ def _wind_down(ray, consumers: list[threading.Thread], seconds: float = 10.0) ->
         ray.shutdown()
 
 
-def _shard_if_done(run, job: _Job, store: PartStore, shards, eng: dict, rep) -> None:
+def _shard_if_done(run: CheckedRun, job: _Job, store: PartStore, shards: list[tuple[int, int]], eng: EngineInfo,
+                   rep: Reporter) -> None:
     for s, ids in list(job.pending.items()):
         if not all(c in job.chunks for c in ids):
             continue
@@ -320,19 +328,18 @@ def _shard_if_done(run, job: _Job, store: PartStore, shards, eng: dict, rep) -> 
             store.write(job.shard_keys[s][label], part)
         job.have[s] = parts
         del job.pending[s]
-        eng["shards"].append({"model": job.label, "shard": s, "images": [lo, hi], "computed": True,
-                              "probe_s": sum(p["probe_s"] for p in payloads),
-                              "decode_s": sum(p["decode_s"] for p in payloads),
-                              "pids": sorted({p["pid"] for p in payloads}),
-                              "done_s": time.perf_counter() - job.started})
+        eng.shards.append(ShardRecord(model=job.label, shard=s, images=[lo, hi], computed=True,
+                                      probe_s=sum(p["probe_s"] for p in payloads),
+                                      decode_s=sum(p["decode_s"] for p in payloads),
+                                      pids=sorted({p["pid"] for p in payloads}),
+                                      done_s=time.perf_counter() - job.started))
         done = sum(shards[k][1] - shards[k][0] for k in job.have)
         rep.images_done(job.label, done, len(run.images))
-        shard_done = getattr(rep, "shard_done", None)  # optional: (model label, the shard's run.json record)
-        if shard_done is not None:
-            shard_done(job.label, eng["shards"][-1])
+        rep.shard_done(job.label, eng.shards[-1])
 
 
-def _finish(run, job: _Job, store: PartStore, shards, record: dict, rep) -> None:
+def _finish(run: CheckedRun, job: _Job, store: PartStore, shards: list[tuple[int, int]], record: RunRecord,
+            rep: Reporter) -> None:
     """All shards in: write the whole-set parts, then drop the shard parts they replace."""
     if job.pending:  # the stream ended early (stopped): leave the shards for the next run
         return

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from probekit.views.report.build import write_report
+from probekit.views.report.build import record_groups, write_report
 
-__all__ = ["write_report", "rebuild"]
+__all__ = ["write_report", "rebuild", "record_groups"]
 
 
 def rebuild(run_dir: str | Path) -> Path:
@@ -20,7 +20,7 @@ def rebuild(run_dir: str | Path) -> Path:
     Raises:
         RunDirError: the directory does not hold one finished run.
     """
-    from probekit.views.contrasts import contrasts, model_groups
+    from probekit.views.contrasts import contrasts
     from probekit._io.fileid import file_digest
     from probekit.runs.rundir import RunDir, load_run_dir, read_record
 
@@ -30,16 +30,15 @@ def rebuild(run_dir: str | Path) -> Path:
         record = read_record(rd.path)
         rd.adopt(record)  # only files the directory's runs wrote are replaced
         results = load_run_dir(rd.path)
-        by = (record.get("report") or {}).get("group_by", "training")
-        groups = model_groups({"models": {m["label"]: m for m in record.get("models", [])}}, results.models, by)
-        table = contrasts(results, groups, seed=(record.get("config") or {}).get("seed", 0))
+        by = record.report.group_by if record.report is not None else "training"
+        groups = record_groups(record, results.models, by)
+        table = contrasts(results, groups, seed=record.config.get("seed", 0))
         csv = rd.path / "contrasts.csv"
-        if "contrasts.csv" not in record["manifest"]:
+        if "contrasts.csv" not in (record.manifest or {}):
             from probekit._io.atomic import write_text_atomic
 
             write_text_atomic(rd.output("contrasts.csv"), table.to_csv(index=False, float_format="%.6g"))
         path = write_report(rd.path, record, results, table, path=rd.output("report.html"))
-        for p in (csv, path):
-            record["manifest"][p.name] = file_digest(p)
+        record.manifest = {**(record.manifest or {}), **{p.name: file_digest(p) for p in (csv, path)}}
         rd.write_record(record)
     return path

@@ -23,8 +23,9 @@ import pandas as pd
 from probekit._io.atomic import write_text_atomic
 from probekit.inputs.view import is_view
 from probekit.results import Results, summarize
+from probekit.runs.record import MetricRecord, ModelRecord, RunRecord
 
-__all__ = ["write_report", "build_html", "payload", "script_json"]
+__all__ = ["write_report", "build_html", "payload", "script_json", "record_groups"]
 
 _CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
         "connect-src data: blob:")
@@ -32,7 +33,7 @@ _EXPLORER_ARRAYS = ("attn", "cls", "rollout")
 
 
 def _asset(name: str) -> str:
-    return resources.files("probekit.views.report").joinpath("assets", name).read_text(encoding="utf-8")
+    return (resources.files("probekit.views.report") / "assets" / name).read_text(encoding="utf-8")
 
 
 def _num(x: Any) -> Any:
@@ -43,14 +44,21 @@ def _num(x: Any) -> Any:
     return None if not np.isfinite(x) else float(f"{x:.7g}")  # 7 significant digits: small values keep theirs
 
 
-def _metric_info(label: str, rec: dict, results: Results, models: list[str]) -> dict:
+def record_groups(record: RunRecord, models: list[str], by: str = "training") -> dict[str, str]:
+    """``{model: group}`` from the run's model records (``training``, or the tag named ``by``)."""
+    from probekit.views.contrasts import model_groups
+
+    return model_groups({"models": {m.label: m.model_dump() for m in record.models}}, models, by)
+
+
+def _metric_info(label: str, rec: MetricRecord | None, results: Results, models: list[str]) -> dict[str, Any]:
     """Display name, unit and reference line of a metric, from the metric itself (plugins too)."""
     from probekit.views.plots._common import _metric, _reference
 
-    name, opts = rec.get("name", label), rec.get("options") or {}
+    name, opts = (rec.name, rec.options) if rec is not None else (label, {})
     m = _metric(results, label)  # None when its plugin is not installed here: drawn under its label
     display = getattr(m, "display_name", None) or name
-    unit = rec.get("unit") or (m.value_unit() if m is not None else "")
+    unit = (rec.unit if rec is not None else None) or (m.value_unit() if m is not None else "")
     refs = {}
     for model in models:
         try:
@@ -62,17 +70,17 @@ def _metric_info(label: str, rec: dict, results: Results, models: list[str]) -> 
             "axis": f"{label} ({unit})" if unit else label}
 
 
-def _explorer(run_dir: Path, record: dict, model_index: dict[str, int]) -> tuple[dict | None, bytes]:
+def _explorer(run_dir: Path, record: RunRecord, model_index: dict[str, int]) -> tuple[dict | None, bytes]:
     """The explorer's JSON (shapes, offsets into the blob, backgrounds) and its raw uint8/float32 blob."""
     from probekit.runs.explorer import load
 
-    chunks, offset, models = [], 0, []
-    for mrec in record.get("models", []):
-        rel = mrec.get("explorer")
-        arrays = load(run_dir / rel) if rel else None
-        if arrays is None or mrec["label"] not in model_index:
+    chunks, offset = [], 0
+    models: list[dict[str, Any]] = []
+    for mrec in record.models:
+        arrays = load(run_dir / mrec.explorer) if mrec.explorer else None
+        if arrays is None or mrec.label not in model_index:
             continue
-        entry = {"model": model_index[mrec["label"]], "key": f"m{len(models)}", "arrays": {},
+        entry = {"model": model_index[mrec.label], "key": f"m{len(models)}", "arrays": {},
                  "shape": list(arrays["attn"].shape), "grid": arrays["grid"].tolist(), "patch": arrays["patch"].tolist(),
                  "queries": arrays["queries"].tolist(), "query": str(arrays["query"]),
                  "images": [str(n) for n in arrays["names"]],
@@ -102,33 +110,22 @@ def _explorer(run_dir: Path, record: dict, model_index: dict[str, int]) -> tuple
     return {"models": models, "stored": stored}, b"".join(chunks)
 
 
-def payload(run_dir: Path, record: dict, results: Results, contrasts: pd.DataFrame | None) -> tuple[dict, bytes]:
+def payload(run_dir: Path, record: RunRecord, results: Results,
+            contrasts: pd.DataFrame | None) -> tuple[dict[str, Any], bytes]:
     """Everything the page draws, as JSON, and the explorer's binary blob."""
-    from probekit.views.contrasts import model_groups, per_image_layer
+    from probekit.views.contrasts import per_image_layer
 
     # models with table rows, then those with map arrays only (a run of map metrics has no rows)
     names = list(dict.fromkeys([*results.models, *(k.rsplit("/", 1)[0] for k in results.arrays)]))
     index = {m: i for i, m in enumerate(names)}
-    by = (record.get("report") or {}).get("group_by", "training")
-    groups = model_groups({"models": {m["label"]: m for m in record.get("models", [])}}, names, by)
-    mrecs = {m["label"]: m for m in record.get("models", [])}
-    models = []
-    for m in names:
-        r = mrecs.get(m, {})
-        lay = r.get("layout") or ((results.meta.get("models") or {}).get(m) or {}).get("layout")
-        weights = r.get("weights")
-        models.append({
-            "name": m, "group": groups[m], "training": r.get("training"), "spec": r.get("spec"),
-            "weights": json.dumps(weights, default=str) if isinstance(weights, dict) else weights,
-            "layout": (f"{lay['num_prefix']} prefix, grid {lay['grid'][0]}x{lay['grid'][1]}, "
-                       f"patch {lay['patch_size'][0]}x{lay['patch_size'][1]}") if lay else None,
-            "parameters": r.get("parameters"), "load_s": r.get("load_s"), "probe_s": r.get("probe_s"),
-            "cached": ", ".join(r.get("cached") or []) or "no",
-        })
+    by = record.report.group_by if record.report is not None else "training"
+    groups = record_groups(record, names, by)
+    mrecs = {m.label: m for m in record.models}
+    models = [_model_row(m, groups[m], mrecs.get(m), results) for m in names]
     summ = results.summary()
     heads, layers, metrics = {}, {}, []
     for k, label in enumerate(results.metrics):
-        info = _metric_info(label, (record.get("metrics") or {}).get(label, {}), results, names)
+        info = _metric_info(label, record.metrics.get(label), results, names)
         info["id"] = k
         metrics.append(info)
         s = summ[(summ["metric"].astype(str) == label) & (summ["head"] >= 0)]
@@ -139,19 +136,19 @@ def payload(run_dir: Path, record: dict, results: Results, contrasts: pd.DataFra
         layers[label] = [[index[str(r.model)], int(r.layer), _num(r.mean), _num(r.ci_low), _num(r.ci_high), int(r.n)]
                          for r in ls.itertuples()]
     explorer, blob = _explorer(run_dir, record, index)
-    notes = list(record.get("report_notes") or [])
+    notes = list(record.report_notes or [])
     empty = None  # what the per-metric, summary and contrast sections say when no metric has per-image values
     if not metrics:
         maps = ", ".join(dict.fromkeys(k.rsplit("/", 1)[1] for k in results.arrays if not is_view(k)))
         empty = (f"No per-image values to chart, tabulate or contrast: this run's metrics ({maps or 'none'}) give "
                  "arrays (per-image maps are drawn in figures/maps_*.png and in the attention explorer below).")
         notes.append(empty)
-    frames = (record.get("images") or {}).get("notes") or []  # (name, note): multi-frame images
+    frames = record.images.notes  # (name, note): multi-frame images
     if frames:
         shown = ", ".join(str(n) for n, _ in frames[:10]) + (", ..." if len(frames) > 10 else "")
         notes.append(f"{len(frames)} multi-frame image(s) (animated GIF, multi-page TIFF) were probed at their "
                      f"first frame only: {shown}.")
-    if explorer is None and not (record.get("report") or {}).get("showcase"):
+    if explorer is None and not (record.report is not None and record.report.showcase):
         notes.append("No attention explorer: the run stored no showcase images (report.showcase: 0 or --no-report).")
     crow = [] if contrasts is None else [{k: (_num(v) if isinstance(v, (float, np.floating)) else
                                               (int(v) if isinstance(v, (np.integer,)) else v))
@@ -161,11 +158,16 @@ def payload(run_dir: Path, record: dict, results: Results, contrasts: pd.DataFra
         n = int(crow[0]["n_images"])
         floor = (f"With {n} images the exact permutation test has 2^{n} sign patterns: no p can go below "
                  f"{2 / 2**n:.3g} (before Holm). Probe more images for stronger evidence.")
-    prov = {k: record.get(k) for k in ("name", "status", "started", "finished", "seconds", "versions", "config")}
-    prov["images"] = {k: (record.get("images") or {}).get(k) for k in ("count", "fingerprint", "skipped", "notes")}
-    prov["failures"] = [{k: f.get(k) for k in ("model", "stage", "error", "message")} for f in record.get("failures", [])]
-    prov["notes"] = notes
-    data = {"title": f"probekit report: {record.get('name', run_dir.name)}", "models": models,
+    images = record.images
+    prov = {"name": record.name, "status": record.status, "started": record.started, "finished": record.finished,
+            "seconds": record.seconds, "versions": record.versions, "config": record.config,
+            "images": {"count": images.count, "fingerprint": images.fingerprint, "skipped": images.skipped,
+                       "notes": images.notes},
+            "failures": [{"model": f.model, "stage": f.stage, "error": f.error, "message": f.message}
+                         for f in record.failures],
+            "notes": notes}
+    title = record.name if record.name is not None else run_dir.name
+    data = {"title": f"probekit report: {title}", "models": models,
             "groups": list(dict.fromkeys(groups[m] for m in names)), "group_by": by, "metrics": metrics,
             "heads": heads, "layers": layers, "contrasts": crow, "contrast_note": floor, "provenance": prov, "explorer": explorer,
             "empty_note": empty,
@@ -226,7 +228,23 @@ images. Click a header to sort.</p><div id="summary-table"></div></section>
 """
 
 
-def write_report(run_dir: str | Path, record: dict, results: Results, contrasts: pd.DataFrame | None,
+def _model_row(name: str, group: str, r: ModelRecord | None, results: Results) -> dict[str, Any]:
+    """A model as the page lists it (``r``: its record in run.json, if any)."""
+    lay = (r.layout if r is not None else None) or ((results.meta.get("models") or {}).get(name) or {}).get("layout")
+    weights = r.weights if r is not None else None
+    return {
+        "name": name, "group": group, "training": r.training if r is not None else None,
+        "spec": r.spec if r is not None else None,
+        "weights": json.dumps(weights, default=str) if isinstance(weights, dict) else weights,
+        "layout": (f"{lay['num_prefix']} prefix, grid {lay['grid'][0]}x{lay['grid'][1]}, "
+                   f"patch {lay['patch_size'][0]}x{lay['patch_size'][1]}") if lay else None,
+        "parameters": r.parameters if r is not None else None, "load_s": r.load_s if r is not None else None,
+        "probe_s": r.probe_s if r is not None else None,
+        "cached": ", ".join(r.cached if r is not None else []) or "no",
+    }
+
+
+def write_report(run_dir: str | Path, record: RunRecord, results: Results, contrasts: pd.DataFrame | None,
                  path: str | Path | None = None) -> Path:
     """Write the page for a run directory's record, results and contrasts; returns its path.
 
