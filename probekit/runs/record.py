@@ -30,7 +30,12 @@ class _Record(BaseModel):
     @model_serializer(mode="wrap")
     def _leave_out_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        return {k: v for k, v in data.items() if not (v is None and k in self._absent_when_none)}
+        absent = self._absent()
+        return {k: v for k, v in data.items() if not (v is None and k in absent)}
+
+    def _absent(self) -> frozenset[str]:
+        """The fields left out of the JSON while they are None."""
+        return self._absent_when_none
 
 
 class ImagesRecord(_Record):
@@ -101,6 +106,10 @@ class ModelRecord(_Record):
     geometry: Any = None
     computed: dict[str, dict[str, Any]] | None = None  # metric label -> {seconds, device}
     explorer: str | None = None  # the explorer's arrays, relative to the run directory
+
+    def _absent(self) -> frozenset[str]:
+        # once a part is noted (``computed``), its layout and geometry are written, null or not
+        return self._absent_when_none - ({"layout", "geometry"} if self.computed is not None else set())
 
 
 class EngineModel(_Record):
