@@ -48,8 +48,8 @@ class MetricSink:
         block_mb: budget in MiB for one block's logits and probabilities together. None: 8 MiB
             on CPU (smaller blocks keep q·kᵀ, the softmax and P·V in the cache until the
             per-block overhead wins; measured: benchmarks/RESULTS.md, section "Block budget on
-            CPU (block_mb)") and 256 MiB on accelerators (fewer, larger kernels). Per-row sums (entropy's) add a chunk buffer
-            of at most half of it (512 KiB at most on CPU).
+            CPU (block_mb)") and 256 MiB on accelerators (fewer, larger kernels). Per-row sums
+            (entropy's) add a chunk buffer of at most half of it (512 KiB at most on CPU).
         attention_pass: ``"auto"``, ``"fused"``, ``"separate"`` or ``"kernel"``: whether a tap
             that hands over v gets the layer's attention output from the blocks the metrics
             read (one pass) or runs the model's own kernel (see

@@ -8,7 +8,8 @@ right after the softmax has written each chunk of rows, they read it from the L2
 
 On CPU the C row kernel (:mod:`probekit.engine.kernels.cpu`) makes the softmax and all these sums, and
 MAD's distance sums and the prefix masses besides, in one pass over each row, in about the time
-torch's softmax alone takes (same section). Elsewhere (CUDA, or no C compiler) PyTorch makes :data:`BLOCK_TERMS` chunk by chunk.
+torch's softmax alone takes (same section). Elsewhere (CUDA, or no C compiler) PyTorch makes
+:data:`BLOCK_TERMS` chunk by chunk.
 
 The sums are the fused GPU kernel's :class:`~probekit.engine.kernels.terms.RowTerms`, for the rows of one
 block: a metric whose ``kernel_terms`` lie within :func:`terms_served` is served through the
