@@ -55,6 +55,8 @@ def test_nan_weights_in_one_block_are_flagged_in_run_json_and_the_cli(tmp_path, 
     summary = pd.read_csv(tmp_path / "out" / "summary.csv")
     assert (summary[summary.layer == 0][["n", "n_nonfinite"]].to_numpy() == [3, 0]).all()
     assert (summary[summary.layer == 1][["n", "n_nonfinite"]].to_numpy() == [0, 3]).all()
+    # the report's explorer is captured all the same (its NaN cast to uint8 once failed it: no explorer)
+    assert rec["models"][0]["explorer"].startswith("parts/explorer/")
 
 
 def test_nan_pixels_are_counted_in_the_summary_not_silently_dropped(toy_backend):

@@ -45,7 +45,9 @@ def query_stride(grid: tuple[int, int], layers: int, heads: int, budget_bytes: i
 
 
 def _quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 rows scaled to their own max (last axis), and the scales."""
+    """uint8 rows scaled to their own max (last axis), and the scales; a value that is not finite
+    (a diverged model's NaN attention) is 0, which a cast to uint8 would leave undefined."""
+    x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     scale = x.max(axis=-1).astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0)[..., None]
     return np.clip(np.rint(x / safe * 255.0), 0, 255).astype(np.uint8), scale
