@@ -170,7 +170,8 @@ def test_register_refuses_a_second_name():
 
 
 def test_builtin_cka_declares_its_expected_failure_and_the_kit_honours_it():
-    records = {r.check: r for r in check_metric("cka")}  # raised before: CKA declares one
+    with pytest.warns(UserWarning, match="cka skipped a minibatch"):  # the kit's batches are under 4 images
+        records = {r.check: r for r in check_metric("cka")}  # raised before: CKA declares one
     assert records["check_merged_halves"].status == "xfail"
     assert "minibatch" in records["check_merged_halves"].reason
     assert {r.status for r in records.values()} <= {"passed", "xfail", "skipped"}
