@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from probekit._installed import class_constants
@@ -46,6 +47,7 @@ def test_class_constants_only_trusts_literals_of_the_class_or_its_contract_base(
     assert class_constants("no_such_module_xyz:Thing", ("description",)) is None
 
 
+@pytest.mark.slow
 def test_lazy_names_stay_the_functions_after_their_modules_are_imported():
     code = ("import probekit as pk, probekit.engine.probe, probekit.runs.compare, inspect\n"
             "assert inspect.isfunction(pk.probe) and inspect.isfunction(pk.compare)\n"

@@ -210,6 +210,7 @@ def test_map_metrics_are_cached_as_arrays_and_drawn(tmp_path, loads):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+@pytest.mark.slow
 def test_killed_process_resumes_to_identical_numbers(tmp_path, loads, run_file):
     import os
     import signal

@@ -20,6 +20,8 @@ from probekit.engine.kernels.block_terms import layer_terms
 from probekit.metric.patch_keys import patch_entropy
 from probekit.engine.probe import MetricSink
 
+pytestmark = pytest.mark.kernel
+
 RTOL = 2e-6  # float32 rounding of another summation order (measured up to 5.2e-7)
 
 LAYOUTS = {

@@ -20,6 +20,8 @@ import pytest
 
 from probekit.engine.kernels import cpu as cpu_kernel
 
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]  # each test builds or loads the kernel in a child process
+
 CHILD = """
 import os, sys
 os.environ["PROBEKIT_CACHE_DIR"] = sys.argv[1]

@@ -12,7 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).parent
+
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]  # child processes under Triton's interpreter
 
 
 def test_kernel_cases_pass_under_the_interpreter():

@@ -68,6 +68,8 @@ def test_default_figures_say_nothing_when_some_are_drawn(tmp_path, run_file):
     assert cmp.figures and json.loads((tmp_path / "out" / "run.json").read_text()).get("notes", []) == []
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_the_map_only_report_opens_without_an_error_in_headless_chromium(tmp_path, run_file):
     import shutil
     import time

@@ -195,9 +195,11 @@ def _small(spec: str) -> dict:
 
 
 ALIASES = {k: v for k, v in pk.aliases().items() if v["spec"].split(":")[0] in ("timm", "open_clip", "hf")}
+QUICK_ALIASES = {"deit-s", "clip-b16", "vit-b16-google"}  # one per library in the quick run; the rest are slow
 
 
-@pytest.mark.parametrize("alias", sorted(ALIASES))
+@pytest.mark.parametrize("alias", [a if a in QUICK_ALIASES else pytest.param(a, marks=pytest.mark.slow)
+                                   for a in sorted(ALIASES)])
 def test_every_alias_builds_with_the_promised_layout(alias):
     entry = ALIASES[alias]
     assert entry["training"] in ("supervised", "self-supervised", "image-text")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from probekit.views import plots
 from probekit.results import Results
@@ -36,6 +37,7 @@ def test_only_changed_figures_are_redrawn(tmp_path):
     assert (tmp_path / "depth_mad.svg").exists()
 
 
+@pytest.mark.slow
 def test_parallel_drawing_writes_the_same_files(tmp_path):
     serial = plots.render_all(_results(), tmp_path / "s", kinds=["depth", "overlay", "summary"], workers=1)
     forked = plots.render_all(_results(), tmp_path / "p", kinds=["depth", "overlay", "summary"], workers=2)

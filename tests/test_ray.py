@@ -113,6 +113,8 @@ class _Killer:
             os.kill(self.killed, signal.SIGKILL)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_class_folders_with_a_replica_killed_mid_run_equal_the_local_engine(cluster, data, tmp_path, run_file):
     run = run_file(RUN, images={"kind": "classes", "path": str(data / "classes")})
     local = _local(run, tmp_path / "local")
@@ -141,6 +143,8 @@ class _Interrupt(_Killer):
             raise KeyboardInterrupt
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_manifest_run_interrupted_midway_recomputes_only_missing_shards(cluster, data, tmp_path, run_file):
     run = run_file(RUN, images={"kind": "manifest", "path": str(data / "manifest.csv")})
     local = _local(run, tmp_path / "local")
@@ -179,6 +183,8 @@ def _sigterm_after_first_shard(cmd: list[str], parts, env: dict) -> subprocess.C
 
 
 # slow (two Ray clusters start in subprocesses): SIGTERM, what SLURM and Kubernetes send, to the driver
+@pytest.mark.ray
+@pytest.mark.slow
 def test_slow_sigterm_to_the_ray_driver_stops_it_as_ctrl_c_does_and_the_rerun_matches(data, tmp_path, run_file):
     from probekit.inputs.view import view_key
     from probekit.results import Results

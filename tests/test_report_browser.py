@@ -20,7 +20,7 @@ from PIL import Image
 
 from probekit.api import compare
 
-pytestmark = pytest.mark.usefixtures("toy_backend")
+pytestmark = [pytest.mark.usefixtures("toy_backend"), pytest.mark.browser, pytest.mark.slow]
 
 RUN = {"name": "browser",
        "models": [{"model": "toy:vit", "label": "toy-a", "training": "self-supervised"},

@@ -140,6 +140,8 @@ def _browser():
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_hostile_names_in_headless_chromium_draw_every_table_and_chart_and_run_nothing(tmp_path, tagged_metric):
     import time
 

@@ -76,6 +76,7 @@ def test_a_second_run_interrupted_during_its_final_writes_never_leaves_complete(
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+@pytest.mark.slow
 def test_sigkill_during_the_final_writes_leaves_running_and_the_rerun_finishes(tmp_path, run_file):
     out = tmp_path / "out"
     compare(run_file(RUN), out=out)

@@ -67,6 +67,7 @@ def _terminate_after_first_part(cmd: list[str], parts, timeout: float = 240) -> 
     return subprocess.CompletedProcess(cmd, proc.returncode, out.decode(), err.decode())
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_run_like_ctrl_c_and_the_rerun_gives_the_same_numbers(tmp_path, run_file):
     _images(tmp_path / "imgs", 60)
     run = run_file(name="term", models=MODELS, images=str(tmp_path / "imgs"), batch_size=2, workers=2)

@@ -172,6 +172,7 @@ def big_tree(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["classes", "manifest"])
 def test_listing_50k_images_opens_none(big_tree, monkeypatch, kind):
     opened = []
