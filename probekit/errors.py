@@ -168,19 +168,52 @@ def reading_checkpoint(path) -> Iterator[None]:
     except Exception as exc:
         if refused_pickle(exc):
             raise ConfigError(pickle_refused(f"checkpoint={str(path)!r}", exc)) from None
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = _torch_reason(exc)
         raise ConfigError(
             f"checkpoint={str(path)!r} cannot be loaded ({type(exc).__name__}: {first}). Give a weights file "
             "saved from this architecture: a state dict in .safetensors, .pth or .bin."
         ) from exc
 
 
-def refused_pickle(exc: BaseException) -> bool:
-    """Whether ``exc`` is torch refusing, under ``weights_only=True``, a pickle that holds more than
-    tensors (a class, a function: code that would run if it were loaded)."""
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the errors it was raised from (a library wraps torch's error in its own)."""
+    out: list[BaseException] = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return out
+
+
+def _weights_only_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a ``weights_only=True`` load refusing a file, torch's or a library's
+    wrapping it (their texts advise loading with ``weights_only`` off, which runs the file's code:
+    never shown)."""
     import pickle
 
-    return isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc)
+    return any(isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e)
+               or "weights_only" in str(e) for e in _chain(exc))
+
+
+def refused_pickle(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch refusing, under ``weights_only=True``, a pickle that holds more than
+    tensors: one that asks for a class or a function (code that would run if it were loaded). Bytes
+    that are no pickle at all (garbage, a truncated file) fail too, but ask for nothing."""
+    return _weights_only_failure(exc) and any("GLOBAL " in str(e) or "Unsupported global" in str(e)
+                                              for e in _chain(exc))
+
+
+def _torch_reason(exc: BaseException) -> str:
+    """The reason in a loader's error, one line of at most 200 characters; for a weights-only
+    refusal torch's ``Unpickler error`` alone, never the advice around it."""
+    import re
+
+    if _weights_only_failure(exc):
+        for e in _chain(exc):
+            found = re.search(r"Unpickler error:\s*(.+)", str(e))
+            if found:
+                return found.group(1).strip()[:200]
+        return "not a weights file torch can read as plain tensors"
+    return (str(exc).strip().splitlines() or [""])[0][:200]
 
 
 def pickle_refused(what: str, exc: BaseException) -> str:
@@ -206,4 +239,8 @@ def refusing_pickles(what: str) -> Iterator[None]:
     except Exception as exc:
         if refused_pickle(exc):
             raise ConfigError(pickle_refused(what, exc)) from None
+        if _weights_only_failure(exc):  # bytes that are no pickle: said without torch's advice
+            raise ConfigError(f"{what} holds a weights file torch cannot read ({_torch_reason(exc)}). Give "
+                              "the model's .safetensors file, or a plain state dict saved from a copy you "
+                              "trust.") from None
         raise

@@ -195,3 +195,16 @@ def test_plot_and_read_parquet_refuse_foreign_tables(cli, tmp_path):
     bad.to_parquet(tmp_path / "results.parquet")
     with pytest.raises(ConfigError, match="is not a probekit results table: "):
         pk.Results.read_parquet(tmp_path / "results.parquet")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_garbage_that_torch_reads_as_a_broken_pickle_is_never_called_code_nor_shown_torchs_advice(tmp_path, seed):
+    """Random bytes fail torch's weights-only loader in several ways (an unsupported opcode, an
+    IndexError); none asks for a class or function, so none is "a pickle that holds more than tensors",
+    and no message repeats torch's advice to load with weights_only off."""
+    path = tmp_path / "weights.pth"
+    path.write_bytes(np.random.default_rng(seed).integers(0, 256, 256, dtype=np.uint8).tobytes())
+    with pytest.raises(ConfigError) as err:
+        pk.load("timm:vit_small_patch16_224", checkpoint=str(path), embed_dim=32, depth=1, num_heads=2)
+    msg = str(err.value)
+    assert msg.startswith(f"checkpoint={str(path)!r} cannot be loaded (") and "weights_only" not in msg
