@@ -51,7 +51,7 @@ def test_a_label_with_double_underscore_keeps_its_maps_in_the_run_dir_figure_and
     p = run_file(name="keys", models=[{"model": "toy:vit", "label": "vit__tiny"}, {"model": "toy:vit", "label": "a/b c"}],
                  metrics=["mad", "cls_map"], batch_size=2, figures=["maps"])
     first = compare(p, out=tmp_path / "out", report=False)
-    want = sorted(f"{m}/{k}" for m in ("vit__tiny", "a/b c") for k in ("cls_map", "#input"))  # maps, input views
+    want = sorted(f"{m}/{k}" for m in ("vit__tiny", "a/b c") for k in ("cls_map", "#input", "#names"))  # maps, input views, their names
     assert sorted(first.results.arrays) == want
     assert sorted(load_run_dir(tmp_path / "out").arrays) == want
     assert [f.name for f in first.figures] == ["maps_cls_map.png", "maps_cls_map.svg"]
