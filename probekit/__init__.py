@@ -14,7 +14,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from probekit.errors import ConfigError, ImageError, LayoutError, PluginLoadError, ProbekitError, UnknownNameError, UnsupportedArchitectureError, WeightsUnavailableError
+from probekit.errors import (
+    ConfigError,
+    ImageError,
+    LayoutError,
+    PluginLoadError,
+    ProbekitError,
+    UnknownNameError,
+    UnsupportedArchitectureError,
+    WeightsUnavailableError,
+)
 
 # public name -> the module that defines it (imported on first access)
 _LAZY = {
@@ -27,12 +36,12 @@ _SUBMODULES = {"sources": "inputs.sources"}  # pk.sources.ClassFolder, Manifest,
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports the lazy table stands for
     from probekit.adapter import Adapter, ProbedModel
-    from probekit.attention import LayerAttention
     from probekit.api import compare
+    from probekit.attention import LayerAttention
+    from probekit.engine.probe import probe
     from probekit.inputs.images import resolve_images, sample_images
     from probekit.metric import Metric
     from probekit.models import aliases, load, wrap
-    from probekit.engine.probe import probe
     from probekit.registry import adapters, metrics, register
     from probekit.results import Results
     from probekit.tokens import TokenLayout

@@ -12,12 +12,12 @@ from __future__ import annotations
 import ast
 import importlib.util
 import platform
-from functools import lru_cache
+from functools import cache, lru_cache
 
 __all__ = ["class_constants", "library_versions"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tree(module: str) -> ast.Module | None:
     try:
         spec = importlib.util.find_spec(module)  # imports the parent packages only

@@ -12,15 +12,16 @@ estimator tags.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
-from probekit.attention import LayerAttention
 from probekit.adapter_options import AdapterOptions
+from probekit.attention import LayerAttention
 from probekit.tokens import TokenLayout
 
 if TYPE_CHECKING:
@@ -141,7 +142,7 @@ class Adapter(ABC):
         checkpoint: str | None = None,
         image_size: int | tuple[int, int] | None = None,
         **options: Any,
-    ) -> "Adapter":
+    ) -> Adapter:
         """Build the model named ``name`` (the part of the spec after ``prefix:``)."""
 
     @classmethod
@@ -176,7 +177,7 @@ class Adapter(ABC):
         return False
 
     @classmethod
-    def from_module(cls, module: nn.Module, **options: Any) -> "Adapter":
+    def from_module(cls, module: nn.Module, **options: Any) -> Adapter:
         """Bind to a user's own module."""
         raise NotImplementedError(f"{cls.__name__} cannot wrap modules")
 
@@ -193,7 +194,7 @@ class Adapter(ABC):
     def layout(self, pixel_values: torch.Tensor) -> TokenLayout:
         """The token layout the model produces for ``pixel_values`` ``[B, C, H, W]``."""
 
-    def geometry(self, pixel_values: torch.Tensor) -> "ModelGeometry":
+    def geometry(self, pixel_values: torch.Tensor) -> ModelGeometry:
         """Each layer's attention geometry for ``pixel_values`` (:mod:`probekit.geometry`).
 
         Default: every layer global over :meth:`layout`. Adapters of windowed, pooled, staged or
@@ -239,7 +240,7 @@ class Adapter(ABC):
     def parameters_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def to(self, device=None, dtype=None) -> "Adapter":
+    def to(self, device=None, dtype=None) -> Adapter:
         self.model.to(device=device, dtype=dtype)
         return self
 
@@ -278,7 +279,7 @@ class ProbedModel:
         """Each layer's attention geometry (:class:`~probekit.geometry.ModelGeometry`)."""
         return self.adapter.geometry(pixel_values)
 
-    def to(self, device=None, dtype=None) -> "ProbedModel":
+    def to(self, device=None, dtype=None) -> ProbedModel:
         self.adapter.to(device, dtype)
         return self
 

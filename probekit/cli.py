@@ -13,14 +13,22 @@ import os
 import sys
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from probekit.errors import ConfigError, ImageError, PluginLoadError, ProbekitError, UnknownNameError, UnsupportedArchitectureError, WeightsUnavailableError
+from probekit.errors import (
+    ConfigError,
+    ImageError,
+    PluginLoadError,
+    ProbekitError,
+    UnknownNameError,
+    UnsupportedArchitectureError,
+    WeightsUnavailableError,
+)
 
 __all__ = ["app", "main"]
 
@@ -137,7 +145,7 @@ def _check_format(fmt: str) -> str:
 @_handled
 def models_cmd(
     format: FormatOpt = "human",
-    filter: Annotated[Optional[str], typer.Option(help="Only aliases matching this glob, e.g. 'dino*'.")] = None,
+    filter: Annotated[str | None, typer.Option(help="Only aliases matching this glob, e.g. 'dino*'.")] = None,
     check: Annotated[bool, typer.Option("--check", help="Load each backend's plugin and say whether it works "
                                         "(imports the model libraries: slower).")] = False,
 ):
@@ -224,8 +232,8 @@ def metrics_cmd(format: FormatOpt = "human"):
 def inspect_cmd(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="An alias from `probekit models`, or a spec such as timm:vit_small_patch16_224.")],
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights, or build the architecture at random init.")] = True,
-    image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels (default: the model's native size).")] = None,
-    option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="A backend option KEY=VALUE; repeat for several.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input size in pixels (default: the model's native size).")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="A backend option KEY=VALUE; repeat for several.")] = None,
     format: FormatOpt = "human",
 ):
     """Show a model's layers, heads, prefix tokens, patch grid, patch size and parameter count."""
@@ -284,7 +292,7 @@ class _Progress:
         """(images_done already moved the bar)"""
 
 
-def _run_comparison(cfg_or_path: Any, out_dir: Optional[str], figures: bool, report: bool = True, **flags) -> None:
+def _run_comparison(cfg_or_path: Any, out_dir: str | None, figures: bool, report: bool = True, **flags) -> None:
     from probekit.api import compare
     from probekit.runs.interrupt import Terminated
 
@@ -375,15 +383,15 @@ def run_cmd(
     models: Annotated[list[str], typer.Argument(metavar="MODEL", help="One or more aliases or specs to probe on the same images.")],
     images: Annotated[list[str], typer.Option("--images", "-i", help="A folder, an image file, or [bold]sample[/] for the bundled photos; repeat for several.")] = ["sample"],
     metric: Annotated[list[str], typer.Option("--metric", "-m", help="A metric from `probekit metrics`; repeat for several.")] = ["mad"],
-    metric_option: Annotated[Optional[list[str]], typer.Option("--metric-option", help="A metric option KEY=VALUE (or METRIC.KEY=VALUE for one metric); repeat for several.")] = None,
-    option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="A model option KEY=VALUE for every model, e.g. img_size=224; repeat for several.")] = None,
-    out_dir: Annotated[Optional[str], typer.Option("--out", help="The run directory (default: runs/run). Rerunning into it reuses finished parts.")] = None,
-    count: Annotated[Optional[int], typer.Option(help="Probe a seeded random subset of this many images.")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Input size in pixels (default: each model's native size).")] = None,
+    metric_option: Annotated[list[str] | None, typer.Option("--metric-option", help="A metric option KEY=VALUE (or METRIC.KEY=VALUE for one metric); repeat for several.")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="A model option KEY=VALUE for every model, e.g. img_size=224; repeat for several.")] = None,
+    out_dir: Annotated[str | None, typer.Option("--out", help="The run directory (default: runs/run). Rerunning into it reuses finished parts.")] = None,
+    count: Annotated[int | None, typer.Option(help="Probe a seeded random subset of this many images.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input size in pixels (default: each model's native size).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
-    device: Annotated[Optional[str], typer.Option(help="Where to run: cpu, cuda, cuda:1 (default: cpu).")] = None,
+    device: Annotated[str | None, typer.Option(help="Where to run: cpu, cuda, cuda:1 (default: cpu).")] = None,
     dtype: Annotated[str, typer.Option(help="Compute dtype: float32, bf16 or fp16 (probabilities stay float32).")] = "float32",
-    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Force pretrained weights or random init for every model (default: each alias's own).")] = None,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="Force pretrained weights or random init for every model (default: each alias's own).")] = None,
     strict: Annotated[bool, typer.Option(help="Stop at an unreadable image instead of skipping it.")] = False,
     workers: Annotated[int, typer.Option(help="DataLoader workers that decode images.")] = 0,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the figures (needs seaborn).")] = True,
@@ -428,14 +436,14 @@ def _metric_options(name: str, all_names: list[str], pairs: list[str] | None) ->
 @_handled
 def compare_cmd(
     run_file: Annotated[Path, typer.Argument(metavar="RUN.yaml", help="A YAML run file (see configs/quickstart.yaml).")],
-    out_dir: Annotated[Optional[str], typer.Option("--out", help="The run directory (default: the file's `out`, else runs/<name>).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass (over the file's value).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="Where to run: cpu, cuda (over the file's value).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Compute dtype: float32, bf16 or fp16 (over the file's value).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers (over the file's value).")] = None,
+    out_dir: Annotated[str | None, typer.Option("--out", help="The run directory (default: the file's `out`, else runs/<name>).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per forward pass (over the file's value).")] = None,
+    device: Annotated[str | None, typer.Option(help="Where to run: cpu, cuda (over the file's value).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Compute dtype: float32, bf16 or fp16 (over the file's value).")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers (over the file's value).")] = None,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the figures (needs seaborn).")] = True,
-    engine: Annotated[Optional[str], typer.Option(help="local (default) or ray: every model at once on a Ray cluster, cached per shard (pip install \"probekit\\[ray]\").")] = None,
-    address: Annotated[Optional[str], typer.Option(help="The Ray cluster: auto, or ray://host:port (default: start a local one).")] = None,
+    engine: Annotated[str | None, typer.Option(help="local (default) or ray: every model at once on a Ray cluster, cached per shard (pip install \"probekit\\[ray]\").")] = None,
+    address: Annotated[str | None, typer.Option(help="The Ray cluster: auto, or ray://host:port (default: start a local one).")] = None,
     report: ReportOpt = True,
 ):
     """Run the comparison a run file describes; the file is checked fully before any model loads.
@@ -454,8 +462,8 @@ def compare_cmd(
 @_handled
 def plot_cmd(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory written by `probekit run` or `probekit compare`.")],
-    kind: Annotated[Optional[list[str]], typer.Option("--kind", "-k", help="depth, overlay, heatmap, summary or maps; repeat for several (default: all).")] = None,
-    metric: Annotated[Optional[list[str]], typer.Option("--metric", "-m", help="Metric labels to draw (default: all).")] = None,
+    kind: Annotated[list[str] | None, typer.Option("--kind", "-k", help="depth, overlay, heatmap, summary or maps; repeat for several (default: all).")] = None,
+    metric: Annotated[list[str] | None, typer.Option("--metric", "-m", help="Metric labels to draw (default: all).")] = None,
 ):
     """Draw figures (PNG and SVG) from a run directory's results.parquet into its figures/ folder."""
     from probekit.views.outputs import redraw

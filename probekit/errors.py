@@ -11,8 +11,8 @@ import difflib
 import types
 import typing
 from collections.abc import Iterable, Iterator
-from typing import Any, Literal
 from contextlib import contextmanager
+from typing import Any, Literal
 
 __all__ = [
     "ProbekitError",

@@ -221,7 +221,7 @@ class LayerGeometry:
 
     # -- constructors -------------------------------------------------------------------------------
     @classmethod
-    def from_layout(cls, layout: TokenLayout) -> "LayerGeometry":
+    def from_layout(cls, layout: TokenLayout) -> LayerGeometry:
         """The global layer of ``layout`` as a geometry (one group, every query sees every token)."""
         h, w = layout.grid
         img = layout.image_size
@@ -233,7 +233,7 @@ class LayerGeometry:
 
     @classmethod
     def windows(cls, grid, stride, window, shift=(0, 0), image_size=None, base_grid=None,
-                pad_first: bool = False) -> "LayerGeometry":
+                pad_first: bool = False) -> LayerGeometry:
         """Window attention over a ``grid`` of ``stride`` px tokens (Swin, SAM/ViTDet, Hiera-like).
 
         The grid is (cyclically rolled by ``-shift`` then) padded at the bottom and right to whole
@@ -278,7 +278,7 @@ class LayerGeometry:
 
     @classmethod
     def pooled(cls, grid, stride, kv_grid, kv_cell, prefix_kinds=(), image_size=None,
-               base_grid=None) -> "LayerGeometry":
+               base_grid=None) -> LayerGeometry:
         """Global attention from a grid of queries to keys pooled onto another grid (MViTv2's pooled k/v,
         Twins' global sub-sampled attention).
 
@@ -302,7 +302,7 @@ class LayerGeometry:
                    base_grid=None if base_grid is None else pair(base_grid))
 
     @classmethod
-    def class_attention(cls, layout: TokenLayout) -> "LayerGeometry":
+    def class_attention(cls, layout: TokenLayout) -> LayerGeometry:
         """CaiT/XCiT class attention: the class token (at the image centre) is the only query; the keys
         are the class token and the patches of ``layout``."""
         g = cls.from_layout(layout)

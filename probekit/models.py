@@ -7,9 +7,16 @@ from typing import Any
 from torch import nn
 
 from probekit.adapter import Adapter, ProbedModel, eval_mode
-from probekit.model_aliases import aliases
-from probekit.errors import ConfigError, MissingDependencyError, ProbekitError, UnknownNameError, UnsupportedArchitectureError, WeightsUnavailableError
 from probekit.adapter_options import check_model_options
+from probekit.errors import (
+    ConfigError,
+    MissingDependencyError,
+    ProbekitError,
+    UnknownNameError,
+    UnsupportedArchitectureError,
+    WeightsUnavailableError,
+)
+from probekit.model_aliases import aliases
 from probekit.registry import adapters, install_command
 
 __all__ = ["load", "wrap", "aliases", "resolve", "adapter_class", "device_problem"]

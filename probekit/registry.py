@@ -13,9 +13,10 @@ from __future__ import annotations
 import fnmatch
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 from probekit.errors import PluginClashError, PluginLoadError, UnknownNameError
 

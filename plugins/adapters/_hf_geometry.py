@@ -23,8 +23,8 @@ attention outside transformers' ``AttentionInterface``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

@@ -4,7 +4,7 @@ a fixed-batch graph in chunks of its batch. The adapter (``onnx.py``) builds on 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -183,7 +183,7 @@ class OnnxModule(nn.Module):
         return [torch.from_numpy(np.asarray(a)).to(x.device) for a in self.run(x)]
 
 
-def _session(model, input_name: str, extra: list[str], providers=None, batch: int | None = None) -> "OnnxModule":
+def _session(model, input_name: str, extra: list[str], providers=None, batch: int | None = None) -> OnnxModule:
     """The graph run by onnxruntime with the values ``extra`` added to its outputs."""
     import onnx
     import onnxruntime as ort

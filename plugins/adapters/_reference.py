@@ -12,8 +12,8 @@ of the same input, whatever the reference path did to the layers before.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn

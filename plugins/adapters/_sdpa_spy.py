@@ -15,8 +15,9 @@ hidden-state hooks) on the blocks of a tower: both adapters' taps are that one l
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F

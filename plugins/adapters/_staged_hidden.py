@@ -10,7 +10,7 @@ the family's blocks keep another (Hiera's unrolled order: ``_hiera_geometry.row_
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

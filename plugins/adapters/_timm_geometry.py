@@ -33,10 +33,10 @@ staged models too.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
 from torch import nn

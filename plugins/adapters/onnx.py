@@ -16,16 +16,17 @@ Specs: ``onnx:/abs/model.onnx``, ``onnx:relative/model.onnx`` (from the working 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from pydantic import Field, field_validator
-from torch import nn
 
 from probekit.adapter import Adapter, Sink, wants
+from probekit.adapter_options import AdapterOptions
 from probekit.attention import LayerAttention
 from probekit.errors import (
     ConfigError,
@@ -34,7 +35,6 @@ from probekit.errors import (
     WeightsUnavailableError,
 )
 from probekit.inputs.images import per_channel
-from probekit.adapter_options import AdapterOptions
 from probekit.tokens import TokenLayout
 
 from ._onnx_graph import (
@@ -305,7 +305,7 @@ class OnnxAdapter(Adapter):
 
     @classmethod
     def from_spec(cls, name: str, *, pretrained: bool = True, checkpoint: str | None = None,
-                  image_size=None, **options: Any) -> "OnnxAdapter":
+                  image_size=None, **options: Any) -> OnnxAdapter:
         """Load ``onnx:<path>`` (see :func:`resolve_onnx_path`).
 
         Raises:
@@ -328,7 +328,7 @@ class OnnxAdapter(Adapter):
         return isinstance(module, (onnx.ModelProto, ort.InferenceSession))
 
     @classmethod
-    def from_module(cls, module: Any, **options: Any) -> "OnnxAdapter":
+    def from_module(cls, module: Any, **options: Any) -> OnnxAdapter:
         onnx, ort = _require_backends()
         if isinstance(module, ort.InferenceSession):
             path, data = getattr(module, "_model_path", None), getattr(module, "_model_bytes", None)

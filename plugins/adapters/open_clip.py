@@ -14,15 +14,17 @@ everything to the timm adapter's tap.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from probekit.adapter import Adapter, Sink
+from probekit.adapter_options import AdapterOptions, library_keywords
 from probekit.attention import LayerAttention, sdpa_dtype
 from probekit.errors import (
     LayoutError,
@@ -32,7 +34,6 @@ from probekit.errors import (
     reading_checkpoint,
 )
 from probekit.masks import additive_bias
-from probekit.adapter_options import AdapterOptions, library_keywords
 from probekit.tokens import TokenLayout, pair
 
 from ._reference import block_inputs, fed
@@ -260,7 +261,7 @@ class OpenClipAdapter(Adapter):
 
     # -- building --------------------------------------------------------------------------------
     @classmethod
-    def from_spec(cls, name, *, pretrained=True, checkpoint=None, image_size=None, **options) -> "OpenClipAdapter":
+    def from_spec(cls, name, *, pretrained=True, checkpoint=None, image_size=None, **options) -> OpenClipAdapter:
         """Build the image tower of ``<arch>/<tag>`` with its own preprocessing.
 
         Args:
@@ -285,7 +286,7 @@ class OpenClipAdapter(Adapter):
         return cls._bind(model.visual, preprocess, name=name, pretrained=bool(pretrained) or checkpoint is not None)
 
     @classmethod
-    def _bind(cls, visual: LibraryModule, preprocess, **info) -> "OpenClipAdapter":
+    def _bind(cls, visual: LibraryModule, preprocess, **info) -> OpenClipAdapter:
         if _is_timm_tower(visual):
             trunk = TimmAdapter.from_module(visual.trunk)
             return OpenClipTimmAdapter(visual, preprocess or _own_preprocess(visual), trunk=trunk,
@@ -308,7 +309,7 @@ class OpenClipAdapter(Adapter):
         return _is_vit_tower(visual) or _is_timm_tower(visual)
 
     @classmethod
-    def from_module(cls, module: nn.Module, **options: Any) -> "OpenClipAdapter":
+    def from_module(cls, module: nn.Module, **options: Any) -> OpenClipAdapter:
         """Bind an open_clip CLIP model (its ``visual``) or a tower itself."""
         visual = getattr(module, "visual", module)
         return cls._bind(visual, None, name=type(module).__name__, **options)

@@ -21,15 +21,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from probekit.adapter import Adapter, Sink
+from probekit.adapter_options import AdapterOptions, library_keywords
 from probekit.errors import (
     LayoutError,
     UnknownNameError,
@@ -37,18 +39,23 @@ from probekit.errors import (
     WeightsUnavailableError,
     reading_checkpoint,
 )
+from probekit.geometry import ModelGeometry
 from probekit.inputs.images import per_channel
-from probekit.adapter_options import AdapterOptions, library_keywords
 from probekit.tokens import TokenLayout, pair
 
-from probekit.geometry import ModelGeometry
-
+from ._hiera_geometry import fold_windows, units_first
 from ._reference import block_inputs, fed
 from ._sdpa_spy import attention_report, tap_blocks, watch_attention
-from ._hiera_geometry import fold_windows, units_first
 from ._staged_hidden import BlockOutputs, layer_layouts
-from ._timm_geometry import (GEOMETRIES, logits_hook, regrouped, softmax_reference, watch_module_softmax,
-                             watch_sdpa_or_softmax, watch_softmax)
+from ._timm_geometry import (
+    GEOMETRIES,
+    logits_hook,
+    regrouped,
+    softmax_reference,
+    watch_module_softmax,
+    watch_sdpa_or_softmax,
+    watch_softmax,
+)
 from ._typing import LibraryModule
 
 __all__ = ["TimmAdapter", "TimmWindowedAdapter", "FAMILIES"]
@@ -245,7 +252,7 @@ class TimmAdapter(Adapter):
 
     # -- building --------------------------------------------------------------------------------
     @classmethod
-    def from_spec(cls, name, *, pretrained=True, checkpoint=None, image_size=None, **options) -> "TimmAdapter":
+    def from_spec(cls, name, *, pretrained=True, checkpoint=None, image_size=None, **options) -> TimmAdapter:
         """Build ``name`` with timm; extra ``options`` go to ``timm.create_model``.
 
         Args:
@@ -290,7 +297,7 @@ class TimmAdapter(Adapter):
         return local_model_files(repo) if repo else []
 
     @classmethod
-    def _bind(cls, model: LibraryModule, **info: Any) -> "TimmAdapter":
+    def _bind(cls, model: LibraryModule, **info: Any) -> TimmAdapter:
         fam = family_of(model)
         if fam is None:
             raise UnsupportedArchitectureError(
@@ -306,7 +313,7 @@ class TimmAdapter(Adapter):
         return family_of(module) is not None
 
     @classmethod
-    def from_module(cls, module: nn.Module, **options: Any) -> "TimmAdapter":
+    def from_module(cls, module: nn.Module, **options: Any) -> TimmAdapter:
         """Bind a timm model instance (e.g. a fine-tuned one); preprocessing from its pretrained_cfg."""
         return cls._bind(module, name=type(module).__name__, **options)
 

@@ -21,22 +21,22 @@ live in ``_hf_families.py``; loading is in ``_hf_loading.py``, preprocessing in 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from probekit.adapter import Adapter, Sink, wants
+from probekit.adapter_options import AdapterOptions
 from probekit.attention import LayerAttention, sdpa_dtype
 from probekit.errors import ConfigError, LayoutError, UnknownNameError, UnsupportedArchitectureError
-from probekit.masks import additive_bias
-from probekit.adapter_options import AdapterOptions
-from probekit.tokens import TokenLayout, pair
-
 from probekit.geometry import ModelGeometry
+from probekit.masks import additive_bias
+from probekit.tokens import TokenLayout, pair
 
 from ._hf_families import FAMILIES, KNOWN, check_family, family_of, known_defaults
 from ._hf_geometry import STAGED
@@ -186,7 +186,7 @@ class TransformersAdapter(Adapter):
     @classmethod
     def from_spec(cls, name: str, *, pretrained: bool = True, checkpoint: str | None = None,
                   image_size: int | tuple[int, int] | None = None, config: Any = None,
-                  **options: Any) -> "TransformersAdapter":
+                  **options: Any) -> TransformersAdapter:
         """Build the encoder of ``name`` (a repo id or a local directory).
 
         Args:
@@ -247,7 +247,7 @@ class TransformersAdapter(Adapter):
         return [*local_model_files(name), *super().weight_files(name, **options)]
 
     @classmethod
-    def _make(cls, model: nn.Module, repo: str | None, image_size=None, **info) -> "TransformersAdapter":
+    def _make(cls, model: nn.Module, repo: str | None, image_size=None, **info) -> TransformersAdapter:
         encoder = _find_encoder(model)
         if encoder is None:
             raise UnsupportedArchitectureError(
@@ -277,7 +277,7 @@ class TransformersAdapter(Adapter):
         return isinstance(module, PreTrainedModel) and _find_encoder(module) is not None
 
     @classmethod
-    def from_module(cls, module: nn.Module, image_size=None, **options: Any) -> "TransformersAdapter":
+    def from_module(cls, module: nn.Module, image_size=None, **options: Any) -> TransformersAdapter:
         """Bind a loaded transformers model (a head model binds its encoder; CLIPModel its vision tower).
 
         The encoder's modules are pointed at a deep copy of its config that runs SDPA through

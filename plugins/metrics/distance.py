@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Annotated, Literal, Optional
-
-from pydantic import AfterValidator, Field
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import AfterValidator, Field
 
 from probekit.geometry import ChannelAttention, LayerGeometry
 from probekit.metric import Metric
@@ -264,7 +263,7 @@ class DistanceProfile(Metric):
     is_map = True
     unit = "fraction of attention"
 
-    bins: Annotated[Optional[tuple[float, ...]], AfterValidator(_check_bins), Field(examples=[(0, 8, 64)])] = None
+    bins: Annotated[tuple[float, ...] | None, AfterValidator(_check_bins), Field(examples=[(0, 8, 64)])] = None
     units: Units = "px"
     renormalize: bool = False
     kernel_terms = frozenset({"hist", "patch_mass"})

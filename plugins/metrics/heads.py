@@ -9,7 +9,6 @@ from probekit.metric.patch_keys import patch_rows, row_entropy
 from probekit.tokens import TokenLayout
 
 
-
 def pairwise_js(a: torch.Tensor, budget_bytes: int = 64 * 2**20) -> torch.Tensor:
     """Jensen-Shannon divergence (nats) between the heads of rows ``a`` ``[B, H, R, T]``.
 

@@ -14,7 +14,6 @@ from probekit.metric import Metric
 from probekit.metric.options import validate_options
 from probekit.tokens import TokenLayout
 
-
 Pool = Literal["mean", "flatten", "cls"]
 
 

@@ -12,7 +12,6 @@ from probekit.metric.patch_keys import patch_rows, row_entropy
 from probekit.tokens import TokenLayout
 
 
-
 class NormalizedMutualInformation(Metric):
     """How much a head's attention depends on the query: NMI between query and key positions.
 

@@ -12,7 +12,6 @@ from probekit.metric import Metric
 from probekit.metric.patch_keys import patch_rows, visible_rows
 from probekit.tokens import TokenLayout
 
-
 #: which query rows a map shows: the CLS token's, or the mean over query patches (models without CLS)
 Query = Literal["cls", "mean"]
 

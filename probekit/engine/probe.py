@@ -12,24 +12,25 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
+from probekit._installed import library_versions
 from probekit.adapter import ProbedModel
 from probekit.engine.arguments import check_probe_arguments
+from probekit.engine.sink import MetricSink
 from probekit.errors import ConfigError
-from probekit._installed import library_versions
 from probekit.geometry import ModelGeometry
 from probekit.inputs.images import ImageSet, collate, resolve_images
 from probekit.inputs.view import VIEW_IMAGES, names_key, rgb, view_key
 from probekit.metric import Metric
 from probekit.registry import metrics as metric_registry
 from probekit.results import Results
-from probekit.engine.sink import MetricSink
 from probekit.tokens import TokenLayout
 
 __all__ = ["probe", "build_metrics", "MetricSink"]

@@ -11,17 +11,18 @@ import hashlib
 import io
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from probekit.errors import ImageError
 from probekit._io.fileid import file_digest_head
+from probekit.errors import ImageError
 from probekit.inputs.memory import tame
 
 __all__ = ["ImageSet", "resolve_images", "sample_images", "open_image", "to_channels", "to_rgb", "per_channel",
@@ -265,7 +266,7 @@ class ImageSet:
         self._scan()
         return [(n, f"{k} frames: only the first was probed") for n, k in zip(self.names, self._frames or []) if k > 1]
 
-    def subset(self, indices: Sequence[int]) -> "ImageSet":
+    def subset(self, indices: Sequence[int]) -> ImageSet:
         def pick(xs):
             return None if xs is None else [xs[i] for i in indices]
 

@@ -392,7 +392,7 @@ class Metric:
             "state": {k: copy.deepcopy(getattr(self, k)) for k in self.__dict__.get("_states", {})},
         }
 
-    def merge(self, other: "Metric | dict") -> "Metric":
+    def merge(self, other: Metric | dict) -> Metric:
         """Fold another instance's state, or a :meth:`state_dict`, into this one; returns self.
 
         Both paths refuse another metric or other options (:class:`ConfigError`): merging

@@ -37,7 +37,7 @@ def _is_classvar(tp: Any) -> bool:
     return tp is ClassVar or typing.get_origin(tp) is ClassVar
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def declared_options(cls: type) -> dict[str, tuple[Any, Any]]:
     """``{option: (type, default)}`` of a metric class, base classes first.
 
@@ -75,7 +75,7 @@ def _hints(klass: type) -> dict[str, Any]:
             ) from None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(cls: type) -> type[pydantic.BaseModel]:
     fields: dict[str, Any] = {key: (tp, default) for key, (tp, default) in declared_options(cls).items()}
     return pydantic.create_model(

@@ -15,23 +15,31 @@ stopped. A model that fails to load or to run is recorded and the others finish.
 from __future__ import annotations
 
 import gc
-from html import escape
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from probekit import models as _models
-from probekit.runs.config import CheckedRun, ModelEntry, RunConfig, check_run, load_run
+from probekit._installed import library_versions
 from probekit.errors import ConfigError
+from probekit.results import Results, results_html
+from probekit.runs.config import CheckedRun, ModelEntry, RunConfig, check_run, load_run
 from probekit.runs.interrupt import sigterm_as_interrupt
 from probekit.runs.parts import PartStore, model_keys, only_metric, part_key, relabel
-from probekit._installed import library_versions
-from probekit.engine.probe import resolve_dtype
-from probekit.results import Results, results_html
-from probekit.runs.record import (EngineModel, Failure, ImagesRecord, MetricRecord, ModelRecord, ReportRecord, RunRecord,
-                                  failed_at, record_failure)
+from probekit.runs.record import (
+    EngineModel,
+    Failure,
+    ImagesRecord,
+    MetricRecord,
+    ModelRecord,
+    ReportRecord,
+    RunRecord,
+    failed_at,
+    record_failure,
+)
 from probekit.runs.reporter import Reporter
 from probekit.runs.rundir import RunDir, load_run_dir, write_outputs
 

@@ -229,7 +229,7 @@ class RunConfig(_Strict):
         at = f"{src} line {line}" if line else src
         return f"{at}, {_dotted(loc)}" if loc else at
 
-    def resolve(self, **flags: Any) -> "RunConfig":
+    def resolve(self, **flags: Any) -> RunConfig:
         """A copy with command-line ``flags`` over file values (flags left None are ignored).
 
         Raises:
@@ -406,10 +406,9 @@ def check_run(cfg: RunConfig) -> CheckedRun:
     Raises:
         ConfigError: one bullet per problem, each naming the line and field.
     """
-    from probekit.models import device_problem
-    from probekit.models import adapter_class, resolve
     from probekit.adapter_options import options_message, options_problems
     from probekit.engine.probe import build_metrics
+    from probekit.models import adapter_class, device_problem, resolve
     from probekit.registry import metrics as metric_registry
 
     problems, specs, mets = [], [], []

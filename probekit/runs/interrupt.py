@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 __all__ = ["Terminated", "sigterm_as_interrupt"]
 

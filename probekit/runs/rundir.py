@@ -26,20 +26,20 @@ import shutil
 import socket
 import sys
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from probekit._io.atomic import write_errors, write_text_atomic
-from probekit.errors import ConfigError, RunDirBusyError, RunDirError
 from probekit._io.fileid import file_digest
-from probekit.inputs.view import is_view
+from probekit.errors import RunDirBusyError, RunDirError
+from probekit.results import Results
 from probekit.runs.parts import PartStore
 from probekit.runs.record import RunRecord
-from probekit.results import Results
 
 __all__ = ["RunDir", "Renderer", "read_record", "load_run_dir", "write_outputs", "FINISHED", "STAMPS"]
 
@@ -186,7 +186,7 @@ class RunDir:
         self.record: RunRecord | None = None  # run.json as this run keeps it (``owned`` is written as it grows)
 
     @contextmanager
-    def locked(self) -> Iterator["RunDir"]:
+    def locked(self) -> Iterator[RunDir]:
         """Hold the directory's lock; a second run is refused with who holds it.
 
         A lock left by a process that died (SIGKILL, power loss) is free: the kernel drops it.

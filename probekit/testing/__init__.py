@@ -19,8 +19,37 @@ Two front doors run them:
 
 from __future__ import annotations
 
-from probekit.testing.adapters import ATOL, adapter_checks, check_batch_independence, check_hidden_keys, check_hidden_states, check_layout_matches_tokens, check_patch_geometry, check_reference_attention, check_rows_sum_to_one, check_tap_detaches, check_tap_keeps_outputs, check_wanted_layers, randomize_parameters
-from probekit.testing.metrics import check_batch_order_invariance, check_batch_size_invariance, check_blockwise_rows, check_finite_on_random_attention, check_merge_refuses_other_options, check_merged_halves, check_name, check_options_declared, check_options_round_trip, check_reset_restores_defaults, check_result_before_update_warns, check_state_declared, check_state_dict_round_trip, metric_checks
+from probekit.testing.adapters import (
+    ATOL,
+    adapter_checks,
+    check_batch_independence,
+    check_hidden_keys,
+    check_hidden_states,
+    check_layout_matches_tokens,
+    check_patch_geometry,
+    check_reference_attention,
+    check_rows_sum_to_one,
+    check_tap_detaches,
+    check_tap_keeps_outputs,
+    check_wanted_layers,
+    randomize_parameters,
+)
+from probekit.testing.metrics import (
+    check_batch_order_invariance,
+    check_batch_size_invariance,
+    check_blockwise_rows,
+    check_finite_on_random_attention,
+    check_merge_refuses_other_options,
+    check_merged_halves,
+    check_name,
+    check_options_declared,
+    check_options_round_trip,
+    check_reset_restores_defaults,
+    check_result_before_update_warns,
+    check_state_declared,
+    check_state_dict_round_trip,
+    metric_checks,
+)
 from probekit.testing.records import CheckRecord, SkipCheck
 from probekit.testing.runner import check_adapter, check_metric, parametrize_with_checks
 

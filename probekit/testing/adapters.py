@@ -8,16 +8,16 @@ Each ``check_<property>(name, pm, **kw)`` takes a :class:`~probekit.adapter.Prob
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 from probekit.adapter import Adapter, CollectSink
-from probekit.tokens import TokenLayout
 from probekit.testing.capture import ModelCalls
 from probekit.testing.geometry_checks import check_hidden_keys, check_patch_geometry
 from probekit.testing.records import SkipCheck
 from probekit.testing.tapping import adapter_of, kit_input, sized, tapped
+from probekit.tokens import TokenLayout
 
 __all__ = [
     "ATOL", "randomize_parameters", "adapter_checks",

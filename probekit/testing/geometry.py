@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from probekit.geometry import LayerGeometry
-from probekit.tokens import TokenLayout
 from probekit.testing.reach import Box, Embed, as_geometry, expected_moves
+from probekit.tokens import TokenLayout
 
 __all__ = ["expected_moved_tokens", "probe_patches", "probe_boxes", "patch_box", "moved", "moved_tokens",
            "coverage_problem", "diagnose_moves"]

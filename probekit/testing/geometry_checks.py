@@ -16,10 +16,10 @@ from torch import nn
 
 from probekit.adapter import CollectSink
 from probekit.geometry import KINDS
-from probekit.tokens import TokenLayout, pair
 from probekit.testing.geometry import coverage_problem, diagnose_moves, moved, probe_boxes
 from probekit.testing.reach import Embed, as_geometry, counted, expected_moves
 from probekit.testing.tapping import adapter_of, kit_input, sized, tapped
+from probekit.tokens import TokenLayout, pair
 
 __all__ = ["check_patch_geometry", "check_hidden_keys", "patch_embedding"]
 

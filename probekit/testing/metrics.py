@@ -10,20 +10,21 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from probekit import registry
 from probekit.attention import LayerAttention
+from probekit.engine.sink import MetricSink
 from probekit.errors import ConfigError
 from probekit.metric import Metric
 from probekit.metric.options import alternatives, declared_options
 from probekit.metric.state import REDUCTIONS
-from probekit.engine.sink import MetricSink
-from probekit.tokens import TokenLayout
 from probekit.testing.records import SkipCheck
+from probekit.tokens import TokenLayout
 
 __all__ = [
     "metric_checks", "check_name", "check_options_declared", "check_options_round_trip", "check_state_declared",

@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from probekit.adapter import Adapter, ProbedModel
 from probekit.metric import Metric

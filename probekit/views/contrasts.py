@@ -17,7 +17,7 @@ numpy does the resampling (vectorised over resamples and layers); nothing here i
 from __future__ import annotations
 
 import itertools
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd

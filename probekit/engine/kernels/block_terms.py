@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from probekit.engine.kernels import cpu as cpu_kernel
 from probekit.attention import Workspace
+from probekit.engine.kernels import cpu as cpu_kernel
 from probekit.engine.kernels.terms import RowTerms
 from probekit.metric.patch_keys import log_partition
 from probekit.tokens import TokenLayout

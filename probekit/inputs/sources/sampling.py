@@ -8,7 +8,7 @@ images are probed in listing order, which keeps shards contiguous and runs repro
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

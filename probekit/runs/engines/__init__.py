@@ -5,7 +5,7 @@ the same whichever engine filled it (see probekit.runs.compare._other_engine).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from probekit.errors import ConfigError
 

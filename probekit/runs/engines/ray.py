@@ -25,19 +25,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from probekit.engine.probe import build_metrics
 from probekit.errors import ConfigError, MissingDependencyError
 from probekit.inputs.view import join_arrays, metric_arrays
-from probekit.runs.interrupt import sigterm_as_interrupt
 from probekit.metric.state import state_from_json, state_to_json
-from probekit.runs.parts import PartStore
-from probekit.engine.probe import build_metrics
 from probekit.results import Results
 from probekit.runs.engines.stages import ProbeReplica, decode_chunk
+from probekit.runs.interrupt import sigterm_as_interrupt
+from probekit.runs.parts import PartStore
 from probekit.runs.record import EngineInfo, EngineModel, RunRecord, ShardRecord, failed_at, record_failure
 
 if TYPE_CHECKING:
-    from probekit.runs.reporter import Reporter
     from probekit.runs.config import CheckedRun
+    from probekit.runs.reporter import Reporter
 
 __all__ = ["run_ray"]
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pandas as pd
 
 from probekit.errors import ConfigError
-from probekit.views.plots._common import _as_results, _axis_label, _grid, _pick_metric, _rows, _sns
 from probekit.results import Results, summarize
+from probekit.views.plots._common import _as_results, _axis_label, _grid, _pick_metric, _rows, _sns
 
 __all__ = ["label_profile", "MAX_LABELS"]
 

@@ -10,8 +10,8 @@ import numpy as np
 
 from probekit.errors import ConfigError
 from probekit.inputs.view import VIEW_IMAGES, is_view, names_key, view_key
-from probekit.views.plots._common import WIDTH, _layout, _sns
 from probekit.results import Results
+from probekit.views.plots._common import WIDTH, _layout, _sns
 
 __all__ = ["attention_maps"]
 

@@ -20,9 +20,9 @@ def rebuild(run_dir: str | Path) -> Path:
     Raises:
         RunDirError: the directory does not hold one finished run.
     """
-    from probekit.views.contrasts import contrasts
     from probekit._io.fileid import file_digest
     from probekit.runs.rundir import RunDir, load_run_dir, read_record
+    from probekit.views.contrasts import contrasts
 
     rd = RunDir(run_dir)
     read_record(rd.path)  # before the lock: never create a directory that is not there
