@@ -209,9 +209,10 @@ def metrics_cmd(format: FormatOpt = "human"):
         try:
             # read from the class's source when it can be: importing a metric imports torch (seconds)
             ep = rec.entry_point
-            cls = (ep is not None and rec.obj is None and class_constants(ep.value, ("description", "unit"), "Metric", {"unit": ""})) \
+            cls = (ep is not None and rec.obj is None
+                   and class_constants(ep.value, ("description", "unit"), "Metric", {"unit": ""})) \
                 or metrics.get(rec.name)
-            get = cls.get if isinstance(cls, dict) else lambda k: getattr(cls, k)
+            get = cls.get if isinstance(cls, dict) else lambda k, cls=cls: getattr(cls, k)
             rows.append({"name": rec.name, "description": get("description"), "unit": get("unit"), "source": rec.dist})
         except ProbekitError as exc:
             rows.append({"name": rec.name, "description": None, "error": str(exc),
@@ -230,10 +231,18 @@ def metrics_cmd(format: FormatOpt = "human"):
              "  probekit inspect timm:vit_small_patch16_224 --no-pretrained --image-size 384")
 @_handled
 def inspect_cmd(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="An alias from `probekit models`, or a spec such as timm:vit_small_patch16_224.")],
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights, or build the architecture at random init.")] = True,
-    image_size: Annotated[int | None, typer.Option(help="Input size in pixels (default: the model's native size).")] = None,
-    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="A backend option KEY=VALUE; repeat for several.")] = None,
+    model: Annotated[str, typer.Argument(
+        metavar="MODEL", help="An alias from `probekit models`, or a spec such as timm:vit_small_patch16_224.",
+    )],
+    pretrained: Annotated[bool, typer.Option(
+        "--pretrained/--no-pretrained", help="Load pretrained weights, or build the architecture at random init.",
+    )] = True,
+    image_size: Annotated[int | None, typer.Option(
+        help="Input size in pixels (default: the model's native size).",
+    )] = None,
+    option: Annotated[list[str] | None, typer.Option(
+        "--option", "-o", help="A backend option KEY=VALUE; repeat for several.",
+    )] = None,
     format: FormatOpt = "human",
 ):
     """Show a model's layers, heads, prefix tokens, patch grid, patch size and parameter count."""
@@ -308,14 +317,16 @@ def _run_comparison(cfg_or_path: Any, out_dir: str | None, figures: bool, report
     if len(res):
         for metric in res.metrics:
             means = res.layer_means(metric)
-            table = Table("model", *[str(c) for c in means.columns], title=escape(f"{metric}: mean over heads and images per layer"),
+            table = Table("model", *[str(c) for c in means.columns],
+                          title=escape(f"{metric}: mean over heads and images per layer"),
                           box=None, header_style="bold")
             for model, row in means.iterrows():
                 table.add_row(escape(str(model)), *[f"{v:.4g}" for v in row])
             _consoles.out.print(table)
     _print_contrasts(cmp.contrasts)
     extra = ", contrasts.csv, report.html" if cmp.report is not None else ""
-    _consoles.err.print(f"Wrote {cmp.run_dir}/ (results.parquet, summary.csv, run.json{extra}, {len(cmp.figures)} figure files).")
+    _consoles.err.print(f"Wrote {cmp.run_dir}/ (results.parquet, summary.csv, run.json{extra}, "
+                        f"{len(cmp.figures)} figure files).")
     if cmp.report is not None:
         _consoles.err.print(f"Open {cmp.report} in a browser (one self-contained file).", highlight=False)
     if cmp.cached:
@@ -324,12 +335,14 @@ def _run_comparison(cfg_or_path: Any, out_dir: str | None, figures: bool, report
     _consoles.out.print(str(cmp.run_dir))
     _report_nonfinite(cmp.nonfinite)
     if cmp.failures:
-        _consoles.err.print(f"[bold red]Error:[/] [red]{len(cmp.failures)} model(s) failed; the others' results are kept:[/]")
+        _consoles.err.print(f"[bold red]Error:[/] [red]{len(cmp.failures)} model(s) failed; "
+                            "the others' results are kept:[/]")
         for f in cmp.failures:
             _consoles.err.print(f"  - {f.model} ({f.stage}): {f.error}: {f.message}", markup=False, highlight=False)
     if cmp.figure_error:
         _consoles.err.print(f"[bold red]Error:[/] [red]No figures: {escape(cmp.figure_error)}[/]\n"
-                            f"The numbers are written; draw the figures with `probekit plot {escape(str(cmp.run_dir))}`.",
+                            "The numbers are written; draw the figures with "
+                            f"`probekit plot {escape(str(cmp.run_dir))}`.",
                             highlight=False)
     if cmp.failures or cmp.figure_error:
         raise typer.Exit(code=1)
@@ -372,7 +385,9 @@ def _print_contrasts(table: Any) -> None:
             _consoles.out.print("  " + format_contrast(row), markup=False, highlight=False)
 
 
-ReportOpt = Annotated[bool, typer.Option("--report/--no-report", help="Write report.html (one self-contained file) and contrasts.csv.")]
+ReportOpt = Annotated[bool, typer.Option(
+    "--report/--no-report", help="Write report.html (one self-contained file) and contrasts.csv.",
+)]
 
 
 @app.command("run", epilog="Examples:\n\n  probekit run dino-s16 deit-s --images sample\n\n"
@@ -380,18 +395,38 @@ ReportOpt = Annotated[bool, typer.Option("--report/--no-report", help="Write rep
              "--images ./photos --out runs/control")
 @_handled
 def run_cmd(
-    models: Annotated[list[str], typer.Argument(metavar="MODEL", help="One or more aliases or specs to probe on the same images.")],
-    images: Annotated[list[str], typer.Option("--images", "-i", help="A folder, an image file, or [bold]sample[/] for the bundled photos; repeat for several.")] = ["sample"],
-    metric: Annotated[list[str], typer.Option("--metric", "-m", help="A metric from `probekit metrics`; repeat for several.")] = ["mad"],
-    metric_option: Annotated[list[str] | None, typer.Option("--metric-option", help="A metric option KEY=VALUE (or METRIC.KEY=VALUE for one metric); repeat for several.")] = None,
-    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="A model option KEY=VALUE for every model, e.g. img_size=224; repeat for several.")] = None,
-    out_dir: Annotated[str | None, typer.Option("--out", help="The run directory (default: runs/run). Rerunning into it reuses finished parts.")] = None,
+    models: Annotated[list[str], typer.Argument(
+        metavar="MODEL", help="One or more aliases or specs to probe on the same images.",
+    )],
+    images: Annotated[list[str] | None, typer.Option(
+        "--images", "-i", help="A folder, an image file, or [bold]sample[/] for the bundled photos; "
+                               "repeat for several (default: sample).",
+    )] = None,
+    metric: Annotated[list[str] | None, typer.Option(
+        "--metric", "-m", help="A metric from `probekit metrics`; repeat for several (default: mad).",
+    )] = None,
+    metric_option: Annotated[list[str] | None, typer.Option(
+        "--metric-option", help="A metric option KEY=VALUE (or METRIC.KEY=VALUE for one metric); repeat for several.",
+    )] = None,
+    option: Annotated[list[str] | None, typer.Option(
+        "--option", "-o", help="A model option KEY=VALUE for every model, e.g. img_size=224; repeat for several.",
+    )] = None,
+    out_dir: Annotated[str | None, typer.Option(
+        "--out", help="The run directory (default: runs/run). Rerunning into it reuses finished parts.",
+    )] = None,
     count: Annotated[int | None, typer.Option(help="Probe a seeded random subset of this many images.")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Input size in pixels (default: each model's native size).")] = None,
+    image_size: Annotated[int | None, typer.Option(
+        help="Input size in pixels (default: each model's native size).",
+    )] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
     device: Annotated[str | None, typer.Option(help="Where to run: cpu, cuda, cuda:1 (default: cpu).")] = None,
-    dtype: Annotated[str, typer.Option(help="Compute dtype: float32, bf16 or fp16 (probabilities stay float32).")] = "float32",
-    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="Force pretrained weights or random init for every model (default: each alias's own).")] = None,
+    dtype: Annotated[str, typer.Option(
+        help="Compute dtype: float32, bf16 or fp16 (probabilities stay float32).",
+    )] = "float32",
+    pretrained: Annotated[bool | None, typer.Option(
+        "--pretrained/--no-pretrained",
+        help="Force pretrained weights or random init for every model (default: each alias's own).",
+    )] = None,
     strict: Annotated[bool, typer.Option(help="Stop at an unreadable image instead of skipping it.")] = False,
     workers: Annotated[int, typer.Option(help="DataLoader workers that decode images.")] = 0,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the figures (needs seaborn).")] = True,
@@ -404,6 +439,8 @@ def run_cmd(
     """
     from probekit.runs.compare import _as_config
 
+    images = images or ["sample"]
+    metric = metric or ["mad"]
     model_opts = _parse_options(option, "--option")
     if pretrained is not None:
         model_opts["pretrained"] = pretrained
@@ -435,15 +472,26 @@ def _metric_options(name: str, all_names: list[str], pairs: list[str] | None) ->
              "  probekit compare my-run.yaml --out runs/today --device cuda --batch-size 64")
 @_handled
 def compare_cmd(
-    run_file: Annotated[Path, typer.Argument(metavar="RUN.yaml", help="A YAML run file (see configs/quickstart.yaml).")],
-    out_dir: Annotated[str | None, typer.Option("--out", help="The run directory (default: the file's `out`, else runs/<name>).")] = None,
+    run_file: Annotated[Path, typer.Argument(
+        metavar="RUN.yaml", help="A YAML run file (see configs/quickstart.yaml).",
+    )],
+    out_dir: Annotated[str | None, typer.Option(
+        "--out", help="The run directory (default: the file's `out`, else runs/<name>).",
+    )] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per forward pass (over the file's value).")] = None,
     device: Annotated[str | None, typer.Option(help="Where to run: cpu, cuda (over the file's value).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="Compute dtype: float32, bf16 or fp16 (over the file's value).")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="Compute dtype: float32, bf16 or fp16 (over the file's value).",
+    )] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers (over the file's value).")] = None,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Draw the figures (needs seaborn).")] = True,
-    engine: Annotated[str | None, typer.Option(help="local (default) or ray: every model at once on a Ray cluster, cached per shard (pip install \"probekit\\[ray]\").")] = None,
-    address: Annotated[str | None, typer.Option(help="The Ray cluster: auto, or ray://host:port (default: start a local one).")] = None,
+    engine: Annotated[str | None, typer.Option(
+        help="local (default) or ray: every model at once on a Ray cluster, cached per shard "
+             "(pip install \"probekit\\[ray]\").",
+    )] = None,
+    address: Annotated[str | None, typer.Option(
+        help="The Ray cluster: auto, or ray://host:port (default: start a local one).",
+    )] = None,
     report: ReportOpt = True,
 ):
     """Run the comparison a run file describes; the file is checked fully before any model loads.
@@ -458,12 +506,19 @@ def compare_cmd(
                     engine=engine, address=address)
 
 
-@app.command("plot", epilog="Examples:\n\n  probekit plot runs/quickstart\n\n  probekit plot runs/run --kind depth --kind overlay")
+@app.command("plot", epilog="Examples:\n\n  probekit plot runs/quickstart\n\n"
+             "  probekit plot runs/run --kind depth --kind overlay")
 @_handled
 def plot_cmd(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory written by `probekit run` or `probekit compare`.")],
-    kind: Annotated[list[str] | None, typer.Option("--kind", "-k", help="depth, overlay, heatmap, summary or maps; repeat for several (default: all).")] = None,
-    metric: Annotated[list[str] | None, typer.Option("--metric", "-m", help="Metric labels to draw (default: all).")] = None,
+    run_dir: Annotated[Path, typer.Argument(
+        metavar="RUN_DIR", help="A run directory written by `probekit run` or `probekit compare`.",
+    )],
+    kind: Annotated[list[str] | None, typer.Option(
+        "--kind", "-k", help="depth, overlay, heatmap, summary or maps; repeat for several (default: all).",
+    )] = None,
+    metric: Annotated[list[str] | None, typer.Option(
+        "--metric", "-m", help="Metric labels to draw (default: all).",
+    )] = None,
 ):
     """Draw figures (PNG and SVG) from a run directory's results.parquet into its figures/ folder."""
     from probekit.views.outputs import redraw
@@ -479,7 +534,9 @@ def plot_cmd(
 @app.command("report", epilog="Examples:\n\n  probekit report runs/quickstart")
 @_handled
 def report_cmd(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory written by `probekit run` or `probekit compare`.")],
+    run_dir: Annotated[Path, typer.Argument(
+        metavar="RUN_DIR", help="A run directory written by `probekit run` or `probekit compare`.",
+    )],
 ):
     """Write RUN_DIR/report.html: one self-contained page (provenance, charts, contrasts, attention explorer).
 
