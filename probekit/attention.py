@@ -62,14 +62,31 @@ class LayerAttention:
             raise ValueError("LayerAttention needs q and k, or probs.")
 
     @property
+    def _q(self) -> torch.Tensor:
+        """``q``, on the path that reads it: the tap handed over q and k (else the probabilities)."""
+        assert self.q is not None, "this layer's attention was handed over as probabilities, without q"
+        return self.q
+
+    @property
+    def _k(self) -> torch.Tensor:
+        """``k``, on the path that reads it (as :attr:`_q`)."""
+        assert self.k is not None, "this layer's attention was handed over as probabilities, without k"
+        return self.k
+
+    @property
     def shape(self) -> tuple[int, int, int]:
         """``(batch, heads, tokens)``."""
-        t = self.probs_given if self.probs_given is not None else self.q
+        t = self.probs_given if self.probs_given is not None else self._q
         return t.shape[0], t.shape[1], t.shape[2]
 
     @property
+    def num_keys(self) -> int:
+        """Keys each query attends over (tokens, or a grouped layer's keys)."""
+        return self.probs_given.shape[-1] if self.probs_given is not None else self._k.shape[2]
+
+    @property
     def device(self) -> torch.device:
-        return (self.probs_given if self.probs_given is not None else self.q).device
+        return (self.probs_given if self.probs_given is not None else self._q).device
 
     def key_t(self) -> torch.Tensor:
         """Float32 keys as ``[B, H, d, T]`` for ``q @ key_t()``, made contiguous once per layer.
@@ -79,8 +96,9 @@ class LayerAttention:
         section "Smaller engine choices"); one copy serves them all.
         """
         if self._kt is None:
-            buf = self._copy_buffer("k", self.k)
-            self._kt = (self.k.float().contiguous() if buf is None else buf.copy_(self.k)).transpose(-1, -2)
+            k = self._k
+            buf = self._copy_buffer("k", k)
+            self._kt = (k.float().contiguous() if buf is None else buf.copy_(k)).transpose(-1, -2)
         return self._kt
 
     def _copy_buffer(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
@@ -101,13 +119,14 @@ class LayerAttention:
         multiplies, the same numbers to float32 rounding.
         """
         if self._qs is None:  # contiguous: ``q * s`` alone would keep q's strided layout
-            if self.q.requires_grad and torch.is_grad_enabled():  # out= cannot record gradients
-                self._qs = (self.q.float() * self.scale).contiguous()
+            q = self._q
+            if q.requires_grad and torch.is_grad_enabled():  # out= cannot record gradients
+                self._qs = (q.float() * self.scale).contiguous()
             else:
-                qs = self._copy_buffer("q", self.q)
+                qs = self._copy_buffer("q", q)
                 if qs is None:
-                    qs = torch.empty(self.q.shape, dtype=torch.float32, device=self.q.device)
-                self._qs = torch.mul(self.q.float(), self.scale, out=qs)
+                    qs = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+                self._qs = torch.mul(q.float(), self.scale, out=qs)
         return self._qs
 
     def logits(self, rows: slice | None = None, out: torch.Tensor | None = None,
@@ -117,7 +136,7 @@ class LayerAttention:
         ``out``: a contiguous buffer to write to. ``batch``: only these images (``[b, H, R, T]``).
         """
         rows, batch = rows or slice(None), batch or slice(None)
-        with no_autocast(self.q.device):
+        with no_autocast(self._q.device):
             logits = torch.matmul(self.scaled_queries()[batch, :, rows], self.key_t()[batch], out=out)
             if self.bias is not None:
                 b = self.bias
@@ -156,8 +175,8 @@ class LayerAttention:
             logits = self.logits(rows, batch=batch)
             return logits, torch.softmax(logits, dim=-1)
         shape = self.block_shape(rows, batch)
-        logits = self.logits(rows, out=workspace.get("logits", shape, self.q.device), batch=batch)
-        probs = torch.ops.aten._softmax.out(logits, -1, False, out=workspace.get("probs", shape, self.q.device))
+        logits = self.logits(rows, out=workspace.get("logits", shape, self._q.device), batch=batch)
+        probs = torch.ops.aten._softmax.out(logits, -1, False, out=workspace.get("probs", shape, self._q.device))
         return logits, probs
 
 
@@ -165,18 +184,19 @@ class LayerAttention:
         """``(images, heads, rows, keys)`` of the block of query ``rows`` of the images ``batch``."""
         b, h, t = self.shape
         nb = len(range(*(batch or slice(None)).indices(b)))
-        return nb, h, len(range(*rows.indices(t))), self.k.shape[2]
+        return nb, h, len(range(*rows.indices(t))), self._k.shape[2]
 
     def start_output(self) -> None:
         """Allocate :attr:`output` (filled block by block by :meth:`add_output`)."""
         b, h, t = self.shape
-        dv = self.v.shape[-1]
-        dtype = self.out_dtype or self.v.dtype
-        self.output = torch.empty(b, t, h, dv, dtype=dtype, device=self.v.device).transpose(1, 2)
+        v = self.v
+        assert v is not None, "one attention pass is for taps that hand over v"
+        dtype = self.out_dtype or v.dtype
+        self.output = torch.empty(b, t, h, v.shape[-1], dtype=dtype, device=v.device).transpose(1, 2)
         # float32 like the probabilities, contiguous once per layer: v is usually a strided view
         # into the fused qkv projection, which a matmul would copy again for every block
-        buf = self._copy_buffer("v", self.v)
-        self._vf = self.v.float().contiguous() if buf is None else buf.copy_(self.v)
+        buf = self._copy_buffer("v", v)
+        self._vf = v.float().contiguous() if buf is None else buf.copy_(v)
 
     def add_output(self, rows: slice, probs: torch.Tensor, workspace: "Workspace | None" = None,
                    batch: slice | None = None, row_scale: torch.Tensor | None = None) -> None:
@@ -186,15 +206,16 @@ class LayerAttention:
         multiplied by it on their way into the output (the same numbers to float32 rounding).
         """
         batch = batch or slice(None)
+        vf, output = self._vf, self.output
+        assert vf is not None and output is not None, "start_output() comes first"
         if workspace is None:
-            pv = torch.matmul(probs, self._vf[batch])
+            pv = torch.matmul(probs, vf[batch])
         else:
-            pv = torch.matmul(probs, self._vf[batch],
-                              out=workspace.get("pv", (*probs.shape[:3], self._vf.shape[-1]), probs.device))
+            pv = torch.matmul(probs, vf[batch], out=workspace.get("pv", (*probs.shape[:3], vf.shape[-1]), probs.device))
         if row_scale is None:
-            self.output[batch, :, rows] = pv
+            output[batch, :, rows] = pv
         else:
-            torch.mul(pv, row_scale[..., None], out=self.output[batch, :, rows])
+            torch.mul(pv, row_scale[..., None], out=output[batch, :, rows])
 
     def release(self) -> None:
         """Drop the per-layer float32 copies (the output stays with the model)."""
@@ -219,7 +240,7 @@ class Workspace:
     CUDA caching allocator; reusing one set also keeps memory flat across layers and batches.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
         #: bytes of the chunk buffer that per-row sums run through (:func:`row_dot`,
         #: :mod:`probekit.engine.kernels.block_terms`); the engine sets it within its block budget

@@ -133,7 +133,7 @@ class Results:
         if not parts:
             return cls(pd.DataFrame(columns=COLUMNS))
         table = pd.concat([p.table.astype({"model": str, "metric": str}) for p in parts], ignore_index=True)
-        arrays, meta = {}, {"parts": [p.meta for p in parts]}
+        meta: dict[str, Any] = {"parts": [p.meta for p in parts]}
         # per-model layout/spec and the union of metric units, where plots look them up
         meta["models"] = models_meta(parts)
         meta["metrics"] = {k: v for p in parts for k, v in (p.meta.get("metrics") or {}).items()}
@@ -232,7 +232,8 @@ class Results:
         members = {f"a{i}": np.asarray(self.arrays[k]) for i, k in enumerate(keys)}
         members[_KEYS] = np.frombuffer(json.dumps(keys).encode(), dtype=np.uint8)
         with atomic_path(path, suffix=".npz") as tmp:
-            np.savez_compressed(tmp, **members)
+            # numpy's stubs let **members fill allow_pickle (a bool); the keys are a0, a1, ... and _KEYS
+            np.savez_compressed(tmp, **members)  # type: ignore[arg-type]
         return path
 
     @staticmethod

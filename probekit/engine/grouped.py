@@ -26,6 +26,7 @@ def group_slice(attn: LayerAttention, items: slice) -> LayerAttention:
     bias = attn.bias
     if bias is not None and bias.dim() == 4 and bias.shape[0] != 1:
         bias = bias[items]
+    assert attn.q is not None and attn.k is not None  # no probabilities: q and k (LayerAttention.__post_init__)
     return LayerAttention(q=attn.q[items], k=attn.k[items], scale=attn.scale, bias=bias)
 
 
@@ -41,7 +42,7 @@ def reduce_groups(metrics, attn: LayerAttention, geo: LayerGeometry, budget_byte
                   workspace: Workspace | None = None) -> dict[str, torch.Tensor]:
     """Per-image values ``{label: [B, H, ...]}`` of ``metrics`` on one grouped layer."""
     n, h, tq = attn.shape
-    tk = attn.k.shape[2] if attn.probs_given is None else attn.probs_given.shape[-1]
+    tk = attn.num_keys
     g = geo.groups
     acc: dict[str, torch.Tensor] = {}
     for sl in group_blocks(n, h, tq, tk, budget_bytes):

@@ -215,8 +215,7 @@ class MetricSink:
         return (None, p, inv) if inv is not None else (z, p, None)  # unnormalized rows overwrote the logits
 
     def _reduce_groups(self, layer: int, attn: LayerAttention, geo: LayerGeometry, b: int, t: int) -> None:
-        tk = attn.k.shape[2] if attn.probs_given is None else attn.probs_given.shape[-1]
-        geo.check(b, t, tk, layer)
+        geo.check(b, t, attn.num_keys, layer)
         with no_autocast(attn.device), self.workspace.active():
             vals = reduce_groups(self._rowwise, attn, geo, self.block_budget(attn.device), self.workspace)
         for m in self._rowwise:

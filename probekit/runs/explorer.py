@@ -18,9 +18,12 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch  # (imported inside capture(), not with the module)
 
 __all__ = ["explorer_key", "capture", "save", "load", "query_stride"]
 
@@ -70,7 +73,7 @@ class _Sink:
 
     wants_attention, wants_hidden, layers = True, False, None
 
-    def __init__(self, layout, queries: np.ndarray, rollout_metric):
+    def __init__(self, layout, queries: torch.Tensor, rollout_metric):
         self.layout, self.queries = layout, queries
         self.query = "cls" if "cls" in layout.prefix_kinds else "mean"
         self.roll = rollout_metric(query=self.query)
@@ -143,7 +146,9 @@ def save(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, **arrays)  # uint8 rows: the report compresses them once for all models
+        # uint8 rows: the report compresses them once for all models. numpy's stubs let **arrays fill
+        # allow_pickle (a bool); the keys are capture()'s
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]
 
 
 def load(path: Path) -> dict[str, np.ndarray] | None:

@@ -30,6 +30,7 @@ from probekit.runs.plugin_files import files_digest, plugin_files
 from probekit.results import Results
 
 if TYPE_CHECKING:
+    from probekit.adapter import Adapter
     from probekit.runs.config import CheckedRun
 
 __all__ = ["part_key", "model_keys", "PartStore", "weight_files", "plugin_identity", "relabel", "only_metric"]
@@ -47,7 +48,7 @@ def plugin_identity(kind: str, name: str, cls: type | None = None) -> dict[str, 
         cls = rec.obj
     # registered in-session (pk.register): no distribution, and the module's import name is an accident
     ep = rec.entry_point if rec is not None else None
-    dist = rec.dist if ep is not None else None
+    dist = None if rec is None or ep is None else rec.dist
     files = None if cls is None else files_digest(plugin_files(cls, getattr(ep, "dist", None)))
     return {"dist": dist, "files": files}
 
@@ -68,14 +69,15 @@ def _probekit_files() -> str | None:
 def _settings(metric: Any, settings: Mapping[str, Any] | None) -> dict[str, Any]:
     """The run settings ``metric`` declares it depends on (``Metric.depends_on``), with their values."""
     wanted = tuple(getattr(metric, "depends_on", ()))
-    missing = [s for s in wanted if s not in (settings or {})]
+    given = settings or {}
+    missing = [s for s in wanted if s not in given]
     if missing:
         raise ConfigError(f"Metric {metric.name!r} depends on the run setting(s) {', '.join(missing)}, which "
                           "the part key was not given; pass settings={...} to part_key.")
-    return {s: settings[s] for s in wanted}
+    return {s: given[s] for s in wanted}
 
 
-def _adapter_class(spec: str) -> type | None:
+def _adapter_class(spec: str) -> type[Adapter] | None:
     from probekit.registry import adapters
 
     try:
@@ -134,10 +136,11 @@ def part_key(spec: str, options: dict, fingerprint: str, metric: Any, dtype: str
 
 
 # what a part's metadata holds, by type: anything else is a planted or damaged part (recomputed)
-_META_TYPES = {"model": str, "spec": str, "adapter": str, "model_meta": dict, "layout": (dict, type(None)),
-               "geometry": (dict, list, type(None)), "metrics": dict, "images": dict, "device": (str, type(None)),
-               "dtype": (str, type(None)), "seconds": (int, float, type(None)), "versions": (dict, type(None)),
-               "batch_size": (int, type(None))}
+_META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "model": str, "spec": str, "adapter": str, "model_meta": dict, "layout": (dict, type(None)),
+    "geometry": (dict, list, type(None)), "metrics": dict, "images": dict, "device": (str, type(None)),
+    "dtype": (str, type(None)), "seconds": (int, float, type(None)), "versions": (dict, type(None)),
+    "batch_size": (int, type(None))}
 
 
 def _plausible_meta(meta: Any) -> bool:
@@ -186,7 +189,7 @@ class PartStore:
             if not _plausible_meta(res.meta):
                 return None
             if npz.exists():
-                res.arrays = Results.read_arrays(npz, models=[res.meta.get("model"), *res.models])
+                res.arrays = Results.read_arrays(npz, models=[res.meta["model"], *res.models])  # a str: plausible
         except Exception:  # absent, damaged or unreadable: recompute, never trust
             return None
         return res

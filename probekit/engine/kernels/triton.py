@@ -148,8 +148,7 @@ def attention_rows(q, k, v, scale: float, bias, layout: TokenLayout, *, want: se
         sb = bias.stride()
     else:
         sb = (0, 0, 0, 0)
-    vv = v if want_out else k
-    oo = out if want_out else q
+    vv, oo = (v, out) if v is not None and out is not None else (k, q)  # (want_out spelled out for mypy)
     grid = (triton_cdiv(t, bm), b * h)
     kernel[grid](q, k, vv, bias if bias is not None else q, oo, lse, mass, plog, dpx, dgr, pre, hst, e2,
                  *q.stride(), *k.stride(), *vv.stride(), *sb, *oo.stride(),

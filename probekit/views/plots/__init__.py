@@ -145,7 +145,8 @@ def layer_overlay(results: Results | pd.DataFrame, metric: str | None = None, *,
     fig, axes = _grid(1, ax, row_height=3.2)
     a = axes[0]
     colours = _palette(res, names)
-    styles, seen = ["-", "--", ":", "-."], {}
+    styles = ["-", "--", ":", "-."]
+    seen: dict[str, list[str]] = {}  # models drawn so far, per training kind
     for name in names:
         d = s[s["model"].astype(str) == name].sort_values("layer")
         kind = _training(res, name)
