@@ -170,7 +170,7 @@ class OnnxModule(nn.Module):
             if chunk.shape[0] < b:
                 chunk = torch.cat([chunk, chunk[-1:].expand(b - chunk.shape[0], *chunk.shape[1:])])
             parts.append(self._run(chunk, names))
-        for name, a in zip(names, parts[0]):
+        for name, a in zip(names, parts[0], strict=True):
             if np.ndim(a) == 0 or np.shape(a)[0] != b:
                 raise UnsupportedArchitectureError(
                     f"The graph runs a fixed batch of {b} and its output {name!r} {list(np.shape(a))} has no batch "
@@ -205,4 +205,4 @@ def _session(model, input_name: str, extra: list[str], providers=None, batch: in
 def _shapes_at(model, input_name: str, x: torch.Tensor, names: list[str], providers=None) -> dict[str, tuple]:
     """The run-time shapes of the values ``names`` for input ``x`` (one run of a copy of the graph)."""
     out = _session(model, input_name, names, providers).run(x, names)[len(model.graph.output):]
-    return {n: tuple(np.shape(a)) for n, a in zip(names, out)}
+    return {n: tuple(np.shape(a)) for n, a in zip(names, out, strict=True)}

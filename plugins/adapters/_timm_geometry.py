@@ -86,7 +86,7 @@ class StagedFamily:
     mask_units: bool = False
     patch: Callable[[LibraryModule], tuple[int, int]] = lambda m: pair(m.patch_embed.patch_size)
     grid: Callable[[LibraryModule, tuple], tuple[int, int]] = lambda m, size: tuple(
-        s // p for s, p in zip(size, pair(m.patch_embed.patch_size)))
+        s // p for s, p in zip(size, pair(m.patch_embed.patch_size), strict=True))
     image_size: Callable[[LibraryModule], tuple[int, int]] = lambda m: pair(m.patch_embed.img_size)
     hidden_tokens: Callable[[object, tuple], torch.Tensor] | None = None
     hidden_order: Callable[[object], torch.Tensor | None] | None = None
@@ -248,7 +248,7 @@ def _twins_geometry(model, layout: TokenLayout) -> dict:
     ``GlobalSubSampleAttn``: keys from an ``sr x sr`` stride-``sr`` conv, each at its cell's centre
     (``sr`` 1, or a plain ``Attention``: global over the stage's grid)."""
     stages = [SimpleNamespace(blocks=blocks, embed=embed.proj if s else None)
-              for s, (blocks, embed) in enumerate(zip(model.blocks, model.patch_embeds))]
+              for s, (blocks, embed) in enumerate(zip(model.blocks, model.patch_embeds, strict=True))]
     where = dict(image_size=layout.image_size, base_grid=layout.grid)
 
     def make(blk, grid, stride):
@@ -270,7 +270,8 @@ GEOMETRIES = {
                            patch=lambda m: pair(m.patch_embed.proj.stride),
                            grid=lambda m, size: _conv_out(size, m.patch_embed.proj),
                            image_size=lambda m: tuple(f * s for f, s in zip(m.stages[0].feat_size,
-                                                                            pair(m.patch_embed.proj.stride)))),
+                                                                            pair(m.patch_embed.proj.stride),
+                                                                            strict=True))),
     "pit": StagedFamily(_pit_attention, _pit_geometry, prefix=lambda m: ("cls", "dist")[: m.num_tokens],
                         hidden_tokens=block_tokens,
                         patch=lambda m: pair(m.patch_embed.conv.stride),
@@ -286,9 +287,9 @@ GEOMETRIES = {
     "hiera": StagedFamily(*TIMM_HIERA, prefix=lambda m: (), mask_units=True, regroup=True,
                           hidden_tokens=block_tokens, hidden_order=row_major,
                           patch=lambda m: pair(m.patch_stride),
-                          grid=lambda m, size: tuple(s // p for s, p in zip(size, pair(m.patch_stride))),
+                          grid=lambda m, size: tuple(s // p for s, p in zip(size, pair(m.patch_stride), strict=True)),
                           image_size=lambda m: tuple(t * p for t, p in zip(m.tokens_spatial_shape,
-                                                                           pair(m.patch_stride)))),
+                                                                           pair(m.patch_stride), strict=True))),
 }
 
 

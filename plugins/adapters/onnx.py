@@ -232,7 +232,8 @@ class OnnxAdapter(Adapter):
         size = image_size if image_size is None or not isinstance(image_size, int) else (image_size, image_size)
         if size is None:
             if fixed[0] is None or fixed[1] is None:
-                raise ConfigError(f"{source}: the input {image.name!r} has a symbolic size {in_dims}; pass image_size=.")
+                raise ConfigError(f"{source}: the input {image.name!r} has a symbolic size {in_dims}; "
+                                  "pass image_size=.")
             size = (fixed[0], fixed[1])
         size = (int(size[0]), int(size[1]))
         if None not in fixed and size != fixed:
@@ -367,7 +368,7 @@ class OnnxAdapter(Adapter):
         hid = [self._hidden_names[i] for i in layers] if sink.wants_hidden and self.provides_hidden else []
         res = self.model.run(pixel_values, [*attn, *hid])
         n = len(self.model.outputs)
-        outs, got = res[:n], dict(zip([*attn, *hid], res[n:]))
+        outs, got = res[:n], dict(zip([*attn, *hid], res[n:], strict=True))
         dev = pixel_values.device
         for i in layers:
             if attn:

@@ -54,7 +54,7 @@ def mha_qk(mha: nn.MultiheadAttention, args: tuple, kwargs: dict, with_v: bool =
     """What ``mha``'s softmax sees for this call: q, k ``[B, H, T, d]``, scale and mask bias (and v)."""
     if mha.bias_k is not None or mha.add_zero_attn:
         raise UnsupportedArchitectureError("nn.MultiheadAttention with add_bias_kv/add_zero_attn is not supported.")
-    call = {**dict(zip(_MHA_ARGS, args)), **kwargs}
+    call = {**dict(zip(_MHA_ARGS, args, strict=False)), **kwargs}  # some positionals, the rest as keywords
     query = call["query"]
     key = call.get("key", query)
     value = call.get("value", key)
@@ -107,7 +107,7 @@ def _watch_mha(mha: nn.MultiheadAttention, sink: Sink, layer: int):
     """
 
     def forward(*args, **kwargs):
-        call = {**dict(zip(_MHA_ARGS, args)), **kwargs}
+        call = {**dict(zip(_MHA_ARGS, args, strict=False)), **kwargs}  # some positionals, the rest as keywords
         fusable = (not call.get("need_weights", True) and not call.get("is_causal", False)
                    and not (mha.training and mha.dropout > 0))
         attn = mha_qk(mha, args, kwargs, with_v=fusable)
@@ -234,7 +234,8 @@ class OpenClipOptions(AdapterOptions):
     ``open_clip.create_model_and_transforms`` and of the CLIP model (model overrides)."""
 
     img_size: int | tuple[int, int] | None = None
-    passthrough_help = "and keywords of open_clip.create_model_and_transforms or the CLIP model (embed_dim, vision_cfg, ...)"
+    passthrough_help = ("and keywords of open_clip.create_model_and_transforms or the CLIP model "
+                        "(embed_dim, vision_cfg, ...)")
 
     @classmethod
     def passthrough(cls) -> dict[str, type | None]:

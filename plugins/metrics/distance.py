@@ -213,7 +213,8 @@ def _centre_distances(layout: TokenLayout, units: str, device) -> torch.Tensor:
 
 def _check_bins(bins: tuple[float, ...] | None) -> tuple[float, ...] | None:
     """Left bin edges increasing from 0 (a pydantic validator: its ValueError names the rule)."""
-    if bins is not None and (not bins or bins[0] != 0 or any(b <= a for a, b in zip(bins, bins[1:]))):
+    # each edge with the next (bins[1:] is one shorter, hence strict=False)
+    if bins is not None and (not bins or bins[0] != 0 or any(b <= a for a, b in zip(bins, bins[1:], strict=False))):
         raise ValueError("bins must be left edges increasing from 0, e.g. [0, 16, 32, 64]")
     return bins
 

@@ -268,7 +268,7 @@ def cka_between(model_a, model_b, images, *, batch_size: int = 32, pool: str = "
     sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # HSIC_1 sums: a with b, a, b
     la: list[int] = []
     lb: list[int] = []
-    for (_, xa), (_, xb) in zip(*loaders):
+    for (_, xa), (_, xb) in zip(*loaders, strict=True):  # the same images in the same order
         if xa.shape[0] < 4:
             continue
         grams_a, grams_b = [
