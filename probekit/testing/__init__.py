@@ -54,7 +54,7 @@ from probekit.testing.records import CheckRecord, SkipCheck
 from probekit.testing.runner import check_adapter, check_metric, parametrize_with_checks
 
 __all__ = [
-    "CheckRecord", "SkipCheck", "randomize_parameters",
+    "ATOL", "CheckRecord", "SkipCheck", "randomize_parameters",
     "adapter_checks", "metric_checks", "check_adapter", "check_metric", "parametrize_with_checks",
     "check_rows_sum_to_one", "check_layout_matches_tokens", "check_reference_attention",
     "check_batch_independence", "check_tap_keeps_outputs", "check_tap_detaches", "check_wanted_layers",

@@ -90,7 +90,8 @@ def check_rows_sum_to_one(name: str, pm, image_size=None, atol: float = ATOL) ->
     x = kit_input(ad, 2, image_size)
     probs = tapped(ad, x)[0].probs
     geo = ad.geometry(x)
-    assert sorted(probs) == list(range(ad.num_layers)), f"{name}: tapped layers {sorted(probs)}, expected 0..{ad.num_layers - 1}"
+    assert sorted(probs) == list(range(ad.num_layers)), (
+        f"{name}: tapped layers {sorted(probs)}, expected 0..{ad.num_layers - 1}")
     for layer, p in probs.items():
         assert p.dtype == torch.float32, f"{name}: layer {layer} probabilities are {p.dtype}, not float32"
         # windowed layers come as [B * windows, H, Tw, Tw]; staged models have more heads in later stages
@@ -172,11 +173,12 @@ def check_reference_attention(name: str, pm, reference: Callable | None = None, 
     assert sorted(ref) == sorted(got), f"{name}: {source} layers {sorted(ref)} != tapped {sorted(got)}"
     devs = []
     for i in ref:
-        assert got[i].shape == ref[i].shape, f"{name}: layer {i} shape {tuple(got[i].shape)} != {source} {tuple(ref[i].shape)}"
+        assert got[i].shape == ref[i].shape, (
+            f"{name}: layer {i} shape {tuple(got[i].shape)} != {source} {tuple(ref[i].shape)}")
         dev = (got[i].float().cpu() - ref[i].float().cpu()).abs().max().item()
         allowed = max(atol, sink.rounding.get(i, 0.0))  # float32 rounding of large logits (see _KitSink)
-        assert dev <= allowed, (f"{name}: layer {i} attention deviates from {source} by {dev:.3g} (allowed {allowed:.3g})"
-                                + _scale_hint(got[i].cpu(), ref[i].cpu()))
+        assert dev <= allowed, (f"{name}: layer {i} attention deviates from {source} by {dev:.3g} "
+                                f"(allowed {allowed:.3g})" + _scale_hint(got[i].cpu(), ref[i].cpu()))
         devs.append(dev)
     # near-uniform rows (random init) agree whatever the bug: report how peaked they were
     top = min(p.amax(-1).mean().item() * p.shape[-1] for p in got.values())
@@ -206,8 +208,9 @@ def check_tap_keeps_outputs(name: str, pm, atol: float = 1e-5) -> None:
     with torch.inference_mode():
         plain = _tensors(ad.forward(x))
     under = _tensors(tapped(ad, x)[1])
-    assert plain and len(plain) == len(under), f"{name}: forward returned {len(plain)} tensors, {len(under)} under the tap"
-    for i, (a, b) in enumerate(zip(plain, under)):
+    assert plain and len(plain) == len(under), (
+        f"{name}: forward returned {len(plain)} tensors, {len(under)} under the tap")
+    for i, (a, b) in enumerate(zip(plain, under, strict=True)):
         scale = max(1.0, a.abs().max().item())
         _assert_close(name, f"output {i} under the tap (relative)", b / scale, a / scale, atol)
 
@@ -243,10 +246,12 @@ def check_hidden_states(name: str, pm) -> None:
     dims = {h.shape[-1] for h in hid.values()}
     for layer, h in hid.items():
         t = lays[layer].num_tokens
-        assert h.dim() == 3 and h.shape[:2] == (2, t), f"{name}: layer {layer} hidden shape {tuple(h.shape)}, expected [2, {t}, D]"
+        assert h.dim() == 3 and h.shape[:2] == (2, t), (
+            f"{name}: layer {layer} hidden shape {tuple(h.shape)}, expected [2, {t}, D]")
         assert torch.isfinite(h).all(), f"{name}: layer {layer} hidden states are not finite"
         assert sink.hidden_layouts.get(layer, lays[layer]) == lays[layer], (
-            f"{name}: the tap gave layer {layer} the layout {sink.hidden_layouts[layer]}, hidden_layouts() says {lays[layer]}")
+            f"{name}: the tap gave layer {layer} the layout {sink.hidden_layouts[layer]}, "
+            f"hidden_layouts() says {lays[layer]}")
     one_layout = len(set(lays.values())) == 1
     assert len(dims) == 1 or not one_layout, f"{name}: hidden widths differ across layers: {sorted(dims)}"
 

@@ -72,7 +72,8 @@ def _run(metric: Metric, batch: dict, block_mb: float | None = None) -> dict[int
 def _same(name: str, what: str, a: dict, b: dict, atol: float = 1e-5) -> None:
     assert sorted(a) == sorted(b), f"{name}: {what}: layers {sorted(a)} != {sorted(b)}"
     for layer in a:
-        assert a[layer].shape == b[layer].shape, f"{name}: {what}: layer {layer} shapes {tuple(a[layer].shape)} != {tuple(b[layer].shape)}"
+        assert a[layer].shape == b[layer].shape, (
+            f"{name}: {what}: layer {layer} shapes {tuple(a[layer].shape)} != {tuple(b[layer].shape)}")
         dev = (a[layer].double() - b[layer].double()).abs().max().item()
         assert dev <= atol, f"{name}: {what}: layer {layer} differs by {dev:.3g}"
 
@@ -94,7 +95,8 @@ def check_reset_restores_defaults(name: str, metric: Metric) -> None:
     _run(used, _batch())
     used.reset()
     s, f = used.state_dict(), fresh.state_dict()
-    assert s["state"].keys() == f["state"].keys(), f"{name}: state keys after reset {sorted(s['state'])} != fresh {sorted(f['state'])}"
+    assert s["state"].keys() == f["state"].keys(), (
+        f"{name}: state keys after reset {sorted(s['state'])} != fresh {sorted(f['state'])}")
     for k in s["state"]:
         assert _equal_values(s["state"][k], f["state"][k]), f"{name}: state {k!r} not back to its default after reset"
     assert used.options() == fresh.options(), f"{name}: reset changed options"
@@ -139,7 +141,8 @@ def check_state_dict_round_trip(name: str, metric: Metric) -> None:
     b.load_state_dict(copy.deepcopy(state))
     _same(name, "state_dict round trip", b.result(), a.result(), atol=0)
     _same(name, "state_dict round trip (per image)", b.per_image(), a.per_image(), atol=0)
-    assert _equal_values(b.dataset_result(), a.dataset_result()), f"{name}: state_dict round trip changes dataset_result()"
+    assert _equal_values(b.dataset_result(), a.dataset_result()), (
+        f"{name}: state_dict round trip changes dataset_result()")
 
 
 def check_merge_refuses_other_options(name: str, metric: Metric) -> None:
@@ -194,7 +197,7 @@ def _equal_values(a: Any, b: Any) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_equal_values(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_equal_values(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_equal_values(x, y) for x, y in zip(a, b, strict=True))
     try:
         return bool(a == b)
     except Exception:  # an object without a usable ==: treat as changed
@@ -204,7 +207,8 @@ def _equal_values(a: Any, b: Any) -> bool:
 def check_finite_on_random_attention(name: str, metric: Metric) -> None:
     # Random, peaked rows (and rows with exact zeros) must give finite values, not NaN from log(0).
     batch = _batch(seed=5)
-    batch["probs"][0] = torch.softmax(40 * torch.randn(batch["probs"][0].shape, generator=torch.Generator().manual_seed(6)), -1)
+    batch["probs"][0] = torch.softmax(
+        40 * torch.randn(batch["probs"][0].shape, generator=torch.Generator().manual_seed(6)), -1)
     for layer, v in _run(_clone(metric), batch).items():
         assert torch.isfinite(v).all(), f"{name}: non-finite values at layer {layer}"
 
@@ -239,7 +243,8 @@ def check_options_round_trip(name: str, metric: Metric) -> None:
     # type(m)(**m.options()) is how runs rebuild metrics (cache parts, resumed and sharded runs):
     # it must give the same metric, and every option must change the label (and so the cache key).
     twin = _clone(metric)
-    assert twin.options() == metric.options(), f"{name}: options() {twin.options()} after a round trip, not {metric.options()}"
+    assert twin.options() == metric.options(), (
+        f"{name}: options() {twin.options()} after a round trip, not {metric.options()}")
     assert twin.label == metric.label, f"{name}: label {twin.label!r} after a round trip, not {metric.label!r}"
     batch = _batch()
     for key, value in metric.options().items():
@@ -253,7 +258,8 @@ def check_options_round_trip(name: str, metric: Metric) -> None:
             f"{name}: option {key}={others[0]!r} reads back as {changed.options()[key]!r}"
         )
         assert changed.label != metric.label, f"{name}: option {key}={others[0]!r} leaves the label {metric.label!r}"
-        _same(name, f"{key}={others[0]!r} rebuilt from options()", _run(_clone(changed), batch), _run(changed, batch), atol=0)
+        _same(name, f"{key}={others[0]!r} rebuilt from options()", _run(_clone(changed), batch), _run(changed, batch),
+              atol=0)
 
 
 def check_name(name: str, metric: Metric) -> None:
