@@ -192,7 +192,8 @@ class ImageSet:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
     labels: list[str] | None = None  # per image, from a labelled source (probekit.inputs.sources)
     groups: list[str] | None = None
-    refs: list | None = None  # per image, an object with .open() -> PIL and .read() -> its bytes (tar members, dataset rows)
+    # per image, an object with .open() -> PIL and .read() -> its bytes (tar members, dataset rows)
+    refs: list | None = None
     lazy: bool = False  # listed without opening any image: unreadable ones are skipped when decoded
     strict: bool = False  # (lazy sets) an unreadable image stops the run
     origin: dict | None = None  # the source and sampling that listed the set (kept in run.json)
@@ -264,7 +265,9 @@ class ImageSet:
         """``(name, note)`` of images probed with a caveat: a multi-frame image (an animated GIF,
         a multi-page TIFF) is probed at its first frame. Reads the images once (see :meth:`fingerprint`)."""
         self._scan()
-        return [(n, f"{k} frames: only the first was probed") for n, k in zip(self.names, self._frames or []) if k > 1]
+        # a tensor set has no frame counts (nothing to note): hence strict=False
+        return [(n, f"{k} frames: only the first was probed")
+                for n, k in zip(self.names, self._frames or [], strict=False) if k > 1]
 
     def subset(self, indices: Sequence[int]) -> ImageSet:
         def pick(xs):

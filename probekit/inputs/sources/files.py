@@ -146,7 +146,7 @@ class Manifest(Source):
         base = self.path.parent
         paths = [Path(n) if os.path.isabs(n) else base / n for n in names]
         missing, folders = [], []
-        for n, p in zip(names, paths):  # one stat each
+        for n, p in zip(names, paths, strict=True):  # one stat each
             try:
                 if not stat.S_ISREG(os.stat(p).st_mode):
                     folders.append(n)

@@ -102,7 +102,8 @@ class WebDataset(Source):
     def listing(self) -> ImageSet:
         paths = expand_shards(self.shards)
         if not paths:
-            raise ImageError(f"No tar shards match {self.shards}. Give a folder of .tar files, a glob or shard-{{000..009}}.tar.")
+            raise ImageError(f"No tar shards match {self.shards}. Give a folder of .tar files, a glob or "
+                             "shard-{000..009}.tar.")
         seen: dict[str, Path] = {}
         for shard in paths:
             real = os.path.realpath(shard)
@@ -139,7 +140,8 @@ def _read_shard(shard: Path, prefix: str, names: list, refs: list, labels: dict,
         with tarfile.open(shard, mode="r:") as tar:  # uncompressed only: members are read by offset
             for info in tar:
                 stem, ext = _split(info.name)
-                field = "label" if ext.lower() in _LABEL_EXTS else "image" if "." + ext.lower() in IMAGE_SUFFIXES else ""
+                field = ("label" if ext.lower() in _LABEL_EXTS
+                         else "image" if "." + ext.lower() in IMAGE_SUFFIXES else "")
                 if not info.isfile() or not field:
                     continue
                 key = f"{prefix}/{stem}"
@@ -163,8 +165,8 @@ def _read_shard(shard: Path, prefix: str, names: list, refs: list, labels: dict,
         where = f", inside the sample {next(reversed(cut))}" if cut else ""
         skipped.append((display_name(shard), f"truncated tar shard: it ends after {size} bytes{where}, and the "
                         "members past that are missing (copy it again)"))
-        log.warning("%s is truncated (it ends after %d bytes%s): probing its %d intact image(s)%s.", display_name(shard),
-                    size, where, len([k for k in keys if k not in cut]),
+        log.warning("%s is truncated (it ends after %d bytes%s): probing its %d intact image(s)%s.",
+                    display_name(shard), size, where, len([k for k in keys if k not in cut]),
                     f"; skipped, cut short: {', '.join(cut)}" if cut else "")
     for key, field in cut.items():
         skipped.append((key, f"cut short: the shard is truncated inside this sample's {field}"))
