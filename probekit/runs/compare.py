@@ -221,7 +221,8 @@ def _run_record(cfg: RunConfig, run: CheckedRun) -> RunRecord:
 
 
 def _model_parts(run: CheckedRun, i: int, store: PartStore, record: RunRecord, rep: Reporter,
-                 engine_info: EngineModel | None = None, showcase: ImageSet | None = None) -> tuple[list[Results], bool]:
+                 engine_info: EngineModel | None = None,
+                 showcase: ImageSet | None = None) -> tuple[list[Results], bool]:
     """One model's parts, read from the cache or computed and cached (none if it failed), and
     whether all of them came from the cache. ``engine_info``: what another engine recorded
     while it computed this model's parts (they are then read from the store, not cached). With

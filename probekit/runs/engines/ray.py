@@ -247,7 +247,7 @@ def run_ray(run: CheckedRun, store: PartStore, record: RunRecord, rep: Reporter)
     n, fp = len(run.images), record.images.fingerprint
     shards = [(lo, min(lo + res["shard_size"], n)) for lo in range(0, n, res["shard_size"])]
     jobs = _plan(run, store, fp, shards)
-    labels = None if run.images.labels is None else dict(zip(run.images.names, run.images.labels))
+    labels = None if run.images.labels is None else dict(zip(run.images.names, run.images.labels, strict=True))
     for job in jobs:
         job.labels = labels
     record.engine = EngineInfo(name="ray", ray=ray.__version__, address=cfg.address, **res)

@@ -59,7 +59,7 @@ class ProbeReplica:
         from probekit.engine.probe import build_metrics, probe
 
         out = []
-        for pixels, kept, decode_s in zip(batch["pixels"], batch["kept"], batch["decode_s"]):
+        for pixels, kept, decode_s in zip(batch["pixels"], batch["kept"], batch["decode_s"], strict=True):
             t0 = time.perf_counter()
             done = {"kept": np.asarray(kept, np.int64), "decode_s": float(decode_s), "pid": os.getpid()}
             if pixels.ndim != 4:  # every image of the chunk was unreadable
