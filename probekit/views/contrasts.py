@@ -200,7 +200,8 @@ def _pair_rows(cube: pd.DataFrame, metric, unit, ga, gb, ma, mb, n_boot, n_perm,
 
 
 def format_contrast(row: Mapping) -> str:
-    """One line for the CLI: ``layer 3: self-supervised 49.2 px vs supervised 71.0 px, diff -21.8 [-26.1, -17.4], p_holm 0.004``."""
+    """One line for the CLI, e.g.
+    ``layer 3: self-supervised 49.2 px vs supervised 71.0 px, diff -21.8 [-26.1, -17.4], p_holm 0.004``."""
     unit = f" {row['unit']}" if row.get("unit") else ""
 
     def f(x: float) -> str:

@@ -41,7 +41,8 @@ class RunViews:
         each kind the run file asks for by name; of the default list, only when it gives none at all."""
         notes = figure_notes(results, kinds)
         if not explicit and kinds and len(notes) == len(set(kinds)):
-            have = ", ".join(dict.fromkeys([*results.metrics, *(k.rsplit("/", 1)[1] for k in results.arrays if not is_view(k))]))
+            have = ", ".join(dict.fromkeys([*results.metrics,
+                                            *(k.rsplit("/", 1)[1] for k in results.arrays if not is_view(k))]))
             notes = [f"No figures: no figure kind ({', '.join(kinds)}) draws what this run's metrics ({have}) give."]
         elif not explicit:
             notes = []

@@ -33,7 +33,8 @@ def _sns():
     try:
         import matplotlib
 
-        if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND") and "ipykernel" not in sys.modules:
+        if ("matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND")
+                and "ipykernel" not in sys.modules):
             matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         import seaborn as sns
@@ -108,7 +109,7 @@ def _palette(res: Results, models: Sequence[str]) -> dict[str, Any]:
     sns, _ = _sns()
     kinds = list(dict.fromkeys(_training(res, m) for m in models))
     colours = sns.color_palette("colorblind", max(len(kinds), 3))
-    by_kind = dict(zip(kinds, colours))
+    by_kind = dict(zip(kinds, colours, strict=False))  # the palette has at least 3 colours, maybe more than kinds
     return {m: by_kind[_training(res, m)] for m in models}
 
 

@@ -40,7 +40,7 @@ def label_profile(results: Results | pd.DataFrame, metric: str | None = None, *,
     s = summarize(per_image.assign(metric=metric, head=-1), by=("model", "label", "layer"))
     names = list(dict.fromkeys(t["model"].astype(str)))
     fig, axes = _grid(len(names), ax, row_height=2.8)
-    for a, name in zip(axes, names):
+    for a, name in zip(axes, names, strict=False):  # an ax of one's own draws the first model only
         for label in top:
             d = s[(s["model"].astype(str) == name) & (s["label"].astype(str) == label)].sort_values("layer")
             line, = a.plot(d["layer"], d["mean"], marker="o", ms=2, lw=1, label=label)

@@ -81,7 +81,8 @@ def _explorer(run_dir: Path, record: RunRecord, model_index: dict[str, int]) -> 
         if arrays is None or mrec.label not in model_index:
             continue
         entry = {"model": model_index[mrec.label], "key": f"m{len(models)}", "arrays": {},
-                 "shape": list(arrays["attn"].shape), "grid": arrays["grid"].tolist(), "patch": arrays["patch"].tolist(),
+                 "shape": list(arrays["attn"].shape), "grid": arrays["grid"].tolist(),
+                 "patch": arrays["patch"].tolist(),
                  "queries": arrays["queries"].tolist(), "query": str(arrays["query"]),
                  "images": [str(n) for n in arrays["names"]],
                  "bg": ["data:image/jpeg;base64," + base64.b64encode(arrays[f"bg{i}"].tobytes()).decode()
@@ -101,9 +102,11 @@ def _explorer(run_dir: Path, record: RunRecord, model_index: dict[str, int]) -> 
     m0 = models[0]
     h, w = m0["grid"]
     q = len(m0["queries"])
-    stored = (f"Stored for {len(m0['images'])} showcase image(s) ({', '.join(m0['images'])}) and {len(models)} model(s): "
-              f"every layer and head; the attention of {q} query patches of the {h}x{w} grid"
-              + (" (all of them)" if q == h * w else " (a sub-grid: a click shows the nearest stored query, marked by a dot)")
+    stored = (f"Stored for {len(m0['images'])} showcase image(s) ({', '.join(m0['images'])}) "
+              f"and {len(models)} model(s): every layer and head; "
+              f"the attention of {q} query patches of the {h}x{w} grid"
+              + (" (all of them)" if q == h * w
+                 else " (a sub-grid: a click shows the nearest stored query, marked by a dot)")
               + " over all patch keys, each row quantized to uint8 relative to its maximum; the CLS row "
               "(mean query row without CLS) per head and the attention rollout per layer, quantized the same way. "
               "Backgrounds are each model's own preprocessed input.")
@@ -169,8 +172,8 @@ def payload(run_dir: Path, record: RunRecord, results: Results,
     title = record.name if record.name is not None else run_dir.name
     data = {"title": f"probekit report: {title}", "models": models,
             "groups": list(dict.fromkeys(groups[m] for m in names)), "group_by": by, "metrics": metrics,
-            "heads": heads, "layers": layers, "contrasts": crow, "contrast_note": floor, "provenance": prov, "explorer": explorer,
-            "empty_note": empty,
+            "heads": heads, "layers": layers, "contrasts": crow, "contrast_note": floor, "provenance": prov,
+            "explorer": explorer, "empty_note": empty,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return data, blob
 
