@@ -29,7 +29,8 @@ def _tree(module: str) -> ast.Module | None:
         return None
 
 
-def class_constants(target: str, names: tuple[str, ...], base: str = "", defaults: dict | None = None) -> dict[str, str] | None:
+def class_constants(target: str, names: tuple[str, ...], base: str = "",
+                    defaults: dict | None = None) -> dict[str, str] | None:
     """``{name: value}`` for the string literals ``names`` in the class ``"module:Class"`` names.
 
     A name the class body does not set takes ``defaults[name]`` when the class derives from
@@ -50,10 +51,12 @@ def class_constants(target: str, names: tuple[str, ...], base: str = "", default
         return None
     found: dict[str, str] = {}
     for node in cls.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
         value = getattr(node, "value", None)
         for t in targets:
-            if isinstance(t, ast.Name) and t.id in names and isinstance(value, ast.Constant) and isinstance(value.value, str):
+            if (isinstance(t, ast.Name) and t.id in names
+                    and isinstance(value, ast.Constant) and isinstance(value.value, str)):
                 found[t.id] = value.value
     bases = [b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", None) for b in cls.bases]
     if base and bases == [base]:

@@ -339,4 +339,5 @@ class ProbedModel:
         return {**info, **extra}
 
     def __repr__(self) -> str:
-        return f"ProbedModel({self.spec!r}, adapter={self.adapter.name!r}, layers={self.num_layers}, heads={self.num_heads})"
+        return (f"ProbedModel({self.spec!r}, adapter={self.adapter.name!r}, layers={self.num_layers}, "
+                f"heads={self.num_heads})")

@@ -130,7 +130,8 @@ def options_problems(adapter_cls: Any, options: dict[str, Any]) -> tuple[dict[st
     extra = schema.passthrough()
     # pydantic would say only "Extra inputs are not permitted": name each unknown key and its near misses
     unknown = [(str(k), _unknown_key(schema, k)) for k in options if k not in schema.model_fields and k not in extra]
-    rest, problems = _read_passthrough(schema, {k: v for k, v in options.items() if k in extra and k not in schema.model_fields})
+    rest, problems = _read_passthrough(
+        schema, {k: v for k, v in options.items() if k in extra and k not in schema.model_fields})
     problems = unknown + problems
     try:
         model = schema.model_validate({k: v for k, v in options.items() if k in schema.model_fields})
@@ -157,9 +158,10 @@ def check_model_options(adapter_cls: Any, options: dict[str, Any], *, spec: str 
     ...     name, options_schema = "demo", AdapterOptions
     >>> check_model_options(A, {"pretrained": False})
     {'pretrained': False}
-    >>> try: check_model_options(A, {"colour": "blue"})
+    >>> try: check_model_options(A, {"colour": "blue"})  # doctest: +NORMALIZE_WHITESPACE
     ... except ConfigError as e: print(e)
-    Bad option for demo: unknown option 'colour'. Valid options: pretrained: bool (true or false, unquoted) = True; checkpoint: str; image_size: int or a list of int.
+    Bad option for demo: unknown option 'colour'. Valid options: pretrained: bool (true or false, unquoted) = True;
+    checkpoint: str; image_size: int or a list of int.
     """
     opts, problems = options_problems(adapter_cls, options)
     if problems:

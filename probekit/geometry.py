@@ -111,7 +111,8 @@ class LayerGeometry:
 
     def __post_init__(self):
         g, tq, _ = self.query_pos.shape
-        if self.key_pos.shape[0] != g or self.query_kind.shape != (g, tq) or self.key_kind.shape != self.key_pos.shape[:2]:
+        if (self.key_pos.shape[0] != g or self.query_kind.shape != (g, tq)
+                or self.key_kind.shape != self.key_pos.shape[:2]):
             raise LayoutError("LayerGeometry: positions and kinds disagree in shape.")
 
     # -- shape ----------------------------------------------------------------------------------
@@ -180,7 +181,8 @@ class LayerGeometry:
     # -- distances --------------------------------------------------------------------------------
     def distances(self, units: str = "px", device=None, dtype=torch.float32) -> torch.Tensor:
         """Query-key distances ``[G, Tq, Tk]`` in ``units`` (``px``, ``patch``, ``fraction``), cached."""
-        return self.cached(("d", units, str(device), dtype), lambda: self._distances(units).to(device=device, dtype=dtype))
+        return self.cached(("d", units, str(device), dtype),
+                           lambda: self._distances(units).to(device=device, dtype=dtype))
 
     def _distances(self, units: str) -> torch.Tensor:
         diff = self.query_pos[:, :, None, :] - self.key_pos[:, None, :, :]

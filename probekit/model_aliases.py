@@ -11,10 +11,10 @@ a package or a dict::
 
 Each alias maps to ``{spec, family, training, patch_size, weights, options, install}`` (only
 ``spec`` is required). The reserved key ``backends`` maps a backend (spec prefix) to one line
-saying what it loads, shown by ``probekit models``. Nothing here imports torch or a model library, so listings stay fast.
-A built-in alias is never replaced by a plugin's; a clash is reported as a warning. An alias
-given twice in one file is an error that names both lines (a plugin's file is then skipped with
-a warning), never a silent last-wins.
+saying what it loads, shown by ``probekit models``. Nothing here imports torch or a model library,
+so listings stay fast. A built-in alias is never replaced by a plugin's; a clash is reported as a
+warning. An alias given twice in one file is an error that names both lines (a plugin's file is
+then skipped with a warning), never a silent last-wins.
 """
 
 from __future__ import annotations

@@ -94,7 +94,8 @@ def load(name: str, *, label: str | None = None, device=None, dtype=None, **opti
     """
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"A model is named by a string: an alias from `probekit models` or a spec such as "
-                          f"timm:vit_small_patch16_224; got {name!r}. To probe your own nn.Module, use pk.wrap(module).")
+                          f"timm:vit_small_patch16_224; got {name!r}. To probe your own nn.Module, "
+                          "use pk.wrap(module).")
     problem = device_problem(device) if device is not None else None
     if problem:
         raise ConfigError(problem)

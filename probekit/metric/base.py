@@ -56,10 +56,11 @@ named ``peak``, or ``pk.register("metric")`` within one process):
 {0: tensor([1.])}
 >>> type(m)(**m.options()).label
 'peak[keys=all]'
->>> PeakAttention(keys="some")  # doctest: +ELLIPSIS
+>>> PeakAttention(keys="some")  # doctest: +ELLIPSIS +NORMALIZE_WHITESPACE
 Traceback (most recent call last):
 ...
-probekit.errors.ConfigError: Metric 'peak': option keys='some' is invalid (...); keys must be one of 'patches', 'all'. ...
+probekit.errors.ConfigError: Metric 'peak': option keys='some' is invalid (...); keys must be one of
+'patches', 'all'. ...
 >>> PeakAttention().merge(m)  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
@@ -301,7 +302,8 @@ class Metric:
         return self.row_values(probs, layout, rows, **kw).sum(dim=2)
 
     def kernel_row_sum(self, terms, layout: TokenLayout, rows: slice) -> torch.Tensor | None:
-        """Like :meth:`row_sum`, from the fused kernel's per-row sums (a :class:`probekit.engine.kernels.terms.RowTerms`).
+        """Like :meth:`row_sum`, from the fused kernel's per-row sums (a
+        :class:`probekit.engine.kernels.terms.RowTerms`).
 
         Returns None where these options are not served (the engine then takes the blocked path).
         """
@@ -399,7 +401,8 @@ class Metric:
         ``mad[units=patch]`` into ``mad`` would average patches with pixels.
         """
         if isinstance(other, Metric) and type(other) is not type(self):
-            raise ConfigError(f"Cannot merge {type(other).__name__} {other.label} into {type(self).__name__} {self.label}.")
+            raise ConfigError(f"Cannot merge {type(other).__name__} {other.label} into "
+                              f"{type(self).__name__} {self.label}.")
         state = other.state_dict() if isinstance(other, Metric) else other
         self._check_state(state)
         for name, (_, reduce) in self._states.items():
@@ -432,4 +435,5 @@ class Metric:
                 "states of the same metric with the same options."
             )
         if set(state["state"]) != set(self._states):
-            raise ConfigError(f"Cannot merge into {self.label}: state {sorted(state['state'])} != declared {sorted(self._states)}.")
+            raise ConfigError(f"Cannot merge into {self.label}: state {sorted(state['state'])} "
+                              f"!= declared {sorted(self._states)}.")

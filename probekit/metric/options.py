@@ -29,7 +29,8 @@ from pydantic_core import PydanticUndefined
 from probekit.errors import ConfigError, describe_type
 
 __all__ = [
-    "declared_options", "validate_options", "defaults", "format_label", "describe_options", "describe_type", "alternatives",
+    "declared_options", "validate_options", "defaults", "format_label", "describe_options", "describe_type",
+    "alternatives",
 ]
 
 
