@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-
 __all__ = ["LayerAttention", "Workspace", "no_autocast", "row_blocks", "blocks", "sdpa_dtype", "row_dot"]
 
 
@@ -55,7 +54,7 @@ class LayerAttention:
     _qs: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     #: where the per-layer float32 copies of q, k and v go (the engine's :class:`Workspace`: the same
     #: buffers for every layer); None: fresh tensors
-    workspace: "Workspace | None" = field(default=None, repr=False, compare=False)
+    workspace: Workspace | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.probs_given is None and (self.q is None or self.k is None):
@@ -147,7 +146,7 @@ class LayerAttention:
                 logits.add_(b.float())
         return logits
 
-    def probs(self, rows: slice | None = None, workspace: "Workspace | None" = None) -> torch.Tensor:
+    def probs(self, rows: slice | None = None, workspace: Workspace | None = None) -> torch.Tensor:
         """Float32 probabilities of the query rows ``rows`` (all by default): ``[B, H, R, T]``.
 
         Always float32, also under bf16/fp16 autocast (the engine runs taps inside it).
@@ -160,7 +159,7 @@ class LayerAttention:
         return self.block(rows, workspace)[1]
 
     def block(
-        self, rows: slice | None = None, workspace: "Workspace | None" = None, batch: slice | None = None
+        self, rows: slice | None = None, workspace: Workspace | None = None, batch: slice | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """``(logits, probs)`` of the query rows (of the images ``batch``), both float32 ``[B, H, R, T]``.
 
@@ -198,7 +197,7 @@ class LayerAttention:
         buf = self._copy_buffer("v", v)
         self._vf = v.float().contiguous() if buf is None else buf.copy_(v)
 
-    def add_output(self, rows: slice, probs: torch.Tensor, workspace: "Workspace | None" = None,
+    def add_output(self, rows: slice, probs: torch.Tensor, workspace: Workspace | None = None,
                    batch: slice | None = None, row_scale: torch.Tensor | None = None) -> None:
         """Write the output rows ``rows`` (of the images ``batch``): ``probs @ v`` (``probs``: ``[B, H, R, T]``).
 
@@ -290,7 +289,7 @@ def row_dot(a: torch.Tensor, b: torch.Tensor, start: int = 0) -> torch.Tensor:
     t = a.shape[-1]
     if not (a.is_contiguous() and b.is_contiguous()):  # rows cut from a block: per leading index
         if a.dim() > 2:
-            return torch.stack([row_dot(x, y, start) for x, y in zip(a.unbind(0), b.unbind(0))])
+            return torch.stack([row_dot(x, y, start) for x, y in zip(a.unbind(0), b.unbind(0), strict=True)])
         return torch.linalg.vecdot(a[..., start:], b[..., start:])
     af, bf = a.view(-1, t), b.view(-1, t)
     n = af.shape[0]

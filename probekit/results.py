@@ -8,9 +8,8 @@ shaped ``[images, layers, ...]``. Parquet and CSV round-trip without loss.
 
 from __future__ import annotations
 
-from html import escape
-
 import json
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +64,7 @@ def summarize(table: pd.DataFrame, by=("model", "metric", "layer", "head")) -> p
 _MODEL_KEYS = ("spec", "adapter", "layout", "geometry", "training", "model_meta", "dtype", "device")
 
 
-def models_meta(parts: list["Results"]) -> dict[str, dict]:
+def models_meta(parts: list[Results]) -> dict[str, dict]:
     """``{model: {spec, adapter, layout, training, model_meta, dtype, device}}`` from parts'
     metadata (the first part of each model names it): the one per-model record of a table."""
     out: dict[str, dict] = {}
@@ -127,7 +126,7 @@ class Results:
         return t.groupby(["model", "layer"], observed=True)["value"].mean().unstack("layer")
 
     @classmethod
-    def concat(cls, parts: list["Results"]) -> "Results":
+    def concat(cls, parts: list[Results]) -> Results:
         """One Results from several (models, batches or machines)."""
         parts = [p for p in parts if p is not None]
         if not parts:
@@ -173,7 +172,7 @@ class Results:
         return path
 
     @classmethod
-    def read_parquet(cls, path) -> "Results":
+    def read_parquet(cls, path) -> Results:
         """A table written by :meth:`to_parquet`.
 
         Raises:
@@ -193,7 +192,8 @@ class Results:
             raise ConfigError(f"{path} cannot be read as parquet ({exc}). {what}") from None
         missing = [c for c in COLUMNS if c not in tbl.column_names]
         if missing:
-            raise ConfigError(f"{path} is not a probekit results table: it lacks column(s) {', '.join(missing)}. {what}")
+            raise ConfigError(f"{path} is not a probekit results table: it lacks column(s) {', '.join(missing)}. "
+                              f"{what}")
         meta = json.loads((tbl.schema.metadata or {}).get(_META_KEY, b"{}"))
         try:
             return cls(tbl.to_pandas(), meta=meta)
@@ -209,7 +209,7 @@ class Results:
         return path
 
     @classmethod
-    def read_csv(cls, path) -> "Results":
+    def read_csv(cls, path) -> Results:
         path = Path(path)
         # names such as "NA" stay strings; an empty value is a NaN (e.g. head_similarity of one head)
         df = pd.read_csv(path, dtype={"model": str, "image": str, "metric": str}, keep_default_na=False,

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from probekit.engine.kernels import triton as kernel
 from probekit.attention import SCRATCH_BYTES, LayerAttention, Workspace, blocks, no_autocast
-from probekit.engine.kernels.policy import ATTENTION_PASSES, one_pass
+from probekit.engine.grouped import reduce_groups
+from probekit.engine.kernels import triton as kernel
 from probekit.engine.kernels.block_terms import layer_terms, softmax_with_terms, terms_served
+from probekit.engine.kernels.policy import ATTENTION_PASSES, one_pass
 from probekit.errors import ConfigError
 from probekit.geometry import LayerGeometry, ModelGeometry
-from probekit.engine.grouped import reduce_groups
 from probekit.metric import Metric
 from probekit.tokens import TokenLayout
 

@@ -17,8 +17,9 @@ import hashlib
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -129,8 +130,9 @@ def capture(pm: Any, images: Any, budget_bytes: int) -> dict[str, np.ndarray]:
             pm.adapter.forward(x)
         maps = sink.roll.on_batch_end()
         layers = sorted(sink.rows)
-        per_image.append((np.stack([sink.rows[l] for l in layers]), np.stack([sink.cls[l] for l in layers]),
-                          np.stack([maps[l][0].reshape(-1).cpu().numpy() for l in layers])))
+        per_image.append((np.stack([sink.rows[layer] for layer in layers]),
+                          np.stack([sink.cls[layer] for layer in layers]),
+                          np.stack([maps[layer][0].reshape(-1).cpu().numpy() for layer in layers])))
         out[f"bg{i}"] = np.frombuffer(_background(x[0]), dtype=np.uint8)
     for j, name in enumerate(("attn", "cls", "rollout")):
         q, s = _quantize(np.stack([p[j] for p in per_image]))

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from probekit._io.atomic import write_text_atomic
-from probekit.errors import ConfigError, ProbekitError
 from probekit._io.fileid import file_digest, files_identity
+from probekit.errors import ConfigError, ProbekitError
 from probekit.inputs.view import metric_arrays
-from probekit.runs.plugin_files import files_digest, plugin_files
 from probekit.results import Results
+from probekit.runs.plugin_files import files_digest, plugin_files
 
 if TYPE_CHECKING:
     from probekit.adapter import Adapter
@@ -115,7 +115,8 @@ def part_key(spec: str, options: dict, fingerprint: str, metric: Any, dtype: str
     prefix = spec.partition(":")[0]
     ident = {
         "format": _PART_FORMAT,
-        "probekit": versions.get("probekit", "0+unknown"),  # a new release may compute differently: never reuse across versions
+        # a new release may compute differently: never reuse across versions
+        "probekit": versions.get("probekit", "0+unknown"),
         "probekit_files": _probekit_files(),  # nor a checkout or reinstall that changed its engine
         "libraries": versions,  # nor across torch/timm/transformers/... upgrades (defaults, kernels)
         "adapter": plugin_identity("adapter", prefix, _adapter_class(spec)),

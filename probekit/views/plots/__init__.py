@@ -19,20 +19,33 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
 from probekit._io.atomic import atomic_path, write_text_atomic
 from probekit.errors import ConfigError
-from probekit.views.plots._common import WIDTH, _as_results, _axis_label, _geometry, _grid, _layout, _palette, _pick_metric, _reference, _rows, _sns, _training, uniform_attention_value
-from probekit.views.plots.labels import label_profile
 from probekit.inputs.view import is_view, view_key
-from probekit.views.plots.maps import attention_maps
 from probekit.results import Results, summarize
 from probekit.runs.rundir import STAMPS  # written beside the figures: the inputs each was drawn from
+from probekit.views.plots._common import (
+    _as_results,
+    _axis_label,
+    _geometry,
+    _grid,
+    _layout,
+    _palette,
+    _pick_metric,
+    _reference,
+    _rows,
+    _sns,
+    _training,
+    uniform_attention_value,
+)
+from probekit.views.plots.labels import label_profile
+from probekit.views.plots.maps import attention_maps
 
 __all__ = [
     "depth_profile", "layer_overlay", "head_heatmap", "summary_points", "attention_maps",
@@ -218,7 +231,7 @@ def summary_points(results: Results | pd.DataFrame, metric: str | None = None, *
     for name in names:
         d = t[t["model"] == name]
         chosen = _chosen_layers(sorted(d["layer"].unique().tolist()), layers)
-        picked.append(d[d["layer"].isin(list(chosen))].assign(where=lambda x: x["layer"].map(chosen)))
+        picked.append(d[d["layer"].isin(list(chosen))].assign(where=lambda x, chosen=chosen: x["layer"].map(chosen)))
     d = pd.concat(picked, ignore_index=True)
     s = summarize(d.assign(metric=metric, head=-1), by=("model", "where"))
     order = sorted(dict.fromkeys(d["where"]), key=lambda w: ("first", "middle", "last").index(w)
