@@ -178,9 +178,10 @@ def reading_checkpoint(path) -> Iterator[None]:
 def _chain(exc: BaseException) -> list[BaseException]:
     """``exc`` and the errors it was raised from (a library wraps torch's error in its own)."""
     out: list[BaseException] = []
-    while exc is not None and exc not in out:
-        out.append(exc)
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    cur: BaseException | None = exc
+    while cur is not None and cur not in out:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
     return out
 
 

@@ -20,6 +20,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("timm")
@@ -100,3 +101,33 @@ def test_the_sigterm_handler_is_the_callers_again_after_a_run(tmp_path, toy_back
     compare({"models": ["toy:vit"], "images": {"path": "sample", "count": 1}, "metrics": ["mad"],
              "figures": []}, out=tmp_path / "out", report=False)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+
+class _Stuck(torch.utils.data.Dataset):
+    """Items past the first two take a minute: a worker is busy when the run stops."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):
+        if i >= 2:
+            time.sleep(60)
+        return torch.zeros(1)
+
+
+def test_a_stopped_loop_ends_its_busy_workers_though_they_ignore_sigterm():
+    """Workers ignore SIGTERM (SLURM signals the whole group), so torch's shutdown (terminate after
+    a 5 s join) leaves a busy one running, and multiprocessing's exit hook (terminate, then an
+    unbounded join) would wait for it forever: the probe's loop kills what torch's shutdown left."""
+    from probekit.engine import probe as engine
+
+    loader = torch.utils.data.DataLoader(_Stuck(), batch_size=1, num_workers=2,
+                                         worker_init_fn=engine._leave_sigterm_to_the_run)
+    batches = engine._batches(loader)
+    next(batches)
+    workers = list(batches._workers)
+    t0 = time.perf_counter()
+    engine._close(batches)
+    assert [w.is_alive() for w in workers] == [False, False]
+    assert time.perf_counter() - t0 < 30

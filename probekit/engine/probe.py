@@ -240,20 +240,43 @@ def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: in
     done: list[int] = []
     loader = _loader(pm, plan.images, batch_size, num_workers, pin=dev.type == "cuda")
     # eval mode (no dropout) for the run; a wrapped module gets its own mode back, also on error
-    with torch.inference_mode(), pm.adapter.evaluating(), pm.adapter.tap(sink), _autocast(dev, plan.dtype):
-        for idx, x in _batches(loader):
-            if x is None:  # every image of the batch unreadable (lazily listed sources only)
-                continue
-            x = x.to(dev, non_blocking=True)
-            if views is not None and sum(map(len, views)) < VIEW_IMAGES:
-                views.append(rgb(x[: VIEW_IMAGES - sum(map(len, views))]))
-            sink.start(pm.layout(x), pm.geometry(x))
-            pm.adapter.forward(x)
-            sink.finish()
-            done.extend(int(i) for i in idx)
-            if progress is not None:
-                progress(len(done), len(plan.images))
+    batches = _batches(loader)
+    try:
+        with torch.inference_mode(), pm.adapter.evaluating(), pm.adapter.tap(sink), _autocast(dev, plan.dtype):
+            for idx, x in batches:
+                if x is None:  # every image of the batch unreadable (lazily listed sources only)
+                    continue
+                x = x.to(dev, non_blocking=True)
+                if views is not None and sum(map(len, views)) < VIEW_IMAGES:
+                    views.append(rgb(x[: VIEW_IMAGES - sum(map(len, views))]))
+                sink.start(pm.layout(x), pm.geometry(x))
+                pm.adapter.forward(x)
+                sink.finish()
+                done.extend(int(i) for i in idx)
+                if progress is not None:
+                    progress(len(done), len(plan.images))
+    finally:
+        _close(batches)
     return done
+
+
+def _close(batches: Any) -> None:
+    """End a loader iterator's worker processes now, also when the run was interrupted.
+
+    Why: workers ignore SIGTERM (:func:`_leave_sigterm_to_the_run`). An interrupted loop leaves its
+    iterator referenced by the traceback, so torch would shut the workers down only when it is
+    collected, possibly after ``multiprocessing``'s exit hook, whose ``terminate()`` (a SIGTERM)
+    they ignore and whose ``join()`` then waits forever. A worker still alive after torch's own
+    shutdown is killed (SIGKILL cannot be ignored).
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is None:  # no worker processes (num_workers=0)
+        return
+    shutdown()
+    for worker in getattr(batches, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
 
 
 def _provenance(plan: _Plan, layout: TokenLayout | None, batch_size: int, seconds: float,

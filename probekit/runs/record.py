@@ -217,7 +217,7 @@ class RunRecord(_Record):
 
 def failed_at(exc: BaseException, stage: str) -> None:
     """Mark ``exc`` as raised while a model was at ``stage`` (``load`` or ``run``: see :func:`record_failure`)."""
-    exc.probekit_stage = stage  # type: ignore[attr-defined]
+    setattr(exc, "probekit_stage", stage)  # noqa: B010  (an attribute exceptions do not declare)
 
 
 class _Told(Protocol):
