@@ -131,3 +131,25 @@ def test_a_stopped_loop_ends_its_busy_workers_though_they_ignore_sigterm():
     engine._close(batches)
     assert [w.is_alive() for w in workers] == [False, False]
     assert time.perf_counter() - t0 < 30
+
+
+def test_a_signal_while_the_loaders_queues_are_in_use_is_delivered_right_after():
+    """A handler that raises inside multiprocessing.Queue.put would leave the queue's lock taken and
+    the loader's shutdown waiting on it forever (a SIGTERM'd run that never exited): the engine holds
+    SIGTERM and SIGINT while it uses the loader, then hands them to the handler that was installed."""
+    from probekit.engine import probe as engine
+
+    calls: list[str] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append("handler"))
+    try:
+        with engine._signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            calls.append("block done")
+        assert calls == ["block done", "handler"]
+        assert signal.getsignal(signal.SIGTERM) is not engine._signals_deferred  # the caller's handler is back
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert calls == ["block done", "handler", "handler"]
+    finally:
+        signal.signal(signal.SIGTERM, before)

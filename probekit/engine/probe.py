@@ -11,8 +11,10 @@ callback (the CLI passes a rich progress bar).
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,10 +242,17 @@ def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: in
     done: list[int] = []
     loader = _loader(pm, plan.images, batch_size, num_workers, pin=dev.type == "cuda")
     # eval mode (no dropout) for the run; a wrapped module gets its own mode back, also on error
-    batches = _batches(loader)
+    batches = None
     try:
+        with _signals_deferred():
+            batches = _batches(loader)
         with torch.inference_mode(), pm.adapter.evaluating(), pm.adapter.tap(sink), _autocast(dev, plan.dtype):
-            for idx, x in batches:
+            while True:
+                with _signals_deferred():  # the loader's queues: never interrupted halfway (see there)
+                    item = next(batches, None)
+                if item is None:
+                    break
+                idx, x = item
                 if x is None:  # every image of the batch unreadable (lazily listed sources only)
                     continue
                 x = x.to(dev, non_blocking=True)
@@ -256,8 +265,44 @@ def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: in
                 if progress is not None:
                     progress(len(done), len(plan.images))
     finally:
-        _close(batches)
+        if batches is not None:
+            with _signals_deferred():
+                _close(batches)
     return done
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT held for the block and delivered right after it, to whatever handler was
+    installed (a run's: Ctrl-C's KeyboardInterrupt, SIGTERM's Terminated).
+
+    Why: a handler that raises can fire inside ``multiprocessing.Queue.put`` after it took the
+    queue's lock; the lock stays taken, and the DataLoader's shutdown then waits on it forever
+    (seen: a SIGTERM'd run that printed its resume line and never exited). The loader's queues
+    are used only in such blocks, which last one batch's fetch at most. Main thread only (where
+    Python runs signal handlers).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[tuple[int, Any]] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        held.append((signum, frame))
+
+    before: dict[int, Any] = {s: signal.signal(s, hold) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        if held:
+            signum, frame = held[0]
+            handler = before[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def _close(batches: Any) -> None:
