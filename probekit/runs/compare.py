@@ -318,20 +318,7 @@ def run_comparison(config_or_path: Any, out: str | Path | None = None, *, report
             ``report.html`` and the explorer's arrays, see :class:`Views`); None: the numbers only.
         **flags: run settings over the file's (``batch_size``, ``device``, ``dtype``, ...).
 
-    Returns:
-        A :class:`Comparison` with ``.results``, ``.figures``, ``.run_dir``, ``.failures``,
-        ``.nonfinite`` and ``.status``.
-
-    Raises:
-        ConfigError, ImageError, UnknownNameError: before any model is loaded.
-        RunDirBusyError: another run is writing the same directory.
-        WriteError: the directory is not writable, or the disk is full (finished parts are kept).
-        KeyboardInterrupt: after writing what finished; the same call resumes. SIGTERM raises
-            :class:`~probekit.runs.interrupt.Terminated` (a KeyboardInterrupt) the same way.
-
-    >>> import probekit as pk                                   # doctest: +SKIP
-    >>> cmp = pk.compare("configs/quickstart.yaml")             # doctest: +SKIP
-    >>> cmp.results.summary().head()                            # doctest: +SKIP
+    Returns and raises as :func:`probekit.api.compare` says (``pk.compare``, this with its views).
     """
     given = _as_config(config_or_path)
     explicit_figures = "figures" in given.model_fields_set  # the file's own list, not the default
