@@ -41,6 +41,7 @@ from probekit.views.plots._common import (
     _reference,
     _rows,
     _sns,
+    _title,
     _training,
     uniform_attention_value,
 )
@@ -96,19 +97,17 @@ def depth_profile(results: Results | pd.DataFrame, metric: str | None = None, *,
     Returns:
         ``(fig, axes)``: one axes per model (a single axes when ``ax`` was given).
     """
-    sns, _ = _sns()
     res, metric, t, names = _per_head_rows(results, metric, models, "a depth profile")
     heads = t.groupby(["model", "layer", "head"], observed=True)["value"].mean().reset_index()
     fig, axes = _grid(1 if ax is not None else len(names), ax)
     colours = _palette(res, names)
+    head_colours = _head_colours(int(heads["head"].max()) + 1)
     for i, name in enumerate(names):
         a = axes[0] if ax is not None else axes[i]
         d = heads[heads["model"] == name]
-        n_heads = int(d["head"].max()) + 1
-        pal = sns.color_palette("colorblind", min(n_heads, 10))
-        cols = [pal[h % len(pal)] for h in d["head"]] if ax is None else colours[name]
+        cols = [head_colours[h] for h in d["head"]] if ax is None else colours[name]
         a.scatter(d["layer"], d["value"], s=12, c=cols, alpha=0.8, linewidths=0,
-                  label=name if ax is not None else None)
+                  label=_title(res, name) if ax is not None else None)
         ref = _reference(res, name, metric)
         if isinstance(ref, list):  # windows, pooled keys, stages: the uniform level of each layer
             a.plot(range(len(ref)), ref, ls="--", lw=1, color="0.4", drawstyle="steps-mid",
@@ -122,14 +121,38 @@ def depth_profile(results: Results | pd.DataFrame, metric: str | None = None, *,
         for s in a.stage_starts:  # where the grid changes (patch merging, pooled queries)
             a.axvline(s - 0.5, ls=":", lw=0.8, color="0.6")
         if ax is None:
-            a.set_title(f"{name}\n({_training(res, name)})", fontsize=8)
+            a.set_title(_title(res, name), fontsize=8)
         a.set_xlabel("layer")
         a.xaxis.set_major_locator(_int_locator())
     for a in (axes[:1] if ax is not None else axes[:: min(len(names), 3)]):
         a.set_ylabel(_axis_label(res, metric))
     if ax is not None:
         ax.legend(fontsize=7, frameon=False)
+    else:  # what the colours and lines mean, once for every panel
+        _depth_key(fig, axes, head_colours, [int(h) for h in sorted(heads["head"].unique())])
     return fig, (axes[0] if ax is not None else axes)
+
+
+def _head_colours(n: int) -> list:
+    """One colour per head index: the colour-blind palette up to 10 heads, evenly spaced hues beyond
+    (never two heads of one panel in one colour)."""
+    sns, _ = _sns()
+    return list(sns.color_palette("colorblind" if n <= 10 else "husl", n))
+
+
+def _depth_key(fig, axes, head_colours: list, heads: list[int]) -> None:
+    """The depth profile's legend under the panels: a marker per head colour, the dashed reference
+    line and the dotted stage boundaries where drawn."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="", marker="o", ms=4, color=head_colours[h], label=f"head {h}") for h in heads]
+    if any(getattr(a, "ref_value", None) is not None for a in axes):
+        handles.append(Line2D([], [], ls="--", lw=1, color="0.4", label="uniform attention (no locality)"))
+    if any(getattr(a, "stage_starts", None) for a in axes):
+        handles.append(Line2D([], [], ls=":", lw=0.8, color="0.6", label="new stage"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False,
+               handletextpad=0.2, columnspacing=0.9, title="one dot per head (mean over images); colour: head index",
+               title_fontsize=7)
 
 
 def _int_locator():
@@ -165,15 +188,28 @@ def layer_overlay(results: Results | pd.DataFrame, metric: str | None = None, *,
         kind = _training(res, name)
         ls = styles[seen.setdefault(kind, []).__len__() % len(styles)]
         seen[kind].append(name)
-        a.plot(d["layer"], d["mean"], ls=ls, marker="o", ms=3, color=colours[name], label=f"{name} ({kind})")
+        a.plot(d["layer"], d["mean"], ls=ls, marker="o", ms=3, color=colours[name], label=_title(res, name))
         lo, hi = d["ci_low"].fillna(d["mean"]), d["ci_high"].fillna(d["mean"])
         a.fill_between(d["layer"], lo, hi, color=colours[name], alpha=0.2, linewidth=0)
+    _reference_lines(a, res, names, metric)
     a.set_xlabel("layer")
     a.set_ylabel(_axis_label(res, metric))
     a.xaxis.set_major_locator(_int_locator())
     a.legend(fontsize=7, frameon=False)
     a.set_title("mean over heads, 95% CI over images", fontsize=8)
     return fig, a
+
+
+def _reference_lines(a, res: Results, names: list[str], metric: str) -> None:
+    """Thin dashed lines at each distinct single reference value of ``names`` (uniform attention),
+    labelled once; per-layer references (windows, stages) are left to the depth profile."""
+    seen: list[float] = []
+    for name in names:
+        ref = _reference(res, name, metric)
+        if isinstance(ref, float) and not any(abs(ref - v) <= 1e-6 * max(1.0, abs(v)) for v in seen):
+            a.axhline(ref, ls="--", lw=0.8, color="0.45", zorder=0,
+                      label="uniform attention (no locality)" if not seen else None)
+            seen.append(ref)
 
 
 def head_heatmap(results: Results | pd.DataFrame, metric: str | None = None, *, models=None, ax=None):
@@ -240,11 +276,20 @@ def summary_points(results: Results | pd.DataFrame, metric: str | None = None, *
     a = axes[0]
     pal = sns.color_palette("colorblind", max(len(order), 3))
     width = 0.6 / max(len(order), 1)
+    at = d.groupby(["model", "where"], observed=True)["layer"].first()  # the layer index each point is
     for j, where in enumerate(order):
         sw = s[s["where"] == where].set_index("model").reindex(names)
         x = np.arange(len(names)) + (j - (len(order) - 1) / 2) * width
         err = np.vstack([sw["mean"] - sw["ci_low"], sw["ci_high"] - sw["mean"]]).clip(min=0)
-        a.errorbar(x, sw["mean"], yerr=np.nan_to_num(err), fmt="o", ms=4, capsize=2, color=pal[j], label=where)
+        idx = [int(at[(n, where)]) for n in names if (n, where) in at.index]
+        same = len(set(idx)) == 1 and not where.startswith("layer")
+        label = f"{where} (layer {idx[0]})" if same else where
+        a.errorbar(x, sw["mean"], yerr=np.nan_to_num(err), fmt="o", ms=4, capsize=2, color=pal[j], label=label)
+        if not same and not where.startswith("layer"):  # depths differ: each point names its layer
+            for xi, n, m in zip(x, names, sw["mean"], strict=True):
+                if (n, where) in at.index and np.isfinite(m):
+                    a.annotate(f"L{int(at[(n, where)])}", (xi, m), xytext=(4, 0), textcoords="offset points",
+                               fontsize=6, va="center", color=pal[j])
     a.set_xticks(np.arange(len(names)), names, rotation=20, ha="right", fontsize=7)
     a.set_ylabel(_axis_label(res, metric))
     a.legend(fontsize=7, frameon=False, title="layer", title_fontsize=7)
@@ -299,7 +344,7 @@ def _stamp(results: Results, metric: str, kind: str, extra: object = None) -> st
     return h.hexdigest()[:20]
 
 
-_FIGURE_FORMAT = 3  # bump when a figure's drawing changes: every figure is then redrawn once
+_FIGURE_FORMAT = 4  # bump when a figure's drawing changes: every figure is then redrawn once
 _JOBS: dict = {}  # what forked drawing workers read (inherited, never pickled)
 
 

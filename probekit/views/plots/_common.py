@@ -23,7 +23,7 @@ from probekit.results import Results
 if TYPE_CHECKING:
     from probekit.tokens import TokenLayout  # torch: imported when a figure needs it (_as_layout)
 
-__all__ = ["uniform_attention_value", "WIDTH"]
+__all__ = ["uniform_attention_value", "WIDTH", "display_name", "LABEL_COLOURS"]
 
 WIDTH = 7.0  # inches: a two-column paper page
 
@@ -102,6 +102,29 @@ def _rows(res: Results, metric: str, models: Sequence[str] | None) -> pd.DataFra
     if models is not None:
         t = t[t["model"].isin(list(models))]
     return t
+
+
+def display_name(name: str, group: str | None) -> str:
+    """``name (group)``, or ``name`` alone when the group says nothing new: unknown, or already
+    in the name ("ViT-S/14 random init", never "ViT-S/14 random init (random init)").
+
+    >>> display_name("ViT-S/14 random init", "random init"), display_name("DINOv2", "self-supervised")
+    ('ViT-S/14 random init', 'DINOv2 (self-supervised)')
+    """
+    if not group or group == "unknown" or group.lower() in name.lower():
+        return name
+    return f"{name} ({group})"
+
+
+def _title(res: Results, model: str) -> str:
+    """A model's name with its training kind, as :func:`display_name` writes it."""
+    return display_name(model, _training(res, model))
+
+
+# Colours of image labels (classes): Paul Tol's "muted" scheme, colour-blind safe and sharing no
+# colour with the models' palette (seaborn "colorblind"), so a class never reads as a model.
+LABEL_COLOURS = ("#332288", "#88CCEE", "#44AA99", "#117733", "#999933", "#DDCC77", "#CC6677", "#882255",
+                 "#AA4499", "#DDDDDD", "#661100", "#6699CC")
 
 
 def _palette(res: Results, models: Sequence[str]) -> dict[str, Any]:

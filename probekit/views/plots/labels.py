@@ -11,7 +11,16 @@ import pandas as pd
 
 from probekit.errors import ConfigError
 from probekit.results import Results, summarize
-from probekit.views.plots._common import _as_results, _axis_label, _grid, _pick_metric, _rows, _sns
+from probekit.views.plots._common import (
+    LABEL_COLOURS,
+    _as_results,
+    _axis_label,
+    _grid,
+    _pick_metric,
+    _rows,
+    _sns,
+    _title,
+)
 
 __all__ = ["label_profile", "MAX_LABELS"]
 
@@ -20,6 +29,9 @@ MAX_LABELS = 12  # more lines than this cannot be told apart: the most frequent 
 
 def label_profile(results: Results | pd.DataFrame, metric: str | None = None, *, models=None, ax=None):
     """Per-layer mean over heads, a line per label with a 95% CI band over its images; a panel per model.
+
+    Labels take their own colours (:data:`~probekit.views.plots._common.LABEL_COLOURS`), none of
+    them a model's, and their legend sits under the panels.
 
     Raises:
         ConfigError: the results have no ``label`` column (the images came from an unlabelled source).
@@ -40,14 +52,24 @@ def label_profile(results: Results | pd.DataFrame, metric: str | None = None, *,
     s = summarize(per_image.assign(metric=metric, head=-1), by=("model", "label", "layer"))
     names = list(dict.fromkeys(t["model"].astype(str)))
     fig, axes = _grid(len(names), ax, row_height=2.8)
+    from matplotlib.ticker import MaxNLocator
+
+    counts = t.drop_duplicates("image")["label"].astype(str).value_counts()
     for a, name in zip(axes, names, strict=False):  # an ax of one's own draws the first model only
-        for label in top:
+        for k, label in enumerate(top):
             d = s[(s["model"].astype(str) == name) & (s["label"].astype(str) == label)].sort_values("layer")
-            line, = a.plot(d["layer"], d["mean"], marker="o", ms=2, lw=1, label=label)
+            colour = LABEL_COLOURS[k % len(LABEL_COLOURS)]
+            a.plot(d["layer"], d["mean"], marker="o", ms=2, lw=1, color=colour, label=f"{label} ({counts[label]})")
             a.fill_between(d["layer"], d["ci_low"].fillna(d["mean"]), d["ci_high"].fillna(d["mean"]),
-                           color=line.get_color(), alpha=0.15, linewidth=0)
-        a.set_title(name, fontsize=8)
+                           color=colour, alpha=0.15, linewidth=0)
+        a.set_title(_title(res, name), fontsize=8)
         a.set_xlabel("layer")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel(_axis_label(res, metric))
-    axes[0].legend(fontsize=6, frameon=False, title="label", title_fontsize=6)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if ax is not None:
+        axes[0].legend(fontsize=6, frameon=False, title="label (images)", title_fontsize=6)
+    else:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=7,
+                   frameon=False, title="label (images); band: 95% CI over that label's images", title_fontsize=7)
     return fig, axes

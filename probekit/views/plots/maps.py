@@ -61,6 +61,11 @@ def attention_maps(results: Results, metric: str | None = None, *, images: int =
         fig, axes = ax.figure, np.array([[ax]])
         keys, n_img = keys[:1], 1
     first_names: list[str] | None = None
+    # one colour scale for every map of the figure, so a near-uniform map never looks as hot as a peaked one
+    shown = [_to_grid(results.arrays[k][c, layer], _layout(results, k.rsplit("/", 1)[0]))
+             for k in keys for c in range(n_img)]
+    vmax = max((float(np.nanmax(g)) for g in shown if np.isfinite(g).any()), default=1.0) or 1.0
+    mappable = None
     for r, key in enumerate(keys):
         model = key.rsplit("/", 1)[0]
         lay = _layout(results, model)
@@ -76,7 +81,8 @@ def attention_maps(results: Results, metric: str | None = None, *, images: int =
                 # the patch grid covers the input from its top left (a size the patch does not divide is floored)
                 extent = (0, lay["grid"][1] * lay["patch_size"][1], lay["grid"][0] * lay["patch_size"][0], 0) \
                     if lay and tuple(lay["grid"]) == grid.shape else (0, w, h, 0)
-            a.imshow(grid, cmap="inferno", alpha=0.6 if extent else 1.0, extent=extent, interpolation="nearest")
+            mappable = a.imshow(grid, cmap="inferno", alpha=0.6 if extent else 1.0, extent=extent,
+                                interpolation="nearest", vmin=0.0, vmax=vmax)
             a.set_xticks([])
             a.set_yticks([])
             if c < len(names) and (r == 0 or names != first_names):
@@ -84,6 +90,9 @@ def attention_maps(results: Results, metric: str | None = None, *, images: int =
             if c == 0:
                 a.set_ylabel(model, fontsize=7)
         first_names = names if first_names is None else first_names
+    if mappable is not None:
+        fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.8, pad=0.01,
+                     label=f"{metric} (one scale for all maps)")
     if ax is None:
         n_layers = results.arrays[keys[0]].shape[1]
         fig.suptitle(f"{metric}, layer {layer % n_layers} of 0..{n_layers - 1}", fontsize=8)
