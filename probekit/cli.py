@@ -374,13 +374,11 @@ def _print_contrasts(table: Any) -> None:
     """One line per metric, layer and pair of groups (the statistics of ``contrasts.csv``)."""
     if table is None or not len(table):
         return
-    from probekit.views.contrasts import format_contrast
+    from probekit.views.contrasts import contrast_header, format_contrast
 
     for (metric, ga, gb), rows in table.groupby(["metric", "group_a", "group_b"], sort=False):
-        n = int(rows["n_images"].iloc[0])
-        floor = f"; with {n} images no p can go below {2 / 2**n:.3g}" if 2**n <= int(rows["n_perm"].iloc[0]) else ""
-        _consoles.out.print(f"[bold]{escape(metric)}: {escape(ga)} vs {escape(gb)}[/] (bootstrap 95% CI over images, "
-                            f"sign-flip p, Holm over {len(rows)} layers{floor})", highlight=False)
+        _consoles.out.print(f"[bold]{escape(metric)}: {escape(ga)} vs {escape(gb)}[/] "
+                            f"({escape(contrast_header(rows))})", highlight=False)
         for _, row in rows.iterrows():
             _consoles.out.print("  " + format_contrast(row), markup=False, highlight=False)
 

@@ -161,7 +161,8 @@ class MetricEntry(_Strict):
 
 
 class ReportEntry(_Strict):
-    """The HTML report: which images the attention explorer shows, its byte budget, the contrast grouping."""
+    """The HTML report: which images the attention explorer shows, its byte budget, the contrast grouping
+    and inference scope."""
 
     #: how many images (the first ones) or which image names the explorer stores
     showcase: int | list[str] = Field(default=3)
@@ -170,6 +171,9 @@ class ReportEntry(_Strict):
     explorer_mb: float = Field(default=4.0, gt=0, le=64)
     #: the model field that groups models for the statistics: ``training`` or one of the models' ``tags``
     group_by: str = "training"
+    #: what the contrasts' CI, p and effect size generalise over: ``images`` (these models; images as the
+    #: sample) or ``models`` (each group's models as a sample of such models; needs 3 models or more)
+    inference: Literal["images", "models"] = "images"
 
     @field_validator("showcase")
     @classmethod

@@ -57,7 +57,7 @@ class RunViews:
         table = html = None
         try:
             groups = record_groups(record, results.models, cfg.report.group_by)
-            table = contrasts(results, groups, seed=cfg.seed)
+            table = contrasts(results, groups, inference=cfg.report.inference, seed=cfg.seed)
             write_text_atomic(rd.output("contrasts.csv"), table.to_csv(index=False, float_format="%.6g"))
             record.timing("contrasts_s", time.perf_counter() - t0)
             t0 = time.perf_counter()

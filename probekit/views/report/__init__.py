@@ -32,7 +32,8 @@ def rebuild(run_dir: str | Path) -> Path:
         results = load_run_dir(rd.path)
         by = record.report.group_by if record.report is not None else "training"
         groups = record_groups(record, results.models, by)
-        table = contrasts(results, groups, seed=record.config.get("seed", 0))
+        inference = (record.config.get("report") or {}).get("inference", "images")  # older runs: images
+        table = contrasts(results, groups, inference=inference, seed=record.config.get("seed", 0))
         csv = rd.path / "contrasts.csv"
         if "contrasts.csv" not in (record.manifest or {}):
             from probekit._io.atomic import write_text_atomic

@@ -116,7 +116,7 @@ def _explorer(run_dir: Path, record: RunRecord, model_index: dict[str, int]) -> 
 def payload(run_dir: Path, record: RunRecord, results: Results,
             contrasts: pd.DataFrame | None) -> tuple[dict[str, Any], bytes]:
     """Everything the page draws, as JSON, and the explorer's binary blob."""
-    from probekit.views.contrasts import per_image_layer
+    from probekit.views.contrasts import contrast_note, per_image_layer
 
     # models with table rows, then those with map arrays only (a run of map metrics has no rows)
     names = list(dict.fromkeys([*results.models, *(k.rsplit("/", 1)[0] for k in results.arrays)]))
@@ -156,11 +156,7 @@ def payload(run_dir: Path, record: RunRecord, results: Results,
     crow = [] if contrasts is None else [{k: (_num(v) if isinstance(v, (float, np.floating)) else
                                               (int(v) if isinstance(v, (np.integer,)) else v))
                                           for k, v in row.items()} for row in contrasts.to_dict("records")]
-    floor = ""
-    if crow and 2 ** int(crow[0]["n_images"]) <= int(crow[0]["n_perm"]):
-        n = int(crow[0]["n_images"])
-        floor = (f"With {n} images the exact permutation test has 2^{n} sign patterns: no p can go below "
-                 f"{2 / 2**n:.3g} (before Holm). Probe more images for stronger evidence.")
+    floor = contrast_note(contrasts) if contrasts is not None else ""  # the rows' question and p floors
     images = record.images
     prov = {"name": record.name, "status": record.status, "started": record.started, "finished": record.finished,
             "seconds": record.seconds, "versions": record.versions, "config": record.config,
@@ -216,8 +212,8 @@ def build_html(data: dict, blob: bytes) -> str:
 {metric_sections}
 <section id="contrasts-section"><h2>Group contrasts</h2>
 <p class="note">Per metric and layer: difference of group means (A − B) of the per-image values (mean over heads),
-percentile bootstrap 95% CI resampling images (paired: every model saw the same images) and, in groups of several
-models, models too; a paired sign-flip permutation test, Holm-corrected across layers; effect size d_z. Also in
+its 95% CI, a p-value Holm-corrected across layers and an effect size, all answering the question the note
+below states (inference over images for these models, or over models as a sample). Also in
 contrasts.csv.</p><div id="contrasts-table"></div></section>
 <section id="summary-section"><h2>Summary table</h2><p class="note">Mean over heads and images per layer, 95% CI over
 images. Click a header to sort.</p><div id="summary-table"></div></section>

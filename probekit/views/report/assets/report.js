@@ -265,12 +265,17 @@
     if (!D.contrasts.length) { el("p", { class: "note" }, s, D.empty_note || `Only one ${D.group_by} group: nothing to contrast.`); return; }
     if (D.contrast_note) el("p", { class: "note" }, s, D.contrast_note);
     const t = el("table", { class: "sortable", id: "contrasts" }, el("div", { class: "scroll" }, s));
+    const models = D.contrasts[0].inference === "models";  // one scope per run: the note says which
+    // a p at the smallest value its test can give with this many images (contrasts.csv p_floor, p_holm_floor)
+    const atFloor = (v, f) => (v !== null && f > 0 && v <= f * (1 + 1e-9) ? " (floor)" : "");
     sortable(t, D.contrasts.slice(), [{ key: "metric" }, { key: "layer", num: true }, { key: "group_a", title: "group A" },
       { key: "mean_a", title: "mean A", num: true, fmt: (v) => fmt(v) }, { key: "group_b", title: "group B" },
       { key: "mean_b", title: "mean B", num: true, fmt: (v) => fmt(v) },
       { key: "diff", title: "A − B [95% CI]", num: true, fmt: (v, r) => `${fmt(v)} [${fmt(r.ci_low)}, ${fmt(r.ci_high)}]` },
-      { key: "p", num: true, fmt: (v) => fmt(v) }, { key: "p_holm", title: "p (Holm)", num: true, fmt: (v) => fmt(v),
-        cls: (r) => (r.p_holm < 0.05 ? "sig" : "") }, { key: "effect_dz", title: "d_z", num: true, fmt: (v) => fmt(v) },
+      { key: "p", num: true, fmt: (v, r) => fmt(v) + atFloor(v, r.p_floor) }, { key: "p_holm", title: "p (Holm)", num: true,
+        fmt: (v, r) => fmt(v) + atFloor(v, r.p_holm_floor),
+        cls: (r) => (r.p_holm < 0.05 ? "sig" : "") },
+      { key: models ? "effect_d" : "effect_dz", title: models ? "Cohen's d" : "d_z", num: true, fmt: (v) => fmt(v) },
       { key: "n_images", title: "images", num: true }, { key: "models_a", title: "models A", num: true },
       { key: "models_b", title: "models B", num: true }]);
   }
