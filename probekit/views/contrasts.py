@@ -308,8 +308,8 @@ def contrast_header(rows: pd.DataFrame) -> str:
         return f"inference over {r['inference']}: {r['test']}; no CI or p"
     if r["inference"] == "models":
         return (f"inference over models as a sample, {int(r['models_a'])} vs {int(r['models_b'])} models on "
-                f"{n} images: 95% t-CI and {r['test']}, Holm over {m} layers")
-    return (f"inference over images for these models: 95% t-CI, {r['test']} p, Holm over {m} layers; with {n} "
+                f"{n} images: 95% t-CI; p: {r['test']}, Holm over {m} layers")
+    return (f"inference over images for these models: 95% t-CI; p: {r['test']}, Holm over {m} layers; with {n} "
             f"images no p can go below {r['p_floor']:.3g}, no Holm p below {r['p_holm_floor']:.3g}")
 
 
