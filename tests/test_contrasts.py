@@ -59,7 +59,7 @@ def _results(shift: float, n_img: int = 12, layers: int = 3, seed: int = 0) -> R
     rng = np.random.default_rng(seed)
     rows = []
     level = rng.normal(70, 5, size=(n_img, layers))
-    for model, training, delta in (("A", "self-supervised", shift), ("B", "supervised", 0.0), ("C", "supervised", 0.0)):
+    for model, delta in (("A", shift), ("B", 0.0), ("C", 0.0)):  # A self-supervised, B and C supervised
         for i in range(n_img):
             for layer in range(layers):
                 for head in range(2):
@@ -78,7 +78,8 @@ def test_contrasts_table_from_results():
     assert set(c["group_a"]) == {"self-supervised"} and set(c["group_b"]) == {"supervised"}
     t = res.table
     a = t[t.model == "A"].groupby(["image", "layer"])["value"].mean().unstack()
-    b = t[t.model.isin(["B", "C"])].groupby(["model", "image", "layer"])["value"].mean().groupby(["image", "layer"]).mean().unstack()
+    b = (t[t.model.isin(["B", "C"])].groupby(["model", "image", "layer"])["value"].mean()
+         .groupby(["image", "layer"]).mean().unstack())
     assert np.allclose(c["diff"], (a - b).mean().to_numpy())
     assert (c["ci_low"] < -18).all() and (c["ci_high"] > -22).all() and (c["ci_low"] < c["diff"]).all()
     assert np.allclose(c["p"], 2 / 4096) and np.allclose(c["p_holm"], 3 * 2 / 4096)  # only +-identity reach it
@@ -243,7 +244,12 @@ def test_the_run_file_chooses_the_scope_and_the_outputs_say_which(tmp_path, run_
               {"model": "toy:vit", "label": "a2", "training": "self-supervised", "options": {"heads": 2}},
               {"model": "toy:vit", "label": "b", "training": "supervised", "options": {"depth": 3}}]
     path = run_file(models=models, images={"path": "sample", "count": 4}, report={"showcase": 0, "inference": "models"})
-    cmp = compare(path, out=tmp_path / "out")
+    r = CliRunner().invoke(app, ["compare", str(path), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    head = "mad: self-supervised vs supervised (inference over models as a sample, 2 vs 1 models on 4 images: "
+    assert head + "95% t-CI; p: Student t (pooled) of the per-model means, Holm over 2 layers)" in r.stdout
+    assert r.stdout.count("p_holm ") == 2  # a line per layer the three models share
+    cmp = compare(path, out=tmp_path / "out")  # cached: the same numbers
     csv = pd.read_csv(cmp.run_dir / "contrasts.csv")
     assert (csv["inference"] == "models").all() and (csv["models_a"] == 2).all() and csv["p"].notna().all()
     html = (cmp.run_dir / "report.html").read_text()
