@@ -56,10 +56,28 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from probekit import __version__
+
+        _consoles.out.print(f"probekit {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print probekit's version and exit.")] = False,
+) -> None:
+    """Measure what the attention heads of Vision Transformers do, the same way across libraries."""
+
+
 def _weights_hint(exc: WeightsUnavailableError) -> str:
     if not exc.random_init:  # e.g. an ONNX graph, which has no random-init control
         return ""
-    return "Connect once to download the weights, or pass --no-pretrained for a random-init control."
+    return ("Connect once to download the weights, or pass --no-pretrained for a random-init control; "
+            "`probekit models --offline` lists the aliases whose weights are on this machine.")
 
 
 def _plugin_hint(exc: PluginLoadError) -> str:
@@ -141,30 +159,38 @@ def _check_format(fmt: str) -> str:
 
 
 # -- models, metrics, inspect --------------------------------------------------------------------
-@app.command("models", epilog="Examples:\n\n  probekit models\n\n  probekit models --check --format json")
+@app.command("models", epilog="Examples:\n\n  probekit models\n\n  probekit models --offline\n\n"
+             "  probekit models --check --format json")
 @_handled
 def models_cmd(
     format: FormatOpt = "human",
     filter: Annotated[str | None, typer.Option(help="Only aliases matching this glob, e.g. 'dino*'.")] = None,
+    offline: Annotated[bool, typer.Option("--offline", help="Only aliases that load without a network "
+                                          "(weights cached, bundled or local, or random init).")] = False,
     check: Annotated[bool, typer.Option("--check", help="Load each backend's plugin and say whether it works "
                                         "(imports the model libraries: slower).")] = False,
 ):
-    """List the model aliases (spec, training kind, family, patch size) and every backend, plugins included.
+    """List the model aliases (spec, training kind, family, patch size, whether their weights are on this
+    machine) and every backend, plugins included.
 
-    Any spec works too: BACKEND:NAME, e.g. hf:<repo id>, timm:<model name>, open_clip:<arch>/<tag>, onnx:<path>.
+    The weights column looks in the Hugging Face cache (HF_HOME), torch hub's (TORCH_HOME) and installed
+    packages; nothing is downloaded. Any spec works too: BACKEND:NAME, e.g. hf:<repo id>,
+    timm:<model name>, open_clip:<arch>/<tag>, onnx:<path>.
     """
     import fnmatch
 
-    from probekit.model_aliases import aliases, backend_descriptions
+    from probekit.model_aliases import OFFLINE_STATES, WEIGHTS_STATES, aliases, backend_descriptions, weights_status
     from probekit.registry import adapters
 
     fmt = _check_format(format)
     table = aliases()
     rows = [
         {"alias": a, "spec": e.get("spec"), "training": e.get("training"), "family": e.get("family"),
-         "patch": e.get("patch_size"), "source": e.get("source")}
+         "patch": e.get("patch_size"), "weights": weights_status(e), "source": e.get("source")}
         for a, e in table.items() if not filter or fnmatch.fnmatch(a, filter)
     ]
+    if offline:
+        rows = [r for r in rows if r["weights"] in OFFLINE_STATES]
     described = backend_descriptions()
     backends = []
     for rec in adapters.records():  # found from entry points; nothing is imported unless --check
@@ -180,11 +206,17 @@ def models_cmd(
     if fmt == "json":
         _consoles.out.print_json(json.dumps({"aliases": rows, "backends": backends}))
         return
-    keys = ("alias", "spec", "training", "family", "patch", "source")
+    keys = ("alias", "spec", "training", "family", "patch", "weights", "source")
     out = Table(*keys, box=None, header_style="bold", title="aliases")
     for r in rows:
-        out.add_row(*(escape(str(r[k] if r[k] is not None else "")) for k in keys))
+        cells = [escape(str(r[k] if r[k] is not None else "")) for k in keys]
+        if r["weights"] in OFFLINE_STATES:
+            cells[keys.index("weights")] = f"[green]{cells[keys.index('weights')]}[/]"
+        out.add_row(*cells)
     _consoles.out.print(out)
+    shown = [w for w in WEIGHTS_STATES if any(r["weights"] == w for r in rows)]  # what each answer shown means
+    _consoles.err.print("[dim]weights: " + "; ".join(f"{escape(w)}: {escape(WEIGHTS_STATES[w])}" for w in shown)
+                        + "[/]", highlight=False)
     columns = ("backend", "loads", "source", "aliases") + (("status",) if check else ())
     out = Table(*columns, box=None, header_style="bold", title="backends")
     for r in backends:
@@ -246,10 +278,11 @@ def inspect_cmd(
     format: FormatOpt = "human",
 ):
     """Show a model's layers, heads, prefix tokens, patch grid, patch size and parameter count."""
-    from probekit import models
-
     fmt = _check_format(format)
     opts = _parse_options(option, "--option")
+    _check_model_name(model)  # a typo fails here, before torch and the model library load
+    from probekit import models
+
     if not pretrained:
         opts["pretrained"] = False
     if image_size is not None:
@@ -263,6 +296,15 @@ def inspect_cmd(
     for k, v in info.items():
         table.add_row(f"[bold]{k}[/]", escape(", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)))
     _consoles.out.print(table)
+
+
+def _check_model_name(model: str) -> None:
+    """An alias or a spec of an installed backend, read from the alias files and entry points only."""
+    from probekit.model_aliases import backend_problem, resolve
+
+    problem = backend_problem(resolve(model)[0].partition(":")[0])
+    if problem is not None:
+        raise problem
 
 
 # -- run, compare, plot ------------------------------------------------------------------------
@@ -313,6 +355,13 @@ def _run_comparison(cfg_or_path: Any, out_dir: str | None, figures: bool, report
         _consoles.err.print(f"[yellow]{what}[/] Finished parts are kept; run the same command again to resume.",
                             highlight=False)
         raise typer.Exit(code=exc.exit_code if isinstance(exc, Terminated) else 130) from None
+    if cmp.status == "failed":  # every model failed: the run kept nothing
+        _consoles.err.print(f"[bold red]Error:[/] [red]Every model failed, so the run kept nothing in "
+                            f"{escape(str(cmp.run_dir))} (a new folder is removed, an existing one left as it "
+                            "was):[/]", highlight=False)
+        for f in cmp.failures:
+            _consoles.err.print(f"  - {f.model} ({f.stage}): {f.error}: {f.message}", markup=False, highlight=False)
+        raise typer.Exit(code=1)
     res = cmp.results
     if len(res):
         for metric in res.metrics:
@@ -383,6 +432,14 @@ def _print_contrasts(table: Any) -> None:
             _consoles.out.print("  " + format_contrast(row), markup=False, highlight=False)
 
 
+def _check_run_dir(run_dir: Path) -> None:
+    """A run directory that is not there fails before the plotting libraries load."""
+    if not run_dir.is_dir():
+        from probekit.errors import RunDirError
+
+        raise RunDirError.absent(run_dir)
+
+
 ReportOpt = Annotated[bool, typer.Option(
     "--report/--no-report", help="Write report.html (one self-contained file) and contrasts.csv.",
 )]
@@ -435,14 +492,14 @@ def run_cmd(
     A run directory holds results.parquet, summary.csv (mean and 95% CI), run.json and figures/.
     Finished parts are cached: an interrupted run resumes when you run the same command again.
     """
-    from probekit.runs.compare import _as_config
+    from probekit.runs.config import as_config, check_names
 
     images = images or ["sample"]
     metric = metric or ["mad"]
     model_opts = _parse_options(option, "--option")
     if pretrained is not None:
         model_opts["pretrained"] = pretrained
-    cfg = _as_config({
+    cfg = as_config({
         "name": "run",
         "models": [{"model": m, "options": dict(model_opts)} for m in models],
         "images": {"path": images, "count": count},
@@ -450,6 +507,7 @@ def run_cmd(
         "image_size": image_size, "batch_size": batch_size, "device": device, "dtype": dtype,
         "strict": strict, "workers": workers, "out": out_dir or "runs/run",
     })
+    check_names(cfg)  # typos in models, metrics and image folders fail here, before torch loads
     _run_comparison(cfg, None, figures, report)
 
 
@@ -497,9 +555,10 @@ def compare_cmd(
     Flags given here win over the file's values. Finished parts are cached in the run
     directory, so running the same file again only computes what is missing.
     """
-    from probekit.runs.config import load_run
+    from probekit.runs.config import check_names, load_run
 
     cfg = load_run(run_file)
+    check_names(cfg)  # typos in models, metrics and image folders fail here, before torch loads
     _run_comparison(cfg, out_dir, figures, report, batch_size=batch_size, device=device, dtype=dtype, workers=workers,
                     engine=engine, address=address)
 
@@ -519,6 +578,7 @@ def plot_cmd(
     )] = None,
 ):
     """Draw figures (PNG and SVG) from a run directory's results.parquet into its figures/ folder."""
+    _check_run_dir(run_dir)
     from probekit.views.outputs import redraw
 
     notes: list[str] = []
@@ -541,6 +601,7 @@ def report_cmd(
     The explorer shows what the run stored for its showcase images; a run made with
     --no-report has none (run it again without the flag: only the explorer is computed).
     """
+    _check_run_dir(run_dir)
     from probekit.views.report import rebuild
 
     path = rebuild(run_dir)

@@ -149,6 +149,12 @@ class RunDirError(ProbekitError):
     """A run directory whose files do not describe one finished run (interrupted, mixed from two
     runs, or edited since)."""
 
+    @classmethod
+    def absent(cls, path: Any) -> RunDirError:
+        """The error for a run directory that is not there (a typo in ``probekit plot``'s argument)."""
+        return cls(f"No run directory at {path}. Point at a directory written by `probekit run` or "
+                   "`probekit compare`.")
+
 
 class RunDirBusyError(RunDirError):
     """Another probekit run holds the run directory's lock."""

@@ -19,16 +19,28 @@ then skipped with a warning), never a silent last-wins.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import re
 import warnings
 from functools import lru_cache
 from importlib import metadata, resources
+from pathlib import Path
 from typing import Any
 
-__all__ = ["aliases", "backend_descriptions", "GROUP", "BUILTIN", "RESERVED"]
+from probekit.errors import UnknownNameError
+
+__all__ = ["aliases", "backend_descriptions", "resolve", "backend_problem", "weights_status", "WEIGHTS_STATES",
+           "OFFLINE_STATES",
+           "GROUP", "BUILTIN", "RESERVED", "SPEC_HELP"]
 
 GROUP = "probekit.aliases"
 BUILTIN = "probekit"  # the distribution of configs/models.yaml
 RESERVED = "backends"  # the key of an alias file that describes backends, not an alias
+SPEC_HELP = (
+    "A model is an alias from `probekit models` or a spec: hf:<repo id>, timm:<model name>, "
+    "open_clip:<arch>/<pretrained tag>, onnx:<path>."
+)
 
 
 def _read_yaml(text: str, where: str) -> dict[str, Any]:
@@ -107,3 +119,140 @@ def backend_descriptions() -> dict[str, str]:
             for name, text in section.items():
                 out.setdefault(str(name), str(text))
     return out
+
+
+# -- names, checked without loading a plugin ----------------------------------------------------------
+def resolve(name: str, **options: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``(spec, options, metadata)`` for an alias or a spec; explicit options win.
+
+    Raises:
+        UnknownNameError: ``name`` is neither an alias nor a ``backend:name`` spec (close aliases listed).
+    """
+    table = aliases()
+    if name in table:
+        entry = dict(table[name])
+        spec = entry.pop("spec")
+        opts = {**entry.pop("options", {}), **options}
+        return spec, opts, entry
+    if ":" not in name:
+        raise UnknownNameError("model", name, table, hint=SPEC_HELP)
+    return name, dict(options), {}
+
+
+def backend_problem(prefix: str) -> UnknownNameError | None:
+    """The error for a spec prefix that names no installed backend (close names listed), or None.
+
+    Reads the entry points only: the backend's plugin is not imported (a typo fails before torch loads).
+    """
+    from probekit.registry import adapters
+
+    if prefix in adapters:
+        return None
+    return UnknownNameError("backend", prefix, adapters.names(), hint=SPEC_HELP)
+
+
+# -- whose weights are on this machine (read from the caches' folders: nothing downloaded or imported)
+#: what :func:`weights_status` answers, and what each answer means
+WEIGHTS_STATES = {
+    "cached": "in the Hugging Face cache (or torch hub's): loads offline",
+    "bundled": "inside an installed Python package: loads offline",
+    "local": "a local file or folder the spec or its checkpoint names: loads offline",
+    "random init": "the alias builds the architecture at random init: no weights needed",
+    "download": "not on this machine: the first load downloads it (needs a network)",
+    "not installed": "inside a Python package that is not installed (see the alias's install line)",
+    "missing": "a local file or folder the spec names is not there",
+    "unknown": "a plugin's backend whose weights probekit cannot locate",
+}
+#: the answers under which an alias loads with no network
+OFFLINE_STATES = ("cached", "bundled", "local", "random init")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".npz", ".onnx", ".h5", ".msgpack")
+_REPO = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def _expand(path: str) -> Path:
+    return Path(os.path.expanduser(os.path.expandvars(path)))
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache as huggingface_hub finds it (``HF_HUB_CACHE``, else ``HF_HOME``/hub,
+    else ``$XDG_CACHE_HOME``/huggingface/hub, else ~/.cache/huggingface/hub), read from the
+    environment now."""
+    found = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if found:
+        return _expand(found)
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return _expand(home) / "hub"
+
+
+def torch_hub_checkpoints() -> Path:
+    """torch hub's checkpoint folder (``TORCH_HOME``/hub/checkpoints, else ``$XDG_CACHE_HOME``/torch/...)."""
+    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "torch")
+    return _expand(home) / "hub" / "checkpoints"
+
+
+def _hf_cached(repo: str) -> bool:
+    """Whether a snapshot of model repo ``repo`` in the hub cache holds a weights file (links followed:
+    a download cut short leaves none)."""
+    snapshots = hf_hub_cache() / f"models--{repo.replace('/', '--')}" / "snapshots"
+    try:
+        return any(f.suffix in _WEIGHT_SUFFIXES and f.is_file() for snap in snapshots.iterdir() for f in snap.iterdir())
+    except OSError:
+        return False
+
+
+def _package_file(spec: str) -> Path | None:
+    """The file ``pkg:<package>/<path>`` names inside an installed package (found, not imported), or None."""
+    pkg, _, rel = spec.partition("/")
+    found = importlib.util.find_spec(pkg) if pkg and "." not in pkg else None
+    if found is None:
+        return None
+    roots = list(found.submodule_search_locations or []) or (
+        [str(Path(found.origin).parent)] if found.origin else [])
+    return Path(roots[0]) / rel if roots else None
+
+
+def _hub_repo(backend: str, name: str, weights: Any) -> str | None:
+    """The Hugging Face repo that holds an alias's weights: its ``weights`` when that is a repo id
+    (alone or in parentheses, as in ``open_clip ViT-B-16/openai (timm/vit_base_patch16_clip_224.openai)``),
+    else what the spec implies (``hf:<repo>``; ``timm:<arch>.<tag>`` is ``timm/<arch>.<tag>``)."""
+    if isinstance(weights, str):
+        text = weights.strip()
+        if _REPO.fullmatch(text):
+            return text
+        inner = re.search(r"\((" + _REPO.pattern + r")\)", text)
+        if inner:
+            return inner.group(1)
+    if backend == "hf" and _REPO.fullmatch(name):
+        return name
+    if backend == "timm" and "." in name:
+        return f"timm/{name}"
+    return None
+
+
+def weights_status(entry: dict[str, Any]) -> str:
+    """Whether an alias's weights are on this machine: one key of :data:`WEIGHTS_STATES`.
+
+    Looks only at folders (the Hugging Face hub cache, torch hub's checkpoints, installed packages,
+    local paths); nothing is downloaded and no model library is imported. ``entry`` is an alias's
+    entry (``spec``, ``weights``, ``options``).
+    """
+    backend, _, name = str(entry.get("spec", "")).partition(":")
+    opts = entry.get("options") or {}
+    if opts.get("pretrained") is False:
+        return "random init"
+    if opts.get("checkpoint"):
+        return "local" if _expand(str(opts["checkpoint"])).is_file() else "missing"
+    if backend == "onnx":
+        if name.startswith("pkg:"):
+            path = _package_file(name[4:])
+            return "not installed" if path is None else "bundled" if path.is_file() else "missing"
+        return "local" if _expand(name).is_file() else "missing"
+    if backend == "hf" and (name.startswith((".", "/", "~")) or _expand(name).is_dir()):
+        return "local" if _expand(name).is_dir() else "missing"
+    weights = entry.get("weights")
+    if isinstance(weights, str) and weights.startswith(("http://", "https://")):  # a torch hub download
+        return "cached" if (torch_hub_checkpoints() / weights.rsplit("/", 1)[-1]).is_file() else "download"
+    repo = _hub_repo(backend, name, weights)
+    if repo is None:
+        return "unknown"
+    return "cached" if _hf_cached(repo) else "download"

@@ -12,19 +12,13 @@ from probekit.errors import (
     ConfigError,
     MissingDependencyError,
     ProbekitError,
-    UnknownNameError,
     UnsupportedArchitectureError,
     WeightsUnavailableError,
 )
-from probekit.model_aliases import aliases
+from probekit.model_aliases import aliases, backend_problem, resolve
 from probekit.registry import adapters, install_command
 
 __all__ = ["load", "wrap", "aliases", "resolve", "adapter_class", "device_problem"]
-
-_SPEC_HELP = (
-    "A model is an alias from `probekit models` or a spec: hf:<repo id>, timm:<model name>, "
-    "open_clip:<arch>/<pretrained tag>, onnx:<path>."
-)
 
 
 def device_problem(device: Any) -> str | None:
@@ -44,19 +38,6 @@ def device_problem(device: Any) -> str | None:
     return None
 
 
-def resolve(name: str, **options: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """``(spec, options, metadata)`` for an alias or a spec; explicit options win."""
-    table = aliases()
-    if name in table:
-        entry = dict(table[name])
-        spec = entry.pop("spec")
-        opts = {**entry.pop("options", {}), **options}
-        return spec, opts, entry
-    if ":" not in name:
-        raise UnknownNameError("model", name, table, hint=_SPEC_HELP)
-    return name, dict(options), {}
-
-
 def adapter_class(prefix: str) -> type[Adapter]:
     """The adapter class registered for a spec prefix (loads that plugin, builds no model).
 
@@ -64,8 +45,9 @@ def adapter_class(prefix: str) -> type[Adapter]:
         UnknownNameError: no backend of that name (close names and the spec forms listed).
         PluginLoadError: the plugin is installed but does not import (a missing dependency is named).
     """
-    if prefix not in adapters:
-        raise UnknownNameError("backend", prefix, adapters.names(), hint=_SPEC_HELP)
+    problem = backend_problem(prefix)
+    if problem is not None:
+        raise problem
     return adapters.get(prefix)
 
 

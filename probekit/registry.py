@@ -139,6 +139,18 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         return self.is_registered(name)
 
+    def unknown(self, name: str) -> UnknownNameError:
+        """The error :meth:`get` raises for a name that is not registered (close names listed), made
+        without loading any plugin: for checks that must stay fast (a typo before torch is imported).
+
+        >>> from probekit import metrics
+        >>> str(metrics.unknown("madd")).startswith("Unknown metric 'madd'. Did you mean: 'mad'?")
+        True
+        """
+        self._discover()
+        return UnknownNameError(self.kind, name, self._records,
+                                hint=f"Registered {self.kind}s: {', '.join(self.names())}.")
+
     def __iter__(self):
         return iter(self.names())
 
@@ -154,9 +166,7 @@ class Registry:
         self._discover()
         rec = self._records.get(name)
         if rec is None:
-            raise UnknownNameError(
-                self.kind, name, self._records, hint=f"Registered {self.kind}s: {', '.join(self.names())}."
-            )
+            raise self.unknown(name)
         if rec.clashes:
             raise PluginClashError(
                 f"The {self.kind} name {name!r} is claimed by more than one distribution: "

@@ -33,7 +33,7 @@ def test_models_lists_aliases_as_table_and_json(cli):
     r = cli("models", "--format", "json")
     rows = json.loads(r.stdout)["aliases"]
     assert {row["alias"]: row["spec"] for row in rows} == {a: e["spec"] for a, e in pk.aliases().items()}
-    assert set(rows[0]) == {"alias", "spec", "training", "family", "patch", "source"}
+    assert set(rows[0]) == {"alias", "spec", "training", "family", "patch", "weights", "source"}
     assert cli("models", "--format", "yaml").exit_code != 0
 
 

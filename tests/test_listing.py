@@ -7,11 +7,13 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 import probekit as pk
 from probekit import model_aliases as pk_aliases
+from probekit import models as pk_models
 from probekit.runs.config import CheckedRun
 from probekit.errors import MissingDependencyError, PluginLoadError
 
@@ -74,7 +76,7 @@ def test_models_lists_every_backend_with_what_it_loads(plugin, cli):
     assert backends["timm"]["loads"].startswith("timm:<model name>") and backends["timm"]["source"].startswith("probekit ")
     rows = {a["alias"]: a for a in out["aliases"]}
     assert rows["my-vit"] == {"alias": "my-vit", "spec": "mine:tiny", "training": "supervised",
-                              "family": "tiny-vit", "patch": 4, "source": "probekit-mine 0.3"}
+                              "family": "tiny-vit", "patch": 4, "weights": "unknown", "source": "probekit-mine 0.3"}
     human = cli("models").stdout
     assert "backends" in human and "tiny lucidrains-style ViTs" in human
 
@@ -88,7 +90,7 @@ def test_listing_imports_no_model_library():
 
 
 def test_plugin_aliases_carry_training_kind_and_family(plugin):
-    spec, _, meta = pk.models.resolve("my-vit")
+    spec, _, meta = pk_models.resolve("my-vit")
     assert spec == "mine:tiny" and (meta["training"], meta["family"]) == ("supervised", "tiny-vit")
 
 
@@ -133,3 +135,133 @@ def test_a_backend_missing_its_library_at_build_time_names_it(toy_backend):
 
 def test_checked_run_has_no_dead_fields():
     assert "problems" not in CheckedRun.__dataclass_fields__
+
+
+# -- which aliases have weights on this machine (issue 22, item 16) -----------------------------------
+WEIGHTS_YAML = """
+backends:
+  onnx: "onnx:<path>"
+url-vit:
+  spec: mine:url
+  weights: https://example.org/releases/url_vit_1234.pth
+graph-here:
+  spec: onnx:pkg:demo_graphs/graph.onnx
+graph-gone:
+  spec: onnx:pkg:demo_graphs/nothere.onnx
+graph-uninstalled:
+  spec: onnx:pkg:demo_absent_pkg_xyz/graph.onnx
+control:
+  spec: timm:vit_small_patch16_224
+  options: {pretrained: false}
+own-checkpoint:
+  spec: timm:vit_small_patch16_224
+  options: {checkpoint: $DEMO_CKPT}
+"""
+
+
+@pytest.fixture
+def caches(tmp_path, monkeypatch):
+    """An empty Hugging Face home and torch home, and a distribution ``probekit-weights`` whose
+    aliases name weights every way an alias can (a URL, a file in its package, random init, a checkpoint)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("DEMO_CKPT", str(tmp_path / "own.pth"))
+    site = tmp_path / "site"
+    pkg = site / "demo_weights"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    graphs = site / "demo_graphs"  # a package that holds a graph: found, never imported
+    graphs.mkdir()
+    (graphs / "__init__.py").write_text("raise ImportError('demo_graphs is found without importing it')\n")
+    (graphs / "graph.onnx").write_bytes(b"onnx")
+    (pkg / "aliases.yaml").write_text(textwrap.dedent(WEIGHTS_YAML))
+    info = site / "probekit_weights-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: probekit-weights\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[probekit.aliases]\nweights = demo_weights:aliases.yaml\n")
+    monkeypatch.syspath_prepend(str(site))
+    pk_aliases.aliases.cache_clear()
+    pk_aliases.backend_descriptions.cache_clear()
+    yield tmp_path
+    monkeypatch.undo()
+    pk_aliases.aliases.cache_clear()
+    pk_aliases.backend_descriptions.cache_clear()
+
+
+def _hub_snapshot(hub: Path, repo: str, files: dict[str, bytes | None]) -> None:
+    """A repo in the hub cache as huggingface_hub lays it out: snapshot files are links to blobs
+    (None: a link whose blob is missing, as a download cut short leaves it)."""
+    root = hub / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text("abc123")
+    snap = root / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (root / "blobs").mkdir()
+    for name, data in files.items():
+        blob = root / "blobs" / f"sha-{name}"
+        if data is not None:
+            blob.write_bytes(data)
+        (snap / name).symlink_to(Path("..", "..", "blobs", blob.name))
+
+
+def _weights(cli) -> dict[str, str]:
+    r = cli("models", "--format", "json")
+    assert r.exit_code == 0, r.output
+    return {a["alias"]: a["weights"] for a in json.loads(r.stdout)["aliases"]}
+
+
+def test_models_says_which_aliases_have_weights_here(caches, run_cli):
+    got = _weights(run_cli)
+    assert got["url-vit"] == "download" and got["dino-s16"] == "download" and got["clip-b16"] == "download"
+    assert (got["graph-here"], got["graph-gone"], got["graph-uninstalled"]) == ("bundled", "missing", "not installed")
+    assert (got["control"], got["own-checkpoint"]) == ("random init", "missing")
+    hub = caches / "hf" / "hub"
+    _hub_snapshot(hub, "timm/vit_small_patch16_224.dino", {"config.json": b"{}", "model.safetensors": b"w"})
+    _hub_snapshot(hub, "timm/vit_base_patch16_224.dino", {"config.json": b"{}", "model.safetensors": None})
+    _hub_snapshot(hub, "timm/vit_base_patch16_clip_224.openai", {"open_clip_pytorch_model.bin": b"w"})
+    _hub_snapshot(hub, "google/vit-base-patch16-224", {"config.json": b"{}"})  # no weights file in it
+    (caches / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    (caches / "torch" / "hub" / "checkpoints" / "url_vit_1234.pth").write_bytes(b"w")
+    (caches / "own.pth").write_bytes(b"w")
+    got = _weights(run_cli)
+    assert got["dino-s16"] == "cached"  # the repo its `weights` names
+    assert got["dino-b16"] == "download"  # the snapshot's link points at no blob: a download cut short
+    assert got["clip-b16"] == "cached"  # open_clip: the repo in parentheses of its `weights`
+    assert got["vit-b16-google"] == "download"  # a config alone loads nothing
+    assert got["url-vit"] == "cached" and got["own-checkpoint"] == "local"
+    assert got["dino-b16"] == got["deit-s"] == "download"
+    r = run_cli("models", "--offline", "--format", "json")
+    offline = {a["alias"] for a in json.loads(r.stdout)["aliases"]}
+    assert offline == {a for a, w in got.items() if w in ("cached", "bundled", "local", "random init")}
+    assert {"dino-s16", "clip-b16", "url-vit", "graph-here", "control", "own-checkpoint"} <= offline
+    assert not offline & {"dino-b16", "deit-s", "graph-gone", "graph-uninstalled"}
+    human = run_cli("models", "--filter", "dino-*")
+    assert "weights" in human.stdout and "cached: in the Hugging Face cache" in " ".join(human.stderr.split())
+
+
+def test_hub_cache_is_found_as_huggingface_hub_finds_it(tmp_path, monkeypatch):
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert pk_aliases.hf_hub_cache() == tmp_path / "home" / ".cache" / "huggingface" / "hub"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert pk_aliases.hf_hub_cache() == tmp_path / "xdg" / "huggingface" / "hub"
+    assert pk_aliases.torch_hub_checkpoints() == tmp_path / "xdg" / "torch" / "hub" / "checkpoints"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert pk_aliases.hf_hub_cache() == tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
+    assert pk_aliases.hf_hub_cache() == tmp_path / "elsewhere"
+    # the library's own answer, in a fresh process with the same environment
+    code = "from huggingface_hub import constants; print(constants.HF_HUB_CACHE)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert Path(out.stdout.strip()) == pk_aliases.hf_hub_cache()
+
+
+def test_listing_weights_imports_no_torch(caches):
+    code = ("import sys; from typer.testing import CliRunner; from probekit.cli import app; "
+            "r = CliRunner().invoke(app, ['models', '--offline']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('torch', 'timm', 'transformers', 'open_clip', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

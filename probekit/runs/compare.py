@@ -26,7 +26,7 @@ from probekit import models as _models
 from probekit._installed import library_versions
 from probekit.errors import ConfigError
 from probekit.results import Results, results_html
-from probekit.runs.config import CheckedRun, ModelEntry, RunConfig, check_run, load_run
+from probekit.runs.config import CheckedRun, ModelEntry, RunConfig, as_config, check_run
 from probekit.runs.interrupt import sigterm_as_interrupt
 from probekit.runs.parts import PartStore, model_keys, only_metric, part_key, relabel
 from probekit.runs.record import (
@@ -84,7 +84,9 @@ class Comparison:
         cached: labels of the models served entirely from finished parts.
         figure_error: why figures could not be drawn (e.g. a full disk), or None.
         nonfinite: where values are NaN or infinite (see :meth:`Results.nonfinite`).
-        status: run.json's status: complete, partial (a model failed) or nonfinite.
+        status: run.json's status: complete, partial (a model failed) or nonfinite; ``failed`` when
+            every model failed, and then nothing is kept: a run directory the run created is removed,
+            one that was there is left as the run before left it.
         contrasts: group contrasts per metric and layer (:func:`probekit.views.contrasts.contrasts`).
         report: the path of ``report.html``, or None when not written.
         notes: one line per thing the run could not give and why (e.g. a figure kind its
@@ -117,21 +119,6 @@ class Comparison:
 
 
 # -- the run -----------------------------------------------------------------------------------
-def _as_config(config_or_path: Any) -> RunConfig:
-    if isinstance(config_or_path, RunConfig):
-        return config_or_path
-    if isinstance(config_or_path, dict):
-        from pydantic import ValidationError
-
-        from probekit.runs.config import _format_errors
-
-        try:
-            return RunConfig.model_validate(config_or_path)
-        except ValidationError as exc:
-            raise ConfigError(_format_errors(exc, None, "run settings")) from None
-    return load_run(config_or_path)
-
-
 def _training(entry: ModelEntry, opts: dict[str, Any], meta: dict[str, Any]) -> str:
     if entry.training:
         return entry.training
@@ -320,7 +307,7 @@ def run_comparison(config_or_path: Any, out: str | Path | None = None, *, report
 
     Returns and raises as :func:`probekit.api.compare` says (``pk.compare``, this with its views).
     """
-    given = _as_config(config_or_path)
+    given = as_config(config_or_path)
     explicit_figures = "figures" in given.model_fields_set  # the file's own list, not the default
     cfg = given.resolve(out=None if out is None else str(out), **flags)
     run = check_run(cfg)  # everything that can be wrong in the file fails here, before work
@@ -342,6 +329,10 @@ def run_comparison(config_or_path: Any, out: str | Path | None = None, *, report
                 collected += parts
                 if from_cache:
                     cached.append(entry.name)
+            if record.models and all(m.failed for m in record.models):  # nothing to show: no run directory
+                rd.undo()
+                record.status = "failed"
+                return Comparison(_combine([], record), [], rd.path, list(record.failures), status="failed")
             results = _combine(collected, record)
             record.nonfinite = results.nonfinite()
             anything = len(results) > 0 or bool(results.arrays)  # map metrics alone have no table rows

@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     from probekit.adapter import Adapter
     from probekit.inputs.images import ImageSet
 
-__all__ = ["ModelEntry", "ImagesEntry", "MetricEntry", "ReportEntry", "Resources", "RunConfig", "load_run", "check_run",
-           "CheckedRun", "ModelSpec", "expand_path"]
+__all__ = ["ModelEntry", "ImagesEntry", "MetricEntry", "ReportEntry", "Resources", "RunConfig", "load_run", "as_config",
+           "check_names", "check_run", "CheckedRun", "ModelSpec", "expand_path"]
 
 Figure = Literal["depth", "overlay", "heatmap", "summary", "maps", "labels"]
 _FIGURES: tuple[Figure, ...] = ("depth", "overlay", "heatmap", "summary", "maps", "labels")
@@ -261,6 +261,22 @@ class RunConfig(_Strict):
 
 
 # -- reading files ---------------------------------------------------------------------------
+def as_config(config_or_path: Any) -> RunConfig:
+    """A :class:`RunConfig` from itself, a dict of run settings or a run file's path.
+
+    Raises:
+        ConfigError: bad settings (one bullet per field) or a bad file (see :func:`load_run`).
+    """
+    if isinstance(config_or_path, RunConfig):
+        return config_or_path
+    if isinstance(config_or_path, dict):
+        try:
+            return RunConfig.model_validate(config_or_path)
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(exc, None, "run settings")) from None
+    return load_run(config_or_path)
+
+
 def load_run(path: str | Path) -> RunConfig:
     """Read and validate a YAML run file.
 
@@ -404,6 +420,59 @@ class CheckedRun:
     images: ImageSet
 
 
+def _cannot_start(problems: list[str]) -> ConfigError:
+    n = len(problems)
+    return ConfigError(f"The run cannot start ({n} problem{'s' * (n != 1)}):\n" +
+                       "\n".join(f"  - {p}" for p in problems))
+
+
+def _missing_image_paths(entry: ImagesEntry) -> list[str]:
+    """What the image set would say of each plain file or folder that is not there (``sample``, shard
+    patterns, manifests and datasets are left to :func:`check_run`, which names them its own way)."""
+    if entry.kind not in ("auto", "files"):
+        return []
+    out = []
+    for item in entry.path:
+        path = Path(item).expanduser()
+        if item == "sample" or any(c in item for c in "{*?[") or path.exists():
+            continue
+        if entry.kind == "auto" and path.suffix.lower() in (".csv", ".tsv", ".tar", ".parquet"):
+            continue  # a manifest, shards or a dataset's parquet, by its name
+        shown = os.fsencode(str(path)).decode("utf-8", "backslashreplace")  # as inputs.images.display_name
+        out.append(f"No such file or folder: {shown}. Check the path, or use 'sample'.")
+    return out
+
+
+def check_names(cfg: RunConfig) -> None:
+    """The part of :func:`check_run` that needs no model library: every model an alias or a spec of an
+    installed backend, every metric registered, every plain image file or folder there. It reads entry
+    points and folders only (no plugin, torch or model library is imported), so a typo fails in well
+    under a second; the command line runs it first, then :func:`check_run` checks the rest.
+
+    Raises:
+        ConfigError: one bullet per problem, worded as :func:`check_run` words it.
+    """
+    from probekit.model_aliases import backend_problem, resolve
+    from probekit.registry import metrics as metric_registry
+
+    problems = []
+    for i, entry in enumerate(cfg.models):
+        try:
+            spec = resolve(entry.model)[0]
+        except ProbekitError as exc:
+            problems.append(f"{cfg.where('models', i, 'model')}: {exc}")
+            continue
+        bad = backend_problem(spec.partition(":")[0])
+        if bad is not None:
+            problems.append(f"{cfg.where('models', i, 'model')}: {bad}")
+    for i, metric in enumerate(cfg.metrics):
+        if metric.name not in metric_registry:
+            problems.append(f"{cfg.where('metrics', i)}: {metric_registry.unknown(metric.name)}")
+    problems += [f"{cfg.where('images')}: {msg}" for msg in _missing_image_paths(cfg.images)]
+    if problems:
+        raise _cannot_start(problems)
+
+
 def check_run(cfg: RunConfig) -> CheckedRun:
     """Prove the run can start: every model resolvable, metric known, image present.
 
@@ -460,8 +529,6 @@ def check_run(cfg: RunConfig) -> CheckedRun:
     except (ImageError, ConfigError, MissingDependencyError) as exc:
         problems.append(f"{cfg.where('images')}: {exc}")
     if problems:
-        n = len(problems)
-        raise ConfigError(f"The run cannot start ({n} problem{'s' * (n != 1)}):\n" +
-                          "\n".join(f"  - {p}" for p in problems))
+        raise _cannot_start(problems)
     assert images is not None  # (images that cannot be listed are one of the problems)
     return CheckedRun(cfg, specs, mets, images)

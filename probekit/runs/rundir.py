@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from probekit._io.atomic import write_errors, write_text_atomic
+from probekit._io.atomic import atomic_path, write_errors, write_text_atomic
 from probekit._io.fileid import file_digest
 from probekit.errors import RunDirBusyError, RunDirError
 from probekit.results import Results
@@ -102,6 +102,16 @@ def _lock_holder(path: Path) -> dict | None:
         return None if _try_lock(fd) else _holder(fd)
     finally:
         os.close(fd)
+
+
+def _unlink_if_same(path: Path, fd: int) -> None:
+    """Remove ``path`` if it is still the file open as ``fd`` (best effort: a lock file left behind
+    is harmless, the next run takes it over)."""
+    try:
+        if os.path.samestat(os.fstat(fd), os.stat(path)):
+            path.unlink()
+    except OSError:
+        pass
 
 
 # -- whose files -----------------------------------------------------------------------------------
@@ -184,12 +194,17 @@ class RunDir:
         self.outputs: list[str] = []  # files this run wrote, relative to the directory
         self.owned: set[str] = set()  # files a probekit run wrote here: the only ones a run may replace
         self.record: RunRecord | None = None  # run.json as this run keeps it (``owned`` is written as it grows)
+        self._existed = True  # whether the folder was there before this run (set when the lock is taken)
+        self._parts_existed = True
+        self._previous: bytes | None = None  # run.json as the run before this one left it
 
     @contextmanager
     def locked(self) -> Iterator[RunDir]:
         """Hold the directory's lock; a second run is refused with who holds it.
 
-        A lock left by a process that died (SIGKILL, power loss) is free: the kernel drops it.
+        A lock left by a process that died (SIGKILL, power loss) is free: the kernel drops it. The
+        lock file is removed when the run ends, while still locked: a run that opened the file just
+        before finds it unlinked once it gets the lock, and takes the lock of the new file instead.
 
         Raises:
             RunDirError: the folder holds files but no probekit run (nothing is written to it).
@@ -197,12 +212,11 @@ class RunDir:
             WriteError: the directory cannot be created or written.
         """
         owned_files(self.path)  # refuse a user's folder before creating anything in it
+        self._existed, self._parts_existed = self.path.is_dir(), (self.path / "parts").is_dir()
         with write_errors(self.path):
             (self.path / "parts").mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._lock_fd()
         try:
-            if not _try_lock(fd):
-                raise RunDirBusyError(_busy_message(self.path, _holder(fd)))
             me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": now()}).encode()
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
@@ -210,7 +224,45 @@ class RunDir:
             self.owned = owned_files(self.path)  # (now that no other run can change them)
             yield self
         finally:
-            os.close(fd)  # releases the lock
+            try:
+                _unlink_if_same(self.path / LOCK, fd)  # no .lock is left behind a finished run
+            finally:
+                os.close(fd)  # releases the lock
+
+    def _lock_fd(self) -> int:
+        """An open descriptor of ``.lock``, locked by this process (the file at that name now)."""
+        while True:
+            with write_errors(self.path):
+                fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _try_lock(fd):
+                who = _holder(fd)
+                os.close(fd)
+                raise RunDirBusyError(_busy_message(self.path, who))
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path / LOCK))
+            except FileNotFoundError:  # its holder removed it as it finished: lock the next one
+                same = False
+            if same:
+                return fd
+            os.close(fd)
+
+    def undo(self) -> None:
+        """Take back what this run wrote, when it has nothing to show (every model failed): a folder
+        it created goes, with everything in it; in a folder that was there, ``run.json`` is put back
+        as the run before left it (or removed if there was none) and a ``parts/`` it created and left
+        empty goes. Best effort: what cannot be removed stays, and readers refuse it as an unfinished run."""
+        if not self._existed:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        if self._previous is not None:
+            with atomic_path(self.path / RUN_JSON) as tmp:
+                tmp.write_bytes(self._previous)
+        else:
+            with write_errors(self.path):
+                (self.path / RUN_JSON).unlink(missing_ok=True)
+        parts = self.path / "parts"
+        if not self._parts_existed and not any(p.is_file() for p in parts.rglob("*")):
+            shutil.rmtree(parts, ignore_errors=True)
 
     def output(self, name: str) -> Path:
         """The path of an output file this run writes (``results.parquet``, ``report.html``...);
@@ -257,6 +309,10 @@ class RunDir:
 
     def begin(self, record: RunRecord) -> RunRecord:
         """Mark the directory as written by a new run, before anything else is written."""
+        try:
+            self._previous = (self.path / RUN_JSON).read_bytes()
+        except OSError:
+            self._previous = None
         record.run_id, record.status, record.started = uuid.uuid4().hex[:12], "running", now()
         record.owned = sorted(self.owned)
         record.manifest = None
@@ -367,8 +423,7 @@ def read_record(run_dir: str | Path) -> RunRecord:
     run_dir = Path(run_dir)
     rj = run_dir / RUN_JSON
     if not run_dir.is_dir():
-        raise RunDirError(f"No run directory at {run_dir}. Point at a directory written by `probekit run` "
-                          "or `probekit compare`.")
+        raise RunDirError.absent(run_dir)
     if not rj.exists():
         what = "results.parquet but no run.json" if (run_dir / "results.parquet").exists() else "no run.json"
         raise RunDirError(f"{run_dir} has {what}: it is not a run directory written by a finished "
