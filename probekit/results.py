@@ -9,7 +9,6 @@ shaped ``[images, layers, ...]``. Parquet and CSV round-trip without loss.
 from __future__ import annotations
 
 import json
-from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -150,8 +149,31 @@ class Results:
         return f"Results({len(self.table)} rows, models={self.models}, metrics={self.metrics})"
 
     def _repr_html_(self) -> str:
-        """A header line and one small table per metric (per-layer means), for Jupyter."""
+        """A header line and a small chart per metric (per-layer means, 95% CIs over images), for Jupyter."""
         return results_html(self)
+
+    def plot(self, kind: str = "overlay", metric: str | None = None, *, ax: Any = None, **options: Any) -> Any:
+        """One figure of these results, drawn with matplotlib; returns the ``Figure``.
+
+        Args:
+            kind: ``overlay`` (per-layer mean over heads, 95% CI band over images, a line per
+                model), ``depth`` (ViT paper Fig. 7: a dot per head and layer), ``heatmap``
+                (layer x head), ``summary`` (first, middle and last layer with CIs), ``labels``
+                (a line per image label) or ``maps`` (map metrics over the images).
+            metric: a metric label of these results (default ``mad``, else the first).
+            ax: draw on this matplotlib axes instead of a new figure.
+            **options: passed to the figure's function in :mod:`probekit.views.plots`
+                (``models=[...]``; ``layers=[...]`` for ``summary``).
+
+        Raises:
+            ConfigError: an unknown kind or metric; ProbekitError: matplotlib or seaborn missing.
+
+        >>> fig = res.plot("depth", "mad")                  # doctest: +SKIP
+        >>> fig.savefig("depth.pdf")                         # doctest: +SKIP
+        """
+        from importlib import import_module
+
+        return import_module(_VIEWS).plot(self, kind, metric, ax=ax, **options)
 
     def __eq__(self, other: Any) -> bool:
         return isinstance(other, Results) and self.table.equals(other.table)
@@ -281,30 +303,14 @@ def _legacy_key(name: str, models: list[str]) -> str:
 
 
 # -- Jupyter -------------------------------------------------------------------------------------
-_MAX_LAYERS = 24
-
-
-def _layer_tables(res: Results) -> str:
-    parts = []
-    for metric in res.metrics:
-        means = res.layer_means(metric)
-        cols = list(means.columns)[:_MAX_LAYERS]
-        more = " …" if len(means.columns) > _MAX_LAYERS else ""
-        unit = ((res.meta.get("metrics") or {}).get(metric) or {}).get("unit") or ""
-        head = "".join(f"<th>{c}</th>" for c in cols)
-        body = "".join(
-            f"<tr><th style='text-align:left'>{escape(str(m))}</th>"
-            + "".join(f"<td>{v:.4g}</td>" for v in row[cols]) + "</tr>"
-            for m, row in means.iterrows())
-        parts.append(f"<p><b>{escape(metric)}</b>{' (' + escape(unit) + ')' if unit else ''}: mean over heads "
-                     f"and images per layer{more}</p><table><tr><th>model \\ layer</th>{head}</tr>{body}</table>")
-    return "".join(parts)
+# Drawing is the views' job (probekit.views.plots); results only name the module that draws, as
+# pandas names its plotting backend, so this module needs neither matplotlib nor the view layer.
+_VIEWS = "probekit.views.plots"
 
 
 def results_html(res: Results) -> str:
-    """``Results`` as a header line and one small table per metric."""
-    n_img = res.table["image"].nunique() if len(res) else 0
-    head = (f"<b>Results</b>: {len(res)} rows, {len(res.models)} model(s) ({escape(', '.join(res.models))}), "
-            f"{n_img} image(s), metrics {escape(', '.join(res.metrics))}"
-            + (f", maps {escape(', '.join(sorted(res.arrays)))}" if res.arrays else ""))
-    return f"<div class='probekit-results'><p>{head}</p>{_layer_tables(res) if len(res) else ''}</div>"
+    """``Results`` as a header line and, per metric, a small chart of the per-layer means with their
+    95% CIs over images (:func:`probekit.views.plots.notebook.results_html`)."""
+    from importlib import import_module
+
+    return import_module(f"{_VIEWS}.notebook").results_html(res)

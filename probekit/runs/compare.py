@@ -114,8 +114,12 @@ class Comparison:
                 f"failures={len(self.failures)}, figures={len(self.figures)})")
 
     def _repr_html_(self) -> str:
-        """Where its files are, what failed, then its results' tables (for Jupyter)."""
+        """Where its files are, what failed, then its results' charts (for Jupyter)."""
         return comparison_html(self)
+
+    def plot(self, kind: str = "overlay", metric: str | None = None, *, ax: Any = None, **options: Any) -> Any:
+        """One figure of the comparison's results: :meth:`probekit.results.Results.plot`."""
+        return self.results.plot(kind, metric, ax=ax, **options)
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -243,6 +247,8 @@ def _model_parts(run: CheckedRun, i: int, store: PartStore, record: RunRecord, r
         for m in missing:
             assert res is not None  # (probed: a metric was missing)
             have[m.label] = only_metric(res, m.label)
+            # what loading the model told, kept with the part: a cached rerun still shows it
+            have[m.label].meta.update(parameters=mrec.parameters, weights=mrec.weights, load_s=mrec.load_s)
             store.write(keys[m.label], have[m.label])
     out = [_as_this_runs(have[m.label], m.label, mrec, record) for m in run.metrics]  # run-file order
     if not engine_info:
@@ -269,6 +275,11 @@ def _as_this_runs(part: Results, metric_label: str, mrec: ModelRecord, record: R
         mrec.layout, mrec.geometry, mrec.computed = part.meta.get("layout"), part.meta.get("geometry"), {}
     # when it was computed (this run or an earlier one) and how long the probe took
     mrec.computed[metric_label] = {"seconds": part.meta.get("seconds"), "device": part.meta.get("device")}
+    if part.meta.get("load_s") is not None:  # (parts written before this was kept have none)
+        mrec.computed[metric_label]["load_s"] = part.meta["load_s"]
+    for key in ("parameters", "weights"):  # the model's, whichever run loaded it
+        if getattr(mrec, key) is None and part.meta.get(key) is not None:
+            setattr(mrec, key, part.meta[key])
     skipped = record.images.skipped
     for item in (part.meta.get("images") or {}).get("skipped") or []:  # images that failed to decode
         if list(item) not in skipped:
@@ -357,11 +368,13 @@ def run_comparison(config_or_path: Any, out: str | Path | None = None, *, report
 
 # -- report: explorer arrays, contrasts, report.html (each failure is recorded, never costs the numbers)
 def _showcase(cfg: RunConfig, run: CheckedRun) -> ImageSet | None:
-    """The showcase subset of the run's images (the first ``showcase`` ones, or those named)."""
+    """The showcase subset of the run's images: those named, or ``showcase`` of them; of a labelled
+    set, the first image of each label in turn (labels in order of first appearance), so the
+    explorer shows different classes, not the first class only."""
     want = cfg.report.showcase
     names = run.images.names
     if isinstance(want, int):
-        idx = list(range(min(want, len(names))))
+        idx = spread_over_labels(run.images.labels, min(want, len(names)))
     else:
         unknown = [n for n in want if n not in names]
         if unknown:
@@ -369,6 +382,28 @@ def _showcase(cfg: RunConfig, run: CheckedRun) -> ImageSet | None:
                               f"Use names from the image set, e.g. {', '.join(names[:3])}.")
         idx = [names.index(n) for n in want]
     return run.images.subset(idx) if idx else None
+
+
+def spread_over_labels(labels: list[Any] | None, count: int) -> list[int]:
+    """``count`` image indices: the first ``count`` without labels; with labels, round-robin over the
+    labels in order of first appearance (each label's images in set order), returned sorted.
+
+    >>> spread_over_labels(["cat", "cat", "cat", "dog", "dog", "owl"], 4)
+    [0, 1, 3, 5]
+    >>> spread_over_labels(None, 2)
+    [0, 1]
+    """
+    if not labels:
+        return list(range(count))
+    by_label: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_label.setdefault(str(lab), []).append(i)
+    queues, picked = list(by_label.values()), list[int]()
+    while len(picked) < count and any(queues):
+        for q in queues:
+            if q and len(picked) < count:
+                picked.append(q.pop(0))
+    return sorted(picked)
 
 
 def _explorer_job(parts: Path, keys: dict[str, str], showcase: ImageSet | None, cfg: RunConfig, mrec: ModelRecord,

@@ -18,7 +18,7 @@ from probekit.errors import ConfigError, WriteError
 from probekit.inputs.view import is_view
 from probekit.results import Results
 from probekit.runs.record import RunRecord
-from probekit.runs.rundir import RunDir, load_run_dir, read_record
+from probekit.runs.rundir import RunDir, load_run_dir, now, read_record
 from probekit.views.contrasts import contrasts
 from probekit.views.plots import figure_notes, render_all
 from probekit.views.report import record_groups, write_report
@@ -52,7 +52,8 @@ class RunViews:
     def write_report(self, rd: RunDir, results: Results, record: RunRecord, cfg: Any,
                      status: str) -> tuple[Any, Path | None]:
         """``contrasts.csv`` and ``report.html`` (in the manifest); a failure is recorded in ``record``,
-        never raised. The page shows ``status``, what run.json will say once the run finishes."""
+        never raised. The page shows ``status``, what run.json will say once the run finishes, and the
+        time it was written as the run's end (run.json's ``finished`` follows within moments)."""
         t0 = time.perf_counter()
         table = html = None
         try:
@@ -61,7 +62,7 @@ class RunViews:
             write_text_atomic(rd.output("contrasts.csv"), table.to_csv(index=False, float_format="%.6g"))
             record.timing("contrasts_s", time.perf_counter() - t0)
             t0 = time.perf_counter()
-            shown = record.model_copy(update={"status": status})
+            shown = record.model_copy(update={"status": status, "finished": now()})
             html = write_report(rd.path, record=shown, results=results, contrasts=table, path=rd.output("report.html"))
             record.timing("report_s", time.perf_counter() - t0)
         except WriteError:

@@ -50,7 +50,7 @@ from probekit.views.plots.maps import attention_maps
 
 __all__ = [
     "depth_profile", "layer_overlay", "head_heatmap", "summary_points", "attention_maps",
-    "render_all", "figure_notes", "uniform_attention_value", "label_profile", "KINDS",
+    "render_all", "figure_notes", "uniform_attention_value", "label_profile", "KINDS", "plot",
 ]
 
 KINDS = ("depth", "overlay", "heatmap", "summary", "maps", "labels")
@@ -406,6 +406,32 @@ def _jobs(results: Results, kinds: list[str], metrics: Iterable[str] | None) -> 
         labels = dict.fromkeys(k.rsplit("/", 1)[1] for k in results.arrays if _is_image_map(results, k))
         jobs += [("maps", m) for m in labels if wanted is None or m in wanted]
     return jobs
+
+
+def plot(results: Results | pd.DataFrame, kind: str = "overlay", metric: str | None = None, *, ax=None, **options):
+    """One figure by kind (``Results.plot`` and ``Comparison.plot`` call this); returns the ``Figure``.
+
+    Args:
+        kind: one of :data:`KINDS` (``depth``, ``overlay``, ``heatmap``, ``summary``, ``maps``, ``labels``).
+        metric: a metric label (default ``mad``, else the first).
+        ax: a matplotlib axes to draw on.
+        **options: the figure function's own keywords (``models``; ``layers`` for ``summary``).
+
+    Raises:
+        ConfigError: an unknown kind.
+
+    >>> import pandas as pd
+    >>> rows = [("m", f"i{i}", layer, 0, "mad", 10.0 * layer + i) for i in range(3) for layer in range(4)]
+    >>> fig = plot(pd.DataFrame(rows, columns=["model", "image", "layer", "head", "metric", "value"]))
+    >>> [line.get_label() for line in fig.axes[0].get_lines()]
+    ['m']
+    """
+    draw = attention_maps if kind == "maps" else _PER_KIND.get(kind)
+    if draw is None:
+        raise ConfigError(f"Unknown figure kind {kind!r}; choose from {', '.join(KINDS)}.")
+    res = _as_results(results)
+    fig, _ = draw(res, metric, ax=ax, **options)
+    return fig
 
 
 _NEEDS = {  # what each kind draws, for the note that says why a run has no such figure

@@ -24,6 +24,10 @@ from probekit._io.atomic import write_text_atomic
 from probekit.inputs.view import is_view
 from probekit.results import Results, summarize
 from probekit.runs.record import MetricRecord, ModelRecord, RunRecord
+from probekit.views.plots._common import LABEL_COLOURS, display_name
+from probekit.views.plots.labels import MAX_LABELS
+from probekit.views.report.findings import findings
+from probekit.views.report.shareable import shareable
 
 __all__ = ["write_report", "build_html", "payload", "script_json", "record_groups"]
 
@@ -126,7 +130,7 @@ def payload(run_dir: Path, record: RunRecord, results: Results,
     mrecs = {m.label: m for m in record.models}
     models = [_model_row(m, groups[m], mrecs.get(m), results) for m in names]
     summ = results.summary()
-    heads, layers, metrics = {}, {}, []
+    heads, layers, metrics, by_label = {}, {}, [], {}
     for k, label in enumerate(results.metrics):
         info = _metric_info(label, record.metrics.get(label), results, names)
         info["id"] = k
@@ -138,6 +142,8 @@ def payload(run_dir: Path, record: RunRecord, results: Results,
         ls = summarize(per.assign(metric=label, head=-1), by=("model", "layer"))
         layers[label] = [[index[str(r.model)], int(r.layer), _num(r.mean), _num(r.ci_low), _num(r.ci_high), int(r.n)]
                          for r in ls.itertuples()]
+        if "label" in results.table.columns:
+            by_label[label] = _label_layers(results.table, label, index)
     explorer, blob = _explorer(run_dir, record, index)
     notes = list(record.report_notes or [])
     empty = None  # what the per-metric, summary and contrast sections say when no metric has per-image values
@@ -166,12 +172,35 @@ def payload(run_dir: Path, record: RunRecord, results: Results,
                          for f in record.failures],
             "notes": notes}
     title = record.name if record.name is not None else run_dir.name
+    if any(str(m.get("spec") or "").startswith("onnx:") for m in models) and \
+            len({m["parameters"] for m in models if m.get("parameters")}) > 1:
+        notes.append("Parameters are each library's own count. An ONNX graph counts every weight it stores: "
+                     "heads it carries beside the encoder and position embeddings at its native grid, so the "
+                     "same encoder can count more there than in timm or transformers at this image size.")
     data = {"title": f"probekit report: {title}", "models": models,
             "groups": list(dict.fromkeys(groups[m] for m in names)), "group_by": by, "metrics": metrics,
-            "heads": heads, "layers": layers, "contrasts": crow, "contrast_note": floor, "provenance": prov,
+            "heads": heads, "layers": layers, "labels": by_label, "label_colours": list(LABEL_COLOURS),
+            "findings": findings(metrics, models, layers, contrasts, by),
+            "contrasts": crow, "contrast_note": floor, "provenance": prov,
             "explorer": explorer, "empty_note": empty,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    return data, blob
+    return shareable(data, run_dir), blob  # a page meant to be shared: no local path in it
+
+
+def _label_layers(table: pd.DataFrame, metric: str, index: dict[str, int]) -> dict[str, Any]:
+    """Per-label rows of one metric: ``names`` (the most frequent :data:`MAX_LABELS` labels, with their
+    image counts) and ``rows`` ``[model index, label index, layer, mean, ci_low, ci_high, n]``, the
+    mean over heads and that label's images with its 95% CI over them."""
+    t = table[table["metric"].astype(str) == metric]
+    counts = t.drop_duplicates(["image"])["label"].astype(str).value_counts()
+    top = list(counts.index[:MAX_LABELS])
+    t = t[t["label"].astype(str).isin(top)]
+    per = t.groupby(["model", "label", "image", "layer"], observed=True)["value"].mean().reset_index()
+    s = summarize(per.assign(metric=metric, head=-1, label=per["label"].astype(str)), by=("model", "label", "layer"))
+    pos = {lab: i for i, lab in enumerate(top)}
+    return {"names": [[lab, int(counts[lab])] for lab in top], "more": max(0, len(counts) - len(top)),
+            "rows": [[index[str(r.model)], pos[str(r.label)], int(r.layer), _num(r.mean), _num(r.ci_low),
+                      _num(r.ci_high), int(r.n)] for r in s.itertuples()]}
 
 
 # inside a <script> element the HTML parser looks for "</script" and, after "<!--", for "<script" (which
@@ -206,9 +235,10 @@ def build_html(data: dict, blob: bytes) -> str:
 <title>{escape(data["title"])}</title>
 <style>{_asset("report.css")}</style></head>
 <body>
-<header><h1>{escape(data["title"])}</h1><div class="controls" id="controls"></div></header>
+<header><h1>{escape(data["title"])}</h1><p class="subtitle">{escape(_subtitle(data))}</p>
+<div class="controls" id="controls"></div></header>
 <main>
-<section id="provenance"><h2>Provenance</h2></section>
+<section id="findings"><h2>Findings</h2><div id="findings-body" class="findings"></div></section>
 {metric_sections}
 <section id="contrasts-section"><h2>Group contrasts</h2>
 <p class="note">Per metric and layer: difference of group means (A − B) of the per-image values (mean over heads),
@@ -216,8 +246,9 @@ its 95% CI, a p-value Holm-corrected across layers and an effect size, all answe
 below states (inference over images for these models, or over models as a sample). Also in
 contrasts.csv.</p><div id="contrasts-table"></div></section>
 <section id="summary-section"><h2>Summary table</h2><p class="note">Mean over heads and images per layer, 95% CI over
-images. Click a header to sort.</p><div id="summary-table"></div></section>
+images, for the metric chosen. Click a header to sort.</p><div id="summary-table"></div></section>
 <section id="explorer"><h2>Attention explorer</h2><div id="explorer-body"></div></section>
+<section id="provenance"><h2>Provenance</h2></section>
 </main>
 <div id="tip"></div>
 <script type="application/json" id="data">{js_json}</script>
@@ -227,20 +258,41 @@ images. Click a header to sort.</p><div id="summary-table"></div></section>
 """
 
 
+def _subtitle(data: dict) -> str:
+    """One line under the title: what was compared, on what, and whether the run finished."""
+    P = data["provenance"]
+    n = len(data["models"])
+    return (f"{n} model{'s' if n != 1 else ''} in {len(data['groups'])} {data['group_by']} group"
+            f"{'s' if len(data['groups']) != 1 else ''} · {P['images']['count']} images · "
+            f"metrics: {', '.join(m['label'] for m in data['metrics']) or 'maps only'} · run {P['status']}"
+            + (f", finished {P['finished']}" if P.get("finished") else ""))
+
+
 def _model_row(name: str, group: str, r: ModelRecord | None, results: Results) -> dict[str, Any]:
     """A model as the page lists it (``r``: its record in run.json, if any)."""
     lay = (r.layout if r is not None else None) or ((results.meta.get("models") or {}).get(name) or {}).get("layout")
     weights = r.weights if r is not None else None
+    computed = (r.computed or {}) if r is not None else {}
+    earlier = [v for v in computed.values() if isinstance(v, dict)]  # what the runs that computed its parts took
+    probe_s = r.probe_s if r is not None else None
+    load_s = r.load_s if r is not None else None
     return {
-        "name": name, "group": group, "training": r.training if r is not None else None,
+        "name": name, "group": group, "display": display_name(name, group),
+        "training": r.training if r is not None else None,
         "spec": r.spec if r is not None else None,
-        "weights": json.dumps(weights, default=str) if isinstance(weights, dict) else weights,
+        "weights": "; ".join(f"{k}: {v}" for k, v in weights.items()) if isinstance(weights, dict) else weights,
         "layout": (f"{lay['num_prefix']} prefix, grid {lay['grid'][0]}x{lay['grid'][1]}, "
                    f"patch {lay['patch_size'][0]}x{lay['patch_size'][1]}") if lay else None,
-        "parameters": r.parameters if r is not None else None, "load_s": r.load_s if r is not None else None,
-        "probe_s": r.probe_s if r is not None else None,
+        "parameters": r.parameters if r is not None else None, "load_s": load_s, "probe_s": probe_s,
+        # a model served from the cache: the load and probe seconds of the run that computed its parts
+        "load_s_cached": None if load_s is not None else _first(v.get("load_s") for v in earlier),
+        "probe_s_cached": None if probe_s is not None else _first(v.get("seconds") for v in earlier),
         "cached": ", ".join(r.cached if r is not None else []) or "no",
     }
+
+
+def _first(values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
 
 
 def write_report(run_dir: str | Path, record: RunRecord, results: Results, contrasts: pd.DataFrame | None,
