@@ -1,11 +1,11 @@
 """How long the command line takes to answer, and how long a quickstart spends on figures.
 
-    python benchmarks/bench_cli.py              # start-up of --help, models, metrics (best of 5 runs each)
+    python benchmarks/bench_cli.py              # start-up of --help, models, metrics, typos (best of 5 runs each)
     python benchmarks/bench_cli.py --quickstart # also: a first and a cached quickstart, with the figure share
 
 Each command runs in a fresh process. ``best wall`` is the fastest of the runs (other processes
 only ever add time); ``cpu`` is that run's user + system CPU seconds, steadier on a busy machine.
-``torch`` says whether the command imported torch (it should not, for the listings).
+``torch`` says whether the command imported torch (it should not, for the listings and the typos).
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = [["--help"], ["models"], ["metrics"]]
+COMMANDS = [["--help"], ["--version"], ["models"], ["metrics"],
+            # typos, refused before torch loads (issue 22): a metric, a model, an image folder, a run directory
+            ["run", "dino-s16", "--metric", "madd"], ["run", "dino-s1"], ["run", "dino-s16", "--images", "photoz"],
+            ["plot", "runz"]]
 _PROBE = ("import sys, runpy; sys.argv = ['probekit'] + sys.argv[1:]\n"
           "try:\n    runpy.run_module('probekit.cli', run_name='__main__')\n"
           "except SystemExit:\n    pass\n"
@@ -43,11 +46,11 @@ def _run(args: list[str], env: dict) -> tuple[float, float, bool]:
 
 def startup(repeats: int) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    print(f"{'command':24} {'best wall s':>11} {'cpu s':>7} {'torch':>6}")
+    print(f"{'command':40} {'best wall s':>11} {'cpu s':>7} {'torch':>6}")
     for args in COMMANDS:
         runs = [_run(args, env) for _ in range(repeats)]
         wall, cpu, torch = min(runs)
-        print(f"{'probekit ' + ' '.join(args):24} {wall:11.2f} {cpu:7.2f} {str(torch):>6}")
+        print(f"{'probekit ' + ' '.join(args):40} {wall:11.2f} {cpu:7.2f} {str(torch):>6}")
 
 
 def quickstart() -> None:
