@@ -43,6 +43,9 @@ def eval_mode(model: Any) -> Iterator[None]:
     if not isinstance(model, nn.Module):
         yield
         return
+    if not _any_training(model):  # in eval mode throughout (a loaded model): nothing to set or give back
+        yield
+        return
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -50,6 +53,18 @@ def eval_mode(model: Any) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def _any_training(model: nn.Module) -> bool:
+    """Whether ``model`` or any submodule is in train mode. Why not ``model.modules()``: its
+    generators and names cost ~1 ms on a ViT-S, a visible share of a small probe (issue 25)."""
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if m.training:
+            return True
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return False
 
 
 class Sink(Protocol):
@@ -122,6 +137,11 @@ class Adapter(ABC):
         #: input channels (3: RGB; 1: grayscale); images are converted to this many before
         #: ``preprocess``. Built-in adapters read it from the model (an instance attribute).
         in_chans = 3
+    #: the per-channel mean and std (of pixels in [0, 1]) that ``preprocess`` normalises with: the statistics
+    #: the model was trained with (0 and 1 for raw pixels). ``probekit.testing`` checks ``preprocess`` against
+    #: them (a constant image at the mean must come out as 0); built-in adapters read them from the library.
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
     #: conformance checks that do not apply, ``{check name: why}`` (an instance may override it).
     #: ``probekit.testing.check_adapter`` fails a check that cannot run unless it is listed here.
     not_applicable_checks: dict[str, str] = {}

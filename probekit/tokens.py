@@ -1,4 +1,9 @@
-"""Where each token of a ViT sits: prefix tokens first, then a row-major patch grid."""
+"""Where each token of a ViT sits: prefix tokens first, then a row-major patch grid.
+
+A model whose prefix tokens come elsewhere (a class token appended after the patches) is described
+in this order all the same: its tap hands over q, k and hidden states with the prefix tokens moved
+to the front (:func:`prefix_first`), and ``probekit.testing`` checks that it does.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import torch
 
 from probekit.errors import LayoutError
 
-__all__ = ["TokenLayout", "pair"]
+__all__ = ["TokenLayout", "pair", "prefix_first"]
 
 
 def pair(x: float | Sequence[float]) -> tuple[int, int]:
@@ -19,6 +24,19 @@ def pair(x: float | Sequence[float]) -> tuple[int, int]:
         return (int(x), int(x))
     a, b = x
     return (int(a), int(b))
+
+
+def prefix_first(tokens: torch.Tensor, num_prefix: int, dim: int = -2) -> torch.Tensor:
+    """``tokens`` with the last ``num_prefix`` along ``dim`` moved to the front, in their order: a
+    class-token-last model's q, k (``dim=-2`` of ``[B, H, T, d]``) or hidden states (``[B, T, D]``)
+    in the order :class:`TokenLayout` describes.
+
+    >>> prefix_first(torch.arange(5.0)[:, None], 1).flatten().tolist()
+    [4.0, 0.0, 1.0, 2.0, 3.0]
+    """
+    n = tokens.shape[dim]
+    order = torch.cat([torch.arange(n - num_prefix, n), torch.arange(n - num_prefix)]).to(tokens.device)
+    return tokens.index_select(dim, order)
 
 
 @dataclass(frozen=True, init=False)

@@ -224,4 +224,6 @@ def test_the_conformance_kit_passes(lib):
     status = {r.check: r.status for r in records}
     # hidden states: shapes and layouts checked here, values and order in test_hidden_hiera.py (declared not applicable)
     assert status.pop("check_hidden_is_block_output") == "skipped" and status["check_hidden_states"] == "passed"
+    if lib == "hf":  # declared: built from a config, so transformers has no processor to compare preprocess with
+        assert status.pop("check_preprocess_matches_library") == "skipped"
     assert set(status.values()) == {"passed"} and len(status) >= 7

@@ -6,10 +6,11 @@ reference of its own (the kit reads the model's softmax calls).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import probekit as pk
@@ -23,6 +24,7 @@ from probekit.testing.geometry import (
     moved_tokens,
     patch_box,
 )
+from probekit.tokens import prefix_first
 
 
 class Attention(nn.Module):
@@ -42,17 +44,21 @@ class Attention(nn.Module):
 
 
 class LucidViT(nn.Module):
-    """lucidrains' vit-pytorch ViT, reduced: patches flattened row by row, CLS first."""
+    """lucidrains' vit-pytorch ViT, reduced: patches flattened row by row, CLS first (``cls_last``: after
+    the patches), dropout in the MLP."""
 
-    def __init__(self, image_size=(28, 36), patch=4, dim=32, depth=2, heads=2, dim_head=16):
+    def __init__(self, image_size=(28, 36), patch=4, dim=32, depth=2, heads=2, dim_head=16, dropout=0.0,
+                 cls_last=False):
         super().__init__()
+        self.cls_last = cls_last
         self.patch, self.grid = patch, (image_size[0] // patch, image_size[1] // patch)
         self.to_patch = nn.Sequential(nn.LayerNorm(3 * patch * patch), nn.Linear(3 * patch * patch, dim), nn.LayerNorm(dim))
         self.cls = nn.Parameter(torch.randn(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, 1 + self.grid[0] * self.grid[1], dim))
         self.layers = nn.ModuleList(
             nn.ModuleList([Attention(dim, heads, dim_head),
-                           nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))])
+                           nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout),
+                                         nn.Linear(2 * dim, dim))])
             for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
@@ -60,11 +66,21 @@ class LucidViT(nn.Module):
         b, c, h, w = img.shape
         p = self.patch
         x = img.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), -1)
-        x = torch.cat([self.cls.expand(b, -1, -1), self.to_patch(x)], 1) + self.pos
+        tokens = [self.cls.expand(b, -1, -1), self.to_patch(x)]
+        x = torch.cat(tokens[::-1] if self.cls_last else tokens, 1) + self.pos
         for attn, ff in self.layers:
             x = attn(x) + x
             x = ff(x) + x
         return self.norm(x)
+
+
+MEAN, STD = (0.2, 0.3, 0.4), (0.25, 0.2, 0.15)  # the statistics the model would be trained with
+
+
+def preprocess(size=(28, 36), mean=MEAN, std=STD):
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
 
 
 class LucidAdapter(pk.Adapter):
@@ -72,6 +88,10 @@ class LucidAdapter(pk.Adapter):
 
     name = "lucid"
     variable_image_size = False  # a fixed position table
+    image_mean, image_std = MEAN, STD
+
+    def __init__(self, model, preprocess=preprocess(), **info):
+        super().__init__(model, preprocess, **info)
 
     @classmethod
     def from_spec(cls, name, **options):
@@ -98,20 +118,30 @@ class LucidAdapter(pk.Adapter):
     def scale(self, attn: Attention) -> float:
         return attn.scale
 
+    def tokens(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """The model's tokens in the layout's order (the class token first): they already are."""
+        return t
+
+    def attention_of(self, layer: int) -> Attention:
+        return self.model.layers[layer][0]
+
     def hidden_hooks(self, sink):
         """Block i's output is what block i + 1's attention norm (or the final norm) reads."""
         norms = [attn.norm for attn, _ in self.model.layers[1:]] + [self.model.norm]
-        return [n.register_forward_pre_hook(lambda m, a, i=i: sink.hidden(i, a[0]) if wants(sink, i) else None)
+        return [n.register_forward_pre_hook(lambda m, a, i=i: sink.hidden(i, self.tokens(a[0], 1))
+                                            if wants(sink, i) else None)
                 for i, n in enumerate(norms)]
 
     @contextmanager
     def tap(self, sink):
         handles = []
-        for i, (attn, _) in enumerate(self.model.layers):
+        for i in range(self.num_layers):
+            attn = self.attention_of(i)
             if sink.wants_attention and wants(sink, i):
                 def report(m, a, out, i=i, attn=attn):
                     b, n, _ = out.shape
-                    q, k, _v = (t.reshape(b, n, attn.heads, -1).transpose(1, 2) for t in out.chunk(3, -1))
+                    q, k, _v = (self.tokens(t.reshape(b, n, attn.heads, -1).transpose(1, 2), 2)
+                                for t in out.chunk(3, -1))
                     sink.attention(i, LayerAttention(q=q, k=k, scale=self.scale(attn)))
                 handles.append(attn.to_qkv.register_forward_hook(report))
         if sink.wants_hidden:
@@ -152,6 +182,56 @@ class NoResidual(LucidAdapter):
                 for i, (_, ff) in enumerate(self.model.layers)]
 
 
+def _pre_hooks(sink, modules):
+    """Each module's input handed over as layer i's hidden state."""
+    return [m.register_forward_pre_hook(lambda m, a, i=i: sink.hidden(i, a[0]) if wants(sink, i) else None)
+            for i, m in enumerate(modules)]
+
+
+class BlockInput(LucidAdapter):
+    def hidden_hooks(self, sink):  # each block's input (what its own attention's norm reads): one block behind
+        return _pre_hooks(sink, [attn.norm for attn, _ in self.model.layers])
+
+
+class Halfway(LucidAdapter):
+    def hidden_hooks(self, sink):  # the MLP norm's input, x + attention: the MLP half is missing
+        return _pre_hooks(sink, [ff[0] for _, ff in self.model.layers])
+
+
+class OffByOne(LucidAdapter):
+    def attention_of(self, layer):  # block l + 1's attention reported as layer l (the last wraps around)
+        return self.model.layers[(layer + 1) % self.num_layers][0]
+
+
+class ClsLast(LucidAdapter):
+    """Correct for a model whose class token comes last: q, k and hidden states handed over class token
+    first, the order TokenLayout describes."""
+
+    def tokens(self, t, dim):
+        return prefix_first(t, 1, dim)
+
+
+class ClsLastHiddenKept(ClsLast):
+    def hidden_hooks(self, sink):  # attention reordered, hidden states left in the model's order
+        return _pre_hooks(sink, [attn.norm for attn, _ in self.model.layers[1:]] + [self.model.norm])
+
+
+class TrainMode(LucidAdapter):
+    """A loader that leaves the model in train mode, and an evaluating() that does not put it in eval."""
+
+    def __init__(self, model, **kw):
+        super().__init__(model, **kw)
+        self.model.train()
+
+    def evaluating(self):
+        return nullcontext()
+
+
+class AlwaysDropout(nn.Module):
+    def forward(self, x):
+        return F.dropout(x, 0.1)  # training=True by default: active in eval mode too
+
+
 @pytest.fixture(scope="module")
 def lucid():
     torch.manual_seed(0)
@@ -170,7 +250,8 @@ def test_correct_adapter_passes_without_a_reference(lucid):
     assert not failed, failed
     by = {r.check: r for r in records}
     assert "the model's own softmax" in by["check_reference_attention"].reason  # the kit read the model
-    assert {"check_patch_geometry", "check_hidden_is_block_output"} <= set(by)
+    assert {"check_patch_geometry", "check_hidden_is_block_output", "check_eval_mode", "check_preprocess"} <= set(by)
+    assert "found by perturbation" in by["check_hidden_is_block_output"].reason
 
 
 @pytest.mark.parametrize("adapter, check, words", [
@@ -178,7 +259,7 @@ def test_correct_adapter_passes_without_a_reference(lucid):
     (Patch16, "check_patch_geometry", "check the patch size"),
     (TwoPrefix, "check_patch_geometry", "the prefix count is wrong (the layout says 2, the model has 1)"),
     (NoScale, "check_reference_attention", "a wrong or missing softmax scale"),
-    (NoResidual, "check_hidden_is_block_output", "not the blocks' outputs"),
+    (NoResidual, "check_hidden_is_block_output", "not a branch such as the MLP output alone"),
 ])
 def test_each_mistake_fails_and_is_named(lucid, adapter, check, words):
     failed, _ = _failures(adapter, lucid)
@@ -186,6 +267,80 @@ def test_each_mistake_fails_and_is_named(lucid, adapter, check, words):
     assert words in failed[check], failed[check]
     with pytest.raises(AssertionError, match="conformance check"):
         check_adapter(adapter(lucid))
+
+
+@pytest.mark.parametrize("adapter, check, words", [
+    (BlockInput, "check_hidden_is_block_output", "it is block 0's input (what layer 0's own attention reads), one "
+                                                 "block behind"),
+    (Halfway, "check_hidden_is_block_output", "taken halfway through block 0, the MLP half is missing"),
+    (OffByOne, "check_reference_attention", "layer index off by one: your layer 0 matches the reference's 1"),
+])
+def test_hidden_state_and_layer_index_mistakes_are_named(lucid, adapter, check, words):
+    # the hidden state one block behind or halfway through a block is the input of some norm the model
+    # calls, as the block's output is: only the norm that feeds the next attention (found by perturbing
+    # each norm's input) tells them apart
+    failed, _ = _failures(adapter, lucid)
+    assert check in failed, failed
+    assert words in failed[check], failed[check]
+
+
+def test_train_mode_and_active_dropout_are_named():
+    model = LucidViT(dropout=0.1)
+    randomize_parameters(model, seed=0, scale=0.3)
+    failed, _ = _failures(TrainMode, model)
+    said = failed.pop("check_eval_mode")
+    assert said.startswith("AssertionError: TrainMode: the model is in train mode / dropout active: call model.eval()")
+    assert "layers.0.1.3 (Dropout)" in said and "TrainMode.evaluating() must put every module in eval mode" in said
+    assert failed, "train mode moves the attention: other checks fail too"
+    assert all("check_eval_mode failed: the model is in train mode" in why for why in failed.values()), failed
+
+    model.eval()
+    model.layers[0][1][3] = AlwaysDropout()  # a functional dropout that ignores eval mode
+    failed, _ = _failures(LucidAdapter, model)
+    assert "active dropout: F.dropout(p=0.1, training=True)" in failed["check_eval_mode"], failed
+
+
+@pytest.fixture(scope="module")
+def cls_last():
+    torch.manual_seed(0)
+    m = LucidViT(cls_last=True).eval()
+    return randomize_parameters(m, seed=0, scale=0.3)
+
+
+def test_class_token_last(cls_last):
+    # TokenLayout orders prefix tokens first; a tap that moves the model's class token to the front of q,
+    # k and the hidden states is correct, and passes with the model's own softmax (in its own order) as
+    # the reference
+    failed, records = _failures(ClsLast, cls_last)
+    assert not failed, failed
+    reason = {r.check: r.reason for r in records}["check_reference_attention"]
+    assert "the model's last 1 token(s) (the prefix it appends) are the tap's first" in reason
+    # left in the model's order, the layout is wrong, and the kit says why in one line
+    failed, _ = _failures(LucidAdapter, cls_last)
+    assert set(failed) == {"check_patch_geometry"}, failed
+    assert ("it puts 1 of its 1 prefix token(s) after the patches (a class token last), and TokenLayout orders "
+            "prefix tokens first: move them to the front of q, k and the hidden states") in failed["check_patch_geometry"]
+    # the attention reordered, the hidden states not: their order is checked as the attention's is
+    failed, _ = _failures(ClsLastHiddenKept, cls_last)
+    assert set(failed) == {"check_hidden_is_block_output"}, failed
+    assert ("the hidden states are not in the layout's token order (as the attention is): hidden token 0 is what "
+            "layer 1's attention has at token 1. The hidden states are in the model's own token order"
+            in failed["check_hidden_is_block_output"])
+
+
+def test_a_missing_scale_is_not_blamed_on_the_patch_size():
+    # wider heads (scale 1/8): without it, layer 0 is so peaked that the geometry check fails too, and it
+    # must name the scale, not the layout; a wrong patch size must not be blamed on the scale
+    model = LucidViT(dim_head=64).eval()
+    randomize_parameters(model, seed=0, scale=0.3)
+    failed, _ = _failures(NoScale, model)
+    assert set(failed) == {"check_reference_attention", "check_patch_geometry"}, failed
+    for why in failed.values():
+        assert "the tapped logits are 8x the reference's, a wrong or missing softmax scale" in why, why
+        assert "patch size" not in why and "patches are smaller" not in why, why
+    failed, _ = _failures(Patch16, model)
+    assert "check the patch size" in failed["check_patch_geometry"]
+    assert not any("scale" in why for why in failed.values()), failed
 
 
 def test_moved_tokens_and_diagnoses(lucid):

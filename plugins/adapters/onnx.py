@@ -269,6 +269,7 @@ class OnnxAdapter(Adapter):
         mean, std = per_channel(mean, self.in_chans), per_channel(std, self.in_chans)
         super().__init__(module, _preprocess(size, mean, std, resize), image_size=size, source=source,
                          attention_nodes=self.node_names)
+        self.image_mean, self.image_std = mean, std  # what _preprocess normalises with
         self._patch = patch
         self._num_params = sum(int(np.prod(i.dims)) for i in onnx_model.graph.initializer)
         self._sink: Sink | None = None

@@ -33,6 +33,7 @@ from probekit.errors import (
     WeightsUnavailableError,
     reading_checkpoint,
 )
+from probekit.inputs.images import per_channel
 from probekit.masks import additive_bias
 from probekit.tokens import TokenLayout, pair
 
@@ -288,16 +289,21 @@ class OpenClipAdapter(Adapter):
 
     @classmethod
     def _bind(cls, visual: LibraryModule, preprocess, **info) -> OpenClipAdapter:
+        ad: OpenClipAdapter
         if _is_timm_tower(visual):
             trunk = TimmAdapter.from_module(visual.trunk)
-            return OpenClipTimmAdapter(visual, preprocess or _own_preprocess(visual), trunk=trunk,
-                                       image_size=trunk.default_image_size, **info)
-        if not _is_vit_tower(visual):
+            ad = OpenClipTimmAdapter(visual, preprocess or _own_preprocess(visual), trunk=trunk,
+                                     image_size=trunk.default_image_size, **info)
+        elif not _is_vit_tower(visual):
             raise UnsupportedArchitectureError(
                 f"The open_clip adapter knows ViT towers (open_clip VisionTransformer) and timm trunks; "
                 f"got {type(visual).__name__} (e.g. a ModifiedResNet, which has no token attention)."
             )
-        return cls(visual, preprocess or _own_preprocess(visual), image_size=pair(visual.image_size), **info)
+        else:
+            ad = cls(visual, preprocess or _own_preprocess(visual), image_size=pair(visual.image_size), **info)
+        cfg = _preprocess_cfg(visual)  # what open_clip's transform normalises with
+        ad.image_mean, ad.image_std = per_channel(cfg.mean, ad.in_chans), per_channel(cfg.std, ad.in_chans)
+        return ad
 
     @classmethod
     def check_spec(cls, name: str, *, pretrained: bool = True, checkpoint: str | None = None, **options: Any) -> None:
@@ -421,13 +427,20 @@ class OpenClipTimmAdapter(OpenClipAdapter):
         return self.trunk.reference_attention(pixel_values)
 
 
-def _own_preprocess(visual: LibraryModule):
-    """open_clip's inference transform from the tower's ``preprocess_cfg`` (set by create_model)."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2
+def _preprocess_cfg(visual: LibraryModule):
+    """The tower's ``preprocess_cfg`` (set by create_model; open_clip's defaults otherwise) as a PreprocessCfg."""
+    from open_clip.transform import PreprocessCfg
 
     cfg = dict(getattr(visual, "preprocess_cfg", None) or {})
     cfg.setdefault("size", pair(visual.image_size))
-    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    return PreprocessCfg(**cfg)
+
+
+def _own_preprocess(visual: LibraryModule):
+    """open_clip's inference transform from the tower's ``preprocess_cfg`` (set by create_model)."""
+    from open_clip.transform import image_transform_v2
+
+    return image_transform_v2(_preprocess_cfg(visual), is_train=False)
 
 
 def _is_vit_tower(visual: nn.Module) -> bool:

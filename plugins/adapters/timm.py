@@ -210,8 +210,16 @@ def _preprocess(model: nn.Module, image_size: tuple[int, int]):
     cfg = resolve_data_config(model=model)
     chans = _in_chans(model)
     cfg["input_size"] = (chans, *image_size)
-    cfg["mean"], cfg["std"] = per_channel(cfg["mean"], chans), per_channel(cfg["std"], chans)
+    cfg["mean"], cfg["std"] = _stats(model)
     return create_transform(**cfg, is_training=False)
+
+
+def _stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std the model was trained with, per input channel (its pretrained_cfg's, resolved by timm)."""
+    from timm.data import resolve_data_config
+
+    cfg, chans = resolve_data_config(model=model), _in_chans(model)
+    return per_channel(cfg["mean"], chans), per_channel(cfg["std"], chans)
 
 
 def _in_chans(model: nn.Module) -> int:
@@ -247,6 +255,7 @@ class TimmAdapter(Adapter):
         self.family = family
         self.info.setdefault("family", family.name)
         self.in_chans = _in_chans(model)
+        self.image_mean, self.image_std = _stats(model)  # what _preprocess normalises with
         # dynamic_img_size models resample position embeddings per forward; others are fixed
         self.variable_image_size = bool(getattr(model, "dynamic_img_size", False))
 

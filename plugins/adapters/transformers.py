@@ -35,6 +35,7 @@ from probekit.adapter_options import AdapterOptions
 from probekit.attention import LayerAttention, sdpa_dtype
 from probekit.errors import ConfigError, LayoutError, UnknownNameError, UnsupportedArchitectureError
 from probekit.geometry import ModelGeometry
+from probekit.inputs.images import per_channel
 from probekit.masks import additive_bias
 from probekit.tokens import TokenLayout, pair
 
@@ -260,13 +261,20 @@ class TransformersAdapter(Adapter):
         if image_size is None and "image_size" in known_proc and size == pair(known_cfg.get("image_size", -1)):
             size = pair(known_proc["image_size"])  # the stock config's processor crops smaller
         proc = cached_processor(repo) if (repo is not None and image_size is None) else None
-        if proc is not None:
+        if proc is not None:  # the repo's own processor: the kit compares preprocess with it
+            info["processor"] = repo
             crop = getattr(proc, "crop_size", None) if getattr(proc, "do_center_crop", False) else None
             crop = crop or getattr(proc, "size", None) or {}
             if "height" in crop:
                 size = (int(crop["height"]), int(crop["width"]))
         proc = proc or processor_for(fam, size, repo)
-        return cls(encoder, _Preprocess(proc), image_size=size, wrapped=type(model).__name__, **info)
+        ad = cls(encoder, _Preprocess(proc), image_size=size, wrapped=type(model).__name__, **info)
+        chans, norm = ad.in_chans, getattr(proc, "do_normalize", True)
+        ad.image_mean = per_channel(proc.image_mean if norm else (0.0,), chans)  # what the processor normalises with
+        ad.image_std = per_channel(proc.image_std if norm else (1.0,), chans)
+        if "processor" not in ad.info:
+            ad.not_applicable_checks = {**ad.not_applicable_checks, "check_preprocess_matches_library": _NO_PROCESSOR}
+        return ad
 
     @classmethod
     def can_wrap(cls, module: nn.Module) -> bool:
@@ -442,6 +450,9 @@ class TransformersAdapter(Adapter):
         return {i: a.float() for i, a in enumerate(out.attentions)}
 
 
+_NO_PROCESSOR = ("no image processor files where the model was loaded from (built from a config, a wrapped module, "
+                 "or image_size= given): its processor is the family's transformers class with probekit's known "
+                 "defaults (_hf_families), so there is no processor of the library's to compare preprocess with")
 _REGROUPED = ("tokens are regrouped between some blocks (Swin's patch merging), read by the next norm as a "
               "[B, H, W, C] grid (SAM) or put row-major from the unrolled order (Hiera), so no norm reads the "
               "[B, T, C] tokens reported; tests/test_hidden_staged_hf.py and test_hidden_hiera.py check every "

@@ -13,9 +13,12 @@ from collections.abc import Callable, Iterator
 import torch
 
 from probekit.adapter import Adapter, CollectSink
-from probekit.testing.capture import ModelCalls
 from probekit.testing.geometry_checks import check_hidden_keys, check_patch_geometry
+from probekit.testing.hidden_checks import check_hidden_is_block_output
+from probekit.testing.modes import check_eval_mode
+from probekit.testing.preprocessing import LIBRARIES, check_preprocess, check_preprocess_matches_library
 from probekit.testing.records import SkipCheck
+from probekit.testing.reference import deviation, prefix_last_reference, scale_hint, shift_hint, tap_and_reference
 from probekit.testing.tapping import adapter_of, kit_input, sized, tapped
 from probekit.tokens import TokenLayout
 
@@ -24,6 +27,7 @@ __all__ = [
     "check_rows_sum_to_one", "check_layout_matches_tokens", "check_reference_attention",
     "check_batch_independence", "check_tap_keeps_outputs", "check_tap_detaches", "check_wanted_layers",
     "check_hidden_states", "check_patch_geometry", "check_hidden_keys", "check_hidden_is_block_output",
+    "check_eval_mode", "check_preprocess", "check_preprocess_matches_library",
 ]
 
 ATOL = 1e-5  # probabilities: float32 softmax of the same logits agree to ~1e-7
@@ -121,34 +125,6 @@ def check_layout_matches_tokens(name: str, pm, image_size=None) -> None:
         )
 
 
-def _model_softmax_reference(name: str, ad: Adapter, x: torch.Tensor):
-    """``(tap's sink, reference)``: the tap and the model's own softmax/SDPA calls, in one forward."""
-    calls = ModelCalls(attention=True)
-    with calls:
-        sink = tapped(ad, x, calls=calls)[0]
-    if len(calls.attention) != ad.num_layers:
-        raise SkipCheck(
-            f"{name}: no reference_attention, and the model's own attention could not be read: one forward made "
-            f"{len(calls.attention)} softmax/SDPA calls over square [B, H, T, T] tensors for {ad.num_layers} "
-            "layers. Implement reference_attention (the library's own attention probabilities)."
-        )
-    return sink, dict(enumerate(calls.attention))
-
-
-def _scale_hint(got: torch.Tensor, want: torch.Tensor) -> str:
-    """Words for a deviation that is a temperature: tapped logits a constant times the reference's."""
-    tiny = torch.finfo(torch.float32).tiny * 1e8
-    lg, lw = got.double().clamp_min(tiny).log(), want.double().clamp_min(tiny).log()
-    keep = (got > 1e-12) & (want > 1e-12)
-    lg, lw = [torch.where(keep, v - (v * keep).sum(-1, keepdim=True) / keep.sum(-1, keepdim=True), 0) for v in (lg, lw)]
-    slope = ((lg * lw).sum() / (lw * lw).sum().clamp_min(1e-30)).item()
-    corr = ((lg * lw).sum() / ((lg * lg).sum() * (lw * lw).sum()).sqrt().clamp_min(1e-30)).item()
-    if corr > 0.999 and abs(slope - 1) > 0.02:
-        return (f": the tapped logits are {slope:.3g}x the reference's, a wrong or missing softmax scale "
-                "(usually head_dim ** -0.5)")
-    return ""
-
-
 @sized
 def check_reference_attention(name: str, pm, reference: Callable | None = None, image_size=None,
                               atol: float = ATOL) -> str:
@@ -158,32 +134,30 @@ def check_reference_attention(name: str, pm, reference: Callable | None = None, 
     # forward, so a forgotten scale or bias fails either way. References are computed from the
     # same layer inputs as the tap (see Adapter.reference_attention): fused and unfused paths
     # drift apart through depth, and a check at full depth must measure the tap, not the drift.
+    # A model that appends its prefix tokens (a class token last) matches with them moved to the
+    # front, the layout's order (check_patch_geometry pins the patches' places).
     ad = adapter_of(pm)
     x = kit_input(ad, 2, image_size, seed=1)
-    ref_fn = reference or ad.reference_attention
-    source = "reference"
-    with torch.inference_mode():
-        try:
-            ref = ref_fn(x)
-            sink = tapped(ad, x)[0]
-        except NotImplementedError:
-            sink, ref = _model_softmax_reference(name, ad, x)
-            source = "the model's own softmax"
+    sink, ref, source = tap_and_reference(name, ad, x, reference)
     got = sink.probs
     assert sorted(ref) == sorted(got), f"{name}: {source} layers {sorted(ref)} != tapped {sorted(got)}"
-    devs = []
-    for i in ref:
+    allowed = {i: max(atol, sink.rounding.get(i, 0.0)) for i in ref}  # float32 rounding of large logits (_KitSink)
+    devs, moved_prefix, n = {i: deviation(got[i], ref[i]) for i in ref}, "", ad.layout(x).num_prefix
+    last = prefix_last_reference(ref, n) if any(devs[i] > allowed[i] for i in ref) else None
+    if last is not None and all(deviation(got[i], last[i]) <= allowed[i] for i in ref):
+        devs = {i: deviation(got[i], last[i]) for i in ref}
+        moved_prefix = f"; the model's last {n} token(s) (the prefix it appends) are the tap's first, as in the layout"
+    bad = [i for i in ref if devs[i] > allowed[i]]
+    if bad:
+        i = bad[0]
         assert got[i].shape == ref[i].shape, (
             f"{name}: layer {i} shape {tuple(got[i].shape)} != {source} {tuple(ref[i].shape)}")
-        dev = (got[i].float().cpu() - ref[i].float().cpu()).abs().max().item()
-        allowed = max(atol, sink.rounding.get(i, 0.0))  # float32 rounding of large logits (see _KitSink)
-        assert dev <= allowed, (f"{name}: layer {i} attention deviates from {source} by {dev:.3g} "
-                                f"(allowed {allowed:.3g})" + _scale_hint(got[i].cpu(), ref[i].cpu()))
-        devs.append(dev)
+        raise AssertionError(f"{name}: layer {i} attention deviates from {source} by {devs[i]:.3g} (allowed "
+                             f"{allowed[i]:.3g})" + (shift_hint(got, ref, allowed) or scale_hint(got[i], ref[i])))
     # near-uniform rows (random init) agree whatever the bug: report how peaked they were
     top = min(p.amax(-1).mean().item() * p.shape[-1] for p in got.values())
-    per_layer = " ".join(f"{d:.1e}" for d in devs)
-    return f"max |tap - {source}| per layer: {per_layer}; mean top probability {top:.1f}x uniform"
+    per_layer = " ".join(f"{devs[i]:.1e}" for i in ref)
+    return f"max |tap - {source}| per layer: {per_layer}; mean top probability {top:.1f}x uniform{moved_prefix}"
 
 
 def check_batch_independence(name: str, pm, atol: float = ATOL) -> None:
@@ -256,41 +230,6 @@ def check_hidden_states(name: str, pm) -> None:
     assert len(dims) == 1 or not one_layout, f"{name}: hidden widths differ across layers: {sorted(dims)}"
 
 
-def _matches(h: torch.Tensor, candidates: list[torch.Tensor], rtol: float = 1e-5) -> bool:
-    for c in candidates:
-        c = c if c.shape == h.shape else c.transpose(0, 1)  # tokens-first towers
-        if c.shape == h.shape:
-            scale = c.abs().max().clamp_min(1e-12)
-            if ((h.float() - c.float()).abs().max() / scale).item() <= rtol:
-                return True
-    return False
-
-
-def check_hidden_is_block_output(name: str, pm) -> str:
-    # A hidden-state tap must report each block's output, the residual stream. A branch (the MLP
-    # or attention output without the residual added) has the right shape and is finite, so it
-    # is compared with what the model itself computes: a block's output is what the next norm
-    # reads (pre-norm blocks; for one block, the final norm) or what a norm returns (post-norm).
-    ad = adapter_of(pm)
-    x = kit_input(ad, 2, seed=6)
-    calls = ModelCalls(attention=False, norms=True)
-    with calls:
-        hid = tapped(ad, x, hidden=True, calls=calls)[0].hiddens
-    if not calls.norm_tensors:
-        raise SkipCheck(f"{name}: the forward ran no torch normalization (layer_norm, rms_norm, group_norm) "
-                        "to compare the hidden states with")
-    layers = list(range(ad.num_layers - 1)) or [0]  # the last block's output may be pooled before a norm
-    missing = [i for i in layers if i not in hid]
-    assert not missing, f"{name}: no hidden states for layers {missing}"
-    bad = [i for i in layers if not _matches(hid[i], calls.norm_tensors)]
-    assert not bad, (
-        f"{name}: the hidden states of layers {bad} are not the blocks' outputs (not what the model's next "
-        "norm reads, nor a norm's output): report the residual stream (x + attention + MLP), not a branch "
-        "such as the MLP output alone."
-    )
-    return f"layers {layers[0]}..{layers[-1]} match the inputs of the model's own norms"
-
-
 def adapter_checks(pm, reference: Callable | None = None) -> Iterator[Callable]:
     """The checks that apply to ``pm``, each a ``partial`` taking the model.
 
@@ -299,6 +238,10 @@ def adapter_checks(pm, reference: Callable | None = None) -> Iterator[Callable]:
     it False on the instance); the hidden-state check runs when ``provides_hidden``.
     """
     ad = adapter_of(pm)
+    yield check_eval_mode  # first: a model in train mode fails others for a reason only this one names
+    yield check_preprocess
+    if ad.library in LIBRARIES:
+        yield check_preprocess_matches_library
     yield check_rows_sum_to_one
     yield check_layout_matches_tokens
     yield check_patch_geometry  # every layer, whatever its geometry (windows, pooled keys, class attention)

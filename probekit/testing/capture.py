@@ -1,17 +1,21 @@
 """What a PyTorch model itself computes, read at its own function calls, for checks that must not
-trust the adapter: the attention softmaxes (or SDPA calls) and the tensors its norms see.
+trust the adapter: the attention softmaxes (or SDPA calls), its norms' inputs and outputs in call
+order, and any randomness (dropout) that runs.
 
 A :class:`torch.overrides.TorchFunctionMode` sees every ``softmax`` and
 ``scaled_dot_product_attention`` call and every ``layer_norm``/``rms_norm`` call of a forward
 pass, whatever module or hand-written code makes it (``nn.Softmax``, ``dots.softmax(-1)``, a
 fused SDPA path). That gives any torch ViT a reference attention without a library
 reference (the model's own softmax, computed from the same layer inputs as the tap's, since it
-is the same forward), and the tensors a block's output must be (the next norm's input).
+is the same forward), and the tensors a block's output must be (the input of the norm that feeds
+the next attention). The same mode can replace one norm's input in a later, identical forward
+(``perturb``): what changes downstream says which attention that norm feeds.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +27,11 @@ __all__ = ["ModelCalls"]
 
 _SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax, torch.special.softmax}
 _NORMS = {F.layer_norm, torch.layer_norm, F.group_norm} | ({F.rms_norm} if hasattr(F, "rms_norm") else set())
+# dropout in every spelling: (input, p, training) positionally, as F.dropout and torch.dropout take them
+_DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+            torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout}
+_RANDOM = {torch.bernoulli, torch.Tensor.bernoulli_, torch.rand, torch.rand_like, torch.randn, torch.randn_like,
+           torch.randint, torch.randperm, torch.Tensor.uniform_, torch.Tensor.normal_, torch.multinomial, torch.normal}
 
 
 def _arg(args, kwargs, i: int, name: str, default=None):
@@ -44,19 +53,27 @@ def sdpa_probs(q, k, attn_mask=None, is_causal=False, scale=None, enable_gqa=Fal
 
 class ModelCalls(TorchFunctionMode):
     """Within ``with``: the model's attention probabilities (``attention``, float32 ``[B, H, T, T]``
-    in call order) and its norms' inputs and outputs (``norm_tensors``).
+    in call order), its norms' ``(input, output)`` in call order (``norms``), and the random
+    operations it ran (``randomness``: active dropout, random tensors).
 
     Args:
         attention: keep softmaxes over the last axis of square ``[B, H, T, T]`` tensors, and
             the weights of every SDPA call with as many queries as keys.
         norms: keep every normalization's input and output.
+        perturb: ``{norm call index: f}``: that call normalises ``f(input)`` instead of its input
+            (the model's own tensor, the residual stream, is left as it is). Indices count every
+            norm call, recorded or not, so a forward that repeats a recorded one hits the same calls.
     """
 
-    def __init__(self, attention: bool = True, norms: bool = False):
+    def __init__(self, attention: bool = True, norms: bool = False,
+                 perturb: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None):
         super().__init__()
         self.want_attention, self.want_norms = attention, norms
+        self.perturb = dict(perturb or {})
         self.attention: list[torch.Tensor] = []
-        self.norm_tensors: list[torch.Tensor] = []
+        self.norms: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.norm_count = 0  # norm calls so far (the index of the next one)
+        self.randomness: list[str] = []
         self._paused = False
 
     @contextlib.contextmanager
@@ -70,9 +87,14 @@ class ModelCalls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         if self._paused:
-            return out
+            return func(*args, **kwargs)
+        if func in _NORMS:
+            index, self.norm_count = self.norm_count, self.norm_count + 1
+            if index in self.perturb:
+                args = (self.perturb[index](args[0]), *args[1:])
+        out = func(*args, **kwargs)
+        self._note_randomness(func, args, kwargs)
         if self.want_attention and func in _SOFTMAX:
             x, dim = args[0], _arg(args, kwargs, 1, "dim")
             if x.dim() == 4 and x.shape[-1] == x.shape[-2] and dim in (-1, 3):
@@ -85,5 +107,22 @@ class ModelCalls(TorchFunctionMode):
                                    kwargs.get("enable_gqa", False))
                 self.attention.append(probs.float())
         elif self.want_norms and func in _NORMS and isinstance(out, torch.Tensor):
-            self.norm_tensors += [args[0].detach().clone(), out.detach().clone()]
+            self.norms.append((args[0].detach().clone(), out.detach().clone()))
         return out
+
+    def _note_randomness(self, func, args, kwargs) -> None:
+        if func in _DROPOUT:
+            p = _arg(args, kwargs, 1, "p", 0.5)
+            training = args[2] if len(args) > 2 else kwargs.get("training", kwargs.get("train", True))  # torch.*: train
+            if training and p:
+                self.randomness.append(f"{_name(func)}(p={p:g}, training=True)")
+        elif func is F.scaled_dot_product_attention and _arg(args, kwargs, 4, "dropout_p", 0.0):
+            self.randomness.append(f"scaled_dot_product_attention(dropout_p={_arg(args, kwargs, 4, 'dropout_p'):g})")
+        elif func in _RANDOM:
+            self.randomness.append(_name(func))
+
+
+def _name(func) -> str:
+    module = getattr(func, "__module__", None) or ""
+    short = {"torch.nn.functional": "F.", "torch": "torch."}.get(module, "")
+    return short + getattr(func, "__name__", str(func))

@@ -131,14 +131,22 @@ def moved_tokens(before: torch.Tensor, after: torch.Tensor, rel: float = 1e-2,
     return frozenset(torch.nonzero(rows[0] | cols[0]).flatten().tolist()), top
 
 
-def diagnose_moves(layout: TokenLayout, seen: dict[tuple[int, int], frozenset[int]]) -> str:
-    """What layout mistake explains the tokens that moved (``{patch: tokens}``), in words."""
+def diagnose_moves(layout: TokenLayout, seen: dict[tuple[int, int], frozenset[int]],
+                   num_tokens: int | None = None) -> str:
+    """What layout mistake explains the tokens that moved (``{patch: tokens}``), in words
+    (``num_tokens``: how many tokens the model's attention has, where known)."""
     n, (gh, gw) = layout.num_prefix, layout.grid
     expected = {rc: n + rc[0] * gw + rc[1] for rc in seen}
     single = all(len(t) == 1 for t in seen.values())
     if single:
         got = {rc: next(iter(t)) for rc, t in seen.items()}
         shifts = {got[rc] - expected[rc] for rc in seen}
+        if len(shifts) == 1 and num_tokens == layout.num_tokens and -n <= min(shifts) < 0:
+            d = shifts.pop()  # as many tokens as the layout says, patches early: prefix tokens after them
+            return (f"every moved token is {d:+d} from where the layout puts it, and the model has the layout's "
+                    f"{num_tokens} tokens: it puts {-d} of its {n} prefix token(s) after the patches (a class token "
+                    "last), and TokenLayout orders prefix tokens first: move them to the front of q, k and the hidden "
+                    "states in the tap (probekit.tokens.prefix_first).")
         if len(shifts) == 1:
             d = shifts.pop()
             return (f"every moved token is {d:+d} from where the layout puts it: the prefix count is wrong "

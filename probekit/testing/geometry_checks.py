@@ -18,6 +18,8 @@ from probekit.adapter import CollectSink
 from probekit.geometry import KINDS
 from probekit.testing.geometry import coverage_problem, diagnose_moves, moved, probe_boxes
 from probekit.testing.reach import Embed, as_geometry, counted, expected_moves
+from probekit.testing.records import SkipCheck
+from probekit.testing.reference import prefix_last_reference, scale_hint, tap_and_reference
 from probekit.testing.tapping import adapter_of, kit_input, sized, tapped
 from probekit.tokens import TokenLayout, pair
 
@@ -93,7 +95,7 @@ def _diagnosis(i: int, layer, p: torch.Tensor, patches: list) -> str:
     for j, rc in enumerate(patches, start=1):
         rows, cols, _ = moved(p[:1], p[j : j + 1])
         seen[rc] = frozenset(torch.nonzero(rows[0] | cols[0]).flatten().tolist())
-    why = diagnose_moves(layer, seen)
+    why = diagnose_moves(layer, seen, num_tokens=p.shape[-1])
     return " " + why[0].upper() + why[1:]
 
 
@@ -117,6 +119,19 @@ def _verdict(i: int, p: torch.Tensor, layers: list, boxes: dict, expected: dict)
         return None, top
     return (f"layer {i} ({g.describe()}): " + "; ".join(moved[:3]) + f". Hint: {_hint(g)}."
             + _diagnosis(i, layers[i], p.flatten(0, 1), list(boxes))), top
+
+
+def _scale_words(name: str, ad, x: torch.Tensor) -> str:
+    """Words for a tap whose layer 0 logits are a constant times the model's (a wrong softmax scale,
+    which a geometry failure must not blame on the layout), else ''."""
+    try:
+        sink, ref, _ = tap_and_reference(name, ad, x)
+    except (NotImplementedError, SkipCheck):
+        return ""
+    if 0 not in ref or 0 not in sink.probs:
+        return ""
+    last = prefix_last_reference({0: ref[0]}, ad.layout(x).num_prefix) or {}
+    return scale_hint(sink.probs[0], ref[0]) or (scale_hint(sink.probs[0], last[0]) if last else "")
 
 
 class _Judge(CollectSink):
@@ -162,7 +177,11 @@ def check_patch_geometry(name: str, pm, image_size=None) -> str:
     wrong = [said for i, (said, _) in sorted(judged.items()) if said]
     top = max((t for _, t in judged.values()), default=0.0)
     problems += wrong[:2]
-    assert not problems, f"{name}: geometry at {size[0]}x{size[1]} ({lay.describe()}): " + " ".join(problems)
+    said = f"{name}: geometry at {size[0]}x{size[1]} ({lay.describe()}): "
+    scale = _scale_words(name, ad, base) if problems else ""
+    assert not scale, (said + f"in layer 0 {scale[2:]}, which moves tokens no layout explains: fix the scale, then "
+                       "this check judges the layout")
+    assert not problems, said + " ".join(problems)
     return (f"{len(boxes)} patches x {len(token_layers)} layers: each moved its own tokens in layer 0 and "
             f"stayed within its reach after (largest logit change {top:.2g})")
 

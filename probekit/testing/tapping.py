@@ -42,8 +42,11 @@ class _KitSink(CollectSink):
         super().__init__(*args, **kw)
         self._calls = calls
         self.rounding: dict[int, float] = {}
+        self.reported_at: dict[int, int] = {}  # layer -> the model's norm calls made before the tap reported it
 
     def attention(self, layer, attn):
+        if self._calls is not None:
+            self.reported_at[layer] = self._calls.norm_count
         with self._calls.paused() if self._calls else contextlib.nullcontext():
             super().attention(layer, attn)
             if attn.q is not None:
@@ -57,8 +60,9 @@ class _KitSink(CollectSink):
 
 @torch.inference_mode()
 def tapped(ad: Adapter, x: torch.Tensor, layers=None, hidden: bool = False, calls: ModelCalls | None = None,
-           sink: CollectSink | None = None):
-    sink = sink or _KitSink(calls, layers, attention=not hidden, hidden=hidden)
+           sink: CollectSink | None = None, attention: bool | None = None):
+    """``(sink, output)`` of one forward under the tap: attention (default: unless ``hidden``), hidden states."""
+    sink = sink or _KitSink(calls, layers, attention=not hidden if attention is None else attention, hidden=hidden)
     with ad.tap(sink):
         out = ad.forward(x)
     return sink, out

@@ -62,6 +62,7 @@ class TinyVitAdapter(Adapter):
     extra = "probekit-tinyvit"
     variable_image_size = False  # a fixed 50-entry position table: 28x28 inputs only
     in_chans = 1  # grayscale: probekit converts images to one channel
+    image_mean, image_std = (MEAN,), (STD,)  # what preprocess normalises with; probekit.testing checks it
     options_schema = TinyVitOptions  # checked in run files, on the command line and by pk.load
 
     # -- building ------------------------------------------------------------------------------
