@@ -243,3 +243,69 @@ def test_entropy_reference_line_is_ln_n_and_label_is_its_display_name():
     norm = pk.metrics.get("entropy")(normalized=True)
     assert norm.reference_value(pk.TokenLayout(num_prefix=1, grid=(3, 4), patch_size=(8, 8))) == 1.0
     assert pk.metrics.get("prefix_mass")().reference_value(pk.TokenLayout(num_prefix=1, grid=(3, 4), patch_size=(8, 8))) is None
+
+
+# -- issue 22: every static figure says what its colours and lines mean ---------------------------------
+def test_depth_profile_legend_explains_head_colours_and_the_uniform_line():
+    fig, axes = plots.depth_profile(_results())
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == ["head 0", "head 1", "head 2", "uniform attention (no locality)"]  # deit-s has 3 heads
+    # each head's legend colour is the colour of its dots
+    dots = axes[0].collections[0]
+    heads = _results().table.query("model == 'deit-s'").groupby(["layer", "head"])["value"].mean().reset_index()
+    for h, handle in enumerate(legend.legend_handles[:3]):
+        want = np.asarray(handle.get_color())[:3]
+        got = dots.get_facecolors()[(heads["head"] == h).to_numpy()][:, :3]
+        np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), atol=1e-6)
+    # titles: the training kind once, never "random init (random init)"
+    res = _results()
+    res.meta["models"]["dinov2-s14"]["training"] = "random init"
+    res.table["model"] = res.table["model"].astype(str).replace("dinov2-s14", "dinov2-s14 random init")
+    res.meta["models"]["dinov2-s14 random init"] = res.meta["models"].pop("dinov2-s14")
+    _, axes = plots.depth_profile(res)
+    assert [a.get_title() for a in axes] == ["deit-s (supervised)", "dinov2-s14 random init"]
+
+
+def test_more_heads_than_palette_colours_never_share_a_colour():
+    from probekit.views.plots import _head_colours
+
+    cols = _head_colours(16)
+    assert len({tuple(np.round(c, 6)) for c in cols}) == 16
+
+
+def test_summary_points_name_their_layers():
+    res = _results()
+    _, ax = plots.summary_points(res)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    # 4 and 3 layers: first 0 and 0, middle (4-1)//2 = 1 and (3-1)//2 = 1, last 3 and 2 (named at each point)
+    assert labels == ["first (layer 0)", "middle (layer 1)", "last"]
+    assert sorted(t.get_text() for t in ax.texts) == ["L2", "L3"]
+
+
+def test_label_colours_are_never_model_colours():
+    import seaborn as sns
+
+    from probekit.views.plots._common import LABEL_COLOURS
+
+    res = _results()
+    res.table["label"] = res.table["image"].map(lambda n: "cat" if n in ("img0.jpg", "img1.jpg") else "dog")
+    fig, axes = plots.label_profile(Results(res.table, meta=res.meta))
+    model_cols = {c.lower() for c in sns.color_palette("colorblind").as_hex()} | {
+        "#0072b2", "#e69f00", "#009e73", "#d55e00", "#cc79a7", "#56b4e9", "#f0e442", "#000000"}  # figures', report's
+    drawn = {ln.get_color().lower() for a in axes for ln in a.get_lines()}
+    assert drawn == {LABEL_COLOURS[0].lower(), LABEL_COLOURS[1].lower()} and not drawn & model_cols
+    assert not {c.lower() for c in LABEL_COLOURS} & model_cols
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["dog (3)", "cat (2)"]  # most frequent first, image counts
+
+
+def test_map_figures_share_one_colour_scale():
+    res = _results()
+    res.arrays["dinov2-s14/cls_map"] = np.full((5, 3, 2, 16, 16), 1 / 256, dtype=np.float32)  # uniform
+    fig, axes = plots.attention_maps(res, "cls_map")
+    rows, cols = axes.shape
+    top = float(max(res.arrays["deit-s/cls_map"][:cols, -1].mean(1).max(), 1 / 256))  # heads averaged
+    (clim,) = {axes[r, c].get_images()[-1].get_clim() for r in range(rows) for c in range(cols)}
+    assert rows == 2 and clim == (0.0, pytest.approx(top, rel=1e-6))
+    assert len(fig.axes) == rows * cols + 1  # the maps and one colour bar

@@ -24,13 +24,13 @@ _WORDS = {"mad": ("attends {r} closer than", "attends {r} farther than", "closer
 def short(v: float) -> str:
     """A number as the sentences print it: whole numbers from 10 up, else 3 significant digits.
 
-    >>> short(66.52), short(-1.0843), short(0.012345), short(float("nan"))
+    >>> short(66.5), short(-1.0843), short(0.012345), short(float("nan"))
     ('67', '-1.08', '0.0123', 'nan')
     """
     if not math.isfinite(v):
         return "nan"
-    if abs(v) >= 10:
-        return f"{v:.0f}"
+    if abs(v) >= 10:  # halves away from zero, as people round (Python's format rounds 66.5 to 66)
+        return f"{math.copysign(math.floor(abs(v) + 0.5), v):.0f}"
     return f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}"
 
 
