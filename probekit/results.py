@@ -18,7 +18,7 @@ import pandas as pd
 from probekit._io.atomic import atomic_path, write_text_atomic
 from probekit.inputs.view import join_arrays
 
-__all__ = ["Results", "COLUMNS", "summarize", "models_meta"]
+__all__ = ["Results", "COLUMNS", "summarize", "models_meta", "long_table"]
 
 COLUMNS = ["model", "image", "layer", "head", "metric", "value"]
 _DTYPES = {"model": "category", "image": "string", "layer": "int16", "head": "int16", "metric": "category"}
@@ -26,11 +26,75 @@ _META_KEY = b"probekit"
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    if _is_typed(df):  # e.g. the engine's own table (long_table): converting again changes nothing
+        return df
     df = df[COLUMNS + [c for c in df.columns if c not in COLUMNS]].reset_index(drop=True)
     for col, dt in _DTYPES.items():
         df[col] = df[col].astype(str).astype(dt) if dt in ("category", "string") else df[col].astype(dt)
     df["value"] = df["value"].astype("float64")
     return df
+
+
+#: what ``astype(str)`` makes of strings on this pandas ('str' from pandas 3, object before), and
+#: ``astype("string")`` after it: the dtypes of a typed table's category labels and image names
+_STR = pd.Series(["x"], dtype=object).astype(str).dtype
+_STRING = pd.Series(["x"], dtype=object).astype(str).astype("string").dtype
+
+
+def _is_typed(df: pd.DataFrame) -> bool:
+    """Whether :func:`_typed` would give ``df`` back unchanged: the columns in order from a fresh
+    index, each already of its type, category labels as ``astype(str).astype("category")`` makes
+    them (strings, sorted, each used, none missing) and no missing image name (``astype(str)``
+    would write it as text). Why: converting a typed table costs milliseconds of pandas calls,
+    a visible share of a small :func:`probekit.probe` call (issue 25)."""
+    index = df.index
+    if (list(df.columns[: len(COLUMNS)]) != COLUMNS or not isinstance(index, pd.RangeIndex)
+            or index.start != 0 or index.step != 1 or df.columns.has_duplicates):
+        return False
+    dtypes = df.dtypes
+    for col in ("layer", "head"):
+        if dtypes[col] != np.int16:
+            return False
+    if dtypes["value"] != np.float64 or dtypes["image"] != _STRING:
+        return False
+    for col in ("model", "metric"):
+        dt = dtypes[col]
+        if not isinstance(dt, pd.CategoricalDtype) or dt.ordered or dt.categories.dtype != _STR:
+            return False
+        cats = dt.categories
+        if _STR == np.dtype(object) and not all(isinstance(c, str) for c in cats):
+            return False
+        codes = df[col].cat.codes.to_numpy()
+        if not cats.is_monotonic_increasing or (codes < 0).any() or (
+                len(codes) and np.bincount(codes, minlength=len(cats)).min() == 0):
+            return False
+    return not df["image"].isna().any()
+
+
+def long_table(model: str, names: np.ndarray, layer: np.ndarray, head: np.ndarray, labels: list[str],
+               metric: np.ndarray, value: np.ndarray) -> pd.DataFrame:
+    """The long table (:data:`COLUMNS`) built in its column types at once (:func:`_typed` then leaves
+    it as it is): one row per entry of the equal-length arrays ``names`` (image names), ``layer``,
+    ``head``, ``metric`` (indices into ``labels``, the metric labels) and ``value``.
+
+    >>> t = long_table("m", np.array(["a", "b"], dtype=object), np.array([0, 0]), np.array([-1, -1]),
+    ...                ["mad"], np.array([0, 0]), np.array([1.0, 2.0]))
+    >>> _is_typed(t), list(t.dtypes.astype(str))
+    (True, ['category', 'string', 'int16', 'int16', 'category', 'float64'])
+    """
+    rows = len(value)
+    sorted_labels = sorted(set(labels))
+    where = np.array([sorted_labels.index(label) for label in labels], dtype=np.int64)
+    return pd.DataFrame({
+        "model": pd.Categorical.from_codes(np.zeros(rows, dtype=np.int8),
+                                           dtype=pd.CategoricalDtype(pd.Index([str(model)], dtype=_STR))),
+        "image": pd.array(np.asarray(names, dtype=object).astype(str), dtype="string"),
+        "layer": np.asarray(layer, dtype=np.int16),
+        "head": np.asarray(head, dtype=np.int16),
+        "metric": pd.Categorical.from_codes(where[np.asarray(metric, dtype=np.int64)],
+                                            dtype=pd.CategoricalDtype(pd.Index(sorted_labels, dtype=_STR))),
+        "value": np.asarray(value, dtype=np.float64),
+    })
 
 
 def _t95(n: np.ndarray) -> np.ndarray:

@@ -29,10 +29,11 @@ from probekit.engine.sink import MetricSink
 from probekit.errors import ConfigError
 from probekit.geometry import ModelGeometry
 from probekit.inputs.images import ImageSet, collate, resolve_images
+from probekit.inputs.memory import tame
 from probekit.inputs.view import VIEW_IMAGES, names_key, rgb, view_key
 from probekit.metric import Metric
 from probekit.registry import metrics as metric_registry
-from probekit.results import Results
+from probekit.results import Results, long_table
 from probekit.tokens import TokenLayout
 
 __all__ = ["probe", "build_metrics", "MetricSink"]
@@ -90,6 +91,8 @@ def _loader(pm: ProbedModel, images: ImageSet, batch_size: int, num_workers: int
     if images.tensor is not None and images.tensor.device.type != "cpu":
         # a tensor already on the device cannot be pinned (DataLoader raises), nor read by worker processes
         pin, num_workers = False, 0
+    if images.tensor is not None and not num_workers and not pin:
+        return _TensorBatches(images.tensor, batch_size)
     return torch.utils.data.DataLoader(
         ds,
         batch_size=batch_size,
@@ -100,6 +103,27 @@ def _loader(pm: ProbedModel, images: ImageSet, batch_size: int, num_workers: int
         collate_fn=collate,  # drops images a lazily listed source finds unreadable
         worker_init_fn=_leave_sigterm_to_the_run if num_workers else None,
     )
+
+
+class _TensorBatches:
+    """A preprocessed tensor's batches as the loader would give them (``(indices, images)``), without
+    one: slices of the tensor in the main process. Why: a DataLoader's iterator, its per-image
+    fetch and stack and the signal handling around its queues (:func:`_signals_deferred`) cost a
+    fixed share of a small call on a tensor (issue 25), where no worker decodes anything."""
+
+    num_workers, pin_memory = 0, False
+
+    def __init__(self, tensor: torch.Tensor, batch_size: int):
+        self.tensor, self.batch_size = tensor, batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        tame()  # as collate() does for loader batches: the same malloc settings either way
+        n = len(self.tensor)
+        for a in range(0, n, self.batch_size):
+            b = min(a + self.batch_size, n)
+            x = self.tensor[a:b]
+            # collate stacks the images: a strided tensor's batch is made the same contiguous copy
+            yield torch.arange(a, b), (x if x.is_contiguous() else torch.stack(list(x)))
 
 
 def _leave_sigterm_to_the_run(worker_id: int) -> None:
@@ -149,8 +173,9 @@ def _stack_layers(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | No
 
 def _to_table(model: str, names: list[str], metrics: list[Metric]):
     """Long table rows for scalar metrics; arrays ``[N, L, ...]`` for maps; from each metric's state."""
-    frames, arrays = [], {}
-    img = np.asarray(names, dtype=object)
+    arrays: dict[str, np.ndarray] = {}
+    columns: list[tuple[np.ndarray, ...]] = []  # per scalar metric: image index, layer, head, value
+    labels: list[str] = []
     for m in metrics:
         per_layer = m.per_image()
         if not per_layer:
@@ -166,25 +191,24 @@ def _to_table(model: str, names: list[str], metrics: list[Metric]):
         else:
             heads = np.arange(stacked.shape[2])
         n, nl, nh = stacked.shape
-        frame = pd.DataFrame(
-            {
-                "model": model,
-                "image": np.repeat(img, nl * nh),
-                "layer": np.tile(np.repeat(np.asarray(layers), nh), n),
-                "head": np.tile(heads, n * nl),
-                "metric": m.label,
-                "value": stacked.reshape(-1).astype(np.float64),
-            }
-        )
-        frames.append(frame if real is None else frame[real.reshape(-1)])
+        cols = (np.repeat(np.arange(n), nl * nh), np.tile(np.repeat(np.asarray(layers), nh), n),
+                np.tile(heads, n * nl), stacked.reshape(-1).astype(np.float64))
+        if real is not None:  # staged models: the padding of layers with fewer heads is no row
+            keep = real.reshape(-1)
+            cols = tuple(c[keep] for c in cols)
+        if len(cols[0]):
+            columns.append(cols)
+            labels.append(m.label)
     for m in metrics:  # dataset-level metrics (e.g. CKA): one array for the whole image set
         whole = m.dataset_result()
         if whole is not None:
             arrays[f"{model}/{m.label}"] = whole
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["model", "image", "layer", "head", "metric", "value"]
-    )
-    return table, arrays
+    if not columns:
+        return pd.DataFrame(columns=["model", "image", "layer", "head", "metric", "value"]), arrays
+    image, layer, head, value = (np.concatenate(c) for c in zip(*columns, strict=True))
+    metric = np.repeat(np.arange(len(labels)), [len(c[0]) for c in columns])
+    # in the table's column types at once: Results then takes it as it is (no conversion pass)
+    return long_table(model, np.asarray(names, dtype=object)[image], layer, head, labels, metric, value), arrays
 
 
 @dataclass
@@ -243,8 +267,9 @@ def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: in
     loader = _loader(pm, plan.images, batch_size, num_workers, pin=dev.type == "cuda")
     # eval mode (no dropout) for the run; a wrapped module gets its own mode back, also on error
     batches = None
+    queues = bool(loader.num_workers)  # worker processes: their queues must not be interrupted halfway
     try:
-        with _signals_deferred():
+        with _signals_deferred(queues):
             batches = _batches(loader)
         with torch.inference_mode(), pm.adapter.evaluating(), pm.adapter.tap(sink), _autocast(dev, plan.dtype):
             while True:
@@ -258,7 +283,7 @@ def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: in
                 x = x.to(dev, non_blocking=True)
                 if views is not None and sum(map(len, views)) < VIEW_IMAGES:
                     views.append(rgb(x[: VIEW_IMAGES - sum(map(len, views))]))
-                sink.start(pm.layout(x), pm.geometry(x))
+                sink.start(pm.layout(x), pm.geometry(x), batch=(idx, x))
                 pm.adapter.forward(x)
                 sink.finish()
                 done.extend(int(i) for i in idx)
@@ -266,13 +291,13 @@ def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: in
                     progress(len(done), len(plan.images))
     finally:
         if batches is not None:
-            with _signals_deferred():
+            with _signals_deferred(queues):
                 _close(batches)
     return done
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def _signals_deferred(needed: bool = True) -> Iterator[None]:
     """SIGTERM and SIGINT held for the block and delivered right after it, to whatever handler was
     installed (a run's: Ctrl-C's KeyboardInterrupt, SIGTERM's Terminated).
 
@@ -280,9 +305,10 @@ def _signals_deferred() -> Iterator[None]:
     queue's lock; the lock stays taken, and the DataLoader's shutdown then waits on it forever
     (seen: a SIGTERM'd run that printed its resume line and never exited). The loader's queues
     are used only in such blocks, which last one batch's fetch at most. Main thread only (where
-    Python runs signal handlers).
+    Python runs signal handlers). ``needed=False`` (a loader without worker processes, hence
+    without queues): nothing is held.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if not needed or threading.current_thread() is not threading.main_thread():
         yield
         return
     held: list[tuple[int, Any]] = []

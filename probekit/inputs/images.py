@@ -249,7 +249,8 @@ class ImageSet:
             return self._fingerprint
         h = hashlib.sha256()
         if self.tensor is not None:
-            h.update(self.tensor.detach().cpu().contiguous().numpy().tobytes())
+            # the array's buffer itself: the digest of its bytes without a copy of them
+            h.update(self.tensor.detach().cpu().contiguous().numpy().data)
         self._scan()
         for i, name in enumerate(self.names):
             _update(h, name)
