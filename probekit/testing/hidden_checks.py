@@ -33,7 +33,8 @@ from probekit.testing.tapping import _KitSink, adapter_of, kit_input, tapped
 __all__ = ["check_hidden_is_block_output"]
 
 RTOL = 1e-5  # a copy of a tensor agrees exactly; float32 recomputations of it to ~1e-7 of its scale
-MOVES = 1e-4  # a probability that changes this much moved (the perturbations below move rows by ~1e-1)
+MOVES = 1e-5  # a log-probability that changes this much moved (an untouched layer does not change at all; the
+# perturbations below move peaked heads' logits by ~1, near-uniform ones' at random init by ~1e-3)
 
 
 def _as_tokens(t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, int] | None:
@@ -102,9 +103,14 @@ def _run(ad, x: torch.Tensor, record: bool = False, perturb: dict | None = None)
 
 
 def _first_moved(base: dict[int, torch.Tensor], probs: dict[int, torch.Tensor]) -> int | None:
+    """The first layer whose attention changed (its log-probabilities, where probabilities of a
+    near-uniform head hardly move)."""
+    tiny = torch.finfo(torch.float32).tiny * 1e8
     for i in sorted(base):
         got = probs.get(i)
-        if got is None or got.shape != base[i].shape or (got - base[i]).abs().max().item() > MOVES:
+        if got is None or got.shape != base[i].shape:
+            return i
+        if (got.double().clamp_min(tiny).log() - base[i].double().clamp_min(tiny).log()).abs().max().item() > MOVES:
             return i
     return None
 
