@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import probekit as pk
@@ -19,7 +18,6 @@ from probekit.api import compare
 from probekit.errors import ConfigError
 from probekit.views import plots
 from probekit.views.plots import notebook
-from probekit.runs import explorer
 
 pytestmark = pytest.mark.usefixtures("toy_backend")
 
@@ -33,46 +31,6 @@ RUN = {"name": "tiny",
 @pytest.fixture
 def run_dir(tmp_path, run_file):
     return compare(run_file(RUN), out=tmp_path / "out")
-
-
-def test_query_stride_fits_the_budget():
-    # 16x16 grid, 12 layers x 6 heads: a query costs 72 * 256 bytes; 64 queries (stride 2) fit 1.2 MB
-    assert explorer.query_stride((16, 16), 12, 6, 72 * 256 * 256) == 1
-    assert explorer.query_stride((16, 16), 12, 6, 72 * 256 * 64) == 2
-    assert explorer.query_stride((16, 16), 12, 6, 72 * 256 * 63) == 3
-
-
-def test_explorer_rows_are_the_models_attention_quantized(toy_backend):
-    torch.manual_seed(0)
-    pm = pk.load("toy:vit", depth=3, heads=4, prefix=1)
-    imgs = pk.resolve_images("sample", count=2, seed=1)
-    got = explorer.capture(pm, imgs, budget_bytes=10**6)
-    assert got["attn"].dtype == np.uint8 and got["attn"].shape == (2, 3, 4, 16, 16)  # all 16 queries fit
-    _, x = imgs.dataset(pm.preprocess)[1]
-    want = pm.attention(x[None])
-    n = 1
-    assert pm.layout(x[None]).prefix_kinds == ("cls",) and str(got["query"]) == "cls"
-    for layer in range(3):
-        rows = got["attn"][1, layer].astype(float) / 255 * got["attn_scale"][1, layer][..., None]
-        ref = want[layer][0, :, n:, n:].numpy()
-        assert np.abs(rows - ref).max() <= ref.max() / 255 * 0.51 + 1e-7
-        mean_row = got["cls"][1, layer].astype(float) / 255 * got["cls_scale"][1, layer][:, None]
-        cls_row = want[layer][0, :, 0, n:].numpy()
-        np.testing.assert_allclose(mean_row, cls_row, atol=cls_row.max() / 255)
-    from probekit.plugins.metrics.maps import rollout
-
-    lay = pm.layout(x[None])
-    roll = rollout([want[i] for i in range(3)], lay, query="cls")[-1][0].reshape(-1).numpy()
-    np.testing.assert_allclose(got["rollout"][1, -1] / 255 * got["rollout_scale"][1, -1], roll, atol=roll.max() / 255)
-    # no CLS token: the mean query's row (as the cls_map metric's query="mean")
-    pm0 = pk.load("toy:vit", depth=2, heads=2, prefix=0)
-    got0 = explorer.capture(pm0, imgs, budget_bytes=10**6)
-    ref0 = pm0.attention(x[None])[1][0].numpy().mean(1)
-    assert str(got0["query"]) == "mean"
-    np.testing.assert_allclose(got0["cls"][1, 1] / 255 * got0["cls_scale"][1, 1][:, None], ref0, atol=ref0.max() / 255)
-    # a small budget stores a sub-grid: every 2nd patch of the 4x4 grid
-    sub = explorer.capture(pm, imgs, budget_bytes=3 * 4 * 16 * 4 * 2)
-    assert sub["queries"].tolist() == [0, 2, 8, 10]
 
 
 def test_compare_writes_one_self_contained_report(run_dir):

@@ -25,7 +25,7 @@ import torch
 from probekit._installed import library_versions
 from probekit.adapter import ProbedModel
 from probekit.engine.arguments import check_probe_arguments
-from probekit.engine.sink import MetricSink
+from probekit.engine.sink import LayerObserver, MetricSink
 from probekit.errors import ConfigError
 from probekit.geometry import ModelGeometry
 from probekit.inputs.images import ImageSet, collate, resolve_images
@@ -413,6 +413,7 @@ def probe(
     strict: bool = False,
     label: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    observer: LayerObserver | None = None,
 ) -> Results:
     """Probe a model's attention over an image set.
 
@@ -439,6 +440,9 @@ def probe(
         strict: stop on an unreadable image instead of skipping it.
         label: the model's name in the table (default: ``model.label``).
         progress: called with ``(images done, images total)`` after each batch.
+        observer: reads every layer of the same forward passes before the metrics do
+            (:class:`~probekit.engine.sink.LayerObserver`; the report's explorer records its
+            showcase images so, without a pass of its own).
 
     Returns:
         :class:`Results` with one row per image x layer x head x metric.
@@ -446,7 +450,8 @@ def probe(
     layers = check_probe_arguments(model=model, metrics=metrics, batch_size=batch_size, layers=layers,
                                    device=device, num_workers=num_workers, block_mb=block_mb)
     plan = _resolve(model, images, metrics, layers, device, dtype, strict, label)
-    sink = MetricSink(plan.metrics, layers=plan.layers, block_mb=block_mb, attention_pass=attention_pass)
+    sink = MetricSink(plan.metrics, layers=plan.layers, block_mb=block_mb, attention_pass=attention_pass,
+                      observer=observer)
     t0 = time.perf_counter()
     views: list | None = [] if any(m.is_map for m in plan.metrics) else None
     done = _run_batches(plan, sink, batch_size, num_workers, progress, views)

@@ -8,6 +8,8 @@ kernel are chosen here, layer by layer (:mod:`probekit.attention`, :mod:`probeki
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 
 from probekit.attention import SCRATCH_BYTES, LayerAttention, Workspace, blocks, no_autocast
@@ -20,7 +22,25 @@ from probekit.geometry import LayerGeometry, ModelGeometry
 from probekit.metric import Metric
 from probekit.tokens import TokenLayout
 
-__all__ = ["MetricSink"]
+__all__ = ["MetricSink", "LayerObserver"]
+
+
+class LayerObserver(Protocol):
+    """Reads the layers of a forward pass beside the metrics, before they reduce them (the report's
+    explorer records its showcase images so, in the probing pass: :class:`probekit.runs.explorer.Recorder`).
+
+    It is handed each layer's :class:`~probekit.attention.LayerAttention` as the metrics are, and must
+    leave it as it found it; what it raises ends the probe, so it keeps its own failures.
+    """
+
+    def start(self, images: Any, pixels: torch.Tensor | None, layout: TokenLayout) -> None:
+        """A batch begins: ``images`` (its indices into the image set) and ``pixels`` (the model's input)."""
+
+    def attention(self, layer: int, attn: LayerAttention, layout: TokenLayout | LayerGeometry) -> None:
+        """One layer of the batch, with its layout (a windowed, pooled or staged layer's geometry)."""
+
+    def finish(self) -> None:
+        """The batch's forward pass is done."""
 
 
 def _is_rowwise(m: Metric) -> bool:
@@ -56,17 +76,20 @@ class MetricSink:
             :func:`probekit.engine.kernels.policy.one_pass`); ``"kernel"`` runs the fused Triton kernel
             (:mod:`probekit.engine.kernels.triton`) for the metrics that declare ``kernel_terms``, the
             blocked path for the others.
+        observer: a :class:`LayerObserver` that reads every layer first (it makes the sink ask for
+            attention even when no metric does).
     """
 
     def __init__(self, metrics: list[Metric], layers=None, block_mb: float | None = None,
-                 attention_pass: str = "auto"):
+                 attention_pass: str = "auto", observer: LayerObserver | None = None):
         if attention_pass not in ATTENTION_PASSES:
             raise ConfigError(f"attention_pass must be one of {', '.join(ATTENTION_PASSES)}; got {attention_pass!r}.")
         self.attention_pass = attention_pass
         self.kernel_served: set[str] = set()  # labels the fused kernel reduced (others: blocked path)
         self.metrics = metrics
         self.layers = None if layers is None else frozenset(int(i) for i in layers)
-        self.wants_attention = any(m.needs == "attention" for m in metrics)
+        self.observer = observer
+        self.wants_attention = any(m.needs == "attention" for m in metrics) or observer is not None
         self.wants_hidden = any(m.needs == "hidden" for m in metrics)
         self.budget = None if block_mb is None else int(block_mb * 2**20)
         self.workspace = Workspace()
@@ -77,10 +100,13 @@ class MetricSink:
         self.geometry: ModelGeometry | None = None
         self.values: dict[str, dict[int, torch.Tensor]] = {}
 
-    def start(self, layout: TokenLayout, geometry: ModelGeometry | None = None) -> None:
+    def start(self, layout: TokenLayout, geometry: ModelGeometry | None = None,
+              batch: tuple[Any, torch.Tensor] | None = None) -> None:
         """Begin a batch with its input layout and (windowed, pooled, staged models) per-layer geometry.
 
         Every metric is checked against the geometry of every wanted layer here, before the forward pass.
+        ``batch``: the batch's ``(image indices, pixels)``, for the observer (without it, the observer
+        is told of a batch of no images).
         """
         self.layout = layout
         self.geometry = geometry if geometry is not None else ModelGeometry(layout)
@@ -90,6 +116,9 @@ class MetricSink:
         self.values = {m.label: {} for m in self.metrics}
         for m in self.metrics:
             m.on_batch_start(layout)
+        if self.observer is not None:
+            images, pixels = batch if batch is not None else ((), None)
+            self.observer.start(images, pixels, layout)
 
     def _keep(self, m: Metric, layer: int, v: torch.Tensor | None) -> None:
         if v is not None:
@@ -107,6 +136,9 @@ class MetricSink:
         b, h, t = attn.shape
         if attn.workspace is None:
             attn.workspace = self.workspace  # its float32 copies of q, k, v: the same buffers every layer
+        if self.observer is not None:
+            with no_autocast(attn.device):
+                self.observer.attention(layer, attn, lay)
         if isinstance(lay, LayerGeometry):  # windows, pooled keys, class attention: group by group
             self._reduce_groups(layer, attn, lay, b, t)
             return
@@ -234,6 +266,8 @@ class MetricSink:
 
     def finish(self) -> dict[str, dict[int, torch.Tensor]]:
         """The batch's per-layer values on the host (``{label: {layer: tensor}}``); updates metric state."""
+        if self.observer is not None:
+            self.observer.finish()
         for m in self.metrics:
             for layer, v in m.on_batch_end().items():
                 self._keep(m, layer, v)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -45,6 +44,7 @@ from probekit.runs.rundir import RunDir, load_run_dir, write_outputs
 
 if TYPE_CHECKING:
     from probekit.inputs.images import ImageSet
+    from probekit.runs.explorer import ExplorerJob
 
 __all__ = ["run_comparison", "Views", "Comparison", "Reporter", "load_run_dir", "part_key"]
 
@@ -141,11 +141,12 @@ def _release_accelerator() -> None:
 
 
 def probe_missing(run: CheckedRun, entry: ModelEntry, mrec: ModelRecord, missing: list, rep: Reporter,
-                  explore: Callable[[Any], None] | None = None) -> Results | None:
+                  explore: ExplorerJob | None = None) -> Results | None:
     """Load one model and probe the metrics it has no part for; returns their Results (None when
     none is missing), and records in ``mrec`` what loading and probing took.
 
-    ``explore(pm)``, when given, captures the report's explorer arrays while the model is loaded.
+    ``explore``, when given, records the report's explorer arrays in the probing pass (an observer of
+    the same forward passes), or captures them with a pass of their own when no metric is missing.
 
     The one place a comparison computes: an engine other than the local one replaces this.
     An exception carries ``probekit_stage`` (``load`` or ``run``) for the failure record.
@@ -164,17 +165,20 @@ def probe_missing(run: CheckedRun, entry: ModelEntry, mrec: ModelRecord, missing
             pm = _models.load(entry.model, label=entry.name, device=cfg.device, **mrec.options)
         t_load = time.perf_counter() - t0
         stage = "run"
+        recorder = explore.recorder(pm, run.images) if explore is not None and missing else None
         res = probe(
             pm, run.images, [type(m)(**m.options()) for m in missing],
             batch_size=cfg.batch_size, dtype=cfg.dtype, num_workers=cfg.workers, strict=cfg.strict,
             label=entry.name, progress=lambda done, total: rep.images_done(entry.name, done, total),
+            observer=recorder,
         ) if missing else None
-        probe_s = time.perf_counter() - t0 - t_load
+        recorded_s = recorder.seconds if recorder is not None else 0.0  # the explorer's share of the pass
+        probe_s = time.perf_counter() - t0 - t_load - recorded_s
         explorer_s = None
         if explore is not None:
             t1 = time.perf_counter()
-            explore(pm)
-            explorer_s = time.perf_counter() - t1
+            explore.finish(pm, recorder)
+            explorer_s = time.perf_counter() - t1 + recorded_s
         mrec.load_s, mrec.probe_s, mrec.explorer_s = t_load, probe_s, explorer_s
         mrec.parameters, mrec.weights = pm.adapter.parameters_count(), _weights_id(pm)
         del pm
@@ -407,8 +411,8 @@ def spread_over_labels(labels: list[Any] | None, count: int) -> list[int]:
 
 
 def _explorer_job(parts: Path, keys: dict[str, str], showcase: ImageSet | None, cfg: RunConfig, mrec: ModelRecord,
-                  record: RunRecord) -> Callable[[Any], None] | None:
-    """A callable capturing this model's explorer arrays, or None when cached (or not wanted)."""
+                  record: RunRecord) -> ExplorerJob | None:
+    """What records this model's explorer arrays, or None when cached (or not wanted)."""
     if showcase is None:
         return None
     from probekit.runs import explorer
@@ -418,15 +422,7 @@ def _explorer_job(parts: Path, keys: dict[str, str], showcase: ImageSet | None, 
     mrec.explorer = str(path.relative_to(parts.parent))
     if path.exists() and explorer.load(path) is not None:
         return None
-
-    def run(pm: Any) -> None:
-        try:
-            explorer.save(path, explorer.capture(pm, showcase, budget))
-        except Exception as exc:  # the explorer is a view: its failure never costs the numbers
-            mrec.explorer = None
-            record.add_notes([f"{mrec.label}: no attention explorer ({type(exc).__name__}: {exc})"], report=True)
-
-    return run
+    return explorer.ExplorerJob(path, showcase, budget, mrec, record)  # a failure is a note, never the numbers
 
 
 def comparison_html(cmp: Comparison) -> str:

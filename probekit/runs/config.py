@@ -166,9 +166,10 @@ class ReportEntry(_Strict):
 
     #: how many images (the first ones) or which image names the explorer stores
     showcase: int | list[str] = Field(default=3)
-    #: uint8 attention rows stored for the explorer per model, in MB (sets the query sub-grid); per model
-    #: so that adding a model never invalidates the others' cached arrays
-    explorer_mb: float = Field(default=4.0, gt=0, le=64)
+    #: uint8 attention rows stored for the explorer per model, in MB: every query patch while they fit (16 MB:
+    #: ViT-S and ViT-B at 224 px on 3 images), else a sub-grid; per model so that adding a model never
+    #: invalidates the others' cached arrays
+    explorer_mb: float = Field(default=16.0, gt=0, le=64)
     #: the model field that groups models for the statistics: ``training`` or one of the models' ``tags``
     group_by: str = "training"
     #: what the contrasts' CI, p and effect size generalise over: ``images`` (these models; images as the

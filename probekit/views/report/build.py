@@ -33,7 +33,6 @@ __all__ = ["write_report", "build_html", "payload", "script_json", "record_group
 
 _CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
         "connect-src data: blob:")
-_EXPLORER_ARRAYS = ("attn", "cls", "rollout")
 
 
 def _asset(name: str) -> str:
@@ -75,46 +74,10 @@ def _metric_info(label: str, rec: MetricRecord | None, results: Results, models:
 
 
 def _explorer(run_dir: Path, record: RunRecord, model_index: dict[str, int]) -> tuple[dict | None, bytes]:
-    """The explorer's JSON (shapes, offsets into the blob, backgrounds) and its raw uint8/float32 blob."""
-    from probekit.runs.explorer import load
+    """The explorer's JSON and its uint8 blob (:mod:`probekit.views.report.explorer`)."""
+    from probekit.views.report.explorer import explorer_payload
 
-    chunks, offset = [], 0
-    models: list[dict[str, Any]] = []
-    for mrec in record.models:
-        arrays = load(run_dir / mrec.explorer) if mrec.explorer else None
-        if arrays is None or mrec.label not in model_index:
-            continue
-        entry = {"model": model_index[mrec.label], "key": f"m{len(models)}", "arrays": {},
-                 "shape": list(arrays["attn"].shape), "grid": arrays["grid"].tolist(),
-                 "patch": arrays["patch"].tolist(),
-                 "queries": arrays["queries"].tolist(), "query": str(arrays["query"]),
-                 "images": [str(n) for n in arrays["names"]],
-                 "bg": ["data:image/jpeg;base64," + base64.b64encode(arrays[f"bg{i}"].tobytes()).decode()
-                        for i in range(len(arrays["names"]))]}
-        for name in _EXPLORER_ARRAYS:
-            for key, dt in ((name, "u1"), (f"{name}_scale", "f4")):
-                raw = np.ascontiguousarray(arrays[key], dtype=np.uint8 if dt == "u1" else "<f4").tobytes()
-                pad = (-offset) % 4  # Float32Array views need 4-byte alignment
-                chunks.append(b"\0" * pad)
-                offset += pad
-                entry["arrays"][key] = [offset, len(raw), dt]
-                chunks.append(raw)
-                offset += len(raw)
-        models.append(entry)
-    if not models:
-        return None, b""
-    m0 = models[0]
-    h, w = m0["grid"]
-    q = len(m0["queries"])
-    stored = (f"Stored for {len(m0['images'])} showcase image(s) ({', '.join(m0['images'])}) "
-              f"and {len(models)} model(s): every layer and head; "
-              f"the attention of {q} query patches of the {h}x{w} grid"
-              + (" (all of them)" if q == h * w
-                 else " (a sub-grid: a click shows the nearest stored query, marked by a dot)")
-              + " over all patch keys, each row quantized to uint8 relative to its maximum; the CLS row "
-              "(mean query row without CLS) per head and the attention rollout per layer, quantized the same way. "
-              "Backgrounds are each model's own preprocessed input.")
-    return {"models": models, "stored": stored}, b"".join(chunks)
+    return explorer_payload(run_dir, record, model_index)
 
 
 def payload(run_dir: Path, record: RunRecord, results: Results,
@@ -233,7 +196,7 @@ def build_html(data: dict, blob: bytes) -> str:
 <meta http-equiv="Content-Security-Policy" content="{_CSP}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{escape(data["title"])}</title>
-<style>{_asset("report.css")}</style></head>
+<style>{_asset("report.css")}{_asset("explorer.css")}</style></head>
 <body>
 <header><h1>{escape(data["title"])}</h1><p class="subtitle">{escape(_subtitle(data))}</p>
 <div class="controls" id="controls"></div></header>
@@ -253,7 +216,8 @@ images, for the metric chosen. Click a header to sort.</p><div id="summary-table
 <div id="tip"></div>
 <script type="application/json" id="data">{js_json}</script>
 <script type="application/octet-stream" id="blob">{b64}</script>
-<script>{_asset("report.js")}</script>
+<script>{_asset("report.js")}
+{_asset("explorer.js")}</script>
 </body></html>
 """
 

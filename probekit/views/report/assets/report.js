@@ -425,121 +425,7 @@
       { key: "models_b", title: "models B", num: true }]);
   }
 
-  // -- attention explorer -------------------------------------------------------------------------------
-  let X = null;  // decoded arrays per explorer model
-  async function decodeBlob() {
-    const b64 = document.getElementById("blob").textContent.trim();
-    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-    const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate"));
-    return new Uint8Array(await new Response(stream).arrayBuffer());
-  }
-  function view(buf, a) {
-    const off = a[0], len = a[1];
-    return a[2] === "f4" ? new Float32Array(buf.buffer.slice(off, off + len)) : buf.subarray(off, off + len);
-  }
-  function inferno(t) {
-    const s = [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]];
-    t = Math.min(1, Math.max(0, t)) * (s.length - 1);
-    const i = Math.min(s.length - 2, Math.floor(t)), u = t - i;
-    return s[i].map((a, k) => Math.round(a + (s[i + 1][k] - a) * u));
-  }
-  function drawMap(canvas, bg, grid, values, mark) {
-    const ctx = canvas.getContext("2d"), [gh, gw] = grid;
-    ctx.clearRect(0, 0, canvas.width, canvas.height);
-    if (bg.complete) ctx.drawImage(bg, 0, 0, canvas.width, canvas.height);
-    const cw = canvas.width / gw, ch = canvas.height / gh;
-    let mx = 0;
-    for (const v of values) mx = Math.max(mx, v);
-    for (let p = 0; p < gh * gw; p++) {
-      const t = mx > 0 ? values[p] / mx : 0, c = inferno(t);
-      ctx.fillStyle = `rgba(${c[0]},${c[1]},${c[2]},${0.8 * Math.sqrt(t)})`;
-      ctx.fillRect((p % gw) * cw, Math.floor(p / gw) * ch, Math.ceil(cw), Math.ceil(ch));
-    }
-    if (mark) {
-      ctx.lineWidth = 2; ctx.strokeStyle = "#00e5ff";
-      ctx.strokeRect(mark.c * cw + 1, mark.r * ch + 1, cw - 2, ch - 2);
-      if (mark.sr !== undefined && (mark.sr !== mark.r || mark.sc !== mark.c)) {
-        ctx.fillStyle = "#00e5ff"; ctx.beginPath();
-        ctx.arc((mark.sc + 0.5) * cw, (mark.sr + 0.5) * ch, 3, 0, 2 * Math.PI); ctx.fill();
-      }
-    }
-  }
-  function explorer() {
-    const s = document.getElementById("explorer-body"), E = D.explorer;
-    if (!E || !E.models.length) { el("p", { class: "note" }, s, (E && E.note) || "No explorer arrays were stored for this run."); return; }
-    el("p", { class: "note", id: "explorer-stored" }, s, E.stored);
-    const bar = el("div", { class: "controls" }, s);
-    const sel = {};
-    for (const [k, label] of [["model", "model"], ["image", "image"], ["layer", "layer"], ["head", "head"]]) {
-      const lab = el("label", {}, bar, label + " ");
-      sel[k] = el("select", { id: `x-${k}` }, lab);
-    }
-    E.models.forEach((m, j) => el("option", { value: j }, sel.model, D.models[m.model].name));
-    const panels = el("div", { class: "explorer-panels" }, s);
-    const mk = (id, cap) => { const f = el("figure", {}, panels); const c = el("canvas", { id, width: 280, height: 280 }, f);
-                             el("figcaption", { id: id + "-cap" }, f, cap); return c; };
-    const cq = mk("x-query", "click a patch: its attention over the image");
-    const cc = mk("x-cls", "CLS attention (this layer and head)");
-    const cr = mk("x-rollout", "rollout up to this layer (heads fused)");
-    const q = { r: null, c: null };
-    const imgs = E.models.map((m) => m.bg.map((src) => { const im = new Image(); im.src = src; im.onload = () => redraw(); return im; }));
-    function fillSelects() {
-      const m = E.models[+sel.model.value];
-      const keep = { image: sel.image.value, layer: sel.layer.value, head: sel.head.value };
-      sel.image.textContent = ""; sel.layer.textContent = ""; sel.head.textContent = "";
-      m.images.forEach((n, i) => el("option", { value: i }, sel.image, n));
-      for (let l = 0; l < m.shape[1]; l++) el("option", { value: l }, sel.layer, String(l));
-      el("option", { value: -1 }, sel.head, "mean of heads");
-      for (let h = 0; h < m.shape[2]; h++) el("option", { value: h }, sel.head, String(h));
-      for (const k in keep) if ([...sel[k].options].some((o) => o.value === keep[k])) sel[k].value = keep[k];
-      if (q.r === null) { q.r = Math.floor(m.grid[0] / 2); q.c = Math.floor(m.grid[1] / 2); }
-      q.r = Math.min(q.r, m.grid[0] - 1); q.c = Math.min(q.c, m.grid[1] - 1);
-    }
-    function rows(m, name, i, l, h, extra) {  // dequantized values over patches (head -1: mean of heads)
-      const [I, L, Hn] = m.shape, N = m.grid[0] * m.grid[1];
-      const a = X[m.key][name], sc = X[m.key][name + "_scale"];
-      const out = new Float32Array(N), heads = h < 0 ? [...Array(Hn).keys()] : [h];
-      for (const hh of heads) {
-        const base = name === "rollout" ? (i * L + l) : ((i * L + l) * Hn + hh) * extra.count + extra.index;
-        const scale = sc[base] / 255;
-        for (let p = 0; p < N; p++) out[p] += a[base * N + p] * scale / heads.length;
-        if (name === "rollout") break;
-      }
-      return out;
-    }
-    function redraw() {
-      if (!X) return;
-      const j = +sel.model.value, m = E.models[j], i = +sel.image.value, l = +sel.layer.value, h = +sel.head.value;
-      const bg = imgs[j][i];
-      let best = 0, bd = Infinity;  // nearest stored query
-      m.queries.forEach((p, k) => { const r = Math.floor(p / m.grid[1]), c = p % m.grid[1];
-        const d = (r - q.r) ** 2 + (c - q.c) ** 2; if (d < bd) { bd = d; best = k; } });
-      const sp = m.queries[best], sr = Math.floor(sp / m.grid[1]), sc = sp % m.grid[1];
-      drawMap(cq, bg, m.grid, rows(m, "attn", i, l, h, { count: m.queries.length, index: best }), { r: q.r, c: q.c, sr, sc });
-      document.getElementById("x-query-cap").textContent =
-        `query patch (row ${q.r}, col ${q.c})` + (bd > 0 ? `, nearest stored query (row ${sr}, col ${sc})` : "") +
-        `, layer ${l}, ${h < 0 ? "mean of heads" : "head " + h}`;
-      drawMap(cc, bg, m.grid, rows(m, "cls", i, l, h, { count: 1, index: 0 }));
-      document.getElementById("x-cls-cap").textContent = `${m.query === "cls" ? "CLS" : "mean query"} attention, layer ${l}, ${h < 0 ? "mean of heads" : "head " + h}`;
-      drawMap(cr, bg, m.grid, rows(m, "rollout", i, l, 0, {}));
-      document.getElementById("x-rollout-cap").textContent = `rollout through layers 0..${l} (${m.query === "cls" ? "CLS" : "mean"} row)`;
-    }
-    cq.addEventListener("click", (e) => {
-      const m = E.models[+sel.model.value], rect = cq.getBoundingClientRect();
-      q.c = Math.min(m.grid[1] - 1, Math.floor((e.clientX - rect.left) / rect.width * m.grid[1]));
-      q.r = Math.min(m.grid[0] - 1, Math.floor((e.clientY - rect.top) / rect.height * m.grid[0]));
-      redraw();
-    });
-    sel.model.addEventListener("change", () => { fillSelects(); redraw(); });
-    for (const k of ["image", "layer", "head"]) sel[k].addEventListener("change", redraw);
-    fillSelects();
-    decodeBlob().then((buf) => {
-      X = {};
-      for (const m of E.models) { X[m.key] = {}; for (const k in m.arrays) X[m.key][k] = view(buf, m.arrays[k]); }
-      document.body.dataset.explorer = "ready";
-      redraw();
-    }).catch((err) => { el("p", { class: "bad" }, s, "This browser cannot decompress the explorer data: " + err); });
-  }
+  // (the attention explorer is drawn by explorer.js, from the same #data)
 
   // -- everything that depends on the toggles -------------------------------------------------------
   function render() {
@@ -552,6 +438,5 @@
   provenance();
   contrastTable();
   render();
-  explorer();
   document.body.dataset.ready = "1";
 })();
