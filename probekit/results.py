@@ -232,8 +232,10 @@ class Results:
         Raises:
             ConfigError: an unknown kind or metric; ProbekitError: matplotlib or seaborn missing.
 
-        >>> fig = res.plot("depth", "mad")                  # doctest: +SKIP
-        >>> fig.savefig("depth.pdf")                         # doctest: +SKIP
+        >>> rows = [("m", f"i{i}", layer, 0, "mad", 10.0 * layer + i) for i in range(3) for layer in range(2)]
+        >>> fig = Results(pd.DataFrame(rows, columns=COLUMNS)).plot("depth", "mad")   # then fig.savefig(...)
+        >>> [(a.get_title(), a.get_xlabel()) for a in fig.axes]
+        [('m', 'layer')]
         """
         from importlib import import_module
 
