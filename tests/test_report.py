@@ -199,12 +199,20 @@ def test_finding_sentences():
     assert f["sentences"] == ["DINO attends 32–67 px closer than control at every layer (3 of 3); largest gap at "
                               "layer 1 (difference -66.5 px, 95% CI -70 to -60); the 95% CI excludes 0 at 2 of 3 "
                               "layers."]
-    # mixed signs: which layers, by how much each way; a metric without its own words says lower/higher
+    # mixed signs: which layers, by how much each way
     ent = {**MAD_INFO, "label": "entropy", "name": "entropy", "display": "attention entropy", "unit": "nats"}
     (f,) = findings([ent], TWO, {}, _contrast_rows([-1.5, -2.0, 0.25, -1.0], layers=[0, 1, 2, 3]).assign(
         metric="entropy"))
-    assert f["sentences"][0].startswith("DINO has attention entropy lower at 3 of 4 layers (0–1, 3; by 1.00–2.00 "
-                                        "nats) and higher at 1 of 4 layers (2; by 0.25 nats) than control;")
+    assert f["sentences"][0].startswith("DINO attends more sharply at 3 of 4 layers (0–1, 3; by 1.00–2.00 nats) "
+                                        "and more diffusely at 1 of 4 layers (2; by 0.25 nats) than control;")
+    # a metric without words of its own says lower or higher, in its display name
+    pm = {"label": "prefix_mass", "name": "prefix_mass", "display": "prefix-token mass", "unit": "", "refs": {}}
+    (f,) = findings([pm], TWO, {}, _contrast_rows([0.2, 0.03]).assign(metric="prefix_mass"))
+    assert f["sentences"][0].startswith("DINO has higher prefix-token mass than control at every layer (2 of 2), "
+                                        "by 0.03–0.2; largest gap at layer 0 (difference 0.2, 95% CI -0.8 to 1.2)")
+    (f,) = findings([pm], TWO, {}, _contrast_rows([-0.2, 0.03]).assign(metric="prefix_mass"))
+    assert f["sentences"][0].startswith("DINO has prefix-token mass lower at 1 of 2 layers (0; by 0.2) and "
+                                        "higher at 1 of 2 layers (1; by 0.03) than control;")
     # groups of several models are named as groups
     (f,) = findings([MAD_INFO], [*TWO, {"name": "DINO-2", "group": "ssl"}], {}, _contrast_rows([5.0]))
     assert f["sentences"][0].startswith("the ssl models (2) attends 5.00 px farther than control at layer 0;")

@@ -17,8 +17,11 @@ __all__ = ["findings", "short", "MAX_PAIRS"]
 
 MAX_PAIRS = 3  # sentences per metric; further group pairs are in the contrast table
 
-# how a difference reads for a metric (lower, higher): "{a} attends 32-67 px closer than {b}"
-_WORDS = {"mad": ("attends {r} closer than", "attends {r} farther than", "closer", "farther")}
+# how a difference reads for a metric (lower, higher; the same two words where layers differ in sign):
+# "{a} attends 32-67 px closer than {b}"; other metrics: "{a} has lower <display name> than {b} ..., by {r}"
+_WORDS = {"mad": ("attends {r} closer than", "attends {r} farther than", "closer", "farther"),
+          "entropy": ("attends more sharply ({r} lower entropy) than",
+                      "attends more diffusely ({r} higher entropy) than", "more sharply", "more diffusely")}
 
 
 def short(v: float) -> str:
@@ -58,11 +61,6 @@ def _side(group: str, members: list[str]) -> str:
     return members[0] if len(members) == 1 else f"the {group} models ({len(members)})"
 
 
-def _phrase(metric: Mapping[str, Any], lower: bool, r: str) -> str:
-    words = _WORDS.get(str(metric.get("name")))
-    if words is not None:
-        return words[0 if lower else 1].format(r=r)
-    return f"has {r} {'lower' if lower else 'higher'} {metric.get('display') or metric['label']} than"
 
 
 def _pair_sentence(metric: Mapping[str, Any], rows: pd.DataFrame, a: str, b: str) -> dict[str, Any]:
@@ -79,8 +77,13 @@ def _pair_sentence(metric: Mapping[str, Any], rows: pd.DataFrame, a: str, b: str
     if len(lower) == n or len(higher) == n:
         side = lower if len(lower) == n else higher
         where = "at every layer" if n > 1 else f"at layer {int(rows['layer'].iloc[0])}"
-        text = (f"{a} {_phrase(metric, len(lower) == n, _range(side['diff'].abs().tolist(), unit))} {b} "
-                f"{where}{f' ({n} of {n})' if n > 1 else ''}")
+        r, is_lower = _range(side["diff"].abs().tolist(), unit), len(lower) == n
+        count = f" ({n} of {n})" if n > 1 else ""
+        if words is not None:
+            text = f"{a} {words[0 if is_lower else 1].format(r=r)} {b} {where}{count}"
+        else:
+            display = metric.get("display") or metric["label"]
+            text = f"{a} has {'lower' if is_lower else 'higher'} {display} than {b} {where}{count}, by {r}"
     elif len(lower) or len(higher):
         def part(side: pd.DataFrame, is_lower: bool) -> str:
             dirn = (words[2] if is_lower else words[3]) if words else ("lower" if is_lower else "higher")
