@@ -269,19 +269,22 @@ def test_each_mistake_fails_and_is_named(lucid, adapter, check, words):
         check_adapter(adapter(lucid))
 
 
-@pytest.mark.parametrize("adapter, check, words", [
-    (BlockInput, "check_hidden_is_block_output", "it is block 0's input (what layer 0's own attention reads), one "
-                                                 "block behind"),
-    (Halfway, "check_hidden_is_block_output", "taken halfway through block 0, the MLP half is missing"),
-    (OffByOne, "check_reference_attention", "layer index off by one: your layer 0 matches the reference's 1"),
+@pytest.mark.parametrize("adapter, said", [
+    (BlockInput, {"check_hidden_is_block_output": "it is block 0's input (what layer 0's own attention reads), one "
+                                                  "block behind"}),
+    (Halfway, {"check_hidden_is_block_output": "taken halfway through block 0, the MLP half is missing"}),
+    (OffByOne, {"check_reference_attention": "layer index off by one: your layer 0 matches the reference's 1",
+                "check_patch_geometry": "the tap is not the model's attention: layer index off by one",
+                "check_hidden_is_block_output": "are the tap's layers the model's"}),
 ])
-def test_hidden_state_and_layer_index_mistakes_are_named(lucid, adapter, check, words):
+def test_hidden_state_and_layer_index_mistakes_are_named(lucid, adapter, said):
     # the hidden state one block behind or halfway through a block is the input of some norm the model
     # calls, as the block's output is: only the norm that feeds the next attention (found by perturbing
     # each norm's input) tells them apart
     failed, _ = _failures(adapter, lucid)
-    assert check in failed, failed
-    assert words in failed[check], failed[check]
+    assert set(failed) == set(said), failed
+    for check, words in said.items():
+        assert words in failed[check], failed[check]
 
 
 def test_train_mode_and_active_dropout_are_named():

@@ -23,8 +23,11 @@ from probekit.geometry import LayerGeometry
 from probekit.testing.reach import Box, Embed, as_geometry, expected_moves
 from probekit.tokens import TokenLayout
 
-__all__ = ["expected_moved_tokens", "probe_patches", "probe_boxes", "patch_box", "moved", "moved_tokens",
-           "coverage_problem", "diagnose_moves"]
+__all__ = ["PREFIX_AFTER", "expected_moved_tokens", "probe_patches", "probe_boxes", "patch_box", "moved",
+           "moved_tokens", "coverage_problem", "diagnose_moves"]
+
+
+PREFIX_AFTER = "after the patches"  # the words of the one diagnosis that is no layout mistake
 
 
 def patch_box(layout: TokenLayout, r: int, c: int) -> Box:
@@ -144,7 +147,7 @@ def diagnose_moves(layout: TokenLayout, seen: dict[tuple[int, int], frozenset[in
         if len(shifts) == 1 and num_tokens == layout.num_tokens and -n <= min(shifts) < 0:
             d = shifts.pop()  # as many tokens as the layout says, patches early: prefix tokens after them
             return (f"every moved token is {d:+d} from where the layout puts it, and the model has the layout's "
-                    f"{num_tokens} tokens: it puts {-d} of its {n} prefix token(s) after the patches (a class token "
+                    f"{num_tokens} tokens: it puts {-d} of its {n} prefix token(s) {PREFIX_AFTER} (a class token "
                     "last), and TokenLayout orders prefix tokens first: move them to the front of q, k and the hidden "
                     "states in the tap (probekit.tokens.prefix_first).")
         if len(shifts) == 1:

@@ -16,10 +16,15 @@ from torch import nn
 
 from probekit.adapter import CollectSink
 from probekit.geometry import KINDS
-from probekit.testing.geometry import coverage_problem, diagnose_moves, moved, probe_boxes
+from probekit.testing.geometry import PREFIX_AFTER, coverage_problem, diagnose_moves, moved, probe_boxes
 from probekit.testing.reach import Embed, as_geometry, counted, expected_moves
-from probekit.testing.records import SkipCheck
-from probekit.testing.reference import prefix_last_reference, scale_hint, tap_and_reference
+from probekit.testing.reference import (
+    deviation,
+    prefix_last_reference,
+    scale_hint,
+    shift_hint,
+    tap_and_reference,
+)
 from probekit.testing.tapping import adapter_of, kit_input, sized, tapped
 from probekit.tokens import TokenLayout, pair
 
@@ -117,21 +122,29 @@ def _verdict(i: int, p: torch.Tensor, layers: list, boxes: dict, expected: dict)
             moved.append(f"patch {rc} (pixels [{box[0]}:{box[1]}, {box[2]}:{box[3]}]) " + " and ".join(words))
     if not moved:
         return None, top
-    return (f"layer {i} ({g.describe()}): " + "; ".join(moved[:3]) + f". Hint: {_hint(g)}."
-            + _diagnosis(i, layers[i], p.flatten(0, 1), list(boxes))), top
+    why = _diagnosis(i, layers[i], p.flatten(0, 1), list(boxes))
+    if PREFIX_AFTER in why:  # the model's token order, not a geometry: said in one line, first
+        return f"layer {i}:{why}", top
+    return (f"layer {i} ({g.describe()}): " + "; ".join(moved[:3]) + f". Hint: {_hint(g)}." + why), top
 
 
-def _scale_words(name: str, ad, x: torch.Tensor) -> str:
-    """Words for a tap whose layer 0 logits are a constant times the model's (a wrong softmax scale,
-    which a geometry failure must not blame on the layout), else ''."""
+def _not_the_layout(name: str, ad, x: torch.Tensor) -> str:
+    """Words for a tap that differs from the model's attention in a way no layout explains (a wrong
+    softmax scale; layers numbered off by one), which a geometry failure must not blame on the
+    layout, else ''."""
     try:
         sink, ref, _ = tap_and_reference(name, ad, x)
-    except (NotImplementedError, SkipCheck):
+    except Exception:  # no reference to compare with (a diagnosis only: the geometry's own words stand)
         return ""
-    if 0 not in ref or 0 not in sink.probs:
-        return ""
-    last = prefix_last_reference({0: ref[0]}, ad.layout(x).num_prefix) or {}
-    return scale_hint(sink.probs[0], ref[0]) or (scale_hint(sink.probs[0], last[0]) if last else "")
+    got, n = sink.probs, ad.layout(x).num_prefix
+    allowed = {i: max(1e-5, sink.rounding.get(i, 0.0)) for i in got}
+    for want in (ref, prefix_last_reference(ref, n) or {}):  # the model's order, or its appended prefix moved first
+        if 0 not in want or 0 not in got or deviation(got[0], want[0]) <= allowed[0]:
+            continue
+        said = shift_hint(got, want, allowed) or scale_hint(got[0], want[0])
+        if said:
+            return said[2:]
+    return ""
 
 
 class _Judge(CollectSink):
@@ -176,11 +189,11 @@ def check_patch_geometry(name: str, pm, image_size=None) -> str:
                         f"{sorted(judged)}.")
     wrong = [said for i, (said, _) in sorted(judged.items()) if said]
     top = max((t for _, t in judged.values()), default=0.0)
-    problems += wrong[:2]
+    problems += wrong[:1] if wrong and PREFIX_AFTER in wrong[0] else wrong[:2]  # later layers follow from it
     said = f"{name}: geometry at {size[0]}x{size[1]} ({lay.describe()}): "
-    scale = _scale_words(name, ad, base) if problems else ""
-    assert not scale, (said + f"in layer 0 {scale[2:]}, which moves tokens no layout explains: fix the scale, then "
-                       "this check judges the layout")
+    other = _not_the_layout(name, ad, base) if problems else ""
+    assert not other, (said + f"the tap is not the model's attention: {other}; that moves tokens no layout "
+                       "explains: fix it, then this check judges the layout")
     assert not problems, said + " ".join(problems)
     return (f"{len(boxes)} patches x {len(token_layers)} layers: each moved its own tokens in layer 0 and "
             f"stayed within its reach after (largest logit change {top:.2g})")

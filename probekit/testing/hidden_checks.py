@@ -204,7 +204,8 @@ def check_hidden_is_block_output(name: str, pm) -> str:
     if lost:
         raise SkipCheck(f"{name}: no norm call of the model feeds the attention of layers {lost} (perturbing the "
                         "input of each norm called before the tap reported the layer moved no attention, or an "
-                        "earlier one first), so the hidden states cannot be compared with what they read")
+                        "earlier one first), so the hidden states cannot be compared with what they read; are the "
+                        "tap's layers the model's, under its own indices (check_reference_attention says)?")
     found = {layer: n for layer, n in feeds.items() if n is not None}
     problems: list[tuple[int, str]] = []
     orders: dict[int, tuple[list[int], str]] = {}

@@ -66,8 +66,9 @@ def shift_hint(got: dict[int, torch.Tensor], ref: dict[int, torch.Tensor], allow
         pairs = [(i, i + step) for i in sorted(got) if i + step in ref]
         if pairs and all(deviation(got[i], ref[j]) <= allowed.get(i, 0.0) for i, j in pairs):
             i, j = pairs[0]
-            return (f": layer index off by one: your layer {i} matches the reference's {j} (and so on for "
-                    f"{len(pairs)} layers); number the layers as the model runs them, from 0")
+            more = f", and so on for all {len(pairs)} layers that have one" if len(pairs) > 1 else ""
+            return (f": layer index off by one: your layer {i} matches the reference's {j}{more}; number the layers "
+                    "as the model runs them, from 0")
     return ""
 
 
