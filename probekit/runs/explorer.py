@@ -79,7 +79,7 @@ def _code(p: torch.Tensor) -> np.ndarray:
     import torch
 
     q = torch.nan_to_num(p.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_(0.0, 1.0)
-    return q.sqrt_().mul_(LEVELS).round_().to(torch.uint8).cpu().numpy()
+    return q.sqrt_().mul_(LEVELS).add_(0.5).to(torch.uint8).cpu().numpy()  # + 0.5, truncated: rounded
 
 
 def _background(x) -> bytes:
@@ -202,7 +202,8 @@ class Recorder:
             raise ValueError(f"layer {layer} is windowed, pooled or staged: the explorer draws global attention only")
         assert self.queries is not None
         n = layout.num_prefix
-        q = torch.as_tensor(self.queries, dtype=torch.long, device=attn.device) + n
+        every = len(self.queries) == layout.num_patches  # all queries: a view of the rows, no gather
+        q = slice(n, None) if every else torch.as_tensor(self.queries, dtype=torch.long, device=attn.device) + n
         parts = []
         for lo, hi in _spans([j for j, _ in self._here]):
             _, p = attn.block(batch=slice(lo, hi))  # [b, H, T, T] float32, these images only
