@@ -11,25 +11,28 @@ from __future__ import annotations
 import torch
 
 from probekit.attention import SCRATCH_BYTES, LayerAttention, Workspace, blocks, no_autocast
+from probekit.engine.checks import refuse_layers
 from probekit.engine.grouped import reduce_groups
+from probekit.engine.rows import row_sum
 from probekit.engine.kernels import triton as kernel
-from probekit.engine.kernels.block_terms import layer_terms, softmax_with_terms, terms_served
+from probekit.engine.kernels.block_terms import BLOCK_TERMS, layer_terms, softmax_with_terms, terms_served
 from probekit.engine.kernels.policy import ATTENTION_PASSES, one_pass
 from probekit.errors import ConfigError
 from probekit.geometry import LayerGeometry, ModelGeometry
-from probekit.metric import Metric
+from probekit.metric import Block, Metric
+from probekit.metric.base import query_span
+from probekit.metric.terms import RowTerms
 from probekit.tokens import TokenLayout
 
-__all__ = ["MetricSink"]
+__all__ = ["MetricSink", "ROW_TERMS"]
+
+#: which per-row sums blocks come with (``MetricSink(row_terms=...)``)
+ROW_TERMS = ("auto", "torch", "none")
 
 
-def _is_rowwise(m: Metric) -> bool:
-    return m.needs == "attention" and m.rowwise and type(m).on_attention is Metric.on_attention
-
-
-def _takes_block_terms(m: Metric, served: frozenset[str]) -> bool:
-    """Whether a metric's kernel sums come from the terms the blocked path makes next to the softmax (``served``)."""
-    return bool(m.kernel_terms) and m.kernel_terms <= served and type(m).kernel_row_sum is not Metric.kernel_row_sum
+def _terms_offered(m: Metric, served: frozenset[str]) -> bool:
+    """Whether ``m`` declared kernel terms that the current path makes."""
+    return bool(m.kernel_terms) and m.kernel_terms <= served
 
 
 class MetricSink:
@@ -38,7 +41,7 @@ class MetricSink:
     Row-wise metrics share one pass over blocks of query rows: each block's float32
     probabilities are computed once, into buffers reused for every block, layer and batch
     (a :class:`~probekit.attention.Workspace`), and each metric folds the block into a
-    ``[B, H, ...]`` running sum (:meth:`Metric.row_sum`). Nothing of a layer outlives its
+    ``[B, H, ...]`` running sum (its :meth:`~probekit.Metric.row_values`, summed over the block's rows). Nothing of a layer outlives its
     :meth:`attention` call except these small sums, so memory is one block, whatever the depth.
     Per-layer values stay on the model's device until :meth:`finish` (one host sync per batch).
 
@@ -56,12 +59,19 @@ class MetricSink:
             :func:`probekit.engine.kernels.policy.one_pass`); ``"kernel"`` runs the fused Triton kernel
             (:mod:`probekit.engine.kernels.triton`) for the metrics that declare ``kernel_terms``, the
             blocked path for the others.
+        row_terms: which per-row sums blocks come with, for metrics that declare ``kernel_terms``:
+            ``"auto"`` (the C row kernel's on CPU where it built, PyTorch's elsewhere), ``"torch"``
+            (PyTorch's, :data:`~probekit.engine.kernels.block_terms.BLOCK_TERMS`) or ``"none"``
+            (every metric reads probabilities). The conformance kit runs each against the others.
     """
 
     def __init__(self, metrics: list[Metric], layers=None, block_mb: float | None = None,
-                 attention_pass: str = "auto"):
+                 attention_pass: str = "auto", row_terms: str = "auto"):
         if attention_pass not in ATTENTION_PASSES:
             raise ConfigError(f"attention_pass must be one of {', '.join(ATTENTION_PASSES)}; got {attention_pass!r}.")
+        if row_terms not in ROW_TERMS:
+            raise ConfigError(f"row_terms must be one of {', '.join(ROW_TERMS)}; got {row_terms!r}.")
+        self.row_terms = row_terms
         self.attention_pass = attention_pass
         self.kernel_served: set[str] = set()  # labels the fused kernel reduced (others: blocked path)
         self.metrics = metrics
@@ -70,8 +80,8 @@ class MetricSink:
         self.wants_hidden = any(m.needs == "hidden" for m in metrics)
         self.budget = None if block_mb is None else int(block_mb * 2**20)
         self.workspace = Workspace()
-        self._rowwise = [m for m in metrics if _is_rowwise(m)]
-        self._other_attn = [m for m in metrics if m.needs == "attention" and not _is_rowwise(m)]
+        self._rowwise = [m for m in metrics if m.needs == "attention" and m.reduces == "rows"]
+        self._other_attn = [m for m in metrics if m.needs == "attention" and m.reduces != "rows"]
         self._hidden = [m for m in metrics if m.needs == "hidden"]
         self.layout: TokenLayout | None = None
         self.geometry: ModelGeometry | None = None
@@ -84,12 +94,10 @@ class MetricSink:
         """
         self.layout = layout
         self.geometry = geometry if geometry is not None else ModelGeometry(layout)
-        if geometry is not None:
-            for m in self.metrics:
-                m.check_geometry(geometry, self.layers)
+        for m in self.metrics:  # a global model: its layers are the input's layout
+            refuse_layers(m, geometry if geometry is not None else ModelGeometry(layout, num_layers=1),
+                          self.layers if geometry is not None else None)
         self.values = {m.label: {} for m in self.metrics}
-        for m in self.metrics:
-            m.on_batch_start(layout)
 
     def _keep(self, m: Metric, layer: int, v: torch.Tensor | None) -> None:
         if v is not None:
@@ -117,20 +125,24 @@ class MetricSink:
     def _reduce(self, layer: int, attn: LayerAttention, lay: TokenLayout, b: int, h: int, t: int) -> None:
         rest = self._rowwise
         if rest and kernel.wanted(attn, self.attention_pass):
-            sums = kernel.run_layer(attn, lay, rest, output=attn.v is not None)
-            for m in rest:
-                if m.label in sums:
-                    q = m.query_rows(lay)
-                    self._keep(m, layer, sums[m.label] / max(q.stop - q.start, 1))
-            self.kernel_served |= set(sums)
-            rest = [m for m in rest if m.label not in sums]  # the blocked path, same run
+            offered = [m for m in rest if _terms_offered(m, kernel.TERMS)]
+            terms = kernel.run_layer(attn, lay, offered, output=attn.v is not None)
+            done = set()
+            for m in offered:
+                q = query_span(m, lay)
+                v = row_sum(m, Block(rows=q, layout=lay, terms=terms.rows(q)))
+                if v is not None:
+                    self._keep(m, layer, v / max(q.stop - q.start, 1))
+                    done.add(m.label)
+            self.kernel_served |= done
+            rest = [m for m in rest if m.label not in done]  # the blocked path, same run
         fused = bool(rest) and attn.output is None and one_pass(attn, self.attention_pass)
         if fused:
             attn.start_output()
         if rest:
-            spans = {m.label: m.query_rows(lay) for m in rest}
-            served = terms_served(attn.device) if attn.probs_given is None else frozenset()
-            termed = [m for m in rest if _takes_block_terms(m, served)]
+            spans = {m.label: query_span(m, lay) for m in rest}
+            served = self._terms_served(attn)
+            termed = [m for m in rest if _terms_offered(m, served)]
             terms = None
             if termed:  # per-row terms of the whole layer, made block by block next to the softmax
                 terms = layer_terms(b, h, t, lay.num_prefix, frozenset().union(*(m.kernel_terms for m in termed)),
@@ -142,8 +154,10 @@ class MetricSink:
                                    None if terms is None else (t_lo, t_hi, terms))
             redo = []
             for m in termed:  # one reduction per layer and metric
-                v = m.kernel_row_sum(terms, lay, spans[m.label])
-                if v is None:  # e.g. a patch mass lost to underflow: the metric's own row_sum, blocks again
+                assert terms is not None
+                q = spans[m.label]
+                v = row_sum(m, Block(rows=q, layout=lay, terms=terms.rows(q)))
+                if v is None:  # e.g. a patch mass lost to underflow: the metric's own maths, blocks again
                     redo.append(m)
                 else:
                     acc[m.label] = v
@@ -156,9 +170,15 @@ class MetricSink:
             self._keep(m, layer, m.on_attention(layer, attn, lay))
         attn.release()
 
+    def _terms_served(self, attn: LayerAttention) -> frozenset[str]:
+        """The per-row terms this layer's blocks come with (``row_terms``)."""
+        if attn.probs_given is not None or self.row_terms == "none":
+            return frozenset()
+        return BLOCK_TERMS if self.row_terms == "torch" else terms_served(attn.device)
+
     def _block_sums(self, attn: LayerAttention, lay: TokenLayout, metrics: list[Metric], spans: dict[str, slice],
                     b: int, h: int, t: int, fused: bool, with_terms) -> dict[str, torch.Tensor]:
-        """One pass over the layer's blocks: each metric's ``row_sum`` over its query rows (``[B, H, ...]``);
+        """One pass over the layer's blocks: each metric's row values summed over its query rows (``[B, H, ...]``);
         with ``fused``, the attention output too; with ``with_terms`` (``(lo, hi, terms)``), the per-row
         terms of the rows ``[lo, hi)`` written into ``terms`` next to each block's softmax."""
         if metrics:
@@ -193,17 +213,19 @@ class MetricSink:
                 if s >= e:
                     continue
                 sl = slice(s - blk.start, e - blk.start)
-                kw = {"logits": None if z is None else z[:, :, sl]} if m.uses_logits else {}
-                part = m.row_sum(p[:, :, sl], lay, slice(s, e), **kw)
+                part = row_sum(m, Block(rows=slice(s, e), layout=lay, probs=p[:, :, sl],
+                                        logits=None if z is None else z[:, :, sl]))
+                assert part is not None  # a block with probabilities always gets an answer (row_sum)
                 if m.label not in acc:
                     acc[m.label] = part.new_zeros((b, *part.shape[1:]))
                 acc[m.label][bs] += part
             del z, p
         return acc
 
-    def _block(self, attn: LayerAttention, batch: slice, rows: slice, layout: TokenLayout, into, only_pv: bool):
+    def _block(self, attn: LayerAttention, batch: slice, rows: slice, layout: TokenLayout, into: RowTerms | None,
+               only_pv: bool):
         """``(logits, probs, row_scale)`` of a block of query rows of some images. With ``into`` (a layer's
-        :class:`~probekit.engine.kernels.terms.RowTerms`), the block's per-row terms are written there while the
+        :class:`~probekit.metric.terms.RowTerms`), the block's per-row terms are written there while the
         softmax writes the block (:mod:`probekit.engine.kernels.block_terms`); with ``only_pv`` too (no metric reads
         this block), the rows may be left unnormalized over the logits (``logits`` None then),
         ``row_scale`` being what P·V's rows are multiplied by (else None)."""
@@ -211,7 +233,8 @@ class MetricSink:
             return (*attn.block(rows, workspace=self.workspace, batch=batch), None)
         shape = attn.block_shape(rows, batch)
         z = attn.logits(rows, out=self.workspace.get("logits", shape, attn.device), batch=batch)
-        p, inv = softmax_with_terms(z, batch, rows, layout, self.workspace, into, unnormalized=only_pv)
+        p, inv = softmax_with_terms(z, batch, rows, layout, self.workspace, into, unnormalized=only_pv,
+                                    native=self.row_terms != "torch")
         return (None, p, inv) if inv is not None else (z, p, None)  # unnormalized rows overwrote the logits
 
     def _reduce_groups(self, layer: int, attn: LayerAttention, geo: LayerGeometry, b: int, t: int) -> None:
@@ -220,10 +243,8 @@ class MetricSink:
             vals = reduce_groups(self._rowwise, attn, geo, self.block_budget(attn.device), self.workspace)
         for m in self._rowwise:
             self._keep(m, layer, vals[m.label])
-        for m in self._other_attn:  # whole-layer metrics that said they handle such layers
-            # a metric whose requires drop "global" is handed the layer's geometry; Metric.on_attention (and
-            # the compute it calls) is typed for the global layers its overrides handle
-            self._keep(m, layer, m.on_attention(layer, attn, geo))  # type: ignore[arg-type]
+        for m in self._other_attn:  # whole-layer metrics whose requires admit such layers get its geometry
+            self._keep(m, layer, m.on_attention(layer, attn, geo))
         attn.release()
 
     def hidden(self, layer: int, tokens: torch.Tensor, layout: TokenLayout | None = None) -> None:

@@ -78,7 +78,6 @@ class _Sink:
         self.layout, self.queries = layout, queries
         self.query = "cls" if "cls" in layout.prefix_kinds else "mean"
         self.roll = rollout_metric(query=self.query)
-        self.roll.on_batch_start(layout)
         self.rows: dict[int, np.ndarray] = {}
         self.cls: dict[int, np.ndarray] = {}
 
