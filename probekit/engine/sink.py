@@ -125,7 +125,7 @@ class MetricSink:
     def _reduce(self, layer: int, attn: LayerAttention, lay: TokenLayout, b: int, h: int, t: int) -> None:
         rest = self._rowwise
         if rest and kernel.wanted(attn, self.attention_pass):
-            offered = [m for m in rest if _terms_offered(m, kernel.TERMS)]
+            offered = [m for m in rest if _terms_offered(m, frozenset(kernel.TERMS))]
             terms = kernel.run_layer(attn, lay, offered, output=attn.v is not None)
             done = set()
             for m in offered:
