@@ -83,10 +83,10 @@ class AttentionEntropy(Metric):
         assert layout is not None
         if logits is not None:
             n0 = layout.num_prefix
-            h = self._from_sums(log_partition(probs, logits), probs[..., n0:].sum(-1), row_dot(probs, logits, n0),
-                                layout)
-            if h is not None:
-                return h
+            fast = self._from_sums(log_partition(probs, logits), probs[..., n0:].sum(-1), row_dot(probs, logits, n0),
+                                   layout)
+            if fast is not None:
+                return fast
         h = patch_entropy(probs, layout, logits)
         return h / max(math.log(layout.num_patches), torch.finfo(h.dtype).tiny) if self.normalized else h
 

@@ -16,22 +16,12 @@ from __future__ import annotations
 import torch
 
 from probekit.attention import LayerAttention, Workspace
+from probekit.engine.blocks import LayerBlocks
 from probekit.engine.rows import row_sum
 from probekit.geometry import LayerGeometry
 from probekit.metric import Block
 
-__all__ = ["group_blocks", "group_slice", "reduce_groups"]
-
-
-def group_slice(attn: LayerAttention, items: slice) -> LayerAttention:
-    """The groups ``items`` (a slice of the leading ``B * G`` axis) of one layer's attention."""
-    if attn.probs_given is not None:
-        return LayerAttention(probs_given=attn.probs_given[items])
-    bias = attn.bias
-    if bias is not None and bias.dim() == 4 and bias.shape[0] != 1:
-        bias = bias[items]
-    assert attn.q is not None and attn.k is not None  # no probabilities: q and k (LayerAttention.__post_init__)
-    return LayerAttention(q=attn.q[items], k=attn.k[items], scale=attn.scale, bias=bias)
+__all__ = ["group_blocks", "reduce_groups"]
 
 
 def group_blocks(items: int, heads: int, tq: int, tk: int, budget_bytes: int):
@@ -50,7 +40,7 @@ def reduce_groups(metrics, attn: LayerAttention, geo: LayerGeometry, budget_byte
     g = geo.groups
     acc: dict[str, torch.Tensor] = {}
     for sl in group_blocks(n, h, tq, tk, budget_bytes):
-        z, p = group_slice(attn, sl).block(workspace=workspace)
+        z, p = LayerBlocks(attn.groups(sl)).block(workspace=workspace)
         idx = torch.arange(sl.start, sl.stop, device=p.device)
         groups, images = idx % g, idx // g
         for m in metrics:

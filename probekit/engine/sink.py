@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 
 from probekit.attention import SCRATCH_BYTES, LayerAttention, Workspace, blocks, no_autocast
+from probekit.engine.blocks import LayerBlocks
 from probekit.engine.checks import refuse_layers
 from probekit.engine.grouped import reduce_groups
-from probekit.engine.rows import row_sum
 from probekit.engine.kernels import triton as kernel
 from probekit.engine.kernels.block_terms import BLOCK_TERMS, layer_terms, softmax_with_terms, terms_served
 from probekit.engine.kernels.policy import ATTENTION_PASSES, one_pass
+from probekit.engine.rows import row_sum
 from probekit.errors import ConfigError
 from probekit.geometry import LayerGeometry, ModelGeometry
 from probekit.metric import Block, Metric
@@ -41,8 +42,9 @@ class MetricSink:
     Row-wise metrics share one pass over blocks of query rows: each block's float32
     probabilities are computed once, into buffers reused for every block, layer and batch
     (a :class:`~probekit.attention.Workspace`), and each metric folds the block into a
-    ``[B, H, ...]`` running sum (its :meth:`~probekit.Metric.row_values`, summed over the block's rows). Nothing of a layer outlives its
-    :meth:`attention` call except these small sums, so memory is one block, whatever the depth.
+    ``[B, H, ...]`` running sum (its :meth:`~probekit.Metric.row_values`, summed over the block's
+    rows). Nothing of a layer outlives its :meth:`attention` call except these small sums, so
+    memory is one block, whatever the depth.
     Per-layer values stay on the model's device until :meth:`finish` (one host sync per batch).
 
     Args:
@@ -109,48 +111,52 @@ class MetricSink:
             return self.budget
         return (8 if device.type == "cpu" else 256) * 2**20
 
-    def attention(self, layer: int, attn: LayerAttention) -> None:
+    def attention(self, layer: int, attn: LayerAttention) -> torch.Tensor | None:
+        """Reduce one tapped layer with every metric; returns the layer's attention output where the
+        engine made it from ``attn.v`` (one attention pass: ``[B, H, T, dv]``), else None (the tap
+        then runs the model's own kernel)."""
         assert self.geometry is not None, "start() begins every batch"
         lay = self.geometry.layer(layer)
         b, h, t = attn.shape
-        if attn.workspace is None:
-            attn.workspace = self.workspace  # its float32 copies of q, k, v: the same buffers every layer
         if isinstance(lay, LayerGeometry):  # windows, pooled keys, class attention: group by group
             self._reduce_groups(layer, attn, lay, b, t)
-            return
+            return None
         lay.check(t)
+        comp = LayerBlocks(attn, self.workspace)  # its float32 copies of q, k, v: the same buffers every layer
         with no_autocast(attn.device), self.workspace.active():  # metric maths in float32 under a bf16/fp16 forward
-            self._reduce(layer, attn, lay, b, h, t)
+            self._reduce(layer, attn, comp, lay, b, h, t)
+        return comp.output
 
-    def _reduce(self, layer: int, attn: LayerAttention, lay: TokenLayout, b: int, h: int, t: int) -> None:
+    def _reduce(self, layer: int, attn: LayerAttention, comp: LayerBlocks, lay: TokenLayout, b: int, h: int,
+                t: int) -> None:
         rest = self._rowwise
         if rest and kernel.wanted(attn, self.attention_pass):
             offered = [m for m in rest if _terms_offered(m, frozenset(kernel.TERMS))]
-            terms = kernel.run_layer(attn, lay, offered, output=attn.v is not None)
+            made = kernel.run_layer(comp, lay, offered, output=attn.v is not None)
             done = set()
             for m in offered:
                 q = query_span(m, lay)
-                v = row_sum(m, Block(rows=q, layout=lay, terms=terms.rows(q)))
+                v = row_sum(m, Block(rows=q, layout=lay, terms=made.rows(q)))
                 if v is not None:
                     self._keep(m, layer, v / max(q.stop - q.start, 1))
                     done.add(m.label)
             self.kernel_served |= done
             rest = [m for m in rest if m.label not in done]  # the blocked path, same run
-        fused = bool(rest) and attn.output is None and one_pass(attn, self.attention_pass)
+        fused = bool(rest) and comp.output is None and one_pass(attn, self.attention_pass)
         if fused:
-            attn.start_output()
+            comp.start_output()
         if rest:
             spans = {m.label: query_span(m, lay) for m in rest}
             served = self._terms_served(attn)
             termed = [m for m in rest if _terms_offered(m, served)]
-            terms = None
+            terms: RowTerms | None = None
             if termed:  # per-row terms of the whole layer, made block by block next to the softmax
                 terms = layer_terms(b, h, t, lay.num_prefix, frozenset().union(*(m.kernel_terms for m in termed)),
                                     attn.device)
                 t_lo = min(spans[m.label].start for m in termed)
                 t_hi = max(spans[m.label].stop for m in termed)
             by_terms = {m.label for m in termed}
-            acc = self._block_sums(attn, lay, [m for m in rest if m.label not in by_terms], spans, b, h, t, fused,
+            acc = self._block_sums(comp, lay, [m for m in rest if m.label not in by_terms], spans, b, h, t, fused,
                                    None if terms is None else (t_lo, t_hi, terms))
             redo = []
             for m in termed:  # one reduction per layer and metric
@@ -162,13 +168,13 @@ class MetricSink:
                 else:
                     acc[m.label] = v
             if redo:
-                acc.update(self._block_sums(attn, lay, redo, spans, b, h, t, False, None))
+                acc.update(self._block_sums(comp, lay, redo, spans, b, h, t, False, None))
             for m in rest:
                 q = spans[m.label]
                 self._keep(m, layer, acc[m.label] / max(q.stop - q.start, 1))
         for m in self._other_attn:
             self._keep(m, layer, m.on_attention(layer, attn, lay))
-        attn.release()
+        comp.release()
 
     def _terms_served(self, attn: LayerAttention) -> frozenset[str]:
         """The per-row terms this layer's blocks come with (``row_terms``)."""
@@ -176,7 +182,7 @@ class MetricSink:
             return frozenset()
         return BLOCK_TERMS if self.row_terms == "torch" else terms_served(attn.device)
 
-    def _block_sums(self, attn: LayerAttention, lay: TokenLayout, metrics: list[Metric], spans: dict[str, slice],
+    def _block_sums(self, comp: LayerBlocks, lay: TokenLayout, metrics: list[Metric], spans: dict[str, slice],
                     b: int, h: int, t: int, fused: bool, with_terms) -> dict[str, torch.Tensor]:
         """One pass over the layer's blocks: each metric's row values summed over its query rows (``[B, H, ...]``);
         with ``fused``, the attention output too; with ``with_terms`` (``(lo, hi, terms)``), the per-row
@@ -193,9 +199,9 @@ class MetricSink:
         # the output needs every row: prefix rows (and any after hi) in blocks of their own, so
         # the metrics' blocks stay whole (a block cut short would be copied to be reshaped)
         segments = [(0, lo), (lo, hi), (hi, t)] if fused else [(lo, hi)]
-        budget = self.block_budget(attn.device)
+        budget = self.block_budget(comp.device)
         # chunks of per-row sums: cache-sized on CPU; on accelerators whole blocks (fewer launches)
-        self.workspace.scratch_bytes = min(SCRATCH_BYTES, budget // 2) if attn.device.type == "cpu" else budget // 2
+        self.workspace.scratch_bytes = min(SCRATCH_BYTES, budget // 2) if comp.device.type == "cpu" else budget // 2
         acc: dict[str, torch.Tensor] = {}
         for bs, blk in (x for s0, s1 in segments if s1 > s0 for x in blocks(s0, s1, b, h, t, budget)):
             into = None
@@ -204,9 +210,9 @@ class MetricSink:
             # no metric here reads the probabilities themselves: the output may scale P·V's rows instead
             only_pv = fused and not any(spans[m.label].start < blk.stop and blk.start < spans[m.label].stop
                                         for m in metrics)
-            z, p, inv = self._block(attn, bs, blk, lay, into, only_pv)
+            z, p, inv = self._block(comp, bs, blk, lay, into, only_pv)
             if fused:
-                attn.add_output(blk, p, self.workspace, batch=bs, row_scale=inv)
+                comp.add_output(blk, p, self.workspace, batch=bs, row_scale=inv)
             for m in metrics:
                 q = spans[m.label]
                 s, e = max(blk.start, q.start), min(blk.stop, q.stop)
@@ -222,17 +228,17 @@ class MetricSink:
             del z, p
         return acc
 
-    def _block(self, attn: LayerAttention, batch: slice, rows: slice, layout: TokenLayout, into: RowTerms | None,
+    def _block(self, comp: LayerBlocks, batch: slice, rows: slice, layout: TokenLayout, into: RowTerms | None,
                only_pv: bool):
         """``(logits, probs, row_scale)`` of a block of query rows of some images. With ``into`` (a layer's
         :class:`~probekit.metric.terms.RowTerms`), the block's per-row terms are written there while the
         softmax writes the block (:mod:`probekit.engine.kernels.block_terms`); with ``only_pv`` too (no metric reads
         this block), the rows may be left unnormalized over the logits (``logits`` None then),
         ``row_scale`` being what P·V's rows are multiplied by (else None)."""
-        if into is None or attn.probs_given is not None:
-            return (*attn.block(rows, workspace=self.workspace, batch=batch), None)
-        shape = attn.block_shape(rows, batch)
-        z = attn.logits(rows, out=self.workspace.get("logits", shape, attn.device), batch=batch)
+        if into is None or comp.attn.probs_given is not None:
+            return (*comp.block(rows, workspace=self.workspace, batch=batch), None)
+        shape = comp.block_shape(rows, batch)
+        z = comp.logits(rows, out=self.workspace.get("logits", shape, comp.device), batch=batch)
         p, inv = softmax_with_terms(z, batch, rows, layout, self.workspace, into, unnormalized=only_pv,
                                     native=self.row_terms != "torch")
         return (None, p, inv) if inv is not None else (z, p, None)  # unnormalized rows overwrote the logits
@@ -245,7 +251,6 @@ class MetricSink:
             self._keep(m, layer, vals[m.label])
         for m in self._other_attn:  # whole-layer metrics whose requires admit such layers get its geometry
             self._keep(m, layer, m.on_attention(layer, attn, geo))
-        attn.release()
 
     def hidden(self, layer: int, tokens: torch.Tensor, layout: TokenLayout | None = None) -> None:
         assert self.layout is not None, "start() begins every batch"

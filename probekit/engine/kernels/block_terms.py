@@ -23,8 +23,8 @@ import torch
 
 from probekit.attention import Workspace
 from probekit.engine.kernels import cpu as cpu_kernel
-from probekit.metric.terms import RowTerms
 from probekit.metric.patch_keys import log_partition
+from probekit.metric.terms import RowTerms
 from probekit.tokens import TokenLayout
 
 __all__ = ["BLOCK_TERMS", "layer_terms", "softmax_with_terms", "terms_served"]

@@ -74,7 +74,8 @@ def wanted(attn, mode: str) -> bool:
 def run_layer(attn, layout: TokenLayout, metrics: list, output: bool) -> RowTerms:
     """One kernel pass over a layer: the per-row terms ``metrics`` declare (``kernel_terms``).
 
-    With ``output``, also fills ``attn.output``. The first distance-profile metric chooses the
+    ``attn``: the layer's :class:`~probekit.engine.blocks.LayerBlocks`. With ``output``, also fills its
+    ``output``. The first distance-profile metric chooses the
     histogram's bins (``kernel_histogram``); a metric with other bins reads ``terms.hist_spec``
     and answers None, and the engine takes the blocked path for it.
     """
@@ -82,7 +83,8 @@ def run_layer(attn, layout: TokenLayout, metrics: list, output: bool) -> RowTerm
     hist = next((m.kernel_histogram(layout) for m in metrics if "hist" in m.kernel_terms), None)
     if output:
         attn.start_output()
-    return attention_rows(attn.q, attn.k, attn.v if output else None, attn.scale, attn.bias, layout,
+    rec = attn.attn
+    return attention_rows(rec.q, rec.k, rec.v if output else None, rec.scale, rec.bias, layout,
                           want=want, hist=hist, out=attn.output)
 
 
