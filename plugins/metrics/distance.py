@@ -113,7 +113,8 @@ class MeanAttentionDistance(Metric):
         whose distances from the image centre are no kernel term; with ``renormalize`` divided by
         the patch mass while it has digits to spare); on windowed and pooled layers over the patch
         keys each query sees, distances in the original image frame (:mod:`probekit.geometry`);
-        else one pass over the block's rows, the prefix keys' distances padded with 0.
+        else the rows' sum in one matrix-vector product over the block (the prefix keys' distances
+        padded with 0): a row axis of length 1.
         """
         if block.terms is not None:
             if self.queries == "cls":
@@ -138,7 +139,9 @@ class MeanAttentionDistance(Metric):
                                                                                    block.rows.stop - q0]
         if self.renormalize:
             return torch.einsum("bhrn,rn->bhr", block.patch_rows(True), d[:, layout.num_prefix:])
-        return torch.einsum("bhrt,rt->bhr", probs, d)
+        # the rows' sum in one pass (a row axis of 1): <probs[b, h], D_rows> as one matrix-vector product
+        b, h, r, t = probs.shape
+        return torch.mv(probs.reshape(b * h, r * t), d.reshape(-1)).view(b, h, 1)
 
 
 def query_span_start(layout: TokenLayout, queries: str) -> int:

@@ -18,10 +18,4 @@ def row_sum(m: Metric, block: Block) -> torch.Tensor | None:
             raise RuntimeError(f"{type(m).__name__}.row_values returned None for a block with probabilities: None "
                                "means 'ask again with probabilities', so it must answer here.")
         return None
-    axis = 2 if m.per_head else 1
-    rows = len(range(*block.rows.indices(block.rows.stop)))
-    if block.query_weight is not None and not (v.shape[axis] == 1 and rows != 1):  # 1 row: summed already
-        w = block.query_weight.to(v.dtype)
-        w = w.view(w.shape[0], *([1] * (axis - 1)), w.shape[1], *([1] * (v.dim() - axis - 1)))
-        v = v * w
-    return v.sum(dim=axis)
+    return block.sum_rows(v, m.per_head)

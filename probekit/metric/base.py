@@ -279,7 +279,7 @@ class Metric:
         if values is None:
             raise RuntimeError(f"{type(self).__name__}.row_values returned None for a block with probabilities: "
                                "None means 'ask again with probabilities', so it must answer here.")
-        return values.mean(dim=2 if self.per_head else 1)
+        return block.sum_rows(values, self.per_head) / max(block.num_rows, 1)
 
     # -- engine hooks (metrics that reduce whole layers or batches) ---------------------------------
     def on_attention(self, layer: int, attn, layout) -> torch.Tensor | None:

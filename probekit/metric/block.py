@@ -22,9 +22,11 @@ piece           what                                           None on
 its image (into the geometry's tables) and ``query_weight`` (``[n, R]``) which rows count: the
 engine multiplies the per-row values by it before summing. A metric answers with per-row values
 ``[n, H, R, ...]`` (``[n, R, ...]`` when not per head), or None where its fast form cannot answer
-from what the block has (the engine then asks again with probabilities). Where per-row values
-would be large (a map per query row of every window), a metric may return their sum over the
-block's rows, weighted by ``query_weight``, as a row axis of length 1.
+from what the block has (the engine then asks again with probabilities). Where the rows' sum has
+a faster form (MAD's: one matrix-vector product over the block) or per-row values would be large
+(a map per query row of every window), a metric may return that sum over the block's rows,
+weighted by ``query_weight`` where given, as a row axis of length 1 (:meth:`Block.sum_rows`
+tells the two apart by that length).
 """
 
 from __future__ import annotations
@@ -53,6 +55,24 @@ class Block:
     geometry: LayerGeometry | None = None
     groups: torch.Tensor | None = None
     query_weight: torch.Tensor | None = None
+
+    @property
+    def num_rows(self) -> int:
+        """How many query rows the block has."""
+        if self.probs is not None:
+            return self.probs.shape[2]
+        return len(range(*self.rows.indices(self.rows.stop if self.rows.stop is not None else 0)))
+
+    def sum_rows(self, values: torch.Tensor, per_head: bool = True) -> torch.Tensor:
+        """A metric's answer for this block summed over its rows, each weighted by :attr:`query_weight`:
+        ``[n, H, R, ...]`` (or ``[n, R, ...]`` when not ``per_head``) -> ``[n, H, ...]``. A row axis
+        of length 1 on a block of several rows is the rows' weighted sum already."""
+        axis = 2 if per_head else 1
+        if self.query_weight is not None and not (values.shape[axis] == 1 and self.num_rows != 1):
+            w = self.query_weight.to(values.dtype)
+            w = w.view(w.shape[0], *([1] * (axis - 1)), w.shape[1], *([1] * (values.dim() - axis - 1)))
+            values = values * w
+        return values.sum(dim=axis)
 
     def patch_rows(self, renormalize: bool = False) -> torch.Tensor:
         """The probabilities over the patch keys only.
