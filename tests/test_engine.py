@@ -17,6 +17,9 @@ from probekit.attention import LayerAttention, Workspace, blocks, row_blocks
 from probekit.errors import ConfigError
 from probekit.inputs.images import ImageSet
 from probekit.engine.probe import MetricSink, _loader, build_metrics
+from probekit.engine.rows import row_sum
+from probekit.metric import Block
+from probekit.metric.base import query_span
 
 MAD = pk.metrics.get("mad")
 
@@ -169,15 +172,21 @@ def test_blockwise_mad_equals_the_full_matrix_computation(block_mb, options):
         torch.testing.assert_close(got[:, layer], want, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_mad_row_sum_equals_its_row_values():
+@pytest.mark.parametrize("options", [{}, {"renormalize": True}, {"queries": "cls"}, {"units": "fraction"}], ids=str)
+def test_mad_blocks_of_rows_sum_to_its_rows(options):
+    # each block of query rows reads the distance rows of its own queries: the engine's per-block sums
+    # (row_sum) add up to the per-row values of all the metric's rows at once, whatever block they are in
     lay = pk.TokenLayout(num_prefix=2, grid=(3, 5), patch_size=(8, 6))
     probs = torch.softmax(torch.randn(2, 3, lay.num_tokens, lay.num_tokens) * 3, -1)
-    for queries in ("patches", "cls"):
-        m = MAD(queries=queries)
-        rows = m.query_rows(lay)
-        for s in row_blocks(rows.start, rows.stop, 2, 3, lay.num_tokens, 2 * 3 * lay.num_tokens * 8 * 4):
-            block = probs[:, :, s]
-            torch.testing.assert_close(m.row_sum(block, lay, s), m.row_values(block, lay, s).sum(2))
+    m = MAD(**options)
+    rows = query_span(m, lay)
+    assert rows == (slice(0, 1) if options.get("queries") == "cls" else slice(2, lay.num_tokens))
+    every = m.row_values(Block(rows=rows, layout=lay, probs=probs[:, :, rows]))
+    blocks = list(row_blocks(rows.start, rows.stop, 2, 3, lay.num_tokens, 2 * 3 * lay.num_tokens * 8 * 4))
+    assert len(blocks) == (1 if options.get("queries") == "cls" else 4)  # 15 patch rows: 4, 4, 4, 3
+    for s in blocks:
+        want = every[:, :, s.start - rows.start : s.stop - rows.start].sum(2)
+        torch.testing.assert_close(row_sum(m, Block(rows=s, layout=lay, probs=probs[:, :, s])), want)
 
 
 def test_results_do_not_depend_on_batch_size():
@@ -198,11 +207,11 @@ class _DtypeSpy(pk.Metric):
     """Records the dtype of what the engine hands to row-wise metrics."""
 
     name = "dtype_spy"
-    requires_global_attention = False
+    requires = ()
 
-    def row_values(self, probs, layout, rows):
-        self.__dict__.setdefault("seen", set()).add(probs.dtype)
-        return probs.sum(-1)
+    def row_values(self, block):
+        self.__dict__.setdefault("seen", set()).add(block.probs.dtype)
+        return block.probs.sum(-1)
 
 
 def test_bf16_compute_keeps_float32_probabilities_and_close_values():
@@ -286,19 +295,15 @@ def test_a_full_layer_of_attention_is_visible_to_the_watch():
 
 
 class _LogitSpy(pk.Metric):
-    """A metric that asks for logits and checks them against the probabilities it is given."""
+    """A metric that reads the block's logits and checks them against the probabilities it is given."""
 
     name = "logit_spy"
-    requires_global_attention = False
-    uses_logits = True
+    requires = ()
 
-    def row_values(self, probs, layout, rows):
-        return probs.sum(-1)
-
-    def row_sum(self, probs, layout, rows, logits=None):
+    def row_values(self, block):
         seen = self.__dict__.setdefault("seen", [])
-        seen.append(None if logits is None else (logits.clone(), probs.clone(), rows))
-        return super().row_sum(probs, layout, rows)
+        seen.append(None if block.logits is None else (block.logits.clone(), block.probs.clone(), block.rows))
+        return block.probs.sum(-1)
 
 
 def test_metrics_that_ask_for_logits_get_the_softmax_inputs():
@@ -324,10 +329,12 @@ def test_probabilities_keep_gradients_outside_the_engine():
     assert q.grad is not None and q.grad[:, :, 1:].abs().sum() > 0 and q.grad[:, :, 0].abs().sum() == 0
 
 
+@pytest.mark.parametrize("row_terms", ["auto", "torch", "none"])
 @pytest.mark.parametrize("sharpness", [0.1, 5.0, 40.0])
 @pytest.mark.parametrize("masked", [False, True])
-def test_entropy_from_logits_equals_the_float64_formula(sharpness, masked):
-    # the engine hands entropy its logits (no log per element); sharp heads and masked keys
+def test_entropy_from_logits_equals_the_float64_formula(sharpness, masked, row_terms):
+    # the engine hands entropy its per-row sums (row_terms "auto": the C row kernel's where it built;
+    # "torch": PyTorch's) or its logits ("none"), never a log per element; sharp heads and masked keys
     # (-inf logits, where the dot product is undefined) must still give the direct value
     lay = pk.TokenLayout(num_prefix=1, grid=(5, 6), patch_size=14)
     t = lay.num_tokens
@@ -340,8 +347,7 @@ def test_entropy_from_logits_equals_the_float64_formula(sharpness, masked):
     a = p / p.sum(-1, keepdim=True)
     exact = (-torch.special.xlogy(a, a).sum(-1)).mean(-1)
     for options in ({}, {"normalized": True}):
-        sink = MetricSink(build_metrics([("entropy", options)]), block_mb=0.001)
-        assert sink.metrics[0].uses_logits
+        sink = MetricSink(build_metrics([("entropy", options)]), block_mb=0.001, row_terms=row_terms)
         sink.start(lay)
         sink.attention(0, LayerAttention(q=q, k=k, scale=0.35, bias=bias))
         want = exact / torch.log(torch.tensor(30.0, dtype=torch.float64)) if options else exact
