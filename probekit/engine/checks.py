@@ -47,8 +47,8 @@ def refuse_layers(metric: Metric, geometry: ModelGeometry, layers=None) -> None:
         layers: the layer indices that will be probed (None: all).
     """
     if metric.needs != "attention":
-        if "cls" in requirements(metric):  # hidden metrics read the input's tokens
-            _refuse(metric, geometry.layer(0), "cls", "the input")
+        if "cls" in requirements(metric):  # hidden metrics: a model whose input has no class token
+            _refuse(metric, geometry.layout, "cls", "this model's input")
         return
     for i in range(geometry.num_layers) if layers is None else sorted(layers):
         for req in ("tokens", *requirements(metric)):
