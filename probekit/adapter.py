@@ -80,7 +80,10 @@ class Sink(Protocol):
     wants_attention: bool
     wants_hidden: bool
 
-    def attention(self, layer: int, attn: LayerAttention) -> None: ...
+    def attention(self, layer: int, attn: LayerAttention) -> torch.Tensor | None:
+        """Take one layer's record; return its attention output ``[B, H, T, dv]`` where the sink made it
+        from ``attn.v`` (the tap hands it to the model instead of running its own kernel), else None."""
+        ...
 
     def hidden(self, layer: int, tokens: torch.Tensor, layout: TokenLayout | None = None) -> None: ...
 
@@ -97,6 +100,7 @@ class CollectSink:
 
     def attention(self, layer: int, attn: LayerAttention) -> None:
         self.probs[layer] = attn.probs()
+        return None
 
     def hidden(self, layer: int, tokens: torch.Tensor, layout: TokenLayout | None = None) -> None:
         self.hiddens[layer] = tokens.detach().clone()

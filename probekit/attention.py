@@ -9,8 +9,8 @@ query rows at a time, so long sequences never hold a whole [B, H, T, T] tensor.
 One attention pass. A tap that also holds the values ``v`` lets the engine produce the layer's
 attention output itself, from the same blocks of probabilities the metrics read (output block =
 ``P_block @ V``), instead of running the model's SDPA and then recomputing q·kᵀ and the softmax:
-the sink fills :attr:`LayerAttention.output` and the tap hands that to the model. Where the
-sink leaves it None, the tap runs the model's own kernel as before.
+the sink returns that output and the tap hands it to the model. Where the sink returns None, the
+tap runs the model's own kernel as before.
 :func:`probekit.engine.kernels.policy.one_pass` is the rule.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -27,18 +27,23 @@ __all__ = ["LayerAttention", "Workspace", "no_autocast", "row_blocks", "blocks",
 
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerAttention:
-    """The inputs of one layer's attention softmax.
+    """What a tap hands over of one layer's attention softmax: a frozen record.
 
     Either ``q``/``k`` (``[B, H, T, d]``) with ``scale`` and an optional additive ``bias``
-    broadcastable to ``[B, H, T, T]``, or ``probs`` (``[B, H, T, T]``).
+    broadcastable to ``[B, H, T, T]`` (a relative-position table, a mask as ``-inf``), or
+    ``probs_given`` (``[B, H, T, T]``), where the library produced the probabilities itself.
 
     ``v`` (``[B, H, T, dv]``, k/v heads already repeated for grouped queries) is given by taps
-    that can take the layer's output from the engine (one attention pass); ``out_dtype`` is
-    the dtype the model's own kernel would have returned (autocast's). The engine sets
-    ``output`` (``[B, H, T, dv]``, a transposed view of a contiguous ``[B, T, H, dv]``: the
-    layout every family reshapes to next, so that reshape is free) or leaves it None.
+    that can take the layer's output from the engine (one attention pass); ``out_dtype`` is the
+    dtype the model's own kernel would have returned (autocast's). The engine's sink returns that
+    output from :meth:`~probekit.engine.sink.MetricSink.attention` (``[B, H, T, dv]``, a transposed
+    view of a contiguous ``[B, T, H, dv]``: the layout every family reshapes to next), or None,
+    and the tap then runs the model's own kernel. The blocked computation (reused buffers,
+    contiguous float32 copies, the output's blocks) lives in the engine
+    (:class:`probekit.engine.blocks.LayerBlocks`); :meth:`probs` and :meth:`block` here are the
+    plain computation, for whole-layer metrics and references.
     """
 
     q: torch.Tensor | None = None
@@ -48,13 +53,6 @@ class LayerAttention:
     probs_given: torch.Tensor | None = None
     v: torch.Tensor | None = None
     out_dtype: torch.dtype | None = None
-    output: torch.Tensor | None = None
-    _vf: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
-    _kt: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
-    _qs: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
-    #: where the per-layer float32 copies of q, k and v go (the engine's :class:`Workspace`: the same
-    #: buffers for every layer); None: fresh tensors
-    workspace: Workspace | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.probs_given is None and (self.q is None or self.k is None):
@@ -87,138 +85,43 @@ class LayerAttention:
     def device(self) -> torch.device:
         return (self.probs_given if self.probs_given is not None else self._q).device
 
-    def key_t(self) -> torch.Tensor:
-        """Float32 keys as ``[B, H, d, T]`` for ``q @ key_t()``, made contiguous once per layer.
-
-        Why: a tap's k is usually a strided view into the fused qkv projection, and a matmul on
-        it copies k again for every block of rows (several times slower on CPU; benchmarks/RESULTS.md,
-        section "Smaller engine choices"); one copy serves them all.
-        """
-        if self._kt is None:
-            k = self._k
-            buf = self._copy_buffer("k", k)
-            self._kt = (k.float().contiguous() if buf is None else buf.copy_(k)).transpose(-1, -2)
-        return self._kt
-
-    def _copy_buffer(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
-        """A reused float32 buffer shaped like ``like`` from :attr:`workspace` (None: allocate afresh).
-
-        Why: fresh multi-MB copies per layer are new mappings on CPU, page-faulted and zero-filled
-        on first touch and unmapped when freed. A modest gain, within this VM's noise (measured:
-        benchmarks/RESULTS.md, section "Smaller engine choices").
-        """
-        if self.workspace is None or (like.requires_grad and torch.is_grad_enabled()):
+    def bias_rows(self, rows: slice, batch: slice) -> torch.Tensor | None:
+        """The additive bias of the query ``rows`` of the images ``batch`` (broadcastable), or None."""
+        b = self.bias
+        if b is None:
             return None
-        return self.workspace.get(name, tuple(like.shape), like.device)
+        if b.dim() >= 2 and b.shape[-2] != 1:
+            b = b[..., rows, :]
+        if b.dim() == 4 and b.shape[0] != 1:
+            b = b[batch]
+        return b
 
-    def scaled_queries(self) -> torch.Tensor:
-        """Float32 ``q * scale``, contiguous, made once per layer (blocks of it are then views).
-
-        The scale multiplies the ``[T, d]`` queries rather than the ``[T, T]`` logits: fewer
-        multiplies, the same numbers to float32 rounding.
-        """
-        if self._qs is None:  # contiguous: ``q * s`` alone would keep q's strided layout
-            q = self._q
-            if q.requires_grad and torch.is_grad_enabled():  # out= cannot record gradients
-                self._qs = (q.float() * self.scale).contiguous()
-            else:
-                qs = self._copy_buffer("q", q)
-                if qs is None:
-                    qs = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-                self._qs = torch.mul(q.float(), self.scale, out=qs)
-        return self._qs
-
-    def logits(self, rows: slice | None = None, out: torch.Tensor | None = None,
-               batch: slice | None = None) -> torch.Tensor:
-        """Float32 softmax inputs ``q k^T * scale + bias`` of the query rows ``rows``: ``[B, H, R, T]``.
-
-        ``out``: a contiguous buffer to write to. ``batch``: only these images (``[b, H, R, T]``).
-        """
-        rows, batch = rows or slice(None), batch or slice(None)
-        with no_autocast(self._q.device):
-            logits = torch.matmul(self.scaled_queries()[batch, :, rows], self.key_t()[batch], out=out)
-            if self.bias is not None:
-                b = self.bias
-                if b.dim() >= 2 and b.shape[-2] != 1:
-                    b = b[..., rows, :]
-                if b.dim() == 4 and b.shape[0] != 1:
-                    b = b[batch]
-                logits.add_(b.float())
-        return logits
-
-    def probs(self, rows: slice | None = None, workspace: Workspace | None = None) -> torch.Tensor:
-        """Float32 probabilities of the query rows ``rows`` (all by default): ``[B, H, R, T]``.
-
-        Always float32, also under bf16/fp16 autocast (the engine runs taps inside it).
-
-        Args:
-            rows: query rows to compute (a slice of ``range(T)``).
-            workspace: reuse its buffers instead of allocating; the result is then a view into
-                the workspace, valid only until the next call with the same workspace.
-        """
-        return self.block(rows, workspace)[1]
-
-    def block(
-        self, rows: slice | None = None, workspace: Workspace | None = None, batch: slice | None = None
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """``(logits, probs)`` of the query rows (of the images ``batch``), both float32 ``[B, H, R, T]``.
-
-        The logits come free with the probabilities (the softmax writes to another buffer);
-        they are None where the tap handed over probabilities. With ``workspace``, both are
-        views into it, valid until its next use.
-        """
+    def block(self, rows: slice | None = None, batch: slice | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(logits, probs)`` of the query ``rows`` of the images ``batch``, float32 ``[b, H, R, T]``: the
+        plain computation (logits None where the tap handed over probabilities)."""
         rows, batch = rows or slice(None), batch or slice(None)
         if self.probs_given is not None:
             return None, self.probs_given[batch, :, rows].float()
-        if workspace is None:
-            logits = self.logits(rows, batch=batch)
-            return logits, torch.softmax(logits, dim=-1)
-        shape = self.block_shape(rows, batch)
-        logits = self.logits(rows, out=workspace.get("logits", shape, self._q.device), batch=batch)
-        probs = torch.ops.aten._softmax.out(logits, -1, False, out=workspace.get("probs", shape, self._q.device))
-        return logits, probs
+        with no_autocast(self.device):
+            z = torch.matmul(self._q[batch, :, rows].float() * self.scale, self._k[batch].float().transpose(-1, -2))
+            b = self.bias_rows(rows, batch)
+            if b is not None:
+                z = z + b.float()
+        return z, torch.softmax(z, dim=-1)
 
+    def probs(self, rows: slice | None = None) -> torch.Tensor:
+        """Float32 probabilities of the query ``rows`` (all by default): ``[B, H, R, T]``, also under
+        bf16/fp16 autocast."""
+        return self.block(rows)[1]
 
-    def block_shape(self, rows: slice, batch: slice | None = None) -> tuple[int, int, int, int]:
-        """``(images, heads, rows, keys)`` of the block of query ``rows`` of the images ``batch``."""
-        b, h, t = self.shape
-        nb = len(range(*(batch or slice(None)).indices(b)))
-        return nb, h, len(range(*rows.indices(t))), self._k.shape[2]
-
-    def start_output(self) -> None:
-        """Allocate :attr:`output` (filled block by block by :meth:`add_output`)."""
-        b, h, t = self.shape
-        v = self.v
-        assert v is not None, "one attention pass is for taps that hand over v"
-        dtype = self.out_dtype or v.dtype
-        self.output = torch.empty(b, t, h, v.shape[-1], dtype=dtype, device=v.device).transpose(1, 2)
-        # float32 like the probabilities, contiguous once per layer: v is usually a strided view
-        # into the fused qkv projection, which a matmul would copy again for every block
-        buf = self._copy_buffer("v", v)
-        self._vf = v.float().contiguous() if buf is None else buf.copy_(v)
-
-    def add_output(self, rows: slice, probs: torch.Tensor, workspace: Workspace | None = None,
-                   batch: slice | None = None, row_scale: torch.Tensor | None = None) -> None:
-        """Write the output rows ``rows`` (of the images ``batch``): ``probs @ v`` (``probs``: ``[B, H, R, T]``).
-
-        ``row_scale`` (``[B, H, R]``): ``probs`` are unnormalized rows, and the product's rows are
-        multiplied by it on their way into the output (the same numbers to float32 rounding).
-        """
-        batch = batch or slice(None)
-        vf, output = self._vf, self.output
-        assert vf is not None and output is not None, "start_output() comes first"
-        if workspace is None:
-            pv = torch.matmul(probs, vf[batch])
-        else:
-            pv = torch.matmul(probs, vf[batch], out=workspace.get("pv", (*probs.shape[:3], vf.shape[-1]), probs.device))
-        if row_scale is None:
-            output[batch, :, rows] = pv
-        else:
-            torch.mul(pv, row_scale[..., None], out=output[batch, :, rows])
-
-    def release(self) -> None:
-        """Drop the per-layer float32 copies (the output stays with the model)."""
-        self._kt = self._qs = self._vf = None
+    def groups(self, items: slice) -> LayerAttention:
+        """The groups ``items`` (a slice of the leading ``B * G`` axis) of a grouped layer's attention."""
+        if self.probs_given is not None:
+            return LayerAttention(probs_given=self.probs_given[items])
+        bias = self.bias
+        if bias is not None and bias.dim() == 4 and bias.shape[0] != 1:
+            bias = bias[items]
+        return LayerAttention(q=self._q[items], k=self._k[items], scale=self.scale, bias=bias)
 
 
 def sdpa_dtype(q: torch.Tensor) -> torch.dtype:

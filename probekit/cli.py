@@ -245,7 +245,9 @@ def metrics_cmd(format: FormatOpt = "human"):
                    and class_constants(ep.value, ("description", "unit"), "Metric", {"unit": ""})) \
                 or metrics.get(rec.name)
             get = cls.get if isinstance(cls, dict) else lambda k, cls=cls: getattr(cls, k)
-            rows.append({"name": rec.name, "description": get("description"), "unit": get("unit"), "source": rec.dist})
+            unit = get("unit")  # a property where options decide it: no one unit to list (as read from source)
+            rows.append({"name": rec.name, "description": get("description"),
+                         "unit": unit if isinstance(unit, str) else "", "source": rec.dist})
         except ProbekitError as exc:
             rows.append({"name": rec.name, "description": None, "error": str(exc),
                          "source": rec.dist})

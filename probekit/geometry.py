@@ -146,8 +146,10 @@ class LayerGeometry:
         """``[G, Tq]`` bool: the queries a value is averaged over.
 
         ``"patches"``: the patch queries, or the class token where the layer has none (class
-        attention); ``"cls"``: the class-token queries.
+        attention); ``"cls"``: the class-token queries; ``"all"``: every query but padding.
         """
+        if which == "all":
+            return self.query_kind != PAD
         patch = self.query_kind == PATCH
         cls = self.query_kind == KINDS.index("cls")
         if which == "cls" or not bool(patch.any()):

@@ -74,6 +74,18 @@ def layer_value(metric, geo, probs: torch.Tensor) -> torch.Tensor:
     return reduce_groups([m], LayerAttention(probs_given=probs), geo, 2**16)[m.label]
 
 
+def window_sums(metric, geo, probs: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Each group's ``metric`` values summed over its queries (those of the metric's ``query_tokens``),
+    ``[G, H, ...]``: what the engine's grouped path adds up per image, for the ``G`` groups of one image."""
+    from probekit.engine.rows import row_sum
+    from probekit.metric import Block
+
+    groups = torch.arange(geo.groups)
+    weight = geo.query_mask(metric.query_tokens).to(probs.dtype)
+    return row_sum(metric, Block(rows=slice(0, geo.num_queries), probs=probs, logits=logits, geometry=geo,
+                                 groups=groups, query_weight=weight))
+
+
 def uniform(geo, batch: int = 2) -> torch.Tensor:
     """Uniform attention over each query's visible keys, for ``batch`` images."""
     return geo.uniform().repeat(batch, 1, 1, 1)

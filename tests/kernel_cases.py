@@ -96,9 +96,8 @@ def test_sink_kernel_path_equals_the_blocked_path(shape):
     def run(mode):
         sink = MetricSink(build_metrics(METRICS + ["head_similarity"]), attention_pass=mode)
         sink.start(lay)
-        attn = LayerAttention(q=q, k=kr, v=vr, scale=0.3, bias=bias)
-        sink.attention(0, attn)
-        return attn.output, sink.finish(), sink
+        out = sink.attention(0, LayerAttention(q=q, k=kr, v=vr, scale=0.3, bias=bias))
+        return out, sink.finish(), sink
 
     out, values, sink = run("kernel")
     ref_out, ref, _ = run("fused")

@@ -19,7 +19,7 @@ from probekit.errors import UnsupportedArchitectureError
 from probekit.geometry import LayerGeometry
 from probekit.engine.probe import build_metrics
 from probekit.testing import randomize_parameters
-from probekit_tests_helpers import block, layer_value, mean_pair_distance, uniform
+from probekit_tests_helpers import block, layer_value, mean_pair_distance, uniform, window_sums
 
 TINY = dict(embed_dims=(16, 16, 32, 32), num_heads=(1, 2, 2, 2), depths=(2, 2, 2, 2), mlp_ratios=(1, 1, 1, 1))
 
@@ -117,7 +117,7 @@ def test_uniform_attention_in_a_padded_window_counts_only_its_real_tokens():
     assert geo.groups == 12 and geo.queries_per_image() == 24 * 16
     windows = [block(h, w) for h in (7, 7, 7, 3) for w in (7, 7, 2)]
     m = build_metrics(["mad"])[0]
-    per_window = m.window_sum(uniform(geo, 1), geo, torch.arange(geo.groups))[:, 0]
+    per_window = window_sums(m, geo, uniform(geo, 1))[:, 0]
     for g, cells in enumerate(windows):
         k = len(cells)
         assert per_window[g].item() == pytest.approx(k * mean_pair_distance(cells, cells, 4.0) * k / 49, rel=1e-5)
@@ -125,7 +125,7 @@ def test_uniform_attention_in_a_padded_window_counts_only_its_real_tokens():
     corner = pk.metrics.get("mad")().compute(torch.full((1, 1, 6, 6), 1 / 6), pk.TokenLayout(0, (3, 2), (4, 4)))
     assert corner.item() == pytest.approx(mean_pair_distance(block(3, 2), block(3, 2), 4.0), rel=1e-6)
     renorm = build_metrics([{"mad": {"renormalize": True}}])[0]
-    got = renorm.window_sum(uniform(geo, 1), geo, torch.arange(geo.groups), logits=uniform(geo, 1).log())[:, 0]
+    got = window_sums(renorm, geo, uniform(geo, 1), logits=uniform(geo, 1).log())[:, 0]
     assert got[-1].item() / 6 == pytest.approx(corner.item(), rel=1e-5)
     total = sum(len(c) * mean_pair_distance(c, c, 4.0) for c in windows) / (24 * 16)
     assert layer_value({"mad": {"renormalize": True}}, geo, uniform(geo)).flatten().tolist() == pytest.approx(

@@ -121,10 +121,9 @@ def _sink_values(q, k, v, lay, monkeypatch, kernel: bool):
     metrics = [pk.metrics.get(n)(**kw) for n, kw in METRICS]
     sink = MetricSink(metrics, attention_pass="fused", block_mb=0.05)
     sink.start(lay)
-    attn = LayerAttention(q=q, k=k, v=v, scale=q.shape[-1] ** -0.5)
-    sink.attention(0, attn)
+    out = sink.attention(0, LayerAttention(q=q, k=k, v=v, scale=q.shape[-1] ** -0.5))
     monkeypatch.undo()
-    return {key: vals[0] for key, vals in sink.values.items()}, attn.output
+    return {key: vals[0] for key, vals in sink.values.items()}, out
 
 
 def test_sink_values_and_output_are_the_same_on_both_paths(monkeypatch):

@@ -16,7 +16,11 @@ import probekit as pk
 from probekit.attention import LayerAttention, Workspace, blocks, row_blocks
 from probekit.errors import ConfigError
 from probekit.inputs.images import ImageSet
+from probekit.engine.blocks import LayerBlocks
 from probekit.engine.probe import MetricSink, _loader, build_metrics
+from probekit.engine.rows import row_sum
+from probekit.metric import Block
+from probekit.metric.base import query_span
 
 MAD = pk.metrics.get("mad")
 
@@ -96,13 +100,14 @@ def test_blocks_of_rows_equal_the_full_softmax(bias_shape):
     logits = q.double() @ k.double().transpose(-1, -2) * 0.3 + (0 if bias is None else bias.double())
     full = torch.softmax(logits, -1)
     ws = Workspace()
+    comp = LayerBlocks(attn, ws)  # the engine's blocks, in reused buffers
     for budget in (1, 2 * 3 * 11 * 8 * 3, 10**9):  # one row per block, 3 rows, everything
         blocks = list(row_blocks(1, 11, 2, 3, 11, budget))
         assert [r for s in blocks for r in range(s.start, s.stop)] == list(range(1, 11))
         for s in blocks:
-            got = attn.probs(s, workspace=ws)
-            assert got.dtype == torch.float32
-            torch.testing.assert_close(got.double(), full[:, :, s], rtol=1e-5, atol=1e-6)
+            for got in (comp.block(s, workspace=ws)[1], attn.probs(s)):  # the engine's, the record's plain ones
+                assert got.dtype == torch.float32
+                torch.testing.assert_close(got.double(), full[:, :, s], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(attn.probs().double(), full, rtol=1e-5, atol=1e-6)
 
 
@@ -115,13 +120,14 @@ def test_blocks_of_images_and_rows_equal_the_full_softmax(bias_shape):
     full = torch.softmax(q.double() @ k.double().transpose(-1, -2) * 0.3 + (0 if bias is None else bias.double()), -1)
     per_image = 3 * 11 * 8 * 10  # heads x keys x (logits + probs) x rows 1..10
     ws = Workspace()
+    comp = LayerBlocks(attn, ws)
     for budget, want in ((1, 20), (3 * 11 * 8 * 4, 6), (per_image, 2), (10**9, 1)):
         got = list(blocks(1, 11, 2, 3, 11, budget))
         assert len(got) == want
         covered = sorted((i, r) for bs, rs in got for i in range(bs.start, bs.stop) for r in range(rs.start, rs.stop))
         assert covered == [(i, r) for i in range(2) for r in range(1, 11)]  # each (image, row) once
         for bs, rs in got:
-            z, p = attn.block(rs, workspace=ws, batch=bs)
+            z, p = comp.block(rs, workspace=ws, batch=bs)
             torch.testing.assert_close(p.double(), full[bs, :, rs], rtol=1e-5, atol=1e-6)
             assert p.numel() * 8 <= max(budget, 3 * 11 * 8)  # within the budget, or one row of one image
 
@@ -148,9 +154,11 @@ def test_probabilities_stay_float32_under_bf16_autocast():
     q, k = _qk(t=17, d=16)
     q, k = q.bfloat16(), k.bfloat16()
     exact = torch.softmax(q.double() @ k.double().transpose(-1, -2) * 0.25, -1)
+    attn = LayerAttention(q=q, k=k, scale=0.25)
     for workspace in (None, Workspace()):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            p = LayerAttention(q=q, k=k, scale=0.25).probs(slice(2, 9), workspace=workspace)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the record's plain probabilities, the engine's blocks
+            p = attn.probs(slice(2, 9)) if workspace is None else LayerBlocks(attn, workspace).block(
+                slice(2, 9), workspace=workspace)[1]
         assert p.dtype == torch.float32
         # float32 maths on the bf16 inputs: 1e-6, where a bf16 matmul would be off by ~1e-3
         torch.testing.assert_close(p.double(), exact[:, :, 2:9], rtol=0, atol=2e-6)
@@ -169,15 +177,26 @@ def test_blockwise_mad_equals_the_full_matrix_computation(block_mb, options):
         torch.testing.assert_close(got[:, layer], want, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_mad_row_sum_equals_its_row_values():
+@pytest.mark.parametrize("options", [{}, {"renormalize": True}, {"queries": "cls"}, {"units": "fraction"}], ids=str)
+def test_mad_row_sum_of_a_block_equals_its_rows_one_by_one(options):
+    # MAD may answer a block with its rows' sum in one matrix-vector product (a row axis of 1); a block of
+    # one row is that row's value: the sum of each block must equal its rows one by one, whichever block
+    # they are in (each block reads the distance rows of its own queries)
     lay = pk.TokenLayout(num_prefix=2, grid=(3, 5), patch_size=(8, 6))
     probs = torch.softmax(torch.randn(2, 3, lay.num_tokens, lay.num_tokens) * 3, -1)
-    for queries in ("patches", "cls"):
-        m = MAD(queries=queries)
-        rows = m.query_rows(lay)
-        for s in row_blocks(rows.start, rows.stop, 2, 3, lay.num_tokens, 2 * 3 * lay.num_tokens * 8 * 4):
-            block = probs[:, :, s]
-            torch.testing.assert_close(m.row_sum(block, lay, s), m.row_values(block, lay, s).sum(2))
+    m = MAD(**options)
+    rows = query_span(m, lay)
+    assert rows == (slice(0, 1) if options.get("queries") == "cls" else slice(2, lay.num_tokens))
+    each = torch.stack([row_sum(m, Block(rows=slice(r, r + 1), layout=lay, probs=probs[:, :, r : r + 1]))
+                        for r in range(rows.start, rows.stop)], 2)  # [B, H, R]
+    if not options:  # each row's value by the book: sum_k A[q, k] d(q, k) over the patch keys
+        torch.testing.assert_close(each, (probs[:, :, 2:, 2:] * lay.pixel_distances()).sum(-1))
+    blocks = list(row_blocks(rows.start, rows.stop, 2, 3, lay.num_tokens, 2 * 3 * lay.num_tokens * 8 * 4))
+    assert len(blocks) == (1 if options.get("queries") == "cls" else 4)  # 15 patch rows: 4, 4, 4, 3
+    for s in blocks:
+        want = each[:, :, s.start - rows.start : s.stop - rows.start].sum(2)
+        torch.testing.assert_close(row_sum(m, Block(rows=s, layout=lay, probs=probs[:, :, s])), want)
+    torch.testing.assert_close(m.compute(probs, lay), each.mean(2))
 
 
 def test_results_do_not_depend_on_batch_size():
@@ -198,11 +217,11 @@ class _DtypeSpy(pk.Metric):
     """Records the dtype of what the engine hands to row-wise metrics."""
 
     name = "dtype_spy"
-    requires_global_attention = False
+    requires = ()
 
-    def row_values(self, probs, layout, rows):
-        self.__dict__.setdefault("seen", set()).add(probs.dtype)
-        return probs.sum(-1)
+    def row_values(self, block):
+        self.__dict__.setdefault("seen", set()).add(block.probs.dtype)
+        return block.probs.sum(-1)
 
 
 def test_bf16_compute_keeps_float32_probabilities_and_close_values():
@@ -225,18 +244,18 @@ class _Watch(MetricSink):
     """A sink that counts, at each layer, the live tensors as large as one layer's attention."""
 
     def attention(self, layer, attn):
-        super().attention(layer, attn)
+        out = super().attention(layer, attn)
         b, h, t = attn.shape
-        own = {id(attn._kt), id(attn._qs)}  # this layer's k^T and q: [B, H, T, d], by design
-        big = 0
+        big = 0  # (the layer's float32 copies of q and k live in the workspace's buffers, [B, H, T, d])
         for o in gc.get_objects():  # attention-shaped: [..., T] with half a layer's elements or more
-            if (type(o) is torch.Tensor and id(o) not in own and o.dim() >= 2 and o.shape[-1] == t
+            if (type(o) is torch.Tensor and o.dim() >= 2 and o.shape[-1] == t
                     and o.numel() >= b * h * t * t // 2):
                 big += 1
         self.__dict__.setdefault("big", []).append(big)
         copies = sum(self.workspace._buffers[n].numel() * 4 for n in ("q", "k", "v") if n in self.workspace._buffers)
         self.__dict__.setdefault("workspace_bytes", []).append(self.workspace.nbytes - copies)
         self.__dict__.setdefault("copy_bytes", []).append(copies)
+        return out
 
 
 def _watch_run(depth: int, block_mb: float):
@@ -275,7 +294,7 @@ def test_a_full_layer_of_attention_is_visible_to_the_watch():
     class Hoarder(_Watch):
         def attention(self, layer, attn):
             self.__dict__.setdefault("kept", []).append(attn.probs())
-            super().attention(layer, attn)
+            return super().attention(layer, attn)
 
     pm, x = _model(depth=4), _images(n=4)
     sink = Hoarder(build_metrics(["mad"]), block_mb=0.02)
@@ -286,19 +305,15 @@ def test_a_full_layer_of_attention_is_visible_to_the_watch():
 
 
 class _LogitSpy(pk.Metric):
-    """A metric that asks for logits and checks them against the probabilities it is given."""
+    """A metric that reads the block's logits and checks them against the probabilities it is given."""
 
     name = "logit_spy"
-    requires_global_attention = False
-    uses_logits = True
+    requires = ()
 
-    def row_values(self, probs, layout, rows):
-        return probs.sum(-1)
-
-    def row_sum(self, probs, layout, rows, logits=None):
+    def row_values(self, block):
         seen = self.__dict__.setdefault("seen", [])
-        seen.append(None if logits is None else (logits.clone(), probs.clone(), rows))
-        return super().row_sum(probs, layout, rows)
+        seen.append(None if block.logits is None else (block.logits.clone(), block.probs.clone(), block.rows))
+        return block.probs.sum(-1)
 
 
 def test_metrics_that_ask_for_logits_get_the_softmax_inputs():
@@ -324,10 +339,12 @@ def test_probabilities_keep_gradients_outside_the_engine():
     assert q.grad is not None and q.grad[:, :, 1:].abs().sum() > 0 and q.grad[:, :, 0].abs().sum() == 0
 
 
+@pytest.mark.parametrize("row_terms", ["auto", "torch", "none"])
 @pytest.mark.parametrize("sharpness", [0.1, 5.0, 40.0])
 @pytest.mark.parametrize("masked", [False, True])
-def test_entropy_from_logits_equals_the_float64_formula(sharpness, masked):
-    # the engine hands entropy its logits (no log per element); sharp heads and masked keys
+def test_entropy_from_logits_equals_the_float64_formula(sharpness, masked, row_terms):
+    # the engine hands entropy its per-row sums (row_terms "auto": the C row kernel's where it built;
+    # "torch": PyTorch's) or its logits ("none"), never a log per element; sharp heads and masked keys
     # (-inf logits, where the dot product is undefined) must still give the direct value
     lay = pk.TokenLayout(num_prefix=1, grid=(5, 6), patch_size=14)
     t = lay.num_tokens
@@ -340,8 +357,7 @@ def test_entropy_from_logits_equals_the_float64_formula(sharpness, masked):
     a = p / p.sum(-1, keepdim=True)
     exact = (-torch.special.xlogy(a, a).sum(-1)).mean(-1)
     for options in ({}, {"normalized": True}):
-        sink = MetricSink(build_metrics([("entropy", options)]), block_mb=0.001)
-        assert sink.metrics[0].uses_logits
+        sink = MetricSink(build_metrics([("entropy", options)]), block_mb=0.001, row_terms=row_terms)
         sink.start(lay)
         sink.attention(0, LayerAttention(q=q, k=k, scale=0.35, bias=bias))
         want = exact / torch.log(torch.tensor(30.0, dtype=torch.float64)) if options else exact

@@ -12,7 +12,7 @@ import probekit as pk
 from probekit.errors import LayoutError, UnsupportedArchitectureError
 from probekit.geometry import LayerGeometry, ModelGeometry
 from probekit.engine.probe import MetricSink, build_metrics
-from probekit_tests_helpers import block, layer_value, mean_pair_distance, uniform
+from probekit_tests_helpers import block, layer_value, mean_pair_distance, uniform, window_sums
 
 
 # -- closed forms ------------------------------------------------------------------------------
@@ -34,7 +34,7 @@ def test_uniform_attention_in_a_shifted_window_at_the_image_border():
     # roll; Swin's mask keeps each query in its region, so uniform attention is uniform per region
     geo = LayerGeometry.windows(grid=(56, 56), stride=4, window=7, shift=3)
     m = build_metrics(["mad"])[0]
-    per_window = m.window_sum(uniform(geo, 1), geo, torch.arange(geo.groups))[:, 0] / 49
+    per_window = window_sums(m, geo, uniform(geo, 1))[:, 0] / 49
     corner = sum(a * b * mean_pair_distance(block(a, b), block(a, b), 4.0) for a in (4, 3) for b in (4, 3)) / 49
     assert per_window[-1].item() == pytest.approx(corner, rel=1e-5)
     # a border window on the right (first band row): 7x4 and 7x3 regions

@@ -96,7 +96,7 @@ def test_cka_cls_pool_refuses_a_layer_without_the_class_token():
     res = pk.probe(pm, x, metrics=[{"cka": {"pool": "cls"}}], batch_size=4, layers=[2, 3])
     assert cka_of(res).shape == (2, 2)
     swin = build("swin")  # no class token anywhere: refused before the forward pass
-    with pytest.raises(ConfigError, match="but this model outputs 0 prefix"):
+    with pytest.raises(UnsupportedArchitectureError, match="needs a class token, but this model.s input has no class"):
         pk.probe(swin, swin.example_input(4), metrics=[{"cka": {"pool": "cls"}}], batch_size=4)
 
 

@@ -106,8 +106,9 @@ class _Counting(MetricSink):
     produced = 0
 
     def attention(self, layer, attn):
-        super().attention(layer, attn)
-        self.produced += attn.output is not None
+        out = super().attention(layer, attn)
+        self.produced += out is not None
+        return out
 
 
 @pytest.mark.parametrize("length", list(LENGTHS))
@@ -193,8 +194,9 @@ def test_autocast_output_has_the_dtype_the_model_expects():
 
     class Keep(MetricSink):
         def attention(self, layer, attn):
-            super().attention(layer, attn)
-            dtypes.append(attn.output.dtype)
+            out = super().attention(layer, attn)
+            dtypes.append(out.dtype)
+            return out
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _run(pm, x, Keep(build_metrics(["mad"]), attention_pass="fused"))

@@ -19,6 +19,8 @@ from probekit.attention import LayerAttention
 from probekit.errors import LayoutError
 from probekit.metric.patch_keys import patch_entropy, patch_rows
 from probekit.engine.probe import MetricSink
+from probekit.engine.rows import row_sum
+from probekit.metric import Block
 
 LAY = pk.TokenLayout(num_prefix=1, grid=(4, 5), patch_size=(16, 16))
 NO_PREFIX = pk.TokenLayout(num_prefix=0, grid=(4, 5), patch_size=(16, 16))
@@ -99,7 +101,7 @@ def test_cls_index_lives_on_the_token_layout():
 
 def _terms_at(gap: float):
     """The fused kernel's per-row sums, computed here in float32 from the all-key logits."""
-    from probekit.engine.kernels.terms import RowTerms
+    from probekit.metric.terms import RowTerms
 
     zp = _patch_logits(seed=4, b=1, h=2)
     z = _with_cls(zp, gap).float()
@@ -116,13 +118,14 @@ def test_kernel_sums_are_used_only_where_the_patch_mass_survived(gap):
     z, p, terms = _terms_at(gap)
     rows = slice(LAY.num_prefix, LAY.num_tokens)
     ent = pk.metrics.get("entropy")()
-    got = ent.kernel_row_sum(terms, LAY, rows)
+    got = row_sum(ent, Block(rows=rows, layout=LAY, terms=terms.rows(rows)))
     if gap > 30:
         assert got is None
-        assert pk.metrics.get("mad")(renormalize=True).kernel_row_sum(
-            replace(terms, dist_px=p[..., 1:].sum(-1)), LAY, rows) is None
+        mad_terms = replace(terms, dist_px=p[..., 1:].sum(-1)).rows(rows)
+        assert pk.metrics.get("mad")(renormalize=True).row_values(Block(rows=rows, layout=LAY, terms=mad_terms)) is None
     else:
-        torch.testing.assert_close(got, ent.row_sum(p[:, :, rows], LAY, rows, logits=z[:, :, rows]), rtol=1e-4, atol=1e-4)
+        want = row_sum(ent, Block(rows=rows, layout=LAY, probs=p[:, :, rows], logits=z[:, :, rows]))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 

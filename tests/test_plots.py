@@ -209,16 +209,16 @@ def test_plugin_metric_axis_reads_its_display_name_and_draws_its_reference():
         unit = "share"
         power: int = 1
 
-        def row_values(self, probs, layout, rows):
-            return probs[..., layout.num_prefix :].mean(-1) ** self.power
+        def row_values(self, block):
+            return block.patch_rows().mean(-1) ** self.power
 
-        def reference_value(self, layout):
-            return 1 / layout.num_tokens
+        def reference_value(self, layer):
+            return 1 / layer.num_tokens
 
     pk.metrics.register(Spread)
     try:
         m = Spread(power=2)
-        res = _one_metric(m.label, {"name": m.name, "options": m.options(), "unit": m.value_unit()})
+        res = _one_metric(m.label, {"name": m.name, "options": m.options(), "unit": m.unit})
         _, axes = plots.depth_profile(res, m.label)
         assert axes[0].get_ylabel() == "attention spread [power=2] (share)"
         (line,) = _dashed(axes[0])

@@ -36,8 +36,8 @@ PLUGIN_SRC = """
         '''Largest attention probability per head, averaged over query patches.'''
         name = "demo_peak"
         description = "largest attention probability of each query row"
-        def row_values(self, probs, layout, rows):
-            return probs.amax(-1)
+        def row_values(self, block):
+            return block.probs.amax(-1)
 
     class DemoAdapter(pk.Adapter):
         name = "demo"
@@ -157,8 +157,8 @@ def test_entry_point_name_must_be_the_class_name(site):
 
     class Gini(Metric):
         name = "attn_gini"
-        def row_values(self, probs, layout, rows):
-            return probs.amax(-1)
+        def row_values(self, block):
+            return block.probs.amax(-1)
     """
     _make_dist(site, "probekit-gini", "demo_gini", src, {"probekit.metrics": {"gini": "demo_gini:Gini"}})
     reg = Registry("metric", "probekit.metrics", _validate_metric)

@@ -273,11 +273,11 @@ def test_a_plugin_metric_shows_its_own_name_unit_and_reference(tmp_path, run_fil
         display_name = "peak attention"
         unit = "probability"
 
-        def row_values(self, probs, layout, rows):
-            return probs.max(-1).values
+        def row_values(self, block):
+            return block.probs.max(-1).values
 
-        def reference_value(self, layout):
-            return 1.0 / (layout.num_prefix + layout.grid[0] * layout.grid[1])  # uniform attention's peak
+        def reference_value(self, layer):
+            return 1.0 / (layer.num_prefix + layer.grid[0] * layer.grid[1])  # uniform attention's peak
 
     pk.metrics.register(PeakAttention)
     try:

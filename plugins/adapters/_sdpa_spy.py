@@ -95,9 +95,7 @@ def attention_report(sink: Sink, layer: int) -> Report:
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = None if v is None else v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         s = float(scale) if scale is not None else q.shape[-1] ** -0.5
-        attn = LayerAttention(q=q, k=k, scale=s, bias=bias, v=v, out_dtype=sdpa_dtype(q))
-        sink.attention(layer, attn)
-        return attn.output
+        return sink.attention(layer, LayerAttention(q=q, k=k, scale=s, bias=bias, v=v, out_dtype=sdpa_dtype(q)))
 
     return report
 

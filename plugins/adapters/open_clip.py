@@ -111,13 +111,11 @@ def _watch_mha(mha: nn.MultiheadAttention, sink: Sink, layer: int):
         call = {**dict(zip(_MHA_ARGS, args, strict=False)), **kwargs}  # some positionals, the rest as keywords
         fusable = (not call.get("need_weights", True) and not call.get("is_causal", False)
                    and not (mha.training and mha.dropout > 0))
-        attn = mha_qk(mha, args, kwargs, with_v=fusable)
-        sink.attention(layer, attn)
-        if attn.output is None:
+        made = sink.attention(layer, mha_qk(mha, args, kwargs, with_v=fusable))
+        if made is None:
             return type(mha).forward(mha, *args, **kwargs)
-        b, _, t, _ = attn.output.shape
-        out = F.linear(attn.output.transpose(1, 2).reshape(b, t, mha.embed_dim), mha.out_proj.weight,
-                       mha.out_proj.bias)
+        b, _, t, _ = made.shape
+        out = F.linear(made.transpose(1, 2).reshape(b, t, mha.embed_dim), mha.out_proj.weight, mha.out_proj.bias)
         return (out if mha.batch_first else out.transpose(0, 1)), None
 
     mha.forward = forward  # type: ignore[method-assign]  # an instance attribute for the tap; _Restore pops it

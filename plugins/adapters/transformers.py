@@ -21,6 +21,7 @@ live in ``_hf_families.py``; loading is in ``_hf_loading.py``, preprocessing in 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -59,7 +60,7 @@ ATTN_IMPLEMENTATION = "probekit_sdpa"
 # ------------------------------------------------------------------------------------------------
 # the attention function: real SDPA, plus a report to the taps registered on the calling module
 
-_TAPS: dict[nn.Module, list[Callable[[LayerAttention], None]]] = {}  # attention module -> reporters
+_TAPS: dict[nn.Module, list[Callable[[LayerAttention], torch.Tensor | None]]] = {}  # attention module -> reporters
 
 
 def _probekit_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -84,12 +85,13 @@ def _probekit_sdpa(module, query, key, value, attention_mask, dropout=0.0, scali
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         attn = LayerAttention(q=query, k=k, scale=scale, bias=bias, v=v if fusable else None,
                               out_dtype=sdpa_dtype(query))
+        output = None
         for report in reporters:
-            report(attn)
-            if attn.output is not None:  # one sink produced it; others only read
-                attn.v = None
-        if attn.output is not None:
-            return attn.output.transpose(1, 2), None
+            made = report(attn)
+            if made is not None:  # one sink produced it; the others only read
+                output, attn = made, dataclasses.replace(attn, v=None)
+        if output is not None:
+            return output.transpose(1, 2), None
         del attn
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)

@@ -10,8 +10,8 @@ import torch
 from pydantic import AfterValidator, Field
 
 from probekit.geometry import ChannelAttention, LayerGeometry
-from probekit.metric import Metric
-from probekit.metric.patch_keys import patch_mass_is_safe, patch_rows, visible_rows
+from probekit.metric import Block, Metric
+from probekit.metric.patch_keys import patch_mass_is_safe
 from probekit.tokens import TokenLayout
 
 Units = Literal["px", "patch", "fraction"]
@@ -71,30 +71,29 @@ class MeanAttentionDistance(Metric):
     units: Units = "px"
     queries: Literal["patches", "cls"] = "patches"
     kernel_terms = frozenset({"dist", "patch_mass"})
+    query_tokens = property(lambda self: self.queries)
+    unit = property(lambda self: {"px": "px", "patch": "patches", "fraction": "fraction of grid"}[self.units])
 
-    def query_rows(self, layout: TokenLayout) -> slice:
-        if self.queries == "cls":
-            i = layout.cls_index(f"metric {self.name!r}")
-            return slice(i, i + 1)
-        return super().query_rows(layout)
+    def reference_value(self, layer: TokenLayout | LayerGeometry) -> float | None:
+        """MAD of uniform attention over every token: the "no locality" level.
 
-    def value_unit(self) -> str:
-        return {"px": "px", "patch": "patches", "fraction": "fraction of grid"}[self.units]
-
-    def reference_value(self, layout: TokenLayout) -> float:
-        """MAD of uniform attention over every token for ``layout``: the "no locality" level.
-
-        Uniform attention gives each of the ``N + prefix`` keys ``1 / (N + prefix)``, so MAD is
-        the mean pairwise distance of the ``N`` grid positions (self included, patch size applied
-        per axis) times ``N / (N + prefix)``; with ``renormalize`` the prefix mass is dropped.
-        For CLS queries: the mean distance of the patches from the image centre.
+        On a global ``layer`` (a :class:`TokenLayout`), uniform attention gives each of the
+        ``N + prefix`` keys ``1 / (N + prefix)``, so MAD is the mean pairwise distance of the ``N``
+        grid positions (self included, patch size applied per axis) times ``N / (N + prefix)``;
+        with ``renormalize`` the prefix mass is dropped. For CLS queries: the mean distance of the
+        patches from the image centre. On a windowed, pooled or staged layer: :func:`uniform_mad`,
+        with the default ``queries`` and ``renormalize`` (None otherwise, and for channel attention).
 
         >>> lay = TokenLayout(num_prefix=0, grid=(14, 14), patch_size=(16, 16))
         >>> round(MeanAttentionDistance().reference_value(lay), 2)
         116.49
         """
-        h, w = layout.grid
-        ph, pw = layout.patch_size if self.units == "px" else (1, 1)
+        if not isinstance(layer, TokenLayout):
+            if self.renormalize or self.queries != "patches" or isinstance(layer, ChannelAttention):
+                return None
+            return uniform_mad(layer, self.units)
+        h, w = layer.grid
+        ph, pw = layer.patch_size if self.units == "px" else (1, 1)
         ys, xs = np.divmod(np.arange(h * w), w)
         if self.queries == "cls":
             dy, dx = (ys - (h - 1) / 2) * float(ph), (xs - (w - 1) / 2) * float(pw)
@@ -105,79 +104,56 @@ class MeanAttentionDistance(Metric):
         if self.units == "fraction":
             mean /= max(max(h, w) - 1, 1)
         n = h * w
-        return mean if self.renormalize else mean * n / (n + layout.num_prefix)
+        return mean if self.renormalize else mean * n / (n + layer.num_prefix)
 
-    def geometry_reference(self, layer: LayerGeometry) -> float | None:
-        """The uniform-attention MAD of a windowed, pooled or staged layer (:func:`uniform_mad`), with
-        the default ``queries`` and ``renormalize``; None otherwise, and for channel attention."""
-        if self.renormalize or self.queries != "patches" or isinstance(layer, ChannelAttention):
-            return None
-        return uniform_mad(layer, self.units)
+    def row_values(self, block: Block) -> torch.Tensor | None:
+        """``sum_k A[q, k] d(q, k)`` over the patch keys of each query row ``q``.
 
-    def geometry_queries(self) -> str:
-        return "cls" if self.queries == "cls" else "patches"
-
-    def requirements(self) -> tuple[str, ...]:
-        return super().requirements() + (("cls",) if self.queries == "cls" else ())
-
-    def window_sum(self, probs: torch.Tensor, geometry, groups: torch.Tensor, **kw) -> torch.Tensor:
-        """Windowed/pooled layers: ``sum_q sum_k A[q, k] d(q, k)`` over each group's queries and the
-        patch keys each query sees (distances in the original image frame, :mod:`probekit.geometry`)."""
-        d = geometry.cached(("mad", self.units, self.queries, str(probs.device)), lambda: (
-            geometry.distances(self.units, probs.device) * geometry.visible_patch_keys(probs.device)
-            * geometry.query_mask(self.geometry_queries()).to(probs.device)[..., None]))
-        if not self.renormalize:
-            return torch.einsum("nhqk,nqk->nh", probs, d[groups])
-        a = visible_rows(probs, geometry.visible_patch_keys(probs.device)[groups][:, None], kw.get("logits"))
-        return torch.einsum("nhqk,nqk->nh", a, d[groups])
-
-    def _distance_rows(self, layout: TokenLayout, rows: slice, device) -> torch.Tensor:
-        p = layout.num_prefix
-        if self.queries == "cls":
-            return _centre_distances(layout, self.units, device)[None]
-        return _patch_distances(layout, self.units, device)[rows.start - p : rows.stop - p]
-
-    uses_logits = property(lambda self: self.renormalize)  # renormalized rows from the patch logits
-
-    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice, logits=None) -> torch.Tensor:
-        a = patch_rows(probs, layout, logits) if self.renormalize else probs[..., layout.num_prefix :]
-        d = self._distance_rows(layout, rows, probs.device)
-        return torch.einsum("bhrn,rn->bhr", a, d)
-
-    def row_sum(self, probs: torch.Tensor, layout: TokenLayout, rows: slice, logits=None) -> torch.Tensor:
-        """Sum over the block's rows in one pass: ``<probs[b, h], D_rows>`` as one matrix-vector product.
-
-        Without renormalization, the sum over rows and keys of ``A[q, k] d(q, k)`` is a dot of
-        the whole ``[R, T]`` block with the distance rows, zero-padded on the prefix keys:
-        no slice, no temporary, one read of the probabilities.
+        From the kernels' per-row distance sums where the block has them (not for CLS queries,
+        whose distances from the image centre are no kernel term; with ``renormalize`` divided by
+        the patch mass while it has digits to spare); on windowed and pooled layers over the patch
+        keys each query sees, distances in the original image frame (:mod:`probekit.geometry`);
+        else the rows' sum in one matrix-vector product over the block (the prefix keys' distances
+        padded with 0): a row axis of length 1.
         """
+        if block.terms is not None:
+            if self.queries == "cls":
+                return None
+            v = _kernel_distances(block.terms, self.units, block.layout)
+            if self.renormalize:
+                if not patch_mass_is_safe(block.terms.patch_mass):
+                    return None  # patch-key probabilities underflowed: ask again with the logits
+                v = v / block.terms.patch_mass
+            return v
+        probs = block.probs
+        assert probs is not None
+        if block.geometry is not None:
+            geo = block.geometry
+            d = geo.cached(("mad", self.units, str(probs.device)), lambda: (
+                geo.distances(self.units, probs.device) * geo.visible_patch_keys(probs.device)))
+            return torch.einsum("nhqk,nqk->nhq", block.patch_rows(self.renormalize), d[block.groups])
+        layout = block.layout
+        assert layout is not None
+        q0 = query_span_start(layout, self.queries)
+        d = _padded_distances(layout, self.units, self.queries, str(probs.device))[block.rows.start - q0:
+                                                                                   block.rows.stop - q0]
         if self.renormalize:
-            return super().row_sum(probs, layout, rows, logits)
+            return torch.einsum("bhrn,rn->bhr", block.patch_rows(True), d[:, layout.num_prefix:])
+        # the rows' sum in one pass (a row axis of 1): <probs[b, h], D_rows> as one matrix-vector product
         b, h, r, t = probs.shape
-        d = self._padded_rows(layout, probs.device)
-        q0 = self.query_rows(layout).start
-        d = d[rows.start - q0 : rows.stop - q0].reshape(-1)
-        return torch.mv(probs.reshape(b * h, r * t), d).view(b, h)
-
-    def _padded_rows(self, layout: TokenLayout, device) -> torch.Tensor:
-        """Distances of all query rows to all T keys, zero on prefix keys, ``[R, T]`` (cached)."""
-        return _padded_distances(layout, self.units, self.queries, str(device))
-
-    def kernel_row_sum(self, terms, layout: TokenLayout, rows: slice) -> torch.Tensor | None:
-        if self.queries == "cls":  # distances from the image centre: not a kernel term
-            return None
-        v = _kernel_distances(terms, layout, self.units)[..., rows]
-        if self.renormalize:
-            if not patch_mass_is_safe(terms.patch_mass[..., rows]):
-                return None  # patch-key probabilities underflowed: the blocked path renormalizes from logits
-            v = v / terms.patch_mass[..., rows]
-        return v.sum(-1)
+        return torch.mv(probs.reshape(b * h, r * t), d.reshape(-1)).view(b, h, 1)
 
 
-def _kernel_distances(terms, layout: TokenLayout, units: str) -> torch.Tensor:
+def query_span_start(layout: TokenLayout, queries: str) -> int:
+    """The first query row of MAD's ``queries`` in ``layout``."""
+    return layout.cls_index("metric 'mad'") if queries == "cls" else layout.num_prefix
+
+
+def _kernel_distances(terms, units: str, layout: TokenLayout | None) -> torch.Tensor:
     """The kernel's per-row ``sum_k p d`` in ``units`` (it sums pixel and grid-step distances)."""
     if units == "px":
         return terms.dist_px
+    assert layout is not None
     return terms.dist_grid / max(max(layout.grid) - 1, 1) if units == "fraction" else terms.dist_grid
 
 
@@ -282,49 +258,36 @@ class DistanceProfile(Metric):
             step = (f, f)
         return step, tuple(e * e for e in self.edges)
 
-    def kernel_row_sum(self, terms, layout: TokenLayout, rows: slice) -> torch.Tensor | None:
-        if terms.hist is None or terms.hist_spec != self.kernel_histogram(layout):
-            return None  # the kernel ran another metric's bins
-        v = terms.hist[:, :, rows]
-        if self.renormalize:
-            if not patch_mass_is_safe(terms.patch_mass[:, :, rows]):
-                return None  # patch-key probabilities underflowed: the blocked path renormalizes from logits
-            v = v / terms.patch_mass[:, :, rows, None]
-        return v.sum(2)
+    def row_values(self, block: Block) -> torch.Tensor | None:
+        """Each query row's attention mass per distance bin, ``[n, H, R, bins]``.
 
-    uses_logits = property(lambda self: self.renormalize)  # renormalized rows from the patch logits
-
-    def _block(self, probs: torch.Tensor, layout: TokenLayout, rows: slice, logits=None):
-        """Patch-key rows and the one-hot bin of each (query, key) pair, ``[R, N, bins]``."""
-        a = patch_rows(probs, layout, logits) if self.renormalize else probs[..., layout.num_prefix :]
+        From the kernels' per-row histogram where it was made with these bins; on windowed and
+        pooled layers over the patch keys each query sees; else one product of the block's patch-key
+        rows with the one-hot bin of every (query, key) pair.
+        """
+        if block.terms is not None:
+            t = block.terms
+            if t.hist is None or block.layout is None or t.hist_spec != self.kernel_histogram(block.layout):
+                return None  # the kernel ran another metric's bins
+            if not self.renormalize:
+                return t.hist
+            if not patch_mass_is_safe(t.patch_mass):
+                return None  # patch-key probabilities underflowed: ask again with the logits
+            return t.hist / t.patch_mass[..., None]
+        a = block.patch_rows(self.renormalize)
+        if block.geometry is not None:
+            geo = block.geometry
+            idx = geo.cached(("bins", self.units, self.edges, str(a.device)), lambda: _bins(
+                geo.distances(self.units, dtype=torch.float64), self.edges).to(a.device))[block.groups]
+            n, h, r, k = a.shape
+            out = a.new_zeros(n, h, r, len(self.edges))
+            return out.scatter_add_(3, idx[:, None].expand(n, h, r, k), a)
+        layout = block.layout
+        assert layout is not None
         p = layout.num_prefix
-        idx = _bin_index(layout.grid, layout.patch_size, self.units, self.edges, str(probs.device))
-        onehot = torch.nn.functional.one_hot(idx[rows.start - p : rows.stop - p], len(self.edges))
-        return a, onehot.to(a.dtype)
-
-    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice, logits=None) -> torch.Tensor:
-        a, onehot = self._block(probs, layout, rows, logits)
-        return torch.einsum("bhrn,rnk->bhrk", a, onehot)
-
-    def window_sum(self, probs: torch.Tensor, geometry, groups: torch.Tensor, **kw) -> torch.Tensor:
-        """Windowed/pooled layers: each group's attention mass per distance bin, summed over its queries."""
-        keys = geometry.visible_patch_keys(probs.device)
-        idx = geometry.cached(("bins", self.units, self.edges, str(probs.device)), lambda: _bins(
-            geometry.distances(self.units, dtype=torch.float64), self.edges).to(probs.device))
-        q = geometry.query_mask().to(probs.device, probs.dtype)
-        w = probs * keys[groups][:, None]
-        if self.renormalize:
-            w = visible_rows(probs, keys[groups][:, None], kw.get("logits"))
-        w = w * q[groups][:, None, :, None]
-        n, h = w.shape[:2]
-        out = w.new_zeros(n, h, len(self.edges))
-        return out.scatter_add_(2, idx[groups][:, None].expand_as(w).reshape(n, h, -1), w.reshape(n, h, -1))
-
-    def row_sum(self, probs: torch.Tensor, layout: TokenLayout, rows: slice, logits=None) -> torch.Tensor:
-        """The block's rows summed in one matrix product (the one-hot is built per block, not cached)."""
-        a, onehot = self._block(probs, layout, rows, logits)
-        b, h, r, n = a.shape
-        return (a.reshape(b * h, r * n) @ onehot.reshape(r * n, -1)).view(b, h, -1)
+        idx = _bin_index(layout.grid, layout.patch_size, self.units, self.edges, str(a.device))
+        onehot = torch.nn.functional.one_hot(idx[block.rows.start - p : block.rows.stop - p], len(self.edges))
+        return torch.einsum("bhrn,rnk->bhrk", a, onehot.to(a.dtype))
 
 
 @lru_cache(maxsize=16)

@@ -7,8 +7,8 @@ import math
 import torch
 
 from probekit.attention import row_dot
-from probekit.metric import Metric
-from probekit.metric.patch_keys import log_partition, patch_entropy, patch_mass_is_safe, row_entropy, visible_rows
+from probekit.metric import Block, Metric
+from probekit.metric.patch_keys import log_partition, patch_entropy, patch_mass_is_safe, row_entropy
 from probekit.tokens import TokenLayout
 
 
@@ -41,74 +41,59 @@ class AttentionEntropy(Metric):
     name = "entropy"
     display_name = "attention entropy"
     requires = ()  # windowed layers: the entropy over the patch keys each query sees
-    uses_logits = True  # the renormalized rows are the softmax of the patch-key logits (no underflow)
     kernel_terms = frozenset({"lse", "patch_mass", "patch_logit"})
     description = "entropy of attention over patch keys (nats; rows renormalized), mean over query patches"
     citation = "Zhai et al. 2023, Stabilizing Transformer Training by Preventing Attention Entropy Collapse"
-    unit = "nats"
 
     normalized: bool = False
+    unit = property(lambda self: "fraction of ln N" if self.normalized else "nats")
 
-    def value_unit(self) -> str:
-        return "fraction of ln N" if self.normalized else "nats"
-
-    def reference_value(self, layout: TokenLayout) -> float:
+    def reference_value(self, layer) -> float | None:
         """Entropy of uniform attention over the patch keys: ``ln N`` (1 when normalized), the maximum."""
-        return 1.0 if self.normalized else math.log(layout.num_patches)
+        if not isinstance(layer, TokenLayout):
+            return None
+        return 1.0 if self.normalized else math.log(layer.num_patches)
 
-    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice, logits=None) -> torch.Tensor:
-        """``H_q`` per query row; from the patch-key logits when the engine hands them over.
-
-        The renormalized row is the softmax of the patch-key logits alone, so the entropy is
-        exact however much mass the head puts on prefix tokens (:func:`~probekit.metric.patch_keys.patch_entropy`);
-        from probabilities alone (ONNX taps) the patch mass is divided out, which fails once it
-        underflows float32.
-        """
-        h = patch_entropy(probs, layout, logits)
-        if self.normalized:
-            h = h / max(math.log(layout.num_patches), torch.finfo(h.dtype).tiny)
-        return h
-
-    def window_sum(self, probs: torch.Tensor, geometry, groups: torch.Tensor, **kw) -> torch.Tensor:
-        """Windowed/pooled layers: ``H_q`` over the patch keys each query sees (normalized: by the ln
-        of their count, per query), summed over each group's queries."""
-        keys = geometry.visible_patch_keys(probs.device)[groups][:, None]
-        h = row_entropy(visible_rows(probs, keys, kw.get("logits")))  # from the logits where the tap has them
-        if self.normalized:
-            h = h / keys.sum(-1).log().clamp_min(torch.finfo(h.dtype).tiny)
-        return (h * geometry.query_mask().to(probs.device, h.dtype)[groups][:, None]).sum(-1)
-
-    def row_sum(self, probs: torch.Tensor, layout: TokenLayout, rows: slice, logits=None) -> torch.Tensor:
-        """Sum over the block's rows of ``H_q``, from the logits when the engine hands them over.
+    def row_values(self, block: Block) -> torch.Tensor | None:
+        """``H_q`` per query row, over the patch keys, from the cheapest exact form the block allows.
 
         With ``p = softmax(z)`` over all keys and ``s`` the mass on patch keys, the renormalized
-        row ``a = p / s`` has ``ln a = z - lse - ln s``, so ``H = lse + ln s - <p, z>_patch / s``,
-        where ``lse = z_k - ln p_k`` for any key ``k`` (a softmax identity:
-        :func:`~probekit.metric.patch_keys.log_partition`). One dot product per row instead of a
-        logarithm per element; within 1e-6 of float64 on sharp heads. The engine makes the same
-        sums next to the softmax (:mod:`probekit.engine.kernels.block_terms`, through :meth:`kernel_row_sum`);
-        this is the path for callers that hand over finished blocks. Masked keys
-        (``z = -inf``) make the dot product undefined, and a head that parks nearly all its mass
-        on prefix tokens underflows the patch probabilities: those blocks take the softmax of
-        the patch-key logits (:func:`~probekit.metric.patch_keys.patch_entropy`), exact at any gap.
+        row ``a = p / s`` has ``ln a = z - lse - ln s``, so ``H = lse + ln s - <p, z>_patch / s``:
+        one dot product per row instead of a logarithm per element, within 1e-6 of float64 on
+        sharp heads. The kernels make those three sums next to the softmax (``block.terms``); from
+        a block's probabilities and logits they cost one pass (:func:`~probekit.attention.row_dot`;
+        ``lse`` by :func:`~probekit.metric.patch_keys.log_partition`). Where that identity is not
+        safe (masked keys make the dot product undefined; a head that parks nearly all its mass on
+        prefix tokens underflows the patch probabilities) the entropy of the softmax of the
+        patch-key logits (:func:`~probekit.metric.patch_keys.patch_entropy`), exact at any gap;
+        from probabilities alone (ONNX taps) the patch mass is divided out, exact while it has
+        digits to spare. Windowed and pooled layers: the patch keys each query sees, normalized by
+        the ln of their count.
         """
-        if logits is None:
-            return super().row_sum(probs, layout, rows)
-        n0 = layout.num_prefix
-        pz = row_dot(probs, logits, n0)
-        h = self._from_sums(log_partition(probs, logits), probs[..., n0:].sum(-1), pz, layout)
-        if h is None:  # masked keys, or patch probabilities underflowed: the patch-key softmax
-            return super().row_sum(probs, layout, rows, logits)
-        return h.sum(-1)
+        if block.terms is not None:
+            t = block.terms
+            return self._from_sums(t.lse, t.patch_mass, t.patch_logit, block.layout)
+        probs, logits = block.probs, block.logits
+        assert probs is not None
+        if block.geometry is not None:
+            keys = block.geometry.visible_patch_keys(probs.device)[block.groups][:, None]
+            h = row_entropy(block.patch_rows(renormalize=True))
+            return h / keys.sum(-1).log().clamp_min(torch.finfo(h.dtype).tiny) if self.normalized else h
+        layout = block.layout
+        assert layout is not None
+        if logits is not None:
+            n0 = layout.num_prefix
+            fast = self._from_sums(log_partition(probs, logits), probs[..., n0:].sum(-1), row_dot(probs, logits, n0),
+                                   layout)
+            if fast is not None:
+                return fast
+        h = patch_entropy(probs, layout, logits)
+        return h / max(math.log(layout.num_patches), torch.finfo(h.dtype).tiny) if self.normalized else h
 
-    def kernel_row_sum(self, terms, layout: TokenLayout, rows: slice) -> torch.Tensor | None:
-        """The same identity from the kernel's per-row ``lse``, patch mass and ``<p, z>_patch``."""
-        h = self._from_sums(terms.lse[..., rows], terms.patch_mass[..., rows], terms.patch_logit[..., rows], layout)
-        return None if h is None else h.sum(-1)
-
-    def _from_sums(self, lse, mass, pz, layout: TokenLayout) -> torch.Tensor | None:
+    def _from_sums(self, lse, mass, pz, layout: TokenLayout | None) -> torch.Tensor | None:
         """``H = lse + ln s - <p, z>_patch / s`` per row; None where not finite (masked keys) or where
         the patch mass ``s`` is too small for the patch probabilities to have survived float32."""
+        assert layout is not None and pz is not None
         tiny = torch.finfo(mass.dtype).tiny
         if not patch_mass_is_safe(mass):
             return None

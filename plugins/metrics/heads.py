@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from probekit.metric import Metric
-from probekit.metric.patch_keys import patch_rows, row_entropy
-from probekit.tokens import TokenLayout
+from probekit.metric import Block, Metric
+from probekit.metric.patch_keys import row_entropy
 
 
 def pairwise_js(a: torch.Tensor, budget_bytes: int = 64 * 2**20) -> torch.Tensor:
@@ -67,10 +66,10 @@ class HeadSimilarity(Metric):
 
     renormalize: bool = False
 
-    uses_logits = property(lambda self: self.renormalize)  # renormalized rows from the patch logits
-
-    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice, logits=None) -> torch.Tensor:
-        a = patch_rows(probs, layout, logits) if self.renormalize else probs
+    def row_values(self, block: Block) -> torch.Tensor | None:
+        probs = block.probs
+        assert probs is not None  # no kernel terms declared: blocks always carry probabilities
+        a = block.patch_rows(renormalize=True) if self.renormalize else probs
         h = a.shape[1]
         if h < 2:
             return torch.full(a.shape[:-1], float("nan"), dtype=a.dtype, device=a.device)

@@ -42,7 +42,7 @@ class TokenNorms(Metric):
     >>> import torch, probekit as pk
     >>> lay = pk.TokenLayout(num_prefix=1, grid=(2, 2), patch_size=(16, 16))
     >>> x = torch.ones(1, 5, 8); x[0, 4] *= 10          # one of 4 patches is a 10x outlier
-    >>> TokenNorms().compute_hidden(x, lay).tolist(), TokenNorms(statistic="max_ratio").compute_hidden(x, lay).tolist()
+    >>> TokenNorms().on_hidden(0, x, lay).tolist(), TokenNorms(statistic="max_ratio").on_hidden(0, x, lay).tolist()
     ([0.25], [10.0])
     """
 
@@ -50,18 +50,17 @@ class TokenNorms(Metric):
     description = "share of patch tokens whose output norm exceeds threshold x the median (high-norm outliers)"
     citation = "Darcet et al. 2024, Vision Transformers Need Registers"
     needs = "hidden"
-    rowwise = False
+    reduces = "layer"
     per_head = False
-    requires_global_attention = False  # block outputs mean the same under windowed attention
-    unit = "share of patches"
+    requires = ()  # block outputs mean the same under windowed attention
 
     threshold: Annotated[float, Field(gt=1)] = 2.0
     statistic: Literal["outlier_share", "max_ratio"] = "outlier_share"
 
-    def value_unit(self) -> str:
-        return "share of patches" if self.statistic == "outlier_share" else "ratio to median norm"
+    unit = property(lambda self: "share of patches" if self.statistic == "outlier_share" else "ratio to median norm")
 
-    def compute_hidden(self, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    def on_hidden(self, layer: int, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """The statistic per image of one block's output tokens ``[B, T, D]``: ``[B]``."""
         layout.check(hidden.shape[1], where="hidden states")
         n = hidden[:, layout.num_prefix :].float().norm(dim=-1)  # [B, N]
         med = n.median(dim=-1, keepdim=True).values.clamp_min(torch.finfo(n.dtype).tiny)
@@ -156,19 +155,18 @@ class LinearCKA(Metric):
     description = "linear CKA between layers over the image set (unbiased minibatch HSIC): an [L, L] matrix"
     citation = "Kornblith et al. 2019; Nguyen et al. 2021 (minibatch CKA)"
     needs = "hidden"
-    rowwise = False
+    reduces = "batch"
     per_head = False
-    requires_global_attention = False
-    cross_layer = True
     #: minibatch HSIC depends on how images are grouped: a part computed at another batch size is not reused
     depends_on = ("batch_size",)
     #: conformance checks (probekit.testing) this metric fails by design, with the reason
-    expected_failed_checks = {
+    not_applicable_checks = {
         "check_merged_halves": "minibatch HSIC (Nguyen et al. 2021) depends on how images are grouped "
         "into minibatches; merged halves equal one pass over the same minibatches, not one larger batch",
     }
 
     pool: Pool = "mean"
+    requires = property(lambda self: ("cls",) if self.pool == "cls" else ())  # refused before the forward pass
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -182,11 +180,6 @@ class LinearCKA(Metric):
         self.add_state("batches", default=0, reduce="sum")
         self.add_state("skipped", default=0, reduce="sum")  # images in minibatches under 4
         self._grams: dict[int, torch.Tensor] = {}  # per-batch scratch, emptied at each batch's end
-
-    def on_batch_start(self, layout: TokenLayout) -> None:
-        if self.pool == "cls":
-            cls_token(layout)
-        self._grams = {}
 
     def on_hidden(self, layer: int, hidden: torch.Tensor, layout: TokenLayout) -> None:
         self._grams[layer] = gram(features(hidden, layout, self.pool, f"layer {layer}"))

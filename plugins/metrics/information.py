@@ -46,7 +46,7 @@ class NormalizedMutualInformation(Metric):
     name = "nmi"
     description = "normalized mutual information between query and key patches (1 query-specific, 0 same for all)"
     citation = "Park et al. 2023, What Do Self-Supervised Vision Transformers Learn?"
-    rowwise = False
+    reduces = "layer"
     #: memory budget for one block of query rows' probabilities
     block_bytes = 64 * 2**20
 

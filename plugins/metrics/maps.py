@@ -8,8 +8,7 @@ import torch
 
 from probekit.attention import LayerAttention, row_blocks
 from probekit.errors import ConfigError
-from probekit.metric import Metric
-from probekit.metric.patch_keys import patch_rows, visible_rows
+from probekit.metric import Block, Metric
 from probekit.tokens import TokenLayout
 
 #: which query rows a map shows: the CLS token's, or the mean over query patches (models without CLS)
@@ -53,45 +52,33 @@ class ClsMap(Metric):
     query: Query = "cls"
     renormalize: bool = False
 
-    def on_batch_start(self, layout: TokenLayout) -> None:
-        self.query_rows(layout)  # fail before the forward pass on a model without CLS
+    query_tokens = property(lambda self: "cls" if self.query == "cls" else "patches")
 
-    def query_rows(self, layout: TokenLayout) -> slice:
-        if self.query == "cls":
-            i = layout.cls_index(f"metric {self.name!r}")
-            return slice(i, i + 1)
-        return super().query_rows(layout)
+    def row_values(self, block: Block) -> torch.Tensor | None:
+        """Each query row over the patch grid: ``[n, H, R, h, w]`` (the engine averages the rows).
 
-    uses_logits = property(lambda self: self.renormalize)  # renormalized rows from the patch logits
-
-    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice, logits=None) -> torch.Tensor:
-        a = patch_rows(probs, layout, logits) if self.renormalize else probs[..., layout.num_prefix :]
-        return _grid(a, layout)
-
-    def geometry_queries(self) -> str:
-        return self.query if self.query == "cls" else "patches"
-
-    def requirements(self) -> tuple[str, ...]:
-        return super().requirements() + (("cls",) if self.query == "cls" else ())
-
-    def window_sum(self, probs: torch.Tensor, geometry, groups: torch.Tensor, **kw) -> torch.Tensor:
-        """Windowed/pooled/class-attention layers: the attention each key patch receives from the
-        group's queries, placed at its cell of the key grid, then drawn on the model's patch grid
-        (``base_grid``; a coarser stage's cell value repeated over the patches it covers), so every
-        layer's map has one shape."""
-        keys = geometry.visible_patch_keys(probs.device)[groups][:, None]
-        a = visible_rows(probs, keys, kw.get("logits")) if self.renormalize else probs * keys
-        q = geometry.query_mask(self.geometry_queries()).to(probs.device, a.dtype)[groups]
-        recv = torch.einsum("nhqk,nq->nhk", a, q)
-        cell = geometry.key_cell.to(probs.device)[groups]
-        kh, kw_ = geometry.key_grid
-        out = recv.new_zeros(*recv.shape[:2], kh * kw_ + 1)  # the last slot collects prefix and padding
-        out.scatter_add_(2, torch.where(cell < 0, kh * kw_, cell)[:, None].expand_as(recv), recv)
-        maps = out[..., :-1].reshape(*recv.shape[:2], kh, kw_)
-        base = geometry.base_grid or geometry.key_grid
-        if tuple(base) != (kh, kw_):
+        On windowed, pooled and class-attention layers, the attention each key patch receives,
+        placed at its cell of the key grid, then drawn on the model's patch grid (``base_grid``; a
+        coarser stage's cell value repeated over the patches it covers), so every layer's map has
+        one shape.
+        """
+        a = block.patch_rows(self.renormalize)
+        if block.geometry is None:
+            assert block.layout is not None
+            return _grid(a, block.layout)
+        geo = block.geometry
+        assert block.query_weight is not None
+        # summed over the rows here (a row axis of 1): a map per row of every window would be large
+        recv = torch.einsum("nhqk,nq->nhk", a, block.query_weight.to(a.dtype))
+        cell = geo.key_cell.to(a.device)[block.groups]
+        kh, kw = geo.key_grid
+        out = recv.new_zeros(*recv.shape[:2], kh * kw + 1)  # the last slot collects prefix and padding
+        out.scatter_add_(2, torch.where(cell < 0, kh * kw, cell)[:, None].expand_as(recv), recv)
+        maps = out[..., :-1].reshape(*recv.shape[:2], kh, kw)
+        base = geo.base_grid or geo.key_grid
+        if tuple(base) != (kh, kw):
             maps = torch.nn.functional.interpolate(maps, size=tuple(base), mode="nearest")
-        return maps
+        return maps[:, :, None]
 
 
 class AttentionRollout(Metric):
@@ -118,10 +105,9 @@ class AttentionRollout(Metric):
     name = "rollout"
     description = "attention rollout: CLS (or mean) row of the product of head-fused attention up to each layer"
     citation = "Abnar & Zuidema 2020, Quantifying Attention Flow in Transformers"
-    rowwise = False
+    reduces = "batch"
     per_head = False
     is_map = True
-    cross_layer = True
     unit = "attention"
     #: memory budget for one block of query rows' probabilities while fusing heads
     block_bytes = 64 * 2**20
@@ -135,10 +121,7 @@ class AttentionRollout(Metric):
         # at each batch's end; the dataset state is the declared per-image maps (``values``)
         self._running, self._last, self._maps = None, -1, {}
 
-    def on_batch_start(self, layout: TokenLayout) -> None:
-        if self.query == "cls":
-            layout.cls_index(f"metric {self.name!r}")
-        self._running, self._last, self._maps = None, -1, {}
+    query_tokens = property(lambda self: "cls" if self.query == "cls" else "patches")  # refused without CLS
 
     def _fuse(self, attn: LayerAttention) -> torch.Tensor:
         b, h, t = attn.shape
@@ -149,6 +132,8 @@ class AttentionRollout(Metric):
         return w
 
     def on_attention(self, layer: int, attn: LayerAttention, layout: TokenLayout) -> None:
+        if layer == 0:  # a batch starts afresh (a batch that failed midway leaves no scratch behind)
+            self._running, self._last, self._maps = None, -1, {}
         if layer != self._last + 1:
             raise ConfigError(
                 f"rollout needs every layer from the first, in order; got layer {layer} after "
@@ -189,7 +174,8 @@ def rollout(layers: list[torch.Tensor], layout: TokenLayout, query: str = "cls",
     [0.25, 0.25]
     """
     m = AttentionRollout(query=query, head_fusion=head_fusion)
-    m.on_batch_start(layout)
+    if query == "cls":
+        layout.cls_index("metric 'rollout'")
     for i, p in enumerate(layers):
         layout.check(p.shape[-1], where="attention")
         m.on_attention(i, LayerAttention(probs_given=p), layout)

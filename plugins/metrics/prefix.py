@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from probekit.metric import Metric
+from probekit.metric import Block, Metric
 from probekit.tokens import TokenLayout
 
 Kind = Literal["all", "cls", "dist", "reg"]
@@ -60,19 +60,24 @@ class PrefixMass(Metric):
     kind: Kind = "all"
     kernel_terms = frozenset({"prefix"})
 
-    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
+    def row_values(self, block: Block) -> torch.Tensor | None:
+        """``m_q``: each query row's mass on the prefix keys of ``kind`` (from the kernels' per-row prefix
+        probabilities where the block has them; on grouped layers over the geometry's prefix keys)."""
+        if block.geometry is not None:
+            probs = block.probs
+            assert probs is not None
+            keys = block.geometry.key_mask("prefix" if self.kind == "all" else self.kind)
+            return torch.einsum("nhqk,nk->nhq", probs, keys.to(probs.device, probs.dtype)[block.groups])
+        layout = block.layout
+        assert layout is not None
         p = layout.num_prefix
+        if block.terms is not None:
+            t = block.terms
+            if p == 0:
+                return t.patch_mass.new_zeros(t.patch_mass.shape)
+            return None if t.prefix is None else t.prefix @ prefix_mask(layout, self.kind, t.prefix.device)
+        probs = block.probs
+        assert probs is not None
         if p == 0:
             return probs.new_zeros(probs.shape[:-1])
         return probs[..., :p] @ prefix_mask(layout, self.kind, probs.device)
-
-    def window_sum(self, probs: torch.Tensor, geometry, groups: torch.Tensor, **kw) -> torch.Tensor:
-        """Windowed/pooled/class-attention layers: mass on the prefix keys of ``kind``, summed over queries."""
-        keys = geometry.key_mask("prefix" if self.kind == "all" else self.kind).to(probs.device, probs.dtype)
-        m = torch.einsum("nhqk,nk->nhq", probs, keys[groups])
-        return (m * geometry.query_mask().to(probs.device, probs.dtype)[groups][:, None]).sum(-1)
-
-    def kernel_row_sum(self, terms, layout: TokenLayout, rows: slice) -> torch.Tensor:
-        if layout.num_prefix == 0:
-            return terms.patch_mass.new_zeros(terms.patch_mass.shape[:2])
-        return (terms.prefix[:, :, rows] @ prefix_mask(layout, self.kind, terms.prefix.device)).sum(-1)

@@ -1,11 +1,13 @@
 """The engine's path for layers that are not one global ``[T, T]`` attention (windows, pooled keys,
 class attention): attention ``[B * G, H, Tq, Tk]`` reduced a few groups at a time.
 
-Each row-wise metric that handles such layers defines ``window_sum(probs, geometry, groups)``:
-the sum of its per-query values over the layer's queries in each group (``[n, H, ...]`` for a
-chunk of ``n`` groups, ``groups`` their index within the image). The engine adds the groups of
-each image and divides by the image's query count, so a windowed layer's value is the mean over
-all the image's query patches, the same as for a global layer. Memory is one chunk of windows
+Each row-wise metric that handles such layers (its ``requires`` admit them) reads them in the same
+:meth:`~probekit.Metric.row_values` as global layers: a :class:`~probekit.metric.Block` with
+``geometry`` and ``groups`` (each group's index within its image) set, every query row of a chunk
+of ``n`` groups, and ``query_weight`` marking the rows of the metric's ``query_tokens``. The
+engine weights the per-row values by it, adds the groups of each image and divides by the image's
+query count, so a windowed layer's value is the mean over all the image's query patches, the
+same as for a global layer. Memory is one chunk of windows
 (sized to the same block budget as query rows of a global layer); nothing ``[T, T]`` is ever made.
 """
 
@@ -14,20 +16,12 @@ from __future__ import annotations
 import torch
 
 from probekit.attention import LayerAttention, Workspace
+from probekit.engine.blocks import LayerBlocks
+from probekit.engine.rows import row_sum
 from probekit.geometry import LayerGeometry
+from probekit.metric import Block
 
-__all__ = ["group_blocks", "group_slice", "reduce_groups"]
-
-
-def group_slice(attn: LayerAttention, items: slice) -> LayerAttention:
-    """The groups ``items`` (a slice of the leading ``B * G`` axis) of one layer's attention."""
-    if attn.probs_given is not None:
-        return LayerAttention(probs_given=attn.probs_given[items])
-    bias = attn.bias
-    if bias is not None and bias.dim() == 4 and bias.shape[0] != 1:
-        bias = bias[items]
-    assert attn.q is not None and attn.k is not None  # no probabilities: q and k (LayerAttention.__post_init__)
-    return LayerAttention(q=attn.q[items], k=attn.k[items], scale=attn.scale, bias=bias)
+__all__ = ["group_blocks", "reduce_groups"]
 
 
 def group_blocks(items: int, heads: int, tq: int, tk: int, budget_bytes: int):
@@ -46,18 +40,16 @@ def reduce_groups(metrics, attn: LayerAttention, geo: LayerGeometry, budget_byte
     g = geo.groups
     acc: dict[str, torch.Tensor] = {}
     for sl in group_blocks(n, h, tq, tk, budget_bytes):
-        z, p = group_slice(attn, sl).block(workspace=workspace)
+        z, p = LayerBlocks(attn.groups(sl)).block(workspace=workspace)
         idx = torch.arange(sl.start, sl.stop, device=p.device)
         groups, images = idx % g, idx // g
         for m in metrics:
-            kw = {"logits": z} if m.uses_logits else {}
-            part = m.window_sum(p, geo, groups, **kw)
+            weight = geo.query_mask(m.query_tokens).to(p.device, p.dtype)[groups]
+            part = row_sum(m, Block(rows=slice(0, tq), probs=p, logits=z, geometry=geo, groups=groups,
+                                    query_weight=weight))
+            assert part is not None  # a block with probabilities always gets an answer (row_sum)
             if m.label not in acc:
                 acc[m.label] = part.new_zeros(n // g, *part.shape[1:])
             acc[m.label].index_add_(0, images, part)
         del z, p
-    out = {}
-    for m in metrics:
-        which = getattr(m, "queries", None) or ("cls" if getattr(m, "query", None) == "cls" else "patches")
-        out[m.label] = acc[m.label] / max(geo.queries_per_image(which), 1)
-    return out
+    return {m.label: acc[m.label] / max(geo.queries_per_image(m.query_tokens), 1) for m in metrics}

@@ -25,6 +25,7 @@ import torch
 from probekit._installed import library_versions
 from probekit.adapter import ProbedModel
 from probekit.engine.arguments import check_probe_arguments
+from probekit.engine.checks import refuse_model
 from probekit.engine.sink import LayerObserver, MetricSink
 from probekit.errors import ConfigError
 from probekit.geometry import ModelGeometry
@@ -243,7 +244,7 @@ def _resolve(model, images, metrics, layers, device, dtype, strict, label) -> _P
     imgs = resolve_images(images, strict=strict)
     for m in mets:
         m.reset()
-        m.check_model(pm.adapter)
+        refuse_model(m, pm.adapter)
     return _Plan(pm, label or pm.label, mets, imgs, layers, cdtype)
 
 
@@ -363,7 +364,7 @@ def _provenance(plan: _Plan, layout: TokenLayout | None, batch_size: int, second
                                             "patch_size": list(lay.patch_size),
                                             "prefix_kinds": list(lay.prefix_kinds)},
         "geometry": _geometry_meta(geometry, plan.metrics),
-        "metrics": {m.label: {"name": m.name, "options": m.options(), "unit": m.value_unit(),
+        "metrics": {m.label: {"name": m.name, "options": m.options(), "unit": m.unit,
                               "display_name": m.display_name} for m in plan.metrics},
         "images": {"count": len(plan.images), "fingerprint": plan.images.fingerprint(),
                    "skipped": plan.images.skipped, "notes": plan.images.notes},
@@ -383,8 +384,7 @@ def _geometry_meta(geometry: ModelGeometry | None, metrics: list[Metric]) -> dic
     meta = geometry.meta()
     if meta is not None:
         meta["references"] = {
-            m.label: [m.reference_value(g) if isinstance(g, TokenLayout) else m.geometry_reference(g)
-                      for g in map(geometry.layer, range(geometry.num_layers))] for m in metrics}
+            m.label: [m.reference_value(g) for g in map(geometry.layer, range(geometry.num_layers))] for m in metrics}
     return meta
 
 

@@ -13,24 +13,33 @@ from typing import Any, Protocol
 import torch
 
 from probekit.attention import SCRATCH_BYTES, LayerAttention, Workspace, blocks, no_autocast
+from probekit.engine.blocks import LayerBlocks
+from probekit.engine.checks import refuse_layers
 from probekit.engine.grouped import reduce_groups
 from probekit.engine.kernels import triton as kernel
-from probekit.engine.kernels.block_terms import layer_terms, softmax_with_terms, terms_served
+from probekit.engine.kernels.block_terms import BLOCK_TERMS, layer_terms, softmax_with_terms, terms_served
 from probekit.engine.kernels.policy import ATTENTION_PASSES, one_pass
+from probekit.engine.rows import row_sum
 from probekit.errors import ConfigError
 from probekit.geometry import LayerGeometry, ModelGeometry
-from probekit.metric import Metric
+from probekit.metric import Block, Metric
+from probekit.metric.base import query_span
+from probekit.metric.terms import RowTerms
 from probekit.tokens import TokenLayout
 
-__all__ = ["MetricSink", "LayerObserver"]
+__all__ = ["MetricSink", "LayerObserver", "ROW_TERMS"]
+
+#: which per-row sums blocks come with (``MetricSink(row_terms=...)``)
+ROW_TERMS = ("auto", "torch", "none")
 
 
 class LayerObserver(Protocol):
     """Reads the layers of a forward pass beside the metrics, before they reduce them (the report's
     explorer records its showcase images so, in the probing pass: :class:`probekit.runs.explorer.Recorder`).
 
-    It is handed each layer's :class:`~probekit.attention.LayerAttention` as the metrics are, and must
-    leave it as it found it; what it raises ends the probe, so it keeps its own failures.
+    It is handed each layer's :class:`~probekit.attention.LayerAttention` record as the metrics are
+    (frozen: its plain ``block``/``probs`` compute probabilities); what it raises ends the probe, so it
+    keeps its own failures.
     """
 
     def start(self, images: Any, pixels: torch.Tensor | None, layout: TokenLayout) -> None:
@@ -43,13 +52,9 @@ class LayerObserver(Protocol):
         """The batch's forward pass is done."""
 
 
-def _is_rowwise(m: Metric) -> bool:
-    return m.needs == "attention" and m.rowwise and type(m).on_attention is Metric.on_attention
-
-
-def _takes_block_terms(m: Metric, served: frozenset[str]) -> bool:
-    """Whether a metric's kernel sums come from the terms the blocked path makes next to the softmax (``served``)."""
-    return bool(m.kernel_terms) and m.kernel_terms <= served and type(m).kernel_row_sum is not Metric.kernel_row_sum
+def _terms_offered(m: Metric, served: frozenset[str]) -> bool:
+    """Whether ``m`` declared kernel terms that the current path makes."""
+    return bool(m.kernel_terms) and m.kernel_terms <= served
 
 
 class MetricSink:
@@ -58,8 +63,9 @@ class MetricSink:
     Row-wise metrics share one pass over blocks of query rows: each block's float32
     probabilities are computed once, into buffers reused for every block, layer and batch
     (a :class:`~probekit.attention.Workspace`), and each metric folds the block into a
-    ``[B, H, ...]`` running sum (:meth:`Metric.row_sum`). Nothing of a layer outlives its
-    :meth:`attention` call except these small sums, so memory is one block, whatever the depth.
+    ``[B, H, ...]`` running sum (its :meth:`~probekit.Metric.row_values`, summed over the block's
+    rows). Nothing of a layer outlives its :meth:`attention` call except these small sums, so
+    memory is one block, whatever the depth.
     Per-layer values stay on the model's device until :meth:`finish` (one host sync per batch).
 
     Args:
@@ -76,14 +82,21 @@ class MetricSink:
             :func:`probekit.engine.kernels.policy.one_pass`); ``"kernel"`` runs the fused Triton kernel
             (:mod:`probekit.engine.kernels.triton`) for the metrics that declare ``kernel_terms``, the
             blocked path for the others.
+        row_terms: which per-row sums blocks come with, for metrics that declare ``kernel_terms``:
+            ``"auto"`` (the C row kernel's on CPU where it built, PyTorch's elsewhere), ``"torch"``
+            (PyTorch's, :data:`~probekit.engine.kernels.block_terms.BLOCK_TERMS`) or ``"none"``
+            (every metric reads probabilities). The conformance kit runs each against the others.
         observer: a :class:`LayerObserver` that reads every layer first (it makes the sink ask for
             attention even when no metric does).
     """
 
     def __init__(self, metrics: list[Metric], layers=None, block_mb: float | None = None,
-                 attention_pass: str = "auto", observer: LayerObserver | None = None):
+                 attention_pass: str = "auto", row_terms: str = "auto", observer: LayerObserver | None = None):
         if attention_pass not in ATTENTION_PASSES:
             raise ConfigError(f"attention_pass must be one of {', '.join(ATTENTION_PASSES)}; got {attention_pass!r}.")
+        if row_terms not in ROW_TERMS:
+            raise ConfigError(f"row_terms must be one of {', '.join(ROW_TERMS)}; got {row_terms!r}.")
+        self.row_terms = row_terms
         self.attention_pass = attention_pass
         self.kernel_served: set[str] = set()  # labels the fused kernel reduced (others: blocked path)
         self.metrics = metrics
@@ -93,8 +106,8 @@ class MetricSink:
         self.wants_hidden = any(m.needs == "hidden" for m in metrics)
         self.budget = None if block_mb is None else int(block_mb * 2**20)
         self.workspace = Workspace()
-        self._rowwise = [m for m in metrics if _is_rowwise(m)]
-        self._other_attn = [m for m in metrics if m.needs == "attention" and not _is_rowwise(m)]
+        self._rowwise = [m for m in metrics if m.needs == "attention" and m.reduces == "rows"]
+        self._other_attn = [m for m in metrics if m.needs == "attention" and m.reduces != "rows"]
         self._hidden = [m for m in metrics if m.needs == "hidden"]
         self.layout: TokenLayout | None = None
         self.geometry: ModelGeometry | None = None
@@ -110,12 +123,10 @@ class MetricSink:
         """
         self.layout = layout
         self.geometry = geometry if geometry is not None else ModelGeometry(layout)
-        if geometry is not None:
-            for m in self.metrics:
-                m.check_geometry(geometry, self.layers)
+        for m in self.metrics:  # a global model: its layers are the input's layout
+            refuse_layers(m, geometry if geometry is not None else ModelGeometry(layout, num_layers=1),
+                          self.layers if geometry is not None else None)
         self.values = {m.label: {} for m in self.metrics}
-        for m in self.metrics:
-            m.on_batch_start(layout)
         if self.observer is not None:
             images, pixels = batch if batch is not None else ((), None)
             self.observer.start(images, pixels, layout)
@@ -130,67 +141,83 @@ class MetricSink:
             return self.budget
         return (8 if device.type == "cpu" else 256) * 2**20
 
-    def attention(self, layer: int, attn: LayerAttention) -> None:
+    def attention(self, layer: int, attn: LayerAttention) -> torch.Tensor | None:
+        """Reduce one tapped layer with every metric; returns the layer's attention output where the
+        engine made it from ``attn.v`` (one attention pass: ``[B, H, T, dv]``), else None (the tap
+        then runs the model's own kernel)."""
         assert self.geometry is not None, "start() begins every batch"
         lay = self.geometry.layer(layer)
         b, h, t = attn.shape
-        if attn.workspace is None:
-            attn.workspace = self.workspace  # its float32 copies of q, k, v: the same buffers every layer
         if self.observer is not None:
             with no_autocast(attn.device):
                 self.observer.attention(layer, attn, lay)
         if isinstance(lay, LayerGeometry):  # windows, pooled keys, class attention: group by group
             self._reduce_groups(layer, attn, lay, b, t)
-            return
+            return None
         lay.check(t)
+        comp = LayerBlocks(attn, self.workspace)  # its float32 copies of q, k, v: the same buffers every layer
         with no_autocast(attn.device), self.workspace.active():  # metric maths in float32 under a bf16/fp16 forward
-            self._reduce(layer, attn, lay, b, h, t)
+            self._reduce(layer, attn, comp, lay, b, h, t)
+        return comp.output
 
-    def _reduce(self, layer: int, attn: LayerAttention, lay: TokenLayout, b: int, h: int, t: int) -> None:
+    def _reduce(self, layer: int, attn: LayerAttention, comp: LayerBlocks, lay: TokenLayout, b: int, h: int,
+                t: int) -> None:
         rest = self._rowwise
         if rest and kernel.wanted(attn, self.attention_pass):
-            sums = kernel.run_layer(attn, lay, rest, output=attn.v is not None)
-            for m in rest:
-                if m.label in sums:
-                    q = m.query_rows(lay)
-                    self._keep(m, layer, sums[m.label] / max(q.stop - q.start, 1))
-            self.kernel_served |= set(sums)
-            rest = [m for m in rest if m.label not in sums]  # the blocked path, same run
-        fused = bool(rest) and attn.output is None and one_pass(attn, self.attention_pass)
+            offered = [m for m in rest if _terms_offered(m, frozenset(kernel.TERMS))]
+            made = kernel.run_layer(comp, lay, offered, output=attn.v is not None)
+            done = set()
+            for m in offered:
+                q = query_span(m, lay)
+                v = row_sum(m, Block(rows=q, layout=lay, terms=made.rows(q)))
+                if v is not None:
+                    self._keep(m, layer, v / max(q.stop - q.start, 1))
+                    done.add(m.label)
+            self.kernel_served |= done
+            rest = [m for m in rest if m.label not in done]  # the blocked path, same run
+        fused = bool(rest) and comp.output is None and one_pass(attn, self.attention_pass)
         if fused:
-            attn.start_output()
+            comp.start_output()
         if rest:
-            spans = {m.label: m.query_rows(lay) for m in rest}
-            served = terms_served(attn.device) if attn.probs_given is None else frozenset()
-            termed = [m for m in rest if _takes_block_terms(m, served)]
-            terms = None
+            spans = {m.label: query_span(m, lay) for m in rest}
+            served = self._terms_served(attn)
+            termed = [m for m in rest if _terms_offered(m, served)]
+            terms: RowTerms | None = None
             if termed:  # per-row terms of the whole layer, made block by block next to the softmax
                 terms = layer_terms(b, h, t, lay.num_prefix, frozenset().union(*(m.kernel_terms for m in termed)),
                                     attn.device)
                 t_lo = min(spans[m.label].start for m in termed)
                 t_hi = max(spans[m.label].stop for m in termed)
             by_terms = {m.label for m in termed}
-            acc = self._block_sums(attn, lay, [m for m in rest if m.label not in by_terms], spans, b, h, t, fused,
+            acc = self._block_sums(comp, lay, [m for m in rest if m.label not in by_terms], spans, b, h, t, fused,
                                    None if terms is None else (t_lo, t_hi, terms))
             redo = []
             for m in termed:  # one reduction per layer and metric
-                v = m.kernel_row_sum(terms, lay, spans[m.label])
-                if v is None:  # e.g. a patch mass lost to underflow: the metric's own row_sum, blocks again
+                assert terms is not None
+                q = spans[m.label]
+                v = row_sum(m, Block(rows=q, layout=lay, terms=terms.rows(q)))
+                if v is None:  # e.g. a patch mass lost to underflow: the metric's own maths, blocks again
                     redo.append(m)
                 else:
                     acc[m.label] = v
             if redo:
-                acc.update(self._block_sums(attn, lay, redo, spans, b, h, t, False, None))
+                acc.update(self._block_sums(comp, lay, redo, spans, b, h, t, False, None))
             for m in rest:
                 q = spans[m.label]
                 self._keep(m, layer, acc[m.label] / max(q.stop - q.start, 1))
         for m in self._other_attn:
             self._keep(m, layer, m.on_attention(layer, attn, lay))
-        attn.release()
+        comp.release()
 
-    def _block_sums(self, attn: LayerAttention, lay: TokenLayout, metrics: list[Metric], spans: dict[str, slice],
+    def _terms_served(self, attn: LayerAttention) -> frozenset[str]:
+        """The per-row terms this layer's blocks come with (``row_terms``)."""
+        if attn.probs_given is not None or self.row_terms == "none":
+            return frozenset()
+        return BLOCK_TERMS if self.row_terms == "torch" else terms_served(attn.device)
+
+    def _block_sums(self, comp: LayerBlocks, lay: TokenLayout, metrics: list[Metric], spans: dict[str, slice],
                     b: int, h: int, t: int, fused: bool, with_terms) -> dict[str, torch.Tensor]:
-        """One pass over the layer's blocks: each metric's ``row_sum`` over its query rows (``[B, H, ...]``);
+        """One pass over the layer's blocks: each metric's row values summed over its query rows (``[B, H, ...]``);
         with ``fused``, the attention output too; with ``with_terms`` (``(lo, hi, terms)``), the per-row
         terms of the rows ``[lo, hi)`` written into ``terms`` next to each block's softmax."""
         if metrics:
@@ -205,9 +232,9 @@ class MetricSink:
         # the output needs every row: prefix rows (and any after hi) in blocks of their own, so
         # the metrics' blocks stay whole (a block cut short would be copied to be reshaped)
         segments = [(0, lo), (lo, hi), (hi, t)] if fused else [(lo, hi)]
-        budget = self.block_budget(attn.device)
+        budget = self.block_budget(comp.device)
         # chunks of per-row sums: cache-sized on CPU; on accelerators whole blocks (fewer launches)
-        self.workspace.scratch_bytes = min(SCRATCH_BYTES, budget // 2) if attn.device.type == "cpu" else budget // 2
+        self.workspace.scratch_bytes = min(SCRATCH_BYTES, budget // 2) if comp.device.type == "cpu" else budget // 2
         acc: dict[str, torch.Tensor] = {}
         for bs, blk in (x for s0, s1 in segments if s1 > s0 for x in blocks(s0, s1, b, h, t, budget)):
             into = None
@@ -216,34 +243,37 @@ class MetricSink:
             # no metric here reads the probabilities themselves: the output may scale P·V's rows instead
             only_pv = fused and not any(spans[m.label].start < blk.stop and blk.start < spans[m.label].stop
                                         for m in metrics)
-            z, p, inv = self._block(attn, bs, blk, lay, into, only_pv)
+            z, p, inv = self._block(comp, bs, blk, lay, into, only_pv)
             if fused:
-                attn.add_output(blk, p, self.workspace, batch=bs, row_scale=inv)
+                comp.add_output(blk, p, self.workspace, batch=bs, row_scale=inv)
             for m in metrics:
                 q = spans[m.label]
                 s, e = max(blk.start, q.start), min(blk.stop, q.stop)
                 if s >= e:
                     continue
                 sl = slice(s - blk.start, e - blk.start)
-                kw = {"logits": None if z is None else z[:, :, sl]} if m.uses_logits else {}
-                part = m.row_sum(p[:, :, sl], lay, slice(s, e), **kw)
+                part = row_sum(m, Block(rows=slice(s, e), layout=lay, probs=p[:, :, sl],
+                                        logits=None if z is None else z[:, :, sl]))
+                assert part is not None  # a block with probabilities always gets an answer (row_sum)
                 if m.label not in acc:
                     acc[m.label] = part.new_zeros((b, *part.shape[1:]))
                 acc[m.label][bs] += part
             del z, p
         return acc
 
-    def _block(self, attn: LayerAttention, batch: slice, rows: slice, layout: TokenLayout, into, only_pv: bool):
+    def _block(self, comp: LayerBlocks, batch: slice, rows: slice, layout: TokenLayout, into: RowTerms | None,
+               only_pv: bool):
         """``(logits, probs, row_scale)`` of a block of query rows of some images. With ``into`` (a layer's
-        :class:`~probekit.engine.kernels.terms.RowTerms`), the block's per-row terms are written there while the
+        :class:`~probekit.metric.terms.RowTerms`), the block's per-row terms are written there while the
         softmax writes the block (:mod:`probekit.engine.kernels.block_terms`); with ``only_pv`` too (no metric reads
         this block), the rows may be left unnormalized over the logits (``logits`` None then),
         ``row_scale`` being what P·V's rows are multiplied by (else None)."""
-        if into is None or attn.probs_given is not None:
-            return (*attn.block(rows, workspace=self.workspace, batch=batch), None)
-        shape = attn.block_shape(rows, batch)
-        z = attn.logits(rows, out=self.workspace.get("logits", shape, attn.device), batch=batch)
-        p, inv = softmax_with_terms(z, batch, rows, layout, self.workspace, into, unnormalized=only_pv)
+        if into is None or comp.attn.probs_given is not None:
+            return (*comp.block(rows, workspace=self.workspace, batch=batch), None)
+        shape = comp.block_shape(rows, batch)
+        z = comp.logits(rows, out=self.workspace.get("logits", shape, comp.device), batch=batch)
+        p, inv = softmax_with_terms(z, batch, rows, layout, self.workspace, into, unnormalized=only_pv,
+                                    native=self.row_terms != "torch")
         return (None, p, inv) if inv is not None else (z, p, None)  # unnormalized rows overwrote the logits
 
     def _reduce_groups(self, layer: int, attn: LayerAttention, geo: LayerGeometry, b: int, t: int) -> None:
@@ -252,11 +282,8 @@ class MetricSink:
             vals = reduce_groups(self._rowwise, attn, geo, self.block_budget(attn.device), self.workspace)
         for m in self._rowwise:
             self._keep(m, layer, vals[m.label])
-        for m in self._other_attn:  # whole-layer metrics that said they handle such layers
-            # a metric whose requires drop "global" is handed the layer's geometry; Metric.on_attention (and
-            # the compute it calls) is typed for the global layers its overrides handle
-            self._keep(m, layer, m.on_attention(layer, attn, geo))  # type: ignore[arg-type]
-        attn.release()
+        for m in self._other_attn:  # whole-layer metrics whose requires admit such layers get its geometry
+            self._keep(m, layer, m.on_attention(layer, attn, geo))
 
     def hidden(self, layer: int, tokens: torch.Tensor, layout: TokenLayout | None = None) -> None:
         assert self.layout is not None, "start() begins every batch"

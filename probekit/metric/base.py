@@ -20,18 +20,23 @@ declarations make a plugin metric one the framework can trust:
   a dataset-level output (CKA's matrix) comes from :meth:`dataset_result`. Sharded and
   distributed runs combine through exactly this state. (:mod:`probekit.metric.state`)
 
-Row-wise metrics (the default) define :meth:`Metric.row_values`, a value per query row; the
-engine then feeds them blocks of query rows, so long sequences never hold a full
-``[B, H, T, T]`` tensor, and computes each block's probabilities once for all metrics.
-Metrics that need whole matrices set ``rowwise = False`` and override :meth:`compute`;
-metrics whose state spans layers (rollout, CKA) override the ``on_*`` hooks.
+Row-wise metrics (the default, ``reduces = "rows"``) write their maths once, in
+:meth:`Metric.row_values`: per-query-row values from a :class:`~probekit.metric.block.Block`, which
+carries what the engine's current path has (probabilities and logits of a block of query rows, or
+the kernels' per-row sums, on a global layout or a windowed/pooled geometry; absent pieces are
+None). The engine chooses the path, averages the rows over the queries the metric declares
+(``query_tokens``), and never holds a full ``[B, H, T, T]`` tensor; a metric with a fast form
+reads ``block.terms`` and returns None to be asked again with probabilities. Metrics that need
+whole layers declare ``reduces = "layer"`` and override :meth:`Metric.on_attention` (or
+:meth:`Metric.on_hidden`); metrics whose state spans layers (rollout, CKA) declare
+``reduces = "batch"`` and return their values from :meth:`Metric.on_batch_end`.
 
 Layers that are not one global ``[T, T]`` attention (Swin and SAM windows, MViTv2 pooled keys,
 CaiT class attention: :mod:`probekit.geometry`) reach only metrics that say they can describe
 them: ``requires`` lists what a metric needs of a layer (:data:`probekit.geometry.REQUIREMENTS`;
-``"global"`` by default, so a metric written for global ViTs is never fed windows), and a metric
-without ``"global"`` defines :meth:`Metric.window_sum`. A layer that lacks a requirement is
-refused, with the reason, before the forward pass.
+``"global"`` by default, so a metric written for global ViTs is never fed windows); a metric
+without ``"global"`` reads ``block.geometry`` in its ``row_values``. A layer that lacks a
+requirement is refused, with the reason, before the forward pass.
 
 A complete plugin metric (register it with an entry point in group ``probekit.metrics``
 named ``peak``, or ``pk.register("metric")`` within one process):
@@ -44,8 +49,8 @@ named ``peak``, or ``pk.register("metric")`` within one process):
 ...     description = "largest attention probability of each query row"
 ...     unit = "probability"
 ...     keys: Literal["patches", "all"] = "patches"      # a declared option
-...     def row_values(self, probs, layout, rows):
-...         a = probs if self.keys == "all" else probs[..., layout.num_prefix :]
+...     def row_values(self, block):
+...         a = block.probs if self.keys == "all" else block.patch_rows()
 ...         return a.amax(-1)
 >>> m = PeakAttention(keys="all")
 >>> m.label, m.options()
@@ -69,90 +74,131 @@ probekit.errors.ConfigError: Cannot merge the state of peak[keys=all] into peak:
 Prove it with ``probekit.testing.check_metric(PeakAttention())``.
 """
 
+
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
-from probekit.attention import LayerAttention
-from probekit.errors import ConfigError, UnsupportedArchitectureError
+from probekit.errors import ConfigError
+from probekit.metric.block import Block
 from probekit.metric.options import defaults as option_defaults
 from probekit.metric.options import format_label, validate_options
 from probekit.metric.state import REDUCTIONS, reduce_values
 from probekit.tokens import TokenLayout
 
-__all__ = ["Metric", "RUN_SETTINGS"]
+__all__ = ["Metric", "RUN_SETTINGS", "REDUCES", "QUERY_TOKENS"]
 
 #: the run settings a metric may declare in ``depends_on`` (each is a field of a run file)
 RUN_SETTINGS = ("batch_size", "seed")
+#: what a metric reduces: blocks of query rows, whole layers, or a whole batch (state across layers)
+REDUCES = ("rows", "layer", "batch")
+#: the query tokens a row-wise metric averages over
+QUERY_TOKENS = ("patches", "cls", "all")
+
+#: names of probekit 0.1's metric contract, and what to write instead (docs/plugins.md, "Migrating from 0.1")
+_GONE = {
+    "row_sum": "fold it into row_values(self, block), which returns per-row values (the engine sums them)",
+    "kernel_row_sum": "read the kernel's sums in row_values(self, block) from block.terms (None elsewhere), "
+                      "returning None where they cannot answer",
+    "window_sum": "read windowed/pooled layers in row_values(self, block) from block.geometry and block.groups "
+                  "(per-row values; the engine weights them by block.query_weight)",
+    "query_rows": "declare query_tokens = 'patches' | 'cls' | 'all' (a property when an option decides)",
+    "geometry_queries": "declare query_tokens = 'patches' | 'cls' | 'all' (a property when an option decides)",
+    "requirements": "declare requires (and query_tokens; 'cls' queries add the 'cls' requirement themselves)",
+    "requires_global_attention": "declare requires = () (without 'global') instead",
+    "uses_logits": "drop it: block.logits is there whenever the engine's path has the logits",
+    "rowwise": "declare reduces = 'rows' | 'layer' | 'batch'",
+    "cross_layer": "declare reduces = 'batch'",
+    "value_unit": "make unit a property when options decide it",
+    "compute_hidden": "override on_hidden(self, layer, hidden, layout) and declare reduces = 'layer'",
+    "on_batch_start": "reset per-batch scratch in on_batch_end (rollout starts afresh at layer 0)",
+    "geometry_reference": "reference_value(self, layer) receives a LayerGeometry as well as a TokenLayout",
+    "expected_failed_checks": "declare not_applicable_checks = {check name: reason}, as adapters do",
+    "load_state_dict": "merge the state_dict into a fresh instance: type(m)(**m.options()).merge(state)",
+    "check_model": "declare requires; the engine refuses models and layers that lack a requirement",
+    "check_geometry": "declare requires; the engine refuses models and layers that lack a requirement",
+}
 
 
 class Metric:
     """Base class of attention and hidden-state metrics.
 
-    Class constants (read by the engine, ``probekit metrics`` and ``probekit.testing``):
+    Class constants (read by the engine, ``probekit metrics`` and ``probekit.testing``); each may
+    be a property where the options decide it:
 
-    - ``name``: registry key; ``description``: one-line definition; ``citation``.
+    - ``name``: registry key; ``description``: one-line definition; ``citation``; ``display_name``:
+      what axes and tables call the metric (default: ``name``); ``unit`` of the values.
     - ``needs``: ``"attention"`` or ``"hidden"`` (output tokens of each block).
-    - ``rowwise``: values are means over query rows of :meth:`row_values`.
-    - ``uses_logits``: :meth:`row_sum` and :meth:`row_values` also receive the block's logits
-      (``logits=``, where the tap has them); may be a property of the options (MAD asks only
-      with ``renormalize=True``).
-    - ``per_head``: values have a head axis after the batch axis.
-    - ``is_map``: values have further axes (stored as arrays, not table rows).
+    - ``reduces``: ``"rows"`` (default: :meth:`row_values` per query row, averaged by the engine),
+      ``"layer"`` (:meth:`on_attention` / :meth:`on_hidden` return a layer's values) or ``"batch"``
+      (state across the layers of a batch; :meth:`on_batch_end` returns the values).
+    - ``query_tokens``: the query rows a row-wise value averages over: ``"patches"`` (default),
+      ``"cls"`` (the class token; adds the ``"cls"`` requirement) or ``"all"``.
+    - ``per_head``: values have a head axis after the batch axis; ``is_map``: further axes
+      (stored as arrays, not table rows).
     - ``requires``: what the metric needs of a layer's geometry, from
       :data:`probekit.geometry.REQUIREMENTS` (``"global"``, ``"square"``, ``"patch_queries"``,
       ``"cls"``); layers that lack one are refused with the reason.
-    - ``requires_global_attention``: the older spelling; False drops ``"global"`` from ``requires``.
-    - ``cross_layer``: state spans the layers of a batch (:meth:`on_batch_end` returns values).
-    - ``unit``: unit of the values, for axis labels (see :meth:`value_unit`).
-    - ``kernel_terms``: the per-query-row sums of the fused GPU kernel (:data:`probekit.engine.kernels.terms.TERMS`)
-      :meth:`kernel_row_sum` reads; empty (default): the kernel does not serve this metric and
-      it takes the blocked path.
-    - ``display_name``: what axes and tables call the metric (default: ``name``); figures label
-      an axis ``display_name (unit)`` and draw :meth:`reference_value` as a dashed line.
+    - ``kernel_terms``: the per-query-row sums (:data:`probekit.metric.terms.TERMS`) the metric can
+      answer from (``block.terms``); empty (default): the kernels' sums are never offered.
     - ``depends_on``: the run settings (:data:`RUN_SETTINGS`) the values depend on beyond the
-      images, the model and the options, e.g. ``("batch_size",)`` for minibatch CKA. Their values
-      join the part cache key, so a rerun with another value recomputes instead of serving the
-      old part; a metric whose values do not depend on them leaves it empty (the default).
+      images, the model and the options, e.g. ``("batch_size",)`` for minibatch CKA; their values
+      join the part cache key.
+    - ``not_applicable_checks``: ``{check name: reason}`` for conformance checks
+      (:mod:`probekit.testing`) that do not apply to this metric by design.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     citation: ClassVar[str] = ""
+    display_name: ClassVar[str] = ""  # set to ``name`` for classes that leave it out
+    unit: ClassVar[str] = ""
     needs: ClassVar[str] = "attention"
-    rowwise: ClassVar[bool] = True
-    uses_logits: ClassVar[bool] = False
+    reduces: ClassVar[str] = "rows"
+    query_tokens: ClassVar[str] = "patches"
     per_head: ClassVar[bool] = True
     is_map: ClassVar[bool] = False
-    requires_global_attention: ClassVar[bool] = True
     requires: ClassVar[tuple[str, ...]] = ("global",)
-    cross_layer: ClassVar[bool] = False
-    unit: ClassVar[str] = ""
     kernel_terms: ClassVar[frozenset[str]] = frozenset()
-    display_name: ClassVar[str] = ""  # set to ``name`` for classes that leave it out
     depends_on: ClassVar[tuple[str, ...]] = ()
+    not_applicable_checks: ClassVar[dict[str, str]] = {}
     if TYPE_CHECKING:  # set in __init__ (add_state); annotated at run time they would be declared options
         values: dict[int, list[torch.Tensor]]
         _states: dict[str, tuple[Any, str]]
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        gone = [n for n in _GONE if n in cls.__dict__]
+        if gone:
+            raise TypeError(f"{cls.__name__}.{gone[0]} is probekit 0.1's metric contract: {_GONE[gone[0]]}.")
+        rv = cls.__dict__.get("row_values")
+        if rv is not None and list(inspect.signature(rv).parameters)[1:] != ["block"]:
+            raise TypeError(
+                f"{cls.__name__}.row_values{inspect.signature(rv)} is probekit 0.1's signature: write "
+                "row_values(self, block) and read block.probs, block.logits, block.layout and block.rows.")
         unknown = [s for s in cls.depends_on if s not in RUN_SETTINGS]
         if isinstance(cls.depends_on, str) or unknown:
             raise TypeError(f"{cls.__name__}.depends_on must be a tuple of run settings from {RUN_SETTINGS}; "
                             f"got {cls.depends_on!r}.")
+        for attr, allowed in (("reduces", REDUCES), ("query_tokens", QUERY_TOKENS)):
+            value = cls.__dict__.get(attr)
+            if isinstance(value, str) and value not in allowed:
+                raise TypeError(f"{cls.__name__}.{attr} must be one of {allowed}; got {value!r}.")
+        if cls.__dict__.get("reduces") in (None, "rows") and cls.reduces == "rows" and cls.needs == "attention" \
+                and "on_attention" in cls.__dict__:
+            raise TypeError(f"{cls.__name__} overrides on_attention but reduces rows: declare reduces = 'layer' "
+                            "(or 'batch' for state across layers), or write row_values(self, block) instead.")
         if not cls.__dict__.get("display_name"):
             cls.display_name = cls.__dict__.get("name") or cls.display_name or cls.name
 
-    _CONSTANTS = (
-        "name", "needs", "rowwise", "per_head", "is_map", "requires_global_attention", "cross_layer",
-        "uses_logits", "requires", "depends_on",
-    )
+    _CONSTANTS = ("name", "needs", "reduces", "query_tokens", "per_head", "is_map", "requires", "kernel_terms",
+                  "depends_on")
 
     def __init__(self, **options: Any):
         """Validate ``options`` against the declared ones (see :mod:`probekit.metric.options`).
@@ -163,6 +209,9 @@ class Metric:
         object.__setattr__(self, "_options", opts)
         for key, value in opts.items():
             object.__setattr__(self, key, value)
+        for attr, allowed in (("reduces", REDUCES), ("query_tokens", QUERY_TOKENS)):
+            if getattr(self, attr) not in allowed:
+                raise TypeError(f"{type(self).__name__}.{attr} must be one of {allowed}; got {getattr(self, attr)!r}.")
         self.add_state("values", default={}, reduce="cat")  # {layer: [per-image values of a batch]}
 
     def __setattr__(self, key, value):
@@ -180,164 +229,77 @@ class Metric:
         """Every declared option and its value: ``type(m)(**m.options())`` is the same metric."""
         return dict(self.__dict__.get("_options", {}))
 
-    def default_options(self) -> dict[str, Any]:
-        """The declared options' defaults."""
-        return option_defaults(type(self))
+    @property
+    def label(self) -> str:
+        """``name``, plus the options that differ from their defaults: ``mad[units=patch]``."""
+        return format_label(self.name, self.options(), option_defaults(type(self)))
 
-    def reference_value(self, layout: TokenLayout) -> float | None:
-        """The metric's value for uniform attention on ``layout``, where that is a telling reference
-        (figures draw it as a dashed line), or None (the default).
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
+
+    def reference_value(self, layer: Any) -> float | None:
+        """The metric's value for uniform attention on ``layer`` (a :class:`~probekit.tokens.TokenLayout`,
+        or a :class:`~probekit.geometry.LayerGeometry` for windowed, pooled and staged layers), where
+        that is a telling reference (figures draw it as a dashed line), or None (the default).
 
         MAD: the "no locality" distance (116.49 px on 14x14 patches of 16 px, no prefix);
         entropy: ln N, its maximum.
         """
         return None
 
-    def geometry_reference(self, layer: Any) -> float | None:
-        """:meth:`reference_value` for a layer that is not one global attention (a
-        :class:`~probekit.geometry.LayerGeometry`: windows, pooled keys, stages), or None (the default).
-        The engine records it per layer (``Results.meta["geometry"]["references"]``); figures draw it."""
-        return None
-
-    def value_unit(self) -> str:
-        """Unit of this instance's values (options may change it)."""
-        return self.unit
-
-    @property
-    def label(self) -> str:
-        """``name``, plus the options that differ from their defaults: ``mad[units=patch]``."""
-        return format_label(self.name, self.options(), self.default_options())
-
-    def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
-        return f"{type(self).__name__}({opts})"
-
     # -- the maths ------------------------------------------------------------------------------
-    def check_model(self, adapter) -> None:
-        """Refuse a model (an :class:`~probekit.adapter.Adapter`) this metric cannot describe.
+    def row_values(self, block: Block) -> torch.Tensor | None:
+        """Per-query-row values of one block of rows: ``[n, H, R, ...]`` (``[n, R, ...]`` when not per head).
 
-        Layer by layer, :meth:`check_geometry` decides; this only refuses an adapter that is not
-        global and gives no per-layer geometry to say which layers a metric could still read.
+        ``block`` (:class:`~probekit.metric.block.Block`) carries what the engine's path has:
+        ``probs`` and ``logits`` (``[n, H, R, K]`` float32), or the kernels' per-row sums
+        (``terms``), on a global ``layout`` (``rows``: absolute token indices within
+        ``query_tokens``) or a grouped ``geometry``. Return None where the block lacks what the
+        metric needs (e.g. ``terms`` that do not serve these options): the engine asks again
+        with probabilities. The engine averages the rows; this is the only place for a row-wise
+        metric's maths.
         """
-        from probekit.adapter import Adapter
-
-        no_geometry = type(adapter).geometry is Adapter.geometry
-        if "global" in self.requirements() and not adapter.global_attention and no_geometry:
-            raise UnsupportedArchitectureError(
-                f"Metric {self.name!r} needs global attention (every query sees every patch); this "
-                "model attends within local windows, where the metric has no meaning. Use it on "
-                "global-attention ViTs only."
-            )
-        if self.needs == "hidden" and not adapter.provides_hidden:
-            raise UnsupportedArchitectureError(
-                f"Metric {self.name!r} needs each block's output tokens, which the {adapter.name!r} "
-                "adapter cannot tap."
-            )
-
-    def requirements(self) -> tuple[str, ...]:
-        """What this instance needs of every layer: ``requires`` (less ``"global"`` for a metric that set
-        ``requires_global_attention = False``); options may add to it (CLS queries need ``"cls"``)."""
-        if not self.requires_global_attention:
-            return tuple(r for r in self.requires if r != "global")
-        return tuple(self.requires)
-
-    def check_geometry(self, geometry, layers=None) -> None:
-        """Refuse (before any computation) a model whose layers lack what this metric needs.
-
-        Args:
-            geometry: a :class:`~probekit.geometry.ModelGeometry` for the input about to run.
-            layers: the layer indices that will be probed (None: all).
-        """
-        from probekit.geometry import REQUIREMENTS, layout_lacks
-
-        if self.needs != "attention":
-            return
-        for i in range(geometry.num_layers) if layers is None else sorted(layers):
-            g = geometry.layer(i)
-            for req in ("tokens", *self.requirements()):
-                why = layout_lacks(g, req) if isinstance(g, TokenLayout) else g.lacks(req)
-                if why:
-                    raise UnsupportedArchitectureError(
-                        f"Metric {self.label!r} needs {REQUIREMENTS[req]}, but layer {i} of this model {why}. "
-                        "Probe other layers (layers=[...]) or use a metric whose requirements this layer "
-                        "meets (`probekit metrics` lists them)."
-                    )
-
-    def geometry_queries(self) -> str:
-        """Which queries :meth:`window_sum` sums over: ``"patches"`` (default) or ``"cls"``."""
-        return "patches"
-
-    def window_sum(self, probs: torch.Tensor, geometry, groups: torch.Tensor, **kw) -> torch.Tensor:
-        """Sum of the per-query values over a grouped layer's queries (:mod:`probekit.engine.grouped`).
-
-        Args:
-            probs: float32 attention of ``n`` groups (windows), ``[n, H, Tq, Tk]``.
-            geometry: the layer's :class:`~probekit.geometry.LayerGeometry`.
-            groups: ``[n]`` index of each group within its image (into the geometry's tables).
-
-        Returns:
-            ``[n, H, ...]``; the engine adds an image's groups and divides by its query count.
-        """
-        raise NotImplementedError(f"{type(self).__name__} does not describe windowed or pooled layers")
-
-    def query_rows(self, layout: TokenLayout) -> slice:
-        """Query rows the value is averaged over: the patch tokens by default."""
-        return slice(layout.num_prefix, layout.num_tokens)
-
-    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
-        """Per-query-row values of a block of rows: ``[B, H, R, T]`` -> ``[B, H, R, ...]``."""
-        raise NotImplementedError(f"{type(self).__name__} must define row_values or compute")
-
-    def row_sum(self, probs: torch.Tensor, layout: TokenLayout, rows: slice,
-                logits: torch.Tensor | None = None) -> torch.Tensor:
-        """Sum of :meth:`row_values` over the rows of a block: ``[B, H, R, T]`` -> ``[B, H, ...]``.
-
-        What the engine calls per block (it divides by the row count at the end). Override it
-        when the sum has a faster form than the rows one by one (MAD: one matrix-vector product).
-        A metric with ``uses_logits = True`` also gets ``logits=``: the block's float32 softmax
-        inputs (same shape; None when the tap handed over probabilities), e.g. for entropy
-        without a logarithm per element.
-        """
-        kw = {} if logits is None else {"logits": logits}
-        return self.row_values(probs, layout, rows, **kw).sum(dim=2)
-
-    def kernel_row_sum(self, terms, layout: TokenLayout, rows: slice) -> torch.Tensor | None:
-        """Like :meth:`row_sum`, from the fused kernel's per-row sums (a
-        :class:`probekit.engine.kernels.terms.RowTerms`).
-
-        Returns None where these options are not served (the engine then takes the blocked path).
-        """
-        return None
+        raise NotImplementedError(f"{type(self).__name__} must define row_values(self, block) (or declare reduces)")
 
     def compute(self, probs: torch.Tensor, layout: TokenLayout, logits: torch.Tensor | None = None) -> torch.Tensor:
         """One layer's per-image values from full probabilities ``[B, H, T, T]`` (and their logits).
 
-        ``logits`` reach :meth:`row_values` of a metric with ``uses_logits`` (as the engine hands
-        them over), e.g. for a renormalization over patch keys that cannot underflow
-        (:mod:`probekit.metric.patch_keys`).
+        The plain path every engine path is checked against: :meth:`row_values` on all of the
+        metric's query rows at once, then their mean. Metrics that reduce whole layers or
+        batches override it.
         """
+        if self.reduces != "rows":
+            raise NotImplementedError(f"{type(self).__name__} reduces {self.reduces}s: override compute")
         layout.check(probs.shape[-1], where="attention")
-        rows = self.query_rows(layout)
-        kw = {"logits": logits[:, :, rows].float()} if logits is not None and self.uses_logits else {}
-        return self.row_values(probs[:, :, rows].float(), layout, rows, **kw).mean(dim=2)
+        rows = query_span(self, layout)
+        block = Block(rows=rows, layout=layout, probs=probs[:, :, rows].float(),
+                      logits=None if logits is None else logits[:, :, rows].float())
+        values = self.row_values(block)
+        if values is None:
+            raise RuntimeError(f"{type(self).__name__}.row_values returned None for a block with probabilities: "
+                               "None means 'ask again with probabilities', so it must answer here.")
+        return block.sum_rows(values, self.per_head) / max(block.num_rows, 1)
 
-    def compute_hidden(self, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """One layer's per-image values from its output tokens ``[B, T, D]`` (hidden metrics)."""
-        raise NotImplementedError(f"{type(self).__name__} must define compute_hidden")
+    # -- engine hooks (metrics that reduce whole layers or batches) ---------------------------------
+    def on_attention(self, layer: int, attn, layout) -> torch.Tensor | None:
+        """Per-image values of one layer from its tapped attention (``reduces = "layer"``), or None
+        (``reduces = "batch"``: keep state, answer in :meth:`on_batch_end`).
 
-    # -- engine hooks (override for metrics that are not row-wise reductions) -------------------
-    def on_batch_start(self, layout: TokenLayout) -> None:
-        """Called before each batch's forward pass."""
-
-    def on_attention(self, layer: int, attn: LayerAttention, layout: TokenLayout) -> torch.Tensor | None:
-        """Per-image values of one layer, or None (cross-layer metrics keep state instead)."""
+        ``attn`` is the layer's :class:`~probekit.attention.LayerAttention` (``attn.probs(rows)``,
+        ``attn.block(rows)`` give float32 probabilities a block of rows at a time); ``layout`` its
+        :class:`~probekit.tokens.TokenLayout` (or a :class:`~probekit.geometry.LayerGeometry` for
+        metrics whose ``requires`` admit grouped layers).
+        """
         return self.compute(attn.probs(), layout)
 
     def on_hidden(self, layer: int, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor | None:
-        return self.compute_hidden(hidden, layout)
+        """Per-image values of one layer from its output tokens ``[B, T, D]`` (hidden metrics), or None
+        (``reduces = "batch"``)."""
+        raise NotImplementedError(f"{type(self).__name__} must define on_hidden (needs = 'hidden')")
 
     def on_batch_end(self) -> dict[int, torch.Tensor]:
-        """Cross-layer metrics: per-image values keyed by layer (or -1 for the whole model)."""
+        """``reduces = "batch"``: per-image values keyed by layer (or -1 for the whole model)."""
         return {}
 
     # -- declared, mergeable state ------------------------------------------------------------------
@@ -346,8 +308,8 @@ class Metric:
 
         ``reduce`` is one of ``sum``, ``cat``, ``max``, ``min``, ``same`` (see
         :mod:`probekit.metric.state`); a ``dict`` default is keyed state (e.g. per layer), reduced
-        per key. The state is an attribute (``self.<name>``); reset, merge, state_dict and
-        load_state_dict handle it, so a metric writes none of them.
+        per key. The state is an attribute (``self.<name>``); reset, merge and state_dict handle
+        it, so a metric writes none of them.
         """
         if reduce not in REDUCTIONS:
             raise ConfigError(
@@ -397,8 +359,9 @@ class Metric:
     def merge(self, other: Metric | dict) -> Metric:
         """Fold another instance's state, or a :meth:`state_dict`, into this one; returns self.
 
-        Both paths refuse another metric or other options (:class:`ConfigError`): merging
-        ``mad[units=patch]`` into ``mad`` would average patches with pixels.
+        Both refuse another metric or other options (:class:`ConfigError`): merging
+        ``mad[units=patch]`` into ``mad`` would average patches with pixels. Restoring a saved
+        state is a merge into a fresh instance: ``type(m)(**m.options()).merge(state)``.
         """
         if isinstance(other, Metric) and type(other) is not type(self):
             raise ConfigError(f"Cannot merge {type(other).__name__} {other.label} into "
@@ -413,12 +376,6 @@ class Metric:
             object.__setattr__(self, name, merged)
         return self
 
-    def load_state_dict(self, state: dict) -> None:
-        """Replace all state with ``state`` (a :meth:`state_dict` of the same metric and options)."""
-        self._check_state(state)
-        self.reset()
-        self.merge(state)
-
     def _check_state(self, state: Any) -> None:
         if not isinstance(state, dict) or not {"name", "options", "state"} <= set(state):
             raise ConfigError(f"Cannot merge into {self.label}: {type(state).__name__} is not a metric state_dict "
@@ -429,7 +386,8 @@ class Metric:
         except ConfigError:
             pass
         if state["name"] != self.name or opts != self.options():
-            theirs = format_label(state["name"], opts, self.default_options() if state["name"] == self.name else {})
+            defaults = option_defaults(type(self)) if state["name"] == self.name else {}
+            theirs = format_label(state["name"], opts, defaults)
             raise ConfigError(
                 f"Cannot merge the state of {theirs} into {self.label}: different metric or options. Merge only "
                 "states of the same metric with the same options."
@@ -437,3 +395,18 @@ class Metric:
         if set(state["state"]) != set(self._states):
             raise ConfigError(f"Cannot merge into {self.label}: state {sorted(state['state'])} "
                               f"!= declared {sorted(self._states)}.")
+
+
+def query_span(metric: Metric, layout: TokenLayout) -> slice:
+    """The query rows of ``layout`` a row-wise ``metric`` averages over (its ``query_tokens``)."""
+    if metric.query_tokens == "cls":
+        i = layout.cls_index(f"metric {metric.name!r}")
+        return slice(i, i + 1)
+    if metric.query_tokens == "all":
+        return slice(0, layout.num_tokens)
+    return slice(layout.num_prefix, layout.num_tokens)
+
+
+def requirements(metric: Metric) -> tuple[str, ...]:
+    """What ``metric`` needs of every layer: its ``requires``, and ``"cls"`` for class-token queries."""
+    return tuple(metric.requires) + (("cls",) if metric.query_tokens == "cls" and "cls" not in metric.requires else ())

@@ -6,8 +6,8 @@ its mass on prefix tokens (attention sinks): the patch-key probabilities underfl
 (below ~1e-38 they are 0; well before that they lose their digits), and the renormalized row
 is garbage, e.g. entropies above ln N. The renormalized row is exactly the softmax of the
 patch-key logits alone, ``p_k / sum_patch p = softmax(z_patch)_k``, which is stable at any
-gap between prefix and patch logits: the engine hands logits to metrics that ask for them
-(``uses_logits``).
+gap between prefix and patch logits: the engine hands blocks their logits wherever it has them
+(``block.logits``).
 
 Where only probabilities exist (a tap that hands over probabilities, e.g. ONNX graphs, or
 :meth:`~probekit.Metric.compute` called on probabilities), the fallback divides by the patch

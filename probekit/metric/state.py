@@ -6,7 +6,7 @@ A metric declares each piece of state once, with its default and how to reduce t
     self.add_state("hits", default=torch.zeros(()), reduce="sum")
     self.add_state("values", default={}, reduce="cat")          # {layer: [tensors]}
 
-From the declarations the base class writes reset, merge, state_dict and load_state_dict once
+From the declarations the base class writes reset, merge and state_dict once
 for every metric. Why: sharded, resumed and distributed runs combine partial results through
 exactly this state, so state a metric keeps anywhere else is lost when runs combine (the
 conformance kit checks that nothing else changes between batches).

@@ -210,7 +210,7 @@ def _run_record(cfg: RunConfig, run: CheckedRun) -> RunRecord:
             skipped=[list(s) for s in images.skipped], notes=[list(n) for n in images.notes],
             labels=images.labels, groups=images.groups,
             refs=None if images.refs is None else [str(r) for r in images.refs], source=images.origin),
-        metrics={m.label: MetricRecord(name=m.name, options=m.options(), unit=m.value_unit()) for m in run.metrics},
+        metrics={m.label: MetricRecord(name=m.name, options=m.options(), unit=m.unit) for m in run.metrics},
         models=[], failures=[], versions=library_versions(),
     )
 

@@ -188,8 +188,7 @@ class Recorder:
         for j, k in here:
             self._bg[k] = _background(pixels[j])
             self._rows[k], self._cls[k] = {}, {}
-        self._rollout = metrics.get("rollout")(query=self.query)
-        self._rollout.on_batch_start(layout)
+        self._rollout = metrics.get("rollout")(query=self.query)  # a fresh one per batch
         self._here = here
 
     def _attention(self, layer: int, attn: Any, layout: Any) -> None:

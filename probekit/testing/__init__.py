@@ -3,12 +3,14 @@
 Each requirement is one module-level ``check_<property>(name, obj, **kw)`` function that opens
 with a comment on why it matters, builds tiny seeded inputs, and fails with an
 ``AssertionError`` naming the plugin. Generators pick the checks that apply from the plugin's
-capability constants (``provides_hidden``, ``rowwise``, ...), so no check branches on types.
+capability constants (``provides_hidden``, ``reduces``, ...), so no check branches on types.
 Two front doors run them:
 
 - :func:`check_adapter` / :func:`check_metric` run every check and return records
   ``(check, status, exception, reason)``; ``on_fail`` sets strictness, and
-  ``expected_failed_checks={check name: reason}`` marks known failures as ``xfail``.
+  ``expected_failed_checks={check name: reason}`` marks known failures as ``xfail``; a class's
+  declared ``not_applicable_checks = {check name: reason}`` (adapters and metrics alike) skips
+  those checks with the reason, and any other check that cannot run fails.
 - :func:`parametrize_with_checks` makes each check a pytest case (select with ``-k``).
 
 >>> from probekit.testing import check_metric
@@ -41,8 +43,9 @@ from probekit.testing.adapters import (
 from probekit.testing.metrics import (
     check_batch_order_invariance,
     check_batch_size_invariance,
-    check_blockwise_rows,
+    check_engine_paths,
     check_finite_on_random_attention,
+    check_grouped_paths,
     check_merge_refuses_other_options,
     check_merged_halves,
     check_name,
@@ -68,5 +71,5 @@ __all__ = [
     "check_merge_refuses_other_options",
     "check_merged_halves", "check_reset_restores_defaults", "check_batch_size_invariance",
     "check_batch_order_invariance", "check_result_before_update_warns", "check_state_dict_round_trip",
-    "check_finite_on_random_attention", "check_blockwise_rows",
+    "check_finite_on_random_attention", "check_engine_paths", "check_grouped_paths",
 ]

@@ -1,5 +1,6 @@
 """Metric conformance checks on seeded random attention: merge, reset, batch size and order
-invariance, the empty-result warning, state round trips, finiteness and row blocks.
+invariance, the empty-result warning, state round trips, finiteness, and every engine path against
+the plain-probability path (:mod:`probekit.testing.paths`).
 
 Each ``check_<property>(name, metric)`` clones the metric it is given; :func:`metric_checks`
 yields those that apply.
@@ -23,7 +24,7 @@ from probekit.errors import ConfigError
 from probekit.metric import Metric
 from probekit.metric.options import alternatives, declared_options
 from probekit.metric.state import REDUCTIONS
-from probekit.testing.records import SkipCheck
+from probekit.testing.paths import check_engine_paths, check_grouped_paths
 from probekit.tokens import TokenLayout
 
 __all__ = [
@@ -31,7 +32,7 @@ __all__ = [
     "check_merge_refuses_other_options",
     "check_merged_halves", "check_reset_restores_defaults", "check_batch_size_invariance",
     "check_batch_order_invariance", "check_result_before_update_warns", "check_state_dict_round_trip",
-    "check_finite_on_random_attention", "check_blockwise_rows",
+    "check_finite_on_random_attention", "check_engine_paths", "check_grouped_paths",
 ]
 
 _LAYOUT = TokenLayout(num_prefix=1, grid=(3, 4), patch_size=(8, 8))  # non-square on purpose
@@ -137,8 +138,7 @@ def check_state_dict_round_trip(name: str, metric: Metric) -> None:
         f"{name}: state_dict() must carry the metric's name and options; got name={state.get('name')!r}, "
         f"options={state.get('options')!r}"
     )
-    b = _clone(metric)
-    b.load_state_dict(copy.deepcopy(state))
+    b = _clone(metric).merge(copy.deepcopy(state))  # restoring a state: a merge into a fresh instance
     _same(name, "state_dict round trip", b.result(), a.result(), atol=0)
     _same(name, "state_dict round trip (per image)", b.per_image(), a.per_image(), atol=0)
     assert _equal_values(b.dataset_result(), a.dataset_result()), (
@@ -147,7 +147,7 @@ def check_state_dict_round_trip(name: str, metric: Metric) -> None:
 
 def check_merge_refuses_other_options(name: str, metric: Metric) -> None:
     # mad[units=patch] merged into mad would average patches with pixels: every merge path (an
-    # instance, a state_dict, load_state_dict) must refuse another metric's or other options' state.
+    # instance or a state_dict) must refuse another metric's or other options' state.
     batch = _batch()
     mine = _clone(metric)
     _run(mine, batch)
@@ -159,14 +159,11 @@ def check_merge_refuses_other_options(name: str, metric: Metric) -> None:
             _run(theirs, batch)
             foreign += [(theirs.label, theirs), (f"{theirs.label} (state_dict)", theirs.state_dict())]
     for what, other in foreign:
-        for how in ("merge", "load_state_dict"):
-            if how == "load_state_dict" and isinstance(other, Metric):
-                continue
-            try:
-                getattr(_clone(metric), how)(copy.deepcopy(other) if isinstance(other, dict) else other)
-            except ConfigError:
-                continue
-            raise AssertionError(f"{name}: {how}() accepted the state of {what}; it must raise ConfigError")
+        try:
+            _clone(metric).merge(copy.deepcopy(other) if isinstance(other, dict) else other)
+        except ConfigError:
+            continue
+        raise AssertionError(f"{name}: merge() accepted the state of {what}; it must raise ConfigError")
 
 
 def check_state_declared(name: str, metric: Metric) -> None:
@@ -211,17 +208,6 @@ def check_finite_on_random_attention(name: str, metric: Metric) -> None:
         40 * torch.randn(batch["probs"][0].shape, generator=torch.Generator().manual_seed(6)), -1)
     for layer, v in _run(_clone(metric), batch).items():
         assert torch.isfinite(v).all(), f"{name}: non-finite values at layer {layer}"
-
-
-def check_blockwise_rows(name: str, metric: Metric) -> None:
-    # The engine feeds row-wise metrics blocks of query rows (long sequences never hold [B,H,T,T]);
-    # one row at a time must equal compute() on the whole matrix.
-    if not metric.rowwise or metric.needs != "attention":
-        raise SkipCheck(f"{name}: not a row-wise attention metric")
-    batch = _batch()
-    tiny = _run(_clone(metric), batch, block_mb=1e-9)  # one query row per block
-    whole = {layer: _clone(metric).compute(batch["probs"][layer], batch["layout"]).float() for layer in tiny}
-    _same(name, "row blocks vs compute()", tiny, whole)
 
 
 def check_options_declared(name: str, metric: Metric) -> None:
@@ -291,5 +277,6 @@ def metric_checks(metric: Metric) -> Iterator[Callable]:
     yield check_result_before_update_warns
     yield check_state_dict_round_trip
     yield check_finite_on_random_attention
-    if metric.rowwise and metric.needs == "attention":
-        yield check_blockwise_rows
+    if metric.reduces == "rows" and metric.needs == "attention":
+        yield check_engine_paths
+        yield check_grouped_paths

@@ -47,12 +47,12 @@ def _declared(table: dict[str, str], check: Callable) -> str:
     return table.get(_check_name(check), table.get(_check_name(getattr(check, "func", check)), ""))
 
 
-def _not_applicable(obj) -> dict[str, str] | None:
-    """An adapter's declared ``{check: why it does not apply}`` (None for metrics: their skips stand)."""
+def _not_applicable(obj) -> dict[str, str]:
+    """An adapter's or a metric's declared ``not_applicable_checks``: ``{check: why it does not apply}``."""
     ad = obj.adapter if isinstance(obj, ProbedModel) else obj
-    if isinstance(ad, Adapter):
+    if isinstance(ad, (Adapter, Metric)):
         return dict(ad.not_applicable_checks or {})
-    return None
+    return {}
 
 
 def _run_checks(obj, checks: Iterable[Callable], expected_failed_checks, on_fail) -> list[CheckRecord]:
@@ -64,20 +64,17 @@ def _run_checks(obj, checks: Iterable[Callable], expected_failed_checks, on_fail
     for check in checks:
         cname = _check_name(check)
         reason = _declared(expected, check)
-        why_not = _declared(not_applicable or {}, check)
+        why_not = _declared(not_applicable, check)
         if why_not:
             records.append(CheckRecord(cname, "skipped", None, f"declared not applicable: {why_not}"))
             continue
         try:
             detail = check(name, obj)
             rec = CheckRecord(cname, "xpass" if reason else "passed", None, reason or (detail or ""))
-        except SkipCheck as exc:
-            if not_applicable is None:
-                rec = CheckRecord(cname, "skipped", exc, str(exc))
-            else:  # an adapter check that cannot run is a failure unless declared (green never hides a skip)
-                msg = (f"could not run: {exc}. If it does not apply to this adapter, say why in its "
-                       f"not_applicable_checks = {{{_check_name(getattr(check, 'func', check))!r}: '<reason>'}}.")
-                rec = CheckRecord(cname, "xfail" if reason else "failed", exc, reason or msg)
+        except SkipCheck as exc:  # a check that cannot run is a failure unless declared (green never hides a skip)
+            msg = (f"could not run: {exc}. If it does not apply, say why in the class's "
+                   f"not_applicable_checks = {{{_check_name(getattr(check, 'func', check))!r}: '<reason>'}}.")
+            rec = CheckRecord(cname, "xfail" if reason else "failed", exc, reason or msg)
         except Exception as exc:  # a failing check is data here, reported per check
             rec = CheckRecord(cname, "xfail" if reason else "failed", exc, reason or f"{type(exc).__name__}: {exc}")
         records.append(rec)
@@ -117,19 +114,15 @@ def check_metric(metric, expected_failed_checks: dict[str, str] | None = None,
                  on_fail: str | None = "raise") -> list[CheckRecord]:
     """Run every metric check on ``metric`` (an instance, a class or a registered name).
 
-    A metric class may declare ``expected_failed_checks = {check name: reason}`` (checks it
-    fails by design, e.g. CKA's minibatch estimator and merged halves); those are xfail.
+    A metric class declares ``not_applicable_checks = {check name: reason}`` for checks that do
+    not apply to it by design (e.g. CKA's minibatch estimator and merged halves), as adapters do;
+    those are recorded as skipped with the reason. ``expected_failed_checks`` (the caller's) are xfail.
 
     Returns:
         One :class:`CheckRecord` per check (see :func:`check_adapter` for the arguments).
     """
     metric = _as_metric(metric)
-    return _run_checks(metric, metric_checks(metric), _expected(metric, expected_failed_checks), on_fail)
-
-
-def _expected(obj, given: dict[str, str] | None) -> dict[str, str]:
-    """The plugin's own ``expected_failed_checks`` (a class attribute, with reasons), then ``given``."""
-    return {**dict(getattr(type(obj), "expected_failed_checks", None) or {}), **dict(given or {})}
+    return _run_checks(metric, metric_checks(metric), expected_failed_checks, on_fail)
 
 
 def parametrize_with_checks(objs: list, expected_failed_checks: Callable[[Any], dict] | None = None):
@@ -146,16 +139,23 @@ def parametrize_with_checks(objs: list, expected_failed_checks: Callable[[Any], 
     for obj in objs:
         obj = _as_metric(obj) if isinstance(obj, (str, type)) else obj
         gen = metric_checks(obj) if isinstance(obj, Metric) else adapter_checks(obj)
-        expected = _expected(obj, expected_failed_checks(obj) if expected_failed_checks else None)
+        expected = dict(expected_failed_checks(obj) if expected_failed_checks else {})
+        not_applicable = _not_applicable(obj)
         for check in gen:
             cname = _check_name(check)
             bound = functools.partial(_call, check, _label(obj))
             marks = [pytest.mark.xfail(reason=expected[cname])] if cname in expected else []
+            if _declared(not_applicable, check):
+                marks = [pytest.mark.skip(reason=f"declared not applicable: {_declared(not_applicable, check)}")]
             params.append(pytest.param(obj, bound, id=f"{_label(obj)}-{cname}", marks=marks))
     return pytest.mark.parametrize("obj, check", params)
 
 
 def _call(check: Callable, name: str, obj) -> None:
     ad = getattr(obj, "adapter", obj)
-    with ad.evaluating() if isinstance(ad, Adapter) else contextlib.nullcontext():  # as check_adapter runs them
-        check(name, obj)
+    try:
+        with ad.evaluating() if isinstance(ad, Adapter) else contextlib.nullcontext():  # as check_adapter runs them
+            check(name, obj)
+    except SkipCheck as exc:  # a check that cannot run fails (declared ones never get here: skip marks)
+        raise AssertionError(f"{name}: {_check_name(check)} could not run: {exc}. If it does not apply, say why in "
+                             "the class's not_applicable_checks = {check name: reason}.") from exc

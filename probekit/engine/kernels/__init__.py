@@ -1,6 +1,6 @@
-"""Kernels that make a block's softmax and the per-row sums the metrics read.
+"""Kernels that make a block's softmax and the per-row sums the metrics read
+(:class:`probekit.metric.terms.RowTerms`).
 
-- :mod:`probekit.engine.kernels.terms`: the row-terms type every kernel fills;
 - :mod:`probekit.engine.kernels.policy`: which attention pass runs (the one-pass rule);
 - :mod:`probekit.engine.kernels.block_terms`: the PyTorch blocks;
 - :mod:`probekit.engine.kernels.cpu`: the C row kernel (``_cpu_rows.c``), built at first use;

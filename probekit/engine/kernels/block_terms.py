@@ -11,10 +11,10 @@ MAD's distance sums and the prefix masses besides, in one pass over each row, in
 torch's softmax alone takes (same section). Elsewhere (CUDA, or no C compiler) PyTorch makes
 :data:`BLOCK_TERMS` chunk by chunk.
 
-The sums are the fused GPU kernel's :class:`~probekit.engine.kernels.terms.RowTerms`, for the rows of one
+The sums are the fused GPU kernel's :class:`~probekit.metric.terms.RowTerms`, for the rows of one
 block: a metric whose ``kernel_terms`` lie within :func:`terms_served` is served through the
-same :meth:`~probekit.Metric.kernel_row_sum` on the blocked path as on the kernel (and falls back
-to its ``row_sum`` where that returns None, e.g. a patch mass that underflowed float32).
+same :meth:`~probekit.Metric.row_values` (``block.terms``) on the blocked path as on the kernel (and is
+asked again with probabilities where it returns None, e.g. a patch mass that underflowed float32).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 
 from probekit.attention import Workspace
 from probekit.engine.kernels import cpu as cpu_kernel
-from probekit.engine.kernels.terms import RowTerms
 from probekit.metric.patch_keys import log_partition
+from probekit.metric.terms import RowTerms
 from probekit.tokens import TokenLayout
 
 __all__ = ["BLOCK_TERMS", "layer_terms", "softmax_with_terms", "terms_served"]
@@ -51,8 +51,8 @@ def layer_terms(batch: int, heads: int, tokens: int, num_prefix: int, want, devi
 
 
 def softmax_with_terms(logits: torch.Tensor, batch: slice, rows: slice, layout: TokenLayout,
-                       workspace: Workspace, into: RowTerms,
-                       unnormalized: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       workspace: Workspace, into: RowTerms, unnormalized: bool = False,
+                       native: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Write ``softmax(logits)`` (contiguous float32 ``[b, H, R, T]``: the query ``rows`` of the images
     ``batch``) to the workspace's ``probs`` buffer and its row terms to a layer's terms ``into``
     (:func:`layer_terms`).
@@ -66,9 +66,10 @@ def softmax_with_terms(logits: torch.Tensor, batch: slice, rows: slice, layout: 
     to multiply them by V, and not the logits) the C kernel leaves each row as ``exp(z - max)``,
     written over the logits (one buffer less through the cache), and ``row_scale`` is the rows'
     ``1 / sum`` (``[b, H, R]``) to scale the product with, and the ``probs`` buffer is not touched;
-    otherwise ``(probs, None)``.
+    otherwise ``(probs, None)``. ``native=False``: PyTorch's chunks even where the C kernel built
+    (what the conformance kit checks that path with).
     """
-    kernel = cpu_kernel.available(logits)
+    kernel = native and cpu_kernel.available(logits)
     if kernel and unnormalized:
         inv = workspace.get("row_inv", logits.shape[:-1], logits.device)
         cpu_kernel.softmax_terms(logits, logits, batch, rows, layout, into, inv)

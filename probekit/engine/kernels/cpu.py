@@ -8,8 +8,8 @@ and every sum in the passes over each row that the softmax needs anyway, with th
 maximum, then ``exp`` with the running sums (a query's distances to every key computed from token
 indices once and shared by its heads; no distance matrix), then the normalization, which is left
 out where only ``P @ V`` reads the rows (its ``[R, dv]`` product is scaled instead). The sums are the fused GPU kernel's
-:class:`~probekit.engine.kernels.terms.RowTerms` for the rows of one block, so metrics read them through the
-same :meth:`~probekit.Metric.kernel_row_sum` (:mod:`probekit.engine.kernels.block_terms`).
+:class:`~probekit.metric.terms.RowTerms` for the rows of one block, so metrics read them through the
+same :meth:`~probekit.Metric.row_values` (``block.terms``) (:mod:`probekit.engine.kernels.block_terms`).
 
 It is C, compiled at first use with the system's C compiler (``cc``, or ``$CC``) for this CPU
 (``-march=native``) into ``~/.cache/probekit`` (``$PROBEKIT_CACHE_DIR``), and loaded with
@@ -39,12 +39,12 @@ from pathlib import Path
 
 import torch
 
-from probekit.engine.kernels.terms import RowTerms
+from probekit.metric.terms import RowTerms
 from probekit.tokens import TokenLayout
 
 __all__ = ["library", "RowKernel", "available", "build_error", "softmax_terms", "TERMS"]
 
-#: The terms this kernel makes (a subset of :data:`probekit.engine.kernels.terms.TERMS`: no histogram).
+#: The terms this kernel makes (a subset of :data:`probekit.metric.terms.TERMS`: no histogram).
 TERMS = frozenset({"lse", "patch_mass", "patch_logit", "dist", "prefix"})
 
 _SOURCE = Path(__file__).with_name("_cpu_rows.c")

@@ -16,7 +16,7 @@ output ``sum_j p_ij v_j``, keeps per query row:
 - ``hist``: the patch mass per distance bin (squared distances against squared bin edges).
 
 The per-row terms are ``[B, H, T]`` (``[B, H, T, k]``): metrics sum them over their query rows on
-the device (:meth:`probekit.metric.Metric.kernel_row_sum`). Which metrics the kernel serves is
+the device (``block.terms`` of :meth:`probekit.metric.Metric.row_values`). Which metrics the kernel serves is
 declared by each metric (``Metric.kernel_terms``); the others take the blocked PyTorch path in
 the same run. Correctness is tested on CPU under Triton's interpreter (``TRITON_INTERPRET=1``).
 """
@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from probekit.engine.kernels.terms import TERMS, RowTerms
+from probekit.metric.terms import TERMS, RowTerms
 from probekit.tokens import TokenLayout
 
 __all__ = ["available", "RowTerms", "attention_rows", "run_layer", "wanted", "TERMS"]
@@ -71,26 +71,21 @@ def wanted(attn, mode: str) -> bool:
     return True
 
 
-def run_layer(attn, layout: TokenLayout, metrics: list, output: bool) -> dict[str, torch.Tensor]:
-    """One kernel pass over a layer for the metrics that declare ``kernel_terms``.
+def run_layer(attn, layout: TokenLayout, metrics: list, output: bool) -> RowTerms:
+    """One kernel pass over a layer: the per-row terms ``metrics`` declare (``kernel_terms``).
 
-    Returns ``{label: sum over the metric's query rows}`` for the metrics served (the others
-    are left to the blocked path); with ``output``, also fills ``attn.output``. The first
-    distance-profile metric chooses the histogram's bins; one with other bins falls back.
+    ``attn``: the layer's :class:`~probekit.engine.blocks.LayerBlocks`. With ``output``, also fills its
+    ``output``. The first distance-profile metric chooses the
+    histogram's bins (``kernel_histogram``); a metric with other bins reads ``terms.hist_spec``
+    and answers None, and the engine takes the blocked path for it.
     """
-    candidates = [m for m in metrics if m.kernel_terms]
-    want = set().union(*(m.kernel_terms for m in candidates)) if candidates else set()
-    hist = next((m.kernel_histogram(layout) for m in candidates if "hist" in m.kernel_terms), None)
+    want = set().union(*(m.kernel_terms for m in metrics)) if metrics else set()
+    hist = next((m.kernel_histogram(layout) for m in metrics if "hist" in m.kernel_terms), None)
     if output:
         attn.start_output()
-    terms = attention_rows(attn.q, attn.k, attn.v if output else None, attn.scale, attn.bias, layout,
-                           want=want, hist=hist, out=attn.output)
-    sums = {}
-    for m in candidates:
-        v = m.kernel_row_sum(terms, layout, m.query_rows(layout))
-        if v is not None:
-            sums[m.label] = v
-    return sums
+    rec = attn.attn
+    return attention_rows(rec.q, rec.k, rec.v if output else None, rec.scale, rec.bias, layout,
+                          want=want, hist=hist, out=attn.output)
 
 
 def _pow2(n: int, least: int = 1) -> int:

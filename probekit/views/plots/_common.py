@@ -81,7 +81,7 @@ def _axis_label(res: Results, metric: str) -> str:
     name = mm.get("display_name") or (m.display_name if m is not None else base)
     if metric != base:
         name = f"{name} {metric[len(base):]}"
-    unit = mm.get("unit") or (m.value_unit() if m is not None else "")
+    unit = mm.get("unit") or (m.unit if m is not None else "")
     return f"{name} ({unit})" if unit else name
 
 
@@ -195,7 +195,7 @@ def _geometry(res: Results, model: str) -> dict | None:
 def _reference(res: Results, model: str, metric: str) -> float | list[float] | None:
     """The metric's :meth:`~probekit.Metric.reference_value` for ``model``'s layout (None if it has none);
     for a model with a per-layer geometry (windows, pooled keys, stages), the per-layer values the
-    engine recorded (:meth:`~probekit.Metric.geometry_reference`), else None."""
+    engine recorded (:meth:`~probekit.Metric.reference_value`), else None."""
     m, lay = _metric(res, metric), _layout(res, model)
     if m is None or not lay:
         return None

@@ -61,7 +61,7 @@ def _metric_info(label: str, rec: MetricRecord | None, results: Results, models:
     name, opts = (rec.name, rec.options) if rec is not None else (label, {})
     m = _metric(results, label)  # None when its plugin is not installed here: drawn under its label
     display = getattr(m, "display_name", None) or name
-    unit = (rec.unit if rec is not None else None) or (m.value_unit() if m is not None else "")
+    unit = (rec.unit if rec is not None else None) or (m.unit if m is not None else "")
     refs = {}
     for model in models:
         try:

@@ -1,9 +1,9 @@
 """The Gini coefficient of attention: how unequally a head spreads each query's attention.
 
 The worked metric of probekit's plugin guide (docs/plugins.md). What it shows: a row-wise
-metric (``row_values`` gives one value per query row and the engine averages over rows, a block
-of rows at a time), declared options, and the display name, unit and reference value that
-tables and figures read.
+metric (``row_values`` gives one value per query row of a block and the engine averages over the
+query patches, a block of rows at a time, whatever path computed the block), declared options, and
+the display name, unit and reference value that tables and figures read.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from probekit import Metric, TokenLayout
+from probekit.metric import Block
 
 
 def gini(weights: torch.Tensor) -> torch.Tensor:
@@ -64,9 +65,9 @@ class AttentionGini(Metric):
 
     keys: Literal["patches", "all"] = "patches"
 
-    def row_values(self, probs: torch.Tensor, layout: TokenLayout, rows: slice) -> torch.Tensor:
-        """``[B, H, R, T]`` query rows (absolute token indices ``rows``) -> ``[B, H, R]``."""
-        return gini(probs if self.keys == "all" else probs[..., layout.num_prefix :])
+    def row_values(self, block: Block) -> torch.Tensor:
+        """The block's query rows ``[B, H, R, T]`` (``block.probs``) -> ``[B, H, R]``."""
+        return gini(block.probs if self.keys == "all" else block.patch_rows())
 
     def reference_value(self, layout: TokenLayout) -> float:
         """Uniform attention has Gini 0: the line figures draw for "spread evenly"."""
