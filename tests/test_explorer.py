@@ -102,14 +102,16 @@ def test_the_probing_pass_records_the_showcase_without_a_pass_of_its_own(monkeyp
     np.testing.assert_array_equal(res.table["value"].to_numpy(), plain.table["value"].to_numpy())
 
 
-def test_a_layer_it_cannot_draw_is_its_failure_not_the_probes():
-    rec = explorer.Recorder([0], ["a"], 1, 1, 10**6)
-    lay = pk.TokenLayout(num_prefix=1, grid=(2, 2), patch_size=(8, 8))
-    rec.start(torch.tensor([0]), torch.zeros(1, 3, 16, 16), lay)
-    rec.attention(0, object(), "a windowed layer's geometry")  # not a TokenLayout: kept, not raised
-    rec.finish()
+def test_a_model_it_cannot_draw_is_its_failure_not_the_probes():
+    from probekit_tests_windowed import build
+
+    pm = build("swin")  # windowed layers: the explorer draws global attention only
+    x = torch.randn(3, 3, 56, 56)
+    rec = explorer.Recorder([1], ["b"], pm.num_layers, pm.num_heads, 10**6)
+    res = pk.probe(pm, x, ["mad"], batch_size=3, observer=rec)
     assert isinstance(rec.error, ValueError) and "global attention only" in str(rec.error)
     assert rec.arrays() is None
+    np.testing.assert_array_equal(res.table["value"].to_numpy(), pk.probe(pm, x, ["mad"]).table["value"].to_numpy())
 
 
 RUN = {"name": "explorer",
