@@ -373,9 +373,24 @@ def _draw_one(job: tuple[str, str]) -> list[Path]:
         plt.close(fig)
 
 
+def _threads() -> int:
+    """Threads of this process, native ones included (torch's and OpenMP's pools, kernels' workers)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        import threading
+
+        return threading.active_count()
+
+
 def _draw_all(jobs: list[tuple[str, str]], workers: int) -> list[Path]:
-    """Draw ``jobs`` serially, or in forked processes when there are cores and work to share."""
-    if workers > 1 and len(jobs) > 2 and hasattr(os, "fork"):
+    """Draw ``jobs`` serially, or in forked processes when there are cores and work to share.
+
+    Only from a process with one thread: a fork copies the locks other threads hold, and a child
+    blocked on one never returns (seen: both drawing children of a test process waiting on a futex
+    for minutes after the probing pass had started thread pools).
+    """
+    if workers > 1 and len(jobs) > 2 and hasattr(os, "fork") and _threads() == 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
