@@ -14,6 +14,7 @@ import torch
 
 from probekit.attention import SCRATCH_BYTES, LayerAttention, Workspace, blocks, no_autocast
 from probekit.engine.grouped import reduce_groups
+from probekit.engine.kernels import image_pass
 from probekit.engine.kernels import triton as kernel
 from probekit.engine.kernels.block_terms import layer_terms, softmax_with_terms, terms_served
 from probekit.engine.kernels.policy import ATTENTION_PASSES, one_pass
@@ -156,6 +157,14 @@ class MetricSink:
                     self._keep(m, layer, sums[m.label] / max(q.stop - q.start, 1))
             self.kernel_served |= set(sums)
             rest = [m for m in rest if m.label not in sums]  # the blocked path, same run
+        if (rest and attn.output is None and one_pass(attn, self.attention_pass)
+                and image_pass.applies(attn, rest, self.block_budget(attn.device))):  # short layers on CPU
+            done = image_pass.run_layer(attn, lay, rest, self.workspace)
+            for m in rest:
+                if done[m.label] is not None:
+                    q = m.query_rows(lay)
+                    self._keep(m, layer, done[m.label] / max(q.stop - q.start, 1))
+            rest = [m for m in rest if done[m.label] is None]  # the blocked path (the output is made)
         fused = bool(rest) and attn.output is None and one_pass(attn, self.attention_pass)
         if fused:
             attn.start_output()
@@ -166,7 +175,7 @@ class MetricSink:
             terms = None
             if termed:  # per-row terms of the whole layer, made block by block next to the softmax
                 terms = layer_terms(b, h, t, lay.num_prefix, frozenset().union(*(m.kernel_terms for m in termed)),
-                                    attn.device)
+                                    attn.device, self.workspace)
                 t_lo = min(spans[m.label].start for m in termed)
                 t_hi = max(spans[m.label].stop for m in termed)
             by_terms = {m.label for m in termed}
