@@ -144,18 +144,31 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple, torch.Tensor] = {}  # (name, shape, device) -> view of _buffers[name] (get)
         #: bytes of the chunk buffer that per-row sums run through (:func:`row_dot`,
         #: :mod:`probekit.engine.kernels.block_terms`); the engine sets it within its block budget
         self.scratch_bytes = SCRATCH_BYTES
 
     def get(self, name: str, shape: tuple[int, ...], device) -> torch.Tensor:
-        """A contiguous float32 view of ``shape`` on ``device`` (contents undefined)."""
+        """A contiguous float32 view of ``shape`` on ``device`` (contents undefined).
+
+        The same view object for the same request: every layer asks for the same few shapes, and
+        making each view again (a slice and a view per call) was a tenth of the engine's Python
+        per layer (issue 25). Callers write into it (``out=``), never change its shape.
+        """
+        key = (name, tuple(shape), device)
+        view = self._views.get(key)
+        if view is not None:
+            return view
         n = math.prod(shape)
         buf = self._buffers.get(name)
         if buf is None or buf.numel() < n or buf.device != torch.device(device):
             self._buffers.pop(name, None)
             buf = self._buffers[name] = torch.empty(n, dtype=torch.float32, device=device)
-        return buf[:n].view(shape)
+            for old in [k for k in self._views if k[0] == name]:  # views of the buffer this one replaces
+                del self._views[old]
+        view = self._views[key] = buf[:n].view(shape)
+        return view
 
     @contextlib.contextmanager
     def active(self):

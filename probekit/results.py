@@ -8,6 +8,7 @@ shaped ``[images, layers, ...]``. Parquet and CSV round-trip without loss.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -46,29 +47,33 @@ def _is_typed(df: pd.DataFrame) -> bool:
     index, each already of its type, category labels as ``astype(str).astype("category")`` makes
     them (strings, sorted, each used, none missing) and no missing image name (``astype(str)``
     would write it as text). Why: converting a typed table costs milliseconds of pandas calls,
-    a visible share of a small :func:`probekit.probe` call (issue 25)."""
-    index = df.index
-    if (list(df.columns[: len(COLUMNS)]) != COLUMNS or not isinstance(index, pd.RangeIndex)
-            or index.start != 0 or index.step != 1 or df.columns.has_duplicates):
+    a visible share of a small :func:`probekit.probe` call (issue 25); so do pandas' own checks
+    (hash tables for uniqueness and order), hence plain Python on the few labels."""
+    index, columns = df.index, list(df.columns)
+    if (columns[: len(COLUMNS)] != COLUMNS or len(set(columns)) != len(columns)
+            or not isinstance(index, pd.RangeIndex) or index.start != 0 or index.step != 1):
         return False
-    dtypes = df.dtypes
-    for col in ("layer", "head"):
-        if dtypes[col] != np.int16:
-            return False
-    if dtypes["value"] != np.float64 or dtypes["image"] != _STRING:
+    dtypes = dict(zip(columns, df.dtypes, strict=True))
+    if (dtypes["layer"] != np.int16 or dtypes["head"] != np.int16 or dtypes["value"] != np.float64
+            or dtypes["image"] != _STRING):
         return False
     for col in ("model", "metric"):
         dt = dtypes[col]
         if not isinstance(dt, pd.CategoricalDtype) or dt.ordered or dt.categories.dtype != _STR:
             return False
-        cats = dt.categories
-        if _STR == np.dtype(object) and not all(isinstance(c, str) for c in cats):
+        cats = dt.categories.tolist()
+        if not all(isinstance(c, str) for c in cats) or cats != sorted(set(cats)):
             return False
-        codes = df[col].cat.codes.to_numpy()
-        if not cats.is_monotonic_increasing or (codes < 0).any() or (
-                len(codes) and np.bincount(codes, minlength=len(cats)).min() == 0):
+        codes = df[col].array.codes
+        if (codes < 0).any() or (len(codes) and np.bincount(codes, minlength=len(cats)).min() == 0):
             return False
-    return not df["image"].isna().any()
+    return not df["image"].array.isna().any()
+
+
+@functools.lru_cache(maxsize=64)
+def _categories(labels: tuple[str, ...]) -> pd.CategoricalDtype:
+    """The category type of sorted, distinct ``labels`` (made once: pandas checks them on every build)."""
+    return pd.CategoricalDtype(pd.Index(list(labels), dtype=_STR))
 
 
 def long_table(model: str, names: np.ndarray, layer: np.ndarray, head: np.ndarray, labels: list[str],
@@ -86,13 +91,12 @@ def long_table(model: str, names: np.ndarray, layer: np.ndarray, head: np.ndarra
     sorted_labels = sorted(set(labels))
     where = np.array([sorted_labels.index(label) for label in labels], dtype=np.int64)
     return pd.DataFrame({
-        "model": pd.Categorical.from_codes(np.zeros(rows, dtype=np.int8),
-                                           dtype=pd.CategoricalDtype(pd.Index([str(model)], dtype=_STR))),
+        "model": pd.Categorical.from_codes(np.zeros(rows, dtype=np.int8), dtype=_categories((str(model),))),
         "image": pd.array(np.asarray(names, dtype=object).astype(str), dtype="string"),
         "layer": np.asarray(layer, dtype=np.int16),
         "head": np.asarray(head, dtype=np.int16),
         "metric": pd.Categorical.from_codes(where[np.asarray(metric, dtype=np.int64)],
-                                            dtype=pd.CategoricalDtype(pd.Index(sorted_labels, dtype=_STR))),
+                                            dtype=_categories(tuple(sorted_labels))),
         "value": np.asarray(value, dtype=np.float64),
     })
 

@@ -96,3 +96,122 @@ def test_a_tensors_batches_are_its_slices_strided_or_not():
         got = pk.probe(pm, images, metrics=["mad"], batch_size=batch).table
         pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-6, atol=1e-5)
     assert list(want["image"].unique()) == [str(i) for i in range(5)]
+
+
+# -- short layers on CPU: one attention pass per image (probekit.engine.kernels.image_pass) ----------------
+def _vit197(depth=2):
+    from probekit.testing import randomize_parameters
+
+    torch.manual_seed(0)
+    pm = pk.load("timm:vit_base_patch16_224", pretrained=False, embed_dim=32, depth=depth, num_heads=2)
+    randomize_parameters(pm.model, scale=0.2)  # sharper heads than random init's near-uniform ones
+    return pm
+
+
+def _count_image_pass(monkeypatch):
+    from probekit.engine.kernels import image_pass
+
+    calls = []
+    run = image_pass.run_layer
+    monkeypatch.setattr(image_pass, "run_layer", lambda *a, **k: calls.append(1) or run(*a, **k))
+    return calls
+
+
+def _values(pm, x, metrics, **kw) -> np.ndarray:
+    return pk.probe(pm, x, metrics=metrics, batch_size=2, **kw).table["value"].to_numpy()
+
+
+@pytest.mark.parametrize("metrics", [["mad"], ["mad", "entropy", "prefix_mass", {"mad": {"units": "patch"}},
+                                               {"mad": {"renormalize": True}}]], ids=["mad", "kernel terms"])
+def test_short_layers_take_the_image_pass_with_the_same_numbers(metrics, monkeypatch):
+    from probekit.engine.kernels import image_pass
+
+    pm = _vit197()
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(3))  # batches of 2 and 1
+    calls = _count_image_pass(monkeypatch)
+    got = _values(pm, x, metrics)
+    assert len(calls) == 2 * 2  # every layer of both batches (197 tokens: one pass, auto)
+    separate = _values(pm, x, metrics, attention_pass="separate")
+    monkeypatch.setattr(image_pass, "applies", lambda *a, **k: False)
+    blocked = _values(pm, x, metrics)  # the blocked one pass, as before
+    np.testing.assert_allclose(got, separate, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, blocked, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2 * 2
+
+
+def test_the_image_pass_output_is_the_models_own():
+    from probekit.engine.probe import MetricSink, build_metrics
+
+    pm = _vit197()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        plain = pm.adapter.forward(x)
+        sink = MetricSink(build_metrics(["mad"]))
+        with pm.adapter.tap(sink):
+            sink.start(pm.layout(x))
+            tapped = pm.adapter.forward(x)
+    rel = ((tapped - plain).abs().max() / plain.abs().max()).item()
+    assert rel < 5e-6, rel  # float32 rounding of another summation order (tests/test_one_pass.py: REL)
+
+
+def test_a_metric_the_kernel_cannot_serve_sends_the_layer_the_blocked_way(monkeypatch):
+    pm = _vit197()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    calls = _count_image_pass(monkeypatch)
+    metrics = ["mad", "distance_profile"]  # its histogram is no CPU kernel term
+    got = pk.probe(pm, x, metrics=metrics).table
+    assert calls == []
+    want = pk.probe(pm, x, metrics=metrics, attention_pass="separate").table
+    np.testing.assert_allclose(got["value"].to_numpy(), want["value"].to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_metric_that_declines_the_terms_gets_the_blocked_path_after_the_image_pass(monkeypatch):
+    pm = _vit197()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(6))
+    calls = _count_image_pass(monkeypatch)
+    metrics = ["mad", {"mad": {"queries": "cls"}}]  # CLS queries: row_values declines the terms (None)
+    got = _values(pm, x, metrics)
+    assert len(calls) == 2
+    np.testing.assert_allclose(got, _values(pm, x, metrics, attention_pass="separate"), rtol=1e-5, atol=1e-6)
+
+
+def test_the_image_pass_refuses_what_it_does_not_compute():
+    from probekit.attention import LayerAttention
+    from probekit.engine.kernels.image_pass import applies
+    from probekit.engine.probe import build_metrics
+
+    q = torch.randn(2, 3, 17, 8)
+    mad = build_metrics(["mad"])
+    assert applies(LayerAttention(q=q, k=q, v=q, scale=0.3), mad, 2**20)
+    refused = {
+        "a bias": (LayerAttention(q=q, k=q, v=q, scale=0.3, bias=torch.zeros(17, 17)), mad, 2**20),
+        "no v": (LayerAttention(q=q, k=q, scale=0.3), mad, 2**20),
+        "probabilities": (LayerAttention(probs_given=torch.rand(2, 3, 17, 17)), mad, 2**20),
+        "bf16": (LayerAttention(q=q.bfloat16(), k=q.bfloat16(), v=q.bfloat16(), scale=0.3), mad, 2**20),
+        "bf16 output": (LayerAttention(q=q, k=q, v=q, scale=0.3, out_dtype=torch.bfloat16), mad, 2**20),
+        "over budget": (LayerAttention(q=q, k=q, v=q, scale=0.3), mad, 3 * 17 * 17 * 8 - 1),
+        "fewer keys": (LayerAttention(q=q, k=q[:, :, :9], v=q[:, :, :9], scale=0.3), mad, 2**20),
+        "not a kernel term": (LayerAttention(q=q, k=q, v=q, scale=0.3), build_metrics(["distance_profile"]), 2**20),
+    }
+    for why, args in refused.items():
+        assert not applies(*args), why
+
+
+def test_the_kernel_without_the_logit_sum_gives_the_same_terms():
+    """MAD's terms alone take a loop without <p, z>_patch (probekit/engine/kernels/_cpu_rows.c): same numbers."""
+    from probekit.engine.kernels import cpu as cpu_kernel
+    from probekit.engine.kernels.block_terms import layer_terms
+
+    lay = pk.TokenLayout(num_prefix=1, grid=(5, 6), patch_size=(16, 16))
+    t = lay.num_tokens
+    z = torch.randn(2, 3, t, t, generator=torch.Generator().manual_seed(7)) * 4
+    out = {}
+    for name, want in (("all", cpu_kernel.TERMS), ("mad", frozenset({"dist", "patch_mass"}))):
+        terms = layer_terms(2, 3, t, lay.num_prefix, want, "cpu")
+        p = torch.empty_like(z)
+        cpu_kernel.softmax_terms(z, p, slice(0, 2), slice(0, t), lay, terms)
+        out[name] = (p, terms)
+    assert out["mad"][1].patch_logit is None
+    assert torch.equal(out["all"][0], out["mad"][0])
+    for key in ("lse", "patch_mass", "dist_px", "dist_grid"):
+        assert torch.equal(getattr(out["all"][1], key), getattr(out["mad"][1], key)), key

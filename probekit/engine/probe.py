@@ -274,7 +274,7 @@ def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: in
             batches = _batches(loader)
         with torch.inference_mode(), pm.adapter.evaluating(), pm.adapter.tap(sink), _autocast(dev, plan.dtype):
             while True:
-                with _signals_deferred():  # the loader's queues: never interrupted halfway (see there)
+                with _signals_deferred(queues):  # the loader's queues: never interrupted halfway (see there)
                     item = next(batches, None)
                 if item is None:
                     break

@@ -16,6 +16,7 @@ from probekit.attention import SCRATCH_BYTES, LayerAttention, Workspace, blocks,
 from probekit.engine.blocks import LayerBlocks
 from probekit.engine.checks import refuse_layers
 from probekit.engine.grouped import reduce_groups
+from probekit.engine.kernels import image_pass
 from probekit.engine.kernels import triton as kernel
 from probekit.engine.kernels.block_terms import BLOCK_TERMS, layer_terms, softmax_with_terms, terms_served
 from probekit.engine.kernels.policy import ATTENTION_PASSES, one_pass
@@ -175,6 +176,14 @@ class MetricSink:
                     done.add(m.label)
             self.kernel_served |= done
             rest = [m for m in rest if m.label not in done]  # the blocked path, same run
+        if (rest and comp.output is None and one_pass(attn, self.attention_pass) and self.row_terms == "auto"
+                and image_pass.applies(attn, rest, self.block_budget(attn.device))):  # short layers on CPU
+            sums = image_pass.run_layer(comp, lay, rest, self.workspace)
+            for m in rest:
+                if sums[m.label] is not None:
+                    q = query_span(m, lay)
+                    self._keep(m, layer, sums[m.label] / max(q.stop - q.start, 1))
+            rest = [m for m in rest if sums[m.label] is None]  # the blocked path (the output is made)
         fused = bool(rest) and comp.output is None and one_pass(attn, self.attention_pass)
         if fused:
             comp.start_output()
@@ -185,7 +194,7 @@ class MetricSink:
             terms: RowTerms | None = None
             if termed:  # per-row terms of the whole layer, made block by block next to the softmax
                 terms = layer_terms(b, h, t, lay.num_prefix, frozenset().union(*(m.kernel_terms for m in termed)),
-                                    attn.device)
+                                    attn.device, self.workspace)
                 t_lo = min(spans[m.label].start for m in termed)
                 t_hi = max(spans[m.label].stop for m in termed)
             by_terms = {m.label for m in termed}

@@ -49,6 +49,8 @@ GLOBAL_PATHS: dict[str, dict[str, Any]] = {
                                                                           row_terms="none"),
     "PyTorch's per-row sums next to the softmax": dict(tap="qk", attention_pass="separate", row_terms="torch"),
     "the C row kernel's per-row sums (one attention pass)": dict(tap="qkv", attention_pass="fused", row_terms="auto"),
+    "one attention pass per image (the C row kernel, no bias: short layers on CPU)":
+        dict(tap="qkv", attention_pass="fused", row_terms="auto", bias=False),
     "the Triton kernel's per-row sums": dict(tap="qkv", attention_pass="kernel", row_terms="auto"),
 }
 
@@ -68,13 +70,17 @@ def _qkv(items: int, tq: int, tk: int, seed: int, device="cpu") -> dict[str, Any
 
 def _plain_probs(case: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(probs, logits)`` of a case, made in float64 and rounded to float32 once."""
-    z = case["q"].double() @ case["k"].double().transpose(-1, -2) * case["scale"] + case["bias"].double()
+    z = case["q"].double() @ case["k"].double().transpose(-1, -2) * case["scale"]
+    if case["bias"] is not None:
+        z = z + case["bias"].double()
     return torch.softmax(z, -1).float(), z.float()
 
 
 def _engine(metric: Metric, case: dict[str, Any], layout: TokenLayout, geometry: ModelGeometry | None = None,
-            tap: str = "qk", **sink_kw) -> torch.Tensor:
+            tap: str = "qk", bias: bool = True, **sink_kw) -> torch.Tensor:
     """One layer through the engine's sink, as a forward pass would report it: per-image values."""
+    if not bias:
+        case = {**case, "bias": None}
     sink = MetricSink([metric], **sink_kw)
     sink.start(layout, geometry)
     if tap == "probs":
@@ -118,9 +124,11 @@ def check_engine_paths(name: str, metric: Metric) -> None:
     # kernel) must give the plain path's values: a fast form that reads the wrong kernel term
     # would otherwise pass every other check and be wrong on every real model.
     case = _qkv(_B, _LAYOUT.num_tokens, _LAYOUT.num_tokens, seed=11)
-    plain = _clone(metric).compute(_plain_probs(case)[0], _LAYOUT).float()
+    plains = {bias: _clone(metric).compute(_plain_probs(case if bias else {**case, "bias": None})[0], _LAYOUT).float()
+              for bias in (True, False)}
     problems = []
     for path, how in GLOBAL_PATHS.items():
+        plain = plains[how.get("bias", True)]
         if "kernel" in path and not metric.kernel_terms:
             continue  # the kernels' sums are offered only to metrics that declare kernel_terms
         why = _path_available(path, metric)

@@ -40,14 +40,24 @@ def terms_served(device: torch.device) -> frozenset[str]:
     return BLOCK_TERMS
 
 
-def layer_terms(batch: int, heads: int, tokens: int, num_prefix: int, want, device) -> RowTerms:
-    """Empty per-row terms ``[B, H, T]`` of one layer for the terms ``want`` (``lse`` and ``patch_mass`` always)."""
-    f32 = dict(dtype=torch.float32, device=device)
-    new = lambda: torch.empty(batch, heads, tokens, **f32)  # noqa: E731
-    return RowTerms(lse=new(), patch_mass=new(), patch_logit=new() if "patch_logit" in want else None,
-                    dist_px=new() if "dist" in want else None, dist_grid=new() if "dist" in want else None,
-                    prefix=torch.empty(batch, heads, tokens, num_prefix, **f32) if "prefix" in want and num_prefix
-                    else None)
+def layer_terms(batch: int, heads: int, tokens: int, num_prefix: int, want, device,
+                workspace: Workspace | None = None) -> RowTerms:
+    """Empty per-row terms ``[B, H, T]`` of one layer for the terms ``want`` (``lse`` and ``patch_mass`` always).
+
+    With ``workspace``, its buffers (the same for every layer: what metrics make of the terms,
+    ``block.terms`` in :meth:`~probekit.Metric.row_values`, is a new tensor, read before the next layer); else new tensors.
+    """
+    def new(name: str, *shape: int) -> torch.Tensor:
+        if workspace is None:
+            return torch.empty(*shape, dtype=torch.float32, device=device)
+        return workspace.get("terms_" + name, shape, device)
+
+    rows = (batch, heads, tokens)
+    return RowTerms(lse=new("lse", *rows), patch_mass=new("patch_mass", *rows),
+                    patch_logit=new("patch_logit", *rows) if "patch_logit" in want else None,
+                    dist_px=new("dist_px", *rows) if "dist" in want else None,
+                    dist_grid=new("dist_grid", *rows) if "dist" in want else None,
+                    prefix=new("prefix", *rows, num_prefix) if "prefix" in want and num_prefix else None)
 
 
 def softmax_with_terms(logits: torch.Tensor, batch: slice, rows: slice, layout: TokenLayout,
