@@ -45,7 +45,8 @@ def layer_terms(batch: int, heads: int, tokens: int, num_prefix: int, want, devi
     """Empty per-row terms ``[B, H, T]`` of one layer for the terms ``want`` (``lse`` and ``patch_mass`` always).
 
     With ``workspace``, its buffers (the same for every layer: what metrics make of the terms,
-    ``block.terms`` in :meth:`~probekit.Metric.row_values`, is a new tensor, read before the next layer); else new tensors.
+    ``block.terms`` in :meth:`~probekit.Metric.row_values`, is a new tensor, read before the next
+    layer); else new tensors.
     """
     def new(name: str, *shape: int) -> torch.Tensor:
         if workspace is None:
