@@ -184,6 +184,11 @@ class Workspace:
         """Bytes held (what the engine adds to the model's own peak memory)."""
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
+    def drop_views(self) -> None:
+        """Forget the views :meth:`get` keeps (made again on the next request): a workspace kept between
+        calls (:func:`probekit.engine.probe`) then holds its flat buffers only, no block-shaped tensor."""
+        self._views.clear()
+
 
 _ACTIVE: contextvars.ContextVar[Workspace | None] = contextvars.ContextVar("probekit_workspace", default=None)
 

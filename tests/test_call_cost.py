@@ -215,3 +215,39 @@ def test_the_kernel_without_the_logit_sum_gives_the_same_terms():
     assert torch.equal(out["all"][0], out["mad"][0])
     for key in ("lse", "patch_mass", "dist_px", "dist_grid"):
         assert torch.equal(getattr(out["all"][1], key), getattr(out["mad"][1], key)), key
+
+
+def test_a_small_workspace_is_kept_for_the_next_call_in_the_thread():
+    import threading
+
+    from probekit.engine import probe as engine
+
+    pm = _vit197(depth=1)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(8))
+    first = pk.probe(pm, x, metrics=["mad", "entropy"]).table
+    kept = engine._KEPT.workspace
+    assert kept is not None and 0 < kept.nbytes <= engine.KEEP_WORKSPACE_BYTES
+    with engine._workspace() as ws:  # taken while a call runs: a call inside it gets its own
+        assert ws is kept and engine._KEPT.workspace is None
+        with engine._workspace() as inner:
+            assert inner is not kept
+    again = pk.probe(pm, x, metrics=["mad", "entropy"]).table
+    pd.testing.assert_frame_equal(again, first, check_exact=True)  # same buffers, same numbers
+    other = []
+    threading.Thread(target=lambda: other.append(getattr(engine._KEPT, "workspace", None))).start()
+    assert other == [None] or other == []  # per thread
+
+
+def test_a_large_workspace_is_given_back():
+    from probekit.engine import probe as engine
+
+    pm = _vit197(depth=1)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(9))
+    pk.probe(pm, x, metrics=["mad"], attention_pass="separate", block_mb=16)  # blocked path: 2 x 0.6 MB blocks
+    assert engine._KEPT.workspace is not None
+    engine.KEEP_WORKSPACE_BYTES, keep = 2**10, engine.KEEP_WORKSPACE_BYTES
+    try:
+        pk.probe(pm, x, metrics=["mad"], attention_pass="separate", block_mb=16)
+        assert engine._KEPT.workspace is None
+    finally:
+        engine.KEEP_WORKSPACE_BYTES = keep

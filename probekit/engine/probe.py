@@ -24,6 +24,7 @@ import torch
 
 from probekit._installed import library_versions
 from probekit.adapter import ProbedModel
+from probekit.attention import SCRATCH_BYTES, Workspace
 from probekit.engine.arguments import check_probe_arguments
 from probekit.engine.checks import refuse_model
 from probekit.engine.sink import LayerObserver, MetricSink
@@ -398,6 +399,32 @@ def _decoded(imgs: ImageSet, done: list[int]) -> ImageSet:
     return out
 
 
+#: a workspace of at most this many bytes is kept for the next call in the same thread (see :func:`_workspace`)
+KEEP_WORKSPACE_BYTES = 8 * 2**20
+_KEPT = threading.local()
+
+
+@contextlib.contextmanager
+def _workspace() -> Iterator[Workspace]:
+    """The block buffers for one call: those of the previous call in this thread when it kept them.
+
+    Why: a fresh workspace's buffers are new pages on the first layer of every call, each one a
+    page fault (~3 us on this project's VM, more with malloc tuned: :mod:`probekit.inputs.memory`),
+    a visible share of a small call (issue 25). Only a small one is kept (short sequences; the
+    blocked path's multi-MB blocks are given back as before), and a call running inside another
+    in the same thread (an observer's own probe) makes its own.
+    """
+    workspace = getattr(_KEPT, "workspace", None) or Workspace()
+    _KEPT.workspace = None  # in use
+    workspace.scratch_bytes = SCRATCH_BYTES  # as a new one has it (the sink sets it per block pass)
+    try:
+        yield workspace
+    finally:
+        if workspace.nbytes <= KEEP_WORKSPACE_BYTES:
+            workspace.drop_views()
+            _KEPT.workspace = workspace
+
+
 def probe(
     model: ProbedModel | str,
     images: Any,
@@ -450,12 +477,13 @@ def probe(
     layers = check_probe_arguments(model=model, metrics=metrics, batch_size=batch_size, layers=layers,
                                    device=device, num_workers=num_workers, block_mb=block_mb)
     plan = _resolve(model, images, metrics, layers, device, dtype, strict, label)
-    sink = MetricSink(plan.metrics, layers=plan.layers, block_mb=block_mb, attention_pass=attention_pass,
-                      observer=observer)
-    t0 = time.perf_counter()
-    views: list | None = [] if any(m.is_map for m in plan.metrics) else None
-    done = _run_batches(plan, sink, batch_size, num_workers, progress, views)
-    seconds = time.perf_counter() - t0
+    with _workspace() as workspace:
+        sink = MetricSink(plan.metrics, layers=plan.layers, block_mb=block_mb, attention_pass=attention_pass,
+                          observer=observer, workspace=workspace)
+        t0 = time.perf_counter()
+        views: list | None = [] if any(m.is_map for m in plan.metrics) else None
+        done = _run_batches(plan, sink, batch_size, num_workers, progress, views)
+        seconds = time.perf_counter() - t0
     plan.images = _decoded(plan.images, done)
     table, arrays = _to_table(plan.name, plan.images.names, plan.metrics)
     grid = None if sink.layout is None else tuple(sink.layout.grid)

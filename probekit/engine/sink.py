@@ -89,10 +89,13 @@ class MetricSink:
             (every metric reads probabilities). The conformance kit runs each against the others.
         observer: a :class:`LayerObserver` that reads every layer first (it makes the sink ask for
             attention even when no metric does).
+        workspace: the :class:`~probekit.attention.Workspace` whose buffers the blocks use (default: a new
+            one); :func:`probekit.engine.probe` hands over one kept from the previous call.
     """
 
     def __init__(self, metrics: list[Metric], layers=None, block_mb: float | None = None,
-                 attention_pass: str = "auto", row_terms: str = "auto", observer: LayerObserver | None = None):
+                 attention_pass: str = "auto", row_terms: str = "auto", observer: LayerObserver | None = None,
+                 workspace: Workspace | None = None):
         if attention_pass not in ATTENTION_PASSES:
             raise ConfigError(f"attention_pass must be one of {', '.join(ATTENTION_PASSES)}; got {attention_pass!r}.")
         if row_terms not in ROW_TERMS:
@@ -106,7 +109,7 @@ class MetricSink:
         self.wants_attention = any(m.needs == "attention" for m in metrics) or observer is not None
         self.wants_hidden = any(m.needs == "hidden" for m in metrics)
         self.budget = None if block_mb is None else int(block_mb * 2**20)
-        self.workspace = Workspace()
+        self.workspace = Workspace() if workspace is None else workspace
         self._rowwise = [m for m in metrics if m.needs == "attention" and m.reduces == "rows"]
         self._other_attn = [m for m in metrics if m.needs == "attention" and m.reduces != "rows"]
         self._hidden = [m for m in metrics if m.needs == "hidden"]
