@@ -155,6 +155,16 @@ class Results:
         self.arrays = dict(arrays or {})
         self.meta = dict(meta or {})
 
+    @classmethod
+    def _of_long_table(cls, table: pd.DataFrame, arrays: dict[str, np.ndarray] | None = None,
+                       meta: dict | None = None) -> Results:
+        """Results of a table that :func:`long_table` made (the engine's), taken as it is: it is in its
+        column types by construction, and even checking that (:func:`_is_typed`) costs a visible share
+        of a small :func:`probekit.probe` call (issue 25). Sets what ``__init__`` sets."""
+        res = cls.__new__(cls)
+        res.table, res.arrays, res.meta = table, dict(arrays or {}), dict(meta or {})
+        return res
+
     # -- views -----------------------------------------------------------------------------
     @property
     def models(self) -> list[str]:

@@ -492,4 +492,7 @@ def probe(
         arrays[names_key(plan.name)] = np.array(plan.images.names[: len(arrays[view_key(plan.name)])], dtype=str)
     if plan.images.labels is not None:  # a labelled source: the label of each row's image
         table["label"] = pd.Series(plan.images.labels, index=plan.images.names).reindex(table["image"]).to_numpy()
-    return Results(table, arrays, _provenance(plan, sink.layout, batch_size, seconds, sink.geometry))
+    meta = _provenance(plan, sink.layout, batch_size, seconds, sink.geometry)
+    if len(table):  # long_table's: in its column types already
+        return Results._of_long_table(table, arrays, meta)
+    return Results(table, arrays, meta)
