@@ -3,7 +3,7 @@
 import pytest
 
 import probekit as pk
-from probekit import models as pk_models
+from probekit import model_aliases
 from probekit.errors import ConfigError, UnknownNameError, WeightsUnavailableError
 from probekit.engine.probe import build_metrics
 
@@ -30,7 +30,7 @@ def test_unknown_backend_lists_backends():
 def test_alias_install_hint_is_added_to_missing_weights(monkeypatch):
     table = {"ghost": {"spec": "onnx:pkg:probekit_no_such_pkg/m.onnx", "install": "pip install ghost-weights",
                        "alias": "ghost"}}
-    monkeypatch.setattr(pk_models, "aliases", lambda: table)
+    monkeypatch.setattr(model_aliases, "aliases", lambda: table)  # what resolve reads
     with pytest.raises(WeightsUnavailableError, match=r"not installed.*For the alias 'ghost': `pip install ghost-weights`"):
         pk.load("ghost")
 
