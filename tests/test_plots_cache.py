@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from probekit.views import plots
 from probekit.results import Results
@@ -21,25 +20,17 @@ def _results(shift: float = 0.0) -> Results:
 
 def test_only_changed_figures_are_redrawn(tmp_path):
     kinds = ["depth", "overlay"]
-    first = plots.render_all(_results(), tmp_path, kinds=kinds, workers=1)
+    first = plots.render_all(_results(), tmp_path, kinds=kinds)
     assert [p.name for p in first] == ["depth_mad.png", "depth_mad.svg", "overlay_mad.png", "overlay_mad.svg",
                                        "depth_entropy.png", "depth_entropy.svg", "overlay_entropy.png",
                                        "overlay_entropy.svg"]
     mtimes = {p.name: p.stat().st_mtime_ns for p in first}
-    again = plots.render_all(_results(), tmp_path, kinds=kinds, workers=1)
+    again = plots.render_all(_results(), tmp_path, kinds=kinds)
     assert again == first and {p.name: p.stat().st_mtime_ns for p in again} == mtimes  # nothing redrawn
-    changed = plots.render_all(_results(shift=3.0), tmp_path, kinds=kinds, workers=1)
+    changed = plots.render_all(_results(shift=3.0), tmp_path, kinds=kinds)
     now = {p.name: p.stat().st_mtime_ns for p in changed}
     redrawn = sorted(n for n in now if now[n] != mtimes[n])
     assert redrawn == ["depth_entropy.png", "depth_entropy.svg", "overlay_entropy.png", "overlay_entropy.svg"]
     (tmp_path / "depth_mad.svg").unlink()  # a lost file is drawn again
-    plots.render_all(_results(shift=3.0), tmp_path, kinds=kinds, workers=1)
+    plots.render_all(_results(shift=3.0), tmp_path, kinds=kinds)
     assert (tmp_path / "depth_mad.svg").exists()
-
-
-@pytest.mark.slow
-def test_parallel_drawing_writes_the_same_files(tmp_path):
-    serial = plots.render_all(_results(), tmp_path / "s", kinds=["depth", "overlay", "summary"], workers=1)
-    forked = plots.render_all(_results(), tmp_path / "p", kinds=["depth", "overlay", "summary"], workers=2)
-    assert [p.name for p in forked] == [p.name for p in serial]
-    assert all(p.stat().st_size > 1000 for p in forked)

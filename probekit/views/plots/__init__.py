@@ -345,7 +345,7 @@ def _stamp(results: Results, metric: str, kind: str, extra: object = None) -> st
 
 
 _FIGURE_FORMAT = 4  # bump when a figure's drawing changes: every figure is then redrawn once
-_JOBS: dict = {}  # what forked drawing workers read (inherited, never pickled)
+_JOBS: dict = {}  # the results and folder the figures being drawn read
 
 
 def _linked(src: Path, dst: Path) -> Path:
@@ -362,7 +362,7 @@ def _linked(src: Path, dst: Path) -> Path:
 
 
 def _draw_one(job: tuple[str, str]) -> list[Path]:
-    """Draw and save one figure of ``_JOBS`` (in this process or a forked worker)."""
+    """Draw and save one figure of ``_JOBS``."""
     _, plt = _sns()
     kind, metric = job
     results, out_dir = _JOBS["results"], _JOBS["out_dir"]
@@ -373,32 +373,14 @@ def _draw_one(job: tuple[str, str]) -> list[Path]:
         plt.close(fig)
 
 
-def _threads() -> int:
-    """Threads of this process, native ones included (torch's and OpenMP's pools, kernels' workers)."""
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        import threading
+def _draw_all(jobs: list[tuple[str, str]]) -> list[Path]:
+    """Draw ``jobs`` in this process, one after the other.
 
-        return threading.active_count()
-
-
-def _draw_all(jobs: list[tuple[str, str]], workers: int) -> list[Path]:
-    """Draw ``jobs`` serially, or in forked processes when there are cores and work to share.
-
-    Only from a process with one thread: a fork copies the locks other threads hold, and a child
-    blocked on one never returns (seen: both drawing children of a test process waiting on a futex
-    for minutes after the probing pass had started thread pools).
+    Not in forked processes: a fork copies the locks that other threads hold (torch's and OpenMP's
+    pools, pyarrow's, the C kernel's workers; even a process that only plots has three threads),
+    and a child blocked on one never returns. Seen: both drawing children of a test process
+    waiting on a futex for minutes, inside matplotlib's font lookup.
     """
-    if workers > 1 and len(jobs) > 2 and hasattr(os, "fork") and _threads() == 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        try:
-            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("fork")) as pool:
-                return [p for paths in pool.map(_draw_one, jobs) for p in paths]
-        except (OSError, RuntimeError):  # no processes here (a sandbox): draw in this one
-            pass
     return [p for job in jobs for p in _draw_one(job)]
 
 
@@ -478,20 +460,18 @@ def figure_notes(results: Results, kinds: Iterable[str], metrics: Iterable[str] 
 
 
 def render_all(results: Results, out_dir: str | Path, *, kinds: Iterable[str] | None = None,
-               metrics: Iterable[str] | None = None, workers: int | None = None, reuse: str | Path | None = None,
+               metrics: Iterable[str] | None = None, reuse: str | Path | None = None,
                stamps: str | Path | None = None) -> list[Path]:
     """Draw every figure that fits the results into ``out_dir``; returns the files written or kept.
 
     A figure whose inputs (its metric's rows or arrays, the run's metadata) are those it was last
     drawn from is kept as it is, or linked from ``reuse`` (the folder of the previous figures, when
-    drawing into a staging folder); the others are drawn, in forked worker processes when there
-    are several figures and cores. The inputs of every figure are written to
+    drawing into a staging folder); the others are drawn. The inputs of every figure are written to
     ``out_dir/.stamps.json``; the previous ones are read from ``stamps`` (default: that file).
 
     Args:
         kinds: a subset of :data:`KINDS` (default: all).
         metrics: metric labels to draw, table or map metrics (default: all).
-        workers: processes that draw (default: the CPU count, at most 4; 1 draws here).
 
     Raises:
         ConfigError: an unknown kind.
@@ -525,7 +505,7 @@ def render_all(results: Results, out_dir: str | Path, *, kinds: Iterable[str] | 
             todo.append((kind, metric))
     _JOBS.update(results=results, out_dir=out_dir)
     try:
-        drawn = _draw_all(todo, workers if workers is not None else min(os.cpu_count() or 1, 4))
+        drawn = _draw_all(todo)
     finally:
         _JOBS.clear()
     write_text_atomic(out_dir / STAMPS, json.dumps(new, indent=1))
