@@ -10,7 +10,9 @@ init (``pretrained=False``: nothing is downloaded). Whatever that call does beyo
 forward (argument checks, image handling, the tap, the per-layer reduction, the table and the
 run record) is its cost. The reference row is timm's own way: ``AttentionExtract`` on a copy of
 the model with fused attention off (every layer's probabilities kept), then MAD from them with
-a vectorized torch expression, as in benchmarks/bench_probe.py.
+a vectorized torch expression, as in benchmarks/bench_probe.py. Its default (torch.fx) graph
+ends at the last layer's softmax: the last block's attention output, MLP and the head are never
+computed (~6% of a ViT-S forward), so this row can come out below the plain forward.
 
 How it measures, and why:
 

@@ -5,7 +5,8 @@ products, and the blocked one pass (:mod:`probekit.engine.sink`) adds to them fl
 k and v, a product buffer and a pass that scales it into the output: a dozen more tensor calls,
 and buffers that the MLP between two layers has pushed out of the cache by the time they are read
 again (measured with an MLP between two calls, ViT-S/16 at batch 1, one thread: 1.65 ms per layer
-against SDPA's 1.0, and 1.45 ms this way; the whole call: benchmarks/bench_call_cost.py). Here
+against SDPA's 1.0, and 1.45 ms this way; the whole call: benchmarks/RESULTS.md, section "Small
+calls: probekit and timm AttentionExtract over the plain forward"). Here
 each image takes three calls on the tensors the tap handed over, as
 they are: ``q kᵀ`` scaled inside the matrix product (``baddbmm``, the strided views read in place),
 the C row kernel (:mod:`probekit.engine.kernels.cpu`: softmax in place and every metric's per-row
