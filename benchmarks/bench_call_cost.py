@@ -48,6 +48,8 @@ import subprocess
 import sys
 import time
 
+from bench_probe import _status_kb, reset_peak  # this script's folder is on sys.path
+
 CASES = {
     # name: timm model, image size, batch, torch threads, rounds (default), label
     "224-b4-t1": dict(model="vit_small_patch16_224", size=224, patch=16, batch=4, threads=1, rounds=40),
@@ -66,19 +68,10 @@ def _label(case: dict) -> str:
     return f"{case['model']} {case['size']} px ({tokens} tok), batch {case['batch']}, {case['threads']} thr"
 
 
-# -- memory: the RSS high-water mark (as benchmarks/bench_probe.py) -----------------------------------
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
+# -- memory: the RSS high-water mark (read as benchmarks/bench_probe.py reads it) -------------------
 def _extra_peak_mb(fn) -> float:
     """RSS high-water mark of one call of ``fn`` over the RSS before it (MB)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := current RSS
+    reset_peak()  # VmHWM := current RSS
     before = _status_kb("VmRSS")
     fn()
     return (_status_kb("VmHWM") - before) / 1024
