@@ -106,11 +106,11 @@ class ModelEntry(_Strict):
 
 class ImagesEntry(_Strict):
     """The image set: ``"sample"``, folders or files, or a labelled source (:mod:`probekit.inputs.sources`:
-    class folders, a manifest, WebDataset shards, a ``datasets`` dataset), optionally a seeded
-    random subset, stratified by label."""
+    class folders, a manifest, WebDataset shards, a ``datasets`` dataset, scikit-learn's digits), optionally
+    a seeded random subset, stratified by label."""
 
     path: list[str] = Field(validation_alias=AliasChoices("path", "paths", "shards"), min_length=1)
-    kind: Literal["auto", "files", "classes", "manifest", "webdataset", "hf"] = "auto"
+    kind: Literal["auto", "files", "classes", "manifest", "webdataset", "hf", "digits"] = "auto"
     count: int | None = Field(default=None, gt=0)
     seed: int = 0
     stratify: bool = False
@@ -119,12 +119,16 @@ class ImagesEntry(_Strict):
     group_column: str | None = None  # manifest
     image_column: str = "image"  # hf
     split: str | None = None  # hf save_to_disk DatasetDict
+    size: int = Field(default=224, ge=8)  # digits: side of the upscaled images, px
+    resample: Literal["nearest", "bilinear"] = "nearest"  # digits: how they are upscaled
 
     @model_validator(mode="before")
     @classmethod
     def _from_short(cls, v: Any) -> Any:
         if isinstance(v, (str, list)):
             return {"path": v}
+        if isinstance(v, dict) and v.get("kind") == "digits" and not {"path", "paths", "shards"} & set(v):
+            return {**v, "path": "digits"}  # scikit-learn's digits are built in: no path to give
         return v
 
     @field_validator("path", mode="before")

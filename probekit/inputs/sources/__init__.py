@@ -9,6 +9,7 @@ file::
     images: {kind: manifest, path: images.csv, label_column: species}
     images: {kind: webdataset, path: "shards/val-{000000..000063}.tar"}
     images: {kind: hf, path: saved_dataset/, image_column: image, label_column: label, split: validation}
+    images: {kind: digits, count: 300, stratify: true}   # scikit-learn's digits, no path, no download
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ from typing import Any
 from probekit.errors import ConfigError
 from probekit.inputs.images import ImageSet, resolve_images
 from probekit.inputs.sources.base import Source
+from probekit.inputs.sources.digits import Digits
 from probekit.inputs.sources.files import ClassFolder, Manifest
 from probekit.inputs.sources.hf import HFDataset
 from probekit.inputs.sources.sampling import sample_indices
 from probekit.inputs.sources.shards import WebDataset
 
-__all__ = ["Source", "ClassFolder", "Manifest", "WebDataset", "HFDataset", "sample_indices", "from_entry",
+__all__ = ["Source", "ClassFolder", "Manifest", "WebDataset", "HFDataset", "Digits", "sample_indices", "from_entry",
            "detect_kind", "KINDS"]
 
-KINDS = ("files", "classes", "manifest", "webdataset", "hf")
+KINDS = ("files", "classes", "manifest", "webdataset", "hf", "digits")
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
@@ -59,6 +61,10 @@ def from_entry(entry: Any, strict: bool = False) -> ImageSet:
     """The image set of a run file's ``images:`` (a :class:`probekit.runs.config.ImagesEntry`)."""
     kind = entry.kind if entry.kind != "auto" else detect_kind(entry.path, entry.path_column)
     sampling = {"count": entry.count, "seed": entry.seed, "stratify": entry.stratify}
+    if kind == "digits":
+        return Digits(size=entry.size, resample=entry.resample, **sampling).image_set(strict=strict)
+    if entry.size != 224 or entry.resample != "nearest":
+        raise ConfigError(f"size and resample draw the digits (kind: digits); a {kind} source takes neither.")
     one = entry.path[0]
     if kind != "webdataset" and kind != "files" and len(entry.path) != 1:
         raise ConfigError(f"A {kind} source takes one path; got {len(entry.path)}.")
