@@ -27,7 +27,7 @@ from probekit.adapter import ProbedModel
 from probekit.attention import SCRATCH_BYTES, Workspace
 from probekit.engine.arguments import check_probe_arguments
 from probekit.engine.checks import refuse_model
-from probekit.engine.sink import LayerObserver, MetricSink
+from probekit.engine.sink import LayerObserver, MetricSink, unlabelled
 from probekit.errors import ConfigError
 from probekit.geometry import ModelGeometry
 from probekit.inputs.images import ImageSet, collate, resolve_images
@@ -173,11 +173,17 @@ def _stack_layers(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | No
     return out, real
 
 
-def _to_table(model: str, names: list[str], metrics: list[Metric]):
-    """Long table rows for scalar metrics; arrays ``[N, L, ...]`` for maps; from each metric's state."""
+def _to_table(model: str, names: list[str], metrics: list[Metric], partial: bool = False):
+    """Long table rows for scalar metrics; arrays ``[N, L, ...]`` for maps; from each metric's state.
+
+    A ``whole_set`` metric's NaN values are no rows (images it never tested); with ``partial`` (a
+    shard of a larger set) such metrics make neither rows nor arrays: their state is merged first.
+    """
     arrays: dict[str, np.ndarray] = {}
     columns: list[tuple[np.ndarray, ...]] = []  # per scalar metric: image index, layer, head, value
     labels: list[str] = []
+    if partial:
+        metrics = [m for m in metrics if not m.whole_set]
     for m in metrics:
         per_layer = m.per_image()
         if not per_layer:
@@ -193,11 +199,14 @@ def _to_table(model: str, names: list[str], metrics: list[Metric]):
         else:
             heads = np.arange(stacked.shape[2])
         n, nl, nh = stacked.shape
-        cols = (np.repeat(np.arange(n), nl * nh), np.tile(np.repeat(np.asarray(layers), nh), n),
-                np.tile(heads, n * nl), stacked.reshape(-1).astype(np.float64))
+        cols: tuple[np.ndarray, ...] = (
+            np.repeat(np.arange(n), nl * nh), np.tile(np.repeat(np.asarray(layers), nh), n),
+            np.tile(heads, n * nl), stacked.reshape(-1).astype(np.float64))
         if real is not None:  # staged models: the padding of layers with fewer heads is no row
             keep = real.reshape(-1)
             cols = tuple(c[keep] for c in cols)
+        if m.whole_set:  # e.g. a holdout split's training images: no held-out prediction, no row
+            cols = tuple(c[~np.isnan(cols[3])] for c in cols)
         if len(cols[0]):
             columns.append(cols)
             labels.append(m.label)
@@ -246,6 +255,9 @@ def _resolve(model, images, metrics, layers, device, dtype, strict, label) -> _P
     for m in mets:
         m.reset()
         refuse_model(m, pm.adapter)
+    labelled = [m for m in mets if m.needs_labels]
+    if labelled and imgs.labels is None:
+        raise ConfigError(unlabelled(labelled))
     return _Plan(pm, label or pm.label, mets, imgs, layers, cdtype)
 
 
@@ -441,6 +453,7 @@ def probe(
     label: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     observer: LayerObserver | None = None,
+    partial: bool = False,
 ) -> Results:
     """Probe a model's attention over an image set.
 
@@ -470,6 +483,8 @@ def probe(
         observer: reads every layer of the same forward passes before the metrics do
             (:class:`~probekit.engine.sink.LayerObserver`; the report's explorer records its
             showcase images so, without a pass of its own).
+        partial: ``images`` are a part of a larger set (the Ray engine's chunks): metrics whose values
+            need the whole set (``whole_set``, e.g. k-NN) make no rows or arrays; merge their state.
 
     Returns:
         :class:`Results` with one row per image x layer x head x metric.
@@ -479,13 +494,13 @@ def probe(
     plan = _resolve(model, images, metrics, layers, device, dtype, strict, label)
     with _workspace() as workspace:
         sink = MetricSink(plan.metrics, layers=plan.layers, block_mb=block_mb, attention_pass=attention_pass,
-                          observer=observer, workspace=workspace)
+                          observer=observer, workspace=workspace, labels=plan.images.labels)
         t0 = time.perf_counter()
         views: list | None = [] if any(m.is_map for m in plan.metrics) else None
         done = _run_batches(plan, sink, batch_size, num_workers, progress, views)
         seconds = time.perf_counter() - t0
     plan.images = _decoded(plan.images, done)
-    table, arrays = _to_table(plan.name, plan.images.names, plan.metrics)
+    table, arrays = _to_table(plan.name, plan.images.names, plan.metrics, partial)
     grid = None if sink.layout is None else tuple(sink.layout.grid)
     if views and any(a.ndim >= 4 and tuple(a.shape[-2:]) == grid for a in arrays.values()):
         arrays[view_key(plan.name)] = np.concatenate(views)  # what per-image maps are drawn over

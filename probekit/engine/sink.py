@@ -8,6 +8,7 @@ kernel are chosen here, layer by layer (:mod:`probekit.attention`, :mod:`probeki
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
@@ -28,7 +29,7 @@ from probekit.metric.base import query_span
 from probekit.metric.terms import RowTerms
 from probekit.tokens import TokenLayout
 
-__all__ = ["MetricSink", "LayerObserver", "ROW_TERMS"]
+__all__ = ["MetricSink", "LayerObserver", "ROW_TERMS", "unlabelled"]
 
 #: which per-row sums blocks come with (``MetricSink(row_terms=...)``)
 ROW_TERMS = ("auto", "torch", "none")
@@ -51,6 +52,15 @@ class LayerObserver(Protocol):
 
     def finish(self) -> None:
         """The batch's forward pass is done."""
+
+
+def unlabelled(metrics: list[Metric]) -> str:
+    """The one-line refusal of metrics that need labels on an image set without them."""
+    names = ", ".join(sorted({m.name for m in metrics}))
+    return (f"Metric(s) {names} need a class label per image, and this image set has none: give a labelled "
+            "source: class folders (pk.sources.ClassFolder(root); in a run file images: {kind: classes, path: ...}), "
+            "a manifest with a label column (kind: manifest, label_column: ...), labelled webdataset shards or an "
+            "hf dataset with a label_column.")
 
 
 def _terms_offered(m: Metric, served: frozenset[str]) -> bool:
@@ -91,11 +101,13 @@ class MetricSink:
             attention even when no metric does).
         workspace: the :class:`~probekit.attention.Workspace` whose buffers the blocks use (default: a new
             one); :func:`probekit.engine.probe` hands over one kept from the previous call.
+        labels: the class label of every image of the set, by image index, for metrics that declare
+            ``needs_labels`` (each batch's are handed to them in :meth:`start`).
     """
 
     def __init__(self, metrics: list[Metric], layers=None, block_mb: float | None = None,
                  attention_pass: str = "auto", row_terms: str = "auto", observer: LayerObserver | None = None,
-                 workspace: Workspace | None = None):
+                 workspace: Workspace | None = None, labels: Sequence[Any] | None = None):
         if attention_pass not in ATTENTION_PASSES:
             raise ConfigError(f"attention_pass must be one of {', '.join(ATTENTION_PASSES)}; got {attention_pass!r}.")
         if row_terms not in ROW_TERMS:
@@ -113,12 +125,16 @@ class MetricSink:
         self._rowwise = [m for m in metrics if m.needs == "attention" and m.reduces == "rows"]
         self._other_attn = [m for m in metrics if m.needs == "attention" and m.reduces != "rows"]
         self._hidden = [m for m in metrics if m.needs == "hidden"]
+        self._labelled = [m for m in metrics if m.needs_labels]
+        if self._labelled and labels is None:
+            raise ConfigError(unlabelled(self._labelled))
+        self.labels = labels
         self.layout: TokenLayout | None = None
         self.geometry: ModelGeometry | None = None
         self.values: dict[str, dict[int, torch.Tensor]] = {}
 
     def start(self, layout: TokenLayout, geometry: ModelGeometry | None = None,
-              batch: tuple[Any, torch.Tensor] | None = None) -> None:
+              batch: tuple[Any, torch.Tensor | None] | None = None) -> None:
         """Begin a batch with its input layout and (windowed, pooled, staged models) per-layer geometry.
 
         Every metric is checked against the geometry of every wanted layer here, before the forward pass.
@@ -131,6 +147,11 @@ class MetricSink:
             refuse_layers(m, geometry if geometry is not None else ModelGeometry(layout, num_layers=1),
                           self.layers if geometry is not None else None)
         self.values = {m.label: {} for m in self.metrics}
+        if self._labelled:  # before the layers: a batch's labels and its features arrive together
+            assert self.labels is not None and batch is not None, "labelled metrics need the batch's image indices"
+            labels = [str(self.labels[int(i)]) for i in batch[0]]
+            for m in self._labelled:
+                m.on_labels(labels)
         if self.observer is not None:
             images, pixels = batch if batch is not None else ((), None)
             self.observer.start(images, pixels, layout)

@@ -152,6 +152,13 @@ class Metric:
       join the part cache key.
     - ``not_applicable_checks``: ``{check name: reason}`` for conformance checks
       (:mod:`probekit.testing`) that do not apply to this metric by design.
+    - ``needs_labels``: the metric reads each image's class label (representation probes): the
+      engine calls :meth:`on_labels` with the batch's labels before its forward pass, and refuses
+      an image set without labels before any forward pass.
+    - ``whole_set``: the per-image values compare images with each other (a held-out prediction),
+      so they exist only once every image is in: :meth:`per_image` makes them from the merged
+      state, a NaN value is no row (an image that was never tested), and a shard of a larger set
+      keeps its state and makes no rows.
     """
 
     name: ClassVar[str] = ""
@@ -168,6 +175,8 @@ class Metric:
     kernel_terms: ClassVar[frozenset[str]] = frozenset()
     depends_on: ClassVar[tuple[str, ...]] = ()
     not_applicable_checks: ClassVar[dict[str, str]] = {}
+    needs_labels: ClassVar[bool] = False
+    whole_set: ClassVar[bool] = False
     if TYPE_CHECKING:  # set in __init__ (add_state); annotated at run time they would be declared options
         values: dict[int, list[torch.Tensor]]
         _states: dict[str, tuple[Any, str]]
@@ -198,7 +207,7 @@ class Metric:
             cls.display_name = cls.__dict__.get("name") or cls.display_name or cls.name
 
     _CONSTANTS = ("name", "needs", "reduces", "query_tokens", "per_head", "is_map", "requires", "kernel_terms",
-                  "depends_on")
+                  "depends_on", "needs_labels", "whole_set")
 
     def __init__(self, **options: Any):
         """Validate ``options`` against the declared ones (see :mod:`probekit.metric.options`).
@@ -302,6 +311,12 @@ class Metric:
         """Per-image values of one layer from its output tokens ``[B, T, D]`` (hidden metrics), or None
         (``reduces = "batch"``)."""
         raise NotImplementedError(f"{type(self).__name__} must define on_hidden (needs = 'hidden')")
+
+    def on_labels(self, labels: list[str]) -> None:
+        """``needs_labels``: the class label of each image of the coming batch, in batch order (the
+        engine calls it at the batch's start, before the layers arrive). Keep them in declared
+        state (``reduce="cat"``), beside what the layers give, so they merge with the images."""
+        raise NotImplementedError(f"{type(self).__name__} declares needs_labels: define on_labels(self, labels)")
 
     def on_batch_end(self) -> dict[int, torch.Tensor]:
         """``reduces = "batch"``: per-image values keyed by layer (or -1 for the whole model)."""

@@ -49,19 +49,20 @@ def _batch(n: int = 6, seed: int = 0, layout: TokenLayout = _LAYOUT) -> dict[str
     t = layout.num_tokens
     probs = [torch.softmax(3 * torch.randn(n, _HEADS, t, t, generator=g), -1) for _ in range(_LAYERS)]
     hidden = [torch.randn(n, t, _WIDTH, generator=g) for _ in range(_LAYERS)]
-    return {"probs": probs, "hidden": hidden, "layout": layout}
+    labels = [f"class{i % 2}" for i in range(n)]  # for metrics that need labels (representation probes)
+    return {"probs": probs, "hidden": hidden, "layout": layout, "labels": labels}
 
 
 def _take(batch: dict, idx) -> dict:
     idx = torch.as_tensor(idx)
     return {"probs": [p[idx] for p in batch["probs"]], "hidden": [h[idx] for h in batch["hidden"]],
-            "layout": batch["layout"]}
+            "layout": batch["layout"], "labels": [batch["labels"][int(i)] for i in idx.reshape(-1)]}
 
 
 def _run(metric: Metric, batch: dict, block_mb: float | None = None) -> dict[int, torch.Tensor]:
     """Feed one batch through the engine's sink, as a forward pass would; per-image values by layer."""
-    sink = MetricSink([metric], block_mb=block_mb)
-    sink.start(batch["layout"])
+    sink = MetricSink([metric], block_mb=block_mb, labels=batch["labels"])
+    sink.start(batch["layout"], batch=(range(len(batch["labels"])), None))
     for layer in range(_LAYERS):
         if sink.wants_attention:
             sink.attention(layer, LayerAttention(probs_given=batch["probs"][layer]))
