@@ -150,10 +150,48 @@ class Results:
         meta: provenance (specs, options, image fingerprint, versions, timings).
     """
 
+    _scan: Any = None  # a ResultsScan the table is read from when first asked for (a run's dataset)
+    _table: pd.DataFrame | None = None
+
     def __init__(self, table: pd.DataFrame, arrays: dict[str, np.ndarray] | None = None, meta: dict | None = None):
         self.table = _typed(table) if len(table.columns) else pd.DataFrame(columns=COLUMNS)
         self.arrays = dict(arrays or {})
         self.meta = dict(meta or {})
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """The long table; of results opened from a dataset (:meth:`scan`, a run), read on first use."""
+        if self._table is None:
+            self._table = self._scan.to_results().table if self._scan is not None else pd.DataFrame(columns=COLUMNS)
+        return self._table
+
+    @table.setter
+    def table(self, value: pd.DataFrame) -> None:
+        self._table = value
+
+    @classmethod
+    def scan(cls, path, *, models: list[str] | None = None, metrics: list[str] | None = None,
+             layers: list[int] | None = None) -> Any:
+        """A run's results opened lazily (:class:`probekit.results_dataset.ResultsScan`): filter by
+        ``models``, ``metrics`` and ``layers`` (or ``.filter(...)``), then ``.to_results()``,
+        ``.summary()``, ``.to_arrow()`` read only what is asked for.
+
+        ``path``: a run directory, its ``results.parquet`` folder, or a single-file
+        ``results.parquet`` of an earlier version. (A run directory's manifest is checked by
+        :func:`probekit.load_run`, not here.)
+        """
+        from probekit.results_dataset import ResultsScan
+
+        return ResultsScan(path, models=models, metrics=metrics, layers=layers)
+
+    @classmethod
+    def _lazy(cls, scan: Any, arrays: dict[str, np.ndarray] | None = None, meta: dict | None = None) -> Results:
+        """Results whose table is ``scan``'s rows, read only when ``table`` is used; its summary,
+        non-finite values, models and metrics come from the scan without reading every row."""
+        res = cls.__new__(cls)
+        res._scan, res._table = scan, None
+        res.arrays, res.meta = dict(arrays or {}), dict(meta or {})
+        return res
 
     @classmethod
     def _of_long_table(cls, table: pd.DataFrame, arrays: dict[str, np.ndarray] | None = None,
@@ -168,27 +206,36 @@ class Results:
     # -- views -----------------------------------------------------------------------------
     @property
     def models(self) -> list[str]:
+        if self._table is None and self._scan is not None:
+            return self._scan.models
         return list(dict.fromkeys(self.table["model"].astype(str)))
 
     @property
     def metrics(self) -> list[str]:
+        if self._table is None and self._scan is not None:
+            return self._scan.metrics
         return list(dict.fromkeys(self.table["metric"].astype(str)))
 
     def summary(self, by=("model", "metric", "layer", "head")) -> pd.DataFrame:
         """Mean and 95% CI over images per model x metric x layer x head."""
+        if self._table is None and self._scan is not None:  # from per-part moments: not every row at once
+            return self._scan.summary(tuple(by))
         return summarize(self.table, by)
 
     def nonfinite(self) -> list[dict]:
         """Where values are NaN or infinite: one record per model and metric, with the count,
         the layers and the images (and for map arrays, the count of non-finite entries)."""
-        t = self.table
-        bad = t[~np.isfinite(t["value"].to_numpy(dtype=np.float64))]
         out = []
-        for (model, metric), g in bad.groupby(["model", "metric"], observed=True, sort=False):
-            total = int(((t["model"] == model) & (t["metric"] == metric)).sum())
-            out.append({"model": str(model), "metric": str(metric), "values": len(g), "of": total,
-                        "layers": sorted(int(i) for i in g["layer"].unique()),
-                        "images": list(dict.fromkeys(g["image"].astype(str)))})
+        if self._table is None and self._scan is not None:
+            out = self._scan.nonfinite()
+        else:
+            t = self.table
+            bad = t[~np.isfinite(t["value"].to_numpy(dtype=np.float64))]
+            for (model, metric), g in bad.groupby(["model", "metric"], observed=True, sort=False):
+                total = int(((t["model"] == model) & (t["metric"] == metric)).sum())
+                out.append({"model": str(model), "metric": str(metric), "values": len(g), "of": total,
+                            "layers": sorted(int(i) for i in g["layer"].unique()),
+                            "images": list(dict.fromkeys(g["image"].astype(str)))})
         for key, arr in self.arrays.items():
             n = int(np.size(arr) - np.isfinite(arr).sum()) if np.issubdtype(arr.dtype, np.number) else 0
             if n:
@@ -221,6 +268,8 @@ class Results:
         return cls(table, arrays, meta)
 
     def __len__(self) -> int:
+        if self._table is None and self._scan is not None and not self._scan._single:
+            return sum(p.rows for p in self._scan.parts())
         return len(self.table)
 
     def __repr__(self) -> str:
@@ -275,7 +324,8 @@ class Results:
 
     @classmethod
     def read_parquet(cls, path) -> Results:
-        """A table written by :meth:`to_parquet`.
+        """A table written by :meth:`to_parquet`, or a run's ``results.parquet`` folder (a dataset
+        of part files, :mod:`probekit.results_dataset`), every row read.
 
         Raises:
             ConfigError: the file is not parquet, or not a probekit results table (columns missing
@@ -288,6 +338,11 @@ class Results:
 
         what = ("Give a results.parquet of a run directory, or a file written by Results.to_parquet "
                 f"(columns {', '.join(COLUMNS)}).")
+        if Path(path).is_dir():
+            try:
+                return cls.scan(path).to_results()
+            except (pa.ArrowException, OSError, ValueError, TypeError) as exc:
+                raise ConfigError(f"{path} cannot be read as a results dataset ({exc}). {what}") from None
         try:
             tbl = pq.read_table(path)
         except (pa.ArrowException, OSError) as exc:

@@ -172,7 +172,7 @@ def test_an_interrupted_run_resumes_and_replaces_what_it_wrote(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         compare(run_file(RUN), out=out)
     rec = json.loads((out / "run.json").read_text())
-    assert rec["status"] == "interrupted" and "results.parquet" in rec["owned"]
+    assert rec["status"] == "interrupted" and "results.parquet/model=toy/metric=mad/part-00000.parquet" in rec["owned"]
     monkeypatch.setattr(probekit.runs.rundir, "write_text_atomic", real)
     assert compare(run_file(RUN), out=out).status == "complete"
 

@@ -39,7 +39,8 @@ def test_a_finished_run_vouches_for_its_files_and_a_changed_file_is_refused(tmp_
     rec = json.loads((out / "run.json").read_text())
     assert rec["status"] == "complete" and len(rec["run_id"]) == 12
     assert sorted(rec["manifest"]) == ["contrasts.csv", "figures/depth_mad.png", "figures/depth_mad.svg",
-                                       "report.html", "results.parquet", "summary.csv"]
+                                       "report.html", "results.parquet/_probekit.json",
+                                       "results.parquet/model=toy/metric=mad/part-00000.parquet", "summary.csv"]
     pd.testing.assert_frame_equal(load_run_dir(out).table, cmp.results.table)
     summary = out / "summary.csv"
     summary.write_text(summary.read_text().replace("toy", "tOy"))

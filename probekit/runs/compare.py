@@ -341,14 +341,14 @@ def run_comparison(config_or_path: Any, out: str | Path | None = None, *, report
             engine_info = _other_engine(run, rd.parts, record, rep)
             for i, entry in enumerate(cfg.models):
                 parts, from_cache = _model_parts(run, i, rd.parts, record, rep, engine_info.get(entry.name), showcase)
-                collected += parts
+                collected += [rd.keep_rows(p) for p in parts]  # rows go to results.parquet/ now, not memory
                 if from_cache:
                     cached.append(entry.name)
             if record.models and all(m.failed for m in record.models):  # nothing to show: no run directory
                 rd.undo()
                 record.status = "failed"
                 return Comparison(_combine([], record), [], rd.path, list(record.failures), status="failed")
-            results = _combine(collected, record)
+            results = rd.results_of(_combine(collected, record))  # rows read from the folder when used
             record.nonfinite = results.nonfinite()
             anything = len(results) > 0 or bool(results.arrays)  # map metrics alone have no table rows
             draw = views is not None and views.figures and anything

@@ -38,12 +38,14 @@ from probekit._io.atomic import atomic_path, write_errors, write_text_atomic
 from probekit._io.fileid import file_digest
 from probekit.errors import RunDirBusyError, RunDirError
 from probekit.results import Results
+from probekit.results_dataset import DatasetWriter, ResultsScan
 from probekit.runs.parts import PartStore
 from probekit.runs.record import RunRecord
 
 __all__ = ["RunDir", "Renderer", "read_record", "load_run_dir", "write_outputs", "FINISHED", "STAMPS"]
 
 RUN_JSON = "run.json"
+RESULTS = "results.parquet"  # a folder of part files (probekit.results_dataset); a single file before issue 24
 STAMPS = ".stamps.json"  # what a renderer writes beside the figures: the inputs each was drawn from
 LOCK = ".lock"
 OUTPUTS = ("results.parquet", "summary.csv", "arrays.npz", "contrasts.csv", "report.html")  # beside run.json
@@ -197,6 +199,7 @@ class RunDir:
         self._existed = True  # whether the folder was there before this run (set when the lock is taken)
         self._parts_existed = True
         self._previous: bytes | None = None  # run.json as the run before this one left it
+        self._writer: DatasetWriter | None = None  # this run's results.parquet/ folder, once it writes rows
 
     @contextmanager
     def locked(self) -> Iterator[RunDir]:
@@ -339,9 +342,53 @@ class RunDir:
             pass
 
     # -- outputs -----------------------------------------------------------------------------
+    def results_writer(self) -> DatasetWriter:
+        """The writer of this run's ``results.parquet/`` folder (its part files, each recorded in
+        ``owned`` before it is written). An earlier version's single ``results.parquet`` file, which
+        a probekit run wrote, is removed first (a user's file of that name is refused)."""
+        if self._writer is None:
+            root = self.path / RESULTS
+            if os.path.lexists(root) and not root.is_dir():
+                self.own([RESULTS])  # refuses a file no probekit run wrote
+                with write_errors(self.path):
+                    self.remove(RESULTS)
+            self._writer = DatasetWriter(root, own=lambda name: self.own([f"{RESULTS}/{name}"]))
+        return self._writer
+
+    def keep_rows(self, res: Results) -> Results:
+        """Write ``res``'s rows into ``results.parquet/`` now (a part per model and metric) and give
+        back ``res`` without them (its arrays and metadata kept): a run's rows never gather in memory."""
+        with write_errors(self.path):
+            self.results_writer().write_results(res.table)
+        return Results._of_long_table(res.table.iloc[:0], res.arrays, res.meta)
+
+    def results_of(self, res: Results) -> Results:
+        """``res`` (arrays, metadata) over the rows this run wrote with :meth:`keep_rows`, read lazily."""
+        writer = self.results_writer()
+        return Results._lazy(ResultsScan.of_parts(writer.root, writer.parts, res.meta), res.arrays, res.meta)
+
+    def _commit_results(self, results: Results) -> Results:
+        """The index of ``results.parquet/`` (and any rows of ``results`` not written yet), each file
+        in the manifest; parts an earlier run wrote here and this one did not are removed."""
+        writer = self.results_writer()
+        if results._scan is None or results._table is not None:  # rows in memory: write them now
+            writer.parts = []
+            with write_errors(self.path):
+                writer.write_results(results.table)
+            results = self.results_of(results)
+        with write_errors(self.path):
+            files = {f"{RESULTS}/{name}" for name in writer.commit(results.meta)}
+            for name in sorted(files):
+                self.output(name)
+            for name in sorted(self.owned):  # stale parts (another model set, an interrupted run)
+                if name.startswith(f"{RESULTS}/") and name not in files:
+                    self.remove(name)
+            _prune_empty(writer.root)
+        return results
+
     def write_results(self, results: Results) -> None:
-        """``results.parquet``, ``summary.csv`` and ``arrays.npz`` (removed when there are no arrays)."""
-        results.to_parquet(self.output("results.parquet"))
+        """``results.parquet/`` (committed), ``summary.csv`` and ``arrays.npz`` (removed when there are no arrays)."""
+        results = self._commit_results(results)
         summary = results.summary()
         write_text_atomic(self.output("summary.csv"), summary.to_csv(index=False, float_format="%.17g"))
         if results.arrays:
@@ -388,6 +435,15 @@ class RunDir:
                 if p.is_file() and p not in moved:
                     self.remove(f"figures/{p.name}")
         return [self.output(str(p.relative_to(self.path))) for p in moved]
+
+
+def _prune_empty(root: Path) -> None:
+    """Remove the empty ``model=``/``metric=`` folders that removed parts leave in ``root``."""
+    for d in sorted((p for p in root.rglob("*=*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        try:
+            d.rmdir()  # only an empty folder
+        except OSError:
+            pass
 
 
 def write_outputs(rd: RunDir, results: Results, record: RunRecord, figure_kinds: list[str] | None,
@@ -462,7 +518,11 @@ def load_run_dir(run_dir: str | Path) -> Results:
     """
     run_dir = Path(run_dir)
     record = read_record(run_dir)
-    res = Results.read_parquet(run_dir / "results.parquet")
+    if (run_dir / RESULTS).is_dir():  # rows read when first used; summaries from per-part moments
+        scan = ResultsScan(run_dir / RESULTS)
+        res = Results._lazy(scan, meta=scan.meta)
+    else:  # a single file, as runs before issue 24 wrote it
+        res = Results.read_parquet(run_dir / RESULTS)
     if "arrays.npz" in (record.manifest or {}):
         res.arrays = Results.read_arrays(run_dir / "arrays.npz", models=res.models)
     return res

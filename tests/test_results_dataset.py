@@ -1,0 +1,166 @@
+"""results.parquet as a partitioned dataset (issue 24): parts written where computed, read as one
+table by pandas and pyarrow, summaries and contrasts from per-part reads, and run directories
+of the single-file layout still read.
+
+Tables are synthetic (seeded) except the run-directory tests, which use the toy ViT of tests/_toy.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+
+from probekit.api import compare
+from probekit.errors import RunDirError
+from probekit.results import COLUMNS, Results, summarize
+from probekit.results_dataset import INDEX, DatasetWriter, ResultsScan
+from probekit.runs.rundir import load_run_dir, read_record
+from probekit.views.contrasts import per_image_layer
+
+MODELS = ["vit/b 16", "dino%v2"]  # labels that need encoding in a folder name
+
+
+def _table(seed: int = 0, images: int = 7) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = [(m, f"img{i}", layer, head, metric, float(rng.normal(layer, 1.0)))
+            for m in MODELS for metric in ("mad", "entropy") for i in range(images)
+            for layer in range(3) for head in ((-1,) if metric == "entropy" else (0, 1))]
+    t = pd.DataFrame(rows, columns=COLUMNS)
+    t.loc[5, "value"] = np.nan
+    t.loc[40, "value"] = np.inf
+    t["label"] = t["image"].map(lambda n: "cat" if int(n[3:]) % 2 else "dog")
+    return Results(t).table
+
+
+def _written(tmp_path, table: pd.DataFrame, shards: int = 1):
+    """``table`` written as a dataset, each model x metric split into ``shards`` parts."""
+    w = DatasetWriter(tmp_path / "results.parquet")
+    for (model, metric), g in table.groupby(["model", "metric"], observed=True, sort=False):
+        for s, rows in enumerate(np.array_split(np.arange(len(g)), shards)):
+            w.write(g.iloc[rows], str(model), str(metric), s)
+    w.commit({"name": "synthetic"})
+    return tmp_path / "results.parquet"
+
+
+def _canon(t: pd.DataFrame) -> pd.DataFrame:
+    t = Results(t).table.astype({"model": str, "metric": str, "image": str, **({"label": str} if "label" in t else {})})
+    return t.sort_values(["model", "metric", "image", "layer", "head"]).reset_index(drop=True)
+
+
+def test_pandas_pyarrow_and_results_read_the_folder_as_one_table(tmp_path):
+    table = _table()
+    root = _written(tmp_path, table, shards=2)
+    assert (root / "model=vit%2Fb%2016" / "metric=mad" / "part-00001.parquet").is_file()
+    pd.testing.assert_frame_equal(_canon(pd.read_parquet(root)), _canon(table))
+    arrow = ds.dataset(root, format="parquet", partitioning="hive").to_table().to_pandas()
+    arrow["model"] = arrow["model"].map(lambda s: __import__("urllib.parse").parse.unquote(s))
+    pd.testing.assert_frame_equal(_canon(arrow), _canon(table))
+    back = Results.read_parquet(root)  # the writer's order, and the index's provenance
+    pd.testing.assert_frame_equal(back.table, table, check_exact=True)
+    assert back.meta == {"name": "synthetic"}
+
+
+def test_scan_summaries_contrasts_and_nonfinite_equal_the_in_memory_ones(tmp_path):
+    table = _table(seed=3, images=9)
+    scan = Results.scan(_written(tmp_path, table, shards=3))  # three shards per part: moments merged
+    mem = summarize(table)
+    got = scan.summary()
+    assert list(got.columns) == list(mem.columns)
+    pd.testing.assert_frame_equal(got.astype({"model": str, "metric": str}), mem.astype({"model": str, "metric": str}),
+                                  check_exact=False, rtol=1e-12, atol=1e-12)
+    by_label = scan.summary(("model", "metric", "label"))
+    pd.testing.assert_frame_equal(by_label.astype({"model": str, "metric": str}),
+                                  summarize(table, ("model", "metric", "label")).astype({"model": str, "metric": str}),
+                                  rtol=1e-12, atol=1e-12)
+    for metric in ("mad", "entropy"):
+        pd.testing.assert_series_equal(scan.per_image_layer(metric), per_image_layer(table, metric),
+                                       check_names=False, rtol=1e-15, atol=0)
+    assert scan.nonfinite() == Results(table).nonfinite()
+
+
+def test_a_scan_is_filtered_before_it_reads(tmp_path):
+    table = _table()
+    scan = Results.scan(_written(tmp_path, table))
+    part = scan.filter(models=["dino%v2"], metrics=["mad"], layers=[0, 2])
+    assert [p.path for p in part.parts()] == ["model=dino%25v2/metric=mad/part-00000.parquet"]
+    want = table[(table["model"] == "dino%v2") & (table["metric"] == "mad") & table["layer"].isin([0, 2])]
+    pd.testing.assert_frame_equal(part.to_results().table, Results(want.reset_index(drop=True)).table)
+    assert (scan.models, part.metrics) == (MODELS, ["mad"])
+
+
+def test_a_run_writes_the_folder_and_reads_lazily(tmp_path, toy_backend, run_file):
+    run = {"name": "ds", "models": [{"model": "toy:vit", "label": "a/b"}, {"model": "toy:vit", "label": "c"}],
+           "images": {"path": "sample", "count": 3}, "metrics": ["mad", "entropy"], "batch_size": 3, "figures": []}
+    out = tmp_path / "out"
+    cmp = compare(run_file(run), out=out, report=False)
+    rec = read_record(out)
+    parts = sorted(n for n in rec.manifest if n.startswith("results.parquet/"))
+    assert len(parts) == 5 and f"results.parquet/{INDEX}" in parts  # 2 models x 2 metrics, and the index
+    lazy = load_run_dir(out)
+    assert lazy._table is None and lazy.models == ["a/b", "c"] and len(lazy) == len(cmp.results)
+    pd.testing.assert_frame_equal(lazy.summary(), summarize(cmp.results.table), check_exact=True)
+    pd.testing.assert_frame_equal(_canon(lazy.table), _canon(pd.read_parquet(out / "results.parquet")))
+    assert pd.read_csv(out / "summary.csv")["n"].sum() == len(cmp.results) - sum(
+        n["values"] for n in cmp.nonfinite)
+
+
+def test_a_single_file_run_of_an_earlier_version_reads_and_is_converted_by_the_next_run(tmp_path, toy_backend,
+                                                                                          run_file):
+    from probekit._io.fileid import file_digest
+
+    run = {"name": "old", "models": [{"model": "toy:vit", "label": "toy"}], "images": {"path": "sample", "count": 2},
+           "metrics": ["mad"], "batch_size": 2, "figures": []}
+    out = tmp_path / "out"
+    cmp = compare(run_file(run), out=out, report=False)
+    table = cmp.results.table
+    # the layout before issue 24: one results.parquet file, as Results.to_parquet wrote it, in the manifest
+    import shutil
+
+    shutil.rmtree(out / "results.parquet")
+    Results(table, meta=cmp.results.meta).to_parquet(out / "results.parquet")
+    rj = json.loads((out / "run.json").read_text())
+    rj["manifest"] = {k: v for k, v in rj["manifest"].items() if not k.startswith("results.parquet/")}
+    rj["manifest"]["results.parquet"] = file_digest(out / "results.parquet")
+    rj["owned"] = sorted({n for n in rj["owned"] if not n.startswith("results.parquet/")} | {"results.parquet"})
+    (out / "run.json").write_text(json.dumps(rj))
+    old = load_run_dir(out)
+    pd.testing.assert_frame_equal(old.table, table, check_exact=True)
+    pd.testing.assert_frame_equal(Results.scan(out).summary(), summarize(table), check_exact=True)
+    # the next run into it replaces the file a probekit run wrote with the folder; a user's note stays
+    (out / "notes.txt").write_text("mine")
+    again = compare(run_file(run), out=out, report=False)
+    assert (out / "results.parquet").is_dir() and (out / "notes.txt").read_text() == "mine"
+    pd.testing.assert_frame_equal(load_run_dir(out).table, again.results.table, check_exact=True)
+
+
+def test_stale_parts_are_replaced_or_removed_only_when_a_probekit_run_wrote_them(tmp_path, toy_backend, run_file):
+    run = {"name": "st", "models": [{"model": "toy:vit", "label": "a"}, {"model": "toy:vit", "label": "b"}],
+           "images": {"path": "sample", "count": 2}, "metrics": ["mad"], "batch_size": 2, "figures": []}
+    out = tmp_path / "out"
+    compare(run_file(run), out=out, report=False)
+    user = out / "results.parquet" / "_mine.txt"  # ("_": a name Parquet readers skip)
+    user.write_text("a user's file")
+    fewer = compare(run_file(run, models=[{"model": "toy:vit", "label": "a"}], file="r2.yaml"), out=out, report=False)
+    assert not (out / "results.parquet" / "model=b").exists() and user.read_text() == "a user's file"
+    assert pd.read_parquet(out / "results.parquet")["model"].astype(str).unique().tolist() == ["a"]
+    assert fewer.results.models == ["a"]
+    # a part file at a name no probekit run recorded is never replaced
+    rj = json.loads((out / "run.json").read_text())
+    rj["owned"] = [n for n in rj["owned"] if "model=a/" not in n]
+    rj["manifest"] = {k: v for k, v in rj["manifest"].items() if "model=a/" not in k}
+    (out / "run.json").write_text(json.dumps(rj))
+    with pytest.raises(RunDirError, match=r"model=a/metric=mad/part-00000.parquet was not written by probekit"):
+        compare(run_file(run), out=out, report=False)
+
+
+def test_scan_of_a_folder_without_index_lists_its_hive_parts(tmp_path):
+    table = _table()
+    root = _written(tmp_path, table)
+    (root / INDEX).unlink()
+    scan = ResultsScan(root)
+    assert sorted(scan.models) == sorted(MODELS)
+    pd.testing.assert_frame_equal(_canon(scan.to_results().table), _canon(table))
