@@ -11,10 +11,11 @@ import torch
 import probekit as pk
 from probekit.errors import ConfigError
 from probekit.geometry import LayerGeometry, ModelGeometry
-from probekit.plugins.metrics.aggregated import AggregatedMap, aggregated_offset
+from probekit.plugins.metrics.aggregated import AggregatedMap
 from probekit.plugins.metrics.centroid import AttentionOffset, AttentionSpread
 from probekit.testing.paths import _engine, _qkv, check_engine_paths, check_grouped_paths
 from probekit.tokens import TokenLayout
+from probekit.views.plots.aggregated import aggregated_offset
 
 LAY = TokenLayout(num_prefix=1, grid=(3, 4), patch_size=(8, 16))  # non-square grid, non-square patches
 H, W = LAY.grid
@@ -185,12 +186,20 @@ def test_every_path_gives_the_plain_value(name, options):
     check_grouped_paths(name, m)
 
 
-def test_pooled_and_class_attention_layers_are_refused_for_the_aggregated_map():
-    pooled = LayerGeometry.pooled((4, 4), (8, 8), (2, 2), (16, 16), prefix_kinds=("cls",))
-    klass = LayerGeometry.class_attention(TokenLayout(num_prefix=1, grid=(2, 2), patch_size=(8, 8)))
-    assert pooled.lacks("square") and klass.lacks("square")
-    assert set(AggregatedMap.requires) == {"square", "patch_queries"}
-    assert not LayerGeometry.windows((4, 4), (8, 8), (2, 2)).lacks("square")
+def test_pooled_and_class_attention_layers_are_refused_for_the_aggregated_map_before_the_run():
+    from probekit.engine.checks import refuse_layers
+    from probekit.errors import UnsupportedArchitectureError
+
+    lay = TokenLayout(num_prefix=1, grid=(4, 4), patch_size=(8, 8))
+    model = ModelGeometry(lay, {0: LayerGeometry.windows((4, 4), (8, 8), (2, 2), shift=(1, 1)),
+                                1: LayerGeometry.pooled((4, 4), (8, 8), (2, 2), (16, 16), prefix_kinds=("cls",)),
+                                2: LayerGeometry.class_attention(lay)}, num_layers=4)
+    refuse_layers(AggregatedMap(), model, layers=[0, 3])  # windowed and global layers: taken
+    for layer, why in [(1, "the same tokens as queries and as keys"), (2, "the same tokens as queries and as keys")]:
+        with pytest.raises(UnsupportedArchitectureError, match=f"aggregated_map.*{why}.*layer {layer}"):
+            refuse_layers(AggregatedMap(), model, layers=[layer])
+    for m in (AttentionOffset(), AttentionSpread()):  # offset and spread read every layer
+        refuse_layers(m, model)
 
 
 # -- per-class maps ------------------------------------------------------------------------------
@@ -267,3 +276,21 @@ def test_a_labelled_probe_gives_per_class_maps_and_the_new_metrics(toy_backend, 
     h, w = res.arrays[f"{res.models[0]}/cls_map"].shape[-2:]
     assert agg.shape[-2:] == (2 * h - 1, 2 * w - 1)
     np.testing.assert_allclose(agg.sum((-2, -1)), 1.0, rtol=1e-5)
+
+
+def test_aggregated_maps_figure_draws_the_image_mean_per_layer_and_head_titled_with_the_papers_offset():
+    from probekit.views.plots.aggregated import aggregated_maps
+
+    g = torch.Generator().manual_seed(2)
+    per_layer = [AggregatedMap().compute(torch.softmax(2 * torch.randn(3, 2, LAY.num_tokens, LAY.num_tokens,
+                                                                        generator=g), -1), LAY) for _ in range(2)]
+    arr = torch.stack(per_layer, 1).numpy()  # [images, layers, heads, 2h-1, 2w-1], as the engine stores it
+    res = pk.Results(pd.DataFrame(columns=["model", "image", "layer", "head", "metric", "value"]),
+                     {"toy/aggregated_map": arr})
+    fig, axes = aggregated_maps(res)
+    assert axes.shape == (2, 2)
+    mean = arr.astype(np.float64).mean(0)
+    np.testing.assert_allclose(axes[1, 0].get_images()[0].get_array(), mean[1, 0], rtol=1e-12)
+    assert axes[1, 0].get_title() == f"{aggregated_offset(mean[1, 0]).item():.3f}"
+    with pytest.raises(ConfigError, match="run a map metric"):
+        aggregated_maps(res, "cls_map")

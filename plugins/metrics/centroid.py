@@ -29,7 +29,7 @@ The paper's offset is the length of the *mean* offset vector (over queries and i
 offsets in opposite directions cancel; probekit's is the mean *length*, a per-image value that
 merges like MAD's and that is never below the paper's (triangle inequality); the two agree when
 every query's centroid sits the same way from it (the paper's "offset local attention" heads).
-The paper's own number is :func:`probekit.plugins.metrics.aggregated.aggregated_offset` of the
+The paper's own number is :func:`probekit.views.plots.aggregated.aggregated_offset` of the
 ``aggregated_map`` metric averaged over images.
 """
 
@@ -131,9 +131,14 @@ class AttentionOffset(_CentroidMetric):
 
     then the mean over query patches (as MAD's). Identity attention has offset 0; attention on
     one key the distance to that key; uniform attention the distance of each query from the
-    grid centre. Walmer et al. 2023 report instead the length of the mean offset vector over
-    queries and images (the centroid of the aggregated map): see the module docstring for the two
-    side by side, and :func:`~probekit.plugins.metrics.aggregated.aggregated_offset` for theirs.
+    grid centre.
+
+    Against Walmer et al. 2023 (``average_att_offset``): theirs is ``|mean_{images, q} (c_q - pos(q))|``,
+    the length of the mean offset vector (the centroid of the aggregated map), in the same [0, 1]
+    grid units; here ``mean_q |c_q - pos(q)|``, the mean length, per image (mergeable like MAD's,
+    never below theirs; equal when every centroid lies the same way from its query, as in their
+    offset local heads). Theirs is :func:`~probekit.views.plots.aggregated.aggregated_offset`
+    of the image-mean ``aggregated_map``.
 
     Args:
         units: ``"fraction"`` (default: Walmer et al.'s [0, 1] grid, grid steps / (max(h, w) - 1)),
@@ -183,8 +188,10 @@ class AttentionSpread(_CentroidMetric):
     at one patch has a large MAD (and offset) and spread 0. Identity attention and attention on
     any one key have spread 0; uniform attention over an ``h x w`` grid has the mean distance of
     the patches from the grid centre (``rms``: ``sqrt(((h^2 - 1) + (w^2 - 1)) / 12)`` grid steps).
-    Walmer et al.'s code has no spread; "mean" follows the issue's wording, the weighted mean
-    distance, in the same units as MAD and offset.
+    Against Walmer et al. 2023: their code has no spread (their per-head spread measures are MAD and
+    the aggregated map's extent); "mean" follows issue 23's wording, the attention-weighted mean
+    distance from the centroid, in the same units and renormalized rows as their MAD and offset;
+    "rms" is the radius of gyration, the usual second-moment spread.
 
     Args:
         units: ``"fraction"`` (default, Walmer et al.'s [0, 1] grid), ``"patch"`` or ``"px"``.
