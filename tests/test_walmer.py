@@ -163,6 +163,30 @@ def test_a_window_over_the_whole_grid_gives_the_global_values():
         torch.testing.assert_close(windowed, m.compute(probs, lay), rtol=1e-5, atol=1e-6)
 
 
+def test_shifted_padded_windows_equal_the_global_layer_of_the_same_attention_placed_on_the_grid():
+    # each window's rows (renormalized over the patch keys each query sees) scattered into one [N, N] matrix
+    # at the original cells of its queries and keys (the roll undone): the global values of that matrix are
+    # the windowed layer's, for offset, spread and the aggregated map
+    lay = TokenLayout(num_prefix=0, grid=(3, 5), patch_size=(8, 8))
+    geo = LayerGeometry.windows((3, 5), (8, 8), (2, 2), shift=(1, 1))  # padded to 4 x 6, 6 windows
+    case = _qkv(2 * geo.groups, geo.num_queries, geo.num_keys, seed=9)
+    probs = torch.softmax(case["q"] @ case["k"].transpose(-1, -2) * case["scale"] + case["bias"], -1)
+    a = probs * geo.visible_patch_keys()[torch.arange(probs.shape[0]) % geo.groups][:, None]
+    a = a / a.sum(-1, keepdim=True)
+    full = torch.zeros(2, a.shape[1], lay.num_patches, lay.num_patches)
+    cell = geo.key_cell
+    for item in range(a.shape[0]):
+        b, g = divmod(item, geo.groups)
+        for i in range(geo.num_queries):
+            for j in range(geo.num_keys):
+                if cell[g, i] >= 0 and cell[g, j] >= 0:
+                    full[b, :, cell[g, i], cell[g, j]] += a[item, :, i, j]
+    model = ModelGeometry(lay, {0: geo}, num_layers=1)
+    for m in (AttentionOffset(), AttentionSpread(units="px", measure="rms"), AggregatedMap()):
+        torch.testing.assert_close(_engine(type(m)(**m.options()), case, lay, model), m.compute(full, lay),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_aggregated_map_of_identity_in_shifted_windows_is_a_single_1_at_the_centre():
     lay = TokenLayout(num_prefix=0, grid=(4, 4), patch_size=(8, 8))
     win = LayerGeometry.windows((4, 4), (8, 8), (2, 2), shift=(1, 1))
