@@ -88,11 +88,11 @@ def redraw(run_dir: str | Path, kinds: list[str] | None = None, metrics: list[st
         ConfigError: a metric the directory does not hold.
     """
     rd = RunDir(run_dir)
-    read_record(rd.path)  # before the lock: never create a directory that is not there
+    read_record(rd.where)  # before the lock: never create a directory that is not there
     with rd.locked():
-        record = read_record(rd.path)
+        record = read_record(rd.where)
         rd.adopt(record)  # figures it draws join what the directory's runs own
-        res = load_run_dir(rd.path)
+        res = load_run_dir(rd.where)
         if metrics:
             have = list(dict.fromkeys([*res.metrics, *(k.rsplit("/", 1)[1] for k in res.arrays if not is_view(k))]))
             missing = [m for m in metrics if m not in have]

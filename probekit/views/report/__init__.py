@@ -25,11 +25,11 @@ def rebuild(run_dir: str | Path) -> Path:
     from probekit.views.contrasts import contrasts
 
     rd = RunDir(run_dir)
-    read_record(rd.path)  # before the lock: never create a directory that is not there
+    read_record(rd.where)  # before the lock: never create a directory that is not there
     with rd.locked():
-        record = read_record(rd.path)
+        record = read_record(rd.where)
         rd.adopt(record)  # only files the directory's runs wrote are replaced
-        results = load_run_dir(rd.path)
+        results = load_run_dir(rd.where)
         by = record.report.group_by if record.report is not None else "training"
         groups = record_groups(record, results.models, by)
         inference = (record.config.get("report") or {}).get("inference", "images")  # older runs: images
