@@ -79,7 +79,8 @@ class Comparison:
     Attributes:
         results: every model's values (:class:`~probekit.results.Results`).
         figures: paths of the figures written (PNG and SVG).
-        run_dir: the run directory.
+        run_dir: the run directory (its s3:// URI for a run directory in an object store; ``figures``
+            and ``report`` are then URIs too).
         failures: one record per model that failed to load or run (also in run.json).
         cached: labels of the models served entirely from finished parts.
         figure_error: why figures could not be drawn (e.g. a full disk), or None.
@@ -95,7 +96,7 @@ class Comparison:
 
     results: Results
     figures: list[Path]
-    run_dir: Path
+    run_dir: Path | str
     failures: list[Failure] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
     figure_error: str | None = None
@@ -327,7 +328,7 @@ def run_comparison(config_or_path: Any, out: str | Path | None = None, *, report
     cfg = given.resolve(out=None if out is None else str(out), **flags)
     run = check_run(cfg)  # everything that can be wrong in the file fails here, before work
     rep = reporter or _Quiet()
-    rd = RunDir(Path(cfg.out or Path("runs") / cfg.name))
+    rd = RunDir(cfg.out or Path("runs") / cfg.name)  # a path, or an s3:// URI
     showcase = _showcase(cfg, run) if views is not None and views.report else None
     with sigterm_as_interrupt(), rd.locked():  # SIGTERM (SLURM, Kubernetes) stops it as Ctrl-C does
         record = rd.begin(_run_record(cfg, run))
@@ -347,7 +348,7 @@ def run_comparison(config_or_path: Any, out: str | Path | None = None, *, report
             if record.models and all(m.failed for m in record.models):  # nothing to show: no run directory
                 rd.undo()
                 record.status = "failed"
-                return Comparison(_combine([], record), [], rd.path, list(record.failures), status="failed")
+                return Comparison(_combine([], record), [], rd.where, list(record.failures), status="failed")
             results = rd.results_of(_combine(collected, record))  # rows read from the folder when used
             record.nonfinite = results.nonfinite()
             anything = len(results) > 0 or bool(results.arrays)  # map metrics alone have no table rows
@@ -366,8 +367,9 @@ def run_comparison(config_or_path: Any, out: str | Path | None = None, *, report
         except BaseException as exc:
             rd.abandon(record, exc)
             raise
-    return Comparison(results, figs, rd.path, list(record.failures), cached, record.figure_error,
-                      record.nonfinite or [], record.status, contrast_table, html, list(record.notes or []))
+    return Comparison(results, [rd.public(p) for p in figs], rd.where, list(record.failures), cached,
+                      record.figure_error, record.nonfinite or [], record.status, contrast_table,
+                      None if html is None else rd.public(html), list(record.notes or []))
 
 
 # -- report: explorer arrays, contrasts, report.html (each failure is recorded, never costs the numbers)

@@ -16,6 +16,11 @@ holds files but no probekit run is refused before anything is written, and in a 
 only the files that earlier runs' records list (``manifest``, and ``owned``: every file a run
 wrote, recorded in ``run.json`` before the file is written) are replaced or removed; a user's
 notes or figures beside them stay.
+
+The directory may also be an S3 prefix (``s3://bucket/run``, also on S3-compatible servers):
+``RunDir("s3://...")`` is then a :class:`probekit.runs.remote.RemoteRunDir`, which keeps these
+promises with the store's conditional writes (its module says how), and :func:`read_record` and
+:func:`load_run_dir` read such a directory too.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from pydantic import ValidationError
 
 from probekit._io.atomic import atomic_path, write_errors, write_text_atomic
 from probekit._io.fileid import file_digest
+from probekit._io.storage import is_uri
 from probekit.errors import RunDirBusyError, RunDirError
 from probekit.results import Results
 from probekit.results_dataset import DatasetWriter, ResultsScan
@@ -188,10 +194,22 @@ class Renderer(Protocol):
 
 
 class RunDir:
-    """One run directory while a run writes it: ``with rd.locked(): rd.begin(record) ... rd.finish(...)``."""
+    """One run directory while a run writes it: ``with rd.locked(): rd.begin(record) ... rd.finish(...)``.
+
+    ``path`` is where its files are written (for a directory in an object store, a local working
+    folder whose files are uploaded); ``where`` is the directory as users name it (the path, or the URI).
+    """
+
+    def __new__(cls, path: str | Path) -> RunDir:
+        if cls is RunDir and is_uri(str(path)):  # s3://...: the object-store run directory
+            from probekit.runs.remote import RemoteRunDir
+
+            return super().__new__(RemoteRunDir)
+        return super().__new__(cls)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.where: str | Path = self.path
         self.parts = PartStore(self.path / "parts")
         self.outputs: list[str] = []  # files this run wrote, relative to the directory
         self.owned: set[str] = set()  # files a probekit run wrote here: the only ones a run may replace
@@ -248,6 +266,10 @@ class RunDir:
             if same:
                 return fd
             os.close(fd)
+
+    def public(self, path: Path) -> Any:
+        """Where users find a file this run wrote at ``path`` (itself, for a local directory)."""
+        return path
 
     def undo(self) -> None:
         """Take back what this run wrote, when it has nothing to show (every model failed): a folder
@@ -312,16 +334,20 @@ class RunDir:
 
     def begin(self, record: RunRecord) -> RunRecord:
         """Mark the directory as written by a new run, before anything else is written."""
-        try:
-            self._previous = (self.path / RUN_JSON).read_bytes()
-        except OSError:
-            self._previous = None
+        self._previous = self._previous_record()
         record.run_id, record.status, record.started = uuid.uuid4().hex[:12], "running", now()
         record.owned = sorted(self.owned)
         record.manifest = None
         self.record = record
         self.write_record(record)
         return record
+
+    def _previous_record(self) -> bytes | None:
+        """``run.json`` as the run before this one left it (None: there was none)."""
+        try:
+            return (self.path / RUN_JSON).read_bytes()
+        except OSError:
+            return None
 
     def finish(self, record: RunRecord, status: str) -> None:
         """Write ``run.json`` last: the status, and for a finished run the manifest of its files."""
@@ -476,6 +502,10 @@ def read_record(run_dir: str | Path) -> RunRecord:
         RunDirError: no run.json, an unfinished or interrupted run (its files may be an earlier
             run's), or a file that is missing or not the one the run wrote.
     """
+    if is_uri(str(run_dir)):
+        from probekit.runs import remote
+
+        return remote.read_record(str(run_dir))
     run_dir = Path(run_dir)
     rj = run_dir / RUN_JSON
     if not run_dir.is_dir():
@@ -516,6 +546,10 @@ def load_run_dir(run_dir: str | Path) -> Results:
     Raises:
         RunDirError: see :func:`read_record`.
     """
+    if is_uri(str(run_dir)):
+        from probekit.runs import remote
+
+        return remote.load_run_dir(str(run_dir))
     run_dir = Path(run_dir)
     record = read_record(run_dir)
     if (run_dir / RESULTS).is_dir():  # rows read when first used; summaries from per-part moments
