@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.cluster import KMeans
@@ -192,3 +193,55 @@ def test_unlabelled_images_are_refused_before_the_forward_pass(monkeypatch):
     monkeypatch.setattr(pm.adapter, "forward", lambda x: pytest.fail("the forward pass ran"))
     with pytest.raises(ConfigError, match="knn need a class label per image.*kind: classes"):
         pk.probe(pm, "sample", ["knn", "mad"])
+
+
+@pytest.mark.usefixtures("toy_backend")
+def test_ray_stages_give_the_probes_labels_and_rows_from_the_merged_state(class_tree, run_file):
+    """The Ray engine's stages without a cluster: chunks decoded and probed by a replica (labels
+    with them), shard parts with the state as JSON, the whole-set part merged from them: the
+    local engine's rows, labels and fold accuracies."""
+    import pickle
+    from types import SimpleNamespace
+
+    from probekit.runs.config import as_config, check_run
+    from probekit.runs.engines import ray as engine
+    from probekit.runs.engines.stages import ProbeReplica, decode_chunk
+
+    metrics = [{"name": "knn", "options": {"folds": 2, "k": 3}}, {"name": "clusters", "options": {"n_init": 2}}, "mad"]
+    run = check_run(as_config(run_file(models=["toy:vit"], images={"kind": "classes", "path": str(class_tree)},
+                                       metrics=metrics, batch_size=2)).resolve())
+    torch.manual_seed(run.config.seed)
+    pm = pk.load("toy:vit")
+    local = pk.probe(pm, run.images, [type(m)(**m.options()) for m in run.metrics], batch_size=2, label="toy")
+    shards = [(0, 4), (4, 6)]
+    chunks = engine._chunks(shards, [0, 1], 2)
+    job = engine._Job(0, "toy", run.metrics, {}, [], {}, [0, 1],
+                      labels=dict(zip(run.images.names, run.images.labels, strict=True)))
+    replica = ProbeReplica(model="toy:vit", label="toy", options={}, seed=run.config.seed, device=None,
+                           metrics=[(m.name, m.options()) for m in run.metrics], dtype=run.config.dtype, batch_size=2)
+    for c, _, lo, hi in reversed(chunks):  # chunks arrive in any order
+        row = decode_chunk({"chunk": c, "images": pickle.dumps(run.images.subset(range(lo, hi)))}, pm.preprocess)
+        job.chunks[c] = pickle.loads(replica({k: [v] for k, v in row.items()})["payload"][0])
+    for s, (lo, hi) in enumerate(shards):
+        job.have[s] = engine._shard_results(run, job, lo, hi, [c for c, cs, _, _ in chunks if cs == s])
+    assert len(job.have[0]["knn[folds=2,k=3]"].table) == 0  # a shard makes no probe rows, only state
+    record = SimpleNamespace(images=SimpleNamespace(names=run.images.names, fingerprint="f"))
+    cols = ["image", "layer", "head", "metric", "label", "value"]
+    for m in run.metrics:
+        whole = engine._whole(run, job, m, shards, record)
+        ref = local.table[local.table["metric"].astype(str) == m.label]
+        assert len(whole.table) == len(ref) and (len(ref) == 0) == (m.name == "clusters")
+        if not len(ref):
+            continue
+        a, b = (t[cols].astype(str).sort_values(cols[:4]).reset_index(drop=True) for t in (whole.table, ref))
+        pd.testing.assert_frame_equal(a, b)
+        assert whole.meta["images"]["count"] == 6
+        if m.name != "mad":
+            np.testing.assert_array_equal(whole.arrays[f"toy/{m.label}"], local.arrays[f"toy/{m.label}"])
+
+
+def test_a_run_file_with_probes_on_unlabelled_images_cannot_start(run_file):
+    from probekit.runs.config import as_config, check_run
+
+    with pytest.raises(ConfigError, match="images: Metric.*knn need a class label per image"):
+        check_run(as_config(run_file(metrics=["knn", "mad"])).resolve())

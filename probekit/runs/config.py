@@ -533,6 +533,11 @@ def check_run(cfg: RunConfig) -> CheckedRun:
         images = from_entry(cfg.images, strict=cfg.strict)
     except (ImageError, ConfigError, MissingDependencyError) as exc:
         problems.append(f"{cfg.where('images')}: {exc}")
+    labelled = [m for m in mets if m.needs_labels]
+    if images is not None and images.labels is None and labelled:  # representation probes
+        from probekit.engine.sink import unlabelled
+
+        problems.append(f"{cfg.where('images')}: {unlabelled(labelled)}")
     if problems:
         raise _cannot_start(problems)
     assert images is not None  # (images that cannot be listed are one of the problems)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from probekit.engine.probe import build_metrics
+from probekit.engine.probe import _to_table, build_metrics
 from probekit.errors import ConfigError, MissingDependencyError
 from probekit.inputs.view import join_arrays, metric_arrays
 from probekit.metric.state import state_from_json, state_to_json
@@ -166,6 +166,7 @@ def _shard_results(run, job: _Job, lo: int, hi: int, chunk_ids: list[int]) -> di
     tables, meta, secs = [], None, 0.0
     arrays: dict[str, list[np.ndarray]] = {}
     states: dict[str, list[dict]] = {}
+    seen: list[str] = []  # the decoded images, in order: whole-set metrics' rows come from their merged state
     for c in chunk_ids:
         p = job.chunks.pop(c)
         secs += p["probe_s"]
@@ -173,6 +174,7 @@ def _shard_results(run, job: _Job, lo: int, hi: int, chunk_ids: list[int]) -> di
             continue
         start = c * run.config.batch_size
         names = [imgs.names[start + int(k)] for k in p["kept"]]
+        seen += names
         t = p["table"]
         t["image"] = [names[int(i)] for i in t["image"].astype(str)]
         if job.labels is not None:
@@ -192,6 +194,8 @@ def _shard_results(run, job: _Job, lo: int, hi: int, chunk_ids: list[int]) -> di
         mm = dict(meta or {})
         mm.update(seconds=secs, shard=[lo, hi], state=state_to_json(states.get(m.label, [])))  # JSON, never pickle
         mm["metrics"] = {m.label: (meta or {}).get("metrics", {}).get(m.label, {})}
+        if m.whole_set:
+            mm["names"] = list(seen)
         out[m.label] = Results(t, arr, mm)
     return out
 
@@ -221,11 +225,20 @@ def _whole(run: CheckedRun, job: _Job, m: Any, shards: list[tuple[int, int]], re
     for p in parts:
         for st in _states(p) or []:  # (_plan admitted only parts whose state reads)
             merged.merge(st)  # the metric state contract: options are checked on merge
-    whole = merged.dataset_result()
-    if whole is not None:
-        arrays[f"{job.label}/{m.label}"] = whole
-    meta = {k: v for k, v in parts[0].meta.items() if k not in ("state", "shard")}
-    skipped = sorted(set(record.images.names) - set(table["image"].astype(str))) if len(table) else []
+    seen = set(table["image"].astype(str)) if len(table) else set(record.images.names)
+    if merged.whole_set:  # rows that compare images (k-NN): made here, from the state merged in image order
+        names = [n for p in parts for n in p.meta.get("names", [])]
+        table, made = _to_table(job.label, names, [merged])
+        arrays.update(made)
+        if job.labels is not None and len(table):
+            table["label"] = [job.labels[n] for n in table["image"].astype(str)]
+        seen = set(names)
+    else:
+        whole = merged.dataset_result()
+        if whole is not None:
+            arrays[f"{job.label}/{m.label}"] = whole
+    meta = {k: v for k, v in parts[0].meta.items() if k not in ("state", "shard", "names")}
+    skipped = sorted(set(record.images.names) - seen)
     meta["images"] = {"count": len(run.images) - len(skipped), "fingerprint": record.images.fingerprint,
                       "skipped": run.images.skipped + [(n, "cannot be decoded") for n in skipped]}
     meta["seconds"] = sum(p.meta.get("seconds") or 0.0 for p in parts)

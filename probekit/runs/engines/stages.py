@@ -6,7 +6,8 @@
   or stop the run the same way).
 - :class:`ProbeReplica`: the callable class of a model's actor pool; it loads the model once
   (seeded as the local engine seeds it) and probes one chunk per call with the local engine
-  itself, returning the chunk's per-image rows and the state of dataset-level metrics.
+  itself, returning the chunk's per-image rows and the state of dataset-level metrics (and of
+  metrics whose rows need the whole set, e.g. k-NN: the driver makes their rows from the merged state).
 
 A chunk is exactly one of the local engine's batches (same images, same order), so both
 engines run the same arithmetic and their values agree to the last bit on one machine.
@@ -25,7 +26,8 @@ __all__ = ["decode_chunk", "ProbeReplica"]
 
 
 def decode_chunk(row: dict[str, Any], transform: Any) -> dict[str, Any]:
-    """``{chunk, images (a pickled ImageSet)}`` -> ``{chunk, pixels [b, C, H, W], kept, decode_s}``."""
+    """``{chunk, images (a pickled ImageSet)}`` -> ``{chunk, pixels [b, C, H, W], kept, labels, decode_s}``
+    (``labels``: the kept images' labels, empty for an unlabelled set)."""
     from probekit.inputs.images import collate
 
     t0 = time.perf_counter()
@@ -33,8 +35,9 @@ def decode_chunk(row: dict[str, Any], transform: Any) -> dict[str, Any]:
     ds = images.dataset(transform)
     kept, x = collate([ds[j] for j in range(len(images))])
     pixels = np.zeros((0,), np.float32) if x is None else x.numpy()
+    labels = [] if images.labels is None else [str(images.labels[int(i)]) for i in kept]
     return {"chunk": row["chunk"], "pixels": pixels, "kept": kept.numpy().astype(np.int64),
-            "decode_s": time.perf_counter() - t0}
+            "labels": np.array(labels, dtype=str), "decode_s": time.perf_counter() - t0}
 
 
 class ProbeReplica:
@@ -57,18 +60,24 @@ class ProbeReplica:
         import torch
 
         from probekit.engine.probe import build_metrics, probe
+        from probekit.inputs.images import ImageSet
 
         out = []
-        for pixels, kept, decode_s in zip(batch["pixels"], batch["kept"], batch["decode_s"], strict=True):
+        for pixels, kept, labels, decode_s in zip(batch["pixels"], batch["kept"], batch["labels"], batch["decode_s"],
+                                                  strict=True):
             t0 = time.perf_counter()
             done = {"kept": np.asarray(kept, np.int64), "decode_s": float(decode_s), "pid": os.getpid()}
             if pixels.ndim != 4:  # every image of the chunk was unreadable
                 out.append(pickle.dumps({**done, "table": None, "probe_s": 0.0}))
                 continue
             mets = build_metrics(list(self.metrics))
-            res = probe(self.pm, torch.from_numpy(np.ascontiguousarray(pixels)), mets,
-                        batch_size=self.batch_size, dtype=self.dtype, label=self.label)
-            states = {m.label: m.state_dict() for m in mets if m.dataset_result() is not None}
+            x = torch.from_numpy(np.ascontiguousarray(pixels)).float()
+            images = ImageSet(names=[str(i) for i in range(len(x))], tensor=x,
+                              labels=[str(v) for v in labels] if len(labels) else None)
+            # whole-set metrics (probes) make no rows of a chunk: their state is merged over the shards
+            res = probe(self.pm, images, mets, batch_size=self.batch_size, dtype=self.dtype, label=self.label,
+                        partial=True)
+            states = {m.label: m.state_dict() for m in mets if m.whole_set or m.dataset_result() is not None}
             maps = {k: v for k, v in res.arrays.items() if k.rsplit("/", 1)[1] not in states}
             out.append(pickle.dumps({**done, "table": res.table, "arrays": maps, "states": states,
                                      "meta": res.meta, "probe_s": time.perf_counter() - t0}))
