@@ -205,6 +205,33 @@ class Results:
 
     # -- views -----------------------------------------------------------------------------
     @property
+    def source(self) -> Any:
+        """The :class:`~probekit.results_dataset.ResultsScan` the rows are read from while they are
+        on disk only (results of a run, :func:`probekit.load_run`), else None."""
+        return self._scan if self._table is None else None
+
+    @property
+    def columns(self) -> list[str]:
+        """The table's column names (of results on disk, without reading a row)."""
+        if self.source is not None:
+            return self.source.columns
+        return list(self.table.columns)
+
+    def rows(self, metric: str | None = None, models: list[str] | None = None) -> pd.DataFrame:
+        """The rows of one ``metric`` (and ``models``), in table order; of results on disk, only
+        those are read."""
+        if self.source is not None:
+            scan = self.source.filter(models=models, metrics=None if metric is None else [metric])
+            return scan.to_results().table
+        t = self.table
+        keep = np.ones(len(t), dtype=bool)
+        if metric is not None:
+            keep &= (t["metric"].astype(str) == metric).to_numpy()
+        if models is not None:
+            keep &= t["model"].astype(str).isin(models).to_numpy()
+        return t[keep]
+
+    @property
     def models(self) -> list[str]:
         if self._table is None and self._scan is not None:
             return self._scan.models

@@ -302,6 +302,21 @@ class ResultsScan:
             return list(dict.fromkeys(self._column("metric")))
         return list(dict.fromkeys(p.metric for p in self.parts()))
 
+    @property
+    def columns(self) -> list[str]:
+        """The table's column names (:data:`probekit.results.COLUMNS`, then extras), from one part's schema."""
+        import pyarrow.parquet as pq
+
+        from probekit.results import COLUMNS
+
+        if self._single:
+            names = pq.read_schema(self.path).names
+        elif self._all:
+            names = [*pq.read_schema(self.path / self._all[0].path).names, *_KEYS]
+        else:
+            return list(COLUMNS)
+        return [*COLUMNS, *(n for n in names if n not in COLUMNS)]
+
     def _column(self, name: str) -> list[str]:
         return [str(x) for x in self._arrow(columns=[name])[name].to_pylist()]
 

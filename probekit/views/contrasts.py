@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["paired_t_ci", "model_t", "paired_permutation_p", "sign_flip_floor", "holm", "cohens_dz", "pair_stats",
-           "contrasts", "per_image_layer", "model_groups", "format_contrast", "contrast_header", "contrast_note",
-           "at_floor", "CONTRAST_COLUMNS", "INFERENCE"]
+           "contrasts", "per_image_layer", "image_layer_means", "model_groups", "format_contrast", "contrast_header",
+           "contrast_note", "at_floor", "CONTRAST_COLUMNS", "INFERENCE"]
 
 Inference = Literal["images", "models"]
 INFERENCE: tuple[Inference, ...] = ("images", "models")
@@ -185,6 +185,13 @@ def per_image_layer(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     return t.groupby([t["model"].astype(str), t["image"].astype(str), "layer"], observed=True)["value"].mean()
 
 
+def image_layer_means(results, metric: str) -> pd.Series:
+    """:func:`per_image_layer` of ``results``; of results on disk (a run's dataset), read one part at a time."""
+    if getattr(results, "source", None) is not None:
+        return results.source.per_image_layer(metric)
+    return per_image_layer(results.table, metric)
+
+
 def model_groups(meta: Mapping, models: list[str], by: str = "training") -> dict[str, str]:
     """``{model: group}`` from the run's per-model record (``training`` or a tag named ``by``)."""
     per = meta.get("models") or {}
@@ -249,14 +256,13 @@ def contrasts(results, groups: Mapping[str, str] | None = None, *, by: str = "tr
         One row per metric x layer x pair of groups (empty when there are fewer than two groups).
         Only images every model of both groups has are used; layers some model lacks are skipped.
     """
-    table = results.table
-    models = list(dict.fromkeys(table["model"].astype(str)))
+    models = results.models
     groups = dict(groups) if groups is not None else model_groups(results.meta, models, by)
     names = list(dict.fromkeys(groups[m] for m in models if m in groups))
     units = {k: (v or {}).get("unit") for k, v in (results.meta.get("metrics") or {}).items()}
     rows: list[dict] = []
-    for metric in dict.fromkeys(table["metric"].astype(str)):
-        s = per_image_layer(table, metric)
+    for metric in results.metrics:
+        s = image_layer_means(results, metric)
         if s.empty:
             continue
         cube = s.unstack(["layer"])  # (model, image) x layer

@@ -331,7 +331,7 @@ def _stamp(results: Results, metric: str, kind: str, extra: object = None) -> st
     import json
 
     h = hashlib.sha256(f"{_FIGURE_FORMAT}|{kind}|{metric}".encode())
-    t = results.table[results.table["metric"].astype(str) == metric]
+    t = results.rows(metric)  # (of a run on disk, only this metric's rows are read)
     h.update(pd.util.hash_pandas_object(t.astype({"model": str, "metric": str}), index=False).to_numpy().tobytes())
     drawn_over = {view_key(k.rsplit("/", 1)[0]) for k in results.arrays if k.rsplit("/", 1)[1] == metric} \
         if kind == "maps" else set()
@@ -393,8 +393,8 @@ def _jobs(results: Results, kinds: list[str], metrics: Iterable[str] | None) -> 
     wanted = None if metrics is None else list(metrics)
     jobs: list[tuple[str, str]] = []
     for metric in [m for m in (wanted or results.metrics) if m in results.metrics]:  # maps: below
-        per_head = bool((results.table.loc[results.table["metric"].astype(str) == metric, "head"] >= 0).any())
-        labelled = "label" in results.table.columns  # label profiles only for a labelled image set
+        per_head = bool((results.rows(metric)["head"] >= 0).any())
+        labelled = "label" in results.columns  # label profiles only for a labelled image set
         jobs += [(kind, metric) for kind in _PER_KIND
                  if kind in kinds and not (kind in ("depth", "heatmap") and not per_head)
                  and (kind != "labels" or labelled)]
@@ -451,7 +451,7 @@ def figure_notes(results: Results, kinds: Iterable[str], metrics: Iterable[str] 
     for kind in dict.fromkeys(kinds):
         if kind in drawn or kind not in _NEEDS:
             continue
-        if kind == "labels" and results.metrics and "label" not in results.table.columns:
+        if kind == "labels" and results.metrics and "label" not in results.columns:
             why = "this run's images have no labels (class folders or a manifest's label column give them)"
         else:
             why = f"none of this run's metrics ({', '.join(have) or 'none'}) has any"

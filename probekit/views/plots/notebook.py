@@ -31,7 +31,7 @@ def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
 
 
 def _layer_summary(res: Results, metric: str) -> pd.DataFrame:
-    t = res.table[res.table["metric"].astype(str) == metric]
+    t = res.rows(metric)
     per = t.groupby(["model", "image", "layer"], observed=True)["value"].mean().reset_index()
     return summarize(per.assign(metric=metric, head=-1), by=("model", "layer"))
 

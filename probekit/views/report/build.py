@@ -83,7 +83,7 @@ def _explorer(run_dir: Path, record: RunRecord, model_index: dict[str, int]) -> 
 def payload(run_dir: Path, record: RunRecord, results: Results,
             contrasts: pd.DataFrame | None) -> tuple[dict[str, Any], bytes]:
     """Everything the page draws, as JSON, and the explorer's binary blob."""
-    from probekit.views.contrasts import contrast_note, per_image_layer
+    from probekit.views.contrasts import contrast_note, image_layer_means
 
     # models with table rows, then those with map arrays only (a run of map metrics has no rows)
     names = list(dict.fromkeys([*results.models, *(k.rsplit("/", 1)[0] for k in results.arrays)]))
@@ -101,12 +101,12 @@ def payload(run_dir: Path, record: RunRecord, results: Results,
         s = summ[(summ["metric"].astype(str) == label) & (summ["head"] >= 0)]
         heads[label] = [[index[str(r.model)], int(r.layer), int(r.head), _num(r.mean), int(r.n), _num(r.ci_low),
                          _num(r.ci_high)] for r in s.itertuples()]
-        per = per_image_layer(results.table, label).rename("value").reset_index()
+        per = image_layer_means(results, label).rename("value").reset_index()  # one part at a time on disk
         ls = summarize(per.assign(metric=label, head=-1), by=("model", "layer"))
         layers[label] = [[index[str(r.model)], int(r.layer), _num(r.mean), _num(r.ci_low), _num(r.ci_high), int(r.n)]
                          for r in ls.itertuples()]
-        if "label" in results.table.columns:
-            by_label[label] = _label_layers(results.table, label, index)
+        if "label" in results.columns:
+            by_label[label] = _label_layers(results.rows(label), label, index)
     explorer, blob = _explorer(run_dir, record, index)
     notes = list(record.report_notes or [])
     empty = None  # what the per-metric, summary and contrast sections say when no metric has per-image values
