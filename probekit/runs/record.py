@@ -148,6 +148,7 @@ class EngineInfo(_Record):
     decode_cpus: float | None = None
     replicas: int | None = None
     shard_size: int | None = None
+    stall_s: float | None = None  # the run file's bound on a wait without progress (None: the default)
     cluster: dict[str, float] = Field(default_factory=dict)
     shards: list[ShardRecord] = Field(default_factory=list)
     seconds: float | None = None

@@ -31,6 +31,7 @@ from probekit.inputs.view import join_arrays, metric_arrays
 from probekit.metric.state import state_from_json, state_to_json
 from probekit.results import Results
 from probekit.runs.engines.stages import ProbeReplica, decode_chunk
+from probekit.runs.engines.stall import RunStalledError, StallWatch, next_or_stall
 from probekit.runs.interrupt import sigterm_as_interrupt
 from probekit.runs.parts import PartStore
 from probekit.runs.record import EngineInfo, EngineModel, RunRecord, ShardRecord, failed_at, record_failure
@@ -102,23 +103,53 @@ def _chunks(shards: list[tuple[int, int]], todo: list[int], batch: int) -> list[
 
 
 def _resources(ray, cfg) -> dict[str, Any]:
-    """Per-replica and per-task resources: the run file's, else what fits the cluster.
+    """Per-replica and per-task resources: the run file's, else a plan that fits every node.
 
-    On a CPU-only cluster every model's replicas and one decoding task per model must fit at
-    once, or actor pools would hold every CPU while decoding waits for one (a stall): the
-    default splits the CPUs evenly, at most one each.
+    The plan is fixed at start, so it must hold for any node that survives the loss of the
+    others: Ray restarts a lost replica wherever it fits, and all of them may end up on one node.
+    If they then held that node's every CPU, decoding would never get one and the run would wait
+    for ever (observed: two 1-CPU nodes, 0.5 CPU per replica and per task, the second node
+    stopped mid-run). So each node must fit every replica it could hold plus one decoding task:
+    see :func:`_cpu_share`. Values set in the run file are taken as given; the stall bound
+    (``stall_s``) turns a plan that starves into a one-line failure that a rerun resumes.
     """
     r = cfg.resources
     cluster = ray.cluster_resources()
     gpus = r.gpus if r.gpus is not None else (1.0 if cluster.get("GPU", 0) >= 1 else 0.0)
     models = max(1, len(cfg.models))
     replicas = r.replicas or (max(1, int(cluster.get("GPU", 0) // max(gpus, 1e-9) // models)) if gpus else 1)
-    share = 1.0 if gpus else min(1.0, cluster.get("CPU", 1) / (models * (replicas + 1)))
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    share = _cpu_share(nodes or [cluster], models * replicas, gpus)
     shard = r.shard_size or 16 * cfg.batch_size
     shard = -(-shard // cfg.batch_size) * cfg.batch_size  # whole batches: chunks never straddle shards
     cpus = r.cpus if r.cpus is not None else share
     return {"gpus": gpus, "cpus": cpus, "decode_cpus": r.decode_cpus or share, "replicas": replicas,
-            "shard_size": shard, "cluster": {k: v for k, v in cluster.items() if not k.startswith("node:")}}
+            "shard_size": shard, "stall_s": r.stall_s,
+            "cluster": {k: v for k, v in cluster.items() if not k.startswith("node:")}}
+
+
+def _cpu_share(nodes: list[dict[str, float]], actors: int, gpus: float) -> float:
+    """The CPUs each replica and each decoding task asks for (at most 1), so that on every node
+    the replicas it can hold and one decoding task fit together.
+
+    A node of ``C`` CPUs can hold ``k`` replicas: all ``actors`` of the run on a CPU-only plan,
+    as many as its GPUs allow (``GPU // gpus``) on a GPU plan. With ``C / (k + 1)`` each, ``k``
+    replicas leave room for one decoding task on that node, whichever other nodes are lost, and
+    the smallest such share over the nodes holds for all of them. A replica needs only a slot,
+    not a whole CPU (torch runs on the threads it is given), so small shares cost nothing; nodes
+    without CPUs (a head started with ``--num-cpus 0``) take no work and are left out.
+    Reserving decoding capacity per node with custom resources would need every node started
+    with them; re-planning when the cluster shrinks would restart the pipelines: this needs
+    neither.
+    """
+    share = 1.0
+    for node in nodes:
+        cpus = node.get("CPU", 0.0)
+        if cpus <= 0:
+            continue
+        hold = actors if not gpus else min(actors, int(node.get("GPU", 0.0) // gpus + 1e-9))
+        share = min(share, cpus / (hold + 1))
+    return share
 
 
 def _dataset(ray, run, job: _Job, chunks, res: dict, transform):
@@ -270,6 +301,7 @@ def run_ray(run: CheckedRun, store: PartStore, record: RunRecord, rep: Reporter)
     stop = threading.Event()
     t_run = time.perf_counter()
     live, consumers = [], []
+    before = set(threading.enumerate())  # (Ray Data's executors started later are this run's)
     try:
         for job in jobs:
             mrec = info[job.label] = EngineModel(label=job.label, engine="ray", cached_shards=len(job.have),
@@ -293,8 +325,9 @@ def run_ray(run: CheckedRun, store: PartStore, record: RunRecord, rep: Reporter)
             consumers[-1].start()
             live.append(job)
         running = set(id(j) for j in live)
+        watch = StallWatch(res["stall_s"])
         while running:
-            job, row = q.get()
+            job, row = next_or_stall(q, watch, lambda waited: _stalled(waited, watch, jobs, shards, store, res))
             if row is _DONE or isinstance(row, BaseException):
                 running.discard(id(job))
                 if isinstance(row, BaseException):
@@ -311,11 +344,49 @@ def run_ray(run: CheckedRun, store: PartStore, record: RunRecord, rep: Reporter)
         stop.set()
         _wind_down(ray if started else None, consumers)
         raise
+    except RunStalledError:  # the streams wait on what may never come: stop their executors; the sealed shards stay
+        stop.set()
+        _stop_executors(before)
+        _wind_down(ray if started else None, consumers)
+        raise
     finally:
         stop.set()
         eng.seconds = time.perf_counter() - t_run
         sigterm.close()
     return info
+
+
+def _stalled(waited: float, watch: StallWatch, jobs: list[_Job], shards: list[tuple[int, int]], store: PartStore,
+             res: dict) -> RunStalledError:
+    """The one line a run that stopped progressing fails with: what happened, what is kept, how to resume."""
+    total = len(jobs) * len(shards)
+    sealed = sum(len(j.have) for j in jobs)
+    return RunStalledError(
+        f"The Ray run made no progress for {waited:.0f} s (bound {watch.bound:.0f} s, resources.stall_s) with "
+        f"{sealed} of {total} shards sealed in {store.folder}: a node was lost or the cluster cannot place the "
+        f"replicas ({res['cpus']:.3g} CPU, {res['gpus']:.3g} GPU each) and decoding ({res['decode_cpus']:.3g} CPU); "
+        "run the same command again to resume from the sealed shards.")
+
+
+def _stop_executors(before: set[threading.Thread]) -> None:
+    """Shut down the Ray Data executors this run started (threads that were not there before it).
+
+    A stream that waits on work that never comes has no row at which to stop, and shutting Ray
+    down under it would make its executor start Ray again (Ray's auto-init) to cancel its tasks.
+    Shut down, an executor marks its stream finished, so the consumer ends, and it kills its
+    tasks and replicas. Ray Data exposes no public handle on the executor of ``iter_rows``: this
+    uses its class, and does nothing if that is gone (the streams then end with the process).
+    """
+    try:
+        from ray.data._internal.execution.streaming_executor import StreamingExecutor
+    except ImportError:
+        return
+    for t in threading.enumerate():
+        if isinstance(t, StreamingExecutor) and t not in before:
+            try:
+                t.shutdown(force=True)
+            except Exception:  # noqa: BLE001, S110  (best effort on the way out of a failed run)
+                pass
 
 
 def _wind_down(ray, consumers: list[threading.Thread], seconds: float = 10.0) -> None:
