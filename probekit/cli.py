@@ -434,12 +434,18 @@ def _print_contrasts(table: Any) -> None:
             _consoles.out.print("  " + format_contrast(row), markup=False, highlight=False)
 
 
-def _check_run_dir(run_dir: Path) -> None:
-    """A run directory that is not there fails before the plotting libraries load."""
-    if not run_dir.is_dir():
+def _run_dir_arg(run_dir: str) -> str | Path:
+    """RUN_DIR as a path, or an s3:// address as given; a local run directory that is not there fails
+    before the plotting libraries load (a store's is read by the command itself)."""
+    from probekit._io.storage import is_uri
+
+    if is_uri(run_dir):
+        return run_dir
+    if not Path(run_dir).is_dir():
         from probekit.errors import RunDirError
 
-        raise RunDirError.absent(run_dir)
+        raise RunDirError.absent(Path(run_dir))
+    return Path(run_dir)
 
 
 ReportOpt = Annotated[bool, typer.Option(
@@ -569,8 +575,8 @@ def compare_cmd(
              "  probekit plot runs/run --kind depth --kind overlay")
 @_handled
 def plot_cmd(
-    run_dir: Annotated[Path, typer.Argument(
-        metavar="RUN_DIR", help="A run directory written by `probekit run` or `probekit compare`.",
+    run_dir: Annotated[str, typer.Argument(
+        metavar="RUN_DIR", help="A run directory written by `probekit run` or `probekit compare` (a path or s3://...).",
     )],
     kind: Annotated[list[str] | None, typer.Option(
         "--kind", "-k", help="depth, overlay, heatmap, summary or maps; repeat for several (default: all).",
@@ -580,22 +586,22 @@ def plot_cmd(
     )] = None,
 ):
     """Draw figures (PNG and SVG) from a run directory's results.parquet into its figures/ folder."""
-    _check_run_dir(run_dir)
+    where = _run_dir_arg(run_dir)
     from probekit.views.outputs import redraw
 
     notes: list[str] = []
-    paths = redraw(run_dir, kinds=kind, metrics=metric, notes=notes)
+    paths = redraw(where, kinds=kind, metrics=metric, notes=notes)
     for p in paths:
         _consoles.out.print(str(p), highlight=False)
-    _consoles.err.print(f"Wrote {len(paths)} figure files to {run_dir / 'figures'}.")
+    _consoles.err.print(f"Wrote {len(paths)} figure files to {str(where).rstrip('/')}/figures.")
     _print_notes(notes)
 
 
 @app.command("report", epilog="Examples:\n\n  probekit report runs/quickstart")
 @_handled
 def report_cmd(
-    run_dir: Annotated[Path, typer.Argument(
-        metavar="RUN_DIR", help="A run directory written by `probekit run` or `probekit compare`.",
+    run_dir: Annotated[str, typer.Argument(
+        metavar="RUN_DIR", help="A run directory written by `probekit run` or `probekit compare` (a path or s3://...).",
     )],
 ):
     """Write RUN_DIR/report.html: one self-contained page (provenance, charts, contrasts, attention explorer).
@@ -603,12 +609,13 @@ def report_cmd(
     The explorer shows what the run stored for its showcase images; a run made with
     --no-report has none (run it again without the flag: only the explorer is computed).
     """
-    _check_run_dir(run_dir)
+    where = _run_dir_arg(run_dir)
     from probekit.views.report import rebuild
 
-    path = rebuild(run_dir)
+    path = rebuild(where)
     _consoles.out.print(str(path), highlight=False)
-    _consoles.err.print(f"Wrote {path} ({path.stat().st_size / 2**20:.1f} MB).", highlight=False)
+    size = f" ({path.stat().st_size / 2**20:.1f} MB)" if isinstance(path, Path) else ""
+    _consoles.err.print(f"Wrote {path}{size}.", highlight=False)
 
 
 def main() -> None:

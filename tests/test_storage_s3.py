@@ -66,6 +66,12 @@ def _keys(client, prefix: str = "") -> list[str]:
     return sorted(o["Key"] for o in client.list_objects_v2(Bucket=client.bucket, Prefix=prefix).get("Contents", []))
 
 
+def _sha(client, key: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(client.get_object(Bucket=client.bucket, Key=key)["Body"].read()).hexdigest()
+
+
 # -- the storage layer: the same answers from a local folder and from S3 -----------------------------
 @pytest.fixture(params=["local", "s3"])
 def storage(request, tmp_path):
@@ -199,6 +205,23 @@ def test_s3_run_writes_resumes_reads_back_and_reports(tmp_path, s3, loads, run_f
     # nothing outside the run prefix was touched
     assert s3.get_object(Bucket=s3.bucket, Key="runs/notes.txt")["Body"].read() == b"a user's file beside the run"
     assert _keys(s3, "runs/one-other/") == ["runs/one-other/keep.txt"]
+    # probekit report and plot rewrite the report and draw figures into the store, and join the manifest
+    from typer.testing import CliRunner
+
+    from probekit.cli import app
+
+    before = s3.head_object(Bucket=s3.bucket, Key="runs/one/report.html")["LastModified"]
+    time.sleep(1.1)  # (S3 times have whole seconds)
+    r = CliRunner().invoke(app, ["plot", uri, "--kind", "depth"])
+    assert r.exit_code == 0, r.output
+    assert f"{uri}/figures/depth_mad.svg" in r.output
+    r = CliRunner().invoke(app, ["report", uri])
+    assert r.exit_code == 0, r.output
+    assert f"{uri}/report.html" in r.output
+    assert s3.head_object(Bucket=s3.bucket, Key="runs/one/report.html")["LastModified"] > before  # written again
+    record = read_record(uri)  # every file matches the manifest again, the redrawn figure included
+    assert record.manifest["figures/depth_mad.svg"] == _sha(s3, "runs/one/figures/depth_mad.svg")
+    assert "runs/one/.lock" not in _keys(s3, "runs/one/")
     # a changed object is caught by the manifest
     s3.put_object(Bucket=s3.bucket, Key="runs/one/summary.csv", Body=b"model\n")
     with pytest.raises(RunDirError, match="summary.csv is not the file run"):

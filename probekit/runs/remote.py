@@ -53,6 +53,12 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _stat(path: Path) -> tuple:
+    """What tells one version of a local file from the next (writes here are new files, renamed in)."""
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class StoredParts(PartStore):
     """``parts/`` of a run directory in a store; ``folder`` is the local working copy (explorer arrays)."""
 
@@ -154,7 +160,7 @@ class RemoteRunDir(RunDir):
         self.parts = StoredParts(self.store.child("parts"), self.path / "parts")
         self._lease: Lease | None = None
         self._tag: str | None = None  # the version of run.json this run read or wrote last
-        self._sent: dict[str, str] = {}  # local file -> SHA-256 of the version uploaded
+        self._sent: dict[str, tuple] = {}  # local file -> the stat of the version uploaded (a write is a new file)
 
     def public(self, path: Path) -> Any:
         """The store address of a file written into the working folder."""
@@ -178,16 +184,13 @@ class RemoteRunDir(RunDir):
             self.owned = owned_names(self.store)  # (now that no other run can change them)
             for name in self.store.list(_EXPLORER):  # the report reads cached explorer arrays from here
                 self.store.download(name, self.path / name)
-                self._sent[name] = file_digest(self.path / name)
+                self._sent[name] = _stat(self.path / name)
             yield self
         finally:
             try:
                 self._lease.release()
             finally:
                 shutil.rmtree(self.path, ignore_errors=True)
-
-    def _exists(self, name: str) -> bool:
-        return (self.path / name).exists() or self.store.exists(name)
 
     def own(self, names: list[str]) -> None:
         new = [n for n in names if n not in self.owned]
@@ -219,10 +222,10 @@ class RemoteRunDir(RunDir):
             files = [q for q in p.rglob("*") if q.is_file()] if p.is_dir() else [p] if p.is_file() else []
             for q in files:
                 rel = q.relative_to(self.path).as_posix()
-                digest = file_digest(q)
-                if self._sent.get(rel) != digest:
+                stamp = _stat(q)
+                if self._sent.get(rel) != stamp:
                     self.store.upload(rel, q)
-                    self._sent[rel] = digest
+                    self._sent[rel] = stamp
 
     def write_record(self, record: RunRecord) -> None:
         """Upload the outputs written so far, then ``run.json`` by compare-and-swap over this run's last version.

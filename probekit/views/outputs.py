@@ -106,4 +106,4 @@ def redraw(run_dir: str | Path, kinds: list[str] | None = None, metrics: list[st
         record.manifest = {**(record.manifest or {}), **drawn}
         record.figures = sorted(set(record.figures or []) | set(drawn))
         rd.write_record(record)
-    return paths
+    return [rd.public(p) for p in paths]  # (an s3:// run directory's: their addresses in the store)

@@ -40,6 +40,6 @@ def rebuild(run_dir: str | Path) -> Path:
 
             write_text_atomic(rd.output("contrasts.csv"), table.to_csv(index=False, float_format="%.6g"))
         path = write_report(rd.path, record, results, table, path=rd.output("report.html"))
-        record.manifest = {**(record.manifest or {}), **{p.name: file_digest(p) for p in (csv, path)}}
-        rd.write_record(record)
-    return path
+        record.manifest = {**(record.manifest or {}), **{p.name: file_digest(p) for p in (csv, path) if p.is_file()}}
+        rd.write_record(record)  # (an s3:// run directory uploads them first)
+    return rd.public(path)
