@@ -56,9 +56,9 @@ def check_token_norms(pm, x: torch.Tensor, patches: list[torch.Tensor], grids: l
 
 
 def check_cka(pm, x: torch.Tensor, tokens, pool: str, batch: int = 4) -> np.ndarray:
-    """probekit's CKA (probe and cka_between) over minibatches of ``batch`` images equals
-    :func:`reference_cka` on ``tokens(pm, images) -> [[B, N, C] per layer]`` pooled by ``pool``
-    ("mean" or "flatten"); returns the reference."""
+    """probekit's CKA (probe and cka_between, the whole-set estimator) over batches of ``batch`` images
+    equals :func:`reference_cka` on ``tokens(pm, images) -> [[B, N, C] per layer]`` of all images at
+    once pooled by ``pool`` ("mean" or "flatten"); returns the reference."""
     import probekit as pk
     from probekit.plugins.metrics.hidden import cka_between
 
@@ -67,8 +67,7 @@ def check_cka(pm, x: torch.Tensor, tokens, pool: str, batch: int = 4) -> np.ndar
     def pooled(t):
         return t.mean(1) if pool == "mean" else t.flatten(1)
 
-    starts = range(0, x.shape[0], batch)
-    want = reference_cka([[pooled(t) for t in tokens(pm, x[b:b + batch])] for b in starts])
+    want = reference_cka([[pooled(t) for t in tokens(pm, x)]])  # one "minibatch" of every image: the whole set
     np.testing.assert_allclose(cka_of(res), want, rtol=1e-4, atol=1e-6)
     between, la, lb = cka_between(pm, pm, x, batch_size=batch, pool=pool)
     assert la == lb == list(range(pm.num_layers))
@@ -100,7 +99,8 @@ def unbiased_hsic(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
 
 
 def reference_cka(feats_per_batch: list[list[torch.Tensor]]) -> np.ndarray:
-    """Minibatch CKA: sums of HSIC over minibatches, then the ratio (Nguyen et al. 2021)."""
+    """Minibatch CKA: sums of HSIC over minibatches, then the ratio (Nguyen et al. 2021); over one
+    batch of every image, the whole-set CKA."""
     nl = len(feats_per_batch[0])
     xy = torch.zeros(nl, nl, dtype=torch.float64)
     for feats in feats_per_batch:

@@ -18,13 +18,14 @@ from probekit.runs.parts import part_key, plugin_identity
 
 
 def _cka(res) -> np.ndarray:
-    (matrix,) = [v for k, v in res.arrays.items() if k.endswith("/cka")]
+    (matrix,) = [v for k, v in res.arrays.items() if "/cka" in k]
     return matrix
 
 
 # issue 19 item 8: minibatch CKA depends on how images are grouped, but batch_size was not in the key
 def test_a_rerun_at_another_batch_size_recomputes_cka_and_reuses_mad(tmp_path, toy_backend, run_file):
-    run = run_file(images={"path": "sample", "count": 6}, metrics=["mad", "cka"])
+    run = run_file(images={"path": "sample", "count": 6},
+                   metrics=["mad", {"name": "cka", "options": {"estimator": "minibatch"}}])
     compare(run, out=tmp_path / "out", batch_size=6, report=False)
     with pytest.warns(UserWarning, match="cka skipped a minibatch of 2"):  # batches of 4: the last has 2
         rerun = compare(run, out=tmp_path / "out", batch_size=4, report=False)
@@ -40,11 +41,12 @@ def test_a_rerun_at_another_batch_size_recomputes_cka_and_reuses_mad(tmp_path, t
 
 
 def test_metrics_declare_the_run_settings_they_depend_on():
-    cka, mad = pk.metrics.get("cka")(), pk.metrics.get("mad")()
-    assert cka.depends_on == ("batch_size",) and mad.depends_on == ()
+    cka, mad = pk.metrics.get("cka")(estimator="minibatch"), pk.metrics.get("mad")()
+    full = pk.metrics.get("cka")()  # the whole-set estimator: the same matrix at any batch size
+    assert cka.depends_on == ("batch_size",) and mad.depends_on == () and full.depends_on == ()
     key = lambda m, bs: part_key("timm:vit_tiny_patch16_224", {}, "fp", m, "torch.float32",  # noqa: E731
                                  settings={"batch_size": bs})
-    assert key(cka, 4) != key(cka, 6) and key(mad, 4) == key(mad, 6)
+    assert key(cka, 4) != key(cka, 6) and key(mad, 4) == key(mad, 6) and key(full, 4) == key(full, 6)
     with pytest.raises(pk.ConfigError, match="batch_size"):  # a declared setting the caller did not give
         part_key("timm:vit_tiny_patch16_224", {}, "fp", cka, "torch.float32")
 

@@ -439,9 +439,9 @@ def test_hsic_matches_u_statistic():
 
 
 def _cka_run(batches, pool="mean", layout=None):
-    """LinearCKA over minibatches of hidden states: ``batches`` = list of {layer: [n, T, D]}."""
+    """Minibatch LinearCKA over minibatches of hidden states: ``batches`` = list of {layer: [n, T, D]}."""
     layout = layout or lay(1, (2, 2), 16)
-    m = LinearCKA(pool=pool)
+    m = LinearCKA(pool=pool, estimator="minibatch")
     for hs in batches:
         sink = MetricSink([m])
         sink.start(layout)
@@ -481,7 +481,7 @@ def test_cka_full_batch_flatten_and_merge():
     a = _cka_run([{i: h[:4] for i, h in hs.items()}], pool="flatten")
     b = _cka_run([{i: h[4:] for i, h in hs.items()}], pool="flatten")
     both = _cka_run([{i: h[:4] for i, h in hs.items()}, {i: h[4:] for i, h in hs.items()}], pool="flatten")
-    merged = LinearCKA(pool="flatten").merge(a).merge(b.state_dict())
+    merged = LinearCKA(pool="flatten", estimator="minibatch").merge(a).merge(b.state_dict())
     torch.testing.assert_close(merged.result()[-1], both.result()[-1])
     with pytest.warns(UserWarning, match="at least 4"):
         short = _cka_run([{i: h[:3] for i, h in hs.items()}])
@@ -524,12 +524,7 @@ def test_hidden_metrics_merge_equal_one_pass(name):
     halves = [_metric(name), _metric(name)]
     for m, s in zip(halves, (slice(0, 4), slice(4, 8))):
         through_sink(m, [], layout, hidden=[h[s] for h in hidden])
-    merged = _metric(name).merge(halves[0]).merge(halves[1])
-    if name == "cka":  # a ratio of sums over minibatches: one batch of 8 != two of 4, but the sums merge
-        halves_seq = _metric(name)
-        for s in (slice(0, 4), slice(4, 8)):
-            through_sink(halves_seq, [], layout, hidden=[h[s] for h in hidden])
-        whole = halves_seq
+    merged = _metric(name).merge(halves[0]).merge(halves[1])  # cka: the whole-set estimator, exact over halves
     for i, v in whole.result().items():
         torch.testing.assert_close(merged.result()[i], v)
 
@@ -645,7 +640,7 @@ def test_cka_between_two_models_matches_u_statistic():
     torch.manual_seed(1)
     pa, pb = (ProbedModel(_ToyAdapter(_ToyViT(depth=d)), f"toy:{d}") for d in (2, 3))
     x = torch.randn(10, 3, 32, 32)  # minibatches of 4, 4 and 2: the last is skipped
-    got, la, lb = cka_between(pa, pb, x, batch_size=4)
+    got, la, lb = cka_between(pa, pb, x, batch_size=4, estimator="minibatch")
     assert got.shape == (2, 3) and la == [0, 1] and lb == [0, 1, 2]
     ha, hb = pa.hidden_states(x), pb.hidden_states(x)
     def f(h, s):
@@ -656,10 +651,10 @@ def test_cka_between_two_models_matches_u_statistic():
     for i, j in itertools.product(range(2), range(3)):
         want = hs(ha[i], hb[j]) / math.sqrt(hs(ha[i], ha[i]) * hs(hb[j], hb[j]))
         assert got[i, j] == pytest.approx(want, rel=1e-4)
-    back, _, _ = cka_between(pb, pa, x, batch_size=4)
+    back, _, _ = cka_between(pb, pa, x, batch_size=4, estimator="minibatch")
     np.testing.assert_allclose(back, got.T, rtol=1e-6)
     with pytest.raises(ConfigError, match="batch_size"):
-        cka_between(pa, pb, x, batch_size=2)
+        cka_between(pa, pb, x, batch_size=2, estimator="minibatch")
 
 
 def test_probe_rollout_refuses_a_subset_of_layers():

@@ -191,10 +191,8 @@ class Metric:
             raise TypeError(
                 f"{cls.__name__}.row_values{inspect.signature(rv)} is probekit 0.1's signature: write "
                 "row_values(self, block) and read block.probs, block.logits, block.layout and block.rows.")
-        unknown = [s for s in cls.depends_on if s not in RUN_SETTINGS]
-        if isinstance(cls.depends_on, str) or unknown:
-            raise TypeError(f"{cls.__name__}.depends_on must be a tuple of run settings from {RUN_SETTINGS}; "
-                            f"got {cls.depends_on!r}.")
+        if not isinstance(cls.depends_on, property):  # a property (options decide) is checked on each instance
+            _check_depends_on(cls.__name__, cls.depends_on)
         for attr, allowed in (("reduces", REDUCES), ("query_tokens", QUERY_TOKENS)):
             value = cls.__dict__.get(attr)
             if isinstance(value, str) and value not in allowed:
@@ -222,6 +220,7 @@ class Metric:
         for attr, allowed in (("reduces", REDUCES), ("query_tokens", QUERY_TOKENS)):
             if getattr(self, attr) not in allowed:
                 raise TypeError(f"{type(self).__name__}.{attr} must be one of {allowed}; got {getattr(self, attr)!r}.")
+        _check_depends_on(type(self).__name__, self.depends_on)
         self.add_state("values", default={}, reduce="cat")  # {layer: [per-image values of a batch]}
 
     def __setattr__(self, key, value):
@@ -415,6 +414,12 @@ class Metric:
         if set(state["state"]) != set(self._states):
             raise ConfigError(f"Cannot merge into {self.label}: state {sorted(state['state'])} "
                               f"!= declared {sorted(self._states)}.")
+
+
+def _check_depends_on(owner: str, depends_on: Any) -> None:
+    unknown = [s for s in depends_on if s not in RUN_SETTINGS]
+    if isinstance(depends_on, str) or unknown:
+        raise TypeError(f"{owner}.depends_on must be a tuple of run settings from {RUN_SETTINGS}; got {depends_on!r}.")
 
 
 def query_span(metric: Metric, layout: TokenLayout) -> slice:
