@@ -111,6 +111,35 @@ def test_storage_refuses_stores_without_conditional_writes(tmp_path):
     assert storage_for("s3://bucket/a/b/").child("c").uri("d") == "s3://bucket/a/b/c/d"
 
 
+def _part(model: str, values: list[float]):
+    import numpy as np
+
+    from probekit.results import Results
+
+    table = pd.DataFrame({"model": model, "image": [f"i{k}" for k in range(len(values))], "layer": 0, "head": 0,
+                          "metric": "mad", "value": values})
+    return Results(table, arrays={f"{model}/maps": np.arange(6, dtype=np.float32).reshape(2, 3)},
+                   meta={"model": model})
+
+
+def test_stored_parts_round_trip_and_refuse_a_damaged_part(storage, tmp_path):
+    from probekit.runs.remote import StoredParts
+
+    parts = StoredParts(storage.child("parts"), tmp_path / "work")
+    assert parts.read("k1") is None
+    parts.write("k1", _part("m", [1.5, 2.5]))
+    got = parts.read("k1")
+    assert got is not None and got.table["value"].tolist() == [1.5, 2.5]
+    assert got.arrays["m/maps"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert storage.list("parts") == ["parts/k1.npz", "parts/k1.parquet", "parts/k1.seal.json"]
+    data = bytearray(storage.read("parts/k1.parquet"))
+    data[len(data) // 2] ^= 1  # one flipped bit: the seal no longer matches, so the part is recomputed
+    storage.put("parts/k1.parquet", bytes(data))
+    assert parts.read("k1") is None
+    parts.discard("k1")
+    assert storage.list("parts") == []
+
+
 # -- the lease ----------------------------------------------------------------------------------
 def test_lease_refuses_a_second_holder_and_takes_over_an_expired_one(storage, monkeypatch):
     first = Lease(storage, ttl=60)

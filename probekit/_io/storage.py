@@ -30,6 +30,7 @@ import hashlib
 import os
 import re
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -45,6 +46,9 @@ def is_uri(where: Any) -> bool:
     """Whether ``where`` is a URI of a remote store (``s3://...``), not a local path (``file://`` is local)."""
     m = _SCHEME.match(str(where)) if isinstance(where, str) else None
     return m is not None and m.group(1).lower() != "file"
+
+
+_PIECE = 1 << 20
 
 
 def _join(*names: str) -> str:
@@ -101,12 +105,27 @@ class Storage:
         """Write ``name`` with the content of the local file ``local``; its new tag."""
         return self.put(name, Path(local).read_bytes())
 
-    def download(self, name: str, local: Path) -> None:
-        """Copy ``name`` to the local file ``local`` (atomically). Raises FileNotFoundError."""
-        data = self.read(name)
+    def chunks(self, name: str) -> Iterator[bytes]:
+        """The content of ``name`` in pieces of about 1 MiB. Raises FileNotFoundError."""
+        yield self.read(name)
+
+    def digest(self, name: str) -> str:
+        """SHA-256 (hex) of ``name``'s content, read in pieces. Raises FileNotFoundError."""
+        h = hashlib.sha256()
+        for piece in self.chunks(name):
+            h.update(piece)
+        return h.hexdigest()
+
+    def download(self, name: str, local: Path) -> str:
+        """Copy ``name`` to the local file ``local`` (atomically, in pieces); its SHA-256.
+        Raises FileNotFoundError."""
         Path(local).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(local) as tmp:
-            tmp.write_bytes(data)
+        h = hashlib.sha256()
+        with atomic_path(local) as tmp, open(tmp, "wb") as f:
+            for piece in self.chunks(name):
+                h.update(piece)
+                f.write(piece)
+        return h.hexdigest()
 
 
 def _sha(data: bytes) -> str:
@@ -186,8 +205,10 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             return False
 
-    def upload(self, name: str, local: Path) -> str:
-        return self.put(name, Path(local).read_bytes())
+    def chunks(self, name: str) -> Iterator[bytes]:
+        with open(self._p(name), "rb") as f:
+            while piece := f.read(_PIECE):
+                yield piece
 
 
 def _client() -> Any:
@@ -253,6 +274,20 @@ class S3Storage(Storage):
         except Exception as exc:
             self._fail(exc, name)
         return r["Body"].read(), r["ETag"]
+
+    def chunks(self, name: str) -> Iterator[bytes]:
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
+        except Exception as exc:
+            self._fail(exc, name)
+        yield from r["Body"].iter_chunks(_PIECE)
+
+    def upload(self, name: str, local: Path) -> str:
+        with open(local, "rb") as f:  # (streamed from the file, not read whole)
+            try:
+                return str(self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=f)["ETag"])
+            except Exception as exc:
+                self._fail(exc, name)
 
     def put(self, name: str, data: bytes) -> str:
         try:

@@ -66,8 +66,9 @@ class StoredParts(PartStore):
         super().__init__(folder)
         self.store = store
 
-    def read(self, key: str) -> Results | None:
-        """The part under ``key``, or None if it is absent or fails its seal (then it is recomputed)."""
+    def read(self, key: str, rows: bool = True) -> Results | None:
+        """The part under ``key``, or None if it is absent or fails its seal (then it is recomputed);
+        its rows are read whatever ``rows`` says (the downloaded copy is not kept)."""
         try:
             sums = json.loads(self.store.read(f"{key}.seal.json"))["files"]
             with tempfile.TemporaryDirectory(prefix="probekit-part-") as tmp:
@@ -300,9 +301,10 @@ class RemoteRunDir(RunDir):
 
 
 # -- reading -------------------------------------------------------------------------------------
-def read_record(where: str, _keep: dict[str, bytes] | None = None) -> RunRecord:
+def read_record(where: str, _copy: Path | None = None) -> RunRecord:
     """``run.json`` of a finished run in a store whose files all match its manifest (see
-    :func:`probekit.runs.rundir.read_record`; ``_keep`` receives the files' bytes, read once).
+    :func:`probekit.runs.rundir.read_record`; the files are read once, in pieces, and copied
+    into the folder ``_copy`` when given).
 
     Raises:
         RunDirError: as the local function says.
@@ -322,8 +324,8 @@ def read_record(where: str, _keep: dict[str, bytes] | None = None) -> RunRecord:
         raise RunDirError(f"{rj} cannot be read ({exc}). {_AGAIN}") from None
     if record is None:
         raise RunDirError(f"{rj} is not the record of a probekit run. {_AGAIN}")
-    if _keep is not None:
-        _keep[RUN_JSON] = data
+    if _copy is not None:
+        (_copy / RUN_JSON).write_bytes(data)
     if record.status not in FINISHED or record.manifest is None:
         who = lease_holder(store, LOCK)
         if who:
@@ -336,32 +338,26 @@ def read_record(where: str, _keep: dict[str, bytes] | None = None) -> RunRecord:
         if not _inside(name):
             raise RunDirError(f"{rj} lists {name!r}, which is not a file of the run directory. {_AGAIN}")
         try:
-            content = store.read(name)
+            found = store.digest(name) if _copy is None else store.download(name, _copy / name)
         except FileNotFoundError:
             raise RunDirError(f"{store.uri(name)} is missing: run {record.run_id} wrote it. {_AGAIN}") from None
-        if _sha(content) != digest:
+        if found != digest:
             raise RunDirError(f"{store.uri(name)} is not the file run {record.run_id} wrote (changed since). {_AGAIN}")
-        if _keep is not None:
-            _keep[name] = content
     return record
 
 
 def load_run_dir(where: str) -> Results:
     """The results of a finished run directory in a store, verified against its manifest.
 
-    The files the manifest vouches for are read once, checked, and kept in a local temporary copy
-    that the returned Results reads its rows from (removed when the Results is dropped).
+    The files the manifest vouches for are read once (in pieces), checked, and kept in a local
+    temporary copy that the returned Results reads its rows from (removed when the Results is dropped).
 
     Raises:
         RunDirError: see :func:`read_record`.
     """
-    files: dict[str, bytes] = {}
-    read_record(where, files)
     copy = Path(tempfile.mkdtemp(prefix="probekit-read-"))
     try:
-        for name, content in files.items():
-            (copy / name).parent.mkdir(parents=True, exist_ok=True)
-            (copy / name).write_bytes(content)
+        read_record(where, copy)
         from probekit.runs.rundir import load_run_dir as load_local
 
         res = load_local(copy)
