@@ -277,6 +277,15 @@ def test_s3_run_is_refused_while_locked_and_on_a_users_prefix(tmp_path, s3, load
     assert cmp.status == "complete" and loads.calls == ["toy-a"]
     assert "busy/.lock" not in _keys(s3, "busy/") and read_record(uri).status == "complete"
     loads.calls.clear()
+    # a run whose every model failed keeps nothing: the prefix is left as the finished run left it,
+    # and a new prefix is left empty
+    before = {k: s3.get_object(Bucket=s3.bucket, Key=k)["Body"].read() for k in _keys(s3, "busy/")}
+    failed = run_file(RUN, models=["toy:missing"], figures=[], file="missing.yaml")
+    assert compare(failed, out=uri, report=False).status == "failed"
+    assert {k: s3.get_object(Bucket=s3.bucket, Key=k)["Body"].read() for k in _keys(s3, "busy/")} == before
+    assert compare(failed, out=f"s3://{s3.bucket}/fresh", report=False).status == "failed"
+    assert _keys(s3, "fresh/") == []
+    loads.calls.clear()
     s3.put_object(Bucket=s3.bucket, Key="mine/data.csv", Body=b"x")
     with pytest.raises(RunDirError, match="holds objects but is not a probekit run directory"):
         compare(path, out=f"s3://{s3.bucket}/mine", report=False)
