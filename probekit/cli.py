@@ -579,7 +579,8 @@ def plot_cmd(
         metavar="RUN_DIR", help="A run directory written by `probekit run` or `probekit compare` (a path or s3://...).",
     )],
     kind: Annotated[list[str] | None, typer.Option(
-        "--kind", "-k", help="depth, overlay, heatmap, summary or maps; repeat for several (default: all).",
+        "--kind", "-k", help="depth, overlay, heatmap, summary, maps, labels or accuracy; repeat for several "
+        "(default: all).",
     )] = None,
     metric: Annotated[list[str] | None, typer.Option(
         "--metric", "-m", help="Metric labels to draw (default: all).",

@@ -42,8 +42,8 @@ if TYPE_CHECKING:
 __all__ = ["ModelEntry", "ImagesEntry", "MetricEntry", "ReportEntry", "Resources", "RunConfig", "load_run", "as_config",
            "check_names", "check_run", "CheckedRun", "ModelSpec", "expand_path"]
 
-Figure = Literal["depth", "overlay", "heatmap", "summary", "maps", "labels"]
-_FIGURES: tuple[Figure, ...] = ("depth", "overlay", "heatmap", "summary", "maps", "labels")
+Figure = Literal["depth", "overlay", "heatmap", "summary", "maps", "labels", "accuracy"]
+_FIGURES: tuple[Figure, ...] = ("depth", "overlay", "heatmap", "summary", "maps", "labels", "accuracy")
 _UNSET = re.compile(r"\$(\w+|\{[^}]*\})")  # what os.path.expandvars leaves: a variable that is not set
 
 

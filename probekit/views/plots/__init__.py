@@ -13,6 +13,9 @@ lazily so the numbers never depend on it.
 - :func:`summary_points`: per model, the mean at chosen layers with 95% CIs.
 - :func:`attention_maps`: map metrics (``cls_map``, ``rollout``) over the images
   (in :mod:`probekit.views.plots.maps`; shared helpers in :mod:`probekit.views.plots._common`).
+- :func:`probe_accuracy`: probe metrics (``knn``, ``linear_probe``): accuracy per layer with its
+  CI band, chance marked and each model's best layer ringed (:mod:`probekit.views.plots.probes`;
+  it replaces the overlay for these metrics).
 """
 
 from __future__ import annotations
@@ -47,13 +50,14 @@ from probekit.views.plots._common import (
 )
 from probekit.views.plots.labels import label_profile
 from probekit.views.plots.maps import attention_maps
+from probekit.views.plots.probes import is_probe, probe_accuracy
 
 __all__ = [
     "depth_profile", "layer_overlay", "head_heatmap", "summary_points", "attention_maps",
-    "render_all", "figure_notes", "uniform_attention_value", "label_profile", "KINDS", "plot",
+    "render_all", "figure_notes", "uniform_attention_value", "label_profile", "probe_accuracy", "KINDS", "plot",
 ]
 
-KINDS = ("depth", "overlay", "heatmap", "summary", "maps", "labels")
+KINDS = ("depth", "overlay", "heatmap", "summary", "maps", "labels", "accuracy")
 
 
 # -- figures -----------------------------------------------------------------------------------
@@ -385,7 +389,7 @@ def _draw_all(jobs: list[tuple[str, str]]) -> list[Path]:
 
 
 _PER_KIND = {"depth": depth_profile, "overlay": layer_overlay, "heatmap": head_heatmap, "summary": summary_points,
-             "labels": label_profile}
+             "labels": label_profile, "accuracy": probe_accuracy}
 
 
 def _jobs(results: Results, kinds: list[str], metrics: Iterable[str] | None) -> list[tuple[str, str]]:
@@ -395,9 +399,10 @@ def _jobs(results: Results, kinds: list[str], metrics: Iterable[str] | None) -> 
     for metric in [m for m in (wanted or results.metrics) if m in results.metrics]:  # maps: below
         per_head = bool((results.rows(metric)["head"] >= 0).any())
         labelled = "label" in results.columns  # label profiles only for a labelled image set
-        jobs += [(kind, metric) for kind in _PER_KIND
-                 if kind in kinds and not (kind in ("depth", "heatmap") and not per_head)
-                 and (kind != "labels" or labelled)]
+        probe = labelled and is_probe(results, metric)  # accuracy per layer, drawn with chance instead of an overlay
+        skip = {"depth", "heatmap"} if not per_head else set()
+        skip |= ({"overlay"} if probe else {"accuracy"}) | (set() if labelled else {"labels"})
+        jobs += [(kind, metric) for kind in _PER_KIND if kind in kinds and kind not in skip]
     if "maps" in kinds and results.arrays:
         # per-image maps over the patch grid only: not dataset-level arrays such as CKA's [L, L]
         labels = dict.fromkeys(k.rsplit("/", 1)[1] for k in results.arrays if _is_image_map(results, k))
@@ -409,7 +414,8 @@ def plot(results: Results | pd.DataFrame, kind: str = "overlay", metric: str | N
     """One figure by kind (``Results.plot`` and ``Comparison.plot`` call this); returns the ``Figure``.
 
     Args:
-        kind: one of :data:`KINDS` (``depth``, ``overlay``, ``heatmap``, ``summary``, ``maps``, ``labels``).
+        kind: one of :data:`KINDS` (``depth``, ``overlay``, ``heatmap``, ``summary``, ``maps``, ``labels``,
+            ``accuracy``).
         metric: a metric label (default ``mad``, else the first).
         ax: a matplotlib axes to draw on.
         **options: the figure function's own keywords (``models``; ``layers`` for ``summary``).
@@ -435,7 +441,7 @@ _NEEDS = {  # what each kind draws, for the note that says why a run has no such
     "depth": "per-head values (such as mad's)", "heatmap": "per-head values (such as mad's)",
     "overlay": "per-image values (such as mad's)", "summary": "per-image values (such as mad's)",
     "labels": "per-image values against the images' labels", "maps": "per-image maps over the patch grid "
-    "(cls_map, rollout)",
+    "(cls_map, rollout)", "accuracy": "a probe metric's per-image accuracy (knn, linear_probe) on labelled images",
 }
 
 
@@ -453,6 +459,9 @@ def figure_notes(results: Results, kinds: Iterable[str], metrics: Iterable[str] 
             continue
         if kind == "labels" and results.metrics and "label" not in results.columns:
             why = "this run's images have no labels (class folders or a manifest's label column give them)"
+        elif kind == "overlay" and (rows := [m for m in have if m in results.metrics]) and \
+                "label" in results.columns and all(is_probe(results, m) for m in rows):
+            why = "this run's probe metrics are drawn as accuracy figures (accuracy_*.png), with chance marked"
         else:
             why = f"none of this run's metrics ({', '.join(have) or 'none'}) has any"
         notes.append(f"No {kind} figure: it draws {_NEEDS[kind]}, and {why}.")

@@ -26,7 +26,9 @@ from probekit.results import Results, summarize
 from probekit.runs.record import MetricRecord, ModelRecord, RunRecord
 from probekit.views.plots._common import LABEL_COLOURS, display_name
 from probekit.views.plots.labels import MAX_LABELS
+from probekit.views.plots.probes import chance_level, is_probe
 from probekit.views.report.findings import findings
+from probekit.views.report.probes import CHANCE_LABEL, probe_html, probe_section
 from probekit.views.report.shareable import shareable
 
 __all__ = ["write_report", "build_html", "payload", "script_json", "record_groups"]
@@ -68,9 +70,14 @@ def _metric_info(label: str, rec: MetricRecord | None, results: Results, models:
             refs[model] = _num(_reference(results, model, label))
         except Exception:  # a reference that cannot be computed for this layout is left out
             refs[model] = None
-    return {"label": label, "name": name, "options": opts, "unit": unit, "display": display, "refs": refs,
-            "ref_label": "the value of uniform attention",
-            "axis": f"{label} ({unit})" if unit else label}
+    info = {"label": label, "name": name, "options": opts, "unit": unit, "display": display, "refs": refs,
+            "ref_label": "the value of uniform attention", "ref_key": "uniform attention (no locality)",
+            "ref_name": "uniform attention", "axis": f"{label} ({unit})" if unit else label}
+    if "label" in results.columns and is_probe(results, label):  # accuracy: the reference is chance
+        chance = _num(chance_level(results.rows(label)))
+        info.update(refs={model: chance for model in models}, ref_label=CHANCE_LABEL, ref_key="chance (majority label)",
+                    ref_name="chance (the majority label)")
+    return info
 
 
 def _explorer(run_dir: Path, record: RunRecord, model_index: dict[str, int]) -> tuple[dict | None, bytes]:
@@ -145,7 +152,7 @@ def payload(run_dir: Path, record: RunRecord, results: Results,
             "heads": heads, "layers": layers, "labels": by_label, "label_colours": list(LABEL_COLOURS),
             "findings": findings(metrics, models, layers, contrasts, by),
             "contrasts": crow, "contrast_note": floor, "provenance": prov,
-            "explorer": explorer, "empty_note": empty,
+            "explorer": explorer, "empty_note": empty, "probes": probe_section(results, index, contrasts),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return shareable(data, run_dir), blob  # a page meant to be shared: no local path in it
 
@@ -202,6 +209,7 @@ def build_html(data: dict, blob: bytes) -> str:
 <div class="controls" id="controls"></div></header>
 <main>
 <section id="findings"><h2>Findings</h2><div id="findings-body" class="findings"></div></section>
+{probe_html(data.get("probes"), data["models"])}
 {metric_sections}
 <section id="contrasts-section"><h2>Group contrasts</h2>
 <p class="note">Per metric and layer: difference of group means (A − B) of the per-image values (mean over heads),

@@ -121,7 +121,8 @@ def _profile_sentence(metric: Mapping[str, Any], name: str, rows: list[list]) ->
     ref = (metric.get("refs") or {}).get(name)
     return (f"{name}: {metric.get('display') or metric['label']} (mean over heads) is lowest at layer {lo[1]} "
             f"({short(lo[2])}{u}) and highest at layer {hi[1]} ({short(hi[2])}{u})"
-            + (f"; uniform attention gives {short(ref)}{u}" if ref is not None else "") + ".")
+            + (f"; {metric.get('ref_name') or 'uniform attention'} gives {short(ref)}{u}" if ref is not None else "")
+            + ".")
 
 
 def findings(metrics: Sequence[Mapping[str, Any]], models: Sequence[Mapping[str, Any]],

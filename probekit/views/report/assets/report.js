@@ -27,7 +27,7 @@
   function modelKey(vis) { return vis.map((i) => ({ label: name(i), colour: colour(i), kind: "line" })); }
   function refKey(M, vis) {
     const has = vis.some((i) => M.refs[D.models[i].name] !== null && M.refs[D.models[i].name] !== undefined);
-    return has ? [{ label: "uniform attention (no locality)", colour: "#666", kind: "dash" }] : [];
+    return has ? [{ label: M.ref_key || "uniform attention (no locality)", colour: "#666", kind: "dash" }] : [];
   }
   function params(n) {  // 21628800 -> "21,628,800 (21.6 M)"
     if (n === null || n === undefined) return null;
@@ -335,6 +335,19 @@
       });
     }
   }
+  // "What each layer knows": probe accuracy per layer, a line per model, chance dashed (the refs of a probe)
+  function probeCharts() {
+    const s = document.getElementById("probes-charts");
+    if (!s || !D.probes) return;
+    s.textContent = "";
+    for (const p of D.probes.probes) {
+      const M = D.metrics.find((x) => x.label === p.label);
+      if (!M) continue;
+      const b = el("div", { class: "chart overlay probe", "data-metric": p.label }, s);
+      el("div", { class: "title" }, b, `${p.display} per layer on held-out images, 95% CI over images`);
+      ciOverlay(b, M);
+    }
+  }
   function metricSections() {
     for (const M of D.metrics) {
       const s = document.getElementById(`metric-${M.id}`);
@@ -431,6 +444,7 @@
   function render() {
     document.querySelectorAll("span.swatch").forEach((sw) => { sw.style.background = colour(+sw.dataset.model); });
     findingsSection();
+    probeCharts();
     metricSections();
     summaryTable();
   }
