@@ -120,3 +120,33 @@ def test_a_state_over_the_bound_is_refused_with_what_to_do():
     check_state_size([384] * 12)  # ViT-S, mean pooled: 171 MB
     with pytest.raises(ConfigError, match=r"GiB for 12 layers of total width 903168.*pool='mean'"):
         check_state_size([196 * 384] * 12)  # ViT-S, flattened
+
+
+@pytest.mark.usefixtures("toy_backend")
+def test_ray_stages_merge_chunks_under_4_images_into_the_local_matrix(run_file):
+    """The Ray engine's stages without a cluster (as tests/test_probes.py runs them): chunks of 2
+    images each keep their state, and the shards merge to the local engine's matrix."""
+    import pickle
+    from types import SimpleNamespace
+
+    from probekit.runs.config import as_config, check_run
+    from probekit.runs.engines import ray as engine
+    from probekit.runs.engines.stages import ProbeReplica, decode_chunk
+
+    run = check_run(as_config(run_file(images={"path": "sample", "count": 6}, metrics=["cka"], batch_size=2)).resolve())
+    torch.manual_seed(run.config.seed)
+    pm = pk.load("toy:vit")
+    local = pk.probe(pm, run.images, ["cka"], batch_size=2, label="toy")
+    shards = [(0, 4), (4, 6)]
+    chunks = engine._chunks(shards, [0, 1], 2)
+    job = engine._Job(0, "toy", run.metrics, {}, [], {}, [0, 1])
+    replica = ProbeReplica(model="toy:vit", label="toy", options={}, seed=run.config.seed, device=None,
+                           metrics=[("cka", {})], dtype=run.config.dtype, batch_size=2)
+    for c, _, lo, hi in chunks:
+        row = decode_chunk({"chunk": c, "images": pickle.dumps(run.images.subset(range(lo, hi)))}, pm.preprocess)
+        job.chunks[c] = pickle.loads(replica({k: [v] for k, v in row.items()})["payload"][0])  # 2 images: no matrix
+    for s, (lo, hi) in enumerate(shards):
+        job.have[s] = engine._shard_results(run, job, lo, hi, [c for c, cs, _, _ in chunks if cs == s])
+    record = SimpleNamespace(images=SimpleNamespace(names=run.images.names, fingerprint="f"))
+    whole = engine._whole(run, job, run.metrics[0], shards, record)
+    np.testing.assert_allclose(whole.arrays["toy/cka"], local.arrays["toy/cka"], rtol=1e-6, atol=1e-7)

@@ -115,8 +115,7 @@ def hsic_from_cross(cross: torch.Tensor, widths: list[int]) -> torch.Tensor:
     for i, b in enumerate(block):
         seg[i, b] = 1
     cs = torch.stack([cross[:d, b] @ s[b] for b in block], 1)  # [D, L]: C_ab s_b, row block a
-    sq = torch.tensor([[torch.linalg.vector_norm(cross[a, b]).item() ** 2 for b in block] for a in block],
-                      dtype=cross.dtype)  # ||C_ab||_F^2, without a [D, D] temporary
+    sq = torch.stack([torch.linalg.vector_norm(cross[a, :d], dim=0) ** 2 for a in block]) @ seg.T  # ||C_ab||_F^2
     tr = sq - qq
     ones = seg @ (s * s) - qsum  # 1'K~1 per layer
     v = seg @ (s[:, None] * xq)  # v[a, b] = s_a^T sum_i x_i^a q_i^b

@@ -177,7 +177,8 @@ def _to_table(model: str, names: list[str], metrics: list[Metric], partial: bool
     """Long table rows for scalar metrics; arrays ``[N, L, ...]`` for maps; from each metric's state.
 
     A ``whole_set`` metric's NaN values are no rows (images it never tested); with ``partial`` (a
-    shard of a larger set) such metrics make neither rows nor arrays: their state is merged first.
+    shard of a larger set) such metrics make neither rows nor arrays, nor do dataset-level ones (CKA):
+    their state is merged first.
     """
     arrays: dict[str, np.ndarray] = {}
     columns: list[tuple[np.ndarray, ...]] = []  # per scalar metric: image index, layer, head, value
@@ -210,7 +211,7 @@ def _to_table(model: str, names: list[str], metrics: list[Metric], partial: bool
         if len(cols[0]):
             columns.append(cols)
             labels.append(m.label)
-    for m in metrics:  # dataset-level metrics (e.g. CKA): one array for the whole image set
+    for m in [] if partial else metrics:  # dataset-level metrics (e.g. CKA): one array for the whole image set
         whole = m.dataset_result()
         if whole is not None:
             arrays[f"{model}/{m.label}"] = whole

@@ -61,6 +61,7 @@ class ProbeReplica:
 
         from probekit.engine.probe import build_metrics, probe
         from probekit.inputs.images import ImageSet
+        from probekit.metric import Metric
 
         out = []
         for pixels, kept, labels, decode_s in zip(batch["pixels"], batch["kept"], batch["labels"], batch["decode_s"],
@@ -77,7 +78,10 @@ class ProbeReplica:
             # whole-set metrics (probes) make no rows of a chunk: their state is merged over the shards
             res = probe(self.pm, images, mets, batch_size=self.batch_size, dtype=self.dtype, label=self.label,
                         partial=True)
-            states = {m.label: m.state_dict() for m in mets if m.whole_set or m.dataset_result() is not None}
+            # and dataset-level metrics (CKA) ship their state whatever the chunk holds (a chunk of 2 images has no
+            # CKA matrix of its own, but its sums count)
+            states = {m.label: m.state_dict() for m in mets
+                      if m.whole_set or type(m).dataset_result is not Metric.dataset_result}
             maps = {k: v for k, v in res.arrays.items() if k.rsplit("/", 1)[1] not in states}
             out.append(pickle.dumps({**done, "table": res.table, "arrays": maps, "states": states,
                                      "meta": res.meta, "probe_s": time.perf_counter() - t0}))
