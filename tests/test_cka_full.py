@@ -147,6 +147,7 @@ def test_ray_stages_merge_chunks_under_4_images_into_the_local_matrix(run_file):
         job.chunks[c] = pickle.loads(replica({k: [v] for k, v in row.items()})["payload"][0])  # 2 images: no matrix
     for s, (lo, hi) in enumerate(shards):
         job.have[s] = engine._shard_results(run, job, lo, hi, [c for c, cs, _, _ in chunks if cs == s])
+    assert len(engine._states(job.have[0]["cka"])) == 1  # its 2 chunks' sums stored as one state
     record = SimpleNamespace(images=SimpleNamespace(names=run.images.names, fingerprint="f"))
     whole = engine._whole(run, job, run.metrics[0], shards, record)
     np.testing.assert_allclose(whole.arrays["toy/cka"], local.arrays["toy/cka"], rtol=1e-6, atol=1e-7)

@@ -223,7 +223,13 @@ def _shard_results(run, job: _Job, lo: int, hi: int, chunk_ids: list[int]) -> di
         t = table[table["metric"].astype(str) == m.label] if len(table) else table
         arr = metric_arrays({k: join_arrays(k, v) for k, v in arrays.items()}, m.label)  # maps and input views
         mm = dict(meta or {})
-        mm.update(seconds=secs, shard=[lo, hi], state=state_to_json(states.get(m.label, [])))  # JSON, never pickle
+        sts = states.get(m.label, [])
+        if len(sts) > 1:  # one state per part, the chunks' merged in image order (CKA's is a [D, D] sum per chunk)
+            one = build_metrics([(m.name, m.options())])[0]
+            for st in sts:
+                one.merge(st)
+            sts = [one.state_dict()]
+        mm.update(seconds=secs, shard=[lo, hi], state=state_to_json(sts))  # JSON, never pickle
         mm["metrics"] = {m.label: (meta or {}).get("metrics", {}).get(m.label, {})}
         if m.whole_set:
             mm["names"] = list(seen)
