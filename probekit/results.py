@@ -178,7 +178,7 @@ class Results:
 
         ``path``: a run directory, its ``results.parquet`` folder, or a single-file
         ``results.parquet`` of an earlier version. (A run directory's manifest is checked by
-        :func:`probekit.load_run`, not here.)
+        :func:`probekit.runs.rundir.load_run_dir`, not here.)
         """
         from probekit.results_dataset import ResultsScan
 
@@ -207,7 +207,7 @@ class Results:
     @property
     def source(self) -> Any:
         """The :class:`~probekit.results_dataset.ResultsScan` the rows are read from while they are
-        on disk only (results of a run, :func:`probekit.load_run`), else None."""
+        on disk only (results of a run, :func:`probekit.runs.rundir.load_run_dir`), else None."""
         return self._scan if self._table is None else None
 
     @property

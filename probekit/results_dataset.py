@@ -50,6 +50,20 @@ def _write_parquet(table: Any, path: Path) -> None:
         pq.write_table(table, tmp)
 
 
+def _write_batches(batches: Iterator[Any], schema: Any, path: Path) -> int:
+    """Write pyarrow record batches to one Parquet file at ``path`` atomically, one batch in memory
+    at a time; returns the number of rows."""
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as out:
+        for batch in batches:
+            out.write_batch(batch)
+            rows += batch.num_rows
+    return rows
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(obj, default=str))
@@ -149,6 +163,38 @@ class DatasetWriter:
         self.add(info)
         return info
 
+    def write_file(self, source: str | Path, model: str, shard: int | str = 0, batch_rows: int = 1 << 16,
+                   columns: dict[str, Any] | None = None) -> list[PartInfo]:
+        """Copy the rows of a long-table Parquet file (a cached part, :meth:`probekit.results.Results.to_parquet`)
+        into a part per metric, under ``model`` (whatever the file's model column says), reading
+        ``batch_rows`` rows at a time: the rows never all sit in memory."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(source)
+        if pf.metadata.num_rows == 0:
+            return []
+        metrics = list(dict.fromkeys(str(x) for x in pc.unique(pq.read_table(source, columns=["metric"])["metric"])
+                                     .cast("string").to_pylist()))
+        out = []
+        for metric in metrics:
+            info = PartInfo(part_name(model, metric, shard), str(model), metric, 0)
+
+            def batches(metric: str = metric) -> Iterator[Any]:
+                for b in pf.iter_batches(batch_size=batch_rows):
+                    rows = _arrow_rows(pa_table(b).filter(pc.equal(pc.cast(b.column("metric"), "string"), metric)))
+                    if rows.num_rows:
+                        yield from rows.to_batches()
+
+            schema = _arrow_rows(pa_table(next(pf.iter_batches(batch_size=1)))).schema
+            if self.own is not None:
+                self.own(info.path)
+            n = _write_batches(batches(), schema, self.root / info.path)
+            info = PartInfo(info.path, info.model, metric, n)
+            self.add(info)
+            out.append(info)
+        return out
+
     def write_results(self, table: pd.DataFrame, shard: int | str = 0) -> list[PartInfo]:
         """Write a long table (:data:`probekit.results.COLUMNS`) as one part per model and metric."""
         out = []
@@ -171,6 +217,13 @@ class DatasetWriter:
         index = {"format": _FORMAT, "parts": [p.__dict__ for p in self.parts], "meta": meta or {}}
         _write_json(self.root / INDEX, index)
         return [p.path for p in self.parts] + [INDEX]
+
+
+def pa_table(batch: Any) -> Any:
+    """A pyarrow record batch as a table."""
+    import pyarrow as pa
+
+    return pa.Table.from_batches([batch])
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -274,6 +327,14 @@ class ResultsScan:
         out.models_filter = out.metrics_filter = out.layers_filter = None
         return out
 
+    def relabelled(self, model: str) -> ResultsScan:
+        """This scan of one model's rows under another label (a cached part reused by a renamed model)."""
+        out = self.filter()
+        out._model_as = str(model)
+        return out
+
+    _model_as: str | None = None
+
     def filter(self, models: list[str] | None = None, metrics: list[str] | None = None,
                layers: list[int] | None = None) -> ResultsScan:
         """The same scan restricted further (``None`` keeps the current restriction)."""
@@ -318,7 +379,12 @@ class ResultsScan:
         return [*COLUMNS, *(n for n in names if n not in COLUMNS)]
 
     def _column(self, name: str) -> list[str]:
-        return [str(x) for x in self._arrow(columns=[name])[name].to_pylist()]
+        """The distinct values of a column, in order of first appearance."""
+        import pyarrow.compute as pc
+
+        col = self._arrow(columns=[name])[name]
+        return [str(x) for x in pc.unique(col.cast(col.type.value_type) if hasattr(col.type, "value_type")
+                                          else col).to_pylist()]
 
     # -- rows --------------------------------------------------------------------------------------
     def _filter(self, extra: Any = None) -> Any:
@@ -342,7 +408,13 @@ class ResultsScan:
         else:
             files = [str(self.path / p.path) for p in (self.parts() if parts is None else parts)]
             dataset = ds.dataset(files, format="parquet", partitioning=_hive(), partition_base_dir=str(self.path))
-        return dataset.to_table(columns=columns, filter=self._filter(where))
+        tbl = dataset.to_table(columns=columns, filter=self._filter(where))
+        if self._model_as is not None and "model" in tbl.column_names:
+            import pyarrow as pa
+
+            tbl = tbl.set_column(tbl.column_names.index("model"), "model",
+                                 pa.array([self._model_as] * tbl.num_rows, pa.string()))
+        return tbl
 
     def to_arrow(self, columns: list[str] | None = None) -> Any:
         """The filtered rows as one pyarrow table (model and metric as columns)."""

@@ -164,3 +164,24 @@ def test_scan_of_a_folder_without_index_lists_its_hive_parts(tmp_path):
     scan = ResultsScan(root)
     assert sorted(scan.models) == sorted(MODELS)
     pd.testing.assert_frame_equal(_canon(scan.to_results().table), _canon(table))
+
+
+def test_joined_parts_and_cached_parts_are_streamed_into_files_equal_to_the_in_memory_ones(tmp_path):
+    from probekit.runs.parts import PartStore
+
+    table = _table(seed=5)
+    one = table[(table["model"] == "dino%v2") & (table["metric"] == "mad")].reset_index(drop=True)
+    store = PartStore(tmp_path / "parts")
+    for i, rows in enumerate(np.array_split(np.arange(len(one)), 3)):  # three shards, as the Ray engine seals them
+        store.write(f"s{i}", Results(one.iloc[rows].reset_index(drop=True), meta={"model": "dino%v2"}))
+    store.write_joined("whole", ["s0", "s1", "s2"], Results(one.iloc[:0], meta={"model": "dino%v2", "seconds": 1.5}))
+    whole = store.read("whole")
+    pd.testing.assert_frame_equal(whole.table, Results(one).table, check_exact=True)
+    assert whole.meta == {"model": "dino%v2", "seconds": 1.5}
+    lazy = store.read_lazy("whole")  # rows left in the file: copied batch by batch into a results folder
+    assert lazy.source is not None and lazy.models == ["dino%v2"]
+    w = DatasetWriter(tmp_path / "results.parquet")
+    assert [p.rows for p in w.write_file(lazy.source.path, "renamed", batch_rows=5)] == [len(one)]
+    w.commit()
+    back = Results.read_parquet(tmp_path / "results.parquet").table
+    pd.testing.assert_frame_equal(back, Results(one.assign(model="renamed")).table, check_exact=True)

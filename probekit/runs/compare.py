@@ -228,7 +228,7 @@ def _model_parts(run: CheckedRun, i: int, store: PartStore, record: RunRecord, r
     spec, opts, alias_meta = run.specs[i]
     label = entry.name
     keys = model_keys(run, i, record.images.fingerprint)
-    have = {lbl: r for lbl, k in keys.items() if (r := store.read(k)) is not None}
+    have = {lbl: r for lbl, k in keys.items() if (r := store.read_lazy(k)) is not None}  # rows stay on disk
     missing = [m for m in run.metrics if m.label not in have]
     mrec = ModelRecord(label=label, model=entry.model, spec=spec, options=opts,
                        training=_training(entry, opts, alias_meta), alias=alias_meta or None,

@@ -22,11 +22,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from probekit._io.atomic import write_text_atomic
+from probekit._io.atomic import atomic_path, write_text_atomic
 from probekit._io.fileid import file_digest, files_identity
 from probekit.errors import ConfigError, ProbekitError
 from probekit.inputs.view import metric_arrays
-from probekit.results import Results
+from probekit.results import _META_KEY, Results
 from probekit.runs.plugin_files import files_digest, plugin_files
 
 if TYPE_CHECKING:
@@ -178,15 +178,18 @@ class PartStore:
         f = self.folder
         return f / f"{key}.parquet", f / f"{key}.npz", f / f"{key}.seal.json"
 
-    def read(self, key: str) -> Results | None:
-        """The part under ``key``, or None if it is absent or fails its seal (then it is recomputed)."""
+    def read(self, key: str, rows: bool = True) -> Results | None:
+        """The part under ``key``, or None if it is absent or fails its seal (then it is recomputed).
+
+        ``rows=False``: its rows stay in the file (read when the table is used, or copied into a
+        run's results folder batch by batch, :meth:`probekit.runs.rundir.RunDir.keep_rows`)."""
         pq, npz, seal = self._files(key)
         try:
             sums = json.loads(seal.read_text())["files"]
             for path in (pq, npz):
                 if sums.get(path.name) != (file_digest(path) if path.exists() else None):
                     return None
-            res = Results.read_parquet(pq)
+            res = Results.read_parquet(pq) if rows else _lazy_part(pq)
             if not _plausible_meta(res.meta):
                 return None
             if npz.exists():
@@ -194,6 +197,13 @@ class PartStore:
         except Exception:  # absent, damaged or unreadable: recompute, never trust
             return None
         return res
+
+    def read_lazy(self, key: str) -> Results | None:
+        """:meth:`read` with the rows left in the part's file (a store that reads parts its own way,
+        overriding :meth:`read`, gives them with their rows)."""
+        if type(self).read is not PartStore.read:
+            return self.read(key)
+        return self.read(key, rows=False)
 
     def write(self, key: str, res: Results) -> None:
         """Write a part: its files first, the seal with their checksums last (the seal marks it done)."""
@@ -210,6 +220,32 @@ class PartStore:
         sums[pq.name] = file_digest(pq)
         write_text_atomic(seal, json.dumps({"format": _PART_FORMAT, "files": sums}))
 
+    def write_joined(self, key: str, sources: list[str], res: Results) -> None:
+        """Write a part whose rows are those of the parts under the keys ``sources``, in order (streamed,
+        never all in memory), and whose arrays and metadata are ``res``'s; sealed as :meth:`write` seals."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq_
+
+        pq, npz, seal = self._files(key)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        seal.unlink(missing_ok=True)
+        sums = {}
+        if res.arrays:
+            res.save_arrays(npz)
+            sums[npz.name] = file_digest(npz)
+        else:
+            npz.unlink(missing_ok=True)
+        files = [pq_.ParquetFile(self._files(k)[0]) for k in sources]
+        full = [f for f in files if f.metadata.num_rows] or files[:1]  # (a shard of unreadable images has none)
+        first = full[0].schema_arrow
+        schema = first.with_metadata({**(first.metadata or {}), _META_KEY: json.dumps(res.meta, default=str).encode()})
+        with atomic_path(pq) as tmp, pq_.ParquetWriter(tmp, schema) as out:
+            for f in full:
+                for b in f.iter_batches(batch_size=1 << 16):
+                    out.write_table(pa.Table.from_batches([b]).cast(schema))
+        sums[pq.name] = file_digest(pq)
+        write_text_atomic(seal, json.dumps({"format": _PART_FORMAT, "files": sums}))
+
     def discard(self, key: str) -> None:
         """Remove a part (seal first, so a half-removed part is never served)."""
         pq, npz, seal = self._files(key)
@@ -217,11 +253,20 @@ class PartStore:
             path.unlink(missing_ok=True)
 
 
+def _lazy_part(path: Path) -> Results:
+    """A part file's metadata, its rows left in the file (:meth:`Results.scan` of it)."""
+    scan = Results.scan(path)
+    return Results._lazy(scan, meta=scan.meta)
+
+
 def relabel(res: Results, label: str) -> Results:
     """A cached part under the model name this run uses."""
     old = res.meta.get("model")
     if old == label:
         return res
+    if res.source is not None:  # rows still in the part's file: renamed as they are read
+        arrays = {f"{label}/{k.rsplit('/', 1)[1]}": v for k, v in res.arrays.items()}
+        return Results._lazy(res.source.relabelled(label), arrays, {**res.meta, "model": label})
     table = res.table.astype({"model": str})
     table["model"] = label
     arrays = {f"{label}/{k.rsplit('/', 1)[1]}": v for k, v in res.arrays.items()}

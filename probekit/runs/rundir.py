@@ -37,13 +37,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+import pandas as pd
 from pydantic import ValidationError
 
 from probekit._io.atomic import atomic_path, write_errors, write_text_atomic
 from probekit._io.fileid import file_digest
 from probekit._io.storage import is_uri
 from probekit.errors import RunDirBusyError, RunDirError
-from probekit.results import Results
+from probekit.results import COLUMNS, Results
 from probekit.results_dataset import DatasetWriter, ResultsScan
 from probekit.runs.parts import PartStore
 from probekit.runs.record import RunRecord
@@ -384,7 +385,12 @@ class RunDir:
     def keep_rows(self, res: Results) -> Results:
         """Write ``res``'s rows into ``results.parquet/`` now (a part per model and metric) and give
         back ``res`` without them (its arrays and metadata kept): a run's rows never gather in memory."""
+        src = res.source
         with write_errors(self.path):
+            if src is not None and src._single and isinstance(res.meta.get("model"), str):
+                # a cached part whose rows are still in its file: copied batch by batch
+                self.results_writer().write_file(src.path, res.meta["model"])
+                return Results(pd.DataFrame(columns=COLUMNS), res.arrays, res.meta)
             self.results_writer().write_results(res.table)
         return Results._of_long_table(res.table.iloc[:0], res.arrays, res.meta)
 

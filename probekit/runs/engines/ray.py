@@ -78,13 +78,13 @@ def _plan(run: CheckedRun, store: PartStore, fp: str, shards: list[tuple[int, in
     jobs = []
     for i, entry in enumerate(run.config.models):
         whole = model_keys(run, i, fp)
-        missing = [m for m in run.metrics if store.read(whole[m.label]) is None]
+        missing = [m for m in run.metrics if store.read_lazy(whole[m.label]) is None]  # (rows not read)
         if not missing:
             continue
         skeys = [model_keys(run, i, f"{fp}#{lo}:{hi}") for lo, hi in shards]
         have: dict[int, dict[str, Results]] = {}
         for s, keys in enumerate(skeys):
-            parts = {m.label: store.read(keys[m.label]) for m in missing}
+            parts = {m.label: store.read_lazy(keys[m.label]) for m in missing}  # rows stay in the files
             read = {label: p for label, p in parts.items() if p is not None and _states(p) is not None}
             if len(read) == len(parts):
                 have[s] = read
@@ -252,7 +252,10 @@ def _states(part: Results) -> list[dict] | None:
 def _whole(run: CheckedRun, job: _Job, m: Any, shards: list[tuple[int, int]], record: RunRecord) -> Results:
     """A model's whole-set part for metric ``m`` from its shard parts, as the local engine writes it."""
     parts = [job.have[s][m.label] for s in range(len(shards))]
-    table = pd.concat([p.table for p in parts], ignore_index=True)
+    files = [p.source.path for p in parts if p.source is not None and p.source._single]
+    joined = len(files) == len(parts)  # shard rows still in their files: _finish streams them into the part
+    table = pd.DataFrame(columns=["model", "image", "layer", "head", "metric", "value"]) if joined else \
+        pd.concat([p.table for p in parts], ignore_index=True)
     pieces: dict[str, list[np.ndarray]] = {}
     for p in parts:
         for k, v in p.arrays.items():
@@ -262,10 +265,12 @@ def _whole(run: CheckedRun, job: _Job, m: Any, shards: list[tuple[int, int]], re
     for p in parts:
         for st in _states(p) or []:  # (_plan admitted only parts whose state reads)
             merged.merge(st)  # the metric state contract: options are checked on merge
-    seen = set(table["image"].astype(str)) if len(table) else set(record.images.names)
+    seen = (_images_in(files) if joined else set(table["image"].astype(str)) if len(table) else set()) or \
+        set(record.images.names)  # (no rows at all, a map metric's: no image is missing)
     if merged.whole_set:  # rows that compare images (k-NN): made here, from the state merged in image order
         names = [n for p in parts for n in p.meta.get("names", [])]
         table, made = _to_table(job.label, names, [merged])
+        joined = False
         arrays.update(made)
         if job.labels is not None and len(table):
             table["label"] = [job.labels[n] for n in table["image"].astype(str)]
@@ -281,7 +286,22 @@ def _whole(run: CheckedRun, job: _Job, m: Any, shards: list[tuple[int, int]], re
     meta["seconds"] = sum(p.meta.get("seconds") or 0.0 for p in parts)
     meta["batch_size"] = run.config.batch_size
     meta["engine"] = "ray"
-    return Results(table, arrays, meta)
+    out = Results(table, arrays, meta)
+    if joined:  # (read by _finish: the shard parts whose rows it copies)
+        vars(out)["joined_from"] = [job.shard_keys[s][m.label] for s in range(len(shards))]
+    return out
+
+
+def _images_in(files: list) -> set[str]:
+    """The image names in part files' rows (one column read per file)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    seen: set[str] = set()
+    for f in files:
+        col = pq.read_table(f, columns=["image"])["image"]
+        seen.update(str(x) for x in pc.unique(col).to_pylist())
+    return seen
 
 
 def run_ray(run: CheckedRun, store: PartStore, record: RunRecord, rep: Reporter) -> dict[str, EngineModel]:
@@ -416,6 +436,8 @@ def _shard_if_done(run: CheckedRun, job: _Job, store: PartStore, shards: list[tu
         parts = _shard_results(run, job, lo, hi, ids)
         for label, part in parts.items():
             store.write(job.shard_keys[s][label], part)
+        if type(store).read is PartStore.read:  # a local store: the rows leave memory, read back from disk
+            parts = {label: store.read_lazy(job.shard_keys[s][label]) or part for label, part in parts.items()}
         job.have[s] = parts
         del job.pending[s]
         eng.shards.append(ShardRecord(model=job.label, shard=s, images=[lo, hi], computed=True,
@@ -434,7 +456,11 @@ def _finish(run: CheckedRun, job: _Job, store: PartStore, shards: list[tuple[int
     if job.pending:  # the stream ended early (stopped): leave the shards for the next run
         return
     for m in job.missing:
-        store.write(job.whole_keys[m.label], _whole(run, job, m, shards, record))
+        whole = _whole(run, job, m, shards, record)
+        if vars(whole).get("joined_from"):  # rows copied from the shard files, never all in memory
+            store.write_joined(job.whole_keys[m.label], vars(whole)["joined_from"], whole)
+        else:
+            store.write(job.whole_keys[m.label], whole)
     for keys in job.shard_keys:
         for key in keys.values():
             store.discard(key)
