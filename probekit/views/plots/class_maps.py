@@ -52,10 +52,10 @@ def _map_key(res: Results, metric: str, model: str | None) -> str:
 
 def _image_labels(res: Results, model: str, n: int) -> np.ndarray:
     """Each map row's label, from the table's ``label`` column (rows in the arrays' image order)."""
-    if "label" not in res.table.columns:
+    if "label" not in res.columns:
         raise ConfigError("These results have no labels: probe a labelled source (class folders, a manifest with a "
                           "label column, shards with .cls, a dataset with label_column), or pass labels=[...].")
-    t = res.table[res.table["model"].astype(str) == model]
+    t = res.rows(models=[model])  # (of a run on disk, that model's rows only)
     first = t.drop_duplicates("image")  # image-major rows: the arrays' order
     if len(first) != n:
         raise ConfigError(f"The table has {len(first)} images of {model!r} but its maps have {n}: a run of map "

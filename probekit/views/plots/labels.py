@@ -41,7 +41,7 @@ def label_profile(results: Results | pd.DataFrame, metric: str | None = None, *,
     """
     _sns()
     res = _as_results(results)
-    if "label" not in res.table.columns:
+    if "label" not in res.columns:
         raise ConfigError("These results have no labels: probe a labelled source (class folders, a manifest "
                           "with a label column, shards with .cls, a dataset with label_column).")
     metric = _pick_metric(res, metric)
