@@ -15,6 +15,7 @@ engines run the same arithmetic and their values agree to the last bit on one ma
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import time
@@ -27,7 +28,8 @@ __all__ = ["decode_chunk", "ProbeReplica"]
 
 def decode_chunk(row: dict[str, Any], transform: Any) -> dict[str, Any]:
     """``{chunk, images (a pickled ImageSet)}`` -> ``{chunk, pixels [b, C, H, W], kept, labels, decode_s}``
-    (``labels``: the kept images' labels, empty for an unlabelled set)."""
+    (``labels``: the kept images' labels as a JSON list, None for an unlabelled set: one plain string
+    column, whatever Arrow makes of lists of strings)."""
     from probekit.inputs.images import collate
 
     t0 = time.perf_counter()
@@ -35,9 +37,9 @@ def decode_chunk(row: dict[str, Any], transform: Any) -> dict[str, Any]:
     ds = images.dataset(transform)
     kept, x = collate([ds[j] for j in range(len(images))])
     pixels = np.zeros((0,), np.float32) if x is None else x.numpy()
-    labels = [] if images.labels is None else [str(images.labels[int(i)]) for i in kept]
+    labels = None if images.labels is None else json.dumps([str(images.labels[int(i)]) for i in kept])
     return {"chunk": row["chunk"], "pixels": pixels, "kept": kept.numpy().astype(np.int64),
-            "labels": np.array(labels, dtype=str), "decode_s": time.perf_counter() - t0}
+            "labels": labels, "decode_s": time.perf_counter() - t0}
 
 
 class ProbeReplica:
@@ -74,7 +76,7 @@ class ProbeReplica:
             mets = build_metrics(list(self.metrics))
             x = torch.from_numpy(np.ascontiguousarray(pixels)).float()
             images = ImageSet(names=[str(i) for i in range(len(x))], tensor=x,
-                              labels=[str(v) for v in labels] if len(labels) else None)
+                              labels=None if labels is None else [str(v) for v in json.loads(str(labels))])
             # whole-set metrics (probes) make no rows of a chunk: their state is merged over the shards
             res = probe(self.pm, images, mets, batch_size=self.batch_size, dtype=self.dtype, label=self.label,
                         partial=True)
