@@ -155,7 +155,8 @@ class LinearCKA(Metric):
       (:func:`cross_products`), summed over batches, from which :func:`hsic_from_cross` gives every
       HSIC_1. Memory: ``(D + L + 1)^2`` float64 for ``D = sum_l d_l`` (mean pooling of 12 layers of
       width 384: 171 MB; of width 768: 681 MB), which ``pool="flatten"`` multiplies by the token
-      count squared; states over 8 GiB are refused (:func:`check_state_size`).
+      count squared; states over 8 GiB are refused (:func:`check_state_size`). Measured against the
+      minibatch form and its cost: benchmarks/RESULTS.md, "CKA over the whole image set against minibatch CKA".
     - ``estimator="minibatch"``: HSIC_1 per minibatch ``b`` as in Nguyen et al. 2021 ("Do Wide and
       Deep Networks Learn the Same Things?"),
       ``CKA(i, j) = sum_b HSIC_1(K_i^b, K_j^b) / sqrt(sum_b HSIC_1(K_i^b, K_i^b) sum_b HSIC_1(K_j^b, K_j^b))``:
