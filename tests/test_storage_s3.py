@@ -140,6 +140,21 @@ def test_stored_parts_round_trip_and_refuse_a_damaged_part(storage, tmp_path):
     assert storage.list("parts") == []
 
 
+def test_stored_parts_join_shard_parts_into_one(storage, tmp_path):
+    from probekit.runs.remote import StoredParts
+
+    parts = StoredParts(storage.child("parts"), tmp_path / "work")
+    parts.write("s0", _part("m", [1.0, 2.0]))
+    parts.write("s1", _part("m", [3.0]))
+    whole = _part("m", [])
+    whole.meta["engine"] = "ray"
+    parts.write_joined("w", ["s0", "s1"], whole)  # rows of the shards in order, arrays and meta of ``whole``
+    got = parts.read("w")
+    assert got is not None and got.table["value"].tolist() == [1.0, 2.0, 3.0]
+    assert got.table["image"].tolist() == ["i0", "i1", "i0"] and got.meta["engine"] == "ray"
+    assert "m/maps" in got.arrays
+
+
 # -- the lease ----------------------------------------------------------------------------------
 def test_lease_refuses_a_second_holder_and_takes_over_an_expired_one(storage, monkeypatch):
     first = Lease(storage, ttl=60)

@@ -106,6 +106,22 @@ class StoredParts(PartStore):
             self.store.upload(f"{key}.parquet", Path(tmp) / "t.parquet")
         self.store.put(f"{key}.seal.json", json.dumps({"format": _PART_FORMAT, "files": sums}).encode())
 
+    def write_joined(self, key: str, sources: list[str], res: Results) -> None:
+        """As :meth:`PartStore.write_joined`: the sources are copied here, joined in a local folder,
+        and the joined part uploaded, its seal last."""
+        with tempfile.TemporaryDirectory(prefix="probekit-part-") as tmp:
+            local = PartStore(Path(tmp))
+            for k in sources:
+                self.store.download(f"{k}.parquet", Path(tmp) / f"{k}.parquet")
+            local.write_joined(key, sources, res)
+            self.store.delete(f"{key}.seal.json")
+            for name in (f"{key}.npz", f"{key}.parquet"):
+                if (Path(tmp) / name).exists():
+                    self.store.upload(name, Path(tmp) / name)
+                else:
+                    self.store.delete(name)
+            self.store.upload(f"{key}.seal.json", Path(tmp) / f"{key}.seal.json")
+
     def discard(self, key: str) -> None:
         """Remove a part (seal first, so a half-removed part is never served)."""
         for name in (f"{key}.seal.json", f"{key}.parquet", f"{key}.npz"):
