@@ -134,6 +134,7 @@ def test_projection_is_seeded_and_bounded():
     feats, labels = _data()
     a, b = _feed(KnnProbe(dim=5, seed=1), feats, labels), _feed(KnnProbe(dim=5, seed=1), feats, labels, (30, 30))
     assert a.feats[0][0].shape == (N, 5) and a.feats[0][0].dtype == torch.float16
+    assert a.nbytes == b.nbytes == N * LAYERS * 5 * 2  # images x layers x width x 2 bytes
     torch.testing.assert_close(torch.cat(b.feats[2]), a.feats[2][0], rtol=0, atol=0)
     with pytest.raises(ConfigError, match="max_mb=0.001.*Set dim"):
         _feed(KnnProbe(max_mb=0.001), feats, labels)

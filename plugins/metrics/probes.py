@@ -99,7 +99,9 @@ class FeatureProbe(Metric):
         super().__init__(**options)
         self.feats: dict[int, list[torch.Tensor]]
         self.labels: list[str]
+        self.nbytes: int
         self.add_state("feats", default={}, reduce="cat")  # {layer: [float16 [B, D] per batch]}
+        self.add_state("nbytes", default=0, reduce="sum")  # the store's size: what max_mb bounds
         self.add_state("labels", default=[], reduce="cat")  # each image's label, in the order seen
         self._done: tuple[Any, Any] | None = None  # (state size, evaluation): per_image and dataset_result share it
 
@@ -117,8 +119,9 @@ class FeatureProbe(Metric):
             raise ConfigError(f"metric {self.name!r}: layer {layer}'s features exceed float16's range (the store's "
                               "type); probe fewer layers (layers=[...]) or set dim to project them.")
         self.feats.setdefault(layer, []).append(x.half())
+        self.nbytes += x.numel() * 2
         self._done = None
-        mb = sum(t.numel() for v in self.feats.values() for t in v) * 2 / 2**20
+        mb = self.nbytes / 2**20
         if mb > self.max_mb:
             raise ConfigError(
                 f"metric {self.label!r}: its feature store reached {mb:.0f} MB, over max_mb={self.max_mb:g} (images x "
