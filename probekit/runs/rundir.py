@@ -392,7 +392,9 @@ class RunDir:
                 self.results_writer().write_file(src.path, res.meta["model"])
                 return Results(pd.DataFrame(columns=COLUMNS), res.arrays, res.meta)
             self.results_writer().write_results(res.table)
-        return Results._of_long_table(res.table.iloc[:0], res.arrays, res.meta)
+        # a new empty frame of the same columns: a slice (iloc[:0]) would keep the rows' buffers alive
+        empty = pd.DataFrame({c: pd.Series([], dtype=t) for c, t in res.table.dtypes.items()})
+        return Results._of_long_table(empty, res.arrays, res.meta)
 
     def results_of(self, res: Results) -> Results:
         """``res`` (arrays, metadata) over the rows this run wrote with :meth:`keep_rows`, read lazily."""
