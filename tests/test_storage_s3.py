@@ -236,6 +236,7 @@ def test_s3_run_writes_resumes_reads_back_and_reports(tmp_path, s3, loads, run_f
     assert loads.calls == ["toy-b"]  # resumed from the sealed part in the store
     assert cmp.run_dir == uri and cmp.report == f"{uri}/report.html"
     assert cmp.status == "complete" and not cmp.failures
+    pd.testing.assert_frame_equal(cmp.results.table, local.results.table, check_exact=True)  # read after the run
     back = load_run_dir(uri)
     pd.testing.assert_frame_equal(back.table, local.results.table, check_exact=True)
     pd.testing.assert_frame_equal(back.summary(), local.results.summary(), check_exact=True)

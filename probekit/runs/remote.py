@@ -163,6 +163,15 @@ def owned_names(store: Storage) -> set[str]:
     return {n for n in listed if _inside(n) and n in have}
 
 
+class _Folder:
+    """A local folder that is removed once nothing refers to this object (the run directory while
+    it is locked, and every Results whose rows are read from the folder)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        weakref.finalize(self, shutil.rmtree, path, True)
+
+
 class RemoteRunDir(RunDir):
     """A run directory in an object store while a run writes it (``RunDir("s3://...")`` makes one).
 
@@ -178,6 +187,7 @@ class RemoteRunDir(RunDir):
         self._lease: Lease | None = None
         self._tag: str | None = None  # the version of run.json this run read or wrote last
         self._sent: dict[str, tuple] = {}  # local file -> the stat of the version uploaded (a write is a new file)
+        self._folder: _Folder | None = None  # the working folder, kept while a Results reads its rows from it
 
     def public(self, path: Path) -> Any:
         """The store address of a file written into the working folder."""
@@ -197,6 +207,7 @@ class RemoteRunDir(RunDir):
         self._lease = Lease(self.store, LOCK)
         self._lease.acquire()
         try:
+            self._folder = _Folder(self.path)
             (self.path / "parts").mkdir(parents=True, exist_ok=True)
             self.owned = owned_names(self.store)  # (now that no other run can change them)
             for name in self.store.list(_EXPLORER):  # the report reads cached explorer arrays from here
@@ -207,7 +218,14 @@ class RemoteRunDir(RunDir):
             try:
                 self._lease.release()
             finally:
-                shutil.rmtree(self.path, ignore_errors=True)
+                self._folder = None  # (removed now, or when the last Results reading from it goes)
+
+    def results_of(self, res: Results) -> Results:
+        """As :meth:`RunDir.results_of`: the rows are read from the working folder, which stays as long
+        as the Results does (``pk.compare``'s results are read after the run)."""
+        out = super().results_of(res)
+        vars(out)["_rows_folder"] = self._folder
+        return out
 
     def own(self, names: list[str]) -> None:
         new = [n for n in names if n not in self.owned]
