@@ -123,7 +123,9 @@ def _numbers(res: Results, metric: str) -> str:
 def results_html(res: Results) -> str:
     """``Results`` as a header line and, per metric, a small chart of per-layer means with 95% CIs
     over images; the numbers (mean [CI]) in a collapsed table under it."""
-    n_img = res.table["image"].nunique() if len(res) else 0
+    images = res.meta.get("images") if res.source is not None else None  # a run on disk: its record says
+    n_img = images["count"] if isinstance(images, dict) and isinstance(images.get("count"), int) else \
+        res.table["image"].nunique() if len(res) else 0
     head = (f"<b>Results</b>: {len(res)} rows, {len(res.models)} model(s) ({escape(', '.join(res.models))}), "
             f"{n_img} image(s), metrics {escape(', '.join(res.metrics))}"
             + (f", maps {escape(', '.join(sorted(res.arrays)))}" if res.arrays else ""))
