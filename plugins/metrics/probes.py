@@ -94,6 +94,10 @@ class FeatureProbe(Metric):
     max_mb: Annotated[float, Field(gt=0)] = 2048.0
 
     requires = property(lambda self: ("cls",) if self.features == "cls" else ())  # refused before the forward pass
+    not_applicable_checks = {
+        "check_batch_order_invariance": "the values compare images through seeded choices made by position in "
+        "the set (the stratified folds, k-means' initial centres): a permuted set is another split or start",
+    }
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -180,10 +184,11 @@ class HeldOutProbe(FeatureProbe):
         """The kit's batch (6 images, 3 per class) is too small for more than 3 folds; those checks
         are run with folds=2 by tests/test_probes.py, and on 60 images there."""
         if self.split != "kfold" or self.folds <= 3:
-            return {}
+            return dict(FeatureProbe.not_applicable_checks)
         why = (f"folds={self.folds} needs {self.folds} images per class and the kit's batch has 3 per class "
                "(tests/test_probes.py runs the kit with folds=2, and merges and round trips on 60 images)")
-        return {"check_merged_halves": why, "check_state_dict_round_trip": why}
+        return {"check_merged_halves": why, "check_state_dict_round_trip": why, "check_batch_size_invariance": why,
+                **FeatureProbe.not_applicable_checks}
 
     def predict(self, train: torch.Tensor, train_codes: np.ndarray, test: torch.Tensor, num_classes: int,
                 fold: int) -> np.ndarray:

@@ -111,6 +111,14 @@ def check_batch_size_invariance(name: str, metric: Metric) -> None:
     parts = [_run(_clone(metric), _take(batch, [i])) for i in range(6)]
     single = {layer: torch.cat([p[layer] for p in parts]) for layer in whole}
     _same(name, "batch of 6 vs 6 batches of 1", whole, single)
+    if metric.whole_set:  # values made once every image is in (probes): one instance fed both ways
+        one, many = _clone(metric), _clone(metric)
+        _run(one, batch)
+        for i in range(6):
+            _run(many, _take(batch, [i]))
+        _same(name, "whole-set values, batch of 6 vs 6 batches of 1", many.per_image(), one.per_image())
+        assert _equal_values(many.dataset_result(), one.dataset_result()), (
+            f"{name}: dataset_result() changes with the batch size")
 
 
 def check_batch_order_invariance(name: str, metric: Metric) -> None:
