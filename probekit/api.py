@@ -22,7 +22,9 @@ def compare(config_or_path: Any, out: str | Path | None = None, *, reporter: Rep
 
     Args:
         config_or_path: a YAML run file, a :class:`~probekit.runs.config.RunConfig` or a dict.
-        out: the run directory (default: the file's ``out``, else ``runs/<name>``).
+        out: the run directory (default: the file's ``out``, else ``runs/<name>``); a path, or an
+            ``s3://bucket/prefix`` (:mod:`probekit.runs.remote`; the returned ``run_dir``, ``figures``
+            and ``report`` are then its addresses in the store).
         reporter: receives progress (see :class:`~probekit.runs.compare.Reporter`); the CLI passes a
             progress bar.
         figures: draw the figures the run file asks for (needs seaborn).
