@@ -19,6 +19,11 @@ A run never deletes or replaces an object it did not write: a prefix that holds 
 probekit run is refused, and only names the records list (``owned``, ``manifest``) are replaced;
 objects beside the run prefix are never listed or touched. Reading (:func:`read_record`,
 :func:`load_run_dir`) checks every file against the manifest, as for a local directory.
+
+Limits: the results dataset, figures and report are staged in the local working folder (a run needs
+local disk for its results), and reading a run back copies the files its manifest lists into a
+local temporary folder (read in pieces and hashed as they come); rows are never all in memory, but
+the local disk holds them. Only the driver touches the store (Ray replicas hand their rows to it).
 """
 
 from __future__ import annotations
