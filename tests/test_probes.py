@@ -246,3 +246,15 @@ def test_a_run_file_with_probes_on_unlabelled_images_cannot_start(run_file):
 
     with pytest.raises(ConfigError, match="images: Metric.*knn need a class label per image"):
         check_run(as_config(run_file(metrics=["knn", "mad"])).resolve())
+
+
+@pytest.mark.usefixtures("toy_backend")
+def test_classes_too_small_for_the_folds_are_refused_before_the_forward_pass(class_tree, monkeypatch, run_file):
+    from probekit.runs.config import as_config, check_run
+
+    pm = pk.load("toy:vit")
+    monkeypatch.setattr(pm.adapter, "forward", lambda x: pytest.fail("the forward pass ran"))
+    with pytest.raises(ConfigError, match="smallest class has 3 image.*folds=5.*fewer folds"):
+        pk.probe(pm, pk.sources.ClassFolder(class_tree), ["knn"])
+    with pytest.raises(ConfigError, match="metrics: metric 'knn'.*smallest class has 3"):
+        check_run(as_config(run_file(images={"kind": "classes", "path": str(class_tree)}, metrics=["knn"])).resolve())

@@ -190,6 +190,10 @@ class HeldOutProbe(FeatureProbe):
         return {"check_merged_halves": why, "check_state_dict_round_trip": why, "check_batch_size_invariance": why,
                 **FeatureProbe.not_applicable_checks}
 
+    def check_labels(self, labels: list[str]) -> None:
+        """The split must be possible: two classes or more, each with ``folds`` images (2 for a holdout)."""
+        next(splits(encode(labels)[1], self.split, self.folds, self.test_share, self.seed, f"metric {self.label!r}"))
+
     def predict(self, train: torch.Tensor, train_codes: np.ndarray, test: torch.Tensor, num_classes: int,
                 fold: int) -> np.ndarray:
         """Predicted codes of the ``test`` images from the ``train`` images."""
@@ -274,6 +278,10 @@ class ClusterProbe(FeatureProbe):
     unit = "NMI, ARI"
 
     n_init: Annotated[int, Field(ge=1)] = 10
+
+    def check_labels(self, labels: list[str]) -> None:
+        if len(set(labels)) < 2:
+            raise ConfigError(f"metric {self.label!r}: the images have one class label; clustering needs two or more.")
 
     def evaluate(self) -> np.ndarray:
         layers, x, classes, codes = self.stored()

@@ -235,7 +235,7 @@ class _Plan:
     dtype: torch.dtype | None
 
 
-def _resolve(model, images, metrics, layers, device, dtype, strict, label) -> _Plan:
+def _resolve(model, images, metrics, layers, device, dtype, strict, label, partial: bool = False) -> _Plan:
     """Arguments -> a :class:`_Plan`: the model loaded (and moved), metrics built and checked against it."""
     from probekit.models import load
 
@@ -259,6 +259,8 @@ def _resolve(model, images, metrics, layers, device, dtype, strict, label) -> _P
     labelled = [m for m in mets if m.needs_labels]
     if labelled and imgs.labels is None:
         raise ConfigError(unlabelled(labelled))
+    for m in labelled if not partial else ():  # a part of a larger set is checked as the whole set
+        m.check_labels([str(v) for v in imgs.labels or ()])
     return _Plan(pm, label or pm.label, mets, imgs, layers, cdtype)
 
 
@@ -492,7 +494,7 @@ def probe(
     """
     layers = check_probe_arguments(model=model, metrics=metrics, batch_size=batch_size, layers=layers,
                                    device=device, num_workers=num_workers, block_mb=block_mb)
-    plan = _resolve(model, images, metrics, layers, device, dtype, strict, label)
+    plan = _resolve(model, images, metrics, layers, device, dtype, strict, label, partial)
     with _workspace() as workspace:
         sink = MetricSink(plan.metrics, layers=plan.layers, block_mb=block_mb, attention_pass=attention_pass,
                           observer=observer, workspace=workspace, labels=plan.images.labels)

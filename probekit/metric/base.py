@@ -317,6 +317,11 @@ class Metric:
         state (``reduce="cat"``), beside what the layers give, so they merge with the images."""
         raise NotImplementedError(f"{type(self).__name__} declares needs_labels: define on_labels(self, labels)")
 
+    def check_labels(self, labels: list[str]) -> None:
+        """``needs_labels``: refuse, with a :class:`ConfigError` saying what to change, the labels of
+        a whole image set the metric cannot evaluate (too few images of a class for its folds). The
+        engine calls it before the forward pass (a run file: before any model loads); default: any."""
+
     def on_batch_end(self) -> dict[int, torch.Tensor]:
         """``reduces = "batch"``: per-image values keyed by layer (or -1 for the whole model)."""
         return {}

@@ -541,6 +541,12 @@ def check_run(cfg: RunConfig) -> CheckedRun:
         from probekit.engine.sink import unlabelled
 
         problems.append(f"{cfg.where('images')}: {unlabelled(labelled)}")
+    elif images is not None and images.labels is not None:
+        for m in labelled:
+            try:
+                m.check_labels([str(v) for v in images.labels])
+            except ConfigError as exc:
+                problems.append(f"{cfg.where('metrics')}: {exc}")
     if problems:
         raise _cannot_start(problems)
     assert images is not None  # (images that cannot be listed are one of the problems)
