@@ -309,3 +309,36 @@ def test_s3_run_is_refused_while_locked_and_on_a_users_prefix(tmp_path, s3, load
         compare(path, out=f"s3://{s3.bucket}/mine", report=False)
     assert _keys(s3, "mine/") == ["mine/data.csv"]
     assert loads.calls == []
+
+
+def test_run_json_is_replaced_only_over_the_runs_own_version_and_never_after_losing_the_lock(s3, monkeypatch):
+    from probekit.runs.record import ImagesRecord, RunRecord
+    from probekit.runs.remote import RemoteRunDir
+    from probekit.runs.rundir import RunDir
+
+    monkeypatch.setattr(lease_mod, "LOCK_TTL_S", 0.3)  # (renewed every 0.1 s)
+    uri = f"s3://{s3.bucket}/cas"
+    rd = RunDir(uri)
+    assert isinstance(rd, RemoteRunDir) and rd.where == uri
+
+    def run_json() -> dict:
+        return json.loads(s3.get_object(Bucket=s3.bucket, Key="cas/run.json")["Body"].read())
+
+    with rd.locked():
+        record = rd.begin(RunRecord(status="new", images=ImagesRecord(count=0, fingerprint="f", names=[])))
+        assert run_json()["status"] == "running"
+        other = {"run_id": "other", "status": "running"}  # someone writes run.json behind the lock's back
+        s3.put_object(Bucket=s3.bucket, Key="cas/run.json", Body=json.dumps(other).encode())
+        with pytest.raises(RunDirError, match="was changed by someone else while this run held the lock"):
+            rd.write_record(record)
+        assert run_json() == other
+        # another run takes the lock over: this run learns it at its next renewal and writes nothing more
+        s3.put_object(Bucket=s3.bucket, Key="cas/.lock", Body=b'{"run": "other"}')
+        deadline = time.monotonic() + 10
+        while not rd._lease.lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(RunDirBusyError, match="lock was taken over by another run"):
+            rd.write_record(record)
+        rd.abandon(record, KeyboardInterrupt())  # (nothing: run.json is the other run's)
+        assert run_json() == other
+    assert s3.get_object(Bucket=s3.bucket, Key="cas/.lock")["Body"].read() == b'{"run": "other"}'  # left alone
