@@ -133,7 +133,9 @@ def test_plot_draws_from_the_run_directory(cli, tmp_path):
     assert all((out / "figures" / f).stat().st_size > 0 for f in files)
     # the new figures join the run's manifest: the directory still verifies
     assert sorted(json.loads((out / "run.json").read_text())["manifest"]) == sorted(
-        ["contrasts.csv", "report.html", "results.parquet", "summary.csv", *(f"figures/{f}" for f in files)])
+        ["contrasts.csv", "report.html", "results.parquet/_probekit.json",
+         "results.parquet/model=toy%3Avit/metric=mad/part-00000.parquet", "summary.csv",
+         *(f"figures/{f}" for f in files)])
     assert len(load_run_dir(out)) == 2 * 2 * 2  # toy: 2 images x 2 layers x 2 heads
     r = cli("plot", tmp_path / "nowhere")
     assert r.exit_code == 1 and "No run directory at" in r.stderr and not (tmp_path / "nowhere").exists()
