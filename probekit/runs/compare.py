@@ -68,6 +68,12 @@ class Views(Protocol):
                      status: str) -> tuple[Any, Path | None]: ...
 
 
+#: a comparison of up to this many rows returns its table in memory (read back from results.parquet/ once
+#: written); a larger one returns results that read the run directory when used (:meth:`Results.scan`),
+#: so a later run into the same directory changes what they read
+IN_MEMORY_ROWS = 500_000
+
+
 class _Quiet(Reporter):
     """A reporter that tells nobody."""
 
@@ -364,6 +370,8 @@ def run_comparison(config_or_path: Any, out: str | Path | None = None, *, report
                 if views is not None and views.report and anything else (None, None)
             record.seconds = time.perf_counter() - t_run
             rd.finish(record, _status(record))
+            if len(results) <= IN_MEMORY_ROWS:  # a small run's results stay as they were, whatever runs next
+                results.table  # noqa: B018  (read now, under the lock)
         except BaseException as exc:
             rd.abandon(record, exc)
             raise
