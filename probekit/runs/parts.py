@@ -223,6 +223,11 @@ class PartStore:
     def write_joined(self, key: str, sources: list[str], res: Results) -> None:
         """Write a part whose rows are those of the parts under the keys ``sources``, in order (streamed,
         never all in memory), and whose arrays and metadata are ``res``'s; sealed as :meth:`write` seals."""
+        self.write_files(key, [self._files(k)[0] for k in sources], res)
+
+    def write_files(self, key: str, paths: list[Path], res: Results) -> None:
+        """Write a part whose rows are those of the parquet files ``paths`` (non-empty), in order (streamed,
+        never all in memory), and whose arrays and metadata are ``res``'s; sealed as :meth:`write` seals."""
         import pyarrow as pa
         import pyarrow.parquet as pq_
 
@@ -235,7 +240,7 @@ class PartStore:
             sums[npz.name] = file_digest(npz)
         else:
             npz.unlink(missing_ok=True)
-        files = [pq_.ParquetFile(self._files(k)[0]) for k in sources]
+        files = [pq_.ParquetFile(p) for p in paths]
         full = [f for f in files if f.metadata.num_rows] or files[:1]  # (a shard of unreadable images has none)
         first = full[0].schema_arrow
         schema = first.with_metadata({**(first.metadata or {}), _META_KEY: json.dumps(res.meta, default=str).encode()})

@@ -4,9 +4,12 @@ Ray Data's batch-inference pattern: per model, a dataset of image references (on
 chunk, a chunk being one of the local engine's batches), a CPU stage that decodes and applies
 the model's own preprocessing (:func:`~probekit.runs.engines.stages.decode_chunk`), and an actor pool
 of :class:`~probekit.runs.engines.stages.ProbeReplica` (one replica per GPU when there are GPUs)
-that probes each chunk with the local engine and returns its per-image rows. The models'
+that probes each chunk with the local engine. On a run directory that is a folder, the replica
+writes the chunk's per-image rows itself into ``parts/`` and returns their files' names, row
+counts and SHA-256 (and the metric states); on an ``s3://`` one it returns the rows. The models'
 datasets stream concurrently; the driver gathers chunks into shards (model x contiguous block
-of images), writes each finished shard as a sealed part, and, once a model's shards are all in,
+of images), seals each finished shard as a part (its chunks' files checked against their digests
+and streamed into it, never all in memory), and, once a model's shards are all in,
 writes the same whole-set parts the local engine writes (concatenated rows; dataset-level
 metric state merged through ``Metric.merge``) and drops its shard parts. A run killed midway
 recomputes only missing shards; a killed replica is restarted and its chunk retried by Ray.
@@ -20,13 +23,14 @@ import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from probekit.engine.probe import _to_table, build_metrics
-from probekit.errors import ConfigError, MissingDependencyError
+from probekit.errors import ConfigError, MissingDependencyError, RunDirError
 from probekit.inputs.view import join_arrays, metric_arrays
 from probekit.metric.state import state_from_json, state_to_json
 from probekit.results import Results
@@ -152,7 +156,14 @@ def _cpu_share(nodes: list[dict[str, float]], actors: int, gpus: float) -> float
     return share
 
 
-def _dataset(ray, run, job: _Job, chunks, res: dict, transform):
+def _rows_dir(store: PartStore) -> str | None:
+    """The folder replicas write their rows into: a store on a folder (local, or one the nodes share);
+    None for a store that writes its own way (``s3://``: the rows go through the driver)."""
+    plain = all(getattr(type(store), f) is getattr(PartStore, f) for f in ("read", "write", "write_files"))
+    return str(store.folder.resolve()) if plain else None
+
+
+def _dataset(ray, run, job: _Job, chunks, res: dict, transform, rows_dir: str | None = None):
     cfg, entry = run.config, run.config.models[job.index]
     opts = run.specs[job.index].options
     rows = [{"chunk": c, "images": pickle.dumps(run.images.subset(range(lo, hi)))} for c, _, lo, hi in chunks]
@@ -163,7 +174,8 @@ def _dataset(ray, run, job: _Job, chunks, res: dict, transform):
         ProbeReplica, batch_size=1, concurrency=res["replicas"], num_cpus=res["cpus"], num_gpus=res["gpus"],
         fn_constructor_kwargs=dict(model=entry.model, label=entry.name, options=opts, seed=cfg.seed, device=device,
                                    metrics=[(m.name, m.options()) for m in job.missing], dtype=cfg.dtype,
-                                   batch_size=cfg.batch_size),
+                                   batch_size=cfg.batch_size, rows_dir=rows_dir,
+                                   shard_keys=job.shard_keys if rows_dir else None, shard_size=res["shard_size"]),
         max_restarts=-1, max_task_retries=-1,  # a lost replica is restarted and its chunk retried
     )
 
@@ -191,33 +203,39 @@ def _consume(ds, job: _Job, q: queue.Queue, stop: threading.Event) -> None:
         q.put((job, exc))
 
 
-def _shard_results(run, job: _Job, lo: int, hi: int, chunk_ids: list[int]) -> dict[str, Results]:
-    """A finished shard's part per metric: its chunks' rows under the real image names."""
+def _shard_results(run, job: _Job, lo: int, hi: int, chunk_ids: list[int], folder: Path | None = None
+                   ) -> dict[str, Results]:
+    """A finished shard's part per metric: its chunks' rows under the real image names (for rows a replica
+    wrote into ``folder``, the part has none and lists their files as ``rows_from``)."""
     imgs = run.images
     tables, meta, secs = [], None, 0.0
     arrays: dict[str, list[np.ndarray]] = {}
     states: dict[str, list[dict]] = {}
     seen: list[str] = []  # the decoded images, in order: whole-set metrics' rows come from their merged state
+    files: dict[str, list[Path]] = {}  # metric label -> the chunk files a replica wrote its rows into
     for c in chunk_ids:
         p = job.chunks.pop(c)
         secs += p["probe_s"]
-        if p["table"] is None:
+        if p.get("empty", p["table"] is None):
             continue
         start = c * run.config.batch_size
         names = [imgs.names[start + int(k)] for k in p["kept"]]
         seen += names
+        for label, f in (p.get("files") or {}).items():
+            files.setdefault(label, []).append(_checked(folder, f, p["pid"]))
         t = p["table"]
-        t["image"] = [names[int(i)] for i in t["image"].astype(str)]
-        if job.labels is not None:
-            t["label"] = [job.labels[n] for n in t["image"]]
-        tables.append(t)
+        if t is not None:  # rows handed to the driver (a store that is not a folder)
+            t["image"] = [names[int(i)] for i in t["image"].astype(str)]
+            if job.labels is not None:
+                t["label"] = [job.labels[n] for n in t["image"]]
+            tables.append(t)
         for k, v in p["arrays"].items():
             arrays.setdefault(k, []).append(v)
         for k, st in p["states"].items():
             states.setdefault(k, []).append(st)
         meta = meta or p["meta"]
-    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["model", "image", "layer",
-                                                                                      "head", "metric", "value"])
+    cols = ["model", "image", "layer", "head", "metric", "value"] + ([] if job.labels is None else ["label"])
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=cols)  # (rows in files, or none)
     out = {}
     for m in job.missing:
         t = table[table["metric"].astype(str) == m.label] if len(table) else table
@@ -234,7 +252,26 @@ def _shard_results(run, job: _Job, lo: int, hi: int, chunk_ids: list[int]) -> di
         if m.whole_set:
             mm["names"] = list(seen)
         out[m.label] = Results(t, arr, mm)
+        if files.get(m.label):  # (read by _shard_if_done: the rows are sealed from these files)
+            vars(out[m.label])["rows_from"] = files[m.label]
     return out
+
+
+def _checked(folder: Path | None, f: dict, pid: int) -> Path:
+    """A chunk file a replica wrote, checked against the row count and SHA-256 it reported."""
+    import pyarrow.parquet as pq
+
+    from probekit._io.fileid import file_digest
+
+    path = (folder or Path(".")) / str(f["file"])
+    if folder is None or not path.is_file():
+        raise RunDirError(f"The rows a Ray replica (pid {pid}) wrote to {path} are not there: with a cluster of "
+                          "several machines the run directory must be a folder every node shares, or an s3:// "
+                          "URI; run the same command again to resume from the sealed shards.")
+    if file_digest(path) != f["sha256"] or pq.ParquetFile(path).metadata.num_rows != int(f["rows"]):
+        raise RunDirError(f"The rows a Ray replica (pid {pid}) wrote to {path} changed after it wrote them (their "
+                          "SHA-256 differs); run the same command again to compute that shard anew.")
+    return path
 
 
 def _states(part: Results) -> list[dict] | None:
@@ -320,6 +357,11 @@ def run_ray(run: CheckedRun, store: PartStore, record: RunRecord, rep: Reporter)
     labels = None if run.images.labels is None else dict(zip(run.images.names, run.images.labels, strict=True))
     for job in jobs:
         job.labels = labels
+        if _rows_dir(store) is not None:  # chunk rows an interrupted run's replicas left: their shards are redone
+            for s in job.todo:
+                for key in job.shard_keys[s].values():
+                    for f in store.folder.glob(f"{key}.chunk*.rows.parquet"):
+                        f.unlink(missing_ok=True)
     record.engine = EngineInfo(name="ray", ray=ray.__version__, address=cfg.address, **res)
     eng = record.engine
     info: dict[str, EngineModel] = {}
@@ -346,7 +388,10 @@ def run_ray(run: CheckedRun, store: PartStore, record: RunRecord, rep: Reporter)
                 continue
             chunks = _chunks(shards, job.todo, cfg.batch_size)
             job.pending = {s: [c for c, cs, _, _ in chunks if cs == s] for s in job.todo}
-            ds = _dataset(ray, run, job, chunks, res, transform)
+            rows_dir = _rows_dir(store)
+            if rows_dir is not None:
+                store.folder.mkdir(parents=True, exist_ok=True)
+            ds = _dataset(ray, run, job, chunks, res, transform, rows_dir)
             consumers.append(threading.Thread(target=_consume, args=(ds, job, q, stop), daemon=True))
             consumers[-1].start()
             live.append(job)
@@ -433,9 +478,16 @@ def _shard_if_done(run: CheckedRun, job: _Job, store: PartStore, shards: list[tu
             continue
         payloads = [job.chunks[c] for c in ids]
         lo, hi = shards[s]
-        parts = _shard_results(run, job, lo, hi, ids)
+        folder = Path(_rows_dir(store) or store.folder)
+        parts = _shard_results(run, job, lo, hi, ids, folder)
         for label, part in parts.items():
-            store.write(job.shard_keys[s][label], part)
+            rows_from = vars(part).pop("rows_from", None)
+            if rows_from:  # a replica wrote the rows: sealed from its files, streamed, then the files go
+                store.write_files(job.shard_keys[s][label], rows_from, part)
+                for f in rows_from:
+                    f.unlink(missing_ok=True)
+            else:
+                store.write(job.shard_keys[s][label], part)
         if type(store).read is PartStore.read:  # a local store: the rows leave memory, read back from disk
             parts = {label: store.read_lazy(job.shard_keys[s][label]) or part for label, part in parts.items()}
         job.have[s] = parts

@@ -6,8 +6,12 @@
   or stop the run the same way).
 - :class:`ProbeReplica`: the callable class of a model's actor pool; it loads the model once
   (seeded as the local engine seeds it) and probes one chunk per call with the local engine
-  itself, returning the chunk's per-image rows and the state of dataset-level metrics (and of
-  metrics whose rows need the whole set, e.g. k-NN: the driver makes their rows from the merged state).
+  itself. With a run directory on a folder (local or shared by the nodes), the replica writes the
+  chunk's per-image rows itself, one parquet file per metric in ``parts/`` (:func:`chunk_file`), and
+  returns only their names, row counts and SHA-256, with the state of dataset-level metrics (and of
+  metrics whose rows need the whole set, e.g. k-NN: the driver makes their rows from the merged
+  state); the driver checks the digests and seals the shard from those files, streamed. Without
+  such a folder (an ``s3://`` run directory) the rows are returned to the driver, which writes them.
 
 A chunk is exactly one of the local engine's batches (same images, same order), so both
 engines run the same arithmetic and their values agree to the last bit on one machine.
@@ -23,13 +27,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["decode_chunk", "ProbeReplica"]
+__all__ = ["decode_chunk", "ProbeReplica", "chunk_file"]
+
+
+def chunk_file(folder: str | os.PathLike, shard_key: str, chunk: int) -> str:
+    """Where a replica writes one chunk's rows of the shard part ``shard_key`` (until the shard is sealed)."""
+    return os.path.join(os.fspath(folder), f"{shard_key}.chunk{int(chunk):07d}.rows.parquet")
 
 
 def decode_chunk(row: dict[str, Any], transform: Any) -> dict[str, Any]:
-    """``{chunk, images (a pickled ImageSet)}`` -> ``{chunk, pixels [b, C, H, W], kept, labels, decode_s}``
-    (``labels``: the kept images' labels as a JSON list, None for an unlabelled set: one plain string
-    column, whatever Arrow makes of lists of strings)."""
+    """``{chunk, images (a pickled ImageSet)}`` -> ``{chunk, pixels [b, C, H, W], kept, names, labels, decode_s}``
+    (``names``: the kept images' names as a JSON list; ``labels``: their labels as a JSON list, None for an
+    unlabelled set: plain string columns, whatever Arrow makes of lists of strings)."""
     from probekit.inputs.images import collate
 
     t0 = time.perf_counter()
@@ -38,7 +47,8 @@ def decode_chunk(row: dict[str, Any], transform: Any) -> dict[str, Any]:
     kept, x = collate([ds[j] for j in range(len(images))])
     pixels = np.zeros((0,), np.float32) if x is None else x.numpy()
     labels = None if images.labels is None else json.dumps([str(images.labels[int(i)]) for i in kept])
-    return {"chunk": row["chunk"], "pixels": pixels, "kept": kept.numpy().astype(np.int64),
+    names = json.dumps([str(images.names[int(i)]) for i in kept])
+    return {"chunk": row["chunk"], "pixels": pixels, "kept": kept.numpy().astype(np.int64), "names": names,
             "labels": labels, "decode_s": time.perf_counter() - t0}
 
 
@@ -46,7 +56,8 @@ class ProbeReplica:
     """One replica of one model: loads it once, probes a chunk per call."""
 
     def __init__(self, model: str, label: str, options: dict, seed: int, device: str | None,
-                 metrics: list[tuple[str, dict]], dtype: str, batch_size: int):
+                 metrics: list[tuple[str, dict]], dtype: str, batch_size: int, rows_dir: str | None = None,
+                 shard_keys: list[dict[str, str]] | None = None, shard_size: int = 0):
         import torch
 
         from probekit.inputs.memory import tame
@@ -57,6 +68,30 @@ class ProbeReplica:
             torch.manual_seed(seed)
             self.pm = load(model, label=label, device=device, **options)
         self.label, self.metrics, self.dtype, self.batch_size = label, metrics, dtype, batch_size
+        self.rows_dir, self.shard_keys, self.shard_size = rows_dir, shard_keys, shard_size
+
+    def _write_rows(self, chunk: int, table: Any, names: list[str], labels: list[str] | None,
+                    mets: list) -> dict[str, dict[str, Any]]:
+        """The chunk's rows under their images' names, one file per metric with rows (as the driver would
+        write them); ``{metric label: {file, rows, sha256}}``."""
+        from probekit._io.fileid import file_digest
+        from probekit.results import Results
+
+        assert self.rows_dir is not None and self.shard_keys is not None  # noqa: S101  (set together by the driver)
+        keys = self.shard_keys[chunk * self.batch_size // self.shard_size]
+        idx = [int(i) for i in table["image"].astype(str)]  # rows name images by their place in the chunk
+        table["image"] = [names[i] for i in idx]
+        if labels is not None:
+            table["label"] = [labels[i] for i in idx]
+        out = {}
+        for m in mets:
+            t = table[table["metric"].astype(str) == m.label]
+            if not len(t):
+                continue
+            path = chunk_file(self.rows_dir, keys[m.label], chunk)
+            Results(t.reset_index(drop=True), {}, {"model": self.label}).to_parquet(path)  # atomic: whole or absent
+            out[m.label] = {"file": os.path.basename(path), "rows": len(t), "sha256": file_digest(path)}
+        return out
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import torch
@@ -66,12 +101,13 @@ class ProbeReplica:
         from probekit.metric import Metric
 
         out = []
-        for pixels, kept, labels, decode_s in zip(batch["pixels"], batch["kept"], batch["labels"], batch["decode_s"],
-                                                  strict=True):
+        for chunk, pixels, kept, names, labels, decode_s in zip(batch["chunk"], batch["pixels"], batch["kept"],
+                                                                batch["names"], batch["labels"], batch["decode_s"],
+                                                                strict=True):
             t0 = time.perf_counter()
             done = {"kept": np.asarray(kept, np.int64), "decode_s": float(decode_s), "pid": os.getpid()}
             if pixels.ndim != 4:  # every image of the chunk was unreadable
-                out.append(pickle.dumps({**done, "table": None, "probe_s": 0.0}))
+                out.append(pickle.dumps({**done, "table": None, "empty": True, "probe_s": 0.0}))
                 continue
             mets = build_metrics(list(self.metrics))
             x = torch.from_numpy(np.ascontiguousarray(pixels)).float()
@@ -85,6 +121,11 @@ class ProbeReplica:
             states = {m.label: m.state_dict() for m in mets
                       if m.whole_set or type(m).dataset_result is not Metric.dataset_result}
             maps = {k: v for k, v in res.arrays.items() if k.rsplit("/", 1)[1] not in states}
-            out.append(pickle.dumps({**done, "table": res.table, "arrays": maps, "states": states,
+            names = [str(n) for n in json.loads(str(names))]
+            if self.rows_dir is None:  # the driver writes the rows
+                rows: dict[str, Any] = {"table": res.table}
+            else:  # written here; only their files' names, sizes and digests travel
+                rows = {"table": None, "files": self._write_rows(int(chunk), res.table, names, images.labels, mets)}
+            out.append(pickle.dumps({**done, **rows, "empty": False, "names": names, "arrays": maps, "states": states,
                                      "meta": res.meta, "probe_s": time.perf_counter() - t0}))
         return {"chunk": np.asarray(batch["chunk"]), "payload": np.array(out, dtype=object)}
