@@ -245,6 +245,9 @@ def worker(args) -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         cmp = run_comparison(_config(args, images), out=out, engine=args.engine)
+        if cmp.failures:
+            raise SystemExit(f"{cmp.failures[0].model} failed ({cmp.failures[0].stage}): {cmp.failures[0].error}: "
+                             f"{cmp.failures[0].message}")
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         driver_mb = _status_kb("VmHWM") / 1024
         sampler.stop.set()
