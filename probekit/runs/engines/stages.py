@@ -37,8 +37,9 @@ def chunk_file(folder: str | os.PathLike, shard_key: str, chunk: int) -> str:
 
 def decode_chunk(row: dict[str, Any], transform: Any) -> dict[str, Any]:
     """``{chunk, images (a pickled ImageSet)}`` -> ``{chunk, pixels [b, C, H, W], kept, names, labels, decode_s}``
-    (``names``: the kept images' names as a JSON list; ``labels``: their labels as a JSON list, None for an
-    unlabelled set: plain string columns, whatever Arrow makes of lists of strings)."""
+    (``names``: the kept images' names as a JSON list; ``labels``: their labels as a JSON list, ``null`` for an
+    unlabelled set: plain string columns, whatever Arrow makes of lists of strings, and never a column of
+    nulls, which a batch beside another string column may hand over as NaN)."""
     from probekit.inputs.images import collate
 
     t0 = time.perf_counter()
@@ -46,10 +47,16 @@ def decode_chunk(row: dict[str, Any], transform: Any) -> dict[str, Any]:
     ds = images.dataset(transform)
     kept, x = collate([ds[j] for j in range(len(images))])
     pixels = np.zeros((0,), np.float32) if x is None else x.numpy()
-    labels = None if images.labels is None else json.dumps([str(images.labels[int(i)]) for i in kept])
+    labels = json.dumps(None if images.labels is None else [str(images.labels[int(i)]) for i in kept])
     names = json.dumps([str(images.names[int(i)]) for i in kept])
     return {"chunk": row["chunk"], "pixels": pixels, "kept": kept.numpy().astype(np.int64), "names": names,
             "labels": labels, "decode_s": time.perf_counter() - t0}
+
+
+def _labels(col: Any) -> list[str] | None:
+    """A chunk's labels from :func:`decode_chunk`'s JSON (None for an unlabelled set)."""
+    got = json.loads(col) if isinstance(col, str) else None
+    return None if got is None else [str(v) for v in got]
 
 
 class ProbeReplica:
@@ -112,7 +119,7 @@ class ProbeReplica:
             mets = build_metrics(list(self.metrics))
             x = torch.from_numpy(np.ascontiguousarray(pixels)).float()
             images = ImageSet(names=[str(i) for i in range(len(x))], tensor=x,
-                              labels=None if labels is None else [str(v) for v in json.loads(str(labels))])
+                              labels=_labels(labels))
             # whole-set metrics (probes) make no rows of a chunk: their state is merged over the shards
             res = probe(self.pm, images, mets, batch_size=self.batch_size, dtype=self.dtype, label=self.label,
                         partial=True)
