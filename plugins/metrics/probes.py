@@ -21,7 +21,8 @@ share of the labels (the table's ``label`` column has them).
 (``reduce="cat"``), so partial states merge across batches, processes and Ray shards exactly, in
 image order. Memory grows as images x layers x width x 2 bytes (1,797 images x 12 layers x 384 make
 16,561,152 B; measured, with the projection's accuracy change on the digits: benchmarks/RESULTS.md,
-section "Probe feature store"); ``dim`` projects each layer's features to ``dim`` columns with a seeded Gaussian matrix
+section "Probe feature store: memory and the random projection's accuracy change"); ``dim`` projects
+each layer's features to ``dim`` columns with a seeded Gaussian matrix
 (``N(0, 1/dim)``, the same on every shard and process) before they are stored, for wide models;
 ``max_mb`` bounds the store and a run that would pass it stops with an error naming both.
 """
