@@ -41,6 +41,7 @@ def main() -> None:
                     help="the linear probe's C grid (default: the metric's, chosen by inner cross-validation)")
     ap.add_argument("--out", default=None, help="the run directory (default: a temporary one)")
     ap.add_argument("--json", default=None, help="write the table as a benchmark results file")
+    ap.add_argument("--from-run", default=None, help="tabulate a finished run directory of the run file instead")
     args = ap.parse_args()
 
     import probekit as pk
@@ -60,7 +61,14 @@ def main() -> None:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="digits-probes-")) / "run"
     cfg["out"] = str(out)
     t0 = time.perf_counter()
-    cmp = pk.compare(cfg, out=out)
+    if args.from_run:
+        from types import SimpleNamespace
+
+        from probekit.runs.rundir import load_run_dir
+
+        cmp = SimpleNamespace(run_dir=Path(args.from_run), results=load_run_dir(args.from_run))
+    else:
+        cmp = pk.compare(cfg, out=out)
     wall = time.perf_counter() - t0
     res = cmp.results
     n = res.table["image"].nunique()
@@ -92,8 +100,14 @@ def main() -> None:
     print(f"{n} digits, chance {chance:.3f}; best layer: " + ", ".join(f"{k} {v:.3f}" for k, v in best.items()))
     for r in rows:
         print("  ".join(str(r.get(c, "")) for c in columns))
-    timing = {m.label: {"load_s": m.load_s, "probe_s": m.probe_s} for m in
-              __import__("probekit.runs.rundir", fromlist=["read_record"]).read_record(cmp.run_dir).models}
+    from probekit.runs.rundir import read_record
+
+    timing = {}  # per model: this run's seconds, or those of the run that computed its cached parts
+    for m in read_record(cmp.run_dir).models:
+        first = next(iter((m.computed or {}).values()), {})
+        timing[m.label] = {"load_s": m.load_s if m.load_s is not None else first.get("load_s"),
+                           "probe_s": m.probe_s if m.probe_s is not None else first.get("seconds"),
+                           "cached": bool(m.cached)}
     print(f"wall {wall:.1f} s; per model: {timing}")
     if args.json:
         notes = [
@@ -106,8 +120,10 @@ def main() -> None:
             "3-fold inner CV" + (f" (here C fixed at {args.cs})" if args.cs else "")
             + ". NMI/ARI: k-means (k=10, 10 starts) against the labels.",
             "Best layer: " + ", ".join(f"{k} {v:.3f}" for k, v in best.items()) + ".",
-            f"Wall time of the whole compare (both models, probes, figures): {wall:.0f} s, "
-            f"load average {__import__('os').getloadavg()[0]:.1f} at the end (the VM is shared: times move with load).",
+            "Seconds per model (load, probe; from the run that computed the parts when cached): "
+            + ", ".join(f"{k} {v['load_s']:.0f} + {v['probe_s']:.0f} s" for k, v in timing.items())
+            + f"; wall time of this call {wall:.0f} s; load average {__import__('os').getloadavg()[0]:.1f} at the end "
+            "(the VM is shared: times move with load).",
         ]
         _record.write(args.json, "What each layer knows: digits, pretrained DINOv2 against random init",
                       columns, rows, notes=notes, raw={"best": best, "chance": chance, "images": n, "wall_s": wall,
