@@ -120,3 +120,21 @@ def test_a_chunk_of_an_unlabelled_set_reads_as_unlabelled_whatever_arrow_hands_o
 
     assert _labels(json.dumps(None)) is None and _labels(float("nan")) is None and _labels(None) is None
     assert _labels(json.dumps(["c0", "1"])) == ["c0", "1"]
+
+
+def test_replicas_write_rows_only_when_every_node_is_on_the_drivers_machine(tmp_path, monkeypatch):
+    """A node on another machine may not see the driver's folder (probekit cannot tell a shared folder
+    from a local one of the same path): the rows then go through the driver, as on s3://."""
+    import ray
+
+    from probekit.runs.engines.ray import _rows_dir
+
+    store = PartStore(tmp_path / "parts")
+    node = {"Alive": True, "NodeManagerAddress": "10.0.0.1"}
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: [node, {**node, "NodeManagerAddress": "10.0.0.1"}])
+    assert _rows_dir(store) == str((tmp_path / "parts").resolve())  # two raylets on one machine
+    monkeypatch.setattr(ray, "nodes", lambda: [node, {**node, "NodeManagerAddress": "10.0.0.2"}])
+    assert _rows_dir(store) is None
+    monkeypatch.setattr(ray, "nodes", lambda: [node, {"Alive": False, "NodeManagerAddress": "10.0.0.2"}])
+    assert _rows_dir(store) == str((tmp_path / "parts").resolve())  # a node lost: only the live ones count

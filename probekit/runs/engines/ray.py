@@ -4,9 +4,10 @@ Ray Data's batch-inference pattern: per model, a dataset of image references (on
 chunk, a chunk being one of the local engine's batches), a CPU stage that decodes and applies
 the model's own preprocessing (:func:`~probekit.runs.engines.stages.decode_chunk`), and an actor pool
 of :class:`~probekit.runs.engines.stages.ProbeReplica` (one replica per GPU when there are GPUs)
-that probes each chunk with the local engine. On a run directory that is a folder, the replica
-writes the chunk's per-image rows itself into ``parts/`` and returns their files' names, row
-counts and SHA-256 (and the metric states); on an ``s3://`` one it returns the rows. The models'
+that probes each chunk with the local engine. On a run directory that is a folder, on a cluster
+whose nodes all run on the driver's machine, the replica writes the chunk's per-image rows itself
+into ``parts/`` and returns their files' names, row counts and SHA-256 (and the metric states);
+on an ``s3://`` one, or with nodes on other machines, it returns the rows. The models'
 datasets stream concurrently; the driver gathers chunks into shards (model x contiguous block
 of images), seals each finished shard as a part (its chunks' files checked against their digests
 and streamed into it, never all in memory), and, once a model's shards are all in,
@@ -157,10 +158,22 @@ def _cpu_share(nodes: list[dict[str, float]], actors: int, gpus: float) -> float
 
 
 def _rows_dir(store: PartStore) -> str | None:
-    """The folder replicas write their rows into: a store on a folder (local, or one the nodes share);
-    None for a store that writes its own way (``s3://``: the rows go through the driver)."""
+    """The folder replicas write their rows into: a store on a folder, on a cluster whose nodes all
+    run on the driver's machine (:func:`_one_machine`); None otherwise, and the rows go through the
+    driver (a store that writes its own way, ``s3://``; or nodes on other machines, which may not
+    see the driver's folder: probekit cannot tell a shared folder from a local one of the same path)."""
     plain = all(getattr(type(store), f) is getattr(PartStore, f) for f in ("read", "write", "write_files"))
-    return str(store.folder.resolve()) if plain else None
+    return str(store.folder.resolve()) if plain and _one_machine() else None
+
+
+def _one_machine() -> bool:
+    """Whether every live node of the connected Ray cluster runs on one machine (one node address);
+    True without a cluster (the stages called in this process)."""
+    import ray
+
+    if not ray.is_initialized():
+        return True
+    return len({n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}) <= 1
 
 
 def _dataset(ray, run, job: _Job, chunks, res: dict, transform, rows_dir: str | None = None):
