@@ -41,7 +41,7 @@ from probekit.errors import ConfigError
 from probekit.metric import Metric
 from probekit.tokens import TokenLayout
 
-from .probes_eval import choose_c, cluster_scores, encode, knn_predict, logistic_predict, splits
+from .probes_eval import choose_c, cluster_scores, encode, knn_predict, logistic_predict, one_blas_thread, splits
 
 __all__ = ["FeatureProbe", "HeldOutProbe", "KnnProbe", "LinearProbe", "ClusterProbe", "pooled", "projection"]
 
@@ -205,13 +205,14 @@ class HeldOutProbe(FeatureProbe):
         layers, x, classes, codes = self.stored()
         parts = list(splits(codes, self.split, self.folds, self.test_share, self.seed, f"metric {self.label!r}"))
         per_image, accs = {}, np.zeros((len(layers), len(parts)))
-        for i, layer in enumerate(layers):
-            right = torch.full((len(codes),), float("nan"))
-            for f, (tr, te) in enumerate(parts):
-                hit = self.predict(x[layer][tr], codes[tr], x[layer][te], len(classes), f) == codes[te]
-                right[te] = torch.as_tensor(hit, dtype=torch.float32)
-                accs[i, f] = hit.mean()
-            per_image[layer] = right
+        with one_blas_thread():
+            for i, layer in enumerate(layers):
+                right = torch.full((len(codes),), float("nan"))
+                for f, (tr, te) in enumerate(parts):
+                    hit = self.predict(x[layer][tr], codes[tr], x[layer][te], len(classes), f) == codes[te]
+                    right[te] = torch.as_tensor(hit, dtype=torch.float32)
+                    accs[i, f] = hit.mean()
+                per_image[layer] = right
         return per_image, accs
 
     def per_image(self) -> dict[int, torch.Tensor]:
@@ -288,7 +289,8 @@ class ClusterProbe(FeatureProbe):
         layers, x, classes, codes = self.stored()
         if len(classes) < 2:
             raise ConfigError(f"metric {self.label!r}: the images have one class label; clustering needs two or more.")
-        return np.array([cluster_scores(x[layer], codes, self.seed, self.n_init) for layer in layers])
+        with one_blas_thread():
+            return np.array([cluster_scores(x[layer], codes, self.seed, self.n_init) for layer in layers])
 
     def per_image(self) -> dict[int, torch.Tensor]:
         return {}  # a dataset-level result: no rows

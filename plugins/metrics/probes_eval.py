@@ -66,6 +66,19 @@ def knn_predict(train: torch.Tensor, train_codes: np.ndarray, test: torch.Tensor
     return votes.argmax(1).numpy()
 
 
+def one_blas_thread():
+    """A context in which NumPy's and scikit-learn's BLAS (OpenBLAS, MKL) run one thread.
+
+    Why: the probes' fits are small (hundreds to thousands of images x a few hundred features),
+    where BLAS threads cost more than they give, and beside torch's own threads they oversubscribe
+    the cores: on this project's 2-core VM under load, each LogisticRegression fit on 1,437 x 384
+    took 6-9 s with OpenBLAS's 2 threads against 0.4-0.8 s with one (issue 23's digits runs).
+    """
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def _pipeline(c: float, max_iter: int):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
