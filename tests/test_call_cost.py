@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import probekit as pk
-from probekit.results import _is_typed, _typed
+from probekit.results.table import _is_typed, _typed
 
 
 def _converted(df: pd.DataFrame) -> pd.DataFrame:

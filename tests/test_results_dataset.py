@@ -17,7 +17,7 @@ import pytest
 from probekit.api import compare
 from probekit.errors import RunDirError
 from probekit.results import COLUMNS, Results, summarize
-from probekit.results_dataset import INDEX, DatasetWriter, ResultsScan
+from probekit.results.dataset import INDEX, DatasetWriter, ResultsScan
 from probekit.runs.rundir import load_run_dir, read_record
 from probekit.views.contrasts import per_image_layer
 

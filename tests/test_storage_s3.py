@@ -18,7 +18,7 @@ from probekit.api import compare
 from probekit.errors import ConfigError, RunDirBusyError, RunDirError
 from probekit.runs import lease as lease_mod
 from probekit.runs.lease import Lease
-from probekit.runs.rundir import load_run_dir, read_record
+from probekit.runs.rundirs import load_run_dir, read_record
 
 BUCKET = "probekit-test"
 TOY_A = {"model": "toy:vit", "label": "toy-a", "training": "self-supervised"}
@@ -314,11 +314,11 @@ def test_s3_run_is_refused_while_locked_and_on_a_users_prefix(tmp_path, s3, load
 def test_run_json_is_replaced_only_over_the_runs_own_version_and_never_after_losing_the_lock(s3, monkeypatch):
     from probekit.runs.record import ImagesRecord, RunRecord
     from probekit.runs.remote import RemoteRunDir
-    from probekit.runs.rundir import RunDir
+    from probekit.runs.rundirs import open_run_dir
 
     monkeypatch.setattr(lease_mod, "LOCK_TTL_S", 0.3)  # (renewed every 0.1 s)
     uri = f"s3://{s3.bucket}/cas"
-    rd = RunDir(uri)
+    rd = open_run_dir(uri)
     assert isinstance(rd, RemoteRunDir) and rd.where == uri
 
     def run_json() -> dict:

@@ -40,7 +40,8 @@ from probekit.runs.record import (
     record_failure,
 )
 from probekit.runs.reporter import Reporter
-from probekit.runs.rundir import RunDir, load_run_dir, write_outputs
+from probekit.runs.rundir import RunDir, write_outputs
+from probekit.runs.rundirs import load_run_dir, open_run_dir
 
 if TYPE_CHECKING:
     from probekit.inputs.images import ImageSet
@@ -334,7 +335,7 @@ def run_comparison(config_or_path: Any, out: str | Path | None = None, *, report
     cfg = given.resolve(out=None if out is None else str(out), **flags)
     run = check_run(cfg)  # everything that can be wrong in the file fails here, before work
     rep = reporter or _Quiet()
-    rd = RunDir(cfg.out or Path("runs") / cfg.name)  # a path, or an s3:// URI
+    rd = open_run_dir(cfg.out or Path("runs") / cfg.name)  # a path, or an s3:// URI
     showcase = _showcase(cfg, run) if views is not None and views.report else None
     with sigterm_as_interrupt(), rd.locked():  # SIGTERM (SLURM, Kubernetes) stops it as Ctrl-C does
         record = rd.begin(_run_record(cfg, run))

@@ -26,7 +26,8 @@ from probekit._io.atomic import atomic_path, write_text_atomic
 from probekit._io.fileid import file_digest, files_identity
 from probekit.errors import ConfigError, ProbekitError
 from probekit.inputs.view import metric_arrays
-from probekit.results import _META_KEY, Results
+from probekit.results import Results
+from probekit.results.table import _META_KEY
 from probekit.runs.plugin_files import files_digest, plugin_files
 
 if TYPE_CHECKING:

@@ -178,7 +178,8 @@ class _Folder:
 
 
 class RemoteRunDir(RunDir):
-    """A run directory in an object store while a run writes it (``RunDir("s3://...")`` makes one).
+    """A run directory in an object store while a run writes it (for an ``s3://`` URI,
+    :func:`probekit.runs.rundirs.open_run_dir` makes one).
 
     ``path`` is the local working folder (outputs and figures are written there, then uploaded);
     ``where`` is the store's address.

@@ -18,9 +18,9 @@ wrote, recorded in ``run.json`` before the file is written) are replaced or remo
 notes or figures beside them stay.
 
 The directory may also be an S3 prefix (``s3://bucket/run``, also on S3-compatible servers):
-``RunDir("s3://...")`` is then a :class:`probekit.runs.remote.RemoteRunDir`, which keeps these
-promises with the store's conditional writes (its module says how), and :func:`read_record` and
-:func:`load_run_dir` read such a directory too.
+:func:`probekit.runs.rundirs.open_run_dir` then makes a :class:`probekit.runs.remote.RemoteRunDir`,
+which keeps these promises with the store's conditional writes (its module says how), and
+:mod:`probekit.runs.rundirs`' ``read_record`` and ``load_run_dir`` read such a directory too.
 """
 
 from __future__ import annotations
@@ -45,14 +45,14 @@ from probekit._io.fileid import file_digest
 from probekit._io.storage import is_uri
 from probekit.errors import RunDirBusyError, RunDirError
 from probekit.results import COLUMNS, Results
-from probekit.results_dataset import DatasetWriter, ResultsScan
+from probekit.results.dataset import DatasetWriter, ResultsScan
 from probekit.runs.parts import PartStore
 from probekit.runs.record import RunRecord
 
 __all__ = ["RunDir", "Renderer", "read_record", "load_run_dir", "write_outputs", "FINISHED", "STAMPS"]
 
 RUN_JSON = "run.json"
-RESULTS = "results.parquet"  # a folder of part files (probekit.results_dataset); a single file before issue 24
+RESULTS = "results.parquet"  # a folder of part files (probekit.results.dataset); a single file before issue 24
 STAMPS = ".stamps.json"  # what a renderer writes beside the figures: the inputs each was drawn from
 LOCK = ".lock"
 OUTPUTS = ("results.parquet", "summary.csv", "arrays.npz", "contrasts.csv", "report.html")  # beside run.json
@@ -200,13 +200,6 @@ class RunDir:
     ``path`` is where its files are written (for a directory in an object store, a local working
     folder whose files are uploaded); ``where`` is the directory as users name it (the path, or the URI).
     """
-
-    def __new__(cls, path: str | Path) -> RunDir:
-        if cls is RunDir and is_uri(str(path)):  # s3://...: the object-store run directory
-            from probekit.runs.remote import RemoteRunDir
-
-            return super().__new__(RemoteRunDir)
-        return super().__new__(cls)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -511,9 +504,7 @@ def read_record(run_dir: str | Path) -> RunRecord:
             run's), or a file that is missing or not the one the run wrote.
     """
     if is_uri(str(run_dir)):
-        from probekit.runs import remote
-
-        return remote.read_record(str(run_dir))
+        raise RunDirError(f"{run_dir} is an object-store run directory: open it with probekit.runs.rundirs.")
     run_dir = Path(run_dir)
     rj = run_dir / RUN_JSON
     if not run_dir.is_dir():
@@ -555,9 +546,7 @@ def load_run_dir(run_dir: str | Path) -> Results:
         RunDirError: see :func:`read_record`.
     """
     if is_uri(str(run_dir)):
-        from probekit.runs import remote
-
-        return remote.load_run_dir(str(run_dir))
+        raise RunDirError(f"{run_dir} is an object-store run directory: open it with probekit.runs.rundirs.")
     run_dir = Path(run_dir)
     record = read_record(run_dir)
     if (run_dir / RESULTS).is_dir():  # rows read when first used; summaries from per-part moments

@@ -18,7 +18,8 @@ from probekit.errors import ConfigError, WriteError
 from probekit.inputs.view import is_view
 from probekit.results import Results
 from probekit.runs.record import RunRecord
-from probekit.runs.rundir import RunDir, load_run_dir, now, read_record
+from probekit.runs.rundir import RunDir, now
+from probekit.runs.rundirs import load_run_dir, open_run_dir, read_record
 from probekit.views.contrasts import contrasts
 from probekit.views.plots import figure_notes, render_all
 from probekit.views.report import record_groups, write_report
@@ -87,7 +88,7 @@ def redraw(run_dir: str | Path, kinds: list[str] | None = None, metrics: list[st
         RunDirError: the directory does not hold one finished run (see :func:`read_record`).
         ConfigError: a metric the directory does not hold.
     """
-    rd = RunDir(run_dir)
+    rd = open_run_dir(run_dir)
     read_record(rd.where)  # before the lock: never create a directory that is not there
     with rd.locked():
         record = read_record(rd.where)

@@ -40,16 +40,14 @@ from probekit.views.plots._common import (
     _grid,
     _layout,
     _palette,
-    _pick_metric,
     _reference,
-    _rows,
     _sns,
     _title,
-    _training,
     uniform_attention_value,
 )
 from probekit.views.plots.labels import label_profile
 from probekit.views.plots.maps import attention_maps
+from probekit.views.plots.overlay import _int_locator, _per_image_layer, _select, layer_overlay
 from probekit.views.plots.probes import is_probe, probe_accuracy
 
 __all__ = [
@@ -61,13 +59,6 @@ KINDS = ("depth", "overlay", "heatmap", "summary", "maps", "labels", "accuracy")
 
 
 # -- figures -----------------------------------------------------------------------------------
-def _select(results: Results | pd.DataFrame, metric: str | None, models) -> tuple[Results, str, pd.DataFrame]:
-    """The results, the metric to draw (default ``mad``) and its rows for ``models``."""
-    res = _as_results(results)
-    metric = _pick_metric(res, metric)
-    return res, metric, _rows(res, metric, models)
-
-
 def _per_head_rows(results, metric: str | None, models, figure: str) -> tuple[Results, str, pd.DataFrame, list]:
     """As :func:`_select`, keeping per-head rows (head >= 0), and the models that have any.
 
@@ -157,63 +148,6 @@ def _depth_key(fig, axes, head_colours: list, heads: list[int]) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False,
                handletextpad=0.2, columnspacing=0.9, title="one dot per head (mean over images); colour: head index",
                title_fontsize=7)
-
-
-def _int_locator():
-    from matplotlib.ticker import MaxNLocator
-
-    return MaxNLocator(integer=True)
-
-
-def _per_image_layer(t: pd.DataFrame) -> pd.DataFrame:
-    """Mean over heads for each model x image x layer (what CIs over images are taken of)."""
-    return t.groupby(["model", "image", "layer"], observed=True)["value"].mean().reset_index()
-
-
-def layer_overlay(results: Results | pd.DataFrame, metric: str | None = None, *, models=None, ax=None):
-    """Per-layer mean over heads with a 95% CI band over images; a line per model.
-
-    Colour is the training kind (colour-blind-safe); models of one kind differ by line style.
-
-    Returns:
-        ``(fig, ax)``.
-    """
-    _sns()
-    res, metric, t = _select(results, metric, models)
-    names = list(dict.fromkeys(t["model"]))
-    s = summarize(_per_image_layer(t).assign(metric=metric, head=-1))
-    fig, axes = _grid(1, ax, row_height=3.2)
-    a = axes[0]
-    colours = _palette(res, names)
-    styles = ["-", "--", ":", "-."]
-    seen: dict[str, list[str]] = {}  # models drawn so far, per training kind
-    for name in names:
-        d = s[s["model"].astype(str) == name].sort_values("layer")
-        kind = _training(res, name)
-        ls = styles[seen.setdefault(kind, []).__len__() % len(styles)]
-        seen[kind].append(name)
-        a.plot(d["layer"], d["mean"], ls=ls, marker="o", ms=3, color=colours[name], label=_title(res, name))
-        lo, hi = d["ci_low"].fillna(d["mean"]), d["ci_high"].fillna(d["mean"])
-        a.fill_between(d["layer"], lo, hi, color=colours[name], alpha=0.2, linewidth=0)
-    _reference_lines(a, res, names, metric)
-    a.set_xlabel("layer")
-    a.set_ylabel(_axis_label(res, metric))
-    a.xaxis.set_major_locator(_int_locator())
-    a.legend(fontsize=7, frameon=False)
-    a.set_title("mean over heads, 95% CI over images", fontsize=8)
-    return fig, a
-
-
-def _reference_lines(a, res: Results, names: list[str], metric: str) -> None:
-    """Thin dashed lines at each distinct single reference value of ``names`` (uniform attention),
-    labelled once; per-layer references (windows, stages) are left to the depth profile."""
-    seen: list[float] = []
-    for name in names:
-        ref = _reference(res, name, metric)
-        if isinstance(ref, float) and not any(abs(ref - v) <= 1e-6 * max(1.0, abs(v)) for v in seen):
-            a.axhline(ref, ls="--", lw=0.8, color="0.45", zorder=0,
-                      label="uniform attention (no locality)" if not seen else None)
-            seen.append(ref)
 
 
 def head_heatmap(results: Results | pd.DataFrame, metric: str | None = None, *, models=None, ax=None):

@@ -88,7 +88,7 @@ def probe_accuracy(results: Results | pd.DataFrame, metric: str | None = None, *
     Returns:
         ``(fig, ax)``.
     """
-    from probekit.views.plots import layer_overlay  # the per-layer lines and bands, drawn once for all figures
+    from probekit.views.plots.overlay import layer_overlay  # the per-layer lines and bands, drawn once for all figures
 
     res = _as_results(results)
     probes = probe_metrics(res)

@@ -21,10 +21,10 @@ def rebuild(run_dir: str | Path) -> Path:
         RunDirError: the directory does not hold one finished run.
     """
     from probekit._io.fileid import file_digest
-    from probekit.runs.rundir import RunDir, load_run_dir, read_record
+    from probekit.runs.rundirs import load_run_dir, open_run_dir, read_record
     from probekit.views.contrasts import contrasts
 
-    rd = RunDir(run_dir)
+    rd = open_run_dir(run_dir)
     read_record(rd.where)  # before the lock: never create a directory that is not there
     with rd.locked():
         record = read_record(rd.where)

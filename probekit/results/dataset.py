@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from probekit._io.atomic import atomic_path, write_text_atomic
+from probekit.results.table import _META_KEY, COLUMNS, _t95
 
 __all__ = ["DatasetWriter", "ResultsScan", "PartInfo", "part_name", "is_dataset", "INDEX", "merge_moments"]
 
@@ -293,6 +294,10 @@ class ResultsScan:
     a method asks for rows, and each method reads one part at a time.
     """
 
+    #: what :meth:`to_results` makes: :class:`probekit.results.Results`, set by that module when it is
+    #: imported (it imports this one, never the reverse: importing this module imports the package first)
+    results_type: Callable[..., Any]
+
     def __init__(self, path: str | Path, *, models: list[str] | None = None, metrics: list[str] | None = None,
                  layers: list[int] | None = None):
         path = Path(path)
@@ -305,8 +310,6 @@ class ResultsScan:
         self._single = not path.is_dir()
         if self._single:
             import pyarrow.parquet as pq
-
-            from probekit.results import _META_KEY
 
             md = pq.read_schema(path).metadata or {}
             self.meta = json.loads(md.get(_META_KEY, b"{}"))
@@ -367,8 +370,6 @@ class ResultsScan:
     def columns(self) -> list[str]:
         """The table's column names (:data:`probekit.results.COLUMNS`, then extras), from one part's schema."""
         import pyarrow.parquet as pq
-
-        from probekit.results import COLUMNS
 
         if self._single:
             names = pq.read_schema(self.path).names
@@ -433,19 +434,15 @@ class ResultsScan:
 
     def to_results(self) -> Any:
         """Materialise the filtered rows as :class:`~probekit.results.Results` (every row in memory)."""
-        from probekit.results import COLUMNS, Results
-
         if self._single or not self.parts():
             tbl = self._arrow() if self._single else None
             df = tbl.to_pandas() if tbl is not None else pd.DataFrame(columns=COLUMNS)
         else:
             df = self._arrow().to_pandas()
-        return Results(df, meta=dict(self.meta))
+        return self.results_type(df, meta=dict(self.meta))
 
     def summary(self, by: tuple[str, ...] = ("model", "metric", "layer", "head")) -> pd.DataFrame:
         """:func:`probekit.results.summarize` of the filtered rows, from per-part moments merged."""
-        from probekit.results import _t95
-
         by = tuple(by)
         pieces = []
         for model, metric, t in self.iter_parts(["image", "layer", "head", "value", *self._extras(by)]):
