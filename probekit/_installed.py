@@ -33,8 +33,9 @@ def class_constants(target: str, names: tuple[str, ...], base: str = "",
                     defaults: dict | None = None) -> dict[str, str] | None:
     """``{name: value}`` for the string literals ``names`` in the class ``"module:Class"`` names.
 
-    A name the class body does not set takes ``defaults[name]`` when the class derives from
-    ``base`` alone (the contract class, whose defaults the caller knows).
+    A name the class body does not set is looked for in its base when that is a class of the same
+    module (one base, up the chain), and takes ``defaults[name]`` once the chain reaches a class
+    that derives from ``base`` alone (the contract class, whose defaults the caller knows).
 
     Returns None when the module cannot be read or any of ``names`` is neither a literal of the
     class body nor a default of a direct subclass of ``base`` (then the caller imports the class).
@@ -46,22 +47,26 @@ def class_constants(target: str, names: tuple[str, ...], base: str = "",
     tree = _tree(module)
     if tree is None or not qual or "." in qual:
         return None
-    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == qual), None)
-    if cls is None:
-        return None
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
     found: dict[str, str] = {}
-    for node in cls.body:
-        targets = (node.targets if isinstance(node, ast.Assign)
-                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
-        value = getattr(node, "value", None)
-        for t in targets:
-            if (isinstance(t, ast.Name) and t.id in names
-                    and isinstance(value, ast.Constant) and isinstance(value.value, str)):
-                found[t.id] = value.value
-    bases = [b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", None) for b in cls.bases]
-    if base and bases == [base]:
-        found = {**{k: v for k, v in (defaults or {}).items() if k in names}, **found}
-    return found if all(n in found for n in names) else None
+    seen: set[str] = set()
+    while qual in classes and qual not in seen:  # the class, then its base while that is a class of the module
+        seen.add(qual)
+        cls = classes[qual]
+        for node in cls.body:
+            targets = (node.targets if isinstance(node, ast.Assign)
+                       else [node.target] if isinstance(node, ast.AnnAssign) else [])
+            value = getattr(node, "value", None)
+            for t in targets:
+                if (isinstance(t, ast.Name) and t.id in names and t.id not in found
+                        and isinstance(value, ast.Constant) and isinstance(value.value, str)):
+                    found[t.id] = value.value
+        bases = [b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", None) for b in cls.bases]
+        if base and bases == [base]:
+            found = {**{k: v for k, v in (defaults or {}).items() if k in names}, **found}
+            break
+        qual = bases[0] if len(bases) == 1 and bases[0] else ""
+    return found if seen and all(n in found for n in names) else None
 
 
 def library_versions() -> dict[str, str]:
