@@ -26,6 +26,15 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Every figure a test drew is closed after it: pyplot keeps figures until closed, and past 20
+    open ones it warns (an error here: the warning is attributed to probekit's plotting code)."""
+    yield
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")
+
+
 # -- helper files of tests/ ---------------------------------------------------------------------
 # Under --import-mode=importlib test files cannot import each other and tests/ is not on sys.path,
 # so the helper files are imported here, once, under fixed names that test files then import
