@@ -64,6 +64,26 @@ def toy_backend():
     pk.adapters.unregister("toy")
 
 
+@pytest.fixture
+def loads(monkeypatch, toy_backend):
+    """Count (and optionally sabotage) model loads: wraps probekit.models.load."""
+    import probekit.models
+
+    real = probekit.models.load
+    calls: list[str] = []
+    state = {"interrupt_at": None}
+
+    def counting(name, **kw):
+        calls.append(kw.get("label", name))
+        if state["interrupt_at"] is not None and len(calls) == state["interrupt_at"]:
+            raise KeyboardInterrupt
+        return real(name, **kw)
+
+    monkeypatch.setattr(probekit.models, "load", counting)
+    counting.calls, counting.state = calls, state
+    return counting
+
+
 # the smallest run file: tests give the keys they care about over it (their own base dict first)
 RUN_FILE = {"models": ["toy:vit"], "images": {"path": "sample", "count": 2}, "metrics": ["mad"], "figures": []}
 

@@ -34,24 +34,6 @@ RUN = {"name": "tiny", "models": [TOY_A, TOY_B], "images": {"path": "sample", "c
        "metrics": ["mad", {"name": "mad", "options": {"units": "patch"}}], "batch_size": 3, "figures": ["depth"]}
 
 
-@pytest.fixture
-def loads(monkeypatch, toy_backend):
-    """Count (and optionally sabotage) model loads: wraps probekit.models.load."""
-    real = probekit.models.load
-    calls: list[str] = []
-    state = {"interrupt_at": None}
-
-    def counting(name, **kw):
-        calls.append(kw.get("label", name))
-        if state["interrupt_at"] is not None and len(calls) == state["interrupt_at"]:
-            raise KeyboardInterrupt
-        return real(name, **kw)
-
-    monkeypatch.setattr(probekit.models, "load", counting)
-    counting.calls, counting.state = calls, state
-    return counting
-
-
 def test_compare_writes_every_output_with_probe_numbers(tmp_path, loads, run_file):
     cmp = compare(run_file(RUN), out=tmp_path / "out")
     d = cmp.run_dir

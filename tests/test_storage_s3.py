@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-import probekit.models
 from probekit._io.storage import LocalStorage, S3Storage, storage_for
 from probekit.api import compare
 from probekit.errors import ConfigError, RunDirBusyError, RunDirError
@@ -199,23 +197,6 @@ def test_lease_renews_while_held(storage):
 
 
 # -- a run directory in S3 ------------------------------------------------------------------------
-@pytest.fixture
-def loads(monkeypatch, toy_backend):
-    real = probekit.models.load
-    calls: list[str] = []
-    state = {"interrupt_at": None}
-
-    def counting(name, **kw):
-        calls.append(kw.get("label", name))
-        if state["interrupt_at"] is not None and len(calls) == state["interrupt_at"]:
-            raise KeyboardInterrupt
-        return real(name, **kw)
-
-    monkeypatch.setattr(probekit.models, "load", counting)
-    counting.calls, counting.state = calls, state
-    return counting
-
-
 @pytest.mark.slow
 def test_s3_run_writes_resumes_reads_back_and_reports(tmp_path, s3, loads, run_file):
     path = run_file(RUN)
