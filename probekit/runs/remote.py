@@ -233,24 +233,17 @@ class RemoteRunDir(RunDir):
         vars(out)["_rows_folder"] = self._folder
         return out
 
-    def own(self, names: list[str]) -> None:
-        new = [n for n in names if n not in self.owned]
-        for n in new:
-            if self.store.exists(n):
-                raise RunDirError(f"{self.store.uri(n)} was not written by probekit: move it out of {self.where} "
-                                  "(a run never replaces a file it did not write), or choose another --out.")
-        if new:
-            self.owned.update(new)
-            if self.record is not None:
-                self.record.owned = sorted(self.owned)
-                self.write_record(self.record)
+    def _exists(self, name: str) -> bool:
+        return self.store.exists(name)
+
+    def _address(self, name: str) -> str:
+        return self.store.uri(name)
 
     def remove(self, name: str) -> None:
         if name in self.owned:
-            (self.path / name).unlink(missing_ok=True)
             self.store.delete(name)
             self._sent.pop(name, None)
-            self.owned.discard(name)
+        super().remove(name)  # the working folder's copy, and the owned list
 
     def _upload(self) -> None:
         """Upload what this run wrote into the working folder since the last upload (outputs, figures,

@@ -304,14 +304,22 @@ class RunDir:
         """
         new = [n for n in names if n not in self.owned]
         for n in new:
-            if os.path.lexists(self.path / n):
-                raise RunDirError(f"{self.path / n} was not written by probekit: move it out of {self.path} "
+            if self._exists(n):
+                raise RunDirError(f"{self._address(n)} was not written by probekit: move it out of {self.where} "
                                   "(a run never replaces a file it did not write), or choose another --out.")
         if new:
             self.owned.update(new)
             if self.record is not None:
                 self.record.owned = sorted(self.owned)
                 self.write_record(self.record)
+
+    def _exists(self, name: str) -> bool:
+        """Whether the directory holds ``name`` (a file, a folder or a link)."""
+        return os.path.lexists(self.path / name)
+
+    def _address(self, name: str) -> str:
+        """``name`` as users know it, in messages."""
+        return str(self.path / name)
 
     def remove(self, name: str) -> None:
         """Remove an output of an earlier run (only a file a probekit run wrote)."""
