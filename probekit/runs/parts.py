@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -208,6 +208,11 @@ class PartStore:
 
     def write(self, key: str, res: Results) -> None:
         """Write a part: its files first, the seal with their checksums last (the seal marks it done)."""
+        self._sealed(key, res, res.to_parquet)
+
+    def _sealed(self, key: str, res: Results, write_rows: Callable[[Path], Any]) -> None:
+        """A part's files written, seal first removed and written last: ``res``'s arrays, then its rows
+        by ``write_rows(path)`` (the part's Parquet file), then the seal with both files' checksums."""
         pq, npz, seal = self._files(key)
         self.folder.mkdir(parents=True, exist_ok=True)
         seal.unlink(missing_ok=True)
@@ -217,7 +222,7 @@ class PartStore:
             sums[npz.name] = file_digest(npz)
         else:
             npz.unlink(missing_ok=True)
-        res.to_parquet(pq)
+        write_rows(pq)
         sums[pq.name] = file_digest(pq)
         write_text_atomic(seal, json.dumps({"format": _PART_FORMAT, "files": sums}))
 
@@ -232,25 +237,18 @@ class PartStore:
         import pyarrow as pa
         import pyarrow.parquet as pq_
 
-        pq, npz, seal = self._files(key)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        seal.unlink(missing_ok=True)
-        sums = {}
-        if res.arrays:
-            res.save_arrays(npz)
-            sums[npz.name] = file_digest(npz)
-        else:
-            npz.unlink(missing_ok=True)
         files = [pq_.ParquetFile(p) for p in paths]
         full = [f for f in files if f.metadata.num_rows] or files[:1]  # (a shard of unreadable images has none)
         first = full[0].schema_arrow
         schema = first.with_metadata({**(first.metadata or {}), _META_KEY: json.dumps(res.meta, default=str).encode()})
-        with atomic_path(pq) as tmp, pq_.ParquetWriter(tmp, schema) as out:
-            for f in full:
-                for b in f.iter_batches(batch_size=1 << 16):
-                    out.write_table(pa.Table.from_batches([b]).cast(schema))
-        sums[pq.name] = file_digest(pq)
-        write_text_atomic(seal, json.dumps({"format": _PART_FORMAT, "files": sums}))
+
+        def rows(pq: Path) -> None:
+            with atomic_path(pq) as tmp, pq_.ParquetWriter(tmp, schema) as out:
+                for f in full:
+                    for b in f.iter_batches(batch_size=1 << 16):
+                        out.write_table(pa.Table.from_batches([b]).cast(schema))
+
+        self._sealed(key, res, rows)
 
     def discard(self, key: str) -> None:
         """Remove a part (seal first, so a half-removed part is never served)."""
