@@ -14,8 +14,8 @@ that contrasts need are read one part at a time. A single-file ``results.parquet
 this layout reads through the same scan.
 
 File I/O goes through the few functions at the top of this module (``_write_parquet``,
-``_write_json``, ``_read_json``, ``_exists``, ``_remove``), so that another storage layer can
-take their place.
+``_write_batches``, ``_write_json``, ``_read_json``, ``_exists``), so that another storage layer can
+take their place (a part a run no longer lists is removed by the run directory, which owns it).
 """
 
 from __future__ import annotations
@@ -76,10 +76,6 @@ def _read_json(path: Path) -> Any:
 
 def _exists(path: Path) -> bool:
     return os.path.lexists(path)
-
-
-def _remove(path: Path) -> None:
-    Path(path).unlink(missing_ok=True)
 
 
 # -- names -----------------------------------------------------------------------------------------
