@@ -368,9 +368,10 @@ def run_ray(run: CheckedRun, store: PartStore, record: RunRecord, rep: Reporter)
     shards = [(lo, min(lo + res["shard_size"], n)) for lo in range(0, n, res["shard_size"])]
     jobs = _plan(run, store, fp, shards)
     labels = None if run.images.labels is None else dict(zip(run.images.names, run.images.labels, strict=True))
+    rows_dir = _rows_dir(store)  # planned once, as the resources are
     for job in jobs:
         job.labels = labels
-        if _rows_dir(store) is not None:  # chunk rows an interrupted run's replicas left: their shards are redone
+        if rows_dir is not None:  # chunk rows an interrupted run's replicas left: their shards are redone
             for s in job.todo:
                 for key in job.shard_keys[s].values():
                     for f in store.folder.glob(f"{key}.chunk*.rows.parquet"):
@@ -401,7 +402,6 @@ def run_ray(run: CheckedRun, store: PartStore, record: RunRecord, rep: Reporter)
                 continue
             chunks = _chunks(shards, job.todo, cfg.batch_size)
             job.pending = {s: [c for c, cs, _, _ in chunks if cs == s] for s in job.todo}
-            rows_dir = _rows_dir(store)
             if rows_dir is not None:
                 store.folder.mkdir(parents=True, exist_ok=True)
             ds = _dataset(ray, run, job, chunks, res, transform, rows_dir)
@@ -491,8 +491,7 @@ def _shard_if_done(run: CheckedRun, job: _Job, store: PartStore, shards: list[tu
             continue
         payloads = [job.chunks[c] for c in ids]
         lo, hi = shards[s]
-        folder = Path(_rows_dir(store) or store.folder)
-        parts = _shard_results(run, job, lo, hi, ids, folder)
+        parts = _shard_results(run, job, lo, hi, ids, store.folder)  # (where replicas write their rows, if they do)
         for label, part in parts.items():
             rows_from = vars(part).pop("rows_from", None)
             if rows_from:  # a replica wrote the rows: sealed from its files, streamed, then the files go
