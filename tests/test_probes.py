@@ -207,6 +207,7 @@ def test_ray_stages_give_the_probes_labels_and_rows_from_the_merged_state(class_
     from probekit.runs.config import as_config, check_run
     from probekit.runs.engines import ray as engine
     from probekit.runs.engines.stages import ProbeReplica, decode_chunk
+    from probekit.runs.shards import whole_part
 
     metrics = [{"name": "knn", "options": {"folds": 2, "k": 3}}, {"name": "clusters", "options": {"n_init": 2}}, "mad"]
     run = check_run(as_config(run_file(models=["toy:vit"], images={"kind": "classes", "path": str(class_tree)},
@@ -229,7 +230,7 @@ def test_ray_stages_give_the_probes_labels_and_rows_from_the_merged_state(class_
     record = SimpleNamespace(images=SimpleNamespace(names=run.images.names, fingerprint="f"))
     cols = ["image", "layer", "head", "metric", "label", "value"]
     for m in run.metrics:
-        whole = engine._whole(run, job, m, shards, record)
+        whole = whole_part(run, "toy", [job.have[s][m.label] for s in range(len(shards))], m, record, "ray", [])
         ref = local.table[local.table["metric"].astype(str) == m.label]
         assert len(whole.table) == len(ref) and (len(ref) == 0) == (m.name == "clusters")
         if not len(ref):

@@ -42,6 +42,7 @@ from probekit.runs.record import (
 from probekit.runs.reporter import Reporter
 from probekit.runs.rundir import RunDir, write_outputs
 from probekit.runs.rundirs import load_run_dir, open_run_dir
+from probekit.runs.shards import ShardPlan, plan_shards, probe_shards, read_sealed, seal_whole, whole_part
 
 if TYPE_CHECKING:
     from probekit.inputs.images import ImageSet
@@ -149,9 +150,12 @@ def _release_accelerator() -> None:
 
 
 def probe_missing(run: CheckedRun, entry: ModelEntry, mrec: ModelRecord, missing: list, rep: Reporter,
-                  explore: ExplorerJob | None = None) -> Results | None:
+                  explore: ExplorerJob | None = None, shards: ShardPlan | None = None,
+                  store: PartStore | None = None) -> Results | None:
     """Load one model and probe the metrics it has no part for; returns their Results (None when
-    none is missing), and records in ``mrec`` what loading and probing took.
+    none is missing, or when ``shards`` are given: each shard's parts are then sealed in ``store`` as
+    soon as it is probed, :func:`probekit.runs.shards.probe_shards`), and records in ``mrec`` what
+    loading and probing took.
 
     ``explore``, when given, records the report's explorer arrays in the probing pass (an observer of
     the same forward passes), or captures them with a pass of their own when no metric is missing.
@@ -172,14 +176,23 @@ def probe_missing(run: CheckedRun, entry: ModelEntry, mrec: ModelRecord, missing
             torch.manual_seed(cfg.seed)
             pm = _models.load(entry.model, label=entry.name, device=cfg.device, **mrec.options)
         t_load = time.perf_counter() - t0
+        mrec.parameters, mrec.weights = pm.adapter.parameters_count(), _weights_id(pm)
         stage = "run"
-        recorder = explore.recorder(pm, run.images) if explore is not None and missing else None
-        res = probe(
-            pm, run.images, [type(m)(**m.options()) for m in missing],
-            batch_size=cfg.batch_size, dtype=cfg.dtype, num_workers=cfg.workers, strict=cfg.strict,
-            label=entry.name, progress=lambda done, total: rep.images_done(entry.name, done, total),
-            observer=recorder,
-        ) if missing else None
+        probing = bool(missing) and (shards is None or bool(shards.todo))
+        recorder = explore.recorder(pm, run.images) if explore is not None and probing else None
+        options: dict[str, Any] = dict(batch_size=cfg.batch_size, dtype=cfg.dtype, num_workers=cfg.workers,
+                                       strict=cfg.strict)
+        res = None
+        if shards is not None and probing:  # a set larger than a shard: each shard sealed as it is done
+            assert store is not None  # noqa: S101  (given with shards)
+            probe_shards(pm, run, entry.name, missing, shards, store,
+                         dict(parameters=mrec.parameters, weights=mrec.weights, load_s=t_load),
+                         progress=lambda done, total: rep.images_done(entry.name, done, total), observer=recorder,
+                         **options)
+        elif missing and shards is None:
+            res = probe(pm, run.images, [type(m)(**m.options()) for m in missing], label=entry.name,
+                        progress=lambda done, total: rep.images_done(entry.name, done, total), observer=recorder,
+                        **options)
         recorded_s = recorder.seconds if recorder is not None else 0.0  # the explorer's share of the pass
         probe_s = time.perf_counter() - t0 - t_load - recorded_s
         explorer_s = None
@@ -188,7 +201,6 @@ def probe_missing(run: CheckedRun, entry: ModelEntry, mrec: ModelRecord, missing
             explore.finish(pm, recorder)
             explorer_s = time.perf_counter() - t1 + recorded_s
         mrec.load_s, mrec.probe_s, mrec.explorer_s = t_load, probe_s, explorer_s
-        mrec.parameters, mrec.weights = pm.adapter.parameters_count(), _weights_id(pm)
         del pm
         _release_accelerator()
         return res
@@ -250,18 +262,29 @@ def _model_parts(run: CheckedRun, i: int, store: PartStore, record: RunRecord, r
     if not engine_info:  # (another engine reported this model's progress itself)
         rep.model_started(label, len(run.images), cached=not missing)
     t0 = time.perf_counter()
-    if missing or explore is not None:
+    # a set larger than a shard is probed shard by shard (engine_info: another engine computed the model)
+    shards = plan_shards(run, i, store, record.images.fingerprint, missing) if missing and not engine_info else None
+    if explore is not None or (missing and (shards is None or shards.todo)):  # the model is needed
         try:
-            res = probe_missing(run, entry, mrec, missing, rep, explore)
+            res = probe_missing(run, entry, mrec, missing, rep, explore, shards, store)
         except Exception as exc:
             record_failure(record, mrec, spec, exc, rep)
             return [], False
-        for m in missing:
+        for m in missing if shards is None else ():
             assert res is not None  # (probed: a metric was missing)
             have[m.label] = only_metric(res, m.label)
             # what loading the model told, kept with the part: a cached rerun still shows it
             have[m.label].meta.update(parameters=mrec.parameters, weights=mrec.weights, load_s=mrec.load_s)
             store.write(keys[m.label], have[m.label])
+    if shards is not None:  # every shard sealed: the whole-set parts, their rows streamed from the shards' files
+        for m in missing:
+            parts = [shards.have[s][m.label] for s in range(len(shards.bounds))]
+            seal_whole(store, keys[m.label], whole_part(run, label, parts, m, record, "local",
+                                                        [k[m.label] for k in shards.keys]))
+            have[m.label] = read_sealed(store, keys[m.label])
+        for k in shards.keys:
+            for key in k.values():
+                store.discard(key)
     out = [_as_this_runs(have[m.label], m.label, mrec, record) for m in run.metrics]  # run-file order
     if not engine_info:
         rep.model_finished(label, time.perf_counter() - t0, cached=not missing)

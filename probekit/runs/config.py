@@ -143,13 +143,15 @@ class ImagesEntry(_Strict):
 
 
 class Resources(_Strict):
-    """What the Ray engine asks of the cluster (``resources:`` in a run file; ignored by the local engine)."""
+    """What the Ray engine asks of the cluster (``resources:`` in a run file). The local engine reads
+    ``shard_size`` alone: a larger set is probed and cached shard by shard (probekit.runs.shards)."""
 
     gpus: float | None = Field(default=None, ge=0)  # per model replica; None: 1 when the cluster has GPUs
     cpus: float | None = Field(default=None, ge=0)  # per model replica; None: a share (at most 1) that fits every node
     decode_cpus: float | None = Field(default=None, gt=0)  # per decoding task; None: as cpus
     replicas: int | None = Field(default=None, gt=0)  # per model; None: one per GPU (GPUs / models), else 1
-    shard_size: int | None = Field(default=None, gt=0)  # images per cached shard; None: 16 batches
+    # images per cached shard, in whole batches; None: 16 batches on Ray, 2048 images on the local engine
+    shard_size: int | None = Field(default=None, gt=0)
     # seconds without a finished chunk before the run fails (resumable); None: 300 s, or 10x the
     # longest wait between chunks seen when longer (probekit.runs.engines.stall)
     stall_s: float | None = Field(default=None, gt=0)

@@ -30,16 +30,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from probekit.engine.probe import _to_table, build_metrics
-from probekit.errors import ConfigError, MissingDependencyError, RunDirError
+from probekit.engine.probe import build_metrics
+from probekit.errors import MissingDependencyError, RunDirError
 from probekit.inputs.view import join_arrays, metric_arrays
-from probekit.metric.state import state_from_json, state_to_json
+from probekit.metric.state import state_to_json
 from probekit.results import Results
 from probekit.runs.engines.stages import ProbeReplica, decode_chunk
 from probekit.runs.engines.stall import RunStalledError, StallWatch, next_or_stall
 from probekit.runs.interrupt import sigterm_as_interrupt
 from probekit.runs.parts import PartStore
 from probekit.runs.record import EngineInfo, EngineModel, RunRecord, ShardRecord, failed_at, record_failure
+from probekit.runs.shards import bounds, cached_shards, seal_whole, shard_keys, shard_size, whole_part
 
 if TYPE_CHECKING:
     from probekit.runs.config import CheckedRun
@@ -86,13 +87,8 @@ def _plan(run: CheckedRun, store: PartStore, fp: str, shards: list[tuple[int, in
         missing = [m for m in run.metrics if store.read_lazy(whole[m.label]) is None]  # (rows not read)
         if not missing:
             continue
-        skeys = [model_keys(run, i, f"{fp}#{lo}:{hi}") for lo, hi in shards]
-        have: dict[int, dict[str, Results]] = {}
-        for s, keys in enumerate(skeys):
-            parts = {m.label: store.read_lazy(keys[m.label]) for m in missing}  # rows stay in the files
-            read = {label: p for label, p in parts.items() if p is not None and _states(p) is not None}
-            if len(read) == len(parts):
-                have[s] = read
+        skeys = shard_keys(run, i, fp, shards)
+        have = cached_shards(store, skeys, missing)  # rows stay in the files
         todo = [s for s in range(len(shards)) if s not in have]
         jobs.append(_Job(i, entry.name, missing, whole, skeys, have, todo))
     return jobs
@@ -125,8 +121,7 @@ def _resources(ray, cfg) -> dict[str, Any]:
     replicas = r.replicas or (max(1, int(cluster.get("GPU", 0) // max(gpus, 1e-9) // models)) if gpus else 1)
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     share = _cpu_share(nodes or [cluster], models * replicas, gpus)
-    shard = r.shard_size or 16 * cfg.batch_size
-    shard = -(-shard // cfg.batch_size) * cfg.batch_size  # whole batches: chunks never straddle shards
+    shard = shard_size(r, cfg.batch_size, 16 * cfg.batch_size)  # whole batches: chunks never straddle shards
     cpus = r.cpus if r.cpus is not None else share
     return {"gpus": gpus, "cpus": cpus, "decode_cpus": r.decode_cpus or share, "replicas": replicas,
             "shard_size": shard, "stall_s": r.stall_s,
@@ -287,73 +282,6 @@ def _checked(folder: Path | None, f: dict, pid: int) -> Path:
     return path
 
 
-def _states(part: Results) -> list[dict] | None:
-    """The metric states a shard part stores (a list of state_dicts as plain JSON), or None when
-    they are anything else (a planted or older part: the shard is then computed again). Nothing
-    read here can run code: see :func:`~probekit.metric.state.state_from_json`."""
-    try:
-        states = state_from_json(part.meta.get("state", []))
-    except ConfigError:
-        return None
-    ok = isinstance(states, list) and all(isinstance(st, dict) and isinstance(st.get("state"), dict) for st in states)
-    return states if ok else None
-
-
-def _whole(run: CheckedRun, job: _Job, m: Any, shards: list[tuple[int, int]], record: RunRecord) -> Results:
-    """A model's whole-set part for metric ``m`` from its shard parts, as the local engine writes it."""
-    parts = [job.have[s][m.label] for s in range(len(shards))]
-    files = [p.source.path for p in parts if p.source is not None and p.source._single]
-    joined = len(files) == len(parts)  # shard rows still in their files: _finish streams them into the part
-    table = pd.DataFrame(columns=["model", "image", "layer", "head", "metric", "value"]) if joined else \
-        pd.concat([p.table for p in parts], ignore_index=True)
-    pieces: dict[str, list[np.ndarray]] = {}
-    for p in parts:
-        for k, v in p.arrays.items():
-            pieces.setdefault(k, []).append(v)
-    arrays = {k: join_arrays(k, v) for k, v in pieces.items()}  # input views: the first images only
-    merged = build_metrics([(m.name, m.options())])[0]
-    for p in parts:
-        for st in _states(p) or []:  # (_plan admitted only parts whose state reads)
-            merged.merge(st)  # the metric state contract: options are checked on merge
-    seen = (_images_in(files) if joined else set(table["image"].astype(str)) if len(table) else set()) or \
-        set(record.images.names)  # (no rows at all, a map metric's: no image is missing)
-    if merged.whole_set:  # rows that compare images (k-NN): made here, from the state merged in image order
-        names = [n for p in parts for n in p.meta.get("names", [])]
-        table, made = _to_table(job.label, names, [merged])
-        joined = False
-        arrays.update(made)
-        if job.labels is not None and len(table):
-            table["label"] = [job.labels[n] for n in table["image"].astype(str)]
-        seen = set(names)
-    else:
-        whole = merged.dataset_result()
-        if whole is not None:
-            arrays[f"{job.label}/{m.label}"] = whole
-    meta = {k: v for k, v in parts[0].meta.items() if k not in ("state", "shard", "names")}
-    skipped = sorted(set(record.images.names) - seen)
-    meta["images"] = {"count": len(run.images) - len(skipped), "fingerprint": record.images.fingerprint,
-                      "skipped": run.images.skipped + [(n, "cannot be decoded") for n in skipped]}
-    meta["seconds"] = sum(p.meta.get("seconds") or 0.0 for p in parts)
-    meta["batch_size"] = run.config.batch_size
-    meta["engine"] = "ray"
-    out = Results(table, arrays, meta)
-    if joined:  # (read by _finish: the shard parts whose rows it copies)
-        vars(out)["joined_from"] = [job.shard_keys[s][m.label] for s in range(len(shards))]
-    return out
-
-
-def _images_in(files: list) -> set[str]:
-    """The image names in part files' rows (one column read per file)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    seen: set[str] = set()
-    for f in files:
-        col = pq.read_table(f, columns=["image"])["image"]
-        seen.update(str(x) for x in pc.unique(col).to_pylist())
-    return seen
-
-
 def run_ray(run: CheckedRun, store: PartStore, record: RunRecord, rep: Reporter) -> dict[str, EngineModel]:
     """Compute every model's missing parts on Ray; returns what was recorded per model label."""
     ray = _ray()
@@ -365,7 +293,7 @@ def run_ray(run: CheckedRun, store: PartStore, record: RunRecord, rep: Reporter)
     sigterm.enter_context(sigterm_as_interrupt(replace=True))
     res = _resources(ray, cfg)
     n, fp = len(run.images), record.images.fingerprint
-    shards = [(lo, min(lo + res["shard_size"], n)) for lo in range(0, n, res["shard_size"])]
+    shards = bounds(n, res["shard_size"])
     jobs = _plan(run, store, fp, shards)
     labels = None if run.images.labels is None else dict(zip(run.images.names, run.images.labels, strict=True))
     rows_dir = _rows_dir(store)  # planned once, as the resources are
@@ -520,11 +448,9 @@ def _finish(run: CheckedRun, job: _Job, store: PartStore, shards: list[tuple[int
     if job.pending:  # the stream ended early (stopped): leave the shards for the next run
         return
     for m in job.missing:
-        whole = _whole(run, job, m, shards, record)
-        if vars(whole).get("joined_from"):  # rows copied from the shard files, never all in memory
-            store.write_joined(job.whole_keys[m.label], vars(whole)["joined_from"], whole)
-        else:
-            store.write(job.whole_keys[m.label], whole)
+        parts = [job.have[s][m.label] for s in range(len(shards))]
+        whole = whole_part(run, job.label, parts, m, record, "ray", [k[m.label] for k in job.shard_keys])
+        seal_whole(store, job.whole_keys[m.label], whole)  # rows copied from the shard files, never all in memory
     for keys in job.shard_keys:
         for key in keys.values():
             store.discard(key)
