@@ -185,3 +185,28 @@ def test_joined_parts_and_cached_parts_are_streamed_into_files_equal_to_the_in_m
     w.commit()
     back = Results.read_parquet(tmp_path / "results.parquet").table
     pd.testing.assert_frame_equal(back, Results(one.assign(model="renamed")).table, check_exact=True)
+
+
+def test_a_large_part_is_copied_into_parts_of_bounded_rows_that_read_as_the_whole(tmp_path):
+    """write_file splits a model's rows for a metric into parts of about ``part_rows`` (at batch
+    boundaries), so a summary or a contrast never reads more than that at once; an image's heads may
+    then span two parts, and per-image means still equal the in-memory ones."""
+    from probekit.runs.parts import PartStore
+
+    table = _table(seed=7, images=9)
+    one = table[table["model"] == "vit/b 16"].reset_index(drop=True)  # both metrics, as a cached part holds them
+    PartStore(tmp_path / "parts").write("whole", Results(one, meta={"model": "vit/b 16"}))
+    w = DatasetWriter(tmp_path / "results.parquet")
+    infos = w.write_file(tmp_path / "parts" / "whole.parquet", "vit/b 16", batch_rows=5, part_rows=12)
+    w.commit()
+    mad_rows = int((one["metric"] == "mad").sum())  # 9 images x 3 layers x 2 heads = 54: 15 + 15 + 15 + 9
+    assert [(p.metric, p.rows) for p in infos if p.metric == "mad"] == [("mad", 15)] * 3 + [("mad", 9)]
+    assert infos[1].path == "model=vit%2Fb%2016/metric=mad/part-00000-00001.parquet" and sum(
+        p.rows for p in infos if p.metric == "mad") == mad_rows
+    scan = Results.scan(tmp_path / "results.parquet")
+    pd.testing.assert_frame_equal(_canon(scan.to_results().table), _canon(one))
+    for metric in ("mad", "entropy"):  # 15-row parts cut images' 6 rows of mad apart
+        pd.testing.assert_series_equal(scan.per_image_layer(metric), per_image_layer(one, metric),
+                                       check_names=False, rtol=1e-15, atol=0)
+    pd.testing.assert_frame_equal(scan.summary().astype({"model": str, "metric": str}),
+                                  summarize(one).astype({"model": str, "metric": str}), rtol=1e-12, atol=1e-12)

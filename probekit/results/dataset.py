@@ -20,6 +20,7 @@ take their place (a part a run no longer lists is removed by the run directory, 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import urllib.parse
@@ -38,6 +39,9 @@ __all__ = ["DatasetWriter", "ResultsScan", "PartInfo", "part_name", "is_dataset"
 
 INDEX = "_probekit.json"  # the dataset's index: its parts in order, and the results' provenance
 _FORMAT = 1
+#: rows per part file at most (about): a model's rows for a metric are split into parts of this size, so
+#: what reads a dataset part by part (summaries, contrasts) never holds more than this many rows at once
+PART_ROWS = 1 << 20
 _KEYS = ("model", "metric")
 
 
@@ -51,9 +55,10 @@ def _write_parquet(table: Any, path: Path) -> None:
         pq.write_table(table, tmp)
 
 
-def _write_batches(batches: Iterator[Any], schema: Any, path: Path) -> int:
+def _write_batches(batches: Iterator[Any], schema: Any, path: Path, max_rows: int | None = None) -> int:
     """Write pyarrow record batches to one Parquet file at ``path`` atomically, one batch in memory
-    at a time; returns the number of rows."""
+    at a time; returns the number of rows. With ``max_rows``, it stops after the batch that reaches
+    it, leaving the rest in ``batches``."""
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +67,8 @@ def _write_batches(batches: Iterator[Any], schema: Any, path: Path) -> int:
         for batch in batches:
             out.write_batch(batch)
             rows += batch.num_rows
+            if max_rows is not None and rows >= max_rows:
+                break
     return rows
 
 
@@ -161,10 +168,11 @@ class DatasetWriter:
         return info
 
     def write_file(self, source: str | Path, model: str, shard: int | str = 0, batch_rows: int = 1 << 16,
-                   columns: dict[str, Any] | None = None) -> list[PartInfo]:
+                   columns: dict[str, Any] | None = None, part_rows: int = PART_ROWS) -> list[PartInfo]:
         """Copy the rows of a long-table Parquet file (a cached part, :meth:`probekit.results.Results.to_parquet`)
-        into a part per metric, under ``model`` (whatever the file's model column says), reading
-        ``batch_rows`` rows at a time: the rows never all sit in memory."""
+        into parts per metric of at most about ``part_rows`` rows each (``part-<shard>``, then
+        ``part-<shard>-00001``, ...), under ``model`` (whatever the file's model column says), reading
+        ``batch_rows`` rows at a time: the rows never all sit in memory, nor does a part when read."""
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
@@ -174,8 +182,8 @@ class DatasetWriter:
         metrics = list(dict.fromkeys(str(x) for x in pc.unique(pq.read_table(source, columns=["metric"])["metric"])
                                      .cast("string").to_pylist()))
         out = []
+        schema = _arrow_rows(pa_table(next(pf.iter_batches(batch_size=1)))).schema
         for metric in metrics:
-            info = PartInfo(part_name(model, metric, shard), str(model), metric, 0)
 
             def batches(metric: str = metric) -> Iterator[Any]:
                 for b in pf.iter_batches(batch_size=batch_rows):
@@ -183,13 +191,17 @@ class DatasetWriter:
                     if rows.num_rows:
                         yield from rows.to_batches()
 
-            schema = _arrow_rows(pa_table(next(pf.iter_batches(batch_size=1)))).schema
-            if self.own is not None:
-                self.own(info.path)
-            n = _write_batches(batches(), schema, self.root / info.path)
-            info = PartInfo(info.path, info.model, metric, n)
-            self.add(info)
-            out.append(info)
+            left, k = batches(), 0
+            while (head := next(left, None)) is not None:
+                tail = shard if not k else f"{shard:05d}-{k:05d}" if isinstance(shard, int) else f"{shard}-{k:05d}"
+                info = PartInfo(part_name(model, metric, tail), str(model), metric, 0)
+                if self.own is not None:
+                    self.own(info.path)
+                n = _write_batches(itertools.chain([head], left), schema, self.root / info.path, part_rows)
+                info = PartInfo(info.path, info.model, metric, n)
+                self.add(info)
+                out.append(info)
+                k += 1
         return out
 
     def write_results(self, table: pd.DataFrame, shard: int | str = 0) -> list[PartInfo]:
@@ -507,10 +519,14 @@ class ResultsScan:
         pieces = []
         for model, _, t in scan.iter_parts(["image", "layer", "head", "value"],
                                            where=(pc.field("head") >= 0) if heads else None):
-            s = t.groupby([t["image"].astype(str), "layer"], observed=True)["value"].mean()
-            pieces.append(pd.concat({model: s}, names=["model"]))
+            # sums and counts: a model's rows may span parts (one image's heads across two of them)
+            g = t.groupby([t["image"].astype(str), "layer"], observed=True)["value"].agg(["sum", "count"])
+            pieces.append(pd.concat({model: g}, names=["model"]))
         if not pieces:
             idx = pd.MultiIndex.from_arrays([[], [], []], names=["model", "image", "layer"])
             return pd.Series([], index=idx, dtype=np.float64, name="value")
-        out = pd.concat(pieces)
+        both = pd.concat(pieces)
+        if both.index.has_duplicates:
+            both = both.groupby(level=["model", "image", "layer"], sort=False).sum()
+        out = (both["sum"] / both["count"]).rename("value")
         return out.sort_index(level=["model", "image", "layer"], sort_remaining=False)
