@@ -40,14 +40,17 @@ from probekit.views.plots._common import (
     _grid,
     _layout,
     _palette,
+    _pick_metric,
     _reference,
+    _rows,
     _sns,
     _title,
     uniform_attention_value,
 )
+from probekit.views.plots.aggregates import has_heads, head_means, image_means, metric_models
 from probekit.views.plots.labels import label_profile
 from probekit.views.plots.maps import attention_maps
-from probekit.views.plots.overlay import _int_locator, _per_image_layer, _select, layer_overlay
+from probekit.views.plots.overlay import _int_locator, _per_image_layer, layer_overlay
 from probekit.views.plots.probes import is_probe, probe_accuracy
 
 __all__ = [
@@ -59,18 +62,27 @@ KINDS = ("depth", "overlay", "heatmap", "summary", "maps", "labels", "accuracy")
 
 
 # -- figures -----------------------------------------------------------------------------------
-def _per_head_rows(results, metric: str | None, models, figure: str) -> tuple[Results, str, pd.DataFrame, list]:
-    """As :func:`_select`, keeping per-head rows (head >= 0), and the models that have any.
+def _head_means(results, metric: str | None, models, figure: str) -> tuple[Results, str, pd.DataFrame, list]:
+    """The results, the metric to draw (default ``mad``), its mean over images per model x layer x head
+    (head >= 0; columns ``model``, ``layer``, ``head``, ``value``) and the models that have any; of
+    results on disk, read a model at a time (:func:`~probekit.views.plots.aggregates.head_means`).
 
     Raises:
         ConfigError: no per-head rows, so ``figure`` (e.g. "a heatmap") cannot be drawn.
     """
-    res, metric, t = _select(results, metric, models)
-    t = t[t["head"] >= 0]
-    names = list(dict.fromkeys(t["model"]))
+    res = _as_results(results)
+    metric = _pick_metric(res, metric)
+    if res.source is not None:
+        heads = head_means(res, metric, models)
+        names = list(dict.fromkeys(heads["model"]))  # in table order
+    else:
+        t = _rows(res, metric, models)
+        t = t[t["head"] >= 0]
+        names = list(dict.fromkeys(t["model"]))
+        heads = t.groupby(["model", "layer", "head"], observed=True)["value"].mean().reset_index()
     if not names:
         raise ConfigError(f"Metric {metric!r} has no per-head values to draw {figure} from.")
-    return res, metric, t, names
+    return res, metric, heads, names
 
 
 def depth_profile(results: Results | pd.DataFrame, metric: str | None = None, *, models=None, ax=None):
@@ -92,8 +104,7 @@ def depth_profile(results: Results | pd.DataFrame, metric: str | None = None, *,
     Returns:
         ``(fig, axes)``: one axes per model (a single axes when ``ax`` was given).
     """
-    res, metric, t, names = _per_head_rows(results, metric, models, "a depth profile")
-    heads = t.groupby(["model", "layer", "head"], observed=True)["value"].mean().reset_index()
+    res, metric, heads, names = _head_means(results, metric, models, "a depth profile")
     fig, axes = _grid(1 if ax is not None else len(names), ax)
     colours = _palette(res, names)
     head_colours = _head_colours(int(heads["head"].max()) + 1)
@@ -160,10 +171,10 @@ def head_heatmap(results: Results | pd.DataFrame, metric: str | None = None, *, 
         ``(fig, axes)``.
     """
     sns, _ = _sns()
-    res, metric, t, names = _per_head_rows(results, metric, models, "a heatmap")
+    res, metric, heads, names = _head_means(results, metric, models, "a heatmap")
     if ax is not None:
         names = names[:1]
-    means = t.groupby(["model", "layer", "head"], observed=True)["value"].mean()
+    means = heads.set_index(["model", "layer", "head"])["value"]
     vmin, vmax = float(means.min()), float(means.max())
     fig, axes = _grid(len(names), ax, sharey=False, row_height=2.6)
     for i, name in enumerate(names):
@@ -198,23 +209,29 @@ def summary_points(results: Results | pd.DataFrame, metric: str | None = None, *
         ``(fig, ax)``.
     """
     sns, _ = _sns()
-    res, metric, t = _select(results, metric, models)
-    t = _per_image_layer(t)
-    names = list(dict.fromkeys(t["model"]))
-    picked = []
-    for name in names:
-        d = t[t["model"] == name]
+    res = _as_results(results)
+    metric = _pick_metric(res, metric)
+    if res.source is not None:  # on disk: a model's per-image means at a time, summarised and dropped
+        names = sorted(metric_models(res, metric, models))
+        per_model = ((n, image_means(res, metric, n).assign(model=n)) for n in names)
+    else:
+        t = _per_image_layer(_rows(res, metric, models))
+        names = list(dict.fromkeys(t["model"]))
+        per_model = ((n, t[t["model"] == n]) for n in names)
+    pieces, ats, wheres = [], [], []
+    for _, d in per_model:
         chosen = _chosen_layers(sorted(d["layer"].unique().tolist()), layers)
-        picked.append(d[d["layer"].isin(list(chosen))].assign(where=lambda x, chosen=chosen: x["layer"].map(chosen)))
-    d = pd.concat(picked, ignore_index=True)
-    s = summarize(d.assign(metric=metric, head=-1), by=("model", "where"))
-    order = sorted(dict.fromkeys(d["where"]), key=lambda w: ("first", "middle", "last").index(w)
+        d = d[d["layer"].isin(list(chosen))].assign(where=lambda x, chosen=chosen: x["layer"].map(chosen))
+        pieces.append(summarize(d.assign(metric=metric, head=-1), by=("model", "where")))
+        ats.append(d.groupby(["model", "where"], observed=True)["layer"].first())  # the layer index each point is
+        wheres += list(dict.fromkeys(d["where"]))
+    s, at = pd.concat(pieces, ignore_index=True), pd.concat(ats)
+    order = sorted(dict.fromkeys(wheres), key=lambda w: ("first", "middle", "last").index(w)
                    if w in ("first", "middle", "last") else 3 + int(w.split()[-1]))
     fig, axes = _grid(1, ax, row_height=3.0)
     a = axes[0]
     pal = sns.color_palette("colorblind", max(len(order), 3))
     width = 0.6 / max(len(order), 1)
-    at = d.groupby(["model", "where"], observed=True)["layer"].first()  # the layer index each point is
     for j, where in enumerate(order):
         sw = s[s["where"] == where].set_index("model").reindex(names)
         x = np.arange(len(names)) + (j - (len(order) - 1) / 2) * width
@@ -269,8 +286,11 @@ def _stamp(results: Results, metric: str, kind: str, extra: object = None) -> st
     import json
 
     h = hashlib.sha256(f"{_FIGURE_FORMAT}|{kind}|{metric}".encode())
-    t = results.rows(metric)  # (of a run on disk, only this metric's rows are read)
-    h.update(pd.util.hash_pandas_object(t.astype({"model": str, "metric": str}), index=False).to_numpy().tobytes())
+    if results.source is not None:  # on disk: the bytes of the metric's part files, never its rows in memory
+        _hash_files(h, results.source.filter(metrics=[metric]))
+    else:
+        t = results.rows(metric)
+        h.update(pd.util.hash_pandas_object(t.astype({"model": str, "metric": str}), index=False).to_numpy().tobytes())
     drawn_over = {view_key(k.rsplit("/", 1)[0]) for k in results.arrays if k.rsplit("/", 1)[1] == metric} \
         if kind == "maps" else set()
     for k in sorted(results.arrays):
@@ -280,6 +300,18 @@ def _stamp(results: Results, metric: str, kind: str, extra: object = None) -> st
     meta = {k: results.meta.get(k) for k in ("models", "metrics", "images")}
     h.update(json.dumps([meta, extra], sort_keys=True, default=str).encode())
     return h.hexdigest()[:20]
+
+
+def _hash_files(h, scan) -> None:
+    """Add to ``h`` the names and bytes of the files ``scan`` reads (its parts in order; a single file whole)."""
+    files = [(p.path, scan.path / p.path) for p in scan.parts()]
+    if not files and scan.path.is_file():  # a single-file results.parquet of an earlier version
+        files = [(scan.path.name, scan.path)]
+    for name, path in files:
+        h.update(name.encode())
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
 
 
 _FIGURE_FORMAT = 4  # bump when a figure's drawing changes: every figure is then redrawn once
@@ -331,7 +363,8 @@ def _jobs(results: Results, kinds: list[str], metrics: Iterable[str] | None) -> 
     wanted = None if metrics is None else list(metrics)
     jobs: list[tuple[str, str]] = []
     for metric in [m for m in (wanted or results.metrics) if m in results.metrics]:  # maps: below
-        per_head = bool((results.rows(metric)["head"] >= 0).any())
+        per_head = has_heads(results, metric) if results.source is not None else \
+            bool((results.rows(metric)["head"] >= 0).any())
         labelled = "label" in results.columns  # label profiles only for a labelled image set
         probe = labelled and is_probe(results, metric)  # accuracy per layer, drawn with chance instead of an overlay
         skip = {"depth", "heatmap"} if not per_head else set()

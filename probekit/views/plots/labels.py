@@ -21,6 +21,7 @@ from probekit.views.plots._common import (
     _sns,
     _title,
 )
+from probekit.views.plots.aggregates import image_labels, image_means, metric_models
 
 __all__ = ["label_profile", "MAX_LABELS"]
 
@@ -45,16 +46,10 @@ def label_profile(results: Results | pd.DataFrame, metric: str | None = None, *,
         raise ConfigError("These results have no labels: probe a labelled source (class folders, a manifest "
                           "with a label column, shards with .cls, a dataset with label_column).")
     metric = _pick_metric(res, metric)
-    t = _rows(res, metric, models)
-    top = t.drop_duplicates("image")["label"].astype(str).value_counts().index[:MAX_LABELS]
-    t = t[t["label"].astype(str).isin(top)]
-    per_image = t.groupby(["model", "label", "image", "layer"], observed=True)["value"].mean().reset_index()
-    s = summarize(per_image.assign(metric=metric, head=-1), by=("model", "label", "layer"))
-    names = list(dict.fromkeys(t["model"].astype(str)))
+    names, top, counts, s = (_lazy_label_summary if res.source is not None else _label_summary)(res, metric, models)
     fig, axes = _grid(len(names), ax, row_height=2.8)
     from matplotlib.ticker import MaxNLocator
 
-    counts = t.drop_duplicates("image")["label"].astype(str).value_counts()
     for a, name in zip(axes, names, strict=False):  # an ax of one's own draws the first model only
         for k, label in enumerate(top):
             d = s[(s["model"].astype(str) == name) & (s["label"].astype(str) == label)].sort_values("layer")
@@ -73,3 +68,33 @@ def label_profile(results: Results | pd.DataFrame, metric: str | None = None, *,
         fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=7,
                    frameon=False, title="label (images); band: 95% CI over that label's images", title_fontsize=7)
     return fig, axes
+
+
+def _label_summary(res: Results, metric: str, models) -> tuple[list[str], pd.Index, pd.Series, pd.DataFrame]:
+    """The models drawn, the labels drawn (the most frequent), each label's image count (of those
+    drawn), and the summary over each label's images per model and layer; from the rows in memory."""
+    t = _rows(res, metric, models)
+    top = t.drop_duplicates("image")["label"].astype(str).value_counts().index[:MAX_LABELS]
+    t = t[t["label"].astype(str).isin(top)]
+    per_image = t.groupby(["model", "label", "image", "layer"], observed=True)["value"].mean().reset_index()
+    s = summarize(per_image.assign(metric=metric, head=-1), by=("model", "label", "layer"))
+    names = list(dict.fromkeys(t["model"].astype(str)))
+    counts = t.drop_duplicates("image")["label"].astype(str).value_counts()
+    return names, top, counts, s
+
+
+def _lazy_label_summary(res: Results, metric: str, models) -> tuple[list[str], pd.Index, pd.Series, pd.DataFrame]:
+    """:func:`_label_summary` of results on disk: the images' labels read part by part, then each
+    model's per-image means over heads (with their label), summarised and dropped."""
+    labels = image_labels(res, metric, models)
+    top = labels.value_counts().index[:MAX_LABELS]
+    counts = labels[labels.isin(top)].value_counts()
+    names, pieces = [], []
+    for m in metric_models(res, metric, models):
+        per_image = image_means(res, metric, m, label=True)
+        per_image = per_image[per_image["label"].isin(top)]
+        if len(per_image):
+            names.append(m)
+            pieces.append(summarize(per_image.assign(model=m, metric=metric, head=-1), by=("model", "label", "layer")))
+    s = pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame(columns=["model", "label", "layer"])
+    return names, top, counts, s

@@ -15,6 +15,7 @@ import pandas as pd
 
 from probekit.results import Results, summarize
 from probekit.views.plots._common import _axis_label, _metric_meta, _reference, _training, display_name
+from probekit.views.plots.aggregates import layer_summary
 
 __all__ = ["results_html", "layer_chart_svg"]
 
@@ -31,6 +32,9 @@ def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
 
 
 def _layer_summary(res: Results, metric: str) -> pd.DataFrame:
+    if res.source is not None:  # on disk: a model at a time (never one metric's rows of every model)
+        s = layer_summary(res, metric, by=("model", "layer"))  # models in table order, as categories keep them
+        return s.assign(model=pd.Categorical(s["model"], categories=list(dict.fromkeys(s["model"]))))
     t = res.rows(metric)
     per = t.groupby(["model", "image", "layer"], observed=True)["value"].mean().reset_index()
     return summarize(per.assign(metric=metric, head=-1), by=("model", "layer"))

@@ -18,15 +18,24 @@ from probekit.views.plots._common import (
     _title,
     _training,
 )
+from probekit.views.plots.aggregates import layer_summary, metric_models
 
 __all__ = ["layer_overlay"]
 
 
-def _select(results: Results | pd.DataFrame, metric: str | None, models) -> tuple[Results, str, pd.DataFrame]:
-    """The results, the metric to draw (default ``mad``) and its rows for ``models``."""
+def _layer_summary(results: Results | pd.DataFrame, metric: str | None,
+                   models) -> tuple[Results, str, list[str], pd.DataFrame]:
+    """The results, the metric, its models with rows, and the summary over images of its per-image
+    means over heads per model and layer; of results on disk, a model at a time
+    (:mod:`probekit.views.plots.aggregates`)."""
     res = _as_results(results)
     metric = _pick_metric(res, metric)
-    return res, metric, _rows(res, metric, models)
+    if res.source is not None:
+        names = metric_models(res, metric, models)
+        return res, metric, names, layer_summary(res, metric, names)
+    t = _rows(res, metric, models)
+    names = list(dict.fromkeys(t["model"]))
+    return res, metric, names, summarize(_per_image_layer(t).assign(metric=metric, head=-1))
 
 
 def _int_locator():
@@ -49,9 +58,7 @@ def layer_overlay(results: Results | pd.DataFrame, metric: str | None = None, *,
         ``(fig, ax)``.
     """
     _sns()
-    res, metric, t = _select(results, metric, models)
-    names = list(dict.fromkeys(t["model"]))
-    s = summarize(_per_image_layer(t).assign(metric=metric, head=-1))
+    res, metric, names, s = _layer_summary(results, metric, models)
     fig, axes = _grid(1, ax, row_height=3.2)
     a = axes[0]
     colours = _palette(res, names)

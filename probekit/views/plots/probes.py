@@ -16,8 +16,10 @@ import pandas as pd
 from probekit.errors import ConfigError
 from probekit.results import Results, summarize
 from probekit.views.plots._common import _as_results, _metric, _metric_meta, _rows, _title
+from probekit.views.plots.aggregates import image_labels, layer_summary, metric_models
 
-__all__ = ["probe_accuracy", "is_probe", "probe_metrics", "probe_display", "chance_level", "layer_accuracy"]
+__all__ = ["probe_accuracy", "is_probe", "probe_metrics", "probe_display", "chance_level", "layer_accuracy",
+           "metric_chance"]
 
 
 def is_probe(results: Results, metric: str) -> bool:
@@ -58,14 +60,29 @@ def chance_level(table: pd.DataFrame, metric: str | None = None) -> float:
     return float(labels.value_counts(normalize=True).iloc[0])
 
 
+def metric_chance(results: Results, metric: str) -> float:
+    """:func:`chance_level` of ``metric``'s rows; of results on disk, from the images' labels read part
+    by part (never the rows of every model at once)."""
+    if results.source is None:
+        return chance_level(results.rows(metric))
+    labels = image_labels(results, metric)
+    return float(labels.value_counts(normalize=True).iloc[0]) if len(labels) else float("nan")
+
+
 def layer_accuracy(results: Results, metric: str) -> pd.DataFrame:
     """Per model and layer: accuracy (mean over the tested images), its 95% CI over images, the
     number of images ``n`` and ``best`` (True at each model's most accurate layer; the first on ties)."""
-    t = _rows(results, metric, None)
-    per = t.groupby(["model", "image", "layer"], observed=True)["value"].mean().reset_index()
-    s = summarize(per.assign(metric=metric, head=-1))[["model", "layer", "mean", "ci_low", "ci_high", "n"]]
+    if results.source is not None:  # on disk: a model's per-image values at a time, summarised and dropped
+        names = metric_models(results, metric)
+        s = layer_summary(results, metric, names)
+    else:
+        t = _rows(results, metric, None)
+        names = list(dict.fromkeys(t["model"]))
+        per = t.groupby(["model", "image", "layer"], observed=True)["value"].mean().reset_index()
+        s = summarize(per.assign(metric=metric, head=-1))
+    s = s[["model", "layer", "mean", "ci_low", "ci_high", "n"]]
     s = s.assign(model=s["model"].astype(str))
-    rank = {m: i for i, m in enumerate(dict.fromkeys(t["model"]))}  # the table's model order
+    rank = {m: i for i, m in enumerate(names)}  # the table's model order
     s = s.sort_values(["model", "layer"], key=lambda c: c.map(rank) if c.name == "model" else c,
                       kind="stable").reset_index(drop=True)
     s["best"] = s.index.isin(s.groupby("model", sort=False)["mean"].idxmax().dropna())  # first of ties
@@ -108,7 +125,7 @@ def probe_accuracy(results: Results | pd.DataFrame, metric: str | None = None, *
     for name, d in acc[acc["best"]].groupby("model", sort=False):
         a.scatter(d["layer"], d["accuracy"], s=70, facecolors="none", linewidths=1.2, zorder=3,
                   edgecolors=colours.get(_title(res, str(name)), "0.2"))
-    chance = chance_level(res.rows(metric))
+    chance = metric_chance(res, metric)
     a.chance = chance  # the line's value, for tests and captions
     a.axhline(chance, ls=":", lw=1.2, color="0.35", zorder=0, label=f"chance: majority label ({chance:.1%})")
     a.scatter([], [], s=70, facecolors="none", edgecolors="0.2", linewidths=1.2, label="best layer")

@@ -25,8 +25,9 @@ from probekit.inputs.view import is_view
 from probekit.results import Results, summarize
 from probekit.runs.record import MetricRecord, ModelRecord, RunRecord
 from probekit.views.plots._common import LABEL_COLOURS, display_name
+from probekit.views.plots.aggregates import image_labels, image_means, metric_models
 from probekit.views.plots.labels import MAX_LABELS
-from probekit.views.plots.probes import chance_level, is_probe
+from probekit.views.plots.probes import is_probe, metric_chance
 from probekit.views.report.findings import findings
 from probekit.views.report.probes import CHANCE_LABEL, probe_html, probe_section
 from probekit.views.report.shareable import shareable
@@ -74,7 +75,7 @@ def _metric_info(label: str, rec: MetricRecord | None, results: Results, models:
             "ref_label": "the value of uniform attention", "ref_key": "uniform attention (no locality)",
             "ref_name": "uniform attention", "axis": f"{label} ({unit})" if unit else label}
     if "label" in results.columns and is_probe(results, label):  # accuracy: the reference is chance
-        chance = _num(chance_level(results.rows(label)))
+        chance = _num(metric_chance(results, label))
         info.update(refs={model: chance for model in models}, ref_label=CHANCE_LABEL, ref_key="chance (majority label)",
                     ref_name="chance (the majority label)")
     return info
@@ -90,7 +91,7 @@ def _explorer(run_dir: Path, record: RunRecord, model_index: dict[str, int]) -> 
 def payload(run_dir: Path, record: RunRecord, results: Results,
             contrasts: pd.DataFrame | None) -> tuple[dict[str, Any], bytes]:
     """Everything the page draws, as JSON, and the explorer's binary blob."""
-    from probekit.views.contrasts import contrast_note, image_layer_means
+    from probekit.views.contrasts import contrast_note
 
     # models with table rows, then those with map arrays only (a run of map metrics has no rows)
     names = list(dict.fromkeys([*results.models, *(k.rsplit("/", 1)[0] for k in results.arrays)]))
@@ -108,12 +109,12 @@ def payload(run_dir: Path, record: RunRecord, results: Results,
         s = summ[(summ["metric"].astype(str) == label) & (summ["head"] >= 0)]
         heads[label] = [[index[str(r.model)], int(r.layer), int(r.head), _num(r.mean), int(r.n), _num(r.ci_low),
                          _num(r.ci_high)] for r in s.itertuples()]
-        per = image_layer_means(results, label).rename("value").reset_index()  # one part at a time on disk
-        ls = summarize(per.assign(metric=label, head=-1), by=("model", "layer"))
+        ls = _layer_summary(results, label)
         layers[label] = [[index[str(r.model)], int(r.layer), _num(r.mean), _num(r.ci_low), _num(r.ci_high), int(r.n)]
                          for r in ls.itertuples()]
         if "label" in results.columns:
-            by_label[label] = _label_layers(results.rows(label), label, index)
+            by_label[label] = _label_layers(results.rows(label), label, index) if results.source is None else \
+                _lazy_label_layers(results, label, index)
     explorer, blob = _explorer(run_dir, record, index)
     notes = list(record.report_notes or [])
     empty = None  # what the per-metric, summary and contrast sections say when no metric has per-image values
@@ -157,6 +158,39 @@ def payload(run_dir: Path, record: RunRecord, results: Results,
     return shareable(data, run_dir), blob  # a page meant to be shared: no local path in it
 
 
+def _layer_summary(results: Results, metric: str) -> pd.DataFrame:
+    """Per model and layer, the mean over images (and heads) with its 95% CI, of the per-image values
+    that contrasts take (:func:`~probekit.views.contrasts.image_layer_means`); of results on disk, a
+    model at a time (its parts one after the other), so one metric's values of every model never
+    sit in memory together."""
+    from probekit.views.contrasts import image_layer_means
+
+    if results.source is None:
+        per = image_layer_means(results, metric).rename("value").reset_index()
+        return summarize(per.assign(metric=metric, head=-1), by=("model", "layer"))
+    pieces = []
+    for model in metric_models(results, metric):
+        per = results.source.filter(models=[model]).per_image_layer(metric).rename("value").reset_index()
+        pieces.append(summarize(per.assign(metric=metric, head=-1), by=("model", "layer")))
+    if not pieces:
+        return summarize(pd.DataFrame({"model": [], "layer": [], "value": []}), by=("model", "layer"))
+    return pd.concat(pieces, ignore_index=True).sort_values(["model", "layer"], kind="stable").reset_index(drop=True)
+
+
+def _lazy_label_layers(results: Results, metric: str, index: dict[str, int]) -> dict[str, Any]:
+    """:func:`_label_layers` of results on disk: the images' labels read part by part, then each model's
+    per-image means over heads (with their labels), summarised and dropped."""
+    counts = image_labels(results, metric).value_counts()
+    top = list(counts.index[:MAX_LABELS])
+    pieces = []
+    for model in metric_models(results, metric):
+        per = image_means(results, metric, model, label=True)
+        per = per[per["label"].isin(top)]
+        pieces.append(summarize(per.assign(model=model, metric=metric, head=-1), by=("model", "label", "layer")))
+    s = pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame(columns=["model", "label", "layer"])
+    return _label_rows(s, counts, top, index)
+
+
 def _label_layers(table: pd.DataFrame, metric: str, index: dict[str, int]) -> dict[str, Any]:
     """Per-label rows of one metric: ``names`` (the most frequent :data:`MAX_LABELS` labels, with their
     image counts) and ``rows`` ``[model index, label index, layer, mean, ci_low, ci_high, n]``, the
@@ -167,6 +201,11 @@ def _label_layers(table: pd.DataFrame, metric: str, index: dict[str, int]) -> di
     t = t[t["label"].astype(str).isin(top)]
     per = t.groupby(["model", "label", "image", "layer"], observed=True)["value"].mean().reset_index()
     s = summarize(per.assign(metric=metric, head=-1, label=per["label"].astype(str)), by=("model", "label", "layer"))
+    return _label_rows(s, counts, top, index)
+
+
+def _label_rows(s: pd.DataFrame, counts: pd.Series, top: list[str], index: dict[str, int]) -> dict[str, Any]:
+    """The report's ``names``, ``more`` and ``rows`` of a per-label summary ``s`` (see :func:`_label_layers`)."""
     pos = {lab: i for i, lab in enumerate(top)}
     return {"names": [[lab, int(counts[lab])] for lab in top], "more": max(0, len(counts) - len(top)),
             "rows": [[index[str(r.model)], pos[str(r.label)], int(r.layer), _num(r.mean), _num(r.ci_low),

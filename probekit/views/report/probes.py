@@ -20,7 +20,7 @@ import pandas as pd
 
 from probekit.results import Results
 from probekit.views.plots._common import _metric
-from probekit.views.plots.probes import chance_level, layer_accuracy, probe_display, probe_metrics
+from probekit.views.plots.probes import layer_accuracy, metric_chance, probe_display, probe_metrics
 
 __all__ = ["probe_section", "probe_html", "cluster_metrics", "CHANCE_LABEL"]
 
@@ -68,7 +68,7 @@ def probe_section(results: Results, index: dict[str, int], contrasts: pd.DataFra
         acc = layer_accuracy(results, label)
         out["probes"].append({
             "label": label, "display": probe_display(results, label),
-            "chance": _num(chance_level(results.rows(label))),
+            "chance": _num(metric_chance(results, label)),
             "rows": [[index[r.model], int(r.layer), _num(r.accuracy), _num(r.ci_low), _num(r.ci_high), int(r.n),
                       bool(r.best)] for r in acc.itertuples() if r.model in index]})
     for label in clusters:
