@@ -3,7 +3,7 @@ time, they equal those drawn from the same rows in memory, and never read one me
 every model (``Results.rows``, ``ResultsScan.to_results``).
 
 The reference is the same run directory's rows read whole (the figures' in-memory path, unchanged).
-One run is real (the toy ViT of tests/_toy.py on labelled digits, three models, a probe metric);
+One run is real (the toy ViT of tests/_toy.py on labelled digits, three models, a probe and a clustering metric);
 one dataset is synthetic, its models' rows split into parts that cut an image's heads in two.
 """
 
@@ -31,7 +31,8 @@ RUN = {"name": "lazy-figures",
                    "options": {"depth": 3, "heads": 4}},
                   {"model": "toy:vit", "label": "toy-c", "training": "self-supervised", "options": {"heads": 4}}],
        "images": {"kind": "digits", "count": 30, "stratify": True, "size": 32},
-       "metrics": ["mad", "entropy", {"name": "knn", "options": {"folds": 2, "k": 3}}],
+       "metrics": ["mad", "entropy", {"name": "knn", "options": {"folds": 2, "k": 3}},
+                   {"name": "clusters", "options": {"n_init": 2}}],
        "batch_size": 16, "figures": [], "report": {"showcase": 0}}
 
 KNN = "knn[folds=2,k=3]"
@@ -168,6 +169,7 @@ def test_the_report_and_notebook_of_a_run_on_disk_equal_those_of_its_rows_in_mem
     for key in ("created",):
         got.pop(key), want.pop(key)
     assert got["labels"]["mad"]["names"] and got["probes"]["probes"][0]["label"] == KNN
+    assert len(got["probes"]["clusters"][0]["rows"]) == 2 + 3 + 2  # a row per model and layer
     assert len(got["layers"]["mad"]) == 2 + 3 + 2  # toy-a, toy-c: 2 layers; toy-b: 3
     _assert_same(got, want)
     for m in lazy.metrics:

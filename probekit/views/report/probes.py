@@ -48,8 +48,12 @@ def _num(x: Any) -> float | None:
 def _probe_layers(results: Results, model: str) -> list[int]:
     """The layers a model's probe rows cover (the order the probes' arrays are in)."""
     probes = probe_metrics(results)
-    rows = results.rows(probes[0], models=[model]) if probes else None
-    return [] if rows is None else sorted(int(v) for v in rows["layer"].unique())
+    if not probes:
+        return []
+    if results.source is not None:  # on disk: that model's layer column, a part at a time
+        parts = results.source.filter(models=[model], metrics=[probes[0]]).iter_parts(["layer"])
+        return sorted({int(v) for _, _, t in parts for v in t["layer"].unique()})
+    return sorted(int(v) for v in results.rows(probes[0], models=[model])["layer"].unique())
 
 
 def probe_section(results: Results, index: dict[str, int], contrasts: pd.DataFrame | None) -> dict[str, Any] | None:
