@@ -2,6 +2,7 @@
 the driver and of every process, and rows/s written (issue 24, item 5).
 
     python benchmarks/bench_results_scale.py --images 500 --engine local          # 2.88 M rows, ~1 min
+    python benchmarks/bench_results_scale.py --models 2 --images 500 --figures    # and the default figures drawn
     python benchmarks/bench_results_scale.py --models 4 --images 2500,12500 --engine ray --raw runs.jsonl
     python benchmarks/bench_results_scale.py --from-raw a.jsonl,b.jsonl --json benchmarks/results/NAME.json
     python benchmarks/bench_results_scale.py             # 20 x 50,000 x 12 x 12 x 2 = 288 M rows (hours here)
@@ -154,10 +155,13 @@ def _images(n: int) -> Path:
 def _config(args, images: Path) -> dict:
     models = [{"model": f"timm:{name}", "label": f"m{i:02d}", "options": {"pretrained": False}}
               for i, name in enumerate(_TIMM[: args.models])]
-    return {"name": "results-scale", "models": models, "images": {"path": str(images)},
-            "metrics": _METRICS[: args.metrics], "batch_size": args.batch, "figures": [],
-            "resources": {"cpus": args.replica_cpus, "decode_cpus": 0.25, "replicas": 1,
-                          "shard_size": args.shard}}
+    cfg = {"name": "results-scale", "models": models, "images": {"path": str(images)},
+           "metrics": _METRICS[: args.metrics], "batch_size": args.batch, "figures": [],
+           "resources": {"cpus": args.replica_cpus, "decode_cpus": 0.25, "replicas": 1,
+                         "shard_size": args.shard}}
+    if args.figures:  # the run file's default figures (every kind its rows give), drawn by the driver
+        del cfg["figures"]
+    return cfg
 
 
 class _Sampler(threading.Thread):
@@ -224,6 +228,13 @@ def worker(args) -> None:
     images = _images(args.images)
     out = Path(tempfile.mkdtemp(prefix="pk-bench-run-", dir=args.tmp)) / "run"
     import probekit.runs.compare  # noqa: F401  (imports done before the peak is reset)
+    views = None
+    if args.figures:  # what pk.compare passes, without the report; matplotlib and seaborn imported now
+        from probekit.views.outputs import RunViews
+        from probekit.views.plots._common import _sns
+
+        _sns()
+        views = RunViews(figures=True, report=False)
     install()
     sampler = _Sampler()
     init_s = None
@@ -244,7 +255,7 @@ def worker(args) -> None:
 
     t0, c0 = time.perf_counter(), time.process_time()
     try:
-        cmp = run_comparison(_config(args, images), out=out, engine=args.engine)
+        cmp = run_comparison(_config(args, images), out=out, views=views, engine=args.engine)
         if cmp.failures:
             raise SystemExit(f"{cmp.failures[0].model} failed ({cmp.failures[0].stage}): {cmp.failures[0].error}: "
                              f"{cmp.failures[0].message}")
@@ -261,7 +272,8 @@ def worker(args) -> None:
         rec = json.loads((out / "run.json").read_text())
         print(json.dumps({
             "engine": args.engine, "models": args.models, "images": args.images, "layers": args.layers,
-            "heads": args.heads, "metrics": args.metrics, "rows": rows, "rows_in_results": written,
+            "heads": args.heads, "metrics": args.metrics, "figures": len(cmp.figures) if args.figures else None,
+            "rows": rows, "rows_in_results": written,
             "status": cmp.status, "wall_s": wall, "ray_init_s": init_s, "rows_per_s": rows / wall, "driver_cpu_s": cpu,
             "driver_start_mb": rss0, "driver_peak_mb": driver_mb,
             "driver_sampled_peak_mb": {k: v / 1024 for k, v in sampler.own.items()},  # heap vs mapped object store
@@ -288,7 +300,7 @@ def _case(args, images: int, engine: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--engine", engine, "--images", str(images),
            "--models", str(args.models), "--layers", str(args.layers), "--heads", str(args.heads),
            "--metrics", str(args.metrics), "--batch", str(args.batch), "--shard", str(args.shard),
-           "--replica-cpus", str(args.replica_cpus), "--tmp", args.tmp]
+           "--replica-cpus", str(args.replica_cpus), "--tmp", args.tmp, *(["--figures"] if args.figures else [])]
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if p.returncode:
         raise SystemExit(f"{engine} at {images} images failed:\n{p.stderr[-4000:]}")
@@ -303,7 +315,8 @@ COLUMNS = ["code", "engine", "models x images", "rows", "wall s", "rows/s", "row
 def _row(r: dict) -> dict:
     others = [mb for mb, name in r["other_peak_mb"] if name.startswith("ray::")]  # decoding, Ray Data's actors
     ray_sys = [mb for mb, name in r["other_peak_mb"] if not name.startswith("ray::")]  # GCS, raylet, agents
-    return {"code": r.get("code"), "engine": r["engine"], "models x images": f"{r['models']} x {r['images']}",
+    engine = r["engine"] + (" + figures" if r.get("figures") is not None else "")  # drawn with the run's figures
+    return {"code": r.get("code"), "engine": engine, "models x images": f"{r['models']} x {r['images']}",
             "rows": r["rows"], "wall s": round(r["wall_s"], 1),
             "rows/s": round(r["rows_per_s"]),
             "rows per driver CPU s": round(r["rows"] / r["driver_cpu_s"]) if r.get("driver_cpu_s") else None,
@@ -328,6 +341,9 @@ def main() -> None:
     ap.add_argument("--shard", type=int, default=4096, help="the Ray engine's shard size, in images")
     ap.add_argument("--replica-cpus", type=float, default=0.05,
                     help="CPUs per Ray replica: every model's replica must fit beside a decoding task")
+    ap.add_argument("--figures", action="store_true",
+                    help="draw the run's default figures (the run file without figures: []), so the driver's "
+                         "peak RSS includes drawing them")
     ap.add_argument("--tmp", default=None, help="where run directories go (default: the temp folder)")
     ap.add_argument("--json", help="write the table as a benchmark results file (benchmarks/results/)")
     ap.add_argument("--raw", help="append each case's full record to this JSON-lines file")
