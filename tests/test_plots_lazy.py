@@ -236,3 +236,23 @@ def test_figures_of_parts_that_split_an_image_equal_those_in_memory(tmp_path, no
     finally:
         for f in got + want:
             plt.close(f)
+
+
+def test_a_changed_part_redraws_only_the_figures_of_its_metric(tmp_path, no_rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = _split_dataset(tmp_path)
+    scan = ResultsScan(root)
+    lazy = Results._lazy(scan, meta=scan.meta)
+    no_rows()
+    kinds = ["depth", "overlay"]
+    first = {p.name: p.stat().st_mtime_ns for p in plots.render_all(lazy, tmp_path / "fig", kinds=kinds)}
+    assert sorted(first) == ["depth_mad.png", "depth_mad.svg", "overlay_entropy.png", "overlay_entropy.svg",
+                             "overlay_mad.png", "overlay_mad.svg"]
+    part = root / scan.filter(models=["mid"], metrics=["mad"]).parts()[1].path
+    t = pq.read_table(part)
+    pq.write_table(t.set_column(t.column_names.index("value"), "value", pa.array(t["value"].to_numpy() + 1.0)), part)
+    again = {p.name: p.stat().st_mtime_ns for p in plots.render_all(lazy, tmp_path / "fig", kinds=kinds)}
+    assert {n for n in again if again[n] != first[n]} == {"depth_mad.png", "depth_mad.svg", "overlay_mad.png",
+                                                         "overlay_mad.svg"}

@@ -277,7 +277,8 @@ def _is_image_map(results: Results, key: str) -> bool:
     return arr.ndim >= 4 and (not lay or tuple(arr.shape[-2:]) == tuple(lay["grid"]))
 
 
-def _stamp(results: Results, metric: str, kind: str, extra: object = None) -> str:
+def _stamp(results: Results, metric: str, kind: str, extra: object = None,
+           digests: dict[str, bytes] | None = None) -> str:
     """A hash of everything one figure is drawn from: its metric's rows or arrays, and the metadata.
 
     Why: a cached rerun redraws nothing whose inputs did not change (drawing is most of a cached run).
@@ -287,7 +288,10 @@ def _stamp(results: Results, metric: str, kind: str, extra: object = None) -> st
 
     h = hashlib.sha256(f"{_FIGURE_FORMAT}|{kind}|{metric}".encode())
     if results.source is not None:  # on disk: the bytes of the metric's part files, never its rows in memory
-        _hash_files(h, results.source.filter(metrics=[metric]))
+        digests = {} if digests is None else digests  # (one digest per metric for all its figures)
+        if metric not in digests:
+            digests[metric] = _files_digest(results.source.filter(metrics=[metric]))
+        h.update(digests[metric])
     else:
         t = results.rows(metric)
         h.update(pd.util.hash_pandas_object(t.astype({"model": str, "metric": str}), index=False).to_numpy().tobytes())
@@ -302,8 +306,11 @@ def _stamp(results: Results, metric: str, kind: str, extra: object = None) -> st
     return h.hexdigest()[:20]
 
 
-def _hash_files(h, scan) -> None:
-    """Add to ``h`` the names and bytes of the files ``scan`` reads (its parts in order; a single file whole)."""
+def _files_digest(scan) -> bytes:
+    """A hash of the names and bytes of the files ``scan`` reads (its parts in order; a single file whole)."""
+    import hashlib
+
+    h = hashlib.sha256()
     files = [(p.path, scan.path / p.path) for p in scan.parts()]
     if not files and scan.path.is_file():  # a single-file results.parquet of an earlier version
         files = [(scan.path.name, scan.path)]
@@ -312,6 +319,7 @@ def _hash_files(h, scan) -> None:
         with open(path, "rb") as f:
             while block := f.read(1 << 20):
                 h.update(block)
+    return h.digest()
 
 
 _FIGURE_FORMAT = 4  # bump when a figure's drawing changes: every figure is then redrawn once
@@ -471,9 +479,10 @@ def render_all(results: Results, out_dir: str | Path, *, kinds: Iterable[str] | 
     if not isinstance(old, dict):  # planted or damaged: every figure is drawn again
         old = {}
     new, todo, kept = dict(old), [], []
+    digests: dict[str, bytes] = {}
     for kind, metric in jobs:
         stem = f"{kind}_{_safe(metric)}"
-        new[stem] = _stamp(results, metric, kind)
+        new[stem] = _stamp(results, metric, kind, digests=digests)
         files = [before / f"{stem}.{fmt}" for fmt in ("png", "svg")]
         if old.get(stem) == new[stem] and all(f.exists() for f in files):
             kept += [_linked(f, out_dir / f.name) for f in files]
