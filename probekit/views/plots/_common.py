@@ -97,7 +97,7 @@ def _pick_metric(res: Results, metric: str | None) -> str:
 
 
 def _rows(res: Results, metric: str, models: Sequence[str] | None) -> pd.DataFrame:
-    t = res.rows(metric).copy()  # (of a run on disk, only this metric's rows are read)
+    t = res.rows(metric).copy()  # results in memory: of results on disk figures read aggregates (.aggregates)
     t["model"] = t["model"].astype(str)
     if models is not None:
         t = t[t["model"].isin(list(models))]
