@@ -210,3 +210,22 @@ def test_a_large_part_is_copied_into_parts_of_bounded_rows_that_read_as_the_whol
                                        check_names=False, rtol=1e-15, atol=0)
     pd.testing.assert_frame_equal(scan.summary().astype({"model": str, "metric": str}),
                                   summarize(one).astype({"model": str, "metric": str}), rtol=1e-12, atol=1e-12)
+
+
+def test_the_length_of_results_on_disk_is_counted_without_reading_their_rows(tmp_path):
+    """len() (and so truth, ``part or other``) of a lazy part or dataset counts rows from the index or the
+    files' footers and leaves the rows on disk (reading them kept every Ray shard's rows in the driver)."""
+    from probekit.runs.parts import PartStore
+
+    table = _table(seed=2)
+    store = PartStore(tmp_path / "parts")
+    store.write("one", Results(table, meta={"model": "x"}))
+    lazy = store.read_lazy("one")
+    assert len(lazy) == len(table) and lazy and lazy.source is not None  # still on disk
+    root = _written(tmp_path, table, shards=2)
+    (root / INDEX).unlink()  # a folder without index: its parts' counts are unknown (-1) until counted
+    scan = Results.scan(root)
+    assert len(Results._lazy(scan)) == len(table)
+    layer0 = scan.filter(models=["dino%v2"], layers=[0])
+    want = int(((table["model"] == "dino%v2") & (table["layer"] == 0)).sum())
+    assert len(Results._lazy(layer0)) == want == len(layer0.to_results().table)

@@ -193,8 +193,8 @@ class Results:
         return cls(table, arrays, meta)
 
     def __len__(self) -> int:
-        if self._table is None and self._scan is not None and not self._scan._single:
-            return sum(p.rows for p in self._scan.parts())
+        if self._table is None and self._scan is not None:  # counted from the files, never read
+            return self._scan.count_rows()
         return len(self.table)
 
     def __repr__(self) -> str:

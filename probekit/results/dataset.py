@@ -408,16 +408,26 @@ class ResultsScan:
                 expr = e if expr is None else expr & e
         return expr if expr is not None else ds.scalar(True)
 
-    def _arrow(self, columns: list[str] | None = None, parts: list[PartInfo] | None = None, where: Any = None) -> Any:
-        """The rows (pyarrow) of ``parts`` (default: all this scan covers), filtered, in part order."""
+    def _dataset(self, parts: list[PartInfo] | None = None) -> Any:
+        """A pyarrow dataset of ``parts`` (default: all this scan covers), or of the single file."""
         import pyarrow.dataset as ds
 
         if self._single:
-            dataset = ds.dataset(self.path, format="parquet")
-        else:
-            files = [str(self.path / p.path) for p in (self.parts() if parts is None else parts)]
-            dataset = ds.dataset(files, format="parquet", partitioning=_hive(), partition_base_dir=str(self.path))
-        tbl = dataset.to_table(columns=columns, filter=self._filter(where))
+            return ds.dataset(self.path, format="parquet")
+        files = [str(self.path / p.path) for p in (self.parts() if parts is None else parts)]
+        return ds.dataset(files, format="parquet", partitioning=_hive(), partition_base_dir=str(self.path))
+
+    def count_rows(self) -> int:
+        """How many rows the scan covers, without reading one: from the index when it counts every part
+        (and no layer filter applies), else from the files' footers and the filtered columns."""
+        parts = None if self._single else self.parts()
+        if parts is not None and (not parts or (self.layers_filter is None and all(p.rows >= 0 for p in parts))):
+            return sum(p.rows for p in parts)
+        return int(self._dataset(parts).count_rows(filter=self._filter()))
+
+    def _arrow(self, columns: list[str] | None = None, parts: list[PartInfo] | None = None, where: Any = None) -> Any:
+        """The rows (pyarrow) of ``parts`` (default: all this scan covers), filtered, in part order."""
+        tbl = self._dataset(parts).to_table(columns=columns, filter=self._filter(where))
         if self._model_as is not None and "model" in tbl.column_names:
             import pyarrow as pa
 

@@ -40,7 +40,7 @@ from probekit.runs.engines.stall import RunStalledError, StallWatch, next_or_sta
 from probekit.runs.interrupt import sigterm_as_interrupt
 from probekit.runs.parts import PartStore
 from probekit.runs.record import EngineInfo, EngineModel, RunRecord, ShardRecord, failed_at, record_failure
-from probekit.runs.shards import bounds, cached_shards, seal_whole, shard_keys, shard_size, whole_part
+from probekit.runs.shards import bounds, cached_shards, read_sealed, seal_whole, shard_keys, shard_size, whole_part
 
 if TYPE_CHECKING:
     from probekit.runs.config import CheckedRun
@@ -429,7 +429,7 @@ def _shard_if_done(run: CheckedRun, job: _Job, store: PartStore, shards: list[tu
             else:
                 store.write(job.shard_keys[s][label], part)
         if type(store).read is PartStore.read:  # a local store: the rows leave memory, read back from disk
-            parts = {label: store.read_lazy(job.shard_keys[s][label]) or part for label, part in parts.items()}
+            parts = {label: read_sealed(store, job.shard_keys[s][label]) for label in parts}
         job.have[s] = parts
         del job.pending[s]
         eng.shards.append(ShardRecord(model=job.label, shard=s, images=[lo, hi], computed=True,
