@@ -262,3 +262,30 @@ def test_the_run_file_chooses_the_scope_and_the_outputs_say_which(tmp_path, run_
     assert {row["inference"] for row in json.loads(data)["contrasts"]} == {"models"}
     with pytest.raises(ConfigError, match="inference"):
         compare(run_file(models=models, report={"inference": "model"}, file="bad.yaml"), out=tmp_path / "bad")
+
+
+@pytest.mark.parametrize("inference", ["images", "models"])
+def test_contrasts_of_results_on_disk_equal_those_in_memory_built_a_model_at_a_time(tmp_path, monkeypatch, inference):
+    """Of a results folder split into small parts (an image's heads across two of them), contrasts equal
+    the in-memory ones, and the per-image values are read a model at a time (never every model's)."""
+    from probekit.results.dataset import DatasetWriter, ResultsScan
+
+    res = _results(-3.0)
+    w = DatasetWriter(tmp_path / "results.parquet")
+    for model, g in res.table.groupby("model", observed=True):
+        for s, rows in enumerate(np.array_split(np.arange(len(g)), 5)):  # 5 parts: cuts through images
+            w.write(g.iloc[rows], str(model), "mad", s)
+    w.commit(res.meta)
+    lazy = Results.scan(tmp_path / "results.parquet")
+    lazy = Results._lazy(lazy, meta=res.meta)
+    real = ResultsScan.per_image_layer
+    seen: list[list[str]] = []
+
+    def one_model(self, metric, heads=None):
+        seen.append(self.models)
+        return real(self, metric, heads)
+
+    monkeypatch.setattr(ResultsScan, "per_image_layer", one_model)
+    got = contrasts(lazy, inference=inference, n_perm=500)
+    assert seen == [["A"], ["B"], ["C"]]
+    pd.testing.assert_frame_equal(got, contrasts(res, inference=inference, n_perm=500), rtol=1e-12)

@@ -417,6 +417,15 @@ class ResultsScan:
         files = [str(self.path / p.path) for p in (self.parts() if parts is None else parts)]
         return ds.dataset(files, format="parquet", partitioning=_hive(), partition_base_dir=str(self.path))
 
+    def has_heads(self) -> bool:
+        """Whether any row the scan covers is a head's (head >= 0), reading the head column part by
+        part until one is."""
+        import pyarrow.compute as pc
+
+        if self._single:
+            return self._arrow(["head"], where=pc.field("head") >= 0).num_rows > 0
+        return any(self._arrow(["head"], [p], where=pc.field("head") >= 0).num_rows for p in self.parts())
+
     def count_rows(self) -> int:
         """How many rows the scan covers, without reading one: from the index when it counts every part
         (and no layer filter applies), else from the files' footers and the filtered columns."""
@@ -519,13 +528,15 @@ class ResultsScan:
             out.append({**rec, "of": int(sum(sizes)), "layers": sorted(rec["layers"]), "images": list(rec["images"])})
         return out
 
-    def per_image_layer(self, metric: str) -> pd.Series:
+    def per_image_layer(self, metric: str, heads: bool | None = None) -> pd.Series:
         """``model x image x layer`` mean over heads of one metric, one part at a time
-        (:func:`probekit.views.contrasts.per_image_layer`, without every row in memory)."""
+        (:func:`probekit.views.contrasts.per_image_layer`, without every row in memory). ``heads``:
+        whether the metric has per-head rows (only those are averaged then); None: looked up here."""
         import pyarrow.compute as pc
 
         scan = self.filter(metrics=[metric])
-        heads = scan._arrow(["head"], where=pc.field("head") >= 0).num_rows > 0
+        if heads is None:
+            heads = scan.has_heads()
         pieces = []
         for model, _, t in scan.iter_parts(["image", "layer", "head", "value"],
                                            where=(pc.field("head") >= 0) if heads else None):

@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["paired_t_ci", "model_t", "paired_permutation_p", "sign_flip_floor", "holm", "cohens_dz", "pair_stats",
-           "contrasts", "per_image_layer", "image_layer_means", "model_groups", "format_contrast", "contrast_header",
-           "contrast_note", "at_floor", "CONTRAST_COLUMNS", "INFERENCE"]
+           "contrasts", "per_image_layer", "image_layer_means", "layer_cube", "model_groups", "format_contrast",
+           "contrast_header", "contrast_note", "at_floor", "CONTRAST_COLUMNS", "INFERENCE"]
 
 Inference = Literal["images", "models"]
 INFERENCE: tuple[Inference, ...] = ("images", "models")
@@ -192,6 +192,26 @@ def image_layer_means(results, metric: str) -> pd.Series:
     return per_image_layer(results.table, metric)
 
 
+def layer_cube(results, metric: str) -> pd.DataFrame:
+    """``(model, image) x layer``: each model's per-image mean over heads of ``metric`` (empty when it
+    has no rows). Of results on disk, built a model at a time from its parts: never a long table of
+    every model's per-image values (20 models x 50,000 images x 12 layers are 12 M of them)."""
+    source = getattr(results, "source", None)
+    if source is None:
+        s = per_image_layer(results.table, metric)
+        return s.unstack(["layer"]) if not s.empty else pd.DataFrame()
+    scan = source.filter(metrics=[metric])
+    heads = scan.has_heads()  # decided for the metric, as one table of every model decides it
+    pieces = {}
+    for m in scan.models:
+        s = scan.filter(models=[m]).per_image_layer(metric, heads=heads)
+        if not s.empty:
+            pieces[m] = s.droplevel("model").unstack("layer")
+    if not pieces:
+        return pd.DataFrame()
+    return pd.concat(pieces, names=["model", "image"]).sort_index().sort_index(axis=1)
+
+
 def model_groups(meta: Mapping, models: list[str], by: str = "training") -> dict[str, str]:
     """``{model: group}`` from the run's per-model record (``training`` or a tag named ``by``)."""
     per = meta.get("models") or {}
@@ -262,10 +282,9 @@ def contrasts(results, groups: Mapping[str, str] | None = None, *, by: str = "tr
     units = {k: (v or {}).get("unit") for k, v in (results.meta.get("metrics") or {}).items()}
     rows: list[dict] = []
     for metric in results.metrics:
-        s = image_layer_means(results, metric)
-        if s.empty:
+        cube = layer_cube(results, metric)  # (model, image) x layer
+        if cube.empty:
             continue
-        cube = s.unstack(["layer"])  # (model, image) x layer
         for ga, gb in itertools.combinations(names, 2):
             ma = [m for m in models if groups.get(m) == ga]
             mb = [m for m in models if groups.get(m) == gb]
