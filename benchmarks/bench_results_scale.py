@@ -3,6 +3,7 @@ the driver and of every process, and rows/s written (issue 24, item 5).
 
     python benchmarks/bench_results_scale.py --images 500 --engine local          # 2.88 M rows, ~1 min
     python benchmarks/bench_results_scale.py --models 2 --images 500 --figures    # and the default figures drawn
+    python benchmarks/bench_results_scale.py --models 2 --images 500 --figures --report  # and report.html
     python benchmarks/bench_results_scale.py --models 4 --images 2500,12500 --engine ray --raw runs.jsonl
     python benchmarks/bench_results_scale.py --from-raw a.jsonl,b.jsonl --json benchmarks/results/NAME.json
     python benchmarks/bench_results_scale.py             # 20 x 50,000 x 12 x 12 x 2 = 288 M rows (hours here)
@@ -92,7 +93,9 @@ def _fake_load(name: str, *, label: str | None = None, device=None, dtype=None, 
         return torch.zeros(3, 1, 1)
 
     adapter = SimpleNamespace(info={}, parameters_count=lambda: 0)
-    return SimpleNamespace(preprocess=preprocess, adapter=adapter, meta={}, label=label or name, name=name)
+    cfg = json.loads(os.environ[_ENV])
+    return SimpleNamespace(preprocess=preprocess, adapter=adapter, meta={}, label=label or name, name=name,
+                           num_layers=cfg["layers"], num_heads=cfg["heads"])  # (what the report's explorer asks)
 
 
 def _fake_probe(model, images, metrics, *, batch_size: int = 32, dtype=None, label: str | None = None, **_):
@@ -229,12 +232,12 @@ def worker(args) -> None:
     out = Path(tempfile.mkdtemp(prefix="pk-bench-run-", dir=args.tmp)) / "run"
     import probekit.runs.compare  # noqa: F401  (imports done before the peak is reset)
     views = None
-    if args.figures:  # what pk.compare passes, without the report; matplotlib and seaborn imported now
+    if args.figures or args.report:  # what pk.compare passes; matplotlib and seaborn imported now
         from probekit.views.outputs import RunViews
         from probekit.views.plots._common import _sns
 
         _sns()
-        views = RunViews(figures=True, report=False)
+        views = RunViews(figures=args.figures, report=args.report)
     install()
     sampler = _Sampler()
     init_s = None
@@ -273,6 +276,7 @@ def worker(args) -> None:
         print(json.dumps({
             "engine": args.engine, "models": args.models, "images": args.images, "layers": args.layers,
             "heads": args.heads, "metrics": args.metrics, "figures": len(cmp.figures) if args.figures else None,
+            "report": None if not args.report else cmp.report is not None,
             "rows": rows, "rows_in_results": written,
             "status": cmp.status, "wall_s": wall, "ray_init_s": init_s, "rows_per_s": rows / wall, "driver_cpu_s": cpu,
             "driver_start_mb": rss0, "driver_peak_mb": driver_mb,
@@ -300,7 +304,7 @@ def _case(args, images: int, engine: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--engine", engine, "--images", str(images),
            "--models", str(args.models), "--layers", str(args.layers), "--heads", str(args.heads),
            "--metrics", str(args.metrics), "--batch", str(args.batch), "--shard", str(args.shard),
-           "--replica-cpus", str(args.replica_cpus), "--tmp", args.tmp, *(["--figures"] if args.figures else [])]
+           "--replica-cpus", str(args.replica_cpus), "--tmp", args.tmp, *(["--figures"] if args.figures else []), *(["--report"] if args.report else [])]
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if p.returncode:
         raise SystemExit(f"{engine} at {images} images failed:\n{p.stderr[-4000:]}")
@@ -315,7 +319,8 @@ COLUMNS = ["code", "engine", "models x images", "rows", "wall s", "rows/s", "row
 def _row(r: dict) -> dict:
     others = [mb for mb, name in r["other_peak_mb"] if name.startswith("ray::")]  # decoding, Ray Data's actors
     ray_sys = [mb for mb, name in r["other_peak_mb"] if not name.startswith("ray::")]  # GCS, raylet, agents
-    engine = r["engine"] + (" + figures" if r.get("figures") is not None else "")  # drawn with the run's figures
+    engine = r["engine"] + (" + figures" if r.get("figures") is not None else "") + \
+        (" + report" if r.get("report") is not None else "")  # drawn with the run's figures, report.html
     return {"code": r.get("code"), "engine": engine, "models x images": f"{r['models']} x {r['images']}",
             "rows": r["rows"], "wall s": round(r["wall_s"], 1),
             "rows/s": round(r["rows_per_s"]),
@@ -344,6 +349,9 @@ def main() -> None:
     ap.add_argument("--figures", action="store_true",
                     help="draw the run's default figures (the run file without figures: []), so the driver's "
                          "peak RSS includes drawing them")
+    ap.add_argument("--report", action="store_true",
+                    help="write contrasts.csv and report.html too (the explorer's arrays fail on the stand-in model "
+                         "and become a note), so the driver's peak RSS includes them")
     ap.add_argument("--tmp", default=None, help="where run directories go (default: the temp folder)")
     ap.add_argument("--json", help="write the table as a benchmark results file (benchmarks/results/)")
     ap.add_argument("--raw", help="append each case's full record to this JSON-lines file")
