@@ -304,7 +304,8 @@ def _case(args, images: int, engine: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--engine", engine, "--images", str(images),
            "--models", str(args.models), "--layers", str(args.layers), "--heads", str(args.heads),
            "--metrics", str(args.metrics), "--batch", str(args.batch), "--shard", str(args.shard),
-           "--replica-cpus", str(args.replica_cpus), "--tmp", args.tmp, *(["--figures"] if args.figures else []), *(["--report"] if args.report else [])]
+           "--replica-cpus", str(args.replica_cpus), "--tmp", args.tmp,
+           *(["--figures"] if args.figures else []), *(["--report"] if args.report else [])]
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if p.returncode:
         raise SystemExit(f"{engine} at {images} images failed:\n{p.stderr[-4000:]}")
