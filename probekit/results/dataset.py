@@ -472,7 +472,9 @@ class ResultsScan:
         """:func:`probekit.results.summarize` of the filtered rows, from per-part moments merged."""
         by = tuple(by)
         pieces = []
-        for model, metric, t in self.iter_parts(["image", "layer", "head", "value", *self._extras(by)]):
+        # only the columns grouped by: image names, the costliest column in pandas, are read only when asked for
+        read = [c for c in ("image", "layer", "head") if c in by] + ["value", *self._extras(by)]
+        for model, metric, t in self.iter_parts(read):
             t = t.assign(model=model, metric=metric)
             v = t["value"].to_numpy(dtype=np.float64)
             finite = np.isfinite(v)
