@@ -132,6 +132,7 @@ def test_ray_stages_merge_chunks_under_4_images_into_the_local_matrix(run_file):
     from probekit.runs.config import as_config, check_run
     from probekit.runs.engines import ray as engine
     from probekit.runs.engines.stages import ProbeReplica, decode_chunk
+    from probekit.runs.shards import states_of, whole_part
 
     run = check_run(as_config(run_file(images={"path": "sample", "count": 6}, metrics=["cka"], batch_size=2)).resolve())
     torch.manual_seed(run.config.seed)
@@ -147,7 +148,7 @@ def test_ray_stages_merge_chunks_under_4_images_into_the_local_matrix(run_file):
         job.chunks[c] = pickle.loads(replica({k: [v] for k, v in row.items()})["payload"][0])  # 2 images: no matrix
     for s, (lo, hi) in enumerate(shards):
         job.have[s] = engine._shard_results(run, job, lo, hi, [c for c, cs, _, _ in chunks if cs == s])
-    assert len(engine._states(job.have[0]["cka"])) == 1  # its 2 chunks' sums stored as one state
+    assert len(states_of(job.have[0]["cka"])) == 1  # its 2 chunks' sums stored as one state
     record = SimpleNamespace(images=SimpleNamespace(names=run.images.names, fingerprint="f"))
-    whole = engine._whole(run, job, run.metrics[0], shards, record)
+    whole = whole_part(run, "toy", [job.have[s]["cka"] for s in range(len(shards))], run.metrics[0], record, "ray", [])
     np.testing.assert_allclose(whole.arrays["toy/cka"], local.arrays["toy/cka"], rtol=1e-6, atol=1e-7)

@@ -241,3 +241,24 @@ def test_a_run_records_and_reports_its_multi_frame_images(tmp_path, toy_backend,
     html = (tmp_path / "out" / "report.html").read_text()
     assert "2 multi-frame image(s) (animated GIF, multi-page TIFF) were probed at their first frame only: " \
            "anim.gif, pages.tif." in html
+
+
+def test_a_subset_without_digests_decodes_the_same_and_pickles_smaller(folder):
+    """What the Ray engine ships to its decoding tasks: the same pixels and names, without the content
+    digests (its fingerprint, if ever asked for, reads the files again and agrees)."""
+    import pickle
+
+    from probekit.inputs.images import collate
+
+    imgs = resolve_images(folder)
+    imgs.fingerprint()  # digests read
+    full, bare = imgs.subset([2, 0]), imgs.subset([2, 0], digests=False)
+    assert len(pickle.dumps(bare)) < len(pickle.dumps(full)) and bare._ids is None
+
+    def pixels(s):
+        ds = s.dataset(lambda im: torch.from_numpy(np.asarray(im.resize((8, 8)), dtype=np.float32)))
+        return collate([ds[j] for j in range(len(s))])
+
+    (k1, x1), (k2, x2) = pixels(full), pixels(bare)
+    assert torch.equal(k1, k2) and torch.equal(x1, x2) and bare.names == full.names
+    assert bare.fingerprint() == full.fingerprint()

@@ -341,7 +341,7 @@ def _ray_plan(tmp_path, out: Path):
 def test_a_ray_shard_part_stores_metric_state_as_plain_json_that_merges_back(tmp_path):
     import torch
 
-    from probekit.runs.engines.ray import _states
+    from probekit.runs.shards import states_of as _states
     from probekit.engine.probe import build_metrics, probe
     from probekit.results import Results
 
@@ -373,8 +373,10 @@ def test_a_ray_shard_part_stores_metric_state_as_plain_json_that_merges_back(tmp
 def test_a_planted_ray_shard_part_runs_nothing_and_is_computed_again(tmp_path, state):
     import base64
 
-    from probekit.runs.engines.ray import _whole
+    from types import SimpleNamespace
+
     from probekit.results import Results
+    from probekit.runs.shards import whole_part
 
     marker = tmp_path / "PWNED"
     out = tmp_path / "out"
@@ -395,7 +397,8 @@ def test_a_planted_ray_shard_part_runs_nothing_and_is_computed_again(tmp_path, s
     for m in job.missing:
         try:  # what the engine does with the shards it admits (all shards cached: the whole-set part)
             job.have = {0: {mm.label: store.read(job.shard_keys[0][mm.label]) for mm in job.missing}}
-            _whole(run, job, m, [(0, 4)], {"images": {"names": run.images.names, "fingerprint": fp}})
+            record = SimpleNamespace(images=SimpleNamespace(names=run.images.names, fingerprint=fp))
+            whole_part(run, "toy", [job.have[0][m.label]], m, record, "ray", [])
         except Exception:
             pass
     assert not marker.exists()

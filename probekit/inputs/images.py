@@ -270,7 +270,11 @@ class ImageSet:
         return [(n, f"{k} frames: only the first was probed")
                 for n, k in zip(self.names, self._frames or [], strict=False) if k > 1]
 
-    def subset(self, indices: Sequence[int]) -> ImageSet:
+    def subset(self, indices: Sequence[int], digests: bool = True) -> ImageSet:
+        """The images at ``indices``, in that order. ``digests=False`` leaves out their content digests
+        (what :meth:`fingerprint` hashes, half of a pickled path set): a subset that is only decoded
+        (the Ray engine's chunks, shipped to its decoding tasks) never asks for them."""
+
         def pick(xs):
             return None if xs is None else [xs[i] for i in indices]
 
@@ -280,7 +284,7 @@ class ImageSet:
             skipped=list(self.skipped), labels=pick(self.labels), groups=pick(self.groups),
             refs=pick(self.refs), lazy=self.lazy, strict=self.strict, origin=self.origin,
         )
-        out._ids, out._frames = pick(self._ids), pick(self._frames)  # the images' contents, read once
+        out._ids, out._frames = pick(self._ids) if digests else None, pick(self._frames)  # contents, read once
         return out
 
     def where(self, i: int) -> Any:
