@@ -25,7 +25,7 @@ import pandas as pd
 from probekit.errors import ConfigError, RunDirError
 from probekit.inputs.view import join_arrays, metric_arrays
 from probekit.metric.state import state_from_json, state_to_json
-from probekit.results import Results
+from probekit.results import COLUMNS, Results
 from probekit.runs.parts import PartStore, model_keys
 
 if TYPE_CHECKING:
@@ -39,9 +39,6 @@ __all__ = ["LOCAL_SHARD", "ShardPlan", "bounds", "cached_shards", "plan_shards",
 #: the local engine's images per shard unless ``resources.shard_size`` says otherwise (rounded up to
 #: whole batches); a set of at most this many is probed in one call, as it always was
 LOCAL_SHARD = 2048
-
-_COLUMNS = ["model", "image", "layer", "head", "metric", "value"]
-
 
 def shard_size(resources: Resources, batch_size: int, default: int) -> int:
     """Images per shard: the run file's ``resources.shard_size`` or ``default``, in whole batches (a
@@ -202,7 +199,7 @@ def whole_part(run: CheckedRun, label: str, parts: list[Results], m: Any, record
 
     files = [p.source.path for p in parts if p.source is not None and p.source._single]
     joined = len(files) == len(parts)
-    table = pd.DataFrame(columns=_COLUMNS) if joined else pd.concat([p.table for p in parts], ignore_index=True)
+    table = pd.DataFrame(columns=COLUMNS) if joined else pd.concat([p.table for p in parts], ignore_index=True)
     pieces: dict[str, list[np.ndarray]] = {}
     for p in parts:
         for k, v in p.arrays.items():

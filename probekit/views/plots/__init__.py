@@ -47,7 +47,7 @@ from probekit.views.plots._common import (
     _title,
     uniform_attention_value,
 )
-from probekit.views.plots.aggregates import has_heads, head_means, image_means, metric_models
+from probekit.views.plots.aggregates import head_means, image_means, metric_models
 from probekit.views.plots.labels import label_profile
 from probekit.views.plots.maps import attention_maps
 from probekit.views.plots.overlay import _int_locator, _per_image_layer, layer_overlay
@@ -371,7 +371,7 @@ def _jobs(results: Results, kinds: list[str], metrics: Iterable[str] | None) -> 
     wanted = None if metrics is None else list(metrics)
     jobs: list[tuple[str, str]] = []
     for metric in [m for m in (wanted or results.metrics) if m in results.metrics]:  # maps: below
-        per_head = has_heads(results, metric) if results.source is not None else \
+        per_head = results.source.filter(metrics=[metric]).has_heads() if results.source is not None else \
             bool((results.rows(metric)["head"] >= 0).any())
         labelled = "label" in results.columns  # label profiles only for a labelled image set
         probe = labelled and is_probe(results, metric)  # accuracy per layer, drawn with chance instead of an overlay

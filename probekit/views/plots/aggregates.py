@@ -18,7 +18,7 @@ import pandas as pd
 
 from probekit.results import Results, summarize
 
-__all__ = ["metric_models", "head_means", "image_means", "image_labels", "layer_summary", "has_heads"]
+__all__ = ["metric_models", "head_means", "image_means", "image_labels", "layer_summary"]
 
 
 def metric_models(res: Results, metric: str, models: Sequence[str] | None = None) -> list[str]:
@@ -48,14 +48,6 @@ def _means(sums: pd.DataFrame) -> pd.DataFrame:
     with np.errstate(invalid="ignore", divide="ignore"):  # a group of NaN only: NaN, as pandas' mean gives
         value = sums["sum"].to_numpy(dtype=np.float64) / sums["count"].to_numpy(dtype=np.float64)
     return sums.index.to_frame(index=False).assign(value=value)
-
-
-def has_heads(res: Results, metric: str) -> bool:
-    """Whether ``metric`` has per-head rows (head >= 0), reading the head column part by part until one does."""
-    import pyarrow.compute as pc
-
-    scan = res.source.filter(metrics=[metric])
-    return any(len(t) for _, _, t in scan.iter_parts(["head"], where=pc.field("head") >= 0))
 
 
 def head_means(res: Results, metric: str, models: Sequence[str] | None = None) -> pd.DataFrame:
