@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,15 +54,31 @@ _load_helper("probekit_tests_windowed", "_windowed_models.py")
 _load_helper("probekit_tests_hidden", "_hidden_reference.py")
 
 
-@pytest.fixture
-def toy_backend():
-    """The toy backend of tests/_toy.py, registered for one test only (other tests see none)."""
+@contextmanager
+def _toy_registered():
     import probekit as pk
 
     toy = _load_helper("probekit_tests_toy", "_toy.py")
     toy.load_toy()
-    yield toy
-    pk.adapters.unregister("toy")
+    try:
+        yield toy
+    finally:
+        pk.adapters.unregister("toy")
+
+
+@pytest.fixture
+def toy_backend():
+    """The toy backend of tests/_toy.py, registered for one test only (other tests see none)."""
+    with _toy_registered() as toy:
+        yield toy
+
+
+@pytest.fixture(scope="module")
+def toy_backend_module():
+    """The toy backend, registered for one test module's module-scoped fixtures (e.g. one run that
+    its tests share), and unregistered after that module."""
+    with _toy_registered() as toy:
+        yield toy
 
 
 @pytest.fixture

@@ -9,14 +9,12 @@ one dataset is synthetic, its models' rows split into parts that cut an image's 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-import probekit as pk
 from probekit.api import compare
 from probekit.results import COLUMNS, Results
 from probekit.results.dataset import DatasetWriter, ResultsScan
@@ -39,15 +37,8 @@ KNN = "knn[folds=2,k=3]"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("probekit_tests_toy", Path(__file__).with_name("_toy.py"))
-    toy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(toy)
-    toy.load_toy()
-    try:
-        cmp = compare(RUN, out=tmp_path_factory.mktemp("lazy") / "out")
-    finally:
-        pk.adapters.unregister("toy")
+def run_dir(tmp_path_factory, toy_backend_module):
+    cmp = compare(RUN, out=tmp_path_factory.mktemp("lazy") / "out")
     assert cmp.ok
     return cmp.run_dir
 

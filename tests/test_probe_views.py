@@ -6,10 +6,8 @@ on scikit-learn's digits through two tiny random-init toy models."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -33,15 +31,8 @@ RUN = {"name": "tiny-probes",
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("probekit_tests_toy", Path(__file__).with_name("_toy.py"))
-    toy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(toy)
-    toy.load_toy()
-    try:
-        yield compare(RUN, out=tmp_path_factory.mktemp("probes") / "out")
-    finally:
-        pk.adapters.unregister("toy")
+def run(tmp_path_factory, toy_backend_module):
+    return compare(RUN, out=tmp_path_factory.mktemp("probes") / "out")
 
 
 def _plain_accuracy(table: pd.DataFrame, metric: str) -> pd.Series:
