@@ -50,10 +50,12 @@ def _sdpa_spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     report = _PENDING.report
     if report is not None:
         _PENDING.report = None  # one report per watched call, and none from inside the sink
-        bias = additive_bias(attn_mask, true_means="attend", is_causal=is_causal,
-                             shape=(query.shape[-2], key.shape[-2]), device=query.device)
-        out = report(q=query, k=key, v=value if dropout_p == 0 and set(kw) <= {"enable_gqa"} else None, scale=scale,
-                     bias=bias)
+        # no mask and not causal (a ViT's layers): no bias, as additive_bias would say, without its call
+        bias = None if attn_mask is None and not is_causal else additive_bias(
+            attn_mask, true_means="attend", is_causal=is_causal, shape=(query.shape[-2], key.shape[-2]),
+            device=query.device)
+        plain = dropout_p == 0 and (not kw or set(kw) <= {"enable_gqa"})
+        out = report(q=query, k=key, v=value if plain else None, scale=scale, bias=bias)
         if out is not None:
             return out
     return _ORIGINAL_SDPA(

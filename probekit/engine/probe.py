@@ -303,7 +303,8 @@ def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: in
                 sink.start(pm.layout(x), pm.geometry(x), batch=(idx, x))
                 pm.adapter.forward(x)
                 sink.finish()
-                done.extend(int(i) for i in idx)
+                # a tensor's ints at once: iterating it makes a 0-d tensor per image
+                done.extend(idx.tolist() if isinstance(idx, torch.Tensor) else (int(i) for i in idx))
                 if progress is not None:
                     progress(len(done), len(plan.images))
     finally:

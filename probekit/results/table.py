@@ -79,15 +79,17 @@ def long_table(model: str, names: np.ndarray, layer: np.ndarray, head: np.ndarra
     rows = len(value)
     sorted_labels = sorted(set(labels))
     where = np.array([sorted_labels.index(label) for label in labels], dtype=np.int64)
+    # every column a fresh array (np.array copies), so the frame takes them without a copy of its own
+    # (copy=False): it shares nothing with the caller's arrays, and skips pandas' copy and consolidation
     return pd.DataFrame({
         "model": pd.Categorical.from_codes(np.zeros(rows, dtype=np.int8), dtype=_categories((str(model),))),
-        "image": pd.array(np.asarray(names, dtype=object).astype(str), dtype="string"),
-        "layer": np.asarray(layer, dtype=np.int16),
-        "head": np.asarray(head, dtype=np.int16),
+        "image": pd.array(np.asarray(names, dtype=object).astype(str), dtype=_STRING),  # the dtype, not its name
+        "layer": np.array(layer, dtype=np.int16),
+        "head": np.array(head, dtype=np.int16),
         "metric": pd.Categorical.from_codes(where[np.asarray(metric, dtype=np.int64)],
                                             dtype=_categories(tuple(sorted_labels))),
-        "value": np.asarray(value, dtype=np.float64),
-    })
+        "value": np.array(value, dtype=np.float64),
+    }, copy=False)
 
 
 def _t95(n: np.ndarray) -> np.ndarray:
