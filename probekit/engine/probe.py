@@ -173,6 +173,15 @@ def _stack_layers(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | No
     return out, real
 
 
+def _stack_layers_of(tensors: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`_stack_layers` of per-layer tensors: those of one shape and dtype (a plain ViT's) in one
+    ``torch.stack`` (the same array as numpy's stack of their arrays, without an array per layer)."""
+    first = tensors[0]
+    if all(t.shape == first.shape and t.dtype == first.dtype for t in tensors):
+        return torch.stack(tensors, dim=1).numpy(), None
+    return _stack_layers([t.numpy() for t in tensors])
+
+
 def _to_table(model: str, names: list[str], metrics: list[Metric], partial: bool = False):
     """Long table rows for scalar metrics; arrays ``[N, L, ...]`` for maps; from each metric's state.
 
@@ -190,7 +199,7 @@ def _to_table(model: str, names: list[str], metrics: list[Metric], partial: bool
         if not per_layer:
             continue
         layers = sorted(per_layer)
-        stacked, real = _stack_layers([per_layer[layer].numpy() for layer in layers])
+        stacked, real = _stack_layers_of([per_layer[layer] for layer in layers])
         if m.is_map:
             arrays[f"{model}/{m.label}"] = stacked
             continue
@@ -200,9 +209,10 @@ def _to_table(model: str, names: list[str], metrics: list[Metric], partial: bool
         else:
             heads = np.arange(stacked.shape[2])
         n, nl, nh = stacked.shape
+        flat = np.arange(n * nl * nh)  # row r: image r // (L H), layer (r // H) % L, head r % H (C order)
         cols: tuple[np.ndarray, ...] = (
-            np.repeat(np.arange(n), nl * nh), np.tile(np.repeat(np.asarray(layers), nh), n),
-            np.tile(heads, n * nl), stacked.reshape(-1).astype(np.float64))
+            flat // (nl * nh), np.asarray(layers)[flat // nh % nl], heads[flat % nh],
+            stacked.reshape(-1).astype(np.float64))
         if real is not None:  # staged models: the padding of layers with fewer heads is no row
             keep = real.reshape(-1)
             cols = tuple(c[keep] for c in cols)
