@@ -98,7 +98,7 @@ def test_a_tensors_batches_are_its_slices_strided_or_not():
     assert list(want["image"].unique()) == [str(i) for i in range(5)]
 
 
-# -- short layers on CPU: one attention pass per image (probekit.engine.kernels.image_pass) ----------------
+# -- layers on CPU: the C kernel's whole attention pass (probekit.engine.kernels.cpu_pass) -------------------
 def _vit197(depth=2):
     from probekit.testing import randomize_parameters
 
@@ -108,12 +108,12 @@ def _vit197(depth=2):
     return pm
 
 
-def _count_image_pass(monkeypatch):
-    from probekit.engine.kernels import image_pass
+def _count_cpu_pass(monkeypatch):
+    from probekit.engine.kernels import cpu_pass
 
     calls = []
-    run = image_pass.run_layer
-    monkeypatch.setattr(image_pass, "run_layer", lambda *a, **k: calls.append(1) or run(*a, **k))
+    run = cpu_pass.run_layer
+    monkeypatch.setattr(cpu_pass, "run_layer", lambda *a, **k: calls.append(1) or run(*a, **k))
     return calls
 
 
@@ -123,23 +123,23 @@ def _values(pm, x, metrics, **kw) -> np.ndarray:
 
 @pytest.mark.parametrize("metrics", [["mad"], ["mad", "entropy", "prefix_mass", {"mad": {"units": "patch"}},
                                                {"mad": {"renormalize": True}}]], ids=["mad", "kernel terms"])
-def test_short_layers_take_the_image_pass_with_the_same_numbers(metrics, monkeypatch):
-    from probekit.engine.kernels import image_pass
+def test_layers_take_the_cpu_pass_with_the_same_numbers(metrics, monkeypatch):
+    from probekit.engine.kernels import cpu_pass
 
     pm = _vit197()
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(3))  # batches of 2 and 1
-    calls = _count_image_pass(monkeypatch)
+    calls = _count_cpu_pass(monkeypatch)
     got = _values(pm, x, metrics)
     assert len(calls) == 2 * 2  # every layer of both batches (197 tokens: one pass, auto)
     separate = _values(pm, x, metrics, attention_pass="separate")
-    monkeypatch.setattr(image_pass, "applies", lambda *a, **k: False)
+    monkeypatch.setattr(cpu_pass, "applies", lambda *a, **k: False)
     blocked = _values(pm, x, metrics)  # the blocked one pass, as before
     np.testing.assert_allclose(got, separate, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got, blocked, rtol=1e-5, atol=1e-6)
     assert len(calls) == 2 * 2
 
 
-def test_the_image_pass_output_is_the_models_own():
+def test_the_cpu_pass_output_is_the_models_own():
     from probekit.engine.probe import MetricSink, build_metrics
 
     pm = _vit197()
@@ -157,7 +157,7 @@ def test_the_image_pass_output_is_the_models_own():
 def test_a_metric_the_kernel_cannot_serve_sends_the_layer_the_blocked_way(monkeypatch):
     pm = _vit197()
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
-    calls = _count_image_pass(monkeypatch)
+    calls = _count_cpu_pass(monkeypatch)
     metrics = ["mad", "distance_profile"]  # its histogram is no CPU kernel term
     got = pk.probe(pm, x, metrics=metrics).table
     assert calls == []
@@ -165,36 +165,77 @@ def test_a_metric_the_kernel_cannot_serve_sends_the_layer_the_blocked_way(monkey
     np.testing.assert_allclose(got["value"].to_numpy(), want["value"].to_numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_a_metric_that_declines_the_terms_gets_the_blocked_path_after_the_image_pass(monkeypatch):
+def test_a_metric_that_declines_the_terms_gets_the_blocked_path_after_the_cpu_pass(monkeypatch):
     pm = _vit197()
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(6))
-    calls = _count_image_pass(monkeypatch)
+    calls = _count_cpu_pass(monkeypatch)
     metrics = ["mad", {"mad": {"queries": "cls"}}]  # CLS queries: row_values declines the terms (None)
     got = _values(pm, x, metrics)
     assert len(calls) == 2
     np.testing.assert_allclose(got, _values(pm, x, metrics, attention_pass="separate"), rtol=1e-5, atol=1e-6)
 
 
-def test_the_image_pass_refuses_what_it_does_not_compute():
+def test_the_cpu_pass_refuses_what_it_does_not_compute():
     from probekit.attention import LayerAttention
-    from probekit.engine.kernels.image_pass import applies
+    from probekit.engine.kernels.cpu_pass import applies
     from probekit.engine.probe import build_metrics
 
     q = torch.randn(2, 3, 17, 8)
     mad = build_metrics(["mad"])
-    assert applies(LayerAttention(q=q, k=q, v=q, scale=0.3), mad, 2**20)
+    assert applies(LayerAttention(q=q, k=q, v=q, scale=0.3), mad)
+    long = torch.randn(1, 2, 1370, 8)  # any length: no [T, T] block is made
+    assert applies(LayerAttention(q=long, k=long, v=long, scale=0.3), mad)
     refused = {
-        "a bias": (LayerAttention(q=q, k=q, v=q, scale=0.3, bias=torch.zeros(17, 17)), mad, 2**20),
-        "no v": (LayerAttention(q=q, k=q, scale=0.3), mad, 2**20),
-        "probabilities": (LayerAttention(probs_given=torch.rand(2, 3, 17, 17)), mad, 2**20),
-        "bf16": (LayerAttention(q=q.bfloat16(), k=q.bfloat16(), v=q.bfloat16(), scale=0.3), mad, 2**20),
-        "bf16 output": (LayerAttention(q=q, k=q, v=q, scale=0.3, out_dtype=torch.bfloat16), mad, 2**20),
-        "over budget": (LayerAttention(q=q, k=q, v=q, scale=0.3), mad, 3 * 17 * 17 * 8 - 1),
-        "fewer keys": (LayerAttention(q=q, k=q[:, :, :9], v=q[:, :, :9], scale=0.3), mad, 2**20),
-        "not a kernel term": (LayerAttention(q=q, k=q, v=q, scale=0.3), build_metrics(["distance_profile"]), 2**20),
+        "a bias": (LayerAttention(q=q, k=q, v=q, scale=0.3, bias=torch.zeros(17, 17)), mad),
+        "no v": (LayerAttention(q=q, k=q, scale=0.3), mad),
+        "probabilities": (LayerAttention(probs_given=torch.rand(2, 3, 17, 17)), mad),
+        "bf16": (LayerAttention(q=q.bfloat16(), k=q.bfloat16(), v=q.bfloat16(), scale=0.3), mad),
+        "bf16 output": (LayerAttention(q=q, k=q, v=q, scale=0.3, out_dtype=torch.bfloat16), mad),
+        "strided last dimension": (LayerAttention(q=q, k=q, v=torch.randn(2, 3, 8, 17).transpose(2, 3), scale=0.3),
+                                   mad),
+        "fewer keys": (LayerAttention(q=q, k=q[:, :, :9], v=q[:, :, :9], scale=0.3), mad),
+        "not a kernel term": (LayerAttention(q=q, k=q, v=q, scale=0.3), build_metrics(["distance_profile"])),
     }
     for why, args in refused.items():
         assert not applies(*args), why
+
+
+# (batch, heads, d, dv, prefix tokens, grid, patch): register-tile edges (rows past a tile, keys past a
+# panel, dv past the vector width), registers, rectangular patches, and a long layer
+KERNEL_CASES = [(1, 6, 64, 64, 1, (14, 14), (16, 16)), (2, 3, 8, 8, 1, (3, 4), (8, 6)),
+                (2, 2, 24, 40, 2, (4, 17), (14, 14)), (1, 4, 96, 80, 5, (16, 16), (14, 14)),
+                (1, 1, 16, 17, 0, (1, 1), (16, 16)), (1, 2, 64, 64, 1, (28, 28), (16, 16))]
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "b{}h{}d{}dv{}n{}g{}x{}".format(*c[:5], *c[5]))
+def test_the_c_attention_pass_equals_the_plain_computation(case):
+    """pk_attention (probekit/engine/kernels/_cpu_rows.c) on strided q, k, v as timm's fused qkv hands
+    them over: the output equals softmax(q kᵀ s) v made in float64, and every row term equals the row
+    kernel's on the same logits (the blocked path's)."""
+    from probekit.engine.kernels import cpu as cpu_kernel
+    from probekit.engine.kernels.block_terms import layer_terms
+
+    b, h, d, dv, n0, grid, patch = case
+    lay = pk.TokenLayout(num_prefix=n0, grid=grid, patch_size=patch)
+    t = lay.num_tokens
+    g = torch.Generator().manual_seed(8)
+    qkv = 2 * torch.randn(b, t, 3, h, max(d, dv), generator=g).permute(2, 0, 3, 1, 4)  # views into one tensor
+    q, k, v = qkv[0][..., :d], qkv[1][..., :d], qkv[2][..., :dv]
+    scale = d**-0.5
+    out = torch.full((b, t, h, dv), float("nan")).transpose(1, 2)
+    terms = layer_terms(b, h, t, n0, cpu_kernel.TERMS, "cpu")
+    cpu_kernel.attention(q, k, v, out, scale, lay, terms)
+    z = q.double() @ k.double().transpose(-1, -2) * scale
+    want = torch.softmax(z, -1) @ v.double()
+    assert (out.double() - want).abs().max() / want.abs().max() < 2e-6
+    ref = layer_terms(b, h, t, n0, cpu_kernel.TERMS, "cpu")
+    cpu_kernel.softmax_terms(z.float(), torch.empty(b, h, t, t), slice(0, b), slice(0, t), lay, ref)
+    for name in ("lse", "patch_mass", "patch_logit", "dist_px", "dist_grid", "prefix"):
+        got, exp = getattr(terms, name), getattr(ref, name)
+        if exp is None:
+            assert got is None and n0 == 0, name
+            continue
+        torch.testing.assert_close(got, exp, rtol=2e-5, atol=2e-5, msg=name)
 
 
 def test_the_kernel_without_the_logit_sum_gives_the_same_terms():

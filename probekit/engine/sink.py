@@ -17,7 +17,7 @@ from probekit.attention import SCRATCH_BYTES, LayerAttention, Workspace, blocks,
 from probekit.engine.blocks import LayerBlocks
 from probekit.engine.checks import refuse_layers
 from probekit.engine.grouped import reduce_groups
-from probekit.engine.kernels import image_pass
+from probekit.engine.kernels import cpu_pass
 from probekit.engine.kernels import triton as kernel
 from probekit.engine.kernels.block_terms import BLOCK_TERMS, layer_terms, softmax_with_terms, terms_served
 from probekit.engine.kernels.policy import ATTENTION_PASSES, one_pass
@@ -86,7 +86,9 @@ class MetricSink:
             on CPU (smaller blocks keep q·kᵀ, the softmax and P·V in the cache until the
             per-block overhead wins; measured: benchmarks/RESULTS.md, section "Block budget on
             CPU (block_mb)") and 256 MiB on accelerators (fewer, larger kernels). Per-row sums
-            (entropy's) add a chunk buffer of at most half of it (512 KiB at most on CPU).
+            (entropy's) add a chunk buffer of at most half of it (512 KiB at most on CPU). Layers
+            that the C kernel's attention pass takes (:mod:`probekit.engine.kernels.cpu_pass`) have
+            no blocks: a few query rows per thread at a time.
         attention_pass: ``"auto"``, ``"fused"``, ``"separate"`` or ``"kernel"``: whether a tap
             that hands over v gets the layer's attention output from the blocks the metrics
             read (one pass) or runs the model's own kernel (see
@@ -201,8 +203,8 @@ class MetricSink:
             self.kernel_served |= done
             rest = [m for m in rest if m.label not in done]  # the blocked path, same run
         if (rest and comp.output is None and one_pass(attn, self.attention_pass) and self.row_terms == "auto"
-                and image_pass.applies(attn, rest, self.block_budget(attn.device))):  # short layers on CPU
-            sums = image_pass.run_layer(comp, lay, rest, self.workspace)
+                and cpu_pass.applies(attn, rest)):  # on CPU: the whole layer in one call of the C kernel
+            sums = cpu_pass.run_layer(comp, lay, rest, self.workspace)
             for m in rest:
                 if sums[m.label] is not None:
                     q = query_span(m, lay)

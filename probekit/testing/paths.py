@@ -49,7 +49,7 @@ GLOBAL_PATHS: dict[str, dict[str, Any]] = {
                                                                           row_terms="none"),
     "PyTorch's per-row sums next to the softmax": dict(tap="qk", attention_pass="separate", row_terms="torch"),
     "the C row kernel's per-row sums (one attention pass)": dict(tap="qkv", attention_pass="fused", row_terms="auto"),
-    "one attention pass per image (the C row kernel, no bias: short layers on CPU)":
+    "the C kernel's whole attention pass (no bias: layers on CPU)":
         dict(tap="qkv", attention_pass="fused", row_terms="auto", bias=False),
     "the Triton kernel's per-row sums": dict(tap="qkv", attention_pass="kernel", row_terms="auto"),
 }

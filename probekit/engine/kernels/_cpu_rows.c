@@ -50,7 +50,7 @@ static inline float pk_exp(float x) {
     return x < -87.0f ? 0.0f : y * s;
 }
 
-int pk_abi_version(void) { return 6; }
+int pk_abi_version(void) { return 7; }
 
 int pk_openmp(void) {
 #ifdef _OPENMP
@@ -183,5 +183,179 @@ void pk_softmax_terms(const float* z, float* p, int64_t H, int64_t R, int64_t T,
             }
         }
         free(drow);
+    }
+}
+
+/* ---- One attention pass: q, k, v in, the layer's output and every row's terms out ----------------
+ *
+ * pk_attention computes, for images b, heads h and query rows i of one layer (no bias),
+ *   z_i = scale * q_i . k_j for every key j,  then row_terms (softmax and sums, as above),
+ *   out_i = sum_j p_ij v_j
+ * without a [T, T] buffer: per thread, k of one (image, head) transposed into kt [D, Tp] (Tp: T
+ * rounded up to 64, zero columns), and four query rows at a time, whose logits (in zt [4, Tp])
+ * stay in L1 from their dot products through the softmax to P V. The products are register
+ * tiles of 4 rows x 64 columns (16 vectors of 16 floats: the compiler maps them onto AVX-512,
+ * AVX2 or SSE registers). Work items are (image, head, chunk of `rc` query rows), split across
+ * `threads` OpenMP threads in one parallel region; items [w0, w1) are done by this call (the
+ * Python-thread fallback hands each thread its range).
+ *
+ * Tensors are strided: element (b, h, t, d) of q at q[b*s[0] + h*s[1] + t*s[2] + d] (d contiguous),
+ * of k at s[3..5], of v at s[6..8], of out at s[9..11]. dims = {B, H, T, D, DV}. Terms as
+ * pk_softmax_terms, at (b*H + h)*T + i; outputs passed as NULL are not computed. */
+#if defined(__AVX512F__)
+#define PK_W 16 /* floats per vector register */
+#define PK_R 6  /* query rows per tile */
+#define PK_NV 4 /* vectors per tile row: PK_R * PK_NV accumulators + PK_NV + 1 of 32 registers */
+#else
+#define PK_W 8
+#define PK_R 4
+#define PK_NV 2 /* 8 accumulators + 3 of AVX2's 16 registers */
+#endif
+typedef float pk_vec __attribute__((vector_size(4 * PK_W)));
+
+static inline pk_vec pk_load(const float* p) {
+    pk_vec x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+static inline void pk_store(float* p, pk_vec x) { memcpy(p, &x, sizeof x); }
+
+/* Logits of PK_R query rows q[r] against NV * PK_W keys from panel jp of kp (k transposed in panels
+ * of PK_W keys: kp[(jp * D + d) * PK_W + c] = k[jp * PK_W + c][d]), scaled, into zt rows (stride Tp). */
+#define PK_LOGIT_TILE(NAME, NV)                                                                              \
+    static inline void NAME(const float* const* q, const float* kp, int64_t D, int64_t jp,  \
+                                         float scale, float* zt, int64_t Tp) {                          \
+        pk_vec a[PK_R][NV];                                                                            \
+        for (int r = 0; r < PK_R; ++r)                                                                 \
+            for (int c = 0; c < NV; ++c) a[r][c] = (pk_vec){0};                                        \
+        const float* kc[NV];                                                                           \
+        for (int c = 0; c < NV; ++c) kc[c] = kp + (jp + c) * D * PK_W;                                 \
+        for (int64_t d = 0; d < D; ++d) {                                                              \
+            pk_vec x[NV];                                                                              \
+            for (int c = 0; c < NV; ++c) x[c] = pk_load(kc[c] + d * PK_W);                             \
+            for (int r = 0; r < PK_R; ++r) {                                                           \
+                const float qd = q[r][d];                                                              \
+                for (int c = 0; c < NV; ++c) a[r][c] += qd * x[c];                                     \
+            }                                                                                          \
+        }                                                                                              \
+        for (int r = 0; r < PK_R; ++r)                                                                 \
+            for (int c = 0; c < NV; ++c) pk_store(zt + r * Tp + (jp + c) * PK_W, a[r][c] * scale);     \
+    }
+PK_LOGIT_TILE(pk_logit_tileN, PK_NV)
+PK_LOGIT_TILE(pk_logit_tile1, 1)
+
+/* Output rows o[r][c0 .. c0 + NV * PK_W) = inv[r] * sum_j p[r][j] v_j[c0 ..] for PK_R rows (o[r] NULL: not kept) */
+#define PK_PV_TILE(NAME, NV)                                                                                 \
+    static inline void NAME(const float* zt, int64_t Tp, int64_t T, const float* v, int64_t svt, \
+                                      int64_t c0, const float* inv, float* const* o) {                \
+        pk_vec a[PK_R][NV];                                                                            \
+        for (int r = 0; r < PK_R; ++r)                                                                 \
+            for (int c = 0; c < NV; ++c) a[r][c] = (pk_vec){0};                                        \
+        for (int64_t j = 0; j < T; ++j) {                                                              \
+            const float* vj = v + j * svt + c0;                                                        \
+            pk_vec x[NV];                                                                              \
+            for (int c = 0; c < NV; ++c) x[c] = pk_load(vj + PK_W * c);                                \
+            for (int r = 0; r < PK_R; ++r) {                                                           \
+                const float p = zt[r * Tp + j];                                                        \
+                for (int c = 0; c < NV; ++c) a[r][c] += p * x[c];                                      \
+            }                                                                                          \
+        }                                                                                              \
+        for (int r = 0; r < PK_R; ++r)                                                                 \
+            if (o[r])                                                                                  \
+                for (int c = 0; c < NV; ++c) pk_store(o[r] + c0 + PK_W * c, a[r][c] * inv[r]);         \
+    }
+PK_PV_TILE(pk_pv_tileN, PK_NV)
+PK_PV_TILE(pk_pv_tile1, 1)
+
+void pk_attention(const float* q, const float* k, const float* v, float* out, const int64_t* dims,
+                  const int64_t* s, float scale, int64_t rc, int64_t w0, int64_t w1, int64_t n0,
+                  const float* ky, const float* kx, int64_t gw, float py, float px, float* lse, float* mass,
+                  float* plog, float* dpx, float* dgr, float* pre, int threads) {
+    const int64_t H = dims[1], T = dims[2], D = dims[3], DV = dims[4];
+    const int64_t N = T - n0, np = (T + PK_W - 1) / PK_W, Tp = np * PK_W, chunks = (T + rc - 1) / rc;
+    const int square = py == px;
+    const float py2 = py * py, px2 = px * px;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1)
+#endif
+    {
+        float* kp = (float*)calloc((size_t)(D * Tp + PK_R * Tp + 2 * N + 1 + T * DV), sizeof(float));
+        float* zt = kp + D * Tp;
+        float* vc = zt + PK_R * Tp + 2 * N + 1; /* v of the (image, head), rows contiguous */
+        float* drow = zt + PK_R * Tp;
+        float* prow = dgr && !square ? drow + N : NULL;
+        int64_t held = -1; /* the (image, head) whose k is in kp */
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t w = w0; w < w1; ++w) {
+            const int64_t bh = w / chunks, b = bh / H, h = bh % H;
+            const int64_t i0 = (w % chunks) * rc, i1 = i0 + rc < T ? i0 + rc : T;
+            const float* qb = q + b * s[0] + h * s[1];
+            float* ob = out + b * s[9] + h * s[10];
+            if (held != bh) { /* k of this (image, head) in panels of PK_W keys (the last one padded with 0) */
+                const float* kb = k + b * s[3] + h * s[4];
+                for (int64_t j = 0; j < T; ++j)
+                    for (int64_t d = 0; d < D; ++d) kp[((j / PK_W) * D + d) * PK_W + j % PK_W] = kb[j * s[5] + d];
+                const float* vs = v + b * s[6] + h * s[7];
+                for (int64_t j = 0; j < T; ++j) memcpy(vc + j * DV, vs + j * s[8], sizeof(float) * (size_t)DV);
+                held = bh;
+            }
+            for (int64_t i = i0; i < i1; i += PK_R) {
+                const int64_t nr = i1 - i < PK_R ? i1 - i : PK_R;
+                const float* qr[PK_R];
+                float* orow[PK_R];
+                float inv[PK_R];
+                for (int r = 0; r < PK_R; ++r) {
+                    qr[r] = qb + (i + (r < nr ? r : 0)) * s[2]; /* rows past the chunk: its first again, not kept */
+                    orow[r] = r < nr ? ob + (i + r) * s[11] : NULL;
+                    inv[r] = 0.0f;
+                }
+                int64_t jp = 0;
+                for (; jp + PK_NV <= np; jp += PK_NV) pk_logit_tileN(qr, kp, D, jp, scale, zt, Tp);
+                for (; jp < np; ++jp) pk_logit_tile1(qr, kp, D, jp, scale, zt, Tp);
+                for (int r = 0; r < nr; ++r) {
+                    const int64_t qi = i + r - n0, oi = bh * T + i + r;
+                    const float* dq = NULL;
+                    if (dgr && qi >= 0) {
+                        const float qy = (float)(qi / gw), qx = (float)(qi % gw);
+#pragma omp simd
+                        for (int64_t j = 0; j < N; ++j) {
+                            float dy = qy - ky[j], dx = qx - kx[j];
+                            drow[j] = sqrtf(dy * dy + dx * dx);
+                        }
+                        if (prow) {
+#pragma omp simd
+                            for (int64_t j = 0; j < N; ++j) {
+                                float dy = qy - ky[j], dx = qx - kx[j];
+                                prow[j] = sqrtf(dy * dy * py2 + dx * dx * px2);
+                            }
+                        }
+                        dq = drow;
+                    }
+                    row_terms(zt + r * Tp, zt + r * Tp, T, n0, dq, dq ? prow : NULL, py, lse + oi, mass + oi,
+                              plog ? plog + oi : NULL, dq ? dpx + oi : NULL, dq ? dgr + oi : NULL,
+                              pre ? pre + oi * n0 : NULL, inv + r);
+                    if (dgr && !dq) {
+                        dpx[oi] = 0.0f;
+                        dgr[oi] = 0.0f;
+                    }
+                }
+                for (int r = nr; r < PK_R; ++r) /* rows past the chunk: zero weights, nothing written */
+                    memset(zt + r * Tp, 0, sizeof(float) * (size_t)T);
+                int64_t c0 = 0;
+                for (; c0 + PK_NV * PK_W <= DV; c0 += PK_NV * PK_W)
+                    pk_pv_tileN(zt, Tp, T, vc, DV, c0, inv, orow);
+                for (; c0 + PK_W <= DV; c0 += PK_W) pk_pv_tile1(zt, Tp, T, vc, DV, c0, inv, orow);
+                for (; c0 < DV; ++c0) /* the last DV % PK_W columns */
+                    for (int r = 0; r < nr; ++r) {
+                        float acc = 0.0f;
+                        for (int64_t j = 0; j < T; ++j) acc += zt[r * Tp + j] * vc[j * DV + c0];
+                        orow[r][c0] = acc * inv[r];
+                    }
+            }
+        }
+        free(kp);
     }
 }

@@ -42,14 +42,14 @@ import torch
 from probekit.metric.terms import RowTerms
 from probekit.tokens import TokenLayout
 
-__all__ = ["library", "RowKernel", "available", "build_error", "softmax_terms", "TERMS"]
+__all__ = ["library", "RowKernel", "available", "build_error", "softmax_terms", "attention", "TERMS"]
 
 #: The terms this kernel makes (a subset of :data:`probekit.metric.terms.TERMS`: no histogram).
 TERMS = frozenset({"lse", "patch_mass", "patch_logit", "dist", "prefix"})
 
 _SOURCE = Path(__file__).with_name("_cpu_rows.c")
 _FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC")
-_ABI = 6
+_ABI = 7
 _error: str | None = None
 
 
@@ -162,6 +162,9 @@ def _declare(lib: RowKernel) -> None:
     lib.pk_softmax_terms.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, f32, f32,
                                      ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.pk_softmax_terms.restype = None
+    lib.pk_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, f32, i64, i64, i64, i64, ptr, ptr, i64, f32, f32,
+                                 ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.pk_attention.restype = None
     lib.openmp = bool(lib.pk_openmp())
 
 
@@ -238,5 +241,69 @@ def softmax_terms(logits: torch.Tensor, probs: torch.Tensor, batch: slice, rows:
         return
     step = -(-n // threads)
     futures = [_executor(threads).submit(part, a, min(a + step, n)) for a in range(0, n, step)]
+    for f in futures:
+        f.result()
+
+
+_I64x12, _I64x5 = ctypes.c_int64 * 12, ctypes.c_int64 * 5  # array types made once (each new one is a class)
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4 or x.stride(3) != 1:
+        raise ValueError("attention() takes float32 CPU [B, H, T, d] tensors whose last dimension is contiguous")
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, scale: float,
+              layout: TokenLayout, into: RowTerms) -> None:
+    """One attention pass without a ``[T, T]`` buffer: ``out = softmax(q kᵀ · scale) v`` and every row's terms.
+
+    Args:
+        q, k: float32 ``[B, H, T, D]`` on CPU, strided (the views a tap hands over, read in place)
+            with the last dimension contiguous; ``v``: ``[B, H, T, DV]`` the same way.
+        out: where the output goes, ``[B, H, T, DV]`` with the last dimension contiguous (the engine
+            passes a transposed view of a ``[B, T, H, DV]`` tensor).
+        layout: the layer's token layout (prefix tokens first, then the grid row by row).
+        into: the layer's terms (:func:`probekit.engine.kernels.block_terms.layer_terms`), as in
+            :func:`softmax_terms`.
+
+    Each query row's logits, probabilities and sums stay in the L1 cache from its dot products to
+    ``P V`` (``_cpu_rows.c``, ``pk_attention``): one call per layer, one parallel region.
+    """
+    lib = library()
+    assert lib is not None, "attention() is for layers that the kernel serves (cpu_pass.applies)"
+    b, h, t, d = q.shape
+    n0 = layout.num_prefix
+    if t != layout.num_tokens:
+        raise ValueError(f"{t} tokens do not match the layout's {layout.num_tokens}")
+    if k.shape != (b, h, t, d) or v.shape[:3] != (b, h, t) or out.shape != v.shape:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} and out {tuple(out.shape)} "
+                         "do not make one layer's attention")
+    strides = _I64x12(*_strides(q), *_strides(k), *_strides(v), *_strides(out))
+    dims = _I64x5(b, h, t, d, v.shape[3])
+    ky, kx = _key_positions(t - n0, layout.grid[1])
+    py, px = (float(s) for s in layout.patch_size)
+
+    def at(x: torch.Tensor | None, width: int = 1):
+        if x is None:
+            return None
+        if x.shape[:3] != (b, h, t) or not x.is_contiguous() or x.dtype != torch.float32:
+            raise ValueError("the layer's terms must be contiguous float32 [B, H, T] CPU tensors (layer_terms)")
+        return x.data_ptr()
+
+    outs = (at(into.lse), at(into.patch_mass), at(into.patch_logit), at(into.dist_px), at(into.dist_grid),
+            at(into.prefix if n0 else None, n0))
+    threads = torch.get_num_threads()
+    rc = 32  # query rows per work item: enough items for every thread at batch 1 (6 heads: 42 at 197 tokens)
+    items = b * h * -(-t // rc)
+    threads = max(1, min(threads, items))
+    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dims, strides, scale, rc)
+    rest = (n0, ky.data_ptr(), kx.data_ptr(), layout.grid[1], py, px, *outs)
+    if threads == 1 or lib.openmp:
+        lib.pk_attention(*args, 0, items, *rest, threads)
+        return
+    step = -(-items // threads)
+    futures = [_executor(threads).submit(lib.pk_attention, *args, a, min(a + step, items), *rest, 1)
+               for a in range(0, items, step)]
     for f in futures:
         f.result()

@@ -1,22 +1,23 @@
-"""One attention pass per image on CPU, for layers short enough that one image's attention is one block.
+"""A layer's whole attention pass on CPU in one call of the C kernel: output and metric terms, no ``[T, T]`` block.
 
 Why: at ViT lengths (197 tokens) a small model's layer is a few hundred microseconds of matrix
-products, and the blocked one pass (:mod:`probekit.engine.sink`) adds to them float32 copies of q,
-k and v, a product buffer and a pass that scales it into the output: a dozen more tensor calls,
-and buffers that the MLP between two layers has pushed out of the cache by the time they are read
-again (measured with an MLP between two calls, ViT-S/16 at batch 1, one thread: 1.65 ms per layer
-against SDPA's 1.0, and 1.45 ms this way; the whole call: benchmarks/RESULTS.md, section "Small
-calls: probekit and timm AttentionExtract over the plain forward"). Here
-each image takes three calls on the tensors the tap handed over, as
-they are: ``q kᵀ`` scaled inside the matrix product (``baddbmm``, the strided views read in place),
-the C row kernel (:mod:`probekit.engine.kernels.cpu`: softmax in place and every metric's per-row
-terms), and ``P V`` written straight into the layer's output. The metrics' sums come from the
-terms (``block.terms`` of :meth:`~probekit.Metric.row_values`), as on the blocked path.
+products. The blocked one pass (:mod:`probekit.engine.sink`) adds to them float32 copies of q, k
+and v, a product buffer and a pass that scales it into the output, and even three calls per image
+(``q kᵀ``, the row kernel, ``P V``) write and read back a ``[H, T, T]`` block: a dozen tensor calls
+per layer and, at long sequences, blocks far larger than the cache. Here the whole layer is
+one call (:func:`probekit.engine.kernels.cpu.attention`, ``pk_attention`` in ``_cpu_rows.c``): for
+each (image, head) k is laid out once in key panels, and a few query rows at a time get their
+logits (register tiles), their softmax and every metric's per-row terms (the C row kernel's
+``row_terms``, the same code as the blocked path's) and their ``P V`` rows written straight into
+the layer's output, while those rows sit in the L1 cache, with no ``[T, T]`` buffer at all. The
+metrics' sums come from the terms (``block.terms`` of :meth:`~probekit.Metric.row_values`), as on
+the blocked path. Measured: benchmarks/RESULTS.md, section "Small calls: probekit and timm
+AttentionExtract over the plain forward".
 
-It takes a layer only when every row-wise metric reads the C kernel's terms, the tap handed over
-float32 q, k and v without an additive bias, and one image's logits and probabilities fit the block
-budget; anything else (long sequences, biases, autocast, metrics that read the probabilities
-themselves) goes the blocked path, unchanged.
+It takes a layer, at any length, when every row-wise metric reads the C kernel's terms and the
+tap handed over float32 q, k and v (last dimension contiguous) without an additive bias; anything
+else (biases, autocast, grouped layers, metrics that read the probabilities themselves) goes the
+blocked path, unchanged.
 """
 
 from __future__ import annotations
@@ -40,21 +41,21 @@ def _termed(m: Metric) -> bool:
     return bool(m.kernel_terms) and m.kernel_terms <= cpu_kernel.TERMS
 
 
-def applies(attn: LayerAttention, metrics: list[Metric], budget: int) -> bool:
+def applies(attn: LayerAttention, metrics: list[Metric]) -> bool:
     """Whether :func:`run_layer` takes this layer (see the module's docstring)."""
     q, k, v = attn.q, attn.k, attn.v
     if q is None or k is None or v is None or attn.probs_given is not None or attn.bias is not None:
         return False
     if q.device.type != "cpu" or cpu_kernel.library() is None or not metrics or not all(map(_termed, metrics)):
         return False
-    if any(x.dtype != torch.float32 or x.dim() != 4 for x in (q, k, v)) or attn.out_dtype not in (None, torch.float32):
+    if any(x.dtype != torch.float32 or x.dim() != 4 or x.stride(3) != 1 for x in (q, k, v)):
+        return False
+    if attn.out_dtype not in (None, torch.float32):
         return False
     if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
         return False
     b, h, t = attn.shape
-    if k.shape[2] != t or v.shape[2] != t or k.shape[1] != h or v.shape[1] != h or attn.scale <= 0:
-        return False
-    return h * t * t * 4 * 2 <= budget  # an image's logits and probabilities: one block, as blocks() counts it
+    return k.shape[1:3] == (h, t) and v.shape[1:3] == (h, t) and attn.scale > 0
 
 
 def run_layer(comp: LayerBlocks, layout: TokenLayout, metrics: list[Metric], workspace: Workspace,
@@ -68,16 +69,12 @@ def run_layer(comp: LayerBlocks, layout: TokenLayout, metrics: list[Metric], wor
     b, h, t = attn.shape
     want = frozenset().union(*(m.kernel_terms for m in metrics))
     terms = layer_terms(b, h, t, layout.num_prefix, want, q.device, workspace)
-    block = workspace.get("logits", (1, h, t, t), q.device)  # one image's logits, then its probabilities
-    z = block[0]
+    # [B, H, T, dv] as a transposed view of [B, T, H, dv]: the layout every family reshapes to next
     output = torch.empty(b, t, h, v.shape[-1], dtype=torch.float32, device=v.device).transpose(1, 2)
-    rows = slice(0, t)
-    for i in range(b):
-        # q kᵀ · scale in one product, q and k read where the tap's qkv projection left them
-        torch.baddbmm(z, q[i], k[i].transpose(-1, -2), beta=0, alpha=attn.scale, out=z)
-        cpu_kernel.softmax_terms(block, block, slice(i, i + 1), rows, layout, terms)  # in place, normalized
-        torch.matmul(z, v[i], out=output[i])  # [H, T, dv] straight into the output's layout
+    cpu_kernel.attention(q, k, v, output, attn.scale, layout, terms)
     comp.output = output
-    spans = {m.label: query_span(m, layout) for m in metrics}
-    return {m.label: row_sum(m, Block(rows=spans[m.label], layout=layout, terms=terms.rows(spans[m.label])))
-            for m in metrics}
+    out: dict[str, torch.Tensor | None] = {}
+    for m in metrics:
+        rows = query_span(m, layout)
+        out[m.label] = row_sum(m, Block(rows=rows, layout=layout, terms=terms.rows(rows)))
+    return out
