@@ -238,6 +238,58 @@ def test_the_c_attention_pass_equals_the_plain_computation(case):
         torch.testing.assert_close(got, exp, rtol=2e-5, atol=2e-5, msg=name)
 
 
+def _attention_case(seed: int = 9):
+    from probekit.engine.kernels import cpu as cpu_kernel
+    from probekit.engine.kernels.block_terms import layer_terms
+
+    lay = pk.TokenLayout(num_prefix=1, grid=(7, 9), patch_size=(14, 16))
+    t = lay.num_tokens
+    qkv = torch.randn(2, t, 3, 3, 40, generator=torch.Generator().manual_seed(seed)).permute(2, 0, 3, 1, 4)
+
+    def run():
+        out = torch.empty(2, t, 3, 40).transpose(1, 2)
+        terms = layer_terms(2, 3, t, 1, cpu_kernel.TERMS, "cpu")
+        cpu_kernel.attention(qkv[0], qkv[1], qkv[2], out, 40**-0.5, lay, terms)
+        return out, terms
+
+    return run
+
+
+def test_the_c_attention_pass_splits_its_work_the_same_way_on_python_threads(monkeypatch):
+    from probekit.engine.kernels import cpu as cpu_kernel
+
+    run = _attention_case()
+    out1, t1 = run()
+    monkeypatch.setattr(cpu_kernel.library(), "openmp", False)  # the fallback for a compiler without OpenMP
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out2, t2 = run()
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(out1, out2)
+    for name in ("lse", "patch_mass", "dist_px", "prefix"):
+        assert torch.equal(getattr(t1, name), getattr(t2, name)), name
+
+
+def test_the_portable_build_of_the_c_attention_pass_gives_the_same_numbers(monkeypatch, tmp_path):
+    """The register tiles differ by instruction set (_cpu_rows.c: AVX-512's, or the narrower ones every other
+    machine builds): the build without -march=native takes the other branch here, and must agree."""
+    from probekit.engine.kernels import cpu as cpu_kernel
+
+    run = _attention_case()
+    native_out, native_terms = run()
+    dest = tmp_path / "rows-portable.so"
+    cpu_kernel._compile(cpu_kernel._SOURCE.read_bytes(), "cc", ("-fopenmp",), dest)
+    lib = cpu_kernel.RowKernel(str(dest))
+    cpu_kernel._declare(lib)
+    monkeypatch.setattr(cpu_kernel, "library", lambda: lib)
+    out, terms = run()
+    torch.testing.assert_close(out, native_out, rtol=2e-6, atol=2e-6)
+    for name in ("lse", "patch_mass", "patch_logit", "dist_px", "dist_grid", "prefix"):
+        torch.testing.assert_close(getattr(terms, name), getattr(native_terms, name), rtol=2e-6, atol=2e-6)
+
+
 def test_the_kernel_without_the_logit_sum_gives_the_same_terms():
     """MAD's terms alone take a loop without <p, z>_patch (probekit/engine/kernels/_cpu_rows.c): same numbers."""
     from probekit.engine.kernels import cpu as cpu_kernel
