@@ -130,7 +130,9 @@ def watch_attention(attn: nn.Module, report: Report, where: str, drop: str = "at
             )
 
     handles = [attn.register_forward_pre_hook(arm), attn.register_forward_hook(check)]
-    dropout = getattr(attn, drop, None)
+    # a timm module built fused (``fused_attn``, fixed at build time) runs SDPA and never calls its dropout
+    # module (it reads only its ``p``): no hook there, a third fewer hooks to put on and take off per call
+    dropout = None if getattr(attn, "fused_attn", None) is True else getattr(attn, drop, None)
     if isinstance(dropout, nn.Module):
         handles.append(dropout.register_forward_hook(unfused))
     return handles
