@@ -324,8 +324,7 @@ def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: in
     return done
 
 
-@contextlib.contextmanager
-def _signals_deferred(needed: bool = True) -> Iterator[None]:
+def _signals_deferred(needed: bool = True) -> contextlib.AbstractContextManager[None]:
     """SIGTERM and SIGINT held for the block and delivered right after it, to whatever handler was
     installed (a run's: Ctrl-C's KeyboardInterrupt, SIGTERM's Terminated).
 
@@ -334,11 +333,16 @@ def _signals_deferred(needed: bool = True) -> Iterator[None]:
     (seen: a SIGTERM'd run that printed its resume line and never exited). The loader's queues
     are used only in such blocks, which last one batch's fetch at most. Main thread only (where
     Python runs signal handlers). ``needed=False`` (a loader without worker processes, hence
-    without queues): nothing is held.
+    without queues): nothing is held (a null context: no generator per batch).
     """
     if not needed or threading.current_thread() is not threading.main_thread():
-        yield
-        return
+        return contextlib.nullcontext()
+    return _held_signals()
+
+
+@contextlib.contextmanager
+def _held_signals() -> Iterator[None]:
+    """:func:`_signals_deferred`'s block, in the main thread."""
     held: list[tuple[int, Any]] = []
 
     def hold(signum: int, frame: Any) -> None:
