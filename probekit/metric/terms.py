@@ -4,6 +4,7 @@ and metrics read as ``block.terms`` (:class:`probekit.metric.block.Block`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -35,8 +36,15 @@ class RowTerms:
 
     def rows(self, rows: slice) -> RowTerms:
         """The same terms for the query rows ``rows`` only (views, no copies)."""
-        kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in kw.items():
-            if isinstance(value, torch.Tensor):
-                kw[name] = value[:, :, rows]
-        return RowTerms(**kw)
+        start, stop, step = rows.indices(self.lse.shape[2])
+        n = max(stop - start, 0)
+
+        def cut(value: Any) -> Any:  # narrow: the slice's view in half the time of indexing (per layer and metric)
+            if not isinstance(value, torch.Tensor):
+                return value
+            return value.narrow(2, start, n) if step == 1 else value[:, :, rows]
+
+        return RowTerms(**{name: cut(getattr(self, name)) for name in _FIELDS})
+
+
+_FIELDS = tuple(f.name for f in fields(RowTerms))

@@ -27,6 +27,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* exp(x) for x <= 0 (a logit minus its row maximum), to ~1 ulp: Cephes' expf polynomial after
  * x = n ln2 + r, |r| <= ln2 / 2. Below -87 (float32's normal range ends near -87.3) and for
@@ -50,7 +53,7 @@ static inline float pk_exp(float x) {
     return x < -87.0f ? 0.0f : y * s;
 }
 
-int pk_abi_version(void) { return 7; }
+int pk_abi_version(void) { return 8; }
 
 int pk_openmp(void) {
 #ifdef _OPENMP
@@ -197,7 +200,8 @@ void pk_softmax_terms(const float* z, float* p, int64_t H, int64_t R, int64_t T,
  * tiles of 4 rows x 64 columns (16 vectors of 16 floats: the compiler maps them onto AVX-512,
  * AVX2 or SSE registers). Work items are (image, head, chunk of `rc` query rows), split across
  * `threads` OpenMP threads in one parallel region; items [w0, w1) are done by this call (the
- * Python-thread fallback hands each thread its range).
+ * Python-thread fallback hands each thread its range). Thread n works in scratch + n *
+ * pk_attention_floats(...) (no allocation per call: the caller keeps the buffer across layers).
  *
  * Tensors are strided: element (b, h, t, d) of q at q[b*s[0] + h*s[1] + t*s[2] + d] (d contiguous),
  * of k at s[3..5], of v at s[6..8], of out at s[9..11]. dims = {B, H, T, D, DV}. Terms as
@@ -268,10 +272,16 @@ PK_LOGIT_TILE(pk_logit_tile1, 1)
 PK_PV_TILE(pk_pv_tileN, PK_NV)
 PK_PV_TILE(pk_pv_tile1, 1)
 
+/* Floats of scratch each thread of pk_attention uses (its caller hands over threads times as many). */
+int64_t pk_attention_floats(int64_t T, int64_t D, int64_t DV, int64_t n0) {
+    const int64_t Tp = (T + PK_W - 1) / PK_W * PK_W;
+    return D * Tp + PK_R * Tp + 2 * (T - n0) + 1 + T * DV;
+}
+
 void pk_attention(const float* q, const float* k, const float* v, float* out, const int64_t* dims,
                   const int64_t* s, float scale, int64_t rc, int64_t w0, int64_t w1, int64_t n0,
                   const float* ky, const float* kx, int64_t gw, float py, float px, float* lse, float* mass,
-                  float* plog, float* dpx, float* dgr, float* pre, int threads) {
+                  float* plog, float* dpx, float* dgr, float* pre, float* scratch, int threads) {
     const int64_t H = dims[1], T = dims[2], D = dims[3], DV = dims[4];
     const int64_t N = T - n0, np = (T + PK_W - 1) / PK_W, Tp = np * PK_W, chunks = (T + rc - 1) / rc;
     const int square = py == px;
@@ -280,7 +290,11 @@ void pk_attention(const float* q, const float* k, const float* v, float* out, co
 #pragma omp parallel num_threads(threads) if (threads > 1)
 #endif
     {
-        float* kp = (float*)calloc((size_t)(D * Tp + PK_R * Tp + 2 * N + 1 + T * DV), sizeof(float));
+#ifdef _OPENMP
+        float* kp = scratch + omp_get_thread_num() * pk_attention_floats(T, D, DV, n0);
+#else
+        float* kp = scratch;
+#endif
         float* zt = kp + D * Tp;
         float* vc = zt + PK_R * Tp + 2 * N + 1; /* v of the (image, head), rows contiguous */
         float* drow = zt + PK_R * Tp;
@@ -296,8 +310,9 @@ void pk_attention(const float* q, const float* k, const float* v, float* out, co
             float* ob = out + b * s[9] + h * s[10];
             if (held != bh) { /* k of this (image, head) in panels of PK_W keys (the last one padded with 0) */
                 const float* kb = k + b * s[3] + h * s[4];
-                for (int64_t j = 0; j < T; ++j)
-                    for (int64_t d = 0; d < D; ++d) kp[((j / PK_W) * D + d) * PK_W + j % PK_W] = kb[j * s[5] + d];
+                for (int64_t j = 0; j < Tp; ++j) /* keys past T: zero columns of the last panel */
+                    for (int64_t d = 0; d < D; ++d)
+                        kp[((j / PK_W) * D + d) * PK_W + j % PK_W] = j < T ? kb[j * s[5] + d] : 0.0f;
                 const float* vs = v + b * s[6] + h * s[7];
                 for (int64_t j = 0; j < T; ++j) memcpy(vc + j * DV, vs + j * s[8], sizeof(float) * (size_t)DV);
                 held = bh;
@@ -356,6 +371,5 @@ void pk_attention(const float* q, const float* k, const float* v, float* out, co
                     }
             }
         }
-        free(kp);
     }
 }

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from probekit.attention import Workspace
 from probekit.metric.terms import RowTerms
 from probekit.tokens import TokenLayout
 
@@ -49,7 +50,7 @@ TERMS = frozenset({"lse", "patch_mass", "patch_logit", "dist", "prefix"})
 
 _SOURCE = Path(__file__).with_name("_cpu_rows.c")
 _FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC")
-_ABI = 7
+_ABI = 8
 _error: str | None = None
 
 
@@ -163,8 +164,10 @@ def _declare(lib: RowKernel) -> None:
                                      ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.pk_softmax_terms.restype = None
     lib.pk_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, f32, i64, i64, i64, i64, ptr, ptr, i64, f32, f32,
-                                 ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+                                 ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.pk_attention.restype = None
+    lib.pk_attention_floats.argtypes = [i64, i64, i64, i64]
+    lib.pk_attention_floats.restype = i64
     lib.openmp = bool(lib.pk_openmp())
 
 
@@ -248,14 +251,28 @@ def softmax_terms(logits: torch.Tensor, probs: torch.Tensor, batch: slice, rows:
 _I64x12, _I64x5 = ctypes.c_int64 * 12, ctypes.c_int64 * 5  # array types made once (each new one is a class)
 
 
-def _strides(x: torch.Tensor) -> tuple[int, int, int]:
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4 or x.stride(3) != 1:
+def _strides(x: torch.Tensor) -> tuple[int, ...]:
+    st = x.stride()
+    if x.dtype != torch.float32 or x.device.type != "cpu" or len(st) != 4 or st[3] != 1:
         raise ValueError("attention() takes float32 CPU [B, H, T, d] tensors whose last dimension is contiguous")
-    return x.stride(0), x.stride(1), x.stride(2)
+    return st[:3]
+
+
+@functools.lru_cache(maxsize=16)
+def _scratch_floats(lib: RowKernel, tokens: int, d: int, dv: int, num_prefix: int) -> int:
+    return int(lib.pk_attention_floats(tokens, d, dv, num_prefix))
+
+
+@functools.lru_cache(maxsize=16)
+def _layout_args(layout: TokenLayout) -> tuple:
+    """``pk_attention``'s layout arguments (prefix count, key positions, grid width, patch size)."""
+    n0 = layout.num_prefix
+    ky, kx = _key_positions(layout.num_tokens - n0, layout.grid[1])  # kept alive by _key_positions' cache
+    return n0, ky.data_ptr(), kx.data_ptr(), layout.grid[1], float(layout.patch_size[0]), float(layout.patch_size[1])
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, scale: float,
-              layout: TokenLayout, into: RowTerms) -> None:
+              layout: TokenLayout, into: RowTerms, workspace: Workspace | None = None) -> None:
     """One attention pass without a ``[T, T]`` buffer: ``out = softmax(q kᵀ · scale) v`` and every row's terms.
 
     Args:
@@ -266,6 +283,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
         layout: the layer's token layout (prefix tokens first, then the grid row by row).
         into: the layer's terms (:func:`probekit.engine.kernels.block_terms.layer_terms`), as in
             :func:`softmax_terms`.
+        workspace: where the threads' scratch comes from (kept across layers and calls; default: a new one).
 
     Each query row's logits, probabilities and sums stay in the L1 cache from its dot products to
     ``P V`` (``_cpu_rows.c``, ``pk_attention``): one call per layer, one parallel region.
@@ -281,29 +299,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
                          "do not make one layer's attention")
     strides = _I64x12(*_strides(q), *_strides(k), *_strides(v), *_strides(out))
     dims = _I64x5(b, h, t, d, v.shape[3])
-    ky, kx = _key_positions(t - n0, layout.grid[1])
-    py, px = (float(s) for s in layout.patch_size)
-
-    def at(x: torch.Tensor | None, width: int = 1):
-        if x is None:
-            return None
-        if x.shape[:3] != (b, h, t) or not x.is_contiguous() or x.dtype != torch.float32:
+    outs = []
+    for x in (into.lse, into.patch_mass, into.patch_logit, into.dist_px, into.dist_grid, into.prefix if n0 else None):
+        if x is not None and (x.shape[:3] != (b, h, t) or not x.is_contiguous() or x.dtype != torch.float32):
             raise ValueError("the layer's terms must be contiguous float32 [B, H, T] CPU tensors (layer_terms)")
-        return x.data_ptr()
-
-    outs = (at(into.lse), at(into.patch_mass), at(into.patch_logit), at(into.dist_px), at(into.dist_grid),
-            at(into.prefix if n0 else None, n0))
-    threads = torch.get_num_threads()
+        outs.append(None if x is None else x.data_ptr())
     rc = 32  # query rows per work item: enough items for every thread at batch 1 (6 heads: 42 at 197 tokens)
     items = b * h * -(-t // rc)
-    threads = max(1, min(threads, items))
+    threads = max(1, min(torch.get_num_threads(), items))
+    per = _scratch_floats(lib, t, d, v.shape[3], n0)
+    buf = (workspace or Workspace()).get("attention_scratch", (threads * per,), q.device)  # alive until return
+    scratch = buf.data_ptr()
     args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dims, strides, scale, rc)
-    rest = (n0, ky.data_ptr(), kx.data_ptr(), layout.grid[1], py, px, *outs)
+    rest = (*_layout_args(layout), *outs)
     if threads == 1 or lib.openmp:
-        lib.pk_attention(*args, 0, items, *rest, threads)
+        lib.pk_attention(*args, 0, items, *rest, scratch, threads)
         return
     step = -(-items // threads)
-    futures = [_executor(threads).submit(lib.pk_attention, *args, a, min(a + step, items), *rest, 1)
-               for a in range(0, items, step)]
+    futures = [_executor(threads).submit(lib.pk_attention, *args, a, min(a + step, items), *rest,
+                                         scratch + 4 * per * (a // step), 1) for a in range(0, items, step)]
     for f in futures:
         f.result()

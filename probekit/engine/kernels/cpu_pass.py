@@ -71,7 +71,7 @@ def run_layer(comp: LayerBlocks, layout: TokenLayout, metrics: list[Metric], wor
     terms = layer_terms(b, h, t, layout.num_prefix, want, q.device, workspace)
     # [B, H, T, dv] as a transposed view of [B, T, H, dv]: the layout every family reshapes to next
     output = torch.empty(b, t, h, v.shape[-1], dtype=torch.float32, device=v.device).transpose(1, 2)
-    cpu_kernel.attention(q, k, v, output, attn.scale, layout, terms)
+    cpu_kernel.attention(q, k, v, output, attn.scale, layout, terms, workspace)
     comp.output = output
     out: dict[str, torch.Tensor | None] = {}
     for m in metrics:
