@@ -112,8 +112,8 @@ def _count_cpu_pass(monkeypatch):
     from probekit.engine.kernels import cpu_pass
 
     calls = []
-    run = cpu_pass.run_layer
-    monkeypatch.setattr(cpu_pass, "run_layer", lambda *a, **k: calls.append(1) or run(*a, **k))
+    run = cpu_pass.Prepared.run
+    monkeypatch.setattr(cpu_pass.Prepared, "run", lambda *a, **k: calls.append(1) or run(*a, **k))
     return calls
 
 
@@ -173,6 +173,40 @@ def test_a_metric_that_declines_the_terms_gets_the_blocked_path_after_the_cpu_pa
     got = _values(pm, x, metrics)
     assert len(calls) == 2
     np.testing.assert_allclose(got, _values(pm, x, metrics, attention_pass="separate"), rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_unlike_the_last_one_does_not_reuse_its_prepared_pass():
+    """The sink keeps the C kernel's prepared pass for the next layers of the same shape (cpu_pass.Prepared);
+    a layer with other strides, another length or a bias must not be served by it: every layer's values
+    and output equal the plain computation."""
+    from probekit.attention import LayerAttention
+    from probekit.engine.kernels import cpu_pass
+    from probekit.engine.probe import MetricSink, build_metrics
+
+    lay = pk.TokenLayout(num_prefix=1, grid=(8, 8), patch_size=(16, 16))
+    t = lay.num_tokens
+    g = torch.Generator().manual_seed(12)
+    qkv = torch.randn(2, t, 3, 2, 16, generator=g).permute(2, 0, 3, 1, 4)
+    strided = LayerAttention(q=qkv[0], k=qkv[1], v=qkv[2], scale=0.25)
+    dense = LayerAttention(q=qkv[0].contiguous() * 2, k=qkv[1].contiguous(), v=qkv[2].contiguous(), scale=0.25)
+    biased = LayerAttention(q=qkv[0], k=qkv[1], v=qkv[2], scale=0.25, bias=torch.randn(t, t, generator=g))
+    layers = [strided, strided, dense, biased, strided]
+    sink = MetricSink(build_metrics(["mad"]))
+    sink.start(lay)
+    outputs = [sink.attention(i, a) for i, a in enumerate(layers)]
+    values = sink.finish()["mad"]
+    assert isinstance(sink._prepared, cpu_pass.Prepared)
+    dist = torch.cdist(*[torch.tensor([[i // 8, i % 8] for i in range(64)], dtype=torch.float64) * 16] * 2)
+    for i, a in enumerate(layers):
+        z = a.q.double() @ a.k.double().transpose(-1, -2) * a.scale
+        if a.bias is not None:
+            z = z + a.bias.double()
+        p = torch.softmax(z, -1)
+        want = (p[:, :, 1:, 1:] * dist).sum(-1).mean(-1)
+        torch.testing.assert_close(values[i].double(), want, rtol=2e-5, atol=2e-5, msg=f"layer {i}")
+        out = outputs[i]  # every layer's output made here (65 tokens: one pass; the biased one in blocks)
+        assert out is not None, i
+        torch.testing.assert_close(out.double(), p @ a.v.double(), rtol=2e-5, atol=2e-5, msg=f"output {i}")
 
 
 def test_the_cpu_pass_refuses_what_it_does_not_compute():

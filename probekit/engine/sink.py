@@ -134,6 +134,9 @@ class MetricSink:
         self.layout: TokenLayout | None = None
         self.geometry: ModelGeometry | None = None
         self.values: dict[str, dict[int, torch.Tensor]] = {}
+        #: the C kernel's pass of the last layer it took, for the next layers of the same shape (attention())
+        self._prepared: cpu_pass.Prepared | None = None
+        self._rows: dict[str, int] = {}  # each of its metrics' query rows
 
     def start(self, layout: TokenLayout, geometry: ModelGeometry | None = None,
               batch: tuple[Any, torch.Tensor | None] | None = None) -> None:
@@ -145,6 +148,7 @@ class MetricSink:
         """
         self.layout = layout
         self.geometry = geometry if geometry is not None else ModelGeometry(layout)
+        self._prepared = None
         for m in self.metrics:  # a global model: its layers are the input's layout
             refuse_layers(m, geometry if geometry is not None else ModelGeometry(layout, num_layers=1),
                           self.layers if geometry is not None else None)
@@ -174,6 +178,15 @@ class MetricSink:
         then runs the model's own kernel)."""
         assert self.geometry is not None, "start() begins every batch"
         lay = self.geometry.layer(layer)
+        prepared = self._prepared
+        if prepared is not None and prepared.takes(attn, lay):  # a layer like the last one the C kernel took
+            output, sums = prepared.run(attn)
+            kept = {label: v for label, v in sums.items() if v is not None}
+            if len(kept) == len(sums):
+                for m in prepared.metrics:
+                    self._keep(m, layer, kept[m.label] / self._rows[m.label])
+                return output
+            # a metric declined the terms (e.g. an underflowed patch mass): the whole path below
         b, h, t = attn.shape
         if self.observer is not None:
             with no_autocast(attn.device):
@@ -204,7 +217,12 @@ class MetricSink:
             rest = [m for m in rest if m.label not in done]  # the blocked path, same run
         if (rest and comp.output is None and one_pass(attn, self.attention_pass) and self.row_terms == "auto"
                 and cpu_pass.applies(attn, rest)):  # on CPU: the whole layer in one call of the C kernel
-            sums = cpu_pass.run_layer(comp, lay, rest, self.workspace)
+            prepared = cpu_pass.Prepared(attn, lay, rest, self.workspace)
+            comp.output, sums = prepared.run(attn)
+            if (rest == self._rowwise and not self._other_attn and self.observer is None
+                    and all(v is not None for v in sums.values())):
+                self._prepared = prepared  # the next layers of this shape take it at once (attention())
+                self._rows = {m.label: max(q.stop - q.start, 1) for m in rest for q in [query_span(m, lay)]}
             for m in rest:
                 if sums[m.label] is not None:
                     q = query_span(m, lay)

@@ -43,7 +43,8 @@ from probekit.attention import Workspace
 from probekit.metric.terms import RowTerms
 from probekit.tokens import TokenLayout
 
-__all__ = ["library", "RowKernel", "available", "build_error", "softmax_terms", "attention", "TERMS"]
+__all__ = ["library", "RowKernel", "available", "build_error", "softmax_terms", "attention", "AttentionCall",
+           "TERMS"]
 
 #: The terms this kernel makes (a subset of :data:`probekit.metric.terms.TERMS`: no histogram).
 TERMS = frozenset({"lse", "patch_mass", "patch_logit", "dist", "prefix"})
@@ -288,35 +289,68 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     Each query row's logits, probabilities and sums stay in the L1 cache from its dot products to
     ``P V`` (``_cpu_rows.c``, ``pk_attention``): one call per layer, one parallel region.
     """
-    lib = library()
-    assert lib is not None, "attention() is for layers that the kernel serves (cpu_pass.applies)"
-    b, h, t, d = q.shape
-    n0 = layout.num_prefix
-    if t != layout.num_tokens:
-        raise ValueError(f"{t} tokens do not match the layout's {layout.num_tokens}")
-    if k.shape != (b, h, t, d) or v.shape[:3] != (b, h, t) or out.shape != v.shape:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} and out {tuple(out.shape)} "
-                         "do not make one layer's attention")
-    strides = _I64x12(*_strides(q), *_strides(k), *_strides(v), *_strides(out))
-    dims = _I64x5(b, h, t, d, v.shape[3])
-    outs = []
-    for x in (into.lse, into.patch_mass, into.patch_logit, into.dist_px, into.dist_grid, into.prefix if n0 else None):
-        if x is not None and (x.shape[:3] != (b, h, t) or not x.is_contiguous() or x.dtype != torch.float32):
-            raise ValueError("the layer's terms must be contiguous float32 [B, H, T] CPU tensors (layer_terms)")
-        outs.append(None if x is None else x.data_ptr())
-    rc = 32  # query rows per work item: enough items for every thread at batch 1 (6 heads: 42 at 197 tokens)
-    items = b * h * -(-t // rc)
-    threads = max(1, min(torch.get_num_threads(), items))
-    per = _scratch_floats(lib, t, d, v.shape[3], n0)
-    buf = (workspace or Workspace()).get("attention_scratch", (threads * per,), q.device)  # alive until return
-    scratch = buf.data_ptr()
-    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dims, strides, scale, rc)
-    rest = (*_layout_args(layout), *outs)
-    if threads == 1 or lib.openmp:
-        lib.pk_attention(*args, 0, items, *rest, scratch, threads)
-        return
-    step = -(-items // threads)
-    futures = [_executor(threads).submit(lib.pk_attention, *args, a, min(a + step, items), *rest,
-                                         scratch + 4 * per * (a // step), 1) for a in range(0, items, step)]
-    for f in futures:
-        f.result()
+    AttentionCall(q, k, v, out, layout, into, workspace)(q, k, v, out, scale)
+
+
+class AttentionCall:
+    """:func:`attention` with its arguments checked and laid out once, for every layer of the same shape.
+
+    Made from a layer's tensors (their shapes and strides), its layout and its terms; a call then
+    takes any q, k, v and out with those shapes and strides (:meth:`matches`) and passes their data
+    pointers only. Why: the engine calls the kernel once per layer, and checking and converting two
+    dozen arguments each time was a visible share of a small model's layer (issue 25).
+    """
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, layout: TokenLayout,
+                 into: RowTerms, workspace: Workspace | None = None):
+        lib = library()
+        assert lib is not None, "attention() is for layers that the kernel serves (cpu_pass.applies)"
+        b, h, t, d = q.shape
+        n0 = layout.num_prefix
+        if t != layout.num_tokens:
+            raise ValueError(f"{t} tokens do not match the layout's {layout.num_tokens}")
+        if k.shape != (b, h, t, d) or v.shape[:3] != (b, h, t) or out.shape != v.shape:
+            raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} and out {tuple(out.shape)} "
+                             "do not make one layer's attention")
+        self.strides = tuple(x.stride() for x in (q, k, v, out))
+        self.shapes = (q.shape, k.shape, v.shape, out.shape)
+        c_strides = _I64x12(*_strides(q), *_strides(k), *_strides(v), *_strides(out))
+        outs = []
+        for x in (into.lse, into.patch_mass, into.patch_logit, into.dist_px, into.dist_grid,
+                  into.prefix if n0 else None):
+            if x is not None and (x.shape[:3] != (b, h, t) or not x.is_contiguous() or x.dtype != torch.float32):
+                raise ValueError("the layer's terms must be contiguous float32 [B, H, T] CPU tensors (layer_terms)")
+            outs.append(None if x is None else x.data_ptr())
+        self._into = into  # the terms' buffers stay alive while their pointers are held
+        rc = 32  # query rows per work item: enough items for every thread at batch 1 (6 heads: 42 at 197 tokens)
+        self.items = b * h * -(-t // rc)
+        self.threads = max(1, min(torch.get_num_threads(), self.items))
+        per = _scratch_floats(lib, t, d, v.shape[3], n0)
+        self._scratch = (workspace or Workspace()).get("attention_scratch", (self.threads * per,), q.device)
+        self._per = per
+        self._lib = lib
+        self._fixed = (_I64x5(b, h, t, d, v.shape[3]), c_strides)
+        self._rest = (*_layout_args(layout), *outs)
+        self._rc = rc
+
+    def matches(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether q, k and v have the shapes and strides this call was made for (and the thread count holds)."""
+        return (q.stride() == self.strides[0] and k.stride() == self.strides[1] and v.stride() == self.strides[2]
+                and q.shape == self.shapes[0] and k.shape == self.shapes[1] and v.shape == self.shapes[2]
+                and q.dtype == k.dtype == v.dtype == torch.float32 and q.is_cpu and k.is_cpu and v.is_cpu
+                and max(1, min(torch.get_num_threads(), self.items)) == self.threads)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+        """The pass on these tensors (shapes and strides as made for: :meth:`matches`; ``out`` too)."""
+        if out.stride() != self.strides[3] or out.shape != self.shapes[3]:
+            raise ValueError("out has another shape or layout than this call was made for")
+        lib, scratch, items, threads = self._lib, self._scratch.data_ptr(), self.items, self.threads
+        args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *self._fixed, scale, self._rc)
+        if threads == 1 or lib.openmp:
+            lib.pk_attention(*args, 0, items, *self._rest, scratch, threads)
+            return
+        step = -(-items // threads)
+        futures = [_executor(threads).submit(lib.pk_attention, *args, a, min(a + step, items), *self._rest,
+                                             scratch + 4 * self._per * (a // step), 1) for a in range(0, items, step)]
+        for f in futures:
+            f.result()

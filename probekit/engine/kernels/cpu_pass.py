@@ -25,7 +25,6 @@ from __future__ import annotations
 import torch
 
 from probekit.attention import LayerAttention, Workspace
-from probekit.engine.blocks import LayerBlocks
 from probekit.engine.kernels import cpu as cpu_kernel
 from probekit.engine.kernels.block_terms import layer_terms
 from probekit.engine.rows import row_sum
@@ -33,7 +32,7 @@ from probekit.metric import Block, Metric
 from probekit.metric.base import query_span
 from probekit.tokens import TokenLayout
 
-__all__ = ["applies", "run_layer"]
+__all__ = ["applies", "Prepared"]
 
 
 def _termed(m: Metric) -> bool:
@@ -42,7 +41,7 @@ def _termed(m: Metric) -> bool:
 
 
 def applies(attn: LayerAttention, metrics: list[Metric]) -> bool:
-    """Whether :func:`run_layer` takes this layer (see the module's docstring)."""
+    """Whether :class:`Prepared` serves this layer (see the module's docstring)."""
     q, k, v = attn.q, attn.k, attn.v
     if q is None or k is None or v is None or attn.probs_given is not None or attn.bias is not None:
         return False
@@ -58,23 +57,45 @@ def applies(attn: LayerAttention, metrics: list[Metric]) -> bool:
     return k.shape[1:3] == (h, t) and v.shape[1:3] == (h, t) and attn.scale > 0
 
 
-def run_layer(comp: LayerBlocks, layout: TokenLayout, metrics: list[Metric], workspace: Workspace,
-              ) -> dict[str, torch.Tensor | None]:
-    """The layer's output into ``comp.output`` and each metric's sum over its query rows (``[B, H, ...]``;
-    None where its :meth:`~probekit.Metric.row_values` declines the terms, e.g. a patch mass lost to
-    underflow: the sink then takes its blocked path for that metric)."""
-    attn = comp.attn
-    q, k, v = attn._q, attn._k, attn.v
-    assert v is not None, "applies() checked that the tap handed over v"
-    b, h, t = attn.shape
-    want = frozenset().union(*(m.kernel_terms for m in metrics))
-    terms = layer_terms(b, h, t, layout.num_prefix, want, q.device, workspace)
-    # [B, H, T, dv] as a transposed view of [B, T, H, dv]: the layout every family reshapes to next
-    output = torch.empty(b, t, h, v.shape[-1], dtype=torch.float32, device=v.device).transpose(1, 2)
-    cpu_kernel.attention(q, k, v, output, attn.scale, layout, terms, workspace)
-    comp.output = output
-    out: dict[str, torch.Tensor | None] = {}
-    for m in metrics:
-        rows = query_span(m, layout)
-        out[m.label] = row_sum(m, Block(rows=rows, layout=layout, terms=terms.rows(rows)))
-    return out
+class Prepared:
+    """The pass of one layer shape with its metrics: made at the first such layer, reused by the next ones.
+
+    Holds the layer's terms (workspace buffers), each metric's :class:`~probekit.metric.Block` over its
+    query rows of them, and the kernel's call with its arguments laid out
+    (:class:`~probekit.engine.kernels.cpu.AttentionCall`): a layer it :meth:`takes` costs the output's
+    allocation, one kernel call and each metric's sum.
+    Why: a small model's layer is about a millisecond, and deciding, allocating and slicing the
+    same things again for each of its layers was a tenth of it (issue 25).
+    """
+
+    def __init__(self, attn: LayerAttention, layout: TokenLayout, metrics: list[Metric], workspace: Workspace):
+        q, k, v = attn._q, attn._k, attn.v
+        assert v is not None, "applies() checked that the tap handed over v"
+        b, h, t = attn.shape
+        self.layout, self.metrics = layout, metrics
+        want = frozenset().union(*(m.kernel_terms for m in metrics))
+        terms = layer_terms(b, h, t, layout.num_prefix, want, q.device, workspace)
+        self.out_shape = (b, t, h, v.shape[-1])
+        # [B, H, T, dv] as a transposed view of [B, T, H, dv]: the layout every family reshapes to next
+        out = torch.empty(self.out_shape, dtype=torch.float32, device=v.device).transpose(1, 2)
+        self.call = cpu_kernel.AttentionCall(q, k, v, out, layout, terms, workspace)
+        self.blocks = []
+        for m in metrics:
+            rows = query_span(m, layout)
+            self.blocks.append((m, Block(rows=rows, layout=layout, terms=terms.rows(rows))))
+
+    def takes(self, attn: LayerAttention, layout: object) -> bool:
+        """Whether this layer is one :meth:`run` serves: the same layout, and q, k, v of the same shapes,
+        strides and dtype, with no bias, probabilities or autocast output (what :func:`applies` checks)."""
+        q, k, v = attn.q, attn.k, attn.v
+        return (layout is self.layout and q is not None and k is not None and v is not None and attn.bias is None
+                and attn.probs_given is None and attn.out_dtype in (None, torch.float32) and attn.scale > 0
+                and self.call.matches(q, k, v)
+                and not ((q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled()))
+
+    def run(self, attn: LayerAttention) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        """The layer's output ``[B, H, T, dv]`` and each metric's sum over its query rows (None where its
+        :meth:`~probekit.Metric.row_values` declines the terms, e.g. a patch mass lost to underflow)."""
+        output = torch.empty(self.out_shape, dtype=torch.float32, device=attn.device).transpose(1, 2)
+        self.call(attn._q, attn._k, attn.v, output, attn.scale)  # type: ignore[arg-type]  # takes() checked v
+        return output, {m.label: row_sum(m, block) for m, block in self.blocks}
