@@ -277,7 +277,12 @@ def main(argv=None) -> int:
                      "round's plain forward; IQR: its quartiles; CPU time x plain: the same with the process's "
                      "CPU time.",
                      "extra steady MB: RSS high-water mark of one more run after the timed rounds, over the plain "
-                     "forward's.", *lines], raw=results)
+                     "forward's (noise of a few MB either way). Not in it: the workspace pk.probe keeps for the next "
+                     "call when it is 8 MiB or less (the C kernel's per-thread scratch and the layer's row terms), "
+                     "already resident before the measured run.",
+                     "timm AttentionExtract (fx, its default) returns a graph cut after the last layer's softmax: the "
+                     "last block's attention output, MLP and head are not computed (~6% of a ViT-S forward), so its "
+                     "row can come out below the plain forward.", *lines], raw=results)
     return 0
 
 
