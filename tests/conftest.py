@@ -156,3 +156,23 @@ def run_cli(monkeypatch):
     monkeypatch.delenv("PROBEKIT_DEBUG", raising=False)
     runner = CliRunner()
     return lambda *args: runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def python_threads(monkeypatch):
+    """A context in which the C kernels take their fallback for a compiler without OpenMP: their rows or
+    work items split across 2 Python threads (probekit.engine.kernels.cpu), as on such a machine."""
+    from probekit.engine.kernels import cpu as cpu_kernel
+
+    @contextmanager
+    def fallback():
+        with monkeypatch.context() as patch:
+            patch.setattr(cpu_kernel.library(), "openmp", False)
+            old = torch.get_num_threads()
+            torch.set_num_threads(2)
+            try:
+                yield
+            finally:
+                torch.set_num_threads(old)
+
+    return fallback

@@ -289,18 +289,11 @@ def _attention_case(seed: int = 9):
     return run
 
 
-def test_the_c_attention_pass_splits_its_work_the_same_way_on_python_threads(monkeypatch):
-    from probekit.engine.kernels import cpu as cpu_kernel
-
+def test_the_c_attention_pass_splits_its_work_the_same_way_on_python_threads(python_threads):
     run = _attention_case()
     out1, t1 = run()
-    monkeypatch.setattr(cpu_kernel.library(), "openmp", False)  # the fallback for a compiler without OpenMP
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with python_threads():
         out2, t2 = run()
-    finally:
-        torch.set_num_threads(old)
     assert torch.equal(out1, out2)
     for name in ("lse", "patch_mass", "dist_px", "prefix"):
         assert torch.equal(getattr(t1, name), getattr(t2, name)), name

@@ -86,7 +86,7 @@ def test_terms_match_plain_torch(name, unnormalized):
     assert (terms.dist_grid[:, :, rows][:, :, : max(0, n0 - rows.start)] == 0).all()  # prefix queries: no position
 
 
-def test_python_threads_split_the_rows_the_same_way(monkeypatch):
+def test_python_threads_split_the_rows_the_same_way(python_threads):
     lay = LAYOUTS["registers, non-square px"]
     t = lay.num_tokens
     z = torch.randn(2, 3, t, t, generator=torch.Generator().manual_seed(1)) * 3
@@ -98,13 +98,8 @@ def test_python_threads_split_the_rows_the_same_way(monkeypatch):
         return p, terms
 
     p1, t1 = run()
-    monkeypatch.setattr(cpu_kernel.library(), "openmp", False)  # the fallback for a compiler without OpenMP
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with python_threads():
         p2, t2 = run()
-    finally:
-        torch.set_num_threads(old)
     assert torch.equal(p1, p2)
     for a, b in [(t1.lse, t2.lse), (t1.dist_px, t2.dist_px), (t1.patch_logit, t2.patch_logit), (t1.prefix, t2.prefix)]:
         assert torch.equal(a, b)

@@ -136,7 +136,6 @@ class MetricSink:
         self.values: dict[str, dict[int, torch.Tensor]] = {}
         #: the C kernel's pass of the last layer it took, for the next layers of the same shape (attention())
         self._prepared: cpu_pass.Prepared | None = None
-        self._rows: dict[str, int] = {}  # each of its metrics' query rows
 
     def start(self, layout: TokenLayout, geometry: ModelGeometry | None = None,
               batch: tuple[Any, torch.Tensor | None] | None = None) -> None:
@@ -184,7 +183,7 @@ class MetricSink:
             kept = {label: v for label, v in sums.items() if v is not None}
             if len(kept) == len(sums):
                 for m in prepared.metrics:
-                    self._keep(m, layer, kept[m.label] / self._rows[m.label])
+                    self._keep(m, layer, kept[m.label] / prepared.rows[m.label])
                 return output
             # a metric declined the terms (e.g. an underflowed patch mass): the whole path below
         b, h, t = attn.shape
@@ -222,11 +221,10 @@ class MetricSink:
             if (rest == self._rowwise and not self._other_attn and self.observer is None
                     and all(v is not None for v in sums.values())):
                 self._prepared = prepared  # the next layers of this shape take it at once (attention())
-                self._rows = {m.label: max(q.stop - q.start, 1) for m in rest for q in [query_span(m, lay)]}
             for m in rest:
-                if sums[m.label] is not None:
-                    q = query_span(m, lay)
-                    self._keep(m, layer, sums[m.label] / max(q.stop - q.start, 1))
+                v = sums[m.label]
+                if v is not None:
+                    self._keep(m, layer, v / prepared.rows[m.label])
             rest = [m for m in rest if sums[m.label] is None]  # the blocked path (the output is made)
         fused = bool(rest) and comp.output is None and one_pass(attn, self.attention_pass)
         if fused:

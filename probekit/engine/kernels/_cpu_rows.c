@@ -139,6 +139,25 @@ static void row_terms(const float* zr, float* pr, int64_t T, int64_t n0, const f
         for (int64_t j = 0; j < n0; ++j) pre[j] = inv_out ? pr[j] * inv : pr[j];
 }
 
+/* Query qi's distances to the N patch keys (positions ky, kx from token indices, grid width gw): in grid
+ * steps into drow, and where prow is not NULL in pixels (steps scaled by the patch's py2 = py^2, px2 = px^2). */
+static inline void query_distances(int64_t qi, int64_t gw, const float* ky, const float* kx, int64_t N, float py2,
+                                   float px2, float* drow, float* prow) {
+    const float qy = (float)(qi / gw), qx = (float)(qi % gw);
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) {
+        float dy = qy - ky[j], dx = qx - kx[j];
+        drow[j] = sqrtf(dy * dy + dx * dx);
+    }
+    if (prow) {
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) {
+            float dy = qy - ky[j], dx = qx - kx[j];
+            prow[j] = sqrtf(dy * dy * py2 + dx * dx * px2);
+        }
+    }
+}
+
 void pk_softmax_terms(const float* z, float* p, int64_t H, int64_t R, int64_t T, int64_t u0, int64_t u1,
                       int64_t row0, int64_t ot, int64_t n0, const float* ky, const float* kx, int64_t gw,
                       float py, float px, float* lse, float* mass, float* plog, float* dpx, float* dgr,
@@ -159,19 +178,7 @@ void pk_softmax_terms(const float* z, float* p, int64_t H, int64_t R, int64_t T,
             const int64_t img = u / R, rr = u % R, qi = row0 + rr - n0;
             const float* dq = NULL;
             if (drow && qi >= 0) { /* this query's distances, for its H rows */
-                const float qy = (float)(qi / gw), qx = (float)(qi % gw);
-#pragma omp simd
-                for (int64_t j = 0; j < N; ++j) {
-                    float dy = qy - ky[j], dx = qx - kx[j];
-                    drow[j] = sqrtf(dy * dy + dx * dx);
-                }
-                if (prow) {
-#pragma omp simd
-                    for (int64_t j = 0; j < N; ++j) {
-                        float dy = qy - ky[j], dx = qx - kx[j];
-                        prow[j] = sqrtf(dy * dy * py2 + dx * dx * px2);
-                    }
-                }
+                query_distances(qi, gw, ky, kx, N, py2, px2, drow, prow);
                 dq = drow;
             }
             for (int64_t h = 0; h < H; ++h) {
@@ -334,19 +341,7 @@ void pk_attention(const float* q, const float* k, const float* v, float* out, co
                     const int64_t qi = i + r - n0, oi = bh * T + i + r;
                     const float* dq = NULL;
                     if (dgr && qi >= 0) {
-                        const float qy = (float)(qi / gw), qx = (float)(qi % gw);
-#pragma omp simd
-                        for (int64_t j = 0; j < N; ++j) {
-                            float dy = qy - ky[j], dx = qx - kx[j];
-                            drow[j] = sqrtf(dy * dy + dx * dx);
-                        }
-                        if (prow) {
-#pragma omp simd
-                            for (int64_t j = 0; j < N; ++j) {
-                                float dy = qy - ky[j], dx = qx - kx[j];
-                                prow[j] = sqrtf(dy * dy * py2 + dx * dx * px2);
-                            }
-                        }
+                        query_distances(qi, gw, ky, kx, N, py2, px2, drow, prow);
                         dq = drow;
                     }
                     row_terms(zt + r * Tp, zt + r * Tp, T, n0, dq, dq ? prow : NULL, py, lse + oi, mass + oi,

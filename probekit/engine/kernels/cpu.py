@@ -218,25 +218,13 @@ def softmax_terms(logits: torch.Tensor, probs: torch.Tensor, batch: slice, rows:
     n0 = layout.num_prefix
     if t != layout.num_tokens:
         raise ValueError(f"a block of {t} keys does not match the layout's {layout.num_tokens} tokens")
-    ky, kx = _key_positions(t - n0, layout.grid[1])
-    py, px = (float(s) for s in layout.patch_size)
-    base = (batch.start or 0) * h * t + rows.start  # the block's first row in [B, H, T]
-
-    def at(x: torch.Tensor | None, width: int = 1):
-        if x is None:
-            return None
-        if not (x.is_contiguous() and x.dtype == torch.float32 and x.device.type == "cpu"):
-            raise ValueError("the layer's terms must be contiguous float32 CPU tensors (block_terms.layer_terms)")
-        return x.data_ptr() + 4 * base * width
-
-    outs = (at(into.lse), at(into.patch_mass), at(into.patch_logit), at(into.dist_px), at(into.dist_grid),
-            at(into.prefix if n0 else None, n0))
+    outs = _term_pointers(into, n0, first_row=(batch.start or 0) * h * t + rows.start)  # the block's in [B, H, T]
     z0, p0 = logits.data_ptr(), probs.data_ptr()
     i0 = None if inv is None else inv.data_ptr()
+    _, ky, kx, gw, py, px = _layout_args(layout)
 
     def part(a: int, e: int, threads: int = 1) -> None:  # the (image, row) pairs [a, e), all heads
-        lib.pk_softmax_terms(z0, p0, h, r, t, a, e, rows.start, t, n0, ky.data_ptr(), kx.data_ptr(),
-                             layout.grid[1], py, px, *outs, i0, threads)
+        lib.pk_softmax_terms(z0, p0, h, r, t, a, e, rows.start, t, n0, ky, kx, gw, py, px, *outs, i0, threads)
 
     n = nb * r
     threads = max(1, min(torch.get_num_threads(), n * h // 16))  # a few rows: not worth a thread hand-off
@@ -257,6 +245,25 @@ def _strides(x: torch.Tensor) -> tuple[int, ...]:
     if x.dtype != torch.float32 or x.device.type != "cpu" or len(st) != 4 or st[3] != 1:
         raise ValueError("attention() takes float32 CPU [B, H, T, d] tensors whose last dimension is contiguous")
     return st[:3]
+
+
+def _term_pointers(into: RowTerms, n0: int, first_row: int = 0,
+                   shape: tuple[int, int, int] | None = None) -> list[int | None]:
+    """The kernels' pointers to a layer's terms (``into``, ``[B, H, T]``; ``prefix`` ``[B, H, T, n0]``) at the
+    row ``first_row`` of ``[B, H, T]``, in the C functions' order; None for the terms not made. ``shape``:
+    the ``[B, H, T]`` they must have."""
+    out: list[int | None] = []
+    for x, width in ((into.lse, 1), (into.patch_mass, 1), (into.patch_logit, 1), (into.dist_px, 1),
+                     (into.dist_grid, 1), (into.prefix if n0 else None, n0)):
+        if x is None:
+            out.append(None)
+            continue
+        if not (x.is_contiguous() and x.dtype == torch.float32 and x.device.type == "cpu") or (
+                shape is not None and tuple(x.shape[:3]) != shape):
+            raise ValueError("the layer's terms must be contiguous float32 [B, H, T] CPU tensors "
+                             "(block_terms.layer_terms)")
+        out.append(x.data_ptr() + 4 * first_row * width)
+    return out
 
 
 @functools.lru_cache(maxsize=16)
@@ -315,12 +322,7 @@ class AttentionCall:
         self.strides = tuple(x.stride() for x in (q, k, v, out))
         self.shapes = (q.shape, k.shape, v.shape, out.shape)
         c_strides = _I64x12(*_strides(q), *_strides(k), *_strides(v), *_strides(out))
-        outs = []
-        for x in (into.lse, into.patch_mass, into.patch_logit, into.dist_px, into.dist_grid,
-                  into.prefix if n0 else None):
-            if x is not None and (x.shape[:3] != (b, h, t) or not x.is_contiguous() or x.dtype != torch.float32):
-                raise ValueError("the layer's terms must be contiguous float32 [B, H, T] CPU tensors (layer_terms)")
-            outs.append(None if x is None else x.data_ptr())
+        outs = _term_pointers(into, n0, shape=(b, h, t))
         self._into = into  # the terms' buffers stay alive while their pointers are held
         rc = 32  # query rows per work item: enough items for every thread at batch 1 (6 heads: 42 at 197 tokens)
         self.items = b * h * -(-t // rc)

@@ -40,21 +40,29 @@ def _termed(m: Metric) -> bool:
     return bool(m.kernel_terms) and m.kernel_terms <= cpu_kernel.TERMS
 
 
-def applies(attn: LayerAttention, metrics: list[Metric]) -> bool:
-    """Whether :class:`Prepared` serves this layer (see the module's docstring)."""
+def _plain_record(attn: LayerAttention) -> bool:
+    """Whether the tap handed over q, k and v with no bias or probabilities, a float32 output, a positive
+    scale and nothing for autograd to track: what every layer the pass takes has."""
     q, k, v = attn.q, attn.k, attn.v
     if q is None or k is None or v is None or attn.probs_given is not None or attn.bias is not None:
         return False
+    if attn.out_dtype not in (None, torch.float32) or not attn.scale > 0:
+        return False
+    return not ((q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled())
+
+
+def applies(attn: LayerAttention, metrics: list[Metric]) -> bool:
+    """Whether :class:`Prepared` serves this layer (see the module's docstring)."""
+    if not _plain_record(attn):
+        return False
+    q, k, v = attn._q, attn._k, attn.v
+    assert v is not None  # _plain_record checked it
     if q.device.type != "cpu" or cpu_kernel.library() is None or not metrics or not all(map(_termed, metrics)):
         return False
     if any(x.dtype != torch.float32 or x.dim() != 4 or x.stride(3) != 1 for x in (q, k, v)):
         return False
-    if attn.out_dtype not in (None, torch.float32):
-        return False
-    if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
-        return False
     b, h, t = attn.shape
-    return k.shape[1:3] == (h, t) and v.shape[1:3] == (h, t) and attn.scale > 0
+    return k.shape[1:3] == (h, t) and v.shape[1:3] == (h, t)
 
 
 class Prepared:
@@ -80,18 +88,18 @@ class Prepared:
         out = torch.empty(self.out_shape, dtype=torch.float32, device=v.device).transpose(1, 2)
         self.call = cpu_kernel.AttentionCall(q, k, v, out, layout, terms, workspace)
         self.blocks = []
+        #: each metric's query rows (what its sum is divided by for the mean)
+        self.rows: dict[str, int] = {}
         for m in metrics:
             rows = query_span(m, layout)
             self.blocks.append((m, Block(rows=rows, layout=layout, terms=terms.rows(rows))))
+            self.rows[m.label] = max(rows.stop - rows.start, 1)
 
     def takes(self, attn: LayerAttention, layout: object) -> bool:
         """Whether this layer is one :meth:`run` serves: the same layout, and q, k, v of the same shapes,
         strides and dtype, with no bias, probabilities or autocast output (what :func:`applies` checks)."""
-        q, k, v = attn.q, attn.k, attn.v
-        return (layout is self.layout and q is not None and k is not None and v is not None and attn.bias is None
-                and attn.probs_given is None and attn.out_dtype in (None, torch.float32) and attn.scale > 0
-                and self.call.matches(q, k, v)
-                and not ((q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled()))
+        return (layout is self.layout and _plain_record(attn)
+                and self.call.matches(attn._q, attn._k, attn.v))  # type: ignore[arg-type]  # v: _plain_record
 
     def run(self, attn: LayerAttention) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
         """The layer's output ``[B, H, T, dv]`` and each metric's sum over its query rows (None where its
