@@ -201,11 +201,13 @@ void pk_softmax_terms(const float* z, float* p, int64_t H, int64_t R, int64_t T,
  * pk_attention computes, for images b, heads h and query rows i of one layer (no bias),
  *   z_i = scale * q_i . k_j for every key j,  then row_terms (softmax and sums, as above),
  *   out_i = sum_j p_ij v_j
- * without a [T, T] buffer: per thread, k of one (image, head) transposed into kt [D, Tp] (Tp: T
- * rounded up to 64, zero columns), and four query rows at a time, whose logits (in zt [4, Tp])
- * stay in L1 from their dot products through the softmax to P V. The products are register
- * tiles of 4 rows x 64 columns (16 vectors of 16 floats: the compiler maps them onto AVX-512,
- * AVX2 or SSE registers). Work items are (image, head, chunk of `rc` query rows), split across
+ * without a [T, T] buffer: per thread, k of one (image, head) laid out in panels of PK_W keys (kp,
+ * D x Tp floats, Tp = T rounded up to PK_W; the last panel's columns past T make logits that are
+ * never read) and v copied to contiguous rows (vc), then PK_R query rows at a time, whose logits
+ * (zt, PK_R x Tp) stay in L1 from their dot products through the softmax to P V. The products
+ * are register tiles of PK_R rows x PK_NV vectors (6 x 64 floats on AVX-512, 4 x 16 elsewhere:
+ * the compiler maps the vector type onto AVX-512, AVX2 or SSE registers); a tile's rows past the
+ * chunk repeat its first row and are never kept. Work items are (image, head, chunk of `rc` query rows), split across
  * `threads` OpenMP threads in one parallel region; items [w0, w1) are done by this call (the
  * Python-thread fallback hands each thread its range). Thread n works in scratch + n *
  * pk_attention_floats(...) (no allocation per call: the caller keeps the buffer across layers).
@@ -317,9 +319,8 @@ void pk_attention(const float* q, const float* k, const float* v, float* out, co
             float* ob = out + b * s[9] + h * s[10];
             if (held != bh) { /* k of this (image, head) in panels of PK_W keys (the last one padded with 0) */
                 const float* kb = k + b * s[3] + h * s[4];
-                for (int64_t j = 0; j < Tp; ++j) /* keys past T: zero columns of the last panel */
-                    for (int64_t d = 0; d < D; ++d)
-                        kp[((j / PK_W) * D + d) * PK_W + j % PK_W] = j < T ? kb[j * s[5] + d] : 0.0f;
+                for (int64_t j = 0; j < T; ++j) /* the last panel's columns past T make logits never read */
+                    for (int64_t d = 0; d < D; ++d) kp[((j / PK_W) * D + d) * PK_W + j % PK_W] = kb[j * s[5] + d];
                 const float* vs = v + b * s[6] + h * s[7];
                 for (int64_t j = 0; j < T; ++j) memcpy(vc + j * DV, vs + j * s[8], sizeof(float) * (size_t)DV);
                 held = bh;
@@ -330,7 +331,7 @@ void pk_attention(const float* q, const float* k, const float* v, float* out, co
                 float* orow[PK_R];
                 float inv[PK_R];
                 for (int r = 0; r < PK_R; ++r) {
-                    qr[r] = qb + (i + (r < nr ? r : 0)) * s[2]; /* rows past the chunk: its first again, not kept */
+                    qr[r] = qb + (i + (r < nr ? r : 0)) * s[2]; /* rows past the chunk: its first again, never kept */
                     orow[r] = r < nr ? ob + (i + r) * s[11] : NULL;
                     inv[r] = 0.0f;
                 }
@@ -352,8 +353,6 @@ void pk_attention(const float* q, const float* k, const float* v, float* out, co
                         dgr[oi] = 0.0f;
                     }
                 }
-                for (int r = nr; r < PK_R; ++r) /* rows past the chunk: zero weights, nothing written */
-                    memset(zt + r * Tp, 0, sizeof(float) * (size_t)T);
                 int64_t c0 = 0;
                 for (; c0 + PK_NV * PK_W <= DV; c0 += PK_NV * PK_W)
                     pk_pv_tileN(zt, Tp, T, vc, DV, c0, inv, orow);
