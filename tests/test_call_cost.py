@@ -299,6 +299,24 @@ def test_the_c_attention_pass_splits_its_work_the_same_way_on_python_threads(pyt
         assert torch.equal(getattr(t1, name), getattr(t2, name)), name
 
 
+def test_the_kernels_key_positions_stay_alive_while_their_pointers_are_held():
+    """The kernels read each key's grid position through pointers (cpu._layout_args, cached per layout) into
+    tensors that cpu._key_positions makes and caches, in a smaller cache: evicted from it, the tensors must
+    live on with the layout's arguments, or the distance terms read freed memory (seen: a flaky MAD)."""
+    from probekit.engine.kernels import cpu as cpu_kernel
+
+    run = _attention_case()  # 7 x 9 patches
+    want_out, want = run()
+    for n in range(12):  # more layouts than _key_positions keeps: the 7 x 9 grid's positions leave its cache
+        cpu_kernel._key_positions(40 + n, 5)
+    junk = [torch.full((63,), 1e4) for _ in range(500)]  # freed memory of their size, overwritten
+    out, terms = run()
+    del junk
+    assert torch.equal(out, want_out)
+    for name in ("dist_px", "dist_grid"):
+        assert torch.equal(getattr(terms, name), getattr(want, name)), name
+
+
 def test_the_portable_build_of_the_c_attention_pass_gives_the_same_numbers(monkeypatch, tmp_path):
     """The register tiles differ by instruction set (_cpu_rows.c: AVX-512's, or the narrower ones every other
     machine builds): the build without -march=native takes the other branch here, and must agree."""

@@ -36,6 +36,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -221,7 +222,8 @@ def softmax_terms(logits: torch.Tensor, probs: torch.Tensor, batch: slice, rows:
     outs = _term_pointers(into, n0, first_row=(batch.start or 0) * h * t + rows.start)  # the block's in [B, H, T]
     z0, p0 = logits.data_ptr(), probs.data_ptr()
     i0 = None if inv is None else inv.data_ptr()
-    _, ky, kx, gw, py, px = _layout_args(layout)
+    positions = _layout_args(layout)  # held until the kernel has run: its key positions stay alive
+    _, ky, kx, gw, py, px = positions.args
 
     def part(a: int, e: int, threads: int = 1) -> None:  # the (image, row) pairs [a, e), all heads
         lib.pk_softmax_terms(z0, p0, h, r, t, a, e, rows.start, t, n0, ky, kx, gw, py, px, *outs, i0, threads)
@@ -271,12 +273,21 @@ def _scratch_floats(lib: RowKernel, tokens: int, d: int, dv: int, num_prefix: in
     return int(lib.pk_attention_floats(tokens, d, dv, num_prefix))
 
 
+class _LayoutArgs(NamedTuple):
+    """The kernels' layout arguments, with the tensors two of them point into."""
+
+    args: tuple  # prefix count, key rows and key columns (pointers), grid width, patch height and width
+    positions: tuple[torch.Tensor, torch.Tensor]  # alive while this is held: the pointers stay valid
+
+
 @functools.lru_cache(maxsize=16)
-def _layout_args(layout: TokenLayout) -> tuple:
-    """``pk_attention``'s layout arguments (prefix count, key positions, grid width, patch size)."""
+def _layout_args(layout: TokenLayout) -> _LayoutArgs:
+    """The kernels' layout arguments for ``layout``. Hold the result while its pointers are in use: the
+    key positions are freed with it (not with :func:`_key_positions`' smaller cache, which may drop them)."""
     n0 = layout.num_prefix
-    ky, kx = _key_positions(layout.num_tokens - n0, layout.grid[1])  # kept alive by _key_positions' cache
-    return n0, ky.data_ptr(), kx.data_ptr(), layout.grid[1], float(layout.patch_size[0]), float(layout.patch_size[1])
+    ky, kx = _key_positions(layout.num_tokens - n0, layout.grid[1])
+    return _LayoutArgs((n0, ky.data_ptr(), kx.data_ptr(), layout.grid[1], float(layout.patch_size[0]),
+                        float(layout.patch_size[1])), (ky, kx))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, scale: float,
@@ -332,7 +343,8 @@ class AttentionCall:
         self._per = per
         self._lib = lib
         self._fixed = (_I64x5(b, h, t, d, v.shape[3]), c_strides)
-        self._rest = (*_layout_args(layout), *outs)
+        self._positions = _layout_args(layout)  # the key positions its pointers point into stay alive with it
+        self._rest = (*self._positions.args, *outs)
         self._rc = rc
 
     def matches(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
