@@ -3,12 +3,16 @@
     python benchmarks/bench_call_cost.py                 # 224 px, batch 4 and 1, 1 and 2 threads, 785 tokens (~6 min)
     python benchmarks/bench_call_cost.py --long          # and DINOv2-S/14 at 518 px (1370 tokens, ~3 min more)
     python benchmarks/bench_call_cost.py --rounds 10 --cases 224-b1-t1   # one case, quick look
+    python benchmarks/bench_call_cost.py --malloc        # the plain forward before and after glibc's malloc tuning
 
 A notebook user probes one image or a few: ``pk.probe(pm, x, metrics=["mad"])`` on a
 preprocessed tensor, MAD on every layer and head of timm ``vit_small_patch16_224`` at random
 init (``pretrained=False``: nothing is downloaded). Whatever that call does beyond the model's
 forward (argument checks, image handling, the tap, the per-layer reduction, the table and the
-run record) is its cost. The reference row is timm's own way: ``AttentionExtract`` on a copy of
+run record) is its cost. probekit ends each forward pass once the last layer has reported
+(``stop_early``, the default: the last block's MLP and the head are read by nothing); the
+``probekit-whole`` row runs every forward pass to its end (``stop_early=False``), the same call's
+cost with nothing of the model skipped. The reference row is timm's own way: ``AttentionExtract`` on a copy of
 the model with fused attention off (every layer's probabilities kept), then MAD from them with
 a vectorized torch expression, as in benchmarks/bench_probe.py. Its default (torch.fx) graph
 ends at the last layer's softmax: the last block's attention output, MLP and the head are never
@@ -17,8 +21,8 @@ computed (~6% of a ViT-S forward), so this row can come out below the plain forw
 How it measures, and why:
 
 - Paired, order-alternating rounds. Each case runs in a fresh process with its own torch thread
-  count; every round times the plain forward, probekit and AttentionExtract + MAD once each, in
-  the order P K T, then T K P in the next round, and so on. A method's ratio in a round is its
+  count; every round times the plain forward, probekit, probekit-whole and AttentionExtract + MAD
+  once each, in the order P K W T, then T W K P in the next round, and so on. A method's ratio in a round is its
   time over that round's plain forward: load from other processes (this 2-core VM is shared)
   moves neighbouring runs together, so paired ratios are steadier than best-of or means. The
   table shows the median ratio over the rounds with its interquartile range (IQR), for wall
@@ -32,6 +36,10 @@ How it measures, and why:
 Goals (issue 25): probekit <= 1.05x the plain forward at 224 px, batch 4 and 1, 1 and 2
 threads, and below AttentionExtract + MAD in the same run; at 785 and 1370 tokens no worse than
 before (benchmarks/RESULTS.md, "CPU overhead: probing over the plain forward"), and no more memory.
+
+- Malloc (``--malloc``). Decoding image files tunes glibc's malloc for the whole process
+  (:func:`probekit.inputs.memory.tame`); a probe on a tensor no longer does. This measures the
+  plain forward before and after that tuning in one process: what it costs every forward pass.
 
 Run a single case with ``--worker CASE`` (prints one JSON line).
 """
@@ -59,7 +67,7 @@ CASES = {
     "448-b1-t1": dict(model="vit_small_patch16_224", size=448, patch=16, batch=1, threads=1, rounds=15),
     "518-b2-t2": dict(model="vit_small_patch14_dinov2", size=518, patch=14, batch=2, threads=2, rounds=8, long=True),
 }
-METHODS = ("plain", "probekit", "timm-extract")
+METHODS = ("plain", "probekit", "probekit-whole", "timm-extract")
 GOAL = 1.05  # issue 25: probekit's time over the plain forward at 224 px
 
 
@@ -110,12 +118,16 @@ def build(case: dict):
         res = pk.probe(pm, x, metrics=["mad"], batch_size=batch)
         mads["probekit"] = res.table.groupby("layer", observed=True)["value"].mean().tolist()
 
+    def probekit_whole():  # the same, each forward run to its end (the head's output, read by nothing)
+        res = pk.probe(pm, x, metrics=["mad"], batch_size=batch, stop_early=False)
+        mads["probekit-whole"] = res.table.groupby("layer", observed=True)["value"].mean().tolist()
+
     def timm_extract():
         with torch.inference_mode():
             maps = extract(x)
             mads["timm-extract"] = [float((a[:, :, p:, p:] * dist).sum(-1).mean(-1).mean()) for a in maps.values()]
 
-    return {"plain": plain, "probekit": probekit, "timm-extract": timm_extract}, mads
+    return {"plain": plain, "probekit": probekit, "probekit-whole": probekit_whole, "timm-extract": timm_extract}, mads
 
 
 def worker(name: str, rounds: int) -> dict:
@@ -141,12 +153,39 @@ def worker(name: str, rounds: int) -> dict:
             "loadavg": [load0, os.getloadavg()[0]]}
 
 
-def run_worker(name: str, rounds: int) -> dict:
+def malloc_worker(name: str, rounds: int) -> dict:
+    """The plain forward's wall time before and after glibc's malloc is tuned as image decoding tunes it
+    (:func:`probekit.inputs.memory.tame`), in one process: what the tuning costs every forward pass."""
+    import torch
+
+    from probekit.inputs.memory import tame
+
+    case = CASES[name]
+    torch.set_num_threads(case["threads"])
+    fns, _ = build(case)
+    plain = fns["plain"]
+
+    def median_ms() -> float:
+        for _ in range(3):
+            plain()
+        times = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            plain()
+            times.append(time.perf_counter() - t)
+        return 1e3 * statistics.median(times)
+
+    before = median_ms()
+    tuned = tame()
+    return {"case": name, "before_ms": before, "after_ms": median_ms(), "tuned": tuned}
+
+
+def run_worker(name: str, rounds: int, malloc: bool = False) -> dict:
     threads = str(CASES[name]["threads"])
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads,
                HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    out = subprocess.run([sys.executable, __file__, "--worker", name, "--rounds", str(rounds)], env=env,
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "--malloc-worker" if malloc else "--worker", name, "--rounds",
+                          str(rounds)], env=env, capture_output=True, text=True)
     if out.returncode != 0:
         return {"case": name, "error": (out.stderr.strip().splitlines() or ["(no output)"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -188,11 +227,12 @@ def check(results: list[dict]) -> list[str]:
             lines.append(f"{r['case']}: probekit {pk_['x']:.3f}x < timm AttentionExtract + MAD {ext['x']:.3f}x: "
                          + ("PASS" if pk_["x"] < ext["x"] else "MISS"))
         lines.append(f"{r['case']}: extra steady MB probekit {pk_['extra_mb']:.0f} vs timm {ext['extra_mb']:.0f}")
-        a, b = r["mad"].get("probekit"), r["mad"].get("timm-extract")
-        if a and b:
-            d = max(abs(u - v) / max(abs(v), 1e-9) for u, v in zip(a, b, strict=True))
-            lines.append(f"{r['case']}: MAD per layer, probekit vs AttentionExtract: max rel. diff {d:.1e} "
-                         + ("PASS" if d < 1e-4 else "MISS"))
+        for mine in ("probekit", "probekit-whole"):
+            a, b = r["mad"].get(mine), r["mad"].get("timm-extract")
+            if a and b:
+                d = max(abs(u - v) / max(abs(v), 1e-9) for u, v in zip(a, b, strict=True))
+                lines.append(f"{r['case']}: MAD per layer, {mine} vs AttentionExtract: max rel. diff {d:.1e} "
+                             + ("PASS" if d < 1e-4 else "MISS"))
     return lines
 
 
@@ -234,10 +274,16 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default: the case's own)")
     ap.add_argument("--json", help="also write the table (and the raw times) to this results file "
                     "(benchmarks/results/*.json; python benchmarks/results.py turns them into RESULTS.md)")
+    ap.add_argument("--malloc", action="store_true", help="instead: the plain forward before and after glibc's "
+                    "malloc is tuned as image decoding tunes it (probekit.inputs.memory.tame), one process per case")
     ap.add_argument("--worker", metavar="CASE", help=argparse.SUPPRESS)
+    ap.add_argument("--malloc-worker", metavar="CASE", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.rounds or CASES[args.worker]["rounds"])))
+        return 0
+    if args.malloc_worker:
+        print(json.dumps(malloc_worker(args.malloc_worker, args.rounds or 20)))
         return 0
     import torch
 
@@ -246,6 +292,16 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown cases {bad}; cases: {', '.join(CASES)}")
     t0 = time.perf_counter()
+    if args.malloc:
+        print("plain forward, median ms: before and after probekit.inputs.memory.tame() in the same process")
+        for name in names:
+            r = run_worker(name, args.rounds or 20, malloc=True)
+            if "error" in r:
+                print(f"  {name}: failed: {r['error']}")
+            else:
+                print(f"  {name}: {r['before_ms']:.1f} -> {r['after_ms']:.1f} ms "
+                      f"({r['after_ms'] / r['before_ms']:.3f}x; malloc tuned: {r['tuned']})")
+        return 0
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f} at start; MAD on every layer and head, random init", flush=True)
     results = []
@@ -256,7 +312,8 @@ def main(argv=None) -> int:
             print(f"  {name}: failed: {r['error']}", file=sys.stderr, flush=True)
         else:
             s = summarize(r)
-            print(f"  {name}: probekit {s['probekit']['x']:.3f}x, timm-extract {s['timm-extract']['x']:.3f}x "
+            print(f"  {name}: probekit {s['probekit']['x']:.3f}x, probekit-whole {s['probekit-whole']['x']:.3f}x, "
+                  f"timm-extract {s['timm-extract']['x']:.3f}x "
                   f"(plain {s['plain']['ms']:.0f} ms)", file=sys.stderr, flush=True)
     table = rows(results)
     print()

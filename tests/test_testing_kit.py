@@ -204,6 +204,54 @@ def test_check_adapter_catches_reference_mismatch_and_leaky_tap(onnx_pm, monkeyp
     onnx_pm.adapter._sink = None
 
 
+def test_check_stops_early_catches_state_left_by_a_stopped_forward_and_a_swallowed_stop(onnx_pm, monkeypatch):
+    from probekit.engine.sink import ForwardDone
+
+    forward, ad = onnx_pm.adapter.forward, onnx_pm.adapter
+    count = {"reported": 0}
+
+    class Numbering:  # numbers layers as they come, a count that only a forward run to its end resets
+        def __init__(self, sink):
+            self.sink, self.layers = sink, sink.layers
+            self.wants_attention, self.wants_hidden = sink.wants_attention, sink.wants_hidden
+
+        def attention(self, layer, attn):
+            count["reported"] += 1
+            return self.sink.attention(count["reported"] - 1, attn)
+
+        def hidden(self, layer, tokens, layout=None):
+            return self.sink.hidden(layer, tokens, layout)
+
+    def numbering(x):
+        sink = ad._sink
+        if sink is None:
+            return forward(x)
+        ad._sink = Numbering(sink)
+        try:
+            out = forward(x)
+        finally:
+            ad._sink = sink
+        count["reported"] = 0
+        return out
+
+    monkeypatch.setattr(ad, "forward", numbering)
+    records = {r.check: r for r in check_adapter(onnx_pm, on_fail=None)}
+    assert records["check_stops_early"].status == "failed"
+    assert "are not those of whole ones" in records["check_stops_early"].reason
+    monkeypatch.undo()
+
+    def swallowing(x):
+        try:
+            return forward(x)
+        except ForwardDone:
+            return None
+
+    monkeypatch.setattr(ad, "forward", swallowing)
+    records = {r.check: r for r in check_adapter(onnx_pm, on_fail=None)}
+    assert records["check_stops_early"].status == "failed"
+    assert "caught the sink's ForwardDone" in records["check_stops_early"].reason
+
+
 def _broken_run(onnx_pm, monkeypatch, change):
     run = onnx_pm.model.run
     monkeypatch.setattr(onnx_pm.model, "run", lambda x, extra=(): change(run, x, list(extra)))

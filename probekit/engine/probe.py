@@ -27,11 +27,10 @@ from probekit.adapter import ProbedModel
 from probekit.attention import SCRATCH_BYTES, Workspace
 from probekit.engine.arguments import check_probe_arguments
 from probekit.engine.checks import refuse_model
-from probekit.engine.sink import LayerObserver, MetricSink, unlabelled
+from probekit.engine.sink import ForwardDone, LayerObserver, MetricSink, unlabelled
 from probekit.errors import ConfigError
 from probekit.geometry import ModelGeometry
 from probekit.inputs.images import ImageSet, collate, resolve_images
-from probekit.inputs.memory import tame
 from probekit.inputs.view import VIEW_IMAGES, names_key, rgb, view_key
 from probekit.metric import Metric
 from probekit.registry import metrics as metric_registry
@@ -111,7 +110,13 @@ class _TensorBatches:
     """A preprocessed tensor's batches as the loader would give them (``(indices, images)``), without
     one: slices of the tensor in the main process. Why: a DataLoader's iterator, its per-image
     fetch and stack and the signal handling around its queues (:func:`_signals_deferred`) cost a
-    fixed share of a small call on a tensor (issue 25), where no worker decodes anything."""
+    fixed share of a small call on a tensor (issue 25), where no worker decodes anything.
+
+    Unlike the loader's batches (:func:`~probekit.inputs.images.collate`), these leave glibc's malloc as
+    it is (:func:`~probekit.inputs.memory.tame`): nothing is decoded here, and the tuning (every freed
+    buffer of 128 KiB or more goes back to the system) gives every forward pass in the process, the
+    user's own too, fresh pages for its activations (measured: ``benchmarks/bench_call_cost.py --malloc``;
+    benchmarks/RESULTS.md, section "Small calls: probekit and timm AttentionExtract over the plain forward")."""
 
     num_workers, pin_memory = 0, False
 
@@ -119,7 +124,6 @@ class _TensorBatches:
         self.tensor, self.batch_size = tensor, batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        tame()  # as collate() does for loader batches: the same malloc settings either way
         n = len(self.tensor)
         for a in range(0, n, self.batch_size):
             b = min(a + self.batch_size, n)
@@ -311,7 +315,10 @@ def _run_batches(plan: _Plan, sink: MetricSink, batch_size: int, num_workers: in
                 if views is not None and sum(map(len, views)) < VIEW_IMAGES:
                     views.append(rgb(x[: VIEW_IMAGES - sum(map(len, views))]))
                 sink.start(pm.layout(x), pm.geometry(x), batch=(idx, x))
-                pm.adapter.forward(x)
+                try:
+                    pm.adapter.forward(x)
+                except ForwardDone:  # every wanted layer reported (stop_early): nothing reads the rest
+                    pass
                 sink.finish()
                 # a tensor's ints at once: iterating it makes a 0-d tensor per image
                 done.extend(idx.tolist() if isinstance(idx, torch.Tensor) else (int(i) for i in idx))
@@ -472,6 +479,7 @@ def probe(
     progress: Callable[[int, int], None] | None = None,
     observer: LayerObserver | None = None,
     partial: bool = False,
+    stop_early: bool = True,
 ) -> Results:
     """Probe a model's attention over an image set.
 
@@ -503,6 +511,10 @@ def probe(
             showcase images so, without a pass of its own).
         partial: ``images`` are a part of a larger set (the Ray engine's chunks): metrics whose values
             need the whole set (``whole_set``, e.g. k-NN) make no rows or arrays; merge their state.
+        stop_early: end each forward pass once every wanted layer has reported (default): the blocks
+            after the last wanted layer, the final norm and the head are not run, since no metric reads
+            them (the model's output is never returned). The values are the same either way;
+            ``False`` runs every forward pass to its end (e.g. for hooks of your own on later modules).
 
     Returns:
         :class:`Results` with one row per image x layer x head x metric.
@@ -512,7 +524,8 @@ def probe(
     plan = _resolve(model, images, metrics, layers, device, dtype, strict, label, partial)
     with _workspace() as workspace:
         sink = MetricSink(plan.metrics, layers=plan.layers, block_mb=block_mb, attention_pass=attention_pass,
-                          observer=observer, workspace=workspace, labels=plan.images.labels)
+                          observer=observer, workspace=workspace, labels=plan.images.labels,
+                          stop_early=stop_early)
         t0 = time.perf_counter()
         views: list | None = [] if any(m.is_map for m in plan.metrics) else None
         done = _run_batches(plan, sink, batch_size, num_workers, progress, views)

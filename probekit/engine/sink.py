@@ -29,7 +29,7 @@ from probekit.metric.base import query_span
 from probekit.metric.terms import RowTerms
 from probekit.tokens import TokenLayout
 
-__all__ = ["MetricSink", "LayerObserver", "ROW_TERMS", "unlabelled"]
+__all__ = ["MetricSink", "LayerObserver", "ForwardDone", "ROW_TERMS", "unlabelled"]
 
 #: which per-row sums blocks come with (``MetricSink(row_terms=...)``)
 ROW_TERMS = ("auto", "torch", "none")
@@ -52,6 +52,12 @@ class LayerObserver(Protocol):
 
     def finish(self) -> None:
         """The batch's forward pass is done."""
+
+
+class ForwardDone(Exception):
+    """Raised from inside the forward pass by a sink with ``stop_early`` once every layer it waits for has
+    reported: what the model computes after that (later blocks, its final norm and head) is read by
+    nothing. :func:`probekit.engine.probe` catches it around the forward pass."""
 
 
 def unlabelled(metrics: list[Metric]) -> str:
@@ -105,11 +111,16 @@ class MetricSink:
             one); :func:`probekit.engine.probe` hands over one kept from the previous call.
         labels: the class label of every image of the set, by image index, for metrics that declare
             ``needs_labels`` (each batch's are handed to them in :meth:`start`).
+        stop_early: end each forward pass with :class:`ForwardDone` as soon as every wanted layer
+            (``layers``, else each of the geometry's ``num_layers``) has reported what the sink asks
+            for (attention, block outputs or both). Only a batch begun with a geometry that knows its
+            layer count stops; a layer never reported means no stop, never a lost layer.
     """
 
     def __init__(self, metrics: list[Metric], layers=None, block_mb: float | None = None,
                  attention_pass: str = "auto", row_terms: str = "auto", observer: LayerObserver | None = None,
-                 workspace: Workspace | None = None, labels: Sequence[Any] | None = None):
+                 workspace: Workspace | None = None, labels: Sequence[Any] | None = None,
+                 stop_early: bool = False):
         if attention_pass not in ATTENTION_PASSES:
             raise ConfigError(f"attention_pass must be one of {', '.join(ATTENTION_PASSES)}; got {attention_pass!r}.")
         if row_terms not in ROW_TERMS:
@@ -136,6 +147,9 @@ class MetricSink:
         self.values: dict[str, dict[int, torch.Tensor]] = {}
         #: the C kernel's pass of the last layer it took, for the next layers of the same shape (attention())
         self._prepared: cpu_pass.Prepared | None = None
+        self.stop_early = stop_early
+        #: with stop_early, the layers whose attention / block output this batch still waits for (start())
+        self._awaited: tuple[set[int], set[int]] | None = None
 
     def start(self, layout: TokenLayout, geometry: ModelGeometry | None = None,
               batch: tuple[Any, torch.Tensor | None] | None = None) -> None:
@@ -152,6 +166,7 @@ class MetricSink:
             refuse_layers(m, geometry if geometry is not None else ModelGeometry(layout, num_layers=1),
                           self.layers if geometry is not None else None)
         self.values = {m.label: {} for m in self.metrics}
+        self._awaited = self._awaiting(geometry)
         if self._labelled:  # before the layers: a batch's labels and its features arrive together
             assert self.labels is not None and batch is not None, "labelled metrics need the batch's image indices"
             labels = [str(self.labels[int(i)]) for i in batch[0]]
@@ -160,6 +175,24 @@ class MetricSink:
         if self.observer is not None:
             images, pixels = batch if batch is not None else ((), None)
             self.observer.start(images, pixels, layout)
+
+    def _awaiting(self, geometry: ModelGeometry | None) -> tuple[set[int], set[int]] | None:
+        """The layers whose attention and whose block output the batch waits for before it stops (stop_early)."""
+        if not self.stop_early or geometry is None or geometry.num_layers < 1:
+            return None
+        wanted = set(range(geometry.num_layers)) if self.layers is None else set(self.layers)
+        return (set(wanted) if self.wants_attention else set(), set(wanted) if self.wants_hidden else set())
+
+    def _reported(self, kind: int, layer: int) -> None:
+        """Layer ``layer`` handed over its attention (``kind`` 0) or block output (1): with nothing left to
+        wait for, the forward pass ends here (:class:`ForwardDone`)."""
+        awaited = self._awaited
+        if awaited is None:
+            return
+        awaited[kind].discard(layer)
+        if not awaited[0] and not awaited[1]:
+            self._awaited = None  # once per batch
+            raise ForwardDone
 
     def _keep(self, m: Metric, layer: int, v: torch.Tensor | None) -> None:
         if v is not None:
@@ -174,7 +207,14 @@ class MetricSink:
     def attention(self, layer: int, attn: LayerAttention) -> torch.Tensor | None:
         """Reduce one tapped layer with every metric; returns the layer's attention output where the
         engine made it from ``attn.v`` (one attention pass: ``[B, H, T, dv]``), else None (the tap
-        then runs the model's own kernel)."""
+        then runs the model's own kernel). With ``stop_early``, the last awaited report raises
+        :class:`ForwardDone` instead, after its values are kept."""
+        output = self._attention(layer, attn)
+        if self._awaited is not None:
+            self._reported(0, layer)
+        return output
+
+    def _attention(self, layer: int, attn: LayerAttention) -> torch.Tensor | None:
         assert self.geometry is not None, "start() begins every batch"
         lay = self.geometry.layer(layer)
         prepared = self._prepared
@@ -341,6 +381,8 @@ class MetricSink:
         lay = self.layout if layout is None else layout  # a staged model's block has its own grid
         for m in self._hidden:
             self._keep(m, layer, m.on_hidden(layer, tokens, lay))
+        if self._awaited is not None:
+            self._reported(1, layer)
 
     def finish(self) -> dict[str, dict[int, torch.Tensor]]:
         """The batch's per-layer values on the host (``{label: {layer: tensor}}``); updates metric state."""

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from probekit.adapter import Adapter, CollectSink
+from probekit.engine.sink import ForwardDone, MetricSink
 from probekit.testing.geometry_checks import check_hidden_keys, check_patch_geometry
 from probekit.testing.hidden_checks import check_hidden_is_block_output
 from probekit.testing.modes import check_eval_mode
@@ -26,7 +27,8 @@ __all__ = [
     "ATOL", "randomize_parameters", "adapter_checks",
     "check_rows_sum_to_one", "check_layout_matches_tokens", "check_reference_attention",
     "check_batch_independence", "check_tap_keeps_outputs", "check_tap_detaches", "check_wanted_layers",
-    "check_hidden_states", "check_patch_geometry", "check_hidden_keys", "check_hidden_is_block_output",
+    "check_stops_early", "check_hidden_states", "check_patch_geometry", "check_hidden_keys",
+    "check_hidden_is_block_output",
     "check_eval_mode", "check_preprocess", "check_preprocess_matches_library",
 ]
 
@@ -208,6 +210,63 @@ def check_wanted_layers(name: str, pm) -> None:
     assert set(got) == want, f"{name}: asked for layers {sorted(want)}, the tap reported {sorted(got)}"
 
 
+def check_stops_early(name: str, pm) -> None:
+    # The engine ends a forward pass once every wanted layer has reported (probe's stop_early): the sink
+    # raises ForwardDone from inside the model and the engine catches it around the forward, under the same
+    # tap. The exception must come out of the adapter's forward; the next batch, under the same tap, must
+    # report as if nothing had been left halfway; and once the tap is off the model must run as before.
+    from probekit.adapter import ProbedModel
+    from probekit.engine.probe import probe  # the engine imports what the kit checks: here, not at import
+
+    ad = adapter_of(pm)
+    probed = pm if isinstance(pm, ProbedModel) else ProbedModel(ad, spec=ad.name or type(ad).__name__)
+    x = kit_input(ad, 2, seed=4)
+    with torch.inference_mode():
+        before = _tensors(ad.forward(x))
+    tripwire = _Tripwire(layers=[0])
+    with torch.inference_mode(), ad.tap(tripwire):
+        tripwire.start(ad.layout(x), ad.geometry(x))
+        try:
+            ad.forward(x)
+        except ForwardDone:
+            tripwire.stopped = True
+    assert tripwire.stopped, (
+        f"{name}: the forward pass ran to its end although layer 0, the only one wanted, had reported: "
+        "something in the adapter's forward caught the sink's ForwardDone; let exceptions from the sink through")
+    metrics = ["entropy"] + (["token_norms"] if ad.provides_hidden else [])
+    for layers in (None, [0]):  # the last layer, and the first one (the rest of the model is never run)
+        # one image a batch: the second forward runs under the tap that the first one left halfway
+        tables = [probe(probed, x, metrics=metrics, layers=layers, batch_size=1 if stop else 2, stop_early=stop).table
+                  for stop in (True, False)]
+        stopped, whole = (t.sort_values(["metric", "image", "layer", "head"]).reset_index(drop=True)
+                          for t in tables)
+        keys = ["metric", "image", "layer", "head"]
+        assert stopped[keys].equals(whole[keys]), (
+            f"{name}: layers={layers}: the rows of forward passes stopped after the last wanted layer are not those "
+            f"of whole ones: layers {sorted(set(stopped['layer']))} against {sorted(set(whole['layer']))}, "
+            f"{len(stopped)} rows against {len(whole)}")
+        a, b = (torch.tensor(t["value"].to_numpy(), dtype=torch.float64) for t in (stopped, whole))
+        scale = max(1.0, b.abs().max().item())
+        _assert_close(name, f"layers={layers}: values when the forward stops after the last wanted layer "
+                      "(relative)", a / scale, b / scale, 1e-5)
+    with torch.inference_mode():
+        after = _tensors(ad.forward(x))
+    assert len(after) == len(before), f"{name}: forward returned {len(after)} tensors after a stopped probe"
+    for i, (a, b) in enumerate(zip(before, after, strict=True)):
+        scale = max(1.0, a.abs().max().item())
+        _assert_close(name, f"output {i} of a forward after a probe that stopped early (relative)", b / scale,
+                      a / scale, 1e-6)
+
+
+class _Tripwire(MetricSink):
+    """A sink with no metric that asks for attention and stops after its wanted layers."""
+
+    def __init__(self, layers):
+        super().__init__([], layers=layers, stop_early=True)
+        self.wants_attention = True
+        self.stopped = False
+
+
 def check_hidden_states(name: str, pm) -> None:
     # Hidden-state metrics (token norms, CKA) need each block's output tokens [B, T, D].
     ad = adapter_of(pm)
@@ -258,6 +317,7 @@ def adapter_checks(pm, reference: Callable | None = None) -> Iterator[Callable]:
     yield check_tap_keeps_outputs
     yield check_tap_detaches
     yield check_wanted_layers
+    yield check_stops_early
     if ad.provides_hidden:
         yield check_hidden_states
         yield check_hidden_is_block_output
