@@ -272,6 +272,33 @@ def test_the_c_attention_pass_equals_the_plain_computation(case):
         torch.testing.assert_close(got, exp, rtol=2e-5, atol=2e-5, msg=name)
 
 
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "b{}h{}d{}dv{}n{}g{}x{}".format(*c[:5], *c[5]))
+def test_the_c_attention_pass_without_an_output_makes_the_same_terms_and_reads_no_v(case):
+    """The last layer a stopped forward waits for needs no output (probe's stop_early): pk_attention with out
+    NULL skips P V and the copy of v; every term is as with the output, bit for bit, whatever v holds."""
+    from probekit.engine.kernels import cpu as cpu_kernel
+    from probekit.engine.kernels.block_terms import layer_terms
+
+    b, h, d, dv, n0, grid, patch = case
+    lay = pk.TokenLayout(num_prefix=n0, grid=grid, patch_size=patch)
+    t = lay.num_tokens
+    qkv = 2 * torch.randn(b, t, 3, h, max(d, dv), generator=torch.Generator().manual_seed(3)).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0][..., :d], qkv[1][..., :d], qkv[2][..., :dv]
+    out = torch.empty(b, t, h, dv).transpose(1, 2)
+    terms = layer_terms(b, h, t, n0, cpu_kernel.TERMS, "cpu")
+    call = cpu_kernel.AttentionCall(q, k, v, out, lay, terms)
+    call(q, k, v, out, d**-0.5)
+    names = [n for n in ("lse", "patch_mass", "patch_logit", "dist_px", "dist_grid", "prefix")
+             if getattr(terms, n) is not None]
+    want = {n: getattr(terms, n).clone() for n in names}
+    for n in names:
+        getattr(terms, n).fill_(float("nan"))
+    v.fill_(float("nan"))  # never read without an output
+    call(q, k, v, None, d**-0.5)
+    for n in names:
+        assert torch.equal(getattr(terms, n), want[n]), n
+
+
 def _attention_case(seed: int = 9):
     from probekit.engine.kernels import cpu as cpu_kernel
     from probekit.engine.kernels.block_terms import layer_terms

@@ -157,3 +157,27 @@ def test_a_sink_waits_for_block_outputs_too():
     sink.attention(1, _Attn())  # layer 1's block output is still to come
     with pytest.raises(ForwardDone):
         sink.hidden(1, torch.zeros(1, 5, 4))
+
+
+def test_the_last_layer_of_a_stopped_forward_gets_no_output_from_the_c_pass(monkeypatch):
+    """At 197 tokens the C kernel's pass takes every layer (probekit/engine/kernels/cpu_pass.py); the last one a
+    stopped forward waits for needs no output, so no P V is made for it: the same values as a whole forward."""
+    from probekit.engine.kernels import cpu_pass
+
+    torch.manual_seed(0)
+    pm = pk.load("timm:vit_small_patch16_224", pretrained=False, depth=3, embed_dim=48, num_heads=2)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    asked: list[bool] = []
+    run = cpu_pass.Prepared.run
+
+    def counting(self, attn, output=True):
+        asked.append(output)
+        return run(self, attn, output)
+
+    monkeypatch.setattr(cpu_pass.Prepared, "run", counting)
+    stopped = pk.probe(pm, x, metrics=["mad", "entropy"])
+    assert asked == [True, True, False]
+    asked.clear()
+    whole = pk.probe(pm, x, metrics=["mad", "entropy"], stop_early=False)
+    assert asked == [True, True, True]
+    np.testing.assert_array_equal(_sorted(stopped.table)["value"].to_numpy(), _sorted(whole.table)["value"].to_numpy())

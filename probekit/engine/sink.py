@@ -219,13 +219,18 @@ class MetricSink:
         lay = self.geometry.layer(layer)
         prepared = self._prepared
         if prepared is not None and prepared.takes(attn, lay):  # a layer like the last one the C kernel took
-            output, sums = prepared.run(attn)
-            kept = {label: v for label, v in sums.items() if v is not None}
-            if len(kept) == len(sums):
-                for m in prepared.metrics:
-                    self._keep(m, layer, kept[m.label] / prepared.rows[m.label])
+            awaited = self._awaited  # the last layer stop_early waits for: its output is never used
+            last = awaited is not None and not awaited[1] and len(awaited[0]) == 1 and layer in awaited[0]
+            output, sums = prepared.run(attn, output=not last)
+            values = self.values
+            for label, rows in prepared.rows.items():
+                v = sums[label]
+                if v is None:  # a metric declined the terms (e.g. an underflowed patch mass): the whole path below
+                    break
+                # a new float32 tensor that nothing tracks (Prepared takes no layer autograd follows): kept as is
+                values[label][layer] = v.div_(rows)
+            else:
                 return output
-            # a metric declined the terms (e.g. an underflowed patch mass): the whole path below
         b, h, t = attn.shape
         if self.observer is not None:
             with no_autocast(attn.device):

@@ -214,7 +214,8 @@ void pk_softmax_terms(const float* z, float* p, int64_t H, int64_t R, int64_t T,
  *
  * Tensors are strided: element (b, h, t, d) of q at q[b*s[0] + h*s[1] + t*s[2] + d] (d contiguous),
  * of k at s[3..5], of v at s[6..8], of out at s[9..11]. dims = {B, H, T, D, DV}. Terms as
- * pk_softmax_terms, at (b*H + h)*T + i; outputs passed as NULL are not computed. */
+ * pk_softmax_terms, at (b*H + h)*T + i; outputs passed as NULL are not computed (out NULL: no
+ * P V and v is never read, for a layer whose output nothing will use). */
 #if defined(__AVX512F__)
 #define PK_W 16 /* floats per vector register */
 #define PK_R 6  /* query rows per tile */
@@ -316,13 +317,14 @@ void pk_attention(const float* q, const float* k, const float* v, float* out, co
             const int64_t bh = w / chunks, b = bh / H, h = bh % H;
             const int64_t i0 = (w % chunks) * rc, i1 = i0 + rc < T ? i0 + rc : T;
             const float* qb = q + b * s[0] + h * s[1];
-            float* ob = out + b * s[9] + h * s[10];
+            float* ob = out ? out + b * s[9] + h * s[10] : NULL;
             if (held != bh) { /* k of this (image, head) in panels of PK_W keys (the last one padded with 0) */
                 const float* kb = k + b * s[3] + h * s[4];
                 for (int64_t j = 0; j < T; ++j) /* the last panel's columns past T make logits never read */
                     for (int64_t d = 0; d < D; ++d) kp[((j / PK_W) * D + d) * PK_W + j % PK_W] = kb[j * s[5] + d];
                 const float* vs = v + b * s[6] + h * s[7];
-                for (int64_t j = 0; j < T; ++j) memcpy(vc + j * DV, vs + j * s[8], sizeof(float) * (size_t)DV);
+                if (out)
+                    for (int64_t j = 0; j < T; ++j) memcpy(vc + j * DV, vs + j * s[8], sizeof(float) * (size_t)DV);
                 held = bh;
             }
             for (int64_t i = i0; i < i1; i += PK_R) {
@@ -332,7 +334,7 @@ void pk_attention(const float* q, const float* k, const float* v, float* out, co
                 float inv[PK_R];
                 for (int r = 0; r < PK_R; ++r) {
                     qr[r] = qb + (i + (r < nr ? r : 0)) * s[2]; /* rows past the chunk: its first again, never kept */
-                    orow[r] = r < nr ? ob + (i + r) * s[11] : NULL;
+                    orow[r] = r < nr && ob ? ob + (i + r) * s[11] : NULL;
                     inv[r] = 0.0f;
                 }
                 int64_t jp = 0;
@@ -353,6 +355,7 @@ void pk_attention(const float* q, const float* k, const float* v, float* out, co
                         dgr[oi] = 0.0f;
                     }
                 }
+                if (!ob) continue; /* no output wanted: the terms are all */
                 int64_t c0 = 0;
                 for (; c0 + PK_NV * PK_W <= DV; c0 += PK_NV * PK_W)
                     pk_pv_tileN(zt, Tp, T, vc, DV, c0, inv, orow);

@@ -354,12 +354,15 @@ class AttentionCall:
                 and q.dtype == k.dtype == v.dtype == torch.float32 and q.is_cpu and k.is_cpu and v.is_cpu
                 and max(1, min(torch.get_num_threads(), self.items)) == self.threads)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, scale: float) -> None:
-        """The pass on these tensors (shapes and strides as made for: :meth:`matches`; ``out`` too)."""
-        if out.stride() != self.strides[3] or out.shape != self.shapes[3]:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None,
+                 scale: float) -> None:
+        """The pass on these tensors (shapes and strides as made for: :meth:`matches`; ``out`` too). ``out``
+        None: the terms only (no ``P V``, v not read), for a layer whose output nothing will use."""
+        if out is not None and (out.stride() != self.strides[3] or out.shape != self.shapes[3]):
             raise ValueError("out has another shape or layout than this call was made for")
         lib, scratch, items, threads = self._lib, self._scratch.data_ptr(), self.items, self.threads
-        args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *self._fixed, scale, self._rc)
+        args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), None if out is None else out.data_ptr(), *self._fixed,
+                scale, self._rc)
         if threads == 1 or lib.openmp:
             lib.pk_attention(*args, 0, items, *self._rest, scratch, threads)
             return

@@ -101,9 +101,11 @@ class Prepared:
         return (layout is self.layout and _plain_record(attn)
                 and self.call.matches(attn._q, attn._k, attn.v))  # type: ignore[arg-type]  # v: _plain_record
 
-    def run(self, attn: LayerAttention) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-        """The layer's output ``[B, H, T, dv]`` and each metric's sum over its query rows (None where its
+    def run(self, attn: LayerAttention,
+            output: bool = True) -> tuple[torch.Tensor | None, dict[str, torch.Tensor | None]]:
+        """The layer's output ``[B, H, T, dv]`` (None with ``output=False``: the terms alone, for a layer whose
+        output nothing will use) and each metric's sum over its query rows (None where its
         :meth:`~probekit.Metric.row_values` declines the terms, e.g. a patch mass lost to underflow)."""
-        output = torch.empty(self.out_shape, dtype=torch.float32, device=attn.device).transpose(1, 2)
-        self.call(attn._q, attn._k, attn.v, output, attn.scale)  # type: ignore[arg-type]  # takes() checked v
-        return output, {m.label: row_sum(m, block) for m, block in self.blocks}
+        out = torch.empty(self.out_shape, dtype=torch.float32, device=attn.device).transpose(1, 2) if output else None
+        self.call(attn._q, attn._k, attn.v, out, attn.scale)  # type: ignore[arg-type]  # takes() checked v
+        return out, {m.label: row_sum(m, block) for m, block in self.blocks}
