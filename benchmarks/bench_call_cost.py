@@ -329,7 +329,9 @@ def main(argv=None) -> int:
         write(args.json, "Small calls: probekit and timm AttentionExtract over the plain forward", COLUMNS, table,
               notes=["timm vit_small_patch16_224 (and DINOv2-S/14 with --long), random init, MAD on every layer and "
                      "head; probekit = pk.probe(pm, x, metrics=['mad']) on a tensor (the whole call, table and run "
-                     "record included); timm-extract = AttentionExtract on a fused_attn=False copy, then MAD in torch.",
+                     "record included), each forward ended once the last layer has reported (stop_early, the "
+                     "default); probekit-whole = the same with stop_early=False (every forward to its end); "
+                     "timm-extract = AttentionExtract on a fused_attn=False copy, then MAD in torch.",
                      "x plain: median over paired order-alternating rounds of the method's wall time over the same "
                      "round's plain forward; IQR: its quartiles; CPU time x plain: the same with the process's "
                      "CPU time.",
@@ -339,7 +341,8 @@ def main(argv=None) -> int:
                      "already resident before the measured run.",
                      "timm AttentionExtract (fx, its default) returns a graph cut after the last layer's softmax: the "
                      "last block's attention output, MLP and head are not computed (~6% of a ViT-S forward), so its "
-                     "row can come out below the plain forward.", *lines], raw=results)
+                     "row can come out below the plain forward; probekit's default skips the same tail.", *lines],
+              raw=results)
     return 0
 
 
