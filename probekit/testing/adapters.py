@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from probekit.adapter import Adapter, CollectSink
+from probekit.adapter import Adapter, CollectSink, ProbedModel
+from probekit.engine.probe import probe
 from probekit.engine.sink import ForwardDone, MetricSink
 from probekit.testing.geometry_checks import check_hidden_keys, check_patch_geometry
 from probekit.testing.hidden_checks import check_hidden_is_block_output
@@ -215,9 +216,6 @@ def check_stops_early(name: str, pm) -> None:
     # raises ForwardDone from inside the model and the engine catches it around the forward, under the same
     # tap. The exception must come out of the adapter's forward; the next batch, under the same tap, must
     # report as if nothing had been left halfway; and once the tap is off the model must run as before.
-    from probekit.adapter import ProbedModel
-    from probekit.engine.probe import probe  # the engine imports what the kit checks: here, not at import
-
     ad = adapter_of(pm)
     probed = pm if isinstance(pm, ProbedModel) else ProbedModel(ad, spec=ad.name or type(ad).__name__)
     x = kit_input(ad, 2, seed=4)
