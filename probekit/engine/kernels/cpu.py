@@ -34,6 +34,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -192,6 +193,16 @@ def _executor(n: int) -> ThreadPoolExecutor:
         return _pool[1]
 
 
+def _on_threads(part: Callable[[int, int, int], None], n: int, threads: int) -> None:
+    """``part(a, e, i)`` for ``threads`` ranges ``[a, e)`` of ``n`` items, the ``i``-th range on the ``i``-th of
+    as many Python threads (the kernels' fallback where they built without OpenMP; a ctypes call
+    releases the GIL)."""
+    step = -(-n // threads)
+    futures = [_executor(threads).submit(part, a, min(a + step, n), a // step) for a in range(0, n, step)]
+    for f in futures:
+        f.result()
+
+
 @functools.lru_cache(maxsize=8)
 def _key_positions(n: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid row and column of each of ``n`` patch keys (float32; ``i // width``, ``i % width``)."""
@@ -233,10 +244,7 @@ def softmax_terms(logits: torch.Tensor, probs: torch.Tensor, batch: slice, rows:
     if threads == 1 or lib.openmp:
         part(0, n, threads)
         return
-    step = -(-n // threads)
-    futures = [_executor(threads).submit(part, a, min(a + step, n)) for a in range(0, n, step)]
-    for f in futures:
-        f.result()
+    _on_threads(lambda a, e, i: part(a, e), n, threads)
 
 
 _I64x12, _I64x5 = ctypes.c_int64 * 12, ctypes.c_int64 * 5  # array types made once (each new one is a class)
@@ -366,8 +374,6 @@ class AttentionCall:
         if threads == 1 or lib.openmp:
             lib.pk_attention(*args, 0, items, *self._rest, scratch, threads)
             return
-        step = -(-items // threads)
-        futures = [_executor(threads).submit(lib.pk_attention, *args, a, min(a + step, items), *self._rest,
-                                             scratch + 4 * self._per * (a // step), 1) for a in range(0, items, step)]
-        for f in futures:
-            f.result()
+        # each thread in its own scratch, as each OpenMP thread is
+        _on_threads(lambda a, e, i: lib.pk_attention(*args, a, e, *self._rest, scratch + 4 * self._per * i, 1),
+                    items, threads)
