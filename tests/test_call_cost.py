@@ -86,6 +86,20 @@ def test_a_leaf_module_in_train_mode_is_found_and_given_back():
     assert leaf.training and [m for m in pm.model.modules() if m.training] == [leaf]
 
 
+def test_a_probe_on_a_tensor_leaves_malloc_as_it_is_and_decoding_tunes_it(monkeypatch):
+    """malloc's tuning (probekit.inputs.memory.tame) is for decoding image files; on a tensor nothing is
+    decoded, and the tuning would slow every later forward pass in the process (bench_call_cost.py --malloc)."""
+    from probekit.inputs import images as image_inputs
+
+    tuned: list[int] = []
+    monkeypatch.setattr(image_inputs, "tame", lambda: tuned.append(1) or True)
+    pm = _tiny()
+    pk.probe(pm, torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)), metrics=["mad"])
+    assert tuned == []
+    pk.probe(pm, "sample", metrics=["mad"])  # the bundled photos, decoded
+    assert tuned
+
+
 def test_a_tensors_batches_are_its_slices_strided_or_not():
     pm = _tiny()
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
